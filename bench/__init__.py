@@ -1,0 +1,1 @@
+"""Benchmarks: qmotion side by side with its baselines, in one run on one machine."""

@@ -1,0 +1,192 @@
+"""The agent's HTTP API (FastAPI): host facts and metrics, VM lifecycle, bearer-token auth."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from qmotion import __version__
+from qmotion.agent.config import AgentConfig
+from qmotion.agent.errors import AgentError
+from qmotion.agent.facts import MetricsSampler, host_facts
+from qmotion.agent.vms import VmManager
+from qmotion.api.errors import ErrorBody, ErrorDetail
+from qmotion.api.host import AccelInfo, HostFacts, HostMetrics
+from qmotion.api.vm import StopRequest, VmInfo, VmSpec
+from qmotion.hypervisor.accel import choose_accel
+from qmotion.image import ensure_image
+
+log = logging.getLogger(__name__)
+METRICS_INTERVAL_S = 2.0
+
+
+class AgentState:
+    """What the running agent holds: its VMs, the accelerator choice, the metrics sampler."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self._accel_task: asyncio.Task[AccelInfo] | None = None
+        self.vms = VmManager(config, self.accel)
+        self.sampler = MetricsSampler()
+
+    async def accel(self) -> AccelInfo:
+        if self._accel_task is None:
+            self._accel_task = asyncio.ensure_future(asyncio.to_thread(self._choose_accel))
+        return await asyncio.shield(self._accel_task)
+
+    def _choose_accel(self) -> AccelInfo:
+        return choose_accel(self.config.accel, ensure_image)
+
+
+def error_response(status: int, detail: ErrorDetail) -> JSONResponse:
+    return JSONResponse(status_code=status, content=ErrorBody(error=detail).model_dump())
+
+
+def _field_of(loc: tuple[int | str, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out
+
+
+def create_app(config: AgentConfig) -> FastAPI:
+    state = AgentState(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.vms.load()
+        # Probe (or read the cached probe) in the background; VM starts wait for it.
+        probe = asyncio.ensure_future(state.accel())
+        sampler = asyncio.ensure_future(_sample_forever(state))
+        try:
+            yield
+        finally:
+            sampler.cancel()
+            probe.cancel()
+            await state.vms.close()
+
+    app = FastAPI(title=f"qmotion agent {config.name}", version=__version__, lifespan=lifespan)
+    app.state.agent = state
+    bearer = HTTPBearer(auto_error=False)
+
+    # A default, not Annotated: with postponed annotations FastAPI cannot see a local ``bearer``.
+    def authorize(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if creds is None or not secrets.compare_digest(creds.credentials, config.token):
+            raise HTTPException(
+                status_code=401,
+                detail="missing or wrong bearer token",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    @app.exception_handler(AgentError)
+    async def _agent_error(request: Request, exc: AgentError) -> JSONResponse:
+        return error_response(
+            exc.status,
+            ErrorDetail(
+                code=exc.code,
+                message=exc.message,
+                vm=exc.vm,
+                host=config.name,
+                field=exc.field,
+                qmp_class=exc.qmp_class,
+            ),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        field = _field_of(tuple(first.get("loc", ())))
+        msgs = "; ".join(
+            f"{_field_of(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in exc.errors()
+        )
+        return error_response(
+            422,
+            ErrorDetail(
+                code="invalid_request",
+                message=msgs,
+                field=field or None,
+                host=config.name,
+            ),
+        )
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        code = {401: "unauthorized", 404: "not_found"}.get(exc.status_code, "http_error")
+        resp = error_response(
+            exc.status_code,
+            ErrorDetail(
+                code=code,
+                message=str(exc.detail),
+                host=config.name,
+            ),
+        )
+        if exc.headers:
+            resp.headers.update(exc.headers)
+        return resp
+
+    auth = [Depends(authorize)]
+
+    @app.get("/v1/host", response_model=HostFacts, dependencies=auth)
+    async def get_host() -> HostFacts:
+        accel = await state.accel()
+        return await asyncio.to_thread(host_facts, config, accel)
+
+    @app.get("/v1/metrics", response_model=HostMetrics, dependencies=auth)
+    async def get_metrics() -> HostMetrics:
+        return state.sampler.last or state.sampler.sample(state.vms.running_processes())
+
+    @app.get("/v1/vms", response_model=list[VmInfo], dependencies=auth)
+    async def list_vms() -> list[VmInfo]:
+        return await state.vms.list()
+
+    @app.post("/v1/vms", response_model=VmInfo, status_code=201, dependencies=auth)
+    async def define_vm(spec: VmSpec) -> VmInfo:
+        return await state.vms.define(spec)
+
+    @app.get("/v1/vms/{name}", response_model=VmInfo, dependencies=auth)
+    async def get_vm(name: str) -> VmInfo:
+        return await state.vms.info(name)
+
+    @app.post("/v1/vms/{name}/start", response_model=VmInfo, dependencies=auth)
+    async def start_vm(name: str) -> VmInfo:
+        return await state.vms.start(name)
+
+    @app.post("/v1/vms/{name}/stop", response_model=VmInfo, dependencies=auth)
+    async def stop_vm(name: str, req: StopRequest | None = None) -> VmInfo:
+        req = req or StopRequest()
+        return await state.vms.stop(name, force=req.force, timeout_s=req.timeout_s)
+
+    @app.delete("/v1/vms/{name}", status_code=204, dependencies=auth)
+    async def delete_vm(name: str, force: bool = False) -> None:
+        await state.vms.delete(name, force=force)
+
+    @app.get("/v1/vms/{name}/console", response_class=PlainTextResponse, dependencies=auth)
+    async def console(
+        name: str, tail_bytes: Annotated[int, Query(ge=1, le=16 << 20)] = 65536
+    ) -> str:
+        return state.vms.console(name, tail_bytes)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "host": config.name}
+
+    return app
+
+
+async def _sample_forever(state: AgentState) -> None:
+    while True:
+        try:
+            state.sampler.sample(state.vms.running_processes())
+        except OSError as exc:
+            log.warning("metrics sample failed: %s", exc)
+        await asyncio.sleep(METRICS_INTERVAL_S)

@@ -1,0 +1,39 @@
+"""The agent's configuration: who it is, where it keeps state, what datastores it serves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DatastoreConfig:
+    name: str
+    path: Path
+    shared: bool
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    name: str
+    state_dir: Path
+    token: str
+    run_dir: Path = Path("/run/qmotion/agent")
+    address: str | None = None
+    accel: str = "auto"
+    datastores: tuple[DatastoreConfig, ...] = field(default_factory=tuple)
+
+    def datastore(self, name: str) -> DatastoreConfig | None:
+        return next((d for d in self.datastores if d.name == name), None)
+
+
+def parse_datastore(text: str) -> DatastoreConfig:
+    """``NAME=PATH`` (host-local) or ``NAME=PATH:shared`` (seen by other hosts too)."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"datastore must be NAME=PATH[:shared], got {text!r}")
+    shared = rest.endswith(":shared")
+    path = Path(rest.removesuffix(":shared"))
+    if not path.is_absolute():
+        raise ValueError(f"datastore {name}: path must be absolute, got {path}")
+    return DatastoreConfig(name=name, path=path, shared=shared)

@@ -1,0 +1,147 @@
+"""Host facts read from /proc and QEMU, and a sampler of host and per-VM CPU and memory use."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from qmotion import __version__
+from qmotion.agent.config import AgentConfig
+from qmotion.agent.net import bridges
+from qmotion.api.host import AccelInfo, Datastore, HostFacts, HostMetrics, VmMetrics
+from qmotion.hypervisor.qemu import qemu_info
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpuinfo() -> tuple[str, list[str]]:
+    model, flags = "unknown", list[str]()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model == "unknown":
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = value.split()
+    return model, flags
+
+
+def meminfo() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts:
+            out[key] = int(parts[0]) * (1024 if len(parts) > 1 else 1)
+    return out
+
+
+def host_facts(config: AgentConfig, accel: AccelInfo) -> HostFacts:
+    model, flags = _cpuinfo()
+    info = qemu_info()
+    return HostFacts(
+        name=config.name,
+        address=config.address,
+        cpu_model=model,
+        cpu_flags=flags,
+        cpus=os.cpu_count() or 1,
+        memory_bytes=meminfo()["MemTotal"],
+        qemu_version=info.version,
+        machine_types=info.machine_types,
+        machine_aliases=info.machine_aliases,
+        cpu_models=info.cpu_models,
+        accel=accel,
+        bridges=bridges(),
+        datastores=[
+            Datastore(name=d.name, path=str(d.path), shared=d.shared) for d in config.datastores
+        ],
+        agent_version=__version__,
+    )
+
+
+def _host_cpu_ticks() -> tuple[int, int]:
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    values = [int(v) for v in fields]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return sum(values[:8]), idle
+
+
+def _proc_cpu_ticks(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = stat.rsplit(")", 1)[1].split()
+    return int(rest[11]) + int(rest[12])  # utime + stime
+
+
+def _proc_rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass(frozen=True)
+class VmProcess:
+    name: str
+    pid: int
+    memory_mib: int
+
+
+class MetricsSampler:
+    """CPU use is a rate, so it needs two readings; each ``sample`` measures since the last."""
+
+    def __init__(self) -> None:
+        self._host_prev = _host_cpu_ticks()
+        self._vm_prev: dict[int, tuple[int, float]] = {}
+        self._last: HostMetrics | None = None
+
+    def sample(self, vms: list[VmProcess]) -> HostMetrics:
+        total, idle = _host_cpu_ticks()
+        ptotal, pidle = self._host_prev
+        self._host_prev = (total, idle)
+        busy = (total - ptotal) - (idle - pidle)
+        cpu_pct = 100.0 * busy / (total - ptotal) if total > ptotal else 0.0
+        now = time.monotonic()
+        vm_metrics = []
+        seen: dict[int, tuple[int, float]] = {}
+        for vm in vms:
+            ticks = _proc_cpu_ticks(vm.pid)
+            if ticks is None:
+                continue
+            seen[vm.pid] = (ticks, now)
+            prev = self._vm_prev.get(vm.pid)
+            pct = 0.0
+            if prev is not None and now > prev[1]:
+                pct = 100.0 * (ticks - prev[0]) / CLK_TCK / (now - prev[1])
+            vm_metrics.append(
+                VmMetrics(
+                    name=vm.name,
+                    cpu_percent=round(pct, 1),
+                    rss_bytes=_proc_rss(vm.pid),
+                    memory_mib=vm.memory_mib,
+                )
+            )
+        self._vm_prev = seen
+        mem = meminfo()
+        self._last = HostMetrics(
+            sampled_at=datetime.now(UTC),
+            cpus=os.cpu_count() or 1,
+            cpu_percent=round(cpu_pct, 1),
+            memory_total_bytes=mem["MemTotal"],
+            memory_available_bytes=mem.get("MemAvailable", mem.get("MemFree", 0)),
+            vms_memory_mib=sum(v.memory_mib for v in vms),
+            vms=vm_metrics,
+        )
+        return self._last
+
+    @property
+    def last(self) -> HostMetrics | None:
+        return self._last

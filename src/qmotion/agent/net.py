@@ -1,0 +1,44 @@
+"""The agent's view of its host network: bridges present, and tap devices for VM NICs."""
+
+from __future__ import annotations
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+
+def bridges() -> list[str]:
+    with IPRoute() as ip:
+        links = ip.get_links()
+    names = []
+    for link in links:
+        info = link.get_attr("IFLA_LINKINFO")
+        if info is not None and info.get_attr("IFLA_INFO_KIND") == "bridge":
+            names.append(str(link.get_attr("IFLA_IFNAME")))
+    return sorted(names)
+
+
+def create_tap(name: str, bridge: str) -> None:
+    """A persistent tap enslaved to ``bridge``; QEMU attaches to it by name."""
+    with IPRoute() as ip:
+        if ip.link_lookup(ifname=name):
+            delete_tap_with(ip, name)
+        master = ip.link_lookup(ifname=bridge)
+        if not master:
+            raise LookupError(f"bridge {bridge} does not exist on this host")
+        ip.link("add", ifname=name, kind="tuntap", mode="tap")
+        (index,) = ip.link_lookup(ifname=name)
+        ip.link("set", index=index, master=master[0], state="up")
+
+
+def delete_tap_with(ip: IPRoute, name: str) -> None:
+    for index in ip.link_lookup(ifname=name):
+        try:
+            ip.link("del", index=index)
+        except NetlinkError as exc:
+            if exc.code != 19:  # ENODEV: already gone
+                raise
+
+
+def delete_tap(name: str) -> None:
+    with IPRoute() as ip:
+        delete_tap_with(ip, name)

@@ -1,0 +1,462 @@
+"""VM lifecycle on one host: define, start, stop, delete, status; persisted, re-attachable.
+
+Everything about a VM lives under ``STATE/vms/NAME``: ``spec.json`` (what it is) and, while
+QEMU runs, ``runtime.json`` (its PID, monitor socket, taps). QEMU is daemonized, so VMs outlive
+an agent restart; on start-up the agent re-attaches to every QEMU whose PID still belongs to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from qmotion.agent.config import AgentConfig
+from qmotion.agent.errors import Conflict, OperationFailed, SpecRejected, VmNotFound
+from qmotion.agent.facts import VmProcess
+from qmotion.agent.net import bridges, create_tap, delete_tap
+from qmotion.api.host import AccelInfo
+from qmotion.api.vm import KernelBoot, VmInfo, VmSpec, VmState
+from qmotion.hypervisor import process
+from qmotion.hypervisor.errors import HypervisorError, QmpError, QmpUnavailable
+from qmotion.hypervisor.monitor import Monitor
+from qmotion.hypervisor.qemu import LaunchPaths, build_argv, qemu_info, resolve_machine, tap_name
+from qmotion.image import GuestImage, cached_image, ensure_image
+
+log = logging.getLogger(__name__)
+
+_PAUSED = {
+    "paused",
+    "postmigrate",
+    "inmigrate",
+    "prelaunch",
+    "finish-migrate",
+    "suspended",
+    "save-vm",
+    "restore-vm",
+    "debug",
+    "io-error",
+    "watchdog",
+    "colo",
+}
+
+
+class Runtime(BaseModel):
+    pid: int
+    qmp_socket: str
+    started_at: datetime
+    accel: str
+    machine: str
+    taps: list[str]
+
+
+def vm_state(qemu_status: str) -> VmState:
+    if qemu_status == "running":
+        return "running"
+    if qemu_status in _PAUSED:
+        return "paused"
+    if qemu_status == "shutdown":
+        return "stopping"
+    return "crashed"
+
+
+class VmManager:
+    def __init__(self, config: AgentConfig, accel: Callable[[], Awaitable[AccelInfo]]) -> None:
+        self.config = config
+        self._accel = accel
+        self.vms_dir = config.state_dir / "vms"
+        self._specs: dict[str, VmSpec] = {}
+        self._runtime: dict[str, Runtime] = {}
+        self._monitors: dict[str, Monitor] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # ------------------------------------------------------------------ persistence
+
+    def _dir(self, name: str) -> Path:
+        return self.vms_dir / name
+
+    def _write(self, path: Path, data: str) -> None:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(data)
+        os.replace(tmp, path)
+
+    def _save_runtime(self, name: str, rt: Runtime | None) -> None:
+        path = self._dir(name) / "runtime.json"
+        if rt is None:
+            path.unlink(missing_ok=True)
+            self._runtime.pop(name, None)
+        else:
+            self._write(path, rt.model_dump_json(indent=2))
+            self._runtime[name] = rt
+
+    async def load(self) -> None:
+        """Read every defined VM and re-attach to the QEMUs that are still running."""
+        self.vms_dir.mkdir(parents=True, exist_ok=True)
+        for vm_dir in sorted(self.vms_dir.iterdir()):
+            spec_file = vm_dir / "spec.json"
+            if not spec_file.is_file():
+                continue
+            try:
+                spec = VmSpec.model_validate_json(spec_file.read_text())
+            except ValidationError as exc:
+                log.error("ignoring unreadable VM definition %s: %s", spec_file, exc)
+                continue
+            self._specs[spec.name] = spec
+            rt_file = vm_dir / "runtime.json"
+            if not rt_file.is_file():
+                continue
+            rt = Runtime.model_validate_json(rt_file.read_text())
+            if process.is_qemu_of(rt.pid, spec.uuid):
+                self._runtime[spec.name] = rt
+                try:
+                    await self._attach(spec.name, rt)
+                    log.info("re-attached to VM %s (pid %d)", spec.name, rt.pid)
+                except HypervisorError as exc:
+                    log.error(
+                        "VM %s runs (pid %d) but its monitor is unreachable: %s",
+                        spec.name,
+                        rt.pid,
+                        exc,
+                    )
+            else:
+                log.info("VM %s stopped while the agent was away", spec.name)
+                await self._cleanup_runtime(spec.name, rt)
+
+    async def _attach(self, name: str, rt: Runtime) -> Monitor:
+        mon = Monitor(Path(rt.qmp_socket), name)
+        await mon.connect()
+        self._monitors[name] = mon
+        return mon
+
+    async def close(self) -> None:
+        """Let go of monitors; the VMs keep running."""
+        for mon in self._monitors.values():
+            await mon.close()
+        self._monitors.clear()
+
+    # ------------------------------------------------------------------ helpers
+
+    @contextlib.asynccontextmanager
+    async def locked(self, name: str) -> AsyncIterator[VmSpec]:
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            spec = self._specs.get(name)
+            if spec is None:
+                raise VmNotFound(name)
+            yield spec
+
+    def spec(self, name: str) -> VmSpec:
+        spec = self._specs.get(name)
+        if spec is None:
+            raise VmNotFound(name)
+        return spec
+
+    def monitor(self, name: str) -> Monitor:
+        mon = self._monitors.get(name)
+        if mon is None:
+            raise Conflict(f"VM {name} is not running", vm=name)
+        return mon
+
+    def _socket_path(self, spec: VmSpec) -> Path:
+        # Unix socket paths are limited to 108 bytes; state dirs can be long.
+        digest = hashlib.sha256(f"{self.config.state_dir}:{spec.uuid}".encode()).hexdigest()[:20]
+        return self.config.run_dir / f"{digest}.sock"
+
+    def running_processes(self) -> list[VmProcess]:
+        return [
+            VmProcess(name, rt.pid, self._specs[name].memory)
+            for name, rt in self._runtime.items()
+            if name in self._specs
+        ]
+
+    async def _alive(self, name: str) -> Runtime | None:
+        """The runtime of a VM whose QEMU still runs; cleans up after one that exited."""
+        rt = self._runtime.get(name)
+        if rt is None:
+            return None
+        if process.is_qemu_of(rt.pid, self._specs[name].uuid):
+            return rt
+        await self._cleanup_runtime(name, rt)
+        return None
+
+    async def _cleanup_runtime(self, name: str, rt: Runtime) -> None:
+        mon = self._monitors.pop(name, None)
+        if mon is not None:
+            await mon.close()
+        for tap in rt.taps:
+            await asyncio.to_thread(delete_tap, tap)
+        await asyncio.to_thread(Path(rt.qmp_socket).unlink, missing_ok=True)
+        self._save_runtime(name, None)
+
+    # ------------------------------------------------------------------ queries
+
+    async def info(self, name: str) -> VmInfo:
+        spec = self.spec(name)
+        rt = await self._alive(name)
+        state: VmState = "stopped"
+        qemu_status = None
+        if rt is not None:
+            mon = self._monitors.get(name)
+            try:
+                if mon is None:
+                    mon = await self._attach(name, rt)
+                qemu_status = await mon.status()
+                state = vm_state(qemu_status)
+            except HypervisorError:
+                # The process exists but its monitor does not answer: exiting or wedged.
+                state = "stopping" if await self._alive(name) else "stopped"
+        return VmInfo(
+            name=name,
+            uuid=spec.uuid,
+            host=self.config.name,
+            state=state,
+            qemu_status=qemu_status,
+            pid=rt.pid if rt and state != "stopped" else None,
+            accel=rt.accel if rt else None,
+            started_at=rt.started_at if rt else None,
+            spec=spec,
+            taps=rt.taps if rt else [],
+        )
+
+    async def list(self) -> list[VmInfo]:
+        return [await self.info(name) for name in sorted(self._specs)]
+
+    def console(self, name: str, tail_bytes: int) -> str:
+        self.spec(name)
+        path = self._dir(name) / "console.log"
+        if not path.exists():
+            return ""
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - tail_bytes))
+            return fh.read().decode(errors="replace")
+
+    # ------------------------------------------------------------------ checks
+
+    def _disk_path(self, spec: VmSpec, index: int) -> Path:
+        disk = spec.disks[index]
+        ds = self.config.datastore(disk.datastore)
+        if ds is None:
+            known = ", ".join(d.name for d in self.config.datastores) or "none"
+            raise SpecRejected(
+                f"datastore {disk.datastore!r} is not available on host {self.config.name} "
+                f"(available: {known})",
+                vm=spec.name,
+                field=f"disks[{index}].datastore",
+            )
+        return ds.path / disk.path
+
+    def check_spec(self, spec: VmSpec, *, creating: bool = False) -> None:
+        """Refuse, naming the field, anything this host cannot run. Changes nothing."""
+        info = qemu_info()
+        machine = resolve_machine(spec.machine, info)
+        if machine not in info.machine_types:
+            raise SpecRejected(
+                f"machine type {spec.machine!r} is not available from QEMU {info.version}",
+                vm=spec.name,
+                field="machine",
+            )
+        if spec.cpu_model not in info.cpu_models:
+            raise SpecRejected(
+                f"CPU model {spec.cpu_model!r} is not supported by QEMU {info.version}",
+                vm=spec.name,
+                field="cpu_model",
+            )
+        present = set(bridges())
+        for i, nic in enumerate(spec.nics):
+            if nic.bridge not in present:
+                raise SpecRejected(
+                    f"bridge {nic.bridge!r} does not exist on host {self.config.name}",
+                    vm=spec.name,
+                    field=f"nics[{i}].bridge",
+                )
+        for i, disk in enumerate(spec.disks):
+            path = self._disk_path(spec, i)
+            if path.is_file():
+                continue
+            if creating and disk.create_size:
+                continue
+            raise SpecRejected(
+                f"disk image {disk.path!r} not found on datastore {disk.datastore!r} ({path})",
+                vm=spec.name,
+                field=f"disks[{i}].path",
+            )
+        if isinstance(spec.boot, KernelBoot):
+            for field in ("kernel", "initrd"):
+                value = getattr(spec.boot, field)
+                if value and not Path(value).is_file():
+                    raise SpecRejected(
+                        f"{field} image {value!r} does not exist on host {self.config.name}",
+                        vm=spec.name,
+                        field=f"boot.{field}",
+                    )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def define(self, spec: VmSpec) -> VmInfo:
+        if spec.name in self._specs:
+            raise Conflict(
+                f"a VM named {spec.name!r} is already defined", vm=spec.name, field="name"
+            )
+        if any(s.uuid == spec.uuid for s in self._specs.values()):
+            raise Conflict(
+                f"a VM with uuid {spec.uuid} is already defined", vm=spec.name, field="uuid"
+            )
+        await asyncio.to_thread(self.check_spec, spec, creating=True)
+        for i, disk in enumerate(spec.disks):
+            path = self._disk_path(spec, i)
+            if not path.exists() and disk.create_size:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                proc = await asyncio.to_thread(
+                    subprocess.run,
+                    [
+                        "qemu-img",
+                        "create",
+                        "-q",
+                        "-f",
+                        disk.format,
+                        str(path),
+                        str(disk.create_size),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                if proc.returncode != 0:
+                    raise OperationFailed(
+                        f"creating disk {path} failed: {proc.stderr.strip()}",
+                        vm=spec.name,
+                        field=f"disks[{i}].path",
+                    )
+        vm_dir = self._dir(spec.name)
+        vm_dir.mkdir(parents=True, exist_ok=True)
+        self._write(vm_dir / "spec.json", spec.model_dump_json(indent=2))
+        self._specs[spec.name] = spec
+        return await self.info(spec.name)
+
+    async def _kernel_paths(self, spec: VmSpec) -> tuple[Path | None, Path | None, str]:
+        boot = spec.boot
+        if not isinstance(boot, KernelBoot):
+            return None, None, ""
+        if boot.kernel:
+            return Path(boot.kernel), Path(boot.initrd) if boot.initrd else None, boot.cmdline
+        image: GuestImage | None = cached_image()
+        if image is None:
+            image = await asyncio.to_thread(ensure_image)
+        params: dict[str, str | int | float] = {"hostname": spec.name}
+        if spec.guest is not None:
+            g = spec.guest
+            if g.ip is not None:
+                params["ip"] = str(g.ip)
+            params.update(
+                fill=g.fill_mib, dirty=g.dirty_mib_s, check=g.check_s, disk_rate=g.disk_rate
+            )
+        cmdline = image.cmdline(**params)
+        if boot.cmdline:
+            cmdline += " " + boot.cmdline
+        return image.kernel, image.initrd, cmdline
+
+    async def start(self, name: str, *, incoming: str | None = None) -> VmInfo:
+        """Start QEMU for a defined VM; with ``incoming``, wait for a migration stream."""
+        async with self.locked(name) as spec:
+            if await self._alive(name) is not None:
+                raise Conflict(f"VM {name} is already running", vm=name)
+            await asyncio.to_thread(self.check_spec, spec)
+            accel = await self._accel()
+            info = qemu_info()
+            machine = resolve_machine(spec.machine, info)
+            kernel, initrd, cmdline = await self._kernel_paths(spec)
+            vm_dir = self._dir(name)
+            self.config.run_dir.mkdir(parents=True, exist_ok=True)
+            paths = LaunchPaths(
+                qmp_socket=self._socket_path(spec),
+                console_log=vm_dir / "console.log",
+                pidfile=vm_dir / "qemu.pid",
+                disks=[self._disk_path(spec, i) for i in range(len(spec.disks))],
+                kernel=kernel,
+                initrd=initrd,
+                cmdline=cmdline,
+            )
+            argv = build_argv(spec, paths, accel=accel.name, machine=machine, incoming=incoming)
+            taps: list[str] = []
+            pid: int | None = None
+            try:
+                for i, nic in enumerate(spec.nics):
+                    tap = tap_name(spec, i)
+                    await asyncio.to_thread(create_tap, tap, nic.bridge)
+                    taps.append(tap)
+                pid = await asyncio.to_thread(
+                    process.launch, argv, paths.pidfile, vm_dir / "qemu.log", name
+                )
+                rt = Runtime(
+                    pid=pid,
+                    qmp_socket=str(paths.qmp_socket),
+                    started_at=datetime.now(UTC),
+                    accel=accel.name,
+                    machine=machine,
+                    taps=taps,
+                )
+                self._save_runtime(name, rt)
+                await self._attach(name, rt)
+            except (HypervisorError, OSError, LookupError) as exc:
+                if pid is not None:
+                    await asyncio.to_thread(process.kill, pid, spec.uuid)
+                for tap in taps:
+                    await asyncio.to_thread(delete_tap, tap)
+                self._save_runtime(name, None)
+                raise OperationFailed(
+                    f"starting VM {name} failed: {exc}; its QEMU and taps were removed",
+                    vm=name,
+                    qmp_class=getattr(exc, "qmp_class", None),
+                ) from exc
+            log.info("started VM %s (pid %d, %s)", name, pid, accel.name)
+        return await self.info(name)
+
+    async def stop(self, name: str, *, force: bool = False, timeout_s: float = 30.0) -> VmInfo:
+        async with self.locked(name) as spec:
+            rt = await self._alive(name)
+            if rt is None:
+                raise Conflict(f"VM {name} is not running", vm=name)
+            mon = self._monitors.get(name)
+            gone = False
+            if not force and mon is not None:
+                with contextlib.suppress(QmpError, QmpUnavailable):
+                    await mon.execute("system_powerdown")
+                    gone = await asyncio.to_thread(process.wait_gone, rt.pid, spec.uuid, timeout_s)
+                if not gone:
+                    log.warning(
+                        "VM %s ignored the ACPI power button for %.0f s; forcing", name, timeout_s
+                    )
+            if not gone and mon is not None:
+                with contextlib.suppress(QmpError, QmpUnavailable):
+                    await mon.execute("quit")
+                gone = await asyncio.to_thread(process.wait_gone, rt.pid, spec.uuid, 5.0)
+            if not gone:
+                await asyncio.to_thread(process.kill, rt.pid, spec.uuid)
+            await self._cleanup_runtime(name, rt)
+        return await self.info(name)
+
+    async def delete(self, name: str, *, force: bool = False) -> None:
+        """Forget a VM (its disk images stay: they are data, not definition)."""
+        async with self.locked(name) as spec:
+            rt = await self._alive(name)
+            if rt is not None:
+                if not force:
+                    raise Conflict(
+                        f"VM {name} is running; stop it first or delete with force", vm=name
+                    )
+                await asyncio.to_thread(process.kill, rt.pid, spec.uuid)
+                await self._cleanup_runtime(name, rt)
+            shutil.rmtree(self._dir(name), ignore_errors=True)
+            del self._specs[name]
+        self._locks.pop(name, None)

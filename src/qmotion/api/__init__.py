@@ -1,0 +1,1 @@
+"""Wire models of qmotion's HTTP APIs, shared by the services that serve them and the client."""

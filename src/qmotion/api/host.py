@@ -1,0 +1,56 @@
+"""What a host agent reports about its machine: facts (static) and metrics (sampled)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class AccelInfo(BaseModel):
+    """The accelerator VMs run under here, and why: the choice is reported, never silent."""
+
+    name: Literal["kvm", "tcg"]
+    reason: str
+    probed_at: datetime | None = None
+
+
+class Datastore(BaseModel):
+    name: str
+    path: str
+    shared: bool
+
+
+class HostFacts(BaseModel):
+    name: str
+    address: str | None = None
+    cpu_model: str
+    cpu_flags: list[str]
+    cpus: int
+    memory_bytes: int
+    qemu_version: str
+    machine_types: list[str]
+    machine_aliases: dict[str, str] = Field(default_factory=dict)
+    cpu_models: list[str]
+    accel: AccelInfo
+    bridges: list[str]
+    datastores: list[Datastore]
+    agent_version: str
+
+
+class VmMetrics(BaseModel):
+    name: str
+    cpu_percent: float
+    rss_bytes: int
+    memory_mib: int
+
+
+class HostMetrics(BaseModel):
+    sampled_at: datetime
+    cpus: int
+    cpu_percent: float = Field(description="whole host, 100 = all CPUs busy")
+    memory_total_bytes: int
+    memory_available_bytes: int
+    vms_memory_mib: int
+    vms: list[VmMetrics]

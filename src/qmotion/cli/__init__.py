@@ -1,0 +1,1 @@
+"""The ``qmotion`` command line (Typer); one module per command group."""

@@ -1,0 +1,58 @@
+"""``qmotion agent``: run the host agent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from qmotion.cli.common import fail
+
+
+def agent(
+    name: str = typer.Option(..., "--name", help="This host's name in the cluster."),
+    listen: str = typer.Option("127.0.0.1:8100", "--listen", help="ADDRESS:PORT to serve on."),
+    token_file: Path = typer.Option(
+        None, "--token-file", help="File holding the bearer token (or set QMOTION_AGENT_TOKEN)."
+    ),
+    state_dir: Path = typer.Option(Path("/var/lib/qmotion/agent"), "--state-dir"),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Short path for QMP sockets."),
+    datastore: list[str] = typer.Option([], "--datastore", help="NAME=PATH[:shared], repeatable."),
+    accel: str = typer.Option("auto", "--accel", help="auto (probe KVM, else TCG), kvm or tcg."),
+) -> None:
+    """Serve this host's VMs over HTTP (bearer token required on every call)."""
+    from qmotion.agent.config import AgentConfig, parse_datastore
+    from qmotion.agent.main import run
+
+    token = os.environ.get("QMOTION_AGENT_TOKEN", "")
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            fail(f"--token-file: {exc}", 2)
+    if len(token) < 16:
+        fail(
+            "a bearer token of at least 16 characters is required "
+            "(--token-file or QMOTION_AGENT_TOKEN)",
+            2,
+        )
+    if accel not in ("auto", "kvm", "tcg"):
+        fail(f"--accel must be auto, kvm or tcg, got {accel!r}", 2)
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        fail(f"--listen must be ADDRESS:PORT, got {listen!r}", 2)
+    try:
+        stores = tuple(parse_datastore(d) for d in datastore)
+    except ValueError as exc:
+        fail(f"--datastore: {exc}", 2)
+    config = AgentConfig(
+        name=name,
+        state_dir=state_dir,
+        token=token,
+        address=host,
+        run_dir=run_dir or Path(f"/run/qmotion/agent-{name}"),
+        accel=accel,
+        datastores=stores,
+    )
+    run(config, host, int(port))

@@ -1,0 +1,92 @@
+"""``qmotion lab``: a local multi-host lab of network namespaces, each host with an agent."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from qmotion.cli.common import console, errors_exit, fail, print_json
+
+app = typer.Typer(help="A local lab: hosts as network namespaces on one switch.")
+
+NameOpt = typer.Option("qmlab", "--name", help="Lab name; prefixes its namespaces and links.")
+
+
+@app.command("up")
+def up(
+    hosts: int = typer.Option(3, "--hosts", help="Number of hosts."),
+    rtt_ms: float = typer.Option(0.0, "--rtt-ms", help="Emulated round-trip time between hosts."),
+    bandwidth: str = typer.Option(None, "--bandwidth", help="Host link rate, e.g. 1gbit."),
+    accel: str = typer.Option("auto", "--accel", help="auto (probe KVM), kvm or tcg."),
+    name: str = NameOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print the lab as JSON."),
+) -> None:
+    """Create the lab: switch, client namespace, hosts with agents, datastores."""
+    from qmotion.lab.lab import lab_up
+
+    if accel not in ("auto", "kvm", "tcg"):
+        fail(f"--accel must be auto, kvm or tcg, got {accel!r}", 2)
+    with errors_exit():
+        lab = lab_up(name, hosts, rtt_ms=rtt_ms, bandwidth=bandwidth, accel=accel)
+    if json_out:
+        print_json(lab.record.public())
+        return
+    rec = lab.record
+    console.print(f"lab [bold]{rec.name}[/] is up: subnet {rec.subnet}")
+    for h in rec.hosts:
+        console.print(
+            f"  {h.name}: namespace {h.namespace}, address {h.address}, agent {h.agent_url}"
+        )
+    console.print(f"  client: namespace {rec.client_namespace}, address {rec.client_address}")
+    console.print(f"  VM addresses: {rec.pool.first} - {rec.pool.last}")
+
+
+@app.command("status")
+def status(
+    name: str = NameOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Show the lab's hosts, client namespace, datastores and address pool."""
+    from qmotion.lab.lab import status as lab_status
+
+    with errors_exit():
+        st = lab_status(name)
+    if json_out:
+        print_json(st)
+        return
+    console.print(f"lab [bold]{st['name']}[/] subnet {st['subnet']}")
+    alive = st["agents_alive"]
+    assert isinstance(alive, dict)
+    for h in st["hosts"]:  # type: ignore[attr-defined]
+        mark = "[green]up[/]" if alive.get(h["name"]) else "[red]down[/]"
+        console.print(f"  {h['name']}: {h['namespace']} {h['address']} agent {mark}")
+    client = st["client"]
+    assert isinstance(client, dict)
+    console.print(f"  client: {client['namespace']} {client['address']}")
+    for d in st["datastores"]:  # type: ignore[attr-defined]
+        console.print(f"  datastore {d['name']}: {d['path']} (hosts: {', '.join(d['hosts'])})")
+
+
+@app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def exec_(
+    target: str = typer.Argument(..., help="Host name (h1, h2, ...) or 'client'."),
+    command: list[str] = typer.Argument(..., help="Command to run inside the namespace."),
+    name: str = NameOpt,
+) -> None:
+    """Run a command inside a host's or the client's namespace: lab exec client -- CMD..."""
+    from qmotion.lab.lab import Lab
+
+    with errors_exit():
+        ns = Lab.load(name).namespace(target)
+    os.execvp("ip", ["ip", "netns", "exec", ns, *command])
+
+
+@app.command("down")
+def down(name: str = NameOpt) -> None:
+    """Stop every agent and VM of the lab and remove its namespaces, links and files."""
+    from qmotion.lab.lab import lab_down
+
+    with errors_exit():
+        removed = lab_down(name)
+    console.print(f"lab {name} is down ({len(removed)} items removed)")

@@ -1,0 +1,25 @@
+"""Typed HTTP clients of qmotion's APIs; the CLI and any UI talk to services only through these."""
+
+from qmotion.client.agent import AgentClient
+from qmotion.client.errors import (
+    ApiError,
+    ClientError,
+    Conflict,
+    Invalid,
+    NotFound,
+    ServerError,
+    Unauthorized,
+    Unreachable,
+)
+
+__all__ = [
+    "AgentClient",
+    "ApiError",
+    "ClientError",
+    "Conflict",
+    "Invalid",
+    "NotFound",
+    "ServerError",
+    "Unauthorized",
+    "Unreachable",
+]

@@ -1,0 +1,1 @@
+"""QEMU processes and their QMP monitors: command lines, launch, probing, monitoring."""

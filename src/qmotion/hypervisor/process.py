@@ -1,0 +1,72 @@
+"""Launching daemonized QEMU processes and finding, signalling and reaping them by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from qmotion.hypervisor.errors import QemuStartError
+
+
+def launch(argv: list[str], pidfile: Path, log: Path, vm: str) -> int:
+    """Run QEMU with ``-daemonize``; returns the daemon's PID once QEMU is initialised.
+
+    Daemonized QEMU is not the agent's child, so it outlives an agent restart and is found
+    again through its pidfile; QEMU exits its launcher only after setup succeeded, so a zero
+    exit means the monitor socket is already listening.
+    """
+    pidfile.unlink(missing_ok=True)
+    with open(log, "ab") as err:
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+            check=False,
+            start_new_session=True,
+        )
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        raise QemuStartError(f"QEMU exited with status {proc.returncode}", vm=vm, stderr=tail)
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise QemuStartError(f"QEMU started but left no pidfile at {pidfile}", vm=vm) from exc
+
+
+def is_qemu_of(pid: int, vm_uuid: uuid.UUID) -> bool:
+    """True if ``pid`` is alive and is the QEMU of this VM (PIDs get reused)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        return False
+    return str(vm_uuid).encode() in cmdline
+
+
+def wait_gone(pid: int, vm_uuid: uuid.UUID, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not is_qemu_of(pid, vm_uuid):
+            return True
+        time.sleep(0.05)
+    return not is_qemu_of(pid, vm_uuid)
+
+
+def kill(pid: int, vm_uuid: uuid.UUID, timeout_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL; only ever signals the QEMU of this VM."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not is_qemu_of(pid, vm_uuid):
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        if wait_gone(pid, vm_uuid, timeout_s):
+            return

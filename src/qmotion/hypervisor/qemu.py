@@ -1,0 +1,147 @@
+"""What the local QEMU binary offers, and the command line that runs a VM spec with it."""
+
+from __future__ import annotations
+
+import functools
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qmotion.api.vm import DiskBoot, KernelBoot, VmSpec
+from qmotion.hypervisor.errors import HypervisorError
+
+QEMU = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class QemuInfo:
+    version: str
+    machine_types: list[str]
+    machine_aliases: dict[str, str]
+    cpu_models: list[str]
+
+
+def _capture(args: list[str]) -> str:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise HypervisorError(f"cannot run {args[0]}: {exc} (run `make setup`)") from exc
+
+
+@functools.cache
+def qemu_info(binary: str = QEMU) -> QemuInfo:
+    version_out = _capture([binary, "--version"])
+    m = re.search(r"version (\S+)", version_out)
+    version = m.group(1) if m else version_out.strip()
+    machines: list[str] = []
+    aliases: dict[str, str] = {}
+    for line in _capture([binary, "-machine", "help"]).splitlines()[1:]:
+        parts = line.split(None, 1)
+        if not parts or parts[0] == "none":
+            continue
+        machines.append(parts[0])
+        am = re.search(r"\(alias of ([^)]+)\)", line)
+        if am:
+            aliases[parts[0]] = am.group(1)
+    models: list[str] = []
+    for line in _capture([binary, "-cpu", "help"]).splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "x86":
+            models.append(parts[1])
+    return QemuInfo(version, machines, aliases, models)
+
+
+def resolve_machine(machine: str, info: QemuInfo) -> str:
+    """Versioned machine type: migration needs both sides on the identical machine version."""
+    return info.machine_aliases.get(machine, machine)
+
+
+@dataclass(frozen=True)
+class LaunchPaths:
+    qmp_socket: Path
+    console_log: Path
+    pidfile: Path
+    disks: list[Path] = field(default_factory=list)
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str = ""
+
+
+def tap_name(spec: VmSpec, index: int) -> str:
+    """Stable per VM and NIC, at most 15 characters (IFNAMSIZ), same on every host."""
+    return f"qm{spec.uuid.hex[:9]}n{index}"
+
+
+def build_argv(
+    spec: VmSpec,
+    paths: LaunchPaths,
+    *,
+    accel: str,
+    machine: str,
+    incoming: str | None = None,
+    binary: str = QEMU,
+) -> list[str]:
+    """The QEMU command line for ``spec``. Pure: the same inputs always give the same argv.
+
+    Devices get explicit ids and PCI addresses so that a destination started from the same
+    spec has a device layout identical to the source's, which migration requires.
+    """
+    argv = [
+        binary,
+        "-name",
+        f"guest={spec.name},debug-threads=on",
+        "-uuid",
+        str(spec.uuid),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-machine",
+        f"{machine},accel={accel}",
+        "-cpu",
+        spec.cpu_model,
+        "-m",
+        str(spec.memory),
+        "-smp",
+        str(spec.vcpus),
+        "-qmp",
+        f"unix:{paths.qmp_socket},server=on,wait=off",
+        "-chardev",
+        f"file,id=console0,path={paths.console_log},append=on",
+        "-serial",
+        "chardev:console0",
+        "-daemonize",
+        "-pidfile",
+        str(paths.pidfile),
+        "-msg",
+        "timestamp=on",
+    ]
+    for i, nic in enumerate(spec.nics):
+        argv += [
+            "-netdev",
+            f"tap,id=net{i},ifname={tap_name(spec, i)},script=no,downscript=no",
+            "-device",
+            f"{nic.model},netdev=net{i},mac={nic.mac},id=nic{i},bus=pci.0,addr={0x3 + i:#x}",
+        ]
+    boot_disk = next((i for i, d in enumerate(spec.disks) if d.bootable), 0)
+    for i, (disk, path) in enumerate(zip(spec.disks, paths.disks, strict=True)):
+        bootindex = ",bootindex=1" if isinstance(spec.boot, DiskBoot) and i == boot_disk else ""
+        argv += [
+            "-blockdev",
+            f"driver=file,filename={path},node-name=file{i},cache.direct=off",
+            "-blockdev",
+            f"driver={disk.format},file=file{i},node-name=disk{i}",
+            "-device",
+            f"virtio-blk-pci,drive=disk{i},id=vblk{i},bus=pci.0,addr={0x10 + i:#x}{bootindex}",
+        ]
+    if isinstance(spec.boot, KernelBoot):
+        if paths.kernel is None:
+            raise HypervisorError("kernel boot without a kernel path", vm=spec.name)
+        argv += ["-kernel", str(paths.kernel)]
+        if paths.initrd is not None:
+            argv += ["-initrd", str(paths.initrd)]
+        argv += ["-append", paths.cmdline]
+    if incoming is not None:
+        argv += ["-incoming", incoming]
+    return argv

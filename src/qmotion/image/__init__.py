@@ -1,0 +1,13 @@
+"""The guest image: kernel and initramfs that tests, the lab and the demo boot."""
+
+from qmotion.image.build import GuestImage, cached_image, ensure_image
+from qmotion.image.errors import ImageBuildError, ImageError, ImageInputError
+
+__all__ = [
+    "GuestImage",
+    "ImageBuildError",
+    "ImageError",
+    "ImageInputError",
+    "cached_image",
+    "ensure_image",
+]

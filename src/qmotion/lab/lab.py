@@ -1,0 +1,497 @@
+"""Bringing a lab up and down, and the record that lets any later command find its parts.
+
+Layout of lab NAME with subnet 198.18.K.0/24 (addresses only in 198.18.0.0/15):
+  root namespace: switch bridge ``NAME-sw`` with .1 (the manager and the CLI reach agents here)
+  ``NAME-client``: a probe namespace at .2
+  ``NAME-hI``: host I at .(10+I) on its VM bridge ``vmbr0``, whose uplink is a veth to the switch;
+              guests' taps join ``vmbr0``, so every VM is on the one L2 segment wherever it runs
+  VM address pool: .100 - .199
+The record is written before each resource is made, so ``lab down`` can always undo a partial
+``lab up``; what is not in the record is still found by the lab's name prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel, Field
+
+from qmotion.api.sizes import parse_rate_bytes
+from qmotion.client.agent import AgentClient
+from qmotion.client.errors import ClientError
+from qmotion.image import ensure_image
+from qmotion.image.cc import compile_static
+from qmotion.lab import netns
+from qmotion.lab.errors import LabExists, LabInputError, LabNotFound, LabSetupError
+from qmotion.paths import labs_dir
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+AGENT_PORT = 8100
+MAX_HOSTS = 50
+POOL_FIRST, POOL_LAST = 100, 199
+AGENT_READY_TIMEOUT_S = 60.0
+
+
+class LabHost(BaseModel):
+    name: str
+    namespace: str
+    address: str
+    agent_url: str
+    token_file: str
+    state_dir: str
+    run_dir: str
+    local_datastore: str
+    agent_pid: int | None = None
+
+
+class LabDatastore(BaseModel):
+    name: str
+    path: str
+    shared: bool
+    hosts: list[str]
+
+
+class AddressPool(BaseModel):
+    first: str
+    last: str
+    prefixlen: int
+
+
+class LabRecord(BaseModel):
+    name: str
+    dir: str
+    subnet: str
+    switch: str
+    switch_address: str
+    client_namespace: str
+    client_address: str
+    hosts: list[LabHost] = Field(default_factory=list)
+    datastores: list[LabDatastore] = Field(default_factory=list)
+    pool: AddressPool
+    rtt_ms: float = 0.0
+    bandwidth: str | None = None
+    created_at: datetime
+    links: list[str] = Field(default_factory=list)
+    namespaces: list[str] = Field(default_factory=list)
+    ready: bool = False
+    wire_pid: int | None = None
+
+    def public(self) -> dict[str, object]:
+        """The ``lab status --json`` view: no secrets (tokens stay in their files)."""
+        return {
+            "name": self.name,
+            "subnet": self.subnet,
+            "ready": self.ready,
+            "switch": {"bridge": self.switch, "address": self.switch_address},
+            "hosts": [
+                {
+                    "name": h.name,
+                    "namespace": h.namespace,
+                    "address": h.address,
+                    "agent_url": h.agent_url,
+                    "token_file": h.token_file,
+                    "agent_pid": h.agent_pid,
+                    "local_datastore": h.local_datastore,
+                }
+                for h in self.hosts
+            ],
+            "client": {"namespace": self.client_namespace, "address": self.client_address},
+            "datastores": [d.model_dump() for d in self.datastores],
+            "address_pool": self.pool.model_dump(),
+            "rtt_ms": self.rtt_ms,
+            "bandwidth": self.bandwidth,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+def _record_path(name: str) -> Path:
+    return labs_dir() / name / "lab.json"
+
+
+def _save(rec: LabRecord) -> None:
+    path = Path(rec.dir) / "lab.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(rec.model_dump_json(indent=2))
+    os.replace(tmp, path)
+
+
+def load_lab(name: str) -> LabRecord:
+    path = _record_path(name)
+    if not path.is_file():
+        raise LabNotFound(f"no lab named {name!r} is up (looked for {path})")
+    return LabRecord.model_validate_json(path.read_text())
+
+
+@dataclass
+class Lab:
+    """A lab that is up: its record plus conveniences for tests and the demo."""
+
+    record: LabRecord
+
+    @classmethod
+    def load(cls, name: str) -> Lab:
+        return cls(load_lab(name))
+
+    def host(self, name: str) -> LabHost:
+        for h in self.record.hosts:
+            if name in (h.name, h.namespace):
+                return h
+        raise LabNotFound(f"lab {self.record.name} has no host {name!r}")
+
+    def agent(self, host: str, timeout_s: float = 120.0) -> AgentClient:
+        h = self.host(host)
+        return AgentClient(h.agent_url, Path(h.token_file).read_text().strip(), timeout_s=timeout_s)
+
+    def namespace(self, name: str) -> str:
+        if name in ("client", self.record.client_namespace):
+            return self.record.client_namespace
+        return self.host(name).namespace
+
+    def restart_agent(self, host: str, accel: str = "auto") -> None:
+        """Stop a host's agent (its VMs keep running) and start it again."""
+        h = self.host(host)
+        if h.agent_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(h.agent_pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{h.agent_pid}").exists() and time.monotonic() < deadline:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(h.agent_pid, os.WNOHANG)
+                time.sleep(0.05)
+        h.agent_pid = _start_agent(self.record, h, accel)
+        _save(self.record)
+        _wait_agent(h)
+
+    def pool_address(self, index: int) -> str:
+        """The ``index``-th address of the VM pool, with prefix length (e.g. 198.18.1.100/24)."""
+        first = ipaddress.IPv4Address(self.record.pool.first)
+        last = ipaddress.IPv4Address(self.record.pool.last)
+        addr = first + index
+        if addr > last:
+            raise LabInputError(f"address pool exhausted at index {index}")
+        return f"{addr}/{self.record.pool.prefixlen}"
+
+
+def _choose_subnet() -> int:
+    used: set[int] = set()
+    root = labs_dir()
+    if root.is_dir():
+        for rec_file in root.glob("*/lab.json"):
+            with contextlib.suppress(ValueError, OSError):
+                rec = LabRecord.model_validate_json(rec_file.read_text())
+                used.add(int(rec.subnet.split(".")[2]))
+    for addr in netns.root_addresses():
+        parts = addr.split(".")
+        if parts[:2] == ["198", "18"]:
+            used.add(int(parts[2]))
+    for k in range(1, 255):
+        if k not in used:
+            return k
+    raise LabSetupError("no free /24 left in 198.18.0.0/16 for a new lab")
+
+
+def _validate(name: str, hosts: int, rtt_ms: float, bandwidth: str | None) -> None:
+    if not NAME_RE.match(name):
+        raise LabInputError(
+            f"lab name {name!r}: 1-8 characters, lowercase letters and digits, starting with a "
+            "letter (it prefixes every namespace and link the lab makes)"
+        )
+    if not 1 <= hosts <= MAX_HOSTS:
+        raise LabInputError(f"--hosts must be between 1 and {MAX_HOSTS}, got {hosts}")
+    if not 0 <= rtt_ms <= 2000:
+        raise LabInputError(f"--rtt-ms must be between 0 and 2000, got {rtt_ms}")
+    if bandwidth is not None:
+        try:
+            parse_rate_bytes(bandwidth)
+        except ValueError as exc:
+            raise LabInputError(f"--bandwidth: {exc}") from exc
+
+
+def lab_up(
+    name: str = "qmlab",
+    hosts: int = 3,
+    *,
+    rtt_ms: float = 0.0,
+    bandwidth: str | None = None,
+    accel: str = "auto",
+    log: object = None,
+) -> Lab:
+    """Create the lab and start an agent per host; on any failure, tear down what was made."""
+    _validate(name, hosts, rtt_ms, bandwidth)
+    if _record_path(name).exists():
+        raise LabExists(f"lab {name!r} is already up; run `qmotion lab down --name {name}` first")
+    leftovers = [n for n in netns.namespaces() if n.startswith(f"{name}-")]
+    if leftovers or netns.links_with_prefix(f"{name}-"):
+        raise LabExists(
+            f"namespaces or links of a lab {name!r} exist without a record ({leftovers}); "
+            f"run `qmotion lab down --name {name}` to sweep them"
+        )
+    # Build the guest before the agents start, so three agents do not all wait on one build.
+    ensure_image()
+    lab_dir = labs_dir() / name
+    lab_dir.mkdir(parents=True, exist_ok=False)
+    k = _choose_subnet()
+    net = f"198.18.{k}"
+    rec = LabRecord(
+        name=name,
+        dir=str(lab_dir),
+        subnet=f"{net}.0/24",
+        switch=f"{name}-sw",
+        switch_address=f"{net}.1",
+        client_namespace=f"{name}-client",
+        client_address=f"{net}.2",
+        pool=AddressPool(first=f"{net}.{POOL_FIRST}", last=f"{net}.{POOL_LAST}", prefixlen=24),
+        rtt_ms=rtt_ms,
+        bandwidth=bandwidth,
+        created_at=datetime.now(UTC),
+    )
+    try:
+        _build(rec, hosts, accel)
+    except BaseException as exc:
+        _teardown(rec)
+        if isinstance(exc, Exception):
+            raise LabSetupError(f"lab up failed and was rolled back: {exc}") from exc
+        raise
+    return Lab(rec)
+
+
+def _build(rec: LabRecord, hosts: int, accel: str) -> None:
+    lab_dir = Path(rec.dir)
+    _save(rec)
+    rec.links.append(rec.switch)
+    _save(rec)
+    netns.create_bridge(None, rec.switch)
+    netns.disable_ipv6(None, rec.switch)
+    netns.add_address(None, rec.switch, rec.switch_address, 24)
+
+    rec.namespaces.append(rec.client_namespace)
+    rec.links.append(f"{rec.name}-c")
+    _save(rec)
+    netns.create_ns(rec.client_namespace)
+    netns.veth(f"{rec.name}-c", None, "eth0", rec.client_namespace)
+    netns.enslave(None, f"{rec.name}-c", rec.switch)
+    netns.add_address(rec.client_namespace, "eth0", rec.client_address, 24)
+
+    wan = f"{rec.name}-wan" if rec.rtt_ms > 0 else None
+    if wan is not None:
+        rec.namespaces.append(wan)
+        _save(rec)
+        netns.create_ns(wan)
+
+    shared = lab_dir / "datastores" / "shared"
+    shared.mkdir(parents=True)
+    rec.datastores.append(
+        LabDatastore(
+            name="shared",
+            path=str(shared),
+            shared=True,
+            hosts=[f"h{i}" for i in range(1, hosts + 1)],
+        )
+    )
+    net = rec.switch_address.rsplit(".", 1)[0]
+    for i in range(1, hosts + 1):
+        hname = f"h{i}"
+        ns = f"{rec.name}-{hname}"
+        hdir = lab_dir / "hosts" / hname
+        hdir.mkdir(parents=True)
+        token_file = hdir / "token"
+        token_file.write_text(secrets.token_urlsafe(24) + "\n")
+        token_file.chmod(0o600)
+        local = lab_dir / "datastores" / f"local-{hname}"
+        local.mkdir(parents=True)
+        rec.datastores.append(
+            LabDatastore(name=f"local-{hname}", path=str(local), shared=False, hosts=[hname])
+        )
+        address = f"{net}.{10 + i}"
+        host = LabHost(
+            name=hname,
+            namespace=ns,
+            address=address,
+            agent_url=f"http://{address}:{AGENT_PORT}",
+            token_file=str(token_file),
+            state_dir=str(hdir / "agent"),
+            run_dir=f"/run/qmotion/{rec.name}-{hname}",
+            local_datastore=f"local-{hname}",
+        )
+        rec.hosts.append(host)
+        rec.namespaces.append(ns)
+        rec.links.append(ns)
+        _save(rec)
+        netns.create_ns(ns)
+        if wan is None:
+            netns.veth(ns, None, "eth0", ns)
+        else:
+            # Host uplink -> the wan namespace's delay line -> switch port.
+            netns.veth(ns, None, f"{hname}b", wan)
+            netns.veth(f"{hname}a", wan, "eth0", ns)
+        netns.enslave(None, ns, rec.switch)
+        netns.create_bridge(ns, "vmbr0")
+        netns.enslave(ns, "eth0", "vmbr0")
+        netns.add_address(ns, "vmbr0", address, 24)
+        if rec.bandwidth:
+            netns.limit_rate(ns, "eth0", parse_rate_bytes(rec.bandwidth))
+    if wan is not None:
+        rec.wire_pid = _start_wire(rec, wan)
+        _save(rec)
+    for host in rec.hosts:
+        host.agent_pid = _start_agent(rec, host, accel)
+        _save(rec)
+    for host in rec.hosts:
+        _wait_agent(host)
+    rec.ready = True
+    _save(rec)
+
+
+def _start_wire(rec: LabRecord, wan: str) -> int:
+    """The delay line: half the RTT on each host's egress (this kernel may lack sch_netem)."""
+    source = resources.files("qmotion.lab").joinpath("qmwire.c").read_bytes()
+    binary = compile_static("qmwire", source)
+    pairs = [f"{h.name}a:{h.name}b" for h in rec.hosts]
+    delay_us = int(rec.rtt_ms * 1000 / 2)
+    log = open(Path(rec.dir) / "wire.log", "ab")  # noqa: SIM115
+    with log:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", wan, str(binary), str(delay_us), *pairs],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    time.sleep(0.2)
+    if proc.poll() is not None:
+        raise LabSetupError(f"delay line exited: {(Path(rec.dir) / 'wire.log').read_text()[-500:]}")
+    return proc.pid
+
+
+def _start_agent(rec: LabRecord, host: LabHost, accel: str) -> int:
+    argv = [
+        "ip",
+        "netns",
+        "exec",
+        host.namespace,
+        sys.executable,
+        "-m",
+        "qmotion",
+        "agent",
+        "--name",
+        host.name,
+        "--listen",
+        f"{host.address}:{AGENT_PORT}",
+        "--token-file",
+        host.token_file,
+        "--state-dir",
+        host.state_dir,
+        "--run-dir",
+        host.run_dir,
+        "--accel",
+        accel,
+    ]
+    for ds in rec.datastores:
+        if host.name in ds.hosts:
+            argv += ["--datastore", f"{ds.name}={ds.path}" + (":shared" if ds.shared else "")]
+    logf = open(Path(host.state_dir).parent / "agent.log", "ab")  # noqa: SIM115
+    with logf:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+        )
+    return proc.pid
+
+
+def _wait_agent(host: LabHost) -> None:
+    token = Path(host.token_file).read_text().strip()
+    deadline = time.monotonic() + AGENT_READY_TIMEOUT_S
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with AgentClient(host.agent_url, token, timeout_s=30) as client:
+                client.host()
+            return
+        except (ClientError, httpx.HTTPError) as exc:
+            last = exc
+            time.sleep(0.2)
+    log_file = Path(host.state_dir).parent / "agent.log"
+    tail = log_file.read_text(errors="replace")[-1500:] if log_file.exists() else ""
+    raise LabSetupError(f"agent on {host.name} did not become ready: {last}\n{tail}")
+
+
+def _teardown(rec: LabRecord) -> None:
+    for ns in rec.namespaces:
+        if ns in netns.namespaces():
+            netns.kill_ns_processes(ns)
+    for ns in rec.namespaces:
+        netns.delete_ns(ns)
+    for link in rec.links:
+        netns.delete_link(link)
+    for host in rec.hosts:
+        shutil.rmtree(host.run_dir, ignore_errors=True)
+    shutil.rmtree(rec.dir, ignore_errors=True)
+
+
+def lab_down(name: str = "qmlab") -> list[str]:
+    """Tear the lab down; also sweeps parts found by prefix when the record is gone.
+
+    Returns what was removed, for the operator to see.
+    """
+    if not NAME_RE.match(name):
+        raise LabInputError(f"lab name {name!r} is not a valid lab name")
+    removed: list[str] = []
+    path = _record_path(name)
+    rec: LabRecord | None = None
+    if path.is_file():
+        with contextlib.suppress(ValueError):
+            rec = LabRecord.model_validate_json(path.read_text())
+    prefix = f"{name}-"
+    namespaces = sorted(
+        {*(rec.namespaces if rec else []), *(n for n in netns.namespaces() if n.startswith(prefix))}
+    )
+    links = sorted({*(rec.links if rec else []), *netns.links_with_prefix(prefix)})
+    if rec is None and not namespaces and not links and not path.parent.exists():
+        raise LabNotFound(f"no lab named {name!r} is up")
+    for ns in namespaces:
+        if ns in netns.namespaces():
+            netns.kill_ns_processes(ns)
+    for ns in namespaces:
+        netns.delete_ns(ns)
+        removed.append(f"namespace {ns}")
+    for link in links:
+        netns.delete_link(link)
+        removed.append(f"link {link}")
+    for run_dir in Path("/run/qmotion").glob(f"{name}-*"):
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if path.parent.exists():
+        shutil.rmtree(path.parent, ignore_errors=True)
+        removed.append(f"directory {path.parent}")
+    return removed
+
+
+def status(name: str) -> dict[str, object]:
+    rec = load_lab(name)
+    out = rec.public()
+    alive = {}
+    for h in rec.hosts:
+        alive[h.name] = h.agent_pid is not None and Path(f"/proc/{h.agent_pid}").exists()
+    out["agents_alive"] = alive
+    return out
+
+
+def dumps(obj: object) -> str:
+    return json.dumps(obj, indent=2, default=str)

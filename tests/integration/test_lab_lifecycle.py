@@ -1,0 +1,84 @@
+"""``lab up`` then ``lab down`` with a running VM leaves no namespace, link, process or file."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qmotion.api.vm import GuestConfig, Nic, VmSpec
+from qmotion.lab import LabInputError, lab_down, lab_up
+from qmotion.lab.errors import LabNotFound
+from qmotion.lab.netns import links_with_prefix, namespaces, run_in
+from qmotion.probe.guest import echo_once, wait_echo
+from tests.integration.conftest import unique_lab_name
+
+pytestmark = pytest.mark.integration
+
+
+def qemu_pids_with(text: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", text], check=False, capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_lab_down_leaves_nothing_behind() -> None:
+    name = unique_lab_name()
+    lab = lab_up(name, 2, rtt_ms=20)
+    try:
+        spec = VmSpec(
+            name="v",
+            memory="256M",
+            nics=[Nic(mac="52:54:00:7f:00:01")],
+            guest=GuestConfig(ip=lab.pool_address(0)),
+        )
+        lab.agent("h1").define(spec)
+        lab.agent("h1").start("v")
+        ip = lab.pool_address(0).split("/")[0]
+        run_in(lab.record.client_namespace, lambda: wait_echo(ip, 90))
+        # The emulated distance is in place between hosts.
+        rtt = run_in(lab.host("h1").namespace, lambda: _tcp_rtt(lab.host("h2").address))
+        assert 0.019 < rtt < 0.1
+        # And the guest on h1 answers across it from the client (half the delay: one egress).
+        assert run_in(lab.record.client_namespace, lambda: echo_once(ip)) >= 0.009
+        assert qemu_pids_with(str(spec.uuid))
+        lab_dir = Path(lab.record.dir)
+    except BaseException:
+        lab_down(name)
+        raise
+    lab_down(name)
+    assert not [n for n in namespaces() if n.startswith(f"{name}-")]
+    assert not links_with_prefix(f"{name}-")
+    assert not qemu_pids_with(str(spec.uuid))
+    assert not lab_dir.exists()
+    assert not list(Path("/run/qmotion").glob(f"{name}-*"))
+    with pytest.raises(LabNotFound):
+        lab_down(name)
+
+
+def _tcp_rtt(address: str) -> float:
+    import socket
+    import time
+
+    # The first connection also pays for ARP; the second is one SYN/SYN-ACK round trip.
+    socket.create_connection((address, 8100), timeout=5).close()
+    start = time.monotonic()
+    socket.create_connection((address, 8100), timeout=5).close()
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"hosts": 0}, "--hosts"),
+        ({"rtt_ms": -1}, "--rtt-ms"),
+        ({"bandwidth": "fast"}, "--bandwidth"),
+        ({"name": "Bad_Name"}, "lab name"),
+    ],
+)
+def test_bad_lab_arguments_change_nothing(kwargs: dict[str, object], match: str) -> None:
+    before = namespaces()
+    args: dict[str, object] = {"name": unique_lab_name(), "hosts": 2, **kwargs}
+    with pytest.raises(LabInputError, match=match):
+        lab_up(**args)  # type: ignore[arg-type]
+    assert namespaces() == before

@@ -1,0 +1,145 @@
+"""The agent's API refuses bad requests clearly and changes nothing (real app, no guests)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from qmotion.agent.app import create_app
+from qmotion.agent.config import AgentConfig, DatastoreConfig
+
+TOKEN = "t" * 32
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[TestClient]:
+    store = tmp_path / "store"
+    store.mkdir()
+    config = AgentConfig(
+        name="h9",
+        state_dir=tmp_path / "state",
+        token=TOKEN,
+        run_dir=tmp_path / "run",
+        accel="tcg",
+        datastores=(DatastoreConfig("shared", store, True),),
+    )
+    config.state_dir.mkdir()
+    with TestClient(create_app(config)) as client:
+        client.headers["Authorization"] = f"Bearer {TOKEN}"
+        yield client
+
+
+def spec(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"name": "vm1", "memory": "256M"}
+    base.update(over)
+    return base
+
+
+def test_no_token_is_refused(agent: TestClient) -> None:
+    resp = agent.get("/v1/vms", headers={"Authorization": ""})
+    assert resp.status_code == 401
+    assert resp.json()["error"]["code"] == "unauthorized"
+    resp = agent.get("/v1/vms", headers={"Authorization": "Bearer wrong"})
+    assert resp.status_code == 401
+
+
+def test_unknown_field_names_the_field(agent: TestClient) -> None:
+    resp = agent.post("/v1/vms", json=spec(memroy="1G"))
+    assert resp.status_code == 422
+    assert resp.json()["error"]["field"] == "memroy"
+    assert agent.get("/v1/vms").json() == []
+
+
+def test_memory_not_a_size(agent: TestClient) -> None:
+    resp = agent.post("/v1/vms", json=spec(memory="plenty"))
+    assert resp.status_code == 422
+    err = resp.json()["error"]
+    assert err["field"] == "memory"
+    assert "plenty" in err["message"]
+
+
+def test_missing_disk_image(agent: TestClient) -> None:
+    resp = agent.post("/v1/vms", json=spec(disks=[{"datastore": "shared", "path": "no.qcow2"}]))
+    assert resp.status_code == 422
+    err = resp.json()["error"]
+    assert err["field"] == "disks[0].path"
+    assert "not found" in err["message"]
+    assert agent.get("/v1/vms").json() == []
+
+
+def test_unknown_datastore(agent: TestClient) -> None:
+    resp = agent.post("/v1/vms", json=spec(disks=[{"datastore": "nfs9", "path": "a.qcow2"}]))
+    assert resp.status_code == 422
+    assert resp.json()["error"]["field"] == "disks[0].datastore"
+
+
+def test_missing_bridge(agent: TestClient) -> None:
+    resp = agent.post("/v1/vms", json=spec(nics=[{"mac": "52:54:00:00:00:09", "bridge": "nobr0"}]))
+    assert resp.status_code == 422
+    assert resp.json()["error"]["field"] == "nics[0].bridge"
+
+
+def test_unsupported_cpu_model_and_machine(agent: TestClient) -> None:
+    resp = agent.post("/v1/vms", json=spec(cpu_model="Pentium9000"))
+    assert resp.status_code == 422
+    assert resp.json()["error"]["field"] == "cpu_model"
+    resp = agent.post("/v1/vms", json=spec(machine="pc-i440fx-0.1"))
+    assert resp.status_code == 422
+    assert resp.json()["error"]["field"] == "machine"
+
+
+def test_missing_kernel_image(agent: TestClient) -> None:
+    resp = agent.post("/v1/vms", json=spec(boot={"kind": "kernel", "kernel": "/nope/vmlinuz"}))
+    assert resp.status_code == 422
+    assert resp.json()["error"]["field"] == "boot.kernel"
+
+
+def test_unknown_vm(agent: TestClient) -> None:
+    for method, path in [
+        ("GET", "/v1/vms/ghost"),
+        ("POST", "/v1/vms/ghost/start"),
+        ("POST", "/v1/vms/ghost/stop"),
+        ("DELETE", "/v1/vms/ghost"),
+    ]:
+        resp = agent.request(method, path)
+        assert resp.status_code == 404, path
+        assert resp.json()["error"] == {
+            "code": "vm_not_found",
+            "message": "no VM named 'ghost' on this host",
+            "vm": "ghost",
+            "host": "h9",
+            "field": None,
+            "qmp_class": None,
+        }
+
+
+def test_define_twice_conflicts_and_stop_of_stopped_vm(agent: TestClient) -> None:
+    assert agent.post("/v1/vms", json=spec()).status_code == 201
+    resp = agent.post("/v1/vms", json=spec())
+    assert resp.status_code == 409
+    assert resp.json()["error"]["field"] == "name"
+    resp = agent.post("/v1/vms/vm1/stop")
+    assert resp.status_code == 409
+    assert agent.get("/v1/vms/vm1").json()["state"] == "stopped"
+
+
+def test_definition_survives_agent_restart(tmp_path: Path) -> None:
+    config = AgentConfig(
+        name="h9", state_dir=tmp_path / "s", token=TOKEN, run_dir=tmp_path / "r", accel="tcg"
+    )
+    config.state_dir.mkdir()
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with TestClient(create_app(config)) as c:
+        assert c.post("/v1/vms", json=spec(), headers=headers).status_code == 201
+    with TestClient(create_app(config)) as c:
+        names = [v["name"] for v in c.get("/v1/vms", headers=headers).json()]
+    assert names == ["vm1"]
+
+
+def test_openapi_published(agent: TestClient) -> None:
+    paths = agent.get("/openapi.json").json()["paths"]
+    assert "/v1/vms/{name}/start" in paths
