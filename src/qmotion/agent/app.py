@@ -18,9 +18,17 @@ from qmotion import __version__
 from qmotion.agent.config import AgentConfig
 from qmotion.agent.errors import AgentError
 from qmotion.agent.facts import MetricsSampler, host_facts
+from qmotion.agent.migrate import Migrations
 from qmotion.agent.vms import VmManager
 from qmotion.api.errors import ErrorBody, ErrorDetail
 from qmotion.api.host import AccelInfo, HostFacts, HostMetrics
+from qmotion.api.migration import (
+    IncomingRequest,
+    IncomingResponse,
+    MigrationStats,
+    OutgoingRequest,
+    SteerRequest,
+)
 from qmotion.api.vm import StopRequest, VmInfo, VmSpec
 from qmotion.hypervisor.accel import choose_accel
 from qmotion.image import ensure_image
@@ -36,6 +44,7 @@ class AgentState:
         self.config = config
         self._accel_task: asyncio.Task[AccelInfo] | None = None
         self.vms = VmManager(config, self.accel)
+        self.migrations = Migrations(self.vms)
         self.sampler = MetricsSampler()
 
     async def accel(self) -> AccelInfo:
@@ -175,6 +184,42 @@ def create_app(config: AgentConfig) -> FastAPI:
         name: str, tail_bytes: Annotated[int, Query(ge=1, le=16 << 20)] = 65536
     ) -> str:
         return state.vms.console(name, tail_bytes)
+
+    @app.post("/v1/migrations/incoming", response_model=IncomingResponse, dependencies=auth)
+    async def incoming(req: IncomingRequest) -> IncomingResponse:
+        return await state.migrations.incoming(req)
+
+    @app.post("/v1/vms/{name}/migration", response_model=MigrationStats, dependencies=auth)
+    async def migrate(name: str, req: OutgoingRequest) -> MigrationStats:
+        return await state.migrations.outgoing(name, req)
+
+    @app.get("/v1/vms/{name}/migration", response_model=MigrationStats, dependencies=auth)
+    async def migration_stats(
+        name: str,
+        wait_ms: Annotated[int, Query(ge=0, le=30_000)] = 0,
+        known_status: str | None = None,
+    ) -> MigrationStats:
+        return await state.migrations.stats(name, wait_ms, known_status)
+
+    @app.post("/v1/vms/{name}/migration/cancel", response_model=MigrationStats, dependencies=auth)
+    async def migration_cancel(name: str) -> MigrationStats:
+        return await state.migrations.cancel(name)
+
+    @app.post("/v1/vms/{name}/steer", dependencies=auth)
+    async def steer(name: str, req: SteerRequest) -> dict[str, float]:
+        return {"ms": await state.migrations.steer(name, req)}
+
+    @app.post("/v1/vms/{name}/release", status_code=204, dependencies=auth)
+    async def release(name: str) -> None:
+        await state.migrations.release(name)
+
+    @app.post("/v1/vms/{name}/resume", dependencies=auth)
+    async def resume(name: str) -> dict[str, str]:
+        return {"qemu_status": await state.migrations.resume(name)}
+
+    @app.post("/v1/vms/{name}/announce", status_code=204, dependencies=auth)
+    async def announce(name: str) -> None:
+        await state.migrations.announce(name)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -160,6 +160,9 @@ class VmManager:
             raise VmNotFound(name)
         return spec
 
+    def runtime(self, name: str) -> Runtime | None:
+        return self._runtime.get(name)
+
     def monitor(self, name: str) -> Monitor:
         mon = self._monitors.get(name)
         if mon is None:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from qmotion.api.host import HostFacts, HostMetrics
+from qmotion.api.migration import (
+    IncomingRequest,
+    IncomingResponse,
+    MigrationStats,
+    OutgoingRequest,
+)
 from qmotion.api.vm import StopRequest, VmInfo, VmSpec
 from qmotion.client.base import BaseClient, dump
 
@@ -37,3 +43,29 @@ class AgentClient(BaseClient):
         return self.request(
             "GET", f"/v1/vms/{name}/console", params={"tail_bytes": tail_bytes}
         ).text
+
+    def incoming(self, req: IncomingRequest) -> IncomingResponse:
+        return self.call(IncomingResponse, "POST", "/v1/migrations/incoming", json=dump(req))
+
+    def migrate(self, name: str, req: OutgoingRequest) -> MigrationStats:
+        return self.call(MigrationStats, "POST", f"/v1/vms/{name}/migration", json=dump(req))
+
+    def migration(
+        self, name: str, *, wait_ms: int = 0, known_status: str | None = None
+    ) -> MigrationStats:
+        params: dict[str, str | int] = {"wait_ms": wait_ms}
+        if known_status is not None:
+            params["known_status"] = known_status
+        return self.call(MigrationStats, "GET", f"/v1/vms/{name}/migration", params=params)
+
+    def cancel_migration(self, name: str) -> MigrationStats:
+        return self.call(MigrationStats, "POST", f"/v1/vms/{name}/migration/cancel")
+
+    def release(self, name: str) -> None:
+        self.request("POST", f"/v1/vms/{name}/release")
+
+    def resume(self, name: str) -> str:
+        return str(self.request("POST", f"/v1/vms/{name}/resume").json()["qemu_status"])
+
+    def announce(self, name: str) -> None:
+        self.request("POST", f"/v1/vms/{name}/announce")

@@ -236,6 +236,7 @@ static void *mem_workload(void *unused) {
     M.cursor = 0;
     M.filled = 1;
     M.fill_seconds = now_s() - t0;
+    pthread_cond_broadcast(&M.cond);
     pthread_mutex_unlock(&M.lock);
     console("QM mem: filled %llu MiB in %.2f s, dirtying %.1f MiB/s",
             (unsigned long long)(M.npages / 256), M.fill_seconds, M.dirty_mib_s);
@@ -299,7 +300,9 @@ static void mem_inject(char *out, size_t n, const char *what) {
 
 static void mem_status(char *out, size_t n, int do_check) {
     pthread_mutex_lock(&M.lock);
-    if (do_check && M.filled) {
+    if (do_check) {
+        /* A check asked for during the initial fill waits for the fill to finish. */
+        while (!M.filled) pthread_cond_wait(&M.cond, &M.lock);
         uint64_t want = ++M.check_requested;
         pthread_cond_broadcast(&M.cond);
         while (M.check_done < want) pthread_cond_wait(&M.cond, &M.lock);

@@ -1,0 +1,181 @@
+"""Late-frame forwarding: frames that reach the source after the VM stopped are not lost.
+
+Where the TCP blackout of a plain QEMU migration comes from (measured in the lab): the source
+pauses at switchover; a client's segment that arrives at the source tap in the few milliseconds
+before the network learns the VM's new location waits in the tap queue of a guest that never
+runs again, and is dropped when the source exits. The client's TCP retransmits only after its
+RTO (at least 200 ms on Linux; a tail-loss probe with one segment in flight also waits 200 ms),
+which is the ~230 ms gap. Downtime itself is only ~10-30 ms.
+
+So during a migration the source mirrors every frame sent to the VM's tap (tc mirred on the
+tap's egress) into a capture veth. When QEMU reports the VM stopped, the frames captured since
+then are replayed onto the bridge as soon as the bridge has learned that the VM's MAC lives
+behind the uplink (the destination's steering or its RARP), and later stragglers are forwarded
+the same way for a short while. A replayed frame the guest had already consumed is a duplicate,
+which TCP discards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import subprocess
+import threading
+import time
+from collections import deque
+
+from pyroute2 import IPRoute
+
+log = logging.getLogger(__name__)
+SOL_PACKET = 263
+PACKET_VNET_HDR = 15
+ETH_P_ALL = 0x0003
+VNET_HDR_LEN = 10  # struct virtio_net_hdr precedes each frame on a PACKET_VNET_HDR socket
+KEEP_S = 2.0  # captured frames older than this cannot matter any more
+MARGIN_S = 0.003  # replay from slightly before the stop: a duplicate costs nothing
+FORWARD_FOR_S = 1.0  # after the first replay, keep forwarding stragglers this long
+
+
+def _tc(*args: str) -> None:
+    proc = subprocess.run(["tc", *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise OSError(f"tc {' '.join(args)}: {proc.stderr.strip()}")
+
+
+def _packet_socket(ifname: str) -> socket.socket:
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    # Keep GSO frames and partial checksums intact on their way through userspace.
+    s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+    s.bind((ifname, 0))
+    return s
+
+
+class LateFrameForwarder:
+    """One per migrating NIC, on the source host; a daemon thread does the work."""
+
+    def __init__(self, tap: str, bridge: str, mac: str, tag: str) -> None:
+        self.tap, self.bridge, self.mac = tap, bridge, mac.lower()
+        self._mac_bytes = bytes.fromhex(self.mac.replace(":", ""))
+        self.cap_a, self.cap_b = f"qf{tag}a", f"qf{tag}b"
+        self._frames: deque[tuple[float, bytes]] = deque()
+        self._stopped_at: float | None = None
+        self._release = threading.Event()
+        self._done = threading.Event()
+        self.replayed = 0
+        self.forwarded = 0
+        self._thread: threading.Thread | None = None
+        self._rx: socket.socket | None = None
+
+    def start(self) -> None:
+        with IPRoute() as ip:
+            ip.link("add", ifname=self.cap_a, kind="veth", peer={"ifname": self.cap_b})
+            for name in (self.cap_a, self.cap_b):
+                (idx,) = ip.link_lookup(ifname=name)
+                ip.link("set", index=idx, state="up")
+        try:
+            self._rx = _packet_socket(self.cap_b)
+            # Short: a release must turn into replayed frames within a few milliseconds.
+            self._rx.settimeout(0.002)
+            _tc("qdisc", "replace", "dev", self.tap, "clsact")
+            _tc(
+                "filter",
+                "add",
+                "dev",
+                self.tap,
+                "egress",
+                "protocol",
+                "all",
+                "u32",
+                "match",
+                "u32",
+                "0",
+                "0",
+                "action",
+                "mirred",
+                "egress",
+                "mirror",
+                "dev",
+                self.cap_a,
+            )
+        except BaseException:
+            self.close()
+            raise
+        self._thread = threading.Thread(target=self._run, name=f"fwd-{self.tap}", daemon=True)
+        self._thread.start()
+
+    def vm_stopped(self, wall_time: float) -> None:
+        """QEMU's STOP event time (wall clock): frames captured after it were never consumed."""
+        self._stopped_at = wall_time
+
+    def release(self) -> None:
+        """The destination has been told to take the traffic: start replaying."""
+        self._release.set()
+
+    def _bridge_points_away(self, ip: IPRoute, tap_index: int) -> bool:
+        for entry in ip.fdb("dump", lladdr=self.mac):
+            if entry.get_attr("NDA_LLADDR") == self.mac and entry["ifindex"] == tap_index:
+                return False
+        return True
+
+    def _run(self) -> None:
+        assert self._rx is not None
+        tx: socket.socket | None = None
+        deadline: float | None = None
+        bridge_mac = b""
+        with IPRoute() as ip:
+            tap_index = (ip.link_lookup(ifname=self.tap) or [0])[0]
+            while not self._done.is_set():
+                with contextlib.suppress(TimeoutError, OSError):
+                    frame = self._rx.recv(70000)
+                    # Only frames addressed to the VM itself: replaying a broadcast would
+                    # flood it back into the tap and round again.
+                    if frame[VNET_HDR_LEN : VNET_HDR_LEN + 6] == self._mac_bytes:
+                        self._frames.append((time.time(), frame))
+                now = time.time()
+                while self._frames and self._frames[0][0] < now - KEEP_S:
+                    self._frames.popleft()
+                if not self._release.is_set() or self._stopped_at is None:
+                    continue
+                # Replaying while the bridge still sends the MAC to the tap would loop frames.
+                if tx is None:
+                    if not self._bridge_points_away(ip, tap_index):
+                        continue
+                    tx = _packet_socket(self.bridge)
+                    (br_index,) = ip.link_lookup(ifname=self.bridge)
+                    link = ip.get_links(br_index)[0]
+                    bridge_mac = bytes.fromhex(str(link.get_attr("IFLA_ADDRESS")).replace(":", ""))
+                    deadline = time.monotonic() + FORWARD_FOR_S
+                cutoff = self._stopped_at - MARGIN_S
+                while self._frames:
+                    t, frame = self._frames.popleft()
+                    if t >= cutoff:
+                        # The client's source MAC, sent from here, would teach the switches
+                        # that the client lives behind this host; use the bridge's own MAC.
+                        # The guest's IP stack does not look at a frame's source MAC.
+                        src = VNET_HDR_LEN + 6
+                        frame = frame[:src] + bridge_mac + frame[src + 6 :]
+                        with contextlib.suppress(OSError):
+                            tx.send(frame)
+                            self.forwarded += 1
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+        if tx is not None:
+            tx.close()
+
+    def close(self) -> None:
+        """Remove the mirror and the capture veth; safe to call more than once."""
+        self._done.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2)
+        with contextlib.suppress(OSError):
+            _tc("qdisc", "del", "dev", self.tap, "clsact")
+        if self._rx is not None:
+            self._rx.close()
+            self._rx = None
+        with IPRoute() as ip:
+            for idx in ip.link_lookup(ifname=self.cap_a):
+                with contextlib.suppress(Exception):
+                    ip.link("del", index=idx)
+        if self.forwarded:
+            log.info("forwarded %d late frames for %s", self.forwarded, self.mac)

@@ -1,0 +1,382 @@
+"""The agent's half of a live migration: incoming on the destination, outgoing on the source.
+
+The manager drives the sequence; the agent does what must be fast or local: it watches QMP
+events, and at switchover (``pause-before-switchover``) it calls the destination agent directly
+to steer the network, then lets QEMU continue, so the pause costs one LAN round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import httpx
+
+from qmotion.agent.errors import Conflict, OperationFailed
+from qmotion.agent.forwarder import FORWARD_FOR_S, LateFrameForwarder
+from qmotion.agent.steer import Steerer
+from qmotion.agent.vms import VmManager
+from qmotion.api.migration import (
+    IncomingRequest,
+    IncomingResponse,
+    MigrationParams,
+    MigrationStats,
+    OutgoingRequest,
+    PeerRef,
+    SteerRequest,
+)
+from qmotion.hypervisor import process
+from qmotion.hypervisor.errors import HypervisorError
+from qmotion.hypervisor.monitor import Monitor
+from qmotion.hypervisor.qemu import tap_name
+
+log = logging.getLogger(__name__)
+FINISHED = ("completed", "failed", "cancelled")
+T = TypeVar("T")
+
+
+@dataclass
+class Outgoing:
+    started_at: float
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    status: str = "setup"
+    steer_ms: float | None = None
+    steer_error: str | None = None
+    task: asyncio.Task[None] | None = None
+    events: list[tuple[str, float]] = field(default_factory=list)
+
+
+def _capabilities(params: MigrationParams, *, source: bool) -> list[dict[str, Any]]:
+    caps = {
+        "events": True,
+        "multifd": params.multifd_channels > 0,
+        "pause-before-switchover": source and params.pause_before_switchover,
+    }
+    return [{"capability": k, "state": v} for k, v in caps.items()]
+
+
+def _parameters(params: MigrationParams) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "max-bandwidth": params.max_bandwidth,
+        "downtime-limit": params.downtime_limit_ms,
+    }
+    if params.multifd_channels > 0:
+        out["multifd-channels"] = params.multifd_channels
+    return out
+
+
+class Migrations:
+    def __init__(self, vms: VmManager) -> None:
+        self.vms = vms
+        self._outgoing: dict[str, Outgoing] = {}
+        self._steerers: dict[str, Steerer] = {}
+        self._incoming_watch: dict[str, asyncio.Task[None]] = {}
+        self._incoming_events: dict[str, list[tuple[str, float]]] = {}
+        # pyroute2's sync API runs its own event loop: it must stay off the agent's loop
+        # thread, and a Steerer is used from the thread that built it.
+        self._netlink = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steer")
+
+    async def _in_netlink_thread(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._netlink, fn)
+
+    # ------------------------------------------------------------------ destination
+
+    async def incoming(self, req: IncomingRequest) -> IncomingResponse:
+        """Define the VM here and start QEMU waiting for the stream; returns where to send it."""
+        spec = req.spec
+        address = self.vms.config.address
+        if not address:
+            raise OperationFailed("this agent has no address to receive migrations on")
+        await self.vms.define(spec)
+        try:
+            await self.vms.start(spec.name, incoming="defer")
+            mon = self.vms.monitor(spec.name)
+            await mon.execute(
+                "migrate-set-capabilities",
+                {"capabilities": _capabilities(req.params, source=False)},
+            )
+            await mon.execute("migrate-set-parameters", _parameters(req.params))
+            self._incoming_watch[spec.name] = asyncio.create_task(
+                self._watch_incoming(spec.name, mon), name=f"incoming-{spec.name}"
+            )
+            await mon.execute("migrate-incoming", {"uri": f"tcp:{address}:0"})
+            info = await mon.execute("query-migrate")
+            port = info["socket-address"][0]["port"]
+            await self._drop_steerer(spec.name)
+            self._steerers[spec.name] = await self._in_netlink_thread(
+                lambda: Steerer(
+                    [n.mac for n in spec.nics],
+                    [tap_name(spec, i) for i in range(len(spec.nics))],
+                    [n.bridge for n in spec.nics],
+                )
+            )
+        except (HypervisorError, KeyError, IndexError, OperationFailed, OSError) as exc:
+            await self._drop_steerer(spec.name)
+            await self.vms.delete(spec.name, force=True)
+            raise OperationFailed(
+                f"preparing incoming migration of {spec.name} failed: {exc}; "
+                "the destination was removed",
+                vm=spec.name,
+                qmp_class=getattr(exc, "qmp_class", None),
+            ) from exc
+        return IncomingResponse(uri=f"tcp:{address}:{port}")
+
+    async def _watch_incoming(self, name: str, mon: Monitor) -> None:
+        """Record when the destination really resumes: the source's figures end earlier."""
+        events: list[tuple[str, float]] = []
+        self._incoming_events[name] = events
+        with contextlib.suppress(HypervisorError), mon.listen("MIGRATION", "RESUME") as listener:
+            async for event in listener:
+                if event["event"] == "RESUME":
+                    events.append(("resumed", time.monotonic()))
+                    return
+                data = event["data"]
+                assert isinstance(data, dict)
+                events.append((str(data["status"]), time.monotonic()))
+                if data["status"] in ("failed", "cancelled"):
+                    return
+
+    async def _drop_steerer(self, name: str) -> None:
+        steerer = self._steerers.pop(name, None)
+        if steerer is not None:
+            await self._in_netlink_thread(steerer.close)
+
+    async def steer(self, name: str, req: SteerRequest) -> float:
+        """Point the network at this host's taps for the incoming VM; returns milliseconds."""
+        start = time.monotonic()
+        spec = self.vms.spec(name)
+        if sorted(n.mac for n in spec.nics) != sorted(m.lower() for m in req.mac):
+            raise Conflict(f"MACs {req.mac} are not those of VM {name}", vm=name, field="mac")
+        steerer = self._steerers.pop(name, None)
+        if steerer is None:
+            raise Conflict(f"VM {name} has no incoming migration here to steer to", vm=name)
+
+        def fire_and_close() -> None:
+            try:
+                steerer.fire()
+            finally:
+                steerer.close()
+
+        await self._in_netlink_thread(fire_and_close)
+        return (time.monotonic() - start) * 1000
+
+    # ------------------------------------------------------------------ source
+
+    async def outgoing(self, name: str, req: OutgoingRequest) -> MigrationStats:
+        """Start sending the VM to ``req.uri``; returns at once, a watcher follows QMP events."""
+        mon = self.vms.monitor(name)
+        current = self._outgoing.get(name)
+        if current is not None and current.status not in FINISHED:
+            raise Conflict(f"VM {name} is already migrating", vm=name)
+        status = await mon.status()
+        if status not in ("running", "paused"):
+            raise Conflict(f"VM {name} cannot migrate while {status}", vm=name)
+        await mon.execute(
+            "migrate-set-capabilities", {"capabilities": _capabilities(req.params, source=True)}
+        )
+        await mon.execute("migrate-set-parameters", _parameters(req.params))
+        out = Outgoing(started_at=time.monotonic())
+        self._outgoing[name] = out
+        peer_client = await self._peer_client(req.peer) if req.params.steer else None
+        ready = asyncio.get_running_loop().create_future()
+        out.task = asyncio.create_task(
+            self._watch(name, mon, req, out, peer_client, ready), name=f"migrate-{name}"
+        )
+        await ready  # the watcher has subscribed and issued migrate (or failed to)
+        return await self.stats(name, 0, None)
+
+    async def _peer_client(self, peer: PeerRef | None) -> httpx.AsyncClient | None:
+        if peer is None:
+            return None
+        client = httpx.AsyncClient(
+            base_url=peer.url, headers={"Authorization": f"Bearer {peer.token}"}, timeout=2.0
+        )
+        # Open the connection now so the switchover pays no TCP handshake.
+        with contextlib.suppress(httpx.HTTPError):
+            await client.get("/healthz")
+        return client
+
+    async def _watch(
+        self,
+        name: str,
+        mon: Monitor,
+        req: OutgoingRequest,
+        out: Outgoing,
+        peer_client: httpx.AsyncClient | None,
+        ready: asyncio.Future[None],
+    ) -> None:
+        forwarders = await self._start_forwarders(name)
+        steering: asyncio.Task[None] | None = None
+        try:
+            with mon.listen("MIGRATION", "STOP") as listener:
+                try:
+                    await mon.execute("migrate", {"uri": req.uri})
+                except HypervisorError as exc:
+                    out.status = "failed"
+                    ready.set_exception(exc)
+                    return
+                ready.set_result(None)
+                async for event in listener:
+                    if event["event"] == "STOP":
+                        # Switchover begins: the guest consumes nothing more here.
+                        ts = event["timestamp"]
+                        assert isinstance(ts, dict)
+                        stopped = ts["seconds"] + ts["microseconds"] / 1e6
+                        out.events.append(("stopped", time.monotonic()))
+                        for fw in forwarders:
+                            fw.vm_stopped(stopped)
+                        if steering is None:
+                            steering = asyncio.create_task(
+                                self._steer_peer(name, req, out, peer_client, forwarders)
+                            )
+                        continue
+                    data = event["data"]
+                    assert isinstance(data, dict)
+                    out.status = str(data["status"])
+                    out.events.append((out.status, time.monotonic()))
+                    out.changed.set()
+                    out.changed = asyncio.Event()
+                    if out.status == "pre-switchover":
+                        await mon.execute("migrate-continue", {"state": "pre-switchover"})
+                    if out.status in FINISHED:
+                        return
+        except HypervisorError as exc:
+            log.error("lost the monitor of %s during migration: %s", name, exc)
+            out.status = "failed"
+        finally:
+            out.changed.set()
+            if steering is not None:
+                with contextlib.suppress(Exception):
+                    await steering
+            if peer_client is not None:
+                await peer_client.aclose()
+            # After success the forwarders keep passing stragglers on for a moment.
+            linger = FORWARD_FOR_S + 0.5 if out.status == "completed" else 0.0
+            asyncio.get_running_loop().call_later(
+                linger, lambda: asyncio.ensure_future(self._close_forwarders(forwarders))
+            )
+
+    async def _start_forwarders(self, name: str) -> list[LateFrameForwarder]:
+        spec = self.vms.spec(name)
+        forwarders = []
+        for i, nic in enumerate(spec.nics):
+            fw = LateFrameForwarder(
+                tap_name(spec, i), nic.bridge, nic.mac, f"{spec.uuid.hex[:8]}{i}"
+            )
+            try:
+                await asyncio.to_thread(fw.start)
+                forwarders.append(fw)
+            except OSError as exc:
+                # Without it the migration still works; a late frame may cost a TCP RTO.
+                log.warning("no late-frame forwarding for %s: %s", name, exc)
+        return forwarders
+
+    async def _close_forwarders(self, forwarders: list[LateFrameForwarder]) -> None:
+        for fw in forwarders:
+            await asyncio.to_thread(fw.close)
+
+    async def _steer_peer(
+        self,
+        name: str,
+        req: OutgoingRequest,
+        out: Outgoing,
+        peer_client: httpx.AsyncClient | None,
+        forwarders: list[LateFrameForwarder],
+    ) -> None:
+        """Ask the destination to take the VM's traffic now, then replay late frames to it."""
+        start = time.monotonic()
+        try:
+            if peer_client is not None and req.peer is not None:
+                macs = [n.mac for n in self.vms.spec(name).nics]
+                if macs:
+                    try:
+                        resp = await peer_client.post(
+                            f"/v1/vms/{req.peer.vm}/steer", json={"mac": macs}
+                        )
+                        if resp.status_code >= 400:
+                            out.steer_error = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                    except httpx.HTTPError as exc:
+                        # QEMU's own announce still follows the destination's resume.
+                        out.steer_error = str(exc) or type(exc).__name__
+            out.steer_ms = (time.monotonic() - start) * 1000
+        finally:
+            for fw in forwarders:
+                fw.release()
+
+    async def stats(self, name: str, wait_ms: int, known: str | None) -> MigrationStats:
+        """Migration progress; with ``wait_ms``, first wait for a status other than ``known``."""
+        mon = self.vms.monitor(name)
+        out = self._outgoing.get(name)
+        if out is not None and wait_ms > 0 and out.status == known and known not in FINISHED:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(out.changed.wait(), wait_ms / 1000)
+        stats = MigrationStats.from_qmp(await mon.execute("query-migrate"))
+        incoming = self._incoming_events.get(name)
+        if incoming is not None:
+            stats.events = [(status, t * 1000) for status, t in incoming]
+        if out is not None:
+            stats.steer_ms = out.steer_ms
+            stats.steer_error = out.steer_error
+            stats.started_at_ms = out.started_at * 1000
+            stats.events = [(status, t * 1000) for status, t in out.events]
+        return stats
+
+    async def cancel(self, name: str) -> MigrationStats:
+        mon = self.vms.monitor(name)
+        await mon.execute("migrate_cancel")
+        return await self.stats(name, 0, None)
+
+    async def release(self, name: str) -> None:
+        """After a completed migration, end the source's QEMU and forget the VM here.
+
+        Refused unless QEMU says the VM moved away (postmigrate): never end the only copy.
+        """
+        async with self.vms.locked(name) as spec:
+            mon = self.vms.monitor(name)
+            status = await mon.status()
+            if status != "postmigrate":
+                raise Conflict(
+                    f"VM {name} is {status} here, not migrated away; refusing to release it",
+                    vm=name,
+                )
+            rt = self.vms.runtime(name)
+            with contextlib.suppress(HypervisorError):
+                await mon.execute("quit")
+            if rt is not None:
+                await asyncio.to_thread(process.wait_gone, rt.pid, spec.uuid, 5.0)
+                await asyncio.to_thread(process.kill, rt.pid, spec.uuid)
+        self._outgoing.pop(name, None)
+        await self.vms.delete(name, force=True)
+
+    async def resume(self, name: str) -> str:
+        """Resume a source left paused by a failed switchover; returns QEMU's status."""
+        mon = self.vms.monitor(name)
+        migration = await mon.execute("query-migrate")
+        if migration.get("status") == "completed":
+            raise Conflict(
+                f"VM {name} completed its migration away; it runs elsewhere now", vm=name
+            )
+        status = await mon.status()
+        if status in ("paused", "postmigrate", "finish-migrate"):
+            await mon.execute("cont")
+            status = await mon.status()
+        return status
+
+    async def announce(self, name: str) -> None:
+        """QEMU's own announce (RARP from every NIC), for a VM running here."""
+        mon = self.vms.monitor(name)
+        await mon.execute(
+            "announce-self",
+            {
+                "initial": 50,
+                "max": 550,
+                "rounds": 5,
+                "step": 100,
+            },
+        )

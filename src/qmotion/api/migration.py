@@ -1,0 +1,99 @@
+"""Wire models of live migration between agents: parameters, requests and progress."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from qmotion.api.vm import StrictModel, VmSpec
+
+UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s: QEMU's default cap is 128 MiB/s; this lifts it
+
+
+class MigrationParams(StrictModel):
+    """What QEMU is told on both sides. Defaults are chosen from measurement (see migration/)."""
+
+    max_bandwidth: int = Field(default=UNLIMITED_BANDWIDTH, gt=0, description="bytes/s")
+    downtime_limit_ms: int = Field(default=20, ge=1, le=60_000)
+    multifd_channels: int = Field(default=0, ge=0, le=16, description="0: one classic stream")
+    pause_before_switchover: bool = False
+    steer: bool = True
+
+
+class PeerRef(StrictModel):
+    """How the source agent reaches the destination agent at switchover, directly."""
+
+    url: str
+    token: str
+    vm: str
+
+
+class IncomingRequest(StrictModel):
+    spec: VmSpec
+    params: MigrationParams = Field(default_factory=MigrationParams)
+
+
+class IncomingResponse(BaseModel):
+    uri: str
+
+
+class OutgoingRequest(StrictModel):
+    uri: str
+    params: MigrationParams = Field(default_factory=MigrationParams)
+    peer: PeerRef | None = None
+
+
+class MigrationStats(BaseModel):
+    """QEMU's query-migrate, flattened, plus what the agent saw happen at switchover."""
+
+    status: str
+    total_time_ms: int | None = None
+    setup_time_ms: int | None = None
+    downtime_ms: int | None = None
+    expected_downtime_ms: int | None = None
+    transferred: int = 0
+    remaining: int = 0
+    total: int = 0
+    mbps: float = 0.0
+    dirty_pages_rate: int = 0
+    page_size: int = 4096
+    passes: int = 0
+    error: str | None = None
+    steer_ms: float | None = None
+    steer_error: str | None = None
+    events: list[tuple[str, float]] = Field(
+        default_factory=list, description="status changes, agent monotonic clock in ms"
+    )
+    started_at_ms: float | None = Field(
+        default=None, description="agent monotonic clock when migrate was issued"
+    )
+
+    @classmethod
+    def from_qmp(cls, q: dict[str, Any]) -> MigrationStats:
+        ram = q.get("ram", {})
+        return cls(
+            status=q.get("status", "none"),
+            total_time_ms=q.get("total-time"),
+            setup_time_ms=q.get("setup-time"),
+            downtime_ms=q.get("downtime"),
+            expected_downtime_ms=q.get("expected-downtime"),
+            transferred=ram.get("transferred", 0),
+            remaining=ram.get("remaining", 0),
+            total=ram.get("total", 0),
+            mbps=ram.get("mbps", 0.0),
+            dirty_pages_rate=ram.get("dirty-pages-rate", 0),
+            page_size=ram.get("page-size", 4096),
+            passes=ram.get("dirty-sync-count", 0),
+            error=q.get("error-desc"),
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("completed", "failed", "cancelled")
+
+
+class SteerRequest(StrictModel):
+    """Point the network at this host for a VM whose incoming migration is switching over."""
+
+    mac: list[str] = Field(min_length=1)
