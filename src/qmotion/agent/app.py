@@ -214,8 +214,8 @@ def create_app(config: AgentConfig) -> FastAPI:
         await state.migrations.release(name)
 
     @app.post("/v1/vms/{name}/resume", dependencies=auth)
-    async def resume(name: str) -> dict[str, str]:
-        return {"qemu_status": await state.migrations.resume(name)}
+    async def resume(name: str, after_failed_switchover: bool = False) -> dict[str, str]:
+        return {"qemu_status": await state.migrations.resume(name, after_failed_switchover)}
 
     @app.post("/v1/vms/{name}/announce", status_code=204, dependencies=auth)
     async def announce(name: str) -> None:

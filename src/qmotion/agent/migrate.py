@@ -75,7 +75,7 @@ class Migrations:
     def __init__(self, vms: VmManager) -> None:
         self.vms = vms
         self._outgoing: dict[str, Outgoing] = {}
-        self._steerers: dict[str, Steerer] = {}
+        self._steerers: dict[str, asyncio.Future[Steerer]] = {}
         self._incoming_watch: dict[str, asyncio.Task[None]] = {}
         self._incoming_events: dict[str, list[tuple[str, float]]] = {}
         # pyroute2's sync API runs its own event loop: it must stay off the agent's loop
@@ -108,16 +108,7 @@ class Migrations:
             await mon.execute("migrate-incoming", {"uri": f"tcp:{address}:0"})
             info = await mon.execute("query-migrate")
             port = info["socket-address"][0]["port"]
-            await self._drop_steerer(spec.name)
-            self._steerers[spec.name] = await self._in_netlink_thread(
-                lambda: Steerer(
-                    [n.mac for n in spec.nics],
-                    [tap_name(spec, i) for i in range(len(spec.nics))],
-                    [n.bridge for n in spec.nics],
-                )
-            )
         except (HypervisorError, KeyError, IndexError, OperationFailed, OSError) as exc:
-            await self._drop_steerer(spec.name)
             await self.vms.delete(spec.name, force=True)
             raise OperationFailed(
                 f"preparing incoming migration of {spec.name} failed: {exc}; "
@@ -125,6 +116,17 @@ class Migrations:
                 vm=spec.name,
                 qmp_class=getattr(exc, "qmp_class", None),
             ) from exc
+        # Steering is needed only at switchover: get it ready after answering.
+        await self._drop_steerer(spec.name)
+        self._steerers[spec.name] = asyncio.ensure_future(
+            self._in_netlink_thread(
+                lambda: Steerer(
+                    [n.mac for n in spec.nics],
+                    [tap_name(spec, i) for i in range(len(spec.nics))],
+                    [n.bridge for n in spec.nics],
+                )
+            )
+        )
         return IncomingResponse(uri=f"tcp:{address}:{port}")
 
     async def _watch_incoming(self, name: str, mon: Monitor) -> None:
@@ -143,9 +145,10 @@ class Migrations:
                     return
 
     async def _drop_steerer(self, name: str) -> None:
-        steerer = self._steerers.pop(name, None)
-        if steerer is not None:
-            await self._in_netlink_thread(steerer.close)
+        pending = self._steerers.pop(name, None)
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                await self._in_netlink_thread((await pending).close)
 
     async def steer(self, name: str, req: SteerRequest) -> float:
         """Point the network at this host's taps for the incoming VM; returns milliseconds."""
@@ -153,9 +156,13 @@ class Migrations:
         spec = self.vms.spec(name)
         if sorted(n.mac for n in spec.nics) != sorted(m.lower() for m in req.mac):
             raise Conflict(f"MACs {req.mac} are not those of VM {name}", vm=name, field="mac")
-        steerer = self._steerers.pop(name, None)
-        if steerer is None:
+        pending = self._steerers.pop(name, None)
+        if pending is None:
             raise Conflict(f"VM {name} has no incoming migration here to steer to", vm=name)
+        try:
+            steerer = await pending
+        except OSError as exc:
+            raise OperationFailed(f"cannot steer traffic to {name}: {exc}", vm=name) from exc
 
         def fire_and_close() -> None:
             try:
@@ -183,10 +190,9 @@ class Migrations:
         await mon.execute("migrate-set-parameters", _parameters(req.params))
         out = Outgoing(started_at=time.monotonic())
         self._outgoing[name] = out
-        peer_client = await self._peer_client(req.peer) if req.params.steer else None
         ready = asyncio.get_running_loop().create_future()
         out.task = asyncio.create_task(
-            self._watch(name, mon, req, out, peer_client, ready), name=f"migrate-{name}"
+            self._watch(name, mon, req, out, ready), name=f"migrate-{name}"
         )
         await ready  # the watcher has subscribed and issued migrate (or failed to)
         return await self.stats(name, 0, None)
@@ -208,10 +214,10 @@ class Migrations:
         mon: Monitor,
         req: OutgoingRequest,
         out: Outgoing,
-        peer_client: httpx.AsyncClient | None,
         ready: asyncio.Future[None],
     ) -> None:
-        forwarders = await self._start_forwarders(name)
+        forwarders: list[LateFrameForwarder] = []
+        peer_client: httpx.AsyncClient | None = None
         steering: asyncio.Task[None] | None = None
         try:
             with mon.listen("MIGRATION", "STOP") as listener:
@@ -222,6 +228,11 @@ class Migrations:
                     ready.set_exception(exc)
                     return
                 ready.set_result(None)
+                # Needed only at switchover, so prepared while the first pass runs; the
+                # first pass of any real guest takes far longer than this.
+                forwarders = await self._start_forwarders(name)
+                if req.params.steer:
+                    peer_client = await self._peer_client(req.peer)
                 async for event in listener:
                     if event["event"] == "STOP":
                         # Switchover begins: the guest consumes nothing more here.
@@ -354,11 +365,15 @@ class Migrations:
         self._outgoing.pop(name, None)
         await self.vms.delete(name, force=True)
 
-    async def resume(self, name: str) -> str:
-        """Resume a source left paused by a failed switchover; returns QEMU's status."""
+    async def resume(self, name: str, after_failed_switchover: bool = False) -> str:
+        """Resume a source left paused by a failed migration; returns QEMU's status.
+
+        A source whose migration completed is resumed only when the manager says the
+        destination was removed (``after_failed_switchover``): otherwise two copies would run.
+        """
         mon = self.vms.monitor(name)
         migration = await mon.execute("query-migrate")
-        if migration.get("status") == "completed":
+        if migration.get("status") == "completed" and not after_failed_switchover:
             raise Conflict(
                 f"VM {name} completed its migration away; it runs elsewhere now", vm=name
             )

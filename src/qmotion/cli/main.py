@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from qmotion.cli import agent, demo, image, lab, probe
+from qmotion.cli import agent, demo, host, image, lab, probe, server, task, vm
 
 app = typer.Typer(
     name="qmotion",
@@ -15,5 +15,9 @@ app = typer.Typer(
 app.add_typer(image.app, name="image")
 app.add_typer(lab.app, name="lab")
 app.add_typer(probe.app, name="probe")
+app.add_typer(vm.app, name="vm")
+app.add_typer(task.app, name="task")
+app.add_typer(host.app, name="host")
+app.command("server")(server.server)
 app.command("agent")(agent.agent)
 app.command("demo")(demo.demo)

@@ -11,6 +11,7 @@ from qmotion.client.errors import (
     Unauthorized,
     Unreachable,
 )
+from qmotion.client.server import ServerClient
 
 __all__ = [
     "AgentClient",

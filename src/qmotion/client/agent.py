@@ -64,8 +64,13 @@ class AgentClient(BaseClient):
     def release(self, name: str) -> None:
         self.request("POST", f"/v1/vms/{name}/release")
 
-    def resume(self, name: str) -> str:
-        return str(self.request("POST", f"/v1/vms/{name}/resume").json()["qemu_status"])
+    def resume(self, name: str, *, after_failed_switchover: bool = False) -> str:
+        resp = self.request(
+            "POST",
+            f"/v1/vms/{name}/resume",
+            params={"after_failed_switchover": str(after_failed_switchover).lower()},
+        )
+        return str(resp.json()["qemu_status"])
 
     def announce(self, name: str) -> None:
         self.request("POST", f"/v1/vms/{name}/announce")

@@ -31,9 +31,11 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel, Field
 
+from qmotion.api.server import HostRegister, PoolSet
 from qmotion.api.sizes import parse_rate_bytes
 from qmotion.client.agent import AgentClient
 from qmotion.client.errors import ClientError
+from qmotion.client.server import ServerClient
 from qmotion.image import ensure_image
 from qmotion.image.cc import compile_static
 from qmotion.lab import netns
@@ -42,6 +44,7 @@ from qmotion.paths import labs_dir
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 AGENT_PORT = 8100
+MANAGER_PORT = 8000
 MAX_HOSTS = 50
 POOL_FIRST, POOL_LAST = 100, 199
 AGENT_READY_TIMEOUT_S = 60.0
@@ -90,6 +93,9 @@ class LabRecord(BaseModel):
     namespaces: list[str] = Field(default_factory=list)
     ready: bool = False
     wire_pid: int | None = None
+    manager_url: str | None = None
+    manager_token_file: str | None = None
+    manager_pid: int | None = None
 
     def public(self) -> dict[str, object]:
         """The ``lab status --json`` view: no secrets (tokens stay in their files)."""
@@ -113,6 +119,11 @@ class LabRecord(BaseModel):
             "client": {"namespace": self.client_namespace, "address": self.client_address},
             "datastores": [d.model_dump() for d in self.datastores],
             "address_pool": self.pool.model_dump(),
+            "manager": {
+                "url": self.manager_url,
+                "token_file": self.manager_token_file,
+                "pid": self.manager_pid,
+            },
             "rtt_ms": self.rtt_ms,
             "bandwidth": self.bandwidth,
             "created_at": self.created_at.isoformat(),
@@ -161,6 +172,13 @@ class Lab:
         if name in ("client", self.record.client_namespace):
             return self.record.client_namespace
         return self.host(name).namespace
+
+    def server(self, timeout_s: float = 120.0) -> ServerClient:
+        rec = self.record
+        if rec.manager_url is None or rec.manager_token_file is None:
+            raise LabNotFound(f"lab {rec.name} has no manager")
+        token = Path(rec.manager_token_file).read_text().strip()
+        return ServerClient(rec.manager_url, token, timeout_s=timeout_s)
 
     def restart_agent(self, host: str, accel: str = "auto") -> None:
         """Stop a host's agent (its VMs keep running) and start it again."""
@@ -353,8 +371,60 @@ def _build(rec: LabRecord, hosts: int, accel: str) -> None:
         _save(rec)
     for host in rec.hosts:
         _wait_agent(host)
+    _start_manager(rec)
     rec.ready = True
     _save(rec)
+
+
+def _start_manager(rec: LabRecord) -> None:
+    """The lab's manager runs in the root namespace, on the switch address."""
+    lab_dir = Path(rec.dir)
+    token_file = lab_dir / "manager.token"
+    token_file.write_text(secrets.token_urlsafe(24) + "\n")
+    token_file.chmod(0o600)
+    rec.manager_url = f"http://{rec.switch_address}:{MANAGER_PORT}"
+    rec.manager_token_file = str(token_file)
+    argv = [
+        sys.executable,
+        "-m",
+        "qmotion",
+        "server",
+        "--listen",
+        f"{rec.switch_address}:{MANAGER_PORT}",
+        "--db",
+        f"sqlite:///{lab_dir / 'manager.db'}",
+        "--token-file",
+        str(token_file),
+    ]
+    with open(lab_dir / "manager.log", "ab") as logf:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
+        )
+    rec.manager_pid = proc.pid
+    _save(rec)
+    token = token_file.read_text().strip()
+    deadline = time.monotonic() + AGENT_READY_TIMEOUT_S
+    with ServerClient(rec.manager_url, token, timeout_s=60) as client:
+        while True:
+            try:
+                client.hosts()
+                break
+            except ClientError as exc:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    tail = (lab_dir / "manager.log").read_text(errors="replace")[-1500:]
+                    raise LabSetupError(f"manager did not start: {exc}\n{tail}") from exc
+                time.sleep(0.2)
+        for h in rec.hosts:
+            client.register_host(
+                HostRegister(
+                    name=h.name,
+                    agent_url=h.agent_url,
+                    token=Path(h.token_file).read_text().strip(),
+                )
+            )
+        client.set_pool(
+            PoolSet(first=rec.pool.first, last=rec.pool.last, prefixlen=rec.pool.prefixlen)
+        )
 
 
 def _start_wire(rec: LabRecord, wan: str) -> int:
@@ -433,7 +503,29 @@ def _wait_agent(host: LabHost) -> None:
     raise LabSetupError(f"agent on {host.name} did not become ready: {last}\n{tail}")
 
 
+def _stop_pid(pid: int | None, what: bytes) -> None:
+    """End a lab process outside its namespaces, only if the PID is still that process."""
+    if pid is None:
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return
+    if what not in cmdline:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        for _ in range(50):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            if not Path(f"/proc/{pid}").exists():
+                return
+            time.sleep(0.05)
+
+
 def _teardown(rec: LabRecord) -> None:
+    _stop_pid(rec.manager_pid, b"server")
     for ns in rec.namespaces:
         if ns in netns.namespaces():
             netns.kill_ns_processes(ns)
@@ -466,6 +558,8 @@ def lab_down(name: str = "qmlab") -> list[str]:
     links = sorted({*(rec.links if rec else []), *netns.links_with_prefix(prefix)})
     if rec is None and not namespaces and not links and not path.parent.exists():
         raise LabNotFound(f"no lab named {name!r} is up")
+    if rec is not None:
+        _stop_pid(rec.manager_pid, b"server")
     for ns in namespaces:
         if ns in netns.namespaces():
             netns.kill_ns_processes(ns)

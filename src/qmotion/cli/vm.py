@@ -1,0 +1,233 @@
+"""``qmotion vm``: create, start, stop, delete, list, show and live-migrate VMs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import typer
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from qmotion.api.server import DiskCreate, MigrateRequest, TaskOut, VmCreate, VmOut, Workload
+from qmotion.api.sizes import format_size, parse_rate_bytes, parse_size
+from qmotion.cli.common import console, errors_exit, fail, print_json
+from qmotion.cli.connect import server_client
+
+app = typer.Typer(help="Virtual machines, through the manager.")
+LabOpt = typer.Option(None, "--lab", help="Which lab's manager, if several are up.")
+JsonOpt = typer.Option(False, "--json", help="Print JSON.")
+
+
+def parse_workload(text: str) -> Workload:
+    """``fill=600M,dirty=20M/s`` -> fill 600 MiB, dirty 20 MiB/s."""
+    fill, dirty = 0, 0.0
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"{part!r} is not KEY=VALUE")
+        if key == "fill":
+            fill = parse_size(value) >> 20
+        elif key == "dirty":
+            dirty = parse_rate_bytes(value) / (1 << 20)
+        else:
+            raise ValueError(f"unknown workload key {key!r} (fill, dirty)")
+    return Workload(fill_mib=fill, dirty_mib_s=dirty)
+
+
+def _vm_table(vms: list[VmOut]) -> Table:
+    table = Table("name", "host", "state", "address", "MAC", "memory", "CPU model")
+    for v in vms:
+        table.add_row(
+            v.name,
+            v.host,
+            v.state + (" (migrating)" if v.migrating else ""),
+            v.address or "-",
+            v.mac,
+            f"{v.memory_mib} MiB",
+            v.cpu_model,
+        )
+    return table
+
+
+@app.command("create")
+def create(
+    name: str,
+    host: str = typer.Option(..., "--host", help="Host to place the VM on."),
+    memory: str = typer.Option(..., "--memory", help="e.g. 512M, 1G"),
+    vcpus: int = typer.Option(1, "--vcpus"),
+    workload: str = typer.Option(None, "--workload", help="fill=600M,dirty=20M/s"),
+    address: str = typer.Option(None, "--address", help="IPv4/prefix; default from the pool"),
+    disk: str = typer.Option(None, "--disk", help="DATASTORE:SIZE, e.g. shared:256M"),
+    start: bool = typer.Option(False, "--start", help="Start it right away."),
+    json_out: bool = JsonOpt,
+    lab: str = LabOpt,
+) -> None:
+    """Create a VM (unique MAC and UUID, cluster CPU model, address from the pool)."""
+    try:
+        wl = parse_workload(workload) if workload else None
+        dk = None
+        if disk:
+            ds, _, size = disk.partition(":")
+            dk = DiskCreate(datastore=ds, size_mib=parse_size(size or "256M") >> 20)
+        req = VmCreate.model_validate(
+            {
+                "name": name,
+                "host": host,
+                "memory": memory,
+                "vcpus": vcpus,
+                "workload": wl,
+                "address": address,
+                "disk": dk,
+                "start": start,
+            }
+        )
+    except ValueError as exc:
+        fail(str(exc), 2)
+    with errors_exit(), server_client(lab) as client:
+        vm = client.create_vm(req)
+    if json_out:
+        print_json(vm.model_dump(mode="json"))
+    else:
+        console.print(_vm_table([vm]))
+
+
+@app.command("start")
+def start(name: str, lab: str = LabOpt) -> None:
+    """Start a VM on its host."""
+    with errors_exit(), server_client(lab) as client:
+        vm = client.start_vm(name)
+    console.print(f"{vm.name} is {vm.state} on {vm.host}")
+
+
+@app.command("stop")
+def stop(name: str, force: bool = typer.Option(False, "--force"), lab: str = LabOpt) -> None:
+    """Stop a VM: ACPI power button, then forced if the guest does not comply."""
+    with errors_exit(), server_client(lab) as client:
+        vm = client.stop_vm(name, force=force)
+    console.print(f"{vm.name} is {vm.state}")
+
+
+@app.command("delete")
+def delete(name: str, force: bool = typer.Option(False, "--force"), lab: str = LabOpt) -> None:
+    """Delete a VM (a running one only with --force)."""
+    with errors_exit(), server_client(lab) as client:
+        client.delete_vm(name, force=force)
+    console.print(f"{name} deleted")
+
+
+@app.command("list")
+def list_(json_out: bool = JsonOpt, lab: str = LabOpt) -> None:
+    """All VMs of the cluster."""
+    with errors_exit(), server_client(lab) as client:
+        vms = client.vms()
+    if json_out:
+        print_json([v.model_dump(mode="json") for v in vms])
+    else:
+        console.print(_vm_table(vms))
+
+
+@app.command("show")
+def show(name: str, json_out: bool = JsonOpt, lab: str = LabOpt) -> None:
+    """One VM: host, state, MAC, address, CPU model."""
+    with errors_exit(), server_client(lab) as client:
+        vm = client.vm(name)
+    if json_out:
+        print_json(vm.model_dump(mode="json"))
+    else:
+        console.print(_vm_table([vm]))
+
+
+def _stats_line(task: TaskOut) -> str:
+    st = task.stats or {}
+    if not st:
+        return task.phase or task.state
+    dirty = st.get("dirty_pages_rate", 0) * st.get("page_size", 4096)
+    parts = [
+        f"{format_size(st.get('transferred', 0))} sent",
+        f"{format_size(st.get('remaining', 0))} left",
+        f"{st.get('mbps', 0) / 8:.0f} MB/s",
+        f"dirty {format_size(dirty)}/s",
+    ]
+    if st.get("expected_downtime_ms") is not None:
+        parts.append(f"exp. downtime {st['expected_downtime_ms']} ms")
+    parts.append(f"pass {st.get('passes', 0)}")
+    return " | ".join(parts)
+
+
+def wait_task(task: TaskOut, get: Callable[[int], TaskOut], show_progress: bool) -> TaskOut:
+    """Follow a task to its end, with a progress bar unless told otherwise."""
+    if not show_progress:
+        while task.state in ("queued", "running"):
+            time.sleep(0.2)
+            task = get(task.id)
+        return task
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[line]}"),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        tid = bar.add_task(f"{task.vm} {task.source}->{task.destination}", total=1.0, line="queued")
+        while True:
+            bar.update(tid, completed=task.progress, line=_stats_line(task))
+            if task.state not in ("queued", "running"):
+                break
+            time.sleep(0.2)
+            task = get(task.id)
+    return task
+
+
+def _report_table(result: dict[str, object]) -> Table:
+    table = Table("", "", title="migration report", show_header=False)
+    labels = [
+        ("status", "status"),
+        ("source", "source"),
+        ("destination", "destination"),
+        ("total_ms", "total time (QEMU) ms"),
+        ("setup_ms", "setup time ms"),
+        ("downtime_ms", "downtime (QEMU) ms"),
+        ("guest_paused_ms", "guest paused (source stop -> destination run) ms"),
+        ("orchestration_ms", "request accepted -> stream started ms"),
+        ("bytes", "bytes sent"),
+        ("passes", "passes"),
+        ("throughput_mbps", "throughput Mbit/s"),
+        ("wall_ms", "wall time ms"),
+    ]
+    for key, label in labels:
+        if key in result:
+            table.add_row(label, str(result[key]))
+    return table
+
+
+@app.command("migrate")
+def migrate(
+    name: str,
+    to: str = typer.Option(..., "--to", help="Destination host."),
+    max_downtime_ms: int = typer.Option(None, "--max-downtime-ms"),
+    bandwidth: str = typer.Option(None, "--bandwidth", help="e.g. 1gbit or 200M/s"),
+    json_out: bool = JsonOpt,
+    lab: str = LabOpt,
+) -> None:
+    """Live-migrate a running VM to another host; exit non-zero unless it completed."""
+    req = MigrateRequest(to=to, max_downtime_ms=max_downtime_ms, bandwidth=bandwidth)
+    with errors_exit(), server_client(lab) as client:
+        task = client.migrate(name, req)
+        task = wait_task(task, client.task, show_progress=not json_out)
+    result = dict(task.result or {})
+    result.setdefault("status", task.state)
+    result.setdefault("source", task.source)
+    result.setdefault("destination", task.destination)
+    result["task"] = task.id
+    if task.error:
+        result["error"] = task.error
+    if json_out:
+        print_json(result)
+    else:
+        console.print(_report_table(result))
+        if task.error:
+            console.print(f"[red]{task.error}[/]")
+    if task.state != "succeeded":
+        raise typer.Exit(1)

@@ -1,0 +1,56 @@
+"""Typed client of the manager's API: what the CLI (and any UI) uses, and nothing else."""
+
+from __future__ import annotations
+
+from qmotion.api.server import (
+    HostOut,
+    HostRegister,
+    MigrateRequest,
+    PoolSet,
+    TaskOut,
+    VmCreate,
+    VmOut,
+)
+from qmotion.api.vm import StopRequest
+from qmotion.client.base import BaseClient, dump
+
+
+class ServerClient(BaseClient):
+    def register_host(self, req: HostRegister) -> HostOut:
+        return self.call(HostOut, "POST", "/v1/hosts", json=dump(req))
+
+    def hosts(self) -> list[HostOut]:
+        return self.call(list[HostOut], "GET", "/v1/hosts")
+
+    def set_pool(self, pool: PoolSet) -> None:
+        self.request("PUT", "/v1/pool", json=dump(pool))
+
+    def vms(self) -> list[VmOut]:
+        return self.call(list[VmOut], "GET", "/v1/vms")
+
+    def create_vm(self, req: VmCreate) -> VmOut:
+        return self.call(VmOut, "POST", "/v1/vms", json=dump(req))
+
+    def vm(self, name: str) -> VmOut:
+        return self.call(VmOut, "GET", f"/v1/vms/{name}")
+
+    def start_vm(self, name: str) -> VmOut:
+        return self.call(VmOut, "POST", f"/v1/vms/{name}/start")
+
+    def stop_vm(self, name: str, *, force: bool = False) -> VmOut:
+        return self.call(VmOut, "POST", f"/v1/vms/{name}/stop", json=dump(StopRequest(force=force)))
+
+    def delete_vm(self, name: str, *, force: bool = False) -> None:
+        self.request("DELETE", f"/v1/vms/{name}", params={"force": str(force).lower()})
+
+    def migrate(self, name: str, req: MigrateRequest) -> TaskOut:
+        return self.call(TaskOut, "POST", f"/v1/vms/{name}/migrate", json=dump(req))
+
+    def tasks(self) -> list[TaskOut]:
+        return self.call(list[TaskOut], "GET", "/v1/tasks")
+
+    def task(self, task_id: int) -> TaskOut:
+        return self.call(TaskOut, "GET", f"/v1/tasks/{task_id}")
+
+    def cancel_task(self, task_id: int) -> TaskOut:
+        return self.call(TaskOut, "POST", f"/v1/tasks/{task_id}/cancel")

@@ -1,0 +1,122 @@
+"""Runs the migration state machine: performs each action through a narrow port, feeds the
+outcome back, and persists every step. All I/O is behind ``MigrationPort``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from qmotion.api.migration import MigrationStats
+from qmotion.migration.errors import MigrationError
+from qmotion.migration.machine import (
+    Announce,
+    AwaitProgress,
+    Begin,
+    CancelRequested,
+    Event,
+    Failed,
+    Finish,
+    MigrationState,
+    PrepareDestination,
+    Progress,
+    Recover,
+    Rollback,
+    RunPrechecks,
+    StartMigration,
+    Step,
+    StopSource,
+    Succeeded,
+    UpdateInventory,
+    VerifyDestination,
+    step,
+)
+
+
+class MigrationPort(Protocol):
+    """Everything the engine needs from the world, for one migration."""
+
+    async def prechecks(self) -> None: ...
+    async def prepare_destination(self) -> str: ...
+    async def start_migration(self, uri: str) -> None: ...
+    async def progress(self, known_status: str | None) -> MigrationStats: ...
+    async def verify_destination(self) -> None: ...
+    async def announce(self) -> None: ...
+    async def stop_source(self) -> None: ...
+    async def update_inventory(self) -> None: ...
+    async def rollback(self, cancel_migration: bool, teardown_destination: bool) -> None: ...
+    async def recover(self) -> None: ...
+
+
+Persist = Callable[[Step, MigrationStats | None], Awaitable[None]]
+
+
+async def _perform(port: MigrationPort, action: object) -> tuple[Event, MigrationStats | None]:
+    """One action; its outcome as an event. Only qmotion's own errors become ``Failed``."""
+    try:
+        match action:
+            case RunPrechecks():
+                await port.prechecks()
+            case PrepareDestination():
+                return Succeeded(uri=await port.prepare_destination()), None
+            case StartMigration(uri=uri):
+                await port.start_migration(uri)
+            case AwaitProgress(known_status=known):
+                stats = await port.progress(known)
+                return Progress(stats.status), stats
+            case VerifyDestination():
+                await port.verify_destination()
+            case Announce():
+                await port.announce()
+            case StopSource():
+                await port.stop_source()
+            case UpdateInventory():
+                await port.update_inventory()
+            case Rollback(cancel_migration=cm, teardown_destination=td):
+                await port.rollback(cm, td)
+            case Recover():
+                await port.recover()
+            case _:
+                raise AssertionError(f"unknown action {action!r}")
+    except MigrationError as exc:
+        return Failed(str(exc)), None
+    return Succeeded(), None
+
+
+async def run(
+    port: MigrationPort,
+    persist: Persist,
+    cancel: asyncio.Event,
+    state: MigrationState | None = None,
+) -> MigrationState:
+    """Drive one migration to a terminal state. ``cancel`` asks for a rollback; asyncio
+    cancellation (a shutting-down manager) is not caught."""
+    current = step(state or MigrationState(), Begin())
+    await persist(current, None)
+    while not isinstance(current.action, Finish):
+        if cancel.is_set() and not current.state.cancel_requested:
+            current = step(current.state, CancelRequested())
+            await persist(current, None)
+            continue
+        event, stats = await _perform_or_cancel(port, current.action, cancel)
+        current = step(current.state, event)
+        await persist(current, stats)
+    return current.state
+
+
+async def _perform_or_cancel(
+    port: MigrationPort, action: object, cancel: asyncio.Event
+) -> tuple[Event, MigrationStats | None]:
+    """Waiting for progress is interruptible by a cancel; every other action completes."""
+    if not isinstance(action, AwaitProgress) or cancel.is_set():
+        return await _perform(port, action)
+    work = asyncio.ensure_future(_perform(port, action))
+    waiter = asyncio.ensure_future(cancel.wait())
+    try:
+        done, _ = await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if work in done:
+        return work.result()
+    work.cancel()
+    return CancelRequested(), None

@@ -1,0 +1,36 @@
+"""Errors of the migration engine.
+
+MigrationError
+ ├── Refused          pre-checks said no; nothing was touched (carries the refusals)
+ └── StepError        an action failed partway; the state machine decides what is undone
+"""
+
+from __future__ import annotations
+
+from qmotion.errors import QmotionError
+from qmotion.migration.prechecks import Refusal
+
+
+class MigrationError(QmotionError):
+    """Root of the migration engine's errors."""
+
+
+class Refused(MigrationError):
+    def __init__(self, vm: str, refusals: list[Refusal]) -> None:
+        super().__init__("; ".join(r.message for r in refusals))
+        self.vm = vm
+        self.refusals = refusals
+
+    @property
+    def status(self) -> int:
+        return 409 if any(r.status == 409 for r in self.refusals) else 422
+
+
+class StepError(MigrationError):
+    def __init__(
+        self, step: str, message: str, *, vm: str | None = None, host: str | None = None
+    ) -> None:
+        super().__init__(f"{step}: {message}")
+        self.step = step
+        self.vm = vm
+        self.host = host

@@ -1,0 +1,358 @@
+"""The live-migration state machine: a pure function from (state, event) to (state, action).
+
+No I/O and no clock: the engine feeds it what happened and performs what it returns, and the
+state is persisted in the task after every step, so a task always says where it stands.
+
+    precheck -> prepare_destination -> start_migration -> monitor -> verify_destination
+             -> announce -> stop_source -> update_inventory -> done
+
+The switchover (QEMU reports ``completed``) is the point of no return. Before it, any failure or
+a cancel rolls back: cancel QEMU's migration, tear the destination down, make sure the source
+runs. After it the destination owns the VM; a destination that does not run is recovered by
+resuming the source (it is paused with the complete state) and tearing the destination down.
+A VM therefore runs on exactly one host before, during and after the migration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+
+class Phase(StrEnum):
+    PENDING = "pending"
+    PRECHECK = "precheck"
+    PREPARE = "prepare_destination"
+    START = "start_migration"
+    MONITOR = "monitor"
+    VERIFY = "verify_destination"
+    ANNOUNCE = "announce"
+    STOP_SOURCE = "stop_source"
+    UPDATE = "update_inventory"
+    ROLLBACK = "rollback"
+    RECOVER = "recover"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({Phase.DONE, Phase.FAILED, Phase.CANCELLED})
+QEMU_FINISHED_BAD = frozenset({"failed", "cancelled"})
+
+
+@dataclass(frozen=True)
+class MigrationState:
+    phase: Phase = Phase.PENDING
+    uri: str | None = None
+    started: bool = False  # QEMU's migrate was issued: a rollback must cancel it
+    destination_made: bool = False  # the destination QEMU may exist: a rollback removes it
+    switched_over: bool = False
+    cancel_requested: bool = False
+    error: str | None = None
+    warnings: tuple[str, ...] = ()
+    qemu_status: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase.value,
+            "uri": self.uri,
+            "started": self.started,
+            "destination_made": self.destination_made,
+            "switched_over": self.switched_over,
+            "cancel_requested": self.cancel_requested,
+            "error": self.error,
+            "warnings": list(self.warnings),
+            "qemu_status": self.qemu_status,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MigrationState:
+        return cls(
+            phase=Phase(data["phase"]),
+            uri=data.get("uri"),
+            started=data.get("started", False),
+            destination_made=data.get("destination_made", False),
+            switched_over=data.get("switched_over", False),
+            cancel_requested=data.get("cancel_requested", False),
+            error=data.get("error"),
+            warnings=tuple(data.get("warnings", ())),
+            qemu_status=data.get("qemu_status"),
+        )
+
+
+# ---------------------------------------------------------------- events (what happened)
+
+
+@dataclass(frozen=True)
+class Begin:
+    pass
+
+
+@dataclass(frozen=True)
+class Succeeded:
+    """The action of the current phase succeeded; ``uri`` for prepare_destination."""
+
+    uri: str | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    """QEMU's migration status as the source reports it."""
+
+    qemu_status: str
+
+
+@dataclass(frozen=True)
+class CancelRequested:
+    pass
+
+
+Event = Begin | Succeeded | Failed | Progress | CancelRequested
+
+
+# ---------------------------------------------------------------- actions (what to do)
+
+
+@dataclass(frozen=True)
+class RunPrechecks:
+    pass
+
+
+@dataclass(frozen=True)
+class PrepareDestination:
+    pass
+
+
+@dataclass(frozen=True)
+class StartMigration:
+    uri: str
+
+
+@dataclass(frozen=True)
+class AwaitProgress:
+    known_status: str | None
+
+
+@dataclass(frozen=True)
+class VerifyDestination:
+    pass
+
+
+@dataclass(frozen=True)
+class Announce:
+    pass
+
+
+@dataclass(frozen=True)
+class StopSource:
+    pass
+
+
+@dataclass(frozen=True)
+class UpdateInventory:
+    pass
+
+
+@dataclass(frozen=True)
+class Rollback:
+    cancel_migration: bool
+    teardown_destination: bool
+
+
+@dataclass(frozen=True)
+class Recover:
+    """After switchover the destination does not run: resume the source, remove the other."""
+
+
+@dataclass(frozen=True)
+class Finish:
+    phase: Phase
+
+
+Action = (
+    RunPrechecks
+    | PrepareDestination
+    | StartMigration
+    | AwaitProgress
+    | VerifyDestination
+    | Announce
+    | StopSource
+    | UpdateInventory
+    | Rollback
+    | Recover
+    | Finish
+)
+
+
+@dataclass(frozen=True)
+class Step:
+    state: MigrationState
+    action: Action
+    note: str = field(default="")
+
+
+def _rollback(state: MigrationState, error: str | None) -> Step:
+    new = replace(state, phase=Phase.ROLLBACK, error=state.error or error)
+    return Step(
+        new,
+        Rollback(cancel_migration=state.started, teardown_destination=state.destination_made),
+        f"rolling back: {error}" if error else "rolling back",
+    )
+
+
+def _after_switchover_next(state: MigrationState) -> Step:
+    order: dict[Phase, tuple[Phase, Action]] = {
+        Phase.VERIFY: (Phase.ANNOUNCE, Announce()),
+        Phase.ANNOUNCE: (Phase.STOP_SOURCE, StopSource()),
+        Phase.STOP_SOURCE: (Phase.UPDATE, UpdateInventory()),
+    }
+    phase, action = order[state.phase]
+    return Step(replace(state, phase=phase), action)
+
+
+def step(state: MigrationState, event: Event) -> Step:
+    """The next state and the action that gets there. Pure and total."""
+    if state.terminal:
+        return Step(state, Finish(state.phase), "already finished")
+
+    if isinstance(event, CancelRequested):
+        if state.switched_over or state.phase in (Phase.ROLLBACK, Phase.RECOVER):
+            return Step(
+                replace(state, cancel_requested=True),
+                _repeat(state),
+                "cancel ignored: too late, the switchover already happened"
+                if state.switched_over
+                else "cancel noted: already rolling back",
+            )
+        if state.phase in (Phase.PENDING, Phase.PRECHECK):
+            return Step(
+                replace(state, phase=Phase.CANCELLED, cancel_requested=True),
+                Finish(Phase.CANCELLED),
+                "cancelled before anything changed",
+            )
+        return _rollback(replace(state, cancel_requested=True), "cancelled by request")
+
+    phase = state.phase
+    if phase == Phase.PENDING:
+        if isinstance(event, Begin):
+            return Step(replace(state, phase=Phase.PRECHECK), RunPrechecks())
+        return Step(state, _repeat(state), "waiting to begin")
+
+    if phase == Phase.PRECHECK:
+        if isinstance(event, Succeeded):
+            return Step(
+                replace(state, phase=Phase.PREPARE, destination_made=True), PrepareDestination()
+            )
+        if isinstance(event, Failed):
+            # Nothing was touched yet: refused, not rolled back.
+            return Step(
+                replace(state, phase=Phase.FAILED, error=event.error),
+                Finish(Phase.FAILED),
+                "refused by pre-checks",
+            )
+
+    if phase == Phase.PREPARE:
+        if isinstance(event, Succeeded) and event.uri:
+            return Step(replace(state, phase=Phase.START, uri=event.uri), StartMigration(event.uri))
+        if isinstance(event, Failed | Succeeded):
+            error = event.error if isinstance(event, Failed) else "destination gave no address"
+            return _rollback(state, error)
+
+    if phase == Phase.START:
+        if isinstance(event, Succeeded):
+            return Step(
+                replace(state, phase=Phase.MONITOR, started=True), AwaitProgress(known_status=None)
+            )
+        if isinstance(event, Failed):
+            # migrate may have been issued even if its answer was lost.
+            return _rollback(replace(state, started=True), event.error)
+
+    if phase == Phase.MONITOR:
+        if isinstance(event, Progress):
+            status = event.qemu_status
+            st = replace(state, qemu_status=status)
+            if status == "completed":
+                return Step(
+                    replace(st, phase=Phase.VERIFY, switched_over=True),
+                    VerifyDestination(),
+                    "switchover done",
+                )
+            if status in QEMU_FINISHED_BAD:
+                return _rollback(replace(st, started=False), f"QEMU reported {status}")
+            return Step(st, AwaitProgress(known_status=status))
+        if isinstance(event, Failed):
+            return _rollback(state, event.error)
+
+    if phase == Phase.VERIFY:
+        if isinstance(event, Succeeded):
+            return _after_switchover_next(state)
+        if isinstance(event, Failed):
+            return Step(
+                replace(state, phase=Phase.RECOVER, error=event.error),
+                Recover(),
+                "destination does not run: recovering on the source",
+            )
+
+    if phase in (Phase.ANNOUNCE, Phase.STOP_SOURCE):
+        if isinstance(event, Failed):
+            # The VM runs on the destination; what is left is reported, not undone.
+            st = replace(state, warnings=(*state.warnings, f"{phase.value}: {event.error}"))
+            return _after_switchover_next(st)
+        if isinstance(event, Succeeded):
+            return _after_switchover_next(state)
+
+    if phase == Phase.UPDATE:
+        if isinstance(event, Succeeded):
+            return Step(replace(state, phase=Phase.DONE), Finish(Phase.DONE))
+        if isinstance(event, Failed):
+            st = replace(state, warnings=(*state.warnings, f"inventory: {event.error}"))
+            return Step(replace(st, phase=Phase.DONE), Finish(Phase.DONE))
+
+    if phase == Phase.ROLLBACK:
+        final = Phase.CANCELLED if state.cancel_requested else Phase.FAILED
+        if isinstance(event, Failed):
+            st = replace(state, warnings=(*state.warnings, f"rollback: {event.error}"))
+            return Step(replace(st, phase=Phase.FAILED), Finish(Phase.FAILED))
+        if isinstance(event, Succeeded):
+            return Step(replace(state, phase=final), Finish(final))
+
+    if phase == Phase.RECOVER:
+        if isinstance(event, Failed):
+            st = replace(state, warnings=(*state.warnings, f"recover: {event.error}"))
+            return Step(replace(st, phase=Phase.FAILED), Finish(Phase.FAILED))
+        if isinstance(event, Succeeded):
+            return Step(replace(state, phase=Phase.FAILED), Finish(Phase.FAILED))
+
+    return Step(state, _repeat(state), f"ignored {type(event).__name__} in {phase.value}")
+
+
+def _repeat(state: MigrationState) -> Action:
+    """The action of the current phase again (for events that change nothing)."""
+    phase = state.phase
+    if phase == Phase.MONITOR:
+        return AwaitProgress(known_status=state.qemu_status)
+    if phase == Phase.ROLLBACK:
+        return Rollback(cancel_migration=state.started, teardown_destination=state.destination_made)
+    simple: dict[Phase, Action] = {
+        Phase.PENDING: RunPrechecks(),
+        Phase.PRECHECK: RunPrechecks(),
+        Phase.PREPARE: PrepareDestination(),
+        Phase.VERIFY: VerifyDestination(),
+        Phase.ANNOUNCE: Announce(),
+        Phase.STOP_SOURCE: StopSource(),
+        Phase.UPDATE: UpdateInventory(),
+        Phase.RECOVER: Recover(),
+    }
+    if phase == Phase.START:
+        return StartMigration(state.uri or "")
+    return simple.get(phase, Finish(phase))

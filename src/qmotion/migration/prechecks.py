@@ -1,0 +1,160 @@
+"""Pre-checks of a live migration: pure, on a snapshot of the inventory; nothing is touched.
+
+Each refusal names the reason, the field of the request it concerns and its HTTP status:
+409 when the state of the cluster forbids the move now, 422 when the request itself is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+HOST_RESERVED_MIB = 512  # what a host keeps for itself and QEMU overhead, never given to VMs
+
+
+@dataclass(frozen=True)
+class HostView:
+    name: str
+    state: str  # up, down, maintenance
+    memory_mib: int
+    committed_mib: int  # memory of the VMs placed on it, incoming migrations included
+    cpu_models: frozenset[str]
+    machine_types: frozenset[str]
+    machine_aliases: dict[str, str]
+    bridges: frozenset[str]
+    datastores: frozenset[str]
+
+
+@dataclass(frozen=True)
+class VmView:
+    name: str
+    host: str
+    state: str
+    memory_mib: int
+    cpu_model: str
+    machine: str
+    bridges: tuple[str, ...]
+    datastores: tuple[str, ...]
+    migrating: bool = False
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: str
+    message: str
+    status: int
+    field: str | None = None
+    host: str | None = None
+
+
+@dataclass(frozen=True)
+class PrecheckInput:
+    vm: VmView
+    target_name: str
+    hosts: dict[str, HostView] = field(default_factory=dict)
+
+
+def precheck(inp: PrecheckInput) -> list[Refusal]:
+    """Every reason the migration cannot start; empty means go."""
+    vm, target_name = inp.vm, inp.target_name
+    out: list[Refusal] = []
+    if vm.migrating:
+        out.append(Refusal("already_migrating", f"VM {vm.name} is already migrating", 409))
+    if vm.state != "running":
+        out.append(
+            Refusal(
+                "vm_not_running",
+                f"VM {vm.name} is {vm.state}; only a running VM live-migrates",
+                409,
+            )
+        )
+    if target_name == vm.host:
+        out.append(
+            Refusal(
+                "same_host",
+                f"VM {vm.name} already runs on {target_name}",
+                422,
+                field="to",
+                host=target_name,
+            )
+        )
+        return out
+    target = inp.hosts.get(target_name)
+    if target is None:
+        known = ", ".join(sorted(inp.hosts)) or "none"
+        out.append(
+            Refusal(
+                "unknown_host",
+                f"no host named {target_name!r} (hosts: {known})",
+                422,
+                field="to",
+                host=target_name,
+            )
+        )
+        return out
+    if target.state != "up":
+        out.append(
+            Refusal(
+                "host_unavailable",
+                f"host {target_name} is {target.state}",
+                409,
+                field="to",
+                host=target_name,
+            )
+        )
+    free = target.memory_mib - HOST_RESERVED_MIB - target.committed_mib
+    if vm.memory_mib > free:
+        out.append(
+            Refusal(
+                "insufficient_memory",
+                f"host {target_name} has {max(free, 0)} MiB free for VMs; {vm.name} needs "
+                f"{vm.memory_mib} MiB",
+                409,
+                field="to",
+                host=target_name,
+            )
+        )
+    if vm.cpu_model not in target.cpu_models:
+        out.append(
+            Refusal(
+                "cpu_model_unsupported",
+                f"host {target_name} does not support CPU model {vm.cpu_model}",
+                409,
+                field="to",
+                host=target_name,
+            )
+        )
+    machine = target.machine_aliases.get(vm.machine, vm.machine)
+    if vm.machine not in target.machine_types and machine not in target.machine_types:
+        out.append(
+            Refusal(
+                "machine_type_unavailable",
+                f"host {target_name} cannot run machine type {vm.machine}",
+                409,
+                field="to",
+                host=target_name,
+            )
+        )
+    for bridge in vm.bridges:
+        if bridge not in target.bridges:
+            out.append(
+                Refusal(
+                    "bridge_missing",
+                    f"network bridge {bridge} of {vm.name} is absent on {target_name}",
+                    409,
+                    field="to",
+                    host=target_name,
+                )
+            )
+    for ds in vm.datastores:
+        if ds not in target.datastores:
+            out.append(
+                Refusal(
+                    "datastore_unreachable",
+                    f"datastore {ds} holding a disk of {vm.name} is not reachable "
+                    f"from {target_name}",
+                    409,
+                    field="to",
+                    host=target_name,
+                )
+            )
+    return out

@@ -1,0 +1,174 @@
+"""The manager's REST API (FastAPI, OpenAPI at /openapi.json), protected by a bearer token."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from qmotion import __version__
+from qmotion.api.errors import ErrorBody, ErrorDetail
+from qmotion.api.server import (
+    HostOut,
+    HostRegister,
+    MigrateRequest,
+    PoolSet,
+    TaskOut,
+    VmCreate,
+    VmOut,
+)
+from qmotion.api.vm import StopRequest
+from qmotion.server.db import Database
+from qmotion.server.errors import ServerError
+from qmotion.server.inventory import Inventory
+from qmotion.server.tasks import TaskRunner
+
+log = logging.getLogger(__name__)
+REFRESH_INTERVAL_S = 15.0
+
+
+def _field(loc: tuple[int | str, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts)
+
+
+def create_app(db_url: str, token: str) -> FastAPI:
+    db = Database(db_url)
+    inventory = Inventory(db)
+    runner = TaskRunner(db, inventory)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runner.recover_after_restart()
+        refresher = asyncio.ensure_future(_refresh_forever(inventory))
+        try:
+            yield
+        finally:
+            refresher.cancel()
+            await runner.shutdown()
+
+    app = FastAPI(title="qmotion manager", version=__version__, lifespan=lifespan)
+    app.state.runner = runner
+    bearer = HTTPBearer(auto_error=False)
+
+    def authorize(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if creds is None or not secrets.compare_digest(creds.credentials, token):
+            raise HTTPException(
+                401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    def body(status: int, detail: ErrorDetail) -> JSONResponse:
+        return JSONResponse(status_code=status, content=ErrorBody(error=detail).model_dump())
+
+    @app.exception_handler(ServerError)
+    async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
+        return body(
+            exc.status,
+            ErrorDetail(
+                code=exc.code,
+                message=exc.message,
+                vm=exc.vm,
+                host=exc.host,
+                field=exc.field,
+                qmp_class=exc.qmp_class,
+            ),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        msg = "; ".join(
+            f"{_field(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errs
+        )
+        return body(
+            422,
+            ErrorDetail(
+                code="invalid_request",
+                message=msg,
+                field=_field(tuple(errs[0].get("loc", ()))) or None,
+            ),
+        )
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        code = {401: "unauthorized", 404: "not_found"}.get(exc.status_code, "http_error")
+        resp = body(exc.status_code, ErrorDetail(code=code, message=str(exc.detail)))
+        if exc.headers:
+            resp.headers.update(exc.headers)
+        return resp
+
+    auth = [Depends(authorize)]
+
+    @app.post("/v1/hosts", response_model=HostOut, status_code=201, dependencies=auth)
+    def register_host(req: HostRegister) -> HostOut:
+        return inventory.register_host(req)
+
+    @app.get("/v1/hosts", response_model=list[HostOut], dependencies=auth)
+    def list_hosts() -> list[HostOut]:
+        return inventory.list_hosts()
+
+    @app.put("/v1/pool", status_code=204, dependencies=auth)
+    def set_pool(pool: PoolSet) -> None:
+        inventory.set_pool(pool)
+
+    @app.get("/v1/vms", response_model=list[VmOut], dependencies=auth)
+    def list_vms() -> list[VmOut]:
+        return inventory.list_vms()
+
+    @app.post("/v1/vms", response_model=VmOut, status_code=201, dependencies=auth)
+    def create_vm(req: VmCreate) -> VmOut:
+        return inventory.create_vm(req)
+
+    @app.get("/v1/vms/{name}", response_model=VmOut, dependencies=auth)
+    def show_vm(name: str) -> VmOut:
+        return inventory.show_vm(name)
+
+    @app.post("/v1/vms/{name}/start", response_model=VmOut, dependencies=auth)
+    def start_vm(name: str) -> VmOut:
+        return inventory.start_vm(name)
+
+    @app.post("/v1/vms/{name}/stop", response_model=VmOut, dependencies=auth)
+    def stop_vm(name: str, req: StopRequest | None = None) -> VmOut:
+        return inventory.stop_vm(name, force=(req or StopRequest()).force)
+
+    @app.delete("/v1/vms/{name}", status_code=204, dependencies=auth)
+    def delete_vm(name: str, force: bool = False) -> None:
+        inventory.delete_vm(name, force=force)
+
+    @app.post("/v1/vms/{name}/migrate", response_model=TaskOut, status_code=202, dependencies=auth)
+    async def migrate(name: str, req: MigrateRequest) -> TaskOut:
+        return await runner.submit_migration(name, req)
+
+    @app.get("/v1/tasks", response_model=list[TaskOut], dependencies=auth)
+    def list_tasks() -> list[TaskOut]:
+        return runner.list()
+
+    @app.get("/v1/tasks/{task_id}", response_model=TaskOut, dependencies=auth)
+    def get_task(task_id: int) -> TaskOut:
+        return runner.get(task_id)
+
+    @app.post("/v1/tasks/{task_id}/cancel", response_model=TaskOut, dependencies=auth)
+    async def cancel_task(task_id: int) -> TaskOut:
+        return runner.cancel(task_id)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+async def _refresh_forever(inventory: Inventory) -> None:
+    while True:
+        await asyncio.sleep(REFRESH_INTERVAL_S)
+        try:
+            await asyncio.to_thread(inventory.refresh_hosts)
+        except Exception:  # the refresher must outlive one bad round
+            log.exception("host refresh failed")

@@ -1,0 +1,147 @@
+"""The manager's inventory and tasks in SQLAlchemy (SQLite by default; portable schema)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Host(Base):
+    __tablename__ = "hosts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    agent_url: Mapped[str] = mapped_column(String(256))
+    token: Mapped[str] = mapped_column(String(256))
+    state: Mapped[str] = mapped_column(String(16), default="up")
+    facts: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    vms: Mapped[list[Vm]] = relationship(back_populates="host")
+
+
+class Vm(Base):
+    __tablename__ = "vms"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True)
+    mac: Mapped[str] = mapped_column(String(17), unique=True)
+    address: Mapped[str | None] = mapped_column(String(32), unique=True, nullable=True)
+    host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id"))
+    host: Mapped[Host] = relationship(back_populates="vms")
+    state: Mapped[str] = mapped_column(String(16), default="stopped")
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    memory_mib: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Setting(Base):
+    """Cluster-wide settings (address pool, CPU baseline), as JSON values."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    vm: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    source: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    destination: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    phase: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    machine: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    stats: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    events: Mapped[list[TaskEvent]] = relationship(
+        back_populates="task", order_by="TaskEvent.id", cascade="all, delete-orphan"
+    )
+
+
+class TaskEvent(Base):
+    __tablename__ = "task_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    task: Mapped[Task] = relationship(back_populates="events")
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+ACTIVE_TASK_STATES = ("queued", "running")
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        args = {"check_same_thread": False} if url.startswith("sqlite") else {}
+        self.engine: Engine = create_engine(url, connect_args=args)
+        if url.startswith("sqlite"):
+
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(conn: Any, _record: Any) -> None:
+                cur = conn.cursor()
+                # WAL: readers (API) do not block the writer (task runner).
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.close()
+
+        Base.metadata.create_all(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            yield s
+
+    def setting(self, key: str) -> dict[str, Any] | None:
+        with self.session() as s:
+            row = s.get(Setting, key)
+            return dict(row.value) if row else None
+
+    def set_setting(self, key: str, value: dict[str, Any]) -> None:
+        with self.session() as s:
+            row = s.get(Setting, key)
+            if row is None:
+                s.add(Setting(key=key, value=value))
+            else:
+                row.value = json.loads(json.dumps(value))
+
+    def active_task_for_vm(self, s: Session, vm: str) -> Task | None:
+        return s.scalars(
+            select(Task).where(Task.vm == vm, Task.state.in_(ACTIVE_TASK_STATES))
+        ).first()

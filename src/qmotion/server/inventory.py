@@ -1,0 +1,330 @@
+"""Hosts and VMs: registration, refresh, VM lifecycle through agents, address and MAC pools."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from qmotion.api.host import HostFacts
+from qmotion.api.server import HostOut, HostRegister, PoolSet, VmCreate, VmOut
+from qmotion.api.vm import Disk, GuestConfig, Nic, VmSpec
+from qmotion.client.agent import AgentClient
+from qmotion.client.errors import ApiError, ClientError
+from qmotion.migration.prechecks import HostView
+from qmotion.server.db import Database, Host, Vm, utcnow
+from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+VM_BRIDGE = "vmbr0"
+# Most capable first. Under TCG only qemu64 is emulated without dropping features, so a
+# cluster with any TCG host gets qemu64 (as EVC picks the oldest generation in the cluster).
+CPU_PREFERENCE = (
+    "Cascadelake-Server",
+    "Skylake-Server",
+    "Broadwell",
+    "Haswell",
+    "IvyBridge",
+    "SandyBridge",
+    "Westmere",
+    "Nehalem",
+    "qemu64",
+)
+
+
+@contextmanager
+def agent_errors(host: str, vm: str | None = None) -> Iterator[None]:
+    """Agent refusals keep their status (409/422/404); anything else is an upstream failure."""
+    try:
+        yield
+    except ApiError as exc:
+        d = exc.detail
+        cls = {404: NotFound, 409: Conflict, 422: Invalid}.get(exc.status, Upstream)
+        raise cls(
+            f"host {host}: {d.message}",
+            code=d.code,
+            vm=d.vm or vm,
+            host=host,
+            field=d.field,
+            qmp_class=d.qmp_class,
+        ) from exc
+    except ClientError as exc:
+        raise Upstream(f"host {host}: {exc}", vm=vm, host=host) from exc
+
+
+class Inventory:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # ------------------------------------------------------------------ hosts
+
+    @staticmethod
+    def agent(host: Host, timeout_s: float = 120.0) -> AgentClient:
+        return AgentClient(host.agent_url, host.token, timeout_s=timeout_s)
+
+    def call(self, host: Host, fn: Callable[[AgentClient], T], vm: str | None = None) -> T:
+        with self.agent(host) as client, agent_errors(host.name, vm):
+            return fn(client)
+
+    def register_host(self, req: HostRegister) -> HostOut:
+        try:
+            with AgentClient(req.agent_url, req.token, timeout_s=60) as client:
+                facts = client.host()
+        except ApiError as exc:
+            raise Invalid(
+                f"agent at {req.agent_url} refused: {exc}", field="token", host=req.name
+            ) from exc
+        except ClientError as exc:
+            raise Invalid(
+                f"agent at {req.agent_url} unreachable: {exc}", field="agent_url", host=req.name
+            ) from exc
+        with self.db.session() as s:
+            host = s.scalars(select(Host).where(Host.name == req.name)).first()
+            if host is None:
+                host = Host(name=req.name, agent_url=req.agent_url, token=req.token)
+                s.add(host)
+            host.agent_url, host.token = req.agent_url, req.token
+            host.facts = facts.model_dump(mode="json")
+            host.state, host.last_seen = "up", utcnow()
+            s.flush()
+            return self.host_out(s, host)
+
+    def refresh_hosts(self) -> None:
+        """Re-read every agent: facts, and whether the host answers at all."""
+        with self.db.session() as s:
+            hosts = [(h.id, h.name, h.agent_url, h.token) for h in s.scalars(select(Host))]
+        for hid, name, url, token in hosts:
+            try:
+                with AgentClient(url, token, timeout_s=10) as client:
+                    facts: HostFacts | None = client.host()
+            except ClientError as exc:
+                log.warning("host %s unreachable: %s", name, exc)
+                facts = None
+            with self.db.session() as s:
+                host = s.get(Host, hid)
+                if host is None:
+                    continue
+                if facts is None:
+                    host.state = "down" if host.state != "maintenance" else host.state
+                else:
+                    host.facts = facts.model_dump(mode="json")
+                    host.last_seen = utcnow()
+                    if host.state == "down":
+                        host.state = "up"
+
+    def host_by_name(self, s: Session, name: str, field: str = "host") -> Host:
+        host = s.scalars(select(Host).where(Host.name == name)).first()
+        if host is None:
+            known = ", ".join(h.name for h in s.scalars(select(Host))) or "none"
+            raise Invalid(f"no host named {name!r} (hosts: {known})", field=field, host=name)
+        return host
+
+    def host_out(self, s: Session, host: Host) -> HostOut:
+        facts = HostFacts.model_validate(host.facts) if host.facts else None
+        return HostOut(
+            name=host.name,
+            agent_url=host.agent_url,
+            state=host.state,
+            last_seen=host.last_seen,
+            vms=sorted(v.name for v in host.vms),
+            memory_mib=(facts.memory_bytes >> 20) if facts else 0,
+            committed_mib=self.committed_mib(s, host),
+            facts=facts,
+        )
+
+    def list_hosts(self) -> list[HostOut]:
+        with self.db.session() as s:
+            return [self.host_out(s, h) for h in s.scalars(select(Host).order_by(Host.name))]
+
+    def committed_mib(self, s: Session, host: Host) -> int:
+        from qmotion.server.db import Task
+
+        placed = sum(v.memory_mib for v in host.vms)
+        incoming = s.scalars(
+            select(Task).where(Task.destination == host.name, Task.state.in_(("queued", "running")))
+        ).all()
+        vm_mem = {v.name: v.memory_mib for v in s.scalars(select(Vm))}
+        return placed + sum(vm_mem.get(t.vm or "", 0) for t in incoming)
+
+    def host_view(self, s: Session, host: Host) -> HostView:
+        facts = HostFacts.model_validate(host.facts) if host.facts else None
+        return HostView(
+            name=host.name,
+            state=host.state,
+            memory_mib=(facts.memory_bytes >> 20) if facts else 0,
+            committed_mib=self.committed_mib(s, host),
+            cpu_models=frozenset(facts.cpu_models if facts else ()),
+            machine_types=frozenset(facts.machine_types if facts else ()),
+            machine_aliases=dict(facts.machine_aliases if facts else {}),
+            bridges=frozenset(facts.bridges if facts else ()),
+            datastores=frozenset(d.name for d in facts.datastores) if facts else frozenset(),
+        )
+
+    def cpu_baseline(self, s: Session) -> str:
+        """The newest CPU model every host can run: VMs can then move anywhere (like EVC)."""
+        facts = [HostFacts.model_validate(h.facts) for h in s.scalars(select(Host)) if h.facts]
+        if any(f.accel.name == "tcg" for f in facts):
+            return "qemu64"
+        for model in CPU_PREFERENCE:
+            if all(model in f.cpu_models for f in facts):
+                return model
+        return "qemu64"
+
+    # ------------------------------------------------------------------ pools
+
+    def set_pool(self, pool: PoolSet) -> None:
+        first, last = ipaddress.IPv4Address(pool.first), ipaddress.IPv4Address(pool.last)
+        if last < first:
+            raise Invalid("pool: last address comes before first", field="last")
+        self.db.set_setting("pool", pool.model_dump())
+
+    def _allocate_address(self, s: Session) -> str | None:
+        pool = self.db.setting("pool")
+        if pool is None:
+            return None
+        used = {v.address.split("/")[0] for v in s.scalars(select(Vm)) if v.address}
+        addr = ipaddress.IPv4Address(pool["first"])
+        while addr <= ipaddress.IPv4Address(pool["last"]):
+            if str(addr) not in used:
+                return f"{addr}/{pool['prefixlen']}"
+            addr += 1
+        raise Conflict("the VM address pool is exhausted", field="address")
+
+    @staticmethod
+    def _allocate_mac(s: Session) -> str:
+        used = {v.mac for v in s.scalars(select(Vm))}
+        while True:
+            # 52:54:00 is QEMU's locally administered prefix; unique within the cluster.
+            mac = "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+            if mac not in used:
+                return mac
+
+    # ------------------------------------------------------------------ VMs
+
+    def vm_by_name(self, s: Session, name: str) -> Vm:
+        vm = s.scalars(select(Vm).where(Vm.name == name)).first()
+        if vm is None:
+            raise NotFound(f"no VM named {name!r}", vm=name)
+        return vm
+
+    def vm_out(self, s: Session, vm: Vm) -> VmOut:
+        spec = VmSpec.model_validate(vm.spec)
+        return VmOut(
+            name=vm.name,
+            uuid=vm.uuid,
+            host=vm.host.name,
+            state=vm.state,
+            mac=vm.mac,
+            address=vm.address,
+            cpu_model=spec.cpu_model,
+            machine=spec.machine,
+            memory_mib=spec.memory,
+            vcpus=spec.vcpus,
+            migrating=self.db.active_task_for_vm(s, vm.name) is not None,
+        )
+
+    def list_vms(self) -> list[VmOut]:
+        with self.db.session() as s:
+            return [self.vm_out(s, v) for v in s.scalars(select(Vm).order_by(Vm.name))]
+
+    def show_vm(self, name: str, refresh: bool = True) -> VmOut:
+        with self.db.session() as s:
+            vm = self.vm_by_name(s, name)
+            if refresh and self.db.active_task_for_vm(s, name) is None:
+                try:
+                    info = self.call(vm.host, lambda c: c.vm(name), vm=name)
+                    vm.state = info.state
+                except (Upstream, NotFound) as exc:
+                    log.warning("cannot refresh %s: %s", name, exc)
+            return self.vm_out(s, vm)
+
+    def create_vm(self, req: VmCreate) -> VmOut:
+        with self.db.session() as s:
+            if s.scalars(select(Vm).where(Vm.name == req.name)).first():
+                raise Conflict(f"a VM named {req.name!r} already exists", field="name", vm=req.name)
+            host = self.host_by_name(s, req.host)
+            if host.state != "up":
+                raise Conflict(f"host {host.name} is {host.state}", field="host", host=host.name)
+            facts = HostFacts.model_validate(host.facts)
+            address = str(req.address) if req.address else self._allocate_address(s)
+            if address and s.scalars(select(Vm).where(Vm.address == address)).first():
+                raise Conflict(f"address {address} is taken", field="address")
+            mac = self._allocate_mac(s)
+            # Pin the versioned machine type: every host must then offer exactly this one.
+            machine = facts.machine_aliases.get("pc", "pc")
+            guest = GuestConfig(ip=address) if address else GuestConfig()
+            if req.workload:
+                guest = guest.model_copy(
+                    update={
+                        "fill_mib": req.workload.fill_mib,
+                        "dirty_mib_s": req.workload.dirty_mib_s,
+                    }
+                )
+            disks = []
+            if req.disk:
+                disks.append(
+                    Disk(
+                        datastore=req.disk.datastore,
+                        path=f"{req.name}.qcow2",
+                        create_size=req.disk.size_mib << 20,
+                    )
+                )
+            spec = VmSpec(
+                name=req.name,
+                uuid=uuid.uuid4(),
+                memory=req.memory,
+                vcpus=req.vcpus,
+                cpu_model=self.cpu_baseline(s),
+                machine=machine,
+                nics=[Nic(mac=mac, bridge=VM_BRIDGE)],
+                disks=disks,
+                guest=guest,
+            )
+            self.call(host, lambda c: c.define(spec), vm=req.name)
+            vm = Vm(
+                name=req.name,
+                uuid=str(spec.uuid),
+                mac=mac,
+                address=address,
+                host=host,
+                state="stopped",
+                spec=spec.model_dump(mode="json"),
+                memory_mib=spec.memory,
+            )
+            s.add(vm)
+            s.flush()
+            out = self.vm_out(s, vm)
+        if req.start:
+            return self.start_vm(req.name)
+        return out
+
+    def _lifecycle(self, name: str, fn: Callable[[AgentClient], object], state: str) -> VmOut:
+        with self.db.session() as s:
+            vm = self.vm_by_name(s, name)
+            if self.db.active_task_for_vm(s, name) is not None:
+                raise Conflict(f"VM {name} is migrating", vm=name)
+            self.call(vm.host, fn, vm=name)
+            vm.state = state
+            return self.vm_out(s, vm)
+
+    def start_vm(self, name: str) -> VmOut:
+        return self._lifecycle(name, lambda c: c.start(name), "running")
+
+    def stop_vm(self, name: str, force: bool = False) -> VmOut:
+        return self._lifecycle(name, lambda c: c.stop(name, force=force), "stopped")
+
+    def delete_vm(self, name: str, force: bool = False) -> None:
+        with self.db.session() as s:
+            vm = self.vm_by_name(s, name)
+            if self.db.active_task_for_vm(s, name) is not None:
+                raise Conflict(f"VM {name} is migrating", vm=name)
+            self.call(vm.host, lambda c: c.delete(name, force=force), vm=name)
+            s.delete(vm)

@@ -1,0 +1,290 @@
+"""Long operations as persisted tasks: queueing per host, running the engine, cancelling.
+
+At most ``per_host`` migrations involve a host at once (vMotion allows 4 on 1 GbE); more are
+queued, not refused. Every step of a task is persisted with its phase, progress and events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from sqlalchemy import select
+
+from qmotion.api.migration import MigrationParams, MigrationStats
+from qmotion.api.server import MigrateRequest, TaskEventOut, TaskOut
+from qmotion.api.sizes import parse_rate_bytes
+from qmotion.api.vm import VmSpec
+from qmotion.migration import engine, params
+from qmotion.migration.machine import MigrationState, Phase, Step
+from qmotion.migration.prechecks import PrecheckInput, precheck
+from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, Task, TaskEvent, utcnow
+from qmotion.server.errors import Conflict, Invalid, NotFound
+from qmotion.server.inventory import Inventory
+from qmotion.server.port import AgentMigrationPort, vm_view
+
+log = logging.getLogger(__name__)
+DEFAULT_PER_HOST = 4
+
+
+def task_out(t: Task, with_events: bool = True) -> TaskOut:
+    return TaskOut(
+        id=t.id,
+        kind=t.kind,
+        state=t.state,
+        vm=t.vm,
+        source=t.source,
+        destination=t.destination,
+        phase=t.phase,
+        progress=t.progress,
+        created_at=t.created_at,
+        started_at=t.started_at,
+        ended_at=t.ended_at,
+        error=t.error,
+        result=t.result,
+        stats=t.stats,
+        events=[
+            TaskEventOut(at=e.at, kind=e.kind, message=e.message, data=e.data) for e in t.events
+        ]
+        if with_events
+        else [],
+    )
+
+
+def report(
+    stats: MigrationStats | None,
+    port: AgentMigrationPort,
+    state: MigrationState,
+    accepted: float,
+    queued_s: float,
+) -> dict[str, Any]:
+    """The migration report: QEMU's own figures plus what the manager measured around them."""
+    out: dict[str, Any] = {
+        "status": "completed" if state.phase == Phase.DONE else state.phase.value,
+        "source": port.source,
+        "destination": port.destination,
+        "vm": port.vm,
+    }
+    if stats is not None:
+        out.update(
+            total_ms=stats.total_time_ms,
+            downtime_ms=stats.downtime_ms,
+            setup_ms=stats.setup_time_ms,
+            bytes=stats.transferred,
+            passes=stats.passes,
+            throughput_mbps=round(stats.mbps, 1),
+        )
+        src = dict(stats.events)
+        dst = dict(port.destination_events)
+        # Shared clock in a lab on one machine; on a real cluster both are agent-local.
+        if "stopped" in src and "resumed" in dst:
+            out["guest_paused_ms"] = round(dst["resumed"] - src["stopped"], 1)
+        if stats.steer_ms is not None:
+            out["steer_ms"] = round(stats.steer_ms, 1)
+    if port.migrate_issued_at is not None:
+        out["orchestration_ms"] = round((port.migrate_issued_at - accepted - queued_s) * 1000, 1)
+        out["queued_ms"] = round(queued_s * 1000, 1)
+    out["wall_ms"] = round((time.monotonic() - accepted) * 1000, 1)
+    if state.warnings:
+        out["warnings"] = list(state.warnings)
+    return out
+
+
+class TaskRunner:
+    def __init__(self, db: Database, inventory: Inventory, per_host: int = DEFAULT_PER_HOST):
+        self.db, self.inventory, self.per_host = db, inventory, per_host
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._cancel: dict[int, asyncio.Event] = {}
+        self._running: dict[int, asyncio.Task[None]] = {}
+
+    def recover_after_restart(self) -> None:
+        """Tasks a previous manager process left behind cannot be resumed blindly."""
+        with self.db.session() as s:
+            for t in s.scalars(select(Task).where(Task.state.in_(ACTIVE_TASK_STATES))):
+                t.state, t.ended_at = "failed", utcnow()
+                t.error = "the manager restarted while this task was active; check the VM"
+                s.add(TaskEvent(task=t, kind="error", message=t.error))
+
+    def _slot(self, host: str) -> asyncio.Semaphore:
+        return self._slots.setdefault(host, asyncio.Semaphore(self.per_host))
+
+    # ------------------------------------------------------------------ submit
+
+    def _check(self, vm: str, req: MigrateRequest) -> tuple[str, MigrationParams]:
+        """Synchronous pre-checks at submission: a refusal creates no task at all."""
+        bandwidth = None
+        if req.bandwidth:
+            try:
+                bandwidth = parse_rate_bytes(req.bandwidth)
+            except ValueError as exc:
+                raise Invalid(f"bandwidth: {exc}", field="bandwidth", vm=vm) from exc
+        with self.db.session() as s:
+            row = self.inventory.vm_by_name(s, vm)
+            spec = VmSpec.model_validate(row.spec)
+            migrating = self.db.active_task_for_vm(s, vm) is not None
+            hosts = {h.name: self.inventory.host_view(s, h) for h in s.scalars(select(Host))}
+            refusals = precheck(
+                PrecheckInput(vm_view(spec, row.host.name, row.state, migrating), req.to, hosts)
+            )
+            source = row.host.name
+        if refusals:
+            first = refusals[0]
+            cls = Conflict if any(r.status == 409 for r in refusals) else Invalid
+            raise cls(
+                "; ".join(r.message for r in refusals),
+                code=first.code,
+                vm=vm,
+                host=first.host,
+                field=first.field,
+            )
+        return source, params.choose(req.max_downtime_ms, bandwidth)
+
+    async def submit_migration(self, vm: str, req: MigrateRequest) -> TaskOut:
+        accepted = time.monotonic()
+        source, mparams = await asyncio.to_thread(self._check, vm, req)
+
+        def create() -> TaskOut:
+            with self.db.session() as s:
+                # Re-checked under the write transaction: two submits cannot both pass.
+                if self.db.active_task_for_vm(s, vm) is not None:
+                    raise Conflict(f"VM {vm} is already migrating", code="already_migrating", vm=vm)
+                t = Task(
+                    kind="migrate",
+                    state="queued",
+                    vm=vm,
+                    source=source,
+                    destination=req.to,
+                    params=mparams.model_dump(),
+                    phase="queued",
+                )
+                s.add(t)
+                s.flush()
+                s.add(
+                    TaskEvent(
+                        task=t,
+                        kind="queued",
+                        message=f"live migration of {vm}: {source} -> {req.to}",
+                    )
+                )
+                return task_out(t, with_events=False)
+
+        out = await asyncio.to_thread(create)
+        self._cancel[out.id] = asyncio.Event()
+        self._running[out.id] = asyncio.create_task(
+            self._run_migration(out.id, vm, source, req.to, mparams, accepted),
+            name=f"task-{out.id}",
+        )
+        return out
+
+    # ------------------------------------------------------------------ run
+
+    async def _run_migration(
+        self,
+        task_id: int,
+        vm: str,
+        source: str,
+        destination: str,
+        mparams: MigrationParams,
+        accepted: float,
+    ) -> None:
+        cancel = self._cancel[task_id]
+        first, second = sorted((source, destination))
+        try:
+            async with self._slot(first), self._slot(second):
+                queued_s = time.monotonic() - accepted
+                if cancel.is_set():
+                    await asyncio.to_thread(
+                        self._finish, task_id, "cancelled", "cancelled while queued", None
+                    )
+                    return
+                await asyncio.to_thread(self._mark_running, task_id)
+                port = AgentMigrationPort(self.db, self.inventory, vm, source, destination, mparams)
+
+                async def persist(st: Step, stats: MigrationStats | None) -> None:
+                    await asyncio.to_thread(self._persist, task_id, st, stats)
+
+                final = await engine.run(port, persist, cancel)
+                result = report(port.last_stats, port, final, accepted, queued_s)
+                state = {Phase.DONE: "succeeded", Phase.CANCELLED: "cancelled"}.get(
+                    final.phase, "failed"
+                )
+                await asyncio.to_thread(self._finish, task_id, state, final.error, result)
+        except Exception as exc:  # a bug must still end the task, visibly
+            log.exception("task %d crashed", task_id)
+            await asyncio.to_thread(self._finish, task_id, "failed", f"internal error: {exc}", None)
+        finally:
+            self._cancel.pop(task_id, None)
+            self._running.pop(task_id, None)
+
+    def _mark_running(self, task_id: int) -> None:
+        with self.db.session() as s:
+            t = s.get(Task, task_id)
+            assert t is not None
+            t.state, t.started_at = "running", utcnow()
+            s.add(TaskEvent(task=t, kind="started", message="started"))
+
+    def _persist(self, task_id: int, st: Step, stats: MigrationStats | None) -> None:
+        with self.db.session() as s:
+            t = s.get(Task, task_id)
+            assert t is not None
+            previous = t.phase
+            t.phase = st.state.phase.value
+            t.machine = st.state.to_json()
+            if stats is not None:
+                t.stats = stats.model_dump(mode="json")
+                if stats.total:
+                    done = 1.0 - stats.remaining / stats.total
+                    t.progress = max(t.progress, min(done, 0.99))
+            if previous != t.phase:
+                s.add(
+                    TaskEvent(
+                        task=t, kind="phase", message=st.note or t.phase, data={"phase": t.phase}
+                    )
+                )
+            elif st.note and st.note != "switchover done":
+                s.add(TaskEvent(task=t, kind="note", message=st.note))
+
+    def _finish(
+        self, task_id: int, state: str, error: str | None, result: dict[str, Any] | None
+    ) -> None:
+        with self.db.session() as s:
+            t = s.get(Task, task_id)
+            assert t is not None
+            t.state, t.ended_at, t.error, t.result = state, utcnow(), error, result
+            if state == "succeeded":
+                t.progress = 1.0
+            s.add(TaskEvent(task=t, kind=state, message=error or state, data=result))
+
+    # ------------------------------------------------------------------ queries and cancel
+
+    def get(self, task_id: int) -> TaskOut:
+        with self.db.session() as s:
+            t = s.get(Task, task_id)
+            if t is None:
+                raise NotFound(f"no task {task_id}")
+            return task_out(t)
+
+    def list(self, limit: int = 100) -> list[TaskOut]:
+        with self.db.session() as s:
+            rows = s.scalars(select(Task).order_by(Task.id.desc()).limit(limit))
+            return [task_out(t, with_events=False) for t in rows]
+
+    def cancel(self, task_id: int) -> TaskOut:
+        with self.db.session() as s:
+            t = s.get(Task, task_id)
+            if t is None:
+                raise NotFound(f"no task {task_id}")
+            if t.state not in ACTIVE_TASK_STATES:
+                raise Conflict(f"task {task_id} already ended ({t.state})")
+            t.cancel_requested = True
+            s.add(TaskEvent(task=t, kind="cancel", message="cancel requested"))
+        event = self._cancel.get(task_id)
+        if event is not None:
+            event.set()
+        return self.get(task_id)
+
+    async def shutdown(self) -> None:
+        for task in list(self._running.values()):
+            task.cancel()
