@@ -20,6 +20,7 @@ __all__ = [
     "Conflict",
     "Invalid",
     "NotFound",
+    "ServerClient",
     "ServerError",
     "Unauthorized",
     "Unreachable",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -213,7 +214,5 @@ class AgentMigrationPort:
 
 
 def _delete(client: AgentClient, vm: str) -> None:
-    try:
+    with contextlib.suppress(NotFound):
         client.delete(vm, force=True)
-    except NotFound:
-        pass
