@@ -9,10 +9,9 @@ which is the ~230 ms gap. Downtime itself is only ~10-30 ms.
 
 So during a migration the source mirrors every frame sent to the VM's tap (tc mirred on the
 tap's egress) into a capture veth. When QEMU reports the VM stopped, the frames captured since
-then are replayed onto the bridge as soon as the bridge has learned that the VM's MAC lives
-behind the uplink (the destination's steering or its RARP), and later stragglers are forwarded
-the same way for a short while. A replayed frame the guest had already consumed is a duplicate,
-which TCP discards.
+then are sent straight out of the host's uplinks as soon as the destination has taken the VM's
+traffic (steering), and later stragglers are forwarded the same way for a short while. A
+replayed frame the guest had already consumed is a duplicate, which TCP discards.
 """
 
 from __future__ import annotations
@@ -33,14 +32,25 @@ PACKET_VNET_HDR = 15
 ETH_P_ALL = 0x0003
 VNET_HDR_LEN = 10  # struct virtio_net_hdr precedes each frame on a PACKET_VNET_HDR socket
 KEEP_S = 2.0  # captured frames older than this cannot matter any more
-MARGIN_S = 0.003  # replay from slightly before the stop: a duplicate costs nothing
-FORWARD_FOR_S = 1.0  # after the first replay, keep forwarding stragglers this long
+MARGIN_S = 0.05  # replay from well before the stop: a duplicate costs nothing, a loss 200 ms
+FORWARD_FOR_S = 1.0
+MIRROR_PREF = "10"  # after the first replay, keep forwarding stragglers this long
+
+
+def prepare_tap(tap: str) -> None:
+    """Give a new tap the clsact qdisc that a migration's mirror filter will hang off."""
+    _tc("qdisc", "replace", "dev", tap, "clsact")
 
 
 def _tc(*args: str) -> None:
     proc = subprocess.run(["tc", *args], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise OSError(f"tc {' '.join(args)}: {proc.stderr.strip()}")
+
+
+def _mac_of(ip: IPRoute, ifname: str) -> bytes:
+    (index,) = ip.link_lookup(ifname=ifname)
+    return bytes.fromhex(str(ip.get_links(index)[0].get_attr("IFLA_ADDRESS")).replace(":", ""))
 
 
 def _packet_socket(ifname: str) -> socket.socket:
@@ -112,19 +122,21 @@ class LateFrameForwarder:
         """The destination has been told to take the traffic: start replaying."""
         self._release.set()
 
-    def _bridge_points_away(self, ip: IPRoute, tap_index: int) -> bool:
-        for entry in ip.fdb("dump", lladdr=self.mac):
-            if entry.get_attr("NDA_LLADDR") == self.mac and entry["ifindex"] == tap_index:
-                return False
-        return True
+    def _uplinks(self, ip: IPRoute) -> list[str]:
+        """The bridge's ports that lead off the host: not VM taps, not our capture links."""
+        (br_index,) = ip.link_lookup(ifname=self.bridge)
+        names = []
+        for link in ip.get_links():
+            name = str(link.get_attr("IFLA_IFNAME"))
+            if link.get_attr("IFLA_MASTER") == br_index and not name.startswith(("qm", "qf")):
+                names.append(name)
+        return names
 
     def _run(self) -> None:
         assert self._rx is not None
-        tx: socket.socket | None = None
+        txs: list[socket.socket] = []
         deadline: float | None = None
-        bridge_mac = b""
         with IPRoute() as ip:
-            tap_index = (ip.link_lookup(ifname=self.tap) or [0])[0]
             while not self._done.is_set():
                 with contextlib.suppress(TimeoutError, OSError):
                     frame = self._rx.recv(70000)
@@ -137,30 +149,29 @@ class LateFrameForwarder:
                     self._frames.popleft()
                 if not self._release.is_set() or self._stopped_at is None:
                     continue
-                # Replaying while the bridge still sends the MAC to the tap would loop frames.
-                if tx is None:
-                    if not self._bridge_points_away(ip, tap_index):
-                        continue
-                    tx = _packet_socket(self.bridge)
-                    (br_index,) = ip.link_lookup(ifname=self.bridge)
-                    link = ip.get_links(br_index)[0]
-                    bridge_mac = bytes.fromhex(str(link.get_attr("IFLA_ADDRESS")).replace(":", ""))
+                if deadline is None:
+                    # Straight out of the uplinks, not through the bridge: the local bridge
+                    # may still send the VM's MAC to its tap (steering pins it there).
+                    txs = [_packet_socket(name) for name in self._uplinks(ip)]
+                    bridge_mac = _mac_of(ip, self.bridge)
                     deadline = time.monotonic() + FORWARD_FOR_S
                 cutoff = self._stopped_at - MARGIN_S
                 while self._frames:
                     t, frame = self._frames.popleft()
-                    if t >= cutoff:
-                        # The client's source MAC, sent from here, would teach the switches
-                        # that the client lives behind this host; use the bridge's own MAC.
-                        # The guest's IP stack does not look at a frame's source MAC.
-                        src = VNET_HDR_LEN + 6
-                        frame = frame[:src] + bridge_mac + frame[src + 6 :]
+                    if t < cutoff:
+                        continue
+                    # The client's source MAC, sent from here, would teach the switches that
+                    # the client lives behind this host; use the bridge's own MAC instead.
+                    # The guest's IP stack does not look at a frame's source MAC.
+                    src = VNET_HDR_LEN + 6
+                    frame = frame[:src] + bridge_mac + frame[src + 6 :]
+                    for tx in txs:
                         with contextlib.suppress(OSError):
                             tx.send(frame)
                             self.forwarded += 1
-                if deadline is not None and time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     break
-        if tx is not None:
+        for tx in txs:
             tx.close()
 
     def close(self) -> None:
@@ -169,7 +180,7 @@ class LateFrameForwarder:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2)
         with contextlib.suppress(OSError):
-            _tc("qdisc", "del", "dev", self.tap, "clsact")
+            _tc("filter", "del", "dev", self.tap, "egress", "pref", MIRROR_PREF)
         if self._rx is not None:
             self._rx.close()
             self._rx = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from qmotion.agent.forwarder import prepare_tap
+
 
 def bridges() -> list[str]:
     with IPRoute() as ip:
@@ -27,6 +29,8 @@ def create_tap(name: str, bridge: str) -> None:
             raise LookupError(f"bridge {bridge} does not exist on this host")
         ip.link("add", ifname=name, kind="tuntap", mode="tap")
         (index,) = ip.link_lookup(ifname=name)
+        # Before any traffic: a qdisc added later to a live tap drops frames in flight.
+        prepare_tap(name)
         ip.link("set", index=index, master=master[0], state="up")
 
 

@@ -22,6 +22,9 @@ class ServerClient(BaseClient):
     def hosts(self) -> list[HostOut]:
         return self.call(list[HostOut], "GET", "/v1/hosts")
 
+    def refresh_hosts(self) -> list[HostOut]:
+        return self.call(list[HostOut], "POST", "/v1/hosts/refresh")
+
     def set_pool(self, pool: PoolSet) -> None:
         self.request("PUT", "/v1/pool", json=dump(pool))
 

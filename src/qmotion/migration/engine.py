@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from qmotion.api.migration import MigrationStats
-from qmotion.migration.errors import MigrationError
+from qmotion.migration.errors import MigrationError, SwitchedOver
 from qmotion.migration.machine import (
     Announce,
     AwaitProgress,
@@ -78,6 +78,8 @@ async def _perform(port: MigrationPort, action: object) -> tuple[Event, Migratio
                 await port.recover()
             case _:
                 raise AssertionError(f"unknown action {action!r}")
+    except SwitchedOver:
+        return Progress("completed"), None
     except MigrationError as exc:
         return Failed(str(exc)), None
     return Succeeded(), None

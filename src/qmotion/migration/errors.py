@@ -2,7 +2,8 @@
 
 MigrationError
  ├── Refused          pre-checks said no; nothing was touched (carries the refusals)
- └── StepError        an action failed partway; the state machine decides what is undone
+ ├── StepError        an action failed partway; the state machine decides what is undone
+ └── SwitchedOver     a rollback found QEMU had already switched over: go forward instead
 """
 
 from __future__ import annotations
@@ -34,3 +35,8 @@ class StepError(MigrationError):
         self.step = step
         self.vm = vm
         self.host = host
+
+
+class SwitchedOver(MigrationError):
+    """QEMU completed the migration although the manager lost track (e.g. a monitor call
+    failed right at switchover): undoing now would destroy the only running copy."""

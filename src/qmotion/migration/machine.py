@@ -39,6 +39,7 @@ class Phase(StrEnum):
 
 TERMINAL = frozenset({Phase.DONE, Phase.FAILED, Phase.CANCELLED})
 QEMU_FINISHED_BAD = frozenset({"failed", "cancelled"})
+MONITOR_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class MigrationState:
     error: str | None = None
     warnings: tuple[str, ...] = ()
     qemu_status: str | None = None
+    monitor_failures: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -291,6 +293,13 @@ def step(state: MigrationState, event: Event) -> Step:
                 return _rollback(replace(st, started=False), f"QEMU reported {status}")
             return Step(st, AwaitProgress(known_status=status))
         if isinstance(event, Failed):
+            # One lost answer is no reason to abandon a migration that may be fine.
+            if state.monitor_failures + 1 < MONITOR_RETRIES:
+                return Step(
+                    replace(state, monitor_failures=state.monitor_failures + 1),
+                    AwaitProgress(known_status=state.qemu_status),
+                    f"progress unavailable, retrying: {event.error}",
+                )
             return _rollback(state, event.error)
 
     if phase == Phase.VERIFY:
@@ -319,6 +328,13 @@ def step(state: MigrationState, event: Event) -> Step:
             return Step(replace(st, phase=Phase.DONE), Finish(Phase.DONE))
 
     if phase == Phase.ROLLBACK:
+        if isinstance(event, Progress) and event.qemu_status == "completed":
+            # The rollback found the switchover had happened: the destination owns the VM.
+            return Step(
+                replace(state, phase=Phase.VERIFY, switched_over=True, qemu_status="completed"),
+                VerifyDestination(),
+                "switchover had already happened: going forward",
+            )
         final = Phase.CANCELLED if state.cancel_requested else Phase.FAILED
         if isinstance(event, Failed):
             st = replace(state, warnings=(*state.warnings, f"rollback: {event.error}"))

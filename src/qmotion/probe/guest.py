@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 ECHO_PORT, MEM_PORT, DISK_PORT = 7000, 7001, 7002
+GAP_RECORD_S = 0.02  # gaps above this are kept with their time, to attribute them later
 
 
 class ProbeError(Exception):
@@ -100,6 +101,11 @@ class StreamResult:
     max_gap_ms: float
     duration_s: float
     errors: list[str]
+    gaps: list[tuple[float, float]] = field(default_factory=list)
+
+    def max_gap_between(self, start: float, end: float) -> float:
+        """Largest gap (ms) whose reply came in [start, end] (monotonic clock)."""
+        return max((g for t, g in self.gaps if start <= t <= end), default=0.0)
 
     @property
     def survived(self) -> bool:
@@ -121,6 +127,7 @@ def echo_stream(
     import os
 
     errors: list[str] = []
+    gaps: list[tuple[float, float]] = []
     sent = received = 0
     max_gap = 0.0
     start = time.monotonic()
@@ -148,9 +155,12 @@ def echo_stream(
                 errors.append(f"reply {received} corrupt: {got!r}")
                 break
             received += 1
-            max_gap = max(max_gap, now - last_reply)
+            gap = now - last_reply
+            max_gap = max(max_gap, gap)
+            if gap > GAP_RECORD_S:
+                gaps.append((now, round(gap * 1000, 1)))
             last_reply = now
             time.sleep(interval_s)
     return StreamResult(
-        sent, received, round(max_gap * 1000, 1), round(time.monotonic() - start, 3), errors
+        sent, received, round(max_gap * 1000, 1), round(time.monotonic() - start, 3), errors, gaps
     )

@@ -114,6 +114,11 @@ def create_app(db_url: str, token: str) -> FastAPI:
     def list_hosts() -> list[HostOut]:
         return inventory.list_hosts()
 
+    @app.post("/v1/hosts/refresh", response_model=list[HostOut], dependencies=auth)
+    def refresh_hosts() -> list[HostOut]:
+        inventory.refresh_hosts()
+        return inventory.list_hosts()
+
     @app.put("/v1/pool", status_code=204, dependencies=auth)
     def set_pool(pool: PoolSet) -> None:
         inventory.set_pool(pool)

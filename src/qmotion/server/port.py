@@ -21,7 +21,7 @@ from qmotion.api.migration import (
 from qmotion.api.vm import VmSpec
 from qmotion.client.agent import AgentClient
 from qmotion.client.errors import ClientError, NotFound
-from qmotion.migration.errors import Refused, StepError
+from qmotion.migration.errors import Refused, StepError, SwitchedOver
 from qmotion.migration.prechecks import PrecheckInput, VmView, precheck
 from qmotion.server.db import Database, Host
 from qmotion.server.inventory import Inventory
@@ -29,6 +29,7 @@ from qmotion.server.inventory import Inventory
 T = TypeVar("T")
 PROGRESS_WAIT_MS = 500
 VERIFY_TIMEOUT_S = 30.0
+STALL_TIMEOUT_S = 30.0  # an active migration that moves no data for this long is abandoned
 
 
 def vm_view(spec: VmSpec, host: str, state: str, migrating: bool) -> VmView:
@@ -67,6 +68,8 @@ class AgentMigrationPort:
         self.migrate_issued_at: float | None = None
         self.last_stats: MigrationStats | None = None
         self.destination_events: list[tuple[str, float]] = []
+        self._last_transferred = -1
+        self._progress_at = time.monotonic()
 
     @staticmethod
     def _host_copy(h: Host) -> Host:
@@ -127,6 +130,16 @@ class AgentMigrationPort:
             timeout_s=30,
         )
         self.last_stats = stats
+        now = time.monotonic()
+        if stats.transferred != self._last_transferred or stats.status != "active":
+            self._last_transferred, self._progress_at = stats.transferred, now
+        elif now - self._progress_at > STALL_TIMEOUT_S:
+            raise StepError(
+                "monitor",
+                f"no data moved for {STALL_TIMEOUT_S:.0f} s",
+                vm=self.vm,
+                host=self.source,
+            )
         return stats
 
     async def verify_destination(self) -> None:
@@ -166,6 +179,9 @@ class AgentMigrationPort:
     async def rollback(self, cancel_migration: bool, teardown_destination: bool) -> None:
         """Before switchover: stop QEMU's migration, remove the destination, keep the source."""
         problems = []
+        before = await self._call(self._src, "rollback", lambda c: c.migration(self.vm))
+        if before.status == "completed":
+            raise SwitchedOver("the source reports the migration completed")
         if cancel_migration:
             try:
                 await self._call(self._src, "rollback", lambda c: c.cancel_migration(self.vm))

@@ -1,0 +1,241 @@
+"""Live migration through the manager, with real TCG guests in the lab."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from qmotion.api.server import DiskCreate, MigrateRequest, TaskOut, VmCreate, VmOut, Workload
+from qmotion.client import Conflict, Invalid
+from qmotion.client.server import ServerClient
+from qmotion.hypervisor.process import is_qemu_of
+from qmotion.lab import Lab
+from qmotion.lab.netns import run_in
+from qmotion.probe.guest import StreamResult, echo_stream, mem_check, mem_status, wait_echo
+
+pytestmark = pytest.mark.integration
+MakeVm = Callable[..., VmOut]
+
+
+@pytest.fixture
+def server(lab: Lab) -> Iterator[ServerClient]:
+    with lab.server() as client:
+        yield client
+
+
+@pytest.fixture
+def make_vm(lab: Lab, server: ServerClient) -> Iterator[MakeVm]:
+    made: list[str] = []
+
+    def make(
+        host: str = "h1",
+        memory: str = "256M",
+        fill: int = 32,
+        dirty: float = 0,
+        start: bool = True,
+        **extra: object,
+    ) -> VmOut:
+        name = f"m{secrets.token_hex(3)}"
+        vm = server.create_vm(
+            VmCreate.model_validate(
+                {
+                    "name": name,
+                    "host": host,
+                    "memory": memory,
+                    "start": start,
+                    "workload": Workload(fill_mib=fill, dirty_mib_s=dirty),
+                    **extra,
+                }
+            )
+        )
+        made.append(name)
+        if start:
+            ip = ip_of(vm)
+            run_in(lab.record.client_namespace, lambda: wait_echo(ip, 90))
+            # The check waits for the initial fill; after it the guest is fully up.
+            assert run_in(lab.record.client_namespace, lambda: mem_check(ip))["consistent"]
+        return vm
+
+    yield make
+    for name in made:
+        try:
+            server.delete_vm(name, force=True)
+        except Exception:  # noqa: BLE001 - keep cleaning the others
+            pass
+
+
+def ip_of(vm: VmOut) -> str:
+    assert vm.address is not None
+    return vm.address.split("/")[0]
+
+
+def wait_task(server: ServerClient, task: TaskOut, timeout_s: float = 120) -> TaskOut:
+    deadline = time.monotonic() + timeout_s
+    while task.state in ("queued", "running"):
+        assert time.monotonic() < deadline, f"task {task.id} still {task.state}"
+        time.sleep(0.1)
+        task = server.task(task.id)
+    return task
+
+
+def wait_phase(server: ServerClient, task: TaskOut, phase: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while server.task(task.id).phase != phase:
+        assert time.monotonic() < deadline, f"task {task.id} never reached {phase}"
+        time.sleep(0.05)
+
+
+def neighbour_mac(lab: Lab, ip: str) -> str:
+    out = subprocess.run(
+        ["ip", "-n", lab.record.client_namespace, "neigh", "show", ip],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return out[out.index("lladdr") + 1] if "lladdr" in out else ""
+
+
+def test_live_migration_keeps_memory_session_mac_and_address(
+    lab: Lab, server: ServerClient, make_vm: MakeVm
+) -> None:
+    vm = make_vm("h1", memory="512M", fill=128, dirty=5)
+    ip = ip_of(vm)
+    before = run_in(lab.record.client_namespace, lambda: mem_status(ip))
+    result: dict[str, StreamResult] = {}
+    stop = Path(lab.record.dir) / f"stop-{vm.name}"
+    stream = threading.Thread(
+        target=lambda: result.update(
+            s=run_in(lab.record.client_namespace, lambda: echo_stream(ip, 60, 0.005, str(stop)))
+        )
+    )
+    stream.start()
+    time.sleep(0.5)
+    try:
+        task = wait_task(server, server.migrate(vm.name, MigrateRequest(to="h2")))
+        time.sleep(0.5)
+    finally:
+        stop.touch()
+        stream.join()
+    assert task.state == "succeeded", task.error
+    assert task.result is not None
+    for key in ("total_ms", "downtime_ms", "setup_ms", "bytes", "passes"):
+        assert task.result[key] is not None
+    # The TCP session held, every message answered in order.
+    assert result["s"].survived, result["s"].errors
+    # The same guest (same boot), its memory intact, reachable at the same address and MAC.
+    after = run_in(lab.record.client_namespace, lambda: mem_check(ip))
+    assert after["consistent"] is True
+    assert after["boot_id"] == before["boot_id"]
+    assert after["uptime_s"] > before["uptime_s"]
+    moved = server.vm(vm.name)
+    assert (moved.host, moved.address, moved.mac, moved.state) == (
+        "h2",
+        vm.address,
+        vm.mac,
+        "running",
+    )
+    assert neighbour_mac(lab, ip) == vm.mac
+    # Exactly one copy: on h2, and nothing left on h1.
+    assert vm.name not in [v.name for v in lab.agent("h1").list_vms()]
+    assert lab.agent("h2").vm(vm.name).state == "running"
+
+
+def test_prechecks_refuse_before_anything_changes(
+    lab: Lab, server: ServerClient, make_vm: MakeVm
+) -> None:
+    vm = make_vm("h1", fill=0)
+    cases: list[tuple[MigrateRequest, type[Exception], str]] = [
+        (MigrateRequest(to="h1"), Invalid, "same_host"),
+        (MigrateRequest(to="h9"), Invalid, "unknown_host"),
+        (MigrateRequest(to="h2", bandwidth="fast"), Invalid, "invalid"),
+    ]
+    for req, exc, code in cases:
+        with pytest.raises(exc) as err:
+            server.migrate(vm.name, req)
+        assert err.value.detail.code == code  # type: ignore[attr-defined]
+    stopped = make_vm("h1", fill=0, start=False)
+    with pytest.raises(Conflict) as err:
+        server.migrate(stopped.name, MigrateRequest(to="h2"))
+    assert err.value.detail.code == "vm_not_running"
+    # A VM with a disk on h1's local datastore cannot reach it from h2.
+    local = make_vm("h1", fill=0, disk=DiskCreate(datastore="local-h1", size_mib=16))
+    with pytest.raises(Conflict) as err:
+        server.migrate(local.name, MigrateRequest(to="h2"))
+    assert err.value.detail.code == "datastore_unreachable"
+    # Not enough memory left on h3 once a large VM is placed there.
+    make_vm(
+        "h3", memory=f"{(lab.agent('h3').host().memory_bytes >> 20) - 600}M", fill=0, start=False
+    )
+    with pytest.raises(Conflict) as err:
+        server.migrate(vm.name, MigrateRequest(to="h3"))
+    assert err.value.detail.code == "insufficient_memory"
+    assert server.tasks() == [] or all(t.vm != vm.name for t in server.tasks())
+    assert server.vm(vm.name).host == "h1"
+
+
+def test_destination_killed_mid_migration(lab: Lab, server: ServerClient, make_vm: MakeVm) -> None:
+    vm = make_vm("h1", memory="512M", fill=200)
+    ip = ip_of(vm)
+    # A rate limit keeps the migration going long enough to kill its destination.
+    task = server.migrate(vm.name, MigrateRequest(to="h2", bandwidth="20M/s"))
+    wait_phase(server, task, "monitor")
+    dest = lab.agent("h2").vm(vm.name)
+    assert dest.pid is not None
+    subprocess.run(["kill", "-9", str(dest.pid)], check=True)
+    task = wait_task(server, task)
+    assert task.state == "failed"
+    assert task.error
+    # Source still runs the guest, memory intact; nothing left on the destination.
+    assert lab.agent("h1").vm(vm.name).state == "running"
+    assert run_in(lab.record.client_namespace, lambda: mem_check(ip))["consistent"]
+    assert vm.name not in [v.name for v in lab.agent("h2").list_vms()]
+    assert not is_qemu_of(dest.pid, dest.uuid)
+    links = subprocess.run(
+        ["ip", "-n", lab.host("h2").namespace, "-br", "link"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert dest.taps[0] not in links
+    assert server.vm(vm.name).host == "h1"
+
+
+def test_cancel_and_second_migrate_conflict(
+    lab: Lab, server: ServerClient, make_vm: MakeVm
+) -> None:
+    vm = make_vm("h1", memory="512M", fill=200)
+    ip = ip_of(vm)
+    task = server.migrate(vm.name, MigrateRequest(to="h3", bandwidth="20M/s"))
+    with pytest.raises(Conflict) as err:
+        server.migrate(vm.name, MigrateRequest(to="h2"))
+    assert err.value.status == 409
+    assert err.value.detail.code == "already_migrating"
+    wait_phase(server, task, "monitor")
+    server.cancel_task(task.id)
+    task = wait_task(server, task)
+    assert task.state == "cancelled"
+    assert lab.agent("h1").vm(vm.name).state == "running"
+    assert vm.name not in [v.name for v in lab.agent("h3").list_vms()]
+    assert run_in(lab.record.client_namespace, lambda: mem_check(ip))["consistent"]
+    assert server.vm(vm.name).host == "h1"
+    # And the VM can still migrate afterwards.
+    again = wait_task(server, server.migrate(vm.name, MigrateRequest(to="h3")))
+    assert again.state == "succeeded", again.error
+    assert server.vm(vm.name).host == "h3"
+
+
+def test_migrations_beyond_the_host_limit_queue(
+    lab: Lab, server: ServerClient, make_vm: MakeVm
+) -> None:
+    vms = [make_vm("h2", memory="128M", fill=0) for _ in range(5)]
+    tasks = [server.migrate(v.name, MigrateRequest(to="h3")) for v in vms]
+    assert all(t.state == "queued" for t in tasks)
+    done = [wait_task(server, t) for t in tasks]
+    assert [t.state for t in done] == ["succeeded"] * 5
+    assert {server.vm(v.name).host for v in vms} == {"h3"}

@@ -1,0 +1,207 @@
+"""The engine over an in-memory cluster: whatever fails or is cancelled, one copy runs."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qmotion.api.migration import MigrationStats
+from qmotion.migration import engine
+from qmotion.migration.errors import StepError, SwitchedOver
+from qmotion.migration.machine import MigrationState, Phase, Step
+
+STEPS = [
+    "prechecks",
+    "prepare_destination",
+    "start_migration",
+    "progress",
+    "verify_destination",
+    "announce",
+    "stop_source",
+    "update_inventory",
+    "rollback",
+]
+
+
+@dataclass
+class FakeCluster:
+    """Where copies of the VM exist and in what QEMU state."""
+
+    copies: dict[str, str] = field(default_factory=lambda: {"h1": "running"})
+    inventory_host: str = "h1"
+    max_running_seen: int = 1
+
+    def check(self) -> None:
+        running = sum(1 for s in self.copies.values() if s == "running")
+        self.max_running_seen = max(self.max_running_seen, running)
+        assert running <= 1, f"two running copies: {self.copies}"
+
+
+@dataclass
+class FakePort:
+    cluster: FakeCluster
+    fail_at: str | None = None
+    fail_after_effect: bool = False
+    script: list[str] = field(default_factory=lambda: ["active", "active", "completed"])
+    cancel_after_progress: int | None = None
+    cancel: asyncio.Event | None = None
+    calls: list[str] = field(default_factory=list)
+
+    def _enter(self, name: str) -> None:
+        self.calls.append(name)
+        if self.fail_at == name and not self.fail_after_effect:
+            raise StepError(name, "injected failure")
+
+    def _leave(self, name: str) -> None:
+        self.cluster.check()
+        if self.fail_at == name and self.fail_after_effect:
+            raise StepError(name, "injected failure after its effect")
+
+    async def prechecks(self) -> None:
+        self._enter("prechecks")
+        self._leave("prechecks")
+
+    async def prepare_destination(self) -> str:
+        self._enter("prepare_destination")
+        self.cluster.copies["h2"] = "inmigrate"
+        self._leave("prepare_destination")
+        return "tcp:198.18.1.12:4444"
+
+    async def start_migration(self, uri: str) -> None:
+        self._enter("start_migration")
+        self._leave("start_migration")
+
+    async def progress(self, known_status: str | None) -> MigrationStats:
+        self._enter("progress")
+        status = self.script.pop(0) if self.script else "active"
+        n = self.calls.count("progress")
+        if self.cancel_after_progress is not None and n >= self.cancel_after_progress:
+            assert self.cancel is not None
+            self.cancel.set()
+        if status == "completed":
+            self.cluster.copies["h1"] = "postmigrate"
+            self.cluster.copies["h2"] = "running"
+        self._leave("progress")
+        return MigrationStats(status=status)
+
+    async def verify_destination(self) -> None:
+        self._enter("verify_destination")
+        if self.cluster.copies.get("h2") != "running":
+            raise StepError("verify", "destination not running")
+        self._leave("verify_destination")
+
+    async def announce(self) -> None:
+        self._enter("announce")
+        self._leave("announce")
+
+    async def stop_source(self) -> None:
+        self._enter("stop_source")
+        self.cluster.copies.pop("h1", None)
+        self._leave("stop_source")
+
+    async def update_inventory(self) -> None:
+        self._enter("update_inventory")
+        self.cluster.inventory_host = "h2"
+        self._leave("update_inventory")
+
+    async def rollback(self, cancel_migration: bool, teardown_destination: bool) -> None:
+        self._enter("rollback")
+        if self.cluster.copies.get("h1") == "postmigrate":
+            raise SwitchedOver("completed meanwhile")
+        if teardown_destination:
+            self.cluster.copies.pop("h2", None)
+        self.cluster.copies["h1"] = "running"
+        self._leave("rollback")
+
+    async def recover(self) -> None:
+        self._enter("recover")
+        self.cluster.copies.pop("h2", None)
+        self.cluster.copies["h1"] = "running"
+        self._leave("recover")
+
+
+def drive(port: FakePort) -> tuple[MigrationState, list[Step]]:
+    persisted: list[Step] = []
+
+    async def persist(s: Step, stats: MigrationStats | None) -> None:
+        persisted.append(s)
+
+    async def main() -> MigrationState:
+        cancel = asyncio.Event()
+        port.cancel = cancel
+        return await engine.run(port, persist, cancel)
+
+    return asyncio.run(main()), persisted
+
+
+def test_success_moves_the_vm() -> None:
+    cluster = FakeCluster()
+    final, persisted = drive(FakePort(cluster))
+    assert final.phase == Phase.DONE
+    assert cluster.copies == {"h2": "running"}
+    assert cluster.inventory_host == "h2"
+    assert persisted[-1].state.phase == Phase.DONE
+
+
+def test_qemu_failure_keeps_source() -> None:
+    cluster = FakeCluster()
+    final, _ = drive(FakePort(cluster, script=["active", "failed"]))
+    assert final.phase == Phase.FAILED
+    assert cluster.copies == {"h1": "running"}
+
+
+def test_cancel_during_monitoring() -> None:
+    cluster = FakeCluster()
+    final, _ = drive(FakePort(cluster, script=["active"] * 50, cancel_after_progress=2))
+    assert final.phase == Phase.CANCELLED
+    assert cluster.copies == {"h1": "running"}
+    assert cluster.inventory_host == "h1"
+
+
+def test_destination_dead_after_switchover_recovers_source() -> None:
+    cluster = FakeCluster()
+    port = FakePort(cluster, script=["completed"])
+
+    async def crash_then_verify() -> None:
+        port.calls.append("verify_destination")
+        cluster.copies.pop("h2", None)  # destination QEMU died right after switchover
+        raise StepError("verify", "destination gone")
+
+    port.verify_destination = crash_then_verify  # type: ignore[method-assign]
+    final, _ = drive(port)
+    assert final.phase == Phase.FAILED
+    assert cluster.copies == {"h1": "running"}
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    fail_at=st.sampled_from([None, *STEPS]),
+    after=st.booleans(),
+    script=st.lists(st.sampled_from(["setup", "active", "device"]), max_size=4).map(
+        lambda xs: [*xs, "completed"]
+    ),
+    cancel_after=st.one_of(st.none(), st.integers(min_value=1, max_value=4)),
+)
+def test_exactly_one_running_copy_whatever_happens(
+    fail_at: str | None, after: bool, script: list[str], cancel_after: int | None
+) -> None:
+    cluster = FakeCluster()
+    port = FakePort(
+        cluster,
+        fail_at=fail_at,
+        fail_after_effect=after,
+        script=script,
+        cancel_after_progress=cancel_after,
+    )
+    final, _ = drive(port)
+    assert final.terminal
+    running = [h for h, s in cluster.copies.items() if s == "running"]
+    assert len(running) == 1, cluster.copies
+    if final.phase == Phase.DONE:
+        assert running == ["h2"]
+    elif not final.switched_over:
+        assert running == ["h1"]
+        assert "h2" not in cluster.copies or fail_at == "rollback"

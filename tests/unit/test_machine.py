@@ -1,0 +1,225 @@
+"""The migration state machine, alone: its paths, and properties over any event sequence."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qmotion.migration.machine import (
+    Announce,
+    AwaitProgress,
+    Begin,
+    CancelRequested,
+    Event,
+    Failed,
+    Finish,
+    MigrationState,
+    Phase,
+    PrepareDestination,
+    Progress,
+    Recover,
+    Rollback,
+    RunPrechecks,
+    StartMigration,
+    Step,
+    StopSource,
+    Succeeded,
+    UpdateInventory,
+    VerifyDestination,
+    step,
+)
+
+
+def run(events: list[Event]) -> list[Step]:
+    steps, state = [], MigrationState()
+    for ev in events:
+        s = step(state, ev)
+        steps.append(s)
+        state = s.state
+    return steps
+
+
+def test_happy_path() -> None:
+    steps = run(
+        [
+            Begin(),
+            Succeeded(),
+            Succeeded(uri="tcp:198.18.1.12:4444"),
+            Succeeded(),
+            Progress("active"),
+            Progress("active"),
+            Progress("completed"),
+            Succeeded(),
+            Succeeded(),
+            Succeeded(),
+            Succeeded(),
+        ]
+    )
+    actions = [type(s.action) for s in steps]
+    assert actions == [
+        RunPrechecks,
+        PrepareDestination,
+        StartMigration,
+        AwaitProgress,
+        AwaitProgress,
+        AwaitProgress,
+        VerifyDestination,
+        Announce,
+        StopSource,
+        UpdateInventory,
+        Finish,
+    ]
+    assert steps[-1].state.phase == Phase.DONE
+    assert steps[2].action == StartMigration("tcp:198.18.1.12:4444")
+
+
+def test_refused_prechecks_touch_nothing() -> None:
+    steps = run([Begin(), Failed("VM is stopped")])
+    assert steps[-1].action == Finish(Phase.FAILED)
+    assert not any(isinstance(s.action, Rollback) for s in steps)
+
+
+def test_lost_progress_answers_are_retried_then_rolled_back() -> None:
+    start: list[Event] = [Begin(), Succeeded(), Succeeded(uri="tcp:x:1"), Succeeded()]
+    steps = run([*start, Failed("timeout")])
+    assert isinstance(steps[-1].action, AwaitProgress)
+    steps = run([*start, Failed("t"), Failed("t"), Failed("t")])
+    assert isinstance(steps[-1].action, Rollback)
+
+
+def test_rollback_that_finds_a_switchover_goes_forward() -> None:
+    start: list[Event] = [Begin(), Succeeded(), Succeeded(uri="tcp:x:1"), Succeeded()]
+    steps = run([*start, Failed("t"), Failed("t"), Failed("t"), Progress("completed")])
+    assert steps[-1].action == VerifyDestination()
+    assert steps[-1].state.switched_over
+
+
+def test_destination_failure_rolls_back_and_fails() -> None:
+    steps = run([Begin(), Succeeded(), Succeeded(uri="tcp:x:1"), Succeeded(), Progress("failed")])
+    assert steps[-1].action == Rollback(cancel_migration=False, teardown_destination=True)
+    final = step(steps[-1].state, Succeeded())
+    assert final.state.phase == Phase.FAILED
+
+
+def test_cancel_while_monitoring_cancels_qemu_and_ends_cancelled() -> None:
+    steps = run(
+        [
+            Begin(),
+            Succeeded(),
+            Succeeded(uri="tcp:x:1"),
+            Succeeded(),
+            Progress("active"),
+            CancelRequested(),
+            Succeeded(),
+        ]
+    )
+    assert steps[-2].action == Rollback(cancel_migration=True, teardown_destination=True)
+    assert steps[-1].state.phase == Phase.CANCELLED
+
+
+def test_cancel_after_switchover_is_ignored() -> None:
+    steps = run(
+        [
+            Begin(),
+            Succeeded(),
+            Succeeded(uri="tcp:x:1"),
+            Succeeded(),
+            Progress("completed"),
+            CancelRequested(),
+        ]
+    )
+    assert steps[-1].action == VerifyDestination()
+    assert steps[-1].state.switched_over
+
+
+def test_destination_not_running_after_switchover_recovers_on_source() -> None:
+    steps = run(
+        [
+            Begin(),
+            Succeeded(),
+            Succeeded(uri="tcp:x:1"),
+            Succeeded(),
+            Progress("completed"),
+            Failed("destination crashed"),
+        ]
+    )
+    assert steps[-1].action == Recover()
+    assert step(steps[-1].state, Succeeded()).state.phase == Phase.FAILED
+
+
+def test_stop_source_failure_is_a_warning_not_a_rollback() -> None:
+    steps = run(
+        [
+            Begin(),
+            Succeeded(),
+            Succeeded(uri="tcp:x:1"),
+            Succeeded(),
+            Progress("completed"),
+            Succeeded(),
+            Succeeded(),
+            Failed("agent gone"),
+            Succeeded(),
+        ]
+    )
+    assert steps[-1].state.phase == Phase.DONE
+    assert any("stop_source" in w for w in steps[-1].state.warnings)
+
+
+def test_state_roundtrips_through_json() -> None:
+    steps = run([Begin(), Succeeded(), Succeeded(uri="tcp:x:1")])
+    st_ = steps[-1].state
+    assert MigrationState.from_json(st_.to_json()) == st_
+
+
+events = st.one_of(
+    st.just(Begin()),
+    st.just(Succeeded()),
+    st.just(Succeeded(uri="tcp:h:1")),
+    st.builds(Failed, st.sampled_from(["boom", "agent gone"])),
+    st.builds(
+        Progress, st.sampled_from(["setup", "active", "device", "completed", "failed", "cancelled"])
+    ),
+    st.just(CancelRequested()),
+)
+
+
+@settings(max_examples=400)
+@given(st.lists(events, max_size=40))
+def test_invariants_over_any_event_sequence(seq: list[Event]) -> None:
+    state = MigrationState()
+    for ev in seq:
+        before = state
+        s = step(state, ev)
+        state = s.state
+        if before.terminal:
+            # Terminal states absorb everything.
+            assert state == before and isinstance(s.action, Finish)
+        if state.switched_over:
+            # Past the point of no return nothing may undo the destination.
+            assert not isinstance(s.action, Rollback)
+        if isinstance(s.action, StopSource):
+            assert state.switched_over
+        if isinstance(s.action, Rollback):
+            assert not state.switched_over
+            assert s.action.teardown_destination == state.destination_made
+        if before.switched_over:
+            assert state.switched_over
+
+
+@settings(max_examples=200)
+@given(st.lists(events, max_size=30))
+def test_always_reaches_an_end(seq: list[Event]) -> None:
+    """Whatever happened, feeding successes (and QEMU's completion) terminates quickly."""
+    state = MigrationState()
+    for ev in seq:
+        state = step(state, ev).state
+    for _ in range(20):
+        if state.terminal:
+            break
+        nxt = step(state, Succeeded(uri="tcp:h:1"))
+        if nxt.state == state and isinstance(nxt.action, AwaitProgress):
+            nxt = step(state, Progress("completed"))
+        elif state.phase == Phase.PENDING:
+            nxt = step(state, Begin())
+        state = nxt.state
+    assert state.terminal

@@ -1,0 +1,81 @@
+"""Each pre-check refusal, on pure snapshots."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from qmotion.migration.prechecks import HostView, PrecheckInput, VmView, precheck
+
+
+def host(name: str, **over: object) -> HostView:
+    base = HostView(
+        name=name,
+        state="up",
+        memory_mib=8192,
+        committed_mib=0,
+        cpu_models=frozenset({"qemu64", "Nehalem"}),
+        machine_types=frozenset({"pc-i440fx-7.2", "pc"}),
+        machine_aliases={"pc": "pc-i440fx-7.2"},
+        bridges=frozenset({"vmbr0"}),
+        datastores=frozenset({"shared"}),
+    )
+    return replace(base, **over)  # type: ignore[arg-type]
+
+
+VM = VmView(
+    name="web",
+    host="h1",
+    state="running",
+    memory_mib=1024,
+    cpu_model="qemu64",
+    machine="pc-i440fx-7.2",
+    bridges=("vmbr0",),
+    datastores=("shared",),
+)
+HOSTS = {"h1": host("h1"), "h2": host("h2")}
+
+
+def codes(vm: VmView = VM, target: str = "h2", **h2: object) -> list[str]:
+    hosts = dict(HOSTS)
+    if h2:
+        hosts["h2"] = host("h2", **h2)
+    return [r.code for r in precheck(PrecheckInput(vm, target, hosts))]
+
+
+def test_go() -> None:
+    assert codes() == []
+
+
+@pytest.mark.parametrize(
+    ("vm", "target", "h2", "expected"),
+    [
+        (replace(VM, state="stopped"), "h2", {}, "vm_not_running"),
+        (VM, "h1", {}, "same_host"),
+        (VM, "h9", {}, "unknown_host"),
+        (VM, "h2", {"state": "down"}, "host_unavailable"),
+        (VM, "h2", {"state": "maintenance"}, "host_unavailable"),
+        (VM, "h2", {"committed_mib": 7000}, "insufficient_memory"),
+        (replace(VM, cpu_model="Icelake-Server"), "h2", {}, "cpu_model_unsupported"),
+        (VM, "h2", {"bridges": frozenset({"br1"})}, "bridge_missing"),
+        (VM, "h2", {"datastores": frozenset({"local-h2"})}, "datastore_unreachable"),
+        (replace(VM, machine="pc-q35-9.0"), "h2", {}, "machine_type_unavailable"),
+        (replace(VM, migrating=True), "h2", {}, "already_migrating"),
+    ],
+)
+def test_refusals(vm: VmView, target: str, h2: dict[str, object], expected: str) -> None:
+    assert expected in codes(vm, target, **h2)
+
+
+def test_statuses_separate_conflict_from_bad_request() -> None:
+    refusals = precheck(PrecheckInput(VM, "h9", HOSTS))
+    assert [(r.status, r.field) for r in refusals] == [(422, "to")]
+    refusals = precheck(PrecheckInput(replace(VM, state="paused"), "h2", HOSTS))
+    assert [r.status for r in refusals] == [409]
+
+
+def test_memory_counts_the_host_reserve() -> None:
+    # 8192 - 512 reserved - 6656 committed = 1024: exactly enough.
+    assert codes(committed_mib=6656) == []
+    assert codes(committed_mib=6657) == ["insufficient_memory"]
