@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import subprocess
 import threading
@@ -64,10 +65,9 @@ def make_vm(lab: Lab, server: ServerClient) -> Iterator[MakeVm]:
 
     yield make
     for name in made:
-        try:
+        # Keep cleaning the others whatever this one's state.
+        with contextlib.suppress(Exception):
             server.delete_vm(name, force=True)
-        except Exception:  # noqa: BLE001 - keep cleaning the others
-            pass
 
 
 def ip_of(vm: VmOut) -> str:

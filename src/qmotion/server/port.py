@@ -129,6 +129,12 @@ class AgentMigrationPort:
             lambda c: c.migration(self.vm, wait_ms=PROGRESS_WAIT_MS, known_status=known_status),
             timeout_s=30,
         )
+        for _ in range(25):
+            # QEMU flips the status to completed a moment before it fills in the totals.
+            if stats.status != "completed" or stats.total_time_ms:
+                break
+            await asyncio.sleep(0.02)
+            stats = await self._call(self._src, "monitor", lambda c: c.migration(self.vm))
         self.last_stats = stats
         now = time.monotonic()
         if stats.transferred != self._last_transferred or stats.status != "active":
