@@ -230,7 +230,8 @@ class Migrations:
                 ready.set_result(None)
                 # Needed only at switchover, so prepared while the first pass runs; the
                 # first pass of any real guest takes far longer than this.
-                forwarders = await self._start_forwarders(name)
+                if req.params.forward:
+                    forwarders = await self._start_forwarders(name)
                 if req.params.steer:
                     peer_client = await self._peer_client(req.peer)
                 async for event in listener:

@@ -19,6 +19,7 @@ class MigrationParams(StrictModel):
     multifd_channels: int = Field(default=0, ge=0, le=16, description="0: one classic stream")
     pause_before_switchover: bool = False
     steer: bool = True
+    forward: bool = Field(default=True, description="replay frames that reach the source late")
 
 
 class PeerRef(StrictModel):

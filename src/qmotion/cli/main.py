@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from qmotion.cli import agent, demo, host, image, lab, probe, server, task, vm
+from qmotion.cli import agent, demo, drs, host, image, lab, probe, server, task, vm
 
 app = typer.Typer(
     name="qmotion",
@@ -18,6 +18,7 @@ app.add_typer(probe.app, name="probe")
 app.add_typer(vm.app, name="vm")
 app.add_typer(task.app, name="task")
 app.add_typer(host.app, name="host")
+app.add_typer(drs.app, name="drs")
 app.command("server")(server.server)
 app.command("agent")(agent.agent)
 app.command("demo")(demo.demo)

@@ -18,6 +18,8 @@ from __future__ import annotations
 from qmotion.api.migration import UNLIMITED_BANDWIDTH, MigrationParams
 
 DEFAULT_DOWNTIME_LIMIT_MS = 20
+QEMU_DEFAULT_BANDWIDTH = 128 << 20
+QEMU_DEFAULT_DOWNTIME_MS = 300
 
 
 def choose(max_downtime_ms: int | None, bandwidth: int | None) -> MigrationParams:
@@ -27,4 +29,18 @@ def choose(max_downtime_ms: int | None, bandwidth: int | None) -> MigrationParam
         multifd_channels=0,
         pause_before_switchover=False,
         steer=True,
+        forward=True,
+    )
+
+
+def qemu_defaults() -> MigrationParams:
+    """What a plain ``migrate`` does: QEMU's own defaults, nothing around the switchover.
+    The baseline of the benchmark."""
+    return MigrationParams(
+        max_bandwidth=QEMU_DEFAULT_BANDWIDTH,
+        downtime_limit_ms=QEMU_DEFAULT_DOWNTIME_MS,
+        multifd_channels=0,
+        pause_before_switchover=False,
+        steer=False,
+        forward=False,
     )

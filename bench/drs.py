@@ -1,0 +1,177 @@
+"""DRS benchmark: qmotion's planner against Ganeti's hbal on the same synthetic clusters.
+
+    python -m bench.drs [--sizes 20x300,100x2000,1000x20000] [--hbal-timeout 600]
+
+For each cluster: hbal balances it (timed, its moves counted, its final score read); qmotion
+plans it (timed, moves counted) and its placement is written back in htools text, on which hbal
+itself computes the score; both results are also measured with the DRS imbalance (RMS of the
+standard deviations of hosts' normalised CPU and memory load). hbal runs are capped by a
+timeout on the large clusters; the table says when the cap was hit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from qmotion.drs import ganeti
+from qmotion.drs.generate import write
+from qmotion.drs.model import Policy, Snapshot
+from qmotion.drs.planner import plan
+from qmotion.drs.state import ClusterState
+
+SCORE = re.compile(r"Initial score:\s*([0-9.eE+-]+)")
+FINAL = re.compile(r"Cluster score improved from\s*([0-9.eE+-]+)\s*to\s*([0-9.eE+-]+)")
+SOLUTION_MOVES = re.compile(r"Solution length=(\d+)")
+
+
+def hbal_score(text: Path, util: Path) -> float:
+    """hbal's score of a placement, as hbal computes it (no moves made)."""
+    out = subprocess.run(
+        ["hbal", "-t", str(text), "-U", str(util), "--max-length=0"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    m = SCORE.search(out.stdout + out.stderr)
+    if not m:
+        raise RuntimeError(f"no score in hbal output: {out.stdout[-500:]} {out.stderr[-500:]}")
+    return float(m.group(1))
+
+
+def run_hbal(text: Path, util: Path, timeout_s: float, out_dir: Path) -> dict[str, Any]:
+    saved = out_dir / f"{text.stem}.hbal"
+    start = time.monotonic()
+    try:
+        out = subprocess.run(
+            ["hbal", "-t", str(text), "-U", str(util), f"--save-cluster={saved}"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired:
+        return {"seconds": timeout_s, "capped": True}
+    seconds = time.monotonic() - start
+    log = out.stdout + out.stderr
+    final = FINAL.search(log)
+    moves = SOLUTION_MOVES.search(log)
+    result: dict[str, Any] = {
+        "seconds": round(seconds, 2),
+        "capped": False,
+        "moves": int(moves.group(1)) if moves else None,
+        "score_before": float(final.group(1)) if final else None,
+        "score_after": float(final.group(2)) if final else None,
+    }
+    # The balanced cluster hbal saved, measured with the DRS imbalance too.
+    balanced = Path(f"{saved}.balanced")
+    if balanced.exists():
+        result["imbalance"] = imbalance_of(ganeti.load(balanced, util).snapshot)
+    return result
+
+
+def imbalance_of(snap: Snapshot) -> float:
+    return round(ClusterState(snap).imbalance(), 5)
+
+
+def run_qmotion(text: Path, util: Path, threshold: int, out_dir: Path) -> dict[str, Any]:
+    cluster = ganeti.load(text, util)
+    start = time.monotonic()
+    result = plan(cluster.snapshot, Policy(threshold=threshold), datetime.now(UTC))
+    seconds = time.monotonic() - start
+    exported = out_dir / f"{text.stem}.qmotion.txt"
+    exported.write_text(ganeti.dump(cluster, result.placement))
+    return {
+        "seconds": round(seconds, 3),
+        "moves": len(result.moves),
+        "waves": max((m.wave for m in result.moves), default=-1) + 1,
+        "imbalance_before": round(result.imbalance_before, 5),
+        "imbalance": round(result.imbalance_after, 5),
+        "score_after": hbal_score(exported, util),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--sizes", default="20x300,100x2000,1000x20000")
+    ap.add_argument("--threshold", type=int, default=5)
+    ap.add_argument("--hbal-timeout", type=float, default=600)
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="qmotion-drs-") as tmp:
+        work = Path(tmp)
+        for size in args.sizes.split(","):
+            hosts, vms = (int(x) for x in size.split("x"))
+            text, util = write(work, hosts, vms)
+            snap = ganeti.load(text, util).snapshot
+            row = {
+                "hosts": hosts,
+                "vms": vms,
+                "score_before": hbal_score(text, util),
+                "imbalance_before": imbalance_of(snap),
+                "qmotion": run_qmotion(text, util, args.threshold, work),
+                "hbal": run_hbal(text, util, args.hbal_timeout, work),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    hbal_v = subprocess.run(
+        ["hbal", "--version"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()[0]
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        "unknown",
+    )
+    report = {
+        "date": datetime.now(UTC).date().isoformat(),
+        "cpu": cpu,
+        "hbal": hbal_v,
+        "threshold": args.threshold,
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "drs.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = table(report)
+    (args.out / "drs.md").write_text(md)
+    print(md)
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [
+        f"Machine: {report['cpu']}, 2 cores, {report['date']}; {report['hbal']}; "
+        f"qmotion threshold {report['threshold']}. Scores are hbal's own (lower is better).",
+        "",
+        "| cluster | score before | hbal time s | hbal moves | hbal score | qmotion time s "
+        "| qmotion moves | qmotion score (by hbal) | imbalance before | hbal imbalance "
+        "| qmotion imbalance |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        h, q = r["hbal"], r["qmotion"]
+        capped = h.get("capped")
+        lines.append(
+            f"| {r['hosts']} hosts / {r['vms']} VMs | {r['score_before']:.2f} "
+            f"| {'>' if capped else ''}{h['seconds']} "
+            f"| {'-' if capped else h.get('moves')} "
+            f"| {'capped' if capped else h.get('score_after')} "
+            f"| {q['seconds']} | {q['moves']} | {q['score_after']:.2f} "
+            f"| {r['imbalance_before']} | {'-' if capped else h.get('imbalance')} "
+            f"| {q['imbalance']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""``qmotion drs``: plan placement and balancing offline, on a snapshot or a Ganeti cluster."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import typer
+from pydantic import ValidationError
+from rich.table import Table
+
+from qmotion.cli.common import console, fail, print_json
+
+app = typer.Typer(help="DRS: placement and load balancing, offline (no manager needed).")
+
+
+def _load(snapshot: Path | None, ganeti_text: Path | None, ganeti_util: Path | None):  # type: ignore[no-untyped-def]
+    from qmotion.drs import ganeti
+    from qmotion.drs.model import Snapshot
+
+    if (snapshot is None) == (ganeti_text is None):
+        fail("give either --snapshot FILE.json or --ganeti-text FILE [--ganeti-util FILE]", 2)
+    if snapshot is not None:
+        try:
+            return Snapshot.model_validate_json(snapshot.read_text()), None
+        except OSError as exc:
+            fail(f"--snapshot: {exc}", 2)
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            where = ".".join(str(p) for p in e["loc"])
+            fail(f"--snapshot {snapshot}: {where}: {e['msg']}", 2)
+    assert ganeti_text is not None
+    from qmotion.drs.errors import SnapshotError
+
+    try:
+        cluster = ganeti.load(ganeti_text, ganeti_util)
+    except OSError as exc:
+        fail(f"--ganeti-text/--ganeti-util: {exc}", 2)
+    except (SnapshotError, ValueError) as exc:
+        fail(f"invalid cluster: {exc}", 2)
+    return cluster.snapshot, cluster
+
+
+@app.command("plan")
+def plan_cmd(
+    snapshot: Path = typer.Option(None, "--snapshot", help="Cluster snapshot JSON."),
+    ganeti_text: Path = typer.Option(None, "--ganeti-text", help="htools text cluster file."),
+    ganeti_util: Path = typer.Option(None, "--ganeti-util", help="htools utilisation file."),
+    threshold: int = typer.Option(
+        3, "--threshold", min=1, max=5, help="1 mandatory moves only ... 5 aggressive"
+    ),
+    automation: str = typer.Option("manual", "--automation", help="manual, partial or full"),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    emit_ganeti_text: Path = typer.Option(
+        None, "--emit-ganeti-text", help="Write the planned placement as htools text."
+    ),
+) -> None:
+    """Plan moves: evacuations and rule fixes first, then balance beyond the threshold."""
+    from qmotion.drs import ganeti
+    from qmotion.drs.errors import SnapshotError
+    from qmotion.drs.model import Automation, Policy
+    from qmotion.drs.planner import plan
+
+    if automation not in ("manual", "partial", "full"):
+        fail(f"--automation must be manual, partial or full, got {automation!r}", 2)
+    snap, cluster = _load(snapshot, ganeti_text, ganeti_util)
+    try:
+        result = plan(
+            snap, Policy(threshold=threshold, automation=Automation(automation)), datetime.now(UTC)
+        )
+    except SnapshotError as exc:
+        fail(f"invalid snapshot: {exc}", 2)
+    if emit_ganeti_text is not None:
+        if cluster is None:
+            fail("--emit-ganeti-text needs --ganeti-text input", 2)
+        emit_ganeti_text.write_text(ganeti.dump(cluster, result.placement))
+    if json_out:
+        print_json(result.to_json())
+        return
+    table = Table("wave", "VM", "from", "to", "priority", "net gain", "reason")
+    for m in result.moves:
+        table.add_row(
+            str(m.wave),
+            m.vm,
+            m.source,
+            m.target,
+            str(m.priority),
+            f"{m.gain - m.cost:.4f}",
+            m.reason,
+        )
+    console.print(table)
+    console.print(
+        f"{len(result.moves)} moves; imbalance {result.imbalance_before:.4f} -> "
+        f"{result.imbalance_after:.4f}"
+    )
+    for b in result.broken_should:
+        console.print(f"[yellow]breaks should rule {b['rule']}[/]: {b['why']}")
+    for u in result.unplaced:
+        console.print(f"[red]cannot place {u['vm']}[/]: {u['reason']}")
+
+
+@app.command("place")
+def place_cmd(
+    snapshot: Path = typer.Option(..., "--snapshot"),
+    vm: str = typer.Option(..., "--vm", help='JSON of the VM, e.g. {"name":"x","memory_mib":4096}'),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Rank hosts for a new VM, each with its reasons."""
+    from qmotion.drs.errors import SnapshotError
+    from qmotion.drs.model import Policy, VmSpec
+    from qmotion.drs.planner import place
+
+    snap, _ = _load(snapshot, None, None)
+    try:
+        spec = VmSpec.model_validate({"host": "-", **json.loads(vm)})
+        ranked = place(snap, spec, Policy())
+    except (ValueError, SnapshotError) as exc:
+        fail(f"--vm: {exc}", 2)
+    if json_out:
+        print_json([c.__dict__ for c in ranked])
+        return
+    for c in ranked:
+        mark = "[green]ok[/]" if c.feasible else "[red]no[/]"
+        console.print(f"{mark} {c.host} score {c.score:.4f}: {'; '.join(c.reasons)}")

@@ -1,0 +1,72 @@
+"""Synthetic skewed clusters, written as Ganeti text files (and as snapshots), for benchmarks.
+
+Skewed as a cluster gets after growth or a host replacement: most VMs sit on a third of the
+hosts. Deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+NODE_MEM_MIB = 262_144
+NODE_RESERVED_MIB = 4_096
+NODE_CPUS = 64
+VM_MEM_CHOICES = (1024, 2048, 4096, 4096, 8192, 8192, 16384)
+
+
+def ganeti_cluster(hosts: int, vms: int, seed: int = 1) -> tuple[str, str]:
+    """(cluster text, utilisation text) for ``hosts`` nodes and ``vms`` instances."""
+    rnd = random.Random(seed)
+    group = "00000000-0000-0000-0000-000000000001"
+    nodes = [f"node{i:04d}" for i in range(hosts)]
+    crowded = nodes[: max(1, hosts // 3)]
+    cap = NODE_MEM_MIB - NODE_RESERVED_MIB
+    used = dict.fromkeys(nodes, 0)
+    inst_lines, util_lines = [], []
+    for i in range(vms):
+        mem = rnd.choice(VM_MEM_CHOICES)
+        pool = crowded if rnd.random() < 0.85 else nodes
+        # Never overcommit: fall back to any node with room.
+        order = [n for n in rnd.sample(pool, len(pool)) if used[n] + mem <= cap * 0.97]
+        if not order:
+            order = [n for n in nodes if used[n] + mem <= cap * 0.97]
+        if not order:
+            raise ValueError("cluster too small for that many instances")
+        node = order[0]
+        used[node] += mem
+        vcpus = max(1, mem // 2048)
+        name = f"inst{i:05d}"
+        inst_lines.append(f"{name}|{mem}|10240|{vcpus}|running|Y|{node}||sharedfile||1")
+        cpu = round(rnd.uniform(0.1, 1.0) * vcpus, 2)
+        # CPU and memory load only: the two dimensions DRS balances. With disk and network
+        # at 1.0 per instance, hbal would also equalise instance counts.
+        util_lines.append(f"{name} {cpu} {mem / 1024:.2f} 0 0")
+    node_lines = [
+        f"{n}|{NODE_MEM_MIB}|{NODE_RESERVED_MIB}|{cap - used[n]}|1048576|1048576|{NODE_CPUS}|N|"
+        f"{group}|1"
+        for n in nodes
+    ]
+    groups = [f"default|{group}|preferred|"]
+    # No policy section: hbal then applies Ganeti's default instance policy.
+    text = join_sections([groups, node_lines, inst_lines, []])
+    return text, "\n".join(util_lines) + "\n"
+
+
+def join_sections(sections: list[list[str]]) -> str:
+    """htools text: sections separated by one blank line each (an empty section included)."""
+    lines: list[str] = []
+    for i, section in enumerate(sections):
+        if i:
+            lines.append("")
+        lines.extend(section)
+    return "\n".join(lines) + "\n"
+
+
+def write(directory: Path, hosts: int, vms: int, seed: int = 1) -> tuple[Path, Path]:
+    text, util = ganeti_cluster(hosts, vms, seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    t, u = directory / f"cluster-{hosts}-{vms}.txt", directory / f"cluster-{hosts}-{vms}.util"
+    t.write_text(text)
+    u.write_text(util)
+    return t, u

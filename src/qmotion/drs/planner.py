@@ -1,0 +1,435 @@
+"""The DRS planner: mandatory moves, then cost-aware load balancing, ordered into waves.
+
+Pipeline (as Nomad's scheduler: reconcile, feasibility, score, plan):
+  1. validate the snapshot (refuse contradictory must rules, unknown hosts, bad capacities);
+  2. mandatory moves, priority 1: VMs on failed, quarantined or maintenance hosts, VMs breaking
+     a must rule; priority 2: VMs on degraded hosts and VMs breaking a should rule. Each goes to
+     the feasible host that leaves the cluster most balanced, so an evacuated host's VMs spread;
+  3. balancing, priorities 2-5: repeatedly the single move with the best gain in balance net of
+     its migration cost (which grows with the VM's memory and dirty rate), among the most and
+     least loaded hosts, until no move reaches the threshold's priority. Because the stop rule
+     depends only on the state, planning again on the result yields no move;
+  4. waves: moves ordered so no host exceeds its concurrent-migration limit.
+Never overcommits memory, never targets a host that is not usable, never breaks a must rule,
+breaks a should rule only for a mandatory move with no alternative (and reports it).
+Deterministic: ties are broken by name.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from qmotion.drs.model import Automation, Health, Policy, Snapshot, VmSpec
+from qmotion.drs.rules import RuleBook, validate
+from qmotion.drs.state import ClusterState
+
+# Net gain (reduction of the objective, see state.py) that each priority needs.
+PRIORITY_GAIN = {2: 0.05, 3: 0.01, 4: 0.003, 5: 1e-9}
+# Migration cost in objective units: a fixed part plus memory to copy and pages to re-copy.
+COST_BASE = 0.002
+COST_PER_GIB = 0.0005
+COST_PER_DIRTY_MIB_S = 0.0002
+SOURCES, TARGETS, NEIGHBOURS = 4, 8, 3
+
+
+@dataclass(frozen=True)
+class Move:
+    vm: str
+    source: str
+    target: str
+    priority: int
+    gain: float
+    cost: float
+    reason: str
+    wave: int = 0
+    auto_apply: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "vm": self.vm,
+            "from": self.source,
+            "to": self.target,
+            "priority": self.priority,
+            "gain": round(self.gain, 6),
+            "cost": round(self.cost, 6),
+            "reason": self.reason,
+            "wave": self.wave,
+            "auto_apply": self.auto_apply,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    moves: list[Move]
+    imbalance_before: float
+    imbalance_after: float
+    threshold: int
+    automation: Automation
+    planned_at: datetime
+    broken_should: list[dict[str, Any]] = field(default_factory=list)
+    unplaced: list[dict[str, str]] = field(default_factory=list)
+    placement: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "planned_at": self.planned_at.isoformat(),
+            "threshold": self.threshold,
+            "automation": self.automation.value,
+            "imbalance_before": round(self.imbalance_before, 6),
+            "imbalance_after": round(self.imbalance_after, 6),
+            "moves": [m.to_json() for m in self.moves],
+            "waves": max((m.wave for m in self.moves), default=-1) + 1,
+            "broken_should_rules": self.broken_should,
+            "unplaced": self.unplaced,
+        }
+
+
+@dataclass(frozen=True)
+class Candidate:
+    host: str
+    feasible: bool
+    score: float
+    reasons: list[str]
+
+
+def cost_of(vms: list[VmSpec]) -> float:
+    return sum(
+        COST_BASE + COST_PER_GIB * v.memory_mib / 1024 + COST_PER_DIRTY_MIB_S * v.dirty_rate_mib_s
+        for v in vms
+    )
+
+
+def priority_of(net: float) -> int:
+    for p in (2, 3, 4, 5):
+        if net >= PRIORITY_GAIN[p]:
+            return p
+    return 6
+
+
+class _Planner:
+    def __init__(self, snap: Snapshot, policy: Policy) -> None:
+        validate(snap)
+        self.snap, self.policy = snap, policy
+        self.state = ClusterState(snap)
+        self.book = RuleBook.build(snap)
+        self.steps: list[Move] = []
+        self.broken: list[dict[str, Any]] = []
+        self.unplaced: list[dict[str, str]] = []
+
+    # ------------------------------------------------------------------ helpers
+
+    def _unit_demand(self, unit: list[str]) -> tuple[float, float, int]:
+        vms = [self.state.vms[v] for v in unit]
+        return (
+            sum(v.cpu for v in vms),
+            sum(v.mem_demand for v in vms),
+            sum(v.memory_mib for v in vms),
+        )
+
+    def _feasible(self, unit: list[str], host: str, strengths: tuple[str, ...]) -> bool:
+        h = self.state.hosts[host]
+        if not h.spec.usable:
+            return False
+        src = {self.state.placement[v] for v in unit}
+        need = sum(self.state.vms[v].memory_mib for v in unit if self.state.placement[v] != host)
+        if src == {host} or not h.fits(need):
+            return False
+        return not self.book.allows(self.state, unit, host, strengths)
+
+    def _apply(
+        self, unit: list[str], host: str, priority: int, gain: float, cost: float, reason: str
+    ) -> None:
+        for vm in unit:
+            src = self.state.placement[vm]
+            if src == host:
+                continue
+            self.state.move(vm, host)
+            self.steps.append(
+                Move(vm, src, host, priority, gain / len(unit), cost / len(unit), reason)
+            )
+
+    def _best_target(self, unit: list[str], strengths: tuple[str, ...]) -> tuple[str, float] | None:
+        cpu, mem, _ = self._unit_demand(unit)
+        src = self.state.placement[unit[0]]
+        best: tuple[float, str] | None = None
+        for host in sorted(self.state.hosts):
+            if not self._feasible(unit, host, strengths):
+                continue
+            delta = self.state.move_delta(cpu, mem, src, host)
+            if best is None or (delta, host) < best:
+                best = (delta, host)
+        return (best[1], best[0]) if best else None
+
+    # ------------------------------------------------------------------ mandatory
+
+    def mandatory(self) -> None:
+        units: list[tuple[int, str, list[str]]] = []
+        seen: set[str] = set()
+        for vm_name in sorted(self.state.vms):
+            spec = self.state.hosts[self.state.placement[vm_name]].spec
+            unit = self.book.unit(vm_name)
+            if unit[0] in seen:
+                continue
+            reason = ""
+            prio = 0
+            if spec.health in (Health.FAILED, Health.QUARANTINED):
+                prio, reason = 1, f"host {spec.name} is {spec.health.value}"
+            elif spec.maintenance:
+                prio, reason = 1, f"host {spec.name} enters maintenance"
+            elif spec.health == Health.DEGRADED:
+                prio, reason = 2, f"host {spec.name} is degraded"
+            if prio:
+                seen.update(unit)
+                units.append((prio, reason, unit))
+        # Rule violations: must first, then should.
+        for strength, prio in (("must", 1), ("should", 2)):
+            rules = [r for r in self.snap.rules if r.strength == strength]
+            for rule, bad in self.book.violations(self.state, rules):
+                for vm in bad:
+                    unit = self.book.unit(vm)
+                    if unit[0] in seen:
+                        continue
+                    seen.update(unit)
+                    units.append((prio, f"{strength} rule {rule.name} is broken", unit))
+        # Large units first: they are the hardest to fit.
+        units.sort(key=lambda u: (u[0], -self._unit_demand(u[2])[2], u[2][0]))
+        for prio, reason, unit in units:
+            if prio > self.policy.threshold and prio == 2:
+                continue
+            found = self._best_target(unit, ("must", "should"))
+            note = reason
+            if found is None and prio == 1:
+                found = self._best_target(unit, ("must",))
+                if found is not None:
+                    broken = self.book.allows(self.state, unit, found[0], ("should",))
+                    for r in broken:
+                        self.broken.append(
+                            {
+                                "rule": r.name,
+                                "vms": unit,
+                                "host": found[0],
+                                "why": f"no other host fits ({reason})",
+                            }
+                        )
+                    note = f"{reason}; breaks should rule(s) " + ", ".join(r.name for r in broken)
+            if found is None:
+                for vm in unit:
+                    self.unplaced.append({"vm": vm, "reason": f"{reason}; no feasible host"})
+                continue
+            host, delta = found
+            self._apply(unit, host, prio, -delta, cost_of([self.state.vms[v] for v in unit]), note)
+
+    # ------------------------------------------------------------------ balancing
+
+    def balance(self) -> None:
+        st = self.state
+        usable = [h for h in st.balanced]
+        if len(usable) < 2 or self.policy.threshold < 2:
+            return
+        by_cpu = sorted((st.hosts[h].cpu_load, h) for h in usable)
+        by_mem = sorted((st.hosts[h].mem_load, h) for h in usable)
+        # Per host, its movable units sorted by their normalised weight on that host.
+        weights: dict[str, list[tuple[float, str]]] = defaultdict(list)
+        for host in usable:
+            units = {tuple(self.book.unit(v)) for v in st.members[host]}
+            weights[host] = sorted(
+                (self._weight(list(u), host), u[0])
+                for u in units
+                if all(st.placement[v] == host for v in u)
+            )
+        moves = 0
+        while moves < self.policy.max_moves:
+            best = self._best_balancing_move(by_cpu, by_mem, weights)
+            if best is None:
+                break
+            net, unit, src, dst, gain, cost = best
+            prio = priority_of(net)
+            if prio > self.policy.threshold:
+                break
+            for lst in (by_cpu, by_mem):
+                for host in (src, dst):
+                    key = (
+                        st.hosts[host].cpu_load if lst is by_cpu else st.hosts[host].mem_load,
+                        host,
+                    )
+                    lst.pop(bisect.bisect_left(lst, key))
+            weights[src].remove((self._weight(unit, src), unit[0]))
+            self._apply(unit, dst, prio, gain, cost, "balance load")
+            bisect.insort(weights[dst], (self._weight(unit, dst), unit[0]))
+            for host in (src, dst):
+                bisect.insort(by_cpu, (st.hosts[host].cpu_load, host))
+                bisect.insort(by_mem, (st.hosts[host].mem_load, host))
+            moves += len(unit)
+
+    def _weight(self, unit: list[str], host: str) -> float:
+        cpu, mem, _ = self._unit_demand(unit)
+        h = self.state.hosts[host].spec
+        return cpu / h.cpu_capacity + mem / h.memory_mib
+
+    def _best_balancing_move(
+        self,
+        by_cpu: list[tuple[float, str]],
+        by_mem: list[tuple[float, str]],
+        weights: dict[str, list[tuple[float, str]]],
+    ) -> tuple[float, list[str], str, str, float, float] | None:
+        st = self.state
+        sources = {h for _, h in by_cpu[-SOURCES:]} | {h for _, h in by_mem[-SOURCES:]}
+        targets = {h for _, h in by_cpu[:TARGETS]} | {h for _, h in by_mem[:TARGETS]}
+        best: tuple[float, list[str], str, str, float, float] | None = None
+        best_key: tuple[float, str, str] | None = None
+        for src in sorted(sources):
+            ws = weights[src]
+            if not ws:
+                continue
+            s = st.hosts[src]
+            for dst in sorted(targets - {src}):
+                d = st.hosts[dst]
+                # Ideal weight to move: half the gap in combined normalised load.
+                ideal = ((s.cpu_load + s.mem_load) - (d.cpu_load + d.mem_load)) / 2
+                if ideal <= 0:
+                    continue
+                i = bisect.bisect_left(ws, (ideal, ""))
+                for j in range(max(0, i - NEIGHBOURS), min(len(ws), i + NEIGHBOURS)):
+                    unit = self.book.unit(ws[j][1])
+                    if not self._feasible(unit, dst, ("must", "should")):
+                        continue
+                    cpu, mem, _ = self._unit_demand(unit)
+                    gain = -st.move_delta(cpu, mem, src, dst)
+                    cost = cost_of([st.vms[v] for v in unit])
+                    net = gain - cost
+                    key = (-net, unit[0], dst)
+                    if net > 0 and (best_key is None or key < best_key):
+                        best_key, best = key, (net, unit, src, dst, gain, cost)
+        return best
+
+    # ------------------------------------------------------------------ result
+
+    def result(self, now: datetime, before: float) -> Plan:
+        moves = _collapse(self.steps)
+        moves = _waves(moves, {h.name: h.max_migrations for h in self.snap.hosts})
+        auto = self.policy.automation == Automation.FULL
+        moves = [
+            Move(
+                m.vm,
+                m.source,
+                m.target,
+                m.priority,
+                m.gain,
+                m.cost,
+                m.reason,
+                m.wave,
+                auto and m.priority <= self.policy.threshold,
+            )
+            for m in moves
+        ]
+        return Plan(
+            moves=moves,
+            imbalance_before=before,
+            imbalance_after=self.state.imbalance(),
+            threshold=self.policy.threshold,
+            automation=self.policy.automation,
+            planned_at=now,
+            broken_should=self.broken,
+            unplaced=self.unplaced,
+            placement=dict(self.state.placement),
+        )
+
+
+def _collapse(steps: list[Move]) -> list[Move]:
+    """One move per VM, from where it is to where it ends (A->B->C is A->C)."""
+    first: dict[str, Move] = {}
+    last: dict[str, Move] = {}
+    order: list[str] = []
+    for m in steps:
+        if m.vm not in first:
+            first[m.vm] = m
+            order.append(m.vm)
+        last[m.vm] = m
+    out = []
+    for vm in order:
+        a, b = first[vm], last[vm]
+        if a.source == b.target:
+            continue
+        mine = [x for x in steps if x.vm == vm]
+        out.append(
+            Move(
+                vm,
+                a.source,
+                b.target,
+                min(x.priority for x in mine),
+                sum(x.gain for x in mine),
+                a.cost,
+                a.reason,
+            )
+        )
+    out.sort(key=lambda m: m.priority)
+    return out
+
+
+def _waves(moves: list[Move], limits: dict[str, int]) -> list[Move]:
+    """Each migration uses a slot on its source and its target in its wave; a move into a host
+    that an earlier move empties waits for that wave (it may need the freed memory)."""
+    used: dict[tuple[int, str], int] = defaultdict(int)
+    freed: dict[str, int] = {}
+    out = []
+    for m in moves:
+        w = freed.get(m.target, -1) + 1
+        while used[(w, m.source)] >= limits.get(m.source, 4) or used[(w, m.target)] >= limits.get(
+            m.target, 4
+        ):
+            w += 1
+        used[(w, m.source)] += 1
+        used[(w, m.target)] += 1
+        freed[m.source] = max(freed.get(m.source, -1), w)
+        out.append(Move(m.vm, m.source, m.target, m.priority, m.gain, m.cost, m.reason, w))
+    return out
+
+
+def plan(snap: Snapshot, policy: Policy, now: datetime) -> Plan:
+    """The moves that bring the cluster to its rules and into balance. Pure."""
+    p = _Planner(snap, policy)
+    before = p.state.imbalance()
+    p.mandatory()
+    p.balance()
+    return p.result(now, before)
+
+
+def place(snap: Snapshot, vm: VmSpec, policy: Policy) -> list[Candidate]:
+    """Ranked hosts for a new VM (``vm.host`` is ignored), each with its reasons."""
+    validate(snap)
+    state = ClusterState(snap)
+    book = RuleBook.build(snap)
+    new = vm.model_copy(update={"host": "__new__"})
+    state.vms[new.name] = new
+    out = []
+    for name in sorted(state.hosts):
+        h = state.hosts[name]
+        reasons = []
+        feasible = True
+        if not h.spec.usable:
+            feasible = False
+            reasons.append("maintenance" if h.spec.maintenance else f"health {h.spec.health}")
+        if not h.fits(new.memory_mib):
+            feasible = False
+            reasons.append(f"needs {new.memory_mib} MiB, {h.spec.memory_mib - h.allocated} free")
+        state.placement[new.name] = name
+        broken = book.allows(state, [new.name], name, ("must", "should"))
+        for r in broken:
+            if r.strength == "must":
+                feasible = False
+            reasons.append(f"{r.strength} rule {r.name} forbids it")
+        delta = 0.0
+        if name in state.balanced:
+            delta = state.move_delta(new.cpu, new.mem_demand, "__none__", name)
+        if feasible:
+            cpu = (h.cpu + new.cpu) / h.spec.cpu_capacity
+            mem = (h.allocated + new.memory_mib) / h.spec.memory_mib
+            reasons.append(f"CPU {cpu:.0%} and memory {mem:.0%} committed after placement")
+        score = delta + (1.0 if any(r.strength == "should" for r in broken) else 0.0)
+        out.append(Candidate(name, feasible, score, reasons))
+    out.sort(key=lambda c: (not c.feasible, c.score, c.host))
+    return out

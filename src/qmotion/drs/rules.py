@@ -1,0 +1,162 @@
+"""Snapshot validation and the placement rules: what may go where, and what is broken now."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from qmotion.drs.errors import SnapshotError
+from qmotion.drs.model import Rule, Snapshot
+from qmotion.drs.state import ClusterState
+
+
+def validate(snap: Snapshot) -> None:
+    """Refuse, naming the entry, a snapshot no plan can be made from."""
+    hosts = set()
+    for h in snap.hosts:
+        if h.name in hosts:
+            raise SnapshotError(f"host {h.name}", "defined twice")
+        hosts.add(h.name)
+    vms = set()
+    for v in snap.vms:
+        if v.name in vms:
+            raise SnapshotError(f"vm {v.name}", "defined twice")
+        vms.add(v.name)
+        if v.host not in hosts:
+            raise SnapshotError(f"vm {v.name}", f"runs on unknown host {v.host!r}")
+    names = set()
+    for r in snap.rules:
+        if r.name in names:
+            raise SnapshotError(f"rule {r.name}", "defined twice")
+        names.add(r.name)
+        for vm in r.vms:
+            if vm not in vms:
+                raise SnapshotError(f"rule {r.name}", f"names unknown VM {vm!r}")
+        for host in r.hosts:
+            if host not in hosts:
+                raise SnapshotError(f"rule {r.name}", f"names unknown host {host!r}")
+    _contradictions(snap, hosts)
+
+
+def _contradictions(snap: Snapshot, hosts: set[str]) -> None:
+    must = [r for r in snap.rules if r.strength == "must"]
+    allowed: dict[str, set[str]] = {}
+    why: dict[str, list[str]] = defaultdict(list)
+    for r in must:
+        for vm in r.vms:
+            if r.kind == "run_on":
+                allowed[vm] = allowed.get(vm, set(hosts)) & set(r.hosts)
+                why[vm].append(r.name)
+            elif r.kind == "not_run_on":
+                allowed[vm] = allowed.get(vm, set(hosts)) - set(r.hosts)
+                why[vm].append(r.name)
+    for vm, ok in allowed.items():
+        if not ok:
+            raise SnapshotError(
+                f"rules {', '.join(why[vm])}", f"together leave VM {vm} no host to run on"
+            )
+    for a in (r for r in must if r.kind == "affinity"):
+        for b in (r for r in must if r.kind == "anti_affinity"):
+            common = set(a.vms) & set(b.vms)
+            if len(common) >= 2:
+                raise SnapshotError(
+                    f"rules {a.name}, {b.name}",
+                    f"VMs {', '.join(sorted(common))} must be both together and apart",
+                )
+        group_hosts = set(hosts)
+        for vm in a.vms:
+            group_hosts &= allowed.get(vm, set(hosts))
+        if not group_hosts:
+            raise SnapshotError(
+                f"rule {a.name}", "its VMs must share a host but their host rules allow none"
+            )
+
+
+@dataclass
+class RuleBook:
+    """Rules indexed by VM, for checks in the planner's inner loop."""
+
+    by_vm: dict[str, list[Rule]] = field(default_factory=lambda: defaultdict(list))
+    groups: dict[str, list[str]] = field(default_factory=dict)  # must-affinity: vm -> group
+
+    @classmethod
+    def build(cls, snap: Snapshot) -> RuleBook:
+        book = cls()
+        for r in snap.rules:
+            for vm in r.vms:
+                book.by_vm[vm].append(r)
+        # Must-affinity groups move as one unit; overlapping groups merge.
+        parent: dict[str, str] = {}
+
+        def find(x: str) -> str:
+            while parent.get(x, x) != x:
+                x = parent[x]
+            return x
+
+        for r in snap.rules:
+            if r.kind == "affinity" and r.strength == "must":
+                root = find(r.vms[0])
+                for vm in r.vms[1:]:
+                    parent[find(vm)] = root
+        members: dict[str, list[str]] = defaultdict(list)
+        for vm in {
+            vm for r in snap.rules if r.kind == "affinity" and r.strength == "must" for vm in r.vms
+        }:
+            members[find(vm)].append(vm)
+        for group in members.values():
+            group.sort()
+            for vm in group:
+                book.groups[vm] = group
+        return book
+
+    def unit(self, vm: str) -> list[str]:
+        return self.groups.get(vm, [vm])
+
+    def allows(
+        self, state: ClusterState, unit: list[str], host: str, strengths: tuple[str, ...]
+    ) -> list[Rule]:
+        """The rules (of the given strengths) that moving ``unit`` to ``host`` would break."""
+        broken: list[Rule] = []
+        unit_set = set(unit)
+        for vm in unit:
+            for r in self.by_vm.get(vm, ()):
+                if r.strength not in strengths:
+                    continue
+                if (r.kind == "run_on" and host not in r.hosts) or (
+                    r.kind == "not_run_on" and host in r.hosts
+                ):
+                    broken.append(r)
+                elif r.kind == "anti_affinity":
+                    others = [o for o in r.vms if o not in unit_set]
+                    if any(state.placement[o] == host for o in others):
+                        broken.append(r)
+                elif r.kind == "affinity" and r.strength == "should":
+                    others = [o for o in r.vms if o not in unit_set]
+                    if others and all(state.placement[o] != host for o in others):
+                        broken.append(r)
+        return broken
+
+    def violations(self, state: ClusterState, rules: list[Rule]) -> list[tuple[Rule, list[str]]]:
+        """Rules broken by the current placement, with the VMs that break them."""
+        out = []
+        for r in rules:
+            bad: list[str] = []
+            if r.kind == "run_on":
+                bad = [vm for vm in r.vms if state.placement[vm] not in r.hosts]
+            elif r.kind == "not_run_on":
+                bad = [vm for vm in r.vms if state.placement[vm] in r.hosts]
+            elif r.kind == "anti_affinity":
+                seen: dict[str, str] = {}
+                for vm in r.vms:
+                    host = state.placement[vm]
+                    if host in seen:
+                        bad.append(vm)
+                    seen.setdefault(host, vm)
+            elif r.kind == "affinity":
+                hosts = {state.placement[vm] for vm in r.vms}
+                if len(hosts) > 1:
+                    first = state.placement[r.vms[0]]
+                    bad = [vm for vm in r.vms if state.placement[vm] != first]
+            if bad:
+                out.append((r, bad))
+        return out

@@ -1,0 +1,134 @@
+"""A mutable working copy of a snapshot: placements, loads, and O(1) imbalance deltas.
+
+Imbalance is the root mean square of the population standard deviations of the hosts'
+normalised CPU load (demand / capacity) and memory load (demand / capacity), over the hosts
+that may hold VMs. Moving one VM changes two hosts, so the change of
+sum((L - mean)^2) = sum(L^2) - (sum L)^2 / n is computed from two hosts' loads alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from qmotion.drs.model import HostSpec, Snapshot, VmSpec
+
+
+@dataclass
+class HostLoad:
+    spec: HostSpec
+    cpu: float = 0.0  # demand, cores
+    mem: float = 0.0  # demand, MiB
+    allocated: int = 0  # memory_mib of the VMs placed here: never above capacity
+
+    @property
+    def cpu_load(self) -> float:
+        return self.cpu / self.spec.cpu_capacity
+
+    @property
+    def mem_load(self) -> float:
+        return self.mem / self.spec.memory_mib
+
+    def fits(self, memory_mib: int) -> bool:
+        return self.allocated + memory_mib <= self.spec.memory_mib
+
+
+class ClusterState:
+    def __init__(self, snap: Snapshot) -> None:
+        self.hosts: dict[str, HostLoad] = {h.name: HostLoad(h) for h in snap.hosts}
+        self.vms: dict[str, VmSpec] = {v.name: v for v in snap.vms}
+        self.placement: dict[str, str] = {v.name: v.host for v in snap.vms}
+        self.members: dict[str, set[str]] = {h: set() for h in self.hosts}
+        for vm in snap.vms:
+            self._add(vm, vm.host)
+        # Balance is judged among hosts that can hold VMs; the others are being emptied.
+        self.balanced = [name for name, h in self.hosts.items() if h.spec.usable]
+        self._recompute()
+
+    def _add(self, vm: VmSpec, host: str) -> None:
+        h = self.hosts[host]
+        h.cpu += vm.cpu
+        h.mem += vm.mem_demand
+        h.allocated += vm.memory_mib
+        self.members[host].add(vm.name)
+
+    def _remove(self, vm: VmSpec, host: str) -> None:
+        h = self.hosts[host]
+        h.cpu -= vm.cpu
+        h.mem -= vm.mem_demand
+        h.allocated -= vm.memory_mib
+        self.members[host].discard(vm.name)
+
+    def _recompute(self) -> None:
+        hs = [self.hosts[n] for n in self.balanced]
+        self.s1c = sum(h.cpu_load for h in hs)
+        self.s2c = sum(h.cpu_load**2 for h in hs)
+        self.s1m = sum(h.mem_load for h in hs)
+        self.s2m = sum(h.mem_load**2 for h in hs)
+        self._balanced_set = set(self.balanced)
+
+    # ------------------------------------------------------------------ measures
+
+    def objective(self) -> float:
+        """n * (var_cpu + var_mem): what balancing minimises (independent of cluster size
+        per move, unlike the standard deviation)."""
+        n = len(self.balanced)
+        if n == 0:
+            return 0.0
+        return (self.s2c - self.s1c**2 / n) + (self.s2m - self.s1m**2 / n)
+
+    def imbalance(self) -> float:
+        n = len(self.balanced)
+        if n == 0:
+            return 0.0
+        var_c = max(self.s2c / n - (self.s1c / n) ** 2, 0.0)
+        var_m = max(self.s2m / n - (self.s1m / n) ** 2, 0.0)
+        return math.sqrt((var_c + var_m) / 2)
+
+    def move_delta(self, cpu: float, mem: float, src: str, dst: str) -> float:
+        """Change of the objective if ``cpu``/``mem`` demand moved from ``src`` to ``dst``."""
+        n = len(self.balanced)
+        if n == 0:
+            return 0.0
+        s1c, s2c, s1m, s2m = self.s1c, self.s2c, self.s1m, self.s2m
+        for name, sign in ((src, -1.0), (dst, 1.0)):
+            if name not in self._balanced_set:
+                continue
+            h = self.hosts[name]
+            oc, om = h.cpu_load, h.mem_load
+            nc = oc + sign * cpu / h.spec.cpu_capacity
+            nm = om + sign * mem / h.spec.memory_mib
+            s1c += nc - oc
+            s2c += nc * nc - oc * oc
+            s1m += nm - om
+            s2m += nm * nm - om * om
+        after = (s2c - s1c**2 / n) + (s2m - s1m**2 / n)
+        return after - self.objective()
+
+    # ------------------------------------------------------------------ changes
+
+    def move(self, vm_name: str, dst: str) -> None:
+        vm = self.vms[vm_name]
+        src = self.placement[vm_name]
+        for name, sign in ((src, -1.0), (dst, 1.0)):
+            if name in self._balanced_set:
+                h = self.hosts[name]
+                self.s1c -= h.cpu_load
+                self.s2c -= h.cpu_load**2
+                self.s1m -= h.mem_load
+                self.s2m -= h.mem_load**2
+            if sign < 0:
+                self._remove(vm, name)
+            else:
+                self._add(vm, name)
+            if name in self._balanced_set:
+                h = self.hosts[name]
+                self.s1c += h.cpu_load
+                self.s2c += h.cpu_load**2
+                self.s1m += h.mem_load
+                self.s2m += h.mem_load**2
+        self.placement[vm_name] = dst
+
+    def combined_load(self, host: str) -> float:
+        h = self.hosts[host]
+        return h.cpu_load + h.mem_load

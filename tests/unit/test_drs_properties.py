@@ -1,0 +1,275 @@
+"""DRS planner properties over random clusters (hypothesis), plus its refusals."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from qmotion.drs.errors import SnapshotError
+from qmotion.drs.model import Policy, Snapshot
+from qmotion.drs.planner import Plan, plan
+from qmotion.drs.rules import RuleBook, validate
+from qmotion.drs.state import ClusterState
+
+NOW = datetime(2026, 11, 26, tzinfo=UTC)
+
+
+@st.composite
+def clusters(draw: st.DrawFn, rules: bool = True, unhealthy: bool = True) -> dict[str, Any]:
+    n_hosts = draw(st.integers(min_value=2, max_value=7))
+    hosts: list[dict[str, Any]] = []
+    for i in range(n_hosts):
+        hosts.append(
+            {
+                "name": f"h{i}",
+                "cpu_capacity": draw(st.sampled_from([8, 16, 32])),
+                "memory_mib": draw(st.sampled_from([16384, 32768, 65536])),
+                "health": draw(st.sampled_from(["ok"] * 6 + ["degraded", "failed"]))
+                if unhealthy
+                else "ok",
+                "maintenance": draw(st.booleans()) if unhealthy and i > 0 else False,
+                "max_migrations": draw(st.integers(min_value=1, max_value=4)),
+            }
+        )
+    free = {h["name"]: h["memory_mib"] for h in hosts}
+    vms = []
+    for i in range(draw(st.integers(min_value=0, max_value=25))):
+        mem = draw(st.sampled_from([512, 1024, 2048, 4096, 8192]))
+        # Skewed: mostly on the first hosts, never overcommitted in the input.
+        order = sorted(free, key=lambda h: (int(h[1:]) > draw(st.integers(0, n_hosts)), h))
+        host = next((h for h in order if free[h] >= mem), None)
+        if host is None:
+            continue
+        free[host] -= mem
+        vms.append(
+            {
+                "name": f"v{i}",
+                "host": host,
+                "memory_mib": mem,
+                "vcpus": draw(st.integers(min_value=1, max_value=8)),
+                "cpu_demand": draw(st.floats(min_value=0, max_value=8)),
+                "dirty_rate_mib_s": draw(st.sampled_from([0, 5, 50])),
+            }
+        )
+    rule_list = []
+    names = [v["name"] for v in vms]
+    if rules and len(names) >= 2:
+        for j in range(draw(st.integers(min_value=0, max_value=3))):
+            kind = draw(st.sampled_from(["affinity", "anti_affinity", "run_on", "not_run_on"]))
+            strength = draw(st.sampled_from(["must", "should"]))
+            if kind in ("affinity", "anti_affinity"):
+                members = draw(
+                    st.lists(st.sampled_from(names), min_size=2, max_size=3, unique=True)
+                )
+                rule_list.append(
+                    {"name": f"r{j}", "kind": kind, "strength": strength, "vms": members}
+                )
+            else:
+                members = draw(
+                    st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True)
+                )
+                hs = draw(
+                    st.lists(
+                        st.sampled_from([h["name"] for h in hosts]),
+                        min_size=1,
+                        max_size=2,
+                        unique=True,
+                    )
+                )
+                rule_list.append(
+                    {
+                        "name": f"r{j}",
+                        "kind": kind,
+                        "strength": strength,
+                        "vms": members,
+                        "hosts": hs,
+                    }
+                )
+    return {"hosts": hosts, "vms": vms, "rules": rule_list}
+
+
+def make(data: dict[str, Any]) -> Snapshot:
+    snap = Snapshot.model_validate(data)
+    try:
+        validate(snap)
+    except SnapshotError:
+        assume(False)
+    return snap
+
+
+def applied(snap: Snapshot, result: Plan) -> Snapshot:
+    data = snap.model_dump()
+    for vm in data["vms"]:
+        vm["host"] = result.placement[vm["name"]]
+    return Snapshot.model_validate(data)
+
+
+SETTINGS = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
+)
+
+
+@SETTINGS
+@given(clusters(), st.integers(min_value=1, max_value=5))
+def test_safety(data: dict[str, Any], threshold: int) -> None:
+    snap = make(data)
+    result = plan(snap, Policy(threshold=threshold), NOW)
+    hosts = {h.name: h for h in snap.hosts}
+    # Never targets a host in maintenance, failed, quarantined or degraded.
+    for m in result.moves:
+        assert hosts[m.target].usable, m
+    # Never overcommits memory.
+    after = applied(snap, result)
+    state = ClusterState(after)
+    for name, h in state.hosts.items():
+        assert h.allocated <= h.spec.memory_mib, name
+    # Never breaks a must rule (except for VMs it reports it could not place).
+    book = RuleBook.build(after)
+    unplaced = {u["vm"] for u in result.unplaced}
+    musts = [r for r in after.rules if r.strength == "must"]
+    for rule, bad in book.violations(state, musts):
+        moved_bad = [vm for vm in bad if vm in {m.vm for m in result.moves}]
+        assert not moved_bad or set(rule.vms) & unplaced, (rule, bad)
+    # Waves respect each host's concurrent-migration limit.
+    per_wave: dict[int, Counter[str]] = defaultdict(Counter)
+    for m in result.moves:
+        per_wave[m.wave][m.source] += 1
+        per_wave[m.wave][m.target] += 1
+    for counts in per_wave.values():
+        for host, n in counts.items():
+            assert n <= hosts[host].max_migrations
+    # One move per VM.
+    assert len({m.vm for m in result.moves}) == len(result.moves)
+
+
+@SETTINGS
+@given(clusters(rules=False, unhealthy=False))
+def test_balancing_never_increases_imbalance(data: dict[str, Any]) -> None:
+    snap = make(data)
+    result = plan(snap, Policy(threshold=5), NOW)
+    assert result.imbalance_after <= result.imbalance_before + 1e-9
+
+
+@SETTINGS
+@given(clusters())
+def test_no_ping_pong_at_default_threshold(data: dict[str, Any]) -> None:
+    snap = make(data)
+    first = plan(snap, Policy(), NOW)
+    second = plan(applied(snap, first), Policy(), NOW)
+    assert second.moves == [], second.moves
+
+
+@SETTINGS
+@given(clusters())
+def test_deterministic(data: dict[str, Any]) -> None:
+    snap = make(data)
+    assert plan(snap, Policy(), NOW) == plan(snap, Policy(), NOW)
+
+
+def test_maintenance_spreads_vms() -> None:
+    hosts: list[dict[str, Any]] = [
+        {"name": f"h{i}", "cpu_capacity": 16, "memory_mib": 65536} for i in range(4)
+    ]
+    hosts[0]["maintenance"] = True
+    vms = [{"name": f"v{i}", "host": "h0", "memory_mib": 4096, "vcpus": 2} for i in range(9)]
+    result = plan(Snapshot.model_validate({"hosts": hosts, "vms": vms}), Policy(threshold=1), NOW)
+    assert {m.vm for m in result.moves} == {f"v{i}" for i in range(9)}
+    assert all(m.priority == 1 for m in result.moves)
+    targets = Counter(m.target for m in result.moves)
+    assert set(targets) == {"h1", "h2", "h3"}
+    assert max(targets.values()) - min(targets.values()) <= 1
+
+
+def test_threshold_one_makes_only_mandatory_moves() -> None:
+    hosts = [{"name": f"h{i}", "cpu_capacity": 16, "memory_mib": 65536} for i in range(3)]
+    vms = [{"name": f"v{i}", "host": "h0", "memory_mib": 4096, "vcpus": 4} for i in range(8)]
+    snap = Snapshot.model_validate({"hosts": hosts, "vms": vms})
+    assert plan(snap, Policy(threshold=1), NOW).moves == []
+    balanced = plan(snap, Policy(threshold=3), NOW)
+    assert balanced.moves and balanced.imbalance_after < balanced.imbalance_before
+
+
+def test_should_rule_broken_only_when_nothing_else_fits() -> None:
+    hosts: list[dict[str, Any]] = [
+        {"name": "h0", "cpu_capacity": 8, "memory_mib": 8192, "maintenance": True},
+        {"name": "h1", "cpu_capacity": 8, "memory_mib": 8192},
+        {"name": "h2", "cpu_capacity": 8, "memory_mib": 8192},
+    ]
+    vms = [
+        {"name": "a", "host": "h0", "memory_mib": 4096},
+        {"name": "b", "host": "h1", "memory_mib": 2048},
+    ]
+    rules = [{"name": "apart", "kind": "anti_affinity", "strength": "should", "vms": ["a", "b"]}]
+    snap = Snapshot.model_validate({"hosts": hosts, "vms": vms, "rules": rules})
+    result = plan(snap, Policy(), NOW)
+    assert [(m.vm, m.target) for m in result.moves] == [("a", "h2")]
+    assert result.broken_should == []
+    # Make h2 too small: now "a" can only go next to "b", breaking the should rule.
+    hosts[2]["memory_mib"] = 1024
+    snap = Snapshot.model_validate({"hosts": hosts, "vms": vms, "rules": rules})
+    result = plan(snap, Policy(), NOW)
+    assert [(m.vm, m.target) for m in result.moves] == [("a", "h1")]
+    assert [b["rule"] for b in result.broken_should] == ["apart"]
+
+
+@pytest.mark.parametrize(
+    ("data", "entry"),
+    [
+        (
+            {
+                "hosts": [{"name": "h1", "cpu_capacity": 4, "memory_mib": 1024}],
+                "vms": [{"name": "v", "host": "h9", "memory_mib": 512}],
+            },
+            "vm v",
+        ),
+        (
+            {
+                "hosts": [{"name": "h1", "cpu_capacity": 4, "memory_mib": 1024}],
+                "vms": [
+                    {"name": "v", "host": "h1", "memory_mib": 512},
+                    {"name": "w", "host": "h1", "memory_mib": 512},
+                ],
+                "rules": [
+                    {"name": "a", "kind": "affinity", "vms": ["v", "w"]},
+                    {"name": "b", "kind": "anti_affinity", "vms": ["v", "w"]},
+                ],
+            },
+            "rules a, b",
+        ),
+        (
+            {
+                "hosts": [{"name": "h1", "cpu_capacity": 4, "memory_mib": 1024}],
+                "vms": [{"name": "v", "host": "h1", "memory_mib": 512}],
+                "rules": [
+                    {"name": "on", "kind": "run_on", "vms": ["v"], "hosts": ["h1"]},
+                    {"name": "off", "kind": "not_run_on", "vms": ["v"], "hosts": ["h1"]},
+                ],
+            },
+            "rules on, off",
+        ),
+        (
+            {
+                "hosts": [{"name": "h1", "cpu_capacity": 4, "memory_mib": 1024}],
+                "vms": [{"name": "v", "host": "h1", "memory_mib": 512}],
+                "rules": [{"name": "r", "kind": "run_on", "vms": ["v"], "hosts": ["h7"]}],
+            },
+            "rule r",
+        ),
+    ],
+)
+def test_bad_snapshots_name_the_entry(data: dict[str, Any], entry: str) -> None:
+    with pytest.raises(SnapshotError) as exc:
+        plan(Snapshot.model_validate(data), Policy(), NOW)
+    assert exc.value.entry == entry
+
+
+def test_negative_capacity_refused_by_the_schema() -> None:
+    with pytest.raises(ValueError, match="cpu_capacity"):
+        Snapshot.model_validate({"hosts": [{"name": "h", "cpu_capacity": -1, "memory_mib": 1}]})
