@@ -52,7 +52,7 @@ def run_hbal(text: Path, util: Path, timeout_s: float, out_dir: Path) -> dict[st
     start = time.monotonic()
     try:
         out = subprocess.run(
-            ["hbal", "-t", str(text), "-U", str(util), f"--save-cluster={saved}"],
+            ["hbal", "-t", str(text), "-U", str(util), "-S", str(saved)],
             capture_output=True,
             text=True,
             check=False,

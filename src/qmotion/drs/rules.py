@@ -76,7 +76,7 @@ def _contradictions(snap: Snapshot, hosts: set[str]) -> None:
 class RuleBook:
     """Rules indexed by VM, for checks in the planner's inner loop."""
 
-    by_vm: dict[str, list[Rule]] = field(default_factory=lambda: defaultdict(list))
+    by_vm: dict[str, list[Rule]] = field(default_factory=dict)
     groups: dict[str, list[str]] = field(default_factory=dict)  # must-affinity: vm -> group
 
     @classmethod
@@ -84,7 +84,7 @@ class RuleBook:
         book = cls()
         for r in snap.rules:
             for vm in r.vms:
-                book.by_vm[vm].append(r)
+                book.by_vm.setdefault(vm, []).append(r)
         # Must-affinity groups move as one unit; overlapping groups merge.
         parent: dict[str, str] = {}
 

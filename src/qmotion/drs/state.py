@@ -90,20 +90,25 @@ class ClusterState:
         n = len(self.balanced)
         if n == 0:
             return 0.0
-        s1c, s2c, s1m, s2m = self.s1c, self.s2c, self.s1m, self.s2m
-        for name, sign in ((src, -1.0), (dst, 1.0)):
-            if name not in self._balanced_set:
-                continue
-            h = self.hosts[name]
-            oc, om = h.cpu_load, h.mem_load
-            nc = oc + sign * cpu / h.spec.cpu_capacity
-            nm = om + sign * mem / h.spec.memory_mib
-            s1c += nc - oc
-            s2c += nc * nc - oc * oc
-            s1m += nm - om
-            s2m += nm * nm - om * om
-        after = (s2c - s1c**2 / n) + (s2m - s1m**2 / n)
-        return after - self.objective()
+        # Unrolled: this is the planner's innermost computation.
+        d1c = d2c = d1m = d2m = 0.0
+        bal = self._balanced_set
+        if src in bal:
+            h = self.hosts[src]
+            oc, om = h.cpu / h.spec.cpu_capacity, h.mem / h.spec.memory_mib
+            nc, nm = oc - cpu / h.spec.cpu_capacity, om - mem / h.spec.memory_mib
+            d1c, d2c, d1m, d2m = nc - oc, nc * nc - oc * oc, nm - om, nm * nm - om * om
+        if dst in bal:
+            h = self.hosts[dst]
+            oc, om = h.cpu / h.spec.cpu_capacity, h.mem / h.spec.memory_mib
+            nc, nm = oc + cpu / h.spec.cpu_capacity, om + mem / h.spec.memory_mib
+            d1c += nc - oc
+            d2c += nc * nc - oc * oc
+            d1m += nm - om
+            d2m += nm * nm - om * om
+        s1c, s1m = self.s1c, self.s1m
+        # objective = s2 - s1^2/n per dimension; the change of it:
+        return (d2c - (2 * s1c * d1c + d1c * d1c) / n) + (d2m - (2 * s1m * d1m + d1m * d1m) / n)
 
     # ------------------------------------------------------------------ changes
 
