@@ -415,6 +415,15 @@ def plan(snap: Snapshot, policy: Policy, now: datetime) -> Plan:
     before = p.state.imbalance()
     p.mandatory()
     p.balance()
+    # Balancing may have made room for a mandatory move or a rule fix that had none: retry
+    # until nothing changes, so the plan is a fixed point and planning again finds nothing.
+    for _ in range(3):
+        steps = len(p.steps)
+        p.unplaced = []
+        p.mandatory()
+        if len(p.steps) == steps:
+            break
+        p.balance()
     return p.result(now, before)
 
 

@@ -131,8 +131,10 @@ class RuleBook:
                     if any(state.placement[o] == host for o in others):
                         broken.append(r)
                 elif r.kind == "affinity" and r.strength == "should":
-                    others = [o for o in r.vms if o not in unit_set]
-                    if others and all(state.placement[o] != host for o in others):
+                    # A move may bring the members closer together, never further apart.
+                    before = {state.placement[o] for o in r.vms}
+                    after = {host if o in unit_set else state.placement[o] for o in r.vms}
+                    if len(after) > 1 and len(after) >= len(before):
                         broken.append(r)
         return broken
 
