@@ -45,7 +45,8 @@ demo: setup
 
 bench: EXTRA_DEBS = $(BENCH_PACKAGES)
 bench: setup
-	$(PY) -m bench.run
+	$(PY) -m bench.migration
+	$(PY) -m bench.drs
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
