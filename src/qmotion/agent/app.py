@@ -5,14 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from qmotion import __version__
 from qmotion.agent.config import AgentConfig
@@ -20,7 +17,7 @@ from qmotion.agent.errors import AgentError
 from qmotion.agent.facts import MetricsSampler, host_facts
 from qmotion.agent.migrate import Migrations
 from qmotion.agent.vms import VmManager
-from qmotion.api.errors import ErrorBody, ErrorDetail
+from qmotion.api.errors import ErrorDetail
 from qmotion.api.host import AccelInfo, HostFacts, HostMetrics
 from qmotion.api.migration import (
     IncomingRequest,
@@ -29,6 +26,7 @@ from qmotion.api.migration import (
     OutgoingRequest,
     SteerRequest,
 )
+from qmotion.api.service import bearer_auth, error_response, install_error_handlers
 from qmotion.api.vm import StopRequest, VmInfo, VmSpec
 from qmotion.hypervisor.accel import choose_accel
 from qmotion.image import ensure_image
@@ -56,18 +54,6 @@ class AgentState:
         return choose_accel(self.config.accel, ensure_image)
 
 
-def error_response(status: int, detail: ErrorDetail) -> JSONResponse:
-    return JSONResponse(status_code=status, content=ErrorBody(error=detail).model_dump())
-
-
-def _field_of(loc: tuple[int | str, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
-    return out
-
-
 def create_app(config: AgentConfig) -> FastAPI:
     state = AgentState(config)
 
@@ -86,16 +72,8 @@ def create_app(config: AgentConfig) -> FastAPI:
 
     app = FastAPI(title=f"qmotion agent {config.name}", version=__version__, lifespan=lifespan)
     app.state.agent = state
-    bearer = HTTPBearer(auto_error=False)
-
-    # A default, not Annotated: with postponed annotations FastAPI cannot see a local ``bearer``.
-    def authorize(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if creds is None or not secrets.compare_digest(creds.credentials, config.token):
-            raise HTTPException(
-                status_code=401,
-                detail="missing or wrong bearer token",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+    install_error_handlers(app, host=config.name)
+    authorize = bearer_auth(config.token)
 
     @app.exception_handler(AgentError)
     async def _agent_error(request: Request, exc: AgentError) -> JSONResponse:
@@ -110,38 +88,6 @@ def create_app(config: AgentConfig) -> FastAPI:
                 qmp_class=exc.qmp_class,
             ),
         )
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        field = _field_of(tuple(first.get("loc", ())))
-        msgs = "; ".join(
-            f"{_field_of(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in exc.errors()
-        )
-        return error_response(
-            422,
-            ErrorDetail(
-                code="invalid_request",
-                message=msgs,
-                field=field or None,
-                host=config.name,
-            ),
-        )
-
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        code = {401: "unauthorized", 404: "not_found"}.get(exc.status_code, "http_error")
-        resp = error_response(
-            exc.status_code,
-            ErrorDetail(
-                code=code,
-                message=str(exc.detail),
-                host=config.name,
-            ),
-        )
-        if exc.headers:
-            resp.headers.update(exc.headers)
-        return resp
 
     auth = [Depends(authorize)]
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
 
-from qmotion.cli.common import fail
+from qmotion.cli.common import fail, listen_address, service_token
 
 
 def agent(
@@ -25,23 +24,10 @@ def agent(
     from qmotion.agent.config import AgentConfig, parse_datastore
     from qmotion.agent.main import run
 
-    token = os.environ.get("QMOTION_AGENT_TOKEN", "")
-    if token_file is not None:
-        try:
-            token = token_file.read_text().strip()
-        except OSError as exc:
-            fail(f"--token-file: {exc}", 2)
-    if len(token) < 16:
-        fail(
-            "a bearer token of at least 16 characters is required "
-            "(--token-file or QMOTION_AGENT_TOKEN)",
-            2,
-        )
+    token = service_token(token_file, "QMOTION_AGENT_TOKEN")
     if accel not in ("auto", "kvm", "tcg"):
         fail(f"--accel must be auto, kvm or tcg, got {accel!r}", 2)
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        fail(f"--listen must be ADDRESS:PORT, got {listen!r}", 2)
+    host, port = listen_address(listen)
     try:
         stores = tuple(parse_datastore(d) for d in datastore)
     except ValueError as exc:
@@ -55,4 +41,4 @@ def agent(
         accel=accel,
         datastores=stores,
     )
-    run(config, host, int(port))
+    run(config, host, port)

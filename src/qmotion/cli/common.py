@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NoReturn
 
 import typer
@@ -45,3 +47,23 @@ def errors_exit() -> Iterator[None]:
 
 def print_json(obj: object) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def service_token(token_file: Path | None, env: str) -> str:
+    """A service's bearer token from ``--token-file`` or the environment; refused if short."""
+    token = os.environ.get(env, "")
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            fail(f"--token-file: {exc}", 2)
+    if len(token) < 16:
+        fail(f"a bearer token of at least 16 characters is required (--token-file or {env})", 2)
+    return token
+
+
+def listen_address(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        fail(f"--listen must be ADDRESS:PORT, got {listen!r}", 2)
+    return host, int(port)

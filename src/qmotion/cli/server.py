@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
 
-from qmotion.cli.common import fail
+from qmotion.cli.common import listen_address, service_token
 
 
 def server(
@@ -22,17 +21,8 @@ def server(
     """Serve the cluster inventory, tasks and the REST API."""
     from qmotion.server.main import run
 
-    token = os.environ.get("QMOTION_TOKEN", "")
-    if token_file is not None:
-        try:
-            token = token_file.read_text().strip()
-        except OSError as exc:
-            fail(f"--token-file: {exc}", 2)
-    if len(token) < 16:
-        fail("a bearer token of at least 16 characters is required", 2)
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        fail(f"--listen must be ADDRESS:PORT, got {listen!r}", 2)
+    token = service_token(token_file, "QMOTION_TOKEN")
+    host, port = listen_address(listen)
     if db.startswith("sqlite:///"):
         Path(db.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    run(db, token, host, int(port))
+    run(db, token, host, port)

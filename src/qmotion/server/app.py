@@ -5,16 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 from collections.abc import AsyncIterator
 
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from qmotion import __version__
-from qmotion.api.errors import ErrorBody, ErrorDetail
+from qmotion.api.errors import ErrorDetail
 from qmotion.api.server import (
     HostOut,
     HostRegister,
@@ -24,6 +21,7 @@ from qmotion.api.server import (
     VmCreate,
     VmOut,
 )
+from qmotion.api.service import bearer_auth, error_response, install_error_handlers
 from qmotion.api.vm import StopRequest
 from qmotion.server.db import Database
 from qmotion.server.errors import ServerError
@@ -32,11 +30,6 @@ from qmotion.server.tasks import TaskRunner
 
 log = logging.getLogger(__name__)
 REFRESH_INTERVAL_S = 15.0
-
-
-def _field(loc: tuple[int | str, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    return ".".join(parts)
 
 
 def create_app(db_url: str, token: str) -> FastAPI:
@@ -56,20 +49,12 @@ def create_app(db_url: str, token: str) -> FastAPI:
 
     app = FastAPI(title="qmotion manager", version=__version__, lifespan=lifespan)
     app.state.runner = runner
-    bearer = HTTPBearer(auto_error=False)
-
-    def authorize(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if creds is None or not secrets.compare_digest(creds.credentials, token):
-            raise HTTPException(
-                401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
-            )
-
-    def body(status: int, detail: ErrorDetail) -> JSONResponse:
-        return JSONResponse(status_code=status, content=ErrorBody(error=detail).model_dump())
+    install_error_handlers(app)
+    authorize = bearer_auth(token)
 
     @app.exception_handler(ServerError)
     async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
-        return body(
+        return error_response(
             exc.status,
             ErrorDetail(
                 code=exc.code,
@@ -80,29 +65,6 @@ def create_app(db_url: str, token: str) -> FastAPI:
                 qmp_class=exc.qmp_class,
             ),
         )
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = exc.errors()
-        msg = "; ".join(
-            f"{_field(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errs
-        )
-        return body(
-            422,
-            ErrorDetail(
-                code="invalid_request",
-                message=msg,
-                field=_field(tuple(errs[0].get("loc", ()))) or None,
-            ),
-        )
-
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        code = {401: "unauthorized", 404: "not_found"}.get(exc.status_code, "http_error")
-        resp = body(exc.status_code, ErrorDetail(code=code, message=str(exc.detail)))
-        if exc.headers:
-            resp.headers.update(exc.headers)
-        return resp
 
     auth = [Depends(authorize)]
 
