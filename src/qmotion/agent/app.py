@@ -8,8 +8,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import Depends, FastAPI, Query
+from fastapi.responses import PlainTextResponse
 
 from qmotion import __version__
 from qmotion.agent.config import AgentConfig
@@ -17,7 +17,6 @@ from qmotion.agent.errors import AgentError
 from qmotion.agent.facts import MetricsSampler, host_facts
 from qmotion.agent.migrate import Migrations
 from qmotion.agent.vms import VmManager
-from qmotion.api.errors import ErrorDetail
 from qmotion.api.host import AccelInfo, HostFacts, HostMetrics
 from qmotion.api.migration import (
     IncomingRequest,
@@ -26,7 +25,7 @@ from qmotion.api.migration import (
     OutgoingRequest,
     SteerRequest,
 )
-from qmotion.api.service import bearer_auth, error_response, install_error_handlers
+from qmotion.api.service import bearer_auth, install_error_handlers
 from qmotion.api.vm import StopRequest, VmInfo, VmSpec
 from qmotion.hypervisor.accel import choose_accel
 from qmotion.image import ensure_image
@@ -72,22 +71,8 @@ def create_app(config: AgentConfig) -> FastAPI:
 
     app = FastAPI(title=f"qmotion agent {config.name}", version=__version__, lifespan=lifespan)
     app.state.agent = state
-    install_error_handlers(app, host=config.name)
+    install_error_handlers(app, AgentError, host=config.name)
     authorize = bearer_auth(config.token)
-
-    @app.exception_handler(AgentError)
-    async def _agent_error(request: Request, exc: AgentError) -> JSONResponse:
-        return error_response(
-            exc.status,
-            ErrorDetail(
-                code=exc.code,
-                message=exc.message,
-                vm=exc.vm,
-                host=config.name,
-                field=exc.field,
-                qmp_class=exc.qmp_class,
-            ),
-        )
 
     auth = [Depends(authorize)]
 

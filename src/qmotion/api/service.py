@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -40,8 +41,26 @@ def bearer_auth(token: str) -> Callable[..., None]:
     return authorize
 
 
-def install_error_handlers(app: FastAPI, host: str | None = None) -> None:
-    """Validation and HTTP errors in the common error body (the field named, the host too)."""
+def install_error_handlers(
+    app: FastAPI, domain_error: type[Exception], host: str | None = None
+) -> None:
+    """The service's own errors (``domain_error``: with status, code, message, vm, field and
+    qmp_class), validation and HTTP errors, all in the common error body."""
+
+    @app.exception_handler(domain_error)
+    async def _domain(request: Request, exc: Exception) -> JSONResponse:
+        e: Any = exc
+        return error_response(
+            e.status,
+            ErrorDetail(
+                code=e.code,
+                message=e.message,
+                vm=e.vm,
+                host=getattr(e, "host", None) or host,
+                field=e.field,
+                qmp_class=e.qmp_class,
+            ),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -7,11 +7,9 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI
 
 from qmotion import __version__
-from qmotion.api.errors import ErrorDetail
 from qmotion.api.server import (
     HostOut,
     HostRegister,
@@ -21,7 +19,7 @@ from qmotion.api.server import (
     VmCreate,
     VmOut,
 )
-from qmotion.api.service import bearer_auth, error_response, install_error_handlers
+from qmotion.api.service import bearer_auth, install_error_handlers
 from qmotion.api.vm import StopRequest
 from qmotion.server.db import Database
 from qmotion.server.errors import ServerError
@@ -49,22 +47,8 @@ def create_app(db_url: str, token: str) -> FastAPI:
 
     app = FastAPI(title="qmotion manager", version=__version__, lifespan=lifespan)
     app.state.runner = runner
-    install_error_handlers(app)
+    install_error_handlers(app, ServerError)
     authorize = bearer_auth(token)
-
-    @app.exception_handler(ServerError)
-    async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
-        return error_response(
-            exc.status,
-            ErrorDetail(
-                code=exc.code,
-                message=exc.message,
-                vm=exc.vm,
-                host=exc.host,
-                field=exc.field,
-                qmp_class=exc.qmp_class,
-            ),
-        )
 
     auth = [Depends(authorize)]
 
