@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from qmotion.agent.facts import cpu_info
 from qmotion.drs import ganeti
 from qmotion.drs.generate import write
 from qmotion.drs.model import Policy, Snapshot
@@ -126,14 +127,7 @@ def main() -> None:
     hbal_v = subprocess.run(
         ["hbal", "--version"], capture_output=True, text=True, check=False
     ).stdout.splitlines()[0]
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        "unknown",
-    )
+    cpu, _ = cpu_info()
     report = {
         "date": datetime.now(UTC).date().isoformat(),
         "cpu": cpu,

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from qmotion.agent.facts import cpu_info
 from qmotion.api.migration import IncomingRequest, OutgoingRequest
 from qmotion.api.server import MigrateRequest, VmCreate, Workload
 from qmotion.api.vm import VmSpec
@@ -54,14 +55,7 @@ SCENARIOS = [
 
 
 def machine() -> dict[str, Any]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "unknown",
-    )
+    cpu, _ = cpu_info()
     import os
 
     return {

@@ -17,7 +17,8 @@ from qmotion.hypervisor.qemu import qemu_info
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _cpuinfo() -> tuple[str, list[str]]:
+def cpu_info() -> tuple[str, list[str]]:
+    """The CPU's model name and flags, from /proc/cpuinfo."""
     model, flags = "unknown", list[str]()
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         key, _, value = line.partition(":")
@@ -40,7 +41,7 @@ def meminfo() -> dict[str, int]:
 
 
 def host_facts(config: AgentConfig, accel: AccelInfo) -> HostFacts:
-    model, flags = _cpuinfo()
+    model, flags = cpu_info()
     info = qemu_info()
     return HostFacts(
         name=config.name,

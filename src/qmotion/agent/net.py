@@ -19,7 +19,14 @@ def bridges() -> list[str]:
     return sorted(names)
 
 
-def create_tap(name: str, bridge: str) -> None:
+def tap_mac(vm_mac: str) -> str:
+    """The host-side MAC of a VM's tap: fe:... (as libvirt does). A Linux bridge without a set
+    address takes its lowest port MAC; a random tap MAC below the uplink's would change the
+    host's own MAC when the tap comes or goes, and peers' ARP caches would point nowhere."""
+    return "fe:" + vm_mac.lower().split(":", 1)[1]
+
+
+def create_tap(name: str, bridge: str, mac: str) -> None:
     """A persistent tap enslaved to ``bridge``; QEMU attaches to it by name."""
     with IPRoute() as ip:
         if ip.link_lookup(ifname=name):
@@ -29,6 +36,7 @@ def create_tap(name: str, bridge: str) -> None:
             raise LookupError(f"bridge {bridge} does not exist on this host")
         ip.link("add", ifname=name, kind="tuntap", mode="tap")
         (index,) = ip.link_lookup(ifname=name)
+        ip.link("set", index=index, address=mac)
         # Before any traffic: a qdisc added later to a live tap drops frames in flight.
         prepare_tap(name)
         ip.link("set", index=index, master=master[0], state="up")

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from qmotion.agent.config import AgentConfig
 from qmotion.agent.errors import Conflict, OperationFailed, SpecRejected, VmNotFound
 from qmotion.agent.facts import VmProcess
-from qmotion.agent.net import bridges, create_tap, delete_tap
+from qmotion.agent.net import bridges, create_tap, delete_tap, tap_mac
 from qmotion.api.host import AccelInfo
 from qmotion.api.vm import KernelBoot, VmInfo, VmSpec, VmState
 from qmotion.hypervisor import process
@@ -396,7 +396,7 @@ class VmManager:
             try:
                 for i, nic in enumerate(spec.nics):
                     tap = tap_name(spec, i)
-                    await asyncio.to_thread(create_tap, tap, nic.bridge)
+                    await asyncio.to_thread(create_tap, tap, nic.bridge, tap_mac(nic.mac))
                     taps.append(tap)
                 pid = await asyncio.to_thread(
                     process.launch, argv, paths.pidfile, vm_dir / "qemu.log", name

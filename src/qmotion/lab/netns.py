@@ -127,7 +127,10 @@ def create_bridge(ns: str | None, name: str) -> None:
     with _ipr(ns) as ip:
         ip.link("add", ifname=name, kind="bridge")
         (idx,) = ip.link_lookup(ifname=name)
-        ip.link("set", index=idx, state="up")
+        # A set address pins the bridge's MAC; otherwise it follows its lowest port's MAC and
+        # changes as ports come and go, leaving stale ARP entries on every peer.
+        mac = "02:" + ":".join(f"{b:02x}" for b in os.urandom(5))
+        ip.link("set", index=idx, address=mac, state="up")
 
 
 def add_address(ns: str | None, ifname: str, address: str, prefixlen: int) -> None:

@@ -9,8 +9,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TypeVar
 
-from sqlalchemy import select
-
 from qmotion.api.migration import (
     IncomingRequest,
     MigrationParams,
@@ -93,7 +91,7 @@ class AgentMigrationPort:
         def check() -> None:
             with self.db.session() as s:
                 row = self.inventory.vm_by_name(s, self.vm)
-                hosts = {h.name: self.inventory.host_view(s, h) for h in s.scalars(select(Host))}
+                hosts = self.inventory.host_views(s)
                 # This task itself counts as committed memory on the destination.
                 dst = hosts.get(self.destination)
                 if dst is not None:

@@ -20,7 +20,7 @@ from qmotion.api.vm import VmSpec
 from qmotion.migration import engine, params
 from qmotion.migration.machine import MigrationState, Phase, Step
 from qmotion.migration.prechecks import PrecheckInput, precheck
-from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, Task, TaskEvent, utcnow
+from qmotion.server.db import ACTIVE_TASK_STATES, Database, Task, TaskEvent, utcnow
 from qmotion.server.errors import Conflict, Invalid, NotFound
 from qmotion.server.inventory import Inventory
 from qmotion.server.port import AgentMigrationPort, vm_view
@@ -124,7 +124,7 @@ class TaskRunner:
             row = self.inventory.vm_by_name(s, vm)
             spec = VmSpec.model_validate(row.spec)
             migrating = self.db.active_task_for_vm(s, vm) is not None
-            hosts = {h.name: self.inventory.host_view(s, h) for h in s.scalars(select(Host))}
+            hosts = self.inventory.host_views(s)
             refusals = precheck(
                 PrecheckInput(vm_view(spec, row.host.name, row.state, migrating), req.to, hosts)
             )
