@@ -239,3 +239,25 @@ def test_migrations_beyond_the_host_limit_queue(
     done = [wait_task(server, t) for t in tasks]
     assert [t.state for t in done] == ["succeeded"] * 5
     assert {server.vm(v.name).host for v in vms} == {"h3"}
+
+
+def test_migration_between_huge_page_and_ordinary_memory(
+    lab: Lab, server: ServerClient, make_vm: MakeVm
+) -> None:
+    """Guest RAM from the huge-page pool on one host and ordinary memory on the other: the
+    RAM block is named alike either way, so the guest moves both ways intact."""
+    lab.restart_agent("h3", hugepages=False)
+    try:
+        vm = make_vm("h1", memory="256M", fill=96, dirty=2)
+        ip = ip_of(vm)
+        assert lab.agent("h1").vm(vm.name).memory_backing == "hugepages"
+        before = run_in(lab.record.client_namespace, lambda: mem_status(ip))
+        for target, backing in (("h3", "anonymous"), ("h1", "hugepages")):
+            task = wait_task(server, server.migrate(vm.name, MigrateRequest(to=target)))
+            assert task.state == "succeeded", task.error
+            assert lab.agent(target).vm(vm.name).memory_backing == backing
+            after = run_in(lab.record.client_namespace, lambda: mem_check(ip))
+            assert after["consistent"] is True
+            assert after["boot_id"] == before["boot_id"]
+    finally:
+        lab.restart_agent("h3", hugepages=True)

@@ -58,3 +58,15 @@ def test_tap_name_fits_ifnamsiz_and_is_stable() -> None:
     name = tap_name(SPEC, 0)
     assert len(name) <= 15
     assert name == tap_name(VmSpec.model_validate_json(SPEC.model_dump_json()), 0)
+
+
+def test_huge_page_backing_keeps_the_ram_block_name_and_size() -> None:
+    argv = build_argv(
+        SPEC, PATHS, accel="tcg", machine="pc-i440fx-7.2", hugepages=Path("/dev/hugepages")
+    )
+    # pc.ram is the RAM block name plain -m gives, so either kind of host can receive it.
+    assert opt(argv, "-machine") == ["pc-i440fx-7.2,accel=tcg,memory-backend=pc.ram"]
+    assert opt(argv, "-object") == [
+        "memory-backend-file,id=pc.ram,size=1024M,mem-path=/dev/hugepages,share=off"
+    ]
+    assert opt(argv, "-m") == ["1024"]

@@ -21,6 +21,8 @@ class AgentConfig:
     run_dir: Path = Path("/run/qmotion/agent")
     address: str | None = None
     accel: str = "auto"
+    # Back guests from the host's huge-page pool when it has room (see hypervisor.hugepages).
+    hugepages: bool = True
     datastores: tuple[DatastoreConfig, ...] = field(default_factory=tuple)
 
     def datastore(self, name: str) -> DatastoreConfig | None:

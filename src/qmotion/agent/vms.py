@@ -25,9 +25,9 @@ from qmotion.agent.errors import Conflict, OperationFailed, SpecRejected, VmNotF
 from qmotion.agent.facts import VmProcess
 from qmotion.agent.net import bridges, create_tap, delete_tap, tap_mac
 from qmotion.api.host import AccelInfo
-from qmotion.api.vm import KernelBoot, VmInfo, VmSpec, VmState
-from qmotion.hypervisor import process
-from qmotion.hypervisor.errors import HypervisorError, QmpError, QmpUnavailable
+from qmotion.api.vm import KernelBoot, MemoryBacking, VmInfo, VmSpec, VmState
+from qmotion.hypervisor import hugepages, process
+from qmotion.hypervisor.errors import HypervisorError, QemuStartError, QmpError, QmpUnavailable
 from qmotion.hypervisor.monitor import Monitor
 from qmotion.hypervisor.qemu import LaunchPaths, build_argv, qemu_info, resolve_machine, tap_name
 from qmotion.image import GuestImage, cached_image, ensure_image
@@ -57,6 +57,7 @@ class Runtime(BaseModel):
     accel: str
     machine: str
     taps: list[str]
+    memory_backing: MemoryBacking = "anonymous"
 
 
 def vm_state(qemu_status: str) -> VmState:
@@ -228,6 +229,7 @@ class VmManager:
             started_at=rt.started_at if rt else None,
             spec=spec,
             taps=rt.taps if rt else [],
+            memory_backing=rt.memory_backing if rt and state != "stopped" else None,
         )
 
     async def list(self) -> list[VmInfo]:
@@ -390,7 +392,11 @@ class VmManager:
                 initrd=initrd,
                 cmdline=cmdline,
             )
-            argv = build_argv(spec, paths, accel=accel.name, machine=machine, incoming=incoming)
+            pool = (
+                await asyncio.to_thread(hugepages.backing_path, spec.memory)
+                if self.config.hugepages
+                else None
+            )
             taps: list[str] = []
             pid: int | None = None
             try:
@@ -398,8 +404,8 @@ class VmManager:
                     tap = tap_name(spec, i)
                     await asyncio.to_thread(create_tap, tap, nic.bridge, tap_mac(nic.mac))
                     taps.append(tap)
-                pid = await asyncio.to_thread(
-                    process.launch, argv, paths.pidfile, vm_dir / "qemu.log", name
+                pid, backing = await self._launch(
+                    spec, paths, accel.name, machine, incoming, pool, vm_dir / "qemu.log"
                 )
                 rt = Runtime(
                     pid=pid,
@@ -408,6 +414,7 @@ class VmManager:
                     accel=accel.name,
                     machine=machine,
                     taps=taps,
+                    memory_backing=backing,
                 )
                 self._save_runtime(name, rt)
                 await self._attach(name, rt)
@@ -422,8 +429,41 @@ class VmManager:
                     vm=name,
                     qmp_class=getattr(exc, "qmp_class", None),
                 ) from exc
-            log.info("started VM %s (pid %d, %s)", name, pid, accel.name)
+            log.info("started VM %s (pid %d, %s, %s memory)", name, pid, accel.name, backing)
         return await self.info(name)
+
+    async def _launch(
+        self,
+        spec: VmSpec,
+        paths: LaunchPaths,
+        accel: str,
+        machine: str,
+        incoming: str | None,
+        pool: Path | None,
+        log_path: Path,
+    ) -> tuple[int, MemoryBacking]:
+        """Launch QEMU, from the huge-page pool when it had room, else from ordinary memory.
+
+        Another guest (on this host or, in the lab, another host sharing the kernel) may take
+        the pool's last pages between the check and QEMU's mapping; QEMU then fails before the
+        guest runs, and the start is simply repeated without the pool.
+        """
+        if pool is not None:
+            argv = build_argv(
+                spec, paths, accel=accel, machine=machine, incoming=incoming, hugepages=pool
+            )
+            try:
+                pid = await asyncio.to_thread(
+                    process.launch, argv, paths.pidfile, log_path, spec.name
+                )
+                return pid, "hugepages"
+            except QemuStartError as exc:
+                if "backing store" not in exc.stderr:
+                    raise
+                log.warning("VM %s: huge-page pool short, using ordinary memory", spec.name)
+        argv = build_argv(spec, paths, accel=accel, machine=machine, incoming=incoming)
+        pid = await asyncio.to_thread(process.launch, argv, paths.pidfile, log_path, spec.name)
+        return pid, "anonymous"
 
     async def stop(self, name: str, *, force: bool = False, timeout_s: float = 30.0) -> VmInfo:
         async with self.locked(name) as spec:

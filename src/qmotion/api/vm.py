@@ -125,6 +125,9 @@ class VmSpec(StrictModel):
 VmState = Literal["stopped", "starting", "running", "paused", "stopping", "crashed"]
 
 
+MemoryBacking = Literal["hugepages", "anonymous"]
+
+
 class VmInfo(BaseModel):
     """A VM as one host's agent sees it."""
 
@@ -138,6 +141,9 @@ class VmInfo(BaseModel):
     started_at: datetime | None = None
     spec: VmSpec
     taps: list[str] = Field(default_factory=list)
+    memory_backing: MemoryBacking | None = Field(
+        default=None, description="hugepages (from the host's pool) or anonymous"
+    )
 
 
 class StopRequest(StrictModel):

@@ -19,6 +19,11 @@ def agent(
     run_dir: Path = typer.Option(None, "--run-dir", help="Short path for QMP sockets."),
     datastore: list[str] = typer.Option([], "--datastore", help="NAME=PATH[:shared], repeatable."),
     accel: str = typer.Option("auto", "--accel", help="auto (probe KVM, else TCG), kvm or tcg."),
+    hugepages: bool = typer.Option(
+        True,
+        "--hugepages/--no-hugepages",
+        help="Back guest RAM from the host's 2 MiB huge-page pool when it has room.",
+    ),
 ) -> None:
     """Serve this host's VMs over HTTP (bearer token required on every call)."""
     from qmotion.agent.config import AgentConfig, parse_datastore
@@ -39,6 +44,7 @@ def agent(
         address=host,
         run_dir=run_dir or Path(f"/run/qmotion/agent-{name}"),
         accel=accel,
+        hugepages=hugepages,
         datastores=stores,
     )
     run(config, host, port)

@@ -20,15 +20,28 @@ def up(
     bandwidth: str = typer.Option(None, "--bandwidth", help="Host link rate, e.g. 1gbit."),
     accel: str = typer.Option("auto", "--accel", help="auto (probe KVM), kvm or tcg."),
     name: str = NameOpt,
+    hugepages: str = typer.Option(
+        None,
+        "--hugepages",
+        help="Huge-page pool for guest RAM, e.g. 3G (default: 3G, at most 1/4 of memory); "
+        "0 runs guests from ordinary memory.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the lab as JSON."),
 ) -> None:
     """Create the lab: switch, client namespace, hosts with agents, datastores."""
+    from qmotion.api.sizes import parse_size
     from qmotion.lab.lab import lab_up
 
     if accel not in ("auto", "kvm", "tcg"):
         fail(f"--accel must be auto, kvm or tcg, got {accel!r}", 2)
+    pool: int | None = None
+    if hugepages is not None:
+        try:
+            pool = 0 if hugepages.strip() == "0" else parse_size(hugepages)
+        except ValueError as exc:
+            fail(f"--hugepages: {exc}", 2)
     with errors_exit():
-        lab = lab_up(name, hosts, rtt_ms=rtt_ms, bandwidth=bandwidth, accel=accel)
+        lab = lab_up(name, hosts, rtt_ms=rtt_ms, bandwidth=bandwidth, accel=accel, hugepages=pool)
     if json_out:
         print_json(lab.record.public())
         return

@@ -80,6 +80,7 @@ def build_argv(
     accel: str,
     machine: str,
     incoming: str | None = None,
+    hugepages: Path | None = None,
     binary: str = QEMU,
 ) -> list[str]:
     """The QEMU command line for ``spec``. Pure: the same inputs always give the same argv.
@@ -98,7 +99,7 @@ def build_argv(
         "-display",
         "none",
         "-machine",
-        f"{machine},accel={accel}",
+        f"{machine},accel={accel}" + (",memory-backend=pc.ram" if hugepages else ""),
         "-cpu",
         spec.cpu_model,
         "-m",
@@ -117,6 +118,11 @@ def build_argv(
         "-msg",
         "timestamp=on",
     ]
+    if hugepages is not None:
+        argv += [
+            "-object",
+            f"memory-backend-file,id=pc.ram,size={spec.memory}M,mem-path={hugepages},share=off",
+        ]
     for i, nic in enumerate(spec.nics):
         argv += [
             "-netdev",

@@ -36,6 +36,7 @@ from qmotion.api.sizes import parse_rate_bytes
 from qmotion.client.agent import AgentClient
 from qmotion.client.errors import ClientError
 from qmotion.client.server import ServerClient
+from qmotion.hypervisor import hugepages as hugepages_mod
 from qmotion.image import ensure_image
 from qmotion.image.cc import compile_static
 from qmotion.lab import netns
@@ -48,6 +49,18 @@ MANAGER_PORT = 8000
 MAX_HOSTS = 50
 POOL_FIRST, POOL_LAST = 100, 199
 AGENT_READY_TIMEOUT_S = 60.0
+# Two 1 GiB guests (a source and its destination) plus a few small ones.
+HUGEPAGES_DEFAULT = 3 << 30
+
+
+def default_hugepages() -> int:
+    """The lab's huge-page pool: 3 GiB, at most a quarter of the machine's memory."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        total_kib = int(re.search(r"^MemTotal:\s+(\d+)", meminfo, re.M).group(1))  # type: ignore[union-attr]
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return min(HUGEPAGES_DEFAULT, (total_kib << 10) // 4)
 
 
 class LabHost(BaseModel):
@@ -60,6 +73,8 @@ class LabHost(BaseModel):
     run_dir: str
     local_datastore: str
     agent_pid: int | None = None
+    # Overrides the lab's choice, e.g. to mix hosts with and without a huge-page pool.
+    hugepages: bool | None = None
 
 
 class LabDatastore(BaseModel):
@@ -96,6 +111,7 @@ class LabRecord(BaseModel):
     manager_url: str | None = None
     manager_token_file: str | None = None
     manager_pid: int | None = None
+    hugepages: bool = True
 
     def public(self) -> dict[str, object]:
         """The ``lab status --json`` view: no secrets (tokens stay in their files)."""
@@ -180,9 +196,15 @@ class Lab:
         token = Path(rec.manager_token_file).read_text().strip()
         return ServerClient(rec.manager_url, token, timeout_s=timeout_s)
 
-    def restart_agent(self, host: str, accel: str = "auto") -> None:
-        """Stop a host's agent (its VMs keep running) and start it again."""
+    def restart_agent(self, host: str, accel: str = "auto", hugepages: bool | None = None) -> None:
+        """Stop a host's agent (its VMs keep running) and start it again.
+
+        ``hugepages`` set: from now on this host's agent does (or does not) back guests from
+        the huge-page pool.
+        """
         h = self.host(host)
+        if hugepages is not None:
+            h.hugepages = hugepages
         if h.agent_pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(h.agent_pid, signal.SIGTERM)
@@ -247,10 +269,17 @@ def lab_up(
     rtt_ms: float = 0.0,
     bandwidth: str | None = None,
     accel: str = "auto",
-    log: object = None,
+    hugepages: int | None = None,
 ) -> Lab:
-    """Create the lab and start an agent per host; on any failure, tear down what was made."""
+    """Create the lab and start an agent per host; on any failure, tear down what was made.
+
+    ``hugepages``: bytes of the host's huge-page pool the lab's guests may use (the pool is
+    grown and warmed to that size; it is never shrunk, see hypervisor.hugepages); None for the
+    default, 0 to run guests from ordinary memory.
+    """
     _validate(name, hosts, rtt_ms, bandwidth)
+    if hugepages is not None and hugepages < 0:
+        raise LabInputError(f"hugepages must be >= 0 bytes, got {hugepages}")
     if _record_path(name).exists():
         raise LabExists(f"lab {name!r} is already up; run `qmotion lab down --name {name}` first")
     leftovers = [n for n in netns.namespaces() if n.startswith(f"{name}-")]
@@ -261,6 +290,14 @@ def lab_up(
         )
     # Build the guest before the agents start, so three agents do not all wait on one build.
     ensure_image()
+    pool_bytes = default_hugepages() if hugepages is None else hugepages
+    if pool_bytes:
+        try:
+            hugepages_mod.ensure_pool(pool_bytes)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise LabSetupError(
+                f"cannot reserve {pool_bytes >> 20} MiB of huge pages: {exc}"
+            ) from exc
     lab_dir = labs_dir() / name
     lab_dir.mkdir(parents=True, exist_ok=False)
     k = _choose_subnet()
@@ -277,6 +314,7 @@ def lab_up(
         rtt_ms=rtt_ms,
         bandwidth=bandwidth,
         created_at=datetime.now(UTC),
+        hugepages=bool(pool_bytes),
     )
     try:
         _build(rec, hosts, accel)
@@ -470,6 +508,9 @@ def _start_agent(rec: LabRecord, host: LabHost, accel: str) -> int:
         host.run_dir,
         "--accel",
         accel,
+        "--hugepages"
+        if (rec.hugepages if host.hugepages is None else host.hugepages)
+        else "--no-hugepages",
     ]
     for ds in rec.datastores:
         if host.name in ds.hosts:
