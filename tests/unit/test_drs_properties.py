@@ -145,8 +145,15 @@ def test_safety(data: dict[str, Any], threshold: int) -> None:
     for counts in per_wave.values():
         for host, n in counts.items():
             assert n <= hosts[host].max_migrations
-    # One move per VM.
+    # One move per VM, from where it is to where the plan leaves it; no VM moves unlisted
+    # (destinations exchanged while polishing must still come out as single moves).
     assert len({m.vm for m in result.moves}) == len(result.moves)
+    origin = {v.name: v.host for v in snap.vms}
+    assert {m.vm for m in result.moves} == {
+        v for v, h in result.placement.items() if h != origin[v]
+    }
+    for m in result.moves:
+        assert (m.source, m.target) == (origin[m.vm], result.placement[m.vm]), m
 
 
 @SETTINGS

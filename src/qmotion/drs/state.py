@@ -34,6 +34,9 @@ class HostLoad:
 
 
 class ClusterState:
+    # Weight of memory against CPU in the objective (not in the reported imbalance).
+    mem_weight = 1.0
+
     def __init__(self, snap: Snapshot) -> None:
         self.hosts: dict[str, HostLoad] = {h.name: HostLoad(h) for h in snap.hosts}
         self.vms: dict[str, VmSpec] = {v.name: v for v in snap.vms}
@@ -75,7 +78,7 @@ class ClusterState:
         n = len(self.balanced)
         if n == 0:
             return 0.0
-        return (self.s2c - self.s1c**2 / n) + (self.s2m - self.s1m**2 / n)
+        return (self.s2c - self.s1c**2 / n) + self.mem_weight * (self.s2m - self.s1m**2 / n)
 
     def imbalance(self) -> float:
         n = len(self.balanced)
@@ -108,7 +111,9 @@ class ClusterState:
             d2m += nm * nm - om * om
         s1c, s1m = self.s1c, self.s1m
         # objective = s2 - s1^2/n per dimension; the change of it:
-        return (d2c - (2 * s1c * d1c + d1c * d1c) / n) + (d2m - (2 * s1m * d1m + d1m * d1m) / n)
+        return (d2c - (2 * s1c * d1c + d1c * d1c) / n) + self.mem_weight * (
+            d2m - (2 * s1m * d1m + d1m * d1m) / n
+        )
 
     # ------------------------------------------------------------------ changes
 
