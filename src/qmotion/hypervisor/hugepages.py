@@ -131,7 +131,7 @@ def ensure_pool(total_bytes: int) -> Pool:
     if before.total < want:
         (_SYSFS / "nr_hugepages").write_text(f"{want}\n")
         after = read_pool()
-        gained = after.total - before.total
-        # Warm what is free now; pages gained are free, and warming free old ones is cheap.
-        warm(mount, min(after.free - after.reserved, max(gained, 0) + before.free))
+        # Warm every page not promised to a guest: the ones just gained are cold, and touching
+        # a warm one again costs a zeroing only.
+        warm(mount, after.free - after.reserved)
     return read_pool()

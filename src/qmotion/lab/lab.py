@@ -57,9 +57,12 @@ def default_hugepages() -> int:
     """The lab's huge-page pool: 3 GiB, at most a quarter of the machine's memory."""
     try:
         meminfo = Path("/proc/meminfo").read_text()
-        total_kib = int(re.search(r"^MemTotal:\s+(\d+)", meminfo, re.M).group(1))  # type: ignore[union-attr]
-    except (OSError, ValueError, AttributeError):
+    except OSError:
         return 0
+    m = re.search(r"^MemTotal:\s+(\d+)", meminfo, re.M)
+    if m is None:
+        return 0
+    total_kib = int(m.group(1))
     return min(HUGEPAGES_DEFAULT, (total_kib << 10) // 4)
 
 
