@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import write_report
 from qmotion.agent.facts import cpu_info
 from qmotion.drs import ganeti
 from qmotion.drs.generate import write
@@ -183,11 +184,7 @@ def main() -> None:
         "threshold": args.threshold,
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "drs.json").write_text(json.dumps(report, indent=2) + "\n")
-    md = table(report)
-    (args.out / "drs.md").write_text(md)
-    print(md)
+    write_report(args.out, "drs", report, table)
 
 
 def table(report: dict[str, Any]) -> str:

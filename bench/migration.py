@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import write_report
 from qmotion.agent.facts import cpu_info
 from qmotion.api.migration import IncomingRequest, OutgoingRequest
 from qmotion.api.server import MigrateRequest, VmCreate, Workload
@@ -199,11 +200,7 @@ def main() -> None:
         "machine": {**machine(), "accel": accel.name, "accel_reason": accel.reason},
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "migration.json").write_text(json.dumps(report, indent=2) + "\n")
-    md = table(report)
-    (args.out / "migration.md").write_text(md)
-    print(md)
+    write_report(args.out, "migration", report, table)
 
 
 def _fmt(v: float | None) -> str:

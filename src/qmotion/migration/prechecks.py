@@ -57,6 +57,11 @@ def precheck(inp: PrecheckInput) -> list[Refusal]:
     """Every reason the migration cannot start; empty means go."""
     vm, target_name = inp.vm, inp.target_name
     out: list[Refusal] = []
+
+    def to_target(code: str, message: str, status: int) -> Refusal:
+        """A refusal about the requested target host, reported against the ``to`` field."""
+        return Refusal(code, message, status, field="to", host=target_name)
+
     if vm.migrating:
         out.append(Refusal("already_migrating", f"VM {vm.name} is already migrating", 409))
     if vm.state != "running":
@@ -69,12 +74,10 @@ def precheck(inp: PrecheckInput) -> list[Refusal]:
         )
     if target_name == vm.host:
         out.append(
-            Refusal(
+            to_target(
                 "same_host",
                 f"VM {vm.name} already runs on {target_name}",
                 422,
-                field="to",
-                host=target_name,
             )
         )
         return out
@@ -82,79 +85,65 @@ def precheck(inp: PrecheckInput) -> list[Refusal]:
     if target is None:
         known = ", ".join(sorted(inp.hosts)) or "none"
         out.append(
-            Refusal(
+            to_target(
                 "unknown_host",
                 f"no host named {target_name!r} (hosts: {known})",
                 422,
-                field="to",
-                host=target_name,
             )
         )
         return out
     if target.state != "up":
         out.append(
-            Refusal(
+            to_target(
                 "host_unavailable",
                 f"host {target_name} is {target.state}",
                 409,
-                field="to",
-                host=target_name,
             )
         )
     free = target.memory_mib - HOST_RESERVED_MIB - target.committed_mib
     if vm.memory_mib > free:
         out.append(
-            Refusal(
+            to_target(
                 "insufficient_memory",
                 f"host {target_name} has {max(free, 0)} MiB free for VMs; {vm.name} needs "
                 f"{vm.memory_mib} MiB",
                 409,
-                field="to",
-                host=target_name,
             )
         )
     if vm.cpu_model not in target.cpu_models:
         out.append(
-            Refusal(
+            to_target(
                 "cpu_model_unsupported",
                 f"host {target_name} does not support CPU model {vm.cpu_model}",
                 409,
-                field="to",
-                host=target_name,
             )
         )
     machine = target.machine_aliases.get(vm.machine, vm.machine)
     if vm.machine not in target.machine_types and machine not in target.machine_types:
         out.append(
-            Refusal(
+            to_target(
                 "machine_type_unavailable",
                 f"host {target_name} cannot run machine type {vm.machine}",
                 409,
-                field="to",
-                host=target_name,
             )
         )
     for bridge in vm.bridges:
         if bridge not in target.bridges:
             out.append(
-                Refusal(
+                to_target(
                     "bridge_missing",
                     f"network bridge {bridge} of {vm.name} is absent on {target_name}",
                     409,
-                    field="to",
-                    host=target_name,
                 )
             )
     for ds in vm.datastores:
         if ds not in target.datastores:
             out.append(
-                Refusal(
+                to_target(
                     "datastore_unreachable",
                     f"datastore {ds} holding a disk of {vm.name} is not reachable "
                     f"from {target_name}",
                     409,
-                    field="to",
-                    host=target_name,
                 )
             )
     return out
