@@ -1,6 +1,8 @@
 """DRS benchmark: qmotion's planner against Ganeti's hbal on the same synthetic clusters.
 
-    python -m bench.drs [--sizes 20x300,100x2000,1000x20000] [--hbal-timeout 600]
+    python -m bench.drs [--sizes 20x300,20x300@2:busy,1000x20000] [--hbal-timeout 600]
+
+A size is HOSTSxVMS[@SEED][:KIND], KIND one of qmotion.drs.generate.KINDS (default sized).
 
 For each cluster: hbal balances it (timed, its moves counted, its final score read); qmotion
 plans it (timed, moves counted) and its placement is written back in htools text, on which hbal
@@ -128,7 +130,8 @@ def imbalance_of(snap: Snapshot) -> float:
 def run_qmotion(text: Path, util: Path, threshold: int, out_dir: Path) -> dict[str, Any]:
     cluster = ganeti.load(text, util)
     start = time.monotonic()
-    result = plan(cluster.snapshot, Policy(threshold=threshold), datetime.now(UTC))
+    policy = Policy(threshold=threshold, allocation_weight=cluster.allocation_weight)
+    result = plan(cluster.snapshot, policy, datetime.now(UTC))
     seconds = time.monotonic() - start
     exported = out_dir / f"{text.stem}.qmotion.txt"
     exported.write_text(ganeti.dump(cluster, result.placement))
@@ -146,8 +149,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument(
         "--sizes",
-        default="20x300,20x300@2,20x300@3,100x2000,1000x20000",
-        help="HOSTSxVMS[@SEED], comma-separated",
+        default=(
+            "20x300@1,20x300@2,20x300@3,20x300@1:busy,20x300@2:busy,20x300@3:busy,"
+            "100x2000,1000x20000"
+        ),
+        help="HOSTSxVMS[@SEED][:KIND], comma-separated",
     )
     ap.add_argument("--threshold", type=int, default=5)
     ap.add_argument("--hbal-timeout", type=float, default=600)
@@ -156,16 +162,19 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="qmotion-drs-") as tmp:
         work = Path(tmp)
-        for size in args.sizes.split(","):
+        for item in args.sizes.split(","):
+            size, _, kind = item.partition(":")
             shape, _, seed_text = size.partition("@")
             seed = int(seed_text or 1)
+            kind = kind or "sized"
             hosts, vms = (int(x) for x in shape.split("x"))
-            text, util = write(work / f"seed{seed}", hosts, vms, seed)
+            text, util = write(work, hosts, vms, seed, kind)
             snap = ganeti.load(text, util).snapshot
             row = {
                 "hosts": hosts,
                 "vms": vms,
                 "seed": seed,
+                "kind": kind,
                 "score_before": hbal_score(text, util),
                 "imbalance_before": imbalance_of(snap),
                 "qmotion": run_qmotion(text, util, args.threshold, work),
@@ -192,16 +201,16 @@ def table(report: dict[str, Any]) -> str:
         f"Machine: {report['cpu']}, 2 cores, {report['date']}; {report['hbal']}; "
         f"qmotion threshold {report['threshold']}. Scores are hbal's own (lower is better).",
         "",
-        "| cluster (seed) | score before | hbal time s | hbal moves | moves needed | hbal score "
-        "| qmotion time s | qmotion moves | qmotion score (by hbal) | imbalance before "
-        "| hbal imbalance | qmotion imbalance |",
+        "| cluster (seed, load) | score before | hbal time s | hbal moves | moves needed "
+        "| hbal score | qmotion time s | qmotion moves | qmotion score (by hbal) "
+        "| imbalance before | hbal imbalance | qmotion imbalance |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         h, q = r["hbal"], r["qmotion"]
         capped = h.get("capped")
         lines.append(
-            f"| {r['hosts']} hosts / {r['vms']} VMs ({r.get('seed', 1)}) "
+            f"| {r['hosts']} hosts / {r['vms']} VMs ({r['seed']}, {r['kind']}) "
             f"| {r['score_before']:.2f} "
             f"| {'>' if capped else ''}{h['seconds']} "
             f"| {'-' if capped else h.get('moves')} "
@@ -216,6 +225,10 @@ def table(report: dict[str, Any]) -> str:
         "moves needed: the fewest moves any plan needs so that no host ends above hbal's most "
         "loaded host (in CPU or memory demand); each such host must shed its excess, and its "
         "largest VMs shed it fastest.",
+        "",
+        "load: sized = utilisation file with CPU load in cores and memory load in GiB, growing "
+        "with each VM's size; busy = a busy fraction 0.1-1.0 for CPU and memory per VM, "
+        "whatever its size.",
     ]
     return "\n".join(lines) + "\n"
 

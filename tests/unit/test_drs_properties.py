@@ -156,20 +156,26 @@ def test_safety(data: dict[str, Any], threshold: int) -> None:
         assert (m.source, m.target) == (origin[m.vm], result.placement[m.vm]), m
 
 
+# Allocation weights: none, the default, and allocation weighing as much as demand.
+WEIGHTS = st.sampled_from([0.0, Policy().allocation_weight, 1.0])
+
+
 @SETTINGS
-@given(clusters(rules=False, unhealthy=False))
-def test_balancing_never_increases_imbalance(data: dict[str, Any]) -> None:
+@given(clusters(rules=False, unhealthy=False), WEIGHTS)
+def test_balancing_never_increases_imbalance(data: dict[str, Any], weight: float) -> None:
     snap = make(data)
-    result = plan(snap, Policy(threshold=5), NOW)
+    result = plan(snap, Policy(threshold=5, allocation_weight=weight), NOW)
     assert result.imbalance_after <= result.imbalance_before + 1e-9
+    assert result.imbalance_after == pytest.approx(ClusterState(applied(snap, result)).imbalance())
 
 
 @SETTINGS
-@given(clusters())
-def test_no_ping_pong_at_default_threshold(data: dict[str, Any]) -> None:
+@given(clusters(), WEIGHTS)
+def test_no_ping_pong_at_default_threshold(data: dict[str, Any], weight: float) -> None:
     snap = make(data)
-    first = plan(snap, Policy(), NOW)
-    second = plan(applied(snap, first), Policy(), NOW)
+    policy = Policy(allocation_weight=weight)
+    first = plan(snap, policy, NOW)
+    second = plan(applied(snap, first), policy, NOW)
     assert second.moves == [], second.moves
 
 

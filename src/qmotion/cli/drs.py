@@ -51,6 +51,13 @@ def plan_cmd(
         3, "--threshold", min=1, max=5, help="1 mandatory moves only ... 5 aggressive"
     ),
     automation: str = typer.Option("manual", "--automation", help="manual, partial or full"),
+    allocation_weight: float = typer.Option(
+        None,
+        "--allocation-weight",
+        min=0,
+        help="Weight of even memory allocation and vCPU commitment against demand "
+        "(default: the policy's, or for a Ganeti cluster the weight hbal's units imply).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     emit_ganeti_text: Path = typer.Option(
         None, "--emit-ganeti-text", help="Write the planned placement as htools text."
@@ -65,10 +72,13 @@ def plan_cmd(
     if automation not in ("manual", "partial", "full"):
         fail(f"--automation must be manual, partial or full, got {automation!r}", 2)
     snap, cluster = _load(snapshot, ganeti_text, ganeti_util)
+    policy = Policy(threshold=threshold, automation=Automation(automation))
+    if allocation_weight is None and cluster is not None:
+        allocation_weight = cluster.allocation_weight
+    if allocation_weight is not None:
+        policy = policy.model_copy(update={"allocation_weight": allocation_weight})
     try:
-        result = plan(
-            snap, Policy(threshold=threshold, automation=Automation(automation)), datetime.now(UTC)
-        )
+        result = plan(snap, policy, datetime.now(UTC))
     except SnapshotError as exc:
         fail(f"invalid snapshot: {exc}", 2)
     if emit_ganeti_text is not None:

@@ -1,7 +1,11 @@
 """Synthetic skewed clusters, written as Ganeti text files (and as snapshots), for benchmarks.
 
 Skewed as a cluster gets after growth or a host replacement: most VMs sit on a third of the
-hosts. Deterministic for a seed.
+hosts. Deterministic for a seed. Two kinds of utilisation file:
+  sized  CPU load in cores (a share of the instance's vCPUs) and memory load in GiB (its
+         memory): big instances are big loads.
+  busy   each instance's load as monitoring reports it, a busy fraction 0.1-1.0 for CPU and for
+         memory, whatever the instance's size. hbal starts such clusters near a score of 20.
 """
 
 from __future__ import annotations
@@ -13,11 +17,16 @@ NODE_MEM_MIB = 262_144
 NODE_RESERVED_MIB = 4_096
 NODE_CPUS = 64
 VM_MEM_CHOICES = (1024, 2048, 4096, 4096, 8192, 8192, 16384)
+KINDS = ("sized", "busy")
 
 
-def ganeti_cluster(hosts: int, vms: int, seed: int = 1) -> tuple[str, str]:
-    """(cluster text, utilisation text) for ``hosts`` nodes and ``vms`` instances."""
+def ganeti_cluster(hosts: int, vms: int, seed: int = 1, kind: str = "sized") -> tuple[str, str]:
+    """(cluster text, utilisation text) for ``hosts`` nodes and ``vms`` instances; the same
+    placement for a seed whatever the kind."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
     rnd = random.Random(seed)
+    busy = random.Random(seed + 1_000_003)
     group = "00000000-0000-0000-0000-000000000001"
     nodes = [f"node{i:04d}" for i in range(hosts)]
     crowded = nodes[: max(1, hosts // 3)]
@@ -41,7 +50,10 @@ def ganeti_cluster(hosts: int, vms: int, seed: int = 1) -> tuple[str, str]:
         cpu = round(rnd.uniform(0.1, 1.0) * vcpus, 2)
         # CPU and memory load only: the two dimensions DRS balances. With disk and network
         # at 1.0 per instance, hbal would also equalise instance counts.
-        util_lines.append(f"{name} {cpu} {mem / 1024:.2f} 0 0")
+        if kind == "sized":
+            util_lines.append(f"{name} {cpu} {mem / 1024:.2f} 0 0")
+        else:
+            util_lines.append(f"{name} {busy.uniform(0.1, 1):.2f} {busy.uniform(0.1, 1):.2f} 0 0")
     node_lines = [
         f"{n}|{NODE_MEM_MIB}|{NODE_RESERVED_MIB}|{cap - used[n]}|1048576|1048576|{NODE_CPUS}|N|"
         f"{group}|1"
@@ -63,10 +75,13 @@ def join_sections(sections: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(directory: Path, hosts: int, vms: int, seed: int = 1) -> tuple[Path, Path]:
-    text, util = ganeti_cluster(hosts, vms, seed)
+def write(
+    directory: Path, hosts: int, vms: int, seed: int = 1, kind: str = "sized"
+) -> tuple[Path, Path]:
+    text, util = ganeti_cluster(hosts, vms, seed, kind)
     directory.mkdir(parents=True, exist_ok=True)
-    t, u = directory / f"cluster-{hosts}-{vms}.txt", directory / f"cluster-{hosts}-{vms}.util"
+    stem = f"cluster-{hosts}-{vms}-{seed}-{kind}"
+    t, u = directory / f"{stem}.txt", directory / f"{stem}.util"
     t.write_text(text)
     u.write_text(util)
     return t, u

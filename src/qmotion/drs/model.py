@@ -70,6 +70,8 @@ class VmSpec(Strict):
         return self.memory_mib if self.memory_demand_mib is None else self.memory_demand_mib
 
 
+ALLOCATION_WEIGHT = 0.04
+
 RuleKind = Literal["affinity", "anti_affinity", "run_on", "not_run_on"]
 
 
@@ -110,3 +112,6 @@ class Policy(Strict):
     threshold: int = Field(default=3, ge=1, le=5)
     automation: Automation = Automation.MANUAL
     max_moves: int = Field(default=100_000, ge=0)
+    # Weight, against demand, of balancing allocated memory and committed vCPUs; 0 balances
+    # demand alone.
+    allocation_weight: float = Field(default=ALLOCATION_WEIGHT, ge=0)

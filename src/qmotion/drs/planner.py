@@ -41,7 +41,7 @@ COST_PER_DIRTY_MIB_S = 0.000004
 # searching every host found plans of the same quality at four times the runtime.
 SOURCES, TARGETS, NEIGHBOURS = 3, 5, 3
 # Up to this many hosts every source and target pair is tried, with this many VMs either side.
-SMALL_CLUSTER, NEIGHBOURS_SMALL = 32, 20
+SMALL_CLUSTER, NEIGHBOURS_SMALL = 32, 12
 # Exchanging the destinations of moved VMs (see _Planner.polish): up to this many moved VMs
 # (the pairs grow as the square), this many sweeps, gains above rounding noise.
 POLISH_MAX, POLISH_SWEEPS, POLISH_MIN_GAIN = 400, 8, 1e-7
@@ -125,19 +125,20 @@ class _Planner:
     def __init__(self, snap: Snapshot, policy: Policy) -> None:
         validate(snap)
         self.snap, self.policy = snap, policy
-        self.state = ClusterState(snap)
+        self.state = ClusterState(snap, policy.allocation_weight)
         self.book = RuleBook.build(snap)
         self.steps: list[Move] = []
         self.broken: list[dict[str, Any]] = []
         self.unplaced: list[dict[str, str]] = []
-        self._demand: dict[str, tuple[float, float, int]] = {}
+        self._demand: dict[str, tuple[float, float, int, int]] = {}
         self._cost: dict[str, float] = {}
-        self._infos: dict[str, tuple[float, float, int, float]] = {}
+        self._infos: dict[str, tuple[float, float, int, int, float]] = {}
         self.origin = {v.name: v.host for v in snap.vms}
 
     # ------------------------------------------------------------------ helpers
 
-    def _unit_demand(self, unit: list[str]) -> tuple[float, float, int]:
+    def _unit_demand(self, unit: list[str]) -> tuple[float, float, int, int]:
+        """(CPU demand, memory demand, memory MiB, vCPUs) of the unit."""
         key = unit[0]
         cached = self._demand.get(key)
         if cached is None:
@@ -146,6 +147,7 @@ class _Planner:
                 sum(v.cpu for v in vms),
                 sum(v.mem_demand for v in vms),
                 sum(v.memory_mib for v in vms),
+                sum(v.vcpus for v in vms),
             )
             self._demand[key] = cached
         return cached
@@ -188,13 +190,13 @@ class _Planner:
             )
 
     def _best_target(self, unit: list[str], strengths: tuple[str, ...]) -> tuple[str, float] | None:
-        cpu, mem, _ = self._unit_demand(unit)
+        cpu, mem, mib, vcpus = self._unit_demand(unit)
         src = self.state.placement[unit[0]]
         best: tuple[float, str] | None = None
         for host in sorted(self.state.hosts):
             if not self._feasible(unit, host, strengths):
                 continue
-            delta = self.state.move_delta(cpu, mem, src, host)
+            delta = self.state.move_delta(cpu, mem, mib, vcpus, src, host)
             if best is None or (delta, host) < best:
                 best = (delta, host)
         return (best[1], best[0]) if best else None
@@ -301,7 +303,7 @@ class _Planner:
             moves += len(unit)
 
     def _weight(self, unit: list[str], host: str) -> float:
-        cpu, mem, _ = self._unit_demand(unit)
+        cpu, mem, _, _ = self._unit_demand(unit)
         h = self.state.hosts[host].spec
         return cpu / h.cpu_capacity + mem / h.memory_mib
 
@@ -321,21 +323,63 @@ class _Planner:
         )
         if not 2 <= len(moved) <= POLISH_MAX:
             return False
+        n = len(st.balanced)
+        w, aw = st.mem_weight, st.alloc_weight
+        info = self._info
+        # Per host: reciprocal capacities, loads and free memory, refreshed after exchanges.
+        hosts: dict[str, tuple[float, ...]] = {}
+
+        def refresh(name: str) -> None:
+            h = st.hosts[name]
+            ic, im = 1.0 / h.spec.cpu_capacity, 1.0 / h.spec.memory_mib
+            hosts[name] = (
+                ic,
+                im,
+                2 * h.cpu * ic,
+                2 * h.mem * im,
+                2 * h.allocated * im,
+                2 * h.vcpus * ic,
+                h.spec.memory_mib - h.allocated,
+            )
+
+        for name in balanced:
+            refresh(name)
         changed = False
         for _ in range(POLISH_SWEEPS):
             improved = False
             for i, x in enumerate(moved):
                 hx = st.placement[x]
-                cx, mx, bx, kx = self._info(x)
+                cx, mx, bx, vx, kx = info(x)
+                icx, imx, tcx, tmx, tax, tvx, roomx = hosts[hx]
+                kc, km = 2 * st.s1c / n, 2 * st.s1m / n
+                ka, kv = 2 * st.s1a / n, 2 * st.s1v / n
                 best: tuple[float, str] | None = None
                 for y in moved[i + 1 :]:
                     hy = st.placement[y]
                     if hy == hx:
                         continue
-                    cy, my, by, ky = self._info(y)
-                    if not (st.hosts[hy].fits(bx - by) and st.hosts[hx].fits(by - bx)):
+                    cy, my, by, vy, ky = info(y)
+                    icy, imy, tcy, tmy, tay, tvy, roomy = hosts[hy]
+                    # The exchange moves the difference of the two VMs from hx to hy; the
+                    # objective's change as in ClusterState.move_delta, inline for speed.
+                    db, dv = bx - by, vx - vy
+                    if db > roomy or -db > roomx:
                         continue
-                    gain = -st.move_delta(cx - cy, mx - my, hx, hy)
+                    a, b = db * imx, db * imy
+                    d1 = b - a
+                    alloc = a * (a - tax) + b * (b + tay) - d1 * (ka + d1 / n)
+                    a, b = dv * icx, dv * icy
+                    d1 = b - a
+                    alloc += a * (a - tvx) + b * (b + tvy) - d1 * (kv + d1 / n)
+                    t = cx - cy
+                    a, b = t * icx, t * icy
+                    d1 = b - a
+                    delta = a * (a - tcx) + b * (b + tcy) - d1 * (kc + d1 / n)
+                    t = mx - my
+                    a, b = t * imx, t * imy
+                    d1 = b - a
+                    delta += w * (a * (a - tmx) + b * (b + tmy) - d1 * (km + d1 / n))
+                    gain = -delta - aw * alloc
                     gain += (kx if hy == origin[x] else 0.0) + (ky if hx == origin[y] else 0.0)
                     if gain > POLISH_MIN_GAIN and (best is None or gain > best[0]):
                         best = (gain, y)
@@ -345,6 +389,8 @@ class _Planner:
                 hy = st.placement[y]
                 st.move(x, hy)
                 st.move(y, hx)
+                refresh(hx)
+                refresh(hy)
                 prio = priority_of(gain)
                 self.steps.append(Move(x, hx, hy, prio, gain / 2, 0.0, "balance load"))
                 self.steps.append(Move(y, hy, hx, prio, gain / 2, 0.0, "balance load"))
@@ -365,13 +411,13 @@ class _Planner:
             return n, n, NEIGHBOURS_SMALL
         return SOURCES, TARGETS, NEIGHBOURS
 
-    def _info(self, key: str) -> tuple[float, float, int, float]:
-        """(cpu demand, memory demand, memory MiB, migration cost) of the unit led by ``key``."""
+    def _info(self, key: str) -> tuple[float, float, int, int, float]:
+        """(CPU demand, memory demand, memory MiB, vCPUs, migration cost) of the unit led by
+        ``key``."""
         info = self._infos.get(key)
         if info is None:
             unit = self.book.unit(key)
-            cpu, mem, mib = self._unit_demand(unit)
-            info = self._infos[key] = (cpu, mem, mib, self._unit_cost(unit))
+            info = self._infos[key] = (*self._unit_demand(unit), self._unit_cost(unit))
         return info
 
     def _best_balancing_move(
@@ -386,11 +432,18 @@ class _Planner:
         targets = {h for _, h in by_cpu[:n_dst]} | {h for _, h in by_mem[:n_dst]}
         # The change of the objective is computed inline (as ClusterState.move_delta does,
         # both hosts being balanced ones): this loop is where the planner spends its time.
+        # Per dimension, with a and b the unit's load on the source and target and o the
+        # hosts' loads: d1 = b - a, d2 = a(a - 2 o_src) + b(b + 2 o_dst), and the objective
+        # changes by d2 - d1 (2 s1 / n + d1 / n).
         n = len(st.balanced)
-        s1c, s1m, w = st.s1c, st.s1m, st.mem_weight
+        inv_n = 1.0 / n
+        kc, km = 2 * st.s1c * inv_n, 2 * st.s1m * inv_n
+        ka, kv = 2 * st.s1a * inv_n, 2 * st.s1v * inv_n
+        w, aw = st.mem_weight, st.alloc_weight
         rules = self.book.by_vm
         groups = self.book.groups
         placement, origin = st.placement, self.origin
+        infos = self._infos
         best: tuple[float, str, str, str, float, float] | None = None
         best_key: tuple[float, str, str] | None = None
         for src in sorted(sources):
@@ -398,13 +451,17 @@ class _Planner:
             if not ws:
                 continue
             s = st.hosts[src]
-            cs, ms = s.spec.cpu_capacity, s.spec.memory_mib
-            ocs, oms = s.cpu / cs, s.mem / ms
+            ics, ims = 1.0 / s.spec.cpu_capacity, 1.0 / s.spec.memory_mib
+            ocs, oms = s.cpu * ics, s.mem * ims
+            tcs, tms = 2 * ocs, 2 * oms
+            tas, tvs = 2 * s.allocated * ims, 2 * s.vcpus * ics
             for dst in sorted(targets - {src}):
                 d = st.hosts[dst]
-                cd, md = d.spec.cpu_capacity, d.spec.memory_mib
-                ocd, omd = d.cpu / cd, d.mem / md
-                room = md - d.allocated
+                icd, imd = 1.0 / d.spec.cpu_capacity, 1.0 / d.spec.memory_mib
+                ocd, omd = d.cpu * icd, d.mem * imd
+                tcd, tmd = 2 * ocd, 2 * omd
+                tad, tvd = 2 * d.allocated * imd, 2 * d.vcpus * icd
+                room = d.spec.memory_mib - d.allocated
                 # Ideal weight to move: half the gap in combined normalised load.
                 ideal = ((ocs + oms) - (ocd + omd)) / 2
                 if ideal <= 0:
@@ -412,7 +469,8 @@ class _Planner:
                 i = bisect.bisect_left(ws, (ideal, ""))
                 for j in range(max(0, i - neighbours), min(len(ws), i + neighbours)):
                     key = ws[j][1]
-                    cpu, mem, mib, cost = self._info(key)
+                    info = infos.get(key)
+                    cpu, mem, mib, vcpus, cost = info if info is not None else self._info(key)
                     if key in rules or key in groups:
                         if not self._feasible(self.book.unit(key), dst, ("must", "should")):
                             continue
@@ -422,14 +480,20 @@ class _Planner:
                         # Already moving in this plan: sending it elsewhere adds no migration
                         # (A->B->C is carried out as A->C), sending it home saves one.
                         cost = -cost if dst == origin[key] else 0.0
-                    a, b = cpu / cs, cpu / cd
-                    e, f = mem / ms, mem / md
-                    d1c, d1m = b - a, f - e
-                    d2c = a * (a - 2 * ocs) + b * (b + 2 * ocd)
-                    d2m = e * (e - 2 * oms) + f * (f + 2 * omd)
-                    delta = (d2c - (2 * s1c * d1c + d1c * d1c) / n) + w * (
-                        d2m - (2 * s1m * d1m + d1m * d1m) / n
-                    )
+                    a, b = cpu * ics, cpu * icd
+                    d1 = b - a
+                    delta = a * (a - tcs) + b * (b + tcd) - d1 * (kc + d1 * inv_n)
+                    a, b = mem * ims, mem * imd
+                    d1 = b - a
+                    delta += w * (a * (a - tms) + b * (b + tmd) - d1 * (km + d1 * inv_n))
+                    if aw:
+                        a, b = mib * ims, mib * imd
+                        d1 = b - a
+                        alloc = a * (a - tas) + b * (b + tad) - d1 * (ka + d1 * inv_n)
+                        a, b = vcpus * ics, vcpus * icd
+                        d1 = b - a
+                        alloc += a * (a - tvs) + b * (b + tvd) - d1 * (kv + d1 * inv_n)
+                        delta += aw * alloc
                     net = -delta - cost
                     if net <= 0:
                         continue
@@ -520,6 +584,15 @@ def _waves(moves: list[Move], limits: dict[str, int]) -> list[Move]:
 
 def plan(snap: Snapshot, policy: Policy, now: datetime) -> Plan:
     """The moves that bring the cluster to its rules and into balance. Pure."""
+    result = _plan(snap, policy, now)
+    if policy.allocation_weight and result.imbalance_after > result.imbalance_before + 1e-12:
+        # Even allocation is secondary: never bought with demand balance over the whole plan
+        # (possible on a cluster whose demand is already even).
+        result = _plan(snap, policy.model_copy(update={"allocation_weight": 0.0}), now)
+    return result
+
+
+def _plan(snap: Snapshot, policy: Policy, now: datetime) -> Plan:
     p = _Planner(snap, policy)
     before = p.state.imbalance()
     p.mandatory()
@@ -543,7 +616,7 @@ def plan(snap: Snapshot, policy: Policy, now: datetime) -> Plan:
 def place(snap: Snapshot, vm: VmSpec, policy: Policy) -> list[Candidate]:
     """Ranked hosts for a new VM (``vm.host`` is ignored), each with its reasons."""
     validate(snap)
-    state = ClusterState(snap)
+    state = ClusterState(snap, policy.allocation_weight)
     book = RuleBook.build(snap)
     new = vm.model_copy(update={"host": "__new__"})
     state.vms[new.name] = new
@@ -566,7 +639,9 @@ def place(snap: Snapshot, vm: VmSpec, policy: Policy) -> list[Candidate]:
             reasons.append(f"{r.strength} rule {r.name} forbids it")
         delta = 0.0
         if name in state.balanced:
-            delta = state.move_delta(new.cpu, new.mem_demand, "__none__", name)
+            delta = state.move_delta(
+                new.cpu, new.mem_demand, new.memory_mib, new.vcpus, "__none__", name
+            )
         if feasible:
             cpu = (h.cpu + new.cpu) / h.spec.cpu_capacity
             mem = (h.allocated + new.memory_mib) / h.spec.memory_mib
