@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from qmotion.drs.errors import SnapshotError
@@ -169,8 +169,40 @@ def test_balancing_never_increases_imbalance(data: dict[str, Any], weight: float
     assert result.imbalance_after == pytest.approx(ClusterState(applied(snap, result)).imbalance())
 
 
+def _host(name: str, mib: int = 16384, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "cpu_capacity": 8, "memory_mib": mib, "max_migrations": 1, **extra}
+
+
+def _vm(name: str, mib: int, vcpus: int, cpu: float) -> dict[str, Any]:
+    return {"name": name, "host": "h0", "memory_mib": mib, "vcpus": vcpus, "cpu_demand": cpu}
+
+
+# Found by hypothesis: a degraded host's evacuation raised the demand imbalance, which once
+# made the planner fall back to demand alone, a result the weighted objective then improved.
+EVACUATION = {
+    "hosts": [
+        _host("h0", health="degraded"),
+        _host("h1"),
+        _host("h2"),
+        _host("h3", maintenance=True),
+        _host("h4", mib=32768),
+    ],
+    "vms": [
+        _vm("v0", 512, 1, 1.0),
+        _vm("v1", 512, 4, 1.0),
+        _vm("v2", 512, 1, 1.0),
+        _vm("v3", 512, 2, 0.0),
+        _vm("v4", 1024, 1, 0.0),
+    ],
+    "rules": [
+        {"name": "r0", "kind": "anti_affinity", "strength": "must", "vms": ["v0", "v2", "v4"]}
+    ],
+}
+
+
 @SETTINGS
 @given(clusters(), WEIGHTS)
+@example(EVACUATION, 0.04)
 def test_no_ping_pong_at_default_threshold(data: dict[str, Any], weight: float) -> None:
     snap = make(data)
     policy = Policy(allocation_weight=weight)

@@ -45,6 +45,9 @@ SMALL_CLUSTER, NEIGHBOURS_SMALL = 32, 12
 # Exchanging the destinations of moved VMs (see _Planner.polish): up to this many moved VMs
 # (the pairs grow as the square), this many sweeps, gains above rounding noise.
 POLISH_MAX, POLISH_SWEEPS, POLISH_MIN_GAIN = 400, 8, 1e-7
+# Even allocation is secondary: a balancing move or exchange never makes demand less even
+# (beyond rounding), so balancing never raises the imbalance.
+DEMAND_SLACK = 1e-12
 
 
 @dataclass(frozen=True)
@@ -379,6 +382,8 @@ class _Planner:
                     a, b = t * imx, t * imy
                     d1 = b - a
                     delta += w * (a * (a - tmx) + b * (b + tmy) - d1 * (km + d1 / n))
+                    if aw and delta > DEMAND_SLACK:
+                        continue
                     gain = -delta - aw * alloc
                     gain += (kx if hy == origin[x] else 0.0) + (ky if hx == origin[y] else 0.0)
                     if gain > POLISH_MIN_GAIN and (best is None or gain > best[0]):
@@ -487,6 +492,8 @@ class _Planner:
                     d1 = b - a
                     delta += w * (a * (a - tms) + b * (b + tmd) - d1 * (km + d1 * inv_n))
                     if aw:
+                        if delta > DEMAND_SLACK:
+                            continue
                         a, b = mib * ims, mib * imd
                         d1 = b - a
                         alloc = a * (a - tas) + b * (b + tad) - d1 * (ka + d1 * inv_n)
@@ -584,15 +591,6 @@ def _waves(moves: list[Move], limits: dict[str, int]) -> list[Move]:
 
 def plan(snap: Snapshot, policy: Policy, now: datetime) -> Plan:
     """The moves that bring the cluster to its rules and into balance. Pure."""
-    result = _plan(snap, policy, now)
-    if policy.allocation_weight and result.imbalance_after > result.imbalance_before + 1e-12:
-        # Even allocation is secondary: never bought with demand balance over the whole plan
-        # (possible on a cluster whose demand is already even).
-        result = _plan(snap, policy.model_copy(update={"allocation_weight": 0.0}), now)
-    return result
-
-
-def _plan(snap: Snapshot, policy: Policy, now: datetime) -> Plan:
     p = _Planner(snap, policy)
     before = p.state.imbalance()
     p.mandatory()
