@@ -15,12 +15,29 @@ from qmotion.cli.common import console, fail, print_json
 app = typer.Typer(help="DRS: placement and load balancing, offline (no manager needed).")
 
 
-def _load(snapshot: Path | None, ganeti_text: Path | None, ganeti_util: Path | None):  # type: ignore[no-untyped-def]
+def _load(  # type: ignore[no-untyped-def]
+    snapshot: Path | None,
+    ganeti_text: Path | None,
+    ganeti_util: Path | None,
+    manager: bool = False,
+    lab: str | None = None,
+):
     from qmotion.drs import ganeti
     from qmotion.drs.model import Snapshot
 
-    if (snapshot is None) == (ganeti_text is None):
-        fail("give either --snapshot FILE.json or --ganeti-text FILE [--ganeti-util FILE]", 2)
+    if [snapshot is not None, ganeti_text is not None, manager].count(True) != 1:
+        fail(
+            "give one of --snapshot FILE.json, --ganeti-text FILE [--ganeti-util FILE] "
+            "or --manager",
+            2,
+        )
+    if manager:
+        from qmotion.cli.common import errors_exit
+        from qmotion.cli.connect import server_client
+        from qmotion.drs.inventory import snapshot_from_inventory
+
+        with errors_exit(), server_client(lab) as client:
+            return snapshot_from_inventory(client.hosts(), client.vms()), None
     if snapshot is not None:
         try:
             return Snapshot.model_validate_json(snapshot.read_text()), None
@@ -47,6 +64,10 @@ def plan_cmd(
     snapshot: Path = typer.Option(None, "--snapshot", help="Cluster snapshot JSON."),
     ganeti_text: Path = typer.Option(None, "--ganeti-text", help="htools text cluster file."),
     ganeti_util: Path = typer.Option(None, "--ganeti-util", help="htools utilisation file."),
+    manager: bool = typer.Option(
+        False, "--manager", help="Plan on the manager's inventory (read only: nothing moves)."
+    ),
+    lab: str = typer.Option(None, "--lab", help="With --manager: the lab whose manager."),
     threshold: int = typer.Option(
         3, "--threshold", min=1, max=5, help="1 mandatory moves only ... 5 aggressive"
     ),
@@ -71,7 +92,7 @@ def plan_cmd(
 
     if automation not in ("manual", "partial", "full"):
         fail(f"--automation must be manual, partial or full, got {automation!r}", 2)
-    snap, cluster = _load(snapshot, ganeti_text, ganeti_util)
+    snap, cluster = _load(snapshot, ganeti_text, ganeti_util, manager, lab)
     policy = Policy(threshold=threshold, automation=Automation(automation))
     if allocation_weight is None and cluster is not None:
         allocation_weight = cluster.allocation_weight
@@ -112,7 +133,9 @@ def plan_cmd(
 
 @app.command("place")
 def place_cmd(
-    snapshot: Path = typer.Option(..., "--snapshot"),
+    snapshot: Path = typer.Option(None, "--snapshot", help="Cluster snapshot JSON."),
+    manager: bool = typer.Option(False, "--manager", help="Rank the manager's hosts."),
+    lab: str = typer.Option(None, "--lab", help="With --manager: the lab whose manager."),
     vm: str = typer.Option(..., "--vm", help='JSON of the VM, e.g. {"name":"x","memory_mib":4096}'),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -121,7 +144,7 @@ def place_cmd(
     from qmotion.drs.model import Policy, VmSpec
     from qmotion.drs.planner import place
 
-    snap, _ = _load(snapshot, None, None)
+    snap, _ = _load(snapshot, None, None, manager, lab)
     try:
         spec = VmSpec.model_validate({"host": "-", **json.loads(vm)})
         ranked = place(snap, spec, Policy())

@@ -1,0 +1,104 @@
+"""The manager's inventory as a DRS snapshot: host states and VM states become what DRS plans on."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from qmotion.api.host import AccelInfo, HostFacts
+from qmotion.api.server import HostOut, VmOut
+from qmotion.drs.inventory import snapshot_from_inventory
+from qmotion.drs.model import Policy
+from qmotion.drs.planner import plan
+
+NOW = datetime(2026, 11, 26, tzinfo=UTC)
+
+
+def host(
+    name: str, state: str = "up", cpus: int = 8, mib: int = 32768, facts: bool = True
+) -> HostOut:
+    return HostOut(
+        name=name,
+        agent_url=f"http://{name}",
+        state=state,
+        last_seen=None,
+        vms=[],
+        memory_mib=mib if facts else 0,
+        committed_mib=0,
+        facts=HostFacts(
+            name=name,
+            cpu_model="qemu64",
+            cpu_flags=[],
+            cpus=cpus,
+            memory_bytes=mib << 20,
+            qemu_version="7.2",
+            machine_types=["pc-i440fx-7.2"],
+            cpu_models=["qemu64"],
+            accel=AccelInfo(name="tcg", reason="test"),
+            bridges=["vmbr0"],
+            datastores=[],
+            agent_version="0",
+        )
+        if facts
+        else None,
+    )
+
+
+def vm(
+    name: str,
+    on: str,
+    mib: int = 2048,
+    vcpus: int = 2,
+    state: str = "running",
+    migrating: bool = False,
+) -> VmOut:
+    return VmOut(
+        name=name,
+        uuid=name,
+        host=on,
+        state=state,
+        mac="52:54:00:00:00:01",
+        address=None,
+        cpu_model="qemu64",
+        machine="pc",
+        memory_mib=mib,
+        vcpus=vcpus,
+        migrating=migrating,
+    )
+
+
+def test_maintenance_host_is_emptied_across_the_others() -> None:
+    hosts = [host("h1", "maintenance"), host("h2"), host("h3")]
+    vms = [vm(f"v{i}", "h1") for i in range(6)]
+    result = plan(snapshot_from_inventory(hosts, vms), Policy(threshold=1), NOW)
+    assert all(m.priority == 1 and m.source == "h1" for m in result.moves)
+    assert {result.placement[v.name] for v in vms} == {"h2", "h3"}
+
+
+def test_down_host_and_host_without_facts_are_evacuated_and_never_targets() -> None:
+    hosts = [host("h1", "down"), host("h2", facts=False), host("h3"), host("h4")]
+    vms = [vm("a", "h1"), vm("b", "h2"), vm("c", "h3"), vm("d", "h3"), vm("e", "h3")]
+    snap = snapshot_from_inventory(hosts, vms)
+    result = plan(snap, Policy(threshold=5), NOW)
+    assert {result.placement[v] for v in ("a", "b")} <= {"h3", "h4"}
+    assert not any(m.target in ("h1", "h2") for m in result.moves)
+
+
+def test_migrating_vm_is_left_where_it_is_and_stopped_vm_weighs_only_memory() -> None:
+    hosts = [host("h1"), host("h2")]
+    vms = [
+        vm("busy1", "h1", vcpus=4),
+        vm("busy2", "h1", vcpus=4, migrating=True),
+        vm("off", "h1", mib=8192, vcpus=8, state="stopped"),
+    ]
+    snap = snapshot_from_inventory(hosts, vms)
+    off = next(v for v in snap.vms if v.name == "off")
+    assert (off.cpu, off.mem_demand, off.memory_mib) == (0.0, 0.0, 8192)
+    result = plan(snap, Policy(threshold=5), NOW)
+    assert result.placement["busy2"] == "h1"
+    assert result.placement["busy1"] == "h2"  # CPU demand of 8 vCPUs on one host is spread
+
+
+def test_capacities_come_from_facts() -> None:
+    snap = snapshot_from_inventory([host("h1", cpus=16, mib=65536)], [vm("a", "h1")])
+    (h,) = snap.hosts
+    assert (h.cpu_capacity, h.memory_mib, h.health.value, h.maintenance) == (16, 65536, "ok", False)
