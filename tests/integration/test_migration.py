@@ -261,3 +261,24 @@ def test_migration_between_huge_page_and_ordinary_memory(
             assert after["boot_id"] == before["boot_id"]
     finally:
         lab.restart_agent("h3", hugepages=True)
+
+
+def test_manager_killed_mid_migration_resumes_and_finishes_it(
+    lab: Lab, server: ServerClient, make_vm: MakeVm
+) -> None:
+    vm = make_vm("h1", memory="512M", fill=300)
+    ip = ip_of(vm)
+    # Throttled so the migration is still copying when the manager dies.
+    task = server.migrate(vm.name, MigrateRequest(to="h2", bandwidth="30M/s"))
+    wait_phase(server, task, "monitor")
+    lab.restart_manager(crash=True)
+    with lab.server() as fresh:
+        done = wait_task(fresh, task, timeout_s=180)
+        assert done.state == "succeeded", (done.error, [e.message for e in done.events])
+        events = [e.message for e in fresh.task(task.id).events]
+        assert "manager restarted: resuming" in events
+        assert fresh.vm(vm.name).host == "h2"
+    # The source copy is gone, the guest runs on h2 with its memory and address.
+    assert vm.name not in [v.name for v in lab.agent("h1").list_vms()]
+    assert lab.agent("h2").vm(vm.name).state == "running"
+    assert run_in(lab.record.client_namespace, lambda: mem_check(ip))["consistent"]

@@ -205,3 +205,61 @@ def test_exactly_one_running_copy_whatever_happens(
     elif not final.switched_over:
         assert running == ["h1"]
         assert "h2" not in cluster.copies or fail_at == "rollback"
+
+
+class Crash(Exception):
+    """The manager process dies."""
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    crash_at=st.integers(min_value=1, max_value=12),
+    persisted_before_crash=st.booleans(),
+    script=st.lists(st.sampled_from(["setup", "active"]), max_size=3).map(
+        lambda xs: [*xs, "completed"]
+    ),
+)
+def test_manager_restart_at_any_step_leaves_one_running_copy(
+    crash_at: int, persisted_before_crash: bool, script: list[str]
+) -> None:
+    cluster = FakeCluster()
+    persisted: list[Step] = []
+
+    async def crashing(s: Step, stats: MigrationStats | None) -> None:
+        # The action before this persist has had its effect; the record may or may not have
+        # reached the database when the process died.
+        if len(persisted) + 1 == crash_at:
+            if persisted_before_crash:
+                persisted.append(s)
+            raise Crash
+        persisted.append(s)
+
+    async def first() -> None:
+        await engine.run(FakePort(cluster, script=list(script)), crashing, asyncio.Event())
+
+    try:
+        asyncio.run(first())
+    except Crash:
+        pass
+    else:
+        return  # finished before the crash point
+    if not persisted:
+        return  # died before recording anything: the task never began
+
+    async def again(s: Step, stats: MigrationStats | None) -> None:
+        persisted.append(s)
+
+    async def resume() -> MigrationState:
+        port = FakePort(cluster, script=list(script))
+        return await engine.run(port, again, asyncio.Event(), persisted[-1].state)
+
+    final = asyncio.run(resume())
+    assert final.terminal
+    running = [h for h, state in cluster.copies.items() if state == "running"]
+    assert len(running) == 1, cluster.copies
+    if final.phase == Phase.DONE:
+        assert running == ["h2"] and cluster.inventory_host == "h2"
+        assert "h1" not in cluster.copies  # the source was released
+    else:
+        assert running == ["h1"] and cluster.inventory_host == "h1"
+        assert "h2" not in cluster.copies  # the destination was removed

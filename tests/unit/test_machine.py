@@ -18,6 +18,7 @@ from qmotion.migration.machine import (
     PrepareDestination,
     Progress,
     Recover,
+    Resumed,
     Rollback,
     RunPrechecks,
     StartMigration,
@@ -180,6 +181,7 @@ events = st.one_of(
         Progress, st.sampled_from(["setup", "active", "device", "completed", "failed", "cancelled"])
     ),
     st.just(CancelRequested()),
+    st.just(Resumed()),
 )
 
 
@@ -223,3 +225,21 @@ def test_always_reaches_an_end(seq: list[Event]) -> None:
             nxt = step(state, Begin())
         state = nxt.state
     assert state.terminal
+
+
+def test_resume_after_a_manager_restart() -> None:
+    def at(phase: Phase, **kw: object) -> MigrationState:
+        return MigrationState(phase=phase, **kw)  # type: ignore[arg-type]
+
+    # Nothing changed yet: ends, failed, with nothing to undo.
+    s = step(at(Phase.PRECHECK), Resumed())
+    assert s.state.phase == Phase.FAILED and isinstance(s.action, Finish)
+    # Setting up: what was done is unknown, so everything is undone.
+    s = step(at(Phase.START, destination_made=True, uri="tcp:h:1"), Resumed())
+    assert s.action == Rollback(cancel_migration=True, teardown_destination=True)
+    # Migrating: keep watching; QEMU carried on without the manager.
+    s = step(at(Phase.MONITOR, started=True, destination_made=True), Resumed())
+    assert s.action == AwaitProgress(known_status=None)
+    # Past the switchover: the step it stood at, again (they are idempotent).
+    s = step(at(Phase.STOP_SOURCE, switched_over=True, started=True), Resumed())
+    assert isinstance(s.action, StopSource) and s.state.switched_over

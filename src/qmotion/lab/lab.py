@@ -220,6 +220,21 @@ class Lab:
         _save(self.record)
         _wait_agent(h)
 
+    def restart_manager(self, crash: bool = False) -> None:
+        """Stop the manager (``crash``: SIGKILL, as a dying process) and start it again on the
+        same database and token; hosts and the pool stay registered."""
+        rec = self.record
+        pid = rec.manager_pid
+        if pid is not None and b"server" in _cmdline(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL if crash else signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+                time.sleep(0.05)
+        _start_manager(rec, register=False)
+
     def pool_address(self, index: int) -> str:
         """The ``index``-th address of the VM pool, with prefix length (e.g. 198.18.1.100/24)."""
         first = ipaddress.IPv4Address(self.record.pool.first)
@@ -417,12 +432,14 @@ def _build(rec: LabRecord, hosts: int, accel: str) -> None:
     _save(rec)
 
 
-def _start_manager(rec: LabRecord) -> None:
-    """The lab's manager runs in the root namespace, on the switch address."""
+def _start_manager(rec: LabRecord, register: bool = True) -> None:
+    """The lab's manager runs in the root namespace, on the switch address. ``register``:
+    a new manager (new token), which then learns the hosts and the address pool."""
     lab_dir = Path(rec.dir)
     token_file = lab_dir / "manager.token"
-    token_file.write_text(secrets.token_urlsafe(24) + "\n")
-    token_file.chmod(0o600)
+    if register:
+        token_file.write_text(secrets.token_urlsafe(24) + "\n")
+        token_file.chmod(0o600)
     rec.manager_url = f"http://{rec.switch_address}:{MANAGER_PORT}"
     rec.manager_token_file = str(token_file)
     argv = [
@@ -455,6 +472,8 @@ def _start_manager(rec: LabRecord) -> None:
                     tail = (lab_dir / "manager.log").read_text(errors="replace")[-1500:]
                     raise LabSetupError(f"manager did not start: {exc}\n{tail}") from exc
                 time.sleep(0.2)
+        if not register:
+            return
         for h in rec.hosts:
             client.register_host(
                 HostRegister(
@@ -547,15 +566,16 @@ def _wait_agent(host: LabHost) -> None:
     raise LabSetupError(f"agent on {host.name} did not become ready: {last}\n{tail}")
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _stop_pid(pid: int | None, what: bytes) -> None:
     """End a lab process outside its namespaces, only if the PID is still that process."""
-    if pid is None:
-        return
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return
-    if what not in cmdline:
+    if pid is None or what not in _cmdline(pid):
         return
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):

@@ -21,6 +21,7 @@ from qmotion.migration.machine import (
     PrepareDestination,
     Progress,
     Recover,
+    Resumed,
     Rollback,
     RunPrechecks,
     StartMigration,
@@ -92,8 +93,9 @@ async def run(
     state: MigrationState | None = None,
 ) -> MigrationState:
     """Drive one migration to a terminal state. ``cancel`` asks for a rollback; asyncio
-    cancellation (a shutting-down manager) is not caught."""
-    current = step(state or MigrationState(), Begin())
+    cancellation (a shutting-down manager) is not caught. Given a ``state`` (persisted by a
+    manager that then restarted), the migration resumes from it."""
+    current = step(state, Resumed()) if state is not None else step(MigrationState(), Begin())
     await persist(current, None)
     while not isinstance(current.action, Finish):
         if cancel.is_set() and not current.state.cancel_requested:

@@ -11,6 +11,11 @@ a cancel rolls back: cancel QEMU's migration, tear the destination down, make su
 runs. After it the destination owns the VM; a destination that does not run is recovered by
 resuming the source (it is paused with the complete state) and tearing the destination down.
 A VM therefore runs on exactly one host before, during and after the migration.
+
+A manager that restarts resumes each task from its persisted state (event ``Resumed``): one
+that had changed nothing ends as failed, one between preparing the destination and QEMU's
+confirmed start rolls back (what it did is not known for sure), and the others carry on where
+they stood: the migration itself runs between the agents and does not need the manager.
 """
 
 from __future__ import annotations
@@ -119,7 +124,12 @@ class CancelRequested:
     pass
 
 
-Event = Begin | Succeeded | Failed | Progress | CancelRequested
+@dataclass(frozen=True)
+class Resumed:
+    """The manager restarted; the task continues from its persisted state."""
+
+
+Event = Begin | Succeeded | Failed | Progress | CancelRequested | Resumed
 
 
 # ---------------------------------------------------------------- actions (what to do)
@@ -244,6 +254,9 @@ def step(state: MigrationState, event: Event) -> Step:
             )
         return _rollback(replace(state, cancel_requested=True), "cancelled by request")
 
+    if isinstance(event, Resumed):
+        return _resume(state)
+
     phase = state.phase
     if phase == Phase.PENDING:
         if isinstance(event, Begin):
@@ -350,6 +363,23 @@ def step(state: MigrationState, event: Event) -> Step:
             return Step(replace(state, phase=Phase.FAILED), Finish(Phase.FAILED))
 
     return Step(state, _repeat(state), f"ignored {type(event).__name__} in {phase.value}")
+
+
+def _resume(state: MigrationState) -> Step:
+    note = "resumed after a manager restart"
+    if state.phase in (Phase.PENDING, Phase.PRECHECK):
+        return Step(
+            replace(state, phase=Phase.FAILED, error="the manager restarted before it began"),
+            Finish(Phase.FAILED),
+            "the manager restarted before anything changed",
+        )
+    if state.phase in (Phase.PREPARE, Phase.START):
+        # The destination may exist and migrate may have been issued, answers unseen.
+        st = replace(state, started=state.phase == Phase.START, destination_made=True)
+        return _rollback(st, "the manager restarted while the migration was being set up")
+    if state.phase == Phase.MONITOR:
+        return Step(replace(state, monitor_failures=0), AwaitProgress(known_status=None), note)
+    return Step(state, _repeat(state), note)
 
 
 def _repeat(state: MigrationState) -> Action:

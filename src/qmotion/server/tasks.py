@@ -100,12 +100,39 @@ class TaskRunner:
         self._running: dict[int, asyncio.Task[None]] = {}
 
     def recover_after_restart(self) -> None:
-        """Tasks a previous manager process left behind cannot be resumed blindly."""
+        """Tasks a previous manager process left behind: one that had not begun ends (nothing
+        changed); a migration under way resumes from its persisted state (machine.Resumed).
+        Call from within the event loop."""
+        resume = []
         with self.db.session() as s:
             for t in s.scalars(select(Task).where(Task.state.in_(ACTIVE_TASK_STATES))):
+                if t.kind == "migrate" and t.state == "running" and t.machine is not None:
+                    resume.append(t.id)
+                    s.add(TaskEvent(task=t, kind="note", message="manager restarted: resuming"))
+                    continue
                 t.state, t.ended_at = "failed", utcnow()
-                t.error = "the manager restarted while this task was active; check the VM"
+                t.error = "the manager restarted before this task began; nothing was changed"
                 s.add(TaskEvent(task=t, kind="error", message=t.error))
+        for task_id in resume:
+            self._resume(task_id)
+
+    def _resume(self, task_id: int) -> None:
+        with self.db.session() as s:
+            t = s.get(Task, task_id)
+            assert t is not None and t.machine is not None
+            vm, source, destination = t.vm or "", t.source or "", t.destination or ""
+            mparams = MigrationParams.model_validate(t.params or {})
+            state = MigrationState.from_json(t.machine)
+            cancel_requested = t.cancel_requested
+        cancel = self._cancel[task_id] = asyncio.Event()
+        if cancel_requested:
+            cancel.set()
+        self._running[task_id] = asyncio.create_task(
+            self._run_migration(
+                task_id, vm, source, destination, mparams, time.monotonic(), resume=state
+            ),
+            name=f"task-{task_id}",
+        )
 
     def _slot(self, host: str) -> asyncio.Semaphore:
         return self._slots.setdefault(host, asyncio.Semaphore(self.per_host))
@@ -188,24 +215,26 @@ class TaskRunner:
         destination: str,
         mparams: MigrationParams,
         accepted: float,
+        resume: MigrationState | None = None,
     ) -> None:
         cancel = self._cancel[task_id]
         first, second = sorted((source, destination))
         try:
             async with self._slot(first), self._slot(second):
                 queued_s = time.monotonic() - accepted
-                if cancel.is_set():
-                    await asyncio.to_thread(
-                        self._finish, task_id, "cancelled", "cancelled while queued", None
-                    )
-                    return
-                await asyncio.to_thread(self._mark_running, task_id)
+                if resume is None:
+                    if cancel.is_set():
+                        await asyncio.to_thread(
+                            self._finish, task_id, "cancelled", "cancelled while queued", None
+                        )
+                        return
+                    await asyncio.to_thread(self._mark_running, task_id)
                 port = AgentMigrationPort(self.db, self.inventory, vm, source, destination, mparams)
 
                 async def persist(st: Step, stats: MigrationStats | None) -> None:
                     await asyncio.to_thread(self._persist, task_id, st, stats)
 
-                final = await engine.run(port, persist, cancel)
+                final = await engine.run(port, persist, cancel, resume)
                 result = report(port.last_stats, port, final, accepted, queued_s)
                 state = {Phase.DONE: "succeeded", Phase.CANCELLED: "cancelled"}.get(
                     final.phase, "failed"
