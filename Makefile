@@ -2,7 +2,13 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := qemu-system-x86 qemu-utils iproute2 busybox-static cpio gcc libc6-dev procps
+DEB_PACKAGES := iproute2 busybox-static cpio gcc libc6-dev procps
+# QEMU from bookworm-backports: before 9.0, QEMU under TCG loses guest writes while it migrates
+# (its dirty-bitmap sync leaves TCG's TLB marking pages written; fixed upstream in 9.0), and
+# this machine runs guests under TCG.
+QEMU_PACKAGES := qemu-system-x86 qemu-utils
+QEMU_MIN_MAJOR := 9
+BACKPORTS_LIST := /etc/apt/sources.list.d/qmotion-bookworm-backports.sources
 BENCH_PACKAGES := ganeti-htools
 STAMP := $(VENV)/.installed
 
@@ -18,6 +24,15 @@ debs:
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+	@major=$$(qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p'); \
+	if [ "$${major:-0}" -lt $(QEMU_MIN_MAJOR) ] || ! command -v qemu-img >/dev/null; then \
+	  echo "installing QEMU >= $(QEMU_MIN_MAJOR) from bookworm-backports"; \
+	  printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' \
+	    'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' \
+	    > $(BACKPORTS_LIST); \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q -t bookworm-backports $(QEMU_PACKAGES); \
 	fi
 
 $(STAMP): pyproject.toml

@@ -70,3 +70,19 @@ def test_huge_page_backing_keeps_the_ram_block_name_and_size() -> None:
         "memory-backend-file,id=pc.ram,size=1024M,mem-path=/dev/hugepages,share=off"
     ]
     assert opt(argv, "-m") == ["1024"]
+
+
+def test_cpu_models_from_either_help_format() -> None:
+    from qmotion.hypervisor.qemu import _cpu_models
+
+    old = "x86 qemu64  QEMU Virtual CPU version 2.5+\nx86 Haswell  Intel Core Processor\n"
+    new = (
+        "Available CPUs:\n"
+        "  Haswell               (alias configured by machine type)\n"
+        "  qemu64-v1             QEMU Virtual CPU version 2.5+\n"
+        "\n"
+        "Recognized CPUID flags:\n"
+        "  3dnow 3dnowext abm\n"
+    )
+    assert _cpu_models(old) == ["qemu64", "Haswell"]
+    assert _cpu_models(new) == ["Haswell", "qemu64-v1"]

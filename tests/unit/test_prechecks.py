@@ -79,3 +79,21 @@ def test_memory_counts_the_host_reserve() -> None:
     # 8192 - 512 reserved - 6656 committed = 1024: exactly enough.
     assert codes(committed_mib=6656) == []
     assert codes(committed_mib=6657) == ["insufficient_memory"]
+
+
+@pytest.mark.parametrize(
+    ("accel", "version", "refused"),
+    [
+        ("tcg", "7.2.22", True),
+        ("tcg", "9.0.0", False),
+        ("tcg", "10.0.2", False),
+        ("kvm", "7.2.22", False),
+    ],
+)
+def test_tcg_source_on_old_qemu_is_refused(accel: str, version: str, refused: bool) -> None:
+    hosts = {"h1": host("h1", accel=accel, qemu_version=version), "h2": host("h2")}
+    refusals = precheck(PrecheckInput(VM, "h2", hosts))
+    assert [r.code for r in refusals] == (["unsafe_tcg_migration"] if refused else [])
+    if refused:
+        assert (refusals[0].status, refusals[0].host) == (409, "h1")
+        assert "QEMU 7.2.22" in refusals[0].message

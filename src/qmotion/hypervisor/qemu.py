@@ -44,12 +44,25 @@ def qemu_info(binary: str = QEMU) -> QemuInfo:
         am = re.search(r"\(alias of ([^)]+)\)", line)
         if am:
             aliases[parts[0]] = am.group(1)
+    return QemuInfo(version, machines, aliases, _cpu_models(_capture([binary, "-cpu", "help"])))
+
+
+def _cpu_models(text: str) -> list[str]:
+    """Model names from ``-cpu help``: QEMU 7 prints ``x86 NAME ...`` lines, QEMU 9 and
+    later an ``Available CPUs:`` list of indented ``NAME ...`` lines (then CPUID flags)."""
     models: list[str] = []
-    for line in _capture([binary, "-cpu", "help"]).splitlines():
+    listing = False
+    for line in text.splitlines():
         parts = line.split()
         if len(parts) >= 2 and parts[0] == "x86":
             models.append(parts[1])
-    return QemuInfo(version, machines, aliases, models)
+        elif line.startswith("Available CPUs"):
+            listing = True
+        elif listing and line.startswith("  ") and parts:
+            models.append(parts[0])
+        elif listing:
+            listing = False
+    return models
 
 
 def resolve_machine(machine: str, info: QemuInfo) -> str:

@@ -22,6 +22,8 @@ class HostView:
     machine_aliases: dict[str, str]
     bridges: frozenset[str]
     datastores: frozenset[str]
+    accel: str = ""  # kvm or tcg
+    qemu_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,21 @@ def precheck(inp: PrecheckInput) -> list[Refusal]:
             )
         )
         return out
+    source = inp.hosts.get(vm.host)
+    if source is not None and source.accel == "tcg" and _major(source.qemu_version) < 9:
+        # QEMU before 9.0 clears migration dirty bits without resetting TCG's TLB, so guest
+        # writes through cached TLB entries are never re-sent: the guest would arrive with
+        # stale memory (seen here as guest kernel crashes after migration).
+        out.append(
+            Refusal(
+                "unsafe_tcg_migration",
+                f"host {vm.host} runs {vm.name} under TCG on QEMU {source.qemu_version}, which "
+                "loses guest writes while migrating (fixed in QEMU 9.0); upgrade QEMU on the "
+                "host or move the VM powered off",
+                409,
+                host=vm.host,
+            )
+        )
     target = inp.hosts.get(target_name)
     if target is None:
         known = ", ".join(sorted(inp.hosts)) or "none"
@@ -147,3 +164,8 @@ def precheck(inp: PrecheckInput) -> list[Refusal]:
                 )
             )
     return out
+
+
+def _major(version: str) -> int:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0

@@ -183,6 +183,8 @@ class Inventory:
             machine_aliases=dict(f.get("machine_aliases", {})),
             bridges=frozenset(f.get("bridges", ())),
             datastores=frozenset(d["name"] for d in f.get("datastores", ())),
+            accel=str(f.get("accel", {}).get("name", "")),
+            qemu_version=str(f.get("qemu_version", "")),
         )
 
     def cpu_baseline(self, s: Session) -> str:
