@@ -36,8 +36,9 @@ FINAL = re.compile(r"Cluster score improved from\s*([0-9.eE+-]+)\s*to\s*([0-9.eE
 SOLUTION_MOVES = re.compile(r"Solution length=(\d+)")
 
 
-def hbal_score(text: Path, util: Path) -> float:
-    """hbal's score of a placement, as hbal computes it (no moves made)."""
+def hbal_initial(text: Path, util: Path) -> tuple[float, str]:
+    """hbal's score of a placement, as hbal computes it (no moves made), and its warnings
+    (such as a node whose free memory does not add up)."""
     out = subprocess.run(
         ["hbal", "-t", str(text), "-U", str(util), "--max-length=0"],
         capture_output=True,
@@ -48,7 +49,11 @@ def hbal_score(text: Path, util: Path) -> float:
     m = SCORE.search(out.stdout + out.stderr)
     if not m:
         raise RuntimeError(f"no score in hbal output: {out.stdout[-500:]} {out.stderr[-500:]}")
-    return float(m.group(1))
+    return float(m.group(1)), out.stderr
+
+
+def hbal_score(text: Path, util: Path) -> float:
+    return hbal_initial(text, util)[0]
 
 
 def run_hbal(text: Path, util: Path, timeout_s: float, out_dir: Path) -> dict[str, Any]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import shutil
 import statistics
-import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from bench.drs import hbal_initial
 
 from qmotion.drs import ganeti
 from qmotion.drs.errors import SnapshotError
@@ -133,19 +133,8 @@ def test_hbal_reads_the_export_as_consistent_and_better(tmp_path: Path) -> None:
         ganeti.dump(cluster, plan(cluster.snapshot, Policy(threshold=5), NOW).placement)
     )
 
-    def score(path: Path) -> tuple[float, str]:
-        out = subprocess.run(
-            ["hbal", "-t", str(path), "-U", str(util), "--max-length=0"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=120,
-        )
-        line = next(ln for ln in out.stdout.splitlines() if ln.startswith("Initial score:"))
-        return float(line.split(":")[1]), out.stderr
-
-    before, _ = score(text)
-    after, warnings = score(exported)
+    before, _ = hbal_initial(text, util)
+    after, warnings = hbal_initial(exported, util)
     assert "inconsistent" not in warnings
     assert after < before / 10
 

@@ -133,8 +133,6 @@ class _Planner:
         self.steps: list[Move] = []
         self.broken: list[dict[str, Any]] = []
         self.unplaced: list[dict[str, str]] = []
-        self._demand: dict[str, tuple[float, float, int, int]] = {}
-        self._cost: dict[str, float] = {}
         self._infos: dict[str, tuple[float, float, int, int, float]] = {}
         self.origin = {v.name: v.host for v in snap.vms}
 
@@ -142,24 +140,8 @@ class _Planner:
 
     def _unit_demand(self, unit: list[str]) -> tuple[float, float, int, int]:
         """(CPU demand, memory demand, memory MiB, vCPUs) of the unit."""
-        key = unit[0]
-        cached = self._demand.get(key)
-        if cached is None:
-            vms = [self.state.vms[v] for v in unit]
-            cached = (
-                sum(v.cpu for v in vms),
-                sum(v.mem_demand for v in vms),
-                sum(v.memory_mib for v in vms),
-                sum(v.vcpus for v in vms),
-            )
-            self._demand[key] = cached
-        return cached
-
-    def _unit_cost(self, unit: list[str]) -> float:
-        cost = self._cost.get(unit[0])
-        if cost is None:
-            cost = self._cost[unit[0]] = cost_of([self.state.vms[v] for v in unit])
-        return cost
+        cpu, mem, mib, vcpus, _ = self._info(unit[0])
+        return cpu, mem, mib, vcpus
 
     def _feasible(self, unit: list[str], host: str, strengths: tuple[str, ...]) -> bool:
         h = self.state.hosts[host]
@@ -261,7 +243,7 @@ class _Planner:
                     self.unplaced.append({"vm": vm, "reason": f"{reason}; no feasible host"})
                 continue
             host, delta = found
-            self._apply(unit, host, prio, -delta, cost_of([self.state.vms[v] for v in unit]), note)
+            self._apply(unit, host, prio, -delta, self._info(unit[0])[4], note)
 
     # ------------------------------------------------------------------ balancing
 
@@ -421,8 +403,14 @@ class _Planner:
         ``key``."""
         info = self._infos.get(key)
         if info is None:
-            unit = self.book.unit(key)
-            info = self._infos[key] = (*self._unit_demand(unit), self._unit_cost(unit))
+            vms = [self.state.vms[v] for v in self.book.unit(key)]
+            info = self._infos[key] = (
+                sum(v.cpu for v in vms),
+                sum(v.mem_demand for v in vms),
+                sum(v.memory_mib for v in vms),
+                sum(v.vcpus for v in vms),
+                cost_of(vms),
+            )
         return info
 
     def _best_balancing_move(

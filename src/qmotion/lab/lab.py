@@ -223,17 +223,8 @@ class Lab:
     def restart_manager(self, crash: bool = False) -> None:
         """Stop the manager (``crash``: SIGKILL, as a dying process) and start it again on the
         same database and token; hosts and the pool stay registered."""
-        rec = self.record
-        pid = rec.manager_pid
-        if pid is not None and b"server" in _cmdline(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL if crash else signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
-                time.sleep(0.05)
-        _start_manager(rec, register=False)
+        _stop_pid(self.record.manager_pid, b"server", crash=crash)
+        _start_manager(self.record, register=False)
 
     def pool_address(self, index: int) -> str:
         """The ``index``-th address of the VM pool, with prefix length (e.g. 198.18.1.100/24)."""
@@ -566,18 +557,18 @@ def _wait_agent(host: LabHost) -> None:
     raise LabSetupError(f"agent on {host.name} did not become ready: {last}\n{tail}")
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _stop_pid(pid: int | None, what: bytes) -> None:
-    """End a lab process outside its namespaces, only if the PID is still that process."""
-    if pid is None or what not in _cmdline(pid):
+def _stop_pid(pid: int | None, what: bytes, crash: bool = False) -> None:
+    """End a lab process outside its namespaces, only if the PID is still that process
+    (``crash``: SIGKILL at once, as a process dying)."""
+    if pid is None:
         return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return
+    if what not in cmdline:
+        return
+    for sig in (signal.SIGKILL,) if crash else (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
         for _ in range(50):

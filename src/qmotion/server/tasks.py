@@ -107,32 +107,32 @@ class TaskRunner:
         with self.db.session() as s:
             for t in s.scalars(select(Task).where(Task.state.in_(ACTIVE_TASK_STATES))):
                 if t.kind == "migrate" and t.state == "running" and t.machine is not None:
-                    resume.append(t.id)
+                    resume.append(
+                        (
+                            t.id,
+                            t.vm or "",
+                            t.source or "",
+                            t.destination or "",
+                            MigrationParams.model_validate(t.params or {}),
+                            MigrationState.from_json(t.machine),
+                            t.cancel_requested,
+                        )
+                    )
                     s.add(TaskEvent(task=t, kind="note", message="manager restarted: resuming"))
                     continue
                 t.state, t.ended_at = "failed", utcnow()
                 t.error = "the manager restarted before this task began; nothing was changed"
                 s.add(TaskEvent(task=t, kind="error", message=t.error))
-        for task_id in resume:
-            self._resume(task_id)
-
-    def _resume(self, task_id: int) -> None:
-        with self.db.session() as s:
-            t = s.get(Task, task_id)
-            assert t is not None and t.machine is not None
-            vm, source, destination = t.vm or "", t.source or "", t.destination or ""
-            mparams = MigrationParams.model_validate(t.params or {})
-            state = MigrationState.from_json(t.machine)
-            cancel_requested = t.cancel_requested
-        cancel = self._cancel[task_id] = asyncio.Event()
-        if cancel_requested:
-            cancel.set()
-        self._running[task_id] = asyncio.create_task(
-            self._run_migration(
-                task_id, vm, source, destination, mparams, time.monotonic(), resume=state
-            ),
-            name=f"task-{task_id}",
-        )
+        for task_id, vm, source, destination, mparams, state, cancelled in resume:
+            cancel = self._cancel[task_id] = asyncio.Event()
+            if cancelled:
+                cancel.set()
+            self._running[task_id] = asyncio.create_task(
+                self._run_migration(
+                    task_id, vm, source, destination, mparams, time.monotonic(), resume=state
+                ),
+                name=f"task-{task_id}",
+            )
 
     def _slot(self, host: str) -> asyncio.Semaphore:
         return self._slots.setdefault(host, asyncio.Semaphore(self.per_host))
