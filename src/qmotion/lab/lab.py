@@ -219,6 +219,10 @@ class Lab:
         h.agent_pid = _start_agent(self.record, h, accel)
         _save(self.record)
         _wait_agent(h)
+        if self.record.manager_url is not None:
+            # The manager's periodic refresh may have seen the host down meanwhile.
+            with self.server() as client:
+                client.refresh_hosts()
 
     def restart_manager(self, crash: bool = False) -> None:
         """Stop the manager (``crash``: SIGKILL, as a dying process) and start it again on the
