@@ -56,12 +56,15 @@ def hbal_score(text: Path, util: Path) -> float:
     return hbal_initial(text, util)[0]
 
 
-def run_hbal(text: Path, util: Path, timeout_s: float, out_dir: Path) -> dict[str, Any]:
+def run_hbal(
+    text: Path, util: Path, timeout_s: float, out_dir: Path, max_length: int | None = None
+) -> dict[str, Any]:
     saved = out_dir / f"{text.stem}.hbal"
+    limit = [] if max_length is None else [f"--max-length={max_length}"]
     start = time.monotonic()
     try:
         out = subprocess.run(
-            ["hbal", "-t", str(text), "-U", str(util), "-S", str(saved)],
+            ["hbal", "-t", str(text), "-U", str(util), "-S", str(saved), *limit],
             capture_output=True,
             text=True,
             check=False,
@@ -132,10 +135,14 @@ def imbalance_of(snap: Snapshot) -> float:
     return round(ClusterState(snap).imbalance(), 5)
 
 
-def run_qmotion(text: Path, util: Path, threshold: int, out_dir: Path) -> dict[str, Any]:
+def run_qmotion(
+    text: Path, util: Path, threshold: int, out_dir: Path, max_moves: int | None = None
+) -> dict[str, Any]:
     cluster = ganeti.load(text, util)
     start = time.monotonic()
     policy = Policy(threshold=threshold, allocation_weight=cluster.allocation_weight)
+    if max_moves is not None:
+        policy = policy.model_copy(update={"max_moves": max_moves})
     result = plan(cluster.snapshot, policy, datetime.now(UTC))
     seconds = time.monotonic() - start
     exported = out_dir / f"{text.stem}.qmotion.txt"
@@ -175,7 +182,7 @@ def main() -> None:
             hosts, vms = (int(x) for x in shape.split("x"))
             text, util = write(work, hosts, vms, seed, kind)
             snap = ganeti.load(text, util).snapshot
-            row = {
+            row: dict[str, Any] = {
                 "hosts": hosts,
                 "vms": vms,
                 "seed": seed,
@@ -185,6 +192,19 @@ def main() -> None:
                 "qmotion": run_qmotion(text, util, args.threshold, work),
                 "hbal": run_hbal(text, util, args.hbal_timeout, work),
             }
+            moves = row["hbal"].get("moves")
+            if moves:
+                # What half of hbal's moves buys each: hbal cut short by its own
+                # --max-length, qmotion by Policy.max_moves.
+                half = moves // 2
+                cut = run_hbal(text, util, args.hbal_timeout, work, max_length=half)
+                row["half"] = {
+                    "moves": half,
+                    "hbal_score": cut.get("score_after"),
+                    "qmotion_score": run_qmotion(text, util, args.threshold, work, half)[
+                        "score_after"
+                    ],
+                }
             rows.append(row)
             print(json.dumps(row), flush=True)
     hbal_v = subprocess.run(
@@ -230,6 +250,19 @@ def table(report: dict[str, Any]) -> str:
         "moves needed: the fewest moves any plan needs so that no host ends above hbal's most "
         "loaded host (in CPU or memory demand); each such host must shed its excess, and its "
         "largest VMs shed it fastest.",
+        "",
+        "At half of hbal's moves (each tool limited to that many: hbal by `--max-length`, "
+        "qmotion by `--max-moves`), hbal's score of the result:",
+        "",
+        "| cluster (seed, load) | moves | hbal score | qmotion score | full hbal score |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['hosts']} hosts / {r['vms']} VMs ({r['seed']}, {r['kind']}) "
+            f"| {r['half']['moves']} | {r['half']['hbal_score']:.2f} "
+            f"| {r['half']['qmotion_score']:.2f} | {r['hbal']['score_after']:.2f} |"
+            for r in report["rows"]
+            if "half" in r
+        ),
         "",
         "load: sized = utilisation file with CPU load in cores and memory load in GiB, growing "
         "with each VM's size; busy = a busy fraction 0.1-1.0 for CPU and memory per VM, "

@@ -100,3 +100,16 @@ def test_place_ranks_the_host_with_room_first(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     ranked = json.loads(res.stdout)
     assert [(c["host"], c["feasible"]) for c in ranked] == [("idle", True), ("busy", False)]
+
+
+def test_max_moves_limits_the_plan(tmp_path: Path) -> None:
+    text, util = write(tmp_path, 6, 80, seed=3, kind="busy")
+    args = ["drs", "plan", "--ganeti-text", str(text), "--ganeti-util", str(util), "--json"]
+    full = json.loads(runner.invoke(app, [*args, "--threshold", "5"]).stdout)
+    res = runner.invoke(app, [*args, "--threshold", "5", "--max-moves", "5"])
+    assert res.exit_code == 0, res.output
+    capped = json.loads(res.stdout)
+    assert len(capped["moves"]) == 5 < len(full["moves"])
+    assert full["imbalance_after"] < capped["imbalance_after"] < capped["imbalance_before"]
+    bad = runner.invoke(app, [*args, "--max-moves", "-1"])
+    assert bad.exit_code == 2 and "--max-moves" in bad.output

@@ -169,6 +169,45 @@ def test_balancing_never_increases_imbalance(data: dict[str, Any], weight: float
     assert result.imbalance_after == pytest.approx(ClusterState(applied(snap, result)).imbalance())
 
 
+@SETTINGS
+@given(clusters(), st.integers(min_value=0, max_value=4))
+def test_max_moves_caps_balancing_but_never_evacuations(data: dict[str, Any], cap: int) -> None:
+    snap = make(data)
+    result = plan(snap, Policy(threshold=5, max_moves=cap), NOW)
+    balancing = [m for m in result.moves if m.reason == "balance load"]
+    assert len(balancing) <= cap
+    # Every VM on a host it must leave still leaves (or is reported as unplaceable).
+    unplaced = {u["vm"] for u in result.unplaced}
+    spec = {h.name: h for h in snap.hosts}
+    must_leave = {
+        v.name
+        for v in snap.vms
+        if spec[v.host].maintenance or spec[v.host].health in ("failed", "quarantined")
+    }
+    assert must_leave <= {m.vm for m in result.moves} | unplaced
+    after = ClusterState(applied(snap, result))
+    assert all(h.allocated <= h.spec.memory_mib for h in after.hosts.values())
+
+
+def test_capped_plan_takes_the_best_moves_and_the_next_plan_goes_on() -> None:
+    hosts = [{"name": f"h{i}", "cpu_capacity": 16, "memory_mib": 65536} for i in range(4)]
+    vms = [
+        {"name": f"v{i}", "host": "h0", "memory_mib": 2048 * (1 + i % 4), "vcpus": 1 + i % 4}
+        for i in range(12)
+    ]
+    snap = Snapshot.model_validate({"hosts": hosts, "vms": vms})
+    full = plan(snap, Policy(threshold=5), NOW)
+    first = plan(snap, Policy(threshold=5, max_moves=3), NOW)
+    assert len(full.moves) > 3 and len(first.moves) == 3
+    assert full.imbalance_after < first.imbalance_after < first.imbalance_before
+    # The first moves shed the most: the biggest VMs leave the crowded host first.
+    size = {v["name"]: v["memory_mib"] for v in vms}
+    assert {size[m.vm] for m in first.moves} == {8192}
+    second = plan(applied(snap, first), Policy(threshold=5, max_moves=3), NOW)
+    assert len(second.moves) == 3
+    assert second.imbalance_after < first.imbalance_after
+
+
 def _host(name: str, mib: int = 16384, **extra: Any) -> dict[str, Any]:
     return {"name": name, "cpu_capacity": 8, "memory_mib": mib, "max_migrations": 1, **extra}
 

@@ -72,6 +72,13 @@ def plan_cmd(
         3, "--threshold", min=1, max=5, help="1 mandatory moves only ... 5 aggressive"
     ),
     automation: str = typer.Option("manual", "--automation", help="manual, partial or full"),
+    max_moves: int = typer.Option(
+        None,
+        "--max-moves",
+        min=0,
+        help="At most this many balancing moves, the best first (evacuations are never held "
+        "back); planning again goes on from the result.",
+    ),
     allocation_weight: float = typer.Option(
         None,
         "--allocation-weight",
@@ -94,6 +101,8 @@ def plan_cmd(
         fail(f"--automation must be manual, partial or full, got {automation!r}", 2)
     snap, cluster = _load(snapshot, ganeti_text, ganeti_util, manager, lab)
     policy = Policy(threshold=threshold, automation=Automation(automation))
+    if max_moves is not None:
+        policy = policy.model_copy(update={"max_moves": max_moves})
     if allocation_weight is None and cluster is not None:
         allocation_weight = cluster.allocation_weight
     if allocation_weight is not None:

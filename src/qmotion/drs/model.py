@@ -107,7 +107,12 @@ class Automation(StrEnum):
 
 
 class Policy(Strict):
-    """``threshold`` 1 (only mandatory moves) ... 5 (aggressive): moves of priority <= it."""
+    """``threshold`` 1 (only mandatory moves) ... 5 (aggressive): moves of priority <= it.
+
+    ``max_moves`` caps the balancing moves of one plan (as hbal's ``--max-length``): the
+    best ones come first, and planning again on the result goes on from there. Mandatory moves
+    (evacuations, must-rule fixes) are never held back by it.
+    """
 
     threshold: int = Field(default=3, ge=1, le=5)
     automation: Automation = Automation.MANUAL

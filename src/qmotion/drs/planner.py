@@ -135,6 +135,8 @@ class _Planner:
         self.unplaced: list[dict[str, str]] = []
         self._infos: dict[str, tuple[float, float, int, int, float]] = {}
         self.origin = {v.name: v.host for v in snap.vms}
+        # VMs a mandatory move took: Policy.max_moves never holds those back.
+        self.required: set[str] = set()
 
     # ------------------------------------------------------------------ helpers
 
@@ -243,6 +245,7 @@ class _Planner:
                     self.unplaced.append({"vm": vm, "reason": f"{reason}; no feasible host"})
                 continue
             host, delta = found
+            self.required.update(unit)
             self._apply(unit, host, prio, -delta, self._info(unit[0])[4], note)
 
     # ------------------------------------------------------------------ balancing
@@ -263,8 +266,13 @@ class _Planner:
                 for u in units
                 if all(st.placement[v] == host for v in u)
             )
-        moves = 0
-        while moves < self.policy.max_moves:
+        origin, required = self.origin, self.required
+        # Policy.max_moves counts VMs away from home in the final plan: moving a VM again
+        # costs nothing more, sending one home gives a move back.
+        budget = self.policy.max_moves - sum(
+            1 for v, h in st.placement.items() if h != origin[v] and v not in required
+        )
+        while True:
             best = self._best_balancing_move(by_cpu, by_mem, weights)
             if best is None:
                 break
@@ -272,6 +280,14 @@ class _Planner:
             prio = priority_of(net)
             if prio > self.policy.threshold:
                 break
+            added = sum(
+                (dst != origin[v]) - (st.placement[v] != origin[v])
+                for v in unit
+                if v not in required
+            )
+            if added > budget:
+                break
+            budget -= added
             for lst in (by_cpu, by_mem):
                 for host in (src, dst):
                     key = (
@@ -285,7 +301,6 @@ class _Planner:
             for host in (src, dst):
                 bisect.insort(by_cpu, (st.hosts[host].cpu_load, host))
                 bisect.insort(by_mem, (st.hosts[host].mem_load, host))
-            moves += len(unit)
 
     def _weight(self, unit: list[str], host: str) -> float:
         cpu, mem, _, _ = self._unit_demand(unit)
