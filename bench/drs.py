@@ -240,7 +240,7 @@ def table(report: dict[str, Any]) -> str:
             f"| {'>' if capped else ''}{h['seconds']} "
             f"| {'-' if capped else h.get('moves')} "
             f"| {'-' if capped else h.get('moves_lower_bound')} "
-            f"| {'capped' if capped else h.get('score_after')} "
+            f"| {'capped' if capped else format(h.get('score_after'), '.2f')} "
             f"| {q['seconds']} | {q['moves']} | {q['score_after']:.2f} "
             f"| {r['imbalance_before']} | {'-' if capped else h.get('imbalance')} "
             f"| {q['imbalance']} |"
