@@ -1,6 +1,7 @@
 """DRS benchmark: qmotion's planner against Ganeti's hbal on the same synthetic clusters.
 
     python -m bench.drs [--sizes 20x300,20x300@2:busy,1000x20000] [--hbal-timeout 600]
+                        [--rules 20x300:100,1000x20000:2000]
 
 A size is HOSTSxVMS[@SEED][:KIND], KIND one of qmotion.drs.generate.KINDS (default sized).
 
@@ -26,7 +27,7 @@ from typing import Any
 from bench import write_report
 from qmotion.agent.facts import cpu_info
 from qmotion.drs import ganeti
-from qmotion.drs.generate import write
+from qmotion.drs.generate import with_rules, write
 from qmotion.drs.model import Policy, Snapshot
 from qmotion.drs.planner import plan
 from qmotion.drs.state import ClusterState
@@ -157,6 +158,29 @@ def run_qmotion(
     }
 
 
+def run_rules(hosts: int, vms: int, count: int, threshold: int, work: Path) -> dict[str, Any]:
+    """qmotion alone on a cluster with ``count`` rules (hbal's text format carries none)."""
+    text, util = write(work, hosts, vms, 1, "sized")
+    cluster = ganeti.load(text, util)
+    snap = with_rules(cluster.snapshot, count)
+    policy = Policy(threshold=threshold, allocation_weight=cluster.allocation_weight)
+    start = time.monotonic()
+    result = plan(snap, policy, datetime.now(UTC))
+    seconds = time.monotonic() - start
+    return {
+        "hosts": hosts,
+        "vms": vms,
+        "rules": len(snap.rules),
+        "seconds": round(seconds, 3),
+        "moves": len(result.moves),
+        "mandatory": sum(1 for m in result.moves if m.reason != "balance load"),
+        "broken_should": len(result.broken_should),
+        "unplaced": len(result.unplaced),
+        "imbalance_before": round(result.imbalance_before, 5),
+        "imbalance": round(result.imbalance_after, 5),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument(
@@ -166,6 +190,11 @@ def main() -> None:
             "100x2000,1000x20000"
         ),
         help="HOSTSxVMS[@SEED][:KIND], comma-separated",
+    )
+    ap.add_argument(
+        "--rules",
+        default="20x300:100,1000x20000:2000",
+        help="HOSTSxVMS:RULES planned by qmotion alone, comma-separated ('' for none)",
     )
     ap.add_argument("--threshold", type=int, default=5)
     ap.add_argument("--hbal-timeout", type=float, default=600)
@@ -207,6 +236,12 @@ def main() -> None:
                 }
             rows.append(row)
             print(json.dumps(row), flush=True)
+        ruled = []
+        for item in filter(None, args.rules.split(",")):
+            shape, _, count = item.partition(":")
+            hosts, vms = (int(x) for x in shape.split("x"))
+            ruled.append(run_rules(hosts, vms, int(count), args.threshold, work))
+            print(json.dumps(ruled[-1]), flush=True)
     hbal_v = subprocess.run(
         ["hbal", "--version"], capture_output=True, text=True, check=False
     ).stdout.splitlines()[0]
@@ -217,6 +252,7 @@ def main() -> None:
         "hbal": hbal_v,
         "threshold": args.threshold,
         "rows": rows,
+        "ruled": ruled,
     }
     write_report(args.out, "drs", report, table)
 
@@ -262,6 +298,20 @@ def table(report: dict[str, Any]) -> str:
             f"| {r['half']['qmotion_score']:.2f} | {r['hbal']['score_after']:.2f} |"
             for r in report["rows"]
             if "half" in r
+        ),
+        "",
+        "qmotion alone on the same sized clusters (seed 1) with rules over disjoint VMs (half "
+        "anti-affinity triples, one in four of them must; a quarter should-affinity pairs; a "
+        "quarter should run on / not run on a tenth of the hosts), many broken at the start:",
+        "",
+        "| cluster | rules | time s | moves | of which mandatory | should rules left broken "
+        "| unplaced | imbalance before | imbalance after |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {r['hosts']} hosts / {r['vms']} VMs | {r['rules']} | {r['seconds']} "
+            f"| {r['moves']} | {r['mandatory']} | {r['broken_should']} | {r['unplaced']} "
+            f"| {r['imbalance_before']} | {r['imbalance']} |"
+            for r in report.get("ruled", [])
         ),
         "",
         "load: sized = utilisation file with CPU load in cores and memory load in GiB, growing "

@@ -357,3 +357,24 @@ def test_bad_snapshots_name_the_entry(data: dict[str, Any], entry: str) -> None:
 def test_negative_capacity_refused_by_the_schema() -> None:
     with pytest.raises(ValueError, match="cpu_capacity"):
         Snapshot.model_validate({"hosts": [{"name": "h", "cpu_capacity": -1, "memory_mib": 1}]})
+
+
+def test_vms_held_by_affinity_do_not_hide_the_movable_ones() -> None:
+    # A large cluster (narrow search): the crowded host's heaviest VMs are pairs kept
+    # together by should-affinity rules; its lighter VMs must still be found and moved.
+    hosts = [{"name": f"h{i:02d}", "cpu_capacity": 32, "memory_mib": 131072} for i in range(40)]
+    vms: list[dict[str, Any]] = [
+        {"name": f"big{i:02d}", "host": "h00", "memory_mib": 8192, "vcpus": 8} for i in range(8)
+    ]
+    vms += [{"name": f"s{i:02d}", "host": "h00", "memory_mib": 1024, "vcpus": 1} for i in range(40)]
+    rules = [
+        {"name": f"pair{i}", "kind": "affinity", "strength": "should",
+         "vms": [f"big{2 * i:02d}", f"big{2 * i + 1:02d}"]}
+        for i in range(4)
+    ]  # fmt: skip
+    snap = Snapshot.model_validate({"hosts": hosts, "vms": vms, "rules": rules})
+    result = plan(snap, Policy(threshold=5), NOW)
+    moved = {m.vm for m in result.moves}
+    # The pinned pairs stay; nearly all the light VMs leave (to spread the load).
+    assert not any(v.startswith("big") for v in moved)
+    assert sum(v.startswith("s") for v in moved) >= 35

@@ -12,9 +12,10 @@ from bench.drs import hbal_initial
 
 from qmotion.drs import ganeti
 from qmotion.drs.errors import SnapshotError
-from qmotion.drs.generate import write
+from qmotion.drs.generate import with_rules, write
 from qmotion.drs.model import Policy
 from qmotion.drs.planner import plan
+from qmotion.drs.rules import RuleBook, validate
 from qmotion.drs.state import ClusterState
 
 NOW = datetime(2026, 11, 26, tzinfo=UTC)
@@ -167,3 +168,20 @@ def test_allocation_weight_spreads_allocated_memory_and_vcpus(tmp_path: Path) ->
     assert weighted[0] < start / 20
     assert weighted[1] < demand_only[1] / 2
     assert weighted[2] < demand_only[2] / 2
+
+
+def test_generated_rules_are_valid_and_the_plan_keeps_the_must_ones(tmp_path: Path) -> None:
+    text, util = write(tmp_path, 40, 600, seed=2)
+    snap = with_rules(ganeti.load(text, util).snapshot, 60)
+    assert len(snap.rules) == 60
+    members = [vm for r in snap.rules for vm in r.vms]
+    assert len(members) == len(set(members))
+    validate(snap)
+    result = plan(snap, Policy(threshold=5), NOW)
+    after = snap.model_copy(
+        update={"vms": [v.model_copy(update={"host": result.placement[v.name]}) for v in snap.vms]}
+    )
+    musts = [r for r in snap.rules if r.strength == "must"]
+    assert RuleBook.build(snap).violations(ClusterState(snap), musts)  # broken at the start
+    assert RuleBook.build(after).violations(ClusterState(after), musts) == []
+    assert result.imbalance_after < result.imbalance_before / 5

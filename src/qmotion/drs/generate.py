@@ -13,6 +13,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from qmotion.drs.model import Rule, Snapshot
+
 NODE_MEM_MIB = 262_144
 NODE_RESERVED_MIB = 4_096
 NODE_CPUS = 64
@@ -85,3 +87,33 @@ def write(
     t.write_text(text)
     u.write_text(util)
     return t, u
+
+
+def with_rules(snap: Snapshot, count: int, seed: int = 1) -> Snapshot:
+    """``snap`` with ``count`` rules over disjoint VMs, as an operator writes them: half
+    anti-affinity triples (must or should), a quarter should-affinity pairs, a quarter run-on
+    or must-not-run-on a tenth of the hosts (should). The current placement may break them."""
+    rnd = random.Random(seed)
+    vms = [v.name for v in snap.vms]
+    hosts = [h.name for h in snap.hosts]
+    rnd.shuffle(vms)
+    rules: list[Rule] = []
+    at = 0
+    for i in range(count):
+        kind = ("anti_affinity", "anti_affinity", "affinity", "host")[i % 4]
+        size = 3 if kind == "anti_affinity" else 2
+        members, at = vms[at : at + size], at + size
+        if len(members) < size:
+            break
+        if kind == "anti_affinity":
+            strength = "must" if i % 8 == 0 else "should"
+            rules.append(Rule(name=f"apart{i}", kind=kind, strength=strength, vms=members))
+        elif kind == "affinity":
+            rules.append(Rule(name=f"together{i}", kind=kind, strength="should", vms=members))
+        else:
+            on = rnd.sample(hosts, max(1, len(hosts) // 10))
+            host_kind = "run_on" if i % 8 == 3 else "not_run_on"
+            rules.append(
+                Rule(name=f"hosts{i}", kind=host_kind, strength="should", vms=members, hosts=on)
+            )
+    return snap.model_copy(update={"rules": rules})

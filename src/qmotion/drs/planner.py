@@ -42,6 +42,8 @@ COST_PER_DIRTY_MIB_S = 0.000004
 SOURCES, TARGETS, NEIGHBOURS = 3, 5, 3
 # Up to this many hosts every source and target pair is tried, with this many VMs either side.
 SMALL_CLUSTER, NEIGHBOURS_SMALL = 32, 12
+# Past units it cannot move, the search looks at most this many times NEIGHBOURS further.
+SCAN = 8
 # Exchanging the destinations of moved VMs (see _Planner.polish): up to this many moved VMs
 # (the pairs grow as the square), this many sweeps, gains above rounding noise.
 POLISH_MAX, POLISH_SWEEPS, POLISH_MIN_GAIN = 400, 8, 1e-7
@@ -179,14 +181,19 @@ class _Planner:
     def _best_target(self, unit: list[str], strengths: tuple[str, ...]) -> tuple[str, float] | None:
         cpu, mem, mib, vcpus = self._unit_demand(unit)
         src = self.state.placement[unit[0]]
-        best: tuple[float, str] | None = None
-        for host in sorted(self.state.hosts):
-            if not self._feasible(unit, host, strengths):
-                continue
-            delta = self.state.move_delta(cpu, mem, mib, vcpus, src, host)
-            if best is None or (delta, host) < best:
-                best = (delta, host)
-        return (best[1], best[0]) if best else None
+        # Only the hosts the unit's rules leave (on a large cluster an affinity rule leaves
+        # one of a thousand), best first; then the first that passes every test.
+        allowed = self.book.hosts_for(self.state, unit, strengths)
+        hosts = self.state.hosts
+        ranked = sorted(
+            (self.state.move_delta(cpu, mem, mib, vcpus, src, name), name)
+            for name in (hosts if allowed is None else allowed & hosts.keys())
+            if hosts[name].spec.usable
+        )
+        for delta, host in ranked:
+            if self._feasible(unit, host, strengths):
+                return host, delta
+        return None
 
     # ------------------------------------------------------------------ mandatory
 
@@ -436,6 +443,7 @@ class _Planner:
     ) -> tuple[float, list[str], str, str, float, float] | None:
         st = self.state
         n_src, n_dst, neighbours = self._widths()
+        scan = SCAN * neighbours
         sources = {h for _, h in by_cpu[-n_src:]} | {h for _, h in by_mem[-n_src:]}
         targets = {h for _, h in by_cpu[:n_dst]} | {h for _, h in by_mem[:n_dst]}
         # The change of the objective is computed inline (as ClusterState.move_delta does,
@@ -475,41 +483,52 @@ class _Planner:
                 if ideal <= 0:
                     continue
                 i = bisect.bisect_left(ws, (ideal, ""))
-                for j in range(max(0, i - neighbours), min(len(ws), i + neighbours)):
-                    key = ws[j][1]
-                    info = infos.get(key)
-                    cpu, mem, mib, vcpus, cost = info if info is not None else self._info(key)
-                    if key in rules or key in groups:
-                        if not self._feasible(self.book.unit(key), dst, ("must", "should")):
+                # The NEIGHBOURS movable units nearest the ideal on either side: units that
+                # do not fit or that rules keep here are passed over (VMs held by an
+                # affinity rule would otherwise hide every movable one from the search).
+                for j0, j1, step in (
+                    (i, min(len(ws), i + scan), 1),
+                    (i - 1, max(-1, i - 1 - scan), -1),
+                ):
+                    taken = 0
+                    for j in range(j0, j1, step):
+                        if taken == neighbours:
+                            break
+                        key = ws[j][1]
+                        info = infos.get(key)
+                        cpu, mem, mib, vcpus, cost = info if info is not None else self._info(key)
+                        if key in rules or key in groups:
+                            if not self._feasible(self.book.unit(key), dst, ("must", "should")):
+                                continue
+                        elif mib > room:
                             continue
-                    elif mib > room:
-                        continue
-                    if placement[key] != origin[key]:
-                        # Already moving in this plan: sending it elsewhere adds no migration
-                        # (A->B->C is carried out as A->C), sending it home saves one.
-                        cost = -cost if dst == origin[key] else 0.0
-                    a, b = cpu * ics, cpu * icd
-                    d1 = b - a
-                    delta = a * (a - tcs) + b * (b + tcd) - d1 * (kc + d1 * inv_n)
-                    a, b = mem * ims, mem * imd
-                    d1 = b - a
-                    delta += w * (a * (a - tms) + b * (b + tmd) - d1 * (km + d1 * inv_n))
-                    if aw:
-                        if delta > DEMAND_SLACK:
+                        taken += 1
+                        if placement[key] != origin[key]:
+                            # Already moving in this plan: sending it elsewhere adds no migration
+                            # (A->B->C is carried out as A->C), sending it home saves one.
+                            cost = -cost if dst == origin[key] else 0.0
+                        a, b = cpu * ics, cpu * icd
+                        d1 = b - a
+                        delta = a * (a - tcs) + b * (b + tcd) - d1 * (kc + d1 * inv_n)
+                        a, b = mem * ims, mem * imd
+                        d1 = b - a
+                        delta += w * (a * (a - tms) + b * (b + tmd) - d1 * (km + d1 * inv_n))
+                        if aw:
+                            if delta > DEMAND_SLACK:
+                                continue
+                            a, b = mib * ims, mib * imd
+                            d1 = b - a
+                            alloc = a * (a - tas) + b * (b + tad) - d1 * (ka + d1 * inv_n)
+                            a, b = vcpus * ics, vcpus * icd
+                            d1 = b - a
+                            alloc += a * (a - tvs) + b * (b + tvd) - d1 * (kv + d1 * inv_n)
+                            delta += aw * alloc
+                        net = -delta - cost
+                        if net <= 0:
                             continue
-                        a, b = mib * ims, mib * imd
-                        d1 = b - a
-                        alloc = a * (a - tas) + b * (b + tad) - d1 * (ka + d1 * inv_n)
-                        a, b = vcpus * ics, vcpus * icd
-                        d1 = b - a
-                        alloc += a * (a - tvs) + b * (b + tvd) - d1 * (kv + d1 * inv_n)
-                        delta += aw * alloc
-                    net = -delta - cost
-                    if net <= 0:
-                        continue
-                    cand = (-net, key, dst)
-                    if best_key is None or cand < best_key:
-                        best_key, best = cand, (net, key, src, dst, -delta, cost)
+                        cand = (-net, key, dst)
+                        if best_key is None or cand < best_key:
+                            best_key, best = cand, (net, key, src, dst, -delta, cost)
         if best is None:
             return None
         net, key, src, dst, gain, cost = best

@@ -112,6 +112,28 @@ class RuleBook:
     def unit(self, vm: str) -> list[str]:
         return self.groups.get(vm, [vm])
 
+    def hosts_for(
+        self, state: ClusterState, unit: list[str], strengths: tuple[str, ...]
+    ) -> set[str] | None:
+        """The hosts ``allows`` could accept for ``unit`` (a superset; None: any host). Run-on
+        rules name them; a should-affinity rule leaves only its other members' hosts."""
+        out: set[str] | None = None
+        unit_set = set(unit)
+        for vm in unit:
+            for r in self.by_vm.get(vm, ()):
+                if r.strength not in strengths:
+                    continue
+                if r.kind == "run_on":
+                    hosts = set(r.hosts)
+                elif r.kind == "affinity" and r.strength == "should":
+                    hosts = {state.placement[o] for o in r.vms if o not in unit_set}
+                    if not hosts:
+                        continue
+                else:
+                    continue
+                out = hosts if out is None else out & hosts
+        return out
+
     def allows(
         self, state: ClusterState, unit: list[str], host: str, strengths: tuple[str, ...]
     ) -> list[Rule]:
