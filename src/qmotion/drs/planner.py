@@ -139,6 +139,9 @@ class _Planner:
         self.origin = {v.name: v.host for v in snap.vms}
         # VMs a mandatory move took: Policy.max_moves never holds those back.
         self.required: set[str] = set()
+        # Whether the rules let a unit (by its leader) go to a host, as balancing asks it
+        # again and again; dropped for a unit when it or a VM sharing a rule with it moves.
+        self._allowed: dict[str, dict[str, bool]] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -166,6 +169,17 @@ class _Planner:
                 return False
         return not self.book.allows(self.state, unit, host, strengths)
 
+    def _rules_allow(self, key: str, host: str) -> bool:
+        """The rules (must and should) let the unit led by ``key`` move to ``host``."""
+        per = self._allowed.get(key)
+        if per is None:
+            per = self._allowed[key] = {}
+        ok = per.get(host)
+        if ok is None:
+            unit = self.book.unit(key)
+            ok = per[host] = not self.book.allows(self.state, unit, host, ("must", "should"))
+        return ok
+
     def _apply(
         self, unit: list[str], host: str, priority: int, gain: float, cost: float, reason: str
     ) -> None:
@@ -173,6 +187,9 @@ class _Planner:
             src = self.state.placement[vm]
             if src == host:
                 continue
+            for rule in self.book.by_vm.get(vm, ()):
+                for other in rule.vms:
+                    self._allowed.pop(self.book.unit(other)[0], None)
             self.state.move(vm, host)
             self.steps.append(
                 Move(vm, src, host, priority, gain / len(unit), cost / len(unit), reason)
@@ -497,10 +514,9 @@ class _Planner:
                         key = ws[j][1]
                         info = infos.get(key)
                         cpu, mem, mib, vcpus, cost = info if info is not None else self._info(key)
-                        if key in rules or key in groups:
-                            if not self._feasible(self.book.unit(key), dst, ("must", "should")):
-                                continue
-                        elif mib > room:
+                        if mib > room:
+                            continue
+                        if (key in rules or key in groups) and not self._rules_allow(key, dst):
                             continue
                         taken += 1
                         if placement[key] != origin[key]:
