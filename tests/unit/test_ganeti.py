@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from bench.drs import hbal_initial
+from bench.drs import hbal_initial, moves_for_score, run_hbal
 
 from qmotion.drs import ganeti
 from qmotion.drs.errors import SnapshotError
@@ -185,3 +185,17 @@ def test_generated_rules_are_valid_and_the_plan_keeps_the_must_ones(tmp_path: Pa
     assert RuleBook.build(snap).violations(ClusterState(snap), musts)  # broken at the start
     assert RuleBook.build(after).violations(ClusterState(after), musts) == []
     assert result.imbalance_after < result.imbalance_before / 5
+
+
+@pytest.mark.skipif(shutil.which("hbal") is None, reason="hbal (ganeti-htools) not installed")
+@pytest.mark.parametrize(("hosts", "vms", "kind"), [(4, 24, "busy"), (8, 60, "sized")])
+def test_moves_bound_never_exceeds_what_hbal_achieves(
+    tmp_path: Path, hosts: int, vms: int, kind: str
+) -> None:
+    # The bench's lower bound must hold for hbal's own solution: reaching hbal's score takes
+    # no fewer moves than the bound says, and it is not vacuous.
+    text, util = write(tmp_path, hosts, vms, seed=4, kind=kind)
+    result = run_hbal(text, util, 120, tmp_path)
+    bound = moves_for_score(text, util, result["score_after"], result["moves"])
+    assert bound is not None and 0 < bound <= result["moves"]
+    assert moves_for_score(text, util, result["score_after"], bound - 1) is None
