@@ -7,8 +7,9 @@ Pipeline (as Nomad's scheduler: reconcile, feasibility, score, plan):
      the feasible host that leaves the cluster most balanced, so an evacuated host's VMs spread;
   3. balancing, priorities 2-5: repeatedly the single move with the best gain in balance net of
      its migration cost (which grows with the VM's memory and dirty rate), among the most and
-     least loaded hosts, until no move reaches the threshold's priority. Because the stop rule
-     depends only on the state, planning again on the result yields no move;
+     least loaded hosts (passing over VMs that rules hold or that do not fit), until no move
+     reaches the threshold's priority or Policy.max_moves is spent. Because the stop rule
+     depends only on the state, planning again on an uncapped result yields no move;
   4. waves: moves ordered so no host exceeds its concurrent-migration limit.
 Never overcommits memory, never targets a host that is not usable, never breaks a must rule,
 breaks a should rule only for a mandatory move with no alternative (and reports it).
