@@ -346,7 +346,17 @@ class _Planner:
             for v, h in st.placement.items()
             if h != origin[v] and h in balanced and v not in rules and v not in groups
         )
-        if not 2 <= len(moved) <= POLISH_MAX:
+        if len(moved) > POLISH_MAX:
+            # The pairs grow as the square: fine-tune the VMs on the hosts farthest from the
+            # mean load, where an exchange gains most.
+            mc, mm = st.s1c / len(st.balanced), st.s1m / len(st.balanced)
+
+            def off(v: str) -> float:
+                h = st.hosts[st.placement[v]]
+                return abs(h.cpu_load - mc) + abs(h.mem_load - mm)
+
+            moved = sorted(sorted(moved, key=lambda v: (-off(v), v))[:POLISH_MAX])
+        if len(moved) < 2:
             return False
         n = len(st.balanced)
         w, aw = st.mem_weight, st.alloc_weight
