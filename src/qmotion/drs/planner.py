@@ -45,8 +45,8 @@ SOURCES, TARGETS, NEIGHBOURS = 3, 5, 3
 SMALL_CLUSTER, NEIGHBOURS_SMALL = 32, 12
 # Past units it cannot move, the search looks at most this many times NEIGHBOURS further.
 SCAN = 8
-# Exchanging the destinations of moved VMs (see _Planner.polish): up to this many moved VMs
-# (the pairs grow as the square), this many sweeps, gains above rounding noise.
+# Exchanging the destinations of moved VMs (see _Planner.polish): among at most this many
+# moved VMs (the pairs grow as the square), this many sweeps, gains above rounding noise.
 POLISH_MAX, POLISH_SWEEPS, POLISH_MIN_GAIN = 400, 8, 1e-7
 # Even allocation is secondary: a balancing move or exchange never makes demand less even
 # (beyond rounding), so balancing never raises the imbalance.
