@@ -90,7 +90,7 @@ def run_hbal(
     if balanced.exists():
         snap = ganeti.load(balanced, util).snapshot
         result["imbalance"] = imbalance_of(snap)
-        if result["moves"] and result["score_after"] is not None:
+        if max_length is None and result["moves"] and result["score_after"] is not None:
             result["moves_needed"] = moves_for_score(
                 text, util, 1.1 * result["score_after"], result["moves"]
             )
