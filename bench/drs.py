@@ -108,14 +108,13 @@ def moves_for_score(text: Path, util: Path, target: float, most: int) -> int | N
     spread is at least that of the excess of such nodes over the mean, given the best split
     of the K moves among nodes (a small dynamic programme per column).
     """
-    sections = text.read_text().split("\n\n")
-    nodes = [ln.split("|")[0] for ln in sections[1].splitlines() if ln]
-    home = {f[0]: f[6] for f in (ln.split("|") for ln in sections[2].splitlines() if ln)}
+    snap = ganeti.load(text).snapshot
+    nodes = [h.name for h in snap.hosts]
+    raw = ganeti.utilisation(util)
     loads: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in nodes}
-    for line in util.read_text().splitlines():
-        name, cpu, mem, *_ = line.split()
-        loads[home[name]][0].append(float(cpu))
-        loads[home[name]][1].append(float(mem))
+    for vm in snap.vms:
+        loads[vm.host][0].append(raw[vm.name][0])
+        loads[vm.host][1].append(raw[vm.name][1])
     n = len(nodes)
     spreads = []
     for col in (0, 1):

@@ -72,7 +72,7 @@ def _num(entry: str, field: str, value: str) -> float:
 
 def load(text_file: Path, util_file: Path | None = None) -> GanetiCluster:
     sections = _sections(text_file.read_text())
-    util = {} if util_file is None else _utilisation(util_file)
+    util = {} if util_file is None else utilisation(util_file)
     hosts = []
     for line in sections[1]:
         f = line.split("|")
@@ -125,7 +125,7 @@ def load(text_file: Path, util_file: Path | None = None) -> GanetiCluster:
     return GanetiCluster(sections, Snapshot(hosts=hosts, vms=vms, rules=rules), unit_load)
 
 
-def _utilisation(util_file: Path) -> dict[str, tuple[float, float]]:
+def utilisation(util_file: Path) -> dict[str, tuple[float, float]]:
     """instance -> (cpu, mem) load, in the file's units."""
     util: dict[str, tuple[float, float]] = {}
     for n, line in enumerate(util_file.read_text().splitlines(), 1):
