@@ -21,6 +21,7 @@ from qmotion.api.server import (
 )
 from qmotion.api.service import bearer_auth, install_error_handlers
 from qmotion.api.vm import StopRequest
+from qmotion.server.agents import AgentConnector
 from qmotion.server.db import Database
 from qmotion.server.errors import ServerError
 from qmotion.server.inventory import Inventory
@@ -30,9 +31,10 @@ log = logging.getLogger(__name__)
 REFRESH_INTERVAL_S = 15.0
 
 
-def create_app(db_url: str, token: str) -> FastAPI:
+def create_app(db_url: str, token: str, agents: AgentConnector | None = None) -> FastAPI:
+    """The manager; ``agents`` is the seam to the host agents (tests pass in-process ones)."""
     db = Database(db_url)
-    inventory = Inventory(db)
+    inventory = Inventory(db, agents)
     runner = TaskRunner(db, inventory)
 
     @contextlib.asynccontextmanager

@@ -19,6 +19,7 @@ from qmotion.api.vm import Disk, GuestConfig, Nic, VmSpec
 from qmotion.client.agent import AgentClient
 from qmotion.client.errors import ApiError, ClientError
 from qmotion.migration.prechecks import HostView
+from qmotion.server.agents import AgentConnector
 from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, Task, Vm, utcnow
 from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream
 
@@ -61,14 +62,14 @@ def agent_errors(host: str, vm: str | None = None) -> Iterator[None]:
 
 
 class Inventory:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, agents: AgentConnector | None = None) -> None:
         self.db = db
+        self.agents = agents or AgentConnector()
 
     # ------------------------------------------------------------------ hosts
 
-    @staticmethod
-    def agent(host: Host, timeout_s: float = 120.0) -> AgentClient:
-        return AgentClient(host.agent_url, host.token, timeout_s=timeout_s)
+    def agent(self, host: Host, timeout_s: float = 120.0) -> AgentClient:
+        return self.agents.client(host.agent_url, host.token, timeout_s=timeout_s)
 
     def call(self, host: Host, fn: Callable[[AgentClient], T], vm: str | None = None) -> T:
         with self.agent(host) as client, agent_errors(host.name, vm):
@@ -76,7 +77,7 @@ class Inventory:
 
     def register_host(self, req: HostRegister) -> HostOut:
         try:
-            with AgentClient(req.agent_url, req.token, timeout_s=60) as client:
+            with self.agents.client(req.agent_url, req.token, timeout_s=60) as client:
                 facts = client.host()
         except ApiError as exc:
             raise Invalid(
@@ -103,7 +104,7 @@ class Inventory:
             hosts = [(h.id, h.name, h.agent_url, h.token) for h in s.scalars(select(Host))]
         for hid, name, url, token in hosts:
             try:
-                with AgentClient(url, token, timeout_s=10) as client:
+                with self.agents.client(url, token, timeout_s=10) as client:
                     facts: HostFacts | None = client.host()
             except ClientError as exc:
                 log.warning("host %s unreachable: %s", name, exc)

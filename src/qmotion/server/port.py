@@ -77,7 +77,7 @@ class AgentMigrationPort:
         self, host: Host, step: str, fn: Callable[[AgentClient], T], timeout_s: float = 120.0
     ) -> T:
         def work() -> T:
-            with AgentClient(host.agent_url, host.token, timeout_s=timeout_s) as client:
+            with self.inventory.agents.client(host.agent_url, host.token, timeout_s) as client:
                 return fn(client)
 
         try:

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from qmotion.api.migration import MigrationParams, MigrationStats
 from qmotion.api.server import MigrateRequest, TaskEventOut, TaskOut
@@ -173,8 +174,16 @@ class TaskRunner:
         source, mparams = await asyncio.to_thread(self._check, vm, req)
 
         def create() -> TaskOut:
+            try:
+                return insert()
+            except IntegrityError as exc:
+                # The unique index on active tasks: another submission won the race.
+                raise Conflict(
+                    f"VM {vm} is already migrating", code="already_migrating", vm=vm
+                ) from exc
+
+        def insert() -> TaskOut:
             with self.db.session() as s:
-                # Re-checked under the write transaction: two submits cannot both pass.
                 if self.db.active_task_for_vm(s, vm) is not None:
                     raise Conflict(f"VM {vm} is already migrating", code="already_migrating", vm=vm)
                 t = Task(
