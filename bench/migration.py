@@ -29,7 +29,7 @@ from typing import Any
 from bench import write_report
 from qmotion.agent.facts import cpu_info
 from qmotion.api.migration import IncomingRequest, OutgoingRequest
-from qmotion.api.server import MigrateRequest, VmCreate, Workload
+from qmotion.api.server import MigrateRequest, TaskState, VmCreate, Workload
 from qmotion.api.vm import VmSpec
 from qmotion.client.errors import ClientError
 from qmotion.hypervisor.qemu import qemu_info
@@ -138,12 +138,18 @@ def run_baseline(lab: Lab, name: str) -> dict[str, Any]:
 def run_qmotion(lab: Lab, name: str) -> dict[str, Any]:
     with lab.server() as server:
         task = server.migrate(name, MigrateRequest(to="h2"))
-        while task.state in ("queued", "running"):
+        while task.state.active:
             time.sleep(0.05)
             task = server.task(task.id)
-    assert task.state == "succeeded", task.error
-    r = task.result or {}
-    return {k: r.get(k) for k in ("total_ms", "downtime_ms", "guest_paused_ms", "orchestration_ms")}
+    assert task.state == TaskState.SUCCEEDED, task.error
+    r = task.result
+    assert r is not None, task.error
+    return {
+        "total_ms": r.total_ms,
+        "downtime_ms": r.downtime_ms,
+        "guest_paused_ms": r.guest_paused_ms,
+        "orchestration_ms": r.orchestration_ms,
+    }
 
 
 def _cleanup(lab: Lab, name: str) -> None:

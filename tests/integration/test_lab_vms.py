@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from qmotion.api.vm import Disk, VmInfo
+from qmotion.api.vm import Disk, VmInfo, VmState
 from qmotion.client import Conflict
 from qmotion.hypervisor.process import is_qemu_of
 from qmotion.lab import Lab, LabExists, lab_up
@@ -27,7 +27,7 @@ def in_client(lab: Lab, fn: Callable[[], object]) -> object:
 
 def test_vm_on_host2_answers_echo_with_intact_memory(lab: Lab, boot_vm: Boot) -> None:
     info, ip = boot_vm("h2", fill_mib=64, dirty_mib_s=5)
-    assert info.state == "running"
+    assert info.state == VmState.RUNNING
     assert info.host == "h2"
     result = in_client(lab, lambda: mem_check(ip))
     assert isinstance(result, dict)
@@ -62,7 +62,7 @@ def test_agent_restart_keeps_vm_running(lab: Lab, boot_vm: Boot) -> None:
     assert isinstance(before, dict)
     lab.restart_agent("h1")
     again = lab.agent("h1").vm(info.name)
-    assert again.state == "running"
+    assert again.state == VmState.RUNNING
     assert again.pid == info.pid
     after = in_client(lab, lambda: mem_status(ip))
     assert isinstance(after, dict)
@@ -83,7 +83,7 @@ def test_refusals_change_nothing(lab: Lab, boot_vm: Boot) -> None:
     with pytest.raises(Conflict, match="running"):
         agent.delete(info.name)
     after = agent.vm(info.name)
-    assert after.state == "running"
+    assert after.state == VmState.RUNNING
     assert after.pid == info.pid
     assert in_client(lab, lambda: echo_once(ip)) is not None
 

@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from qmotion.api.server import DiskCreate, MigrateRequest, TaskOut, VmCreate, VmOut, Workload
+from qmotion.api.server import (
+    DiskCreate,
+    MigrateRequest,
+    TaskOut,
+    TaskState,
+    VmCreate,
+    VmOut,
+    Workload,
+)
+from qmotion.api.vm import VmState
 from qmotion.client import Conflict, Invalid
 from qmotion.client.server import ServerClient
 from qmotion.hypervisor.process import is_qemu_of
@@ -77,7 +86,7 @@ def ip_of(vm: VmOut) -> str:
 
 def wait_task(server: ServerClient, task: TaskOut, timeout_s: float = 120) -> TaskOut:
     deadline = time.monotonic() + timeout_s
-    while task.state in ("queued", "running"):
+    while task.state.active:
         assert time.monotonic() < deadline, f"task {task.id} still {task.state}"
         time.sleep(0.1)
         task = server.task(task.id)
@@ -122,10 +131,12 @@ def test_live_migration_keeps_memory_session_mac_and_address(
     finally:
         stop.touch()
         stream.join()
-    assert task.state == "succeeded", task.error
+    assert task.state == TaskState.SUCCEEDED, task.error
     assert task.result is not None
-    for key in ("total_ms", "downtime_ms", "setup_ms", "bytes", "passes"):
-        assert task.result[key] is not None
+    r = task.result
+    assert r.outcome == "done" and r.destination == "h2"
+    assert r.total_ms and r.downtime_ms is not None and r.setup_ms is not None
+    assert r.bytes and r.passes
     # The TCP session held, every message answered in order.
     assert result["s"].survived, result["s"].errors
     # The same guest (same boot), its memory intact, reachable at the same address and MAC.
@@ -143,7 +154,7 @@ def test_live_migration_keeps_memory_session_mac_and_address(
     assert neighbour_mac(lab, ip) == vm.mac
     # Exactly one copy: on h2, and nothing left on h1.
     assert vm.name not in [v.name for v in lab.agent("h1").list_vms()]
-    assert lab.agent("h2").vm(vm.name).state == "running"
+    assert lab.agent("h2").vm(vm.name).state == VmState.RUNNING
 
 
 def test_prechecks_refuse_before_anything_changes(
@@ -192,7 +203,7 @@ def test_destination_killed_mid_migration(lab: Lab, server: ServerClient, make_v
     assert task.state == "failed"
     assert task.error
     # Source still runs the guest, memory intact; nothing left on the destination.
-    assert lab.agent("h1").vm(vm.name).state == "running"
+    assert lab.agent("h1").vm(vm.name).state == VmState.RUNNING
     assert run_in(lab.record.client_namespace, lambda: mem_check(ip))["consistent"]
     assert vm.name not in [v.name for v in lab.agent("h2").list_vms()]
     assert not is_qemu_of(dest.pid, dest.uuid)
@@ -220,13 +231,13 @@ def test_cancel_and_second_migrate_conflict(
     server.cancel_task(task.id)
     task = wait_task(server, task)
     assert task.state == "cancelled"
-    assert lab.agent("h1").vm(vm.name).state == "running"
+    assert lab.agent("h1").vm(vm.name).state == VmState.RUNNING
     assert vm.name not in [v.name for v in lab.agent("h3").list_vms()]
     assert run_in(lab.record.client_namespace, lambda: mem_check(ip))["consistent"]
     assert server.vm(vm.name).host == "h1"
     # And the VM can still migrate afterwards.
     again = wait_task(server, server.migrate(vm.name, MigrateRequest(to="h3")))
-    assert again.state == "succeeded", again.error
+    assert again.state == TaskState.SUCCEEDED, again.error
     assert server.vm(vm.name).host == "h3"
 
 
@@ -237,7 +248,7 @@ def test_migrations_beyond_the_host_limit_queue(
     tasks = [server.migrate(v.name, MigrateRequest(to="h3")) for v in vms]
     assert all(t.state == "queued" for t in tasks)
     done = [wait_task(server, t) for t in tasks]
-    assert [t.state for t in done] == ["succeeded"] * 5
+    assert [t.state for t in done] == [TaskState.SUCCEEDED] * 5
     assert {server.vm(v.name).host for v in vms} == {"h3"}
 
 
@@ -254,7 +265,7 @@ def test_migration_between_huge_page_and_ordinary_memory(
         before = run_in(lab.record.client_namespace, lambda: mem_status(ip))
         for target, backing in (("h3", "anonymous"), ("h1", "hugepages")):
             task = wait_task(server, server.migrate(vm.name, MigrateRequest(to=target)))
-            assert task.state == "succeeded", task.error
+            assert task.state == TaskState.SUCCEEDED, task.error
             assert lab.agent(target).vm(vm.name).memory_backing == backing
             after = run_in(lab.record.client_namespace, lambda: mem_check(ip))
             assert after["consistent"] is True
@@ -274,11 +285,11 @@ def test_manager_killed_mid_migration_resumes_and_finishes_it(
     lab.restart_manager(crash=True)
     with lab.server() as fresh:
         done = wait_task(fresh, task, timeout_s=180)
-        assert done.state == "succeeded", (done.error, [e.message for e in done.events])
+        assert done.state == TaskState.SUCCEEDED, (done.error, [e.message for e in done.events])
         events = [e.message for e in fresh.task(task.id).events]
         assert "manager restarted: resuming" in events
         assert fresh.vm(vm.name).host == "h2"
     # The source copy is gone, the guest runs on h2 with its memory and address.
     assert vm.name not in [v.name for v in lab.agent("h1").list_vms()]
-    assert lab.agent("h2").vm(vm.name).state == "running"
+    assert lab.agent("h2").vm(vm.name).state == VmState.RUNNING
     assert run_in(lab.record.client_namespace, lambda: mem_check(ip))["consistent"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qmotion.api.migration import QemuMigrationStatus as Qs
 from qmotion.migration.machine import (
     Announce,
     AwaitProgress,
@@ -47,9 +48,9 @@ def test_happy_path() -> None:
             Succeeded(),
             Succeeded(uri="tcp:198.18.1.12:4444"),
             Succeeded(),
-            Progress("active"),
-            Progress("active"),
-            Progress("completed"),
+            Progress(Qs.ACTIVE),
+            Progress(Qs.ACTIVE),
+            Progress(Qs.COMPLETED),
             Succeeded(),
             Succeeded(),
             Succeeded(),
@@ -90,13 +91,13 @@ def test_lost_progress_answers_are_retried_then_rolled_back() -> None:
 
 def test_rollback_that_finds_a_switchover_goes_forward() -> None:
     start: list[Event] = [Begin(), Succeeded(), Succeeded(uri="tcp:x:1"), Succeeded()]
-    steps = run([*start, Failed("t"), Failed("t"), Failed("t"), Progress("completed")])
+    steps = run([*start, Failed("t"), Failed("t"), Failed("t"), Progress(Qs.COMPLETED)])
     assert steps[-1].action == VerifyDestination()
     assert steps[-1].state.switched_over
 
 
 def test_destination_failure_rolls_back_and_fails() -> None:
-    steps = run([Begin(), Succeeded(), Succeeded(uri="tcp:x:1"), Succeeded(), Progress("failed")])
+    steps = run([Begin(), Succeeded(), Succeeded(uri="tcp:x:1"), Succeeded(), Progress(Qs.FAILED)])
     assert steps[-1].action == Rollback(cancel_migration=False, teardown_destination=True)
     final = step(steps[-1].state, Succeeded())
     assert final.state.phase == Phase.FAILED
@@ -109,7 +110,7 @@ def test_cancel_while_monitoring_cancels_qemu_and_ends_cancelled() -> None:
             Succeeded(),
             Succeeded(uri="tcp:x:1"),
             Succeeded(),
-            Progress("active"),
+            Progress(Qs.ACTIVE),
             CancelRequested(),
             Succeeded(),
         ]
@@ -125,7 +126,7 @@ def test_cancel_after_switchover_is_ignored() -> None:
             Succeeded(),
             Succeeded(uri="tcp:x:1"),
             Succeeded(),
-            Progress("completed"),
+            Progress(Qs.COMPLETED),
             CancelRequested(),
         ]
     )
@@ -140,7 +141,7 @@ def test_destination_not_running_after_switchover_recovers_on_source() -> None:
             Succeeded(),
             Succeeded(uri="tcp:x:1"),
             Succeeded(),
-            Progress("completed"),
+            Progress(Qs.COMPLETED),
             Failed("destination crashed"),
         ]
     )
@@ -155,7 +156,7 @@ def test_stop_source_failure_is_a_warning_not_a_rollback() -> None:
             Succeeded(),
             Succeeded(uri="tcp:x:1"),
             Succeeded(),
-            Progress("completed"),
+            Progress(Qs.COMPLETED),
             Succeeded(),
             Succeeded(),
             Failed("agent gone"),
@@ -220,7 +221,7 @@ def test_always_reaches_an_end(seq: list[Event]) -> None:
             break
         nxt = step(state, Succeeded(uri="tcp:h:1"))
         if nxt.state == state and isinstance(nxt.action, AwaitProgress):
-            nxt = step(state, Progress("completed"))
+            nxt = step(state, Progress(Qs.COMPLETED))
         elif state.phase == Phase.PENDING:
             nxt = step(state, Begin())
         state = nxt.state

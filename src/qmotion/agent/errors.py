@@ -4,6 +4,7 @@ AgentError
  ├── Refused                 refused before anything changed
  │    ├── VmNotFound         404: no VM by that name on this host
  │    ├── Conflict           409: the VM's state forbids it (running, exists, busy)
+ │    │    └── MigratedAway  409: the VM completed a migration away; it runs elsewhere now
  │    └── SpecRejected       422: the spec cannot run here (names the field and why)
  └── OperationFailed         500: failed partway; what was cleaned up is in the message
 """
@@ -48,6 +49,12 @@ class VmNotFound(Refused):
 class Conflict(Refused):
     status = 409
     code = "conflict"
+
+
+class MigratedAway(Conflict):
+    """Callers (the manager's rollback) read this code as "the destination owns the VM"."""
+
+    code = "migrated_away"
 
 
 class SpecRejected(Refused):

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from qmotion.agent.errors import Conflict, OperationFailed
+from qmotion.agent.errors import Conflict, MigratedAway, OperationFailed
 from qmotion.agent.forwarder import FORWARD_FOR_S, LateFrameForwarder
 from qmotion.agent.steer import Steerer
 from qmotion.agent.vms import VmManager
@@ -38,6 +38,8 @@ from qmotion.hypervisor.qemu import tap_name
 
 log = logging.getLogger(__name__)
 FINISHED = ("completed", "failed", "cancelled")
+# QEMU migration states in which no migration is under way (a source may be resumed).
+IDLE_MIGRATION = ("none", "completed", "failed", "cancelled")
 T = TypeVar("T")
 
 
@@ -374,9 +376,15 @@ class Migrations:
         """
         mon = self.vms.monitor(name)
         migration = await mon.execute("query-migrate")
-        if migration.get("status") == "completed" and not after_failed_switchover:
-            raise Conflict(
+        qemu_migration = migration.get("status", "none")
+        if qemu_migration == "completed" and not after_failed_switchover:
+            raise MigratedAway(
                 f"VM {name} completed its migration away; it runs elsewhere now", vm=name
+            )
+        if qemu_migration not in IDLE_MIGRATION:
+            # Resuming mid-migration could race the switchover into two running copies.
+            raise Conflict(
+                f"VM {name} is still migrating ({qemu_migration}); cancel it first", vm=name
             )
         status = await mon.status()
         if status in ("paused", "postmigrate", "finish-migrate"):

@@ -62,12 +62,12 @@ class Runtime(BaseModel):
 
 def vm_state(qemu_status: str) -> VmState:
     if qemu_status == "running":
-        return "running"
+        return VmState.RUNNING
     if qemu_status in _PAUSED:
-        return "paused"
+        return VmState.PAUSED
     if qemu_status == "shutdown":
-        return "stopping"
-    return "crashed"
+        return VmState.STOPPING
+    return VmState.CRASHED
 
 
 class VmManager:
@@ -206,7 +206,7 @@ class VmManager:
     async def info(self, name: str) -> VmInfo:
         spec = self.spec(name)
         rt = await self._alive(name)
-        state: VmState = "stopped"
+        state = VmState.STOPPED
         qemu_status = None
         if rt is not None:
             mon = self._monitors.get(name)
@@ -217,7 +217,7 @@ class VmManager:
                 state = vm_state(qemu_status)
             except HypervisorError:
                 # The process exists but its monitor does not answer: exiting or wedged.
-                state = "stopping" if await self._alive(name) else "stopped"
+                state = VmState.STOPPING if await self._alive(name) else VmState.STOPPED
         return VmInfo(
             name=name,
             uuid=spec.uuid,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -9,6 +10,57 @@ from pydantic import BaseModel, Field
 from qmotion.api.vm import StrictModel, VmSpec
 
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s: QEMU's default cap is 128 MiB/s; this lifts it
+
+
+class QemuMigrationStatus(StrEnum):
+    """QEMU's MigrationStatus (qapi/migration.json), as query-migrate and events report it."""
+
+    NONE = "none"
+    SETUP = "setup"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    ACTIVE = "active"
+    POSTCOPY_DEVICE = "postcopy-device"
+    POSTCOPY_ACTIVE = "postcopy-active"
+    POSTCOPY_PAUSED = "postcopy-paused"
+    POSTCOPY_RECOVER_SETUP = "postcopy-recover-setup"
+    POSTCOPY_RECOVER = "postcopy-recover"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    COLO = "colo"
+    PRE_SWITCHOVER = "pre-switchover"
+    DEVICE = "device"
+    WAIT_UNPLUG = "wait-unplug"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED_STATUSES
+
+
+FINISHED_STATUSES = frozenset(
+    {QemuMigrationStatus.COMPLETED, QemuMigrationStatus.FAILED, QemuMigrationStatus.CANCELLED}
+)
+
+
+class MigrationPhase(StrEnum):
+    """Where a migration task stands: the state machine's phases (qmotion.migration.machine)
+    plus ``queued`` (waiting for a per-host slot)."""
+
+    QUEUED = "queued"
+    PENDING = "pending"
+    PRECHECK = "precheck"
+    PREPARE = "prepare_destination"
+    START = "start_migration"
+    MONITOR = "monitor"
+    VERIFY = "verify_destination"
+    ANNOUNCE = "announce"
+    STOP_SOURCE = "stop_source"
+    UPDATE = "update_inventory"
+    ROLLBACK = "rollback"
+    RECOVER = "recover"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 class MigrationParams(StrictModel):
@@ -48,7 +100,7 @@ class OutgoingRequest(StrictModel):
 class MigrationStats(BaseModel):
     """QEMU's query-migrate, flattened, plus what the agent saw happen at switchover."""
 
-    status: str
+    status: QemuMigrationStatus
     total_time_ms: int | None = None
     setup_time_ms: int | None = None
     downtime_ms: int | None = None
@@ -91,7 +143,45 @@ class MigrationStats(BaseModel):
 
     @property
     def finished(self) -> bool:
-        return self.status in ("completed", "failed", "cancelled")
+        return self.status.finished
+
+
+class Leftover(BaseModel):
+    """Something a failed operation could not clean up, and why: recorded with its task."""
+
+    host: str
+    vm: str
+    what: str
+    why: str
+
+
+class MigrationReport(BaseModel):
+    """The result of a live-migration task: QEMU's own figures and what the manager measured
+    around them. Times in milliseconds; None where the migration did not get that far."""
+
+    outcome: MigrationPhase = Field(description="done, failed or cancelled")
+    vm: str
+    source: str
+    destination: str
+    total_ms: int | None = Field(default=None, description="QEMU: migrate issued to completion")
+    downtime_ms: int | None = Field(default=None, description="QEMU: source stopped to resumed")
+    setup_ms: int | None = None
+    bytes: int | None = Field(default=None, description="RAM bytes sent")
+    passes: int | None = Field(default=None, description="dirty-bitmap syncs (pre-copy passes)")
+    throughput_mbps: float | None = None
+    guest_paused_ms: float | None = Field(
+        default=None, description="source STOP to destination RESUME, agents' clocks"
+    )
+    steer_ms: float | None = Field(default=None, description="destination took the traffic")
+    orchestration_ms: float | None = Field(
+        default=None, description="request accepted (after queueing) to migrate issued"
+    )
+    queued_ms: float | None = None
+    wall_ms: float = Field(description="request accepted to task end")
+    warnings: list[str] = Field(default_factory=list)
+    leftovers: list[Leftover] = Field(
+        default_factory=list, description="what a failed migration could not clean up, and why"
+    )
 
 
 class SteerRequest(StrictModel):

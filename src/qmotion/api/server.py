@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from ipaddress import IPv4Interface
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from qmotion.api.host import HostFacts
-from qmotion.api.vm import NAME_PATTERN, MemoryMiB, StrictModel
+from qmotion.api.migration import MigrationPhase, MigrationReport, MigrationStats
+from qmotion.api.vm import NAME_PATTERN, MemoryMiB, StrictModel, VmState
 
 
 class HostRegister(StrictModel):
@@ -62,7 +64,7 @@ class VmOut(BaseModel):
     name: str
     uuid: str
     host: str
-    state: str
+    state: VmState
     mac: str
     address: str | None
     cpu_model: str
@@ -72,7 +74,16 @@ class VmOut(BaseModel):
     migrating: bool = False
 
 
-TaskState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+class TaskState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def active(self) -> bool:
+        return self in (TaskState.QUEUED, TaskState.RUNNING)
 
 
 class MigrateRequest(StrictModel):
@@ -95,12 +106,12 @@ class TaskOut(BaseModel):
     vm: str | None
     source: str | None
     destination: str | None
-    phase: str | None
+    phase: MigrationPhase | None
     progress: float
     created_at: datetime
     started_at: datetime | None
     ended_at: datetime | None
     error: str | None
-    result: dict[str, Any] | None
-    stats: dict[str, Any] | None
+    result: MigrationReport | None
+    stats: MigrationStats | None
     events: list[TaskEventOut] = Field(default_factory=list)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from enum import StrEnum
 from ipaddress import IPv4Interface
 from typing import Annotated, Literal
 from uuid import UUID, uuid4
@@ -122,7 +123,15 @@ class VmSpec(StrictModel):
         return self
 
 
-VmState = Literal["stopped", "starting", "running", "paused", "stopping", "crashed"]
+class VmState(StrEnum):
+    """A VM as its host sees it (the manager keeps the last one it saw)."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    CRASHED = "crashed"
 
 
 MemoryBacking = Literal["hugepages", "anonymous"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from qmotion.api.server import MigrateRequest, VmCreate, Workload
+from qmotion.api.server import MigrateRequest, TaskState, VmCreate, Workload
 from qmotion.cli.common import console, errors_exit
 from qmotion.cli.vm import wait_task
 from qmotion.probe.guest import StreamResult, echo_stream, mem_check, mem_status, wait_echo
@@ -111,15 +111,15 @@ def _run(lab: object, memory: str, workload: Workload, run_in: object) -> bool:
             title="live migration of demo",
         )
         for task, t0, t1 in hops:
-            r = task.result or {}
+            r = task.result
             table.add_row(
                 f"{task.source} -> {task.destination}",
-                task.state,
-                str(r.get("total_ms")),
-                str(r.get("downtime_ms")),
-                str(r.get("guest_paused_ms")),
+                task.state.value,
+                str(r.total_ms if r else None),
+                str(r.downtime_ms if r else None),
+                str(r.guest_paused_ms if r else None),
                 f"{s.max_gap_between(t0, t1):.0f}",
-                f"{(r.get('bytes') or 0) / (1 << 20):.0f}",
+                f"{((r.bytes if r else None) or 0) / (1 << 20):.0f}",
             )
         console.print(table)
         # Boot identity first: a rebooted guest would pass a memory check trivially.
@@ -127,7 +127,7 @@ def _run(lab: object, memory: str, workload: Workload, run_in: object) -> bool:
         after = run_in(client_ns, lambda: mem_check(ip))
         final = server.vm("demo")
         checks = {
-            "every migration completed": all(t.state == "succeeded" for t, _, _ in hops),
+            "every migration completed": all(t.state == TaskState.SUCCEEDED for t, _, _ in hops),
             f"TCP session survived ({s.received} echoes, none lost)": s.survived,
             f"guest memory intact ({after['pages']} pages checked)": after["consistent"],
             "same guest, never rebooted": status["boot_id"] == boot_id,

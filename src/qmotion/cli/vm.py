@@ -8,8 +8,17 @@ from collections.abc import Callable
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from qmotion.api.server import DiskCreate, MigrateRequest, TaskOut, VmCreate, VmOut, Workload
+from qmotion.api.server import (
+    DiskCreate,
+    MigrateRequest,
+    TaskOut,
+    TaskState,
+    VmCreate,
+    VmOut,
+    Workload,
+)
 from qmotion.api.sizes import format_size, parse_rate_bytes, parse_size
 from qmotion.cli.common import console, errors_exit, fail, print_json
 from qmotion.cli.connect import server_client
@@ -139,26 +148,25 @@ def show(name: str, json_out: bool = JsonOpt, lab: str = LabOpt) -> None:
 
 
 def _stats_line(task: TaskOut) -> str:
-    st = task.stats or {}
-    if not st:
-        return task.phase or task.state
-    dirty = st.get("dirty_pages_rate", 0) * st.get("page_size", 4096)
+    st = task.stats
+    if st is None:
+        return str(task.phase or task.state)
     parts = [
-        f"{format_size(st.get('transferred', 0))} sent",
-        f"{format_size(st.get('remaining', 0))} left",
-        f"{st.get('mbps', 0) / 8:.0f} MB/s",
-        f"dirty {format_size(dirty)}/s",
+        f"{format_size(st.transferred)} sent",
+        f"{format_size(st.remaining)} left",
+        f"{st.mbps / 8:.0f} MB/s",
+        f"dirty {format_size(st.dirty_pages_rate * st.page_size)}/s",
     ]
-    if st.get("expected_downtime_ms") is not None:
-        parts.append(f"exp. downtime {st['expected_downtime_ms']} ms")
-    parts.append(f"pass {st.get('passes', 0)}")
+    if st.expected_downtime_ms is not None:
+        parts.append(f"exp. downtime {st.expected_downtime_ms} ms")
+    parts.append(f"pass {st.passes}")
     return " | ".join(parts)
 
 
 def wait_task(task: TaskOut, get: Callable[[int], TaskOut], show_progress: bool) -> TaskOut:
     """Follow a task to its end, with a progress bar unless told otherwise."""
     if not show_progress:
-        while task.state in ("queued", "running"):
+        while task.state.active:
             time.sleep(0.2)
             task = get(task.id)
         return task
@@ -173,32 +181,48 @@ def wait_task(task: TaskOut, get: Callable[[int], TaskOut], show_progress: bool)
         tid = bar.add_task(f"{task.vm} {task.source}->{task.destination}", total=1.0, line="queued")
         while True:
             bar.update(tid, completed=task.progress, line=_stats_line(task))
-            if task.state not in ("queued", "running"):
+            if not task.state.active:
                 break
             time.sleep(0.2)
             task = get(task.id)
     return task
 
 
-def _report_table(result: dict[str, object]) -> Table:
+def migration_result(task: TaskOut) -> dict[str, object]:
+    """What ``vm migrate --json`` prints: the task's id, state and error, and its report."""
+    out: dict[str, object] = {"task": task.id, "state": task.state.value, "error": task.error}
+    if task.result is not None:
+        out.update(task.result.model_dump(mode="json"))
+    else:
+        out.update(vm=task.vm, source=task.source, destination=task.destination)
+    return out
+
+
+def _report_table(task: TaskOut) -> Table:
     table = Table("", "", title="migration report", show_header=False)
-    labels = [
-        ("status", "status"),
-        ("source", "source"),
-        ("destination", "destination"),
-        ("total_ms", "total time (QEMU) ms"),
-        ("setup_ms", "setup time ms"),
-        ("downtime_ms", "downtime (QEMU) ms"),
-        ("guest_paused_ms", "guest paused (source stop -> destination run) ms"),
-        ("orchestration_ms", "request accepted -> stream started ms"),
-        ("bytes", "bytes sent"),
-        ("passes", "passes"),
-        ("throughput_mbps", "throughput Mbit/s"),
-        ("wall_ms", "wall time ms"),
+    r = task.result
+    rows: list[tuple[str, object]] = [
+        ("task", f"{task.id} ({task.state.value})"),
+        ("source", task.source),
+        ("destination", task.destination),
     ]
-    for key, label in labels:
-        if key in result:
-            table.add_row(label, str(result[key]))
+    if r is not None:
+        rows += [
+            ("total time (QEMU) ms", r.total_ms),
+            ("setup time ms", r.setup_ms),
+            ("downtime (QEMU) ms", r.downtime_ms),
+            ("guest paused (source stop -> destination run) ms", r.guest_paused_ms),
+            ("request accepted -> stream started ms", r.orchestration_ms),
+            ("bytes sent", r.bytes),
+            ("passes", r.passes),
+            ("throughput Mbit/s", r.throughput_mbps),
+            ("wall time ms", r.wall_ms),
+        ]
+        rows += [("warning", w) for w in r.warnings]
+        rows += [(f"left on {lo.host}", f"{lo.what}: {lo.why}") for lo in r.leftovers]
+    for label, value in rows:
+        if value is not None:
+            table.add_row(label, Text(str(value)))
     return table
 
 
@@ -216,18 +240,11 @@ def migrate(
     with errors_exit(), server_client(lab) as client:
         task = client.migrate(name, req)
         task = wait_task(task, client.task, show_progress=not json_out)
-    result = dict(task.result or {})
-    result.setdefault("status", task.state)
-    result.setdefault("source", task.source)
-    result.setdefault("destination", task.destination)
-    result["task"] = task.id
-    if task.error:
-        result["error"] = task.error
     if json_out:
-        print_json(result)
+        print_json(migration_result(task))
     else:
-        console.print(_report_table(result))
+        console.print(_report_table(task))
         if task.error:
-            console.print(f"[red]{task.error}[/]")
-    if task.state != "succeeded":
+            console.print(Text(task.error, style="red"))
+    if task.state != TaskState.SUCCEEDED:
         raise typer.Exit(1)

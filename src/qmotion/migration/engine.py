@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from qmotion.api.migration import MigrationStats
+from qmotion.api.migration import MigrationStats, QemuMigrationStatus
 from qmotion.migration.errors import MigrationError, SwitchedOver
 from qmotion.migration.machine import (
     Announce,
@@ -40,7 +40,7 @@ class MigrationPort(Protocol):
     async def prechecks(self) -> None: ...
     async def prepare_destination(self) -> str: ...
     async def start_migration(self, uri: str) -> None: ...
-    async def progress(self, known_status: str | None) -> MigrationStats: ...
+    async def progress(self, known_status: QemuMigrationStatus | None) -> MigrationStats: ...
     async def verify_destination(self) -> None: ...
     async def announce(self) -> None: ...
     async def stop_source(self) -> None: ...
@@ -80,7 +80,7 @@ async def _perform(port: MigrationPort, action: object) -> tuple[Event, Migratio
             case _:
                 raise AssertionError(f"unknown action {action!r}")
     except SwitchedOver:
-        return Progress("completed"), None
+        return Progress(QemuMigrationStatus.COMPLETED), None
     except MigrationError as exc:
         return Failed(str(exc)), None
     return Succeeded(), None

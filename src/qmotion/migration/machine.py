@@ -21,29 +21,17 @@ they stood: the migration itself runs between the agents and does not need the m
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 from typing import Any
 
+from qmotion.api.migration import MigrationPhase
+from qmotion.api.migration import QemuMigrationStatus as Qs
 
-class Phase(StrEnum):
-    PENDING = "pending"
-    PRECHECK = "precheck"
-    PREPARE = "prepare_destination"
-    START = "start_migration"
-    MONITOR = "monitor"
-    VERIFY = "verify_destination"
-    ANNOUNCE = "announce"
-    STOP_SOURCE = "stop_source"
-    UPDATE = "update_inventory"
-    ROLLBACK = "rollback"
-    RECOVER = "recover"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
+# One enum for the machine and the API: a task's phase is the machine's phase.
+Phase = MigrationPhase
 
 
 TERMINAL = frozenset({Phase.DONE, Phase.FAILED, Phase.CANCELLED})
-QEMU_FINISHED_BAD = frozenset({"failed", "cancelled"})
+QEMU_FINISHED_BAD = frozenset({Qs.FAILED, Qs.CANCELLED})
 MONITOR_RETRIES = 3
 
 
@@ -57,7 +45,7 @@ class MigrationState:
     cancel_requested: bool = False
     error: str | None = None
     warnings: tuple[str, ...] = ()
-    qemu_status: str | None = None
+    qemu_status: Qs | None = None
     monitor_failures: int = 0
 
     @property
@@ -74,7 +62,7 @@ class MigrationState:
             "cancel_requested": self.cancel_requested,
             "error": self.error,
             "warnings": list(self.warnings),
-            "qemu_status": self.qemu_status,
+            "qemu_status": self.qemu_status.value if self.qemu_status else None,
         }
 
     @classmethod
@@ -88,7 +76,7 @@ class MigrationState:
             cancel_requested=data.get("cancel_requested", False),
             error=data.get("error"),
             warnings=tuple(data.get("warnings", ())),
-            qemu_status=data.get("qemu_status"),
+            qemu_status=Qs(data["qemu_status"]) if data.get("qemu_status") else None,
         )
 
 
@@ -116,7 +104,7 @@ class Failed:
 class Progress:
     """QEMU's migration status as the source reports it."""
 
-    qemu_status: str
+    qemu_status: Qs
 
 
 @dataclass(frozen=True)
@@ -152,7 +140,7 @@ class StartMigration:
 
 @dataclass(frozen=True)
 class AwaitProgress:
-    known_status: str | None
+    known_status: Qs | None
 
 
 @dataclass(frozen=True)
@@ -296,7 +284,7 @@ def step(state: MigrationState, event: Event) -> Step:
         if isinstance(event, Progress):
             status = event.qemu_status
             st = replace(state, qemu_status=status)
-            if status == "completed":
+            if status == Qs.COMPLETED:
                 return Step(
                     replace(st, phase=Phase.VERIFY, switched_over=True),
                     VerifyDestination(),
@@ -341,10 +329,10 @@ def step(state: MigrationState, event: Event) -> Step:
             return Step(replace(st, phase=Phase.DONE), Finish(Phase.DONE))
 
     if phase == Phase.ROLLBACK:
-        if isinstance(event, Progress) and event.qemu_status == "completed":
+        if isinstance(event, Progress) and event.qemu_status == Qs.COMPLETED:
             # The rollback found the switchover had happened: the destination owns the VM.
             return Step(
-                replace(state, phase=Phase.VERIFY, switched_over=True, qemu_status="completed"),
+                replace(state, phase=Phase.VERIFY, switched_over=True, qemu_status=Qs.COMPLETED),
                 VerifyDestination(),
                 "switchover had already happened: going forward",
             )

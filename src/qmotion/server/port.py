@@ -11,14 +11,16 @@ from typing import TypeVar
 
 from qmotion.api.migration import (
     IncomingRequest,
+    Leftover,
     MigrationParams,
     MigrationStats,
     OutgoingRequest,
     PeerRef,
+    QemuMigrationStatus,
 )
-from qmotion.api.vm import VmSpec
+from qmotion.api.vm import VmSpec, VmState
 from qmotion.client.agent import AgentClient
-from qmotion.client.errors import ClientError, NotFound
+from qmotion.client.errors import ApiError, ClientError, NotFound
 from qmotion.migration.errors import Refused, StepError, SwitchedOver
 from qmotion.migration.prechecks import PrecheckInput, VmView, precheck
 from qmotion.server.db import Database, Host
@@ -28,6 +30,13 @@ T = TypeVar("T")
 PROGRESS_WAIT_MS = 500
 VERIFY_TIMEOUT_S = 30.0
 STALL_TIMEOUT_S = 30.0  # an active migration that moves no data for this long is abandoned
+# QEMU's migrate_cancel shuts the stream's socket down, so a cancel settles at once; a source
+# that has not settled after this long is reported, and its destination kept.
+SETTLE_TIMEOUT_S = 60.0
+IDLE = frozenset(
+    {QemuMigrationStatus.NONE, QemuMigrationStatus.FAILED, QemuMigrationStatus.CANCELLED}
+)  # no migration under way on the source
+MIGRATED_AWAY = "migrated_away"  # the agent's code for "this VM completed a migration away"
 
 
 def vm_view(spec: VmSpec, host: str, state: str, migrating: bool) -> VmView:
@@ -66,6 +75,7 @@ class AgentMigrationPort:
         self.migrate_issued_at: float | None = None
         self.last_stats: MigrationStats | None = None
         self.destination_events: list[tuple[str, float]] = []
+        self.leftovers: list[Leftover] = []
         self._last_transferred = -1
         self._progress_at = time.monotonic()
 
@@ -76,14 +86,21 @@ class AgentMigrationPort:
     async def _call(
         self, host: Host, step: str, fn: Callable[[AgentClient], T], timeout_s: float = 120.0
     ) -> T:
+        try:
+            return await self._call_raw(host, fn, timeout_s)
+        except ClientError as exc:
+            raise StepError(step, f"host {host.name}: {exc}", vm=self.vm, host=host.name) from exc
+
+    async def _call_raw(
+        self, host: Host, fn: Callable[[AgentClient], T], timeout_s: float = 120.0
+    ) -> T:
+        """One agent call in a worker thread; the client's own errors pass through."""
+
         def work() -> T:
             with self.inventory.agents.client(host.agent_url, host.token, timeout_s) as client:
                 return fn(client)
 
-        try:
-            return await asyncio.to_thread(work)
-        except ClientError as exc:
-            raise StepError(step, f"host {host.name}: {exc}", vm=self.vm, host=host.name) from exc
+        return await asyncio.to_thread(work)
 
     # ------------------------------------------------------------------ the actions
 
@@ -120,7 +137,7 @@ class AgentMigrationPort:
         )
         self.migrate_issued_at = time.monotonic()
 
-    async def progress(self, known_status: str | None) -> MigrationStats:
+    async def progress(self, known_status: QemuMigrationStatus | None) -> MigrationStats:
         stats = await self._call(
             self._src,
             "monitor",
@@ -129,13 +146,16 @@ class AgentMigrationPort:
         )
         for _ in range(25):
             # QEMU flips the status to completed a moment before it fills in the totals.
-            if stats.status != "completed" or stats.total_time_ms:
+            if stats.status != QemuMigrationStatus.COMPLETED or stats.total_time_ms:
                 break
             await asyncio.sleep(0.02)
             stats = await self._call(self._src, "monitor", lambda c: c.migration(self.vm))
         self.last_stats = stats
         now = time.monotonic()
-        if stats.transferred != self._last_transferred or stats.status != "active":
+        if (
+            stats.transferred != self._last_transferred
+            or stats.status != QemuMigrationStatus.ACTIVE
+        ):
             self._last_transferred, self._progress_at = stats.transferred, now
         elif now - self._progress_at > STALL_TIMEOUT_S:
             raise StepError(
@@ -150,13 +170,13 @@ class AgentMigrationPort:
         deadline = time.monotonic() + VERIFY_TIMEOUT_S
         while True:
             info = await self._call(self._dst, "verify destination", lambda c: c.vm(self.vm))
-            if info.state == "running":
+            if info.state == VmState.RUNNING:
                 with_events = await self._call(
                     self._dst, "verify destination", lambda c: c.migration(self.vm)
                 )
                 self.destination_events = with_events.events
                 return
-            if info.state in ("stopped", "crashed") or time.monotonic() > deadline:
+            if info.state in (VmState.STOPPED, VmState.CRASHED) or time.monotonic() > deadline:
                 raise StepError(
                     "verify destination",
                     f"destination QEMU is {info.state} ({info.qemu_status})",
@@ -176,48 +196,97 @@ class AgentMigrationPort:
             with self.db.session() as s:
                 row = self.inventory.vm_by_name(s, self.vm)
                 row.host = self.inventory.host_by_name(s, self.destination)
-                row.state = "running"
+                row.state = VmState.RUNNING
 
         await asyncio.to_thread(update)
 
     async def rollback(self, cancel_migration: bool, teardown_destination: bool) -> None:
-        """Before switchover: stop QEMU's migration, remove the destination, keep the source."""
-        problems = []
-        before = await self._call(self._src, "rollback", lambda c: c.migration(self.vm))
-        if before.status == "completed":
-            raise SwitchedOver("the source reports the migration completed")
-        if cancel_migration:
-            try:
-                await self._call(self._src, "rollback", lambda c: c.cancel_migration(self.vm))
-                await self._wait_source_settled()
-            except StepError as exc:
-                problems.append(str(exc))
+        """Before switchover: stop QEMU's migration, make sure the source runs, and only then
+        remove the destination.
+
+        QEMU may complete the migration at any moment until the source confirms the cancel.
+        Whenever completion shows (before or after the cancel, or as the source agent refusing
+        to resume a VM that migrated away), the destination owns the VM: ``SwitchedOver``
+        sends the engine forward. The destination is deleted only once the source is confirmed
+        running with no migration under way; when that cannot be confirmed (the source agent
+        does not answer) the destination is kept and recorded in ``leftovers``, unless it
+        already runs, which proves the switchover happened.
+        """
+        try:
+            if cancel_migration:
+                await self._cancel_on_source()
+            status = await self._resume_source()
+        except StepError as exc:
+            await self._forward_if_destination_runs()
+            if teardown_destination:
+                self._keep_destination(f"the source could not be confirmed running ({exc})")
+            raise
+        if status != "running":
+            await self._forward_if_destination_runs()
+            if teardown_destination:
+                self._keep_destination(f"the source QEMU is {status}, not running")
+            raise StepError("rollback", f"source QEMU is {status} after rollback", vm=self.vm)
         if teardown_destination:
             try:
                 await self._call(self._dst, "rollback", lambda c: _delete(c, self.vm))
             except StepError as exc:
-                problems.append(str(exc))
-        try:
-            status = await self._call(self._src, "rollback", lambda c: c.resume(self.vm))
-            if status != "running":
-                problems.append(f"source QEMU is {status} after rollback")
-        except StepError as exc:
-            problems.append(str(exc))
-        if problems:
-            raise StepError("rollback", "; ".join(problems), vm=self.vm)
+                # The source runs, so whatever is left there is not the VM; report it.
+                self._keep_destination(f"it could not be removed ({exc})")
+                raise
 
-    async def _wait_source_settled(self) -> None:
-        for _ in range(200):
+    async def _cancel_on_source(self) -> None:
+        """QEMU's migrate_cancel, then wait until the source's migration has settled."""
+        before = await self._call(self._src, "rollback", lambda c: c.migration(self.vm))
+        if before.status == QemuMigrationStatus.COMPLETED:
+            raise SwitchedOver("the source reports the migration completed")
+        if before.status not in IDLE:
+            await self._call(self._src, "rollback", lambda c: c.cancel_migration(self.vm))
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while True:
             stats = await self._call(self._src, "rollback", lambda c: c.migration(self.vm))
-            if stats.status in ("cancelled", "failed", "completed", "none"):
-                if stats.status == "completed":
-                    raise StepError(
-                        "rollback",
-                        "the migration completed before it could be cancelled",
-                        vm=self.vm,
-                    )
+            if stats.status == QemuMigrationStatus.COMPLETED:
+                raise SwitchedOver("the migration completed before it could be cancelled")
+            if stats.status in IDLE:
                 return
+            if time.monotonic() > deadline:
+                raise StepError(
+                    "rollback",
+                    f"the source's migration is still {stats.status} "
+                    f"{SETTLE_TIMEOUT_S:.0f} s after the cancel",
+                    vm=self.vm,
+                    host=self.source,
+                )
             await asyncio.sleep(0.05)
+
+    async def _resume_source(self) -> str:
+        try:
+            return await self._call_raw(self._src, lambda c: c.resume(self.vm))
+        except ApiError as exc:
+            if exc.detail.code == MIGRATED_AWAY:
+                raise SwitchedOver(str(exc)) from exc
+            raise StepError("rollback", f"host {self.source}: {exc}", vm=self.vm) from exc
+        except ClientError as exc:
+            raise StepError(
+                "rollback", f"host {self.source}: {exc}", vm=self.vm, host=self.source
+            ) from exc
+
+    async def _forward_if_destination_runs(self) -> None:
+        """A running destination QEMU proves the switchover: it only runs once it received
+        the whole state, after which the source never resumes on its own."""
+        with contextlib.suppress(StepError):
+            info = await self._call(self._dst, "rollback", lambda c: c.vm(self.vm))
+            if info.state == VmState.RUNNING:
+                raise SwitchedOver(f"the destination {self.destination} runs the VM")
+
+    def _keep_destination(self, why: str) -> None:
+        self.leftovers.append(
+            Leftover(
+                host=self.destination,
+                vm=self.vm,
+                what="destination QEMU (incoming migration) not removed",
+                why=why,
+            )
+        )
 
     async def recover(self) -> None:
         """After switchover the destination does not run: remove it, then resume the source.

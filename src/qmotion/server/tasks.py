@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from qmotion.api.migration import MigrationParams, MigrationStats
-from qmotion.api.server import MigrateRequest, TaskEventOut, TaskOut
+from qmotion.api.migration import MigrationParams, MigrationReport, MigrationStats
+from qmotion.api.server import MigrateRequest, TaskEventOut, TaskOut, TaskState
 from qmotion.api.sizes import parse_rate_bytes
 from qmotion.api.vm import VmSpec
 from qmotion.migration import engine, params
@@ -44,8 +43,8 @@ def task_out(t: Task, with_events: bool = True) -> TaskOut:
         started_at=t.started_at,
         ended_at=t.ended_at,
         error=t.error,
-        result=t.result,
-        stats=t.stats,
+        result=MigrationReport.model_validate(t.result) if t.result else None,
+        stats=MigrationStats.model_validate(t.stats) if t.stats else None,
         events=[
             TaskEventOut(at=e.at, kind=e.kind, message=e.message, data=e.data) for e in t.events
         ]
@@ -60,37 +59,35 @@ def report(
     state: MigrationState,
     accepted: float,
     queued_s: float,
-) -> dict[str, Any]:
+) -> MigrationReport:
     """The migration report: QEMU's own figures plus what the manager measured around them."""
-    out: dict[str, Any] = {
-        "status": "completed" if state.phase == Phase.DONE else state.phase.value,
-        "source": port.source,
-        "destination": port.destination,
-        "vm": port.vm,
-    }
+    r = MigrationReport(
+        outcome=state.phase,
+        vm=port.vm,
+        source=port.source,
+        destination=port.destination,
+        wall_ms=round((time.monotonic() - accepted) * 1000, 1),
+        warnings=list(state.warnings),
+        leftovers=list(port.leftovers),
+    )
     if stats is not None:
-        out.update(
-            total_ms=stats.total_time_ms,
-            downtime_ms=stats.downtime_ms,
-            setup_ms=stats.setup_time_ms,
-            bytes=stats.transferred,
-            passes=stats.passes,
-            throughput_mbps=round(stats.mbps, 1),
+        r.total_ms, r.downtime_ms, r.setup_ms = (
+            stats.total_time_ms,
+            stats.downtime_ms,
+            stats.setup_time_ms,
         )
+        r.bytes, r.passes, r.throughput_mbps = stats.transferred, stats.passes, round(stats.mbps, 1)
         src = dict(stats.events)
         dst = dict(port.destination_events)
         # Shared clock in a lab on one machine; on a real cluster both are agent-local.
         if "stopped" in src and "resumed" in dst:
-            out["guest_paused_ms"] = round(dst["resumed"] - src["stopped"], 1)
+            r.guest_paused_ms = round(dst["resumed"] - src["stopped"], 1)
         if stats.steer_ms is not None:
-            out["steer_ms"] = round(stats.steer_ms, 1)
+            r.steer_ms = round(stats.steer_ms, 1)
     if port.migrate_issued_at is not None:
-        out["orchestration_ms"] = round((port.migrate_issued_at - accepted - queued_s) * 1000, 1)
-        out["queued_ms"] = round(queued_s * 1000, 1)
-    out["wall_ms"] = round((time.monotonic() - accepted) * 1000, 1)
-    if state.warnings:
-        out["warnings"] = list(state.warnings)
-    return out
+        r.orchestration_ms = round((port.migrate_issued_at - accepted - queued_s) * 1000, 1)
+        r.queued_ms = round(queued_s * 1000, 1)
+    return r
 
 
 class TaskRunner:
@@ -107,7 +104,7 @@ class TaskRunner:
         resume = []
         with self.db.session() as s:
             for t in s.scalars(select(Task).where(Task.state.in_(ACTIVE_TASK_STATES))):
-                if t.kind == "migrate" and t.state == "running" and t.machine is not None:
+                if t.kind == "migrate" and t.state == TaskState.RUNNING and t.machine is not None:
                     resume.append(
                         (
                             t.id,
@@ -121,7 +118,7 @@ class TaskRunner:
                     )
                     s.add(TaskEvent(task=t, kind="note", message="manager restarted: resuming"))
                     continue
-                t.state, t.ended_at = "failed", utcnow()
+                t.state, t.ended_at = TaskState.FAILED, utcnow()
                 t.error = "the manager restarted before this task began; nothing was changed"
                 s.add(TaskEvent(task=t, kind="error", message=t.error))
         for task_id, vm, source, destination, mparams, state, cancelled in resume:
@@ -188,12 +185,12 @@ class TaskRunner:
                     raise Conflict(f"VM {vm} is already migrating", code="already_migrating", vm=vm)
                 t = Task(
                     kind="migrate",
-                    state="queued",
+                    state=TaskState.QUEUED,
                     vm=vm,
                     source=source,
                     destination=req.to,
                     params=mparams.model_dump(),
-                    phase="queued",
+                    phase=Phase.QUEUED,
                 )
                 s.add(t)
                 s.flush()
@@ -234,7 +231,11 @@ class TaskRunner:
                 if resume is None:
                     if cancel.is_set():
                         await asyncio.to_thread(
-                            self._finish, task_id, "cancelled", "cancelled while queued", None
+                            self._finish,
+                            task_id,
+                            TaskState.CANCELLED,
+                            "cancelled while queued",
+                            None,
                         )
                         return
                     await asyncio.to_thread(self._mark_running, task_id)
@@ -245,13 +246,15 @@ class TaskRunner:
 
                 final = await engine.run(port, persist, cancel, resume)
                 result = report(port.last_stats, port, final, accepted, queued_s)
-                state = {Phase.DONE: "succeeded", Phase.CANCELLED: "cancelled"}.get(
-                    final.phase, "failed"
+                state = {Phase.DONE: TaskState.SUCCEEDED, Phase.CANCELLED: TaskState.CANCELLED}.get(
+                    final.phase, TaskState.FAILED
                 )
                 await asyncio.to_thread(self._finish, task_id, state, final.error, result)
         except Exception as exc:  # a bug must still end the task, visibly
             log.exception("task %d crashed", task_id)
-            await asyncio.to_thread(self._finish, task_id, "failed", f"internal error: {exc}", None)
+            await asyncio.to_thread(
+                self._finish, task_id, TaskState.FAILED, f"internal error: {exc}", None
+            )
         finally:
             self._cancel.pop(task_id, None)
             self._running.pop(task_id, None)
@@ -260,7 +263,7 @@ class TaskRunner:
         with self.db.session() as s:
             t = s.get(Task, task_id)
             assert t is not None
-            t.state, t.started_at = "running", utcnow()
+            t.state, t.started_at = TaskState.RUNNING, utcnow()
             s.add(TaskEvent(task=t, kind="started", message="started"))
 
     def _persist(self, task_id: int, st: Step, stats: MigrationStats | None) -> None:
@@ -285,15 +288,16 @@ class TaskRunner:
                 s.add(TaskEvent(task=t, kind="note", message=st.note))
 
     def _finish(
-        self, task_id: int, state: str, error: str | None, result: dict[str, Any] | None
+        self, task_id: int, state: TaskState, error: str | None, result: MigrationReport | None
     ) -> None:
         with self.db.session() as s:
             t = s.get(Task, task_id)
             assert t is not None
-            t.state, t.ended_at, t.error, t.result = state, utcnow(), error, result
-            if state == "succeeded":
+            t.state, t.ended_at, t.error = state, utcnow(), error
+            t.result = result.model_dump(mode="json") if result else None
+            if state == TaskState.SUCCEEDED:
                 t.progress = 1.0
-            s.add(TaskEvent(task=t, kind=state, message=error or state, data=result))
+            s.add(TaskEvent(task=t, kind=state, message=error or state, data=t.result))
 
     # ------------------------------------------------------------------ queries and cancel
 
