@@ -180,9 +180,10 @@ class TaskRunner:
                 ) from exc
 
         def insert() -> TaskOut:
+            # No read before the insert: on SQLite a read transaction that then writes fails
+            # ("database is locked") when another writer committed meanwhile; the unique index
+            # is the check.
             with self.db.session() as s:
-                if self.db.active_task_for_vm(s, vm) is not None:
-                    raise Conflict(f"VM {vm} is already migrating", code="already_migrating", vm=vm)
                 t = Task(
                     kind="migrate",
                     state=TaskState.QUEUED,

@@ -1,0 +1,82 @@
+"""The task runner and the manager's API over scripted agents: one active task per VM under
+concurrent requests, and at most ``per_host`` migrations involving a host at once."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+
+from qmotion.api.server import MigrateRequest, TaskOut, TaskState
+from qmotion.server.app import create_app
+from qmotion.server.db import Database, Vm
+from qmotion.server.inventory import Inventory
+from qmotion.server.tasks import TaskRunner
+from tests.unit.agent_world import World
+
+TOKEN = "manager-token-0123456789"
+
+
+def _world(tmp_path: Path, vms: int) -> tuple[World, str]:
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    db = Database(url)
+    # Each migration lasts long enough for all the admitted ones to overlap.
+    world = World(polls_to_complete=6, duration_s=0.4)
+    world.register_hosts(db)
+    for i in range(vms):
+        world.add_running_vm(db, f"vm{i}", "h1")
+    db.engine.dispose()
+    return world, url
+
+
+def test_twenty_concurrent_migrate_requests_accept_exactly_one(tmp_path: Path) -> None:
+    world, url = _world(tmp_path, 1)
+    app = create_app(url, TOKEN, agents=world.connector())
+
+    async def main() -> tuple[list[int], TaskOut]:
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://manager", headers=headers
+        ) as c:
+            answers = await asyncio.gather(
+                *(c.post("/v1/vms/vm0/migrate", json={"to": "h2"}) for _ in range(20))
+            )
+            accepted = [r for r in answers if r.status_code == 202]
+            assert len(accepted) == 1, [r.text for r in answers]
+            refused = [r for r in answers if r.status_code != 202]
+            for r in refused:
+                assert r.json()["error"]["vm"] == "vm0", r.text
+            task = TaskOut.model_validate(accepted[0].json())
+            while task.state.active:
+                await asyncio.sleep(0.01)
+                task = TaskOut.model_validate((await c.get(f"/v1/tasks/{task.id}")).json())
+            return [r.status_code for r in answers], task
+
+    codes, task = asyncio.run(main())
+    assert sorted(codes) == [202] + [409] * 19
+    assert task.state == TaskState.SUCCEEDED, task.error
+    assert world.running_copies("vm0") == ["h2"]
+
+
+def test_at_most_four_migrations_involve_a_host_at_once(tmp_path: Path) -> None:
+    world, url = _world(tmp_path, 6)
+    db = Database(url)
+    runner = TaskRunner(db, Inventory(db, world.connector()), per_host=4)
+
+    async def main() -> list[TaskOut]:
+        tasks = [await runner.submit_migration(f"vm{i}", MigrateRequest(to="h2")) for i in range(6)]
+        for _ in range(2000):
+            if not any(runner.get(t.id).state.active for t in tasks):
+                break
+            await asyncio.sleep(0.01)
+        return [runner.get(t.id) for t in tasks]
+
+    done = asyncio.run(main())
+    assert [t.state for t in done] == [TaskState.SUCCEEDED] * 6, [t.error for t in done]
+    # As the agents saw it: the limit was reached and never passed, on either end.
+    assert world.max_active_per_host == {"h1": 4, "h2": 4}
+    with db.session() as s:
+        assert {v.host.name for v in s.query(Vm)} == {"h2"}
+    assert all(world.running_copies(f"vm{i}") == ["h2"] for i in range(6))
