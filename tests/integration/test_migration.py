@@ -28,6 +28,7 @@ from qmotion.hypervisor.process import is_qemu_of
 from qmotion.lab import Lab
 from qmotion.lab.netns import run_in
 from qmotion.probe.guest import StreamResult, echo_stream, mem_check, mem_status, wait_echo
+from qmotion.server.port import STALL_TIMEOUT_S
 
 pytestmark = pytest.mark.integration
 MakeVm = Callable[..., VmOut]
@@ -293,3 +294,28 @@ def test_manager_killed_mid_migration_resumes_and_finishes_it(
     assert vm.name not in [v.name for v in lab.agent("h1").list_vms()]
     assert lab.agent("h2").vm(vm.name).state == VmState.RUNNING
     assert run_in(lab.record.client_namespace, lambda: mem_check(ip))["consistent"]
+
+
+def test_stalled_migration_is_abandoned_with_the_source_running(
+    lab: Lab, server: ServerClient, make_vm: MakeVm
+) -> None:
+    """The migration link fails mid-copy (segments silently dropped, agents still answer):
+    no byte moves, and within the progress timeout the task rolls back."""
+    vm = make_vm("h1", memory="512M", fill=200, dirty=5)
+    ip = ip_of(vm)
+    task = server.migrate(vm.name, MigrateRequest(to="h2", bandwidth="20M/s"))
+    wait_phase(server, task, "monitor")
+    with lab.migration_link_cut("h2"):
+        cut_at = time.monotonic()
+        task = wait_task(server, task, timeout_s=STALL_TIMEOUT_S + 60)
+        ended_after = time.monotonic() - cut_at
+    assert task.state == TaskState.FAILED, task.error
+    assert task.error is not None and "no data moved" in task.error
+    # Abandoned once no byte moved for the progress timeout (plus the socket buffers' fill
+    # and the rollback), not left hanging.
+    assert ended_after < STALL_TIMEOUT_S + 30, ended_after
+    assert lab.agent("h1").vm(vm.name).state == VmState.RUNNING
+    assert vm.name not in [v.name for v in lab.agent("h2").list_vms()]
+    assert run_in(lab.record.client_namespace, lambda: mem_check(ip))["consistent"]
+    assert server.vm(vm.name).host == "h1"
+    assert task.result is not None and task.result.leftovers == []

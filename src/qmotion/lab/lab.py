@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -229,6 +230,17 @@ class Lab:
         same database and token; hosts and the pool stay registered."""
         _stop_pid(self.record.manager_pid, b"server", crash=crash)
         _start_manager(self.record, register=False)
+
+    @contextlib.contextmanager
+    def migration_link_cut(self, host: str) -> Iterator[None]:
+        """While inside, migration streams into ``host`` are silently dropped (its agent still
+        answers): a link that fails in the middle of a migration. Restored on exit."""
+        ns = self.host(host).namespace
+        netns.drop_incoming_tcp_high_ports(ns, "eth0")
+        try:
+            yield
+        finally:
+            netns.clear_fault(ns, "eth0")
 
     def pool_address(self, index: int) -> str:
         """The ``index``-th address of the VM pool, with prefix length (e.g. 198.18.1.100/24)."""

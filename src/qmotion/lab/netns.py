@@ -166,6 +166,70 @@ def limit_rate(ns: str, dev: str, rate_bytes: int) -> None:
         raise RuntimeError(f"tc tbf on {ns}/{dev} failed: {proc.stderr.strip()}")
 
 
+# tc filter priority of the lab's fault injection: one well-known slot, so it is found and
+# removed again without touching anything else on the link.
+FAULT_PREF = "7"
+FAULT_SINK = "qfsink"
+
+
+def drop_incoming_tcp_high_ports(ns: str, dev: str) -> None:
+    """Drop TCP segments arriving on ``dev`` for ports 32768-65535 (the ephemeral range, where
+    QEMU's incoming migration listens), leaving the agents' fixed port reachable: the
+    migration stream is cut while the hosts still answer their managers.
+
+    This kernel has no tc drop action (act_gact) and no netem; the segments are redirected
+    (act_mirred) into a veth that stays down, which discards them.
+    """
+    tc = ["ip", "netns", "exec", ns, "tc"]
+    subprocess.run(
+        ["ip", "-n", ns, "link", "add", FAULT_SINK, "type", "veth", "peer", "name", "qfsinkp"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run([*tc, "qdisc", "replace", "dev", dev, "clsact"], check=True)
+    subprocess.run(
+        [
+            *tc,
+            "filter",
+            "replace",
+            "dev",
+            dev,
+            "ingress",
+            "pref",
+            FAULT_PREF,
+            "protocol",
+            "ip",
+            "u32",
+            "match",
+            "ip",
+            "protocol",
+            "6",
+            "0xff",
+            "match",
+            "ip",
+            "dport",
+            "0x8000",
+            "0x8000",
+            "action",
+            "mirred",
+            "egress",
+            "redirect",
+            "dev",
+            FAULT_SINK,
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+def clear_fault(ns: str, dev: str) -> None:
+    for cmd in (
+        ["tc", "filter", "del", "dev", dev, "ingress", "pref", FAULT_PREF],
+        ["ip", "link", "del", FAULT_SINK],
+    ):
+        subprocess.run(["ip", "netns", "exec", ns, *cmd], check=False, capture_output=True)
+
+
 def delete_link(name: str) -> None:
     with IPRoute() as ip:
         for idx in ip.link_lookup(ifname=name):
