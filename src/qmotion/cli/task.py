@@ -49,7 +49,7 @@ def show(task_id: int, json_out: bool = typer.Option(False, "--json"), lab: str 
     for e in t.events:
         console.print(f"  {e.at:%H:%M:%S.%f} {e.kind}: {e.message}")
     if t.result:
-        print_json(t.result)
+        print_json(t.result.model_dump(mode="json"))
 
 
 @app.command("cancel")
