@@ -319,3 +319,41 @@ def test_stalled_migration_is_abandoned_with_the_source_running(
     assert run_in(lab.record.client_namespace, lambda: mem_check(ip))["consistent"]
     assert server.vm(vm.name).host == "h1"
     assert task.result is not None and task.result.leftovers == []
+
+
+def test_busy_guest_outrunning_the_link_converges_on_the_ladder(
+    lab: Lab, server: ServerClient, make_vm: MakeVm
+) -> None:
+    """The guest dirties twice what the stream may carry: plain pre-copy never ends; the
+    ladder raises the downtime limit, then throttles the guest, and the move completes with
+    the memory intact."""
+    vm = make_vm("h1", memory="512M", fill=200, dirty=40)
+    ip = ip_of(vm)
+    task = server.migrate(vm.name, MigrateRequest(to="h2", bandwidth="20M/s"))
+    task = wait_task(server, task, timeout_s=240)
+    assert task.state == TaskState.SUCCEEDED, task.error
+    r = task.result
+    assert r is not None and r.prediction is not None
+    # The measurement saw the guest's writes (40 MiB/s set, page sampling is approximate).
+    assert 20 << 20 <= r.prediction.dirty_rate_bps <= 80 << 20, r.prediction
+    assert r.prediction.bandwidth_from == "operator"
+    assert "throttle" in r.rungs and r.max_throttle_pct >= 20, (r.rungs, r.max_throttle_pct)
+    assert r.downtime_ms is not None and r.downtime_ms <= 300 + 100
+    assert r.samples and r.samples[-1].rung == "throttle"
+    assert server.vm(vm.name).host == "h2"
+    assert run_in(lab.record.client_namespace, lambda: mem_check(ip))["consistent"]
+
+
+def test_completion_timeout_aborts_with_the_source_running(
+    lab: Lab, server: ServerClient, make_vm: MakeVm
+) -> None:
+    vm = make_vm("h1", memory="512M", fill=300, dirty=10)
+    ip = ip_of(vm)
+    task = server.migrate(vm.name, MigrateRequest(to="h2", bandwidth="20M/s", timeout_s=10))
+    task = wait_task(server, task, timeout_s=120)
+    assert task.state == TaskState.FAILED
+    assert task.error is not None and "completion timeout 10 s" in task.error, task.error
+    assert lab.agent("h1").vm(vm.name).state == VmState.RUNNING
+    assert vm.name not in [v.name for v in lab.agent("h2").list_vms()]
+    assert server.vm(vm.name).host == "h1"
+    assert run_in(lab.record.client_namespace, lambda: mem_check(ip))["consistent"]

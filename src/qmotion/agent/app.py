@@ -8,10 +8,11 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Query
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import PlainTextResponse
 
 from qmotion import __version__
+from qmotion.agent import netprobe
 from qmotion.agent.config import AgentConfig
 from qmotion.agent.errors import AgentError
 from qmotion.agent.facts import MetricsSampler, host_facts
@@ -19,19 +20,32 @@ from qmotion.agent.migrate import Migrations
 from qmotion.agent.vms import VmManager
 from qmotion.api.host import AccelInfo, HostFacts, HostMetrics
 from qmotion.api.migration import (
+    DirtyRateReport,
+    DirtyRateRequest,
     IncomingRequest,
     IncomingResponse,
     MigrationStats,
+    MigrationTune,
     OutgoingRequest,
+    PathProbe,
+    PathProbeRequest,
     SteerRequest,
 )
-from qmotion.api.service import bearer_auth, install_error_handlers
+from qmotion.api.service import (
+    COMMON_ERROR_STATUSES,
+    bearer_auth,
+    error_responses,
+    install_error_handlers,
+    json_error_responses,
+)
 from qmotion.api.vm import StopRequest, VmInfo, VmSpec
 from qmotion.hypervisor.accel import choose_accel
 from qmotion.image import ensure_image
 
 log = logging.getLogger(__name__)
 METRICS_INTERVAL_S = 2.0
+# Any operation on a VM may also fail partway (500, OperationFailed), in the same error body.
+ERROR_STATUSES = (*COMMON_ERROR_STATUSES, 500)
 
 
 class AgentState:
@@ -69,7 +83,12 @@ def create_app(config: AgentConfig) -> FastAPI:
             probe.cancel()
             await state.vms.close()
 
-    app = FastAPI(title=f"qmotion agent {config.name}", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title=f"qmotion agent {config.name}",
+        version=__version__,
+        lifespan=lifespan,
+        responses=error_responses(*ERROR_STATUSES),
+    )
     app.state.agent = state
     install_error_handlers(app, AgentError, host=config.name)
     authorize = bearer_auth(config.token)
@@ -110,7 +129,12 @@ def create_app(config: AgentConfig) -> FastAPI:
     async def delete_vm(name: str, force: bool = False) -> None:
         await state.vms.delete(name, force=force)
 
-    @app.get("/v1/vms/{name}/console", response_class=PlainTextResponse, dependencies=auth)
+    @app.get(
+        "/v1/vms/{name}/console",
+        response_class=PlainTextResponse,
+        dependencies=auth,
+        responses=json_error_responses(*ERROR_STATUSES),
+    )
     async def console(
         name: str, tail_bytes: Annotated[int, Query(ge=1, le=16 << 20)] = 65536
     ) -> str:
@@ -131,6 +155,25 @@ def create_app(config: AgentConfig) -> FastAPI:
         known_status: str | None = None,
     ) -> MigrationStats:
         return await state.migrations.stats(name, wait_ms, known_status)
+
+    @app.patch("/v1/vms/{name}/migration", response_model=MigrationStats, dependencies=auth)
+    async def migration_tune(name: str, tune: MigrationTune) -> MigrationStats:
+        return await state.migrations.tune(name, tune)
+
+    @app.post("/v1/vms/{name}/dirty-rate", response_model=DirtyRateReport, dependencies=auth)
+    async def dirty_rate(name: str, req: DirtyRateRequest) -> DirtyRateReport:
+        return await state.migrations.dirty_rate(name, req.seconds)
+
+    @app.post("/v1/net/probe", response_model=PathProbe, dependencies=auth)
+    async def net_probe(req: PathProbeRequest) -> PathProbe:
+        return await netprobe.probe(req)
+
+    @app.post("/v1/net/sink", dependencies=auth)
+    async def net_sink(request: Request) -> dict[str, int]:
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+        return {"bytes": received}
 
     @app.post("/v1/vms/{name}/migration/cancel", response_model=MigrationStats, dependencies=auth)
     async def migration_cancel(name: str) -> MigrationStats:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -23,10 +24,13 @@ from qmotion.agent.forwarder import FORWARD_FOR_S, LateFrameForwarder
 from qmotion.agent.steer import Steerer
 from qmotion.agent.vms import VmManager
 from qmotion.api.migration import (
+    DirtyRateReport,
+    DirtyRateSample,
     IncomingRequest,
     IncomingResponse,
     MigrationParams,
     MigrationStats,
+    MigrationTune,
     OutgoingRequest,
     PeerRef,
     SteerRequest,
@@ -35,6 +39,7 @@ from qmotion.hypervisor import process
 from qmotion.hypervisor.errors import HypervisorError
 from qmotion.hypervisor.monitor import Monitor
 from qmotion.hypervisor.qemu import tap_name
+from qmotion.migration.convergence import DORMANT_THROTTLE, THROTTLE_INCREMENT
 
 log = logging.getLogger(__name__)
 FINISHED = ("completed", "failed", "cancelled")
@@ -59,6 +64,10 @@ def _capabilities(params: MigrationParams, *, source: bool) -> list[dict[str, An
         "events": True,
         "multifd": params.multifd_channels > 0,
         "pause-before-switchover": source and params.pause_before_switchover,
+        # QEMU fixes capabilities when the stream starts: what the ladder may need later is
+        # switched on now (auto-converge dormant, see qmotion.migration.convergence).
+        "auto-converge": source and params.auto_converge,
+        "xbzrle": params.xbzrle_cache_bytes > 0,
     }
     return [{"capability": k, "state": v} for k, v in caps.items()]
 
@@ -70,7 +79,49 @@ def _parameters(params: MigrationParams) -> dict[str, Any]:
     }
     if params.multifd_channels > 0:
         out["multifd-channels"] = params.multifd_channels
+    if params.auto_converge:
+        initial, increment, threshold = DORMANT_THROTTLE
+        if params.throttle_initial_pct:
+            initial, increment, threshold = params.throttle_initial_pct, THROTTLE_INCREMENT, 50
+        out |= {
+            "cpu-throttle-initial": initial,
+            "cpu-throttle-increment": increment,
+            "throttle-trigger-threshold": threshold,
+        }
+    if params.xbzrle_cache_bytes > 0:
+        out["xbzrle-cache-size"] = params.xbzrle_cache_bytes
     return out
+
+
+def _tune_parameters(tune: MigrationTune) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if tune.downtime_limit_ms is not None:
+        out["downtime-limit"] = tune.downtime_limit_ms
+    if tune.throttle_pct is not None:
+        # Awake: QEMU starts here (or adds the increment to a dormant 1 %) and raises the
+        # throttle on every pass in which the guest dirtied more than half of what was sent.
+        out |= {
+            "cpu-throttle-initial": tune.throttle_pct,
+            "cpu-throttle-increment": THROTTLE_INCREMENT,
+            "throttle-trigger-threshold": 50,
+        }
+    return out
+
+
+SAMPLE_PAGES = 2048  # per GiB: QEMU's 512 leaves a 100 MiB/s sweep with +-15 % noise
+
+
+def _rss_bytes(pid: int) -> int:
+    """QEMU's resident memory: an upper bound on the guest RAM a first pass sends."""
+    # Huge pages are not in VmRSS: a guest backed by them shows only QEMU's own memory there.
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        fields = dict(line.partition(":")[::2] for line in status.splitlines())
+        return sum(
+            int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "HugetlbPages") if k in fields
+        )
+    except (OSError, ValueError, IndexError):
+        return 1 << 62
 
 
 class Migrations:
@@ -340,6 +391,49 @@ class Migrations:
             stats.started_at_ms = out.started_at * 1000
             stats.events = [(status, t * 1000) for status, t in out.events]
         return stats
+
+    async def dirty_rate(self, name: str, seconds: list[float]) -> DirtyRateReport:
+        """QMP calc-dirty-rate (page sampling) once per length in ``seconds``, in order.
+
+        Two lengths tell a hot set (found dirty in the short sample already, no more in the
+        long one) from a sweep over new pages (dirty bytes growing with the length).
+        """
+        mon = self.vms.monitor(name)
+        spec = self.vms.spec(name)
+        samples = []
+        for length in seconds:
+            ms = max(int(length * 1000), 100)
+            await mon.execute(
+                "calc-dirty-rate",
+                {"calc-time": ms, "calc-time-unit": "millisecond", "sample-pages": SAMPLE_PAGES},
+            )
+            deadline = time.monotonic() + ms / 1000 + 10
+            while True:
+                await asyncio.sleep(min(ms / 1000, 0.1))
+                info = await mon.execute("query-dirty-rate")
+                if info.get("status") == "measured":
+                    break
+                if time.monotonic() > deadline:
+                    raise OperationFailed(f"calc-dirty-rate of {name} did not finish", vm=name)
+            # QEMU reports MiB/s over the sampled time (its "MB" is 2^20 bytes).
+            rate = float(info.get("dirty-rate", 0)) * (1 << 20)
+            samples.append(DirtyRateSample(seconds=ms / 1000, dirtied_bytes=int(rate * ms / 1000)))
+        memory = spec.memory << 20
+        rt = self.vms.runtime(name)
+        resident = _rss_bytes(rt.pid) if rt is not None else memory
+        return DirtyRateReport(
+            samples=samples, memory_bytes=memory, resident_bytes=min(resident, memory)
+        )
+
+    async def tune(self, name: str, tune: MigrationTune) -> MigrationStats:
+        """Change a running outgoing migration's parameters (the convergence ladder)."""
+        out = self._outgoing.get(name)
+        if out is None or out.status in FINISHED:
+            raise Conflict(f"VM {name} has no outgoing migration to tune", vm=name)
+        parameters = _tune_parameters(tune)
+        if parameters:
+            await self.vms.monitor(name).execute("migrate-set-parameters", parameters)
+        return await self.stats(name, 0, None)
 
     async def cancel(self, name: str) -> MigrationStats:
         mon = self.vms.monitor(name)

@@ -366,6 +366,9 @@ class VmManager:
             params.update(
                 fill=g.fill_mib, dirty=g.dirty_mib_s, check=g.check_s, disk_rate=g.disk_rate
             )
+            if g.hot_mib:
+                # Only when set: VMs without a hot set keep their command line unchanged.
+                params["hot"] = g.hot_mib
         cmdline = image.cmdline(**params)
         if boot.cmdline:
             cmdline += " " + boot.cmdline

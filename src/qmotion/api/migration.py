@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
@@ -72,6 +72,44 @@ class MigrationParams(StrictModel):
     pause_before_switchover: bool = False
     steer: bool = True
     forward: bool = Field(default=True, description="replay frames that reach the source late")
+    auto_converge: bool = Field(
+        default=False, description="armed at the start, dormant until the ladder throttles"
+    )
+    throttle_initial_pct: int = Field(
+        default=0, ge=0, le=99, description="auto-converge throttling from the start; 0: dormant"
+    )
+    xbzrle_cache_bytes: int = Field(default=0, ge=0, le=1 << 40, description="0: xbzrle off")
+    # The manager's, for the ladder; agents ignore them.
+    max_downtime_ms: int | None = Field(default=None, ge=1, le=60_000)
+    timeout_s: float | None = Field(default=None, gt=0)
+
+
+class MigrationTune(StrictModel):
+    """A change to a running migration: the ladder's next rung."""
+
+    downtime_limit_ms: int | None = Field(default=None, ge=1, le=60_000)
+    throttle_pct: int | None = Field(
+        default=None, ge=1, le=99, description="wake auto-converge at this initial throttle"
+    )
+
+
+class DirtyRateRequest(StrictModel):
+    seconds: list[Annotated[float, Field(ge=0.1, le=10.0)]] = Field(
+        default=[0.5, 1.5], min_length=1, max_length=3, description="one sample per length"
+    )
+
+
+class DirtyRateSample(BaseModel):
+    seconds: float
+    dirtied_bytes: int
+
+
+class DirtyRateReport(BaseModel):
+    """QMP calc-dirty-rate over samples of different lengths, and the guest's resident RAM."""
+
+    samples: list[DirtyRateSample]
+    memory_bytes: int
+    resident_bytes: int = Field(description="QEMU's RSS, bounded by the guest's memory")
 
 
 class PeerRef(StrictModel):
@@ -80,6 +118,21 @@ class PeerRef(StrictModel):
     url: str
     token: str
     vm: str
+
+
+class PathProbeRequest(StrictModel):
+    """Measure the path from this agent to a peer agent: RTT, then a timed upload."""
+
+    peer: PeerRef
+    seconds: float = Field(default=0.5, ge=0.05, le=5.0)
+    max_bytes: int = Field(default=2 << 30, ge=1 << 20, le=16 << 30)
+
+
+class PathProbe(BaseModel):
+    rtt_ms: float
+    bandwidth_bps: float
+    bytes: int
+    seconds: float
 
 
 class IncomingRequest(StrictModel):
@@ -112,9 +165,14 @@ class MigrationStats(BaseModel):
     dirty_pages_rate: int = 0
     page_size: int = 4096
     passes: int = 0
+    throttle_pct: int = Field(default=0, description="auto-converge's current vCPU throttle")
+    xbzrle_cache_miss_rate: float | None = None
+    xbzrle_overflow: int | None = None
     error: str | None = None
     steer_ms: float | None = None
     steer_error: str | None = None
+    rung: str | None = Field(default=None, description="the convergence ladder's rung (manager)")
+    downtime_limit_ms: int | None = Field(default=None, description="as last set (manager)")
     events: list[tuple[str, float]] = Field(
         default_factory=list, description="status changes, agent monotonic clock in ms"
     )
@@ -125,6 +183,7 @@ class MigrationStats(BaseModel):
     @classmethod
     def from_qmp(cls, q: dict[str, Any]) -> MigrationStats:
         ram = q.get("ram", {})
+        xbzrle = q.get("xbzrle-cache", {})
         return cls(
             status=q.get("status", "none"),
             total_time_ms=q.get("total-time"),
@@ -138,12 +197,63 @@ class MigrationStats(BaseModel):
             dirty_pages_rate=ram.get("dirty-pages-rate", 0),
             page_size=ram.get("page-size", 4096),
             passes=ram.get("dirty-sync-count", 0),
+            throttle_pct=q.get("cpu-throttle-percentage", 0),
+            xbzrle_cache_miss_rate=xbzrle.get("cache-miss-rate"),
+            xbzrle_overflow=xbzrle.get("overflow"),
             error=q.get("error-desc"),
         )
 
     @property
     def finished(self) -> bool:
         return self.status.finished
+
+    @property
+    def dirty_bps(self) -> float:
+        return float(self.dirty_pages_rate * self.page_size)
+
+    @property
+    def throughput_bps(self) -> float:
+        return self.mbps * 1e6 / 8
+
+
+class MigrationPrediction(BaseModel):
+    """What a migration is expected to take, from measurements made just before it."""
+
+    vm: str
+    source: str
+    destination: str
+    memory_bytes: int
+    resident_bytes: int = Field(description="what the first pass sends at most")
+    dirty_rate_bps: float = Field(description="bytes the guest dirties in one second")
+    hot_set_bytes: float = Field(description="rewritten within every sample")
+    sweep_bps: float = Field(description="new pages dirtied per second")
+    bandwidth_bps: float
+    bandwidth_from: str = Field(description="probe, history (last migration) or operator cap")
+    rtt_ms: float
+    converges: bool
+    total_s: float
+    downtime_ms: float
+    passes: int
+    measures: list[str] = Field(description="the ladder's rungs the prediction needed")
+    max_throttle_pct: int
+    xbzrle: bool
+    max_downtime_ms: int
+    completion_timeout_s: float
+    why_not: str | None = None
+
+
+class FlightSample(BaseModel):
+    """One progress sample of a running migration, as the manager saw it."""
+
+    t_s: float = Field(description="seconds since migrate was issued")
+    transferred: int
+    remaining: int
+    dirty_bps: float
+    throughput_bps: float
+    throttle_pct: int
+    passes: int
+    rung: str
+    downtime_limit_ms: int
 
 
 class Leftover(BaseModel):
@@ -179,6 +289,11 @@ class MigrationReport(BaseModel):
     queued_ms: float | None = None
     wall_ms: float = Field(description="request accepted to task end")
     warnings: list[str] = Field(default_factory=list)
+    prediction: MigrationPrediction | None = None
+    rungs: list[str] = Field(default_factory=list, description="the ladder's climb, in order")
+    max_throttle_pct: int = 0
+    throttled_s: float = Field(default=0.0, description="seconds the guest's vCPUs were slowed")
+    samples: list[FlightSample] = Field(default_factory=list)
     leftovers: list[Leftover] = Field(
         default_factory=list, description="what a failed migration could not clean up, and why"
     )

@@ -4,20 +4,46 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from ipaddress import IPv4Interface
-from typing import Any, Literal
+from ipaddress import IPv4Address
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    HttpUrl,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from qmotion.api.host import HostFacts
 from qmotion.api.migration import MigrationPhase, MigrationReport, MigrationStats
-from qmotion.api.vm import NAME_PATTERN, MemoryMiB, StrictModel, VmState
+from qmotion.api.vm import NAME_PATTERN, Interface, MemoryMiB, StrictModel, VmState, address_text
+
+_HTTP_URL = TypeAdapter(HttpUrl)
+
+
+def _http_url(value: str) -> str:
+    """An http or https URL with a host and a valid port (kept as written)."""
+    try:
+        _HTTP_URL.validate_python(value)
+    except ValidationError as exc:
+        raise ValueError(exc.errors()[0]["msg"]) from None
+    return value
+
+
+Address = Annotated[IPv4Address, BeforeValidator(address_text)]
+AgentUrl = Annotated[str, AfterValidator(_http_url)]
 
 
 class HostRegister(StrictModel):
     name: str = Field(pattern=NAME_PATTERN)
-    agent_url: str = Field(min_length=1)
-    token: str = Field(min_length=16)
+    agent_url: AgentUrl = Field(pattern=r"^https?://", description="e.g. http://h1:7100")
+    # Sent in an HTTP header: printable ASCII without spaces.
+    token: str = Field(min_length=16, pattern=r"^[!-~]+$")
 
 
 class HostOut(BaseModel):
@@ -34,14 +60,37 @@ class HostOut(BaseModel):
 class PoolSet(StrictModel):
     """The addresses VMs get when none is given (the lab registers its pool)."""
 
-    first: str
-    last: str
-    prefixlen: int = Field(ge=8, le=30)
+    first: Address = Field(description="first address of the pool")
+    last: Address = Field(description="last address of the pool (inclusive)")
+    prefixlen: int = Field(ge=8, le=30, description="prefix length the VMs' addresses get")
 
 
 class Workload(StrictModel):
-    fill_mib: int = Field(default=0, ge=0)
-    dirty_mib_s: float = Field(default=0.0, ge=0)
+    """What the test guest's memory workload does (see qmguest.c)."""
+
+    fill_mib: int = Field(default=0, ge=0, description="MiB written with checkable pages at boot")
+    dirty_mib_s: float = Field(default=0.0, ge=0, description="MiB/s rewritten after the fill")
+    hot_mib: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "MiB of hot set: the first hot_mib MiB of the fill are rewritten over and over with"
+            " half of dirty_mib_s (a busy VM's working set), the other half sweeps the rest of"
+            " the fill in page order; 0: the whole rate sweeps. At most fill_mib; hot_mib ="
+            " fill_mib puts the whole rate on the hot set."
+        ),
+    )
+
+    @field_validator("hot_mib")
+    @classmethod
+    def _hot_within_fill(cls, v: int, info: ValidationInfo) -> int:
+        fill = info.data.get("fill_mib")
+        if fill is not None and v > fill:
+            raise ValueError(
+                f"hot_mib ({v}) must not exceed fill_mib ({fill}):"
+                " the hot set is the first hot_mib MiB of the fill"
+            )
+        return v
 
 
 class DiskCreate(StrictModel):
@@ -55,7 +104,7 @@ class VmCreate(StrictModel):
     memory: MemoryMiB
     vcpus: int = Field(default=1, ge=1, le=64)
     workload: Workload | None = None
-    address: IPv4Interface | None = None
+    address: Interface | None = None
     disk: DiskCreate | None = None
     start: bool = False
 
@@ -90,6 +139,12 @@ class MigrateRequest(StrictModel):
     to: str
     max_downtime_ms: int | None = Field(default=None, ge=1, le=60_000)
     bandwidth: str | None = Field(default=None, description="e.g. 1gbit or 200M/s")
+    timeout_s: float | None = Field(
+        default=None,
+        ge=10,
+        le=7 * 86400,
+        description="abort (source kept running) if not complete by then; default 120 s/GiB",
+    )
 
 
 class TaskEventOut(BaseModel):

@@ -8,10 +8,53 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.constants import REF_PREFIX
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qmotion.api.errors import ErrorBody, ErrorDetail
+
+ERROR_DESCRIPTIONS = {
+    400: "Malformed request body (not JSON, or not UTF-8)",
+    401: "Missing or wrong bearer token",
+    404: "No such resource",
+    409: "Refused: the current state forbids it (nothing changed)",
+    422: "Invalid request (nothing changed); `error.field` names the input",
+    500: "Failed partway; the message says what was cleaned up",
+    502: "A host agent failed or could not be reached",
+}
+HTTP_ERROR_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+}
+# What every route of a service can answer: a malformed body, no token, an unknown name, a
+# state that forbids it, an invalid request.
+COMMON_ERROR_STATUSES = (400, 401, 404, 409, 422)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses, each with the common error body."""
+    return {s: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[s]} for s in statuses}
+
+
+def json_error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The same for a route whose success is not JSON (plain text): FastAPI would declare its
+    errors in the route's media type, but they are the JSON error body too. The schema is the
+    one the service's other routes declare."""
+    schema = {"$ref": f"{REF_PREFIX}{ErrorBody.__name__}"}
+    return {
+        s: {
+            "description": ERROR_DESCRIPTIONS[s],
+            "content": {"application/json": {"schema": schema}},
+        }
+        for s in statuses
+    }
+
+
+COMMON_ERRORS = error_responses(*COMMON_ERROR_STATUSES)
 
 
 def error_response(status: int, detail: ErrorDetail) -> JSONResponse:
@@ -73,9 +116,10 @@ def install_error_handlers(
             422, ErrorDetail(code="invalid_request", message=msg, field=first or None, host=host)
         )
 
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        code = {401: "unauthorized", 404: "not_found"}.get(exc.status_code, "http_error")
+    # Starlette's own (no such route: 404, wrong method: 405) as well as FastAPI's.
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = HTTP_ERROR_CODES.get(exc.status_code, "http_error")
         resp = error_response(
             exc.status_code, ErrorDetail(code=code, message=str(exc.detail), host=host)
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface
 from typing import Annotated, Literal
 from uuid import UUID, uuid4
 
@@ -15,6 +15,16 @@ from qmotion.api.sizes import parse_size
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def address_text(value: object) -> object:
+    """Addresses are strings: pydantic would otherwise read JSON ``false`` or ``7`` as one."""
+    if not isinstance(value, str | IPv4Address | IPv4Interface):
+        raise ValueError("expected an IPv4 address as a string, e.g. 198.18.0.100")
+    return value
+
+
+Interface = Annotated[IPv4Interface, BeforeValidator(address_text)]
 
 
 class StrictModel(BaseModel):
@@ -59,11 +69,23 @@ class DiskBoot(StrictModel):
 class GuestConfig(StrictModel):
     """Settings of the built test guest, passed on its kernel command line."""
 
-    ip: IPv4Interface | None = None
+    ip: Interface | None = None
     fill_mib: int = Field(default=0, ge=0, le=1 << 20)
     dirty_mib_s: float = Field(default=0.0, ge=0, le=100_000)
+    hot_mib: int = Field(
+        default=0,
+        ge=0,
+        le=1 << 20,
+        description="first MiB of the fill rewritten with half the dirty rate (qmguest.c)",
+    )
     check_s: float = Field(default=0.0, ge=0)
     disk_rate: float = Field(default=20.0, gt=0, le=10_000)
+
+    @model_validator(mode="after")
+    def _hot_within_fill(self) -> GuestConfig:
+        if self.hot_mib > self.fill_mib:
+            raise ValueError(f"hot_mib ({self.hot_mib}) must not exceed fill_mib ({self.fill_mib})")
+        return self
 
 
 class Nic(StrictModel):

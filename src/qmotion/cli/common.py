@@ -1,4 +1,10 @@
-"""What every command shares: printing errors the same way and exiting with a status."""
+"""What every command shares: printing errors the same way and exiting with a status.
+
+Nothing printed from data is reinterpreted: the consoles substitute no emoji codes (a MAC's
+``:cd:``) and highlight nothing, and data reaches Rich either as ``rich.text.Text`` (see
+``cells``) or ``rich.markup.escape``d inside our own markup, so ``[bold]`` or ``[/]`` in a name
+or a message prints as it is.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +18,24 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 
 from qmotion.client.errors import ApiError
 from qmotion.errors import QmotionError
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(emoji=False, highlight=False)
+err_console = Console(stderr=True, emoji=False, highlight=False)
+
+
+def cells(*values: object) -> list[Text]:
+    """A table row of data, each cell printed literally (never read as markup)."""
+    return [Text(str(v)) for v in values]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    """Print ``message`` (plain text, printed literally) as an error and exit with ``code``."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 

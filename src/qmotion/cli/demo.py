@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from qmotion.api.server import MigrateRequest, TaskState, VmCreate, Workload
-from qmotion.cli.common import console, errors_exit
+from qmotion.cli.common import cells, console, errors_exit, fail
 from qmotion.cli.vm import wait_task
 from qmotion.probe.guest import StreamResult, echo_stream, mem_check, mem_status, wait_echo
 
@@ -26,6 +28,9 @@ def demo(
     memory: str = typer.Option("1G", help="VM memory."),
     fill: str = typer.Option("600M", help="Memory the guest writes at boot."),
     dirty: str = typer.Option("20M/s", help="Rate at which the guest keeps dirtying it."),
+    hot: str = typer.Option(
+        "0", help="Hot set, e.g. 64M: rewritten with half the dirty rate (0: none)."
+    ),
     keep: bool = typer.Option(False, help="Leave the lab up afterwards."),
 ) -> None:
     """Run the live-migration demo on a throwaway 3-host lab."""
@@ -33,7 +38,10 @@ def demo(
     from qmotion.lab.lab import lab_down, lab_up
     from qmotion.lab.netns import namespaces, run_in
 
-    workload: Workload = parse_workload(f"fill={fill},dirty={dirty}")
+    try:
+        workload: Workload = parse_workload(f"fill={fill},dirty={dirty},hot={hot}")
+    except ValueError as exc:
+        fail(str(exc), 2)
     if any(n.startswith(f"{DEMO_LAB}-") for n in namespaces()):
         lab_down(DEMO_LAB)  # a previous demo's leftovers
     console.print("[bold]qmotion demo[/]: 3-host lab, live migration h1 -> h2 -> h3")
@@ -56,7 +64,7 @@ def _run(lab: object, memory: str, workload: Workload, run_in: object) -> bool:
     assert isinstance(lab, Lab) and callable(run_in)
     client_ns = lab.record.client_namespace
     accel = lab.agent("h1").host().accel
-    console.print(f"accelerator: {accel.name} ({accel.reason})")
+    console.print(Text(f"accelerator: {accel.name} ({accel.reason})"))
     with lab.server() as server:
         vm = server.create_vm(
             VmCreate.model_validate(
@@ -72,8 +80,15 @@ def _run(lab: object, memory: str, workload: Workload, run_in: object) -> bool:
         assert vm.address is not None
         ip = vm.address.split("/")[0]
         console.print(
-            f"VM demo on h1: {vm.address}, MAC {vm.mac}, CPU {vm.cpu_model}; "
-            f"writing {workload.fill_mib} MiB, dirtying {workload.dirty_mib_s} MiB/s"
+            Text(
+                f"VM demo on h1: {vm.address}, MAC {vm.mac}, CPU {vm.cpu_model}; "
+                f"writing {workload.fill_mib} MiB, dirtying {workload.dirty_mib_s} MiB/s"
+                + (
+                    f" ({workload.hot_mib} MiB hot set rewritten with half of it)"
+                    if workload.hot_mib
+                    else ""
+                )
+            )
         )
         run_in(client_ns, lambda: wait_echo(ip, 120))
         before = run_in(client_ns, lambda: mem_check(ip))  # waits for the fill to finish
@@ -113,13 +128,15 @@ def _run(lab: object, memory: str, workload: Workload, run_in: object) -> bool:
         for task, t0, t1 in hops:
             r = task.result
             table.add_row(
-                f"{task.source} -> {task.destination}",
-                task.state.value,
-                str(r.total_ms if r else None),
-                str(r.downtime_ms if r else None),
-                str(r.guest_paused_ms if r else None),
-                f"{s.max_gap_between(t0, t1):.0f}",
-                f"{((r.bytes if r else None) or 0) / (1 << 20):.0f}",
+                *cells(
+                    f"{task.source} -> {task.destination}",
+                    task.state.value,
+                    r.total_ms if r else None,
+                    r.downtime_ms if r else None,
+                    r.guest_paused_ms if r else None,
+                    f"{s.max_gap_between(t0, t1):.0f}",
+                    f"{((r.bytes if r else None) or 0) / (1 << 20):.0f}",
+                )
             )
         console.print(table)
         # Boot identity first: a rebooted guest would pass a memory check trivially.
@@ -136,10 +153,10 @@ def _run(lab: object, memory: str, workload: Workload, run_in: object) -> bool:
             and final.address == vm.address,
         }
         for text, good in checks.items():
-            console.print(("[green]ok[/]   " if good else "[red]FAIL[/] ") + text)
+            console.print(("[green]ok[/]   " if good else "[red]FAIL[/] ") + escape(text))
         if s.errors:
-            console.print(f"TCP session: {'; '.join(s.errors)}")
+            console.print(Text(f"TCP session: {'; '.join(s.errors)}"))
         if not all(checks.values()):
             console.print("console of the VM on its last host:")
-            console.print(lab.agent(final.host).console("demo", 4000), markup=False)
+            console.print(Text(lab.agent(final.host).console("demo", 4000)))
         return all(checks.values())

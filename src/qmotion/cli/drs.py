@@ -8,9 +8,10 @@ from pathlib import Path
 
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 from rich.table import Table
 
-from qmotion.cli.common import console, fail, print_json
+from qmotion.cli.common import cells, console, fail, print_json
 
 app = typer.Typer(help="DRS: placement and load balancing, offline (no manager needed).")
 
@@ -121,13 +122,7 @@ def plan_cmd(
     table = Table("wave", "VM", "from", "to", "priority", "net gain", "reason")
     for m in result.moves:
         table.add_row(
-            str(m.wave),
-            m.vm,
-            m.source,
-            m.target,
-            str(m.priority),
-            f"{m.gain - m.cost:.4f}",
-            m.reason,
+            *cells(m.wave, m.vm, m.source, m.target, m.priority, f"{m.gain - m.cost:.4f}", m.reason)
         )
     console.print(table)
     console.print(
@@ -135,9 +130,11 @@ def plan_cmd(
         f"{result.imbalance_after:.4f}"
     )
     for b in result.broken_should:
-        console.print(f"[yellow]breaks should rule {b['rule']}[/]: {b['why']}")
+        rule, why = escape(str(b["rule"])), escape(str(b["why"]))
+        console.print(f"[yellow]breaks should rule {rule}[/]: {why}")
     for u in result.unplaced:
-        console.print(f"[red]cannot place {u['vm']}[/]: {u['reason']}")
+        vm_name, reason = escape(str(u["vm"])), escape(str(u["reason"]))
+        console.print(f"[red]cannot place {vm_name}[/]: {reason}")
 
 
 @app.command("place")
@@ -164,4 +161,5 @@ def place_cmd(
         return
     for c in ranked:
         mark = "[green]ok[/]" if c.feasible else "[red]no[/]"
-        console.print(f"{mark} {c.host} score {c.score:.4f}: {'; '.join(c.reasons)}")
+        reasons = escape("; ".join(c.reasons))
+        console.print(f"{mark} {escape(c.host)} score {c.score:.4f}: {reasons}")

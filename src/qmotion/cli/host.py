@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from qmotion.cli.common import console, errors_exit, print_json
+from qmotion.cli.common import cells, console, errors_exit, print_json
 from qmotion.cli.connect import server_client
 
 app = typer.Typer(help="Hosts registered with the manager.")
@@ -24,11 +24,13 @@ def list_(
     table = Table("name", "state", "accel", "memory", "committed", "VMs")
     for h in hosts:
         table.add_row(
-            h.name,
-            h.state,
-            h.facts.accel.name if h.facts else "?",
-            f"{h.memory_mib} MiB",
-            f"{h.committed_mib} MiB",
-            ", ".join(h.vms),
+            *cells(
+                h.name,
+                h.state,
+                h.facts.accel.name if h.facts else "?",
+                f"{h.memory_mib} MiB",
+                f"{h.committed_mib} MiB",
+                ", ".join(h.vms),
+            )
         )
     console.print(table)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.text import Text
 
 from qmotion.cli.common import console, errors_exit, print_json
 
@@ -28,5 +29,5 @@ def build(
     if json_out:
         print_json(result)
     else:
-        console.print(f"guest image {image.key}: kernel {image.kernel_release}")
-        console.print(f"  kernel {image.kernel}\n  initrd {image.initrd}")
+        console.print(Text(f"guest image {image.key}: kernel {image.kernel_release}"))
+        console.print(Text(f"  kernel {image.kernel}\n  initrd {image.initrd}"))

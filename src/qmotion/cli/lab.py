@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import typer
+from rich.markup import escape
+from rich.text import Text
 
 from qmotion.cli.common import console, errors_exit, fail, print_json
 
@@ -46,13 +48,13 @@ def up(
         print_json(lab.record.public())
         return
     rec = lab.record
-    console.print(f"lab [bold]{rec.name}[/] is up: subnet {rec.subnet}")
+    console.print(f"lab [bold]{escape(rec.name)}[/] is up: subnet {escape(str(rec.subnet))}")
     for h in rec.hosts:
         console.print(
-            f"  {h.name}: namespace {h.namespace}, address {h.address}, agent {h.agent_url}"
+            Text(f"  {h.name}: namespace {h.namespace}, address {h.address}, agent {h.agent_url}")
         )
-    console.print(f"  client: namespace {rec.client_namespace}, address {rec.client_address}")
-    console.print(f"  VM addresses: {rec.pool.first} - {rec.pool.last}")
+    console.print(Text(f"  client: namespace {rec.client_namespace}, address {rec.client_address}"))
+    console.print(Text(f"  VM addresses: {rec.pool.first} - {rec.pool.last}"))
 
 
 @app.command("status")
@@ -68,17 +70,20 @@ def status(
     if json_out:
         print_json(st)
         return
-    console.print(f"lab [bold]{st['name']}[/] subnet {st['subnet']}")
+    console.print(f"lab [bold]{escape(str(st['name']))}[/] subnet {escape(str(st['subnet']))}")
     alive = st["agents_alive"]
     assert isinstance(alive, dict)
     for h in st["hosts"]:  # type: ignore[attr-defined]
         mark = "[green]up[/]" if alive.get(h["name"]) else "[red]down[/]"
-        console.print(f"  {h['name']}: {h['namespace']} {h['address']} agent {mark}")
+        where = escape(f"  {h['name']}: {h['namespace']} {h['address']}")
+        console.print(f"{where} agent {mark}")
     client = st["client"]
     assert isinstance(client, dict)
-    console.print(f"  client: {client['namespace']} {client['address']}")
+    console.print(Text(f"  client: {client['namespace']} {client['address']}"))
     for d in st["datastores"]:  # type: ignore[attr-defined]
-        console.print(f"  datastore {d['name']}: {d['path']} (hosts: {', '.join(d['hosts'])})")
+        console.print(
+            Text(f"  datastore {d['name']}: {d['path']} (hosts: {', '.join(d['hosts'])})")
+        )
 
 
 @app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -102,4 +107,4 @@ def down(name: str = NameOpt) -> None:
 
     with errors_exit():
         removed = lab_down(name)
-    console.print(f"lab {name} is down ({len(removed)} items removed)")
+    console.print(Text(f"lab {name} is down ({len(removed)} items removed)"))

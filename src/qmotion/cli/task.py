@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from qmotion.cli.common import console, errors_exit, print_json
+from qmotion.cli.common import cells, console, errors_exit, print_json
 from qmotion.cli.connect import server_client
 
 app = typer.Typer(help="Tasks: every long operation, persisted with its progress and events.")
@@ -23,14 +25,16 @@ def list_(json_out: bool = typer.Option(False, "--json"), lab: str = LabOpt) -> 
     table = Table("id", "kind", "state", "vm", "from", "to", "phase", "progress")
     for t in tasks:
         table.add_row(
-            str(t.id),
-            t.kind,
-            t.state,
-            t.vm or "-",
-            t.source or "-",
-            t.destination or "-",
-            t.phase or "-",
-            f"{t.progress:.0%}",
+            *cells(
+                t.id,
+                t.kind,
+                t.state,
+                t.vm or "-",
+                t.source or "-",
+                t.destination or "-",
+                t.phase or "-",
+                f"{t.progress:.0%}",
+            )
         )
     console.print(table)
 
@@ -43,11 +47,11 @@ def show(task_id: int, json_out: bool = typer.Option(False, "--json"), lab: str 
     if json_out:
         print_json(t.model_dump(mode="json"))
         return
-    console.print(f"task {t.id} {t.kind} {t.vm}: {t.state} ({t.phase}) {t.progress:.0%}")
+    console.print(Text(f"task {t.id} {t.kind} {t.vm}: {t.state} ({t.phase}) {t.progress:.0%}"))
     if t.error:
-        console.print(f"[red]error:[/] {t.error}")
+        console.print(f"[red]error:[/] {escape(t.error)}")
     for e in t.events:
-        console.print(f"  {e.at:%H:%M:%S.%f} {e.kind}: {e.message}")
+        console.print(Text(f"  {e.at:%H:%M:%S.%f} {e.kind}: {e.message}"))
     if t.result:
         print_json(t.result.model_dump(mode="json"))
 
@@ -57,4 +61,4 @@ def cancel(task_id: int, lab: str = LabOpt) -> None:
     """Cancel a queued or running task; a cancelled migration leaves the VM on its source."""
     with errors_exit(), server_client(lab) as client:
         t = client.cancel_task(task_id)
-    console.print(f"task {t.id}: cancel requested ({t.state})")
+    console.print(Text(f"task {t.id}: cancel requested ({t.state})"))

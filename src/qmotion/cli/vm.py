@@ -10,6 +10,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from qmotion.api.migration import MigrationPrediction
 from qmotion.api.server import (
     DiskCreate,
     MigrateRequest,
@@ -20,7 +21,7 @@ from qmotion.api.server import (
     Workload,
 )
 from qmotion.api.sizes import format_size, parse_rate_bytes, parse_size
-from qmotion.cli.common import console, errors_exit, fail, print_json
+from qmotion.cli.common import cells, console, errors_exit, fail, print_json
 from qmotion.cli.connect import server_client
 
 app = typer.Typer(help="Virtual machines, through the manager.")
@@ -29,8 +30,12 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON.")
 
 
 def parse_workload(text: str) -> Workload:
-    """``fill=600M,dirty=20M/s`` -> fill 600 MiB, dirty 20 MiB/s."""
-    fill, dirty = 0, 0.0
+    """``fill=600M,dirty=20M/s,hot=64M`` -> fill 600 MiB, dirty 20 MiB/s, 64 MiB hot set.
+
+    The hot set (optional) is the first ``hot`` of the fill, rewritten over and over with half of
+    the dirty rate; the other half sweeps the rest of the fill (see ``Workload.hot_mib``).
+    """
+    fill, dirty, hot = 0, 0.0, 0
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")
         if not sep:
@@ -39,22 +44,28 @@ def parse_workload(text: str) -> Workload:
             fill = parse_size(value) >> 20
         elif key == "dirty":
             dirty = parse_rate_bytes(value) / (1 << 20)
+        elif key == "hot":
+            hot = 0 if value.strip() == "0" else parse_size(value) >> 20
+            if value.strip() != "0" and hot == 0:
+                raise ValueError(f"hot={value} is less than 1 MiB (use hot=0 for no hot set)")
         else:
-            raise ValueError(f"unknown workload key {key!r} (fill, dirty)")
-    return Workload(fill_mib=fill, dirty_mib_s=dirty)
+            raise ValueError(f"unknown workload key {key!r} (fill, dirty, hot)")
+    return Workload(fill_mib=fill, dirty_mib_s=dirty, hot_mib=hot)
 
 
 def _vm_table(vms: list[VmOut]) -> Table:
     table = Table("name", "host", "state", "address", "MAC", "memory", "CPU model")
     for v in vms:
         table.add_row(
-            v.name,
-            v.host,
-            v.state + (" (migrating)" if v.migrating else ""),
-            v.address or "-",
-            v.mac,
-            f"{v.memory_mib} MiB",
-            v.cpu_model,
+            *cells(
+                v.name,
+                v.host,
+                v.state + (" (migrating)" if v.migrating else ""),
+                v.address or "-",
+                v.mac,
+                f"{v.memory_mib} MiB",
+                v.cpu_model,
+            )
         )
     return table
 
@@ -106,7 +117,7 @@ def start(name: str, lab: str = LabOpt) -> None:
     """Start a VM on its host."""
     with errors_exit(), server_client(lab) as client:
         vm = client.start_vm(name)
-    console.print(f"{vm.name} is {vm.state} on {vm.host}")
+    console.print(Text(f"{vm.name} is {vm.state} on {vm.host}"))
 
 
 @app.command("stop")
@@ -114,7 +125,7 @@ def stop(name: str, force: bool = typer.Option(False, "--force"), lab: str = Lab
     """Stop a VM: ACPI power button, then forced if the guest does not comply."""
     with errors_exit(), server_client(lab) as client:
         vm = client.stop_vm(name, force=force)
-    console.print(f"{vm.name} is {vm.state}")
+    console.print(Text(f"{vm.name} is {vm.state}"))
 
 
 @app.command("delete")
@@ -122,7 +133,7 @@ def delete(name: str, force: bool = typer.Option(False, "--force"), lab: str = L
     """Delete a VM (a running one only with --force)."""
     with errors_exit(), server_client(lab) as client:
         client.delete_vm(name, force=force)
-    console.print(f"{name} deleted")
+    console.print(Text(f"{name} deleted"))
 
 
 @app.command("list")
@@ -160,7 +171,37 @@ def _stats_line(task: TaskOut) -> str:
     if st.expected_downtime_ms is not None:
         parts.append(f"exp. downtime {st.expected_downtime_ms} ms")
     parts.append(f"pass {st.passes}")
+    if st.rung:
+        rung = f"rung {st.rung}"
+        if st.downtime_limit_ms is not None:
+            rung += f" (downtime limit {st.downtime_limit_ms} ms"
+            rung += f", throttle {st.throttle_pct}%)" if st.throttle_pct else ")"
+        parts.append(rung)
     return " | ".join(parts)
+
+
+def _prediction_table(p: MigrationPrediction) -> Table:
+    table = Table("dry run", "")
+    rows: list[tuple[str, object]] = [
+        ("vm", f"{p.vm}: {p.source} -> {p.destination}"),
+        ("memory / resident", f"{format_size(p.memory_bytes)} / {format_size(p.resident_bytes)}"),
+        (
+            "guest dirties",
+            f"{format_size(int(p.dirty_rate_bps))}/s (hot set {format_size(int(p.hot_set_bytes))}"
+            f", sweep {format_size(int(p.sweep_bps))}/s)",
+        ),
+        ("path", f"{format_size(int(p.bandwidth_bps))}/s ({p.bandwidth_from}), RTT {p.rtt_ms} ms"),
+        ("completes", "yes" if p.converges else f"no: {p.why_not}"),
+        ("predicted total", f"{p.total_s:.1f} s"),
+        ("predicted downtime", f"{p.downtime_ms:.0f} ms (limit {p.max_downtime_ms} ms)"),
+        ("measures", ", ".join(p.measures) or "none"),
+        ("throttle up to", f"{p.max_throttle_pct}%"),
+        ("xbzrle", "yes" if p.xbzrle else "no"),
+        ("completion timeout", f"{p.completion_timeout_s:.0f} s"),
+    ]
+    for label, value in rows:
+        table.add_row(*cells(label, value))
+    return table
 
 
 def wait_task(task: TaskOut, get: Callable[[int], TaskOut], show_progress: bool) -> TaskOut:
@@ -170,12 +211,13 @@ def wait_task(task: TaskOut, get: Callable[[int], TaskOut], show_progress: bool)
             time.sleep(0.2)
             task = get(task.id)
         return task
+    # The description and the line hold data (names, phases): never read as markup.
     columns = (
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         TaskProgressColumn(),
         TimeElapsedColumn(),
-        TextColumn("{task.fields[line]}"),
+        TextColumn("{task.fields[line]}", markup=False),
     )
     with Progress(*columns, console=console, transient=False) as bar:
         tid = bar.add_task(f"{task.vm} {task.source}->{task.destination}", total=1.0, line="queued")
@@ -222,7 +264,7 @@ def _report_table(task: TaskOut) -> Table:
         rows += [(f"left on {lo.host}", f"{lo.what}: {lo.why}") for lo in r.leftovers]
     for label, value in rows:
         if value is not None:
-            table.add_row(label, Text(str(value)))
+            table.add_row(*cells(label, value))
     return table
 
 
@@ -232,11 +274,28 @@ def migrate(
     to: str = typer.Option(..., "--to", help="Destination host."),
     max_downtime_ms: int = typer.Option(None, "--max-downtime-ms"),
     bandwidth: str = typer.Option(None, "--bandwidth", help="e.g. 1gbit or 200M/s"),
+    timeout: float = typer.Option(
+        None, "--timeout", help="seconds; abort with the VM kept on its source after that"
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="measure and predict the migration; start nothing"
+    ),
     json_out: bool = JsonOpt,
     lab: str = LabOpt,
 ) -> None:
     """Live-migrate a running VM to another host; exit non-zero unless it completed."""
-    req = MigrateRequest(to=to, max_downtime_ms=max_downtime_ms, bandwidth=bandwidth)
+    with errors_exit():
+        req = MigrateRequest(
+            to=to, max_downtime_ms=max_downtime_ms, bandwidth=bandwidth, timeout_s=timeout
+        )
+    if dry_run:
+        with errors_exit(), server_client(lab) as client:
+            prediction = client.plan_migration(name, req)
+        if json_out:
+            print_json(prediction.model_dump(mode="json"))
+        else:
+            console.print(_prediction_table(prediction))
+        return
     with errors_exit(), server_client(lab) as client:
         task = client.migrate(name, req)
         task = wait_task(task, client.task, show_progress=not json_out)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from qmotion.api.host import HostFacts, HostMetrics
 from qmotion.api.migration import (
+    DirtyRateReport,
+    DirtyRateRequest,
     IncomingRequest,
     IncomingResponse,
     MigrationStats,
+    MigrationTune,
     OutgoingRequest,
+    PathProbe,
+    PathProbeRequest,
 )
 from qmotion.api.vm import StopRequest, VmInfo, VmSpec
 from qmotion.client.base import BaseClient, dump
@@ -57,6 +62,15 @@ class AgentClient(BaseClient):
         if known_status is not None:
             params["known_status"] = known_status
         return self.call(MigrationStats, "GET", f"/v1/vms/{name}/migration", params=params)
+
+    def tune_migration(self, name: str, tune: MigrationTune) -> MigrationStats:
+        return self.call(MigrationStats, "PATCH", f"/v1/vms/{name}/migration", json=dump(tune))
+
+    def dirty_rate(self, name: str, req: DirtyRateRequest) -> DirtyRateReport:
+        return self.call(DirtyRateReport, "POST", f"/v1/vms/{name}/dirty-rate", json=dump(req))
+
+    def probe_path(self, req: PathProbeRequest) -> PathProbe:
+        return self.call(PathProbe, "POST", "/v1/net/probe", json=dump(req))
 
     def cancel_migration(self, name: str) -> MigrationStats:
         return self.call(MigrationStats, "POST", f"/v1/vms/{name}/migration/cancel")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qmotion.api.migration import MigrationPrediction
 from qmotion.api.server import (
     HostOut,
     HostRegister,
@@ -48,6 +49,11 @@ class ServerClient(BaseClient):
 
     def migrate(self, name: str, req: MigrateRequest) -> TaskOut:
         return self.call(TaskOut, "POST", f"/v1/vms/{name}/migrate", json=dump(req))
+
+    def plan_migration(self, name: str, req: MigrateRequest) -> MigrationPrediction:
+        return self.call(
+            MigrationPrediction, "POST", f"/v1/vms/{name}/migrate/plan", json=dump(req)
+        )
 
     def tasks(self) -> list[TaskOut]:
         return self.call(list[TaskOut], "GET", "/v1/tasks")

@@ -46,7 +46,12 @@ class GuestImage:
     key: str
 
     def cmdline(self, **params: str | int | float) -> str:
-        """Kernel command line configuring the guest (see init.sh for the keys)."""
+        """Kernel command line configuring the guest (see init.sh for the keys).
+
+        Memory workload keys: ``fill`` (MiB written at boot), ``dirty`` (MiB/s rewritten after)
+        and ``hot`` (MiB: the first ``hot`` MiB of the fill are a hot set that gets half of the
+        dirty rate, rewritten over and over; the other half sweeps the rest in page order).
+        """
         base = "console=ttyS0 loglevel=4 panic=-1 mitigations=off"
         extra = " ".join(f"qm.{k}={v}" for k, v in sorted(params.items()))
         return f"{base} {extra}".strip()

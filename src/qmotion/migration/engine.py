@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from qmotion.api.migration import MigrationStats, QemuMigrationStatus
-from qmotion.migration.errors import MigrationError, SwitchedOver
+from qmotion.migration.errors import MigrationError, StepError, SwitchedOver
 from qmotion.migration.machine import (
     Announce,
     AwaitProgress,
@@ -81,6 +81,8 @@ async def _perform(port: MigrationPort, action: object) -> tuple[Event, Migratio
                 raise AssertionError(f"unknown action {action!r}")
     except SwitchedOver:
         return Progress(QemuMigrationStatus.COMPLETED), None
+    except StepError as exc:
+        return Failed(str(exc), retryable=exc.retryable), None
     except MigrationError as exc:
         return Failed(str(exc)), None
     return Succeeded(), None

@@ -28,13 +28,22 @@ class Refused(MigrationError):
 
 
 class StepError(MigrationError):
+    """``retryable``: False when asking again cannot help (a timeout ran out, a stall)."""
+
     def __init__(
-        self, step: str, message: str, *, vm: str | None = None, host: str | None = None
+        self,
+        step: str,
+        message: str,
+        *,
+        vm: str | None = None,
+        host: str | None = None,
+        retryable: bool = True,
     ) -> None:
         super().__init__(f"{step}: {message}")
         self.step = step
         self.vm = vm
         self.host = host
+        self.retryable = retryable
 
 
 class SwitchedOver(MigrationError):

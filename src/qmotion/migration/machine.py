@@ -98,6 +98,7 @@ class Succeeded:
 @dataclass(frozen=True)
 class Failed:
     error: str
+    retryable: bool = True  # False: a timeout or stall, asking again cannot help
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,7 @@ def step(state: MigrationState, event: Event) -> Step:
             return Step(st, AwaitProgress(known_status=status))
         if isinstance(event, Failed):
             # One lost answer is no reason to abandon a migration that may be fine.
-            if state.monitor_failures + 1 < MONITOR_RETRIES:
+            if event.retryable and state.monitor_failures + 1 < MONITOR_RETRIES:
                 return Step(
                     replace(state, monitor_failures=state.monitor_failures + 1),
                     AwaitProgress(known_status=state.qemu_status),

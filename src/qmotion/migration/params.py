@@ -22,10 +22,16 @@ QEMU_DEFAULT_BANDWIDTH = 128 << 20
 QEMU_DEFAULT_DOWNTIME_MS = 300
 
 
-def choose(max_downtime_ms: int | None, bandwidth: int | None) -> MigrationParams:
+def choose(
+    max_downtime_ms: int | None, bandwidth: int | None, timeout_s: float | None = None
+) -> MigrationParams:
+    """The start; the convergence plan (qmotion.migration.convergence) adjusts it from
+    measurements, and the ladder raises the downtime limit up to ``max_downtime_ms``."""
     return MigrationParams(
         max_bandwidth=bandwidth or UNLIMITED_BANDWIDTH,
-        downtime_limit_ms=max_downtime_ms or DEFAULT_DOWNTIME_LIMIT_MS,
+        downtime_limit_ms=min(DEFAULT_DOWNTIME_LIMIT_MS, max_downtime_ms or 1 << 30),
+        max_downtime_ms=max_downtime_ms,
+        timeout_s=timeout_s,
         multifd_channels=0,
         pause_before_switchover=False,
         steer=True,

@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Path
 
 from qmotion import __version__
+from qmotion.api.migration import MigrationPrediction
 from qmotion.api.server import (
     HostOut,
     HostRegister,
@@ -19,7 +21,12 @@ from qmotion.api.server import (
     VmCreate,
     VmOut,
 )
-from qmotion.api.service import bearer_auth, install_error_handlers
+from qmotion.api.service import (
+    COMMON_ERRORS,
+    bearer_auth,
+    error_responses,
+    install_error_handlers,
+)
 from qmotion.api.vm import StopRequest
 from qmotion.server.agents import AgentConnector
 from qmotion.server.db import Database
@@ -29,6 +36,10 @@ from qmotion.server.tasks import TaskRunner
 
 log = logging.getLogger(__name__)
 REFRESH_INTERVAL_S = 15.0
+# Task ids are the database's 64-bit integer keys.
+TaskId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+# Routes that act through a host's agent.
+AGENT_ERRORS = error_responses(502)
 
 
 def create_app(db_url: str, token: str, agents: AgentConnector | None = None) -> FastAPI:
@@ -47,7 +58,9 @@ def create_app(db_url: str, token: str, agents: AgentConnector | None = None) ->
             refresher.cancel()
             await runner.shutdown()
 
-    app = FastAPI(title="qmotion manager", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="qmotion manager", version=__version__, lifespan=lifespan, responses=COMMON_ERRORS
+    )
     app.state.runner = runner
     install_error_handlers(app, ServerError)
     authorize = bearer_auth(token)
@@ -75,7 +88,13 @@ def create_app(db_url: str, token: str, agents: AgentConnector | None = None) ->
     def list_vms() -> list[VmOut]:
         return inventory.list_vms()
 
-    @app.post("/v1/vms", response_model=VmOut, status_code=201, dependencies=auth)
+    @app.post(
+        "/v1/vms",
+        response_model=VmOut,
+        status_code=201,
+        dependencies=auth,
+        responses=AGENT_ERRORS,
+    )
     def create_vm(req: VmCreate) -> VmOut:
         return inventory.create_vm(req)
 
@@ -83,15 +102,19 @@ def create_app(db_url: str, token: str, agents: AgentConnector | None = None) ->
     def show_vm(name: str) -> VmOut:
         return inventory.show_vm(name)
 
-    @app.post("/v1/vms/{name}/start", response_model=VmOut, dependencies=auth)
+    @app.post(
+        "/v1/vms/{name}/start", response_model=VmOut, dependencies=auth, responses=AGENT_ERRORS
+    )
     def start_vm(name: str) -> VmOut:
         return inventory.start_vm(name)
 
-    @app.post("/v1/vms/{name}/stop", response_model=VmOut, dependencies=auth)
+    @app.post(
+        "/v1/vms/{name}/stop", response_model=VmOut, dependencies=auth, responses=AGENT_ERRORS
+    )
     def stop_vm(name: str, req: StopRequest | None = None) -> VmOut:
         return inventory.stop_vm(name, force=(req or StopRequest()).force)
 
-    @app.delete("/v1/vms/{name}", status_code=204, dependencies=auth)
+    @app.delete("/v1/vms/{name}", status_code=204, dependencies=auth, responses=AGENT_ERRORS)
     def delete_vm(name: str, force: bool = False) -> None:
         inventory.delete_vm(name, force=force)
 
@@ -99,16 +122,25 @@ def create_app(db_url: str, token: str, agents: AgentConnector | None = None) ->
     async def migrate(name: str, req: MigrateRequest) -> TaskOut:
         return await runner.submit_migration(name, req)
 
+    @app.post(
+        "/v1/vms/{name}/migrate/plan",
+        response_model=MigrationPrediction,
+        dependencies=auth,
+        summary="Dry run: measure the guest and the path, predict the migration, start nothing",
+    )
+    async def migrate_plan(name: str, req: MigrateRequest) -> MigrationPrediction:
+        return await runner.predict_migration(name, req)
+
     @app.get("/v1/tasks", response_model=list[TaskOut], dependencies=auth)
     def list_tasks() -> list[TaskOut]:
         return runner.list()
 
     @app.get("/v1/tasks/{task_id}", response_model=TaskOut, dependencies=auth)
-    def get_task(task_id: int) -> TaskOut:
+    def get_task(task_id: TaskId) -> TaskOut:
         return runner.get(task_id)
 
     @app.post("/v1/tasks/{task_id}/cancel", response_model=TaskOut, dependencies=auth)
-    async def cancel_task(task_id: int) -> TaskOut:
+    async def cancel_task(task_id: TaskId) -> TaskOut:
         return runner.cancel(task_id)
 
     @app.get("/healthz")

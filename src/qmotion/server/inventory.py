@@ -201,10 +201,9 @@ class Inventory:
     # ------------------------------------------------------------------ pools
 
     def set_pool(self, pool: PoolSet) -> None:
-        first, last = ipaddress.IPv4Address(pool.first), ipaddress.IPv4Address(pool.last)
-        if last < first:
+        if pool.last < pool.first:
             raise Invalid("pool: last address comes before first", field="last")
-        self.db.set_setting("pool", pool.model_dump())
+        self.db.set_setting("pool", pool.model_dump(mode="json"))
 
     def _allocate_address(self, s: Session) -> str | None:
         pool = self.db.setting("pool")
@@ -286,6 +285,7 @@ class Inventory:
                     update={
                         "fill_mib": req.workload.fill_mib,
                         "dirty_mib_s": req.workload.dirty_mib_s,
+                        "hot_mib": req.workload.hot_mib,
                     }
                 )
             disks = []

@@ -10,10 +10,14 @@ from dataclasses import replace
 from typing import TypeVar
 
 from qmotion.api.migration import (
+    UNLIMITED_BANDWIDTH,
+    FlightSample,
     IncomingRequest,
     Leftover,
     MigrationParams,
+    MigrationPrediction,
     MigrationStats,
+    MigrationTune,
     OutgoingRequest,
     PeerRef,
     QemuMigrationStatus,
@@ -21,10 +25,19 @@ from qmotion.api.migration import (
 from qmotion.api.vm import VmSpec, VmState
 from qmotion.client.agent import AgentClient
 from qmotion.client.errors import ApiError, ClientError, NotFound
+from qmotion.migration.convergence import (
+    DirtyMeasure,
+    Ladder,
+    Limits,
+    PathMeasure,
+    Sample,
+    plan,
+)
 from qmotion.migration.errors import Refused, StepError, SwitchedOver
 from qmotion.migration.prechecks import PrecheckInput, VmView, precheck
 from qmotion.server.db import Database, Host
 from qmotion.server.inventory import Inventory
+from qmotion.server.measure import measure
 
 T = TypeVar("T")
 PROGRESS_WAIT_MS = 500
@@ -37,6 +50,16 @@ IDLE = frozenset(
     {QemuMigrationStatus.NONE, QemuMigrationStatus.FAILED, QemuMigrationStatus.CANCELLED}
 )  # no migration under way on the source
 MIGRATED_AWAY = "migrated_away"  # the agent's code for "this VM completed a migration away"
+
+
+def limits_of(params: MigrationParams) -> Limits:
+    """The operator's knobs, as the task carries them."""
+    capped = params.max_bandwidth < UNLIMITED_BANDWIDTH
+    return Limits(
+        max_downtime_ms=params.max_downtime_ms,
+        timeout_s=params.timeout_s,
+        bandwidth_bps=params.max_bandwidth if capped else None,
+    )
 
 
 def vm_view(spec: VmSpec, host: str, state: str, migrating: bool) -> VmView:
@@ -76,6 +99,11 @@ class AgentMigrationPort:
         self.last_stats: MigrationStats | None = None
         self.destination_events: list[tuple[str, float]] = []
         self.leftovers: list[Leftover] = []
+        self.warnings: list[str] = []
+        self.prediction: MigrationPrediction | None = None
+        self.ladder: Ladder | None = None
+        self.samples: list[FlightSample] = []
+        self.throttled_s = 0.0
         self._last_transferred = -1
         self._progress_at = time.monotonic()
 
@@ -123,6 +151,35 @@ class AgentMigrationPort:
                 raise Refused(self.vm, refusals)
 
         await asyncio.to_thread(check)
+        await self._measure_and_plan()
+
+    async def _measure_and_plan(self) -> None:
+        """The convergence plan: what QEMU is told at the start and the ladder it may climb."""
+        limits = limits_of(self.params)
+        try:
+            p, self.prediction = await measure(
+                self.db, self.inventory, self.vm, self._src, self._dst, limits
+            )
+        except StepError as exc:
+            # Without measurements the ladder still works from QEMU's own figures.
+            self.warnings.append(f"no prediction: {exc}")
+            p = plan(
+                self.spec.memory << 20,
+                self.spec.memory << 20,
+                DirtyMeasure(),
+                PathMeasure(bandwidth_bps=float(self.params.max_bandwidth)),
+                limits,
+            )
+            p = replace(p, auto_converge=True)
+        self.params = self.params.model_copy(
+            update={
+                "downtime_limit_ms": p.initial_downtime_ms,
+                "auto_converge": p.auto_converge,
+                "throttle_initial_pct": p.throttle_from_start_pct,
+                "xbzrle_cache_bytes": p.xbzrle_cache_bytes,
+            }
+        )
+        self.ladder = Ladder.start(p, now=0.0)
 
     async def prepare_destination(self) -> str:
         req = IncomingRequest(spec=self.spec, params=self.params)
@@ -163,8 +220,58 @@ class AgentMigrationPort:
                 f"no data moved for {STALL_TIMEOUT_S:.0f} s",
                 vm=self.vm,
                 host=self.source,
+                retryable=False,
             )
+        if stats.status == QemuMigrationStatus.ACTIVE:
+            await self._climb(stats, now)
+        if self.ladder is not None:
+            stats.rung = self.ladder.rung.value
+            stats.downtime_limit_ms = self.ladder.downtime_ms
         return stats
+
+    async def _climb(self, stats: MigrationStats, now: float) -> None:
+        """One progress sample: recorded, and given to the convergence ladder."""
+        if self.ladder is None or self.migrate_issued_at is None:
+            return
+        at = now - self.migrate_issued_at
+        if self.samples and stats.throttle_pct > 1:
+            self.throttled_s += at - self.samples[-1].t_s
+        self.ladder, decision = self.ladder.decide(
+            Sample(
+                at=at,
+                passes=stats.passes,
+                remaining=stats.remaining,
+                throughput_bps=stats.throughput_bps,
+                dirty_bps=stats.dirty_bps,
+                throttle_pct=stats.throttle_pct,
+            )
+        )
+        self.samples.append(
+            FlightSample(
+                t_s=round(at, 3),
+                transferred=stats.transferred,
+                remaining=stats.remaining,
+                dirty_bps=stats.dirty_bps,
+                throughput_bps=round(stats.throughput_bps),
+                throttle_pct=stats.throttle_pct,
+                passes=stats.passes,
+                rung=self.ladder.rung.value,
+                downtime_limit_ms=self.ladder.downtime_ms,
+            )
+        )
+        if decision.abort:
+            raise StepError(
+                "converge", decision.abort, vm=self.vm, host=self.source, retryable=False
+            )
+        if decision.changes:
+            tune = MigrationTune(
+                downtime_limit_ms=decision.downtime_ms, throttle_pct=decision.throttle_pct
+            )
+            try:
+                await self._call_raw(self._src, lambda c: c.tune_migration(self.vm, tune))
+            except ClientError as exc:
+                # The migration goes on at the rung below; the next pass asks again.
+                self.warnings.append(f"could not apply {decision.note}: {exc}")
 
     async def verify_destination(self) -> None:
         deadline = time.monotonic() + VERIFY_TIMEOUT_S

@@ -13,17 +13,24 @@ import time
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from qmotion.api.migration import MigrationParams, MigrationReport, MigrationStats
+from qmotion.api.migration import (
+    MigrationParams,
+    MigrationPrediction,
+    MigrationReport,
+    MigrationStats,
+)
 from qmotion.api.server import MigrateRequest, TaskEventOut, TaskOut, TaskState
 from qmotion.api.sizes import parse_rate_bytes
 from qmotion.api.vm import VmSpec
 from qmotion.migration import engine, params
+from qmotion.migration.errors import StepError
 from qmotion.migration.machine import MigrationState, Phase, Step
 from qmotion.migration.prechecks import PrecheckInput, precheck
-from qmotion.server.db import ACTIVE_TASK_STATES, Database, Task, TaskEvent, utcnow
-from qmotion.server.errors import Conflict, Invalid, NotFound
+from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, Task, TaskEvent, utcnow
+from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream
 from qmotion.server.inventory import Inventory
-from qmotion.server.port import AgentMigrationPort, vm_view
+from qmotion.server.measure import measure
+from qmotion.server.port import AgentMigrationPort, limits_of, vm_view
 
 log = logging.getLogger(__name__)
 DEFAULT_PER_HOST = 4
@@ -67,8 +74,13 @@ def report(
         source=port.source,
         destination=port.destination,
         wall_ms=round((time.monotonic() - accepted) * 1000, 1),
-        warnings=list(state.warnings),
+        warnings=[*state.warnings, *port.warnings],
         leftovers=list(port.leftovers),
+        prediction=port.prediction,
+        rungs=list(port.ladder.history) if port.ladder else [],
+        max_throttle_pct=max((x.throttle_pct for x in port.samples), default=0),
+        throttled_s=round(port.throttled_s, 1),
+        samples=port.samples,
     )
     if stats is not None:
         r.total_ms, r.downtime_ms, r.setup_ms = (
@@ -164,7 +176,27 @@ class TaskRunner:
                 host=first.host,
                 field=first.field,
             )
-        return source, params.choose(req.max_downtime_ms, bandwidth)
+        return source, params.choose(req.max_downtime_ms, bandwidth, req.timeout_s)
+
+    async def predict_migration(self, vm: str, req: MigrateRequest) -> MigrationPrediction:
+        """``--dry-run``: the same checks and measurements as a migration, and nothing started."""
+        source, mparams = await asyncio.to_thread(self._check, vm, req)
+
+        def hosts() -> tuple[Host, Host]:
+            with self.db.session() as s:
+                src = self.inventory.host_by_name(s, source)
+                dst = self.inventory.host_by_name(s, req.to)
+                return (
+                    Host(name=src.name, agent_url=src.agent_url, token=src.token),
+                    Host(name=dst.name, agent_url=dst.agent_url, token=dst.token),
+                )
+
+        src, dst = await asyncio.to_thread(hosts)
+        try:
+            _, prediction = await measure(self.db, self.inventory, vm, src, dst, limits_of(mparams))
+        except StepError as exc:
+            raise Upstream(str(exc), vm=vm, host=exc.host) from exc
+        return prediction
 
     async def submit_migration(self, vm: str, req: MigrateRequest) -> TaskOut:
         accepted = time.monotonic()

@@ -7,7 +7,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 
 # Defaults; each may be overridden by qm.KEY=VALUE on the kernel command line.
-ip=""; hostname="qmguest"; fill=0; dirty=0; check=0; echo=7000; memport=7001
+ip=""; hostname="qmguest"; fill=0; dirty=0; hot=0; check=0; echo=7000; memport=7001
 diskport=7002; disk_rate=20; probe=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
@@ -15,6 +15,7 @@ for arg in $(cat /proc/cmdline); do
         qm.hostname=*) hostname="${arg#qm.hostname=}" ;;
         qm.fill=*) fill="${arg#qm.fill=}" ;;
         qm.dirty=*) dirty="${arg#qm.dirty=}" ;;
+        qm.hot=*) hot="${arg#qm.hot=}" ;;
         qm.check=*) check="${arg#qm.check=}" ;;
         qm.echo=*) echo="${arg#qm.echo=}" ;;
         qm.memport=*) memport="${arg#qm.memport=}" ;;
@@ -52,12 +53,12 @@ if grep -qsE '0x1001|0x1042' /sys/bus/pci/devices/*/device; then
 fi
 
 /bin/qmguest echo "$echo" &
-/bin/qmguest mem "$fill" "$dirty" "$memport" "$check" &
+/bin/qmguest mem "$fill" "$dirty" "$memport" "$check" "$hot" &
 [ -b /dev/vda ] && /bin/qmguest disk /dev/vda "$disk_rate" "$diskport" &
 /bin/qmguest powerbtn &
 
 mac=$(cat /sys/class/net/eth0/address 2>/dev/null)
-echo "QMOTION-READY host=$hostname ip=$ip mac=$mac fill_mib=$fill dirty_mib_s=$dirty" > /dev/console
+echo "QMOTION-READY host=$hostname ip=$ip mac=$mac fill_mib=$fill dirty_mib_s=$dirty hot_mib=$hot" > /dev/console
 
 while :; do
     wait

@@ -12,6 +12,15 @@
  * At any instant pages [0, cursor) belong to the current pass and [cursor, N) to the previous one,
  * so a check detects a torn page (bad checksum), a page that was never transferred (zero/garbage
  * header) and a stale page whose last write was lost (wrong pass), not just random corruption.
+ *
+ * Hot set (optional, HOT_MIB > 0): a busy VM does not dirty its memory uniformly; it keeps
+ * rewriting a small working set. The first HOT_MIB MiB of the fill are that set: half of the dirty
+ * budget rewrites them round-robin (a "hot pass" every HOT_MIB MiB, so each hot page's generation,
+ * the pass number in its header, is bumped on every rewrite and its payload changes), the other
+ * half sweeps the remaining pages as above. Both are strictly ordered, so the checker knows every
+ * page's expected generation: hot pages [0, hot_cursor) carry hot_pass, [hot_cursor, HOT) carry
+ * hot_pass - 1; a lost rewrite of a hot page is caught as stale like any other. With HOT_MIB equal
+ * to the fill the whole budget goes to the hot set (there is nothing left to sweep).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -162,18 +171,22 @@ struct mem_state {
     pthread_cond_t cond;
     uint8_t *base;
     uint64_t npages;
+    uint64_t hot_pages; /* pages [0, hot_pages) are the hot set; the sweep covers the rest */
     uint64_t seed;
     double dirty_mib_s;
     /* Owned by the workload thread; read by the query thread under lock. */
     uint64_t pass;
-    uint64_t cursor;
+    uint64_t cursor; /* sweep cursor, in [hot_pages, npages] */
+    uint64_t hot_pass;
+    uint64_t hot_cursor; /* in [0, hot_pages) */
     uint64_t dirtied_pages;
+    uint64_t dirtied_hot_pages;
     int filled;
     double fill_seconds;
     /* Check requests are served by the workload thread so the check sees a quiescent memory. */
     uint64_t check_requested;
     uint64_t check_done;
-    char last_check[512];
+    char last_check[768];
 };
 
 static struct mem_state M = {.lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER};
@@ -189,13 +202,19 @@ static void write_page(uint64_t idx, uint64_t pass) {
     w[3] = 0;
 }
 
+/* The generation page idx must carry right now (see the hot-set note at the top). */
+static uint64_t expected_pass(uint64_t idx) {
+    if (idx < M.hot_pages) return idx < M.hot_cursor ? M.hot_pass : M.hot_pass - 1;
+    return idx < M.cursor ? M.pass : M.pass - 1;
+}
+
 static void check_memory(void) {
     double t0 = now_s();
-    uint64_t bad = 0, first_bad = UINT64_MAX, stale = 0, torn = 0, missing = 0;
+    uint64_t bad = 0, first_bad = UINT64_MAX, stale = 0, torn = 0, missing = 0, hot_bad = 0;
     size_t n = PAGE / 8;
     for (uint64_t i = 0; i < M.npages; i++) {
         const uint64_t *w = (const uint64_t *)(M.base + i * PAGE);
-        uint64_t want = i < M.cursor ? M.pass : M.pass - 1;
+        uint64_t want = expected_pass(i);
         int ok = 1;
         if (w[0] != (PAGE_MAGIC ^ i)) {
             missing++;
@@ -209,6 +228,7 @@ static void check_memory(void) {
         }
         if (!ok) {
             bad++;
+            if (i < M.hot_pages) hot_bad++;
             if (first_bad == UINT64_MAX) first_bad = i;
         }
     }
@@ -217,11 +237,16 @@ static void check_memory(void) {
     snprintf(M.last_check, sizeof M.last_check,
              "{\"kind\":\"mem\",\"consistent\":%s,\"pages\":%llu,\"bad_pages\":%llu,"
              "\"missing\":%llu,\"torn\":%llu,\"stale\":%llu,\"first_bad\":%lld,\"pass\":%llu,"
-             "\"cursor\":%llu,\"check_ms\":%.1f,\"uptime_s\":%.3f,\"boot_id\":\"%s\"}",
+             "\"cursor\":%llu,\"hot_mib\":%.2f,\"hot_pages\":%llu,\"hot_bad\":%llu,"
+             "\"hot_pass\":%llu,\"hot_cursor\":%llu,\"check_ms\":%.1f,\"uptime_s\":%.3f,"
+             "\"boot_id\":\"%s\"}",
              bad == 0 ? "true" : "false", (unsigned long long)M.npages, (unsigned long long)bad,
              (unsigned long long)missing, (unsigned long long)torn, (unsigned long long)stale,
              first_bad == UINT64_MAX ? -1LL : (long long)first_bad, (unsigned long long)M.pass,
-             (unsigned long long)M.cursor, (now_s() - t0) * 1000.0, now_s(), boot);
+             (unsigned long long)M.cursor, (double)M.hot_pages / 256.0,
+             (unsigned long long)M.hot_pages, (unsigned long long)hot_bad,
+             (unsigned long long)M.hot_pass, (unsigned long long)M.hot_cursor,
+             (now_s() - t0) * 1000.0, now_s(), boot);
     console("QM mem check: %s", M.last_check);
 }
 
@@ -233,16 +258,21 @@ static void *mem_workload(void *unused) {
     for (uint64_t i = 0; i < M.npages; i++) write_page(i, 1);
     pthread_mutex_lock(&M.lock);
     M.pass = 2;
-    M.cursor = 0;
+    M.cursor = M.hot_pages;
+    M.hot_pass = 2;
+    M.hot_cursor = 0;
     M.filled = 1;
     M.fill_seconds = now_s() - t0;
     pthread_cond_broadcast(&M.cond);
     pthread_mutex_unlock(&M.lock);
-    console("QM mem: filled %llu MiB in %.2f s, dirtying %.1f MiB/s",
-            (unsigned long long)(M.npages / 256), M.fill_seconds, M.dirty_mib_s);
+    console("QM mem: filled %llu MiB in %.2f s, dirtying %.1f MiB/s, hot set %.2f MiB",
+            (unsigned long long)(M.npages / 256), M.fill_seconds, M.dirty_mib_s,
+            (double)M.hot_pages / 256.0);
 
     const double tick = 0.01;
     double budget = 0, last = now_s();
+    /* Alternate hot and sweep writes: half of the budget each, interleaved in time. */
+    int hot_turn = 1;
     for (;;) {
         pthread_mutex_lock(&M.lock);
         while (M.check_requested == M.check_done && M.dirty_mib_s <= 0)
@@ -264,13 +294,25 @@ static void *mem_workload(void *unused) {
         if (budget > M.dirty_mib_s * 256.0) budget = M.dirty_mib_s * 256.0;
         while (budget >= 1.0) {
             pthread_mutex_lock(&M.lock);
-            write_page(M.cursor, M.pass);
-            M.cursor++;
-            M.dirtied_pages++;
-            if (M.cursor == M.npages) {
-                M.cursor = 0;
-                M.pass++;
+            int hot = M.hot_pages > 0 && (hot_turn || M.hot_pages == M.npages);
+            hot_turn = !hot_turn;
+            if (hot) {
+                write_page(M.hot_cursor, M.hot_pass);
+                M.hot_cursor++;
+                M.dirtied_hot_pages++;
+                if (M.hot_cursor == M.hot_pages) {
+                    M.hot_cursor = 0;
+                    M.hot_pass++;
+                }
+            } else {
+                write_page(M.cursor, M.pass);
+                M.cursor++;
+                if (M.cursor == M.npages) {
+                    M.cursor = M.hot_pages;
+                    M.pass++;
+                }
             }
+            M.dirtied_pages++;
             pthread_mutex_unlock(&M.lock);
             budget -= 1.0;
         }
@@ -289,9 +331,17 @@ static void mem_inject(char *out, size_t n, const char *what) {
     } else if (strcmp(what, "stale") == 0) {
         /* A self-consistent page from an older pass: what a lost dirty page looks like. */
         write_page(idx, w[1] - 1);
+    } else if (strcmp(what, "stale-hot") == 0 && M.hot_pages > 0) {
+        /* A lost rewrite of a hot page: its previous generation. The page just behind the hot
+         * cursor was rewritten last, so the dirtier leaves it alone for a whole hot pass and a
+         * check that follows sees the fault. */
+        idx = (M.hot_cursor + M.hot_pages - 1) % M.hot_pages;
+        w = (uint64_t *)(M.base + idx * PAGE);
+        write_page(idx, w[1] - 1);
     } else {
         pthread_mutex_unlock(&M.lock);
-        snprintf(out, n, "{\"error\":\"inject torn|stale\"}\n");
+        snprintf(out, n, "{\"error\":\"inject torn|stale|stale-hot (%s)\"}\n",
+                 M.hot_pages > 0 ? "unknown fault" : "stale-hot needs a hot set");
         return;
     }
     pthread_mutex_unlock(&M.lock);
@@ -312,12 +362,15 @@ static void mem_status(char *out, size_t n, int do_check) {
         read_boot_id(boot, sizeof boot);
         snprintf(out, n,
                  "{\"kind\":\"mem\",\"filled\":%s,\"pages\":%llu,\"pass\":%llu,\"cursor\":%llu,"
-                 "\"dirtied_pages\":%llu,\"dirty_mib_s\":%.2f,\"fill_s\":%.3f,\"uptime_s\":%.3f,"
-                 "\"boot_id\":\"%s\"}\n",
+                 "\"dirtied_pages\":%llu,\"dirty_mib_s\":%.2f,\"hot_mib\":%.2f,\"hot_pages\":%llu,"
+                 "\"hot_pass\":%llu,\"hot_cursor\":%llu,\"dirtied_hot_pages\":%llu,"
+                 "\"fill_s\":%.3f,\"uptime_s\":%.3f,\"boot_id\":\"%s\"}\n",
                  M.filled ? "true" : "false", (unsigned long long)M.npages,
                  (unsigned long long)M.pass, (unsigned long long)M.cursor,
-                 (unsigned long long)M.dirtied_pages, M.dirty_mib_s, M.fill_seconds, now_s(),
-                 boot);
+                 (unsigned long long)M.dirtied_pages, M.dirty_mib_s,
+                 (double)M.hot_pages / 256.0, (unsigned long long)M.hot_pages,
+                 (unsigned long long)M.hot_pass, (unsigned long long)M.hot_cursor,
+                 (unsigned long long)M.dirtied_hot_pages, M.fill_seconds, now_s(), boot);
     }
     pthread_mutex_unlock(&M.lock);
 }
@@ -561,9 +614,11 @@ static void *mem_query_thread(void *arg) {
     return NULL;
 }
 
-static int run_mem(double fill_mib, double dirty, int port, double check_every) {
+static int run_mem(double fill_mib, double dirty, int port, double check_every, double hot_mib) {
     M.npages = (uint64_t)(fill_mib * 256.0);
     if (M.npages < 1) M.npages = 1;
+    M.hot_pages = hot_mib > 0 ? (uint64_t)(hot_mib * 256.0) : 0;
+    if (M.hot_pages > M.npages) M.hot_pages = M.npages;
     M.dirty_mib_s = dirty;
     M.seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
     M.base = mmap(NULL, M.npages * PAGE, PROT_READ | PROT_WRITE,
@@ -636,13 +691,15 @@ static int run_powerbtn(void) {
 
 int main(int argc, char **argv) {
     if (argc >= 3 && strcmp(argv[1], "echo") == 0) return run_echo(atoi(argv[2]));
+    /* HOT_MIB is optional (older /init scripts pass five arguments): no hot set. */
     if (argc >= 6 && strcmp(argv[1], "mem") == 0)
-        return run_mem(atof(argv[2]), atof(argv[3]), atoi(argv[4]), atof(argv[5]));
+        return run_mem(atof(argv[2]), atof(argv[3]), atoi(argv[4]), atof(argv[5]),
+                       argc >= 7 ? atof(argv[6]) : 0.0);
     if (argc >= 5 && strcmp(argv[1], "disk") == 0)
         return run_disk(argv[2], atof(argv[3]), atoi(argv[4]));
     if (argc >= 2 && strcmp(argv[1], "powerbtn") == 0) return run_powerbtn();
     fprintf(stderr,
-            "usage: qmguest echo PORT | mem FILL_MIB DIRTY_MIB_S PORT CHECK_EVERY_S |"
+            "usage: qmguest echo PORT | mem FILL_MIB DIRTY_MIB_S PORT CHECK_EVERY_S [HOT_MIB] |"
             " disk DEV RECORDS_PER_S PORT | powerbtn\n");
     return 2;
 }

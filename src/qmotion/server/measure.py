@@ -1,0 +1,123 @@
+"""Measurements before a migration, through the agents: the guest's dirty rate and resident
+memory on the source, the path's RTT and bandwidth to the destination; and the plan from them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+from sqlalchemy import select
+
+from qmotion.api.migration import (
+    DirtyRateRequest,
+    MigrationPrediction,
+    MigrationReport,
+    PathProbeRequest,
+    PeerRef,
+)
+from qmotion.client.agent import AgentClient
+from qmotion.client.errors import ClientError
+from qmotion.migration.convergence import DirtyMeasure, Limits, PathMeasure, Plan, plan
+from qmotion.migration.errors import StepError
+from qmotion.server.db import Database, Host, Task
+from qmotion.server.inventory import Inventory
+
+T = TypeVar("T")
+# Below this the guest is idle for migration purposes: the long sample would only add time.
+IDLE_DIRTY_BPS = 1 << 20
+SHORT_S, LONG_S = 0.5, 1.5
+PROBE_S = 0.5
+
+
+def _history_bandwidth(db: Database, source: str, destination: str) -> float | None:
+    """What the last completed migration on this path carried, in bytes/s."""
+    with db.session() as s:
+        rows = s.scalars(
+            select(Task)
+            .where(
+                Task.kind == "migrate",
+                Task.state == "succeeded",
+                Task.source == source,
+                Task.destination == destination,
+            )
+            .order_by(Task.id.desc())
+            .limit(1)
+        )
+        for t in rows:
+            r = MigrationReport.model_validate(t.result) if t.result else None
+            if r is not None and r.throughput_mbps:
+                return r.throughput_mbps * 1e6 / 8
+    return None
+
+
+async def measure(
+    db: Database,
+    inventory: Inventory,
+    vm: str,
+    src: Host,
+    dst: Host,
+    limits: Limits,
+) -> tuple[Plan, MigrationPrediction]:
+    """Measure the guest and the path, and plan the migration; raises StepError."""
+
+    async def call(host: Host, what: str, fn: Callable[[AgentClient], T]) -> T:
+        def work() -> T:
+            with inventory.agents.client(host.agent_url, host.token, 30.0) as client:
+                return fn(client)
+
+        try:
+            return await asyncio.to_thread(work)
+        except ClientError as exc:
+            raise StepError(
+                "measure", f"{what} on {host.name}: {exc}", vm=vm, host=host.name
+            ) from exc
+
+    short = await call(
+        src, "dirty rate", lambda c: c.dirty_rate(vm, DirtyRateRequest(seconds=[SHORT_S]))
+    )
+    samples = [(x.seconds, float(x.dirtied_bytes)) for x in short.samples]
+    if samples[0][1] / samples[0][0] >= IDLE_DIRTY_BPS:
+        long = await call(
+            src, "dirty rate", lambda c: c.dirty_rate(vm, DirtyRateRequest(seconds=[LONG_S]))
+        )
+        samples += [(x.seconds, float(x.dirtied_bytes)) for x in long.samples]
+    dirty = DirtyMeasure.from_samples(samples[0], samples[1] if len(samples) > 1 else None)
+
+    peer = PeerRef(url=dst.agent_url, token=dst.token, vm=vm)
+    probe = await call(
+        src, "path probe", lambda c: c.probe_path(PathProbeRequest(peer=peer, seconds=PROBE_S))
+    )
+    history = await asyncio.to_thread(_history_bandwidth, db, src.name, dst.name)
+    # The probe's upload runs through Python on both ends: on a fast link it is the lower
+    # bound, and QEMU's own rate on the last migration is the better figure.
+    bandwidth, source = probe.bandwidth_bps, "probe"
+    if history is not None and history > bandwidth:
+        bandwidth, source = history, "history"
+    if limits.bandwidth_bps is not None and limits.bandwidth_bps < bandwidth:
+        bandwidth, source = limits.bandwidth_bps, "operator"
+    path = PathMeasure(bandwidth_bps=max(bandwidth, 1.0), rtt_s=probe.rtt_ms / 1000)
+    p = plan(short.memory_bytes, short.resident_bytes, dirty, path, limits)
+    return p, MigrationPrediction(
+        vm=vm,
+        source=src.name,
+        destination=dst.name,
+        memory_bytes=short.memory_bytes,
+        resident_bytes=short.resident_bytes,
+        dirty_rate_bps=round(dirty.rate_bps),
+        hot_set_bytes=round(dirty.hot_bytes),
+        sweep_bps=round(dirty.sweep_bps),
+        bandwidth_bps=round(path.bandwidth_bps),
+        bandwidth_from=source,
+        rtt_ms=probe.rtt_ms,
+        converges=p.converges,
+        total_s=round(p.total_s, 2),
+        downtime_ms=round(p.downtime_ms, 1),
+        passes=p.passes,
+        measures=list(p.measures),
+        max_throttle_pct=p.max_throttle_pct,
+        xbzrle=p.xbzrle_cache_bytes > 0,
+        max_downtime_ms=p.max_downtime_ms,
+        completion_timeout_s=p.completion_timeout_s,
+        why_not=p.why_not,
+    )

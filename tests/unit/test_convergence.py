@@ -1,0 +1,201 @@
+"""The convergence model and ladder: predictions that follow from the measurements, a ladder
+that climbs only when passes stop shrinking, never past the operator's limits, and aborts on
+its timeouts."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qmotion.migration.convergence import (
+    DirtyMeasure,
+    Ladder,
+    Limits,
+    PathMeasure,
+    Rung,
+    Sample,
+    plan,
+)
+
+MiB, GiB = 1 << 20, 1 << 30
+LINK = 50e6  # 400 Mbit/s
+
+
+def test_two_samples_separate_a_hot_set_from_a_sweep() -> None:
+    # 64 MiB rewritten constantly plus 20 MiB/s of new pages.
+    d = DirtyMeasure.from_samples((1.0, 84 * MiB), (3.0, 124 * MiB))
+    assert d.hot_bytes == pytest.approx(64 * MiB)
+    assert d.sweep_bps == pytest.approx(20 * MiB)
+    assert DirtyMeasure.from_samples((1.0, 10 * MiB), (3.0, 30 * MiB)).hot_bytes == 0
+
+
+@given(
+    sweep=st.floats(0, 1e9),
+    hot=st.floats(0, 4e9),
+    t1=st.floats(0.1, 2.0),
+    extra=st.floats(0.1, 5.0),
+)
+def test_the_fit_reproduces_both_samples(sweep: float, hot: float, t1: float, extra: float) -> None:
+    truth = DirtyMeasure(sweep_bps=sweep, hot_bytes=hot, short_s=t1)
+    t2 = t1 + extra
+    fit = DirtyMeasure.from_samples((t1, truth.dirtied(t1)), (t2, truth.dirtied(t2)))
+    for t in (t1, t2):
+        assert fit.dirtied(t) == pytest.approx(truth.dirtied(t), rel=1e-6, abs=1.0)
+
+
+def test_an_idle_guest_is_one_pass_at_link_speed() -> None:
+    p = plan(GiB, 600 * MiB, DirtyMeasure(), PathMeasure(LINK, rtt_s=0.001), Limits())
+    assert p.converges
+    assert p.total_s == pytest.approx(600 * MiB / LINK, rel=0.01)
+    assert p.measures == ()
+    assert not p.auto_converge and p.xbzrle_cache_bytes == 0
+
+
+def test_half_the_link_converges_without_measures_and_twice_needs_the_throttle() -> None:
+    half = plan(GiB, 600 * MiB, DirtyMeasure(sweep_bps=LINK / 2), PathMeasure(LINK), Limits())
+    assert half.converges and half.measures == () and half.downtime_ms <= 30
+    double = plan(GiB, 600 * MiB, DirtyMeasure(sweep_bps=2 * LINK), PathMeasure(LINK), Limits())
+    assert double.converges and "auto-converge" in double.measures
+    assert double.downtime_ms <= 300 and double.max_throttle_pct >= 50
+
+
+def test_a_short_timeout_predicts_failure_with_the_reason() -> None:
+    p = plan(
+        GiB, 600 * MiB, DirtyMeasure(sweep_bps=2 * LINK), PathMeasure(LINK), Limits(timeout_s=20)
+    )
+    assert not p.converges and p.why_not and "20 s" in p.why_not
+
+
+def test_a_hot_set_larger_than_the_downtime_turns_xbzrle_on() -> None:
+    d = DirtyMeasure(sweep_bps=0, hot_bytes=64 * MiB)
+    p = plan(GiB, 600 * MiB, d, PathMeasure(LINK), Limits())
+    assert p.xbzrle_cache_bytes >= 128 * MiB
+
+
+@settings(max_examples=200)
+@given(
+    ratio=st.floats(0.0, 8.0),
+    bw=st.floats(1e6, 5e9),
+    resident_mib=st.integers(1, 4096),
+    max_dt=st.integers(1, 2000),
+)
+def test_predictions_respect_the_operator_limits(
+    ratio: float, bw: float, resident_mib: int, max_dt: int
+) -> None:
+    p = plan(
+        4 * GiB,
+        resident_mib * MiB,
+        DirtyMeasure(sweep_bps=ratio * bw),
+        PathMeasure(bw),
+        Limits(max_downtime_ms=max_dt),
+    )
+    assert p.total_s >= resident_mib * MiB / bw * 0.999
+    if p.converges:
+        assert p.downtime_ms <= max(max_dt, 20)
+        assert p.total_s <= p.completion_timeout_s
+    else:
+        assert p.why_not
+
+
+def _ladder(max_dt: int = 300, timeout_s: float = 600) -> Ladder:
+    p = plan(
+        GiB,
+        600 * MiB,
+        DirtyMeasure(sweep_bps=LINK / 2),
+        PathMeasure(LINK),
+        Limits(max_dt, timeout_s),
+    )
+    return Ladder.start(p, now=100.0)
+
+
+def test_a_guest_that_outruns_the_link_is_throttled_from_the_start() -> None:
+    p = plan(GiB, 600 * MiB, DirtyMeasure(sweep_bps=2 * LINK), PathMeasure(LINK), Limits())
+    assert p.auto_converge and p.throttle_from_start_pct == 75
+    lad = Ladder.start(p, now=0.0)
+    assert lad.rung == Rung.THROTTLE and lad.history == ("throttle",)
+    calm = plan(GiB, 600 * MiB, DirtyMeasure(sweep_bps=LINK / 4), PathMeasure(LINK), Limits())
+    assert calm.auto_converge and calm.throttle_from_start_pct == 0
+
+
+def test_the_ladder_waits_while_passes_shrink() -> None:
+    lad = _ladder()
+    remaining = 600 * MiB
+    for n in range(1, 8):
+        remaining //= 2
+        lad, d = lad.decide(Sample(100 + n, n, remaining, LINK, LINK / 2))
+        assert not d.changes and not d.abort
+    assert lad.rung == Rung.PRECOPY
+
+
+def test_the_ladder_climbs_downtime_then_throttle_and_never_past_the_limit() -> None:
+    lad = _ladder(max_dt=200)
+    # Passes that leave the same 5 MB: 100 ms needed at the link's rate, within the limit.
+    lad, d = lad.decide(Sample(110, 1, 600 * MiB, LINK, LINK))
+    lad, d = lad.decide(Sample(111, 2, 5_000_000, LINK, LINK))
+    assert lad.rung == Rung.PRECOPY and not d.changes  # it shrank: give it a pass
+    lad, d = lad.decide(Sample(112, 3, 5_000_000, LINK, LINK))
+    assert lad.rung == Rung.DOWNTIME and d.downtime_ms == 130
+    # The guest dirties more: the limit follows what the pass needs (7 MB: 140 ms).
+    lad, d = lad.decide(Sample(113, 4, 7_000_000, LINK, LINK))
+    assert lad.rung == Rung.DOWNTIME and d.downtime_ms == 182
+    # Two passes on this rung and still not within it: the throttle.
+    lad, d = lad.decide(Sample(114, 5, 9_500_000, LINK, LINK))
+    assert lad.rung == Rung.THROTTLE and d.throttle_pct is not None
+    assert 20 <= d.throttle_pct <= 99
+    # A pass that needs more than the limit: the limit, not more.
+    lad, d = lad.decide(Sample(115, 6, 50_000_000, LINK, LINK))
+    assert lad.downtime_ms == 200 and (d.downtime_ms in (None, 200))
+
+
+def test_the_ladder_goes_straight_to_the_throttle_when_no_downtime_is_enough() -> None:
+    lad = _ladder(max_dt=300)
+    lad, _ = lad.decide(Sample(112, 1, 600 * MiB, LINK, 2 * LINK))
+    lad, d = lad.decide(Sample(124, 2, 600 * MiB, LINK, 2 * LINK))
+    assert lad.rung == Rung.THROTTLE and d.downtime_ms == 300 and d.throttle_pct == 75
+
+
+def test_the_ladder_aborts_on_its_timeouts() -> None:
+    lad = _ladder(timeout_s=60)
+    lad, d = lad.decide(Sample(150, 1, 300 * MiB, LINK, LINK))
+    assert d.abort is None
+    _, d = lad.decide(Sample(161, 1, 200 * MiB, LINK, LINK))
+    assert d.abort and "completion timeout 60 s" in d.abort
+    lad = _ladder(timeout_s=10_000)
+    lad, _ = lad.decide(Sample(101, 2, 100 * MiB, LINK, LINK))
+    _, d = lad.decide(Sample(150, 40, 100 * MiB, LINK, LINK))
+    assert d.abort is None
+    _, d = lad.decide(Sample(192, 80, 100 * MiB, LINK, LINK))
+    assert d.abort and "no progress for 91 s" in d.abort
+
+
+@settings(max_examples=200)
+@given(
+    samples=st.lists(
+        st.tuples(
+            st.floats(0.01, 5.0),
+            st.integers(0, 3),
+            st.integers(0, 2 * GiB),
+            st.floats(0.0, 2e9),
+            st.floats(0.0, 4e9),
+        ),
+        max_size=40,
+    ),
+    max_dt=st.integers(1, 5000),
+)
+def test_any_sample_sequence_keeps_the_ladder_within_bounds(
+    samples: list[tuple[float, int, int, float, float]], max_dt: int
+) -> None:
+    lad = _ladder(max_dt=max_dt, timeout_s=10_000)
+    now, passes, order = 100.0, 0, [Rung.PRECOPY, Rung.DOWNTIME, Rung.THROTTLE]
+    for dt, dp, remaining, tput, dirty in samples:
+        now += dt
+        passes += dp
+        before = lad.rung
+        lad, d = lad.decide(Sample(now, passes, remaining, tput, dirty))
+        assert order.index(lad.rung) >= order.index(before)
+        assert lad.downtime_ms <= max(max_dt, 20)
+        if d.downtime_ms is not None:
+            assert 1 <= d.downtime_ms <= max(max_dt, 20)
+        if d.throttle_pct is not None:
+            assert 20 <= d.throttle_pct <= 99
