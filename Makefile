@@ -64,6 +64,7 @@ bench: EXTRA_DEBS = $(BENCH_PACKAGES)
 bench: setup
 	$(PY) -m bench.migration
 	$(PY) -m bench.drs
+	$(PY) -m bench.convergence
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

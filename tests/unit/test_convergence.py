@@ -4,6 +4,8 @@ its timeouts."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -118,54 +120,81 @@ def test_a_guest_that_outruns_the_link_is_throttled_from_the_start() -> None:
     assert calm.auto_converge and calm.throttle_from_start_pct == 0
 
 
+def _pass(lad: Ladder, at: float, sync: int, left: int, dirty: float = LINK) -> tuple[Ladder, Any]:
+    """A pass ends at ``at``: its tail (nothing left), then QEMU's sync number ``sync``."""
+    lad, _ = lad.decide(Sample(at - 0.1, sync - 1, 0, LINK, dirty))
+    return lad.decide(Sample(at, sync, left, LINK, dirty))
+
+
+def _begin(lad: Ladder) -> Ladder:
+    lad, _ = lad.decide(Sample(100.0, 1, 600 * MiB, LINK, LINK))
+    return lad
+
+
 def test_the_ladder_waits_while_passes_shrink() -> None:
-    lad = _ladder()
+    lad = _begin(_ladder())
     remaining = 600 * MiB
-    for n in range(1, 8):
+    for n in range(2, 9):
         remaining //= 2
-        lad, d = lad.decide(Sample(100 + n, n, remaining, LINK, LINK / 2))
+        lad, d = _pass(lad, 100 + 12 * n, n, remaining, LINK / 2)
         assert not d.changes and not d.abort
     assert lad.rung == Rung.PRECOPY
 
 
+def test_a_background_sync_mid_pass_is_not_judged() -> None:
+    lad = _begin(_ladder())
+    # QEMU's 5 s background sync while 400 MiB of the first pass are still to send.
+    lad, _ = lad.decide(Sample(104.5, 1, 420 * MiB, LINK, LINK))
+    lad, d = lad.decide(Sample(105.0, 2, 500 * MiB, LINK, LINK))
+    assert not d.changes and lad.passes == 0 and lad.rung == Rung.PRECOPY
+
+
 def test_the_ladder_climbs_downtime_then_throttle_and_never_past_the_limit() -> None:
-    lad = _ladder(max_dt=200)
-    # Passes that leave the same 5 MB: 100 ms needed at the link's rate, within the limit.
-    lad, d = lad.decide(Sample(110, 1, 600 * MiB, LINK, LINK))
-    lad, d = lad.decide(Sample(111, 2, 5_000_000, LINK, LINK))
+    lad = _begin(_ladder(max_dt=200))
+    lad, d = _pass(lad, 112, 2, 5_000_000)
     assert lad.rung == Rung.PRECOPY and not d.changes  # it shrank: give it a pass
-    lad, d = lad.decide(Sample(112, 3, 5_000_000, LINK, LINK))
+    lad, d = _pass(lad, 113, 3, 5_000_000)
     assert lad.rung == Rung.DOWNTIME and d.downtime_ms == 130
     # The guest dirties more: the limit follows what the pass needs (7 MB: 140 ms).
-    lad, d = lad.decide(Sample(113, 4, 7_000_000, LINK, LINK))
+    lad, d = _pass(lad, 114, 4, 7_000_000)
     assert lad.rung == Rung.DOWNTIME and d.downtime_ms == 182
     # Two passes on this rung and still not within it: the throttle.
-    lad, d = lad.decide(Sample(114, 5, 9_500_000, LINK, LINK))
+    lad, d = _pass(lad, 115, 5, 9_500_000)
     assert lad.rung == Rung.THROTTLE and d.throttle_pct is not None
     assert 20 <= d.throttle_pct <= 99
     # A pass that needs more than the limit: the limit, not more.
-    lad, d = lad.decide(Sample(115, 6, 50_000_000, LINK, LINK))
+    lad, d = _pass(lad, 116, 6, 50_000_000)
     assert lad.downtime_ms == 200 and (d.downtime_ms in (None, 200))
 
 
 def test_the_ladder_goes_straight_to_the_throttle_when_no_downtime_is_enough() -> None:
-    lad = _ladder(max_dt=300)
-    lad, _ = lad.decide(Sample(112, 1, 600 * MiB, LINK, 2 * LINK))
-    lad, d = lad.decide(Sample(124, 2, 600 * MiB, LINK, 2 * LINK))
+    lad = _begin(_ladder(max_dt=300))
+    lad, d = _pass(lad, 112, 2, 600 * MiB, 2 * LINK)
     assert lad.rung == Rung.THROTTLE and d.downtime_ms == 300 and d.throttle_pct == 75
 
 
+def test_qemus_expected_downtime_is_what_a_pass_needs() -> None:
+    lad = _begin(_ladder(max_dt=300))
+    lad, _ = lad.decide(Sample(111.9, 1, 0, LINK, LINK))
+    # 10 MB left as QEMU samples it, but its last sync found 100 ms worth dirty, twice.
+    lad, d = lad.decide(Sample(112, 2, 1_000_000, LINK, LINK, expected_downtime_ms=100))
+    lad, d = _pass(lad, 113, 3, 1_000_000)
+    lad, _ = lad.decide(Sample(113.9, 3, 0, LINK, LINK))
+    lad, d = lad.decide(Sample(114, 4, 1_000_000, LINK, LINK, expected_downtime_ms=100))
+    assert d.downtime_ms == 130
+
+
 def test_the_ladder_aborts_on_its_timeouts() -> None:
-    lad = _ladder(timeout_s=60)
+    lad = _begin(_ladder(timeout_s=60))
     lad, d = lad.decide(Sample(150, 1, 300 * MiB, LINK, LINK))
     assert d.abort is None
     _, d = lad.decide(Sample(161, 1, 200 * MiB, LINK, LINK))
     assert d.abort and "completion timeout 60 s" in d.abort
-    lad = _ladder(timeout_s=10_000)
-    lad, _ = lad.decide(Sample(101, 2, 100 * MiB, LINK, LINK))
-    _, d = lad.decide(Sample(150, 40, 100 * MiB, LINK, LINK))
+    lad = _begin(_ladder(timeout_s=10_000))
+    lad, _ = _pass(lad, 112, 2, 100 * MiB)
+    lad, d = _pass(lad, 150, 3, 100 * MiB)
     assert d.abort is None
-    _, d = lad.decide(Sample(192, 80, 100 * MiB, LINK, LINK))
+    lad, d = _pass(lad, 203, 4, 100 * MiB)
     assert d.abort and "no progress for 91 s" in d.abort
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +40,7 @@ from qmotion.hypervisor import process
 from qmotion.hypervisor.errors import HypervisorError
 from qmotion.hypervisor.monitor import Monitor
 from qmotion.hypervisor.qemu import tap_name
-from qmotion.migration.convergence import DORMANT_THROTTLE, THROTTLE_INCREMENT
+from qmotion.migration.convergence import DORMANT_THROTTLE, MAX_THROTTLE, THROTTLE_INCREMENT
 
 log = logging.getLogger(__name__)
 FINISHED = ("completed", "failed", "cancelled")
@@ -80,16 +81,21 @@ def _parameters(params: MigrationParams) -> dict[str, Any]:
     if params.multifd_channels > 0:
         out["multifd-channels"] = params.multifd_channels
     if params.auto_converge:
-        initial, increment, threshold = DORMANT_THROTTLE
+        # Dormant: QEMU may still trigger on its own when the guest outruns the link, so
+        # the ceiling holds it at 1 % until the ladder wakes it.
+        initial, increment, threshold, ceiling = DORMANT_THROTTLE
         if params.throttle_initial_pct:
-            initial, increment, threshold = params.throttle_initial_pct, THROTTLE_INCREMENT, 50
+            increment = params.throttle_increment_pct or THROTTLE_INCREMENT
+            initial, threshold, ceiling = params.throttle_initial_pct, 50, MAX_THROTTLE
         out |= {
             "cpu-throttle-initial": initial,
             "cpu-throttle-increment": increment,
             "throttle-trigger-threshold": threshold,
+            "max-cpu-throttle": ceiling,
         }
     if params.xbzrle_cache_bytes > 0:
-        out["xbzrle-cache-size"] = params.xbzrle_cache_bytes
+        # QEMU takes only a power of two no smaller than a page (migrate_params_check).
+        out["xbzrle-cache-size"] = max(1 << (params.xbzrle_cache_bytes.bit_length() - 1), 4096)
     return out
 
 
@@ -98,12 +104,14 @@ def _tune_parameters(tune: MigrationTune) -> dict[str, Any]:
     if tune.downtime_limit_ms is not None:
         out["downtime-limit"] = tune.downtime_limit_ms
     if tune.throttle_pct is not None:
-        # Awake: QEMU starts here (or adds the increment to a dormant 1 %) and raises the
-        # throttle on every pass in which the guest dirtied more than half of what was sent.
+        # Awake: QEMU starts here (or, when the dormant 1 % already triggered, adds the
+        # increment to it) and steps again after every two syncs in which the guest dirtied
+        # more than half of what was sent.
         out |= {
             "cpu-throttle-initial": tune.throttle_pct,
             "cpu-throttle-increment": THROTTLE_INCREMENT,
             "throttle-trigger-threshold": 50,
+            "max-cpu-throttle": MAX_THROTTLE,
         }
     return out
 
@@ -124,6 +132,39 @@ def _rss_bytes(pid: int) -> int:
         return 1 << 62
 
 
+def _qmp_failed(what: str, vm: str, exc: HypervisorError) -> OperationFailed:
+    """QEMU refused: the agent's error body with QMP's error class, not a bare 500."""
+    return OperationFailed(
+        f"{what} failed: {exc}", vm=vm, qmp_class=getattr(exc, "qmp_class", None)
+    )
+
+
+NONZERO_SAMPLES = 256
+NONZERO_BUDGET_S = 0.5
+LOW_RAM_END = 3 << 30  # below the PCI hole on every PC machine type
+
+
+async def _nonzero_share(mon: Monitor, memory: int) -> float | None:
+    """The share of guest pages whose first 32 bytes are not all zero (QEMU sends zero pages
+    as a flag), from random pages read with HMP ``xp``; None if it cannot be read."""
+    span = min(memory, LOW_RAM_END) // 4096
+    if span < 256:
+        return None
+    rng = random.Random(span)
+    deadline = time.monotonic() + NONZERO_BUDGET_S
+    seen = nonzero = 0
+    while seen < NONZERO_SAMPLES and time.monotonic() < deadline:
+        addr = rng.randrange(256, span) * 4096  # above the first MiB (BIOS, VGA)
+        try:
+            out = await mon.execute("human-monitor-command", {"command-line": f"xp /4gx {addr}"})
+        except HypervisorError:
+            return None
+        words = [w for line in str(out).splitlines() for w in line.split(":", 1)[-1].split()]
+        seen += 1
+        nonzero += any(int(w, 16) for w in words if w.startswith("0x"))
+    return nonzero / seen if seen >= 32 else None
+
+
 class Migrations:
     def __init__(self, vms: VmManager) -> None:
         self.vms = vms
@@ -131,6 +172,7 @@ class Migrations:
         self._steerers: dict[str, asyncio.Future[Steerer]] = {}
         self._incoming_watch: dict[str, asyncio.Task[None]] = {}
         self._incoming_events: dict[str, list[tuple[str, float]]] = {}
+        self._dirty_locks: dict[str, asyncio.Lock] = {}
         # pyroute2's sync API runs its own event loop: it must stay off the agent's loop
         # thread, and a Steerer is used from the thread that built it.
         self._netlink = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steer")
@@ -393,6 +435,15 @@ class Migrations:
         return stats
 
     async def dirty_rate(self, name: str, seconds: list[float]) -> DirtyRateReport:
+        # QEMU runs one measurement at a time and keeps one result: callers take turns.
+        lock = self._dirty_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            try:
+                return await self._dirty_rate(name, seconds)
+            except HypervisorError as exc:
+                raise _qmp_failed(f"measuring the dirty rate of {name}", name, exc) from exc
+
+    async def _dirty_rate(self, name: str, seconds: list[float]) -> DirtyRateReport:
         """QMP calc-dirty-rate (page sampling) once per length in ``seconds``, in order.
 
         Two lengths tell a hot set (found dirty in the short sample already, no more in the
@@ -421,6 +472,12 @@ class Migrations:
         memory = spec.memory << 20
         rt = self.vms.runtime(name)
         resident = _rss_bytes(rt.pid) if rt is not None else memory
+        if rt is not None and rt.memory_backing != "anonymous":
+            # A huge-page pool is resident in full from the start: what the first pass will
+            # send is the share of pages that are not zero, sampled from guest memory.
+            share = await _nonzero_share(mon, memory)
+            if share is not None:
+                resident = int(memory * share)
         return DirtyRateReport(
             samples=samples, memory_bytes=memory, resident_bytes=min(resident, memory)
         )
@@ -432,7 +489,10 @@ class Migrations:
             raise Conflict(f"VM {name} has no outgoing migration to tune", vm=name)
         parameters = _tune_parameters(tune)
         if parameters:
-            await self.vms.monitor(name).execute("migrate-set-parameters", parameters)
+            try:
+                await self.vms.monitor(name).execute("migrate-set-parameters", parameters)
+            except HypervisorError as exc:
+                raise _qmp_failed(f"tuning the migration of {name}", name, exc) from exc
         return await self.stats(name, 0, None)
 
     async def cancel(self, name: str) -> MigrationStats:

@@ -21,7 +21,11 @@ RTT_SAMPLES = 3
 
 async def probe(req: PathProbeRequest) -> PathProbe:
     headers = {"Authorization": f"Bearer {req.peer.token}"}
-    async with httpx.AsyncClient(base_url=req.peer.url, headers=headers, timeout=10.0) as client:
+    try:
+        client = httpx.AsyncClient(base_url=req.peer.url, headers=headers, timeout=10.0)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise OperationFailed(f"cannot probe {req.peer.url!r}: {exc}") from exc
+    async with client:
         try:
             await client.get("/healthz")  # the connection, set up before timing
             rtts = []
@@ -41,9 +45,9 @@ async def probe(req: PathProbeRequest) -> PathProbe:
             resp = await client.post("/v1/net/sink", content=body())
             elapsed = time.monotonic() - start
             resp.raise_for_status()
-        except httpx.HTTPError as exc:
+            received = int(resp.json().get("bytes", 0))
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError, AttributeError) as exc:
             raise OperationFailed(f"probing the path to {req.peer.url} failed: {exc}") from exc
-    received = int(resp.json().get("bytes", 0))
     return PathProbe(
         rtt_ms=round(min(rtts) * 1000, 3),
         bandwidth_bps=received / max(elapsed, 1e-6),

@@ -78,6 +78,9 @@ class MigrationParams(StrictModel):
     throttle_initial_pct: int = Field(
         default=0, ge=0, le=99, description="auto-converge throttling from the start; 0: dormant"
     )
+    throttle_increment_pct: int = Field(
+        default=0, ge=0, le=99, description="QEMU's step per pass; 0: qmotion's (20)"
+    )
     xbzrle_cache_bytes: int = Field(default=0, ge=0, le=1 << 40, description="0: xbzrle off")
     # The manager's, for the ladder; agents ignore them.
     max_downtime_ms: int | None = Field(default=None, ge=1, le=60_000)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
@@ -57,6 +58,11 @@ def errors_exit() -> Iterator[None]:
         )
     except QmotionError as exc:
         fail(str(exc))
+    except ValidationError as exc:
+        # An option the API model refuses (e.g. --timeout 5): the field and why, exit 2.
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "input"
+        fail(f"{where}: {first['msg']}", 2)
 
 
 def print_json(obj: object) -> None:

@@ -9,6 +9,7 @@ from rich.text import Text
 
 from qmotion.cli.common import cells, console, errors_exit, print_json
 from qmotion.cli.connect import server_client
+from qmotion.cli.vm import stats_line
 
 app = typer.Typer(help="Tasks: every long operation, persisted with its progress and events.")
 LabOpt = typer.Option(None, "--lab", help="Which lab's manager, if several are up.")
@@ -50,6 +51,8 @@ def show(task_id: int, json_out: bool = typer.Option(False, "--json"), lab: str 
     console.print(Text(f"task {t.id} {t.kind} {t.vm}: {t.state} ({t.phase}) {t.progress:.0%}"))
     if t.error:
         console.print(f"[red]error:[/] {escape(t.error)}")
+    if t.stats is not None and t.state.active:
+        console.print(Text(f"  now: {stats_line(t)}"))
     for e in t.events:
         console.print(Text(f"  {e.at:%H:%M:%S.%f} {e.kind}: {e.message}"))
     if t.result:

@@ -158,7 +158,7 @@ def show(name: str, json_out: bool = JsonOpt, lab: str = LabOpt) -> None:
         console.print(_vm_table([vm]))
 
 
-def _stats_line(task: TaskOut) -> str:
+def stats_line(task: TaskOut) -> str:
     st = task.stats
     if st is None:
         return str(task.phase or task.state)
@@ -222,7 +222,7 @@ def wait_task(task: TaskOut, get: Callable[[int], TaskOut], show_progress: bool)
     with Progress(*columns, console=console, transient=False) as bar:
         tid = bar.add_task(f"{task.vm} {task.source}->{task.destination}", total=1.0, line="queued")
         while True:
-            bar.update(tid, completed=task.progress, line=_stats_line(task))
+            bar.update(tid, completed=task.progress, line=stats_line(task))
             if not task.state.active:
                 break
             time.sleep(0.2)

@@ -39,7 +39,7 @@ GiB = 1 << 30
 DEFAULT_DOWNTIME_MS = 20
 DEFAULT_MAX_DOWNTIME_MS = 300
 COMPLETION_S_PER_GIB = 120.0
-COMPLETION_COPIES = 3  # and at least the time of this many full copies at the link's rate
+COMPLETION_COPIES = 6  # and at least the time of this many full copies at the link's rate
 MIN_COMPLETION_S = 60.0
 PROGRESS_TIMEOUT_S = 90.0
 # A hot set counts when it is this large and this share of a short sample: below that, the
@@ -47,7 +47,7 @@ PROGRESS_TIMEOUT_S = 90.0
 HOT_SET_MIN_BYTES = 16 * MiB
 HOT_SET_MIN_SHARE = 0.25
 # Dormant auto-converge: QEMU's smallest throttle, triggered only when dirtying outruns sending.
-DORMANT_THROTTLE = (1, 1, 100)  # initial %, increment %, trigger threshold %
+DORMANT_THROTTLE = (1, 1, 100, 1)  # initial %, increment %, trigger threshold %, max %
 THROTTLE_INCREMENT = 20
 MAX_THROTTLE = 99
 MAX_PASSES = 200
@@ -55,7 +55,10 @@ MAX_PASSES = 200
 # soon enough by itself (what is left shrinks geometrically: the total stays within ~3x the
 # first pass).
 SHRINK_ENOUGH = 0.7
-DOWNTIME_MARGIN = 1.3  # the limit set is the needed downtime times this (the rate varies)
+DOWNTIME_MARGIN = 1.3
+# A sync ends a pass when just before it no more was left than this much sending carries.
+PASS_END_S = 1.0
+PASS_END_BYTES = 4 * MiB  # the limit set is the needed downtime times this (the rate varies)
 
 
 class Rung(StrEnum):
@@ -166,13 +169,16 @@ def plan(
         COMPLETION_S_PER_GIB * memory_bytes / GiB,
         COMPLETION_COPIES * memory_bytes / bw,
     )
-    outruns = dirty.rate_bps >= SHRINK_ENOUGH * bw
+    # A hot set is bounded (xbzrle and the downtime carry it); only a sweep outruns a link.
+    outruns = dirty.sweep_bps >= SHRINK_ENOUGH * bw
     hot = (
         dirty.hot_bytes >= HOT_SET_MIN_BYTES
         and dirty.hot_bytes >= HOT_SET_MIN_SHARE * dirty.dirtied(dirty.short_s)
         and dirty.hot_bytes / bw * 1000 > initial
     )
-    xbzrle = _pow2_at_least(dirty.hot_bytes * 2) if hot else 0
+    # Twice the hot set, but not more than a quarter of the guest: the cache is host memory.
+    quarter = 1 << max((memory_bytes // 4).bit_length() - 1, 20)  # QEMU wants a power of 2
+    xbzrle = min(_pow2_at_least(dirty.hot_bytes * 2), quarter) if hot else 0
     base = Plan(
         initial_downtime_ms=initial,
         max_downtime_ms=max_dt,
@@ -197,35 +203,35 @@ def _simulate(
     ladder = Ladder.start(p, now=0.0)
     t = 2 * rtt  # the stream's setup
     to_send = float(min(max(resident, 0), memory))
-    throttle = p.throttle_from_start_pct / 100
+    # QEMU wakes and steps the throttle only after two syncs in which the guest dirtied too
+    # much: the first pass runs unthrottled, then one step every other pass.
+    armed = p.throttle_from_start_pct / 100
+    throttle = 0.0
     measures: list[str] = ["auto-converge"] if p.throttle_from_start_pct else []
+    ladder, _ = ladder.decide(Sample(t, 1, int(to_send), bw, dirty.rate_bps))
     for n in range(1, MAX_PASSES + 1):
         seconds = to_send / bw
         t += seconds
         # The guest rewrites what it has written: its resident memory bounds one pass.
         remaining = min(dirty.dirtied(seconds, throttle), float(max(resident, 1)), float(memory))
         if remaining / bw * 1000 <= ladder.downtime_ms:
-            downtime = remaining / bw * 1000 + rtt * 1000
+            total = t + remaining / bw
+            ok = total <= p.completion_timeout_s
             return replace(
                 p,
-                converges=t + remaining / bw <= p.completion_timeout_s,
-                total_s=t + remaining / bw,
-                downtime_ms=downtime,
+                converges=ok,
+                total_s=total,
+                downtime_ms=remaining / bw * 1000 + rtt * 1000,
                 passes=n + 1,
                 measures=tuple(measures),
                 max_throttle_pct=round(throttle * 100),
                 why_not=None
-                if t <= p.completion_timeout_s
-                else f"needs {t:.0f} s, more than the {p.completion_timeout_s:.0f} s timeout",
+                if ok
+                else f"needs {total:.0f} s, more than the {p.completion_timeout_s:.0f} s timeout",
             )
-        sample = Sample(
-            at=t,
-            passes=n,
-            remaining=int(remaining),
-            throughput_bps=bw,
-            dirty_bps=dirty.dirtied(1.0, throttle),
-            throttle_pct=round(throttle * 100),
-        )
+        pct = round(throttle * 100)
+        ladder, _ = ladder.decide(Sample(t, n, 0, bw, dirty.rate_bps, pct))  # the pass's tail
+        sample = Sample(t, n + 1, int(remaining), bw, dirty.dirtied(1.0, throttle), pct)
         ladder, decision = ladder.decide(sample)
         if decision.abort:
             return replace(
@@ -242,9 +248,10 @@ def _simulate(
             if m not in measures:
                 measures.append(m)
         if decision.throttle_pct is not None:
-            throttle = decision.throttle_pct / 100
-        elif ladder.rung == Rung.THROTTLE and remaining > 0.5 * bw * seconds:
-            # QEMU raises the throttle on each pass that dirtied over half of what it sent.
+            armed = decision.throttle_pct / 100
+        elif armed and throttle == 0.0:
+            throttle = armed
+        elif throttle and n % 2 == 0 and remaining > 0.5 * bw * seconds:
             throttle = min(throttle + THROTTLE_INCREMENT / 100, MAX_THROTTLE / 100)
         to_send = remaining
     return replace(
@@ -267,6 +274,7 @@ class Sample:
     throughput_bps: float
     dirty_bps: float
     throttle_pct: int = 0
+    expected_downtime_ms: float | None = None  # QEMU: dirty at the last sync / bandwidth
 
 
 @dataclass(frozen=True)
@@ -294,13 +302,20 @@ NOTHING = Decision()
 
 @dataclass(frozen=True)
 class Ladder:
-    """Where the migration stands on the ladder, and what it has seen."""
+    """Where the migration stands on the ladder, and what it has seen.
+
+    It judges at pass ends only. QEMU syncs the dirty bitmap when a pass has sent everything,
+    and (QEMU >= 9.2, auto-converge on) every 5 s in the background, mid-pass: a sync ends a
+    pass when what was left just before it is about what a second of sending carries.
+    """
 
     plan: Plan
     started_at: float
     rung: Rung = Rung.PRECOPY
     downtime_ms: int = DEFAULT_DOWNTIME_MS
-    passes_seen: int = 0
+    syncs_seen: int = 0
+    tail_remaining: int | None = None  # the least remaining seen since the last sync
+    passes: int = 0  # passes ended (judged)
     rung_since_pass: int = 0
     last_pass_remaining: int | None = None
     best_remaining: int | None = None
@@ -321,43 +336,73 @@ class Ladder:
             )
         return cls(plan=p, started_at=now, downtime_ms=p.initial_downtime_ms, best_at=now)
 
-    def decide(self, s: Sample) -> tuple[Ladder, Decision]:
-        """The ladder after ``s``, and what to change now."""
-        st = self
+    def _timeouts(self, s: Sample) -> Decision | None:
         elapsed = s.at - self.started_at
-        if st.best_remaining is None or s.remaining < st.best_remaining * 0.95:
-            st = replace(st, best_remaining=s.remaining, best_at=s.at)
-        if s.throttle_pct > st.last_throttle_pct:
-            # QEMU is still tightening the throttle: the ladder has not run out of rungs.
-            st = replace(st, last_throttle_pct=s.throttle_pct, best_at=s.at)
         if elapsed > self.plan.completion_timeout_s:
-            return st, Decision(
+            return Decision(
                 abort=f"not complete after {elapsed:.0f} s "
                 f"(completion timeout {self.plan.completion_timeout_s:.0f} s)"
             )
-        if s.at - st.best_at > self.plan.progress_timeout_s:
-            return st, Decision(
-                abort=f"no progress for {s.at - st.best_at:.0f} s "
-                f"(remaining {s.remaining / MiB:.0f} MiB, rung {st.rung.value})"
+        if s.at - self.best_at > self.plan.progress_timeout_s:
+            return Decision(
+                abort=f"no progress for {s.at - self.best_at:.0f} s "
+                f"(remaining {s.remaining / MiB:.0f} MiB after pass {self.passes}, "
+                f"rung {self.rung.value})"
             )
-        if s.passes <= st.passes_seen:
-            return st, NOTHING  # mid-pass: what is left is not known until the next sync
+        return None
+
+    def _pass_ended(self, s: Sample) -> bool:
+        if self.syncs_seen == 0:
+            return False  # QEMU's first sync starts the first pass
+        if s.passes - self.syncs_seen >= 2:
+            return True  # two syncs between samples: background ones are 5 s apart
+        tail = self.tail_remaining
+        return tail is not None and tail <= max(s.throughput_bps * PASS_END_S, PASS_END_BYTES)
+
+    def decide(self, s: Sample) -> tuple[Ladder, Decision]:
+        """The ladder after ``s``, and what to change now."""
+        st = self
+        if self.passes == 0 or s.throttle_pct > st.last_throttle_pct:
+            # The first pass is progress by itself (the stall check watches its bytes), and
+            # a throttle QEMU still tightens means the ladder has not run out of rungs.
+            st = replace(st, last_throttle_pct=max(s.throttle_pct, st.last_throttle_pct))
+            st = replace(st, best_at=s.at)
+        if s.passes <= st.syncs_seen:
+            tail = s.remaining if st.tail_remaining is None else min(st.tail_remaining, s.remaining)
+            st = replace(st, tail_remaining=tail)
+            return st, st._timeouts(s) or NOTHING
+        ended = st._pass_ended(s)
+        st = replace(st, syncs_seen=s.passes, tail_remaining=s.remaining)
+        if not ended:
+            return st, st._timeouts(s) or NOTHING
         previous = st.last_pass_remaining
-        st = replace(st, passes_seen=s.passes, last_pass_remaining=s.remaining)
-        if s.passes < 2 or s.throughput_bps < 1.0:
-            return st, NOTHING  # the first pass sends everything once: nothing to judge yet
-        needed_ms = min(s.remaining / s.throughput_bps * 1000, 1e9)
+        st = replace(st, passes=st.passes + 1, last_pass_remaining=s.remaining)
+        if st.best_remaining is None or s.remaining < st.best_remaining * 0.95:
+            st = replace(st, best_remaining=s.remaining, best_at=s.at)
+        timed_out = st._timeouts(s)
+        if timed_out is not None:
+            return st, timed_out
+        if s.throughput_bps < 1.0:
+            return st, NOTHING
+        # QEMU's expected downtime is what the last sync found dirty over the bandwidth.
+        needed_ms = s.expected_downtime_ms
+        if needed_ms is None:
+            needed_ms = s.remaining / s.throughput_bps * 1000
+        needed_ms = min(needed_ms, 1e9)
         if needed_ms <= st.downtime_ms:
             return st, NOTHING  # QEMU switches over by itself
-        shrinking = (previous is not None and s.remaining <= previous * SHRINK_ENOUGH) or (
-            0 < s.dirty_bps <= s.throughput_bps * SHRINK_ENOUGH
-        )
-        if shrinking:
+        if previous is not None and s.remaining <= previous * SHRINK_ENOUGH:
             return st, NOTHING
+        if (
+            previous is None
+            and st.rung == Rung.PRECOPY
+            and s.remaining <= SHRINK_ENOUGH * (s.throughput_bps * (s.at - st.started_at))
+        ):
+            return st, NOTHING  # after the first pass: less dirty than it took to send
         wanted = min(math.ceil(needed_ms * DOWNTIME_MARGIN), st.plan.max_downtime_ms)
         if st.rung == Rung.PRECOPY and needed_ms <= st.plan.max_downtime_ms:
-            return self._climb(st, Rung.DOWNTIME, s, Decision(downtime_ms=wanted))
-        if st.rung == Rung.DOWNTIME and s.passes - st.rung_since_pass < 2:
+            return self._climb(st, Rung.DOWNTIME, Decision(downtime_ms=wanted))
+        if st.rung == Rung.DOWNTIME and st.passes - st.rung_since_pass < 2:
             if wanted > st.downtime_ms:
                 st = replace(st, downtime_ms=wanted)
                 return st, Decision(downtime_ms=wanted, note="downtime raised again")
@@ -367,18 +412,18 @@ class Ladder:
             decision = Decision(
                 downtime_ms=wanted if wanted > st.downtime_ms else None, throttle_pct=pct
             )
-            return self._climb(st, Rung.THROTTLE, s, decision)
+            return self._climb(st, Rung.THROTTLE, decision)
         if wanted > st.downtime_ms:
             st = replace(st, downtime_ms=wanted)
             return st, Decision(downtime_ms=wanted, note="downtime raised again")
         return st, NOTHING
 
     @staticmethod
-    def _climb(st: Ladder, rung: Rung, s: Sample, d: Decision) -> tuple[Ladder, Decision]:
+    def _climb(st: Ladder, rung: Rung, d: Decision) -> tuple[Ladder, Decision]:
         st = replace(
             st,
             rung=rung,
-            rung_since_pass=s.passes,
+            rung_since_pass=st.passes,
             downtime_ms=d.downtime_ms or st.downtime_ms,
             history=(*st.history, rung.value),
         )

@@ -332,8 +332,17 @@ def step(state: MigrationState, event: Event) -> Step:
     if phase == Phase.ROLLBACK:
         if isinstance(event, Progress) and event.qemu_status == Qs.COMPLETED:
             # The rollback found the switchover had happened: the destination owns the VM.
+            # What caused the rollback did not stop the migration: a warning, not the error.
+            why = (f"rollback ({state.error}) found the switchover done",) if state.error else ()
             return Step(
-                replace(state, phase=Phase.VERIFY, switched_over=True, qemu_status=Qs.COMPLETED),
+                replace(
+                    state,
+                    phase=Phase.VERIFY,
+                    switched_over=True,
+                    qemu_status=Qs.COMPLETED,
+                    error=None,
+                    warnings=(*state.warnings, *why),
+                ),
                 VerifyDestination(),
                 "switchover had already happened: going forward",
             )

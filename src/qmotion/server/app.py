@@ -126,6 +126,7 @@ def create_app(db_url: str, token: str, agents: AgentConnector | None = None) ->
         "/v1/vms/{name}/migrate/plan",
         response_model=MigrationPrediction,
         dependencies=auth,
+        responses=AGENT_ERRORS,
         summary="Dry run: measure the guest and the path, predict the migration, start nothing",
     )
     async def migrate_plan(name: str, req: MigrateRequest) -> MigrationPrediction:

@@ -13,6 +13,7 @@ from qmotion.api.migration import (
     DirtyRateRequest,
     MigrationPrediction,
     MigrationReport,
+    PathProbe,
     PathProbeRequest,
     PeerRef,
 )
@@ -26,8 +27,8 @@ from qmotion.server.inventory import Inventory
 T = TypeVar("T")
 # Below this the guest is idle for migration purposes: the long sample would only add time.
 IDLE_DIRTY_BPS = 1 << 20
-SHORT_S, LONG_S = 0.5, 1.5
-PROBE_S = 0.5
+SHORT_S, LONG_S = 0.25, 1.0
+PROBE_S = 0.25
 
 
 def _history_bandwidth(db: Database, source: str, destination: str) -> float | None:
@@ -58,8 +59,15 @@ async def measure(
     src: Host,
     dst: Host,
     limits: Limits,
+    *,
+    quick: bool = False,
 ) -> tuple[Plan, MigrationPrediction]:
-    """Measure the guest and the path, and plan the migration; raises StepError."""
+    """Measure the guest and the path, and plan the migration; raises StepError.
+
+    ``quick`` (before a real migration, where every ms delays the start): an idle guest's
+    path is not probed when an earlier migration on it measured the rate, since an idle guest
+    needs no ladder; a busy guest's long sample and the probe run at once.
+    """
 
     async def call(host: Host, what: str, fn: Callable[[AgentClient], T]) -> T:
         def work() -> T:
@@ -77,26 +85,38 @@ async def measure(
         src, "dirty rate", lambda c: c.dirty_rate(vm, DirtyRateRequest(seconds=[SHORT_S]))
     )
     samples = [(x.seconds, float(x.dirtied_bytes)) for x in short.samples]
-    if samples[0][1] / samples[0][0] >= IDLE_DIRTY_BPS:
-        long = await call(
+    busy = samples[0][1] / samples[0][0] >= IDLE_DIRTY_BPS
+    history = await asyncio.to_thread(_history_bandwidth, db, src.name, dst.name)
+    peer = PeerRef(url=dst.agent_url, token=dst.token, vm=vm)
+
+    async def long_sample() -> list[tuple[float, float]]:
+        if not busy:
+            return []
+        got = await call(
             src, "dirty rate", lambda c: c.dirty_rate(vm, DirtyRateRequest(seconds=[LONG_S]))
         )
-        samples += [(x.seconds, float(x.dirtied_bytes)) for x in long.samples]
-    dirty = DirtyMeasure.from_samples(samples[0], samples[1] if len(samples) > 1 else None)
+        return [(x.seconds, float(x.dirtied_bytes)) for x in got.samples]
 
-    peer = PeerRef(url=dst.agent_url, token=dst.token, vm=vm)
-    probe = await call(
-        src, "path probe", lambda c: c.probe_path(PathProbeRequest(peer=peer, seconds=PROBE_S))
-    )
-    history = await asyncio.to_thread(_history_bandwidth, db, src.name, dst.name)
+    async def probe() -> PathProbe | None:
+        if quick and not busy and history is not None:
+            return None
+        return await call(
+            src, "path probe", lambda c: c.probe_path(PathProbeRequest(peer=peer, seconds=PROBE_S))
+        )
+
+    more, probed = await asyncio.gather(long_sample(), probe())
+    samples += more
+    dirty = DirtyMeasure.from_samples(samples[0], samples[1] if len(samples) > 1 else None)
     # The probe's upload runs through Python on both ends: on a fast link it is the lower
     # bound, and QEMU's own rate on the last migration is the better figure.
-    bandwidth, source = probe.bandwidth_bps, "probe"
+    bandwidth, source, rtt_ms = 0.0, "history", 0.0
+    if probed is not None:
+        bandwidth, source, rtt_ms = probed.bandwidth_bps, "probe", probed.rtt_ms
     if history is not None and history > bandwidth:
         bandwidth, source = history, "history"
     if limits.bandwidth_bps is not None and limits.bandwidth_bps < bandwidth:
         bandwidth, source = limits.bandwidth_bps, "operator"
-    path = PathMeasure(bandwidth_bps=max(bandwidth, 1.0), rtt_s=probe.rtt_ms / 1000)
+    path = PathMeasure(bandwidth_bps=max(bandwidth, 1.0), rtt_s=rtt_ms / 1000)
     p = plan(short.memory_bytes, short.resident_bytes, dirty, path, limits)
     return p, MigrationPrediction(
         vm=vm,
@@ -109,7 +129,7 @@ async def measure(
         sweep_bps=round(dirty.sweep_bps),
         bandwidth_bps=round(path.bandwidth_bps),
         bandwidth_from=source,
-        rtt_ms=probe.rtt_ms,
+        rtt_ms=rtt_ms,
         converges=p.converges,
         total_s=round(p.total_s, 2),
         downtime_ms=round(p.downtime_ms, 1),

@@ -30,6 +30,7 @@ from qmotion.migration.convergence import (
     Ladder,
     Limits,
     PathMeasure,
+    Plan,
     Sample,
     plan,
 )
@@ -42,6 +43,9 @@ from qmotion.server.measure import measure
 T = TypeVar("T")
 PROGRESS_WAIT_MS = 500
 VERIFY_TIMEOUT_S = 30.0
+SWITCHOVER_WAIT_S = 10.0
+SWITCHING = frozenset({QemuMigrationStatus.DEVICE, QemuMigrationStatus.PRE_SWITCHOVER})
+MAX_SAMPLES = 600  # flight-recorder samples kept per migration
 STALL_TIMEOUT_S = 30.0  # an active migration that moves no data for this long is abandoned
 # QEMU's migrate_cancel shuts the stream's socket down, so a cancel settles at once; a source
 # that has not settled after this long is reported, and its destination kept.
@@ -103,6 +107,7 @@ class AgentMigrationPort:
         self.prediction: MigrationPrediction | None = None
         self.ladder: Ladder | None = None
         self.samples: list[FlightSample] = []
+        self._planning: asyncio.Future[None] | None = None
         self.throttled_s = 0.0
         self._last_transferred = -1
         self._progress_at = time.monotonic()
@@ -151,26 +156,27 @@ class AgentMigrationPort:
                 raise Refused(self.vm, refusals)
 
         await asyncio.to_thread(check)
-        await self._measure_and_plan()
+        # Measuring takes a few hundred ms: it overlaps with preparing the destination, which
+        # needs none of it (the plan sets only source-side capabilities and parameters).
+        self._planning = asyncio.ensure_future(self._measure_and_plan())
+
+    async def _planned(self) -> None:
+        if self._planning is not None:
+            await self._planning
+            self._planning = None
 
     async def _measure_and_plan(self) -> None:
         """The convergence plan: what QEMU is told at the start and the ladder it may climb."""
         limits = limits_of(self.params)
         try:
             p, self.prediction = await measure(
-                self.db, self.inventory, self.vm, self._src, self._dst, limits
+                self.db, self.inventory, self.vm, self._src, self._dst, limits, quick=True
             )
-        except StepError as exc:
-            # Without measurements the ladder still works from QEMU's own figures.
+        except Exception as exc:
+            # Measuring is advice: whatever fails in it (an agent, a bug), the migration goes
+            # on, and the ladder works from QEMU's own figures. (CancelledError is not caught.)
             self.warnings.append(f"no prediction: {exc}")
-            p = plan(
-                self.spec.memory << 20,
-                self.spec.memory << 20,
-                DirtyMeasure(),
-                PathMeasure(bandwidth_bps=float(self.params.max_bandwidth)),
-                limits,
-            )
-            p = replace(p, auto_converge=True)
+            p = self._unmeasured_plan()
         self.params = self.params.model_copy(
             update={
                 "downtime_limit_ms": p.initial_downtime_ms,
@@ -181,12 +187,24 @@ class AgentMigrationPort:
         )
         self.ladder = Ladder.start(p, now=0.0)
 
+    def _unmeasured_plan(self) -> Plan:
+        """Without measurements: the operator's limits and timeouts, auto-converge armed."""
+        p = plan(
+            self.spec.memory << 20,
+            self.spec.memory << 20,
+            DirtyMeasure(),
+            PathMeasure(bandwidth_bps=float(self.params.max_bandwidth)),
+            limits_of(self.params),
+        )
+        return replace(p, auto_converge=True)
+
     async def prepare_destination(self) -> str:
         req = IncomingRequest(spec=self.spec, params=self.params)
         resp = await self._call(self._dst, "prepare destination", lambda c: c.incoming(req))
         return resp.uri
 
     async def start_migration(self, uri: str) -> None:
+        await self._planned()
         peer = PeerRef(url=self._dst.agent_url, token=self._dst.token, vm=self.vm)
         req = OutgoingRequest(uri=uri, params=self.params, peer=peer)
         self.last_stats = await self._call(
@@ -231,11 +249,18 @@ class AgentMigrationPort:
 
     async def _climb(self, stats: MigrationStats, now: float) -> None:
         """One progress sample: recorded, and given to the convergence ladder."""
-        if self.ladder is None or self.migrate_issued_at is None:
+        if self.migrate_issued_at is None and stats.total_time_ms is not None:
+            # A manager that restarted mid-migration: QEMU's clock says when it began, and
+            # the timeouts hold from there (the rungs climbed before are QEMU's already).
+            self.migrate_issued_at = now - stats.total_time_ms / 1000
+        if self.migrate_issued_at is None:
             return
+        if self.ladder is None:
+            self.ladder = Ladder.start(self._unmeasured_plan(), now=0.0)
         at = now - self.migrate_issued_at
         if self.samples and stats.throttle_pct > 1:
             self.throttled_s += at - self.samples[-1].t_s
+        before = self.ladder
         self.ladder, decision = self.ladder.decide(
             Sample(
                 at=at,
@@ -244,8 +269,12 @@ class AgentMigrationPort:
                 throughput_bps=stats.throughput_bps,
                 dirty_bps=stats.dirty_bps,
                 throttle_pct=stats.throttle_pct,
+                expected_downtime_ms=stats.expected_downtime_ms,
             )
         )
+        if len(self.samples) >= MAX_SAMPLES:
+            # A long migration keeps every other sample: the record stays bounded.
+            self.samples = self.samples[::2]
         self.samples.append(
             FlightSample(
                 t_s=round(at, 3),
@@ -270,8 +299,19 @@ class AgentMigrationPort:
             try:
                 await self._call_raw(self._src, lambda c: c.tune_migration(self.vm, tune))
             except ClientError as exc:
-                # The migration goes on at the rung below; the next pass asks again.
+                # The migration goes on at the rung below; the next pass asks again. So the
+                # ladder stays where QEMU is (what it learnt of the passes kept): a ladder
+                # that believed the change applied would never ask for it again.
                 self.warnings.append(f"could not apply {decision.note}: {exc}")
+                self.ladder = replace(
+                    self.ladder,
+                    rung=before.rung,
+                    downtime_ms=before.downtime_ms,
+                    rung_since_pass=before.rung_since_pass,
+                    history=before.history,
+                )
+                self.samples[-1].rung = before.rung.value
+                self.samples[-1].downtime_limit_ms = before.downtime_ms
 
     async def verify_destination(self) -> None:
         deadline = time.monotonic() + VERIFY_TIMEOUT_S
@@ -319,6 +359,9 @@ class AgentMigrationPort:
         does not answer) the destination is kept and recorded in ``leftovers``, unless it
         already runs, which proves the switchover happened.
         """
+        if self._planning is not None:
+            self._planning.cancel()  # measurements for a migration that will not start
+            self._planning = None
         try:
             if cancel_migration:
                 await self._cancel_on_source()
@@ -333,6 +376,10 @@ class AgentMigrationPort:
             if teardown_destination:
                 self._keep_destination(f"the source QEMU is {status}, not running")
             raise StepError("rollback", f"source QEMU is {status} after rollback", vm=self.vm)
+        if cancel_migration:
+            # The source's stop may already have steered the network away: win it back.
+            with contextlib.suppress(StepError):
+                await self._call(self._src, "rollback", lambda c: c.announce(self.vm))
         if teardown_destination:
             try:
                 await self._call(self._dst, "rollback", lambda c: _delete(c, self.vm))
@@ -346,6 +393,14 @@ class AgentMigrationPort:
         before = await self._call(self._src, "rollback", lambda c: c.migration(self.vm))
         if before.status == QemuMigrationStatus.COMPLETED:
             raise SwitchedOver("the source reports the migration completed")
+        deadline = time.monotonic() + SWITCHOVER_WAIT_S
+        while before.status in SWITCHING and time.monotonic() < deadline:
+            # Mid-switchover the network is being steered to the destination: cancelling now
+            # would leave it pointing there; the switchover ends in moments either way.
+            await asyncio.sleep(0.05)
+            before = await self._call(self._src, "rollback", lambda c: c.migration(self.vm))
+            if before.status == QemuMigrationStatus.COMPLETED:
+                raise SwitchedOver("the migration completed during the switchover")
         if before.status not in IDLE:
             await self._call(self._src, "rollback", lambda c: c.cancel_migration(self.vm))
         deadline = time.monotonic() + SETTLE_TIMEOUT_S

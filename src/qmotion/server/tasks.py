@@ -307,6 +307,18 @@ class TaskRunner:
             t.phase = st.state.phase.value
             t.machine = st.state.to_json()
             if stats is not None:
+                before = (t.stats or {}).get("rung"), (t.stats or {}).get("downtime_limit_ms")
+                if stats.rung and before != (stats.rung, stats.downtime_limit_ms):
+                    # Each climb of the ladder is an event an operator can read back.
+                    s.add(
+                        TaskEvent(
+                            task=t,
+                            kind="rung",
+                            message=f"rung {stats.rung}: downtime limit "
+                            f"{stats.downtime_limit_ms} ms, throttle {stats.throttle_pct}%",
+                            data={"rung": stats.rung, "downtime_limit_ms": stats.downtime_limit_ms},
+                        )
+                    )
                 t.stats = stats.model_dump(mode="json")
                 if stats.total:
                     done = 1.0 - stats.remaining / stats.total
