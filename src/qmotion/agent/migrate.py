@@ -58,6 +58,7 @@ class Outgoing:
     steer_error: str | None = None
     task: asyncio.Task[None] | None = None
     events: list[tuple[str, float]] = field(default_factory=list)
+    restore_increment_at: int | None = None  # throttle % after which QEMU's step is reset
 
 
 def _capabilities(params: MigrationParams, *, source: bool) -> list[dict[str, Any]]:
@@ -141,7 +142,7 @@ def _qmp_failed(what: str, vm: str, exc: HypervisorError) -> OperationFailed:
 
 NONZERO_SAMPLES = 256
 NONZERO_BUDGET_S = 0.5
-LOW_RAM_END = 3 << 30  # below the PCI hole on every PC machine type
+LOW_RAM_END = 2 << 30  # RAM on every pc and q35 layout (q35 puts its PCI hole at 2 GiB)
 
 
 async def _nonzero_share(mon: Monitor, memory: int) -> float | None:
@@ -424,6 +425,18 @@ class Migrations:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(out.changed.wait(), wait_ms / 1000)
         stats = MigrationStats.from_qmp(await mon.execute("query-migrate"))
+        waking = out.restore_increment_at if out is not None else None
+        if (
+            out is not None
+            and waking is not None
+            and (stats.throttle_pct >= waking or stats.finished)
+        ):
+            out.restore_increment_at = None
+            if not stats.finished:
+                with contextlib.suppress(HypervisorError):
+                    await mon.execute(
+                        "migrate-set-parameters", {"cpu-throttle-increment": THROTTLE_INCREMENT}
+                    )
         incoming = self._incoming_events.get(name)
         if incoming is not None:
             stats.events = [(status, t * 1000) for status, t in incoming]
@@ -488,6 +501,13 @@ class Migrations:
         if out is None or out.status in FINISHED:
             raise Conflict(f"VM {name} has no outgoing migration to tune", vm=name)
         parameters = _tune_parameters(tune)
+        if tune.throttle_pct is not None:
+            # A throttle already running (the dormant 1 % fired) ignores a new initial value
+            # and only steps by the increment: one step to the wanted value, then the usual.
+            current = (await self.stats(name, 0, None)).throttle_pct
+            if 0 < current < tune.throttle_pct:
+                parameters["cpu-throttle-increment"] = tune.throttle_pct - current
+                out.restore_increment_at = tune.throttle_pct
         if parameters:
             try:
                 await self.vms.monitor(name).execute("migrate-set-parameters", parameters)

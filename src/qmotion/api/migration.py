@@ -286,6 +286,9 @@ class MigrationReport(BaseModel):
         default=None, description="source STOP to destination RESUME, agents' clocks"
     )
     steer_ms: float | None = Field(default=None, description="destination took the traffic")
+    source_stopped_at_ms: float | None = Field(
+        default=None, description="the source's STOP (switchover began), its agent's clock"
+    )
     orchestration_ms: float | None = Field(
         default=None, description="request accepted (after queueing) to migrate issued"
     )

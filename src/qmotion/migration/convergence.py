@@ -55,10 +55,12 @@ MAX_PASSES = 200
 # soon enough by itself (what is left shrinks geometrically: the total stays within ~3x the
 # first pass).
 SHRINK_ENOUGH = 0.7
-DOWNTIME_MARGIN = 1.3
+DOWNTIME_MARGIN = 1.3  # the limit set is the needed downtime times this (the rate varies)
 # A sync ends a pass when just before it no more was left than this much sending carries.
 PASS_END_S = 1.0
-PASS_END_BYTES = 4 * MiB  # the limit set is the needed downtime times this (the rate varies)
+PASS_END_BYTES = 4 * MiB
+BG_SYNC_S = 5.0  # QEMU >= 9.2 with auto-converge: a background sync at least this often
+OVERDUE_FACTOR = 1.2  # a pass this much longer than sending what the last one left is overdue
 
 
 class Rung(StrEnum):
@@ -182,7 +184,9 @@ def plan(
     base = Plan(
         initial_downtime_ms=initial,
         max_downtime_ms=max_dt,
-        auto_converge=dirty.rate_bps > 0,
+        # Always armed (dormant): capabilities are fixed at the start, and a guest measured idle
+        # may turn busy; the cost is QEMU's background sync every 5 s.
+        auto_converge=True,
         throttle_from_start_pct=throttle_for(bw, dirty.rate_bps) if outruns else 0,
         xbzrle_cache_bytes=xbzrle,
         completion_timeout_s=timeout,
@@ -316,6 +320,9 @@ class Ladder:
     syncs_seen: int = 0
     tail_remaining: int | None = None  # the least remaining seen since the last sync
     passes: int = 0  # passes ended (judged)
+    judged_at: float = 0.0
+    sampled_at: float = 0.0
+    first_remaining: int | None = None
     rung_since_pass: int = 0
     last_pass_remaining: int | None = None
     best_remaining: int | None = None
@@ -343,7 +350,10 @@ class Ladder:
                 abort=f"not complete after {elapsed:.0f} s "
                 f"(completion timeout {self.plan.completion_timeout_s:.0f} s)"
             )
-        if s.at - self.best_at > self.plan.progress_timeout_s:
+        # No new low for the progress timeout, beyond the time one pass of it takes to send.
+        last = self.last_pass_remaining or self.first_remaining or 0
+        allowance = last / s.throughput_bps if s.throughput_bps >= 1.0 else 0.0
+        if s.at - self.best_at > self.plan.progress_timeout_s + min(allowance, 3600.0):
             return Decision(
                 abort=f"no progress for {s.at - self.best_at:.0f} s "
                 f"(remaining {s.remaining / MiB:.0f} MiB after pass {self.passes}, "
@@ -354,10 +364,21 @@ class Ladder:
     def _pass_ended(self, s: Sample) -> bool:
         if self.syncs_seen == 0:
             return False  # QEMU's first sync starts the first pass
-        if s.passes - self.syncs_seen >= 2:
-            return True  # two syncs between samples: background ones are 5 s apart
+        if s.passes - self.syncs_seen >= 2 and s.at - self.sampled_at < BG_SYNC_S:
+            return True  # two syncs between close samples: background ones are 5 s apart
         tail = self.tail_remaining
-        return tail is not None and tail <= max(s.throughput_bps * PASS_END_S, PASS_END_BYTES)
+        # QEMU syncs once what is left fits the downtime limit: a pass ends within that plus a
+        # sampling interval of sending.
+        window = PASS_END_S + self.downtime_ms / 1000
+        if tail is not None and tail <= max(s.throughput_bps * window, PASS_END_BYTES):
+            return True
+        # A guest that outruns the link never drains a pass: only background syncs come. Once
+        # a pass is overdue by far, each sync is judged as one (what it left, against the last).
+        if s.throughput_bps < 1.0 or self.first_remaining is None:
+            return False
+        last = self.last_pass_remaining or self.first_remaining
+        overdue = OVERDUE_FACTOR * last / s.throughput_bps + 2 * BG_SYNC_S
+        return s.at - self.judged_at > overdue
 
     def decide(self, s: Sample) -> tuple[Ladder, Decision]:
         """The ladder after ``s``, and what to change now."""
@@ -367,16 +388,18 @@ class Ladder:
             # a throttle QEMU still tightens means the ladder has not run out of rungs.
             st = replace(st, last_throttle_pct=max(s.throttle_pct, st.last_throttle_pct))
             st = replace(st, best_at=s.at)
+        if st.first_remaining is None:
+            st = replace(st, first_remaining=s.remaining, judged_at=s.at)
         if s.passes <= st.syncs_seen:
             tail = s.remaining if st.tail_remaining is None else min(st.tail_remaining, s.remaining)
-            st = replace(st, tail_remaining=tail)
+            st = replace(st, tail_remaining=tail, sampled_at=s.at)
             return st, st._timeouts(s) or NOTHING
         ended = st._pass_ended(s)
-        st = replace(st, syncs_seen=s.passes, tail_remaining=s.remaining)
+        st = replace(st, syncs_seen=s.passes, tail_remaining=s.remaining, sampled_at=s.at)
         if not ended:
             return st, st._timeouts(s) or NOTHING
         previous = st.last_pass_remaining
-        st = replace(st, passes=st.passes + 1, last_pass_remaining=s.remaining)
+        st = replace(st, passes=st.passes + 1, last_pass_remaining=s.remaining, judged_at=s.at)
         if st.best_remaining is None or s.remaining < st.best_remaining * 0.95:
             st = replace(st, best_remaining=s.remaining, best_at=s.at)
         timed_out = st._timeouts(s)

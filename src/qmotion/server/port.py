@@ -160,6 +160,12 @@ class AgentMigrationPort:
         # needs none of it (the plan sets only source-side capabilities and parameters).
         self._planning = asyncio.ensure_future(self._measure_and_plan())
 
+    def close(self) -> None:
+        """The task ended: measurements still under way are for nothing."""
+        if self._planning is not None:
+            self._planning.cancel()
+            self._planning = None
+
     async def _planned(self) -> None:
         if self._planning is not None:
             await self._planning
@@ -187,13 +193,15 @@ class AgentMigrationPort:
         )
         self.ladder = Ladder.start(p, now=0.0)
 
-    def _unmeasured_plan(self) -> Plan:
-        """Without measurements: the operator's limits and timeouts, auto-converge armed."""
+    def _unmeasured_plan(self, throughput_bps: float | None = None) -> Plan:
+        """Without measurements: the operator's limits, and timeouts from what the stream
+        carries now if it runs (else the bandwidth cap), auto-converge armed."""
+        rate = throughput_bps if throughput_bps and throughput_bps >= 1.0 else None
         p = plan(
             self.spec.memory << 20,
             self.spec.memory << 20,
             DirtyMeasure(),
-            PathMeasure(bandwidth_bps=float(self.params.max_bandwidth)),
+            PathMeasure(bandwidth_bps=rate or float(self.params.max_bandwidth)),
             limits_of(self.params),
         )
         return replace(p, auto_converge=True)
@@ -256,7 +264,7 @@ class AgentMigrationPort:
         if self.migrate_issued_at is None:
             return
         if self.ladder is None:
-            self.ladder = Ladder.start(self._unmeasured_plan(), now=0.0)
+            self.ladder = Ladder.start(self._unmeasured_plan(stats.throughput_bps), now=0.0)
         at = now - self.migrate_issued_at
         if self.samples and stats.throttle_pct > 1:
             self.throttled_s += at - self.samples[-1].t_s
@@ -376,7 +384,7 @@ class AgentMigrationPort:
             if teardown_destination:
                 self._keep_destination(f"the source QEMU is {status}, not running")
             raise StepError("rollback", f"source QEMU is {status} after rollback", vm=self.vm)
-        if cancel_migration:
+        if cancel_migration or self.migrate_issued_at is not None:
             # The source's stop may already have steered the network away: win it back.
             with contextlib.suppress(StepError):
                 await self._call(self._src, "rollback", lambda c: c.announce(self.vm))

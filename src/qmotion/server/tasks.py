@@ -92,6 +92,7 @@ def report(
         src = dict(stats.events)
         dst = dict(port.destination_events)
         # Shared clock in a lab on one machine; on a real cluster both are agent-local.
+        r.source_stopped_at_ms = src.get("stopped")
         if "stopped" in src and "resumed" in dst:
             r.guest_paused_ms = round(dst["resumed"] - src["stopped"], 1)
         if stats.steer_ms is not None:
@@ -277,7 +278,10 @@ class TaskRunner:
                 async def persist(st: Step, stats: MigrationStats | None) -> None:
                     await asyncio.to_thread(self._persist, task_id, st, stats)
 
-                final = await engine.run(port, persist, cancel, resume)
+                try:
+                    final = await engine.run(port, persist, cancel, resume)
+                finally:
+                    port.close()
                 result = report(port.last_stats, port, final, accepted, queued_s)
                 state = {Phase.DONE: TaskState.SUCCEEDED, Phase.CANCELLED: TaskState.CANCELLED}.get(
                     final.phase, TaskState.FAILED
