@@ -141,7 +141,7 @@ def _qmp_failed(what: str, vm: str, exc: HypervisorError) -> OperationFailed:
 
 
 NONZERO_SAMPLES = 256
-NONZERO_BUDGET_S = 0.5
+NONZERO_BUDGET_S = 0.25
 LOW_RAM_END = 2 << 30  # RAM on every pc and q35 layout (q35 puts its PCI hole at 2 GiB)
 
 
@@ -464,36 +464,45 @@ class Migrations:
         """
         mon = self.vms.monitor(name)
         spec = self.vms.spec(name)
-        samples = []
-        for length in seconds:
-            ms = max(int(length * 1000), 100)
-            await mon.execute(
-                "calc-dirty-rate",
-                {"calc-time": ms, "calc-time-unit": "millisecond", "sample-pages": SAMPLE_PAGES},
-            )
-            deadline = time.monotonic() + ms / 1000 + 10
-            while True:
-                await asyncio.sleep(min(ms / 1000, 0.1))
-                info = await mon.execute("query-dirty-rate")
-                if info.get("status") == "measured":
-                    break
-                if time.monotonic() > deadline:
-                    raise OperationFailed(f"calc-dirty-rate of {name} did not finish", vm=name)
-            # QEMU reports MiB/s over the sampled time (its "MB" is 2^20 bytes).
-            rate = float(info.get("dirty-rate", 0)) * (1 << 20)
-            samples.append(DirtyRateSample(seconds=ms / 1000, dirtied_bytes=int(rate * ms / 1000)))
         memory = spec.memory << 20
         rt = self.vms.runtime(name)
         resident = _rss_bytes(rt.pid) if rt is not None else memory
+        share: asyncio.Future[float | None] | None = None
         if rt is not None and rt.memory_backing != "anonymous":
             # A huge-page pool is resident in full from the start: what the first pass will
-            # send is the share of pages that are not zero, sampled from guest memory.
-            share = await _nonzero_share(mon, memory)
-            if share is not None:
-                resident = int(memory * share)
+            # send is the share of pages that are not zero, read while QEMU samples (QEMU's
+            # calc-dirty-rate runs in its own thread; the monitor is free meanwhile).
+            share = asyncio.ensure_future(_nonzero_share(mon, memory))
+        samples = []
+        try:
+            for length in seconds:
+                samples.append(await self._one_sample(name, mon, length))
+        finally:
+            got = await share if share is not None else None
+        if got is not None:
+            resident = int(memory * got)
         return DirtyRateReport(
             samples=samples, memory_bytes=memory, resident_bytes=min(resident, memory)
         )
+
+    async def _one_sample(self, name: str, mon: Monitor, length: float) -> DirtyRateSample:
+        ms = max(int(length * 1000), 100)
+        await mon.execute(
+            "calc-dirty-rate",
+            {"calc-time": ms, "calc-time-unit": "millisecond", "sample-pages": SAMPLE_PAGES},
+        )
+        deadline = time.monotonic() + ms / 1000 + 10
+        await asyncio.sleep(ms / 1000)
+        while True:
+            info = await mon.execute("query-dirty-rate")
+            if info.get("status") == "measured":
+                break
+            if time.monotonic() > deadline:
+                raise OperationFailed(f"calc-dirty-rate of {name} did not finish", vm=name)
+            await asyncio.sleep(0.02)
+        # QEMU reports MiB/s over the sampled time (its "MB" is 2^20 bytes).
+        rate = float(info.get("dirty-rate", 0)) * (1 << 20)
+        return DirtyRateSample(seconds=ms / 1000, dirtied_bytes=int(rate * ms / 1000))
 
     async def tune(self, name: str, tune: MigrationTune) -> MigrationStats:
         """Change a running outgoing migration's parameters (the convergence ladder)."""

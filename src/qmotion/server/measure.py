@@ -10,6 +10,7 @@ from typing import TypeVar
 from sqlalchemy import select
 
 from qmotion.api.migration import (
+    DirtyRateReport,
     DirtyRateRequest,
     MigrationPrediction,
     MigrationReport,
@@ -27,6 +28,7 @@ from qmotion.server.inventory import Inventory
 T = TypeVar("T")
 # Below this the guest is idle for migration purposes: the long sample would only add time.
 IDLE_DIRTY_BPS = 1 << 20
+IDLE_SHARE = 0.05  # of what the path carried last time: below it the guest converges at once
 SHORT_S, LONG_S = 0.25, 1.0
 PROBE_S = 0.25
 
@@ -64,9 +66,9 @@ async def measure(
 ) -> tuple[Plan, MigrationPrediction]:
     """Measure the guest and the path, and plan the migration; raises StepError.
 
-    ``quick`` (before a real migration, where every ms delays the start): an idle guest's
-    path is not probed when an earlier migration on it measured the rate, since an idle guest
-    needs no ladder; a busy guest's long sample and the probe run at once.
+    ``quick`` (before a real migration, where every ms delays the start): the path is not
+    probed when an earlier migration on it measured the rate; the guest's short sample and
+    the probe run at once, and only a busy guest gets the long sample.
     """
 
     async def call(host: Host, what: str, fn: Callable[[AgentClient], T]) -> T:
@@ -81,13 +83,28 @@ async def measure(
                 "measure", f"{what} on {host.name}: {exc}", vm=vm, host=host.name
             ) from exc
 
-    short = await call(
-        src, "dirty rate", lambda c: c.dirty_rate(vm, DirtyRateRequest(seconds=[SHORT_S]))
-    )
-    samples = [(x.seconds, float(x.dirtied_bytes)) for x in short.samples]
-    busy = samples[0][1] / samples[0][0] >= IDLE_DIRTY_BPS
     history = await asyncio.to_thread(_history_bandwidth, db, src.name, dst.name)
     peer = PeerRef(url=dst.agent_url, token=dst.token, vm=vm)
+
+    async def probe() -> PathProbe | None:
+        # Before a real migration QEMU's own rate on this path (history) is the better
+        # figure and costs nothing; the probe is for the first migration and dry runs.
+        if quick and history is not None:
+            return None
+        return await call(
+            src, "path probe", lambda c: c.probe_path(PathProbeRequest(peer=peer, seconds=PROBE_S))
+        )
+
+    async def short_sample() -> DirtyRateReport:
+        return await call(
+            src, "dirty rate", lambda c: c.dirty_rate(vm, DirtyRateRequest(seconds=[SHORT_S]))
+        )
+
+    # The guest's sample and the path's probe load different things: at once.
+    short, probed = await asyncio.gather(short_sample(), probe())
+    samples = [(x.seconds, float(x.dirtied_bytes)) for x in short.samples]
+    # Busy only relative to the path: the long sample is for guests that may need the ladder.
+    busy = samples[0][1] / samples[0][0] >= max(IDLE_DIRTY_BPS, IDLE_SHARE * (history or 0.0))
 
     async def long_sample() -> list[tuple[float, float]]:
         if not busy:
@@ -97,15 +114,7 @@ async def measure(
         )
         return [(x.seconds, float(x.dirtied_bytes)) for x in got.samples]
 
-    async def probe() -> PathProbe | None:
-        if quick and not busy and history is not None:
-            return None
-        return await call(
-            src, "path probe", lambda c: c.probe_path(PathProbeRequest(peer=peer, seconds=PROBE_S))
-        )
-
-    more, probed = await asyncio.gather(long_sample(), probe())
-    samples += more
+    samples += await long_sample()
     dirty = DirtyMeasure.from_samples(samples[0], samples[1] if len(samples) > 1 else None)
     # The probe's upload runs through Python on both ends: on a fast link it is the lower
     # bound, and QEMU's own rate on the last migration is the better figure.
