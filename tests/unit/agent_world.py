@@ -38,6 +38,7 @@ migrate_caps_check). QEMU's part, from migration/ram.c, migration.c and cpu-thro
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -65,9 +66,11 @@ from qmotion.api.migration import (
     PathProbe,
     PathProbeRequest,
 )
+from qmotion.api.server import TaskOut
 from qmotion.api.vm import GuestConfig, Nic, VmInfo, VmSpec, VmState
 from qmotion.server.agents import AgentConnector
 from qmotion.server.db import Database, Host, Vm, utcnow
+from qmotion.server.tasks import TaskRunner
 
 MIB = 1 << 20
 GUEST_BYTES = 256 * MIB
@@ -731,7 +734,10 @@ class World:
                 )
             )
 
-    def register_hosts(self, db: Database) -> None:
+    def register_hosts(
+        self, db: Database, facts: Callable[[str], dict[str, Any]] | None = None
+    ) -> None:
+        """The world's hosts in the manager's database; ``facts`` per host, or the default."""
         with db.session() as s:
             for h in self.hosts:
                 s.add(
@@ -740,10 +746,19 @@ class World:
                         agent_url=f"http://agent-{h}.test:7100",
                         token="t" * 32,
                         state="up",
-                        facts=_facts(),
+                        facts=facts(h) if facts is not None else _facts(),
                         last_seen=utcnow(),
                     )
                 )
+
+    async def run_to_end(self, runner: TaskRunner, task: TaskOut) -> TaskOut:
+        """Poll the task runner until ``task`` ends (bounded)."""
+        for _ in range(4000):
+            t = runner.get(task.id)
+            if not t.state.active:
+                return t
+            await asyncio.sleep(0.005)
+        raise AssertionError("the task never ended")
 
 
 def _host_of(url: str) -> str:

@@ -40,7 +40,7 @@ from qmotion.api.host import AccelInfo, HostFacts
 from qmotion.api.vm import Nic, VmSpec
 from qmotion.hypervisor.qemu import QemuInfo
 from qmotion.server.app import create_app as create_manager
-from qmotion.server.db import Database, Host, Task, utcnow
+from qmotion.server.db import Database, Task
 from tests.unit.agent_world import FakeVm, World, _error, _json
 
 TOKEN = "fuzz-token-0123456789abcdef"
@@ -158,18 +158,7 @@ def _manager(tmp_path: Path) -> FastAPI:
     db = Database(url)
     world = Agents(hosts=("h1", "h2", "h3", "h4"), polls_to_complete=1)
     world.unreachable.add("h3")
-    with db.session() as s:
-        for h in world.hosts:
-            s.add(
-                Host(
-                    name=h,
-                    agent_url=f"http://agent-{h}.test:7100",
-                    token="t" * 32,
-                    state="up",
-                    facts=_host_facts(h).model_dump(mode="json"),
-                    last_seen=utcnow(),
-                )
-            )
+    world.register_hosts(db, facts=lambda h: _host_facts(h).model_dump(mode="json"))
     # Names of distinct lengths: the world derives each VM's MAC from it.
     for name, h in MANAGER_VMS.items():
         world.add_running_vm(db, name, h)

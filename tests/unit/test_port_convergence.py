@@ -82,12 +82,7 @@ def _migrate(world: World, db: Database, req: MigrateRequest, hook: Hook | None 
         runner = TaskRunner(db, Inventory(db, world.connector()))
         world.before_request = hook
         task = await runner.submit_migration("vm1", req)
-        for _ in range(4000):
-            t = runner.get(task.id)
-            if not t.state.active:
-                return t
-            await asyncio.sleep(0.005)
-        raise AssertionError("the task never ended")
+        return await world.run_to_end(runner, task)
 
     return asyncio.run(main())
 

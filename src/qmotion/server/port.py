@@ -97,8 +97,8 @@ class AgentMigrationPort:
         with db.session() as s:
             row = inventory.vm_by_name(s, vm)
             self.spec = VmSpec.model_validate(row.spec)
-            self._src = self._host_copy(inventory.host_by_name(s, source))
-            self._dst = self._host_copy(inventory.host_by_name(s, destination))
+            self._src = self.host_copy(inventory.host_by_name(s, source))
+            self._dst = self.host_copy(inventory.host_by_name(s, destination))
         self.migrate_issued_at: float | None = None
         self.last_stats: MigrationStats | None = None
         self.destination_events: list[tuple[str, float]] = []
@@ -113,7 +113,8 @@ class AgentMigrationPort:
         self._progress_at = time.monotonic()
 
     @staticmethod
-    def _host_copy(h: Host) -> Host:
+    def host_copy(h: Host) -> Host:
+        """What the port needs of a host, detached from the database session."""
         return Host(name=h.name, agent_url=h.agent_url, token=h.token)
 
     async def _call(

@@ -185,11 +185,9 @@ class TaskRunner:
 
         def hosts() -> tuple[Host, Host]:
             with self.db.session() as s:
-                src = self.inventory.host_by_name(s, source)
-                dst = self.inventory.host_by_name(s, req.to)
                 return (
-                    Host(name=src.name, agent_url=src.agent_url, token=src.token),
-                    Host(name=dst.name, agent_url=dst.agent_url, token=dst.token),
+                    AgentMigrationPort.host_copy(self.inventory.host_by_name(s, source)),
+                    AgentMigrationPort.host_copy(self.inventory.host_by_name(s, req.to)),
                 )
 
         src, dst = await asyncio.to_thread(hosts)
