@@ -27,7 +27,8 @@ def lab() -> Iterator[Lab]:
     if os.geteuid() != 0:
         pytest.fail("integration tests need root (network namespaces, taps)")
     name = unique_lab_name()
-    the_lab = lab_up(name, 3)
+    # Migration streams on their own network, as an operator would run them.
+    the_lab = lab_up(name, 3, migration_net=True)
     try:
         yield the_lab
     finally:

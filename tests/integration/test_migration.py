@@ -359,3 +359,72 @@ def test_completion_timeout_aborts_with_the_source_running(
     assert vm.name not in [v.name for v in lab.agent("h2").list_vms()]
     assert server.vm(vm.name).host == "h1"
     assert run_in(lab.record.client_namespace, lambda: mem_check(ip))["consistent"]
+
+
+def _rx_bytes(lab: Lab, host: str, dev: str) -> int:
+    ns = lab.host(host).namespace
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{dev}/statistics/rx_bytes"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(out)
+
+
+def test_migration_takes_the_migration_network(
+    lab: Lab, server: ServerClient, make_vm: MakeVm
+) -> None:
+    vm = make_vm("h1", memory="256M", fill=96)
+    ip = ip_of(vm)
+    before = _rx_bytes(lab, "h2", "eth1"), _rx_bytes(lab, "h2", "eth0")
+    task = wait_task(server, server.migrate(vm.name, MigrateRequest(to="h2")))
+    assert task.state == TaskState.SUCCEEDED, task.error
+    r = task.result
+    assert r is not None and r.bytes
+    assert r.migration_address == lab.host("h2").migration_address
+    # The RAM arrived on the migration interface, not on the management one.
+    on_mig = _rx_bytes(lab, "h2", "eth1") - before[0]
+    on_mgmt = _rx_bytes(lab, "h2", "eth0") - before[1]
+    assert on_mig >= r.bytes * 0.9, (on_mig, r.bytes)
+    assert on_mgmt < r.bytes * 0.1, (on_mgmt, r.bytes)
+    assert run_in(lab.record.client_namespace, lambda: mem_check(ip))["consistent"] is True
+
+
+def test_unreachable_migration_address_falls_back_to_the_next(
+    lab: Lab, server: ServerClient, make_vm: MakeVm
+) -> None:
+    vm = make_vm("h1", memory="256M", fill=64)
+    ip = ip_of(vm)
+    with lab.migration_network_down("h2"):
+        task = wait_task(server, server.migrate(vm.name, MigrateRequest(to="h2")))
+    assert task.state == TaskState.SUCCEEDED, task.error
+    r = task.result
+    assert r is not None
+    # The management address took the stream, and the report says why.
+    assert r.migration_address == lab.host("h2").address
+    assert any(
+        "fell back" in w and str(lab.host("h2").migration_address) in w for w in r.warnings
+    ), r.warnings
+    assert server.vm(vm.name).host == "h2"
+    assert run_in(lab.record.client_namespace, lambda: mem_check(ip))["consistent"] is True
+
+
+def test_mtu_mismatch_on_the_migration_network_is_refused(
+    lab: Lab, server: ServerClient, make_vm: MakeVm
+) -> None:
+    vm = make_vm("h1", memory="256M", fill=16)
+    lab.set_migration_mtu("h3", 9000)
+    try:
+        server.refresh_hosts()
+        with pytest.raises(Conflict) as err:
+            server.migrate(vm.name, MigrateRequest(to="h3"))
+        assert err.value.detail.code == "mtu_mismatch"
+        assert "9000" in str(err.value) and "1500" in str(err.value)
+    finally:
+        lab.set_migration_mtu("h3", 1500)
+        server.refresh_hosts()
+    # Refused before anything changed: the VM runs where it was, nothing on h3.
+    assert server.vm(vm.name).host == "h1"
+    assert lab.agent("h1").vm(vm.name).state == VmState.RUNNING
+    assert vm.name not in [v.name for v in lab.agent("h3").list_vms()]

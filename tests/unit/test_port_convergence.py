@@ -161,7 +161,8 @@ def test_without_measurements_the_ladder_still_converges(
     world: tuple[World, Database], route: str
 ) -> None:
     w, db = world
-    w.fail_next[("POST", route)] = [503]
+    # The probe is asked twice (the route, then the measurement): both fail.
+    w.fail_next[("POST", route)] = [503, 503]
     task = _migrate(w, db, MigrateRequest(to="h2"))
     assert task.state == TaskState.SUCCEEDED, task.error
     _one_copy(w, db, "h2")

@@ -6,7 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from qmotion.migration.prechecks import HostView, PrecheckInput, VmView, precheck
+from qmotion.migration.params import streams_for
+from qmotion.migration.prechecks import HostView, NetworkView, PrecheckInput, VmView, precheck
 
 
 def host(name: str, **over: object) -> HostView:
@@ -97,3 +98,46 @@ def test_tcg_source_on_old_qemu_is_refused(accel: str, version: str, refused: bo
     if refused:
         assert (refusals[0].status, refusals[0].host) == (409, "h1")
         assert "QEMU 7.2.22" in refusals[0].message
+
+
+def _nets(mig_mtu: int, mig: str = "198.19.1.11") -> tuple[NetworkView, ...]:
+    return (
+        NetworkView(mig, 24, mig_mtu, "eth1"),
+        NetworkView(mig.replace("198.19", "198.18"), 24, 1500, "vmbr0"),
+    )
+
+
+def test_mtu_mismatch_on_the_preferred_migration_network_is_refused() -> None:
+    hosts = {"h1": host("h1", networks=_nets(1500)), "h2": host("h2", networks=_nets(9000))}
+    got = precheck(PrecheckInput(VM, "h2", hosts))
+    assert [r.code for r in got] == ["mtu_mismatch"]
+    assert "1500" in got[0].message and "9000" in got[0].message and got[0].status == 409
+    # Same MTU on both ends (jumbo or not): go.
+    hosts["h1"] = host("h1", networks=_nets(9000))
+    assert precheck(PrecheckInput(VM, "h2", hosts)) == []
+
+
+def test_mtu_of_networks_the_source_is_not_on_is_not_compared() -> None:
+    # The source has no address on the destination's migration network: the stream is
+    # routed, and the path MTU is the kernel's business.
+    hosts = {
+        "h1": host("h1", networks=_nets(1500, mig="198.19.2.11")),
+        "h2": host("h2", networks=_nets(9000)),
+    }
+    assert precheck(PrecheckInput(VM, "h2", hosts)) == []
+
+
+@pytest.mark.parametrize(
+    ("rtt_ms", "cap", "history", "want"),
+    [
+        (0.2, None, None, 0),  # a LAN: one classic stream
+        (150, None, None, 8),  # far, nothing known of the link: fill it
+        (150, 125_000_000, None, 6),  # 1 Gbit/s over 150 ms: 18.75 MB in flight, 3 MiB each
+        (50, 125_000_000, None, 2),  # at least two once the window binds
+        (150, None, 40_000_000, 3),  # the last migration's rate, with headroom
+    ],
+)
+def test_streams_fill_the_bandwidth_delay_product(
+    rtt_ms: float, cap: int | None, history: float | None, want: int
+) -> None:
+    assert streams_for(rtt_ms / 1000, 6 << 20, cap_bps=cap, history_bps=history) == want

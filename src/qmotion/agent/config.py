@@ -20,6 +20,10 @@ class AgentConfig:
     token: str
     run_dir: Path = Path("/run/qmotion/agent")
     address: str | None = None
+    port: int = 8100
+    # Addresses to receive migrations on, preferred first; the management address is the last
+    # fallback. The agent also listens on each (the path probe measures the real route).
+    migration_addresses: tuple[str, ...] = ()
     accel: str = "auto"
     # Back guests from the host's huge-page pool when it has room (see hypervisor.hugepages).
     hugepages: bool = True

@@ -4,7 +4,8 @@ AgentError
  ├── Refused                 refused before anything changed
  │    ├── VmNotFound         404: no VM by that name on this host
  │    ├── Conflict           409: the VM's state forbids it (running, exists, busy)
- │    │    └── MigratedAway  409: the VM completed a migration away; it runs elsewhere now
+ │    │    ├── MigratedAway  409: the VM completed a migration away; it runs elsewhere now
+ │    │    └── PeerUnreachable 409: no address of the peer agent answers
  │    └── SpecRejected       422: the spec cannot run here (names the field and why)
  └── OperationFailed         500: failed partway; what was cleaned up is in the message
 """
@@ -55,6 +56,12 @@ class MigratedAway(Conflict):
     """Callers (the manager's rollback) read this code as "the destination owns the VM"."""
 
     code = "migrated_away"
+
+
+class PeerUnreachable(Conflict):
+    """Callers (the manager's route choice) read this code as "refuse, nothing started"."""
+
+    code = "peer_unreachable"
 
 
 class SpecRejected(Refused):

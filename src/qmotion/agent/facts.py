@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -11,7 +13,14 @@ from pathlib import Path
 from qmotion import __version__
 from qmotion.agent.config import AgentConfig
 from qmotion.agent.net import bridges
-from qmotion.api.host import AccelInfo, Datastore, HostFacts, HostMetrics, VmMetrics
+from qmotion.api.host import (
+    AccelInfo,
+    Datastore,
+    HostFacts,
+    HostMetrics,
+    MigrationNetwork,
+    VmMetrics,
+)
 from qmotion.hypervisor.qemu import qemu_info
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -40,7 +49,48 @@ def meminfo() -> dict[str, int]:
     return out
 
 
-def host_facts(config: AgentConfig, accel: AccelInfo) -> HostFacts:
+def _ipv4_interfaces() -> dict[str, tuple[int, str, int | None]]:
+    """Every IPv4 address here: its prefix length, interface and the interface's MTU."""
+    proc = subprocess.run(
+        ["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, check=False
+    )
+    out: dict[str, tuple[int, str, int | None]] = {}
+    try:
+        links = json.loads(proc.stdout or "[]")
+    except ValueError:
+        return out
+    for link in links:
+        for a in link.get("addr_info", []):
+            if "local" in a:
+                out[a["local"]] = (int(a.get("prefixlen", 32)), link["ifname"], link.get("mtu"))
+    return out
+
+
+def migration_networks(config: AgentConfig) -> list[MigrationNetwork]:
+    """The configured migration addresses in order, then the management address."""
+    known = _ipv4_interfaces()
+    out = []
+    wanted = [(a, "migration") for a in config.migration_addresses]
+    if config.address and config.address not in config.migration_addresses:
+        wanted.append((config.address, "management"))
+    for address, role in wanted:
+        prefixlen, ifname, mtu = known.get(address, (32, None, None))
+        out.append(
+            MigrationNetwork(
+                address=address, prefixlen=prefixlen, ifname=ifname, mtu=mtu, role=role
+            )
+        )
+    return out
+
+
+def tcp_rmem_max() -> int | None:
+    try:
+        return int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def host_facts(config: AgentConfig, accel: AccelInfo, peer_port: int | None = None) -> HostFacts:
     model, flags = cpu_info()
     info = qemu_info()
     return HostFacts(
@@ -60,6 +110,9 @@ def host_facts(config: AgentConfig, accel: AccelInfo) -> HostFacts:
             Datastore(name=d.name, path=str(d.path), shared=d.shared) for d in config.datastores
         ],
         agent_version=__version__,
+        migration_networks=migration_networks(config),
+        tcp_rmem_max=tcp_rmem_max(),
+        peer_port=peer_port,
     )
 
 

@@ -47,6 +47,7 @@ FINISHED = ("completed", "failed", "cancelled")
 # QEMU migration states in which no migration is under way (a source may be resumed).
 IDLE_MIGRATION = ("none", "completed", "failed", "cancelled")
 T = TypeVar("T")
+CANCEL_SETTLE_S = 1.0  # a cancel that has not settled by then is stuck on a dead link
 
 
 @dataclass
@@ -201,9 +202,13 @@ class Migrations:
             self._incoming_watch[spec.name] = asyncio.create_task(
                 self._watch_incoming(spec.name, mon), name=f"incoming-{spec.name}"
             )
-            await mon.execute("migrate-incoming", {"uri": f"tcp:{address}:0"})
+            # With migration networks QEMU listens on every address: the manager picks the
+            # first the source reaches, after this answer.
+            addresses = [*self.vms.config.migration_addresses, address]
+            listen = "0.0.0.0" if len(set(addresses)) > 1 else address
+            await mon.execute("migrate-incoming", {"uri": f"tcp:{listen}:0"})
             info = await mon.execute("query-migrate")
-            port = info["socket-address"][0]["port"]
+            port = int(info["socket-address"][0]["port"])
         except (HypervisorError, KeyError, IndexError, OperationFailed, OSError) as exc:
             await self.vms.delete(spec.name, force=True)
             raise OperationFailed(
@@ -223,7 +228,9 @@ class Migrations:
                 )
             )
         )
-        return IncomingResponse(uri=f"tcp:{address}:{port}")
+        return IncomingResponse(
+            uri=f"tcp:{addresses[0]}:{port}", port=port, addresses=list(dict.fromkeys(addresses))
+        )
 
     async def _watch_incoming(self, name: str, mon: Monitor) -> None:
         """Record when the destination really resumes: the source's figures end earlier."""
@@ -527,7 +534,20 @@ class Migrations:
     async def cancel(self, name: str) -> MigrationStats:
         mon = self.vms.monitor(name)
         await mon.execute("migrate_cancel")
-        return await self.stats(name, 0, None)
+        deadline = time.monotonic() + CANCEL_SETTLE_S
+        stats = await self.stats(name, 0, None)
+        while stats.status == "cancelling" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            stats = await self.stats(name, 0, None)
+        if stats.status == "cancelling":
+            # migrate_cancel shuts the main stream down, but multifd threads blocked sending
+            # into a dead link stay blocked (until TCP gives up, ~15 min): yank closes every
+            # channel of the migration at once, which is what QEMU provides it for.
+            log.warning("migration of %s still cancelling: yanking its channels", name)
+            with contextlib.suppress(HypervisorError):
+                await mon.execute("yank", {"instances": [{"type": "migration"}]})
+            stats = await self.stats(name, 0, None)
+        return stats
 
     async def release(self, name: str) -> None:
         """After a completed migration, end the source's QEMU and forget the VM here.

@@ -1,39 +1,93 @@
 """The path between two agents, measured: RTT by small requests, bandwidth by a timed upload.
 
-The migration stream takes the same route (agents and QEMU listen on the host's address), so
-what one HTTP upload carries is a lower bound of what one migration stream will: the ladder
-then corrects it from QEMU's own throughput once the stream runs.
+The agent listens on each of its migration addresses too, so a probe to a migration address
+takes the route the migration stream will: what one HTTP upload carries is a lower bound of
+what one stream will, and the ladder corrects it from QEMU's own throughput once it runs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator
 
 import httpx
 
-from qmotion.agent.errors import OperationFailed
+from qmotion.agent.errors import OperationFailed, PeerUnreachable
 from qmotion.api.migration import PathProbe, PathProbeRequest
 
 CHUNK = b"\0" * (1 << 20)
 RTT_SAMPLES = 3
+CONNECT_TIMEOUT_S = 2.0  # a candidate that takes longer to answer is taken as unreachable
+
+
+def route_interface(address: str) -> tuple[str | None, int | None]:
+    """The interface this host sends to ``address`` through, and its MTU."""
+
+    def ip_json(*args: str) -> list[dict[str, object]]:
+        proc = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, check=False)
+        try:
+            got = json.loads(proc.stdout or "[]")
+        except ValueError:
+            return []
+        return got if isinstance(got, list) else []
+
+    routes = ip_json("route", "get", address)
+    dev = routes[0].get("dev") if routes else None
+    if not isinstance(dev, str):
+        return None, None
+    links = ip_json("link", "show", "dev", dev)
+    mtu = links[0].get("mtu") if links else None
+    return dev, mtu if isinstance(mtu, int) else None
+
+
+def _connect_rtts(host: str, port: int) -> list[float]:
+    out = []
+    for _ in range(RTT_SAMPLES):
+        start = time.monotonic()
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            out.append(time.monotonic() - start)
+    return out
+
+
+def _with_host(url: str, address: str) -> str:
+    return str(httpx.URL(url).copy_with(host=address))
 
 
 async def probe(req: PathProbeRequest) -> PathProbe:
     headers = {"Authorization": f"Bearer {req.peer.token}"}
     try:
-        client = httpx.AsyncClient(base_url=req.peer.url, headers=headers, timeout=10.0)
+        urls = [_with_host(req.peer.url, str(a)) for a in req.candidates] or [req.peer.url]
     except (httpx.InvalidURL, ValueError) as exc:
         raise OperationFailed(f"cannot probe {req.peer.url!r}: {exc}") from exc
-    async with client:
-        try:
-            await client.get("/healthz")  # the connection, set up before timing
-            rtts = []
-            for _ in range(RTT_SAMPLES):
-                start = time.monotonic()
-                await client.get("/healthz")
-                rtts.append(time.monotonic() - start)
-            sent = 0
+    unreachable: list[str] = []
+    timeout = httpx.Timeout(10.0, connect=CONNECT_TIMEOUT_S)
+    for url in urls:
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout) as client:
+            try:
+                await client.get("/healthz")  # the connection, set up before timing
+            except (httpx.TransportError, httpx.InvalidURL) as exc:
+                unreachable.append(f"{httpx.URL(url).host}: {str(exc) or type(exc).__name__}")
+                continue
+            result = await _measure(client, req, url)
+        result.unreachable = unreachable
+        return result
+    raise PeerUnreachable(f"no address of the peer answers: {'; '.join(unreachable)}")
+
+
+async def _measure(client: httpx.AsyncClient, req: PathProbeRequest, url: str) -> PathProbe:
+    parsed = httpx.URL(url)
+    host = parsed.host
+    try:
+        # The kernel's handshake, not an HTTP request: a busy agent on either end would add
+        # its own latency, and a LAN would look like a long path.
+        rtts = await asyncio.to_thread(_connect_rtts, host, parsed.port or 80)
+        sent = received = 0
+        elapsed = 0.0
+        if req.upload:
             start = time.monotonic()
 
             async def body() -> AsyncIterator[bytes]:
@@ -46,11 +100,15 @@ async def probe(req: PathProbeRequest) -> PathProbe:
             elapsed = time.monotonic() - start
             resp.raise_for_status()
             received = int(resp.json().get("bytes", 0))
-        except (httpx.HTTPError, httpx.InvalidURL, ValueError, AttributeError) as exc:
-            raise OperationFailed(f"probing the path to {req.peer.url} failed: {exc}") from exc
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError, AttributeError, OSError) as exc:
+        raise OperationFailed(f"probing the path to {url} failed: {exc}") from exc
+    ifname, mtu = await asyncio.to_thread(route_interface, host)
     return PathProbe(
         rtt_ms=round(min(rtts) * 1000, 3),
-        bandwidth_bps=received / max(elapsed, 1e-6),
+        bandwidth_bps=received / elapsed if elapsed > 0 else 0.0,
         bytes=received,
         seconds=round(elapsed, 3),
+        address=host,
+        local_ifname=ifname,
+        local_mtu=mtu,
     )

@@ -22,6 +22,16 @@ class Datastore(BaseModel):
     shared: bool
 
 
+class MigrationNetwork(BaseModel):
+    """One address a host receives migrations on, and the interface that carries it."""
+
+    address: str
+    prefixlen: int
+    ifname: str | None = None
+    mtu: int | None = Field(default=None, description="of the interface holding the address")
+    role: Literal["migration", "management"] = "migration"
+
+
 class HostFacts(BaseModel):
     name: str
     address: str | None = None
@@ -37,6 +47,16 @@ class HostFacts(BaseModel):
     bridges: list[str]
     datastores: list[Datastore]
     agent_version: str
+    migration_networks: list[MigrationNetwork] = Field(
+        default_factory=list,
+        description="addresses to receive migrations on, preferred first (management last)",
+    )
+    tcp_rmem_max: int | None = Field(
+        default=None, description="bytes: the TCP receive window one stream may grow to"
+    )
+    peer_port: int | None = Field(
+        default=None, description="mutual-TLS port for other agents (None: not set up yet)"
+    )
 
 
 class VmMetrics(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from ipaddress import IPv4Address
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
@@ -82,6 +83,10 @@ class MigrationParams(StrictModel):
         default=0, ge=0, le=99, description="QEMU's step per pass; 0: qmotion's (20)"
     )
     xbzrle_cache_bytes: int = Field(default=0, ge=0, le=1 << 40, description="0: xbzrle off")
+    tls: bool = Field(default=False, description="mutual x509 TLS on the stream")
+    tls_hostname: str | None = Field(
+        default=None, max_length=253, description="source: the name the destination's cert has"
+    )
     # The manager's, for the ladder; agents ignore them.
     max_downtime_ms: int | None = Field(default=None, ge=1, le=60_000)
     timeout_s: float | None = Field(default=None, gt=0)
@@ -124,11 +129,16 @@ class PeerRef(StrictModel):
 
 
 class PathProbeRequest(StrictModel):
-    """Measure the path from this agent to a peer agent: RTT, then a timed upload."""
+    """Measure the path from this agent to a peer agent: RTT, then a timed upload.
+
+    With ``candidates`` (the peer's migration addresses, preferred first), the first that
+    answers is measured (at the peer URL's port) and the ones before it are reported."""
 
     peer: PeerRef
     seconds: float = Field(default=0.5, ge=0.05, le=5.0)
     max_bytes: int = Field(default=2 << 30, ge=1 << 20, le=16 << 30)
+    candidates: list[IPv4Address] = Field(default_factory=list, max_length=8)
+    upload: bool = Field(default=True, description="false: reachability and RTT only")
 
 
 class PathProbe(BaseModel):
@@ -136,6 +146,12 @@ class PathProbe(BaseModel):
     bandwidth_bps: float
     bytes: int
     seconds: float
+    address: str | None = Field(default=None, description="the candidate that answered")
+    unreachable: list[str] = Field(
+        default_factory=list, description="candidates tried before it, each with the reason"
+    )
+    local_ifname: str | None = Field(default=None, description="this end's interface to it")
+    local_mtu: int | None = None
 
 
 class IncomingRequest(StrictModel):
@@ -144,7 +160,11 @@ class IncomingRequest(StrictModel):
 
 
 class IncomingResponse(BaseModel):
-    uri: str
+    uri: str = Field(description="on the preferred address")
+    port: int | None = None
+    addresses: list[str] = Field(
+        default_factory=list, description="every address the stream may be sent to"
+    )
 
 
 class OutgoingRequest(StrictModel):
@@ -243,6 +263,13 @@ class MigrationPrediction(BaseModel):
     max_downtime_ms: int
     completion_timeout_s: float
     why_not: str | None = None
+    migration_address: str | None = Field(
+        default=None, description="the destination's address the stream goes to"
+    )
+    unreachable: list[str] = Field(
+        default_factory=list, description="preferred addresses that did not answer, and why"
+    )
+    streams: int = Field(default=1, description="TCP streams (multifd channels, else 1)")
 
 
 class FlightSample(BaseModel):
@@ -295,6 +322,11 @@ class MigrationReport(BaseModel):
     queued_ms: float | None = None
     wall_ms: float = Field(description="request accepted to task end")
     warnings: list[str] = Field(default_factory=list)
+    migration_address: str | None = Field(
+        default=None, description="the destination address the stream was sent to"
+    )
+    streams: int | None = Field(default=None, description="TCP streams the RAM went over")
+    tls: bool | None = Field(default=None, description="the stream was TLS (mutual, x509)")
     prediction: MigrationPrediction | None = None
     rungs: list[str] = Field(default_factory=list, description="the ladder's climb, in order")
     max_throttle_pct: int = 0

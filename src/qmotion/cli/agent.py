@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import typer
@@ -18,6 +19,12 @@ def agent(
     state_dir: Path = typer.Option(Path("/var/lib/qmotion/agent"), "--state-dir"),
     run_dir: Path = typer.Option(None, "--run-dir", help="Short path for QMP sockets."),
     datastore: list[str] = typer.Option([], "--datastore", help="NAME=PATH[:shared], repeatable."),
+    migration_address: list[str] = typer.Option(
+        [],
+        "--migration-address",
+        help="Receive migrations on this address (repeatable, preferred first); the --listen "
+        "address is the last fallback.",
+    ),
     accel: str = typer.Option("auto", "--accel", help="auto (probe KVM, else TCG), kvm or tcg."),
     hugepages: bool = typer.Option(
         True,
@@ -37,11 +44,18 @@ def agent(
         stores = tuple(parse_datastore(d) for d in datastore)
     except ValueError as exc:
         fail(f"--datastore: {exc}", 2)
+    for a in migration_address:
+        try:
+            ipaddress.IPv4Address(a)
+        except ValueError:
+            fail(f"--migration-address: {a!r} is not an IPv4 address", 2)
     config = AgentConfig(
         name=name,
         state_dir=state_dir,
         token=token,
         address=host,
+        port=port,
+        migration_addresses=tuple(dict.fromkeys(migration_address)),
         run_dir=run_dir or Path(f"/run/qmotion/agent-{name}"),
         accel=accel,
         hugepages=hugepages,

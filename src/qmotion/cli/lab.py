@@ -28,6 +28,9 @@ def up(
         help="Huge-page pool for guest RAM, e.g. 3G (default: 3G, at most 1/4 of memory); "
         "0 runs guests from ordinary memory.",
     ),
+    migration_net: bool = typer.Option(
+        False, "--migration-net", help="A second switch for migration traffic (198.19.K.0/24)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the lab as JSON."),
 ) -> None:
     """Create the lab: switch, client namespace, hosts with agents, datastores."""
@@ -43,7 +46,15 @@ def up(
         except ValueError as exc:
             fail(f"--hugepages: {exc}", 2)
     with errors_exit():
-        lab = lab_up(name, hosts, rtt_ms=rtt_ms, bandwidth=bandwidth, accel=accel, hugepages=pool)
+        lab = lab_up(
+            name,
+            hosts,
+            rtt_ms=rtt_ms,
+            bandwidth=bandwidth,
+            accel=accel,
+            hugepages=pool,
+            migration_net=migration_net,
+        )
     if json_out:
         print_json(lab.record.public())
         return
@@ -53,6 +64,8 @@ def up(
         console.print(
             Text(f"  {h.name}: namespace {h.namespace}, address {h.address}, agent {h.agent_url}")
         )
+        if h.migration_address:
+            console.print(Text(f"      migration address {h.migration_address}"))
     console.print(Text(f"  client: namespace {rec.client_namespace}, address {rec.client_address}"))
     console.print(Text(f"  VM addresses: {rec.pool.first} - {rec.pool.last}"))
 

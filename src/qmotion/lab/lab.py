@@ -6,6 +6,8 @@ Layout of lab NAME with subnet 198.18.K.0/24 (addresses only in 198.18.0.0/15):
   ``NAME-hI``: host I at .(10+I) on its VM bridge ``vmbr0``, whose uplink is a veth to the switch;
               guests' taps join ``vmbr0``, so every VM is on the one L2 segment wherever it runs
   VM address pool: .100 - .199
+  with ``--migration-net``: switch ``NAME-msw`` (198.19.K.0/24), each host's ``eth1`` at
+              198.19.K.(10+I), the address its agent receives migrations on
 The record is written before each resource is made, so ``lab down`` can always undo a partial
 ``lab up``; what is not in the record is still found by the lab's name prefix.
 """
@@ -77,6 +79,7 @@ class LabHost(BaseModel):
     run_dir: str
     local_datastore: str
     agent_pid: int | None = None
+    migration_address: str | None = None
     # Overrides the lab's choice, e.g. to mix hosts with and without a huge-page pool.
     hugepages: bool | None = None
 
@@ -107,6 +110,7 @@ class LabRecord(BaseModel):
     pool: AddressPool
     rtt_ms: float = 0.0
     bandwidth: str | None = None
+    migration_subnet: str | None = None
     created_at: datetime
     links: list[str] = Field(default_factory=list)
     namespaces: list[str] = Field(default_factory=list)
@@ -129,6 +133,7 @@ class LabRecord(BaseModel):
                     "name": h.name,
                     "namespace": h.namespace,
                     "address": h.address,
+                    "migration_address": h.migration_address,
                     "agent_url": h.agent_url,
                     "token_file": h.token_file,
                     "agent_pid": h.agent_pid,
@@ -146,6 +151,7 @@ class LabRecord(BaseModel):
             },
             "rtt_ms": self.rtt_ms,
             "bandwidth": self.bandwidth,
+            "migration_subnet": self.migration_subnet,
             "created_at": self.created_at.isoformat(),
         }
 
@@ -235,12 +241,33 @@ class Lab:
     def migration_link_cut(self, host: str) -> Iterator[None]:
         """While inside, migration streams into ``host`` are silently dropped (its agent still
         answers): a link that fails in the middle of a migration. Restored on exit."""
-        ns = self.host(host).namespace
-        netns.drop_incoming_tcp_high_ports(ns, "eth0")
+        h = self.host(host)
+        # Whichever network the stream takes: the migration network's, else the management.
+        dev = "eth1" if h.migration_address else "eth0"
+        netns.drop_incoming_tcp_high_ports(h.namespace, dev)
         try:
             yield
         finally:
-            netns.clear_fault(ns, "eth0")
+            netns.clear_fault(h.namespace, dev)
+
+    @contextlib.contextmanager
+    def migration_network_down(self, host: str) -> Iterator[None]:
+        """While inside, ``host``'s migration interface is down (its agent still answers on
+        the management network): migrations into it must fall back. Restored on exit."""
+        h = self.host(host)
+        if not h.migration_address:
+            raise LabInputError(f"lab {self.record.name} has no migration network")
+        netns.set_link(h.namespace, "eth1", up=False)
+        try:
+            yield
+        finally:
+            netns.set_link(h.namespace, "eth1", up=True)
+
+    def set_migration_mtu(self, host: str, mtu: int) -> None:
+        """The MTU of ``host``'s migration interface and of its switch port (jumbo frames)."""
+        h = self.host(host)
+        netns.set_link(h.namespace, "eth1", mtu=mtu)
+        netns.set_link(None, f"{h.namespace}m", mtu=mtu)
 
     def pool_address(self, index: int) -> str:
         """The ``index``-th address of the VM pool, with prefix length (e.g. 198.18.1.100/24)."""
@@ -262,7 +289,7 @@ def _choose_subnet() -> int:
                 used.add(int(rec.subnet.split(".")[2]))
     for addr in netns.root_addresses():
         parts = addr.split(".")
-        if parts[:2] == ["198", "18"]:
+        if parts[:2] in (["198", "18"], ["198", "19"]):
             used.add(int(parts[2]))
     for k in range(1, 255):
         if k not in used:
@@ -295,12 +322,14 @@ def lab_up(
     bandwidth: str | None = None,
     accel: str = "auto",
     hugepages: int | None = None,
+    migration_net: bool = False,
 ) -> Lab:
     """Create the lab and start an agent per host; on any failure, tear down what was made.
 
     ``hugepages``: bytes of the host's huge-page pool the lab's guests may use (the pool is
     grown and warmed to that size; it is never shrunk, see hypervisor.hugepages); None for the
-    default, 0 to run guests from ordinary memory.
+    default, 0 to run guests from ordinary memory. ``migration_net``: a second switch that
+    carries migration streams (hosts still reach each other on the first).
     """
     _validate(name, hosts, rtt_ms, bandwidth)
     if hugepages is not None and hugepages < 0:
@@ -338,6 +367,7 @@ def lab_up(
         pool=AddressPool(first=f"{net}.{POOL_FIRST}", last=f"{net}.{POOL_LAST}", prefixlen=24),
         rtt_ms=rtt_ms,
         bandwidth=bandwidth,
+        migration_subnet=f"198.19.{k}.0/24" if migration_net else None,
         created_at=datetime.now(UTC),
         hugepages=bool(pool_bytes),
     )
@@ -385,6 +415,13 @@ def _build(rec: LabRecord, hosts: int, accel: str) -> None:
         )
     )
     net = rec.switch_address.rsplit(".", 1)[0]
+    mig_switch = f"{rec.name}-msw" if rec.migration_subnet else None
+    if mig_switch is not None:
+        rec.links.append(mig_switch)
+        _save(rec)
+        netns.create_bridge(None, mig_switch)
+        netns.disable_ipv6(None, mig_switch)
+    pairs: list[str] = []
     for i in range(1, hosts + 1):
         hname = f"h{i}"
         ns = f"{rec.name}-{hname}"
@@ -420,14 +457,30 @@ def _build(rec: LabRecord, hosts: int, accel: str) -> None:
             # Host uplink -> the wan namespace's delay line -> switch port.
             netns.veth(ns, None, f"{hname}b", wan)
             netns.veth(f"{hname}a", wan, "eth0", ns)
+            pairs.append(f"{hname}a:{hname}b")
         netns.enslave(None, ns, rec.switch)
         netns.create_bridge(ns, "vmbr0")
         netns.enslave(ns, "eth0", "vmbr0")
         netns.add_address(ns, "vmbr0", address, 24)
         if rec.bandwidth:
             netns.limit_rate(ns, "eth0", parse_rate_bytes(rec.bandwidth))
+        if mig_switch is not None and rec.migration_subnet is not None:
+            mnet = rec.migration_subnet.rsplit(".", 1)[0]
+            host.migration_address = f"{mnet}.{10 + i}"
+            rec.links.append(f"{ns}m")
+            _save(rec)
+            if wan is None:
+                netns.veth(f"{ns}m", None, "eth1", ns)
+            else:
+                netns.veth(f"{ns}m", None, f"{hname}mb", wan)
+                netns.veth(f"{hname}ma", wan, "eth1", ns)
+                pairs.append(f"{hname}ma:{hname}mb")
+            netns.enslave(None, f"{ns}m", mig_switch)
+            netns.add_address(ns, "eth1", host.migration_address, 24)
+            if rec.bandwidth:
+                netns.limit_rate(ns, "eth1", parse_rate_bytes(rec.bandwidth))
     if wan is not None:
-        rec.wire_pid = _start_wire(rec, wan)
+        rec.wire_pid = _start_wire(rec, wan, pairs)
         _save(rec)
     for host in rec.hosts:
         host.agent_pid = _start_agent(rec, host, accel)
@@ -494,11 +547,10 @@ def _start_manager(rec: LabRecord, register: bool = True) -> None:
         )
 
 
-def _start_wire(rec: LabRecord, wan: str) -> int:
+def _start_wire(rec: LabRecord, wan: str, pairs: list[str]) -> int:
     """The delay line: half the RTT on each host's egress (this kernel may lack sch_netem)."""
     source = resources.files("qmotion.lab").joinpath("qmwire.c").read_bytes()
     binary = compile_static("qmwire", source)
-    pairs = [f"{h.name}a:{h.name}b" for h in rec.hosts]
     delay_us = int(rec.rtt_ms * 1000 / 2)
     log = open(Path(rec.dir) / "wire.log", "ab")  # noqa: SIM115
     with log:
@@ -541,6 +593,8 @@ def _start_agent(rec: LabRecord, host: LabHost, accel: str) -> int:
         if (rec.hugepages if host.hugepages is None else host.hugepages)
         else "--no-hugepages",
     ]
+    if host.migration_address:
+        argv += ["--migration-address", host.migration_address]
     for ds in rec.datastores:
         if host.name in ds.hosts:
             argv += ["--datastore", f"{ds.name}={ds.path}" + (":shared" if ds.shared else "")]

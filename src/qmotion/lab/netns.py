@@ -133,6 +133,17 @@ def create_bridge(ns: str | None, name: str) -> None:
         ip.link("set", index=idx, address=mac, state="up")
 
 
+def set_link(
+    ns: str | None, ifname: str, *, up: bool | None = None, mtu: int | None = None
+) -> None:
+    with _ipr(ns) as ip:
+        (idx,) = ip.link_lookup(ifname=ifname)
+        if mtu is not None:
+            ip.link("set", index=idx, mtu=mtu)
+        if up is not None:
+            ip.link("set", index=idx, state="up" if up else "down")
+
+
 def add_address(ns: str | None, ifname: str, address: str, prefixlen: int) -> None:
     with _ipr(ns) as ip:
         (idx,) = ip.link_lookup(ifname=ifname)

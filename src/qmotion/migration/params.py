@@ -6,20 +6,52 @@
 - downtime-limit: QEMU switches over once the remaining data fits in measured bandwidth x
   limit. The default 300 ms on a fast link leaves hundreds of MiB for the stop-and-copy phase;
   20 ms kept QEMU-reported downtime at 2-17 ms here while the guest dirtied 20 MiB/s.
-- multifd: off. Measured here, two or four channels did not shorten the transfer (the
-  destination's first touch of fresh memory dominates, see README), and each channel adds a
-  connection to set up and a thread per side on a 2-core host.
+- multifd: off on a LAN. Measured here, two or four channels did not shorten the transfer
+  (the destination's first touch of fresh memory dominates, see README), and each channel adds
+  a connection to set up and a thread per side on a 2-core host. Over distance one stream is
+  bound by its TCP window (window / RTT), so ``streams_for`` opens enough to fill the path.
 - pause-before-switchover: off. Steering the network happens concurrently with the switchover
   (the source forwards late frames), so holding the source paused would only add downtime.
 """
 
 from __future__ import annotations
 
+import math
+
 from qmotion.api.migration import UNLIMITED_BANDWIDTH, MigrationParams
 
 DEFAULT_DOWNTIME_LIMIT_MS = 20
 QEMU_DEFAULT_BANDWIDTH = 128 << 20
 QEMU_DEFAULT_DOWNTIME_MS = 300
+
+
+LAN_RTT_S = 0.005  # below this one stream's window is never the limit
+MAX_STREAMS = 8
+DEFAULT_RMEM_MAX = 6 << 20  # Linux's tcp_rmem maximum
+HISTORY_HEADROOM = 1.5  # the last migration's rate may have been bound by its own streams
+
+
+def streams_for(
+    rtt_s: float,
+    window_max: int | None,
+    *,
+    cap_bps: int | None = None,
+    history_bps: float | None = None,
+) -> int:
+    """Multifd channels for a path (0: one classic stream).
+
+    One TCP stream carries at most its window per round trip; Linux lets the receive window
+    grow to half of tcp_rmem's maximum (tcp_adv_win_scale 1). A short probe over a long path
+    sees slow start, not the link, so without an operator cap or an earlier migration's rate
+    the path is filled with the most streams.
+    """
+    if rtt_s < LAN_RTT_S:
+        return 0
+    per_stream = (window_max or DEFAULT_RMEM_MAX) / 2 / rtt_s
+    target = cap_bps or (history_bps * HISTORY_HEADROOM if history_bps else None)
+    if target is None:
+        return MAX_STREAMS
+    return min(max(math.ceil(target / per_stream), 2), MAX_STREAMS)
 
 
 def choose(

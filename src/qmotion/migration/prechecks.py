@@ -6,9 +6,23 @@ Each refusal names the reason, the field of the request it concerns and its HTTP
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 HOST_RESERVED_MIB = 512  # what a host keeps for itself and QEMU overhead, never given to VMs
+
+
+@dataclass(frozen=True)
+class NetworkView:
+    """An address a host receives migrations on (preferred first), with its interface."""
+
+    address: str
+    prefixlen: int
+    mtu: int | None = None
+    ifname: str | None = None
+
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Interface(f"{self.address}/{self.prefixlen}").network
 
 
 @dataclass(frozen=True)
@@ -24,6 +38,7 @@ class HostView:
     datastores: frozenset[str]
     accel: str = ""  # kvm or tcg
     qemu_version: str = ""
+    networks: tuple[NetworkView, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -163,7 +178,31 @@ def precheck(inp: PrecheckInput) -> list[Refusal]:
                     409,
                 )
             )
+    out.extend(_mtu_mismatches(vm.name, source, target))
     return out
+
+
+def _mtu_mismatches(vm: str, source: HostView | None, target: HostView) -> list[Refusal]:
+    """The migration network both ends are on, with different MTUs: frames the larger end
+    sends are dropped by the smaller (one L2 segment reports no path MTU), and the stream
+    stalls once it fills them. Checked on the preferred network, the one the stream takes."""
+    if source is None or not target.networks:
+        return []
+    preferred = target.networks[0]
+    mine = next((n for n in source.networks if n.network() == preferred.network()), None)
+    if mine is None or mine.mtu is None or preferred.mtu is None or mine.mtu == preferred.mtu:
+        return []
+    return [
+        Refusal(
+            "mtu_mismatch",
+            f"MTU mismatch on migration network {preferred.network()}: {source.name} "
+            f"{mine.ifname} has MTU {mine.mtu}, {target.name} {preferred.ifname} has MTU "
+            f"{preferred.mtu}; set the same MTU (jumbo frames) on both ends to migrate {vm}",
+            409,
+            field="to",
+            host=target.name,
+        )
+    ]
 
 
 def _major(version: str) -> int:

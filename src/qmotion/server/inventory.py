@@ -18,7 +18,7 @@ from qmotion.api.server import HostOut, HostRegister, PoolSet, VmCreate, VmOut
 from qmotion.api.vm import Disk, GuestConfig, Nic, VmSpec
 from qmotion.client.agent import AgentClient
 from qmotion.client.errors import ApiError, ClientError
-from qmotion.migration.prechecks import HostView
+from qmotion.migration.prechecks import HostView, NetworkView
 from qmotion.server.agents import AgentConnector
 from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, Task, Vm, utcnow
 from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream
@@ -186,6 +186,15 @@ class Inventory:
             datastores=frozenset(d["name"] for d in f.get("datastores", ())),
             accel=str(f.get("accel", {}).get("name", "")),
             qemu_version=str(f.get("qemu_version", "")),
+            networks=tuple(
+                NetworkView(
+                    address=str(n["address"]),
+                    prefixlen=int(n.get("prefixlen", 32)),
+                    mtu=n.get("mtu"),
+                    ifname=n.get("ifname"),
+                )
+                for n in f.get("migration_networks", ())
+            ),
         )
 
     def cpu_baseline(self, s: Session) -> str:

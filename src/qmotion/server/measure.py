@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from ipaddress import IPv4Address
 from typing import TypeVar
 
 from sqlalchemy import select
 
+from qmotion.api.host import MigrationNetwork
 from qmotion.api.migration import (
     DirtyRateReport,
     DirtyRateRequest,
@@ -19,9 +21,11 @@ from qmotion.api.migration import (
     PeerRef,
 )
 from qmotion.client.agent import AgentClient
-from qmotion.client.errors import ClientError
+from qmotion.client.errors import ApiError, ClientError
 from qmotion.migration.convergence import DirtyMeasure, Limits, PathMeasure, Plan, plan
-from qmotion.migration.errors import StepError
+from qmotion.migration.errors import Refused, StepError
+from qmotion.migration.params import streams_for
+from qmotion.migration.prechecks import Refusal
 from qmotion.server.db import Database, Host, Task
 from qmotion.server.inventory import Inventory
 
@@ -30,6 +34,7 @@ T = TypeVar("T")
 IDLE_DIRTY_BPS = 1 << 20
 IDLE_SHARE = 0.05  # of what the path carried last time: below it the guest converges at once
 SHORT_S, LONG_S = 0.25, 1.0
+PEER_UNREACHABLE = "peer_unreachable"  # the agent's code: no address of the peer answers
 PROBE_S = 0.25
 
 
@@ -54,6 +59,84 @@ def _history_bandwidth(db: Database, source: str, destination: str) -> float | N
     return None
 
 
+def _networks(host: Host) -> list[MigrationNetwork]:
+    # Only these facts: an older agent's facts (or a partial record) still plan a migration.
+    nets = (host.facts or {}).get("migration_networks", [])
+    return [MigrationNetwork.model_validate(n) for n in nets]
+
+
+def _window(host: Host) -> int | None:
+    got = (host.facts or {}).get("tcp_rmem_max")
+    return int(got) if isinstance(got, int) else None
+
+
+def history_bandwidth(db: Database, src: Host, dst: Host) -> float | None:
+    return _history_bandwidth(db, src.name, dst.name)
+
+
+def peer_of(dst: Host, vm: str) -> PeerRef:
+    return PeerRef(url=dst.agent_url, token=dst.token, vm=vm)
+
+
+async def route(inventory: Inventory, vm: str, src: Host, dst: Host) -> PathProbe:
+    """The destination address the stream will go to: the first of its migration addresses
+    the source reaches, with the path's RTT. Raises Refused (nothing is touched yet): no
+    address answers, or the two ends of the chosen path disagree on the MTU; StepError when
+    the source agent could not say."""
+    nets = _networks(dst)
+    candidates = [IPv4Address(n.address) for n in nets]
+    req = PathProbeRequest(peer=peer_of(dst, vm), candidates=candidates, upload=False)
+
+    def work() -> PathProbe:
+        with inventory.agents.client(src.agent_url, src.token, 30.0) as client:
+            return client.probe_path(req)
+
+    try:
+        got = await asyncio.to_thread(work)
+    except ApiError as exc:
+        if exc.detail.code != PEER_UNREACHABLE:
+            raise StepError("route", f"on {src.name}: {exc}", vm=vm, host=src.name) from exc
+        raise Refused(
+            vm,
+            [
+                Refusal(
+                    "destination_unreachable",
+                    f"{src.name} reaches no migration address of {dst.name}: {exc}",
+                    409,
+                    field="to",
+                    host=dst.name,
+                )
+            ],
+        ) from exc
+    except ClientError as exc:
+        raise StepError("route", f"on {src.name}: {exc}", vm=vm, host=src.name) from exc
+    remote = next((n for n in nets if n.address == got.address), None)
+    if (
+        remote is not None
+        and remote.mtu is not None
+        and got.local_mtu is not None
+        and remote.mtu != got.local_mtu
+    ):
+        # On one L2 segment nothing fragments or reports a smaller path MTU: frames larger
+        # than the smaller end's MTU are dropped, and the stream stalls once it fills them.
+        raise Refused(
+            vm,
+            [
+                Refusal(
+                    "mtu_mismatch",
+                    f"MTU mismatch on the migration path to {got.address}: {src.name} sends "
+                    f"on {got.local_ifname} with MTU {got.local_mtu}, {dst.name} receives on "
+                    f"{remote.ifname} with MTU {remote.mtu}; set the same MTU (jumbo frames) "
+                    "on both ends",
+                    409,
+                    field="to",
+                    host=dst.name,
+                )
+            ],
+        )
+    return got
+
+
 async def measure(
     db: Database,
     inventory: Inventory,
@@ -63,6 +146,7 @@ async def measure(
     limits: Limits,
     *,
     quick: bool = False,
+    reach: PathProbe | None = None,
 ) -> tuple[Plan, MigrationPrediction]:
     """Measure the guest and the path, and plan the migration; raises StepError.
 
@@ -84,7 +168,10 @@ async def measure(
             ) from exc
 
     history = await asyncio.to_thread(_history_bandwidth, db, src.name, dst.name)
-    peer = PeerRef(url=dst.agent_url, token=dst.token, vm=vm)
+    if reach is None:
+        reach = await route(inventory, vm, src, dst)
+    peer = peer_of(dst, vm)
+    chosen = [IPv4Address(reach.address)] if reach.address else []
 
     async def probe() -> PathProbe | None:
         # Before a real migration QEMU's own rate on this path (history) is the better
@@ -92,7 +179,9 @@ async def measure(
         if quick and history is not None:
             return None
         return await call(
-            src, "path probe", lambda c: c.probe_path(PathProbeRequest(peer=peer, seconds=PROBE_S))
+            src,
+            "path probe",
+            lambda c: c.probe_path(PathProbeRequest(peer=peer, seconds=PROBE_S, candidates=chosen)),
         )
 
     async def short_sample() -> DirtyRateReport:
@@ -118,9 +207,9 @@ async def measure(
     dirty = DirtyMeasure.from_samples(samples[0], samples[1] if len(samples) > 1 else None)
     # The probe's upload runs through Python on both ends: on a fast link it is the lower
     # bound, and QEMU's own rate on the last migration is the better figure.
-    bandwidth, source, rtt_ms = 0.0, "history", 0.0
+    bandwidth, source, rtt_ms = 0.0, "history", reach.rtt_ms
     if probed is not None:
-        bandwidth, source, rtt_ms = probed.bandwidth_bps, "probe", probed.rtt_ms
+        bandwidth, source, rtt_ms = probed.bandwidth_bps, "probe", min(rtt_ms, probed.rtt_ms)
     if history is not None and history > bandwidth:
         bandwidth, source = history, "history"
     if limits.bandwidth_bps is not None and limits.bandwidth_bps < bandwidth:
@@ -149,4 +238,13 @@ async def measure(
         max_downtime_ms=p.max_downtime_ms,
         completion_timeout_s=p.completion_timeout_s,
         why_not=p.why_not,
+        migration_address=reach.address,
+        unreachable=reach.unreachable,
+        streams=max(streams_of(reach, dst, limits, history), 1),
     )
+
+
+def streams_of(reach: PathProbe, dst: Host, limits: Limits, history: float | None) -> int:
+    """Multifd channels for this path (0: one classic stream)."""
+    cap = int(limits.bandwidth_bps) if limits.bandwidth_bps is not None else None
+    return streams_for(reach.rtt_ms / 1000, _window(dst), cap_bps=cap, history_bps=history)

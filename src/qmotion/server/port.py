@@ -19,6 +19,7 @@ from qmotion.api.migration import (
     MigrationStats,
     MigrationTune,
     OutgoingRequest,
+    PathProbe,
     PeerRef,
     QemuMigrationStatus,
 )
@@ -38,7 +39,7 @@ from qmotion.migration.errors import Refused, StepError, SwitchedOver
 from qmotion.migration.prechecks import PrecheckInput, VmView, precheck
 from qmotion.server.db import Database, Host
 from qmotion.server.inventory import Inventory
-from qmotion.server.measure import measure
+from qmotion.server.measure import history_bandwidth, measure, route, streams_of
 
 T = TypeVar("T")
 PROGRESS_WAIT_MS = 500
@@ -108,6 +109,8 @@ class AgentMigrationPort:
         self.ladder: Ladder | None = None
         self.samples: list[FlightSample] = []
         self._planning: asyncio.Future[None] | None = None
+        self.reach: PathProbe | None = None
+        self.migration_address: str | None = None
         self.throttled_s = 0.0
         self._last_transferred = -1
         self._progress_at = time.monotonic()
@@ -115,7 +118,7 @@ class AgentMigrationPort:
     @staticmethod
     def host_copy(h: Host) -> Host:
         """What the port needs of a host, detached from the database session."""
-        return Host(name=h.name, agent_url=h.agent_url, token=h.token)
+        return Host(name=h.name, agent_url=h.agent_url, token=h.token, facts=h.facts)
 
     async def _call(
         self, host: Host, step: str, fn: Callable[[AgentClient], T], timeout_s: float = 120.0
@@ -157,6 +160,18 @@ class AgentMigrationPort:
                 raise Refused(self.vm, refusals)
 
         await asyncio.to_thread(check)
+        # Which of the destination's addresses the stream goes to, and the path's RTT: the
+        # destination's stream count depends on it, so it is known before preparing it.
+        try:
+            self.reach = await route(self.inventory, self.vm, self._src, self._dst)
+        except StepError as exc:
+            # The source agent could not say (not "unreachable", which refuses): the stream
+            # goes to the destination's preferred address, as one classic stream.
+            self.warnings.append(f"no route measured: {exc}")
+        if self.reach is not None:
+            history = await asyncio.to_thread(history_bandwidth, self.db, self._src, self._dst)
+            streams = streams_of(self.reach, self._dst, limits_of(self.params), history)
+            self.params = self.params.model_copy(update={"multifd_channels": streams})
         # Measuring takes a few hundred ms: it overlaps with preparing the destination, which
         # needs none of it (the plan sets only source-side capabilities and parameters).
         self._planning = asyncio.ensure_future(self._measure_and_plan())
@@ -177,7 +192,14 @@ class AgentMigrationPort:
         limits = limits_of(self.params)
         try:
             p, self.prediction = await measure(
-                self.db, self.inventory, self.vm, self._src, self._dst, limits, quick=True
+                self.db,
+                self.inventory,
+                self.vm,
+                self._src,
+                self._dst,
+                limits,
+                quick=True,
+                reach=self.reach,
             )
         except Exception as exc:
             # Measuring is advice: whatever fails in it (an agent, a bug), the migration goes
@@ -210,6 +232,11 @@ class AgentMigrationPort:
     async def prepare_destination(self) -> str:
         req = IncomingRequest(spec=self.spec, params=self.params)
         resp = await self._call(self._dst, "prepare destination", lambda c: c.incoming(req))
+        chosen = self.reach.address if self.reach is not None else None
+        if chosen is not None and resp.port is not None and chosen in resp.addresses:
+            self.migration_address = chosen
+            return f"tcp:{chosen}:{resp.port}"
+        self.migration_address = resp.uri.split(":")[1] if resp.uri.count(":") == 2 else None
         return resp.uri
 
     async def start_migration(self, uri: str) -> None:

@@ -23,7 +23,7 @@ from qmotion.api.server import MigrateRequest, TaskEventOut, TaskOut, TaskState
 from qmotion.api.sizes import parse_rate_bytes
 from qmotion.api.vm import VmSpec
 from qmotion.migration import engine, params
-from qmotion.migration.errors import StepError
+from qmotion.migration.errors import Refused, StepError
 from qmotion.migration.machine import MigrationState, Phase, Step
 from qmotion.migration.prechecks import PrecheckInput, precheck
 from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, Task, TaskEvent, utcnow
@@ -81,7 +81,12 @@ def report(
         max_throttle_pct=max((x.throttle_pct for x in port.samples), default=0),
         throttled_s=round(port.throttled_s, 1),
         samples=port.samples,
+        migration_address=port.migration_address,
+        streams=max(port.params.multifd_channels, 1),
+        tls=port.params.tls,
     )
+    if port.reach is not None and port.reach.unreachable:
+        r.warnings.append("fell back from " + "; ".join(port.reach.unreachable))
     if stats is not None:
         r.total_ms, r.downtime_ms, r.setup_ms = (
             stats.total_time_ms,
@@ -195,6 +200,11 @@ class TaskRunner:
             _, prediction = await measure(self.db, self.inventory, vm, src, dst, limits_of(mparams))
         except StepError as exc:
             raise Upstream(str(exc), vm=vm, host=exc.host) from exc
+        except Refused as exc:
+            first = exc.refusals[0]
+            raise Conflict(
+                str(exc), code=first.code, vm=vm, host=first.host, field=first.field
+            ) from exc
         return prediction
 
     async def submit_migration(self, vm: str, req: MigrateRequest) -> TaskOut:
