@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import socket
+import ssl
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from qmotion.api.server import (
@@ -88,7 +91,9 @@ def ip_of(vm: VmOut) -> str:
 def wait_task(server: ServerClient, task: TaskOut, timeout_s: float = 120) -> TaskOut:
     deadline = time.monotonic() + timeout_s
     while task.state.active:
-        assert time.monotonic() < deadline, f"task {task.id} still {task.state}"
+        assert time.monotonic() < deadline, f"task {task.id} still {task.state}: " + "; ".join(
+            f"{e.at:%H:%M:%S.%f} {e.message}" for e in task.events
+        )
         time.sleep(0.1)
         task = server.task(task.id)
     return task
@@ -137,6 +142,7 @@ def test_live_migration_keeps_memory_session_mac_and_address(
     r = task.result
     assert r.outcome == "done" and r.destination == "h2"
     assert r.total_ms and r.downtime_ms is not None and r.setup_ms is not None
+    assert r.tls is True  # the lab's cluster has its CA: streams are TLS by default
     assert r.bytes and r.passes
     # The TCP session held, every message answered in order.
     assert result["s"].survived, result["s"].errors
@@ -428,3 +434,75 @@ def test_mtu_mismatch_on_the_migration_network_is_refused(
     assert server.vm(vm.name).host == "h1"
     assert lab.agent("h1").vm(vm.name).state == VmState.RUNNING
     assert vm.name not in [v.name for v in lab.agent("h3").list_vms()]
+
+
+def _sniff_payloads(ns: str, dev: str, stop: threading.Event, out: list[bytes]) -> None:
+    """TCP payloads arriving on ``dev`` for ephemeral ports (QEMU's incoming stream)."""
+
+    def work() -> None:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0800))
+        sock.bind((dev, 0))
+        sock.settimeout(0.2)
+        with sock:
+            while not stop.is_set() and len(out) < 20_000:
+                try:
+                    frame = sock.recv(70_000)
+                except TimeoutError:
+                    continue
+                ip = frame[14:]
+                if len(ip) < 40 or ip[9] != 6:  # TCP only
+                    continue
+                ihl = (ip[0] & 0x0F) * 4
+                tcp = ip[ihl:]
+                dport = int.from_bytes(tcp[2:4], "big")
+                payload = tcp[(tcp[12] >> 4) * 4 :]
+                if dport >= 32768 and payload:
+                    out.append(bytes(payload))
+
+    run_in(ns, work)
+
+
+def test_migration_stream_is_mutual_tls(lab: Lab, server: ServerClient, make_vm: MakeVm) -> None:
+    """What crosses the migration network is TLS from its first byte: a plaintext QEMU
+    stream starts with QEMU's magic, a TLS one with a handshake record."""
+    vm = make_vm("h1", memory="256M", fill=64)
+    ip = ip_of(vm)
+    stop, payloads = threading.Event(), list[bytes]()
+    sniffer = threading.Thread(
+        target=_sniff_payloads, args=(lab.host("h2").namespace, "eth1", stop, payloads)
+    )
+    sniffer.start()
+    try:
+        task = wait_task(server, server.migrate(vm.name, MigrateRequest(to="h2")))
+    finally:
+        stop.set()
+        sniffer.join()
+    assert task.state == TaskState.SUCCEEDED, task.error
+    assert task.result is not None and task.result.tls is True
+    assert payloads, "nothing seen on the migration network"
+    assert payloads[0][:2] == b"\x16\x03", payloads[0][:16]  # TLS handshake record
+    assert not any(b"QEVM" in p for p in payloads)  # QEMU's stream magic, in clear
+    assert run_in(lab.record.client_namespace, lambda: mem_check(ip))["consistent"] is True
+
+
+def test_peer_port_takes_only_cluster_certificates(lab: Lab) -> None:
+    """The switchover call between agents carries no token: the certificate is the
+    credential. Without one, the peer port does not answer."""
+    h1, h2 = lab.host("h1"), lab.host("h2")
+    facts = lab.agent("h2").host()
+    assert facts.peer_port is not None
+    url = f"https://{h2.address}:{facts.peer_port}/healthz"
+    qemu_dir = Path(h1.state_dir) / "tls" / "qemu"
+    ca = str(qemu_dir / "ca-cert.pem")
+
+    def with_cert() -> int:
+        ctx = ssl.create_default_context(cafile=ca)
+        ctx.load_cert_chain(qemu_dir / "client-cert.pem", qemu_dir / "client-key.pem")
+        return httpx.get(url, verify=ctx, timeout=5).status_code
+
+    def without_cert() -> int:
+        return httpx.get(url, verify=ssl.create_default_context(cafile=ca), timeout=5).status_code
+
+    assert run_in(h1.namespace, with_cert) == 200
+    with pytest.raises((httpx.TransportError, ssl.SSLError)):
+        run_in(h1.namespace, without_cert)

@@ -141,3 +141,16 @@ def test_streams_fill_the_bandwidth_delay_product(
     rtt_ms: float, cap: int | None, history: float | None, want: int
 ) -> None:
     assert streams_for(rtt_ms / 1000, 6 << 20, cap_bps=cap, history_bps=history) == want
+
+
+def test_tls_streams_spread_encryption_over_the_cores() -> None:
+    assert streams_for(0.0002, None, tls=True, cpus=2) == 2
+    assert streams_for(0.0002, None, tls=True, cpus=64) == 4
+    assert streams_for(0.15, None, tls=True, cpus=2) == 8  # the path needs more anyway
+
+
+def test_a_cluster_that_encrypts_refuses_hosts_without_a_certificate() -> None:
+    hosts = {"h1": host("h1", peer_port=8101), "h2": host("h2")}
+    got = precheck(PrecheckInput(VM, "h2", hosts, tls=True))
+    assert [(r.code, r.host) for r in got] == [("tls_unavailable", "h2")]
+    assert precheck(PrecheckInput(VM, "h2", hosts, tls=False)) == []

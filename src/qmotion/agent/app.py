@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -14,11 +15,12 @@ from fastapi.responses import PlainTextResponse
 from qmotion import __version__
 from qmotion.agent import netprobe
 from qmotion.agent.config import AgentConfig
-from qmotion.agent.errors import AgentError
+from qmotion.agent.errors import AgentError, OperationFailed
 from qmotion.agent.facts import MetricsSampler, host_facts
 from qmotion.agent.migrate import Migrations
+from qmotion.agent.tls import PeerListener, TlsStore
 from qmotion.agent.vms import VmManager
-from qmotion.api.host import AccelInfo, HostFacts, HostMetrics
+from qmotion.api.host import AccelInfo, HostFacts, HostMetrics, TlsCsr, TlsInstall, TlsStatus
 from qmotion.api.migration import (
     DirtyRateReport,
     DirtyRateRequest,
@@ -55,7 +57,11 @@ class AgentState:
         self.config = config
         self._accel_task: asyncio.Task[AccelInfo] | None = None
         self.vms = VmManager(config, self.accel)
-        self.migrations = Migrations(self.vms)
+        self.tls = TlsStore(config.state_dir, config.name)
+        self.migrations = Migrations(self.vms, self.tls)
+        self.peer = PeerListener(
+            create_peer_app(self), config.address or "127.0.0.1", config.port + 1
+        )
         self.sampler = MetricsSampler()
 
     async def accel(self) -> AccelInfo:
@@ -76,9 +82,15 @@ def create_app(config: AgentConfig) -> FastAPI:
         # Probe (or read the cached probe) in the background; VM starts wait for it.
         probe = asyncio.ensure_future(state.accel())
         sampler = asyncio.ensure_future(_sample_forever(state))
+        if state.tls.ready:
+            try:
+                await state.peer.start(state.tls)
+            except (OSError, ssl.SSLError) as exc:
+                log.error("peer TLS port not serving: %s", exc)
         try:
             yield
         finally:
+            await state.peer.stop()
             sampler.cancel()
             probe.cancel()
             await state.vms.close()
@@ -98,7 +110,21 @@ def create_app(config: AgentConfig) -> FastAPI:
     @app.get("/v1/host", response_model=HostFacts, dependencies=auth)
     async def get_host() -> HostFacts:
         accel = await state.accel()
-        return await asyncio.to_thread(host_facts, config, accel)
+        peer_port = state.peer.port if state.peer.running else None
+        return await asyncio.to_thread(host_facts, config, accel, peer_port)
+
+    @app.post("/v1/tls/csr", response_model=TlsCsr, dependencies=auth)
+    async def tls_csr() -> TlsCsr:
+        return TlsCsr(csr_pem=await asyncio.to_thread(state.tls.csr))
+
+    @app.put("/v1/tls", response_model=TlsStatus, dependencies=auth)
+    async def tls_install(req: TlsInstall) -> TlsStatus:
+        await asyncio.to_thread(state.tls.install, req.ca_pem, req.cert_pem)
+        try:
+            await state.peer.start(state.tls)
+        except (OSError, ssl.SSLError) as exc:
+            raise OperationFailed(f"peer TLS port {state.peer.port}: {exc}") from exc
+        return TlsStatus(peer_port=state.peer.port)
 
     @app.get("/v1/metrics", response_model=HostMetrics, dependencies=auth)
     async def get_metrics() -> HostMetrics:
@@ -200,6 +226,23 @@ def create_app(config: AgentConfig) -> FastAPI:
         return {"status": "ok", "host": config.name}
 
     return app
+
+
+def create_peer_app(state: AgentState) -> FastAPI:
+    """What other agents may call, on the mutual-TLS port: their certificate is their
+    credential (the cluster CA signed it), so no agent holds another's bearer token."""
+    peer = FastAPI(title=f"qmotion agent {state.config.name} (peers)", version=__version__)
+    install_error_handlers(peer, AgentError, host=state.config.name)
+
+    @peer.post("/v1/peer/vms/{name}/steer")
+    async def steer(name: str, req: SteerRequest) -> dict[str, float]:
+        return {"ms": await state.migrations.steer(name, req)}
+
+    @peer.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "host": state.config.name}
+
+    return peer
 
 
 async def _sample_forever(state: AgentState) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ import httpx
 from qmotion.agent.errors import Conflict, MigratedAway, OperationFailed
 from qmotion.agent.forwarder import FORWARD_FOR_S, LateFrameForwarder
 from qmotion.agent.steer import Steerer
+from qmotion.agent.tls import TlsStore
 from qmotion.agent.vms import VmManager
 from qmotion.api.migration import (
     DirtyRateReport,
@@ -60,6 +62,7 @@ class Outgoing:
     task: asyncio.Task[None] | None = None
     events: list[tuple[str, float]] = field(default_factory=list)
     restore_increment_at: int | None = None  # throttle % after which QEMU's step is reset
+    uri: str | None = None  # where the stream goes (tcp:HOST:PORT)
 
 
 def _capabilities(params: MigrationParams, *, source: bool) -> list[dict[str, Any]]:
@@ -167,9 +170,26 @@ async def _nonzero_share(mon: Monitor, memory: int) -> float | None:
     return nonzero / seen if seen >= 32 else None
 
 
+def _destroy_sockets_to(uri: str) -> None:
+    """End every TCP socket of this host to the stream's destination (``ss -K``; the port is
+    the destination QEMU's, so nothing else uses it)."""
+    kind, _, rest = uri.partition(":")
+    host, _, port = rest.rpartition(":")
+    if kind != "tcp" or not host or not port.isdigit():
+        return
+    log.warning("ending the sockets of a stuck migration to %s", rest)
+    subprocess.run(
+        ["ss", "-K", "dst", host.strip("[]"), "dport", "=", port],
+        capture_output=True,
+        check=False,
+        timeout=10,
+    )
+
+
 class Migrations:
-    def __init__(self, vms: VmManager) -> None:
+    def __init__(self, vms: VmManager, tls: TlsStore | None = None) -> None:
         self.vms = vms
+        self.tls = tls
         self._outgoing: dict[str, Outgoing] = {}
         self._steerers: dict[str, asyncio.Future[Steerer]] = {}
         self._incoming_watch: dict[str, asyncio.Task[None]] = {}
@@ -190,6 +210,7 @@ class Migrations:
         address = self.vms.config.address
         if not address:
             raise OperationFailed("this agent has no address to receive migrations on")
+        self._require_tls(req.params)
         await self.vms.define(spec)
         try:
             await self.vms.start(spec.name, incoming="defer")
@@ -198,7 +219,10 @@ class Migrations:
                 "migrate-set-capabilities",
                 {"capabilities": _capabilities(req.params, source=False)},
             )
-            await mon.execute("migrate-set-parameters", _parameters(req.params))
+            await mon.execute(
+                "migrate-set-parameters",
+                _parameters(req.params) | await self._tls_parameters(mon, req.params, "server"),
+            )
             self._incoming_watch[spec.name] = asyncio.create_task(
                 self._watch_incoming(spec.name, mon), name=f"incoming-{spec.name}"
             )
@@ -287,11 +311,16 @@ class Migrations:
         status = await mon.status()
         if status not in ("running", "paused"):
             raise Conflict(f"VM {name} cannot migrate while {status}", vm=name)
+        self._require_tls(req.params)
         await mon.execute(
             "migrate-set-capabilities", {"capabilities": _capabilities(req.params, source=True)}
         )
-        await mon.execute("migrate-set-parameters", _parameters(req.params))
-        out = Outgoing(started_at=time.monotonic())
+        try:
+            tls = await self._tls_parameters(mon, req.params, "client")
+        except HypervisorError as exc:
+            raise _qmp_failed(f"setting up TLS for {name}", name, exc) from exc
+        await mon.execute("migrate-set-parameters", _parameters(req.params) | tls)
+        out = Outgoing(started_at=time.monotonic(), uri=req.uri)
         self._outgoing[name] = out
         ready = asyncio.get_running_loop().create_future()
         out.task = asyncio.create_task(
@@ -300,12 +329,58 @@ class Migrations:
         await ready  # the watcher has subscribed and issued migrate (or failed to)
         return await self.stats(name, 0, None)
 
+    def _require_tls(self, params: MigrationParams) -> TlsStore | None:
+        """Refused before anything starts: a TLS stream needs this host's certificate."""
+        if not params.tls:
+            return None
+        if self.tls is None or not self.tls.ready:
+            raise Conflict(
+                "this host has no certificate from the cluster CA for a TLS migration; "
+                "register it with the manager again"
+            )
+        return self.tls
+
+    async def _tls_parameters(
+        self, mon: Monitor, params: MigrationParams, endpoint: str
+    ) -> dict[str, Any]:
+        """QEMU's x509 credentials for this end of the stream (mutual: both verify), or
+        none; set either way, since a QEMU that migrated before keeps what it was told."""
+        if not params.tls:
+            return {"tls-creds": "", "tls-hostname": ""}
+        tls = self._require_tls(params)
+        assert tls is not None
+        creds = f"qm-tls-{endpoint}"
+        with contextlib.suppress(HypervisorError):
+            await mon.execute("object-del", {"id": creds})  # from an earlier migration
+        await mon.execute(
+            "object-add",
+            {
+                "qom-type": "tls-creds-x509",
+                "id": creds,
+                "endpoint": endpoint,
+                "dir": str(tls.qemu_dir),
+                "verify-peer": True,
+            },
+        )
+        out: dict[str, Any] = {"tls-creds": creds}
+        if endpoint == "client":
+            # The destination's name (in its certificate), whichever address carries it.
+            out["tls-hostname"] = params.tls_hostname or ""
+        return out
+
     async def _peer_client(self, peer: PeerRef | None) -> httpx.AsyncClient | None:
         if peer is None:
             return None
-        client = httpx.AsyncClient(
-            base_url=peer.url, headers={"Authorization": f"Bearer {peer.token}"}, timeout=2.0
-        )
+        if peer.url.startswith("https:"):
+            if self.tls is None or not self.tls.ready:
+                log.warning("no certificate to call the destination at switchover with")
+                return None
+            ctx = await asyncio.to_thread(self.tls.client_context)
+            client = httpx.AsyncClient(base_url=peer.url, verify=ctx, timeout=2.0)
+        else:
+            client = httpx.AsyncClient(
+                base_url=peer.url, headers={"Authorization": f"Bearer {peer.token}"}, timeout=2.0
+            )
         # Open the connection now so the switchover pays no TCP handshake.
         with contextlib.suppress(httpx.HTTPError):
             await client.get("/healthz")
@@ -411,8 +486,9 @@ class Migrations:
                 macs = [n.mac for n in self.vms.spec(name).nics]
                 if macs:
                     try:
+                        base = "/v1/peer" if req.peer.url.startswith("https:") else "/v1"
                         resp = await peer_client.post(
-                            f"/v1/vms/{req.peer.vm}/steer", json={"mac": macs}
+                            f"{base}/vms/{req.peer.vm}/steer", json={"mac": macs}
                         )
                         if resp.status_code >= 400:
                             out.steer_error = f"HTTP {resp.status_code}: {resp.text[:200]}"
@@ -546,6 +622,14 @@ class Migrations:
             log.warning("migration of %s still cancelling: yanking its channels", name)
             with contextlib.suppress(HypervisorError):
                 await mon.execute("yank", {"instances": [{"type": "migration"}]})
+            await asyncio.sleep(0.2)
+            stats = await self.stats(name, 0, None)
+        out = self._outgoing.get(name)
+        if stats.status == "cancelling" and out is not None and out.uri:
+            # A channel still in its TLS handshake is not among the yanked ones (QEMU waits
+            # for it to connect before it can be closed): the kernel ends its socket instead.
+            await asyncio.to_thread(_destroy_sockets_to, out.uri)
+            await asyncio.sleep(0.2)
             stats = await self.stats(name, 0, None)
         return stats
 

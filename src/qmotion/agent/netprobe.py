@@ -58,7 +58,7 @@ def _with_host(url: str, address: str) -> str:
 
 
 async def probe(req: PathProbeRequest) -> PathProbe:
-    headers = {"Authorization": f"Bearer {req.peer.token}"}
+    headers = {"Authorization": f"Bearer {req.peer.token}"} if req.peer.token else {}
     try:
         urls = [_with_host(req.peer.url, str(a)) for a in req.candidates] or [req.peer.url]
     except (httpx.InvalidURL, ValueError) as exc:

@@ -74,3 +74,20 @@ class HostMetrics(BaseModel):
     memory_available_bytes: int
     vms_memory_mib: int
     vms: list[VmMetrics]
+
+
+class TlsCsr(BaseModel):
+    """A host's certificate signing request (its key stays on the host)."""
+
+    csr_pem: str
+
+
+class TlsInstall(BaseModel):
+    """The host's certificate, signed by the cluster CA, and the CA's certificate."""
+
+    ca_pem: str = Field(min_length=1, max_length=64 * 1024)
+    cert_pem: str = Field(min_length=1, max_length=64 * 1024)
+
+
+class TlsStatus(BaseModel):
+    peer_port: int | None = Field(description="mutual-TLS port for other agents")

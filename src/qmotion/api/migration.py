@@ -123,8 +123,8 @@ class DirtyRateReport(BaseModel):
 class PeerRef(StrictModel):
     """How the source agent reaches the destination agent at switchover, directly."""
 
-    url: str
-    token: str
+    url: str = Field(description="https: the peer's mutual-TLS port (no token then)")
+    token: str | None = None
     vm: str
 
 

@@ -31,6 +31,9 @@ def up(
     migration_net: bool = typer.Option(
         False, "--migration-net", help="A second switch for migration traffic (198.19.K.0/24)."
     ),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="Plaintext migration streams: the manager has no cluster CA."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the lab as JSON."),
 ) -> None:
     """Create the lab: switch, client namespace, hosts with agents, datastores."""
@@ -54,6 +57,7 @@ def up(
             accel=accel,
             hugepages=pool,
             migration_net=migration_net,
+            insecure=insecure,
         )
     if json_out:
         print_json(lab.record.public())

@@ -17,6 +17,18 @@ def server(
     token_file: Path = typer.Option(
         None, "--token-file", help="Bearer token file (or QMOTION_TOKEN)."
     ),
+    ca_dir: Path = typer.Option(
+        Path("/var/lib/qmotion/ca"),
+        "--ca-dir",
+        help="The cluster CA (made on first start): it signs each host's certificate at "
+        "registration, and migration streams are mutual TLS under it.",
+    ),
+    insecure: bool = typer.Option(
+        False,
+        "--insecure",
+        help="Plaintext migration streams, agents calling each other by token (reports say "
+        "tls: false). Only for networks nobody else can reach.",
+    ),
 ) -> None:
     """Serve the cluster inventory, tasks and the REST API."""
     from qmotion.server.main import run
@@ -25,4 +37,4 @@ def server(
     host, port = listen_address(listen)
     if db.startswith("sqlite:///"):
         Path(db.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    run(db, token, host, port)
+    run(db, token, host, port, None if insecure else ca_dir)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qmotion.api.host import HostFacts, HostMetrics
+from qmotion.api.host import HostFacts, HostMetrics, TlsCsr, TlsInstall, TlsStatus
 from qmotion.api.migration import (
     DirtyRateReport,
     DirtyRateRequest,
@@ -68,6 +68,12 @@ class AgentClient(BaseClient):
 
     def dirty_rate(self, name: str, req: DirtyRateRequest) -> DirtyRateReport:
         return self.call(DirtyRateReport, "POST", f"/v1/vms/{name}/dirty-rate", json=dump(req))
+
+    def tls_csr(self) -> TlsCsr:
+        return self.call(TlsCsr, "POST", "/v1/tls/csr")
+
+    def install_tls(self, req: TlsInstall) -> TlsStatus:
+        return self.call(TlsStatus, "PUT", "/v1/tls", json=dump(req))
 
     def probe_path(self, req: PathProbeRequest) -> PathProbe:
         return self.call(PathProbe, "POST", "/v1/net/probe", json=dump(req))

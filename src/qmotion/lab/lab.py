@@ -111,6 +111,7 @@ class LabRecord(BaseModel):
     rtt_ms: float = 0.0
     bandwidth: str | None = None
     migration_subnet: str | None = None
+    insecure: bool = False  # plaintext migration streams (no cluster CA)
     created_at: datetime
     links: list[str] = Field(default_factory=list)
     namespaces: list[str] = Field(default_factory=list)
@@ -152,6 +153,7 @@ class LabRecord(BaseModel):
             "rtt_ms": self.rtt_ms,
             "bandwidth": self.bandwidth,
             "migration_subnet": self.migration_subnet,
+            "tls": not self.insecure,
             "created_at": self.created_at.isoformat(),
         }
 
@@ -323,13 +325,15 @@ def lab_up(
     accel: str = "auto",
     hugepages: int | None = None,
     migration_net: bool = False,
+    insecure: bool = False,
 ) -> Lab:
     """Create the lab and start an agent per host; on any failure, tear down what was made.
 
     ``hugepages``: bytes of the host's huge-page pool the lab's guests may use (the pool is
     grown and warmed to that size; it is never shrunk, see hypervisor.hugepages); None for the
     default, 0 to run guests from ordinary memory. ``migration_net``: a second switch that
-    carries migration streams (hosts still reach each other on the first).
+    carries migration streams (hosts still reach each other on the first). ``insecure``:
+    the manager runs without a cluster CA (plaintext migration streams).
     """
     _validate(name, hosts, rtt_ms, bandwidth)
     if hugepages is not None and hugepages < 0:
@@ -368,6 +372,7 @@ def lab_up(
         rtt_ms=rtt_ms,
         bandwidth=bandwidth,
         migration_subnet=f"198.19.{k}.0/24" if migration_net else None,
+        insecure=insecure,
         created_at=datetime.now(UTC),
         hugepages=bool(pool_bytes),
     )
@@ -513,6 +518,7 @@ def _start_manager(rec: LabRecord, register: bool = True) -> None:
         f"sqlite:///{lab_dir / 'manager.db'}",
         "--token-file",
         str(token_file),
+        *(["--insecure"] if rec.insecure else ["--ca-dir", str(lab_dir / "ca")]),
     ]
     with open(lab_dir / "manager.log", "ab") as logf:
         proc = subprocess.Popen(

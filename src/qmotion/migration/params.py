@@ -28,6 +28,7 @@ QEMU_DEFAULT_DOWNTIME_MS = 300
 LAN_RTT_S = 0.005  # below this one stream's window is never the limit
 MAX_STREAMS = 8
 DEFAULT_RMEM_MAX = 6 << 20  # Linux's tcp_rmem maximum
+TLS_STREAMS = 4
 HISTORY_HEADROOM = 1.5  # the last migration's rate may have been bound by its own streams
 
 
@@ -37,21 +38,26 @@ def streams_for(
     *,
     cap_bps: int | None = None,
     history_bps: float | None = None,
+    tls: bool = False,
+    cpus: int = 1,
 ) -> int:
     """Multifd channels for a path (0: one classic stream).
 
     One TCP stream carries at most its window per round trip; Linux lets the receive window
     grow to half of tcp_rmem's maximum (tcp_adv_win_scale 1). A short probe over a long path
     sees slow start, not the link, so without an operator cap or an earlier migration's rate
-    the path is filled with the most streams.
+    the path is filled with the most streams. ``cpus``: the fewer of the two hosts'.
     """
+    # Encryption is the slower part of a TLS stream (one core each way per stream; QEMU
+    # writes a record per page): streams spread it over the cores.
+    floor = min(max(cpus, 2), TLS_STREAMS) if tls else 0
     if rtt_s < LAN_RTT_S:
-        return 0
+        return floor
     per_stream = (window_max or DEFAULT_RMEM_MAX) / 2 / rtt_s
     target = cap_bps or (history_bps * HISTORY_HEADROOM if history_bps else None)
     if target is None:
         return MAX_STREAMS
-    return min(max(math.ceil(target / per_stream), 2), MAX_STREAMS)
+    return max(min(max(math.ceil(target / per_stream), 2), MAX_STREAMS), floor)
 
 
 def choose(

@@ -39,6 +39,7 @@ class HostView:
     accel: str = ""  # kvm or tcg
     qemu_version: str = ""
     networks: tuple[NetworkView, ...] = ()
+    peer_port: int | None = None  # mutual-TLS port: the host has its cluster certificate
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class PrecheckInput:
     vm: VmView
     target_name: str
     hosts: dict[str, HostView] = field(default_factory=dict)
+    tls: bool = False  # the cluster encrypts migration streams
 
 
 def precheck(inp: PrecheckInput) -> list[Refusal]:
@@ -179,6 +181,19 @@ def precheck(inp: PrecheckInput) -> list[Refusal]:
                 )
             )
     out.extend(_mtu_mismatches(vm.name, source, target))
+    if inp.tls:
+        for h in (source, target):
+            if h is not None and h.peer_port is None:
+                # Plaintext only when the cluster is configured insecure: never as a fallback.
+                out.append(
+                    Refusal(
+                        "tls_unavailable",
+                        f"host {h.name} has no certificate from the cluster CA, and the "
+                        "cluster encrypts migrations; register the host again",
+                        409,
+                        host=h.name,
+                    )
+                )
     return out
 
 

@@ -28,6 +28,7 @@ from qmotion.api.service import (
     install_error_handlers,
 )
 from qmotion.api.vm import StopRequest
+from qmotion.pki import ClusterCA
 from qmotion.server.agents import AgentConnector
 from qmotion.server.db import Database
 from qmotion.server.errors import ServerError
@@ -42,10 +43,13 @@ TaskId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 AGENT_ERRORS = error_responses(502)
 
 
-def create_app(db_url: str, token: str, agents: AgentConnector | None = None) -> FastAPI:
-    """The manager; ``agents`` is the seam to the host agents (tests pass in-process ones)."""
+def create_app(
+    db_url: str, token: str, agents: AgentConnector | None = None, ca: ClusterCA | None = None
+) -> FastAPI:
+    """The manager; ``agents`` is the seam to the host agents (tests pass in-process ones);
+    ``ca``: the cluster CA that makes migrations TLS (None: the cluster is insecure)."""
     db = Database(db_url)
-    inventory = Inventory(db, agents)
+    inventory = Inventory(db, agents, ca)
     runner = TaskRunner(db, inventory)
 
     @contextlib.asynccontextmanager

@@ -13,12 +13,13 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from qmotion.api.host import HostFacts
+from qmotion.api.host import HostFacts, TlsInstall
 from qmotion.api.server import HostOut, HostRegister, PoolSet, VmCreate, VmOut
 from qmotion.api.vm import Disk, GuestConfig, Nic, VmSpec
 from qmotion.client.agent import AgentClient
 from qmotion.client.errors import ApiError, ClientError
 from qmotion.migration.prechecks import HostView, NetworkView
+from qmotion.pki import ClusterCA, PkiError
 from qmotion.server.agents import AgentConnector
 from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, Task, Vm, utcnow
 from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream
@@ -62,9 +63,17 @@ def agent_errors(host: str, vm: str | None = None) -> Iterator[None]:
 
 
 class Inventory:
-    def __init__(self, db: Database, agents: AgentConnector | None = None) -> None:
+    def __init__(
+        self, db: Database, agents: AgentConnector | None = None, ca: ClusterCA | None = None
+    ) -> None:
         self.db = db
         self.agents = agents or AgentConnector()
+        # None: the cluster is configured insecure (plaintext migration streams).
+        self.ca = ca
+
+    @property
+    def tls(self) -> bool:
+        return self.ca is not None
 
     # ------------------------------------------------------------------ hosts
 
@@ -75,10 +84,25 @@ class Inventory:
         with self.agent(host) as client, agent_errors(host.name, vm):
             return fn(client)
 
+    def _issue_certificate(self, client: AgentClient, name: str, facts: HostFacts) -> None:
+        """The host's certificate for its name and every address it is reached at."""
+        assert self.ca is not None
+        addresses = [n.address for n in facts.migration_networks]
+        if facts.address:
+            addresses.append(facts.address)
+        csr = client.tls_csr()
+        cert = self.ca.sign_host(csr.csr_pem, name, addresses)
+        client.install_tls(TlsInstall(ca_pem=self.ca.cert_pem, cert_pem=cert))
+
     def register_host(self, req: HostRegister) -> HostOut:
         try:
             with self.agents.client(req.agent_url, req.token, timeout_s=60) as client:
                 facts = client.host()
+                if self.ca is not None:
+                    self._issue_certificate(client, req.name, facts)
+                    facts = client.host()  # now with its mutual-TLS port
+        except PkiError as exc:
+            raise Invalid(str(exc), field="name", host=req.name) from exc
         except ApiError as exc:
             raise Invalid(
                 f"agent at {req.agent_url} refused: {exc}", field="token", host=req.name
@@ -186,6 +210,7 @@ class Inventory:
             datastores=frozenset(d["name"] for d in f.get("datastores", ())),
             accel=str(f.get("accel", {}).get("name", "")),
             qemu_version=str(f.get("qemu_version", "")),
+            peer_port=f.get("peer_port"),
             networks=tuple(
                 NetworkView(
                     address=str(n["address"]),

@@ -147,6 +147,7 @@ async def measure(
     *,
     quick: bool = False,
     reach: PathProbe | None = None,
+    tls: bool = False,
 ) -> tuple[Plan, MigrationPrediction]:
     """Measure the guest and the path, and plan the migration; raises StepError.
 
@@ -240,11 +241,22 @@ async def measure(
         why_not=p.why_not,
         migration_address=reach.address,
         unreachable=reach.unreachable,
-        streams=max(streams_of(reach, dst, limits, history), 1),
+        streams=max(streams_of(reach, src, dst, limits, history, tls=tls), 1),
     )
 
 
-def streams_of(reach: PathProbe, dst: Host, limits: Limits, history: float | None) -> int:
+def streams_of(
+    reach: PathProbe,
+    src: Host,
+    dst: Host,
+    limits: Limits,
+    history: float | None,
+    *,
+    tls: bool = False,
+) -> int:
     """Multifd channels for this path (0: one classic stream)."""
     cap = int(limits.bandwidth_bps) if limits.bandwidth_bps is not None else None
-    return streams_for(reach.rtt_ms / 1000, _window(dst), cap_bps=cap, history_bps=history)
+    cpus = min(int((h.facts or {}).get("cpus", 1)) for h in (src, dst))
+    return streams_for(
+        reach.rtt_ms / 1000, _window(dst), cap_bps=cap, history_bps=history, tls=tls, cpus=cpus
+    )

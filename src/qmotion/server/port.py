@@ -48,9 +48,13 @@ SWITCHOVER_WAIT_S = 10.0
 SWITCHING = frozenset({QemuMigrationStatus.DEVICE, QemuMigrationStatus.PRE_SWITCHOVER})
 MAX_SAMPLES = 600  # flight-recorder samples kept per migration
 STALL_TIMEOUT_S = 30.0  # an active migration that moves no data for this long is abandoned
+# Where bytes must keep moving: a stream set up over a dead link (a TLS handshake that never
+# completes) stays in setup as surely as a copy stalls in active.
+MOVING = frozenset({QemuMigrationStatus.SETUP, QemuMigrationStatus.ACTIVE})
 # QEMU's migrate_cancel shuts the stream's socket down, so a cancel settles at once; a source
 # that has not settled after this long is reported, and its destination kept.
 SETTLE_TIMEOUT_S = 60.0
+RECANCEL_S = 3.0
 IDLE = frozenset(
     {QemuMigrationStatus.NONE, QemuMigrationStatus.FAILED, QemuMigrationStatus.CANCELLED}
 )  # no migration under way on the source
@@ -153,7 +157,10 @@ class AgentMigrationPort:
                         dst, committed_mib=dst.committed_mib - self.spec.memory
                     )
                 inp = PrecheckInput(
-                    vm_view(self.spec, row.host.name, row.state, False), self.destination, hosts
+                    vm_view(self.spec, row.host.name, row.state, False),
+                    self.destination,
+                    hosts,
+                    tls=self.params.tls,
                 )
             refusals = precheck(inp)
             if refusals:
@@ -170,7 +177,14 @@ class AgentMigrationPort:
             self.warnings.append(f"no route measured: {exc}")
         if self.reach is not None:
             history = await asyncio.to_thread(history_bandwidth, self.db, self._src, self._dst)
-            streams = streams_of(self.reach, self._dst, limits_of(self.params), history)
+            streams = streams_of(
+                self.reach,
+                self._src,
+                self._dst,
+                limits_of(self.params),
+                history,
+                tls=self.params.tls,
+            )
             self.params = self.params.model_copy(update={"multifd_channels": streams})
         # Measuring takes a few hundred ms: it overlaps with preparing the destination, which
         # needs none of it (the plan sets only source-side capabilities and parameters).
@@ -200,6 +214,7 @@ class AgentMigrationPort:
                 limits,
                 quick=True,
                 reach=self.reach,
+                tls=self.params.tls,
             )
         except Exception as exc:
             # Measuring is advice: whatever fails in it (an agent, a bug), the migration goes
@@ -241,12 +256,20 @@ class AgentMigrationPort:
 
     async def start_migration(self, uri: str) -> None:
         await self._planned()
-        peer = PeerRef(url=self._dst.agent_url, token=self._dst.token, vm=self.vm)
-        req = OutgoingRequest(uri=uri, params=self.params, peer=peer)
+        req = OutgoingRequest(uri=uri, params=self.params, peer=self._switchover_peer())
         self.last_stats = await self._call(
             self._src, "start migration", lambda c: c.migrate(self.vm, req)
         )
         self.migrate_issued_at = time.monotonic()
+
+    def _switchover_peer(self) -> PeerRef:
+        """How the source agent calls the destination at switchover: on a TLS cluster by its
+        mutual-TLS port, with no bearer token (the certificates authenticate both)."""
+        facts = self._dst.facts or {}
+        port, address = facts.get("peer_port"), facts.get("address")
+        if self.params.tls and port and address:
+            return PeerRef(url=f"https://{address}:{port}", token=None, vm=self.vm)
+        return PeerRef(url=self._dst.agent_url, token=self._dst.token, vm=self.vm)
 
     async def progress(self, known_status: QemuMigrationStatus | None) -> MigrationStats:
         stats = await self._call(
@@ -263,10 +286,7 @@ class AgentMigrationPort:
             stats = await self._call(self._src, "monitor", lambda c: c.migration(self.vm))
         self.last_stats = stats
         now = time.monotonic()
-        if (
-            stats.transferred != self._last_transferred
-            or stats.status != QemuMigrationStatus.ACTIVE
-        ):
+        if stats.transferred != self._last_transferred or stats.status not in MOVING:
             self._last_transferred, self._progress_at = stats.transferred, now
         elif now - self._progress_at > STALL_TIMEOUT_S:
             raise StepError(
@@ -440,12 +460,18 @@ class AgentMigrationPort:
         if before.status not in IDLE:
             await self._call(self._src, "rollback", lambda c: c.cancel_migration(self.vm))
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        again_at = time.monotonic() + RECANCEL_S
         while True:
             stats = await self._call(self._src, "rollback", lambda c: c.migration(self.vm))
             if stats.status == QemuMigrationStatus.COMPLETED:
                 raise SwitchedOver("the migration completed before it could be cancelled")
             if stats.status in IDLE:
                 return
+            if stats.status == QemuMigrationStatus.CANCELLING and time.monotonic() > again_at:
+                # Still stuck on a dead link: the agent yanks the channels again (a channel
+                # still connecting at the first yank was not among them).
+                again_at = time.monotonic() + RECANCEL_S
+                await self._call(self._src, "rollback", lambda c: c.cancel_migration(self.vm))
             if time.monotonic() > deadline:
                 raise StepError(
                     "rollback",

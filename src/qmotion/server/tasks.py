@@ -169,7 +169,12 @@ class TaskRunner:
             migrating = self.db.active_task_for_vm(s, vm) is not None
             hosts = self.inventory.host_views(s)
             refusals = precheck(
-                PrecheckInput(vm_view(spec, row.host.name, row.state, migrating), req.to, hosts)
+                PrecheckInput(
+                    vm_view(spec, row.host.name, row.state, migrating),
+                    req.to,
+                    hosts,
+                    tls=self.inventory.tls,
+                )
             )
             source = row.host.name
         if refusals:
@@ -182,7 +187,10 @@ class TaskRunner:
                 host=first.host,
                 field=first.field,
             )
-        return source, params.choose(req.max_downtime_ms, bandwidth, req.timeout_s)
+        chosen = params.choose(req.max_downtime_ms, bandwidth, req.timeout_s)
+        if self.inventory.tls:
+            chosen = chosen.model_copy(update={"tls": True, "tls_hostname": req.to})
+        return source, chosen
 
     async def predict_migration(self, vm: str, req: MigrateRequest) -> MigrationPrediction:
         """``--dry-run``: the same checks and measurements as a migration, and nothing started."""
@@ -197,7 +205,9 @@ class TaskRunner:
 
         src, dst = await asyncio.to_thread(hosts)
         try:
-            _, prediction = await measure(self.db, self.inventory, vm, src, dst, limits_of(mparams))
+            _, prediction = await measure(
+                self.db, self.inventory, vm, src, dst, limits_of(mparams), tls=mparams.tls
+            )
         except StepError as exc:
             raise Upstream(str(exc), vm=vm, host=exc.host) from exc
         except Refused as exc:

@@ -1,0 +1,165 @@
+"""The agent's certificate under the cluster CA, and the mutual-TLS port other agents call.
+
+The key is made here and never leaves the host; the manager signs a request for it at
+registration. The files are laid out as QEMU's ``tls-creds-x509`` reads a directory (one
+certificate serves as server and client), and the peer port serves the one call an agent makes
+to another at switchover, for any caller whose certificate the cluster CA signed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from fastapi import FastAPI
+
+from qmotion.agent.errors import Conflict, SpecRejected
+from qmotion.pki import csr_for, new_key_pem
+
+log = logging.getLogger(__name__)
+QEMU_FILES = (
+    "ca-cert.pem",
+    "server-cert.pem",
+    "server-key.pem",
+    "client-cert.pem",
+    "client-key.pem",
+)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+class TlsStore:
+    """``state_dir/tls``: the host key, and once signed, QEMU's credential directory."""
+
+    def __init__(self, state_dir: Path, host: str) -> None:
+        self.dir = state_dir / "tls"
+        self.qemu_dir = self.dir / "qemu"
+        self.host = host
+        self.key_file = self.dir / "host-key.pem"
+
+    @property
+    def ready(self) -> bool:
+        return all((self.qemu_dir / f).exists() for f in QEMU_FILES)
+
+    def csr(self) -> str:
+        """A signing request for this host's key (made on first use, kept across requests:
+        a request answered late still matches the key)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.key_file.exists():
+            _write_private(self.key_file, new_key_pem())
+        return csr_for(self.key_file.read_bytes(), self.host)
+
+    def install(self, ca_pem: str, cert_pem: str) -> None:
+        """Keep the signed certificate, refusing one that is not for this host's key."""
+        if not self.key_file.exists():
+            raise Conflict("no key here: ask for a signing request first")
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem.encode())
+            ca = x509.load_pem_x509_certificate(ca_pem.encode())
+        except ValueError as exc:
+            raise SpecRejected(f"not a PEM certificate: {exc}", field="cert_pem") from exc
+        key = serialization.load_pem_private_key(self.key_file.read_bytes(), password=None)
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        if cert.public_key().public_bytes(serialization.Encoding.PEM, spki) != (
+            key.public_key().public_bytes(serialization.Encoding.PEM, spki)
+        ):
+            raise SpecRejected("the certificate is not for this host's key", field="cert_pem")
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError) as exc:
+            raise SpecRejected(f"the certificate is not signed by that CA: {exc}") from exc
+        self.qemu_dir.mkdir(parents=True, exist_ok=True)
+        key_pem = self.key_file.read_bytes()
+        # Written to new names, then renamed: QEMU may be reading the directory.
+        for name, data, private in (
+            ("ca-cert.pem", ca_pem.encode(), False),
+            ("server-cert.pem", cert_pem.encode(), False),
+            ("client-cert.pem", cert_pem.encode(), False),
+            ("server-key.pem", key_pem, True),
+            ("client-key.pem", key_pem, True),
+        ):
+            tmp = self.qemu_dir / f".{name}.new"
+            if private:
+                _write_private(tmp, data)
+            else:
+                tmp.write_bytes(data)
+            tmp.replace(self.qemu_dir / name)
+
+    def server_context(self) -> ssl.SSLContext:
+        """Peers must show a certificate the cluster CA signed."""
+        ctx = ssl.create_default_context(
+            ssl.Purpose.CLIENT_AUTH, cafile=self.qemu_dir / "ca-cert.pem"
+        )
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_cert_chain(self.qemu_dir / "server-cert.pem", self.qemu_dir / "server-key.pem")
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.qemu_dir / "ca-cert.pem")
+        ctx.load_cert_chain(self.qemu_dir / "client-cert.pem", self.qemu_dir / "client-key.pem")
+        return ctx
+
+
+class _QuietServer(uvicorn.Server):
+    """A second server in the agent's loop: the main one owns the process's signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class PeerListener:
+    """Serves ``app`` with mutual TLS on ``address:port`` while the agent runs."""
+
+    def __init__(self, app: FastAPI, address: str, port: int) -> None:
+        self.app, self.address, self.port = app, address, port
+        self._server: _QuietServer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self, store: TlsStore) -> None:
+        await self.stop()  # a new certificate: serve with it
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.address, self.port))
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            access_log=False,
+            ssl_certfile=str(store.qemu_dir / "server-cert.pem"),
+            ssl_keyfile=str(store.qemu_dir / "server-key.pem"),
+            ssl_ca_certs=str(store.qemu_dir / "ca-cert.pem"),
+            ssl_cert_reqs=ssl.CERT_REQUIRED,
+        )
+        self._server = _QuietServer(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="peer-tls")
+        for _ in range(100):
+            if self._server.started or self._task.done():
+                break
+            await asyncio.sleep(0.02)
+        if self._task.done():
+            self._task.result()  # its error, raised here
+        log.info("peer TLS port %s:%d serving", self.address, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await self._task
+        self._server = self._task = None

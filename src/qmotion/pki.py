@@ -1,0 +1,179 @@
+"""The cluster's certificate authority: it signs each host's certificate at registration.
+
+Migration streams (QEMU ``tls-creds-x509``) and the agents' calls to each other at switchover
+are mutual TLS under this CA: a host proves it belongs to the cluster by its certificate, so no
+agent needs another's bearer token. Host keys never leave their host: the agent makes a key
+and a signing request, the manager signs it (with the host's name and addresses), and sends
+back the certificate with the CA's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from qmotion.errors import QmotionError
+
+CA_YEARS = 10
+HOST_DAYS = 825  # what public CAs allowed for long; a host re-registers to renew
+BACKDATE = dt.timedelta(minutes=5)  # hosts whose clocks lag a little still accept it
+
+
+class PkiError(QmotionError):
+    """A signing request that cannot be signed (bad PEM, bad signature, wrong name)."""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class ClusterCA:
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @property
+    def cert_pem(self) -> str:
+        return self.cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    @classmethod
+    def load_or_create(cls, directory: Path, name: str = "qmotion cluster CA") -> ClusterCA:
+        """The CA kept in ``directory`` (made on first use, key readable by root only)."""
+        key_file, cert_file = directory / "ca-key.pem", directory / "ca-cert.pem"
+        if key_file.exists() and cert_file.exists():
+            key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise PkiError(f"{key_file} is not an EC key")
+            return cls(key, x509.load_pem_x509_certificate(cert_file.read_bytes()))
+        directory.mkdir(parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = _now()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(now + dt.timedelta(days=365 * CA_YEARS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .sign(key, hashes.SHA256())
+        )
+        # Written key first, private from its creation: a crash leaves no readable key.
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return cls(key, cert)
+
+    def sign_host(self, csr_pem: str, host: str, addresses: list[str]) -> str:
+        """The host's certificate for both ends of TLS (server and client): its name and
+        every address it is reached at, as QEMU and httpx check them."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem.encode())
+        except ValueError as exc:
+            raise PkiError(f"the signing request of {host} is not a PEM CSR: {exc}") from exc
+        if not csr.is_signature_valid:
+            raise PkiError(f"the signing request of {host} has a bad signature")
+        names = [str(n.value) for n in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        if names != [host]:
+            raise PkiError(
+                f"the signing request is for {names[0] if names else '?'}, not for host {host}"
+            )
+        alt: list[x509.GeneralName] = [x509.DNSName(host)]
+        for a in dict.fromkeys(addresses):
+            alt.append(x509.IPAddress(ipaddress.ip_address(a)))
+        now = _now()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+            .issuer_name(self.cert.subject)
+            .public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(now + dt.timedelta(days=HOST_DAYS))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                # QEMU (crypto/tlscredsx509.c) wants both on a critical key usage.
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=True,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def new_key_pem() -> bytes:
+    """A new host key, PEM (PKCS#8, unencrypted: QEMU reads it unattended)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def csr_for(key_pem: bytes, host: str) -> str:
+    """The signing request an agent sends for its key."""
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError("the host key is not an EC key")
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
