@@ -65,6 +65,7 @@ bench: setup
 	$(PY) -m bench.migration
 	$(PY) -m bench.drs
 	$(PY) -m bench.convergence
+	$(PY) -m bench.distance
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

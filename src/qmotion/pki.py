@@ -114,7 +114,10 @@ class ClusterCA:
             )
         alt: list[x509.GeneralName] = [x509.DNSName(host)]
         for a in dict.fromkeys(addresses):
-            alt.append(x509.IPAddress(ipaddress.ip_address(a)))
+            try:
+                alt.append(x509.IPAddress(ipaddress.ip_address(a)))
+            except ValueError:
+                alt.append(x509.DNSName(a))
         now = _now()
         cert = (
             x509.CertificateBuilder()

@@ -479,6 +479,8 @@ def test_migration_stream_is_mutual_tls(lab: Lab, server: ServerClient, make_vm:
         sniffer.join()
     assert task.state == TaskState.SUCCEEDED, task.error
     assert task.result is not None and task.result.tls is True
+    # The switchover call went to the destination's mutual-TLS port, and it answered.
+    assert task.result.steer_error is None and task.result.steer_ms is not None
     assert payloads, "nothing seen on the migration network"
     assert payloads[0][:2] == b"\x16\x03", payloads[0][:16]  # TLS handshake record
     assert not any(b"QEVM" in p for p in payloads)  # QEMU's stream magic, in clear

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from qmotion.agent.errors import Conflict, MigratedAway, OperationFailed
+from qmotion.agent.errors import AgentError, Conflict, MigratedAway, OperationFailed
 from qmotion.agent.forwarder import FORWARD_FOR_S, LateFrameForwarder
 from qmotion.agent.steer import Steerer
 from qmotion.agent.tls import TlsStore
@@ -49,6 +50,7 @@ FINISHED = ("completed", "failed", "cancelled")
 # QEMU migration states in which no migration is under way (a source may be resumed).
 IDLE_MIGRATION = ("none", "completed", "failed", "cancelled")
 T = TypeVar("T")
+STEER_WAIT_S = 2.0
 CANCEL_SETTLE_S = 1.0  # a cancel that has not settled by then is stuck on a dead link
 
 
@@ -63,6 +65,7 @@ class Outgoing:
     events: list[tuple[str, float]] = field(default_factory=list)
     restore_increment_at: int | None = None  # throttle % after which QEMU's step is reset
     uri: str | None = None  # where the stream goes (tcp:HOST:PORT)
+    steering: asyncio.Task[None] | None = None  # the switchover call, from the source's STOP
 
 
 def _capabilities(params: MigrationParams, *, source: bool) -> list[dict[str, Any]]:
@@ -178,12 +181,15 @@ def _destroy_sockets_to(uri: str) -> None:
     if kind != "tcp" or not host or not port.isdigit():
         return
     log.warning("ending the sockets of a stuck migration to %s", rest)
-    subprocess.run(
-        ["ss", "-K", "dst", host.strip("[]"), "dport", "=", port],
-        capture_output=True,
-        check=False,
-        timeout=10,
-    )
+    try:
+        subprocess.run(
+            ["ss", "-K", "dst", host.strip("[]"), "dport", "=", port],
+            capture_output=True,
+            check=False,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.error("could not end the sockets to %s: %s", rest, exc)
 
 
 class Migrations:
@@ -226,14 +232,15 @@ class Migrations:
             self._incoming_watch[spec.name] = asyncio.create_task(
                 self._watch_incoming(spec.name, mon), name=f"incoming-{spec.name}"
             )
-            # With migration networks QEMU listens on every address: the manager picks the
-            # first the source reaches, after this answer.
+            # The address the manager chose (the first the source reaches); else the
+            # preferred one. Never all interfaces: whoever connects first would be the stream.
             addresses = [*self.vms.config.migration_addresses, address]
-            listen = "0.0.0.0" if len(set(addresses)) > 1 else address
+            wanted = str(req.address) if req.address is not None else None
+            listen = wanted if wanted in addresses else addresses[0]
             await mon.execute("migrate-incoming", {"uri": f"tcp:{listen}:0"})
             info = await mon.execute("query-migrate")
             port = int(info["socket-address"][0]["port"])
-        except (HypervisorError, KeyError, IndexError, OperationFailed, OSError) as exc:
+        except (HypervisorError, KeyError, IndexError, AgentError, OSError) as exc:
             await self.vms.delete(spec.name, force=True)
             raise OperationFailed(
                 f"preparing incoming migration of {spec.name} failed: {exc}; "
@@ -252,9 +259,7 @@ class Migrations:
                 )
             )
         )
-        return IncomingResponse(
-            uri=f"tcp:{addresses[0]}:{port}", port=port, addresses=list(dict.fromkeys(addresses))
-        )
+        return IncomingResponse(uri=f"tcp:{listen}:{port}", port=port, addresses=[listen])
 
     async def _watch_incoming(self, name: str, mon: Monitor) -> None:
         """Record when the destination really resumes: the source's figures end earlier."""
@@ -375,7 +380,12 @@ class Migrations:
             if self.tls is None or not self.tls.ready:
                 log.warning("no certificate to call the destination at switchover with")
                 return None
-            ctx = await asyncio.to_thread(self.tls.client_context)
+            try:
+                ctx = await asyncio.to_thread(self.tls.client_context)
+            except (ssl.SSLError, OSError) as exc:
+                # The switchover still happens; QEMU's announce then steers the network.
+                log.error("no TLS client context for the switchover call: %s", exc)
+                return None
             client = httpx.AsyncClient(base_url=peer.url, verify=ctx, timeout=2.0)
         else:
             client = httpx.AsyncClient(
@@ -412,6 +422,8 @@ class Migrations:
                     forwarders = await self._start_forwarders(name)
                 if req.params.steer:
                     peer_client = await self._peer_client(req.peer)
+                    if peer_client is None and req.peer is not None:
+                        out.steer_error = "no client to call the destination at switchover"
                 async for event in listener:
                     if event["event"] == "STOP":
                         # Switchover begins: the guest consumes nothing more here.
@@ -422,7 +434,7 @@ class Migrations:
                         for fw in forwarders:
                             fw.vm_stopped(stopped)
                         if steering is None:
-                            steering = asyncio.create_task(
+                            steering = out.steering = asyncio.create_task(
                                 self._steer_peer(name, req, out, peer_client, forwarders)
                             )
                         continue
@@ -508,6 +520,10 @@ class Migrations:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(out.changed.wait(), wait_ms / 1000)
         stats = MigrationStats.from_qmp(await mon.execute("query-migrate"))
+        if out is not None and out.steering is not None and stats.finished:
+            # The switchover call may still be answering as QEMU completes: its figures
+            # belong in the final stats.
+            await asyncio.wait({out.steering}, timeout=STEER_WAIT_S)
         waking = out.restore_increment_at if out is not None else None
         if (
             out is not None

@@ -39,6 +39,10 @@ def route_interface(address: str) -> tuple[str | None, int | None]:
     dev = routes[0].get("dev") if routes else None
     if not isinstance(dev, str):
         return None, None
+    if routes[0].get("gateway"):
+        # Routed: a router between the ends fragments or reports the path MTU; only two ends
+        # of one segment must agree.
+        return dev, None
     links = ip_json("link", "show", "dev", dev)
     mtu = links[0].get("mtu") if links else None
     return dev, mtu if isinstance(mtu, int) else None

@@ -128,16 +128,25 @@ class PeerListener:
         self.app, self.address, self.port = app, address, port
         self._server: _QuietServer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # two certificate installs at once: one restart at a time
 
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
     async def start(self, store: TlsStore) -> None:
-        await self.stop()  # a new certificate: serve with it
+        async with self._lock:
+            await self._stop()  # a new certificate: serve with it
+            await self._start(store)
+
+    async def _start(self, store: TlsStore) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.address, self.port))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.address, self.port))
+        except OSError:
+            sock.close()
+            raise
         config = uvicorn.Config(
             self.app,
             log_level="warning",
@@ -155,9 +164,16 @@ class PeerListener:
             await asyncio.sleep(0.02)
         if self._task.done():
             self._task.result()  # its error, raised here
-        log.info("peer TLS port %s:%d serving", self.address, self.port)
+        if self._server.started:
+            log.info("peer TLS port %s:%d serving", self.address, self.port)
+        else:
+            log.warning("peer TLS port %s:%d not serving yet", self.address, self.port)
 
     async def stop(self) -> None:
+        async with self._lock:
+            await self._stop()
+
+    async def _stop(self) -> None:
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             with contextlib.suppress(Exception):

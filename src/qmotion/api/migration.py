@@ -157,6 +157,9 @@ class PathProbe(BaseModel):
 class IncomingRequest(StrictModel):
     spec: VmSpec
     params: MigrationParams = Field(default_factory=MigrationParams)
+    address: IPv4Address | None = Field(
+        default=None, description="listen here (one of the host's migration addresses)"
+    )
 
 
 class IncomingResponse(BaseModel):
@@ -313,6 +316,9 @@ class MigrationReport(BaseModel):
         default=None, description="source STOP to destination RESUME, agents' clocks"
     )
     steer_ms: float | None = Field(default=None, description="destination took the traffic")
+    steer_error: str | None = Field(
+        default=None, description="why the switchover call to the destination failed"
+    )
     source_stopped_at_ms: float | None = Field(
         default=None, description="the source's STOP (switchover began), its agent's clock"
     )

@@ -41,6 +41,13 @@ def agent(
         fail(f"--accel must be auto, kvm or tcg, got {accel!r}", 2)
     host, port = listen_address(listen)
     try:
+        if ipaddress.IPv4Address(host).is_unspecified:
+            raise ValueError
+    except ValueError:
+        # The listen address is also where migrations arrive last and what other hosts'
+        # certificates name: it must be this host's own IPv4 address.
+        fail(f"--listen: {host!r} must be one IPv4 address of this host (not a name or 0.0.0.0)", 2)
+    try:
         stores = tuple(parse_datastore(d) for d in datastore)
     except ValueError as exc:
         fail(f"--datastore: {exc}", 2)

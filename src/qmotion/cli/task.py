@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from qmotion.cli.common import cells, console, errors_exit, print_json
+from qmotion.api.migration import MigrationReport
+from qmotion.cli.common import cells, console, errors_exit, fail, print_json
 from qmotion.cli.connect import server_client
 from qmotion.cli.vm import stats_line
 
@@ -57,6 +60,93 @@ def show(task_id: int, json_out: bool = typer.Option(False, "--json"), lab: str 
         console.print(Text(f"  {e.at:%H:%M:%S.%f} {e.kind}: {e.message}"))
     if t.result:
         print_json(t.result.model_dump(mode="json"))
+
+
+def timeline(r: MigrationReport) -> list[tuple[str, float]]:
+    """The switchover to the millisecond, from the source's stop (the agents' clocks)."""
+    out: list[tuple[str, float]] = []
+    if r.source_stopped_at_ms is None:
+        return out
+    out.append(("source stopped (QEMU STOP)", 0.0))
+    if r.steer_ms is not None:
+        out.append(("network steered to the destination", r.steer_ms))
+    if r.downtime_ms is not None:
+        out.append(("QEMU's downtime ends (source side)", float(r.downtime_ms)))
+    if r.guest_paused_ms is not None:
+        out.append(("destination resumed (QEMU RESUME)", r.guest_paused_ms))
+    return sorted(out, key=lambda x: x[1])
+
+
+@app.command("report")
+def report(
+    task_id: int,
+    json_out: bool = typer.Option(False, "--json"),
+    plot_file: Path = typer.Option(None, "--plot", help="Write a PNG of the migration here."),
+    lab: str = LabOpt,
+) -> None:
+    """A migration's flight recorder: per-second samples, the ladder, the switchover."""
+    with errors_exit(), server_client(lab) as client:
+        t = client.task(task_id)
+    r = t.result
+    if r is None:
+        fail(f"task {t.id} has no report yet ({t.state}, {t.phase})", 1)
+    if plot_file is not None:
+        from qmotion.cli.plot import plot
+
+        if not r.samples:
+            fail(f"task {t.id} recorded no samples to plot", 1)
+        try:
+            plot(r, plot_file)
+        except OSError as exc:
+            fail(f"--plot: cannot write {plot_file}: {exc}", 2)
+    if json_out:
+        print_json(
+            r.model_dump(mode="json")
+            | {"timeline": [{"event": e, "ms": ms} for e, ms in timeline(r)]}
+        )
+        return
+    total = f"{r.total_ms / 1000:.2f} s" if r.total_ms is not None else "-"
+    console.print(
+        Text(
+            f"task {t.id}: {r.vm} {r.source} -> {r.destination}: {r.outcome}; total {total}, "
+            f"downtime {r.downtime_ms if r.downtime_ms is not None else '-'} ms, "
+            f"{r.streams or 1} stream(s) to {r.migration_address or '-'}, "
+            f"TLS {'yes' if r.tls else 'no'}, rungs {' > '.join(r.rungs) or '-'}, "
+            f"throttled {r.throttled_s:.1f} s"
+        )
+    )
+    table = Table(
+        "t s",
+        "sent MiB",
+        "remaining MiB",
+        "dirty MiB/s",
+        "MiB/s",
+        "throttle %",
+        "pass",
+        "rung",
+        "downtime limit ms",
+    )
+    for s in r.samples:
+        table.add_row(
+            *cells(
+                f"{s.t_s:.1f}",
+                f"{s.transferred / 2**20:.0f}",
+                f"{s.remaining / 2**20:.0f}",
+                f"{s.dirty_bps / 2**20:.1f}",
+                f"{s.throughput_bps / 2**20:.1f}",
+                s.throttle_pct,
+                s.passes,
+                s.rung,
+                s.downtime_limit_ms,
+            )
+        )
+    console.print(table)
+    for event, ms in timeline(r):
+        console.print(Text(f"  +{ms:8.1f} ms  {event}"))
+    for w in r.warnings:
+        console.print(Text(f"  warning: {w}"))
+    if plot_file is not None:
+        console.print(Text(f"plot written to {plot_file}"))
 
 
 @app.command("cancel")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 from qmotion.api.migration import UNLIMITED_BANDWIDTH, MigrationParams
+from qmotion.migration.convergence import Plan
 
 DEFAULT_DOWNTIME_LIMIT_MS = 20
 QEMU_DEFAULT_BANDWIDTH = 128 << 20
@@ -58,6 +59,20 @@ def streams_for(
     if target is None:
         return MAX_STREAMS
     return max(min(max(math.ceil(target / per_stream), 2), MAX_STREAMS), floor)
+
+
+def apply_plan(params: MigrationParams, p: Plan) -> MigrationParams:
+    """What QEMU is told at the start, from the convergence plan. QEMU refuses xbzrle with
+    multifd ("Multifd is not compatible with xbzrle"): the streams, fixed on the destination
+    already, win, and the ladder's other rungs carry a hot set."""
+    return params.model_copy(
+        update={
+            "downtime_limit_ms": p.initial_downtime_ms,
+            "auto_converge": p.auto_converge,
+            "throttle_initial_pct": p.throttle_from_start_pct,
+            "xbzrle_cache_bytes": p.xbzrle_cache_bytes if params.multifd_channels == 0 else 0,
+        }
+    )
 
 
 def choose(

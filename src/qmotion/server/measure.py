@@ -4,6 +4,7 @@ memory on the source, the path's RTT and bandwidth to the destination; and the p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from ipaddress import IPv4Address
 from typing import TypeVar
@@ -84,8 +85,13 @@ async def route(inventory: Inventory, vm: str, src: Host, dst: Host) -> PathProb
     address answers, or the two ends of the chosen path disagree on the MTU; StepError when
     the source agent could not say."""
     nets = _networks(dst)
-    candidates = [IPv4Address(n.address) for n in nets]
-    req = PathProbeRequest(peer=peer_of(dst, vm), candidates=candidates, upload=False)
+    candidates = []
+    for n in nets:
+        with contextlib.suppress(ValueError):  # a name, or IPv6: not a candidate here
+            candidates.append(IPv4Address(n.address))
+    # Reachability and RTT need no credential: the peer's token stays off the migration net.
+    peer = PeerRef(url=dst.agent_url, token=None, vm=vm)
+    req = PathProbeRequest(peer=peer, candidates=candidates, upload=False)
 
     def work() -> PathProbe:
         with inventory.agents.client(src.agent_url, src.token, 30.0) as client:

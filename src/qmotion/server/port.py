@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from ipaddress import IPv4Address
 from typing import TypeVar
 
 from qmotion.api.migration import (
@@ -36,6 +37,7 @@ from qmotion.migration.convergence import (
     plan,
 )
 from qmotion.migration.errors import Refused, StepError, SwitchedOver
+from qmotion.migration.params import apply_plan
 from qmotion.migration.prechecks import PrecheckInput, VmView, precheck
 from qmotion.server.db import Database, Host
 from qmotion.server.inventory import Inventory
@@ -221,14 +223,12 @@ class AgentMigrationPort:
             # on, and the ladder works from QEMU's own figures. (CancelledError is not caught.)
             self.warnings.append(f"no prediction: {exc}")
             p = self._unmeasured_plan()
-        self.params = self.params.model_copy(
-            update={
-                "downtime_limit_ms": p.initial_downtime_ms,
-                "auto_converge": p.auto_converge,
-                "throttle_initial_pct": p.throttle_from_start_pct,
-                "xbzrle_cache_bytes": p.xbzrle_cache_bytes,
-            }
-        )
+        self.params = apply_plan(self.params, p)
+        if p.xbzrle_cache_bytes and not self.params.xbzrle_cache_bytes:
+            self.warnings.append(
+                "xbzrle left off: QEMU does not combine it with multifd streams "
+                f"({self.params.multifd_channels})"
+            )
         self.ladder = Ladder.start(p, now=0.0)
 
     def _unmeasured_plan(self, throughput_bps: float | None = None) -> Plan:
@@ -245,9 +245,13 @@ class AgentMigrationPort:
         return replace(p, auto_converge=True)
 
     async def prepare_destination(self) -> str:
-        req = IncomingRequest(spec=self.spec, params=self.params)
-        resp = await self._call(self._dst, "prepare destination", lambda c: c.incoming(req))
         chosen = self.reach.address if self.reach is not None else None
+        req = IncomingRequest(
+            spec=self.spec,
+            params=self.params,
+            address=IPv4Address(chosen) if chosen else None,
+        )
+        resp = await self._call(self._dst, "prepare destination", lambda c: c.incoming(req))
         if chosen is not None and resp.port is not None and chosen in resp.addresses:
             self.migration_address = chosen
             return f"tcp:{chosen}:{resp.port}"

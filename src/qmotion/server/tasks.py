@@ -102,6 +102,9 @@ def report(
             r.guest_paused_ms = round(dst["resumed"] - src["stopped"], 1)
         if stats.steer_ms is not None:
             r.steer_ms = round(stats.steer_ms, 1)
+        if stats.steer_error:
+            r.steer_error = stats.steer_error
+            r.warnings.append(f"switchover call to the destination failed: {stats.steer_error}")
     if port.migrate_issued_at is not None:
         r.orchestration_ms = round((port.migrate_issued_at - accepted - queued_s) * 1000, 1)
         r.queued_ms = round(queued_s * 1000, 1)
