@@ -245,6 +245,9 @@ class World:
     duration_s: float = 0.0  # and at least this long after migrate was issued
     vms: dict[str, dict[str, FakeVm]] = field(default_factory=dict)
     unreachable: set[str] = field(default_factory=set)
+    # Migration addresses that do not answer (as a network that is down): probes skip them.
+    dead_addresses: set[str] = field(default_factory=set)
+    uris: list[tuple[str, str]] = field(default_factory=list)  # (source host, stream URI)
     before_request: Callable[[World, int, str, str], None] | None = None
     requests: list[tuple[str, str, str]] = field(default_factory=list)
     max_active_per_host: dict[str, int] = field(default_factory=dict)
@@ -435,7 +438,9 @@ class World:
                 "the destination was removed",
                 vm=spec.name,
             )
-        return _json({"uri": f"tcp:198.18.0.{len(host)}:4444"})
+        # Like the agent: QEMU listens on the address the manager chose, else the preferred.
+        listen = str(req.address) if req.address is not None else f"198.18.0.{len(host)}"
+        return _json({"uri": f"tcp:{listen}:4444", "port": 4444, "addresses": [listen]})
 
     def _outgoing(self, host: str, name: str, vm: FakeVm, req: OutgoingRequest) -> httpx.Response:
         """Migrations.outgoing: refuse a second migration or a stopped VM, configure, migrate."""
@@ -444,6 +449,7 @@ class World:
         if vm.runstate not in ("running", "paused"):
             return _error(409, "conflict", f"VM {name} cannot migrate while {vm.runstate}")
         self.params_received.append((host, "outgoing", req.params))
+        self.uris.append((host, req.uri))
         caps = _capabilities(req.params, source=True)
         vm.qemu.set_capabilities(caps, migrating=False)
         self._qmp(host, name, "migrate-set-capabilities", {"capabilities": caps})
@@ -513,14 +519,31 @@ class World:
             return _error(
                 500, "operation_failed", f"probing the path to {req.peer.url} failed: refused"
             )
-        self._tick(4 * self.link.rtt_ms / 1000 + req.seconds)
+        # Like netprobe.probe: the candidates in order, the first that answers is measured;
+        # none answering is the agent's 409 peer_unreachable.
+        tried: list[str] = []
+        address = None
+        for c in req.candidates:
+            if str(c) in self.dead_addresses:
+                tried.append(f"{c}: connect timed out")
+                continue
+            address = str(c)
+            break
+        if req.candidates and address is None:
+            return _error(409, "peer_unreachable", f"no address of the peer answers: {tried}")
+        seconds = req.seconds if req.upload else 0.0
+        self._tick(4 * self.link.rtt_ms / 1000 + seconds)
         bps = self.link.probe_bps or self.link.bandwidth_bps
-        sent = min(int(bps * req.seconds), req.max_bytes)
+        sent = min(int(bps * seconds), req.max_bytes)
         probe = PathProbe(
             rtt_ms=self.link.rtt_ms,
-            bandwidth_bps=sent / req.seconds,
+            bandwidth_bps=sent / seconds if seconds else 0.0,
             bytes=sent,
-            seconds=req.seconds,
+            seconds=seconds,
+            address=address or _host_of(req.peer.url),
+            unreachable=tried,
+            local_mtu=1500,
+            local_ifname="eth1",
         )
         return _json(probe.model_dump(mode="json"))
 

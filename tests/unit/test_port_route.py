@@ -1,0 +1,123 @@
+"""The route a stream takes, chosen by the real port against scripted agents: the first
+migration address that answers, the next when one does not, a refusal when none does."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmotion.api.server import MigrateRequest, TaskOut, TaskState
+from qmotion.server import port as port_module
+from qmotion.server.db import Database, Vm
+from qmotion.server.inventory import Inventory
+from qmotion.server.tasks import TaskRunner
+from tests.unit.agent_world import Guest, Link, World, _facts
+
+MIB = 1 << 20
+
+
+def _facts_with_networks(host: str) -> dict[str, Any]:
+    n = host.removeprefix("h")
+    return _facts() | {
+        "cpus": 2,
+        "tcp_rmem_max": 6 << 20,
+        "migration_networks": [
+            {"address": f"198.19.0.{n}", "prefixlen": 24, "ifname": "eth1", "mtu": 1500},
+            {
+                "address": f"198.18.0.{n}",
+                "prefixlen": 24,
+                "ifname": "vmbr0",
+                "mtu": 1500,
+                "role": "management",
+            },
+        ],
+    }
+
+
+def _world(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rtt_ms: float, guest: Guest
+) -> Iterator[Any]:
+    w = World(link=Link(bandwidth_bps=100 * MIB, rtt_ms=rtt_ms))
+    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    w.register_hosts(db, facts=_facts_with_networks)
+    w.add_running_vm(db, "vm1", "h1", guest=guest)
+    monkeypatch.setattr(port_module, "time", w.clock)
+    yield w, db
+    db.engine.dispose()
+
+
+@pytest.fixture
+def lan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[World, Database]]:
+    yield from _world(tmp_path, monkeypatch, 0.2, Guest(resident_bytes=64 * MIB))
+
+
+@pytest.fixture
+def far(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[World, Database]]:
+    # A hot set the plan would carry with xbzrle on one stream.
+    yield from _world(
+        tmp_path, monkeypatch, 150.0, Guest(resident_bytes=128 * MIB, hot_bytes=48 * MIB)
+    )
+
+
+def _migrate(w: World, db: Database) -> TaskOut:
+    async def main() -> TaskOut:
+        runner = TaskRunner(db, Inventory(db, w.connector()))
+        task = await runner.submit_migration("vm1", MigrateRequest(to="h2"))
+        return await w.run_to_end(runner, task)
+
+    return asyncio.run(main())
+
+
+def _host_of_vm(db: Database) -> str:
+    with db.session() as s:
+        return s.query(Vm).filter_by(name="vm1").one().host.name
+
+
+def test_the_stream_takes_the_migration_network(lan: tuple[World, Database]) -> None:
+    w, db = lan
+    task = _migrate(w, db)
+    assert task.state == TaskState.SUCCEEDED, task.error
+    assert task.result is not None and task.result.migration_address == "198.19.0.2"
+    assert w.uris == [("h1", "tcp:198.19.0.2:4444")]
+    assert task.result.streams == 1  # a LAN, plaintext: one classic stream
+    assert w.running_copies("vm1") == ["h2"]
+
+
+def test_an_address_that_does_not_answer_falls_back_to_the_next(
+    lan: tuple[World, Database],
+) -> None:
+    w, db = lan
+    w.dead_addresses = {"198.19.0.2"}
+    task = _migrate(w, db)
+    assert task.state == TaskState.SUCCEEDED, task.error
+    r = task.result
+    assert r is not None and r.migration_address == "198.18.0.2"
+    assert w.uris == [("h1", "tcp:198.18.0.2:4444")]
+    assert any(x.startswith("fell back from 198.19.0.2") for x in r.warnings), r.warnings
+
+
+def test_no_address_answering_refuses_with_nothing_changed(lan: tuple[World, Database]) -> None:
+    w, db = lan
+    w.dead_addresses = {"198.19.0.2", "198.18.0.2"}
+    task = _migrate(w, db)
+    assert task.state == TaskState.FAILED
+    assert task.error is not None and "reaches no migration address of h2" in task.error
+    # Refused before anything changed: no destination was prepared, no stream started.
+    assert "vm1" not in w.vms["h2"] and w.uris == []
+    assert w.running_copies("vm1") == ["h1"] and _host_of_vm(db) == "h1"
+
+
+def test_a_long_path_gets_streams_and_no_xbzrle(far: tuple[World, Database]) -> None:
+    w, db = far
+    task = _migrate(w, db)
+    assert task.state == TaskState.SUCCEEDED, task.error
+    assert task.result is not None and task.result.streams == 8
+    assert any("xbzrle left off" in x for x in task.result.warnings), task.result.warnings
+    for host, kind, params in w.params_received:
+        # QEMU refuses xbzrle with multifd: never asked for together, on either side.
+        assert params.multifd_channels == 8, (host, kind)
+        assert params.xbzrle_cache_bytes == 0, (host, kind)
