@@ -143,6 +143,11 @@ def test_live_migration_keeps_memory_session_mac_and_address(
     assert r.outcome == "done" and r.destination == "h2"
     assert r.total_ms and r.downtime_ms is not None and r.setup_ms is not None
     assert r.tls is True  # the lab's cluster has its CA: streams are TLS by default
+    # The switchover's marks, in the order they must happen (an echo session was running).
+    assert r.guest_paused_ms is not None and r.client_frame_ms is not None
+    assert r.guest_frame_ms is not None
+    assert 0 < r.guest_paused_ms <= r.client_frame_ms
+    assert r.guest_paused_ms <= r.guest_frame_ms
     assert r.bytes and r.passes
     # The TCP session held, every message answered in order.
     assert result["s"].survived, result["s"].errors

@@ -25,6 +25,7 @@ import httpx
 from qmotion.agent.errors import AgentError, Conflict, MigratedAway, OperationFailed
 from qmotion.agent.forwarder import FORWARD_FOR_S, LateFrameForwarder
 from qmotion.agent.steer import Steerer
+from qmotion.agent.tapwatch import TapWatch
 from qmotion.agent.tls import TlsStore
 from qmotion.agent.vms import VmManager
 from qmotion.api.migration import (
@@ -39,6 +40,7 @@ from qmotion.api.migration import (
     PeerRef,
     SteerRequest,
 )
+from qmotion.api.vm import VmSpec
 from qmotion.hypervisor import process
 from qmotion.hypervisor.errors import HypervisorError
 from qmotion.hypervisor.monitor import Monitor
@@ -200,6 +202,7 @@ class Migrations:
         self._steerers: dict[str, asyncio.Future[Steerer]] = {}
         self._incoming_watch: dict[str, asyncio.Task[None]] = {}
         self._incoming_events: dict[str, list[tuple[str, float]]] = {}
+        self._tapwatch: dict[str, TapWatch] = {}
         self._dirty_locks: dict[str, asyncio.Lock] = {}
         # pyroute2's sync API runs its own event loop: it must stay off the agent's loop
         # thread, and a Steerer is used from the thread that built it.
@@ -248,6 +251,7 @@ class Migrations:
                 vm=spec.name,
                 qmp_class=getattr(exc, "qmp_class", None),
             ) from exc
+        self._watch_taps(spec)
         # Steering is needed only at switchover: get it ready after answering.
         await self._drop_steerer(spec.name)
         self._steerers[spec.name] = asyncio.ensure_future(
@@ -261,6 +265,27 @@ class Migrations:
         )
         return IncomingResponse(uri=f"tcp:{listen}:{port}", port=port, addresses=[listen])
 
+    def _watch_taps(self, spec: VmSpec) -> None:
+        """The switchover's last marks (first frames after the resume); a report figure only,
+        so a tap that cannot be watched costs nothing else."""
+        old = self._tapwatch.pop(spec.name, None)
+        if old is not None:
+            old.close()
+
+        def record(kind: str, at: float) -> None:
+            events = self._incoming_events.get(spec.name)
+            if events is not None:
+                events.append((kind, at))  # from the watch thread: list.append is atomic
+
+        try:
+            self._tapwatch[spec.name] = TapWatch(
+                [tap_name(spec, i) for i in range(len(spec.nics))],
+                [n.mac for n in spec.nics],
+                record,
+            )
+        except OSError as exc:
+            log.warning("first frames of %s not watched: %s", spec.name, exc)
+
     async def _watch_incoming(self, name: str, mon: Monitor) -> None:
         """Record when the destination really resumes: the source's figures end earlier."""
         events: list[tuple[str, float]] = []
@@ -269,11 +294,21 @@ class Migrations:
             async for event in listener:
                 if event["event"] == "RESUME":
                     events.append(("resumed", time.monotonic()))
+                    watch = self._tapwatch.pop(name, None)
+                    ts = event.get("timestamp")
+                    if watch is not None and isinstance(ts, dict):
+                        # It ends by itself once it saw both frames.
+                        watch.resumed(ts["seconds"] + ts["microseconds"] / 1e6)
+                    elif watch is not None:
+                        watch.close()
                     return
                 data = event["data"]
                 assert isinstance(data, dict)
                 events.append((str(data["status"]), time.monotonic()))
                 if data["status"] in ("failed", "cancelled"):
+                    watch = self._tapwatch.pop(name, None)
+                    if watch is not None:
+                        watch.close()
                     return
 
     async def _drop_steerer(self, name: str) -> None:

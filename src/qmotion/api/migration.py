@@ -316,6 +316,12 @@ class MigrationReport(BaseModel):
         default=None, description="source STOP to destination RESUME, agents' clocks"
     )
     steer_ms: float | None = Field(default=None, description="destination took the traffic")
+    guest_frame_ms: float | None = Field(
+        default=None, description="source STOP to the guest's first frame on the destination"
+    )
+    client_frame_ms: float | None = Field(
+        default=None, description="source STOP to the first frame delivered to it there"
+    )
     steer_error: str | None = Field(
         default=None, description="why the switchover call to the destination failed"
     )

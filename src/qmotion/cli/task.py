@@ -74,6 +74,10 @@ def timeline(r: MigrationReport) -> list[tuple[str, float]]:
         out.append(("QEMU's downtime ends (source side)", float(r.downtime_ms)))
     if r.guest_paused_ms is not None:
         out.append(("destination resumed (QEMU RESUME)", r.guest_paused_ms))
+    if r.guest_frame_ms is not None:
+        out.append(("first frame from the guest on the destination", r.guest_frame_ms))
+    if r.client_frame_ms is not None:
+        out.append(("first client frame delivered to it there", r.client_frame_ms))
     return sorted(out, key=lambda x: x[1])
 
 

@@ -191,6 +191,8 @@ def _prediction_table(p: MigrationPrediction) -> Table:
             f", sweep {format_size(int(p.sweep_bps))}/s)",
         ),
         ("path", f"{format_size(int(p.bandwidth_bps))}/s ({p.bandwidth_from}), RTT {p.rtt_ms} ms"),
+        ("stream", f"{p.streams} TCP stream(s) to {p.migration_address or '-'}"),
+        *(("unreachable", u) for u in p.unreachable),
         ("completes", "yes" if p.converges else f"no: {p.why_not}"),
         ("predicted total", f"{p.total_s:.1f} s"),
         ("predicted downtime", f"{p.downtime_ms:.0f} ms (limit {p.max_downtime_ms} ms)"),

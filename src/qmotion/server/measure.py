@@ -178,7 +178,9 @@ async def measure(
     if reach is None:
         reach = await route(inventory, vm, src, dst)
     peer = peer_of(dst, vm)
-    chosen = [IPv4Address(reach.address)] if reach.address else []
+    chosen = []
+    with contextlib.suppress(ValueError):  # a host name (agent URL): the probe goes there
+        chosen = [IPv4Address(reach.address)] if reach.address else []
 
     async def probe() -> PathProbe | None:
         # Before a real migration QEMU's own rate on this path (history) is the better
@@ -223,6 +225,7 @@ async def measure(
         bandwidth, source = limits.bandwidth_bps, "operator"
     path = PathMeasure(bandwidth_bps=max(bandwidth, 1.0), rtt_s=rtt_ms / 1000)
     p = plan(short.memory_bytes, short.resident_bytes, dirty, path, limits)
+    streams = streams_of(reach, src, dst, limits, history, tls=tls)
     return p, MigrationPrediction(
         vm=vm,
         source=src.name,
@@ -241,13 +244,13 @@ async def measure(
         passes=p.passes,
         measures=list(p.measures),
         max_throttle_pct=p.max_throttle_pct,
-        xbzrle=p.xbzrle_cache_bytes > 0,
+        xbzrle=p.xbzrle_cache_bytes > 0 and streams == 0,  # QEMU: not with multifd
         max_downtime_ms=p.max_downtime_ms,
         completion_timeout_s=p.completion_timeout_s,
         why_not=p.why_not,
         migration_address=reach.address,
         unreachable=reach.unreachable,
-        streams=max(streams_of(reach, src, dst, limits, history, tls=tls), 1),
+        streams=max(streams, 1),
     )
 
 

@@ -246,11 +246,10 @@ class AgentMigrationPort:
 
     async def prepare_destination(self) -> str:
         chosen = self.reach.address if self.reach is not None else None
-        req = IncomingRequest(
-            spec=self.spec,
-            params=self.params,
-            address=IPv4Address(chosen) if chosen else None,
-        )
+        listen: IPv4Address | None = None
+        with contextlib.suppress(ValueError):  # a host name (agent URL): its default then
+            listen = IPv4Address(chosen) if chosen else None
+        req = IncomingRequest(spec=self.spec, params=self.params, address=listen)
         resp = await self._call(self._dst, "prepare destination", lambda c: c.incoming(req))
         if chosen is not None and resp.port is not None and chosen in resp.addresses:
             self.migration_address = chosen
@@ -398,7 +397,17 @@ class AgentMigrationPort:
     async def stop_source(self) -> None:
         await self._call(self._src, "stop source", lambda c: c.release(self.vm))
 
+    async def _refresh_destination_events(self) -> None:
+        """The destination's first frames come after its resume (verify saw the resume): the
+        events once more, for the report's switchover timeline."""
+        with contextlib.suppress(StepError):
+            got = await self._call(self._dst, "report", lambda c: c.migration(self.vm), 5.0)
+            if got.events:
+                self.destination_events = got.events
+
     async def update_inventory(self) -> None:
+        await self._refresh_destination_events()
+
         def update() -> None:
             with self.db.session() as s:
                 row = self.inventory.vm_by_name(s, self.vm)

@@ -100,6 +100,10 @@ def report(
         r.source_stopped_at_ms = src.get("stopped")
         if "stopped" in src and "resumed" in dst:
             r.guest_paused_ms = round(dst["resumed"] - src["stopped"], 1)
+        if "stopped" in src and "guest_frame_sent" in dst:
+            r.guest_frame_ms = round(dst["guest_frame_sent"] - src["stopped"], 1)
+        if "stopped" in src and "client_frame_delivered" in dst:
+            r.client_frame_ms = round(dst["client_frame_delivered"] - src["stopped"], 1)
         if stats.steer_ms is not None:
             r.steer_ms = round(stats.steer_ms, 1)
         if stats.steer_error:
