@@ -145,9 +145,10 @@ def test_live_migration_keeps_memory_session_mac_and_address(
     assert r.tls is True  # the lab's cluster has its CA: streams are TLS by default
     # The switchover's marks, in the order they must happen (an echo session was running).
     assert r.guest_paused_ms is not None and r.client_frame_ms is not None
-    assert r.guest_frame_ms is not None
-    assert 0 < r.guest_paused_ms <= r.client_frame_ms
-    assert r.guest_paused_ms <= r.guest_frame_ms
+    assert r.guest_frame_ms is not None  # the guest's own answer (QEMU's announce excluded)
+    # Both judged by QEMU's RESUME timestamp; 2 ms for the two clocks' readings.
+    assert 0 < r.guest_paused_ms <= r.client_frame_ms + 2
+    assert r.guest_paused_ms <= r.guest_frame_ms + 2
     assert r.bytes and r.passes
     # The TCP session held, every message answered in order.
     assert result["s"].survived, result["s"].errors

@@ -232,8 +232,10 @@ class Migrations:
                 "migrate-set-parameters",
                 _parameters(req.params) | await self._tls_parameters(mon, req.params, "server"),
             )
+            events: list[tuple[str, float]] = []
+            self._incoming_events[spec.name] = events
             self._incoming_watch[spec.name] = asyncio.create_task(
-                self._watch_incoming(spec.name, mon), name=f"incoming-{spec.name}"
+                self._watch_incoming(spec.name, mon, events), name=f"incoming-{spec.name}"
             )
             # The address the manager chose (the first the source reaches); else the
             # preferred one. Never all interfaces: whoever connects first would be the stream.
@@ -251,7 +253,7 @@ class Migrations:
                 vm=spec.name,
                 qmp_class=getattr(exc, "qmp_class", None),
             ) from exc
-        self._watch_taps(spec)
+        await self._watch_taps(spec, events)
         # Steering is needed only at switchover: get it ready after answering.
         await self._drop_steerer(spec.name)
         self._steerers[spec.name] = asyncio.ensure_future(
@@ -265,51 +267,60 @@ class Migrations:
         )
         return IncomingResponse(uri=f"tcp:{listen}:{port}", port=port, addresses=[listen])
 
-    def _watch_taps(self, spec: VmSpec) -> None:
-        """The switchover's last marks (first frames after the resume); a report figure only,
-        so a tap that cannot be watched costs nothing else."""
+    async def _watch_taps(self, spec: VmSpec, events: list[tuple[str, float]]) -> None:
+        """The switchover's last marks (first frames after the resume), into this
+        migration's events; a report figure only, so a tap that cannot be watched costs
+        nothing else."""
         old = self._tapwatch.pop(spec.name, None)
         if old is not None:
             old.close()
-
-        def record(kind: str, at: float) -> None:
-            events = self._incoming_events.get(spec.name)
-            if events is not None:
+        taps = [tap_name(spec, i) for i in range(len(spec.nics))]
+        macs = [n.mac for n in spec.nics]
+        try:
+            # Opening packet sockets takes milliseconds: off the loop other switchovers use.
+            def record(kind: str, at: float) -> None:
                 events.append((kind, at))  # from the watch thread: list.append is atomic
 
-        try:
-            self._tapwatch[spec.name] = TapWatch(
-                [tap_name(spec, i) for i in range(len(spec.nics))],
-                [n.mac for n in spec.nics],
-                record,
-            )
-        except OSError as exc:
+            self._tapwatch[spec.name] = await asyncio.to_thread(TapWatch, taps, macs, record)
+        except Exception as exc:
             log.warning("first frames of %s not watched: %s", spec.name, exc)
 
-    async def _watch_incoming(self, name: str, mon: Monitor) -> None:
+    async def _watch_incoming(
+        self, name: str, mon: Monitor, events: list[tuple[str, float]]
+    ) -> None:
         """Record when the destination really resumes: the source's figures end earlier."""
-        events: list[tuple[str, float]] = []
-        self._incoming_events[name] = events
-        with contextlib.suppress(HypervisorError), mon.listen("MIGRATION", "RESUME") as listener:
-            async for event in listener:
-                if event["event"] == "RESUME":
-                    events.append(("resumed", time.monotonic()))
-                    watch = self._tapwatch.pop(name, None)
-                    ts = event.get("timestamp")
-                    if watch is not None and isinstance(ts, dict):
-                        # It ends by itself once it saw both frames.
-                        watch.resumed(ts["seconds"] + ts["microseconds"] / 1e6)
-                    elif watch is not None:
-                        watch.close()
-                    return
-                data = event["data"]
-                assert isinstance(data, dict)
-                events.append((str(data["status"]), time.monotonic()))
-                if data["status"] in ("failed", "cancelled"):
-                    watch = self._tapwatch.pop(name, None)
-                    if watch is not None:
-                        watch.close()
-                    return
+        resumed_wall: float | None = None
+        try:
+            with (
+                contextlib.suppress(HypervisorError),
+                mon.listen("MIGRATION", "RESUME") as listener,
+            ):
+                async for event in listener:
+                    if event["event"] == "RESUME":
+                        # QEMU's own timestamp (wall clock), on the agent's monotonic clock:
+                        # the event reaches this loop a moment later.
+                        ts = event.get("timestamp")
+                        if isinstance(ts, dict):
+                            resumed_wall = ts["seconds"] + ts["microseconds"] / 1e6
+                        at = time.monotonic()
+                        if resumed_wall is not None:
+                            at -= max(time.time() - resumed_wall, 0.0)
+                        events.append(("resumed", at))
+                        return
+                    data = event["data"]
+                    assert isinstance(data, dict)
+                    events.append((str(data["status"]), time.monotonic()))
+                    if data["status"] in ("failed", "cancelled"):
+                        return
+        finally:
+            # Whatever ended the watch (resume, failure, a lost monitor, cancellation), the
+            # tap watch is armed or stopped: never left polling.
+            watch = self._tapwatch.pop(name, None)
+            if watch is not None:
+                if resumed_wall is not None:
+                    watch.resumed(resumed_wall)  # it ends once it saw both frames
+                else:
+                    watch.close()
 
     async def _drop_steerer(self, name: str) -> None:
         pending = self._steerers.pop(name, None)

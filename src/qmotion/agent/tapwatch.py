@@ -18,7 +18,22 @@ from collections.abc import Callable
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 GUEST, CLIENT = "guest_frame_sent", "client_frame_delivered"
+RARP = b"\x80\x35"
 WATCH_FOR_S = 30.0  # after the resume; a guest that is silent longer is not waited for
+UNARMED_FOR_S = 6 * 3600.0  # longer than any migration's completion timeout
+
+
+def classify(frame: bytes, pkttype: int, macs: set[bytes]) -> str | None:
+    """Which mark a frame on the VM's tap is: one the host delivers to the guest (outgoing
+    on the tap, addressed to its MAC), one the guest sends (from its MAC), or neither.
+    QEMU's own announce (RARP, ethertype 0x8035) carries the guest's MAC but is QEMU's."""
+    if len(frame) < 14:
+        return None
+    if pkttype == PACKET_OUTGOING:
+        return CLIENT if frame[:6] in macs else None
+    if frame[6:12] in macs and frame[12:14] != RARP:
+        return GUEST
+    return None
 
 
 class TapWatch:
@@ -33,16 +48,20 @@ class TapWatch:
         self._resumed_at: float | None = None
         self._stop = threading.Event()
         self._socks: list[socket.socket] = []
-        for tap in taps:
-            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-            try:
-                s.bind((tap, 0))
-            except OSError:
+        self._created = time.monotonic()
+        try:
+            for tap in taps:
+                # Protocol 0 until bound: no frame of any other interface is ever queued.
+                s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+                self._socks.append(s)
+                # Python's bind converts the protocol to network order itself.
+                s.bind((tap, ETH_P_ALL))
+            self._thread = threading.Thread(target=self._run, name="tapwatch", daemon=True)
+            self._thread.start()
+        except BaseException:
+            for s in self._socks:
                 s.close()
-                raise
-            self._socks.append(s)
-        self._thread = threading.Thread(target=self._run, name="tapwatch", daemon=True)
-        self._thread.start()
+            raise
 
     def resumed(self, wall: float) -> None:
         """QEMU's RESUME, by its event's (wall-clock) timestamp."""
@@ -71,6 +90,8 @@ class TapWatch:
             at = self._resumed_at
             if at is not None and time.time() - at > WATCH_FOR_S:
                 return
+            if at is None and time.monotonic() - self._created > UNARMED_FOR_S:
+                return  # nobody said resumed or stopped: a watch never outlives this
             try:
                 ready, _, _ = select.select(self._socks, [], [], 0.2)
             except (OSError, ValueError):
@@ -80,13 +101,9 @@ class TapWatch:
                     frame, addr = s.recvfrom(128)
                 except OSError:
                     return  # the tap is gone: the VM was removed here
-                stamp = (time.time(), time.monotonic())
-                if len(frame) < 14:
-                    continue
-                if addr[2] == PACKET_OUTGOING and frame[:6] in self._macs:
-                    recent[CLIENT].append(stamp)
-                elif addr[2] != PACKET_OUTGOING and frame[6:12] in self._macs:
-                    recent[GUEST].append(stamp)
+                kind = classify(frame, addr[2], self._macs)
+                if kind is not None:
+                    recent[kind].append((time.time(), time.monotonic()))
             at = self._resumed_at
             if at is None:
                 continue

@@ -406,8 +406,6 @@ class AgentMigrationPort:
                 self.destination_events = got.events
 
     async def update_inventory(self) -> None:
-        await self._refresh_destination_events()
-
         def update() -> None:
             with self.db.session() as s:
                 row = self.inventory.vm_by_name(s, self.vm)
@@ -415,6 +413,8 @@ class AgentMigrationPort:
                 row.state = VmState.RUNNING
 
         await asyncio.to_thread(update)
+        # After the inventory is committed: the report's last marks only.
+        await self._refresh_destination_events()
 
     async def rollback(self, cancel_migration: bool, teardown_destination: bool) -> None:
         """Before switchover: stop QEMU's migration, make sure the source runs, and only then
