@@ -358,6 +358,39 @@ def test_busy_guest_outrunning_the_link_converges_on_the_ladder(
     assert run_in(lab.record.client_namespace, lambda: mem_check(ip))["consistent"]
 
 
+def test_postcopy_finishes_a_guest_that_outruns_the_link_and_survives_a_cut(
+    lab: Lab, server: ServerClient, make_vm: MakeVm
+) -> None:
+    """With --allow-postcopy a guest dirtying twice the cap is not throttled: after the first
+    pass the destination runs it and pulls the rest. The link then fails for seconds in
+    postcopy: both ends pause, the stream is resumed once it is back, nothing is lost."""
+    vm = make_vm("h1", memory="512M", fill=200, dirty=40)
+    ip = ip_of(vm)
+    task = server.migrate(vm.name, MigrateRequest(to="h2", bandwidth="20M/s", allow_postcopy=True))
+    deadline = time.monotonic() + 120
+    status = None
+    while time.monotonic() < deadline:
+        t = server.task(task.id)
+        status = t.stats.status if t.stats is not None else None
+        if status == "postcopy-active" or t.state in (TaskState.SUCCEEDED, TaskState.FAILED):
+            break
+        time.sleep(0.2)
+    assert status == "postcopy-active", (status, server.task(task.id).events)
+    # The destination runs the VM now; its memory is still partly on the source.
+    with lab.migration_link_cut("h2"):
+        time.sleep(8)  # longer than the stall that triggers the pause (5 s)
+    task = wait_task(server, task, timeout_s=180)
+    assert task.state == TaskState.SUCCEEDED, (task.error, [e.message for e in task.events])
+    r = task.result
+    assert r is not None
+    assert r.rungs[-1] == "postcopy" and r.max_throttle_pct <= 1, (r.rungs, r.max_throttle_pct)
+    assert r.postcopy_at_s is not None and r.postcopy_recoveries >= 1
+    assert server.vm(vm.name).host == "h2"
+    assert vm.name not in [v.name for v in lab.agent("h1").list_vms()]
+    assert lab.agent("h2").vm(vm.name).state == VmState.RUNNING
+    assert run_in(lab.record.client_namespace, lambda: mem_check(ip))["consistent"]
+
+
 def test_completion_timeout_aborts_with_the_source_running(
     lab: Lab, server: ServerClient, make_vm: MakeVm
 ) -> None:

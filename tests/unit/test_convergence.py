@@ -100,13 +100,13 @@ def test_predictions_respect_the_operator_limits(
         assert p.why_not
 
 
-def _ladder(max_dt: int = 300, timeout_s: float = 600) -> Ladder:
+def _ladder(max_dt: int = 300, timeout_s: float = 600, postcopy: bool = False) -> Ladder:
     p = plan(
         GiB,
         600 * MiB,
         DirtyMeasure(sweep_bps=LINK / 2),
         PathMeasure(LINK),
-        Limits(max_dt, timeout_s),
+        Limits(max_dt, timeout_s, allow_postcopy=postcopy),
     )
     return Ladder.start(p, now=100.0)
 
@@ -216,7 +216,7 @@ def test_any_sample_sequence_keeps_the_ladder_within_bounds(
     samples: list[tuple[float, int, int, float, float]], max_dt: int
 ) -> None:
     lad = _ladder(max_dt=max_dt, timeout_s=10_000)
-    now, passes, order = 100.0, 0, [Rung.PRECOPY, Rung.DOWNTIME, Rung.THROTTLE]
+    now, passes, order = 100.0, 0, [Rung.PRECOPY, Rung.DOWNTIME, Rung.THROTTLE, Rung.POSTCOPY]
     for dt, dp, remaining, tput, dirty in samples:
         now += dt
         passes += dp
@@ -251,3 +251,30 @@ def test_a_guest_that_never_drains_a_pass_is_still_judged() -> None:
             climbed = at
             break
     assert climbed is not None and lad.rung == Rung.THROTTLE
+
+
+def test_with_postcopy_allowed_a_guest_that_outruns_the_link_is_not_throttled() -> None:
+    busy = DirtyMeasure(sweep_bps=2 * LINK)
+    p = plan(GiB, 600 * MiB, busy, PathMeasure(LINK), Limits(allow_postcopy=True))
+    assert p.postcopy and p.throttle_from_start_pct == 0
+    # Predicted: one pass, then postcopy carries what is left; the pause is a device state.
+    assert p.converges and p.measures == ("postcopy",) and p.max_throttle_pct == 0
+    assert p.downtime_ms <= 100 and p.total_s < 2.5 * 600 * MiB / LINK
+    assert not plan(GiB, 600 * MiB, busy, PathMeasure(LINK), Limits()).postcopy
+
+
+def test_the_ladder_takes_postcopy_instead_of_the_throttle_and_then_stays() -> None:
+    lad = _begin(_ladder(max_dt=300, postcopy=True))
+    lad, d = _pass(lad, 112, 2, 600 * MiB, 2 * LINK)
+    assert lad.rung == Rung.POSTCOPY and d.start_postcopy and d.throttle_pct is None
+    assert lad.history == ("postcopy",)
+    # Past the point of no return: no more changes, and no timeout aborts it.
+    lad, d = _pass(lad, 5000, 3, 600 * MiB, 2 * LINK)
+    assert lad.rung == Rung.POSTCOPY and not d.changes and d.abort is None
+
+
+def test_a_timeout_with_postcopy_allowed_switches_instead_of_aborting() -> None:
+    lad = _begin(_ladder(timeout_s=60, postcopy=True))
+    lad, d = lad.decide(Sample(161, 1, 200 * MiB, LINK, LINK))
+    assert d.abort is None and d.start_postcopy and lad.rung == Rung.POSTCOPY
+    assert d.note and "completion timeout 60 s" in d.note

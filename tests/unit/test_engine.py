@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from qmotion.api.migration import MigrationStats
 from qmotion.migration import engine
-from qmotion.migration.errors import StepError, SwitchedOver
+from qmotion.migration.errors import InPostcopy, StepError, SwitchedOver
 from qmotion.migration.machine import MigrationState, Phase, Step
 
 STEPS = [
@@ -24,6 +24,7 @@ STEPS = [
     "update_inventory",
     "rollback",
 ]
+POSTCOPY_STEPS = [*STEPS, "recover_postcopy"]
 
 
 @dataclass
@@ -35,6 +36,9 @@ class FakeCluster:
     max_running_seen: int = 1
 
     def check(self) -> None:
+        if "postcopy-source" in self.copies.values():
+            # The VM's memory is split between the two: losing either loses the VM.
+            assert set(self.copies) == {"h1", "h2"}, f"a postcopy half was removed: {self.copies}"
         running = sum(1 for s in self.copies.values() if s == "running")
         self.max_running_seen = max(self.max_running_seen, running)
         assert running <= 1, f"two running copies: {self.copies}"
@@ -84,6 +88,15 @@ class FakePort:
         if status == "completed":
             self.cluster.copies["h1"] = "postmigrate"
             self.cluster.copies["h2"] = "running"
+        elif status == "postcopy-active":
+            # The destination runs; the source is stopped but holds the pages not yet sent.
+            self.cluster.copies["h1"] = "postcopy-source"
+            self.cluster.copies["h2"] = "running"
+        elif (
+            status in ("postcopy-paused", "failed")
+            and "postcopy-source" in self.cluster.copies.values()
+        ):
+            self.cluster.copies["h2"] = "waiting-for-pages"
         self._leave("progress")
         return MigrationStats(status=status)
 
@@ -109,6 +122,8 @@ class FakePort:
 
     async def rollback(self, cancel_migration: bool, teardown_destination: bool) -> None:
         self._enter("rollback")
+        if self.cluster.copies.get("h1") == "postcopy-source":
+            raise InPostcopy("the destination runs in postcopy")
         if self.cluster.copies.get("h1") == "postmigrate":
             raise SwitchedOver("completed meanwhile")
         if teardown_destination:
@@ -116,8 +131,16 @@ class FakePort:
         self.cluster.copies["h1"] = "running"
         self._leave("rollback")
 
+    async def recover_postcopy(self) -> None:
+        self._enter("recover_postcopy")
+        if self.cluster.copies.get("h2") == "waiting-for-pages":
+            self.cluster.copies["h2"] = "running"
+        self._leave("recover_postcopy")
+
     async def recover(self) -> None:
         self._enter("recover")
+        # Resuming a source whose pages the destination has since rewritten: a stale VM.
+        assert self.cluster.copies.get("h1") != "postcopy-source", "resumed a postcopy source"
         self.cluster.copies.pop("h2", None)
         self.cluster.copies["h1"] = "running"
         self._leave("recover")
@@ -263,3 +286,75 @@ def test_manager_restart_at_any_step_leaves_one_running_copy(
     else:
         assert running == ["h1"] and cluster.inventory_host == "h1"
         assert "h2" not in cluster.copies  # the destination was removed
+
+
+def test_postcopy_completes_on_the_destination() -> None:
+    cluster = FakeCluster()
+    port = FakePort(cluster, script=["active", "postcopy-active", "postcopy-active", "completed"])
+    final, _ = drive(port)
+    assert final.phase == Phase.DONE and final.postcopy
+    assert cluster.copies == {"h2": "running"} and cluster.inventory_host == "h2"
+
+
+def test_a_broken_postcopy_stream_is_recovered_not_rolled_back() -> None:
+    cluster = FakeCluster()
+    script = ["active", "postcopy-active", "postcopy-paused", "postcopy-paused", "completed"]
+    port = FakePort(cluster, script=script)
+    final, _ = drive(port)
+    assert final.phase == Phase.DONE
+    assert port.calls.count("recover_postcopy") == 2 and "rollback" not in port.calls
+    assert cluster.copies == {"h2": "running"}
+
+
+def test_qemu_failing_in_postcopy_keeps_both_halves() -> None:
+    cluster = FakeCluster()
+    final, _ = drive(FakePort(cluster, script=["active", "postcopy-active", "failed"]))
+    assert final.phase == Phase.FAILED and "neither QEMU was removed" in (final.error or "")
+    assert set(cluster.copies) == {"h1", "h2"}
+
+
+def test_cancel_in_postcopy_is_too_late() -> None:
+    cluster = FakeCluster()
+    script = ["active", "postcopy-active", "postcopy-active", "postcopy-active", "completed"]
+    final, _ = drive(FakePort(cluster, script=script, cancel_after_progress=3))
+    assert final.phase == Phase.DONE and cluster.copies == {"h2": "running"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    fail_at=st.sampled_from([None, *POSTCOPY_STEPS]),
+    after=st.booleans(),
+    before=st.lists(st.sampled_from(["setup", "active"]), max_size=3),
+    during=st.lists(st.sampled_from(["postcopy-active", "postcopy-paused"]), max_size=4),
+    end=st.sampled_from(["completed", "failed"]),
+    cancel_after=st.one_of(st.none(), st.integers(min_value=1, max_value=6)),
+)
+def test_postcopy_never_loses_a_half_whatever_happens(
+    fail_at: str | None,
+    after: bool,
+    before: list[str],
+    during: list[str],
+    end: str,
+    cancel_after: int | None,
+) -> None:
+    cluster = FakeCluster()
+    port = FakePort(
+        cluster,
+        fail_at=fail_at,
+        fail_after_effect=after,
+        script=[*before, "postcopy-active", *during, end],
+        cancel_after_progress=cancel_after,
+    )
+    final, _ = drive(port)
+    assert final.terminal
+    running = [h for h, s in cluster.copies.items() if s == "running"]
+    assert len(running) <= 1, cluster.copies
+    if final.phase == Phase.DONE:
+        assert running == ["h2"]
+    elif final.postcopy:
+        # Failed in or after postcopy: nothing was removed, nothing resumed on the source.
+        assert set(cluster.copies) <= {"h1", "h2"} and "h2" in cluster.copies
+        assert cluster.copies.get("h1") != "running"
+    else:
+        # Stopped before postcopy began (a failure or cancel in pre-copy): the source runs.
+        assert running == ["h1"]

@@ -424,6 +424,7 @@ def test_auto_converge_is_switched_on_only_on_the_source() -> None:
         "pause-before-switchover",
         "auto-converge",
         "xbzrle",
+        "postcopy-ram",
     }
 
 

@@ -31,6 +31,7 @@ from qmotion.api.migration import (
     OutgoingRequest,
     PathProbe,
     PathProbeRequest,
+    PostcopyRecovery,
     SteerRequest,
 )
 from qmotion.api.service import (
@@ -200,6 +201,18 @@ def create_app(config: AgentConfig) -> FastAPI:
         async for chunk in request.stream():
             received += len(chunk)
         return {"bytes": received}
+
+    @app.post(
+        "/v1/vms/{name}/migration/recover-incoming",
+        response_model=PostcopyRecovery,
+        dependencies=auth,
+    )
+    async def migration_recover_incoming(name: str) -> PostcopyRecovery:
+        return await state.migrations.recover_incoming(name)
+
+    @app.post("/v1/vms/{name}/migration/resume", response_model=MigrationStats, dependencies=auth)
+    async def migration_resume(name: str, req: PostcopyRecovery) -> MigrationStats:
+        return await state.migrations.resume_outgoing(name, req)
 
     @app.post("/v1/vms/{name}/migration/cancel", response_model=MigrationStats, dependencies=auth)
     async def migration_cancel(name: str) -> MigrationStats:

@@ -29,6 +29,7 @@ from qmotion.agent.tapwatch import TapWatch
 from qmotion.agent.tls import TlsStore
 from qmotion.agent.vms import VmManager
 from qmotion.api.migration import (
+    UNLIMITED_BANDWIDTH,
     DirtyRateReport,
     DirtyRateSample,
     IncomingRequest,
@@ -38,6 +39,7 @@ from qmotion.api.migration import (
     MigrationTune,
     OutgoingRequest,
     PeerRef,
+    PostcopyRecovery,
     SteerRequest,
 )
 from qmotion.api.vm import VmSpec
@@ -49,6 +51,8 @@ from qmotion.migration.convergence import DORMANT_THROTTLE, MAX_THROTTLE, THROTT
 
 log = logging.getLogger(__name__)
 FINISHED = ("completed", "failed", "cancelled")
+POSTCOPY_RECOVERING = ("postcopy-recover-setup", "postcopy-recover")
+PAUSE_SETTLE_S = 5.0
 # QEMU migration states in which no migration is under way (a source may be resumed).
 IDLE_MIGRATION = ("none", "completed", "failed", "cancelled")
 T = TypeVar("T")
@@ -79,6 +83,8 @@ def _capabilities(params: MigrationParams, *, source: bool) -> list[dict[str, An
         # switched on now (auto-converge dormant, see qmotion.migration.convergence).
         "auto-converge": source and params.auto_converge,
         "xbzrle": params.xbzrle_cache_bytes > 0,
+        # Both ends: the destination registers its memory with userfaultfd for it.
+        "postcopy-ram": params.postcopy,
     }
     return [{"capability": k, "state": v} for k, v in caps.items()]
 
@@ -90,6 +96,9 @@ def _parameters(params: MigrationParams) -> dict[str, Any]:
     }
     if params.multifd_channels > 0:
         out["multifd-channels"] = params.multifd_channels
+    if params.postcopy and params.max_bandwidth < UNLIMITED_BANDWIDTH:
+        # QEMU's postcopy has its own cap, unlimited by default: the operator's holds too.
+        out["max-postcopy-bandwidth"] = params.max_bandwidth
     if params.auto_converge:
         # Dormant: QEMU may still trigger on its own when the guest outruns the link, so
         # the ceiling holds it at 1 % until the ladder wakes it.
@@ -202,6 +211,7 @@ class Migrations:
         self._steerers: dict[str, asyncio.Future[Steerer]] = {}
         self._incoming_watch: dict[str, asyncio.Task[None]] = {}
         self._incoming_events: dict[str, list[tuple[str, float]]] = {}
+        self._incoming_uri: dict[str, str] = {}  # where the stream came in: a recovery's too
         self._tapwatch: dict[str, TapWatch] = {}
         self._dirty_locks: dict[str, asyncio.Lock] = {}
         # pyroute2's sync API runs its own event loop: it must stay off the agent's loop
@@ -265,6 +275,7 @@ class Migrations:
                 )
             )
         )
+        self._incoming_uri[spec.name] = f"tcp:{listen}:{port}"
         return IncomingResponse(uri=f"tcp:{listen}:{port}", port=port, addresses=[listen])
 
     async def _watch_taps(self, spec: VmSpec, events: list[tuple[str, float]]) -> None:
@@ -667,6 +678,69 @@ class Migrations:
                 await self.vms.monitor(name).execute("migrate-set-parameters", parameters)
             except HypervisorError as exc:
                 raise _qmp_failed(f"tuning the migration of {name}", name, exc) from exc
+        if tune.start_postcopy:
+            try:
+                await self.vms.monitor(name).execute("migrate-start-postcopy")
+            except HypervisorError as exc:
+                raise _qmp_failed(f"switching {name} to postcopy", name, exc) from exc
+        return await self.stats(name, 0, None)
+
+    async def recover_incoming(self, name: str) -> PostcopyRecovery:
+        """Destination: listen again for a broken postcopy stream, where it came in before.
+
+        Out of band only: the destination's main loop may be blocked on a page that the
+        broken stream was to bring (a device writing into guest memory), and with it every
+        ordinary QMP command, ``query-migrate`` included."""
+        mon = self.vms.monitor(name)
+        uri = self._incoming_uri.get(name)
+        if uri is None:
+            raise Conflict(f"VM {name} has no incoming migration here to recover", vm=name)
+        # A stream that still looks alive (TCP notices a dead link only after minutes) is
+        # shut down; one already paused makes QEMU refuse, which is fine.
+        with contextlib.suppress(HypervisorError):
+            await mon.execute("migrate-pause", oob=True)
+        deadline = time.monotonic() + PAUSE_SETTLE_S
+        while True:
+            try:
+                # While paused QEMU drops any listener of an earlier attempt first: asking
+                # again (the source could not reach it) is safe.
+                await mon.execute("migrate-recover", {"uri": uri}, oob=True)
+                return PostcopyRecovery(uri=uri)
+            except HypervisorError as exc:
+                if time.monotonic() > deadline:
+                    raise _qmp_failed(
+                        f"recovering the incoming migration of {name}", name, exc
+                    ) from exc
+            await asyncio.sleep(0.1)
+
+    async def _pause_postcopy(self, name: str, mon: Monitor) -> str:
+        """Source: bring a postcopy stream that still looks alive to ``postcopy-paused``;
+        returns the status reached."""
+        status = str((await mon.execute("query-migrate")).get("status", "none"))
+        if status == "postcopy-active":
+            with contextlib.suppress(HypervisorError):
+                await mon.execute("migrate-pause", oob=True)
+        deadline = time.monotonic() + PAUSE_SETTLE_S
+        while status == "postcopy-active" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            status = str((await mon.execute("query-migrate")).get("status", "none"))
+        return status
+
+    async def resume_outgoing(self, name: str, req: PostcopyRecovery) -> MigrationStats:
+        """Source: send a paused postcopy stream on, to where the destination listens again."""
+        out = self._outgoing.get(name)
+        if out is None or not req.uri:
+            raise Conflict(f"VM {name} has no outgoing migration to resume", vm=name)
+        mon = self.vms.monitor(name)
+        try:
+            status = await self._pause_postcopy(name, mon)
+            if status in POSTCOPY_RECOVERING:
+                return await self.stats(name, 0, None)  # already reconnecting
+            if status != "postcopy-paused":
+                raise Conflict(f"the migration of {name} is {status}, not postcopy-paused", vm=name)
+            await mon.execute("migrate", {"uri": req.uri, "resume": True})
+        except HypervisorError as exc:
+            raise _qmp_failed(f"resuming the postcopy stream of {name}", name, exc) from exc
         return await self.stats(name, 0, None)
 
     async def cancel(self, name: str) -> MigrationStats:

@@ -84,6 +84,11 @@ class MigrationParams(StrictModel):
     )
     xbzrle_cache_bytes: int = Field(default=0, ge=0, le=1 << 40, description="0: xbzrle off")
     tls: bool = Field(default=False, description="mutual x509 TLS on the stream")
+    postcopy: bool = Field(
+        default=False,
+        description="postcopy-ram armed on both ends (one stream: QEMU does not combine it "
+        "with multifd); the ladder may switch to it",
+    )
     tls_hostname: str | None = Field(
         default=None, max_length=253, description="source: the name the destination's cert has"
     )
@@ -99,6 +104,16 @@ class MigrationTune(StrictModel):
     throttle_pct: int | None = Field(
         default=None, ge=1, le=99, description="wake auto-converge at this initial throttle"
     )
+    start_postcopy: bool = Field(
+        default=False, description="switch to postcopy now (the destination runs the VM)"
+    )
+
+
+class PostcopyRecovery(StrictModel):
+    """Resuming a postcopy migration whose stream broke: the destination listens again
+    (``uri`` empty: on the address it listened on before), the source reconnects there."""
+
+    uri: str | None = Field(default=None, max_length=300, description="tcp:ADDRESS:PORT")
 
 
 class DirtyRateRequest(StrictModel):
@@ -343,6 +358,11 @@ class MigrationReport(BaseModel):
     rungs: list[str] = Field(default_factory=list, description="the ladder's climb, in order")
     max_throttle_pct: int = 0
     throttled_s: float = Field(default=0.0, description="seconds the guest's vCPUs were slowed")
+    postcopy_at_s: float | None = Field(
+        default=None,
+        description="seconds into the migration when the destination took over in postcopy",
+    )
+    postcopy_recoveries: int = Field(default=0, description="broken postcopy streams resumed")
     samples: list[FlightSample] = Field(default_factory=list)
     leftovers: list[Leftover] = Field(
         default_factory=list, description="what a failed migration could not clean up, and why"

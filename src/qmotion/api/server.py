@@ -145,6 +145,12 @@ class MigrateRequest(StrictModel):
         le=7 * 86400,
         description="abort (source kept running) if not complete by then; default 120 s/GiB",
     )
+    allow_postcopy: bool = Field(
+        default=False,
+        description="when pre-copy cannot converge, switch to postcopy: the VM then runs on "
+        "the destination while its remaining memory follows; a broken link pauses it there "
+        "until the stream is recovered (the source's copy is kept until then)",
+    )
 
 
 class TaskEventOut(BaseModel):

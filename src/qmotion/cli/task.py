@@ -117,6 +117,12 @@ def report(
             f"{r.streams or 1} stream(s) to {r.migration_address or '-'}, "
             f"TLS {'yes' if r.tls else 'no'}, rungs {' > '.join(r.rungs) or '-'}, "
             f"throttled {r.throttled_s:.1f} s"
+            + (
+                f", postcopy from {r.postcopy_at_s:.1f} s"
+                f" ({r.postcopy_recoveries} stream recoveries)"
+                if r.postcopy_at_s is not None
+                else ""
+            )
         )
     )
     table = Table(

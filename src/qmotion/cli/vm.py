@@ -282,13 +282,24 @@ def migrate(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="measure and predict the migration; start nothing"
     ),
+    allow_postcopy: bool = typer.Option(
+        False,
+        "--allow-postcopy",
+        help="when pre-copy cannot converge, let the destination run the VM while its "
+        "memory follows (no rollback from then on; a broken link pauses the VM until the "
+        "stream is recovered)",
+    ),
     json_out: bool = JsonOpt,
     lab: str = LabOpt,
 ) -> None:
     """Live-migrate a running VM to another host; exit non-zero unless it completed."""
     with errors_exit():
         req = MigrateRequest(
-            to=to, max_downtime_ms=max_downtime_ms, bandwidth=bandwidth, timeout_s=timeout
+            to=to,
+            max_downtime_ms=max_downtime_ms,
+            bandwidth=bandwidth,
+            timeout_s=timeout,
+            allow_postcopy=allow_postcopy,
         )
     if dry_run:
         with errors_exit(), server_client(lab) as client:

@@ -13,6 +13,7 @@ from qmotion.api.migration import (
     OutgoingRequest,
     PathProbe,
     PathProbeRequest,
+    PostcopyRecovery,
 )
 from qmotion.api.vm import StopRequest, VmInfo, VmSpec
 from qmotion.client.base import BaseClient, dump
@@ -77,6 +78,12 @@ class AgentClient(BaseClient):
 
     def probe_path(self, req: PathProbeRequest) -> PathProbe:
         return self.call(PathProbe, "POST", "/v1/net/probe", json=dump(req))
+
+    def recover_incoming(self, name: str) -> PostcopyRecovery:
+        return self.call(PostcopyRecovery, "POST", f"/v1/vms/{name}/migration/recover-incoming")
+
+    def resume_outgoing(self, name: str, req: PostcopyRecovery) -> MigrationStats:
+        return self.call(MigrationStats, "POST", f"/v1/vms/{name}/migration/resume", json=dump(req))
 
     def cancel_migration(self, name: str) -> MigrationStats:
         return self.call(MigrationStats, "POST", f"/v1/vms/{name}/migration/cancel")

@@ -43,9 +43,13 @@ class Monitor:
     def connected(self) -> bool:
         return self._qmp.runstate.name == "RUNNING"
 
-    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+    async def execute(
+        self, command: str, arguments: Mapping[str, object] | None = None, *, oob: bool = False
+    ) -> Any:
+        """``oob``: out of band, for the few commands QEMU allows so (its monitor thread runs
+        them while the main loop is blocked, e.g. on a postcopy page fault)."""
         try:
-            return await self._qmp.execute(command, arguments)
+            return await self._qmp.execute(command, arguments, oob=oob)
         except ExecuteError as exc:
             raise QmpError(command, exc.error_class, str(exc), vm=self.vm) from exc
         except (StateError, ConnectError, EOFError, ConnectionError) as exc:

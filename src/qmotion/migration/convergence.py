@@ -11,6 +11,9 @@ The ladder, climbed only when the measured passes say the current rung does not 
     downtime   the limit raised to what the last pass shows is needed, up to --max-downtime-ms
     throttle   auto-converge: the guest's vCPUs slowed until it dirties less than the link
                carries (QEMU raises the throttle each pass that still dirties too much)
+    postcopy   only with --allow-postcopy, instead of the throttle (and instead of an abort
+               by a timeout): the destination runs the VM at once and pulls the pages it
+               touches; it cannot be rolled back, so the timeouts no longer apply
 
 xbzrle is not a rung: QEMU fixes capabilities when the stream starts, so it is switched on at
 the start when the measurement finds a hot set (pages rewritten within a second), with a cache
@@ -61,12 +64,14 @@ PASS_END_S = 1.0
 PASS_END_BYTES = 4 * MiB
 BG_SYNC_S = 5.0  # QEMU >= 9.2 with auto-converge: a background sync at least this often
 OVERDUE_FACTOR = 1.2  # a pass this much longer than sending what the last one left is overdue
+POSTCOPY_SWITCH_MS = 30.0  # device state and the first faults, before the destination runs
 
 
 class Rung(StrEnum):
     PRECOPY = "precopy"
     DOWNTIME = "downtime"
     THROTTLE = "throttle"
+    POSTCOPY = "postcopy"
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ class Limits:
     max_downtime_ms: int | None = None
     timeout_s: float | None = None
     bandwidth_bps: float | None = None
+    allow_postcopy: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,7 @@ class Plan:
     measures: tuple[str, ...]  # what the prediction needed, in order, for an operator
     max_throttle_pct: int = 0
     why_not: str | None = None
+    postcopy: bool = False  # allowed: the ladder's last rung instead of the throttle
 
 
 def throttle_for(link_bps: float, dirty_bps: float) -> int:
@@ -187,7 +194,10 @@ def plan(
         # Always armed (dormant): capabilities are fixed at the start, and a guest measured idle
         # may turn busy; the cost is QEMU's background sync every 5 s.
         auto_converge=True,
-        throttle_from_start_pct=throttle_for(bw, dirty.rate_bps) if outruns else 0,
+        # With postcopy allowed the guest is not slowed: postcopy follows the first pass.
+        throttle_from_start_pct=throttle_for(bw, dirty.rate_bps)
+        if outruns and not limits.allow_postcopy
+        else 0,
         xbzrle_cache_bytes=xbzrle,
         completion_timeout_s=timeout,
         progress_timeout_s=PROGRESS_TIMEOUT_S,
@@ -196,6 +206,7 @@ def plan(
         downtime_ms=0.0,
         passes=0,
         measures=(),
+        postcopy=limits.allow_postcopy,
     )
     return _simulate(base, memory_bytes, resident_bytes, dirty, bw, path.rtt_s)
 
@@ -251,6 +262,20 @@ def _simulate(
         for m in decision.describe():
             if m not in measures:
                 measures.append(m)
+        if decision.start_postcopy:
+            # The destination runs now; what is left follows at the link's rate (the pages
+            # the guest touches first), the pause is the device state and a round trip.
+            total = t + remaining / bw
+            return replace(
+                p,
+                converges=True,
+                total_s=total,
+                downtime_ms=POSTCOPY_SWITCH_MS + rtt * 1000,
+                passes=n,
+                measures=tuple(measures),
+                max_throttle_pct=round(throttle * 100),
+                why_not=None,
+            )
         if decision.throttle_pct is not None:
             armed = decision.throttle_pct / 100
         elif armed and throttle == 0.0:
@@ -287,10 +312,11 @@ class Decision:
     throttle_pct: int | None = None  # activate auto-converge at this initial throttle
     abort: str | None = None
     note: str | None = None
+    start_postcopy: bool = False
 
     @property
     def changes(self) -> bool:
-        return self.downtime_ms is not None or self.throttle_pct is not None
+        return self.downtime_ms is not None or self.throttle_pct is not None or self.start_postcopy
 
     def describe(self) -> list[str]:
         out = []
@@ -298,6 +324,8 @@ class Decision:
             out.append(f"downtime {self.downtime_ms} ms")
         if self.throttle_pct is not None:
             out.append("auto-converge")
+        if self.start_postcopy:
+            out.append("postcopy")
         return out
 
 
@@ -344,6 +372,16 @@ class Ladder:
         return cls(plan=p, started_at=now, downtime_ms=p.initial_downtime_ms, best_at=now)
 
     def _timeouts(self, s: Sample) -> Decision | None:
+        if self.rung == Rung.POSTCOPY:
+            return None  # past the point of no return: nothing to abort to
+        decision = self._timed_out(s)
+        if decision is not None and self.plan.postcopy:
+            # Allowed: finish in postcopy rather than give up on the move.
+            note = f"postcopy instead of abort: {decision.abort}"
+            return Decision(start_postcopy=True, note=note)
+        return decision
+
+    def _timed_out(self, s: Sample) -> Decision | None:
         elapsed = s.at - self.started_at
         if elapsed > self.plan.completion_timeout_s:
             return Decision(
@@ -383,6 +421,8 @@ class Ladder:
     def decide(self, s: Sample) -> tuple[Ladder, Decision]:
         """The ladder after ``s``, and what to change now."""
         st = self
+        if st.rung == Rung.POSTCOPY:
+            return st, NOTHING  # QEMU finishes it; there is nothing left to change
         if self.passes == 0 or s.throttle_pct > st.last_throttle_pct:
             # The first pass is progress by itself (the stall check watches its bytes), and
             # a throttle QEMU still tightens means the ladder has not run out of rungs.
@@ -393,18 +433,18 @@ class Ladder:
         if s.passes <= st.syncs_seen:
             tail = s.remaining if st.tail_remaining is None else min(st.tail_remaining, s.remaining)
             st = replace(st, tail_remaining=tail, sampled_at=s.at)
-            return st, st._timeouts(s) or NOTHING
+            return st._or_postcopy(st._timeouts(s) or NOTHING)
         ended = st._pass_ended(s)
         st = replace(st, syncs_seen=s.passes, tail_remaining=s.remaining, sampled_at=s.at)
         if not ended:
-            return st, st._timeouts(s) or NOTHING
+            return st._or_postcopy(st._timeouts(s) or NOTHING)
         previous = st.last_pass_remaining
         st = replace(st, passes=st.passes + 1, last_pass_remaining=s.remaining, judged_at=s.at)
         if st.best_remaining is None or s.remaining < st.best_remaining * 0.95:
             st = replace(st, best_remaining=s.remaining, best_at=s.at)
         timed_out = st._timeouts(s)
         if timed_out is not None:
-            return st, timed_out
+            return st._or_postcopy(timed_out)
         if s.throughput_bps < 1.0:
             return st, NOTHING
         # QEMU's expected downtime is what the last sync found dirty over the bandwidth.
@@ -430,6 +470,8 @@ class Ladder:
                 st = replace(st, downtime_ms=wanted)
                 return st, Decision(downtime_ms=wanted, note="downtime raised again")
             return st, NOTHING
+        if st.plan.postcopy:
+            return self._climb(st, Rung.POSTCOPY, Decision(start_postcopy=True))
         if st.rung != Rung.THROTTLE and st.plan.auto_converge:
             pct = throttle_for(s.throughput_bps, s.dirty_bps)
             decision = Decision(
@@ -440,6 +482,13 @@ class Ladder:
             st = replace(st, downtime_ms=wanted)
             return st, Decision(downtime_ms=wanted, note="downtime raised again")
         return st, NOTHING
+
+    def _or_postcopy(self, d: Decision) -> tuple[Ladder, Decision]:
+        """A timeout's answer: an abort, or (allowed) the climb to postcopy."""
+        if d.start_postcopy:
+            st, climbed = self._climb(self, Rung.POSTCOPY, d)
+            return st, replace(climbed, note=d.note)
+        return self, d
 
     @staticmethod
     def _climb(st: Ladder, rung: Rung, d: Decision) -> tuple[Ladder, Decision]:

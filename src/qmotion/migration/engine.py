@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from qmotion.api.migration import MigrationStats, QemuMigrationStatus
-from qmotion.migration.errors import MigrationError, StepError, SwitchedOver
+from qmotion.migration.errors import InPostcopy, MigrationError, StepError, SwitchedOver
 from qmotion.migration.machine import (
     Announce,
     AwaitProgress,
@@ -21,6 +21,7 @@ from qmotion.migration.machine import (
     PrepareDestination,
     Progress,
     Recover,
+    RecoverPostcopy,
     Resumed,
     Rollback,
     RunPrechecks,
@@ -47,6 +48,7 @@ class MigrationPort(Protocol):
     async def update_inventory(self) -> None: ...
     async def rollback(self, cancel_migration: bool, teardown_destination: bool) -> None: ...
     async def recover(self) -> None: ...
+    async def recover_postcopy(self) -> None: ...
 
 
 Persist = Callable[[Step, MigrationStats | None], Awaitable[None]]
@@ -77,8 +79,12 @@ async def _perform(port: MigrationPort, action: object) -> tuple[Event, Migratio
                 await port.rollback(cm, td)
             case Recover():
                 await port.recover()
+            case RecoverPostcopy():
+                await port.recover_postcopy()
             case _:
                 raise AssertionError(f"unknown action {action!r}")
+    except InPostcopy:
+        return Progress(QemuMigrationStatus.POSTCOPY_ACTIVE), None
     except SwitchedOver:
         return Progress(QemuMigrationStatus.COMPLETED), None
     except StepError as exc:

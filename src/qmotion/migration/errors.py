@@ -4,6 +4,7 @@ MigrationError
  ├── Refused          pre-checks said no; nothing was touched (carries the refusals)
  ├── StepError        an action failed partway; the state machine decides what is undone
  └── SwitchedOver     a rollback found QEMU had already switched over: go forward instead
+      └── InPostcopy   ... into postcopy: the destination runs, the source still holds pages
 """
 
 from __future__ import annotations
@@ -49,3 +50,8 @@ class StepError(MigrationError):
 class SwitchedOver(MigrationError):
     """QEMU completed the migration although the manager lost track (e.g. a monitor call
     failed right at switchover): undoing now would destroy the only running copy."""
+
+
+class InPostcopy(SwitchedOver):
+    """The migration switched to postcopy: the destination runs the VM while the source
+    still holds pages it has not sent. Neither copy may be removed until QEMU completes."""

@@ -12,6 +12,12 @@ runs. After it the destination owns the VM; a destination that does not run is r
 resuming the source (it is paused with the complete state) and tearing the destination down.
 A VM therefore runs on exactly one host before, during and after the migration.
 
+Postcopy (only when the operator allowed it, and the ladder asked for it) moves the point of no
+return earlier: once QEMU reports ``postcopy-*`` the destination runs the VM while the source
+still holds the pages not yet sent. From then on nothing is rolled back or removed: a broken
+stream pauses both ends (``postcopy-paused``) and is recovered (``RecoverPostcopy``) until QEMU
+completes; a migration that cannot be recovered in time ends FAILED with both QEMUs kept.
+
 A manager that restarts resumes each task from its persisted state (event ``Resumed``): one
 that had changed nothing ends as failed, one between preparing the destination and QEMU's
 confirmed start rolls back (what it did is not known for sure), and the others carry on where
@@ -32,7 +38,14 @@ Phase = MigrationPhase
 
 TERMINAL = frozenset({Phase.DONE, Phase.FAILED, Phase.CANCELLED})
 QEMU_FINISHED_BAD = frozenset({Qs.FAILED, Qs.CANCELLED})
+POSTCOPY_RUNNING = frozenset(
+    {Qs.POSTCOPY_DEVICE, Qs.POSTCOPY_ACTIVE, Qs.POSTCOPY_RECOVER_SETUP, Qs.POSTCOPY_RECOVER}
+)
+POSTCOPY = POSTCOPY_RUNNING | {Qs.POSTCOPY_PAUSED}
 MONITOR_RETRIES = 3
+# Attempts to resume a broken postcopy stream; the port spaces them (>= 2 s): a link down
+# for minutes is waited out, one gone for good is left to the operator with both QEMUs.
+POSTCOPY_RECOVERIES = 600
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,8 @@ class MigrationState:
     warnings: tuple[str, ...] = ()
     qemu_status: Qs | None = None
     monitor_failures: int = 0
+    postcopy: bool = False  # QEMU switched to postcopy: the destination runs, nothing undone
+    postcopy_recoveries: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -63,6 +78,8 @@ class MigrationState:
             "error": self.error,
             "warnings": list(self.warnings),
             "qemu_status": self.qemu_status.value if self.qemu_status else None,
+            "postcopy": self.postcopy,
+            "postcopy_recoveries": self.postcopy_recoveries,
         }
 
     @classmethod
@@ -77,6 +94,8 @@ class MigrationState:
             error=data.get("error"),
             warnings=tuple(data.get("warnings", ())),
             qemu_status=Qs(data["qemu_status"]) if data.get("qemu_status") else None,
+            postcopy=data.get("postcopy", False),
+            postcopy_recoveries=data.get("postcopy_recoveries", 0),
         )
 
 
@@ -176,6 +195,11 @@ class Recover:
 
 
 @dataclass(frozen=True)
+class RecoverPostcopy:
+    """The postcopy stream broke (or stalled): pause both ends and resume the stream."""
+
+
+@dataclass(frozen=True)
 class Finish:
     phase: Phase
 
@@ -191,6 +215,7 @@ Action = (
     | UpdateInventory
     | Rollback
     | Recover
+    | RecoverPostcopy
     | Finish
 )
 
@@ -281,6 +306,9 @@ def step(state: MigrationState, event: Event) -> Step:
             # migrate may have been issued even if its answer was lost.
             return _rollback(replace(state, started=True), event.error)
 
+    if phase == Phase.MONITOR and (state.postcopy or _postcopy_event(event)):
+        return _postcopy_step(state, event)
+
     if phase == Phase.MONITOR:
         if isinstance(event, Progress):
             status = event.qemu_status
@@ -307,6 +335,14 @@ def step(state: MigrationState, event: Event) -> Step:
     if phase == Phase.VERIFY:
         if isinstance(event, Succeeded):
             return _after_switchover_next(state)
+        if isinstance(event, Failed) and state.postcopy:
+            # The destination wrote to memory the source no longer has: resuming the source
+            # would run a stale VM. Nothing is removed; the operator decides.
+            error = (
+                f"{event.error}; after postcopy the source's copy is stale, "
+                "so neither QEMU was removed"
+            )
+            return Step(replace(state, phase=Phase.FAILED, error=error), Finish(Phase.FAILED))
         if isinstance(event, Failed):
             return Step(
                 replace(state, phase=Phase.RECOVER, error=event.error),
@@ -330,6 +366,22 @@ def step(state: MigrationState, event: Event) -> Step:
             return Step(replace(st, phase=Phase.DONE), Finish(Phase.DONE))
 
     if phase == Phase.ROLLBACK:
+        if isinstance(event, Progress) and event.qemu_status in POSTCOPY:
+            found = f"rollback ({state.error}) found the migration in postcopy"
+            return Step(
+                replace(
+                    state,
+                    phase=Phase.MONITOR,
+                    started=True,
+                    switched_over=True,
+                    postcopy=True,
+                    qemu_status=event.qemu_status,
+                    error=None,
+                    warnings=(*state.warnings, found),
+                ),
+                AwaitProgress(known_status=event.qemu_status),
+                "in postcopy: going forward",
+            )
         if isinstance(event, Progress) and event.qemu_status == Qs.COMPLETED:
             # The rollback found the switchover had happened: the destination owns the VM.
             # What caused the rollback did not stop the migration: a warning, not the error.
@@ -361,6 +413,45 @@ def step(state: MigrationState, event: Event) -> Step:
             return Step(replace(state, phase=Phase.FAILED), Finish(Phase.FAILED))
 
     return Step(state, _repeat(state), f"ignored {type(event).__name__} in {phase.value}")
+
+
+def _postcopy_event(event: Event) -> bool:
+    return isinstance(event, Progress) and event.qemu_status in POSTCOPY
+
+
+def _postcopy_step(state: MigrationState, event: Event) -> Step:
+    """Monitoring once in postcopy: forward only."""
+    st = replace(state, postcopy=True, switched_over=True, started=True)
+    if isinstance(event, Progress):
+        status = event.qemu_status
+        st = replace(st, qemu_status=status, monitor_failures=0)
+        if status == Qs.COMPLETED:
+            return Step(replace(st, phase=Phase.VERIFY), VerifyDestination(), "postcopy done")
+        if status in QEMU_FINISHED_BAD:
+            error = (
+                f"QEMU reported {status} in postcopy: the VM's memory is split between the "
+                f"two hosts; neither QEMU was removed"
+            )
+            return Step(replace(st, phase=Phase.FAILED, error=error), Finish(Phase.FAILED))
+        if status == Qs.POSTCOPY_PAUSED:
+            return _recover_postcopy(st, "the postcopy stream broke")
+        note = "postcopy: the destination runs" if not state.postcopy else ""
+        return Step(st, AwaitProgress(known_status=status), note)
+    if isinstance(event, Failed):
+        return _recover_postcopy(st, event.error)
+    # Succeeded: a recovery was issued; see where QEMU stands.
+    return Step(st, AwaitProgress(known_status=st.qemu_status))
+
+
+def _recover_postcopy(state: MigrationState, why: str) -> Step:
+    if state.postcopy_recoveries >= POSTCOPY_RECOVERIES:
+        error = (
+            f"postcopy not recovered after {state.postcopy_recoveries} attempts ({why}); "
+            "the VM waits on the destination for pages the source holds: both kept"
+        )
+        return Step(replace(state, phase=Phase.FAILED, error=error), Finish(Phase.FAILED))
+    st = replace(state, postcopy_recoveries=state.postcopy_recoveries + 1)
+    return Step(st, RecoverPostcopy(), f"recovering postcopy: {why}")
 
 
 def _resume(state: MigrationState) -> Step:

@@ -76,7 +76,11 @@ def apply_plan(params: MigrationParams, p: Plan) -> MigrationParams:
 
 
 def choose(
-    max_downtime_ms: int | None, bandwidth: int | None, timeout_s: float | None = None
+    max_downtime_ms: int | None,
+    bandwidth: int | None,
+    timeout_s: float | None = None,
+    *,
+    allow_postcopy: bool = False,
 ) -> MigrationParams:
     """The start; the convergence plan (qmotion.migration.convergence) adjusts it from
     measurements, and the ladder raises the downtime limit up to ``max_downtime_ms``."""
@@ -85,6 +89,7 @@ def choose(
         downtime_limit_ms=min(DEFAULT_DOWNTIME_LIMIT_MS, max_downtime_ms or 1 << 30),
         max_downtime_ms=max_downtime_ms,
         timeout_s=timeout_s,
+        postcopy=allow_postcopy,
         multifd_channels=0,
         pause_before_switchover=False,
         steer=True,

@@ -36,7 +36,7 @@ from qmotion.migration.convergence import (
     Sample,
     plan,
 )
-from qmotion.migration.errors import Refused, StepError, SwitchedOver
+from qmotion.migration.errors import InPostcopy, Refused, StepError, SwitchedOver
 from qmotion.migration.params import apply_plan
 from qmotion.migration.prechecks import PrecheckInput, VmView, precheck
 from qmotion.server.db import Database, Host
@@ -53,6 +53,19 @@ STALL_TIMEOUT_S = 30.0  # an active migration that moves no data for this long i
 # Where bytes must keep moving: a stream set up over a dead link (a TLS handshake that never
 # completes) stays in setup as surely as a copy stalls in active.
 MOVING = frozenset({QemuMigrationStatus.SETUP, QemuMigrationStatus.ACTIVE})
+# In postcopy the destination's vCPUs wait on pages that do not come: a stream that moves
+# nothing for this long is paused and resumed (a dead link is noticed by TCP only in minutes).
+POSTCOPY_STALL_S = 5.0
+POSTCOPY_RETRY_S = 2.0  # between attempts to resume a broken postcopy stream
+POSTCOPY = frozenset(
+    {
+        QemuMigrationStatus.POSTCOPY_DEVICE,
+        QemuMigrationStatus.POSTCOPY_ACTIVE,
+        QemuMigrationStatus.POSTCOPY_PAUSED,
+        QemuMigrationStatus.POSTCOPY_RECOVER_SETUP,
+        QemuMigrationStatus.POSTCOPY_RECOVER,
+    }
+)
 # QEMU's migrate_cancel shuts the stream's socket down, so a cancel settles at once; a source
 # that has not settled after this long is reported, and its destination kept.
 SETTLE_TIMEOUT_S = 60.0
@@ -70,6 +83,7 @@ def limits_of(params: MigrationParams) -> Limits:
         max_downtime_ms=params.max_downtime_ms,
         timeout_s=params.timeout_s,
         bandwidth_bps=params.max_bandwidth if capped else None,
+        allow_postcopy=params.postcopy,
     )
 
 
@@ -118,6 +132,8 @@ class AgentMigrationPort:
         self.reach: PathProbe | None = None
         self.migration_address: str | None = None
         self.throttled_s = 0.0
+        self.postcopy_requested = False  # from then on the destination may run the VM
+        self.postcopy_at: float | None = None  # since the migration began, seconds
         self._last_transferred = -1
         self._progress_at = time.monotonic()
 
@@ -289,7 +305,21 @@ class AgentMigrationPort:
             stats = await self._call(self._src, "monitor", lambda c: c.migration(self.vm))
         self.last_stats = stats
         now = time.monotonic()
-        if stats.transferred != self._last_transferred or stats.status not in MOVING:
+        if stats.status in POSTCOPY and self.postcopy_at is None:
+            since = self.migrate_issued_at
+            self.postcopy_at = round(now - since, 3) if since is not None else 0.0
+        if stats.status == QemuMigrationStatus.POSTCOPY_ACTIVE:
+            if stats.transferred != self._last_transferred:
+                self._last_transferred, self._progress_at = stats.transferred, now
+            elif now - self._progress_at > POSTCOPY_STALL_S:
+                self._progress_at = now  # one recovery per stall
+                raise StepError(
+                    "monitor",
+                    f"the postcopy stream moved nothing for {POSTCOPY_STALL_S:.0f} s",
+                    vm=self.vm,
+                    host=self.source,
+                )
+        elif stats.transferred != self._last_transferred or stats.status not in MOVING:
             self._last_transferred, self._progress_at = stats.transferred, now
         elif now - self._progress_at > STALL_TIMEOUT_S:
             raise StepError(
@@ -353,8 +383,14 @@ class AgentMigrationPort:
             )
         if decision.changes:
             tune = MigrationTune(
-                downtime_limit_ms=decision.downtime_ms, throttle_pct=decision.throttle_pct
+                downtime_limit_ms=decision.downtime_ms,
+                throttle_pct=decision.throttle_pct,
+                start_postcopy=decision.start_postcopy,
             )
+            if decision.start_postcopy:
+                # Set before asking: an answer lost on the way must not let a rollback
+                # remove a destination that already runs the VM.
+                self.postcopy_requested = True
             try:
                 await self._call_raw(self._src, lambda c: c.tune_migration(self.vm, tune))
             except ClientError as exc:
@@ -462,6 +498,8 @@ class AgentMigrationPort:
         before = await self._call(self._src, "rollback", lambda c: c.migration(self.vm))
         if before.status == QemuMigrationStatus.COMPLETED:
             raise SwitchedOver("the source reports the migration completed")
+        if before.status in POSTCOPY:
+            raise InPostcopy("the migration is in postcopy: the destination runs the VM")
         deadline = time.monotonic() + SWITCHOVER_WAIT_S
         while before.status in SWITCHING and time.monotonic() < deadline:
             # Mid-switchover the network is being steered to the destination: cancelling now
@@ -478,6 +516,8 @@ class AgentMigrationPort:
             stats = await self._call(self._src, "rollback", lambda c: c.migration(self.vm))
             if stats.status == QemuMigrationStatus.COMPLETED:
                 raise SwitchedOver("the migration completed before it could be cancelled")
+            if stats.status in POSTCOPY:
+                raise InPostcopy("the migration went into postcopy before it was cancelled")
             if stats.status in IDLE:
                 return
             if stats.status == QemuMigrationStatus.CANCELLING and time.monotonic() > again_at:
@@ -512,6 +552,9 @@ class AgentMigrationPort:
         the whole state, after which the source never resumes on its own."""
         with contextlib.suppress(StepError):
             info = await self._call(self._dst, "rollback", lambda c: c.vm(self.vm))
+            if info.state == VmState.RUNNING and self.postcopy_requested:
+                # It runs from the moment postcopy starts, with pages still on the source.
+                raise InPostcopy(f"the destination {self.destination} runs the VM in postcopy")
             if info.state == VmState.RUNNING:
                 raise SwitchedOver(f"the destination {self.destination} runs the VM")
 
@@ -537,6 +580,22 @@ class AgentMigrationPort:
         )
         if status != "running":
             raise StepError("recover", f"source QEMU is {status}", vm=self.vm)
+
+    async def recover_postcopy(self) -> None:
+        """A broken or stalled postcopy stream: the destination listens again, the source
+        reconnects to it. Nothing is removed or resumed elsewhere whatever fails; the
+        machine asks again (spaced, so a link that is down is waited out)."""
+        try:
+            got = await self._call(
+                self._dst, "postcopy", lambda c: c.recover_incoming(self.vm), timeout_s=30
+            )
+            await self._call(
+                self._src, "postcopy", lambda c: c.resume_outgoing(self.vm, got), timeout_s=30
+            )
+        except StepError:
+            await asyncio.sleep(POSTCOPY_RETRY_S)
+            raise
+        self._progress_at = time.monotonic()
 
 
 def _delete(client: AgentClient, vm: str) -> None:

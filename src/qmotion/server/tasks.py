@@ -80,6 +80,8 @@ def report(
         rungs=list(port.ladder.history) if port.ladder else [],
         max_throttle_pct=max((x.throttle_pct for x in port.samples), default=0),
         throttled_s=round(port.throttled_s, 1),
+        postcopy_at_s=port.postcopy_at,
+        postcopy_recoveries=state.postcopy_recoveries,
         samples=port.samples,
         migration_address=port.migration_address,
         streams=max(port.params.multifd_channels, 1),
@@ -194,7 +196,9 @@ class TaskRunner:
                 host=first.host,
                 field=first.field,
             )
-        chosen = params.choose(req.max_downtime_ms, bandwidth, req.timeout_s)
+        chosen = params.choose(
+            req.max_downtime_ms, bandwidth, req.timeout_s, allow_postcopy=req.allow_postcopy
+        )
         if self.inventory.tls:
             chosen = chosen.model_copy(update={"tls": True, "tls_hostname": req.to})
         return source, chosen
