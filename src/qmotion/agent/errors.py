@@ -5,6 +5,7 @@ AgentError
  │    ├── VmNotFound         404: no VM by that name on this host
  │    ├── Conflict           409: the VM's state forbids it (running, exists, busy)
  │    │    ├── MigratedAway  409: the VM completed a migration away; it runs elsewhere now
+ │    │    ├── InPostcopy    409: the VM is in postcopy away: never resumed or cancelled here
  │    │    └── PeerUnreachable 409: no address of the peer agent answers
  │    └── SpecRejected       422: the spec cannot run here (names the field and why)
  └── OperationFailed         500: failed partway; what was cleaned up is in the message
@@ -56,6 +57,12 @@ class MigratedAway(Conflict):
     """Callers (the manager's rollback) read this code as "the destination owns the VM"."""
 
     code = "migrated_away"
+
+
+class InPostcopy(Conflict):
+    """Callers (the manager's rollback) read this code as "going forward, never resumed"."""
+
+    code = "in_postcopy"
 
 
 class PeerUnreachable(Conflict):

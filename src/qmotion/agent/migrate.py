@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from qmotion.agent.errors import AgentError, Conflict, MigratedAway, OperationFailed
+from qmotion.agent.errors import AgentError, Conflict, InPostcopy, MigratedAway, OperationFailed
 from qmotion.agent.forwarder import FORWARD_FOR_S, LateFrameForwarder
 from qmotion.agent.steer import Steerer
 from qmotion.agent.tapwatch import TapWatch
@@ -96,9 +96,11 @@ def _parameters(params: MigrationParams) -> dict[str, Any]:
     }
     if params.multifd_channels > 0:
         out["multifd-channels"] = params.multifd_channels
-    if params.postcopy and params.max_bandwidth < UNLIMITED_BANDWIDTH:
-        # QEMU's postcopy has its own cap, unlimited by default: the operator's holds too.
-        out["max-postcopy-bandwidth"] = params.max_bandwidth
+    if params.postcopy:
+        # QEMU's postcopy has its own cap, unlimited (0) by default: the operator's holds too.
+        # Always set: a QEMU that arrived by a capped migration still has that one's.
+        capped = params.max_bandwidth < UNLIMITED_BANDWIDTH
+        out["max-postcopy-bandwidth"] = params.max_bandwidth if capped else 0
     if params.auto_converge:
         # Dormant: QEMU may still trigger on its own when the guest outruns the link, so
         # the ceiling holds it at 1 % until the ladder wakes it.
@@ -743,8 +745,21 @@ class Migrations:
             raise _qmp_failed(f"resuming the postcopy stream of {name}", name, exc) from exc
         return await self.stats(name, 0, None)
 
+    def _went_postcopy(self, name: str) -> bool:
+        """This source's migration entered postcopy: its memory is now partly only on the
+        destination, so it is never cancelled or resumed here."""
+        out = self._outgoing.get(name)
+        return out is not None and any(s.startswith("postcopy") for s, _ in out.events)
+
     async def cancel(self, name: str) -> MigrationStats:
         mon = self.vms.monitor(name)
+        status = str((await mon.execute("query-migrate")).get("status", "none"))
+        if status.startswith("postcopy") or self._went_postcopy(name):
+            raise InPostcopy(
+                f"VM {name} is in postcopy ({status}): the destination runs it; "
+                "a cancel would lose the pages not yet sent",
+                vm=name,
+            )
         await mon.execute("migrate_cancel")
         deadline = time.monotonic() + CANCEL_SETTLE_S
         stats = await self.stats(name, 0, None)
@@ -800,6 +815,18 @@ class Migrations:
         mon = self.vms.monitor(name)
         migration = await mon.execute("query-migrate")
         qemu_migration = migration.get("status", "none")
+        if qemu_migration.startswith("postcopy"):
+            raise InPostcopy(
+                f"VM {name} is in postcopy ({qemu_migration}): the destination runs it and "
+                "this copy lacks what it has written; it is never resumed here",
+                vm=name,
+            )
+        if self._went_postcopy(name):
+            raise MigratedAway(
+                f"VM {name} migrated away in postcopy: the destination has written to memory "
+                "this copy does not have; it is never resumed here",
+                vm=name,
+            )
         if qemu_migration == "completed" and not after_failed_switchover:
             raise MigratedAway(
                 f"VM {name} completed its migration away; it runs elsewhere now", vm=name

@@ -438,7 +438,15 @@ def _postcopy_step(state: MigrationState, event: Event) -> Step:
         note = "postcopy: the destination runs" if not state.postcopy else ""
         return Step(st, AwaitProgress(known_status=status), note)
     if isinstance(event, Failed):
-        return _recover_postcopy(st, event.error)
+        # One lost answer (the management network, not the stream) is asked again first: a
+        # recovery pauses the stream, which a healthy one should not pay for.
+        if event.retryable and st.monitor_failures + 1 < MONITOR_RETRIES:
+            return Step(
+                replace(st, monitor_failures=st.monitor_failures + 1),
+                AwaitProgress(known_status=st.qemu_status),
+                f"progress unavailable, retrying: {event.error}",
+            )
+        return _recover_postcopy(replace(st, monitor_failures=0), event.error)
     # Succeeded: a recovery was issued; see where QEMU stands.
     return Step(st, AwaitProgress(known_status=st.qemu_status))
 

@@ -74,6 +74,7 @@ IDLE = frozenset(
     {QemuMigrationStatus.NONE, QemuMigrationStatus.FAILED, QemuMigrationStatus.CANCELLED}
 )  # no migration under way on the source
 MIGRATED_AWAY = "migrated_away"  # the agent's code for "this VM completed a migration away"
+IN_POSTCOPY = "in_postcopy"  # the agent's code for "this source is in postcopy, not resumed"
 
 
 def limits_of(params: MigrationParams) -> Limits:
@@ -318,6 +319,7 @@ class AgentMigrationPort:
                     f"the postcopy stream moved nothing for {POSTCOPY_STALL_S:.0f} s",
                     vm=self.vm,
                     host=self.source,
+                    retryable=False,  # the source answered: recover at once
                 )
         elif stats.transferred != self._last_transferred or stats.status not in MOVING:
             self._last_transferred, self._progress_at = stats.transferred, now
@@ -509,7 +511,14 @@ class AgentMigrationPort:
             if before.status == QemuMigrationStatus.COMPLETED:
                 raise SwitchedOver("the migration completed during the switchover")
         if before.status not in IDLE:
-            await self._call(self._src, "rollback", lambda c: c.cancel_migration(self.vm))
+            try:
+                await self._call(self._src, "rollback", lambda c: c.cancel_migration(self.vm))
+            except StepError as exc:
+                # Refused (the switch to postcopy came first) or lost: what QEMU says decides.
+                now = await self._call(self._src, "rollback", lambda c: c.migration(self.vm))
+                if now.status in POSTCOPY:
+                    raise InPostcopy("the migration went into postcopy before the cancel") from exc
+                raise
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
         again_at = time.monotonic() + RECANCEL_S
         while True:
@@ -539,6 +548,8 @@ class AgentMigrationPort:
         try:
             return await self._call_raw(self._src, lambda c: c.resume(self.vm))
         except ApiError as exc:
+            if exc.detail.code == IN_POSTCOPY:
+                raise InPostcopy(str(exc)) from exc
             if exc.detail.code == MIGRATED_AWAY:
                 raise SwitchedOver(str(exc)) from exc
             raise StepError("rollback", f"host {self.source}: {exc}", vm=self.vm) from exc
@@ -552,7 +563,7 @@ class AgentMigrationPort:
         the whole state, after which the source never resumes on its own."""
         with contextlib.suppress(StepError):
             info = await self._call(self._dst, "rollback", lambda c: c.vm(self.vm))
-            if info.state == VmState.RUNNING and self.postcopy_requested:
+            if info.state == VmState.RUNNING and (self.postcopy_requested or self.params.postcopy):
                 # It runs from the moment postcopy starts, with pages still on the source.
                 raise InPostcopy(f"the destination {self.destination} runs the VM in postcopy")
             if info.state == VmState.RUNNING:
@@ -572,8 +583,18 @@ class AgentMigrationPort:
         """After switchover the destination does not run: remove it, then resume the source.
 
         If the destination cannot be reached its QEMU might still run; resuming the source
-        then risks two copies, so that is refused and left to the operator.
+        then risks two copies, so that is refused and left to the operator. A migration that
+        could have gone postcopy (a short postcopy can complete between two polls) is never
+        recovered on the source: the destination may have written what the source lacks.
         """
+        if self.params.postcopy or self.postcopy_requested:
+            raise StepError(
+                "recover",
+                "postcopy was allowed: the source's copy may be stale, so it is not resumed "
+                "and the destination is kept",
+                vm=self.vm,
+                retryable=False,
+            )
         await self._call(self._dst, "recover", lambda c: _delete(c, self.vm))
         status = await self._call(
             self._src, "recover", lambda c: c.resume(self.vm, after_failed_switchover=True)

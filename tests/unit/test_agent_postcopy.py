@@ -1,0 +1,106 @@
+"""The agent's side of postcopy, over a scripted QMP stand-in that refuses what QEMU 10.0
+refuses: a source in postcopy is never cancelled or resumed, and a destination whose main loop
+is blocked (a vCPU or device waiting on a page) is recovered with out-of-band commands only."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from qmotion.agent.errors import Conflict, InPostcopy, MigratedAway
+from qmotion.agent.migrate import Migrations, Outgoing
+from qmotion.hypervisor.errors import QmpError
+
+OOB = {"migrate-pause", "migrate-recover"}  # 'allow-oob': true in qapi/migration.json
+
+
+class ScriptedQemu:
+    def __init__(self, status: str, *, main_loop_blocked: bool = False) -> None:
+        self.status = status
+        self.blocked = main_loop_blocked
+        self.commands: list[str] = []
+        self.listening: str | None = None
+
+    async def execute(
+        self, command: str, args: dict[str, Any] | None = None, *, oob: bool = False
+    ) -> Any:
+        if oob and command not in OOB:
+            raise QmpError(command, "GenericError", f"{command} does not allow out-of-band")
+        if self.blocked and not oob:
+            await asyncio.sleep(3600)  # the main loop waits on a page that does not come
+        self.commands.append(command)
+        if command == "query-migrate":
+            return {"status": self.status}
+        if command == "migrate-pause":
+            if self.status != "postcopy-active":
+                raise QmpError(command, "GenericError", "only during postcopy-active")
+            self.status = "postcopy-paused"
+            return {}
+        if command == "migrate-recover":
+            if self.status != "postcopy-paused":
+                raise QmpError(command, "GenericError", "only when postcopy is paused")
+            assert args is not None
+            self.listening = str(args["uri"])
+            return {}
+        if command in ("migrate_cancel", "cont"):
+            return {}
+        raise AssertionError(f"unexpected {command}")
+
+
+class OneVm:
+    def __init__(self, qemu: ScriptedQemu) -> None:
+        self.qemu = qemu
+
+    def monitor(self, name: str) -> ScriptedQemu:
+        return self.qemu
+
+
+def _source(status: str, events: list[str]) -> tuple[Migrations, ScriptedQemu]:
+    qemu = ScriptedQemu(status)
+    m = Migrations(OneVm(qemu))  # type: ignore[arg-type]
+    m._outgoing["vm1"] = Outgoing(
+        started_at=time.monotonic(), status=status, events=[(e, 0.0) for e in events]
+    )
+    return m, qemu
+
+
+@pytest.mark.parametrize("status", ["postcopy-active", "postcopy-paused", "postcopy-recover"])
+def test_a_source_in_postcopy_is_never_cancelled_or_resumed(status: str) -> None:
+    m, qemu = _source(status, ["active", status])
+    with pytest.raises(InPostcopy):
+        asyncio.run(m.cancel("vm1"))
+    with pytest.raises(InPostcopy):
+        asyncio.run(m.resume("vm1", after_failed_switchover=True))
+    assert "migrate_cancel" not in qemu.commands and "cont" not in qemu.commands
+
+
+def test_a_source_that_completed_through_postcopy_is_not_resumed_even_after_a_failed_verify() -> (
+    None
+):
+    m, qemu = _source("completed", ["active", "postcopy-active", "completed"])
+    with pytest.raises(MigratedAway):
+        asyncio.run(m.resume("vm1", after_failed_switchover=True))
+    assert "cont" not in qemu.commands
+
+
+def test_a_blocked_destination_is_recovered_out_of_band() -> None:
+    qemu = ScriptedQemu("postcopy-active", main_loop_blocked=True)
+    m = Migrations(OneVm(qemu))  # type: ignore[arg-type]
+    m._incoming_uri["vm1"] = "tcp:198.19.1.12:40000"
+
+    async def run() -> str | None:
+        got = await asyncio.wait_for(m.recover_incoming("vm1"), timeout=5)
+        return got.uri
+
+    assert asyncio.run(run()) == "tcp:198.19.1.12:40000"
+    assert qemu.commands == ["migrate-pause", "migrate-recover"]
+    assert qemu.listening == "tcp:198.19.1.12:40000"
+
+
+def test_a_destination_with_no_incoming_migration_refuses_recovery() -> None:
+    m = Migrations(OneVm(ScriptedQemu("none")))  # type: ignore[arg-type]
+    with pytest.raises(Conflict):
+        asyncio.run(m.recover_incoming("vm1"))
