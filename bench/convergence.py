@@ -187,9 +187,10 @@ def run_peer(lab: Lab, name: str, peer: Peer, cap_s: float) -> dict[str, Any]:
     return out
 
 
-def run_qmotion(lab: Lab, name: str, cap_s: float) -> dict[str, Any]:
+def run_qmotion(lab: Lab, name: str, cap_s: float, postcopy: bool = False) -> dict[str, Any]:
     with lab.server() as server:
-        task = server.migrate(name, MigrateRequest(to="h2", timeout_s=cap_s))
+        req = MigrateRequest(to="h2", timeout_s=cap_s, allow_postcopy=postcopy)
+        task = server.migrate(name, req)
         while task.state.active:
             time.sleep(0.2)
             task = server.task(task.id)
@@ -205,6 +206,7 @@ def run_qmotion(lab: Lab, name: str, cap_s: float) -> dict[str, Any]:
             "predicted_s": r.prediction.total_s if r.prediction else None,
             "predicted_converges": r.prediction.converges if r.prediction else None,
             "stopped_at_ms": r.source_stopped_at_ms,
+            "postcopy_at_s": r.postcopy_at_s,
         }
     if not out["completed"]:
         out["how"] = task.error
@@ -223,7 +225,10 @@ def main() -> None:
     ap.add_argument("--link", default="400mbit")
     ap.add_argument("--cap-s", type=float, default=120.0)
     ap.add_argument("--ratios", default=",".join(str(r) for r in RATIOS))
-    ap.add_argument("--policies", default="QEMU defaults,Proxmox,Nova,KubeVirt,qmotion")
+    ap.add_argument(
+        "--policies",
+        default="QEMU defaults,Proxmox,Nova,KubeVirt,qmotion,qmotion --allow-postcopy",
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
     link_bps = parse_rate_bytes(args.link)
@@ -244,6 +249,12 @@ def main() -> None:
                 for p in peers(GIB)
             ]
             runners.append(("qmotion", functools.partial(run_qmotion, lab, cap_s=args.cap_s)))
+            runners.append(
+                (
+                    "qmotion --allow-postcopy",
+                    functools.partial(run_qmotion, lab, cap_s=args.cap_s, postcopy=True),
+                )
+            )
             for policy, fn in runners:
                 if policy not in wanted:
                     continue

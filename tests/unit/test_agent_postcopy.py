@@ -12,9 +12,10 @@ import pytest
 
 from qmotion.agent.errors import Conflict, InPostcopy, MigratedAway
 from qmotion.agent.migrate import Migrations, Outgoing
+from qmotion.api.migration import PostcopyRecovery
 from qmotion.hypervisor.errors import QmpError
 
-OOB = {"migrate-pause", "migrate-recover"}  # 'allow-oob': true in qapi/migration.json
+OOB = {"migrate-pause", "migrate-recover", "yank"}  # 'allow-oob': true in qapi/migration.json
 
 
 class ScriptedQemu:
@@ -44,6 +45,15 @@ class ScriptedQemu:
                 raise QmpError(command, "GenericError", "only when postcopy is paused")
             assert args is not None
             self.listening = str(args["uri"])
+            return {}
+        if command == "yank":
+            if self.status == "postcopy-recover-setup":
+                self.status = "postcopy-paused"
+            return {}
+        if command == "migrate":
+            assert args is not None and args.get("resume") is True
+            assert self.status == "postcopy-paused", "QEMU resumes only a paused postcopy"
+            self.status = "postcopy-recover"
             return {}
         if command in ("migrate_cancel", "cont"):
             return {}
@@ -96,7 +106,7 @@ def test_a_blocked_destination_is_recovered_out_of_band() -> None:
         return got.uri
 
     assert asyncio.run(run()) == "tcp:198.19.1.12:40000"
-    assert qemu.commands == ["migrate-pause", "migrate-recover"]
+    assert qemu.commands == ["migrate-pause", "yank", "migrate-recover"]
     assert qemu.listening == "tcp:198.19.1.12:40000"
 
 
@@ -104,3 +114,10 @@ def test_a_destination_with_no_incoming_migration_refuses_recovery() -> None:
     m = Migrations(OneVm(ScriptedQemu("none")))  # type: ignore[arg-type]
     with pytest.raises(Conflict):
         asyncio.run(m.recover_incoming("vm1"))
+
+
+def test_a_reconnection_stuck_in_its_setup_is_yanked_and_resumed() -> None:
+    m, qemu = _source("postcopy-recover-setup", ["active", "postcopy-active"])
+    asyncio.run(m.resume_outgoing("vm1", PostcopyRecovery(uri="tcp:198.19.1.12:40000")))
+    assert "yank" in qemu.commands
+    assert qemu.commands.index("migrate") > qemu.commands.index("yank"), qemu.commands

@@ -207,8 +207,8 @@ def create_app(config: AgentConfig) -> FastAPI:
         response_model=PostcopyRecovery,
         dependencies=auth,
     )
-    async def migration_recover_incoming(name: str) -> PostcopyRecovery:
-        return await state.migrations.recover_incoming(name)
+    async def migration_recover_incoming(name: str, req: PostcopyRecovery) -> PostcopyRecovery:
+        return await state.migrations.recover_incoming(name, req)
 
     @app.post("/v1/vms/{name}/migration/resume", response_model=MigrationStats, dependencies=auth)
     async def migration_resume(name: str, req: PostcopyRecovery) -> MigrationStats:

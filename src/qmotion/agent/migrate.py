@@ -52,6 +52,7 @@ from qmotion.migration.convergence import DORMANT_THROTTLE, MAX_THROTTLE, THROTT
 log = logging.getLogger(__name__)
 FINISHED = ("completed", "failed", "cancelled")
 POSTCOPY_RECOVERING = ("postcopy-recover-setup", "postcopy-recover")
+POSTCOPY_LIVE = ("postcopy-active", *POSTCOPY_RECOVERING)
 PAUSE_SETTLE_S = 5.0
 # QEMU migration states in which no migration is under way (a source may be resumed).
 IDLE_MIGRATION = ("none", "completed", "failed", "cancelled")
@@ -687,20 +688,27 @@ class Migrations:
                 raise _qmp_failed(f"switching {name} to postcopy", name, exc) from exc
         return await self.stats(name, 0, None)
 
-    async def recover_incoming(self, name: str) -> PostcopyRecovery:
+    async def recover_incoming(
+        self, name: str, req: PostcopyRecovery | None = None
+    ) -> PostcopyRecovery:
         """Destination: listen again for a broken postcopy stream, where it came in before.
 
         Out of band only: the destination's main loop may be blocked on a page that the
         broken stream was to bring (a device writing into guest memory), and with it every
         ordinary QMP command, ``query-migrate`` included."""
         mon = self.vms.monitor(name)
-        uri = self._incoming_uri.get(name)
+        # Ours if this agent prepared it; else the manager's record (this agent restarted).
+        uri = self._incoming_uri.get(name) or (req.uri if req is not None else None)
         if uri is None:
             raise Conflict(f"VM {name} has no incoming migration here to recover", vm=name)
         # A stream that still looks alive (TCP notices a dead link only after minutes) is
         # shut down; one already paused makes QEMU refuse, which is fine.
         with contextlib.suppress(HypervisorError):
             await mon.execute("migrate-pause", oob=True)
+        with contextlib.suppress(HypervisorError):
+            # A reconnection stuck in its setup (a TLS handshake on a half-dead link) is not
+            # pausable; yanking its channel sends QEMU back to postcopy-paused.
+            await mon.execute("yank", {"instances": [{"type": "migration"}]}, oob=True)
         deadline = time.monotonic() + PAUSE_SETTLE_S
         while True:
             try:
@@ -719,20 +727,23 @@ class Migrations:
         """Source: bring a postcopy stream that still looks alive to ``postcopy-paused``;
         returns the status reached."""
         status = str((await mon.execute("query-migrate")).get("status", "none"))
-        if status == "postcopy-active":
+        if status in ("postcopy-active", "postcopy-recover"):
             with contextlib.suppress(HypervisorError):
                 await mon.execute("migrate-pause", oob=True)
+        elif status == "postcopy-recover-setup":
+            # Not pausable: a reconnection stuck connecting is ended by yanking its channel.
+            with contextlib.suppress(HypervisorError):
+                await mon.execute("yank", {"instances": [{"type": "migration"}]}, oob=True)
         deadline = time.monotonic() + PAUSE_SETTLE_S
-        while status == "postcopy-active" and time.monotonic() < deadline:
+        while status in POSTCOPY_LIVE and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
             status = str((await mon.execute("query-migrate")).get("status", "none"))
         return status
 
     async def resume_outgoing(self, name: str, req: PostcopyRecovery) -> MigrationStats:
         """Source: send a paused postcopy stream on, to where the destination listens again."""
-        out = self._outgoing.get(name)
-        if out is None or not req.uri:
-            raise Conflict(f"VM {name} has no outgoing migration to resume", vm=name)
+        if not req.uri:
+            raise Conflict(f"no address to resume the migration of {name} to", vm=name)
         mon = self.vms.monitor(name)
         try:
             status = await self._pause_postcopy(name, mon)

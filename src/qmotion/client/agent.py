@@ -79,8 +79,13 @@ class AgentClient(BaseClient):
     def probe_path(self, req: PathProbeRequest) -> PathProbe:
         return self.call(PathProbe, "POST", "/v1/net/probe", json=dump(req))
 
-    def recover_incoming(self, name: str) -> PostcopyRecovery:
-        return self.call(PostcopyRecovery, "POST", f"/v1/vms/{name}/migration/recover-incoming")
+    def recover_incoming(self, name: str, req: PostcopyRecovery) -> PostcopyRecovery:
+        return self.call(
+            PostcopyRecovery,
+            "POST",
+            f"/v1/vms/{name}/migration/recover-incoming",
+            json=dump(req),
+        )
 
     def resume_outgoing(self, name: str, req: PostcopyRecovery) -> MigrationStats:
         return self.call(MigrationStats, "POST", f"/v1/vms/{name}/migration/resume", json=dump(req))

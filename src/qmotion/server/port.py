@@ -22,6 +22,7 @@ from qmotion.api.migration import (
     OutgoingRequest,
     PathProbe,
     PeerRef,
+    PostcopyRecovery,
     QemuMigrationStatus,
 )
 from qmotion.api.vm import VmSpec, VmState
@@ -57,6 +58,7 @@ MOVING = frozenset({QemuMigrationStatus.SETUP, QemuMigrationStatus.ACTIVE})
 # nothing for this long is paused and resumed (a dead link is noticed by TCP only in minutes).
 POSTCOPY_STALL_S = 5.0
 POSTCOPY_RETRY_S = 2.0  # between attempts to resume a broken postcopy stream
+POSTCOPY_RECOVER_S = 20.0  # a reconnection that has not completed by then is retried
 POSTCOPY = frozenset(
     {
         QemuMigrationStatus.POSTCOPY_DEVICE,
@@ -134,6 +136,7 @@ class AgentMigrationPort:
         self.migration_address: str | None = None
         self.throttled_s = 0.0
         self.postcopy_requested = False  # from then on the destination may run the VM
+        self.stream_uri: str | None = None  # where the destination listens (persisted)
         self.postcopy_at: float | None = None  # since the migration began, seconds
         self._last_transferred = -1
         self._progress_at = time.monotonic()
@@ -276,6 +279,7 @@ class AgentMigrationPort:
 
     async def start_migration(self, uri: str) -> None:
         await self._planned()
+        self.stream_uri = uri
         req = OutgoingRequest(uri=uri, params=self.params, peer=self._switchover_peer())
         self.last_stats = await self._call(
             self._src, "start migration", lambda c: c.migrate(self.vm, req)
@@ -309,7 +313,23 @@ class AgentMigrationPort:
         if stats.status in POSTCOPY and self.postcopy_at is None:
             since = self.migrate_issued_at
             self.postcopy_at = round(now - since, 3) if since is not None else 0.0
-        if stats.status == QemuMigrationStatus.POSTCOPY_ACTIVE:
+        recovering = stats.status in (
+            QemuMigrationStatus.POSTCOPY_RECOVER_SETUP,
+            QemuMigrationStatus.POSTCOPY_RECOVER,
+        )
+        if recovering and now - self._progress_at > POSTCOPY_RECOVER_S:
+            # A reconnection stuck (a handshake on a half-dead link): ended and tried again.
+            self._progress_at = now
+            raise StepError(
+                "monitor",
+                f"the postcopy stream is still {stats.status} after {POSTCOPY_RECOVER_S:.0f} s",
+                vm=self.vm,
+                host=self.source,
+                retryable=False,
+            )
+        if recovering:
+            pass
+        elif stats.status == QemuMigrationStatus.POSTCOPY_ACTIVE:
             if stats.transferred != self._last_transferred:
                 self._last_transferred, self._progress_at = stats.transferred, now
             elif now - self._progress_at > POSTCOPY_STALL_S:
@@ -607,8 +627,10 @@ class AgentMigrationPort:
         reconnects to it. Nothing is removed or resumed elsewhere whatever fails; the
         machine asks again (spaced, so a link that is down is waited out)."""
         try:
+            # The URI the task persisted: an agent that restarted has forgotten its own.
+            known = PostcopyRecovery(uri=self.stream_uri)
             got = await self._call(
-                self._dst, "postcopy", lambda c: c.recover_incoming(self.vm), timeout_s=30
+                self._dst, "postcopy", lambda c: c.recover_incoming(self.vm, known), timeout_s=30
             )
             await self._call(
                 self._src, "postcopy", lambda c: c.resume_outgoing(self.vm, got), timeout_s=30

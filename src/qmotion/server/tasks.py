@@ -303,6 +303,8 @@ class TaskRunner:
                         return
                     await asyncio.to_thread(self._mark_running, task_id)
                 port = AgentMigrationPort(self.db, self.inventory, vm, source, destination, mparams)
+                if resume is not None:
+                    port.stream_uri = resume.uri  # where a broken postcopy stream reconnects
 
                 async def persist(st: Step, stats: MigrationStats | None) -> None:
                     await asyncio.to_thread(self._persist, task_id, st, stats)
