@@ -207,7 +207,9 @@ def create_app(config: AgentConfig) -> FastAPI:
         response_model=PostcopyRecovery,
         dependencies=auth,
     )
-    async def migration_recover_incoming(name: str, req: PostcopyRecovery) -> PostcopyRecovery:
+    async def migration_recover_incoming(
+        name: str, req: PostcopyRecovery | None = None
+    ) -> PostcopyRecovery:
         return await state.migrations.recover_incoming(name, req)
 
     @app.post("/v1/vms/{name}/migration/resume", response_model=MigrationStats, dependencies=auth)

@@ -802,6 +802,13 @@ class Migrations:
         """
         async with self.vms.locked(name) as spec:
             mon = self.vms.monitor(name)
+            migration = str((await mon.execute("query-migrate")).get("status", "none"))
+            if migration.startswith("postcopy"):
+                raise InPostcopy(
+                    f"VM {name} is in postcopy ({migration}): this QEMU still holds pages "
+                    "the destination needs; refusing to release it",
+                    vm=name,
+                )
             status = await mon.status()
             if status != "postmigrate":
                 raise Conflict(

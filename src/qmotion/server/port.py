@@ -137,6 +137,7 @@ class AgentMigrationPort:
         self.throttled_s = 0.0
         self.postcopy_requested = False  # from then on the destination may run the VM
         self.stream_uri: str | None = None  # where the destination listens (persisted)
+        self._recovering_since: float | None = None
         self.postcopy_at: float | None = None  # since the migration began, seconds
         self._last_transferred = -1
         self._progress_at = time.monotonic()
@@ -317,9 +318,13 @@ class AgentMigrationPort:
             QemuMigrationStatus.POSTCOPY_RECOVER_SETUP,
             QemuMigrationStatus.POSTCOPY_RECOVER,
         )
-        if recovering and now - self._progress_at > POSTCOPY_RECOVER_S:
+        if not recovering:
+            self._recovering_since = None
+        elif self._recovering_since is None:
+            self._recovering_since = now
+        elif now - self._recovering_since > POSTCOPY_RECOVER_S:
             # A reconnection stuck (a handshake on a half-dead link): ended and tried again.
-            self._progress_at = now
+            self._recovering_since = None
             raise StepError(
                 "monitor",
                 f"the postcopy stream is still {stats.status} after {POSTCOPY_RECOVER_S:.0f} s",
@@ -583,7 +588,7 @@ class AgentMigrationPort:
         the whole state, after which the source never resumes on its own."""
         with contextlib.suppress(StepError):
             info = await self._call(self._dst, "rollback", lambda c: c.vm(self.vm))
-            if info.state == VmState.RUNNING and (self.postcopy_requested or self.params.postcopy):
+            if info.state == VmState.RUNNING and self.postcopy_requested:
                 # It runs from the moment postcopy starts, with pages still on the source.
                 raise InPostcopy(f"the destination {self.destination} runs the VM in postcopy")
             if info.state == VmState.RUNNING:
@@ -607,7 +612,7 @@ class AgentMigrationPort:
         could have gone postcopy (a short postcopy can complete between two polls) is never
         recovered on the source: the destination may have written what the source lacks.
         """
-        if self.params.postcopy or self.postcopy_requested:
+        if self.params.postcopy and await self._may_have_gone_postcopy():
             raise StepError(
                 "recover",
                 "postcopy was allowed: the source's copy may be stale, so it is not resumed "
@@ -639,6 +644,17 @@ class AgentMigrationPort:
             await asyncio.sleep(POSTCOPY_RETRY_S)
             raise
         self._progress_at = time.monotonic()
+
+    async def _may_have_gone_postcopy(self) -> bool:
+        """Whether this migration may have switched to postcopy (then the source's copy is
+        stale): asked for, or in the source's record of QEMU's statuses; unknown counts."""
+        if self.postcopy_requested:
+            return True
+        try:
+            stats = await self._call(self._src, "recover", lambda c: c.migration(self.vm))
+        except StepError:
+            return True
+        return any(s.startswith("postcopy") for s, _ in stats.events)
 
 
 def _delete(client: AgentClient, vm: str) -> None:
