@@ -324,13 +324,7 @@ def step(state: MigrationState, event: Event) -> Step:
             return Step(st, AwaitProgress(known_status=status))
         if isinstance(event, Failed):
             # One lost answer is no reason to abandon a migration that may be fine.
-            if event.retryable and state.monitor_failures + 1 < MONITOR_RETRIES:
-                return Step(
-                    replace(state, monitor_failures=state.monitor_failures + 1),
-                    AwaitProgress(known_status=state.qemu_status),
-                    f"progress unavailable, retrying: {event.error}",
-                )
-            return _rollback(state, event.error)
+            return _monitor_again(state, event) or _rollback(state, event.error)
 
     if phase == Phase.VERIFY:
         if isinstance(event, Succeeded):
@@ -415,6 +409,17 @@ def step(state: MigrationState, event: Event) -> Step:
     return Step(state, _repeat(state), f"ignored {type(event).__name__} in {phase.value}")
 
 
+def _monitor_again(state: MigrationState, event: Failed) -> Step | None:
+    """A failed progress poll asked again, while the retries last and asking can help."""
+    if event.retryable and state.monitor_failures + 1 < MONITOR_RETRIES:
+        return Step(
+            replace(state, monitor_failures=state.monitor_failures + 1),
+            AwaitProgress(known_status=state.qemu_status),
+            f"progress unavailable, retrying: {event.error}",
+        )
+    return None
+
+
 def _postcopy_event(event: Event) -> bool:
     return isinstance(event, Progress) and event.qemu_status in POSTCOPY
 
@@ -440,13 +445,9 @@ def _postcopy_step(state: MigrationState, event: Event) -> Step:
     if isinstance(event, Failed):
         # One lost answer (the management network, not the stream) is asked again first: a
         # recovery pauses the stream, which a healthy one should not pay for.
-        if event.retryable and st.monitor_failures + 1 < MONITOR_RETRIES:
-            return Step(
-                replace(st, monitor_failures=st.monitor_failures + 1),
-                AwaitProgress(known_status=st.qemu_status),
-                f"progress unavailable, retrying: {event.error}",
-            )
-        return _recover_postcopy(replace(st, monitor_failures=0), event.error)
+        return _monitor_again(st, event) or _recover_postcopy(
+            replace(st, monitor_failures=0), event.error
+        )
     # Succeeded: a recovery was issued; see where QEMU stands.
     return Step(st, AwaitProgress(known_status=st.qemu_status))
 

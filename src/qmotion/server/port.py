@@ -325,12 +325,8 @@ class AgentMigrationPort:
         elif now - self._recovering_since > POSTCOPY_RECOVER_S:
             # A reconnection stuck (a handshake on a half-dead link): ended and tried again.
             self._recovering_since = None
-            raise StepError(
-                "monitor",
-                f"the postcopy stream is still {stats.status} after {POSTCOPY_RECOVER_S:.0f} s",
-                vm=self.vm,
-                host=self.source,
-                retryable=False,
+            raise self._broken(
+                f"the postcopy stream is still {stats.status} after {POSTCOPY_RECOVER_S:.0f} s"
             )
         if recovering:
             pass
@@ -339,29 +335,24 @@ class AgentMigrationPort:
                 self._last_transferred, self._progress_at = stats.transferred, now
             elif now - self._progress_at > POSTCOPY_STALL_S:
                 self._progress_at = now  # one recovery per stall
-                raise StepError(
-                    "monitor",
-                    f"the postcopy stream moved nothing for {POSTCOPY_STALL_S:.0f} s",
-                    vm=self.vm,
-                    host=self.source,
-                    retryable=False,  # the source answered: recover at once
+                raise self._broken(
+                    f"the postcopy stream moved nothing for {POSTCOPY_STALL_S:.0f} s"
                 )
         elif stats.transferred != self._last_transferred or stats.status not in MOVING:
             self._last_transferred, self._progress_at = stats.transferred, now
         elif now - self._progress_at > STALL_TIMEOUT_S:
-            raise StepError(
-                "monitor",
-                f"no data moved for {STALL_TIMEOUT_S:.0f} s",
-                vm=self.vm,
-                host=self.source,
-                retryable=False,
-            )
+            raise self._broken(f"no data moved for {STALL_TIMEOUT_S:.0f} s")
         if stats.status == QemuMigrationStatus.ACTIVE:
             await self._climb(stats, now)
         if self.ladder is not None:
             stats.rung = self.ladder.rung.value
             stats.downtime_limit_ms = self.ladder.downtime_ms
         return stats
+
+    def _broken(self, why: str) -> StepError:
+        """The stream is stuck although the source answered: asking again cannot help (the
+        machine rolls back before postcopy, recovers the stream in it)."""
+        return StepError("monitor", why, vm=self.vm, host=self.source, retryable=False)
 
     async def _climb(self, stats: MigrationStats, now: float) -> None:
         """One progress sample: recorded, and given to the convergence ladder."""
