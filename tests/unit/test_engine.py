@@ -234,6 +234,45 @@ class Crash(Exception):
     """The manager process dies."""
 
 
+def crash_and_restart(
+    cluster: FakeCluster,
+    script: list[str],
+    crash_at: int,
+    persisted_before_crash: bool,
+    *,
+    qemu_went_on: bool = False,
+) -> MigrationState | None:
+    """The manager dies at persist number ``crash_at`` (the action before it had its effect;
+    its record may or may not have reached the database) and a new one resumes from the last
+    record; None when the run ended first or nothing was recorded. ``qemu_went_on``: the
+    restarted manager sees QEMU where the first left it, not from the script's start."""
+    persisted: list[Step] = []
+
+    async def crashing(s: Step, stats: MigrationStats | None) -> None:
+        if len(persisted) + 1 == crash_at:
+            if persisted_before_crash:
+                persisted.append(s)
+            raise Crash
+        persisted.append(s)
+
+    first = FakePort(cluster, script=list(script))
+    try:
+        asyncio.run(engine.run(first, crashing, asyncio.Event()))
+    except Crash:
+        pass
+    else:
+        return None
+    if not persisted:
+        return None
+
+    async def again(s: Step, stats: MigrationStats | None) -> None:
+        persisted.append(s)
+
+    left = (first.script or ["completed"]) if qemu_went_on else list(script)
+    port = FakePort(cluster, script=list(left))
+    return asyncio.run(engine.run(port, again, asyncio.Event(), persisted[-1].state))
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     crash_at=st.integers(min_value=1, max_value=12),
@@ -246,37 +285,9 @@ def test_manager_restart_at_any_step_leaves_one_running_copy(
     crash_at: int, persisted_before_crash: bool, script: list[str]
 ) -> None:
     cluster = FakeCluster()
-    persisted: list[Step] = []
-
-    async def crashing(s: Step, stats: MigrationStats | None) -> None:
-        # The action before this persist has had its effect; the record may or may not have
-        # reached the database when the process died.
-        if len(persisted) + 1 == crash_at:
-            if persisted_before_crash:
-                persisted.append(s)
-            raise Crash
-        persisted.append(s)
-
-    async def first() -> None:
-        await engine.run(FakePort(cluster, script=list(script)), crashing, asyncio.Event())
-
-    try:
-        asyncio.run(first())
-    except Crash:
-        pass
-    else:
-        return  # finished before the crash point
-    if not persisted:
-        return  # died before recording anything: the task never began
-
-    async def again(s: Step, stats: MigrationStats | None) -> None:
-        persisted.append(s)
-
-    async def resume() -> MigrationState:
-        port = FakePort(cluster, script=list(script))
-        return await engine.run(port, again, asyncio.Event(), persisted[-1].state)
-
-    final = asyncio.run(resume())
+    final = crash_and_restart(cluster, script, crash_at, persisted_before_crash)
+    if final is None:
+        return  # finished before the crash point, or died before recording anything
     assert final.terminal
     running = [h for h, state in cluster.copies.items() if state == "running"]
     assert len(running) == 1, cluster.copies
@@ -358,3 +369,28 @@ def test_postcopy_never_loses_a_half_whatever_happens(
     else:
         # Stopped before postcopy began (a failure or cancel in pre-copy): the source runs.
         assert running == ["h1"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    crash_at=st.integers(min_value=1, max_value=14),
+    persisted_before_crash=st.booleans(),
+    during=st.lists(st.sampled_from(["postcopy-active", "postcopy-paused"]), max_size=3),
+)
+def test_manager_restart_in_postcopy_goes_forward(
+    crash_at: int, persisted_before_crash: bool, during: list[str]
+) -> None:
+    """A manager that dies at any step of a migration that went postcopy and starts again
+    finishes it on the destination: nothing is rolled back, no half removed."""
+    script = ["active", "postcopy-active", *during, "completed"]
+    cluster = FakeCluster()
+    final = crash_and_restart(cluster, script, crash_at, persisted_before_crash, qemu_went_on=True)
+    if final is None:
+        return
+    assert final.terminal
+    running = [h for h, state in cluster.copies.items() if state == "running"]
+    assert len(running) <= 1, cluster.copies
+    if "postcopy-source" in cluster.copies.values() or final.postcopy:
+        # It reached postcopy: forward only.
+        assert final.phase == Phase.DONE, (final, cluster.copies)
+        assert running == ["h2"] and cluster.inventory_host == "h2"
