@@ -110,6 +110,24 @@ def test_a_blocked_destination_is_recovered_out_of_band() -> None:
     assert qemu.listening == "tcp:198.19.1.12:40000"
 
 
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_destination_still_loading_its_devices_is_not_paused(resumed: bool) -> None:
+    """Pausing the stream before the destination resumed ends it (QEMU 10.0 exits with
+    "loadvm failed"): refused, nothing sent to QEMU; after the resume it is recovered."""
+    qemu = ScriptedQemu("postcopy-active", main_loop_blocked=True)
+    m = Migrations(OneVm(qemu))  # type: ignore[arg-type]
+    m._incoming_uri["vm1"] = "tcp:198.19.1.12:40000"
+    m._incoming_events["vm1"] = [("active", 1.0), ("postcopy-active", 2.0)]
+    if resumed:
+        m._incoming_events["vm1"].append(("resumed", 3.0))
+        asyncio.run(asyncio.wait_for(m.recover_incoming("vm1"), timeout=5))
+        assert qemu.listening == "tcp:198.19.1.12:40000"
+    else:
+        with pytest.raises(Conflict, match="not resumed"):
+            asyncio.run(asyncio.wait_for(m.recover_incoming("vm1"), timeout=5))
+        assert qemu.commands == []
+
+
 def test_a_destination_with_no_incoming_migration_refuses_recovery() -> None:
     m = Migrations(OneVm(ScriptedQemu("none")))  # type: ignore[arg-type]
     with pytest.raises(Conflict):

@@ -18,6 +18,7 @@ from qmotion.agent.config import AgentConfig
 from qmotion.agent.errors import AgentError, OperationFailed
 from qmotion.agent.facts import MetricsSampler, host_facts
 from qmotion.agent.migrate import Migrations
+from qmotion.agent.storage import StorageMoves
 from qmotion.agent.tls import PeerListener, TlsStore
 from qmotion.agent.vms import VmManager
 from qmotion.api.host import AccelInfo, HostFacts, HostMetrics, TlsCsr, TlsInstall, TlsStatus
@@ -41,6 +42,7 @@ from qmotion.api.service import (
     install_error_handlers,
     json_error_responses,
 )
+from qmotion.api.storage import DiskUsage, MirrorRequest, MirrorStatus
 from qmotion.api.vm import StopRequest, VmInfo, VmSpec
 from qmotion.hypervisor.accel import choose_accel
 from qmotion.image import ensure_image
@@ -60,6 +62,7 @@ class AgentState:
         self.vms = VmManager(config, self.accel)
         self.tls = TlsStore(config.state_dir, config.name)
         self.migrations = Migrations(self.vms, self.tls)
+        self.storage = StorageMoves(self.vms)
         self.peer = PeerListener(
             create_peer_app(self), config.address or "127.0.0.1", config.port + 1
         )
@@ -235,6 +238,36 @@ def create_app(config: AgentConfig) -> FastAPI:
     @app.post("/v1/vms/{name}/announce", status_code=204, dependencies=auth)
     async def announce(name: str) -> None:
         await state.migrations.announce(name)
+
+    @app.get("/v1/vms/{name}/disks", response_model=list[DiskUsage], dependencies=auth)
+    async def vm_disks(name: str) -> list[DiskUsage]:
+        return await state.storage.disks(name)
+
+    @app.post("/v1/vms/{name}/storage-move", response_model=MirrorStatus, dependencies=auth)
+    async def storage_move(name: str, req: MirrorRequest) -> MirrorStatus:
+        return await state.storage.start(name, req)
+
+    @app.get("/v1/vms/{name}/storage-move", response_model=MirrorStatus, dependencies=auth)
+    async def storage_move_status(name: str) -> MirrorStatus:
+        return await state.storage.status(name)
+
+    @app.post(
+        "/v1/vms/{name}/storage-move/activate", response_model=MirrorStatus, dependencies=auth
+    )
+    async def storage_move_activate(name: str) -> MirrorStatus:
+        return await state.storage.activate(name)
+
+    @app.post("/v1/vms/{name}/storage-move/pivot", response_model=MirrorStatus, dependencies=auth)
+    async def storage_move_pivot(name: str) -> MirrorStatus:
+        return await state.storage.pivot(name)
+
+    @app.post("/v1/vms/{name}/storage-move/release", response_model=MirrorStatus, dependencies=auth)
+    async def storage_move_release(name: str) -> MirrorStatus:
+        return await state.storage.release(name)
+
+    @app.post("/v1/vms/{name}/storage-move/abort", response_model=MirrorStatus, dependencies=auth)
+    async def storage_move_abort(name: str) -> MirrorStatus:
+        return await state.storage.abort(name)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -701,6 +701,16 @@ class Migrations:
         uri = self._incoming_uri.get(name) or (req.uri if req is not None else None)
         if uri is None:
             raise Conflict(f"VM {name} has no incoming migration here to recover", vm=name)
+        events = self._incoming_events.get(name)
+        if events is not None and not any(status == "resumed" for status, _ in events):
+            # Still loading the device state (its pages fault in over this very stream): QEMU
+            # 10.0 cannot recover a stream broken before the destination runs; it exits
+            # ("loadvm failed", seen in the lab). A stalled stream may still come back.
+            raise Conflict(
+                f"the destination of {name} has not resumed yet (device state loading): "
+                "pausing its stream now would end it",
+                vm=name,
+            )
         # A stream that still looks alive (TCP notices a dead link only after minutes) is
         # shut down; one already paused makes QEMU refuse, which is fine.
         with contextlib.suppress(HypervisorError):

@@ -161,6 +161,12 @@ class VmManager:
             raise VmNotFound(name)
         return spec
 
+    def replace_spec(self, spec: VmSpec) -> None:
+        """A running VM's definition changed underneath QEMU (its disks moved): persisted first,
+        so a restart of the agent or of the VM uses what QEMU uses now."""
+        self._write(self._dir(spec.name) / "spec.json", spec.model_dump_json(indent=2))
+        self._specs[spec.name] = spec
+
     def runtime(self, name: str) -> Runtime | None:
         return self._runtime.get(name)
 

@@ -44,8 +44,8 @@ FINISHED_STATUSES = frozenset(
 
 
 class MigrationPhase(StrEnum):
-    """Where a migration task stands: the state machine's phases (qmotion.migration.machine)
-    plus ``queued`` (waiting for a per-host slot)."""
+    """Where a migration task stands: the state machines' phases (qmotion.migration.machine,
+    qmotion.migration.storage) plus ``queued`` (waiting for a per-host slot)."""
 
     QUEUED = "queued"
     PENDING = "pending"
@@ -59,6 +59,12 @@ class MigrationPhase(StrEnum):
     UPDATE = "update_inventory"
     ROLLBACK = "rollback"
     RECOVER = "recover"
+    # A storage move's (qmotion.migration.storage)
+    START_MIRROR = "start_mirror"
+    MIRROR = "mirror"
+    PIVOT = "pivot"
+    PIVOT_CHECK = "pivot_check"
+    RELEASE = "release_old_disks"
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"

@@ -17,10 +17,12 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from qmotion.api.host import HostFacts
 from qmotion.api.migration import MigrationPhase, MigrationReport, MigrationStats
+from qmotion.api.storage import DiskFormat, DiskUsage, MirrorStatus
 from qmotion.api.vm import NAME_PATTERN, Interface, MemoryMiB, StrictModel, VmState, address_text
 
 _HTTP_URL = TypeAdapter(HttpUrl)
@@ -121,6 +123,7 @@ class VmOut(BaseModel):
     memory_mib: int
     vcpus: int
     migrating: bool = False
+    disks: list[DiskUsage] = Field(default_factory=list)
 
 
 class TaskState(StrEnum):
@@ -136,7 +139,16 @@ class TaskState(StrEnum):
 
 
 class MigrateRequest(StrictModel):
-    to: str
+    to: str | None = Field(
+        default=None, description="destination host; without it, the VM stays on its host"
+    )
+    datastore: str | None = Field(
+        default=None,
+        description="move every disk to this datastore while the VM runs (Storage vMotion)",
+    )
+    disk_format: DiskFormat | None = Field(
+        default=None, description="format of the moved disks; default: each keeps its own"
+    )
     max_downtime_ms: int | None = Field(default=None, ge=1, le=60_000)
     bandwidth: str | None = Field(default=None, description="e.g. 1gbit or 200M/s")
     timeout_s: float | None = Field(
@@ -151,6 +163,14 @@ class MigrateRequest(StrictModel):
         "the destination while its remaining memory follows; a broken link pauses it there "
         "until the stream is recovered (the source's copy is kept until then)",
     )
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> MigrateRequest:
+        if self.to is None and self.datastore is None:
+            raise ValueError("give a destination host (to), a datastore, or both")
+        if self.disk_format is not None and self.datastore is None:
+            raise ValueError("disk_format applies to moved disks: give a datastore too")
+        return self
 
 
 class TaskEventOut(BaseModel):
@@ -175,4 +195,7 @@ class TaskOut(BaseModel):
     error: str | None
     result: MigrationReport | None
     stats: MigrationStats | None
+    mirror: MirrorStatus | None = Field(
+        default=None, description="a storage move's copy: per-disk progress, copy mode"
+    )
     events: list[TaskEventOut] = Field(default_factory=list)

@@ -158,7 +158,25 @@ def show(name: str, json_out: bool = JsonOpt, lab: str = LabOpt) -> None:
         console.print(_vm_table([vm]))
 
 
+def mirror_line(task: TaskOut) -> str:
+    m = task.mirror
+    if m is None:
+        return str(task.phase or task.state)
+    done = m.total_bytes - m.remaining_bytes
+    return " | ".join(
+        [
+            f"{format_size(done)} of {format_size(m.total_bytes)} copied",
+            f"{format_size(m.remaining_bytes)} left",
+            f"{m.rate_bps / 1e6:.0f} MB/s",
+            f"{m.copy_mode} copy",
+            str(task.phase or task.state),
+        ]
+    )
+
+
 def stats_line(task: TaskOut) -> str:
+    if task.kind == "storage-move":
+        return mirror_line(task)
     st = task.stats
     if st is None:
         return str(task.phase or task.state)
@@ -235,14 +253,55 @@ def wait_task(task: TaskOut, get: Callable[[int], TaskOut], show_progress: bool)
 def migration_result(task: TaskOut) -> dict[str, object]:
     """What ``vm migrate --json`` prints: the task's id, state and error, and its report."""
     out: dict[str, object] = {"task": task.id, "state": task.state.value, "error": task.error}
-    if task.result is not None:
+    if task.kind == "storage-move":
+        out.update(vm=task.vm, host=task.source, kind=task.kind, wall_ms=_wall_ms(task))
+        if task.mirror is not None:
+            out["mirror"] = task.mirror.model_dump(mode="json")
+        out["warnings"] = [e.message for e in task.events if e.kind == "warning"]
+    elif task.result is not None:
         out.update(task.result.model_dump(mode="json"))
     else:
         out.update(vm=task.vm, source=task.source, destination=task.destination)
     return out
 
 
+def _wall_ms(task: TaskOut) -> float | None:
+    if task.started_at is None or task.ended_at is None:
+        return None
+    return round((task.ended_at - task.started_at).total_seconds() * 1000, 1)
+
+
+def _storage_table(task: TaskOut) -> Table:
+    table = Table("", "", title="storage move report", show_header=False)
+    m = task.mirror
+    rows: list[tuple[str, object]] = [
+        ("task", f"{task.id} ({task.state.value})"),
+        ("host", task.source),
+        ("wall time ms", _wall_ms(task)),
+    ]
+    if m is not None:
+        rows.append(("datastore", m.datastore))
+        rows.append(("copy mode at the end", m.copy_mode))
+        for d in m.disks:
+            rows.append(
+                (
+                    f"disk {d.index}",
+                    f"{d.source.datastore}:{d.source.path} -> {d.target.datastore}:"
+                    f"{d.target.path} ({format_size(d.length)})",
+                )
+            )
+        rows += [("removed", r) for r in m.removed]
+        rows += [("left behind", r) for r in m.leftovers]
+    rows += [("warning", e.message) for e in task.events if e.kind == "warning"]
+    for label, value in rows:
+        if value is not None:
+            table.add_row(*cells(label, value))
+    return table
+
+
 def _report_table(task: TaskOut) -> Table:
+    if task.kind == "storage-move":
+        return _storage_table(task)
     table = Table("", "", title="migration report", show_header=False)
     r = task.result
     rows: list[tuple[str, object]] = [
@@ -273,7 +332,15 @@ def _report_table(task: TaskOut) -> Table:
 @app.command("migrate")
 def migrate(
     name: str,
-    to: str = typer.Option(..., "--to", help="Destination host."),
+    to: str = typer.Option(None, "--to", help="Destination host."),
+    datastore: str = typer.Option(
+        None,
+        "--datastore",
+        help="move every disk to this datastore while the VM runs (Storage vMotion)",
+    ),
+    disk_format: str = typer.Option(
+        None, "--disk-format", help="qcow2 or raw: format of the moved disks (default: kept)"
+    ),
     max_downtime_ms: int = typer.Option(None, "--max-downtime-ms"),
     bandwidth: str = typer.Option(None, "--bandwidth", help="e.g. 1gbit or 200M/s"),
     timeout: float = typer.Option(
@@ -292,14 +359,19 @@ def migrate(
     json_out: bool = JsonOpt,
     lab: str = LabOpt,
 ) -> None:
-    """Live-migrate a running VM to another host; exit non-zero unless it completed."""
+    """Live-migrate a running VM to another host (--to), or move its disks to another
+    datastore (--datastore); exit non-zero unless it completed."""
     with errors_exit():
-        req = MigrateRequest(
-            to=to,
-            max_downtime_ms=max_downtime_ms,
-            bandwidth=bandwidth,
-            timeout_s=timeout,
-            allow_postcopy=allow_postcopy,
+        req = MigrateRequest.model_validate(
+            {
+                "to": to,
+                "datastore": datastore,
+                "disk_format": disk_format,
+                "max_downtime_ms": max_downtime_ms,
+                "bandwidth": bandwidth,
+                "timeout_s": timeout,
+                "allow_postcopy": allow_postcopy,
+            }
         )
     if dry_run:
         with errors_exit(), server_client(lab) as client:

@@ -15,11 +15,25 @@ from qmotion.api.migration import (
     PathProbeRequest,
     PostcopyRecovery,
 )
+from qmotion.api.storage import DiskUsage, MirrorRequest, MirrorStatus
 from qmotion.api.vm import StopRequest, VmInfo, VmSpec
 from qmotion.client.base import BaseClient, dump
 
 
 class AgentClient(BaseClient):
+    def disks(self, name: str) -> list[DiskUsage]:
+        return self.call(list[DiskUsage], "GET", f"/v1/vms/{name}/disks")
+
+    def storage_move(self, name: str, req: MirrorRequest) -> MirrorStatus:
+        return self.call(MirrorStatus, "POST", f"/v1/vms/{name}/storage-move", json=dump(req))
+
+    def storage_move_status(self, name: str) -> MirrorStatus:
+        return self.call(MirrorStatus, "GET", f"/v1/vms/{name}/storage-move")
+
+    def storage_move_step(self, name: str, step: str) -> MirrorStatus:
+        """``step``: activate, pivot, release or abort."""
+        return self.call(MirrorStatus, "POST", f"/v1/vms/{name}/storage-move/{step}")
+
     def host(self) -> HostFacts:
         return self.call(HostFacts, "GET", "/v1/host")
 

@@ -18,8 +18,13 @@ def launch(argv: list[str], pidfile: Path, log: Path, vm: str) -> int:
     Daemonized QEMU is not the agent's child, so it outlives an agent restart and is found
     again through its pidfile; QEMU exits its launcher only after setup succeeded, so a zero
     exit means the monitor socket is already listening.
+
+    A daemonized QEMU points its stderr at /dev/null once set up, so a later error (an
+    assertion, "terminating on signal") would be lost; with ``-D`` it keeps writing there.
+    QEMU truncates that file, hence a second one: ``log`` keeps the start-up errors.
     """
     pidfile.unlink(missing_ok=True)
+    argv = [*argv, "-D", str(runtime_log(log))]
     with open(log, "ab") as err:
         proc = subprocess.run(
             argv,
@@ -36,6 +41,11 @@ def launch(argv: list[str], pidfile: Path, log: Path, vm: str) -> int:
         return int(pidfile.read_text().strip())
     except (OSError, ValueError) as exc:
         raise QemuStartError(f"QEMU started but left no pidfile at {pidfile}", vm=vm) from exc
+
+
+def runtime_log(log: Path) -> Path:
+    """Where a running QEMU's errors go (next to its start-up log)."""
+    return log.with_name(f"{log.stem}-run{log.suffix}")
 
 
 def is_qemu_of(pid: int, vm_uuid: uuid.UUID) -> bool:

@@ -89,6 +89,7 @@ class LabDatastore(BaseModel):
     path: str
     shared: bool
     hosts: list[str]
+    size_mib: int | None = Field(default=None, description="a tmpfs of this size (else the disk)")
 
 
 class AddressPool(BaseModel):
@@ -326,6 +327,7 @@ def lab_up(
     hugepages: int | None = None,
     migration_net: bool = False,
     insecure: bool = False,
+    small_datastore_mib: int | None = None,
 ) -> Lab:
     """Create the lab and start an agent per host; on any failure, tear down what was made.
 
@@ -334,6 +336,8 @@ def lab_up(
     default, 0 to run guests from ordinary memory. ``migration_net``: a second switch that
     carries migration streams (hosts still reach each other on the first). ``insecure``:
     the manager runs without a cluster CA (plaintext migration streams).
+    ``small_datastore_mib``: also a shared datastore ``small`` of that size (a tmpfs), for
+    what must withstand a datastore that fills up.
     """
     _validate(name, hosts, rtt_ms, bandwidth)
     if hugepages is not None and hugepages < 0:
@@ -377,7 +381,7 @@ def lab_up(
         hugepages=bool(pool_bytes),
     )
     try:
-        _build(rec, hosts, accel)
+        _build(rec, hosts, accel, small_datastore_mib)
     except BaseException as exc:
         _teardown(rec)
         if isinstance(exc, Exception):
@@ -386,7 +390,7 @@ def lab_up(
     return Lab(rec)
 
 
-def _build(rec: LabRecord, hosts: int, accel: str) -> None:
+def _build(rec: LabRecord, hosts: int, accel: str, small_datastore_mib: int | None) -> None:
     lab_dir = Path(rec.dir)
     _save(rec)
     rec.links.append(rec.switch)
@@ -419,6 +423,24 @@ def _build(rec: LabRecord, hosts: int, accel: str) -> None:
             hosts=[f"h{i}" for i in range(1, hosts + 1)],
         )
     )
+    if small_datastore_mib is not None:
+        small = lab_dir / "datastores" / "small"
+        small.mkdir(parents=True)
+        rec.datastores.append(
+            LabDatastore(
+                name="small",
+                path=str(small),
+                shared=True,
+                hosts=[f"h{i}" for i in range(1, hosts + 1)],
+                size_mib=small_datastore_mib,
+            )
+        )
+        _save(rec)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={small_datastore_mib}m", "tmpfs", str(small)],
+            check=True,
+            capture_output=True,
+        )
     net = rec.switch_address.rsplit(".", 1)[0]
     mig_switch = f"{rec.name}-msw" if rec.migration_subnet else None
     if mig_switch is not None:
@@ -666,7 +688,21 @@ def _teardown(rec: LabRecord) -> None:
         netns.delete_link(link)
     for host in rec.hosts:
         shutil.rmtree(host.run_dir, ignore_errors=True)
+    _unmount_under(Path(rec.dir))
     shutil.rmtree(rec.dir, ignore_errors=True)
+
+
+def _unmount_under(directory: Path) -> None:
+    """File systems the lab mounted (a small datastore's tmpfs) go before its directory."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return
+    prefix = f"{directory.resolve()}/"
+    for line in reversed(mounts):
+        point = line.split()[1].replace("\\040", " ")
+        if point.startswith(prefix):
+            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
 
 
 def lab_down(name: str = "qmlab") -> list[str]:
@@ -703,6 +739,7 @@ def lab_down(name: str = "qmlab") -> list[str]:
     for run_dir in Path("/run/qmotion").glob(f"{name}-*"):
         shutil.rmtree(run_dir, ignore_errors=True)
     if path.parent.exists():
+        _unmount_under(path.parent)
         shutil.rmtree(path.parent, ignore_errors=True)
         removed.append(f"directory {path.parent}")
     return removed

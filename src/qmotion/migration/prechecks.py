@@ -176,7 +176,7 @@ def precheck(inp: PrecheckInput) -> list[Refusal]:
                 to_target(
                     "datastore_unreachable",
                     f"datastore {ds} holding a disk of {vm.name} is not reachable "
-                    f"from {target_name}",
+                    f"from {target_name} (--datastore DS moves the disks with the VM)",
                     409,
                 )
             )

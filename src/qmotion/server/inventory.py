@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from qmotion.api.host import HostFacts, TlsInstall
 from qmotion.api.server import HostOut, HostRegister, PoolSet, VmCreate, VmOut
+from qmotion.api.storage import DiskUsage
 from qmotion.api.vm import Disk, GuestConfig, Nic, VmSpec
 from qmotion.client.agent import AgentClient
 from qmotion.client.errors import ApiError, ClientError
@@ -282,6 +283,10 @@ class Inventory:
             memory_mib=spec.memory,
             vcpus=spec.vcpus,
             migrating=self.db.active_task_for_vm(s, vm.name) is not None,
+            disks=[
+                DiskUsage(index=i, datastore=d.datastore, path=d.path, format=d.format)
+                for i, d in enumerate(spec.disks)
+            ],
         )
 
     def list_vms(self) -> list[VmOut]:
@@ -297,7 +302,14 @@ class Inventory:
                     vm.state = info.state
                 except (Upstream, NotFound) as exc:
                     log.warning("cannot refresh %s: %s", name, exc)
-            return self.vm_out(s, vm)
+            out = self.vm_out(s, vm)
+            if refresh and out.disks:
+                # Sizes only the VM's host can read; without it, the definition's disks.
+                try:
+                    out.disks = self.call(vm.host, lambda c: c.disks(name), vm=name)
+                except (Upstream, NotFound) as exc:
+                    log.warning("cannot read the disks of %s: %s", name, exc)
+            return out
 
     def create_vm(self, req: VmCreate) -> VmOut:
         with self.db.session() as s:

@@ -21,8 +21,9 @@ from qmotion.api.migration import (
 )
 from qmotion.api.server import MigrateRequest, TaskEventOut, TaskOut, TaskState
 from qmotion.api.sizes import parse_rate_bytes
-from qmotion.api.vm import VmSpec
-from qmotion.migration import engine, params
+from qmotion.api.storage import MirrorRequest, MirrorStatus
+from qmotion.api.vm import VmSpec, VmState
+from qmotion.migration import engine, params, storage
 from qmotion.migration.errors import Refused, StepError
 from qmotion.migration.machine import MigrationState, Phase, Step
 from qmotion.migration.prechecks import PrecheckInput, precheck
@@ -31,12 +32,15 @@ from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream
 from qmotion.server.inventory import Inventory
 from qmotion.server.measure import measure
 from qmotion.server.port import AgentMigrationPort, limits_of, vm_view
+from qmotion.server.storage import AgentStoragePort, storage_prechecks
 
 log = logging.getLogger(__name__)
 DEFAULT_PER_HOST = 4
+STORAGE_MOVE = "storage-move"
 
 
 def task_out(t: Task, with_events: bool = True) -> TaskOut:
+    storage_task = t.kind == STORAGE_MOVE
     return TaskOut(
         id=t.id,
         kind=t.kind,
@@ -51,7 +55,8 @@ def task_out(t: Task, with_events: bool = True) -> TaskOut:
         ended_at=t.ended_at,
         error=t.error,
         result=MigrationReport.model_validate(t.result) if t.result else None,
-        stats=MigrationStats.model_validate(t.stats) if t.stats else None,
+        stats=MigrationStats.model_validate(t.stats) if t.stats and not storage_task else None,
+        mirror=MirrorStatus.model_validate(t.stats) if t.stats and storage_task else None,
         events=[
             TaskEventOut(at=e.at, kind=e.kind, message=e.message, data=e.data) for e in t.events
         ]
@@ -129,8 +134,25 @@ class TaskRunner:
         changed); a migration under way resumes from its persisted state (machine.Resumed).
         Call from within the event loop."""
         resume = []
+        moves = []
         with self.db.session() as s:
             for t in s.scalars(select(Task).where(Task.state.in_(ACTIVE_TASK_STATES))):
+                if t.kind == STORAGE_MOVE and t.state == TaskState.RUNNING and t.machine:
+                    host = AgentMigrationPort.host_copy(
+                        self.inventory.host_by_name(s, t.source or "")
+                    )
+                    moves.append(
+                        (
+                            t.id,
+                            t.vm or "",
+                            host,
+                            MirrorRequest.model_validate(t.params or {}),
+                            storage.state_from_json(t.machine),
+                            t.cancel_requested,
+                        )
+                    )
+                    s.add(TaskEvent(task=t, kind="note", message="manager restarted: resuming"))
+                    continue
                 if t.kind == "migrate" and t.state == TaskState.RUNNING and t.machine is not None:
                     resume.append(
                         (
@@ -148,6 +170,14 @@ class TaskRunner:
                 t.state, t.ended_at = TaskState.FAILED, utcnow()
                 t.error = "the manager restarted before this task began; nothing was changed"
                 s.add(TaskEvent(task=t, kind="error", message=t.error))
+        for task_id, vm, host, mreq, sstate, cancelled in moves:
+            cancel = self._cancel[task_id] = asyncio.Event()
+            if cancelled:
+                cancel.set()
+            self._running[task_id] = asyncio.create_task(
+                self._run_storage_move(task_id, vm, host, mreq, resume=sstate),
+                name=f"task-{task_id}",
+            )
         for task_id, vm, source, destination, mparams, state, cancelled in resume:
             cancel = self._cancel[task_id] = asyncio.Event()
             if cancelled:
@@ -166,6 +196,12 @@ class TaskRunner:
 
     def _check(self, vm: str, req: MigrateRequest) -> tuple[str, MigrationParams]:
         """Synchronous pre-checks at submission: a refusal creates no task at all."""
+        if req.to is None or req.datastore is not None:
+            raise Invalid(
+                "a dry run predicts a live migration to another host: give --to and no --datastore",
+                field="datastore" if req.datastore else "to",
+                vm=vm,
+            )
         bandwidth = None
         if req.bandwidth:
             try:
@@ -206,12 +242,14 @@ class TaskRunner:
     async def predict_migration(self, vm: str, req: MigrateRequest) -> MigrationPrediction:
         """``--dry-run``: the same checks and measurements as a migration, and nothing started."""
         source, mparams = await asyncio.to_thread(self._check, vm, req)
+        to = req.to
+        assert to is not None  # _check refused otherwise
 
         def hosts() -> tuple[Host, Host]:
             with self.db.session() as s:
                 return (
                     AgentMigrationPort.host_copy(self.inventory.host_by_name(s, source)),
-                    AgentMigrationPort.host_copy(self.inventory.host_by_name(s, req.to)),
+                    AgentMigrationPort.host_copy(self.inventory.host_by_name(s, to)),
                 )
 
         src, dst = await asyncio.to_thread(hosts)
@@ -229,8 +267,12 @@ class TaskRunner:
         return prediction
 
     async def submit_migration(self, vm: str, req: MigrateRequest) -> TaskOut:
+        if req.datastore is not None:
+            return await self.submit_storage_move(vm, req)
         accepted = time.monotonic()
         source, mparams = await asyncio.to_thread(self._check, vm, req)
+        to = req.to
+        assert to is not None  # _check refused otherwise
 
         def create() -> TaskOut:
             try:
@@ -251,7 +293,7 @@ class TaskRunner:
                     state=TaskState.QUEUED,
                     vm=vm,
                     source=source,
-                    destination=req.to,
+                    destination=to,
                     params=mparams.model_dump(),
                     phase=Phase.QUEUED,
                 )
@@ -261,7 +303,7 @@ class TaskRunner:
                     TaskEvent(
                         task=t,
                         kind="queued",
-                        message=f"live migration of {vm}: {source} -> {req.to}",
+                        message=f"live migration of {vm}: {source} -> {to}",
                     )
                 )
                 return task_out(t, with_events=False)
@@ -269,10 +311,156 @@ class TaskRunner:
         out = await asyncio.to_thread(create)
         self._cancel[out.id] = asyncio.Event()
         self._running[out.id] = asyncio.create_task(
-            self._run_migration(out.id, vm, source, req.to, mparams, accepted),
+            self._run_migration(out.id, vm, source, to, mparams, accepted),
             name=f"task-{out.id}",
         )
         return out
+
+    # ------------------------------------------------------------------ storage moves
+
+    def _check_storage(self, vm: str, req: MigrateRequest) -> tuple[Host, MirrorRequest]:
+        assert req.datastore is not None
+        with self.db.session() as s:
+            row = self.inventory.vm_by_name(s, vm)
+            host = row.host.name
+            if req.to is not None and req.to != host:
+                raise Invalid(
+                    f"moving {vm} to host {req.to} and datastore {req.datastore} at once "
+                    "(shared-nothing migration) is not supported yet: move the disks to a "
+                    "datastore both hosts reach, then migrate",
+                    field="to",
+                    vm=vm,
+                )
+            spec = VmSpec.model_validate(row.spec)
+            facts = row.host.facts or {}
+            refusals = storage_prechecks(
+                spec,
+                VmState(row.state),
+                host,
+                frozenset(d["name"] for d in facts.get("datastores", ())),
+                req.datastore,
+                req.disk_format,
+                self.db.active_task_for_vm(s, vm) is not None,
+            )
+            host_row = AgentMigrationPort.host_copy(row.host)
+        if refusals:
+            first = refusals[0]
+            cls = Conflict if any(r.status == 409 for r in refusals) else Invalid
+            raise cls(
+                "; ".join(r.message for r in refusals),
+                code=first.code,
+                vm=vm,
+                host=first.host,
+                field=first.field,
+            )
+        speed = None
+        if req.bandwidth:
+            try:
+                speed = parse_rate_bytes(req.bandwidth)
+            except ValueError as exc:
+                raise Invalid(f"bandwidth: {exc}", field="bandwidth", vm=vm) from exc
+        return host_row, MirrorRequest(
+            datastore=req.datastore, format=req.disk_format, speed=speed
+        )
+
+    async def submit_storage_move(self, vm: str, req: MigrateRequest) -> TaskOut:
+        """Storage vMotion: the VM's disks to another datastore, the VM stays on its host."""
+        host, mreq = await asyncio.to_thread(self._check_storage, vm, req)
+
+        def insert() -> TaskOut:
+            try:
+                with self.db.session() as s:
+                    t = Task(
+                        kind=STORAGE_MOVE,
+                        state=TaskState.QUEUED,
+                        vm=vm,
+                        source=host.name,
+                        destination=host.name,
+                        params=mreq.model_dump(),
+                        phase=Phase.QUEUED,
+                    )
+                    s.add(t)
+                    s.flush()
+                    s.add(
+                        TaskEvent(
+                            task=t,
+                            kind="queued",
+                            message=f"storage move of {vm} to datastore {mreq.datastore} "
+                            f"(on {host.name})",
+                        )
+                    )
+                    return task_out(t, with_events=False)
+            except IntegrityError as exc:
+                raise Conflict(
+                    f"VM {vm} is already migrating", code="already_migrating", vm=vm
+                ) from exc
+
+        out = await asyncio.to_thread(insert)
+        self._cancel[out.id] = asyncio.Event()
+        self._running[out.id] = asyncio.create_task(
+            self._run_storage_move(out.id, vm, host, mreq), name=f"task-{out.id}"
+        )
+        return out
+
+    async def _run_storage_move(
+        self,
+        task_id: int,
+        vm: str,
+        host: Host,
+        mreq: MirrorRequest,
+        resume: storage.StorageState | None = None,
+    ) -> None:
+        cancel = self._cancel[task_id]
+        try:
+            async with self._slot(host.name):
+                if resume is None:
+                    if cancel.is_set():
+                        await asyncio.to_thread(
+                            self._finish, task_id, TaskState.CANCELLED, "cancelled while queued"
+                        )
+                        return
+                    await asyncio.to_thread(self._mark_running, task_id)
+                port = AgentStoragePort(self.db, self.inventory, vm, host, mreq)
+
+                async def persist(st: storage.Step, status: MirrorStatus | None) -> None:
+                    await asyncio.to_thread(self._persist_storage, task_id, st, status)
+
+                final = await storage.run(port, persist, cancel, resume)
+                state = {
+                    storage.SPhase.DONE: TaskState.SUCCEEDED,
+                    storage.SPhase.CANCELLED: TaskState.CANCELLED,
+                }.get(final.phase, TaskState.FAILED)
+                error = final.error if state != TaskState.SUCCEEDED else None
+                await asyncio.to_thread(self._finish, task_id, state, error)
+        except Exception as exc:  # a bug must still end the task, visibly
+            log.exception("task %d crashed", task_id)
+            await asyncio.to_thread(
+                self._finish, task_id, TaskState.FAILED, f"internal error: {exc}"
+            )
+        finally:
+            self._cancel.pop(task_id, None)
+            self._running.pop(task_id, None)
+
+    def _persist_storage(self, task_id: int, st: storage.Step, status: MirrorStatus | None) -> None:
+        with self.db.session() as s:
+            t = s.get(Task, task_id)
+            assert t is not None
+            previous = t.phase
+            t.phase = st.state.phase.value
+            t.machine = storage.state_to_json(st.state)
+            if status is not None:
+                t.stats = status.model_dump(mode="json")
+                if status.total_bytes:
+                    done = 1.0 - status.remaining_bytes / status.total_bytes
+                    t.progress = max(t.progress, min(done, 0.99))
+            if previous != t.phase:
+                message = st.note or t.phase
+                s.add(TaskEvent(task=t, kind="phase", message=message, data={"phase": t.phase}))
+            elif st.note:
+                s.add(TaskEvent(task=t, kind="note", message=st.note))
+            for w in st.state.warnings:
+                if not any(e.message == w for e in t.events):
+                    s.add(TaskEvent(task=t, kind="warning", message=w))
 
     # ------------------------------------------------------------------ run
 
@@ -368,7 +556,11 @@ class TaskRunner:
                 s.add(TaskEvent(task=t, kind="note", message=st.note))
 
     def _finish(
-        self, task_id: int, state: TaskState, error: str | None, result: MigrationReport | None
+        self,
+        task_id: int,
+        state: TaskState,
+        error: str | None,
+        result: MigrationReport | None = None,
     ) -> None:
         with self.db.session() as s:
             t = s.get(Task, task_id)

@@ -1,0 +1,628 @@
+"""Storage vMotion on one host: mirror a running VM's disks to another datastore, pivot all
+of them together or none, remove the old files only after the pivot.
+
+How QEMU is driven (QEMU 10.0, ``blockdev-mirror``), and why:
+
+- every target is a fresh image (``qemu-img create``) so it reads as zeros: the mirror skips
+  what the source has not allocated and a sparse disk stays sparse;
+- jobs start in ``background`` copy mode (guest writes complete at the source's speed) and are
+  switched to ``write-blocking`` (``block-job-change``) when the manager asks: once in sync,
+  or earlier when the guest writes faster than the copy. In write-blocking mode a guest write
+  completes only once both copies have it, so the mirror converges under any write load;
+- ``auto-finalize: false``: ``job-complete`` brings each job to ``pending`` (its last sync
+  done, the source drained, nothing switched yet); only when every job is pending is each one
+  finalized, which is when QEMU points the disk at its target. A job that fails before that
+  makes every job cancelled instead: all disks pivot or none does;
+- what the move is doing is written to the VM's directory (``storage-move.json``) before each
+  change, so an agent restarted midway still knows which files are targets to remove.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from qmotion.agent.config import DatastoreConfig
+from qmotion.agent.errors import Conflict, OperationFailed, SpecRejected
+from qmotion.agent.vms import VmManager
+from qmotion.api.storage import (
+    CopyMode,
+    DiskMirror,
+    DiskUsage,
+    MirrorPhase,
+    MirrorRequest,
+    MirrorStatus,
+)
+from qmotion.api.vm import Disk
+from qmotion.hypervisor.errors import HypervisorError
+from qmotion.hypervisor.monitor import Monitor
+
+log = logging.getLogger(__name__)
+
+RECORD = "storage-move.json"
+PENDING_WAIT_S = 30.0  # a job's final sync after job-complete; the guest's I/O waits meanwhile
+SPACE_MARGIN = 1.05  # qcow2 metadata and the writes made while copying
+JOB_PREFIX = "qm-mirror-"
+
+
+class MovedDisk(BaseModel):
+    index: int
+    job: str
+    source: Disk
+    target: Disk
+    source_node: str
+    source_file_node: str | None = None
+    target_node: str
+    target_file_node: str
+
+
+class MoveRecord(BaseModel):
+    """What the agent persists of one VM's move (see the module docstring)."""
+
+    datastore: str
+    phase: MirrorPhase
+    copy_mode: CopyMode = "background"
+    disks: list[MovedDisk]
+    error: str | None = None
+
+
+def qemu_img_info(path: Path) -> dict[str, Any]:
+    """``qemu-img info`` of an image, also while QEMU has it open (``-U``: no lock taken)."""
+    proc = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise OperationFailed(f"qemu-img info {path}: {proc.stderr.strip()}")
+    info: dict[str, Any] = json.loads(proc.stdout)
+    return info
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+class StorageMoves:
+    def __init__(self, vms: VmManager) -> None:
+        self.vms = vms
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._last: dict[str, tuple[float, int]] = {}  # name -> (time, bytes copied) for rates
+
+    # ------------------------------------------------------------------ record
+
+    def _record_path(self, name: str) -> Path:
+        return self.vms._dir(name) / RECORD
+
+    def _load(self, name: str) -> MoveRecord | None:
+        path = self._record_path(name)
+        if not path.is_file():
+            return None
+        return MoveRecord.model_validate_json(path.read_text())
+
+    def _save(self, name: str, rec: MoveRecord | None) -> None:
+        path = self._record_path(name)
+        if rec is None:
+            path.unlink(missing_ok=True)
+        else:
+            self.vms._write(path, rec.model_dump_json(indent=2))
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def _datastore(self, name: str, vm: str, field: str = "datastore") -> DatastoreConfig:
+        ds = self.vms.config.datastore(name)
+        if ds is None:
+            known = ", ".join(d.name for d in self.vms.config.datastores) or "none"
+            raise SpecRejected(
+                f"datastore {name!r} is not available on host {self.vms.config.name} "
+                f"(it has: {known})",
+                vm=vm,
+                field=field,
+            )
+        return ds
+
+    def _path(self, disk: Disk, vm: str) -> Path:
+        return self._datastore(disk.datastore, vm).path / disk.path
+
+    def _remove_empty_folder(self, disk: Disk, vm: str) -> None:
+        """The VM's folder on a datastore, once empty; never the datastore's root."""
+        root = self._datastore(disk.datastore, vm).path
+        folder = (root / disk.path).parent
+        if folder != root:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    # ------------------------------------------------------------------ disks
+
+    async def disks(self, name: str) -> list[DiskUsage]:
+        """Each disk with its size as the guest sees it and what the file occupies."""
+        spec = self.vms.spec(name)
+        out = []
+        for i, disk in enumerate(spec.disks):
+            size = allocated = None
+            with contextlib.suppress(OperationFailed, SpecRejected, OSError, ValueError):
+                info = await asyncio.to_thread(qemu_img_info, self._path(disk, name))
+                size, allocated = int(info["virtual-size"]), int(info["actual-size"])
+            out.append(
+                DiskUsage(
+                    index=i,
+                    datastore=disk.datastore,
+                    path=disk.path,
+                    format=disk.format,
+                    virtual_size=size,
+                    allocated_bytes=allocated,
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------ start
+
+    async def start(self, name: str, req: MirrorRequest) -> MirrorStatus:
+        async with self._lock(name):
+            spec = self.vms.spec(name)
+            mon = self.vms.monitor(name)  # refuses a VM that is not running
+            if (rec := self._load(name)) is not None and rec.phase not in ("released", "aborted"):
+                raise Conflict(
+                    f"VM {name} already has a storage move to {rec.datastore} ({rec.phase})",
+                    vm=name,
+                )
+            ds = self._datastore(req.datastore, name)
+            moving = [(i, d) for i, d in enumerate(spec.disks) if d.datastore != req.datastore]
+            if not spec.disks:
+                raise Conflict(f"VM {name} has no disks to move", vm=name, field="datastore")
+            if not moving:
+                raise Conflict(
+                    f"every disk of {name} is already on datastore {req.datastore}",
+                    vm=name,
+                    field="datastore",
+                )
+            sizes = []
+            for _, disk in moving:
+                info = await asyncio.to_thread(qemu_img_info, self._path(disk, name))
+                sizes.append((int(info["virtual-size"]), int(info["actual-size"])))
+            need = int(sum(a for _, a in sizes) * SPACE_MARGIN)
+            have = await asyncio.to_thread(free_bytes, ds.path)
+            if have < need:
+                raise SpecRejected(
+                    f"datastore {req.datastore} has {have >> 20} MiB free on host "
+                    f"{self.vms.config.name}; the disks of {name} occupy {need >> 20} MiB",
+                    vm=name,
+                    field="datastore",
+                )
+            nodes = await self._source_nodes(mon)
+            gen = secrets.token_hex(2)
+            rec = MoveRecord(datastore=req.datastore, phase="mirroring", disks=[])
+            for i, disk in moving:
+                fmt = req.format or disk.format
+                target = Disk(
+                    datastore=req.datastore,
+                    path=self._free_name(ds, name, i, fmt),
+                    format=fmt,
+                    bootable=disk.bootable,
+                )
+                node, file_node = nodes.get(i, (f"disk{i}", f"file{i}"))
+                rec.disks.append(
+                    MovedDisk(
+                        index=i,
+                        job=f"{JOB_PREFIX}{i}",
+                        source=disk,
+                        target=target,
+                        source_node=node,
+                        source_file_node=file_node,
+                        target_node=f"m{gen}d{i}",
+                        target_file_node=f"m{gen}f{i}",
+                    )
+                )
+            # Recorded before any file exists: an agent that dies from here on knows what
+            # to remove.
+            self._save(name, rec)
+            try:
+                for moved, (size, _) in zip(rec.disks, sizes, strict=True):
+                    await self._create_target(name, ds, moved, size)
+                    await mon.execute(
+                        "blockdev-mirror",
+                        {
+                            "job-id": moved.job,
+                            "device": moved.source_node,
+                            "target": moved.target_node,
+                            "sync": "full",
+                            "copy-mode": "background",
+                            "speed": req.speed or 0,
+                            "auto-finalize": False,
+                            "auto-dismiss": False,
+                        },
+                    )
+            except (HypervisorError, OperationFailed) as exc:
+                rec.error = f"starting the mirror failed: {exc}"
+                await self._abort(name, rec)
+                raise OperationFailed(
+                    f"storage move of {name} to {req.datastore} did not start: {exc}; "
+                    "the VM runs on its old disks and the new files were removed",
+                    vm=name,
+                ) from exc
+            self._last[name] = (time.monotonic(), 0)
+            return await self._status(name, rec)
+
+    def _free_name(self, ds: DatastoreConfig, vm: str, index: int, fmt: str) -> str:
+        base = f"{vm}/disk{index}"
+        for n in range(1000):
+            rel = f"{base}.{fmt}" if n == 0 else f"{base}-{n}.{fmt}"
+            if not (ds.path / rel).exists():
+                return rel
+        raise OperationFailed(f"no free file name for disk {index} of {vm} on {ds.name}", vm=vm)
+
+    async def _create_target(
+        self, name: str, ds: DatastoreConfig, moved: MovedDisk, size: int
+    ) -> None:
+        path = ds.path / moved.target.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            ["qemu-img", "create", "-q", "-f", moved.target.format, str(path), str(size)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise OperationFailed(f"creating {path} failed: {proc.stderr.strip()}", vm=name)
+        mon = self.vms.monitor(name)
+        await mon.execute(
+            "blockdev-add",
+            {
+                "driver": "file",
+                "filename": str(path),
+                "node-name": moved.target_file_node,
+                "cache": {"direct": False},
+            },
+        )
+        await mon.execute(
+            "blockdev-add",
+            {
+                "driver": moved.target.format,
+                "file": moved.target_file_node,
+                "node-name": moved.target_node,
+            },
+        )
+
+    @staticmethod
+    async def _source_nodes(mon: Monitor) -> dict[int, tuple[str, str | None]]:
+        """Disk index -> (format node, file node) the guest's device uses now (a disk moved
+        before runs on nodes with other names than the command line gave)."""
+        out: dict[int, tuple[str, str | None]] = {}
+        for dev in await mon.execute("query-block"):
+            qdev = str(dev.get("qdev", ""))
+            inserted = dev.get("inserted") or {}
+            if not qdev.startswith("/machine/peripheral/vblk") or "node-name" not in inserted:
+                continue
+            index = int(qdev.removeprefix("/machine/peripheral/vblk").split("/")[0])
+            image = inserted.get("image") or {}
+            file_node = None
+            for n in await mon.execute("query-named-block-nodes", {"flat": True}):
+                if (
+                    n.get("node-name") != inserted["node-name"]
+                    and n.get("file") == image.get("filename")
+                    and n.get("drv") == "file"
+                ):
+                    file_node = str(n["node-name"])
+            out[index] = (str(inserted["node-name"]), file_node)
+        return out
+
+    # ------------------------------------------------------------------ status
+
+    async def status(self, name: str) -> MirrorStatus:
+        self.vms.spec(name)
+        rec = self._load(name)
+        if rec is None:
+            raise Conflict(f"VM {name} has no storage move", vm=name)
+        return await self._status(name, rec)
+
+    async def _jobs(self, name: str) -> dict[str, dict[str, Any]]:
+        """QEMU's view of this VM's mirror jobs: query-jobs (status, error) merged with
+        query-block-jobs (ready, actively-synced, offset, len)."""
+        mon = self.vms.monitor(name)
+        jobs: dict[str, dict[str, Any]] = {}
+        for j in await mon.execute("query-jobs"):
+            if str(j.get("id", "")).startswith(JOB_PREFIX):
+                jobs[j["id"]] = {
+                    "status": j.get("status"),
+                    "error": j.get("error"),
+                    "offset": j.get("current-progress", 0),
+                    "len": j.get("total-progress", 0),
+                }
+        for j in await mon.execute("query-block-jobs"):
+            if j.get("device") in jobs:
+                jobs[j["device"]].update(
+                    ready=bool(j.get("ready")),
+                    actively_synced=bool(j.get("actively-synced")),
+                    offset=j.get("offset", 0),
+                    len=j.get("len", 0),
+                )
+        return jobs
+
+    async def _status(self, name: str, rec: MoveRecord) -> MirrorStatus:
+        jobs: dict[str, dict[str, Any]] = {}
+        if rec.phase in ("mirroring", "ready", "failed"):
+            try:
+                jobs = await self._jobs(name)
+            except (HypervisorError, Conflict) as exc:
+                rec.phase, rec.error = "failed", f"the VM's QEMU does not answer: {exc}"
+        disks = []
+        for d in rec.disks:
+            j = jobs.get(d.job, {})
+            gone = "concluded" if rec.phase in ("pivoted", "released") else "gone"
+            status = str(j.get("status") or gone)
+            error = j.get("error")
+            if rec.phase in ("mirroring", "ready") and (error or status == "gone"):
+                rec.phase = "failed"
+                rec.error = f"disk {d.index}: {error or 'its mirror job is gone'}"
+            disks.append(
+                DiskMirror(
+                    index=d.index,
+                    job=d.job,
+                    source=d.source,
+                    target=d.target,
+                    status=status,
+                    offset=int(j.get("offset", 0)),
+                    length=int(j.get("len", 0)),
+                    ready=bool(j.get("ready", rec.phase in ("pivoted", "released"))),
+                    actively_synced=bool(j.get("actively_synced")),
+                    error=str(error) if error else None,
+                )
+            )
+        if rec.phase == "mirroring" and disks and all(d.ready for d in disks):
+            rec.phase = "ready"
+        self._save(name, rec)
+        total = sum(d.length for d in disks)
+        copied = sum(d.offset for d in disks)
+        now = time.monotonic()
+        t0, c0 = self._last.get(name, (now, copied))
+        rate = (copied - c0) / (now - t0) if now > t0 and copied >= c0 else 0.0
+        self._last[name] = (now, copied)
+        return MirrorStatus(
+            vm=name,
+            phase=rec.phase,
+            datastore=rec.datastore,
+            copy_mode=rec.copy_mode,
+            disks=disks,
+            total_bytes=total,
+            remaining_bytes=max(0, total - copied),
+            rate_bps=rate,
+            error=rec.error,
+        )
+
+    # ------------------------------------------------------------------ active mode
+
+    async def activate(self, name: str) -> MirrorStatus:
+        """Guest writes reach both copies before they complete, from now on."""
+        async with self._lock(name):
+            rec = self._require(name, ("mirroring", "ready"))
+            mon = self.vms.monitor(name)
+            for d in rec.disks:
+                try:
+                    await mon.execute(
+                        "block-job-change",
+                        {"id": d.job, "type": "mirror", "copy-mode": "write-blocking"},
+                    )
+                except HypervisorError as exc:
+                    raise OperationFailed(
+                        f"switching the mirror of disk {d.index} of {name} to write-blocking "
+                        f"failed: {exc}",
+                        vm=name,
+                    ) from exc
+            rec.copy_mode = "write-blocking"
+            self._save(name, rec)
+            return await self._status(name, rec)
+
+    def _require(self, name: str, phases: tuple[str, ...]) -> MoveRecord:
+        self.vms.spec(name)
+        rec = self._load(name)
+        if rec is None:
+            raise Conflict(f"VM {name} has no storage move", vm=name)
+        if rec.phase not in phases:
+            raise Conflict(f"the storage move of {name} is {rec.phase}", vm=name)
+        return rec
+
+    # ------------------------------------------------------------------ pivot
+
+    async def pivot(self, name: str) -> MirrorStatus:
+        """Point every disk at its target, or none. Refused (409) unless every job is ready."""
+        async with self._lock(name):
+            rec = self._require(name, ("mirroring", "ready"))
+            mon = self.vms.monitor(name)
+            jobs = await self._jobs(name)
+            unready = [d.index for d in rec.disks if not jobs.get(d.job, {}).get("ready")]
+            if unready:
+                raise Conflict(
+                    f"disks {unready} of {name} are not in sync yet; nothing was switched",
+                    vm=name,
+                )
+            try:
+                for d in rec.disks:
+                    await mon.execute("job-complete", {"id": d.job})
+                await self._wait_all(mon, rec, ("pending",))
+            except (HypervisorError, OperationFailed) as exc:
+                rec.phase, rec.error = "failed", f"pivot refused, nothing switched: {exc}"
+                self._save(name, rec)
+                await self._cancel_jobs(mon, rec)
+                raise OperationFailed(
+                    f"the disks of {name} could not all be switched, so none was: {exc}",
+                    vm=name,
+                ) from exc
+            errors = []
+            for d in rec.disks:
+                try:
+                    await mon.execute("job-finalize", {"id": d.job})
+                except HypervisorError as exc:
+                    errors.append(f"disk {d.index}: {exc}")
+            # Which device uses which node now is QEMU's answer, not what we expected.
+            nodes = await self._source_nodes(mon)
+            switched = [d for d in rec.disks if nodes.get(d.index, ("",))[0] == d.target_node]
+            await self._dismiss(mon, rec)
+            if switched:
+                await self._adopt(name, switched)
+            if len(switched) != len(rec.disks):
+                # All pending and then a finalize failed: QEMU's graph change refused. The
+                # truth (which disks moved) is in the definition now; the rest stay.
+                rec.disks = switched
+                rec.phase = "pivoted" if switched else "failed"
+                rec.error = "; ".join(errors) or "not every disk switched"
+                self._save(name, rec)
+                raise OperationFailed(
+                    f"pivot of {name} switched {len(switched)} of its disks: {rec.error}",
+                    vm=name,
+                )
+            rec.phase = "pivoted"
+            self._save(name, rec)
+            for d in rec.disks:
+                # The old nodes stay open (monitor-owned) until deleted; their files go later.
+                for node in (d.source_node, d.source_file_node):
+                    if node:
+                        with contextlib.suppress(HypervisorError):
+                            await mon.execute("blockdev-del", {"node-name": node})
+            return await self._status(name, rec)
+
+    async def _adopt(self, name: str, switched: list[MovedDisk]) -> None:
+        """The definition names the new disks: a restart of this VM uses them."""
+        async with self.vms.locked(name) as spec:
+            disks = list(spec.disks)
+            for d in switched:
+                disks[d.index] = d.target
+            self.vms.replace_spec(spec.model_copy(update={"disks": disks}))
+
+    async def _wait_all(self, mon: Monitor, rec: MoveRecord, wanted: tuple[str, ...]) -> None:
+        deadline = time.monotonic() + PENDING_WAIT_S
+        ids = {d.job for d in rec.disks}
+        while True:
+            states = {j["id"]: j for j in await mon.execute("query-jobs") if j.get("id") in ids}
+            for job_id in ids:
+                j = states.get(job_id)
+                if j is None:
+                    raise OperationFailed(f"mirror job {job_id} is gone")
+                if j.get("error"):
+                    raise OperationFailed(f"mirror job {job_id} failed: {j['error']}")
+            if all(states[i].get("status") in wanted for i in ids):
+                return
+            if time.monotonic() > deadline:
+                raise OperationFailed(f"mirror jobs did not reach {wanted[0]} in time")
+            await asyncio.sleep(0.05)
+
+    async def _cancel_jobs(self, mon: Monitor, rec: MoveRecord) -> None:
+        """Every job ends without switching anything (a pending job cancelled is aborted)."""
+        with contextlib.suppress(HypervisorError):
+            for j in await mon.execute("query-jobs"):
+                if j.get("id") in {d.job for d in rec.disks} and j.get("status") != "concluded":
+                    with contextlib.suppress(HypervisorError):
+                        await mon.execute("job-cancel", {"id": j["id"]})
+        deadline = time.monotonic() + PENDING_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                left = [
+                    j
+                    for j in await mon.execute("query-jobs")
+                    if j.get("id") in {d.job for d in rec.disks} and j.get("status") != "concluded"
+                ]
+            except HypervisorError:
+                return
+            if not left:
+                break
+            await asyncio.sleep(0.05)
+        await self._dismiss(mon, rec)
+
+    @staticmethod
+    async def _dismiss(mon: Monitor, rec: MoveRecord) -> None:
+        for d in rec.disks:
+            with contextlib.suppress(HypervisorError):
+                await mon.execute("job-dismiss", {"id": d.job})
+
+    # ------------------------------------------------------------------ release / abort
+
+    async def release(self, name: str) -> MirrorStatus:
+        """After the pivot: remove the old files. Ones that cannot be removed are named."""
+        async with self._lock(name):
+            rec = self._require(name, ("pivoted", "released"))
+            removed, leftovers = [], []
+            for d in rec.disks:
+                try:
+                    path = self._path(d.source, name)
+                except SpecRejected:
+                    leftovers.append(f"{d.source.datastore}:{d.source.path}")
+                    continue
+                try:
+                    await asyncio.to_thread(path.unlink, missing_ok=True)
+                    removed.append(str(path))
+                    self._remove_empty_folder(d.source, name)
+                except OSError as exc:
+                    leftovers.append(f"{path}: {exc}")
+            rec.phase = "released"
+            self._save(name, None)
+            status = await self._status(name, rec)
+            return status.model_copy(update={"removed": removed, "leftovers": leftovers})
+
+    async def abort(self, name: str) -> MirrorStatus:
+        """Cancel the mirror: the VM stays on its old disks, the new files are removed.
+
+        Idempotent; refused once the disks were switched (then only ``release`` is right)."""
+        async with self._lock(name):
+            self.vms.spec(name)
+            rec = self._load(name)
+            if rec is None:
+                return MirrorStatus(vm=name, phase="aborted", datastore="")
+            if rec.phase in ("pivoted", "released"):
+                raise Conflict(
+                    f"the disks of {name} were already switched to {rec.datastore}", vm=name
+                )
+            return await self._abort(name, rec)
+
+    async def _abort(self, name: str, rec: MoveRecord) -> MirrorStatus:
+        mon: Monitor | None
+        try:
+            mon = self.vms.monitor(name)
+        except Conflict:
+            mon = None  # QEMU is gone: only files are left to remove
+        if mon is not None:
+            await self._cancel_jobs(mon, rec)
+            for d in rec.disks:
+                for node in (d.target_node, d.target_file_node):
+                    with contextlib.suppress(HypervisorError):
+                        await mon.execute("blockdev-del", {"node-name": node})
+        spec = self.vms.spec(name)
+        in_use = {(disk.datastore, disk.path) for disk in spec.disks}
+        removed, leftovers = [], []
+        for d in rec.disks:
+            if (d.target.datastore, d.target.path) in in_use:
+                continue  # never delete what the definition runs on
+            try:
+                path = self._path(d.target, name)
+                existed = path.exists()
+                await asyncio.to_thread(path.unlink, missing_ok=True)
+                if existed:
+                    removed.append(str(path))
+                self._remove_empty_folder(d.target, name)
+            except (OSError, SpecRejected) as exc:
+                leftovers.append(f"{d.target.datastore}:{d.target.path}: {exc}")
+        rec.phase = "aborted"
+        error = rec.error
+        self._save(name, None)
+        self._last.pop(name, None)
+        return MirrorStatus(
+            vm=name,
+            phase="aborted",
+            datastore=rec.datastore,
+            copy_mode=rec.copy_mode,
+            error=error,
+            removed=removed,
+            leftovers=leftovers,
+        )

@@ -1,0 +1,375 @@
+"""Storage vMotion as a pure state machine, and the loop that runs it against a port.
+
+``step(state, event, now)`` returns the next state and the one action to take; it does no I/O.
+The rules, in order of what matters:
+
+- before the pivot, any failure or a cancel rolls back: jobs cancelled, new files removed,
+  the VM keeps running on its old disks (the agent's ``abort``, retried; if it never answers
+  the task fails naming the files that may be left);
+- the pivot switches all disks or none (the agent's guarantee); when its answer is lost, the
+  agent's status decides: switched -> go on, not switched -> roll back, unknown -> ask again,
+  and after ``MAX_PIVOT_CHECKS`` the task fails with nothing removed (both copies kept);
+- the old files are removed only after the pivot; if that fails the move still succeeded
+  and the files are named as leftovers;
+- copy mode: ``write-blocking`` once every disk is in sync, or as soon as the copy stops
+  gaining on the guest's writes for ``STALL_S`` (a guest writing faster than the copy would
+  otherwise never let it converge).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Protocol
+
+from qmotion.api.storage import MirrorStatus
+
+STALL_S = 10.0  # no progress on "remaining" for this long -> write-blocking from now on
+MAX_ROLLBACK_TRIES = 5
+MAX_PIVOT_CHECKS = 30
+MAX_POLL_FAILURES = 15  # consecutive status calls that failed before rolling back
+POLL_S = 0.5
+
+
+class SPhase(StrEnum):
+    START = "start_mirror"
+    MIRROR = "mirror"
+    PIVOT = "pivot"
+    PIVOT_CHECK = "pivot_check"
+    RELEASE = "release_old_disks"
+    ROLLBACK = "rollback"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (SPhase.DONE, SPhase.FAILED, SPhase.CANCELLED)
+
+
+@dataclass(frozen=True)
+class StorageState:
+    phase: SPhase = SPhase.START
+    active: bool = False  # write-blocking asked for
+    cancel: bool = False
+    error: str | None = None
+    best_remaining: int | None = None
+    gaining_at: float | None = None  # when "remaining" last reached a new low
+    failures: int = 0  # consecutive failed calls in this phase
+    warnings: tuple[str, ...] = ()
+    leftovers: tuple[str, ...] = ()
+
+
+# ------------------------------------------------------------------ events (what happened)
+
+
+@dataclass(frozen=True)
+class Started:
+    status: MirrorStatus
+
+
+@dataclass(frozen=True)
+class Polled:
+    status: MirrorStatus
+
+
+@dataclass(frozen=True)
+class Activated:
+    status: MirrorStatus
+
+
+@dataclass(frozen=True)
+class Pivoted:
+    status: MirrorStatus
+
+
+@dataclass(frozen=True)
+class Released:
+    status: MirrorStatus
+
+
+@dataclass(frozen=True)
+class Aborted:
+    status: MirrorStatus
+
+
+@dataclass(frozen=True)
+class CallFailed:
+    """The action's call failed. ``refused``: the agent answered that nothing changed."""
+
+    error: str
+    refused: bool = False
+
+
+@dataclass(frozen=True)
+class CancelAsked:
+    pass
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The manager restarted: pick up from the persisted state."""
+
+
+Event = (
+    Started | Polled | Activated | Pivoted | Released | Aborted | CallFailed | CancelAsked | Resumed
+)
+
+
+class Action(StrEnum):
+    START = "start"
+    POLL = "poll"
+    ACTIVATE = "activate"
+    PIVOT = "pivot"
+    RELEASE = "release"
+    ABORT = "abort"
+    NONE = "none"  # final
+
+
+@dataclass(frozen=True)
+class Step:
+    state: StorageState
+    action: Action
+    note: str | None = None
+
+
+def _rollback(s: StorageState, error: str | None, note: str) -> Step:
+    return Step(replace(s, phase=SPhase.ROLLBACK, error=error, failures=0), Action.ABORT, note)
+
+
+def _mirror_step(s: StorageState, st: MirrorStatus, now: float) -> Step:
+    if st.phase == "failed":
+        return _rollback(s, st.error or "a mirror job failed", f"mirror failed: {st.error}")
+    if st.phase in ("pivoted", "released"):  # a lost pivot answer seen late
+        return Step(replace(s, phase=SPhase.RELEASE, failures=0), Action.RELEASE, "switched")
+    if s.cancel:
+        return _rollback(s, None, "cancel: stopping the mirror")
+    if s.best_remaining is None or st.remaining_bytes < s.best_remaining:
+        s = replace(s, best_remaining=st.remaining_bytes, gaining_at=now)
+    if not s.active:
+        all_ready = bool(st.disks) and all(d.ready for d in st.disks)
+        stalled = s.gaining_at is not None and now - s.gaining_at >= STALL_S
+        if all_ready or stalled:
+            why = "in sync" if all_ready else f"no progress for {STALL_S:.0f} s"
+            return Step(s, Action.ACTIVATE, f"{why}: guest writes now go to both copies")
+        return Step(s, Action.POLL)
+    if st.synced:
+        return Step(replace(s, phase=SPhase.PIVOT, failures=0), Action.PIVOT, "pivot")
+    return Step(s, Action.POLL)
+
+
+def step(s: StorageState, event: Event, now: float) -> Step:
+    """The next state and action; pure."""
+    if s.phase.final:
+        return Step(s, Action.NONE)
+    if isinstance(event, CancelAsked):
+        s = replace(s, cancel=True)
+        if s.phase in (SPhase.START, SPhase.MIRROR):
+            return _rollback(s, None, "cancel: stopping the mirror")
+        return Step(s, _resume_action(s), "cancel asked: too late, the disks are switching")
+    if isinstance(event, Resumed):
+        return Step(replace(s, failures=0), _resume_action(s), "manager restarted: resuming")
+    match s.phase:
+        case SPhase.START:
+            if isinstance(event, Started):
+                s = replace(s, phase=SPhase.MIRROR, gaining_at=now, failures=0)
+                return _mirror_step(s, event.status, now)
+            if isinstance(event, CallFailed):
+                if event.refused:  # nothing was created
+                    return Step(replace(s, phase=SPhase.FAILED, error=event.error), Action.NONE)
+                return _rollback(s, event.error, f"start failed: {event.error}")
+        case SPhase.MIRROR:
+            if isinstance(event, Polled | Activated):
+                if isinstance(event, Activated):
+                    s = replace(s, active=True)
+                return _mirror_step(replace(s, failures=0), event.status, now)
+            if isinstance(event, CallFailed):
+                failures = s.failures + 1
+                if failures >= MAX_POLL_FAILURES:
+                    return _rollback(s, event.error, f"agent unreachable: {event.error}")
+                return Step(replace(s, failures=failures), Action.POLL, event.error)
+        case SPhase.PIVOT | SPhase.PIVOT_CHECK:
+            if isinstance(event, Pivoted):
+                return Step(replace(s, phase=SPhase.RELEASE, failures=0), Action.RELEASE)
+            if isinstance(event, Polled):
+                st = event.status
+                if st.phase in ("pivoted", "released"):
+                    return Step(replace(s, phase=SPhase.RELEASE, failures=0), Action.RELEASE)
+                if st.phase == "failed" or s.phase == SPhase.PIVOT_CHECK:
+                    # Not switched: the copy is still good for another try only if in sync;
+                    # simpler and safe: roll back.
+                    return _rollback(s, st.error or "the pivot did not happen", "not switched")
+                return Step(s, Action.POLL)
+            if isinstance(event, CallFailed):
+                if event.refused:  # the agent said nothing was switched
+                    return _rollback(s, event.error, f"pivot refused: {event.error}")
+                failures = s.failures + 1
+                if failures > MAX_PIVOT_CHECKS:
+                    return Step(
+                        replace(s, phase=SPhase.FAILED, error=f"pivot unknown: {event.error}"),
+                        Action.NONE,
+                        "whether the disks switched is unknown: both copies kept",
+                    )
+                return Step(
+                    replace(s, phase=SPhase.PIVOT_CHECK, failures=failures),
+                    Action.POLL,
+                    f"pivot answer lost ({event.error}): asking the agent",
+                )
+        case SPhase.RELEASE:
+            if isinstance(event, Released):
+                return Step(
+                    replace(s, phase=SPhase.DONE, leftovers=tuple(event.status.leftovers)),
+                    Action.NONE,
+                    "old files removed",
+                )
+            if isinstance(event, CallFailed):
+                failures = s.failures + 1
+                if failures >= MAX_ROLLBACK_TRIES:
+                    warning = f"old disk files not removed: {event.error}"
+                    return Step(
+                        replace(s, phase=SPhase.DONE, warnings=(*s.warnings, warning)),
+                        Action.NONE,
+                        warning,
+                    )
+                return Step(replace(s, failures=failures), Action.RELEASE, event.error)
+        case SPhase.ROLLBACK:
+            if isinstance(event, Aborted):
+                final = SPhase.CANCELLED if s.cancel and s.error is None else SPhase.FAILED
+                return Step(
+                    replace(s, phase=final, leftovers=tuple(event.status.leftovers)),
+                    Action.NONE,
+                    "rolled back: the VM runs on its old disks",
+                )
+            if isinstance(event, CallFailed):
+                failures = s.failures + 1
+                if failures >= MAX_ROLLBACK_TRIES:
+                    return Step(
+                        replace(
+                            s,
+                            phase=SPhase.FAILED,
+                            error=s.error or event.error,
+                            warnings=(*s.warnings, f"rollback incomplete: {event.error}"),
+                        ),
+                        Action.NONE,
+                        "rollback incomplete: new files may be left on the target datastore",
+                    )
+                return Step(replace(s, failures=failures), Action.ABORT, event.error)
+        case _:
+            pass
+    return Step(s, _resume_action(s))  # an event that does not apply here: keep going
+
+
+def _resume_action(s: StorageState) -> Action:
+    return {
+        SPhase.START: Action.ABORT,
+        SPhase.MIRROR: Action.POLL,
+        SPhase.PIVOT: Action.POLL,
+        SPhase.PIVOT_CHECK: Action.POLL,
+        SPhase.RELEASE: Action.RELEASE,
+        SPhase.ROLLBACK: Action.ABORT,
+    }.get(s.phase, Action.NONE)
+
+
+# ------------------------------------------------------------------ the loop (I/O at the port)
+
+
+class StoragePortError(Exception):
+    """A port call failed; ``refused``: the agent answered that nothing changed."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+class StoragePort(Protocol):
+    async def start(self) -> MirrorStatus: ...
+    async def status(self) -> MirrorStatus: ...
+    async def activate(self) -> MirrorStatus: ...
+    async def pivot(self) -> MirrorStatus: ...
+    async def release(self) -> MirrorStatus: ...
+    async def abort(self) -> MirrorStatus: ...
+
+
+Persist = Callable[[Step, MirrorStatus | None], Awaitable[None]]
+
+_CALLS: dict[Action, tuple[str, type[Started | Polled | Activated | Pivoted | Released | Aborted]]]
+_CALLS = {
+    Action.START: ("start", Started),
+    Action.POLL: ("status", Polled),
+    Action.ACTIVATE: ("activate", Activated),
+    Action.PIVOT: ("pivot", Pivoted),
+    Action.RELEASE: ("release", Released),
+    Action.ABORT: ("abort", Aborted),
+}
+
+
+async def run(
+    port: StoragePort,
+    persist: Persist,
+    cancel: asyncio.Event,
+    resume: StorageState | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    poll_s: float = POLL_S,
+) -> StorageState:
+    """Drive the machine until it ends; every step is persisted before its action runs."""
+    if resume is None:
+        st = Step(StorageState(), Action.START, "mirroring the disks")
+    else:
+        st = step(resume, Resumed(), clock())
+    status: MirrorStatus | None = None
+    cancel_seen = False
+    while True:
+        await persist(st, status)
+        if st.action == Action.NONE:
+            return st.state
+        if cancel.is_set() and not cancel_seen:
+            cancel_seen = True
+            st = step(st.state, CancelAsked(), clock())
+            continue
+        if st.action == Action.POLL:
+            await _sleep_or_cancel(cancel if not cancel_seen else None, poll_s)
+            if cancel.is_set() and not cancel_seen:
+                continue
+        method, event_type = _CALLS[st.action]
+        try:
+            status = await getattr(port, method)()
+        except StoragePortError as exc:
+            st = step(st.state, CallFailed(str(exc), refused=exc.refused), clock())
+            continue
+        assert status is not None
+        st = step(st.state, event_type(status), clock())
+
+
+async def _sleep_or_cancel(cancel: asyncio.Event | None, seconds: float) -> None:
+    if cancel is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(cancel.wait(), seconds)
+
+
+def state_to_json(s: StorageState) -> dict[str, object]:
+    return {
+        "kind": "storage",
+        "phase": s.phase.value,
+        "active": s.active,
+        "cancel": s.cancel,
+        "error": s.error,
+        "warnings": list(s.warnings),
+        "leftovers": list(s.leftovers),
+    }
+
+
+def state_from_json(d: dict[str, object]) -> StorageState:
+    return StorageState(
+        phase=SPhase(str(d["phase"])),
+        active=bool(d.get("active")),
+        cancel=bool(d.get("cancel")),
+        error=str(d["error"]) if d.get("error") else None,
+        warnings=tuple(str(w) for w in d.get("warnings") or ()),  # type: ignore[attr-defined]
+        leftovers=tuple(str(w) for w in d.get("leftovers") or ()),  # type: ignore[attr-defined]
+    )
