@@ -66,6 +66,7 @@ bench: setup
 	$(PY) -m bench.drs
 	$(PY) -m bench.convergence
 	$(PY) -m bench.distance
+	$(PY) -m bench.storage
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

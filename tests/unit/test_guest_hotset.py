@@ -138,7 +138,7 @@ def test_parse_workload_rejects_bad_hot() -> None:
         parse_workload("fill=32M,dirty=20M/s,hot=64M")
     assert info.value.errors()[0]["loc"] == ("hot_mib",)
     assert "fill_mib" in str(info.value)
-    with pytest.raises(ValueError, match=r"\(fill, dirty, hot\)"):
+    with pytest.raises(ValueError, match=r"\(fill, dirty, hot, disk\)"):
         parse_workload("fill=32M,cold=1M")
     with pytest.raises(ValueError, match="less than 1 MiB"):
         parse_workload("fill=32M,hot=512K")

@@ -114,3 +114,29 @@ def test_disk_records_verify_and_detect_loss(qmguest: Path, tmp_path: Path) -> N
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_disk_bulk_load_writes_the_second_half_and_spares_the_records(
+    qmguest: Path, tmp_path: Path
+) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * (8 << 20))
+    port = free_port()
+    # 200 records/s plus 8 MiB/s of bulk writes.
+    proc = subprocess.Popen([str(qmguest), "disk", str(disk), "200", str(port), "8"])
+    try:
+        wait_port(port)
+        time.sleep(1.0)
+        status = query("127.0.0.1", port, "status")
+        assert status["slots"] == 1024  # the first 4 MiB of the 8
+        assert status["bulk_bytes"] >= 4 << 20, status  # ~8 MiB/s for a second
+        ok = query("127.0.0.1", port, "verify")
+        assert ok["intact"] and ok["acked"] > 10, ok
+    finally:
+        proc.kill()
+        proc.wait()
+    data = disk.read_bytes()
+    half = len(data) // 2
+    assert data[half:] != b"\0" * half, "the bulk writer wrote nothing"
+    # Records only in the first half: the bulk data never looks like a record's magic.
+    assert data[:half].count(b"\0" * 4096) < 1024

@@ -375,6 +375,8 @@ class VmManager:
             if g.hot_mib:
                 # Only when set: VMs without a hot set keep their command line unchanged.
                 params["hot"] = g.hot_mib
+            if g.disk_bulk_mib_s:
+                params["disk_bulk"] = g.disk_bulk_mib_s
         cmdline = image.cmdline(**params)
         if boot.cmdline:
             cmdline += " " + boot.cmdline

@@ -83,6 +83,14 @@ class Workload(StrictModel):
         ),
     )
 
+    disk_mib_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=10_000,
+        description="MiB/s the guest writes to the second half of its first disk (1 MiB direct "
+        "writes), besides the checked records in the first half",
+    )
+
     @field_validator("hot_mib")
     @classmethod
     def _hot_within_fill(cls, v: int, info: ValidationInfo) -> int:

@@ -80,6 +80,9 @@ class GuestConfig(StrictModel):
     )
     check_s: float = Field(default=0.0, ge=0)
     disk_rate: float = Field(default=20.0, gt=0, le=10_000)
+    disk_bulk_mib_s: float = Field(
+        default=0.0, ge=0, le=10_000, description="MiB/s written to the disk's second half"
+    )
 
     @model_validator(mode="after")
     def _hot_within_fill(self) -> GuestConfig:

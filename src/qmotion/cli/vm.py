@@ -30,12 +30,13 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON.")
 
 
 def parse_workload(text: str) -> Workload:
-    """``fill=600M,dirty=20M/s,hot=64M`` -> fill 600 MiB, dirty 20 MiB/s, 64 MiB hot set.
+    """``fill=600M,dirty=20M/s,hot=64M,disk=20M/s`` -> fill 600 MiB, dirty 20 MiB/s, 64 MiB
+    hot set, 20 MiB/s written to its first disk (besides the checked records).
 
     The hot set (optional) is the first ``hot`` of the fill, rewritten over and over with half of
     the dirty rate; the other half sweeps the rest of the fill (see ``Workload.hot_mib``).
     """
-    fill, dirty, hot = 0, 0.0, 0
+    fill, dirty, hot, disk = 0, 0.0, 0, 0.0
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")
         if not sep:
@@ -48,9 +49,11 @@ def parse_workload(text: str) -> Workload:
             hot = 0 if value.strip() == "0" else parse_size(value) >> 20
             if value.strip() != "0" and hot == 0:
                 raise ValueError(f"hot={value} is less than 1 MiB (use hot=0 for no hot set)")
+        elif key == "disk":
+            disk = parse_rate_bytes(value) / (1 << 20)
         else:
-            raise ValueError(f"unknown workload key {key!r} (fill, dirty, hot)")
-    return Workload(fill_mib=fill, dirty_mib_s=dirty, hot_mib=hot)
+            raise ValueError(f"unknown workload key {key!r} (fill, dirty, hot, disk)")
+    return Workload(fill_mib=fill, dirty_mib_s=dirty, hot_mib=hot, disk_mib_s=disk)
 
 
 def _vm_table(vms: list[VmOut]) -> Table:

@@ -32,7 +32,7 @@ STALL_S = 10.0  # no progress on "remaining" for this long -> write-blocking fro
 MAX_ROLLBACK_TRIES = 5
 MAX_PIVOT_CHECKS = 30
 MAX_POLL_FAILURES = 15  # consecutive status calls that failed before rolling back
-POLL_S = 0.5
+POLL_S = 0.2  # a status call is two QMP queries: cheap; a copy may take only seconds
 
 
 class SPhase(StrEnum):

@@ -332,6 +332,7 @@ class Inventory:
                         "fill_mib": req.workload.fill_mib,
                         "dirty_mib_s": req.workload.dirty_mib_s,
                         "hot_mib": req.workload.hot_mib,
+                        "disk_bulk_mib_s": req.workload.disk_mib_s,
                     }
                 )
             disks = []

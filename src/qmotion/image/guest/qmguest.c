@@ -390,6 +390,7 @@ struct disk_state {
 };
 
 static struct disk_state D = {.lock = PTHREAD_MUTEX_INITIALIZER, .fd = -1};
+static volatile uint64_t bulk_bytes; /* written by the bulk writer so far (reported by status) */
 
 struct disk_rec {
     uint64_t magic;
@@ -503,9 +504,10 @@ static void disk_status(char *out, size_t n) {
     pthread_mutex_lock(&D.lock);
     snprintf(out, n,
              "{\"kind\":\"disk\",\"acked\":%llu,\"first\":%llu,\"slots\":%llu,\"errors\":%llu,"
-             "\"last_error\":\"%s\",\"uptime_s\":%.3f}\n",
+             "\"last_error\":\"%s\",\"uptime_s\":%.3f,\"bulk_bytes\":%llu}\n",
              (unsigned long long)D.acked, (unsigned long long)D.first,
-             (unsigned long long)D.nslots, (unsigned long long)D.errors, D.last_error, now_s());
+             (unsigned long long)D.nslots, (unsigned long long)D.errors, D.last_error, now_s(),
+             (unsigned long long)bulk_bytes);
     pthread_mutex_unlock(&D.lock);
 }
 
@@ -643,9 +645,53 @@ static int run_mem(double fill_mib, double dirty, int port, double check_every, 
     return 1;
 }
 
-static int run_disk(const char *dev, double rate, int port) {
+/* Bulk load: 1 MiB direct writes (not synced one by one) over the disk's second half, paced
+ * at BULK.rate bytes/s, round and round: what a busy guest writes while its disk moves. The
+ * records keep to the first half, so the load never touches what is verified. */
+struct bulk_state {
+    const char *dev;
+    double rate;
+    uint64_t from, to; /* byte range */
+};
+static struct bulk_state BULK;
+
+static void *bulk_writer(void *unused) {
+    (void)unused;
+    const size_t chunk = 256 * PAGE;
+    uint8_t *buf;
+    if (posix_memalign((void **)&buf, PAGE, chunk) != 0) return NULL;
+    int fd = open(BULK.dev, O_WRONLY | O_DIRECT | O_CLOEXEC);
+    if (fd < 0) {
+        console("QM disk: bulk writer cannot open %s: %s", BULK.dev, strerror(errno));
+        return NULL;
+    }
+    uint64_t s = DISK_MAGIC ^ 0x5bd1e995ULL, off = BULK.from;
+    double start = now_s(), written = 0;
+    for (;;) {
+        for (size_t i = 0; i < chunk / 8; i++) ((uint64_t *)buf)[i] = xorshift(&s);
+        if (pwrite(fd, buf, chunk, (off_t)off) == (ssize_t)chunk) {
+            written += (double)chunk;
+            bulk_bytes += chunk;
+        }
+        off += chunk;
+        if (off + chunk > BULK.to) off = BULK.from;
+        double ahead = written / BULK.rate - (now_s() - start);
+        if (ahead > 0) sleep_s(ahead);
+    }
+    return NULL;
+}
+
+static int run_disk(const char *dev, double rate, int port, double bulk_mib_s) {
     D.rate = rate;
     if (disk_open(dev) < 0) return 1;
+    if (bulk_mib_s > 0) {
+        /* Records in the first half from now on (their slots wrap there). */
+        uint64_t half = D.nslots / 2;
+        BULK = (struct bulk_state){dev, bulk_mib_s * 1048576.0, half * PAGE, D.nslots * PAGE};
+        D.nslots = half;
+        pthread_t b;
+        pthread_create(&b, NULL, bulk_writer, NULL);
+    }
     pthread_t t;
     pthread_create(&t, NULL, disk_writer, NULL);
     serve_queries(port, Q_DISK);
@@ -696,10 +742,10 @@ int main(int argc, char **argv) {
         return run_mem(atof(argv[2]), atof(argv[3]), atoi(argv[4]), atof(argv[5]),
                        argc >= 7 ? atof(argv[6]) : 0.0);
     if (argc >= 5 && strcmp(argv[1], "disk") == 0)
-        return run_disk(argv[2], atof(argv[3]), atoi(argv[4]));
+        return run_disk(argv[2], atof(argv[3]), atoi(argv[4]), argc >= 6 ? atof(argv[5]) : 0.0);
     if (argc >= 2 && strcmp(argv[1], "powerbtn") == 0) return run_powerbtn();
     fprintf(stderr,
             "usage: qmguest echo PORT | mem FILL_MIB DIRTY_MIB_S PORT CHECK_EVERY_S [HOT_MIB] |"
-            " disk DEV RECORDS_PER_S PORT | powerbtn\n");
+            " disk DEV RECORDS_PER_S PORT [BULK_MIB_S] | powerbtn\n");
     return 2;
 }

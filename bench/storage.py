@@ -1,0 +1,225 @@
+"""Storage vMotion benchmark: a running guest's disk moved, against ``qemu-img convert``.
+
+    python -m bench.storage [--out bench/results]
+
+One 2-host lab. The disk: 2 GiB qcow2 on the shared datastore with 1 GiB written (its second
+half, as the guest's bulk writer uses it; the checked records live in the first half). Each
+row moves it to ``local-h1`` (the same file system, so the copy, not the medium, is compared):
+
+- ``qemu-img convert -O qcow2`` of the same image to the same datastore (no VM): the baseline
+  throughput (allocated bytes / seconds) and the allocation a plain copy gives;
+- ``vm migrate --datastore local-h1`` with the guest idle (its record writer only: 20
+  O_DSYNC 4 KiB records/s);
+- the same with the guest also writing 20 MiB/s (1 MiB direct writes over the written half).
+
+Each row: total seconds (the task's wall time: copy, pivot, removal of the old file), copy
+seconds (until every disk is in sync; the convert's includes its sync to disk), throughput
+(source allocation / copy seconds), target allocation / source allocation, copy mode at the
+end, and the record check (every acknowledged record present and intact). Targets (issue 11):
+idle >= 0.8x convert throughput, writing <= 1.5x the idle time, allocation <= 1.1x, 0 lost
+records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import write_report
+from bench.migration import machine
+from qmotion.api.server import DiskCreate, MigrateRequest, TaskState, VmCreate, Workload
+from qmotion.client.errors import ClientError
+from qmotion.lab import Lab, lab_down, lab_up
+from qmotion.lab.netns import namespaces, run_in
+from qmotion.probe.guest import disk_verify, mem_check, wait_echo
+
+LAB = "qmstor"
+MiB = 1 << 20
+DISK_MIB = 2048
+WRITTEN_MIB = 1024
+
+
+def _ds(lab: Lab, name: str) -> Path:
+    return Path(next(d.path for d in lab.record.datastores if d.name == name))
+
+
+def _allocated(path: Path) -> int:
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(json.loads(out)["actual-size"])
+
+
+def _drop_caches() -> None:
+    """Each row starts from a cold page cache (none reads the source from memory)."""
+    subprocess.run(["sync"], check=False)
+    with contextlib.suppress(OSError):
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def _prepare(path: Path) -> None:
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(path), f"{DISK_MIB}M"], check=True
+    )
+    half = DISK_MIB // 2
+    subprocess.run(
+        ["qemu-io", "-c", f"write -P 0x5a {half}M {WRITTEN_MIB}M", str(path)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def _convert(lab: Lab, image: Path) -> dict[str, Any]:
+    target = _ds(lab, "local-h1") / "convert-baseline.qcow2"
+    target.unlink(missing_ok=True)
+    _drop_caches()
+    t0 = time.monotonic()
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(image), str(target)], check=True)
+    subprocess.run(["sync", str(target)], check=False)
+    seconds = time.monotonic() - t0
+    source, copy = _allocated(image), _allocated(target)
+    target.unlink()
+    return {
+        "name": "qemu-img convert (baseline)",
+        "seconds": round(seconds, 2),
+        "throughput_mib_s": round(source / MiB / seconds, 1),
+        "allocation_ratio": round(copy / source, 3),
+        "copy_seconds": round(seconds, 2),
+        "copy_mode": None,
+        "lost_records": None,
+        "ok": True,
+    }
+
+
+def _move(lab: Lab, image: Path, n: int, disk_mib_s: float) -> dict[str, Any]:
+    name = f"s{n}"
+    with lab.server() as server:
+        vm = server.create_vm(
+            VmCreate(
+                name=name,
+                host="h1",
+                memory="256M",
+                workload=Workload(fill_mib=16, disk_mib_s=disk_mib_s),
+                disk=DiskCreate(datastore="shared", size_mib=DISK_MIB),
+            )
+        )
+        disk = _ds(lab, "shared") / vm.disks[0].path
+        shutil.copyfile(image, disk)  # the prepared image, before the VM first opens it
+        source_alloc = _allocated(disk)
+        server.start_vm(name)
+        assert vm.address
+        ip = vm.address.split("/")[0]
+        ns = lab.record.client_namespace
+        run_in(ns, lambda: wait_echo(ip, 180))
+        assert run_in(ns, lambda: mem_check(ip))["consistent"]
+        time.sleep(3)  # the bulk writer under way
+        _drop_caches()
+        task = server.migrate(name, MigrateRequest(datastore="local-h1"))
+        while task.state.active:
+            time.sleep(0.2)
+            task = server.task(task.id)
+        assert task.started_at is not None and task.ended_at is not None
+        seconds = (task.ended_at - task.started_at).total_seconds()
+        # The copy: from the task's start to every disk in sync (then the pivot and the
+        # removal of the old file follow).
+        synced = next((e.at for e in task.events if e.message.startswith("in sync")), None)
+        copy_s = (synced - task.started_at).total_seconds() if synced else seconds
+        verdict = run_in(ns, lambda: disk_verify(ip))
+        shown = server.vm(name)
+        target = _ds(lab, "local-h1") / shown.disks[0].path
+        row = {
+            "name": f"qmotion storage move, guest writing {disk_mib_s:g} MiB/s"
+            if disk_mib_s
+            else "qmotion storage move, guest idle",
+            "seconds": round(seconds, 2),
+            "copy_seconds": round(copy_s, 2),
+            "throughput_mib_s": round(source_alloc / MiB / copy_s, 1),
+            "allocation_ratio": round(_allocated(target) / source_alloc, 3)
+            if target.exists()
+            else None,
+            "copy_mode": task.mirror.copy_mode if task.mirror else None,
+            "lost_records": verdict.get("lost"),
+            "records_checked": verdict.get("checked"),
+            "ok": task.state == TaskState.SUCCEEDED and verdict.get("intact") is True,
+            "error": task.error,
+            "events": [e.message for e in task.events],
+        }
+        with contextlib.suppress(ClientError):
+            server.delete_vm(name, force=True)
+        target.unlink(missing_ok=True)
+        return row
+
+
+def _table(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"Storage vMotion, {m['date']}, {m['cpu']} ({m['cores']} cores), QEMU {m['qemu']}, "
+        f"accelerator {report['accel']}: {DISK_MIB} MiB qcow2 with {WRITTEN_MIB} MiB written, "
+        "shared -> local-h1 (same file system), page cache dropped before each row; "
+        f"median of {report['reps']} runs by copy time.",
+        "",
+        "| run | total s | copy s | copy MiB/s | vs convert | target/source allocation | "
+        "copy mode at the end | lost records |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base = report["rows"][0]["throughput_mib_s"]
+    for r in report["rows"]:
+        ratio = f"{r['throughput_mib_s'] / base:.2f}x" if base else "-"
+        lines.append(
+            f"| {r['name']} | {r['seconds']} | {r['copy_seconds']} | {r['throughput_mib_s']} | "
+            f"{ratio} | "
+            f"{r['allocation_ratio']} | {r['copy_mode'] or '-'} | "
+            f"{'-' if r['lost_records'] is None else r['lost_records']} |"
+        )
+    idle, busy = report["rows"][1], report["rows"][2]
+    lines += [
+        "",
+        f"Writing 20 MiB/s took {busy['seconds'] / idle['seconds']:.2f}x the idle move "
+        "(target <= 1.5x).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    if any(n.startswith(f"{LAB}-") for n in namespaces()):
+        lab_down(LAB)
+    lab = lab_up(LAB, 2)
+    try:
+        accel = lab.agent("h1").host().accel.name
+        image = Path(lab.record.dir) / "prepared.qcow2"
+        _prepare(image)
+        runs: list[list[dict[str, Any]]] = [[], [], []]
+        for rep in range(args.reps):
+            runs[0].append(_convert(lab, image))
+            runs[1].append(_move(lab, image, 10 * rep + 1, 0.0))
+            runs[2].append(_move(lab, image, 10 * rep + 2, 20.0))
+        # Each row is the run with the median copy time (absolute times vary run to run).
+        rows = [sorted(r, key=lambda x: float(x["copy_seconds"]))[len(r) // 2] for r in runs]
+        report = {
+            "machine": machine(),
+            "accel": accel,
+            "reps": args.reps,
+            "rows": rows,
+            "runs": runs,
+        }
+        write_report(args.out, "storage", report, _table)
+    finally:
+        lab_down(LAB)
+
+
+if __name__ == "__main__":
+    main()
