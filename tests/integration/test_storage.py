@@ -166,6 +166,17 @@ def test_a_datastore_that_fills_up_fails_the_move_and_leaves_the_vm_on_its_old_d
     assert_disk_intact(lab, ip)
 
 
+def test_a_datastore_without_room_is_refused_at_submission(
+    lab: Lab, server: ServerClient, make_vm: MakeVm
+) -> None:
+    vm = vm_with_data(lab, server, make_vm, data_mib=80)
+    with pytest.raises(Invalid, match="MiB free") as refused:
+        server.migrate(vm.name, MigrateRequest(datastore="small"))
+    assert refused.value.detail.field == "datastore"
+    assert not server.vm(vm.name).migrating
+    assert list(ds_path(lab, "small").iterdir()) == []
+
+
 def test_storage_move_prechecks_refuse_before_anything_changes(
     lab: Lab, server: ServerClient, make_vm: MakeVm
 ) -> None:
@@ -180,6 +191,8 @@ def test_storage_move_prechecks_refuse_before_anything_changes(
         server.migrate(vm.name, MigrateRequest(datastore="shared"))
     with pytest.raises(Invalid, match="shared-nothing"):
         server.migrate(vm.name, MigrateRequest(to="h2", datastore="local-h2"))
+    with pytest.raises(ValueError, match="timeout_s apply to a live migration"):
+        MigrateRequest(datastore="local-h1", timeout_s=60)
     # The disk is 16 MiB virtual, nearly empty: a small datastore has room. A fake one not.
     with pytest.raises(Invalid, match="not reachable"):
         server.migrate(vm.name, MigrateRequest(datastore="nosuch"))

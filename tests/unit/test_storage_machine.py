@@ -133,7 +133,9 @@ class FakeAgent:
 
     async def release(self) -> MirrorStatus:
         def do() -> MirrorStatus:
-            if self.phase not in ("pivoted", "released"):
+            if self.phase == "released":  # as the real agent: no record left, answered again
+                return self._status()
+            if self.phase not in ("pivoted",):
                 raise StoragePortError(f"the move is {self.phase}", refused=True)
             self.files -= {"old0", "old1"}
             self.phase = "released"
@@ -144,7 +146,7 @@ class FakeAgent:
     async def abort(self) -> MirrorStatus:
         def do() -> MirrorStatus:
             if self.phase in ("pivoted", "released"):
-                raise StoragePortError("already switched", refused=True)
+                raise StoragePortError("already switched", refused=True, switched=True)
             self.files -= {"new0", "new1"} - set(self.in_use)
             self.phase = "aborted"
             return self._status()
@@ -247,6 +249,62 @@ def test_property_faults_and_cancels_never_lose_the_disks(
     final = run(agent, cancel_at_call=cancel_at)
     assert final.phase.final
     assert_one_good_copy(agent, final)
+
+
+def _agent_in(state: str) -> FakeAgent:
+    """The agent as a restarted manager may find it."""
+    agent = FakeAgent()
+    if state == "none":
+        return agent
+    agent.files |= {"new0", "new1"}
+    agent.phase = "mirroring" if state in ("copying", "synced") else state
+    if state == "synced":
+        agent.copied = [float(x) for x in agent.sizes]
+        agent.write_blocking = True
+    if state in ("pivoted", "released"):
+        agent.copied = [float(x) for x in agent.sizes]
+        agent.in_use = ("new0", "new1")
+    if state == "released":
+        agent.files -= {"old0", "old1"}
+    return agent
+
+
+RESUMABLE = {
+    SPhase.START: ["none", "copying"],
+    SPhase.MIRROR: ["copying", "synced", "failed"],
+    SPhase.PIVOT: ["synced", "pivoted"],
+    SPhase.PIVOT_CHECK: ["synced", "pivoted", "failed"],
+    SPhase.RELEASE: ["pivoted", "released"],
+    SPhase.ROLLBACK: ["copying", "failed", "none", "pivoted"],
+}
+
+
+@pytest.mark.parametrize(("phase", "found"), [(p, f) for p, fs in RESUMABLE.items() for f in fs])
+def test_a_restarted_manager_runs_every_phase_to_a_safe_end(phase: SPhase, found: str) -> None:
+    agent = _agent_in(found)
+    cancel = asyncio.Event()
+    steps = 0
+
+    async def persist(st: storage.Step, status: MirrorStatus | None) -> None:
+        nonlocal steps
+        steps += 1
+        assert steps < 5000, "the machine does not end"
+
+    final = asyncio.run(
+        storage.run(
+            agent,
+            persist,
+            cancel,
+            resume=storage.StorageState(phase=phase, active=found == "synced"),
+            clock=lambda: agent.clock,
+            poll_s=0,
+        )
+    )
+    assert final.phase.final
+    assert_one_good_copy(agent, final)
+    if found in ("pivoted", "released"):
+        # Switched is switched: a restarted rollback goes forward, never deletes the new copy.
+        assert final.phase == SPhase.DONE and agent.files == {"new0", "new1"}
 
 
 def test_a_restarted_manager_resumes_each_phase_safely() -> None:

@@ -247,6 +247,10 @@ def create_app(config: AgentConfig) -> FastAPI:
     async def storage_move(name: str, req: MirrorRequest) -> MirrorStatus:
         return await state.storage.start(name, req)
 
+    @app.post("/v1/vms/{name}/storage-move/check", response_model=MirrorStatus, dependencies=auth)
+    async def storage_move_check(name: str, req: MirrorRequest) -> MirrorStatus:
+        return await state.storage.check(name, req)
+
     @app.get("/v1/vms/{name}/storage-move", response_model=MirrorStatus, dependencies=auth)
     async def storage_move_status(name: str) -> MirrorStatus:
         return await state.storage.status(name)

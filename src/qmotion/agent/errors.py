@@ -6,6 +6,7 @@ AgentError
  │    ├── Conflict           409: the VM's state forbids it (running, exists, busy)
  │    │    ├── MigratedAway  409: the VM completed a migration away; it runs elsewhere now
  │    │    ├── InPostcopy    409: the VM is in postcopy away: never resumed or cancelled here
+ │    │    ├── AlreadySwitched 409: a storage move's disks switched: never rolled back
  │    │    └── PeerUnreachable 409: no address of the peer agent answers
  │    └── SpecRejected       422: the spec cannot run here (names the field and why)
  └── OperationFailed         500: failed partway; what was cleaned up is in the message
@@ -63,6 +64,12 @@ class InPostcopy(Conflict):
     """Callers (the manager's rollback) read this code as "going forward, never resumed"."""
 
     code = "in_postcopy"
+
+
+class AlreadySwitched(Conflict):
+    """A storage move's rollback asked after the disks switched: callers go forward."""
+
+    code = "already_switched"
 
 
 class PeerUnreachable(Conflict):

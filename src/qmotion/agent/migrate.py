@@ -373,6 +373,9 @@ class Migrations:
         current = self._outgoing.get(name)
         if current is not None and current.status not in FINISHED:
             raise Conflict(f"VM {name} is already migrating", vm=name)
+        if (reason := self.vms.storage_guard(name)) is not None:
+            # The destination would open the disks the definition names: maybe not QEMU's.
+            raise Conflict(f"VM {name} cannot migrate now: {reason}", vm=name)
         status = await mon.status()
         if status not in ("running", "paused"):
             raise Conflict(f"VM {name} cannot migrate while {status}", vm=name)

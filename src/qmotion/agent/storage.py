@@ -14,7 +14,12 @@ How QEMU is driven (QEMU 10.0, ``blockdev-mirror``), and why:
   finalized, which is when QEMU points the disk at its target. A job that fails before that
   makes every job cancelled instead: all disks pivot or none does;
 - what the move is doing is written to the VM's directory (``storage-move.json``) before each
-  change, so an agent restarted midway still knows which files are targets to remove.
+  change, so an agent restarted midway still knows which files are targets to remove; the
+  phase ``switching`` is written before the first finalize, and until QEMU has been asked
+  which disks it runs on, nothing is removed;
+- no file QEMU has open is ever deleted, whatever the record says;
+- while a move is unresolved the VM is not live-migrated, deleted (without force) or started
+  from a definition that may name the wrong copy.
 """
 
 from __future__ import annotations
@@ -33,7 +38,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from qmotion.agent.config import DatastoreConfig
-from qmotion.agent.errors import Conflict, OperationFailed, SpecRejected
+from qmotion.agent.errors import (
+    AgentError,
+    AlreadySwitched,
+    Conflict,
+    OperationFailed,
+    SpecRejected,
+)
 from qmotion.agent.vms import VmManager
 from qmotion.api.storage import (
     CopyMode,
@@ -44,13 +55,13 @@ from qmotion.api.storage import (
     MirrorStatus,
 )
 from qmotion.api.vm import Disk
-from qmotion.hypervisor.errors import HypervisorError
+from qmotion.hypervisor.errors import HypervisorError, QmpError
 from qmotion.hypervisor.monitor import Monitor
 
 log = logging.getLogger(__name__)
 
 RECORD = "storage-move.json"
-PENDING_WAIT_S = 30.0  # a job's final sync after job-complete; the guest's I/O waits meanwhile
+PENDING_WAIT_S = 10.0  # a job's final sync after job-complete; the guest's I/O waits meanwhile
 SPACE_MARGIN = 1.05  # qcow2 metadata and the writes made while copying
 JOB_PREFIX = "qm-mirror-"
 
@@ -64,6 +75,7 @@ class MovedDisk(BaseModel):
     source_file_node: str | None = None
     target_node: str
     target_file_node: str
+    switched: bool = False
 
 
 class MoveRecord(BaseModel):
@@ -98,6 +110,7 @@ def free_bytes(path: Path) -> int:
 class StorageMoves:
     def __init__(self, vms: VmManager) -> None:
         self.vms = vms
+        vms.storage_guard = self.unresolved
         self._locks: dict[str, asyncio.Lock] = {}
         self._last: dict[str, tuple[float, int]] = {}  # name -> (time, bytes copied) for rates
 
@@ -121,6 +134,45 @@ class StorageMoves:
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
+
+    def unresolved(self, name: str) -> str | None:
+        """Why the VM must not be migrated, deleted or restarted now (None: nothing pending)."""
+        try:
+            rec = self._load(name)
+        except (OSError, ValueError):
+            return "its storage move record is unreadable"
+        if rec is None or rec.phase in ("released", "aborted"):
+            return None
+        return f"its storage move to {rec.datastore} is {rec.phase}"
+
+    async def _open_files(self, name: str) -> set[str] | None:
+        """Every file the VM's QEMU has open; None when QEMU does not answer (then nothing
+        may be deleted: any file could be in use)."""
+        try:
+            nodes = await self.vms.monitor(name).execute("query-named-block-nodes", {"flat": True})
+        except Conflict:
+            return set()  # not running: QEMU holds nothing
+        except HypervisorError:
+            return None
+        return {str(n.get("file")) for n in nodes if n.get("drv") == "file"}
+
+    async def _unlink(
+        self, name: str, disk: Disk, open_files: set[str] | None
+    ) -> tuple[str | None, str | None]:
+        """Delete one disk file unless QEMU has it open: (removed, leftover)."""
+        try:
+            path = self._path(disk, name)
+        except SpecRejected as exc:
+            return None, f"{disk.datastore}:{disk.path}: {exc}"
+        if open_files is None or str(path) in open_files:
+            return None, f"{path}: in use by QEMU (or QEMU does not answer): kept"
+        try:
+            existed = path.exists()
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+        except OSError as exc:
+            return None, f"{path}: {exc}"
+        self._remove_empty_folder(disk, name)
+        return (str(path) if existed else None), None
 
     def _datastore(self, name: str, vm: str, field: str = "datastore") -> DatastoreConfig:
         ds = self.vms.config.datastore(name)
@@ -170,38 +222,51 @@ class StorageMoves:
 
     # ------------------------------------------------------------------ start
 
+    async def check(self, name: str, req: MirrorRequest) -> MirrorStatus:
+        """What ``start`` would refuse, without changing anything (the manager asks at
+        submission, so a refusal is an HTTP error there, not a failed task)."""
+        async with self._lock(name):
+            await self._checked(name, req)
+        return MirrorStatus(vm=name, phase="aborted", datastore=req.datastore)
+
+    async def _checked(
+        self, name: str, req: MirrorRequest
+    ) -> tuple[Monitor, DatastoreConfig, list[tuple[int, Disk]], list[tuple[int, int]]]:
+        spec = self.vms.spec(name)
+        mon = self.vms.monitor(name)  # refuses a VM that is not running
+        rec = self._load(name)
+        if rec is not None and rec.phase == "failed":
+            await self._abort(name, rec)  # an earlier move's leftovers (never switched)
+        if (reason := self.unresolved(name)) is not None:
+            raise Conflict(f"VM {name} cannot start a storage move: {reason}", vm=name)
+        ds = self._datastore(req.datastore, name)
+        moving = [(i, d) for i, d in enumerate(spec.disks) if d.datastore != req.datastore]
+        if not spec.disks:
+            raise Conflict(f"VM {name} has no disks to move", vm=name, field="datastore")
+        if not moving:
+            raise Conflict(
+                f"every disk of {name} is already on datastore {req.datastore}",
+                vm=name,
+                field="datastore",
+            )
+        sizes = []
+        for _, disk in moving:
+            info = await asyncio.to_thread(qemu_img_info, self._path(disk, name))
+            sizes.append((int(info["virtual-size"]), int(info["actual-size"])))
+        need = int(sum(a for _, a in sizes) * SPACE_MARGIN)
+        have = await asyncio.to_thread(free_bytes, ds.path)
+        if have < need:
+            raise SpecRejected(
+                f"datastore {req.datastore} has {have >> 20} MiB free on host "
+                f"{self.vms.config.name}; the disks of {name} occupy {need >> 20} MiB",
+                vm=name,
+                field="datastore",
+            )
+        return mon, ds, moving, sizes
+
     async def start(self, name: str, req: MirrorRequest) -> MirrorStatus:
         async with self._lock(name):
-            spec = self.vms.spec(name)
-            mon = self.vms.monitor(name)  # refuses a VM that is not running
-            if (rec := self._load(name)) is not None and rec.phase not in ("released", "aborted"):
-                raise Conflict(
-                    f"VM {name} already has a storage move to {rec.datastore} ({rec.phase})",
-                    vm=name,
-                )
-            ds = self._datastore(req.datastore, name)
-            moving = [(i, d) for i, d in enumerate(spec.disks) if d.datastore != req.datastore]
-            if not spec.disks:
-                raise Conflict(f"VM {name} has no disks to move", vm=name, field="datastore")
-            if not moving:
-                raise Conflict(
-                    f"every disk of {name} is already on datastore {req.datastore}",
-                    vm=name,
-                    field="datastore",
-                )
-            sizes = []
-            for _, disk in moving:
-                info = await asyncio.to_thread(qemu_img_info, self._path(disk, name))
-                sizes.append((int(info["virtual-size"]), int(info["actual-size"])))
-            need = int(sum(a for _, a in sizes) * SPACE_MARGIN)
-            have = await asyncio.to_thread(free_bytes, ds.path)
-            if have < need:
-                raise SpecRejected(
-                    f"datastore {req.datastore} has {have >> 20} MiB free on host "
-                    f"{self.vms.config.name}; the disks of {name} occupy {need >> 20} MiB",
-                    vm=name,
-                    field="datastore",
-                )
+            mon, ds, moving, sizes = await self._checked(name, req)
             nodes = await self._source_nodes(mon)
             gen = secrets.token_hex(2)
             rec = MoveRecord(datastore=req.datastore, phase="mirroring", disks=[])
@@ -245,7 +310,7 @@ class StorageMoves:
                             "auto-dismiss": False,
                         },
                     )
-            except (HypervisorError, OperationFailed) as exc:
+            except (HypervisorError, AgentError) as exc:
                 rec.error = f"starting the mirror failed: {exc}"
                 await self._abort(name, rec)
                 raise OperationFailed(
@@ -323,11 +388,14 @@ class StorageMoves:
     # ------------------------------------------------------------------ status
 
     async def status(self, name: str) -> MirrorStatus:
-        self.vms.spec(name)
-        rec = self._load(name)
-        if rec is None:
-            raise Conflict(f"VM {name} has no storage move", vm=name)
-        return await self._status(name, rec)
+        async with self._lock(name):
+            self.vms.spec(name)
+            rec = self._load(name)
+            if rec is None:
+                raise Conflict(f"VM {name} has no storage move", vm=name)
+            if rec.phase == "switching":
+                await self._settle(name, rec)
+            return await self._status(name, rec)
 
     async def _jobs(self, name: str) -> dict[str, dict[str, Any]]:
         """QEMU's view of this VM's mirror jobs: query-jobs (status, error) merged with
@@ -357,12 +425,16 @@ class StorageMoves:
         if rec.phase in ("mirroring", "ready", "failed"):
             try:
                 jobs = await self._jobs(name)
+            except QmpError as exc:
+                # QEMU answered with an error: a hiccup, not a verdict on the move.
+                raise OperationFailed(f"querying the mirror of {name}: {exc}", vm=name) from exc
             except (HypervisorError, Conflict) as exc:
-                rec.phase, rec.error = "failed", f"the VM's QEMU does not answer: {exc}"
+                # Not running, or its monitor is gone: the jobs are gone with QEMU.
+                rec.phase, rec.error = "failed", f"the VM's QEMU is gone: {exc}"
         disks = []
         for d in rec.disks:
             j = jobs.get(d.job, {})
-            gone = "concluded" if rec.phase in ("pivoted", "released") else "gone"
+            gone = "concluded" if rec.phase in ("pivoted", "released", "switching") else "gone"
             status = str(j.get("status") or gone)
             error = j.get("error")
             if rec.phase in ("mirroring", "ready") and (error or status == "gone"):
@@ -440,7 +512,10 @@ class StorageMoves:
     async def pivot(self, name: str) -> MirrorStatus:
         """Point every disk at its target, or none. Refused (409) unless every job is ready."""
         async with self._lock(name):
-            rec = self._require(name, ("mirroring", "ready"))
+            rec = self._require(name, ("mirroring", "ready", "switching"))
+            if rec.phase == "switching":  # an earlier pivot's answer was lost
+                await self._settle(name, rec)
+                return await self._status(name, rec)
             mon = self.vms.monitor(name)
             jobs = await self._jobs(name)
             unready = [d.index for d in rec.disks if not jobs.get(d.job, {}).get("ready")]
@@ -461,38 +536,59 @@ class StorageMoves:
                     f"the disks of {name} could not all be switched, so none was: {exc}",
                     vm=name,
                 ) from exc
+            # From the first finalize on, QEMU may run on a target: recorded before it.
+            rec.phase = "switching"
+            self._save(name, rec)
             errors = []
             for d in rec.disks:
                 try:
                     await mon.execute("job-finalize", {"id": d.job})
                 except HypervisorError as exc:
                     errors.append(f"disk {d.index}: {exc}")
-            # Which device uses which node now is QEMU's answer, not what we expected.
-            nodes = await self._source_nodes(mon)
-            switched = [d for d in rec.disks if nodes.get(d.index, ("",))[0] == d.target_node]
-            await self._dismiss(mon, rec)
-            if switched:
-                await self._adopt(name, switched)
-            if len(switched) != len(rec.disks):
-                # All pending and then a finalize failed: QEMU's graph change refused. The
-                # truth (which disks moved) is in the definition now; the rest stay.
-                rec.disks = switched
-                rec.phase = "pivoted" if switched else "failed"
-                rec.error = "; ".join(errors) or "not every disk switched"
-                self._save(name, rec)
+            await self._settle(name, rec, "; ".join(errors) or None)
+            if str(rec.phase) != "pivoted" or rec.error:
                 raise OperationFailed(
-                    f"pivot of {name} switched {len(switched)} of its disks: {rec.error}",
-                    vm=name,
+                    f"pivot of {name}: {rec.error or rec.phase}; see the move's status", vm=name
                 )
-            rec.phase = "pivoted"
-            self._save(name, rec)
-            for d in rec.disks:
-                # The old nodes stay open (monitor-owned) until deleted; their files go later.
-                for node in (d.source_node, d.source_file_node):
-                    if node:
-                        with contextlib.suppress(HypervisorError):
-                            await mon.execute("blockdev-del", {"node-name": node})
             return await self._status(name, rec)
+
+    async def _settle(self, name: str, rec: MoveRecord, error: str | None = None) -> None:
+        """A ``switching`` record made true: QEMU's answer of which disks run on their
+        targets decides. QEMU not answering leaves it ``switching`` (both copies kept)."""
+        try:
+            mon = self.vms.monitor(name)
+            nodes = await self._source_nodes(mon)
+        except (HypervisorError, Conflict) as exc:
+            rec.error = f"whether the disks switched is unknown (QEMU: {exc}); both copies kept"
+            self._save(name, rec)
+            return
+        for d in rec.disks:
+            d.switched = nodes.get(d.index, ("",))[0] == d.target_node
+        switched = [d for d in rec.disks if d.switched]
+        if switched:
+            await self._adopt(name, switched)
+        if not switched:
+            # Nothing switched (the finalizes failed, or an agent restart came first): the
+            # jobs end without switching, the VM stays on its old disks.
+            await self._cancel_jobs(mon, rec)
+            rec.phase = "failed"
+            rec.error = error or "the pivot was interrupted; nothing switched"
+            self._save(name, rec)
+            return
+        await self._dismiss(mon, rec)
+        rec.phase = "pivoted"
+        if len(switched) != len(rec.disks):
+            # All were pending, then QEMU refused a finalize: the truth is a split VM. Its
+            # definition names what QEMU runs on; the targets that did not switch go at release.
+            stay = [d.index for d in rec.disks if not d.switched]
+            rec.error = f"disks {stay} did not switch ({error or 'QEMU refused'}); they stay"
+        self._save(name, rec)
+        for d in switched:
+            # The old nodes stay open (monitor-owned) until deleted; their files go later.
+            for node in (d.source_node, d.source_file_node):
+                if node:
+                    with contextlib.suppress(HypervisorError):
+                        await mon.execute("blockdev-del", {"node-name": node})
 
     async def _adopt(self, name: str, switched: list[MovedDisk]) -> None:
         """The definition names the new disks: a restart of this VM uses them."""
@@ -519,27 +615,32 @@ class StorageMoves:
                 raise OperationFailed(f"mirror jobs did not reach {wanted[0]} in time")
             await asyncio.sleep(0.05)
 
-    async def _cancel_jobs(self, mon: Monitor, rec: MoveRecord) -> None:
-        """Every job ends without switching anything (a pending job cancelled is aborted)."""
+    async def _cancel_jobs(self, mon: Monitor, rec: MoveRecord) -> bool:
+        """Every job ends without switching anything (a pending job cancelled is aborted).
+        False if some job did not end in time (or QEMU stopped answering)."""
+        ids = {d.job for d in rec.disks}
         with contextlib.suppress(HypervisorError):
             for j in await mon.execute("query-jobs"):
-                if j.get("id") in {d.job for d in rec.disks} and j.get("status") != "concluded":
+                if j.get("id") in ids and j.get("status") != "concluded":
                     with contextlib.suppress(HypervisorError):
                         await mon.execute("job-cancel", {"id": j["id"]})
         deadline = time.monotonic() + PENDING_WAIT_S
-        while time.monotonic() < deadline:
+        while True:
             try:
                 left = [
                     j
                     for j in await mon.execute("query-jobs")
-                    if j.get("id") in {d.job for d in rec.disks} and j.get("status") != "concluded"
+                    if j.get("id") in ids and j.get("status") != "concluded"
                 ]
             except HypervisorError:
-                return
+                return False
             if not left:
                 break
+            if time.monotonic() > deadline:
+                return False
             await asyncio.sleep(0.05)
         await self._dismiss(mon, rec)
+        return True
 
     @staticmethod
     async def _dismiss(mon: Monitor, rec: MoveRecord) -> None:
@@ -550,38 +651,60 @@ class StorageMoves:
     # ------------------------------------------------------------------ release / abort
 
     async def release(self, name: str) -> MirrorStatus:
-        """After the pivot: remove the old files. Ones that cannot be removed are named."""
+        """After the pivot: remove the old files, and the targets of disks that did not
+        switch. A file QEMU has open is kept and named. Idempotent."""
         async with self._lock(name):
-            rec = self._require(name, ("pivoted", "released"))
+            self.vms.spec(name)
+            rec = self._load(name)
+            if rec is None:  # released before; its answer was lost
+                return MirrorStatus(vm=name, phase="released", datastore="")
+            if rec.phase == "switching":
+                await self._settle(name, rec)
+            if rec.phase not in ("pivoted", "released"):
+                raise Conflict(f"the storage move of {name} is {rec.phase}", vm=name)
+            mon: Monitor | None
+            try:
+                mon = self.vms.monitor(name)
+            except Conflict:
+                mon = None
+            for d in rec.disks:
+                if not d.switched and mon is not None:
+                    for node in (d.target_node, d.target_file_node):
+                        with contextlib.suppress(HypervisorError):
+                            await mon.execute("blockdev-del", {"node-name": node})
+            open_files = await self._open_files(name)
             removed, leftovers = [], []
             for d in rec.disks:
-                try:
-                    path = self._path(d.source, name)
-                except SpecRejected:
-                    leftovers.append(f"{d.source.datastore}:{d.source.path}")
-                    continue
-                try:
-                    await asyncio.to_thread(path.unlink, missing_ok=True)
-                    removed.append(str(path))
-                    self._remove_empty_folder(d.source, name)
-                except OSError as exc:
-                    leftovers.append(f"{path}: {exc}")
+                got, left = await self._unlink(
+                    name, d.source if d.switched else d.target, open_files
+                )
+                removed += [got] if got else []
+                leftovers += [left] if left else []
             rec.phase = "released"
-            self._save(name, None)
             status = await self._status(name, rec)
+            self._save(name, None)
+            self._last.pop(name, None)
             return status.model_copy(update={"removed": removed, "leftovers": leftovers})
 
     async def abort(self, name: str) -> MirrorStatus:
         """Cancel the mirror: the VM stays on its old disks, the new files are removed.
 
-        Idempotent; refused once the disks were switched (then only ``release`` is right)."""
+        Idempotent; refused (``already_switched``) once a disk switched: then only
+        ``release`` is right."""
         async with self._lock(name):
             self.vms.spec(name)
             rec = self._load(name)
             if rec is None:
                 return MirrorStatus(vm=name, phase="aborted", datastore="")
-            if rec.phase in ("pivoted", "released"):
+            if rec.phase == "switching":
+                await self._settle(name, rec)
+            if rec.phase == "switching":
                 raise Conflict(
+                    f"whether the disks of {name} switched is unknown: both copies kept",
+                    vm=name,
+                )
+            if rec.phase in ("pivoted", "released"):
+                raise AlreadySwitched(
                     f"the disks of {name} were already switched to {rec.datastore}", vm=name
                 )
             return await self._abort(name, rec)
@@ -593,27 +716,27 @@ class StorageMoves:
         except Conflict:
             mon = None  # QEMU is gone: only files are left to remove
         if mon is not None:
-            await self._cancel_jobs(mon, rec)
+            if not await self._cancel_jobs(mon, rec):
+                rec.phase = "failed"
+                rec.error = rec.error or "the mirror jobs did not end"
+                self._save(name, rec)
+                raise OperationFailed(
+                    f"the mirror jobs of {name} did not end; its new files are kept", vm=name
+                )
             for d in rec.disks:
                 for node in (d.target_node, d.target_file_node):
                     with contextlib.suppress(HypervisorError):
                         await mon.execute("blockdev-del", {"node-name": node})
         spec = self.vms.spec(name)
         in_use = {(disk.datastore, disk.path) for disk in spec.disks}
+        open_files = await self._open_files(name)
         removed, leftovers = [], []
         for d in rec.disks:
             if (d.target.datastore, d.target.path) in in_use:
                 continue  # never delete what the definition runs on
-            try:
-                path = self._path(d.target, name)
-                existed = path.exists()
-                await asyncio.to_thread(path.unlink, missing_ok=True)
-                if existed:
-                    removed.append(str(path))
-                self._remove_empty_folder(d.target, name)
-            except (OSError, SpecRejected) as exc:
-                leftovers.append(f"{d.target.datastore}:{d.target.path}: {exc}")
-        rec.phase = "aborted"
+            got, left = await self._unlink(name, d.target, open_files)
+            removed += [got] if got else []
+            leftovers += [left] if left else []
         error = rec.error
         self._save(name, None)
         self._last.pop(name, None)

@@ -75,6 +75,8 @@ class VmManager:
         self.config = config
         self._accel = accel
         self.vms_dir = config.state_dir / "vms"
+        # Set by the storage moves: why a VM must not be started, deleted or migrated now.
+        self.storage_guard: Callable[[str], str | None] = lambda _name: None
         self._specs: dict[str, VmSpec] = {}
         self._runtime: dict[str, Runtime] = {}
         self._monitors: dict[str, Monitor] = {}
@@ -387,6 +389,10 @@ class VmManager:
         async with self.locked(name) as spec:
             if await self._alive(name) is not None:
                 raise Conflict(f"VM {name} is already running", vm=name)
+            if (reason := self.storage_guard(name)) is not None and "switching" in reason:
+                # Which copy holds its latest writes is not settled: starting either may
+                # run it on the stale one.
+                raise Conflict(f"VM {name} cannot start: {reason}", vm=name)
             await asyncio.to_thread(self.check_spec, spec)
             accel = await self._accel()
             info = qemu_info()
@@ -503,6 +509,8 @@ class VmManager:
     async def delete(self, name: str, *, force: bool = False) -> None:
         """Forget a VM (its disk images stay: they are data, not definition)."""
         async with self.locked(name) as spec:
+            if not force and (reason := self.storage_guard(name)) is not None:
+                raise Conflict(f"VM {name} cannot be deleted now: {reason}", vm=name)
             rt = await self._alive(name)
             if rt is not None:
                 if not force:

@@ -178,6 +178,21 @@ class MigrateRequest(StrictModel):
             raise ValueError("give a destination host (to), a datastore, or both")
         if self.disk_format is not None and self.datastore is None:
             raise ValueError("disk_format applies to moved disks: give a datastore too")
+        if self.to is None:
+            live_only = [
+                name
+                for name, value in (
+                    ("max_downtime_ms", self.max_downtime_ms),
+                    ("timeout_s", self.timeout_s),
+                    ("allow_postcopy", self.allow_postcopy or None),
+                )
+                if value is not None
+            ]
+            if live_only:
+                raise ValueError(
+                    f"{', '.join(live_only)} apply to a live migration to another host (to); "
+                    "a storage move takes datastore, disk_format and bandwidth"
+                )
         return self
 
 

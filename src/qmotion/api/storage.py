@@ -12,11 +12,13 @@ DiskFormat = Literal["qcow2", "raw"]
 CopyMode = Literal["background", "write-blocking"]
 # What the agent's mirror of one VM is doing, as a whole:
 #   mirroring  jobs copying; ready: every job in sync (pivot now is short)
+#   switching  the agent was finalizing the jobs (QEMU switches a disk at its finalize); the
+#              agent settles it from what QEMU runs on; unknown while QEMU does not answer
 #   pivoted    the VM runs on the targets, its definition names them; old files not yet removed
 #   released   old files removed (the move is over)
 #   aborted    jobs cancelled, targets removed: the VM runs on its old disks
 #   failed     a job failed (its error is given); the VM runs on its old disks until aborted
-MirrorPhase = Literal["mirroring", "ready", "pivoted", "released", "aborted", "failed"]
+MirrorPhase = Literal["mirroring", "ready", "switching", "pivoted", "released", "aborted", "failed"]
 
 
 class MirrorRequest(StrictModel):

@@ -27,6 +27,10 @@ class AgentClient(BaseClient):
     def storage_move(self, name: str, req: MirrorRequest) -> MirrorStatus:
         return self.call(MirrorStatus, "POST", f"/v1/vms/{name}/storage-move", json=dump(req))
 
+    def storage_move_check(self, name: str, req: MirrorRequest) -> MirrorStatus:
+        """What starting the move would refuse (4xx), without starting it."""
+        return self.call(MirrorStatus, "POST", f"/v1/vms/{name}/storage-move/check", json=dump(req))
+
     def storage_move_status(self, name: str) -> MirrorStatus:
         return self.call(MirrorStatus, "GET", f"/v1/vms/{name}/storage-move")
 

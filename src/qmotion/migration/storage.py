@@ -99,10 +99,12 @@ class Aborted:
 
 @dataclass(frozen=True)
 class CallFailed:
-    """The action's call failed. ``refused``: the agent answered that nothing changed."""
+    """The action's call failed. ``refused``: the agent answered that nothing changed;
+    ``switched``: it refused because the disks had already switched."""
 
     error: str
     refused: bool = False
+    switched: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,11 +143,24 @@ def _rollback(s: StorageState, error: str | None, note: str) -> Step:
     return Step(replace(s, phase=SPhase.ROLLBACK, error=error, failures=0), Action.ABORT, note)
 
 
+def _forward(s: StorageState, why: str) -> Step:
+    """The disks switched (whatever was asked): only the old files' removal is left."""
+    return Step(
+        replace(s, phase=SPhase.RELEASE, failures=0, warnings=(*s.warnings, why)),
+        Action.RELEASE,
+        why,
+    )
+
+
 def _mirror_step(s: StorageState, st: MirrorStatus, now: float) -> Step:
     if st.phase == "failed":
         return _rollback(s, st.error or "a mirror job failed", f"mirror failed: {st.error}")
     if st.phase in ("pivoted", "released"):  # a lost pivot answer seen late
         return Step(replace(s, phase=SPhase.RELEASE, failures=0), Action.RELEASE, "switched")
+    if st.phase == "switching":
+        return Step(replace(s, phase=SPhase.PIVOT_CHECK, failures=0), Action.POLL, "switching")
+    if st.copy_mode == "write-blocking":
+        s = replace(s, active=True)  # the agent's word, not what was asked
     if s.cancel:
         return _rollback(s, None, "cancel: stopping the mirror")
     if s.best_remaining is None or st.remaining_bytes < s.best_remaining:
@@ -172,7 +187,13 @@ def step(s: StorageState, event: Event, now: float) -> Step:
             return _rollback(s, None, "cancel: stopping the mirror")
         return Step(s, _resume_action(s), "cancel asked: too late, the disks are switching")
     if isinstance(event, Resumed):
+        if s.phase == SPhase.PIVOT:  # the pivot may or may not have been sent: ask first
+            s = replace(s, phase=SPhase.PIVOT_CHECK)
+        if s.phase == SPhase.START:  # whatever the start created goes
+            s = replace(s, phase=SPhase.ROLLBACK, error="the manager restarted while starting")
         return Step(replace(s, failures=0), _resume_action(s), "manager restarted: resuming")
+    if isinstance(event, CallFailed) and event.switched and s.phase != SPhase.RELEASE:
+        return _forward(s, f"the disks had already switched: going forward ({event.error})")
     match s.phase:
         case SPhase.START:
             if isinstance(event, Started):
@@ -199,11 +220,26 @@ def step(s: StorageState, event: Event, now: float) -> Step:
                 st = event.status
                 if st.phase in ("pivoted", "released"):
                     return Step(replace(s, phase=SPhase.RELEASE, failures=0), Action.RELEASE)
-                if st.phase == "failed" or s.phase == SPhase.PIVOT_CHECK:
-                    # Not switched: the copy is still good for another try only if in sync;
-                    # simpler and safe: roll back.
+                if st.phase in ("failed", "aborted"):
                     return _rollback(s, st.error or "the pivot did not happen", "not switched")
-                return Step(s, Action.POLL)
+                failures = s.failures + 1
+                if failures > MAX_PIVOT_CHECKS:
+                    if st.phase == "switching":
+                        return Step(
+                            replace(s, phase=SPhase.FAILED, error=st.error or "pivot unknown"),
+                            Action.NONE,
+                            "whether the disks switched is unknown: both copies kept",
+                        )
+                    return _rollback(s, "the pivot did not happen", "not switched")
+                if st.phase == "switching":  # the agent settles it once QEMU answers
+                    return Step(
+                        replace(s, phase=SPhase.PIVOT_CHECK, failures=failures), Action.POLL
+                    )
+                # Not switched and still mirroring: the pivot is asked (again); the agent
+                # refuses it unless every disk is in sync.
+                if st.synced:
+                    return Step(replace(s, phase=SPhase.PIVOT, failures=failures), Action.PIVOT)
+                return _mirror_step(replace(s, phase=SPhase.MIRROR, failures=0), st, now)
             if isinstance(event, CallFailed):
                 if event.refused:  # the agent said nothing was switched
                     return _rollback(s, event.error, f"pivot refused: {event.error}")
@@ -221,8 +257,11 @@ def step(s: StorageState, event: Event, now: float) -> Step:
                 )
         case SPhase.RELEASE:
             if isinstance(event, Released):
+                st = event.status
+                warnings = (*s.warnings, *([st.error] if st.error else []))
+                warnings += tuple(f"left behind: {f}" for f in st.leftovers)
                 return Step(
-                    replace(s, phase=SPhase.DONE, leftovers=tuple(event.status.leftovers)),
+                    replace(s, phase=SPhase.DONE, leftovers=tuple(st.leftovers), warnings=warnings),
                     Action.NONE,
                     "old files removed",
                 )
@@ -278,11 +317,13 @@ def _resume_action(s: StorageState) -> Action:
 
 
 class StoragePortError(Exception):
-    """A port call failed; ``refused``: the agent answered that nothing changed."""
+    """A port call failed; ``refused``: the agent answered that nothing changed;
+    ``switched``: it refused because the disks already switched (go forward)."""
 
-    def __init__(self, message: str, *, refused: bool = False) -> None:
+    def __init__(self, message: str, *, refused: bool = False, switched: bool = False) -> None:
         super().__init__(message)
         self.refused = refused
+        self.switched = switched
 
 
 class StoragePort(Protocol):
@@ -338,7 +379,8 @@ async def run(
         try:
             status = await getattr(port, method)()
         except StoragePortError as exc:
-            st = step(st.state, CallFailed(str(exc), refused=exc.refused), clock())
+            failed = CallFailed(str(exc), refused=exc.refused, switched=exc.switched)
+            st = step(st.state, failed, clock())
             continue
         assert status is not None
         st = step(st.state, event_type(status), clock())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -98,7 +99,9 @@ class AgentStoragePort:
         except ApiError as exc:
             # 4xx: the agent refused and changed nothing; 5xx: it failed partway.
             raise StoragePortError(
-                f"host {self.host.name}: {exc}", refused=exc.status < 500
+                f"host {self.host.name}: {exc}",
+                refused=exc.status < 500,
+                switched=exc.detail.code == "already_switched",
             ) from exc
         except ClientError as exc:
             raise StoragePortError(f"host {self.host.name}: {exc}") from exc
@@ -123,19 +126,26 @@ class AgentStoragePort:
 
     async def pivot(self) -> MirrorStatus:
         got = await self._step("pivot")
-        await self._adopt()
+        # The pivot happened: an inventory update that fails now must not read as a failed
+        # pivot (release updates it again, and the task's end once more).
+        with contextlib.suppress(StoragePortError):
+            await self.adopt()
         return got
 
     async def release(self) -> MirrorStatus:
-        await self._adopt()  # again: a pivot whose answer was lost reaches here by status
+        # Before the old files go: a pivot whose answer was lost reaches here by status.
+        await self.adopt()
         return await self._step("release")
 
     async def abort(self) -> MirrorStatus:
         return await self._step("abort")
 
-    async def _adopt(self) -> None:
+    async def adopt(self) -> None:
         """The inventory names the disks the agent's definition names (after the pivot)."""
-        info = await self._call(lambda c: c.vm(self.vm))
+        try:
+            info = await self._call(lambda c: c.vm(self.vm))
+        except StoragePortError as exc:
+            raise StoragePortError(str(exc)) from exc  # never a "refused": nothing to refuse
 
         def update() -> None:
             with self.db.session() as s:

@@ -7,6 +7,7 @@ queued, not refused. Every step of a task is persisted with its phase, progress 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -27,6 +28,7 @@ from qmotion.migration import engine, params, storage
 from qmotion.migration.errors import Refused, StepError
 from qmotion.migration.machine import MigrationState, Phase, Step
 from qmotion.migration.prechecks import PrecheckInput, precheck
+from qmotion.migration.storage import StoragePortError
 from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, Task, TaskEvent, utcnow
 from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream
 from qmotion.server.inventory import Inventory
@@ -359,9 +361,11 @@ class TaskRunner:
                 speed = parse_rate_bytes(req.bandwidth)
             except ValueError as exc:
                 raise Invalid(f"bandwidth: {exc}", field="bandwidth", vm=vm) from exc
-        return host_row, MirrorRequest(
-            datastore=req.datastore, format=req.disk_format, speed=speed
-        )
+        mreq = MirrorRequest(datastore=req.datastore, format=req.disk_format, speed=speed)
+        # Only the agent sees the datastore's free space and the disks' allocation: asked
+        # now, so a refusal is this request's error (nothing created), not a failed task.
+        self.inventory.call(host_row, lambda c: c.storage_move_check(vm, mreq), vm=vm)
+        return host_row, mreq
 
     async def submit_storage_move(self, vm: str, req: MigrateRequest) -> TaskOut:
         """Storage vMotion: the VM's disks to another datastore, the VM stays on its host."""
@@ -426,6 +430,10 @@ class TaskRunner:
                     await asyncio.to_thread(self._persist_storage, task_id, st, status)
 
                 final = await storage.run(port, persist, cancel, resume)
+                # Whatever the outcome, the inventory names what the agent's definition names
+                # (what QEMU runs on): a later live migration opens those files.
+                with contextlib.suppress(StoragePortError):
+                    await port.adopt()
                 state = {
                     storage.SPhase.DONE: TaskState.SUCCEEDED,
                     storage.SPhase.CANCELLED: TaskState.CANCELLED,
