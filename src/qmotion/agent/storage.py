@@ -223,8 +223,9 @@ class StorageMoves:
     # ------------------------------------------------------------------ start
 
     async def check(self, name: str, req: MirrorRequest) -> MirrorStatus:
-        """What ``start`` would refuse, without changing anything (the manager asks at
-        submission, so a refusal is an HTTP error there, not a failed task)."""
+        """What ``start`` would refuse (the manager asks at submission, so a refusal is an
+        HTTP error there, not a failed task). Changes nothing, except that the leftovers of
+        an earlier move that failed (never switched) are cleared first, as ``start`` does."""
         async with self._lock(name):
             await self._checked(name, req)
         return MirrorStatus(vm=name, phase="aborted", datastore=req.datastore)
@@ -515,6 +516,11 @@ class StorageMoves:
             rec = self._require(name, ("mirroring", "ready", "switching"))
             if rec.phase == "switching":  # an earlier pivot's answer was lost
                 await self._settle(name, rec)
+                if str(rec.phase) != "pivoted" or rec.error:
+                    raise OperationFailed(
+                        f"pivot of {name}: {rec.error or rec.phase}; see the move's status",
+                        vm=name,
+                    )
                 return await self._status(name, rec)
             mon = self.vms.monitor(name)
             jobs = await self._jobs(name)
@@ -562,8 +568,23 @@ class StorageMoves:
             rec.error = f"whether the disks switched is unknown (QEMU: {exc}); both copies kept"
             self._save(name, rec)
             return
+        rec.error = None  # QEMU answers: what follows is the truth
         for d in rec.disks:
             d.switched = nodes.get(d.index, ("",))[0] == d.target_node
+        if any(d.switched for d in rec.disks) and not all(d.switched for d in rec.disks):
+            # Interrupted between two finalizes (an agent restart): every job was pending,
+            # so finalizing the rest keeps "all or none".
+            with contextlib.suppress(HypervisorError):
+                pending = {
+                    j["id"] for j in await mon.execute("query-jobs") if j.get("status") == "pending"
+                }
+                for d in rec.disks:
+                    if not d.switched and d.job in pending:
+                        with contextlib.suppress(HypervisorError):
+                            await mon.execute("job-finalize", {"id": d.job})
+                nodes = await self._source_nodes(mon)
+                for d in rec.disks:
+                    d.switched = nodes.get(d.index, ("",))[0] == d.target_node
         switched = [d for d in rec.disks if d.switched]
         if switched:
             await self._adopt(name, switched)
@@ -575,7 +596,8 @@ class StorageMoves:
             rec.error = error or "the pivot was interrupted; nothing switched"
             self._save(name, rec)
             return
-        await self._dismiss(mon, rec)
+        # A job that did not switch is cancelled (a pending one cannot be dismissed).
+        await self._cancel_jobs(mon, rec)
         rec.phase = "pivoted"
         if len(switched) != len(rec.disks):
             # All were pending, then QEMU refused a finalize: the truth is a split VM. Its
