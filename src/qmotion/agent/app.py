@@ -20,6 +20,7 @@ from qmotion.agent.facts import MetricsSampler, host_facts
 from qmotion.agent.migrate import Migrations
 from qmotion.agent.storage import StorageMoves
 from qmotion.agent.tls import PeerListener, TlsStore
+from qmotion.agent.transfer import Transfers
 from qmotion.agent.vms import VmManager
 from qmotion.api.host import AccelInfo, HostFacts, HostMetrics, TlsCsr, TlsInstall, TlsStatus
 from qmotion.api.migration import (
@@ -42,7 +43,14 @@ from qmotion.api.service import (
     install_error_handlers,
     json_error_responses,
 )
-from qmotion.api.storage import DiskUsage, MirrorRequest, MirrorStatus
+from qmotion.api.storage import (
+    DiskCopy,
+    DiskCopyRequest,
+    DiskExport,
+    DiskUsage,
+    MirrorRequest,
+    MirrorStatus,
+)
 from qmotion.api.vm import StopRequest, VmInfo, VmSpec
 from qmotion.hypervisor.accel import choose_accel
 from qmotion.image import ensure_image
@@ -63,6 +71,7 @@ class AgentState:
         self.tls = TlsStore(config.state_dir, config.name)
         self.migrations = Migrations(self.vms, self.tls)
         self.storage = StorageMoves(self.vms)
+        self.transfers = Transfers(self.vms)
         self.peer = PeerListener(
             create_peer_app(self), config.address or "127.0.0.1", config.port + 1
         )
@@ -156,8 +165,24 @@ def create_app(config: AgentConfig) -> FastAPI:
         return await state.vms.stop(name, force=req.force, timeout_s=req.timeout_s)
 
     @app.delete("/v1/vms/{name}", status_code=204, dependencies=auth)
-    async def delete_vm(name: str, force: bool = False) -> None:
-        await state.vms.delete(name, force=force)
+    async def delete_vm(name: str, force: bool = False, with_disks: bool = False) -> None:
+        await state.vms.delete(name, force=force, with_disks=with_disks)
+
+    @app.post("/v1/vms/{name}/export", response_model=list[DiskExport], dependencies=auth)
+    async def export_disks(name: str) -> list[DiskExport]:
+        return await state.transfers.export(name)
+
+    @app.delete("/v1/vms/{name}/export", status_code=204, dependencies=auth)
+    async def unexport_disks(name: str) -> None:
+        await state.transfers.unexport(name)
+
+    @app.post("/v1/disk-copies", response_model=DiskCopy, dependencies=auth)
+    async def copy_disk(req: DiskCopyRequest) -> DiskCopy:
+        return await state.transfers.copy(req)
+
+    @app.delete("/v1/disk-copies", dependencies=auth)
+    async def remove_disk_copy(datastore: str, path: str) -> dict[str, bool]:
+        return {"removed": await state.transfers.remove_copy(datastore, path)}
 
     @app.get(
         "/v1/vms/{name}/console",

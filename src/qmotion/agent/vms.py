@@ -506,9 +506,12 @@ class VmManager:
             await self._cleanup_runtime(name, rt)
         return await self.info(name)
 
-    async def delete(self, name: str, *, force: bool = False) -> None:
-        """Forget a VM (its disk images stay: they are data, not definition)."""
+    async def delete(self, name: str, *, force: bool = False, with_disks: bool = False) -> None:
+        """Forget a VM. Its disk images stay (they are data, not definition) unless
+        ``with_disks``: then a stopped VM's image files go too (a cold migration's end)."""
         async with self.locked(name) as spec:
+            if with_disks and await self._alive(name) is not None:
+                raise Conflict(f"VM {name} is running: its disks are not removed", vm=name)
             if not force and (reason := self.storage_guard(name)) is not None:
                 raise Conflict(f"VM {name} cannot be deleted now: {reason}", vm=name)
             rt = await self._alive(name)
@@ -519,6 +522,15 @@ class VmManager:
                     )
                 await asyncio.to_thread(process.kill, rt.pid, spec.uuid)
                 await self._cleanup_runtime(name, rt)
+            if with_disks:
+                for i in range(len(spec.disks)):
+                    with contextlib.suppress(SpecRejected, OSError):
+                        path = self._disk_path(spec, i)
+                        path.unlink(missing_ok=True)
+                        root = self.config.datastore(spec.disks[i].datastore)
+                        if root is not None and path.parent != root.path:
+                            with contextlib.suppress(OSError):
+                                path.parent.rmdir()
             shutil.rmtree(self._dir(name), ignore_errors=True)
             del self._specs[name]
         self._locks.pop(name, None)

@@ -65,6 +65,11 @@ class MigrationPhase(StrEnum):
     PIVOT = "pivot"
     PIVOT_CHECK = "pivot_check"
     RELEASE = "release_old_disks"
+    # A cold migration's (qmotion.migration.cold)
+    EXPORT_DISKS = "export_disks"
+    COPY_DISKS = "copy_disks"
+    DEFINE_DESTINATION = "define_destination"
+    REMOVE_SOURCE = "remove_source"
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"

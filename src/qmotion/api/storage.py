@@ -80,3 +80,23 @@ class DiskUsage(BaseModel):
     format: DiskFormat
     virtual_size: int | None = Field(default=None, description="bytes the guest sees")
     allocated_bytes: int | None = Field(default=None, description="bytes the file occupies")
+
+
+class DiskExport(BaseModel):
+    index: int
+    uri: str
+    format: DiskFormat
+    virtual_size: int
+
+
+class DiskCopyRequest(StrictModel):
+    uri: str = Field(pattern=r"^nbd://[0-9.]+:[0-9]+/[a-z0-9]+$")
+    datastore: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+    format: DiskFormat = "qcow2"
+
+
+class DiskCopy(BaseModel):
+    disk: Disk
+    virtual_size: int
+    allocated_bytes: int

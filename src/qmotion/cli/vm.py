@@ -256,7 +256,17 @@ def wait_task(task: TaskOut, get: Callable[[int], TaskOut], show_progress: bool)
 def migration_result(task: TaskOut) -> dict[str, object]:
     """What ``vm migrate --json`` prints: the task's id, state and error, and its report."""
     out: dict[str, object] = {"task": task.id, "state": task.state.value, "error": task.error}
-    if task.kind == "storage-move":
+    if task.kind == "cold-migrate":
+        out.update(
+            vm=task.vm,
+            source=task.source,
+            destination=task.destination,
+            kind=task.kind,
+            wall_ms=_wall_ms(task),
+            steps=[e.message for e in task.events if e.kind == "phase"],
+            warnings=[e.message for e in task.events if e.kind == "warning"],
+        )
+    elif task.kind == "storage-move":
         out.update(vm=task.vm, host=task.source, kind=task.kind, wall_ms=_wall_ms(task))
         if task.mirror is not None:
             out["mirror"] = task.mirror.model_dump(mode="json")
@@ -302,9 +312,27 @@ def _storage_table(task: TaskOut) -> Table:
     return table
 
 
+def _cold_table(task: TaskOut) -> Table:
+    table = Table("", "", title="cold migration report", show_header=False)
+    rows: list[tuple[str, object]] = [
+        ("task", f"{task.id} ({task.state.value})"),
+        ("source", task.source),
+        ("destination", task.destination),
+        ("wall time ms", _wall_ms(task)),
+    ]
+    rows += [("step", e.message) for e in task.events if e.kind == "phase"]
+    rows += [("warning", e.message) for e in task.events if e.kind == "warning"]
+    for label, value in rows:
+        if value is not None:
+            table.add_row(*cells(label, value))
+    return table
+
+
 def _report_table(task: TaskOut) -> Table:
     if task.kind == "storage-move":
         return _storage_table(task)
+    if task.kind == "cold-migrate":
+        return _cold_table(task)
     table = Table("", "", title="migration report", show_header=False)
     r = task.result
     rows: list[tuple[str, object]] = [

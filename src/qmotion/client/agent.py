@@ -15,7 +15,14 @@ from qmotion.api.migration import (
     PathProbeRequest,
     PostcopyRecovery,
 )
-from qmotion.api.storage import DiskUsage, MirrorRequest, MirrorStatus
+from qmotion.api.storage import (
+    DiskCopy,
+    DiskCopyRequest,
+    DiskExport,
+    DiskUsage,
+    MirrorRequest,
+    MirrorStatus,
+)
 from qmotion.api.vm import StopRequest, VmInfo, VmSpec
 from qmotion.client.base import BaseClient, dump
 
@@ -60,8 +67,21 @@ class AgentClient(BaseClient):
         req = StopRequest(force=force, timeout_s=timeout_s)
         return self.call(VmInfo, "POST", f"/v1/vms/{name}/stop", json=dump(req))
 
-    def delete(self, name: str, *, force: bool = False) -> None:
-        self.request("DELETE", f"/v1/vms/{name}", params={"force": str(force).lower()})
+    def delete(self, name: str, *, force: bool = False, with_disks: bool = False) -> None:
+        params = {"force": str(force).lower(), "with_disks": str(with_disks).lower()}
+        self.request("DELETE", f"/v1/vms/{name}", params=params)
+
+    def export_disks(self, name: str) -> list[DiskExport]:
+        return self.call(list[DiskExport], "POST", f"/v1/vms/{name}/export")
+
+    def unexport_disks(self, name: str) -> None:
+        self.request("DELETE", f"/v1/vms/{name}/export")
+
+    def copy_disk(self, req: DiskCopyRequest) -> DiskCopy:
+        return self.call(DiskCopy, "POST", "/v1/disk-copies", json=dump(req))
+
+    def remove_disk_copy(self, datastore: str, path: str) -> None:
+        self.request("DELETE", "/v1/disk-copies", params={"datastore": datastore, "path": path})
 
     def console(self, name: str, tail_bytes: int = 65536) -> str:
         return self.request(

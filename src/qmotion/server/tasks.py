@@ -24,11 +24,12 @@ from qmotion.api.server import MigrateRequest, TaskEventOut, TaskOut, TaskState
 from qmotion.api.sizes import parse_rate_bytes
 from qmotion.api.storage import MirrorRequest, MirrorStatus
 from qmotion.api.vm import VmSpec, VmState
-from qmotion.migration import engine, params, storage
+from qmotion.migration import cold, engine, params, storage
 from qmotion.migration.errors import Refused, StepError
 from qmotion.migration.machine import MigrationState, Phase, Step
 from qmotion.migration.prechecks import PrecheckInput, precheck
 from qmotion.migration.storage import StoragePortError
+from qmotion.server.cold import AgentColdPort, cold_refusals
 from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, Task, TaskEvent, utcnow
 from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream
 from qmotion.server.inventory import Inventory
@@ -39,6 +40,7 @@ from qmotion.server.storage import AgentStoragePort, storage_prechecks
 log = logging.getLogger(__name__)
 DEFAULT_PER_HOST = 4
 STORAGE_MOVE = "storage-move"
+COLD_MIGRATE = "cold-migrate"
 
 
 def task_out(t: Task, with_events: bool = True) -> TaskOut:
@@ -137,8 +139,34 @@ class TaskRunner:
         Call from within the event loop."""
         resume = []
         moves = []
+        colds = []
         with self.db.session() as s:
             for t in s.scalars(select(Task).where(Task.state.in_(ACTIVE_TASK_STATES))):
+                if t.kind == COLD_MIGRATE and t.state == TaskState.RUNNING and t.machine:
+                    row = self.inventory.vm_by_name(s, t.vm or "")
+                    cstate = cold.state_from_json(t.machine)
+                    colds.append(
+                        (
+                            t.id,
+                            AgentColdPort(
+                                self.db,
+                                self.inventory,
+                                VmSpec.model_validate(row.spec),
+                                AgentMigrationPort.host_copy(
+                                    self.inventory.host_by_name(s, t.source or "")
+                                ),
+                                AgentMigrationPort.host_copy(
+                                    self.inventory.host_by_name(s, t.destination or "")
+                                ),
+                                (t.params or {}).get("datastore"),
+                                (t.params or {}).get("disk_format"),
+                            ),
+                            cold.step(cstate, cold.Resumed()),
+                            t.cancel_requested,
+                        )
+                    )
+                    s.add(TaskEvent(task=t, kind="note", message="manager restarted: resuming"))
+                    continue
                 if t.kind == STORAGE_MOVE and t.state == TaskState.RUNNING and t.machine:
                     host = AgentMigrationPort.host_copy(
                         self.inventory.host_by_name(s, t.source or "")
@@ -172,6 +200,13 @@ class TaskRunner:
                 t.state, t.ended_at = TaskState.FAILED, utcnow()
                 t.error = "the manager restarted before this task began; nothing was changed"
                 s.add(TaskEvent(task=t, kind="error", message=t.error))
+        for task_id, cport, cstart, cancelled in colds:
+            cancel = self._cancel[task_id] = asyncio.Event()
+            if cancelled:
+                cancel.set()
+            self._running[task_id] = asyncio.create_task(
+                self._run_cold(task_id, cport, cstart, resumed=True), name=f"task-{task_id}"
+            )
         for task_id, vm, host, mreq, sstate, cancelled in moves:
             cancel = self._cancel[task_id] = asyncio.Event()
             if cancelled:
@@ -269,6 +304,8 @@ class TaskRunner:
         return prediction
 
     async def submit_migration(self, vm: str, req: MigrateRequest) -> TaskOut:
+        if req.to is not None and await asyncio.to_thread(self._stopped, vm):
+            return await self.submit_cold(vm, req)
         if req.datastore is not None:
             return await self.submit_storage_move(vm, req)
         accepted = time.monotonic()
@@ -317,6 +354,161 @@ class TaskRunner:
             name=f"task-{out.id}",
         )
         return out
+
+    # ------------------------------------------------------------------ cold migration
+
+    def _stopped(self, vm: str) -> bool:
+        """Whether the VM is stopped, as its host says now (the inventory may lag)."""
+        with self.db.session() as s:
+            if self.db.active_task_for_vm(s, vm) is not None:
+                return False  # its live pre-checks refuse it as already migrating
+        return self.inventory.show_vm(vm).state == VmState.STOPPED
+
+    def _check_cold(self, vm: str, req: MigrateRequest) -> tuple[VmSpec, Host, Host]:
+        to = req.to
+        assert to is not None
+        knobs = [k for k in ("max_downtime_ms", "timeout_s", "bandwidth") if getattr(req, k)]
+        if knobs or req.allow_postcopy:
+            raise Invalid(
+                f"{', '.join(knobs) or 'allow_postcopy'}: {vm} is stopped; a cold migration "
+                "copies its disks and moves its definition, those apply to a running VM",
+                field=(knobs or ["allow_postcopy"])[0],
+                vm=vm,
+            )
+        with self.db.session() as s:
+            row = self.inventory.vm_by_name(s, vm)
+            spec = VmSpec.model_validate(row.spec)
+            hosts = self.inventory.host_views(s)
+            live = precheck(
+                PrecheckInput(
+                    vm_view(spec, row.host.name, row.state, False),
+                    to,
+                    hosts,
+                    tls=False,
+                )
+            )
+            target = hosts.get(to)
+            refusals = cold_refusals(
+                live,
+                req.datastore,
+                frozenset(d.datastore for d in spec.disks),
+                target.datastores if target is not None else frozenset(),
+                to,
+            )
+            if not refusals:
+                src = AgentMigrationPort.host_copy(row.host)
+                dst = AgentMigrationPort.host_copy(self.inventory.host_by_name(s, to))
+        if refusals:
+            first = refusals[0]
+            cls = Conflict if any(r.status == 409 for r in refusals) else Invalid
+            raise cls(
+                "; ".join(r.message for r in refusals),
+                code=first.code,
+                vm=vm,
+                host=first.host,
+                field=first.field,
+            )
+        return spec, src, dst
+
+    async def submit_cold(self, vm: str, req: MigrateRequest) -> TaskOut:
+        """A stopped VM to another host: its disks copied (with --datastore) and verified,
+        or only its definition moved (its datastores reachable from there)."""
+        spec, src, dst = await asyncio.to_thread(self._check_cold, vm, req)
+        what = f"to datastore {req.datastore}" if req.datastore else "definition only"
+
+        def insert() -> TaskOut:
+            try:
+                with self.db.session() as s:
+                    t = Task(
+                        kind=COLD_MIGRATE,
+                        state=TaskState.QUEUED,
+                        vm=vm,
+                        source=src.name,
+                        destination=dst.name,
+                        params={"datastore": req.datastore, "disk_format": req.disk_format},
+                        phase=Phase.QUEUED,
+                    )
+                    s.add(t)
+                    s.flush()
+                    s.add(
+                        TaskEvent(
+                            task=t,
+                            kind="queued",
+                            message=f"cold migration of {vm}: {src.name} -> {dst.name} ({what})",
+                        )
+                    )
+                    return task_out(t, with_events=False)
+            except IntegrityError as exc:
+                raise Conflict(
+                    f"VM {vm} is already migrating", code="already_migrating", vm=vm
+                ) from exc
+
+        out = await asyncio.to_thread(insert)
+        port = AgentColdPort(
+            self.db, self.inventory, spec, src, dst, req.datastore, req.disk_format
+        )
+        self._cancel[out.id] = asyncio.Event()
+        self._running[out.id] = asyncio.create_task(
+            self._run_cold(out.id, port, cold.first(req.datastore is not None)),
+            name=f"task-{out.id}",
+        )
+        return out
+
+    async def _run_cold(
+        self, task_id: int, port: AgentColdPort, start: cold.CStep, resumed: bool = False
+    ) -> None:
+        cancel = self._cancel[task_id]
+        first, second = sorted((port.source.name, port.destination.name))
+        try:
+            async with self._slot(first), self._slot(second):
+                if not resumed:
+                    if cancel.is_set():
+                        await asyncio.to_thread(
+                            self._finish, task_id, TaskState.CANCELLED, "cancelled while queued"
+                        )
+                        return
+                    await asyncio.to_thread(self._mark_running, task_id)
+
+                async def persist(st: cold.CStep) -> None:
+                    await asyncio.to_thread(self._persist_cold, task_id, st)
+
+                final = await cold.run(port, persist, cancel, start)
+                state = {
+                    cold.CPhase.DONE: TaskState.SUCCEEDED,
+                    cold.CPhase.CANCELLED: TaskState.CANCELLED,
+                }.get(final.phase, TaskState.FAILED)
+                error = final.error if state != TaskState.SUCCEEDED else None
+                await asyncio.to_thread(self._finish, task_id, state, error)
+        except Exception as exc:  # a bug must still end the task, visibly
+            log.exception("task %d crashed", task_id)
+            await asyncio.to_thread(
+                self._finish, task_id, TaskState.FAILED, f"internal error: {exc}"
+            )
+        finally:
+            self._cancel.pop(task_id, None)
+            self._running.pop(task_id, None)
+
+    def _persist_cold(self, task_id: int, st: cold.CStep) -> None:
+        with self.db.session() as s:
+            t = s.get(Task, task_id)
+            assert t is not None
+            previous = t.phase
+            t.phase = st.state.phase.value
+            t.machine = cold.state_to_json(st.state)
+            order = list(cold.CPhase)
+            if st.state.phase in order[:4]:
+                t.progress = max(t.progress, order.index(st.state.phase) / 4)
+            if previous != t.phase:
+                s.add(
+                    TaskEvent(
+                        task=t, kind="phase", message=st.note or t.phase, data={"phase": t.phase}
+                    )
+                )
+            elif st.note:
+                s.add(TaskEvent(task=t, kind="note", message=st.note))
+            for w in st.state.warnings:
+                if not any(e.message == w for e in t.events):
+                    s.add(TaskEvent(task=t, kind="warning", message=w))
 
     # ------------------------------------------------------------------ storage moves
 

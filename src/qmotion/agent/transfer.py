@@ -1,0 +1,209 @@
+"""Disk transfers between hosts for a stopped VM: read-only NBD exports on the source, a
+verified copy on the destination.
+
+Source: ``qemu-nbd --read-only`` per disk on the host's migration address (``--fork``: it
+returns once it listens). It serves what the guest sees (raw) with the image's allocation,
+so the copy stays sparse. Destination: ``qemu-img convert`` from the export into a new image
+(the format asked), then ``qemu-img compare`` of the copy against the export, byte for byte;
+a copy that fails either is removed. The exports' PIDs are written to the VM's directory, so
+an agent restarted midway still ends them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from qmotion.agent.errors import Conflict, OperationFailed, SpecRejected
+from qmotion.agent.storage import qemu_img_info
+from qmotion.agent.vms import VmManager
+from qmotion.api.storage import DiskCopy, DiskCopyRequest, DiskExport
+from qmotion.api.vm import Disk
+
+log = logging.getLogger(__name__)
+EXPORTS = "exports.json"
+COPY_TIMEOUT_S = 6 * 3600.0
+
+
+class Exports(BaseModel):
+    pids: list[int] = Field(default_factory=list)
+    disks: list[DiskExport] = Field(default_factory=list)
+
+
+def _free_port(address: str) -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+def _is_nbd(pid: int) -> bool:
+    try:
+        return b"qemu-nbd" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+class Transfers:
+    def __init__(self, vms: VmManager) -> None:
+        self.vms = vms
+
+    def _exports_path(self, name: str) -> Path:
+        return self.vms._dir(name) / EXPORTS
+
+    def _address(self) -> str:
+        cfg = self.vms.config
+        return (cfg.migration_addresses or (cfg.address or "127.0.0.1",))[0]
+
+    async def _run(self, *argv: str, timeout_s: float = COPY_TIMEOUT_S) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        return proc.returncode or 0, out.decode(errors="replace").strip()
+
+    # ------------------------------------------------------------------ source
+
+    async def export(self, name: str) -> list[DiskExport]:
+        """Serve every disk of a stopped VM read-only; idempotent (the same exports again)."""
+        async with self.vms.locked(name) as spec:
+            if await self.vms._alive(name) is not None:
+                raise Conflict(f"VM {name} is running: only a stopped VM's disks are exported")
+            path = self._exports_path(name)
+            if path.is_file():
+                known = Exports.model_validate_json(path.read_text())
+                if all(_is_nbd(p) for p in known.pids):
+                    return known.disks
+                await self._end(name)
+            address = self._address()
+            exports = Exports()
+            try:
+                for i, disk in enumerate(spec.disks):
+                    ds = self.vms.config.datastore(disk.datastore)
+                    if ds is None:
+                        raise SpecRejected(
+                            f"datastore {disk.datastore} is not on host {self.vms.config.name}",
+                            vm=name,
+                            field=f"disks[{i}].datastore",
+                        )
+                    file = ds.path / disk.path
+                    info = await asyncio.to_thread(qemu_img_info, file)
+                    port = _free_port(address)
+                    pidfile = self.vms._dir(name) / f"nbd{i}.pid"
+                    code, out = await self._run(
+                        "qemu-nbd",
+                        "--read-only",
+                        "--persistent",
+                        "--shared=4",
+                        f"--format={disk.format}",
+                        f"--bind={address}",
+                        f"--port={port}",
+                        f"--export-name=disk{i}",
+                        f"--pid-file={pidfile}",
+                        "--fork",
+                        str(file),
+                        timeout_s=30,
+                    )
+                    if code != 0:
+                        raise OperationFailed(f"qemu-nbd for disk {i} of {name}: {out}", vm=name)
+                    exports.pids.append(int(pidfile.read_text().strip()))
+                    exports.disks.append(
+                        DiskExport(
+                            index=i,
+                            uri=f"nbd://{address}:{port}/disk{i}",
+                            format=disk.format,
+                            virtual_size=int(info["virtual-size"]),
+                        )
+                    )
+                    self.vms._write(path, exports.model_dump_json())
+            except BaseException:
+                self.vms._write(path, exports.model_dump_json())
+                await self._end(name)
+                raise
+            return exports.disks
+
+    async def unexport(self, name: str) -> None:
+        self.vms.spec(name)
+        await self._end(name)
+
+    async def _end(self, name: str) -> None:
+        path = self._exports_path(name)
+        if not path.is_file():
+            return
+        known = Exports.model_validate_json(path.read_text())
+        for pid in known.pids:
+            if _is_nbd(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not any(_is_nbd(p) for p in known.pids):
+                break
+            await asyncio.sleep(0.05)
+        path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ destination
+
+    def _target(self, req: DiskCopyRequest) -> Path:
+        ds = self.vms.config.datastore(req.datastore)
+        if ds is None:
+            raise SpecRejected(
+                f"datastore {req.datastore} is not on host {self.vms.config.name}",
+                field="datastore",
+            )
+        if req.path.startswith("/") or ".." in req.path.split("/"):
+            raise SpecRejected("path must be relative to the datastore", field="path")
+        return ds.path / req.path
+
+    async def copy(self, req: DiskCopyRequest) -> DiskCopy:
+        """Copy an export into a new image here and verify it; nothing is left on failure."""
+        target = self._target(req)
+        if target.exists():
+            raise Conflict(f"{target} exists: a copy never overwrites a file", field="path")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            code, out = await self._run(
+                "qemu-img", "convert", "-f", "raw", "-O", req.format, req.uri, str(target)
+            )
+            if code != 0:
+                raise OperationFailed(f"copying {req.uri} to {target} failed: {out}")
+            code, out = await self._run(
+                "qemu-img", "compare", "-f", req.format, "-F", "raw", str(target), req.uri
+            )
+            if code != 0:
+                raise OperationFailed(f"the copy {target} differs from {req.uri}: {out}")
+            info = await asyncio.to_thread(qemu_img_info, target)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            ds = self.vms.config.datastore(req.datastore)
+            if ds is not None and target.parent != ds.path:
+                with contextlib.suppress(OSError):
+                    target.parent.rmdir()  # the VM's folder, if the copy made it
+            raise
+        return DiskCopy(
+            disk=Disk(datastore=req.datastore, path=req.path, format=req.format),
+            virtual_size=int(info["virtual-size"]),
+            allocated_bytes=int(info["actual-size"]),
+        )
+
+    async def remove_copy(self, datastore: str, path: str) -> bool:
+        """A copy made for a move that was rolled back; never a disk a defined VM uses."""
+        req = DiskCopyRequest(uri="nbd://0.0.0.0:0/x", datastore=datastore, path=path)
+        target = self._target(req)
+        for vm in await self.vms.list():
+            if any((d.datastore, d.path) == (datastore, path) for d in vm.spec.disks):
+                raise Conflict(f"{target} is a disk of VM {vm.name}: kept", vm=vm.name)
+        existed = target.exists()
+        target.unlink(missing_ok=True)
+        return existed
