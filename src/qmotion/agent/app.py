@@ -159,6 +159,10 @@ def create_app(config: AgentConfig) -> FastAPI:
     async def start_vm(name: str) -> VmInfo:
         return await state.vms.start(name)
 
+    @app.post("/v1/vms/{name}/suspend", response_model=VmInfo, dependencies=auth)
+    async def suspend_vm(name: str) -> VmInfo:
+        return await state.vms.suspend(name)
+
     @app.post("/v1/vms/{name}/stop", response_model=VmInfo, dependencies=auth)
     async def stop_vm(name: str, req: StopRequest | None = None) -> VmInfo:
         req = req or StopRequest()

@@ -89,8 +89,10 @@ class Transfers:
                 await self._end(name)
             address = self._address()
             exports = Exports()
+            # The saved state of a suspended VM travels as one more (raw) disk, last.
+            files = [*spec.disks, *([spec.saved_state] if spec.saved_state else [])]
             try:
-                for i, disk in enumerate(spec.disks):
+                for i, disk in enumerate(files):
                     ds = self.vms.config.datastore(disk.datastore)
                     if ds is None:
                         raise SpecRejected(

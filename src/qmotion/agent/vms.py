@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +26,7 @@ from qmotion.agent.errors import Conflict, OperationFailed, SpecRejected, VmNotF
 from qmotion.agent.facts import VmProcess
 from qmotion.agent.net import bridges, create_tap, delete_tap, tap_mac
 from qmotion.api.host import AccelInfo
-from qmotion.api.vm import KernelBoot, MemoryBacking, VmInfo, VmSpec, VmState
+from qmotion.api.vm import Disk, KernelBoot, MemoryBacking, VmInfo, VmSpec, VmState
 from qmotion.hypervisor import hugepages, process
 from qmotion.hypervisor.errors import HypervisorError, QemuStartError, QmpError, QmpUnavailable
 from qmotion.hypervisor.monitor import Monitor
@@ -33,6 +34,7 @@ from qmotion.hypervisor.qemu import LaunchPaths, build_argv, qemu_info, resolve_
 from qmotion.image import GuestImage, cached_image, ensure_image
 
 log = logging.getLogger(__name__)
+SAVE_TIMEOUT_S = 600.0  # saving or restoring a VM's RAM to a file
 
 _PAUSED = {
     "paused",
@@ -226,6 +228,8 @@ class VmManager:
             except HypervisorError:
                 # The process exists but its monitor does not answer: exiting or wedged.
                 state = VmState.STOPPING if await self._alive(name) else VmState.STOPPED
+        if state == VmState.STOPPED and spec.saved_state is not None:
+            state = VmState.SUSPENDED
         return VmInfo(
             name=name,
             uuid=spec.uuid,
@@ -394,6 +398,15 @@ class VmManager:
                 # run it on the stale one.
                 raise Conflict(f"VM {name} cannot start: {reason}", vm=name)
             await asyncio.to_thread(self.check_spec, spec)
+            saved = self._saved_path(spec) if incoming is None else None
+            if saved is not None:
+                if not saved.is_file():
+                    raise Conflict(
+                        f"VM {name} is suspended but its saved state {saved} is missing",
+                        vm=name,
+                        field="saved_state",
+                    )
+                incoming = "defer"
             accel = await self._accel()
             info = qemu_info()
             machine = resolve_machine(spec.machine, info)
@@ -434,8 +447,10 @@ class VmManager:
                     memory_backing=backing,
                 )
                 self._save_runtime(name, rt)
-                await self._attach(name, rt)
-            except (HypervisorError, OSError, LookupError) as exc:
+                mon = await self._attach(name, rt)
+                if saved is not None:
+                    await self._restore(name, mon, saved)
+            except (HypervisorError, OSError, LookupError, OperationFailed) as exc:
                 if pid is not None:
                     await asyncio.to_thread(process.kill, pid, spec.uuid)
                 for tap in taps:
@@ -447,6 +462,98 @@ class VmManager:
                     qmp_class=getattr(exc, "qmp_class", None),
                 ) from exc
             log.info("started VM %s (pid %d, %s, %s memory)", name, pid, accel.name, backing)
+            if saved is not None:
+                # Resumed: the state is used up (a second resume would run stale memory).
+                self.replace_spec(spec.model_copy(update={"saved_state": None}))
+                saved.unlink(missing_ok=True)
+                log.info("VM %s resumed from %s", name, saved)
+        return await self.info(name)
+
+    def _saved_path(self, spec: VmSpec) -> Path | None:
+        if spec.saved_state is None:
+            return None
+        ds = self.config.datastore(spec.saved_state.datastore)
+        if ds is None:
+            raise SpecRejected(
+                f"datastore {spec.saved_state.datastore} of the saved state of {spec.name} is "
+                f"not on host {self.config.name}",
+                vm=spec.name,
+                field="saved_state.datastore",
+            )
+        return ds.path / spec.saved_state.path
+
+    async def _wait_migration(self, name: str, mon: Monitor, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = str((await mon.execute("query-migrate")).get("status", "none"))
+            if status in ("completed", "failed", "cancelled"):
+                return status
+            if time.monotonic() > deadline:
+                raise OperationFailed(f"saving or restoring the state of {name} timed out", vm=name)
+            await asyncio.sleep(0.05)
+
+    async def _restore(self, name: str, mon: Monitor, saved: Path) -> None:
+        """An incoming QEMU reads the saved state, then runs."""
+        await mon.execute("migrate-incoming", {"uri": f"file:{saved}"})
+        status = await self._wait_migration(name, mon, SAVE_TIMEOUT_S)
+        if status != "completed":
+            raise OperationFailed(f"restoring {name} from {saved}: {status}", vm=name)
+        await mon.execute("cont")
+
+    async def suspend(self, name: str) -> VmInfo:
+        """Save a running VM's memory and device state to its first disk's datastore and
+        stop it (as virsh managedsave); its next start resumes from there."""
+        async with self.locked(name) as spec:
+            rt = await self._alive(name)
+            if rt is None:
+                raise Conflict(f"VM {name} is not running: nothing to suspend", vm=name)
+            if (reason := self.storage_guard(name)) is not None:
+                raise Conflict(f"VM {name} cannot be suspended now: {reason}", vm=name)
+            if not spec.disks:
+                raise Conflict(
+                    f"VM {name} has no disk: its state is saved next to its first disk",
+                    vm=name,
+                )
+            ds = self.config.datastore(spec.disks[0].datastore)
+            assert ds is not None  # check_spec at start
+            target = Disk(
+                datastore=ds.name, path=f"{name}/saved-{spec.uuid.hex[:8]}.state", format="raw"
+            )
+            path = ds.path / target.path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            mon = self.monitor(name)
+            try:
+                status = str((await mon.execute("query-migrate")).get("status", "none"))
+                if status in ("active", "setup", "pre-switchover", "device") or status.startswith(
+                    "postcopy"
+                ):
+                    raise Conflict(f"VM {name} is migrating", vm=name)
+                await mon.execute("stop")
+                # A live migration before may have left capabilities a file cannot take.
+                caps = await mon.execute("query-migrate-capabilities")
+                on = [c["capability"] for c in caps if c.get("state")]
+                if on:
+                    await mon.execute(
+                        "migrate-set-capabilities",
+                        {"capabilities": [{"capability": c, "state": False} for c in on]},
+                    )
+                await mon.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+                await mon.execute("migrate", {"uri": f"file:{path}"})
+                status = await self._wait_migration(name, mon, SAVE_TIMEOUT_S)
+                if status != "completed":
+                    raise OperationFailed(f"saving the state of {name}: {status}", vm=name)
+            except (HypervisorError, OperationFailed) as exc:
+                path.unlink(missing_ok=True)
+                with contextlib.suppress(HypervisorError):
+                    await mon.execute("cont")
+                raise OperationFailed(
+                    f"suspending {name} failed ({exc}); it runs on, nothing saved", vm=name
+                ) from exc
+            # Recorded before QEMU goes: from now on the saved state is the VM.
+            self.replace_spec(spec.model_copy(update={"saved_state": target}))
+            await asyncio.to_thread(process.kill, rt.pid, spec.uuid)
+            await self._cleanup_runtime(name, rt)
+            log.info("VM %s suspended to %s", name, path)
         return await self.info(name)
 
     async def _launch(
@@ -523,6 +630,10 @@ class VmManager:
                 await asyncio.to_thread(process.kill, rt.pid, spec.uuid)
                 await self._cleanup_runtime(name, rt)
             if with_disks:
+                with contextlib.suppress(SpecRejected, OSError):
+                    saved = self._saved_path(spec)
+                    if saved is not None:
+                        saved.unlink(missing_ok=True)
                 for i in range(len(spec.disks)):
                     with contextlib.suppress(SpecRejected, OSError):
                         path = self._disk_path(spec, i)

@@ -137,6 +137,11 @@ class VmSpec(StrictModel):
     nics: list[Nic] = Field(default_factory=list, max_length=8)
     disks: list[Disk] = Field(default_factory=list, max_length=16)
     guest: GuestConfig | None = None
+    saved_state: Disk | None = Field(
+        default=None,
+        description="a suspended VM's memory and device state (raw file on a datastore); "
+        "its next start resumes from it",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> VmSpec:
@@ -157,6 +162,7 @@ class VmState(StrEnum):
     PAUSED = "paused"
     STOPPING = "stopping"
     CRASHED = "crashed"
+    SUSPENDED = "suspended"  # not running; its state saved to a datastore (vm suspend)
 
 
 MemoryBacking = Literal["hugepages", "anonymous"]

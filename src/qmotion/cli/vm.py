@@ -123,6 +123,22 @@ def start(name: str, lab: str = LabOpt) -> None:
     console.print(Text(f"{vm.name} is {vm.state} on {vm.host}"))
 
 
+@app.command("suspend")
+def suspend(name: str, lab: str = LabOpt) -> None:
+    """Save a running VM's memory and device state to its datastore and stop it."""
+    with errors_exit(), server_client(lab) as client:
+        vm = client.suspend_vm(name)
+    console.print(Text(f"{vm.name} is {vm.state} on {vm.host}"))
+
+
+@app.command("resume")
+def resume(name: str, lab: str = LabOpt) -> None:
+    """Run a suspended VM again where it was (on its host now, after a migration too)."""
+    with errors_exit(), server_client(lab) as client:
+        vm = client.start_vm(name)
+    console.print(Text(f"{vm.name} is {vm.state} on {vm.host}"))
+
+
 @app.command("stop")
 def stop(name: str, force: bool = typer.Option(False, "--force"), lab: str = LabOpt) -> None:
     """Stop a VM: ACPI power button, then forced if the guest does not comply."""

@@ -63,6 +63,9 @@ class AgentClient(BaseClient):
     def start(self, name: str) -> VmInfo:
         return self.call(VmInfo, "POST", f"/v1/vms/{name}/start")
 
+    def suspend(self, name: str) -> VmInfo:
+        return self.call(VmInfo, "POST", f"/v1/vms/{name}/suspend")
+
     def stop(self, name: str, *, force: bool = False, timeout_s: float = 30.0) -> VmInfo:
         req = StopRequest(force=force, timeout_s=timeout_s)
         return self.call(VmInfo, "POST", f"/v1/vms/{name}/stop", json=dump(req))

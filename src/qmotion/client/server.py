@@ -41,6 +41,9 @@ class ServerClient(BaseClient):
     def start_vm(self, name: str) -> VmOut:
         return self.call(VmOut, "POST", f"/v1/vms/{name}/start")
 
+    def suspend_vm(self, name: str) -> VmOut:
+        return self.call(VmOut, "POST", f"/v1/vms/{name}/suspend")
+
     def stop_vm(self, name: str, *, force: bool = False) -> VmOut:
         return self.call(VmOut, "POST", f"/v1/vms/{name}/stop", json=dump(StopRequest(force=force)))
 

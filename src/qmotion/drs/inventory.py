@@ -47,7 +47,7 @@ def snapshot_from_inventory(hosts: Sequence[HostOut], vms: Sequence[VmOut]) -> S
         )
     out, rules = [], []
     for vm in vms:
-        idle = vm.state == "stopped"
+        idle = vm.state in ("stopped", "suspended")  # neither runs nor uses memory
         out.append(
             VmSpec(
                 name=vm.name,

@@ -113,6 +113,12 @@ def create_app(
         return inventory.start_vm(name)
 
     @app.post(
+        "/v1/vms/{name}/suspend", response_model=VmOut, dependencies=auth, responses=AGENT_ERRORS
+    )
+    def suspend_vm(name: str) -> VmOut:
+        return inventory.suspend_vm(name)
+
+    @app.post(
         "/v1/vms/{name}/stop", response_model=VmOut, dependencies=auth, responses=AGENT_ERRORS
     )
     def stop_vm(name: str, req: StopRequest | None = None) -> VmOut:

@@ -102,7 +102,8 @@ class AgentColdPort:
             raise ColdPortError(f"host {host.name}: {exc}") from exc
 
     def _targets(self) -> list[Disk]:
-        """Where each disk's copy goes: the datastore asked for, the VM's folder there."""
+        """Where each disk's copy goes: the datastore asked for, the VM's folder there. A
+        suspended VM's saved state is copied too, last, as it is (raw)."""
         assert self.datastore is not None
         out = []
         for i, d in enumerate(self.spec.disks):
@@ -114,6 +115,11 @@ class AgentColdPort:
                     format=fmt,
                     bootable=d.bootable,
                 )
+            )
+        if self.spec.saved_state is not None:
+            name = self.spec.saved_state.path.rsplit("/", 1)[-1]
+            out.append(
+                Disk(datastore=self.datastore, path=f"{self.spec.name}/{name}", format="raw")
             )
         return out
 
@@ -140,7 +146,12 @@ class AgentColdPort:
         return tuple(made)
 
     async def define(self, disks: tuple[Disk, ...]) -> None:
-        spec = self.spec.model_copy(update={"disks": list(disks)}) if disks else self.spec
+        spec = self.spec
+        if disks:
+            saved = None
+            if spec.saved_state is not None:
+                disks, saved = disks[:-1], disks[-1]
+            spec = spec.model_copy(update={"disks": list(disks), "saved_state": saved})
 
         def define(c: AgentClient) -> None:
             try:

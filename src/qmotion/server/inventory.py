@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from qmotion.api.host import HostFacts, TlsInstall
 from qmotion.api.server import HostOut, HostRegister, PoolSet, VmCreate, VmOut
 from qmotion.api.storage import DiskUsage
-from qmotion.api.vm import Disk, GuestConfig, Nic, VmSpec
+from qmotion.api.vm import Disk, GuestConfig, Nic, VmInfo, VmSpec
 from qmotion.client.agent import AgentClient
 from qmotion.client.errors import ApiError, ClientError
 from qmotion.migration.prechecks import HostView, NetworkView
@@ -373,20 +373,26 @@ class Inventory:
             return self.start_vm(req.name)
         return out
 
-    def _lifecycle(self, name: str, fn: Callable[[AgentClient], object], state: str) -> VmOut:
+    def _lifecycle(self, name: str, fn: Callable[[AgentClient], VmInfo], state: str) -> VmOut:
         with self.db.session() as s:
             vm = self.vm_by_name(s, name)
             if self.db.active_task_for_vm(s, name) is not None:
                 raise Conflict(f"VM {name} is migrating", vm=name)
-            self.call(vm.host, fn, vm=name)
+            info = self.call(vm.host, fn, vm=name)
             vm.state = state
+            # The agent's definition changes on suspend and resume (the saved state).
+            vm.spec = info.spec.model_dump(mode="json")
             return self.vm_out(s, vm)
 
     def start_vm(self, name: str) -> VmOut:
+        """Start a VM; a suspended one resumes where it was."""
         return self._lifecycle(name, lambda c: c.start(name), "running")
 
     def stop_vm(self, name: str, force: bool = False) -> VmOut:
         return self._lifecycle(name, lambda c: c.stop(name, force=force), "stopped")
+
+    def suspend_vm(self, name: str) -> VmOut:
+        return self._lifecycle(name, lambda c: c.suspend(name), "suspended")
 
     def delete_vm(self, name: str, force: bool = False) -> None:
         with self.db.session() as s:

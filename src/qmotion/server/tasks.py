@@ -358,11 +358,15 @@ class TaskRunner:
     # ------------------------------------------------------------------ cold migration
 
     def _stopped(self, vm: str) -> bool:
-        """Whether the VM is stopped, as its host says now (the inventory may lag)."""
+        """Whether the VM is stopped (or suspended): the inventory's word, confirmed by its
+        host when it says so (the inventory may lag). One the inventory has running goes the
+        live way, whose pre-checks and first step ask its host anyway."""
         with self.db.session() as s:
             if self.db.active_task_for_vm(s, vm) is not None:
                 return False  # its live pre-checks refuse it as already migrating
-        return self.inventory.show_vm(vm).state == VmState.STOPPED
+            if self.inventory.vm_by_name(s, vm).state not in (VmState.STOPPED, "suspended"):
+                return False
+        return self.inventory.show_vm(vm).state in (VmState.STOPPED, VmState.SUSPENDED)
 
     def _check_cold(self, vm: str, req: MigrateRequest) -> tuple[VmSpec, Host, Host]:
         to = req.to
