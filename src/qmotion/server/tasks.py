@@ -7,9 +7,10 @@ queued, not refused. Every step of a task is persisted with its phase, progress 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -20,53 +21,23 @@ from qmotion.api.migration import (
     MigrationReport,
     MigrationStats,
 )
-from qmotion.api.server import MigrateRequest, TaskEventOut, TaskOut, TaskState
+from qmotion.api.server import MigrateRequest, TaskOut, TaskState
 from qmotion.api.sizes import parse_rate_bytes
-from qmotion.api.storage import MirrorRequest, MirrorStatus
-from qmotion.api.vm import VmSpec, VmState
-from qmotion.migration import cold, engine, params, storage
+from qmotion.api.vm import VmSpec
+from qmotion.migration import engine, params
 from qmotion.migration.errors import Refused, StepError
 from qmotion.migration.machine import MigrationState, Phase, Step
 from qmotion.migration.prechecks import PrecheckInput, precheck
-from qmotion.migration.storage import StoragePortError
-from qmotion.server.cold import AgentColdPort, cold_refusals
 from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, Task, TaskEvent, utcnow
+from qmotion.server.disk_tasks import DiskTasks
 from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream
 from qmotion.server.inventory import Inventory
 from qmotion.server.measure import measure
 from qmotion.server.port import AgentMigrationPort, limits_of, vm_view
-from qmotion.server.storage import AgentStoragePort, storage_prechecks
+from qmotion.server.task_view import task_out
 
 log = logging.getLogger(__name__)
 DEFAULT_PER_HOST = 4
-STORAGE_MOVE = "storage-move"
-COLD_MIGRATE = "cold-migrate"
-
-
-def task_out(t: Task, with_events: bool = True) -> TaskOut:
-    storage_task = t.kind == STORAGE_MOVE
-    return TaskOut(
-        id=t.id,
-        kind=t.kind,
-        state=t.state,
-        vm=t.vm,
-        source=t.source,
-        destination=t.destination,
-        phase=t.phase,
-        progress=t.progress,
-        created_at=t.created_at,
-        started_at=t.started_at,
-        ended_at=t.ended_at,
-        error=t.error,
-        result=MigrationReport.model_validate(t.result) if t.result else None,
-        stats=MigrationStats.model_validate(t.stats) if t.stats and not storage_task else None,
-        mirror=MirrorStatus.model_validate(t.stats) if t.stats and storage_task else None,
-        events=[
-            TaskEventOut(at=e.at, kind=e.kind, message=e.message, data=e.data) for e in t.events
-        ]
-        if with_events
-        else [],
-    )
 
 
 def report(
@@ -126,7 +97,7 @@ def report(
     return r
 
 
-class TaskRunner:
+class TaskRunner(DiskTasks):
     def __init__(self, db: Database, inventory: Inventory, per_host: int = DEFAULT_PER_HOST):
         self.db, self.inventory, self.per_host = db, inventory, per_host
         self._slots: dict[str, asyncio.Semaphore] = {}
@@ -138,51 +109,15 @@ class TaskRunner:
         changed); a migration under way resumes from its persisted state (machine.Resumed).
         Call from within the event loop."""
         resume = []
-        moves = []
-        colds = []
+        others: list[tuple[int, bool, Callable[[], Coroutine[Any, Any, None]]]] = []
         with self.db.session() as s:
             for t in s.scalars(select(Task).where(Task.state.in_(ACTIVE_TASK_STATES))):
-                if t.kind == COLD_MIGRATE and t.state == TaskState.RUNNING and t.machine:
-                    row = self.inventory.vm_by_name(s, t.vm or "")
-                    cstate = cold.state_from_json(t.machine)
-                    colds.append(
-                        (
-                            t.id,
-                            AgentColdPort(
-                                self.db,
-                                self.inventory,
-                                VmSpec.model_validate(row.spec),
-                                AgentMigrationPort.host_copy(
-                                    self.inventory.host_by_name(s, t.source or "")
-                                ),
-                                AgentMigrationPort.host_copy(
-                                    self.inventory.host_by_name(s, t.destination or "")
-                                ),
-                                (t.params or {}).get("datastore"),
-                                (t.params or {}).get("disk_format"),
-                            ),
-                            cold.step(cstate, cold.Resumed()),
-                            t.cancel_requested,
-                        )
-                    )
-                    s.add(TaskEvent(task=t, kind="note", message="manager restarted: resuming"))
-                    continue
-                if t.kind == STORAGE_MOVE and t.state == TaskState.RUNNING and t.machine:
-                    host = AgentMigrationPort.host_copy(
-                        self.inventory.host_by_name(s, t.source or "")
-                    )
-                    moves.append(
-                        (
-                            t.id,
-                            t.vm or "",
-                            host,
-                            MirrorRequest.model_validate(t.params or {}),
-                            storage.state_from_json(t.machine),
-                            t.cancel_requested,
-                        )
-                    )
-                    s.add(TaskEvent(task=t, kind="note", message="manager restarted: resuming"))
-                    continue
+                if t.state == TaskState.RUNNING and t.machine:
+                    go = self._disk_task_resumer(s, t)
+                    if go is not None:
+                        others.append((t.id, t.cancel_requested, go))
+                        s.add(TaskEvent(task=t, kind="note", message="manager restarted: resuming"))
+                        continue
                 if t.kind == "migrate" and t.state == TaskState.RUNNING and t.machine is not None:
                     resume.append(
                         (
@@ -200,21 +135,11 @@ class TaskRunner:
                 t.state, t.ended_at = TaskState.FAILED, utcnow()
                 t.error = "the manager restarted before this task began; nothing was changed"
                 s.add(TaskEvent(task=t, kind="error", message=t.error))
-        for task_id, cport, cstart, cancelled in colds:
+        for task_id, cancelled, go in others:
             cancel = self._cancel[task_id] = asyncio.Event()
             if cancelled:
                 cancel.set()
-            self._running[task_id] = asyncio.create_task(
-                self._run_cold(task_id, cport, cstart, resumed=True), name=f"task-{task_id}"
-            )
-        for task_id, vm, host, mreq, sstate, cancelled in moves:
-            cancel = self._cancel[task_id] = asyncio.Event()
-            if cancelled:
-                cancel.set()
-            self._running[task_id] = asyncio.create_task(
-                self._run_storage_move(task_id, vm, host, mreq, resume=sstate),
-                name=f"task-{task_id}",
-            )
+            self._running[task_id] = asyncio.create_task(go(), name=f"task-{task_id}")
         for task_id, vm, source, destination, mparams, state, cancelled in resume:
             cancel = self._cancel[task_id] = asyncio.Event()
             if cancelled:
@@ -354,317 +279,6 @@ class TaskRunner:
             name=f"task-{out.id}",
         )
         return out
-
-    # ------------------------------------------------------------------ cold migration
-
-    def _stopped(self, vm: str) -> bool:
-        """Whether the VM is stopped (or suspended): the inventory's word, confirmed by its
-        host when it says so (the inventory may lag). One the inventory has running goes the
-        live way, whose pre-checks and first step ask its host anyway."""
-        with self.db.session() as s:
-            if self.db.active_task_for_vm(s, vm) is not None:
-                return False  # its live pre-checks refuse it as already migrating
-            if self.inventory.vm_by_name(s, vm).state not in (VmState.STOPPED, "suspended"):
-                return False
-        return self.inventory.show_vm(vm).state in (VmState.STOPPED, VmState.SUSPENDED)
-
-    def _check_cold(self, vm: str, req: MigrateRequest) -> tuple[VmSpec, Host, Host]:
-        to = req.to
-        assert to is not None
-        knobs = [k for k in ("max_downtime_ms", "timeout_s", "bandwidth") if getattr(req, k)]
-        if knobs or req.allow_postcopy:
-            raise Invalid(
-                f"{', '.join(knobs) or 'allow_postcopy'}: {vm} is stopped; a cold migration "
-                "copies its disks and moves its definition, those apply to a running VM",
-                field=(knobs or ["allow_postcopy"])[0],
-                vm=vm,
-            )
-        with self.db.session() as s:
-            row = self.inventory.vm_by_name(s, vm)
-            spec = VmSpec.model_validate(row.spec)
-            hosts = self.inventory.host_views(s)
-            live = precheck(
-                PrecheckInput(
-                    vm_view(spec, row.host.name, row.state, False),
-                    to,
-                    hosts,
-                    tls=False,
-                )
-            )
-            target = hosts.get(to)
-            refusals = cold_refusals(
-                live,
-                req.datastore,
-                frozenset(d.datastore for d in spec.disks),
-                target.datastores if target is not None else frozenset(),
-                to,
-            )
-            if not refusals:
-                src = AgentMigrationPort.host_copy(row.host)
-                dst = AgentMigrationPort.host_copy(self.inventory.host_by_name(s, to))
-        if refusals:
-            first = refusals[0]
-            cls = Conflict if any(r.status == 409 for r in refusals) else Invalid
-            raise cls(
-                "; ".join(r.message for r in refusals),
-                code=first.code,
-                vm=vm,
-                host=first.host,
-                field=first.field,
-            )
-        return spec, src, dst
-
-    async def submit_cold(self, vm: str, req: MigrateRequest) -> TaskOut:
-        """A stopped VM to another host: its disks copied (with --datastore) and verified,
-        or only its definition moved (its datastores reachable from there)."""
-        spec, src, dst = await asyncio.to_thread(self._check_cold, vm, req)
-        what = f"to datastore {req.datastore}" if req.datastore else "definition only"
-
-        def insert() -> TaskOut:
-            try:
-                with self.db.session() as s:
-                    t = Task(
-                        kind=COLD_MIGRATE,
-                        state=TaskState.QUEUED,
-                        vm=vm,
-                        source=src.name,
-                        destination=dst.name,
-                        params={"datastore": req.datastore, "disk_format": req.disk_format},
-                        phase=Phase.QUEUED,
-                    )
-                    s.add(t)
-                    s.flush()
-                    s.add(
-                        TaskEvent(
-                            task=t,
-                            kind="queued",
-                            message=f"cold migration of {vm}: {src.name} -> {dst.name} ({what})",
-                        )
-                    )
-                    return task_out(t, with_events=False)
-            except IntegrityError as exc:
-                raise Conflict(
-                    f"VM {vm} is already migrating", code="already_migrating", vm=vm
-                ) from exc
-
-        out = await asyncio.to_thread(insert)
-        port = AgentColdPort(
-            self.db, self.inventory, spec, src, dst, req.datastore, req.disk_format
-        )
-        self._cancel[out.id] = asyncio.Event()
-        self._running[out.id] = asyncio.create_task(
-            self._run_cold(out.id, port, cold.first(req.datastore is not None)),
-            name=f"task-{out.id}",
-        )
-        return out
-
-    async def _run_cold(
-        self, task_id: int, port: AgentColdPort, start: cold.CStep, resumed: bool = False
-    ) -> None:
-        cancel = self._cancel[task_id]
-        first, second = sorted((port.source.name, port.destination.name))
-        try:
-            async with self._slot(first), self._slot(second):
-                if not resumed:
-                    if cancel.is_set():
-                        await asyncio.to_thread(
-                            self._finish, task_id, TaskState.CANCELLED, "cancelled while queued"
-                        )
-                        return
-                    await asyncio.to_thread(self._mark_running, task_id)
-
-                async def persist(st: cold.CStep) -> None:
-                    await asyncio.to_thread(self._persist_cold, task_id, st)
-
-                final = await cold.run(port, persist, cancel, start)
-                state = {
-                    cold.CPhase.DONE: TaskState.SUCCEEDED,
-                    cold.CPhase.CANCELLED: TaskState.CANCELLED,
-                }.get(final.phase, TaskState.FAILED)
-                error = final.error if state != TaskState.SUCCEEDED else None
-                await asyncio.to_thread(self._finish, task_id, state, error)
-        except Exception as exc:  # a bug must still end the task, visibly
-            log.exception("task %d crashed", task_id)
-            await asyncio.to_thread(
-                self._finish, task_id, TaskState.FAILED, f"internal error: {exc}"
-            )
-        finally:
-            self._cancel.pop(task_id, None)
-            self._running.pop(task_id, None)
-
-    def _persist_cold(self, task_id: int, st: cold.CStep) -> None:
-        with self.db.session() as s:
-            t = s.get(Task, task_id)
-            assert t is not None
-            previous = t.phase
-            t.phase = st.state.phase.value
-            t.machine = cold.state_to_json(st.state)
-            order = list(cold.CPhase)
-            if st.state.phase in order[:4]:
-                t.progress = max(t.progress, order.index(st.state.phase) / 4)
-            if previous != t.phase:
-                s.add(
-                    TaskEvent(
-                        task=t, kind="phase", message=st.note or t.phase, data={"phase": t.phase}
-                    )
-                )
-            elif st.note:
-                s.add(TaskEvent(task=t, kind="note", message=st.note))
-            for w in st.state.warnings:
-                if not any(e.message == w for e in t.events):
-                    s.add(TaskEvent(task=t, kind="warning", message=w))
-
-    # ------------------------------------------------------------------ storage moves
-
-    def _check_storage(self, vm: str, req: MigrateRequest) -> tuple[Host, MirrorRequest]:
-        assert req.datastore is not None
-        with self.db.session() as s:
-            row = self.inventory.vm_by_name(s, vm)
-            host = row.host.name
-            if req.to is not None and req.to != host:
-                raise Invalid(
-                    f"moving {vm} to host {req.to} and datastore {req.datastore} at once "
-                    "(shared-nothing migration) is not supported yet: move the disks to a "
-                    "datastore both hosts reach, then migrate",
-                    field="to",
-                    vm=vm,
-                )
-            spec = VmSpec.model_validate(row.spec)
-            facts = row.host.facts or {}
-            refusals = storage_prechecks(
-                spec,
-                VmState(row.state),
-                host,
-                frozenset(d["name"] for d in facts.get("datastores", ())),
-                req.datastore,
-                req.disk_format,
-                self.db.active_task_for_vm(s, vm) is not None,
-            )
-            host_row = AgentMigrationPort.host_copy(row.host)
-        if refusals:
-            first = refusals[0]
-            cls = Conflict if any(r.status == 409 for r in refusals) else Invalid
-            raise cls(
-                "; ".join(r.message for r in refusals),
-                code=first.code,
-                vm=vm,
-                host=first.host,
-                field=first.field,
-            )
-        speed = None
-        if req.bandwidth:
-            try:
-                speed = parse_rate_bytes(req.bandwidth)
-            except ValueError as exc:
-                raise Invalid(f"bandwidth: {exc}", field="bandwidth", vm=vm) from exc
-        mreq = MirrorRequest(datastore=req.datastore, format=req.disk_format, speed=speed)
-        # Only the agent sees the datastore's free space and the disks' allocation: asked
-        # now, so a refusal is this request's error (nothing created), not a failed task.
-        self.inventory.call(host_row, lambda c: c.storage_move_check(vm, mreq), vm=vm)
-        return host_row, mreq
-
-    async def submit_storage_move(self, vm: str, req: MigrateRequest) -> TaskOut:
-        """Storage vMotion: the VM's disks to another datastore, the VM stays on its host."""
-        host, mreq = await asyncio.to_thread(self._check_storage, vm, req)
-
-        def insert() -> TaskOut:
-            try:
-                with self.db.session() as s:
-                    t = Task(
-                        kind=STORAGE_MOVE,
-                        state=TaskState.QUEUED,
-                        vm=vm,
-                        source=host.name,
-                        destination=host.name,
-                        params=mreq.model_dump(),
-                        phase=Phase.QUEUED,
-                    )
-                    s.add(t)
-                    s.flush()
-                    s.add(
-                        TaskEvent(
-                            task=t,
-                            kind="queued",
-                            message=f"storage move of {vm} to datastore {mreq.datastore} "
-                            f"(on {host.name})",
-                        )
-                    )
-                    return task_out(t, with_events=False)
-            except IntegrityError as exc:
-                raise Conflict(
-                    f"VM {vm} is already migrating", code="already_migrating", vm=vm
-                ) from exc
-
-        out = await asyncio.to_thread(insert)
-        self._cancel[out.id] = asyncio.Event()
-        self._running[out.id] = asyncio.create_task(
-            self._run_storage_move(out.id, vm, host, mreq), name=f"task-{out.id}"
-        )
-        return out
-
-    async def _run_storage_move(
-        self,
-        task_id: int,
-        vm: str,
-        host: Host,
-        mreq: MirrorRequest,
-        resume: storage.StorageState | None = None,
-    ) -> None:
-        cancel = self._cancel[task_id]
-        try:
-            async with self._slot(host.name):
-                if resume is None:
-                    if cancel.is_set():
-                        await asyncio.to_thread(
-                            self._finish, task_id, TaskState.CANCELLED, "cancelled while queued"
-                        )
-                        return
-                    await asyncio.to_thread(self._mark_running, task_id)
-                port = AgentStoragePort(self.db, self.inventory, vm, host, mreq)
-
-                async def persist(st: storage.Step, status: MirrorStatus | None) -> None:
-                    await asyncio.to_thread(self._persist_storage, task_id, st, status)
-
-                final = await storage.run(port, persist, cancel, resume)
-                # Whatever the outcome, the inventory names what the agent's definition names
-                # (what QEMU runs on): a later live migration opens those files.
-                with contextlib.suppress(StoragePortError):
-                    await port.adopt()
-                state = {
-                    storage.SPhase.DONE: TaskState.SUCCEEDED,
-                    storage.SPhase.CANCELLED: TaskState.CANCELLED,
-                }.get(final.phase, TaskState.FAILED)
-                error = final.error if state != TaskState.SUCCEEDED else None
-                await asyncio.to_thread(self._finish, task_id, state, error)
-        except Exception as exc:  # a bug must still end the task, visibly
-            log.exception("task %d crashed", task_id)
-            await asyncio.to_thread(
-                self._finish, task_id, TaskState.FAILED, f"internal error: {exc}"
-            )
-        finally:
-            self._cancel.pop(task_id, None)
-            self._running.pop(task_id, None)
-
-    def _persist_storage(self, task_id: int, st: storage.Step, status: MirrorStatus | None) -> None:
-        with self.db.session() as s:
-            t = s.get(Task, task_id)
-            assert t is not None
-            previous = t.phase
-            t.phase = st.state.phase.value
-            t.machine = storage.state_to_json(st.state)
-            if status is not None:
-                t.stats = status.model_dump(mode="json")
-                if status.total_bytes:
-                    done = 1.0 - status.remaining_bytes / status.total_bytes
-                    t.progress = max(t.progress, min(done, 0.99))
-            if previous != t.phase:
-                message = st.note or t.phase
-                s.add(TaskEvent(task=t, kind="phase", message=message, data={"phase": t.phase}))
-            elif st.note:
-                s.add(TaskEvent(task=t, kind="note", message=st.note))
-            for w in st.state.warnings:
-                if not any(e.message == w for e in t.events):
-                    s.add(TaskEvent(task=t, kind="warning", message=w))
 
     # ------------------------------------------------------------------ run
 

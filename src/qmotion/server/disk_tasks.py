@@ -1,0 +1,384 @@
+"""Tasks that move a VM's disks: Storage vMotion (a running VM's disks to another datastore)
+and cold migration (a stopped or suspended VM to another host), run by the TaskRunner."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from qmotion.api.server import MigrateRequest, TaskOut, TaskState
+from qmotion.api.sizes import parse_rate_bytes
+from qmotion.api.storage import MirrorRequest, MirrorStatus
+from qmotion.api.vm import VmSpec, VmState
+from qmotion.migration import cold, storage
+from qmotion.migration.machine import Phase
+from qmotion.migration.prechecks import PrecheckInput, precheck
+from qmotion.migration.storage import StoragePortError
+from qmotion.server.cold import AgentColdPort, cold_refusals
+from qmotion.server.db import Database, Host, Task, TaskEvent
+from qmotion.server.errors import Conflict, Invalid
+from qmotion.server.inventory import Inventory
+from qmotion.server.port import AgentMigrationPort, vm_view
+from qmotion.server.storage import AgentStoragePort, storage_prechecks
+from qmotion.server.task_view import COLD_MIGRATE, STORAGE_MOVE, task_out
+
+log = logging.getLogger(__name__)
+
+
+class DiskTasks:
+    """Mixed into the TaskRunner: what it provides is declared here."""
+
+    db: Database
+    inventory: Inventory
+    _cancel: dict[int, asyncio.Event]
+    _running: dict[int, asyncio.Task[None]]
+
+    def _slot(self, host: str) -> asyncio.Semaphore:
+        raise NotImplementedError
+
+    def _mark_running(self, task_id: int) -> None:
+        raise NotImplementedError
+
+    def _finish(self, task_id: int, state: TaskState, error: str | None) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
+
+    async def _run_guarded(
+        self,
+        task_id: int,
+        hosts: list[str],
+        resumed: bool,
+        body: Callable[[asyncio.Event], Awaitable[tuple[TaskState, str | None]]],
+    ) -> None:
+        """Per-host slots, queued-cancel, running mark, the end state; a bug still ends the
+        task, visibly."""
+        cancel = self._cancel[task_id]
+        try:
+            async with contextlib.AsyncExitStack() as slots:
+                for host in sorted(set(hosts)):
+                    await slots.enter_async_context(self._slot(host))
+                if not resumed:
+                    if cancel.is_set():
+                        await asyncio.to_thread(
+                            self._finish, task_id, TaskState.CANCELLED, "cancelled while queued"
+                        )
+                        return
+                    await asyncio.to_thread(self._mark_running, task_id)
+                state, error = await body(cancel)
+                await asyncio.to_thread(self._finish, task_id, state, error)
+        except Exception as exc:
+            log.exception("task %d crashed", task_id)
+            await asyncio.to_thread(
+                self._finish, task_id, TaskState.FAILED, f"internal error: {exc}"
+            )
+        finally:
+            self._cancel.pop(task_id, None)
+            self._running.pop(task_id, None)
+
+    @staticmethod
+    def _record_step(
+        s: Session,
+        t: Task,
+        phase: str,
+        machine: dict[str, object],
+        note: str | None,
+        warnings: tuple[str, ...],
+    ) -> None:
+        previous = t.phase
+        t.phase = phase
+        t.machine = machine
+        if previous != t.phase:
+            s.add(TaskEvent(task=t, kind="phase", message=note or t.phase, data={"phase": t.phase}))
+        elif note:
+            s.add(TaskEvent(task=t, kind="note", message=note))
+        for w in warnings:
+            if not any(e.message == w for e in t.events):
+                s.add(TaskEvent(task=t, kind="warning", message=w))
+
+    def _insert(
+        self,
+        vm: str,
+        source: str,
+        destination: str,
+        kind: str,
+        params: dict[str, Any],
+        message: str,
+    ) -> TaskOut:
+        try:
+            with self.db.session() as s:
+                t = Task(
+                    kind=kind,
+                    state=TaskState.QUEUED,
+                    vm=vm,
+                    source=source,
+                    destination=destination,
+                    params=params,
+                    phase=Phase.QUEUED,
+                )
+                s.add(t)
+                s.flush()
+                s.add(TaskEvent(task=t, kind="queued", message=message))
+                return task_out(t, with_events=False)
+        except IntegrityError as exc:
+            raise Conflict(
+                f"VM {vm} is already migrating", code="already_migrating", vm=vm
+            ) from exc
+
+    def _disk_task_resumer(
+        self, s: Session, t: Task
+    ) -> Callable[[], Coroutine[Any, Any, None]] | None:
+        """How a disk task left running by a previous manager goes on (None: not one)."""
+        assert t.machine is not None
+        if t.kind == COLD_MIGRATE:
+            row = self.inventory.vm_by_name(s, t.vm or "")
+            port = AgentColdPort(
+                self.db,
+                self.inventory,
+                VmSpec.model_validate(row.spec),
+                AgentMigrationPort.host_copy(self.inventory.host_by_name(s, t.source or "")),
+                AgentMigrationPort.host_copy(self.inventory.host_by_name(s, t.destination or "")),
+                (t.params or {}).get("datastore"),
+                (t.params or {}).get("disk_format"),
+            )
+            start = cold.step(cold.state_from_json(t.machine), cold.Resumed())
+            task_id = t.id
+            return lambda: self._run_cold(task_id, port, start, resumed=True)
+        if t.kind == STORAGE_MOVE:
+            host = AgentMigrationPort.host_copy(self.inventory.host_by_name(s, t.source or ""))
+            mreq = MirrorRequest.model_validate(t.params or {})
+            sstate = storage.state_from_json(t.machine)
+            task_id, vm = t.id, t.vm or ""
+            return lambda: self._run_storage_move(task_id, vm, host, mreq, resume=sstate)
+        return None
+
+    # ------------------------------------------------------------------ cold migration
+
+    def _stopped(self, vm: str) -> bool:
+        """Whether the VM is stopped (or suspended): the inventory's word, confirmed by its
+        host when it says so (the inventory may lag). One the inventory has running goes the
+        live way, whose pre-checks and first step ask its host anyway."""
+        with self.db.session() as s:
+            if self.db.active_task_for_vm(s, vm) is not None:
+                return False  # its live pre-checks refuse it as already migrating
+            if self.inventory.vm_by_name(s, vm).state not in (VmState.STOPPED, "suspended"):
+                return False
+        return self.inventory.show_vm(vm).state in (VmState.STOPPED, VmState.SUSPENDED)
+
+    def _check_cold(self, vm: str, req: MigrateRequest) -> tuple[VmSpec, Host, Host]:
+        to = req.to
+        assert to is not None
+        knobs = [k for k in ("max_downtime_ms", "timeout_s", "bandwidth") if getattr(req, k)]
+        if knobs or req.allow_postcopy:
+            raise Invalid(
+                f"{', '.join(knobs) or 'allow_postcopy'}: {vm} is stopped; a cold migration "
+                "copies its disks and moves its definition, those apply to a running VM",
+                field=(knobs or ["allow_postcopy"])[0],
+                vm=vm,
+            )
+        with self.db.session() as s:
+            row = self.inventory.vm_by_name(s, vm)
+            spec = VmSpec.model_validate(row.spec)
+            hosts = self.inventory.host_views(s)
+            live = precheck(
+                PrecheckInput(
+                    vm_view(spec, row.host.name, row.state, False),
+                    to,
+                    hosts,
+                    tls=False,
+                )
+            )
+            target = hosts.get(to)
+            refusals = cold_refusals(
+                live,
+                req.datastore,
+                frozenset(d.datastore for d in spec.disks),
+                target.datastores if target is not None else frozenset(),
+                to,
+            )
+            if not refusals:
+                src = AgentMigrationPort.host_copy(row.host)
+                dst = AgentMigrationPort.host_copy(self.inventory.host_by_name(s, to))
+        if refusals:
+            first = refusals[0]
+            cls = Conflict if any(r.status == 409 for r in refusals) else Invalid
+            raise cls(
+                "; ".join(r.message for r in refusals),
+                code=first.code,
+                vm=vm,
+                host=first.host,
+                field=first.field,
+            )
+        return spec, src, dst
+
+    async def submit_cold(self, vm: str, req: MigrateRequest) -> TaskOut:
+        """A stopped VM to another host: its disks copied (with --datastore) and verified,
+        or only its definition moved (its datastores reachable from there)."""
+        spec, src, dst = await asyncio.to_thread(self._check_cold, vm, req)
+        what = f"to datastore {req.datastore}" if req.datastore else "definition only"
+
+        out = await asyncio.to_thread(
+            self._insert,
+            vm,
+            src.name,
+            dst.name,
+            COLD_MIGRATE,
+            {"datastore": req.datastore, "disk_format": req.disk_format},
+            f"cold migration of {vm}: {src.name} -> {dst.name} ({what})",
+        )
+        port = AgentColdPort(
+            self.db, self.inventory, spec, src, dst, req.datastore, req.disk_format
+        )
+        self._cancel[out.id] = asyncio.Event()
+        self._running[out.id] = asyncio.create_task(
+            self._run_cold(out.id, port, cold.first(req.datastore is not None)),
+            name=f"task-{out.id}",
+        )
+        return out
+
+    async def _run_cold(
+        self, task_id: int, port: AgentColdPort, start: cold.CStep, resumed: bool = False
+    ) -> None:
+        async def body(cancel: asyncio.Event) -> tuple[TaskState, str | None]:
+            async def persist(st: cold.CStep) -> None:
+                await asyncio.to_thread(self._persist_cold, task_id, st)
+
+            final = await cold.run(port, persist, cancel, start)
+            state = {
+                cold.CPhase.DONE: TaskState.SUCCEEDED,
+                cold.CPhase.CANCELLED: TaskState.CANCELLED,
+            }.get(final.phase, TaskState.FAILED)
+            return state, final.error if state != TaskState.SUCCEEDED else None
+
+        hosts = [port.source.name, port.destination.name]
+        await self._run_guarded(task_id, hosts, resumed, body)
+
+    def _persist_cold(self, task_id: int, st: cold.CStep) -> None:
+        with self.db.session() as s:
+            t = s.get(Task, task_id)
+            assert t is not None
+            order = list(cold.CPhase)
+            if st.state.phase in order[:4]:
+                t.progress = max(t.progress, order.index(st.state.phase) / 4)
+            self._record_step(
+                s, t, st.state.phase.value, cold.state_to_json(st.state), st.note, st.state.warnings
+            )
+
+    # ------------------------------------------------------------------ storage moves
+
+    def _check_storage(self, vm: str, req: MigrateRequest) -> tuple[Host, MirrorRequest]:
+        assert req.datastore is not None
+        with self.db.session() as s:
+            row = self.inventory.vm_by_name(s, vm)
+            host = row.host.name
+            if req.to is not None and req.to != host:
+                raise Invalid(
+                    f"moving {vm} to host {req.to} and datastore {req.datastore} at once "
+                    "(shared-nothing migration) is not supported yet: move the disks to a "
+                    "datastore both hosts reach, then migrate",
+                    field="to",
+                    vm=vm,
+                )
+            spec = VmSpec.model_validate(row.spec)
+            facts = row.host.facts or {}
+            refusals = storage_prechecks(
+                spec,
+                VmState(row.state),
+                host,
+                frozenset(d["name"] for d in facts.get("datastores", ())),
+                req.datastore,
+                req.disk_format,
+                self.db.active_task_for_vm(s, vm) is not None,
+            )
+            host_row = AgentMigrationPort.host_copy(row.host)
+        if refusals:
+            first = refusals[0]
+            cls = Conflict if any(r.status == 409 for r in refusals) else Invalid
+            raise cls(
+                "; ".join(r.message for r in refusals),
+                code=first.code,
+                vm=vm,
+                host=first.host,
+                field=first.field,
+            )
+        speed = None
+        if req.bandwidth:
+            try:
+                speed = parse_rate_bytes(req.bandwidth)
+            except ValueError as exc:
+                raise Invalid(f"bandwidth: {exc}", field="bandwidth", vm=vm) from exc
+        mreq = MirrorRequest(datastore=req.datastore, format=req.disk_format, speed=speed)
+        # Only the agent sees the datastore's free space and the disks' allocation: asked
+        # now, so a refusal is this request's error (nothing created), not a failed task.
+        self.inventory.call(host_row, lambda c: c.storage_move_check(vm, mreq), vm=vm)
+        return host_row, mreq
+
+    async def submit_storage_move(self, vm: str, req: MigrateRequest) -> TaskOut:
+        """Storage vMotion: the VM's disks to another datastore, the VM stays on its host."""
+        host, mreq = await asyncio.to_thread(self._check_storage, vm, req)
+
+        out = await asyncio.to_thread(
+            self._insert,
+            vm,
+            host.name,
+            host.name,
+            STORAGE_MOVE,
+            mreq.model_dump(),
+            f"storage move of {vm} to datastore {mreq.datastore} (on {host.name})",
+        )
+        self._cancel[out.id] = asyncio.Event()
+        self._running[out.id] = asyncio.create_task(
+            self._run_storage_move(out.id, vm, host, mreq), name=f"task-{out.id}"
+        )
+        return out
+
+    async def _run_storage_move(
+        self,
+        task_id: int,
+        vm: str,
+        host: Host,
+        mreq: MirrorRequest,
+        resume: storage.StorageState | None = None,
+    ) -> None:
+        async def body(cancel: asyncio.Event) -> tuple[TaskState, str | None]:
+            port = AgentStoragePort(self.db, self.inventory, vm, host, mreq)
+
+            async def persist(st: storage.Step, status: MirrorStatus | None) -> None:
+                await asyncio.to_thread(self._persist_storage, task_id, st, status)
+
+            final = await storage.run(port, persist, cancel, resume)
+            # Whatever the outcome, the inventory names what the agent's definition names
+            # (what QEMU runs on): a later live migration opens those files.
+            with contextlib.suppress(StoragePortError):
+                await port.adopt()
+            state = {
+                storage.SPhase.DONE: TaskState.SUCCEEDED,
+                storage.SPhase.CANCELLED: TaskState.CANCELLED,
+            }.get(final.phase, TaskState.FAILED)
+            return state, final.error if state != TaskState.SUCCEEDED else None
+
+        await self._run_guarded(task_id, [host.name], resume is not None, body)
+
+    def _persist_storage(self, task_id: int, st: storage.Step, status: MirrorStatus | None) -> None:
+        with self.db.session() as s:
+            t = s.get(Task, task_id)
+            assert t is not None
+            if status is not None:
+                t.stats = status.model_dump(mode="json")
+                if status.total_bytes:
+                    done = 1.0 - status.remaining_bytes / status.total_bytes
+                    t.progress = max(t.progress, min(done, 0.99))
+            self._record_step(
+                s,
+                t,
+                st.state.phase.value,
+                storage.state_to_json(st.state),
+                st.note,
+                st.state.warnings,
+            )

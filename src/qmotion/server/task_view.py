@@ -1,0 +1,38 @@
+"""A persisted task as the API shows it, and the kinds of tasks."""
+
+from __future__ import annotations
+
+from qmotion.api.migration import MigrationReport, MigrationStats
+from qmotion.api.server import TaskEventOut, TaskOut
+from qmotion.api.storage import MirrorStatus
+from qmotion.server.db import Task
+
+MIGRATE = "migrate"
+STORAGE_MOVE = "storage-move"
+COLD_MIGRATE = "cold-migrate"
+
+
+def task_out(t: Task, with_events: bool = True) -> TaskOut:
+    storage_task = t.kind == STORAGE_MOVE
+    return TaskOut(
+        id=t.id,
+        kind=t.kind,
+        state=t.state,
+        vm=t.vm,
+        source=t.source,
+        destination=t.destination,
+        phase=t.phase,
+        progress=t.progress,
+        created_at=t.created_at,
+        started_at=t.started_at,
+        ended_at=t.ended_at,
+        error=t.error,
+        result=MigrationReport.model_validate(t.result) if t.result else None,
+        stats=MigrationStats.model_validate(t.stats) if t.stats and not storage_task else None,
+        mirror=MirrorStatus.model_validate(t.stats) if t.stats and storage_task else None,
+        events=[
+            TaskEventOut(at=e.at, kind=e.kind, message=e.message, data=e.data) for e in t.events
+        ]
+        if with_events
+        else [],
+    )
