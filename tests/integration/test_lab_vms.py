@@ -47,7 +47,7 @@ def test_host_facts_and_metrics(lab: Lab, boot_vm: Boot) -> None:
     assert facts.accel.name in ("kvm", "tcg")
     assert facts.accel.reason
     assert "vmbr0" in facts.bridges
-    assert {d.name for d in facts.datastores} == {"shared", "local-h3"}
+    assert {d.name for d in facts.datastores} == {"shared", "local-h3", "small"}
     assert any(m.startswith("pc-i440fx-") for m in facts.machine_types)
     time.sleep(2.5)  # two sampler ticks, so the VM has a CPU rate
     metrics = lab.agent("h3").metrics()

@@ -116,10 +116,11 @@ def test_prechecks_refuse_before_anything_changes(
         with pytest.raises(exc) as err:
             server.migrate(vm.name, req)
         assert err.value.detail.code == code  # type: ignore[attr-defined]
+    # A stopped VM moves cold (tests/integration/test_cold.py): live-only options are refused.
     stopped = make_vm("h1", fill=0, start=False)
-    with pytest.raises(Conflict) as err:
-        server.migrate(stopped.name, MigrateRequest(to="h2"))
-    assert err.value.detail.code == "vm_not_running"
+    with pytest.raises(Invalid, match="stopped") as bad:
+        server.migrate(stopped.name, MigrateRequest(to="h2", timeout_s=60))
+    assert bad.value.detail.field == "timeout_s"
     # A VM with a disk on h1's local datastore cannot reach it from h2.
     local = make_vm("h1", fill=0, disk=DiskCreate(datastore="local-h1", size_mib=16))
     with pytest.raises(Conflict) as err:

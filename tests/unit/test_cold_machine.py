@@ -27,9 +27,12 @@ class FakeCluster:
     inventory: str = "src"
     files: dict[str, set[str]] = field(default_factory=lambda: {"src": {"d0"}, "dst": set()})
     exported: bool = False
+    held: bool = False
     made: list[str] = field(default_factory=list)
 
-    def _call(self, effect: object) -> object:
+    def _call(self, effect: object, then: object = None) -> object:
+        """``then``: what the port does itself once the agent answered (the real define
+        commits the inventory only after the destination's answer: a lost answer, no commit)."""
         self.calls += 1
         fault = self.faults.get(self.calls)
         if fault == "before":
@@ -37,11 +40,14 @@ class FakeCluster:
         result = effect() if callable(effect) else None
         if fault == "after":
             raise ColdPortError(f"call {self.calls}: answer lost")
+        if callable(then):
+            then()
         return result
 
-    async def export(self) -> None:
+    async def export(self, copying: bool) -> None:
         def do() -> None:
-            self.exported = True
+            self.held = True
+            self.exported = copying
 
         self._call(do)
 
@@ -63,14 +69,16 @@ class FakeCluster:
     async def define(self, disks: tuple[Disk, ...]) -> None:
         def do() -> None:
             self.defined.add("dst")  # idempotent: the same VM again is "done"
+
+        def commit() -> None:
             self.inventory = "dst"
 
-        self._call(do)
+        self._call(do, commit)
 
     async def cleanup(self, copied: bool) -> tuple[str, ...]:
         def do() -> tuple[str, ...]:
             self.defined.discard("src")
-            self.exported = False
+            self.exported = self.held = False
             if copied:
                 self.files["src"].discard("d0")
             return ()
@@ -81,7 +89,11 @@ class FakeCluster:
 
     async def abort(self) -> None:
         def do() -> None:
-            self.exported = False
+            # As the real port: a destination definition the inventory never took is removed
+            # (without its disks), the hold released, then the copies removed.
+            if self.inventory == "src":
+                self.defined.discard("dst")
+            self.exported = self.held = False
             if "dst" in self.defined:
                 raise ColdPortError("d0 is a disk of a defined VM: kept", refused=True)
             for f in self.made:
@@ -108,6 +120,9 @@ def run(c: FakeCluster, copying: bool = True, cancel_at: int | None = None) -> c
 def assert_one_home(c: FakeCluster, final: cold.ColdState, copying: bool = True) -> None:
     assert final.phase.final
     home = c.inventory
+    # Never defined on two hosts, warned or not: the rollback removes a definition the
+    # inventory never took, the cleanup the old one.
+    assert c.defined == {home} or (final.warnings and final.phase == CPhase.FAILED), c.defined
     if not final.warnings:
         assert c.defined == {home}, ("defined on two hosts, unwarned", c.defined)
     assert home in c.defined, (home, c.defined)
@@ -117,7 +132,8 @@ def assert_one_home(c: FakeCluster, final: cold.ColdState, copying: bool = True)
         if not final.warnings:
             assert c.defined == {"dst"} and c.files["src"] == (set() if copying else {"d0"})
     elif home == "src" and not final.warnings:
-        assert c.defined == {"src"} and c.files["dst"] == set() and not c.exported
+        assert c.defined == {"src"} and c.files["dst"] == set()
+        assert not c.exported and not c.held, "the source still holds or exports the VM"
 
 
 def test_a_stopped_vm_moves_with_its_disk() -> None:
@@ -188,3 +204,17 @@ def test_a_restarted_manager_rolls_back_a_copy_and_finishes_a_definition() -> No
         assert st_.action == expect
     s = cold.ColdState(CPhase.CLEANUP, True, disks=(Disk(datastore="b", path="d0"),))
     assert cold.state_from_json(cold.state_to_json(s)) == s
+
+
+def test_a_same_named_datastore_that_is_not_shared_is_refused_without_a_copy() -> None:
+    """Two hosts' local datastores of the same name are different storage: moving only the
+    definition would leave the VM without its disk there."""
+    from qmotion.server.cold import cold_refusals
+
+    args = (frozenset({"data"}), frozenset({"data"}), "h2")
+    refused = cold_refusals([], None, *args, not_shared=frozenset({"data"}))
+    assert [r.code for r in refused] == ["datastore_not_shared"]
+    assert "--datastore" in refused[0].message
+    assert cold_refusals([], None, *args) == []  # shared on both: the definition moves
+    copied = cold_refusals([], "other", frozenset({"data"}), frozenset({"other"}), "h2")
+    assert copied == []  # copied to a datastore the destination reaches

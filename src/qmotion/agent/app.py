@@ -173,8 +173,8 @@ def create_app(config: AgentConfig) -> FastAPI:
         await state.vms.delete(name, force=force, with_disks=with_disks)
 
     @app.post("/v1/vms/{name}/export", response_model=list[DiskExport], dependencies=auth)
-    async def export_disks(name: str) -> list[DiskExport]:
-        return await state.transfers.export(name)
+    async def export_disks(name: str, copy: bool = True) -> list[DiskExport]:
+        return await state.transfers.export(name, copy=copy)
 
     @app.delete("/v1/vms/{name}/export", status_code=204, dependencies=auth)
     async def unexport_disks(name: str) -> None:

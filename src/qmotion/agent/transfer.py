@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import socket
 from pathlib import Path
 
@@ -26,15 +24,29 @@ from qmotion.agent.storage import qemu_img_info
 from qmotion.agent.vms import VmManager
 from qmotion.api.storage import DiskCopy, DiskCopyRequest, DiskExport
 from qmotion.api.vm import Disk
+from qmotion.hypervisor import process
 
 log = logging.getLogger(__name__)
 EXPORTS = "exports.json"
+HOLD = "moving"  # a file in the VM's directory while a cold migration holds it
 COPY_TIMEOUT_S = 6 * 3600.0
 
 
 class Exports(BaseModel):
     pids: list[int] = Field(default_factory=list)
     disks: list[DiskExport] = Field(default_factory=list)
+
+
+async def end_exports(vm_dir: Path) -> None:
+    """End the qemu-nbd exports recorded in a VM's directory (after an agent restart too)."""
+    path = vm_dir / EXPORTS
+    if not path.is_file():
+        return
+    known = Exports.model_validate_json(path.read_text())
+    left = await asyncio.to_thread(process.end_nbd_exports, known.pids)
+    if left:
+        raise OperationFailed(f"qemu-nbd {left} did not end; its record is kept")
+    path.unlink(missing_ok=True)
 
 
 def _free_port(address: str) -> int:
@@ -76,11 +88,19 @@ class Transfers:
 
     # ------------------------------------------------------------------ source
 
-    async def export(self, name: str) -> list[DiskExport]:
-        """Serve every disk of a stopped VM read-only; idempotent (the same exports again)."""
+    def held(self, name: str) -> bool:
+        """The VM is being moved to another host: it must not start here meanwhile."""
+        return (self.vms._dir(name) / HOLD).is_file()
+
+    async def export(self, name: str, copy: bool = True) -> list[DiskExport]:
+        """Hold a stopped VM (no start here until released) and, with ``copy``, serve every
+        disk (and a suspended VM's saved state) read-only. Idempotent."""
         async with self.vms.locked(name) as spec:
             if await self.vms._alive(name) is not None:
-                raise Conflict(f"VM {name} is running: only a stopped VM's disks are exported")
+                raise Conflict(f"VM {name} is running: only a stopped VM moves cold", vm=name)
+            self.vms._write(self.vms._dir(name) / HOLD, "moving to another host\n")
+            if not copy:
+                return []
             path = self._exports_path(name)
             if path.is_file():
                 known = Exports.model_validate_json(path.read_text())
@@ -137,23 +157,13 @@ class Transfers:
             return exports.disks
 
     async def unexport(self, name: str) -> None:
+        """End the exports and release the hold (the move is over, or rolled back)."""
         self.vms.spec(name)
         await self._end(name)
+        (self.vms._dir(name) / HOLD).unlink(missing_ok=True)
 
     async def _end(self, name: str) -> None:
-        path = self._exports_path(name)
-        if not path.is_file():
-            return
-        known = Exports.model_validate_json(path.read_text())
-        for pid in known.pids:
-            if _is_nbd(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            if not any(_is_nbd(p) for p in known.pids):
-                break
-            await asyncio.sleep(0.05)
-        path.unlink(missing_ok=True)
+        await end_exports(self.vms._dir(name))
 
     # ------------------------------------------------------------------ destination
 
@@ -204,7 +214,8 @@ class Transfers:
         req = DiskCopyRequest(uri="nbd://0.0.0.0:0/x", datastore=datastore, path=path)
         target = self._target(req)
         for vm in await self.vms.list():
-            if any((d.datastore, d.path) == (datastore, path) for d in vm.spec.disks):
+            used = [*vm.spec.disks, *([vm.spec.saved_state] if vm.spec.saved_state else [])]
+            if any((d.datastore, d.path) == (datastore, path) for d in used):
                 raise Conflict(f"{target} is a disk of VM {vm.name}: kept", vm=vm.name)
         existed = target.exists()
         target.unlink(missing_ok=True)

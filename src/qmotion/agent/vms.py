@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -116,6 +117,9 @@ class VmManager:
                 log.error("ignoring unreadable VM definition %s: %s", spec_file, exc)
                 continue
             self._specs[spec.name] = spec
+            # Exports of a cold migration the agent was serving when it stopped: the manager
+            # asks again (they are idempotent) or rolls back.
+            await asyncio.to_thread(self._end_exports, spec.name)
             rt_file = vm_dir / "runtime.json"
             if not rt_file.is_file():
                 continue
@@ -308,6 +312,14 @@ class VmManager:
                 vm=spec.name,
                 field=f"disks[{i}].path",
             )
+        saved = self._saved_path(spec)
+        if saved is not None and not saved.is_file():
+            raise SpecRejected(
+                f"the saved state of {spec.name} ({saved}) does not exist on host "
+                f"{self.config.name}",
+                vm=spec.name,
+                field="saved_state.path",
+            )
         if isinstance(spec.boot, KernelBoot):
             for field in ("kernel", "initrd"):
                 value = getattr(spec.boot, field)
@@ -393,6 +405,11 @@ class VmManager:
         async with self.locked(name) as spec:
             if await self._alive(name) is not None:
                 raise Conflict(f"VM {name} is already running", vm=name)
+            if incoming is None and (self._dir(name) / "moving").is_file():
+                raise Conflict(
+                    f"VM {name} is being moved to another host (cold migration): not started",
+                    vm=name,
+                )
             if (reason := self.storage_guard(name)) is not None and "switching" in reason:
                 # Which copy holds its latest writes is not settled: starting either may
                 # run it on the stale one.
@@ -463,11 +480,24 @@ class VmManager:
                 ) from exc
             log.info("started VM %s (pid %d, %s, %s memory)", name, pid, accel.name, backing)
             if saved is not None:
-                # Resumed: the state is used up (a second resume would run stale memory).
-                self.replace_spec(spec.model_copy(update={"saved_state": None}))
+                # Resumed: the state is used up (the definition forgot it before the run).
                 saved.unlink(missing_ok=True)
                 log.info("VM %s resumed from %s", name, saved)
         return await self.info(name)
+
+    def _end_exports(self, name: str) -> None:
+        """qemu-nbd exports of this VM's disks (a cold migration's) that are still running:
+        ended, so none outlives the VM's record (they serve disks without authentication)."""
+        path = self._dir(name) / "exports.json"
+        if not path.is_file():
+            return
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            pids = [int(p) for p in json.loads(path.read_text())["pids"]]
+            left = process.end_nbd_exports(pids)
+            if left:
+                log.error("qemu-nbd %s of %s did not end", left, name)
+            else:
+                path.unlink(missing_ok=True)
 
     def _saved_path(self, spec: VmSpec) -> Path | None:
         if spec.saved_state is None:
@@ -493,12 +523,20 @@ class VmManager:
             await asyncio.sleep(0.05)
 
     async def _restore(self, name: str, mon: Monitor, saved: Path) -> None:
-        """An incoming QEMU reads the saved state, then runs."""
+        """An incoming QEMU reads the saved state, then runs. The definition forgets the
+        state before the guest runs: a crash after that must never load it again over
+        disks the guest has written since."""
         await mon.execute("migrate-incoming", {"uri": f"file:{saved}"})
         status = await self._wait_migration(name, mon, SAVE_TIMEOUT_S)
         if status != "completed":
             raise OperationFailed(f"restoring {name} from {saved}: {status}", vm=name)
-        await mon.execute("cont")
+        spec = self.spec(name)
+        self.replace_spec(spec.model_copy(update={"saved_state": None}))
+        try:
+            await mon.execute("cont")
+        except HypervisorError:
+            self.replace_spec(spec)  # not run: the state is still the VM
+            raise
 
     async def suspend(self, name: str) -> VmInfo:
         """Save a running VM's memory and device state to its first disk's datastore and
@@ -537,12 +575,23 @@ class VmManager:
                         "migrate-set-capabilities",
                         {"capabilities": [{"capability": c, "state": False} for c in on]},
                     )
-                await mon.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+                # A file takes no TLS (a VM that arrived by a TLS migration keeps its creds).
+                await mon.execute(
+                    "migrate-set-parameters", {"max-bandwidth": 1 << 40, "tls-creds": ""}
+                )
                 await mon.execute("migrate", {"uri": f"file:{path}"})
                 status = await self._wait_migration(name, mon, SAVE_TIMEOUT_S)
                 if status != "completed":
                     raise OperationFailed(f"saving the state of {name}: {status}", vm=name)
             except (HypervisorError, OperationFailed) as exc:
+                with contextlib.suppress(HypervisorError):
+                    # A save still under way (timed out) must not complete behind our back.
+                    await mon.execute("migrate_cancel")
+                    for _ in range(100):
+                        got = await mon.execute("query-migrate")
+                        if got.get("status") not in ("active", "setup", "cancelling"):
+                            break
+                        await asyncio.sleep(0.05)
                 path.unlink(missing_ok=True)
                 with contextlib.suppress(HypervisorError):
                     await mon.execute("cont")
@@ -642,6 +691,7 @@ class VmManager:
                         if root is not None and path.parent != root.path:
                             with contextlib.suppress(OSError):
                                 path.parent.rmdir()
+            await asyncio.to_thread(self._end_exports, name)
             shutil.rmtree(self._dir(name), ignore_errors=True)
             del self._specs[name]
         self._locks.pop(name, None)

@@ -135,6 +135,8 @@ def suspend(name: str, lab: str = LabOpt) -> None:
 def resume(name: str, lab: str = LabOpt) -> None:
     """Run a suspended VM again where it was (on its host now, after a migration too)."""
     with errors_exit(), server_client(lab) as client:
+        if (state := client.vm(name).state) != "suspended":
+            fail(f"{name} is {state}, not suspended: `vm start` boots a stopped VM", 1)
         vm = client.start_vm(name)
     console.print(Text(f"{vm.name} is {vm.state} on {vm.host}"))
 

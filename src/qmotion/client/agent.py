@@ -74,8 +74,15 @@ class AgentClient(BaseClient):
         params = {"force": str(force).lower(), "with_disks": str(with_disks).lower()}
         self.request("DELETE", f"/v1/vms/{name}", params=params)
 
-    def export_disks(self, name: str) -> list[DiskExport]:
-        return self.call(list[DiskExport], "POST", f"/v1/vms/{name}/export")
+    def export_disks(self, name: str, *, copy: bool = True) -> list[DiskExport]:
+        """Hold the stopped VM on its host (no start there) and, with ``copy``, export its
+        disks read-only."""
+        return self.call(
+            list[DiskExport],
+            "POST",
+            f"/v1/vms/{name}/export",
+            params={"copy": str(copy).lower()},
+        )
 
     def unexport_disks(self, name: str) -> None:
         self.request("DELETE", f"/v1/vms/{name}/export")

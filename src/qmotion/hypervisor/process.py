@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -80,3 +81,24 @@ def kill(pid: int, vm_uuid: uuid.UUID, timeout_s: float = 5.0) -> None:
             return
         if wait_gone(pid, vm_uuid, timeout_s):
             return
+
+
+def end_nbd_exports(pids: list[int], timeout_s: float = 5.0) -> list[int]:
+    """SIGTERM, then SIGKILL, each ``qemu-nbd`` among ``pids`` (PIDs get reused: anything
+    else is left alone). Returns the PIDs still alive."""
+
+    def is_nbd(pid: int) -> bool:
+        try:
+            return b"qemu-nbd" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            if is_nbd(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(is_nbd(p) for p in pids):
+            time.sleep(0.05)
+    return [p for p in pids if is_nbd(p)]

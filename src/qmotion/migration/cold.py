@@ -25,7 +25,7 @@ from typing import Protocol
 
 from qmotion.api.vm import Disk
 
-MAX_TRIES = 5
+MAX_TRIES = 15  # spaced by the loop's retry interval: an agent restart is waited out
 
 
 class CPhase(StrEnum):
@@ -96,9 +96,10 @@ class CStep:
 
 
 def first(copying: bool) -> CStep:
-    if copying:
-        return CStep(ColdState(CPhase.EXPORT, True), CAction.EXPORT, "exporting the disks")
-    return CStep(ColdState(CPhase.DEFINE, False), CAction.DEFINE, "moving the definition")
+    """The source holds the VM first (no start there until the move ends), and exports its
+    disks when they are copied."""
+    what = "exporting the disks" if copying else "holding the VM on its source"
+    return CStep(ColdState(CPhase.EXPORT, copying), CAction.EXPORT, what)
 
 
 def _rollback(s: ColdState, error: str | None, note: str) -> CStep:
@@ -126,8 +127,14 @@ def step(s: ColdState, event: Event) -> CStep:
             return _rollback(s, "the manager restarted during the copy", "rolling back")
         return CStep(replace(s, failures=0), _again(s), "manager restarted: resuming")
     match s.phase, event:
-        case CPhase.EXPORT, Succeeded():
+        case CPhase.EXPORT, Succeeded() if s.copying:
             return CStep(replace(s, phase=CPhase.COPY, failures=0), CAction.COPY, "copying")
+        case CPhase.EXPORT, Succeeded():
+            return CStep(
+                replace(s, phase=CPhase.DEFINE, failures=0),
+                CAction.DEFINE,
+                "moving the definition (the disks stay where both hosts reach them)",
+            )
         case CPhase.COPY, Succeeded(disks=disks):
             return CStep(
                 replace(s, phase=CPhase.DEFINE, disks=disks, failures=0),
@@ -198,7 +205,7 @@ class ColdPortError(Exception):
 
 
 class ColdPort(Protocol):
-    async def export(self) -> None: ...
+    async def export(self, copying: bool) -> None: ...
     async def copy(self) -> tuple[Disk, ...]: ...
     async def define(self, disks: tuple[Disk, ...]) -> None: ...
     async def cleanup(self, copied: bool) -> tuple[str, ...]: ...
@@ -213,7 +220,7 @@ async def run(
     persist: Persist,
     cancel: asyncio.Event,
     start: CStep,
-    retry_s: float = 1.0,
+    retry_s: float = 2.0,
 ) -> ColdState:
     st = start
     cancel_seen = False
@@ -230,7 +237,7 @@ async def run(
         try:
             event: Event
             if st.action == CAction.EXPORT:
-                await port.export()
+                await port.export(st.state.copying)
                 event = Succeeded()
             elif st.action == CAction.COPY:
                 event = Succeeded(disks=await port.copy())

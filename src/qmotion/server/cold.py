@@ -39,13 +39,30 @@ def cold_refusals(
     current_datastores: frozenset[str],
     target_datastores: frozenset[str],
     target: str,
+    not_shared: frozenset[str] = frozenset(),
 ) -> list[Refusal]:
-    """The live pre-checks that apply to a stopped VM, plus the datastore it is copied to."""
+    """The live pre-checks that apply to a stopped VM, plus the datastore it is copied to.
+    ``not_shared``: the VM's datastores that are not marked shared on both hosts (a local
+    datastore of the same name elsewhere is other storage: without a copy the VM would find
+    no disk there)."""
     out = [
         r
         for r in live
         if r.code in COLD_APPLIES and not (datastore and r.code == "datastore_unreachable")
     ]
+    if datastore is None:
+        # The unreachable ones are refused already (by the live pre-checks).
+        for ds in sorted(not_shared & target_datastores):
+            out.append(
+                Refusal(
+                    "datastore_not_shared",
+                    f"datastore {ds} is not shared between the two hosts: its files would not "
+                    f"be there on {target} (--datastore DS copies the disks)",
+                    409,
+                    field="datastore",
+                    host=target,
+                )
+            )
     if datastore is not None and datastore in current_datastores:
         out.append(
             Refusal(
@@ -123,13 +140,15 @@ class AgentColdPort:
             )
         return out
 
-    async def export(self) -> None:
+    async def export(self, copying: bool) -> None:
         name = self.spec.name
-        self.exports = await self._call(self.source, lambda c: c.export_disks(name), CALL_TIMEOUT_S)
+        self.exports = await self._call(
+            self.source, lambda c: c.export_disks(name, copy=copying), CALL_TIMEOUT_S
+        )
 
     async def copy(self) -> tuple[Disk, ...]:
         if not self.exports:  # a retried copy after a restart: the exports are idempotent
-            await self.export()
+            await self.export(True)
         made = []
         for exp, target in zip(self.exports, self._targets(), strict=True):
             req = DiskCopyRequest(
@@ -145,20 +164,30 @@ class AgentColdPort:
             await self._call(self.source, lambda c: c.unexport_disks(name), CALL_TIMEOUT_S)
         return tuple(made)
 
-    async def define(self, disks: tuple[Disk, ...]) -> None:
+    def _destination_spec(self, disks: tuple[Disk, ...]) -> VmSpec:
         spec = self.spec
         if disks:
             saved = None
             if spec.saved_state is not None:
                 disks, saved = disks[:-1], disks[-1]
             spec = spec.model_copy(update={"disks": list(disks), "saved_state": saved})
+        # Every disk exists already (copied, or shared): never created there. A disk the
+        # destination does not find is a refusal, not a new empty image.
+        return spec.model_copy(
+            update={"disks": [d.model_copy(update={"create_size": None}) for d in spec.disks]}
+        )
+
+    async def define(self, disks: tuple[Disk, ...]) -> None:
+        spec = self._destination_spec(disks)
 
         def define(c: AgentClient) -> None:
             try:
                 c.define(spec)
             except ApiError as exc:
-                # Defined already by an earlier call whose answer was lost: same VM, done.
-                if exc.status != 409 or c.vm(spec.name).spec.uuid != spec.uuid:
+                # Defined already by an earlier call whose answer was lost: the same VM on the
+                # same files, done. Anything else there is not ours to take.
+                there = c.vm(spec.name).spec if exc.status == 409 else None
+                if there is None or there.model_dump() != spec.model_dump():
                     raise
 
         await self._call(self.destination, define, CALL_TIMEOUT_S)
@@ -175,9 +204,8 @@ class AgentColdPort:
         name = self.spec.name
 
         def forget(c: AgentClient) -> None:
-            with contextlib.suppress(ColdPortError, ApiError):
-                c.unexport_disks(name)
             with contextlib.suppress(NotFound):  # forgotten by a call whose answer was lost
+                c.unexport_disks(name)  # its failure is this step's: the exports must end
                 c.delete(name, with_disks=copied)
 
         await self._call(self.source, forget, CALL_TIMEOUT_S)
@@ -190,6 +218,17 @@ class AgentColdPort:
             with contextlib.suppress(NotFound):
                 c.unexport_disks(name)
 
+        def undefine(c: AgentClient) -> None:
+            """A definition whose answer was lost (the inventory never moved): ours if it
+            is this VM on these files, and stopped; removed without its disks."""
+            try:
+                info = c.vm(name)
+            except NotFound:
+                return
+            if info.spec.uuid == self.spec.uuid and info.state in ("stopped", "suspended"):
+                c.delete(name)
+
+        await self._call(self.destination, undefine, CALL_TIMEOUT_S)
         await self._call(self.source, unexport, CALL_TIMEOUT_S)
         for t in self.made:
             await self._call(self.destination, _remover(t), CALL_TIMEOUT_S)

@@ -184,8 +184,23 @@ class DiskTasks:
             )
         with self.db.session() as s:
             row = self.inventory.vm_by_name(s, vm)
-            spec = VmSpec.model_validate(row.spec)
+            # The source agent's definition is the VM's (a suspend or resume whose answer
+            # the manager missed changed it there); it also says the VM is still stopped.
+            info = self.inventory.call(row.host, lambda c: c.vm(vm), vm=vm)
+            if info.state not in (VmState.STOPPED, VmState.SUSPENDED):
+                raise Conflict(f"VM {vm} is {info.state} on {row.host.name}", vm=vm)
+            spec = info.spec
             hosts = self.inventory.host_views(s)
+            used = {d.datastore for d in spec.disks}
+            if spec.saved_state is not None:
+                used.add(spec.saved_state.datastore)
+            dst_row = self.inventory.host_by_name(s, to) if to in hosts else None
+            shared_on = [
+                {d["name"] for d in (h.facts or {}).get("datastores", ()) if d.get("shared")}
+                for h in (row.host, dst_row)
+                if h is not None
+            ]
+            not_shared = frozenset(u for u in used if not all(u in x for x in shared_on))
             live = precheck(
                 PrecheckInput(
                     vm_view(spec, row.host.name, row.state, False),
@@ -198,9 +213,10 @@ class DiskTasks:
             refusals = cold_refusals(
                 live,
                 req.datastore,
-                frozenset(d.datastore for d in spec.disks),
+                frozenset(used),
                 target.datastores if target is not None else frozenset(),
                 to,
+                not_shared,
             )
             if not refusals:
                 src = AgentMigrationPort.host_copy(row.host)

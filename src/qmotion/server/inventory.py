@@ -81,8 +81,14 @@ class Inventory:
     def agent(self, host: Host, timeout_s: float = 120.0) -> AgentClient:
         return self.agents.client(host.agent_url, host.token, timeout_s=timeout_s)
 
-    def call(self, host: Host, fn: Callable[[AgentClient], T], vm: str | None = None) -> T:
-        with self.agent(host) as client, agent_errors(host.name, vm):
+    def call(
+        self,
+        host: Host,
+        fn: Callable[[AgentClient], T],
+        vm: str | None = None,
+        timeout_s: float = 120.0,
+    ) -> T:
+        with self.agent(host, timeout_s) as client, agent_errors(host.name, vm):
             return fn(client)
 
     def _issue_certificate(self, client: AgentClient, name: str, facts: HostFacts) -> None:
@@ -378,7 +384,9 @@ class Inventory:
             vm = self.vm_by_name(s, name)
             if self.db.active_task_for_vm(s, name) is not None:
                 raise Conflict(f"VM {name} is migrating", vm=name)
-            info = self.call(vm.host, fn, vm=name)
+            # Longer than the agent's own limit on saving or restoring a VM's memory (600 s):
+            # an answer missed here would leave the inventory's spec behind the agent's.
+            info = self.call(vm.host, fn, vm=name, timeout_s=900.0)
             vm.state = state
             # The agent's definition changes on suspend and resume (the saved state).
             vm.spec = info.spec.model_dump(mode="json")
