@@ -67,6 +67,9 @@ class FakeCluster:
         return got
 
     async def define(self, disks: tuple[Disk, ...]) -> None:
+        if self.inventory == "dst":  # as the real port: the inventory says it is done
+            return
+
         def do() -> None:
             self.defined.add("dst")  # idempotent: the same VM again is "done"
 
@@ -88,14 +91,15 @@ class FakeCluster:
         return got
 
     async def abort(self) -> None:
+        # As the real port: refused when the inventory has the VM on the destination (the
+        # machine then goes forward); else the source released, a destination definition the
+        # inventory never took removed (without its disks), then the copies.
+        if self.inventory == "dst":
+            raise ColdPortError("moved already", moved=True)
+
         def do() -> None:
-            # As the real port: a destination definition the inventory never took is removed
-            # (without its disks), the hold released, then the copies removed.
-            if self.inventory == "src":
-                self.defined.discard("dst")
             self.exported = self.held = False
-            if "dst" in self.defined:
-                raise ColdPortError("d0 is a disk of a defined VM: kept", refused=True)
+            self.defined.discard("dst")
             for f in self.made:
                 self.files["dst"].discard(f)
             self.made.clear()
@@ -196,6 +200,28 @@ def test_property_faults_and_cancels_leave_exactly_one_home(
 ) -> None:
     c = FakeCluster(faults=faults)
     assert_one_home(c, run(c, copying=copying, cancel_at=cancel_at), copying)
+
+
+def test_a_restart_after_the_inventory_moved_goes_forward_even_if_the_destination_is_down() -> None:
+    """Defined and committed, then the manager restarted before recording it: the repeated
+    define is done by the inventory's word; a rollback would be refused as "moved"."""
+    c = FakeCluster(defined={"src", "dst"}, inventory="dst")
+    c.files["dst"].add("d0")
+    c.faults = {n: "before" for n in range(1, 4)}  # the destination does not answer at first
+    st_ = cold.step(cold.ColdState(CPhase.DEFINE, True), cold.Resumed())
+    final = asyncio.run(cold.run(c, _no_persist, asyncio.Event(), st_, retry_s=0))
+    assert final.phase == CPhase.DONE and c.defined == {"dst"} and c.files["src"] == set()
+    rollback = cold.ColdState(CPhase.ROLLBACK, True)
+    c2 = FakeCluster(defined={"src", "dst"}, inventory="dst")
+    c2.files["dst"].add("d0")
+    final = asyncio.run(
+        cold.run(c2, _no_persist, asyncio.Event(), cold.CStep(rollback, cold.CAction.ABORT), 0)
+    )
+    assert final.phase == CPhase.DONE and c2.defined == {"dst"}, final
+
+
+async def _no_persist(st: cold.CStep) -> None:
+    return None
 
 
 def test_a_restarted_manager_rolls_back_a_copy_and_finishes_a_definition() -> None:

@@ -177,8 +177,8 @@ def create_app(config: AgentConfig) -> FastAPI:
         return await state.transfers.export(name, copy=copy)
 
     @app.delete("/v1/vms/{name}/export", status_code=204, dependencies=auth)
-    async def unexport_disks(name: str) -> None:
-        await state.transfers.unexport(name)
+    async def unexport_disks(name: str, release: bool = True) -> None:
+        await state.transfers.unexport(name, release=release)
 
     @app.post("/v1/disk-copies", response_model=DiskCopy, dependencies=auth)
     async def copy_disk(req: DiskCopyRequest) -> DiskCopy:

@@ -156,11 +156,12 @@ class Transfers:
                 raise
             return exports.disks
 
-    async def unexport(self, name: str) -> None:
-        """End the exports and release the hold (the move is over, or rolled back)."""
+    async def unexport(self, name: str, release: bool = True) -> None:
+        """End the exports; with ``release`` also the hold (the move was rolled back)."""
         self.vms.spec(name)
         await self._end(name)
-        (self.vms._dir(name) / HOLD).unlink(missing_ok=True)
+        if release:
+            (self.vms._dir(name) / HOLD).unlink(missing_ok=True)
 
     async def _end(self, name: str) -> None:
         await end_exports(self.vms._dir(name))

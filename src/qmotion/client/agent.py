@@ -84,8 +84,9 @@ class AgentClient(BaseClient):
             params={"copy": str(copy).lower()},
         )
 
-    def unexport_disks(self, name: str) -> None:
-        self.request("DELETE", f"/v1/vms/{name}/export")
+    def unexport_disks(self, name: str, *, release: bool = True) -> None:
+        """End the exports; with ``release`` also the hold on the VM."""
+        self.request("DELETE", f"/v1/vms/{name}/export", params={"release": str(release).lower()})
 
     def copy_disk(self, req: DiskCopyRequest) -> DiskCopy:
         return self.call(DiskCopy, "POST", "/v1/disk-copies", json=dump(req))

@@ -73,6 +73,7 @@ class Succeeded:
 class Failed:
     error: str
     refused: bool = False  # the agent answered that nothing changed
+    moved: bool = False  # the inventory has the VM on the destination: only forward
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,13 @@ def step(s: ColdState, event: Event) -> CStep:
         if s.phase in (CPhase.EXPORT, CPhase.COPY):
             return _rollback(s, None, "cancel: the VM stays on its source")
         return CStep(s, _again(s), "cancel asked: too late, the destination has the VM")
+    if isinstance(event, Failed) and event.moved and s.phase != CPhase.CLEANUP:
+        why = f"the VM is on the destination already: going forward ({event.error})"
+        return CStep(
+            replace(s, phase=CPhase.CLEANUP, failures=0, warnings=(*s.warnings, why)),
+            CAction.CLEANUP,
+            why,
+        )
     if isinstance(event, Resumed):
         if s.phase in (CPhase.EXPORT, CPhase.COPY):
             return _rollback(s, "the manager restarted during the copy", "rolling back")
@@ -199,9 +207,10 @@ def _again(s: ColdState) -> CAction:
 
 
 class ColdPortError(Exception):
-    def __init__(self, message: str, *, refused: bool = False) -> None:
+    def __init__(self, message: str, *, refused: bool = False, moved: bool = False) -> None:
         super().__init__(message)
         self.refused = refused
+        self.moved = moved
 
 
 class ColdPort(Protocol):
@@ -250,7 +259,7 @@ async def run(
                 await port.abort()
                 event = Succeeded()
         except ColdPortError as exc:
-            event = Failed(str(exc), refused=exc.refused)
+            event = Failed(str(exc), refused=exc.refused, moved=exc.moved)
         st = step(st.state, event)
 
 

@@ -160,8 +160,10 @@ class AgentColdPort:
             self.made.append(got.disk)
             made.append(got.disk.model_copy(update={"bootable": target.bootable}))
         name = self.spec.name
-        with contextlib.suppress(ColdPortError):
-            await self._call(self.source, lambda c: c.unexport_disks(name), CALL_TIMEOUT_S)
+        with contextlib.suppress(ColdPortError):  # the exports end (the hold stays)
+            await self._call(
+                self.source, lambda c: c.unexport_disks(name, release=False), CALL_TIMEOUT_S
+            )
         return tuple(made)
 
     def _destination_spec(self, disks: tuple[Disk, ...]) -> VmSpec:
@@ -177,7 +179,14 @@ class AgentColdPort:
             update={"disks": [d.model_copy(update={"create_size": None}) for d in spec.disks]}
         )
 
+    def _moved(self) -> bool:
+        """The inventory has the VM on the destination (a define and commit done before)."""
+        with self.db.session() as s:
+            return self.inventory.vm_by_name(s, self.spec.name).host.name == self.destination.name
+
     async def define(self, disks: tuple[Disk, ...]) -> None:
+        if await asyncio.to_thread(self._moved):
+            return  # done by a call (before a manager restart) whose step was not recorded
         spec = self._destination_spec(disks)
 
         def define(c: AgentClient) -> None:
@@ -204,8 +213,9 @@ class AgentColdPort:
         name = self.spec.name
 
         def forget(c: AgentClient) -> None:
+            # The delete ends the exports and removes the VM's directory (its hold with it):
+            # until it succeeds the old definition stays held, never startable.
             with contextlib.suppress(NotFound):  # forgotten by a call whose answer was lost
-                c.unexport_disks(name)  # its failure is this step's: the exports must end
                 c.delete(name, with_disks=copied)
 
         await self._call(self.source, forget, CALL_TIMEOUT_S)
@@ -228,10 +238,23 @@ class AgentColdPort:
             if info.spec.uuid == self.spec.uuid and info.state in ("stopped", "suspended"):
                 c.delete(name)
 
-        await self._call(self.destination, undefine, CALL_TIMEOUT_S)
-        await self._call(self.source, unexport, CALL_TIMEOUT_S)
-        for t in self.made:
-            await self._call(self.destination, _remover(t), CALL_TIMEOUT_S)
+        if await asyncio.to_thread(self._moved):
+            # The inventory moved the VM: it is the destination's; nothing there is undone.
+            raise ColdPortError("the VM was moved to the destination already", moved=True)
+        # Each part on its own: the source is released even when the destination is the
+        # reason for the rollback (and does not answer).
+        errors = []
+        for host, fn in [
+            (self.source, unexport),
+            (self.destination, undefine),
+            *((self.destination, _remover(t)) for t in self.made),
+        ]:
+            try:
+                await self._call(host, fn, CALL_TIMEOUT_S)
+            except ColdPortError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise ColdPortError("; ".join(errors))
 
 
 def _copier(req: DiskCopyRequest) -> Callable[[AgentClient], DiskCopy]:

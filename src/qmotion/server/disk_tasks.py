@@ -56,6 +56,7 @@ class DiskTasks:
         hosts: list[str],
         resumed: bool,
         body: Callable[[asyncio.Event], Awaitable[tuple[TaskState, str | None]]],
+        on_crash: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Per-host slots, queued-cancel, running mark, the end state; a bug still ends the
         task, visibly."""
@@ -75,6 +76,11 @@ class DiskTasks:
                 await asyncio.to_thread(self._finish, task_id, state, error)
         except Exception as exc:
             log.exception("task %d crashed", task_id)
+            if on_crash is not None:
+                try:  # what the task holds on the hosts is let go where it safely can be
+                    await on_crash()
+                except Exception:
+                    log.exception("task %d: cleanup after the crash failed", task_id)
             await asyncio.to_thread(
                 self._finish, task_id, TaskState.FAILED, f"internal error: {exc}"
             )
@@ -137,11 +143,12 @@ class DiskTasks:
         """How a disk task left running by a previous manager goes on (None: not one)."""
         assert t.machine is not None
         if t.kind == COLD_MIGRATE:
-            row = self.inventory.vm_by_name(s, t.vm or "")
+            params = t.params or {}
+            spec = params.get("spec") or self.inventory.vm_by_name(s, t.vm or "").spec
             port = AgentColdPort(
                 self.db,
                 self.inventory,
-                VmSpec.model_validate(row.spec),
+                VmSpec.model_validate(spec),
                 AgentMigrationPort.host_copy(self.inventory.host_by_name(s, t.source or "")),
                 AgentMigrationPort.host_copy(self.inventory.host_by_name(s, t.destination or "")),
                 (t.params or {}).get("datastore"),
@@ -245,7 +252,12 @@ class DiskTasks:
             src.name,
             dst.name,
             COLD_MIGRATE,
-            {"datastore": req.datastore, "disk_format": req.disk_format},
+            {
+                "datastore": req.datastore,
+                "disk_format": req.disk_format,
+                # The source agent's definition at submission: a resumed task uses it too.
+                "spec": spec.model_dump(mode="json"),
+            },
             f"cold migration of {vm}: {src.name} -> {dst.name} ({what})",
         )
         port = AgentColdPort(
@@ -261,8 +273,11 @@ class DiskTasks:
     async def _run_cold(
         self, task_id: int, port: AgentColdPort, start: cold.CStep, resumed: bool = False
     ) -> None:
+        last = [start.state.phase]
+
         async def body(cancel: asyncio.Event) -> tuple[TaskState, str | None]:
             async def persist(st: cold.CStep) -> None:
+                last[0] = st.state.phase
                 await asyncio.to_thread(self._persist_cold, task_id, st)
 
             final = await cold.run(port, persist, cancel, start)
@@ -272,8 +287,13 @@ class DiskTasks:
             }.get(final.phase, TaskState.FAILED)
             return state, final.error if state != TaskState.SUCCEEDED else None
 
+        async def on_crash() -> None:
+            # Before the destination has the VM: exports ended, hold released, copies gone.
+            if last[0] in (cold.CPhase.EXPORT, cold.CPhase.COPY, cold.CPhase.ROLLBACK):
+                await port.abort()
+
         hosts = [port.source.name, port.destination.name]
-        await self._run_guarded(task_id, hosts, resumed, body)
+        await self._run_guarded(task_id, hosts, resumed, body, on_crash)
 
     def _persist_cold(self, task_id: int, st: cold.CStep) -> None:
         with self.db.session() as s:

@@ -393,8 +393,14 @@ class Inventory:
             return self.vm_out(s, vm)
 
     def start_vm(self, name: str) -> VmOut:
-        """Start a VM; a suspended one resumes where it was."""
-        return self._lifecycle(name, lambda c: c.start(name), "running")
+        """Start a VM; a suspended one resumes where it was. A cold migration's hold left
+        behind by a task that ended (none is active: checked first) is released."""
+
+        def start(c: AgentClient) -> VmInfo:
+            c.unexport_disks(name)
+            return c.start(name)
+
+        return self._lifecycle(name, start, "running")
 
     def stop_vm(self, name: str, force: bool = False) -> VmOut:
         return self._lifecycle(name, lambda c: c.stop(name, force=force), "stopped")
