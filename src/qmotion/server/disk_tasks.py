@@ -22,7 +22,7 @@ from qmotion.migration.prechecks import PrecheckInput, precheck
 from qmotion.migration.storage import StoragePortError
 from qmotion.server.cold import AgentColdPort, cold_refusals
 from qmotion.server.db import Database, Host, Task, TaskEvent
-from qmotion.server.errors import Conflict, Invalid
+from qmotion.server.errors import Conflict, Invalid, raise_refusals
 from qmotion.server.inventory import Inventory
 from qmotion.server.port import AgentMigrationPort, vm_view
 from qmotion.server.storage import AgentStoragePort, storage_prechecks
@@ -228,16 +228,7 @@ class DiskTasks:
             if not refusals:
                 src = AgentMigrationPort.host_copy(row.host)
                 dst = AgentMigrationPort.host_copy(self.inventory.host_by_name(s, to))
-        if refusals:
-            first = refusals[0]
-            cls = Conflict if any(r.status == 409 for r in refusals) else Invalid
-            raise cls(
-                "; ".join(r.message for r in refusals),
-                code=first.code,
-                vm=vm,
-                host=first.host,
-                field=first.field,
-            )
+        raise_refusals(refusals, vm)
         return spec, src, dst
 
     async def submit_cold(self, vm: str, req: MigrateRequest) -> TaskOut:
@@ -333,16 +324,7 @@ class DiskTasks:
                 self.db.active_task_for_vm(s, vm) is not None,
             )
             host_row = AgentMigrationPort.host_copy(row.host)
-        if refusals:
-            first = refusals[0]
-            cls = Conflict if any(r.status == 409 for r in refusals) else Invalid
-            raise cls(
-                "; ".join(r.message for r in refusals),
-                code=first.code,
-                vm=vm,
-                host=first.host,
-                field=first.field,
-            )
+        raise_refusals(refusals, vm)
         speed = None
         if req.bandwidth:
             try:

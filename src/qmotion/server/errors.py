@@ -9,7 +9,10 @@ ServerError
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from qmotion.errors import QmotionError
+from qmotion.migration.prechecks import Refusal
 
 
 class ServerError(QmotionError):
@@ -50,3 +53,19 @@ class Invalid(ServerError):
 class Upstream(ServerError):
     status = 502
     code = "agent_error"
+
+
+def raise_refusals(refusals: Sequence[Refusal], vm: str) -> None:
+    """Pre-check refusals as one error (409 if any is a conflict, else 422), named by the
+    first; nothing when there are none."""
+    if not refusals:
+        return
+    first = refusals[0]
+    cls = Conflict if any(r.status == 409 for r in refusals) else Invalid
+    raise cls(
+        "; ".join(r.message for r in refusals),
+        code=first.code,
+        vm=vm,
+        host=first.host,
+        field=first.field,
+    )

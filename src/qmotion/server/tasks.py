@@ -30,7 +30,7 @@ from qmotion.migration.machine import MigrationState, Phase, Step
 from qmotion.migration.prechecks import PrecheckInput, precheck
 from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, Task, TaskEvent, utcnow
 from qmotion.server.disk_tasks import DiskTasks
-from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream
+from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream, raise_refusals
 from qmotion.server.inventory import Inventory
 from qmotion.server.measure import measure
 from qmotion.server.port import AgentMigrationPort, limits_of, vm_view
@@ -184,16 +184,7 @@ class TaskRunner(DiskTasks):
                 )
             )
             source = row.host.name
-        if refusals:
-            first = refusals[0]
-            cls = Conflict if any(r.status == 409 for r in refusals) else Invalid
-            raise cls(
-                "; ".join(r.message for r in refusals),
-                code=first.code,
-                vm=vm,
-                host=first.host,
-                field=first.field,
-            )
+        raise_refusals(refusals, vm)
         chosen = params.choose(
             req.max_downtime_ms, bandwidth, req.timeout_s, allow_postcopy=req.allow_postcopy
         )
