@@ -55,13 +55,6 @@ def _free_port(address: str) -> int:
         return int(s.getsockname()[1])
 
 
-def _is_nbd(pid: int) -> bool:
-    try:
-        return b"qemu-nbd" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
 class Transfers:
     def __init__(self, vms: VmManager) -> None:
         self.vms = vms
@@ -88,10 +81,6 @@ class Transfers:
 
     # ------------------------------------------------------------------ source
 
-    def held(self, name: str) -> bool:
-        """The VM is being moved to another host: it must not start here meanwhile."""
-        return (self.vms._dir(name) / HOLD).is_file()
-
     async def export(self, name: str, copy: bool = True) -> list[DiskExport]:
         """Hold a stopped VM (no start here until released) and, with ``copy``, serve every
         disk (and a suspended VM's saved state) read-only. Idempotent."""
@@ -104,7 +93,7 @@ class Transfers:
             path = self._exports_path(name)
             if path.is_file():
                 known = Exports.model_validate_json(path.read_text())
-                if all(_is_nbd(p) for p in known.pids):
+                if all(process.is_nbd(p) for p in known.pids):
                     return known.disks
                 await self._end(name)
             address = self._address()

@@ -83,15 +83,17 @@ def kill(pid: int, vm_uuid: uuid.UUID, timeout_s: float = 5.0) -> None:
             return
 
 
+def is_nbd(pid: int) -> bool:
+    """True if ``pid`` is alive and is a qemu-nbd (PIDs get reused)."""
+    try:
+        return b"qemu-nbd" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def end_nbd_exports(pids: list[int], timeout_s: float = 5.0) -> list[int]:
     """SIGTERM, then SIGKILL, each ``qemu-nbd`` among ``pids`` (PIDs get reused: anything
     else is left alone). Returns the PIDs still alive."""
-
-    def is_nbd(pid: int) -> bool:
-        try:
-            return b"qemu-nbd" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return False
 
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
