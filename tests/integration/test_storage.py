@@ -189,8 +189,8 @@ def test_storage_move_prechecks_refuse_before_anything_changes(
     assert unreachable.value.detail.field == "datastore"
     with pytest.raises(Conflict, match="already on datastore shared"):
         server.migrate(vm.name, MigrateRequest(datastore="shared"))
-    with pytest.raises(Invalid, match="shared-nothing"):
-        server.migrate(vm.name, MigrateRequest(to="h2", datastore="local-h2"))
+    with pytest.raises(Invalid, match="both hosts share"):
+        server.migrate(vm.name, MigrateRequest(to="h2", datastore="shared"))
     with pytest.raises(ValueError, match="timeout_s apply to a live migration"):
         MigrateRequest(datastore="local-h1", timeout_s=60)
     # The disk is 16 MiB virtual, nearly empty: a small datastore has room. A fake one not.

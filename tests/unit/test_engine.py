@@ -34,6 +34,9 @@ class FakeCluster:
     copies: dict[str, str] = field(default_factory=lambda: {"h1": "running"})
     inventory_host: str = "h1"
     max_running_seen: int = 1
+    mirror: str | None = None  # the source's disk mirror into the destination
+    # Hosts holding the VM's disk; None: shared storage, the same disk seen from both.
+    disks: set[str] | None = None
 
     def check(self) -> None:
         if "postcopy-source" in self.copies.values():
@@ -42,6 +45,9 @@ class FakeCluster:
         running = sum(1 for s in self.copies.values() if s == "running")
         self.max_running_seen = max(self.max_running_seen, running)
         assert running <= 1, f"two running copies: {self.copies}"
+        for host, state in self.copies.items():
+            if self.disks is not None and state in ("running", "postmigrate"):
+                assert host in self.disks, f"{host} runs without its disk: {self.disks}"
 
 
 @dataclass
@@ -52,6 +58,8 @@ class FakePort:
     script: list[str] = field(default_factory=lambda: ["active", "active", "completed"])
     cancel_after_progress: int | None = None
     cancel: asyncio.Event | None = None
+    mirror_polls: int = 0
+    copy_disks: bool = False
     calls: list[str] = field(default_factory=list)
 
     def _enter(self, name: str) -> None:
@@ -71,11 +79,26 @@ class FakePort:
     async def prepare_destination(self) -> str:
         self._enter("prepare_destination")
         self.cluster.copies["h2"] = "inmigrate"
+        if self.copy_disks:
+            assert self.cluster.disks is not None
+            self.cluster.disks.add("h2")  # empty: the mirror fills it
         self._leave("prepare_destination")
         return "tcp:198.18.1.12:4444"
 
+    async def mirror_disks(self) -> bool:
+        self._enter("mirror_disks")
+        assert self.cluster.copies.get("h2") == "inmigrate", "mirroring into no destination"
+        self.cluster.mirror = "mirroring"
+        self.mirror_polls += 1
+        self._leave("mirror_disks")
+        return self.mirror_polls >= 3
+
     async def start_migration(self, uri: str) -> None:
         self._enter("start_migration")
+        # The RAM moves only once the disks are in sync (shared-nothing).
+        assert self.cluster.mirror in (None, "mirroring") and (
+            self.cluster.mirror is None or self.mirror_polls >= 3
+        )
         self._leave("start_migration")
 
     async def progress(self, known_status: str | None) -> MigrationStats:
@@ -86,6 +109,8 @@ class FakePort:
             assert self.cancel is not None
             self.cancel.set()
         if status == "completed":
+            if self.cluster.mirror == "mirroring":
+                self.cluster.mirror = "completed"  # ended in sync at the switchover
             self.cluster.copies["h1"] = "postmigrate"
             self.cluster.copies["h2"] = "running"
         elif status == "postcopy-active":
@@ -112,7 +137,10 @@ class FakePort:
 
     async def stop_source(self) -> None:
         self._enter("stop_source")
+        assert self.cluster.copies.get("h2") == "running", "source released before the switch"
         self.cluster.copies.pop("h1", None)
+        if self.cluster.mirror == "completed" and self.cluster.disks is not None:
+            self.cluster.disks.discard("h1")  # its files replaced by the copy
         self._leave("stop_source")
 
     async def update_inventory(self) -> None:
@@ -120,14 +148,20 @@ class FakePort:
         self.cluster.inventory_host = "h2"
         self._leave("update_inventory")
 
-    async def rollback(self, cancel_migration: bool, teardown_destination: bool) -> None:
+    async def rollback(
+        self, cancel_migration: bool, teardown_destination: bool, stop_mirror: bool
+    ) -> None:
         self._enter("rollback")
         if self.cluster.copies.get("h1") == "postcopy-source":
             raise InPostcopy("the destination runs in postcopy")
         if self.cluster.copies.get("h1") == "postmigrate":
             raise SwitchedOver("completed meanwhile")
+        if stop_mirror:
+            self.cluster.mirror = None
         if teardown_destination:
             self.cluster.copies.pop("h2", None)
+            if self.cluster.disks is not None:
+                self.cluster.disks.discard("h2")
         self.cluster.copies["h1"] = "running"
         self._leave("rollback")
 
@@ -142,6 +176,9 @@ class FakePort:
         # Resuming a source whose pages the destination has since rewritten: a stale VM.
         assert self.cluster.copies.get("h1") != "postcopy-source", "resumed a postcopy source"
         self.cluster.copies.pop("h2", None)
+        if self.cluster.disks is not None:
+            self.cluster.disks.discard("h2")
+            self.cluster.mirror = None
         self.cluster.copies["h1"] = "running"
         self._leave("recover")
 
@@ -155,7 +192,7 @@ def drive(port: FakePort) -> tuple[MigrationState, list[Step]]:
     async def main() -> MigrationState:
         cancel = asyncio.Event()
         port.cancel = cancel
-        return await engine.run(port, persist, cancel)
+        return await engine.run(port, persist, cancel, copy_disks=port.copy_disks)
 
     return asyncio.run(main()), persisted
 
@@ -201,33 +238,45 @@ def test_destination_dead_after_switchover_recovers_source() -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(
-    fail_at=st.sampled_from([None, *STEPS]),
+    fail_at=st.sampled_from([None, *STEPS, "mirror_disks"]),
     after=st.booleans(),
     script=st.lists(st.sampled_from(["setup", "active", "device"]), max_size=4).map(
         lambda xs: [*xs, "completed"]
     ),
     cancel_after=st.one_of(st.none(), st.integers(min_value=1, max_value=4)),
+    copy_disks=st.booleans(),
 )
 def test_exactly_one_running_copy_whatever_happens(
-    fail_at: str | None, after: bool, script: list[str], cancel_after: int | None
+    fail_at: str | None,
+    after: bool,
+    script: list[str],
+    cancel_after: int | None,
+    copy_disks: bool,
 ) -> None:
-    cluster = FakeCluster()
+    cluster = FakeCluster(disks={"h1"} if copy_disks else None)
     port = FakePort(
         cluster,
         fail_at=fail_at,
         fail_after_effect=after,
         script=script,
         cancel_after_progress=cancel_after,
+        copy_disks=copy_disks,
     )
     final, _ = drive(port)
     assert final.terminal
     running = [h for h, s in cluster.copies.items() if s == "running"]
     assert len(running) == 1, cluster.copies
+    assert cluster.disks is None or running[0] in cluster.disks  # its disk is where it runs
     if final.phase == Phase.DONE:
         assert running == ["h2"]
+        if copy_disks and fail_at != "stop_source":
+            assert cluster.disks == {"h2"}  # the old files went once the copy ran
     elif not final.switched_over:
         assert running == ["h1"]
         assert "h2" not in cluster.copies or fail_at == "rollback"
+        if copy_disks and fail_at != "rollback":
+            # The mirror stopped and the empty copy went with its destination.
+            assert cluster.mirror is None and cluster.disks == {"h1"}
 
 
 class Crash(Exception):
@@ -394,3 +443,32 @@ def test_manager_restart_in_postcopy_goes_forward(
         # It reached postcopy: forward only.
         assert final.phase == Phase.DONE, (final, cluster.copies)
         assert running == ["h2"] and cluster.inventory_host == "h2"
+
+
+def test_shared_nothing_copies_then_moves_then_removes_the_old_disk() -> None:
+    cluster = FakeCluster(disks={"h1"})
+    port = FakePort(cluster, copy_disks=True)
+    final, persisted = drive(port)
+    assert final.phase == Phase.DONE
+    assert cluster.copies == {"h2": "running"} and cluster.disks == {"h2"}
+    phases = [p.state.phase for p in persisted]
+    assert phases.index(Phase.MIRROR) < phases.index(Phase.START)
+    assert port.calls.count("mirror_disks") == 3  # polled until in sync
+
+
+def test_cancel_during_the_disk_copy_stops_it_and_keeps_the_source() -> None:
+    cluster = FakeCluster(disks={"h1"})
+    port = FakePort(cluster, copy_disks=True)
+    real_mirror = port.mirror_disks
+
+    async def cancel_mid_copy() -> bool:
+        synced = await real_mirror()
+        assert port.cancel is not None
+        port.cancel.set()
+        return synced
+
+    port.mirror_disks = cancel_mid_copy  # type: ignore[method-assign]
+    final, _ = drive(port)
+    assert final.phase == Phase.CANCELLED
+    assert cluster.copies == {"h1": "running"} and cluster.disks == {"h1"}
+    assert cluster.mirror is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +17,8 @@ from qmotion.migration.machine import (
     Failed,
     Finish,
     MigrationState,
+    MirrorDisks,
+    MirrorProgress,
     Phase,
     PrepareDestination,
     Progress,
@@ -174,7 +178,8 @@ def test_state_roundtrips_through_json() -> None:
 
 
 events = st.one_of(
-    st.just(Begin()),
+    st.builds(Begin, st.booleans()),
+    st.builds(MirrorProgress, st.booleans()),
     st.just(Succeeded()),
     st.just(Succeeded(uri="tcp:h:1")),
     st.builds(Failed, st.sampled_from(["boom", "agent gone"])),
@@ -205,6 +210,14 @@ def test_invariants_over_any_event_sequence(seq: list[Event]) -> None:
         if isinstance(s.action, Rollback):
             assert not state.switched_over
             assert s.action.teardown_destination == state.destination_made
+            # A mirror that may run is stopped before its destination goes.
+            assert s.action.stop_mirror == state.mirror_started
+        if isinstance(s.action, StartMigration) and state.copy_disks:
+            # Memory moves only once the disks are in sync.
+            synced = isinstance(ev, MirrorProgress) and ev.synced
+            assert synced or before.phase == Phase.START, (before, ev)
+        if isinstance(s.action, MirrorDisks):
+            assert state.copy_disks and state.mirror_started
         if before.switched_over:
             assert state.switched_over
 
@@ -222,6 +235,8 @@ def test_always_reaches_an_end(seq: list[Event]) -> None:
         nxt = step(state, Succeeded(uri="tcp:h:1"))
         if nxt.state == state and isinstance(nxt.action, AwaitProgress):
             nxt = step(state, Progress(Qs.COMPLETED))
+        elif nxt.state == state and isinstance(nxt.action, MirrorDisks):
+            nxt = step(state, MirrorProgress(synced=True))
         elif state.phase == Phase.PENDING:
             nxt = step(state, Begin())
         state = nxt.state
@@ -244,3 +259,84 @@ def test_resume_after_a_manager_restart() -> None:
     # Past the switchover: the step it stood at, again (they are idempotent).
     s = step(at(Phase.STOP_SOURCE, switched_over=True, started=True), Resumed())
     assert isinstance(s.action, StopSource) and s.state.switched_over
+
+
+def test_shared_nothing_copies_the_disks_before_the_memory() -> None:
+    uri = "tcp:198.18.1.12:4444"
+    steps, state = [], MigrationState()
+    seq: list[Event] = [
+        Begin(copy_disks=True),
+        Succeeded(),
+        Succeeded(uri=uri),
+        MirrorProgress(synced=False),
+        Failed("one lost answer"),
+        MirrorProgress(synced=True),
+        Succeeded(),
+        Progress(Qs.COMPLETED),
+        Succeeded(),
+        Succeeded(),
+        Succeeded(),
+        Succeeded(),
+    ]
+    for ev in seq:
+        s = step(state, ev)
+        steps.append(s)
+        state = s.state
+    assert [type(s.action) for s in steps] == [
+        RunPrechecks,
+        PrepareDestination,
+        MirrorDisks,
+        MirrorDisks,
+        MirrorDisks,  # a lost poll is asked again
+        StartMigration,
+        AwaitProgress,
+        VerifyDestination,
+        Announce,
+        StopSource,
+        UpdateInventory,
+        Finish,
+    ]
+    assert steps[5].action == StartMigration(uri)
+    assert state.phase == Phase.DONE
+
+
+def test_shared_nothing_rollbacks_stop_the_mirror() -> None:
+    at_mirror = MigrationState(
+        phase=Phase.MIRROR,
+        copy_disks=True,
+        mirror_started=True,
+        destination_made=True,
+        uri="tcp:h:1",
+    )
+    cancelled = step(at_mirror, CancelRequested())
+    assert cancelled.action == Rollback(
+        cancel_migration=False, teardown_destination=True, stop_mirror=True
+    )
+    # A copy that fails (or stalls) for good is not asked again.
+    failed = step(at_mirror, Failed("the disk copy failed", retryable=False))
+    assert isinstance(failed.action, Rollback) and failed.action.stop_mirror
+    # A manager restart mid-copy: what the agents did is not known, all is undone.
+    resumed = step(at_mirror, Resumed())
+    assert resumed.action == Rollback(
+        cancel_migration=False, teardown_destination=True, stop_mirror=True
+    )
+    # During the memory copy a cancel stops QEMU's migration and the mirror.
+    monitoring = step(
+        MigrationState(
+            phase=Phase.MONITOR,
+            copy_disks=True,
+            mirror_started=True,
+            destination_made=True,
+            started=True,
+        ),
+        CancelRequested(),
+    )
+    assert monitoring.action == Rollback(
+        cancel_migration=True, teardown_destination=True, stop_mirror=True
+    )
+    # QEMU's reason for a cancelled migration (the disks could not end in sync) is kept.
+    why = step(
+        replace(at_mirror, phase=Phase.MONITOR, started=True),
+        Progress(Qs.CANCELLED, "disk copy: disk 0 is not in sync"),
+    )
+    assert "not in sync" in (why.state.error or "")

@@ -50,6 +50,7 @@ from qmotion.api.storage import (
     DiskUsage,
     MirrorRequest,
     MirrorStatus,
+    NbdMirrorRequest,
 )
 from qmotion.api.vm import StopRequest, VmInfo, VmSpec
 from qmotion.hypervisor.accel import choose_accel
@@ -92,6 +93,7 @@ def create_app(config: AgentConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.vms.load()
+        await state.migrations.settle_incoming()
         # Probe (or read the cached probe) in the background; VM starts wait for it.
         probe = asyncio.ensure_future(state.accel())
         sampler = asyncio.ensure_future(_sample_forever(state))
@@ -301,6 +303,24 @@ def create_app(config: AgentConfig) -> FastAPI:
     @app.post("/v1/vms/{name}/storage-move/abort", response_model=MirrorStatus, dependencies=auth)
     async def storage_move_abort(name: str) -> MirrorStatus:
         return await state.storage.abort(name)
+
+    @app.post("/v1/migrations/incoming/check", status_code=204, dependencies=auth)
+    async def incoming_check(req: IncomingRequest) -> None:
+        await state.migrations.check_incoming(req)
+
+    @app.post("/v1/vms/{name}/migration/mirror", response_model=MirrorStatus, dependencies=auth)
+    async def migration_mirror(name: str, req: NbdMirrorRequest) -> MirrorStatus:
+        return await state.migrations.nbd.start(name, req)
+
+    @app.get("/v1/vms/{name}/migration/mirror", response_model=MirrorStatus, dependencies=auth)
+    async def migration_mirror_status(name: str) -> MirrorStatus:
+        return await state.migrations.nbd.status(name)
+
+    @app.post(
+        "/v1/vms/{name}/migration/mirror/abort", response_model=MirrorStatus, dependencies=auth
+    )
+    async def migration_mirror_abort(name: str) -> MirrorStatus:
+        return await state.migrations.nbd.abort(name)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

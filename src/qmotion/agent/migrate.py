@@ -24,6 +24,7 @@ import httpx
 
 from qmotion.agent.errors import AgentError, Conflict, InPostcopy, MigratedAway, OperationFailed
 from qmotion.agent.forwarder import FORWARD_FOR_S, LateFrameForwarder
+from qmotion.agent.nbd import IncomingDisks, NbdMirrors
 from qmotion.agent.steer import Steerer
 from qmotion.agent.tapwatch import TapWatch
 from qmotion.agent.tls import TlsStore
@@ -42,7 +43,7 @@ from qmotion.api.migration import (
     PostcopyRecovery,
     SteerRequest,
 )
-from qmotion.api.vm import VmSpec
+from qmotion.api.vm import Disk, VmSpec
 from qmotion.hypervisor import process
 from qmotion.hypervisor.errors import HypervisorError
 from qmotion.hypervisor.monitor import Monitor
@@ -72,6 +73,7 @@ class Outgoing:
     events: list[tuple[str, float]] = field(default_factory=list)
     restore_increment_at: int | None = None  # throttle % after which QEMU's step is reset
     uri: str | None = None  # where the stream goes (tcp:HOST:PORT)
+    mirror_error: str | None = None  # the disks could not end in sync: the stream cancelled
     steering: asyncio.Task[None] | None = None  # the switchover call, from the source's STOP
 
 
@@ -210,6 +212,9 @@ class Migrations:
     def __init__(self, vms: VmManager, tls: TlsStore | None = None) -> None:
         self.vms = vms
         self.tls = tls
+        self.nbd = NbdMirrors(vms, tls)
+        self.incoming_disks = IncomingDisks(vms)
+        self._ending: set[asyncio.Future[None]] = set()
         self._outgoing: dict[str, Outgoing] = {}
         self._steerers: dict[str, asyncio.Future[Steerer]] = {}
         self._incoming_watch: dict[str, asyncio.Task[None]] = {}
@@ -233,8 +238,18 @@ class Migrations:
         if not address:
             raise OperationFailed("this agent has no address to receive migrations on")
         self._require_tls(req.params)
-        await self.vms.define(spec)
+        made: list[Disk] = []
+        if req.copy_disks is not None:
+            spec, made = await self.incoming_disks.create(spec, req.copy_disks)
         try:
+            await self.vms.define(spec)
+        except BaseException:
+            self.incoming_disks.remove(made)
+            raise
+        nbd = None
+        try:
+            if made:
+                self.incoming_disks.own(spec.name, made)
             await self.vms.start(spec.name, incoming="defer")
             mon = self.vms.monitor(spec.name)
             await mon.execute(
@@ -258,6 +273,15 @@ class Migrations:
             await mon.execute("migrate-incoming", {"uri": f"tcp:{listen}:0"})
             info = await mon.execute("query-migrate")
             port = int(info["socket-address"][0]["port"])
+            if req.copy_disks is not None:
+                # On the stream's address, with the stream's credentials.
+                nbd = await self.incoming_disks.export(
+                    spec.name,
+                    mon,
+                    listen,
+                    [d.index for d in req.copy_disks.disks],
+                    "qm-tls-server" if req.params.tls else None,
+                )
         except (HypervisorError, KeyError, IndexError, AgentError, OSError) as exc:
             await self.vms.delete(spec.name, force=True)
             raise OperationFailed(
@@ -279,7 +303,26 @@ class Migrations:
             )
         )
         self._incoming_uri[spec.name] = f"tcp:{listen}:{port}"
-        return IncomingResponse(uri=f"tcp:{listen}:{port}", port=port, addresses=[listen])
+        return IncomingResponse(uri=f"tcp:{listen}:{port}", port=port, addresses=[listen], nbd=nbd)
+
+    async def check_incoming(self, req: IncomingRequest) -> None:
+        """What ``incoming`` would refuse about the disks it is to create; changes nothing."""
+        if req.copy_disks is None:
+            return
+        if req.spec.name in self.vms.names():
+            raise Conflict(
+                f"a VM named {req.spec.name!r} is already defined", vm=req.spec.name, field="name"
+            )
+        await asyncio.to_thread(self.incoming_disks.check, req.spec, req.copy_disks)
+
+    async def settle_incoming(self) -> None:
+        """At agent start: a VM that resumed here while the agent was away owns its disks."""
+        for name in self.vms.names():
+            if not self.vms.incoming_disks(name):
+                continue
+            with contextlib.suppress(AgentError, HypervisorError):
+                if await self.vms.monitor(name).status() == "running":
+                    await self.incoming_disks.end(name)
 
     async def _watch_taps(self, spec: VmSpec, events: list[tuple[str, float]]) -> None:
         """The switchover's last marks (first frames after the resume), into this
@@ -320,6 +363,10 @@ class Migrations:
                         if resumed_wall is not None:
                             at -= max(time.time() - resumed_wall, 0.0)
                         events.append(("resumed", at))
+                        # It runs on the copied disks: they are its own from now on.
+                        ending = asyncio.ensure_future(self.incoming_disks.end(name))
+                        self._ending.add(ending)
+                        ending.add_done_callback(self._ending.discard)
                         return
                     data = event["data"]
                     assert isinstance(data, dict)
@@ -380,6 +427,19 @@ class Migrations:
         if status not in ("running", "paused"):
             raise Conflict(f"VM {name} cannot migrate while {status}", vm=name)
         self._require_tls(req.params)
+        if self.nbd.active(name):
+            mirror = await self.nbd.status(name)
+            if not mirror.synced or any(not d.actively_synced for d in mirror.disks):
+                raise Conflict(
+                    f"the disks of {name} are not in sync with the destination yet "
+                    f"({mirror.phase}, {mirror.remaining_bytes} bytes to copy)",
+                    vm=name,
+                )
+            # The mirrors must end in sync while the guest is paused, before the device
+            # state leaves: QEMU stops there for it.
+            req = req.model_copy(
+                update={"params": req.params.model_copy(update={"pause_before_switchover": True})}
+            )
         await mon.execute(
             "migrate-set-capabilities", {"capabilities": _capabilities(req.params, source=True)}
         )
@@ -508,6 +568,14 @@ class Migrations:
                     out.changed.set()
                     out.changed = asyncio.Event()
                     if out.status == "pre-switchover":
+                        if self.nbd.active(name):
+                            out.mirror_error = await self.nbd.end_in_sync(name, mon)
+                        if out.mirror_error is not None:
+                            # The destination would run on disks that lack writes: the
+                            # guest resumes here on its own disks instead.
+                            log.error("migration of %s cancelled: %s", name, out.mirror_error)
+                            await mon.execute("migrate_cancel")
+                            continue
                         await mon.execute("migrate-continue", {"state": "pre-switchover"})
                     if out.status in FINISHED:
                         return
@@ -516,6 +584,8 @@ class Migrations:
             out.status = "failed"
         finally:
             out.changed.set()
+            with contextlib.suppress(Exception):
+                await self.nbd.after_migration(name)
             if steering is not None:
                 with contextlib.suppress(Exception):
                     await steering
@@ -605,6 +675,8 @@ class Migrations:
         if out is not None:
             stats.steer_ms = out.steer_ms
             stats.steer_error = out.steer_error
+            if out.mirror_error is not None:
+                stats.error = f"disk copy: {out.mirror_error}"
             stats.started_at_ms = out.started_at * 1000
             stats.events = [(status, t * 1000) for status, t in out.events]
         return stats
@@ -828,6 +900,7 @@ class Migrations:
                     f"VM {name} is {status} here, not migrated away; refusing to release it",
                     vm=name,
                 )
+            copied = self.nbd.copied_sources(name)
             rt = self.vms.runtime(name)
             with contextlib.suppress(HypervisorError):
                 await mon.execute("quit")
@@ -836,6 +909,8 @@ class Migrations:
                 await asyncio.to_thread(process.kill, rt.pid, spec.uuid)
         self._outgoing.pop(name, None)
         await self.vms.delete(name, force=True)
+        # The destination runs on its copies (the manager saw it): these are the old ones.
+        self.incoming_disks.remove(copied)
 
     async def resume(self, name: str, after_failed_switchover: bool = False) -> str:
         """Resume a source left paused by a failed migration; returns QEMU's status.

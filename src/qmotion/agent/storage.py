@@ -107,6 +107,29 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+async def source_nodes(mon: Monitor) -> dict[int, tuple[str, str | None]]:
+    """Disk index -> (format node, file node) the guest's device uses now (a disk moved
+    before runs on nodes with other names than the command line gave)."""
+    out: dict[int, tuple[str, str | None]] = {}
+    for dev in await mon.execute("query-block"):
+        qdev = str(dev.get("qdev", ""))
+        inserted = dev.get("inserted") or {}
+        if not qdev.startswith("/machine/peripheral/vblk") or "node-name" not in inserted:
+            continue
+        index = int(qdev.removeprefix("/machine/peripheral/vblk").split("/")[0])
+        image = inserted.get("image") or {}
+        file_node = None
+        for n in await mon.execute("query-named-block-nodes", {"flat": True}):
+            if (
+                n.get("node-name") != inserted["node-name"]
+                and n.get("file") == image.get("filename")
+                and n.get("drv") == "file"
+            ):
+                file_node = str(n["node-name"])
+        out[index] = (str(inserted["node-name"]), file_node)
+    return out
+
+
 class StorageMoves:
     def __init__(self, vms: VmManager) -> None:
         self.vms = vms
@@ -268,7 +291,7 @@ class StorageMoves:
     async def start(self, name: str, req: MirrorRequest) -> MirrorStatus:
         async with self._lock(name):
             mon, ds, moving, sizes = await self._checked(name, req)
-            nodes = await self._source_nodes(mon)
+            nodes = await source_nodes(mon)
             gen = secrets.token_hex(2)
             rec = MoveRecord(datastore=req.datastore, phase="mirroring", disks=[])
             for i, disk in moving:
@@ -362,29 +385,6 @@ class StorageMoves:
                 "node-name": moved.target_node,
             },
         )
-
-    @staticmethod
-    async def _source_nodes(mon: Monitor) -> dict[int, tuple[str, str | None]]:
-        """Disk index -> (format node, file node) the guest's device uses now (a disk moved
-        before runs on nodes with other names than the command line gave)."""
-        out: dict[int, tuple[str, str | None]] = {}
-        for dev in await mon.execute("query-block"):
-            qdev = str(dev.get("qdev", ""))
-            inserted = dev.get("inserted") or {}
-            if not qdev.startswith("/machine/peripheral/vblk") or "node-name" not in inserted:
-                continue
-            index = int(qdev.removeprefix("/machine/peripheral/vblk").split("/")[0])
-            image = inserted.get("image") or {}
-            file_node = None
-            for n in await mon.execute("query-named-block-nodes", {"flat": True}):
-                if (
-                    n.get("node-name") != inserted["node-name"]
-                    and n.get("file") == image.get("filename")
-                    and n.get("drv") == "file"
-                ):
-                    file_node = str(n["node-name"])
-            out[index] = (str(inserted["node-name"]), file_node)
-        return out
 
     # ------------------------------------------------------------------ status
 
@@ -563,7 +563,7 @@ class StorageMoves:
         targets decides. QEMU not answering leaves it ``switching`` (both copies kept)."""
         try:
             mon = self.vms.monitor(name)
-            nodes = await self._source_nodes(mon)
+            nodes = await source_nodes(mon)
         except (HypervisorError, Conflict) as exc:
             rec.error = f"whether the disks switched is unknown (QEMU: {exc}); both copies kept"
             self._save(name, rec)
@@ -582,7 +582,7 @@ class StorageMoves:
                     if not d.switched and d.job in pending:
                         with contextlib.suppress(HypervisorError):
                             await mon.execute("job-finalize", {"id": d.job})
-                nodes = await self._source_nodes(mon)
+                nodes = await source_nodes(mon)
                 for d in rec.disks:
                     d.switched = nodes.get(d.index, ("",))[0] == d.target_node
         switched = [d for d in rec.disks if d.switched]

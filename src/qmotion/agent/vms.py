@@ -36,6 +36,9 @@ from qmotion.image import GuestImage, cached_image, ensure_image
 
 log = logging.getLogger(__name__)
 SAVE_TIMEOUT_S = 600.0  # saving or restoring a VM's RAM to a file
+# The disks a shared-nothing incoming migration created empty (qmotion.agent.nbd): deleting
+# the VM before it ran here removes them too; once it ran here they are simply its disks.
+INCOMING_DISKS = "incoming-disks.json"
 
 _PAUSED = {
     "paused",
@@ -139,6 +142,21 @@ class VmManager:
             else:
                 log.info("VM %s stopped while the agent was away", spec.name)
                 await self._cleanup_runtime(spec.name, rt)
+
+    def names(self) -> list[str]:
+        return list(self._specs)
+
+    def incoming_disks(self, name: str) -> list[Disk]:
+        """The disks an incoming shared-nothing migration created for this VM, while it has
+        not run here yet."""
+        path = self._dir(name) / INCOMING_DISKS
+        try:
+            return [Disk.model_validate(d) for d in json.loads(path.read_text())]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            log.error("unreadable %s: %s", path, exc)
+            return []
 
     async def _attach(self, name: str, rt: Runtime) -> Monitor:
         mon = Monitor(Path(rt.qmp_socket), name)
@@ -678,6 +696,15 @@ class VmManager:
                     )
                 await asyncio.to_thread(process.kill, rt.pid, spec.uuid)
                 await self._cleanup_runtime(name, rt)
+            for disk in self.incoming_disks(name):
+                # Made empty for a copy that did not finish: nothing of the VM is on them.
+                with contextlib.suppress(OSError):
+                    root = self.config.datastore(disk.datastore)
+                    if root is not None:
+                        (root.path / disk.path).unlink(missing_ok=True)
+                        if (root.path / disk.path).parent != root.path:
+                            with contextlib.suppress(OSError):
+                                (root.path / disk.path).parent.rmdir()
             if with_disks:
                 with contextlib.suppress(SpecRejected, OSError):
                     saved = self._saved_path(spec)

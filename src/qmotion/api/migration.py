@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
+from qmotion.api.storage import DiskCopyPlan, DiskFormat, NbdTargets
 from qmotion.api.vm import StrictModel, VmSpec
 
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s: QEMU's default cap is 128 MiB/s; this lifts it
@@ -106,6 +107,9 @@ class MigrationParams(StrictModel):
     # The manager's, for the ladder; agents ignore them.
     max_downtime_ms: int | None = Field(default=None, ge=1, le=60_000)
     timeout_s: float | None = Field(default=None, gt=0)
+    # The manager's: shared-nothing (the disks are copied to this datastore of the destination).
+    copy_datastore: str | None = Field(default=None, max_length=64)
+    copy_format: DiskFormat | None = None
 
 
 class MigrationTune(StrictModel):
@@ -186,6 +190,9 @@ class IncomingRequest(StrictModel):
     address: IPv4Address | None = Field(
         default=None, description="listen here (one of the host's migration addresses)"
     )
+    copy_disks: DiskCopyPlan | None = Field(
+        default=None, description="shared-nothing: create these disks empty and export them"
+    )
 
 
 class IncomingResponse(BaseModel):
@@ -194,6 +201,7 @@ class IncomingResponse(BaseModel):
     addresses: list[str] = Field(
         default_factory=list, description="every address the stream may be sent to"
     )
+    nbd: NbdTargets | None = Field(default=None, description="shared-nothing: the empty disks")
 
 
 class OutgoingRequest(StrictModel):
@@ -365,6 +373,10 @@ class MigrationReport(BaseModel):
     )
     streams: int | None = Field(default=None, description="TCP streams the RAM went over")
     tls: bool | None = Field(default=None, description="the stream was TLS (mutual, x509)")
+    disk_copy_ms: float | None = Field(
+        default=None, description="shared-nothing: mirror start to every disk in sync"
+    )
+    disk_bytes: int | None = Field(default=None, description="shared-nothing: disk bytes copied")
     prediction: MigrationPrediction | None = None
     rungs: list[str] = Field(default_factory=list, description="the ladder's climb, in order")
     max_throttle_pct: int = 0

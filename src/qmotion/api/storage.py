@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ipaddress import IPv4Address
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -18,7 +19,10 @@ CopyMode = Literal["background", "write-blocking"]
 #   released   old files removed (the move is over)
 #   aborted    jobs cancelled, targets removed: the VM runs on its old disks
 #   failed     a job failed (its error is given); the VM runs on its old disks until aborted
-MirrorPhase = Literal["mirroring", "ready", "switching", "pivoted", "released", "aborted", "failed"]
+#   completed  (shared-nothing) the mirrors ended in sync at switchover, nothing pivoted here
+MirrorPhase = Literal[
+    "mirroring", "ready", "switching", "pivoted", "released", "aborted", "failed", "completed"
+]
 
 
 class MirrorRequest(StrictModel):
@@ -100,3 +104,50 @@ class DiskCopy(BaseModel):
     disk: Disk
     virtual_size: int
     allocated_bytes: int
+
+
+# ---------------------------------------------------------------- shared-nothing live migration
+
+
+class CopyDisk(StrictModel):
+    """A disk the destination creates empty for the source to mirror into."""
+
+    index: int = Field(ge=0, le=31)
+    virtual_size: int = Field(gt=0, le=1 << 50)
+    allocated_bytes: int = Field(default=0, ge=0, le=1 << 50)
+
+
+class DiskCopyPlan(StrictModel):
+    """The disks a shared-nothing live migration copies, and where to."""
+
+    datastore: str = Field(min_length=1, max_length=64)
+    format: DiskFormat | None = Field(default=None, description="default: each keeps its own")
+    disks: list[CopyDisk] = Field(min_length=1, max_length=32)
+
+
+class NbdExport(StrictModel):
+    index: int = Field(ge=0, le=31)
+    name: str = Field(pattern=r"^[a-z0-9-]{1,32}$")
+
+
+class NbdTargets(BaseModel):
+    """Where the destination serves the empty disks (writable NBD exports of its QEMU)."""
+
+    host: str
+    port: int
+    exports: list[NbdExport]
+    disks: list[Disk] = Field(description="the destination's definition of every disk")
+
+
+class NbdMirrorRequest(StrictModel):
+    """Mirror the VM's disks into the destination's NBD exports (source agent)."""
+
+    host: IPv4Address
+    port: int = Field(ge=1, le=65535)
+    exports: list[NbdExport] = Field(min_length=1, max_length=32)
+    targets: list[Disk] = Field(
+        default_factory=list, description="the destination's disks, by export (for progress)"
+    )
+    tls: bool = False
+    tls_hostname: str | None = Field(default=None, max_length=253)
+    speed: int | None = Field(default=None, gt=0, description="bytes/s per disk; none: all")

@@ -22,6 +22,7 @@ from qmotion.api.storage import (
     DiskUsage,
     MirrorRequest,
     MirrorStatus,
+    NbdMirrorRequest,
 )
 from qmotion.api.vm import StopRequest, VmInfo, VmSpec
 from qmotion.client.base import BaseClient, dump
@@ -101,6 +102,20 @@ class AgentClient(BaseClient):
 
     def incoming(self, req: IncomingRequest) -> IncomingResponse:
         return self.call(IncomingResponse, "POST", "/v1/migrations/incoming", json=dump(req))
+
+    def incoming_check(self, req: IncomingRequest) -> None:
+        """What preparing the destination would refuse (4xx), without preparing it."""
+        self.request("POST", "/v1/migrations/incoming/check", json=dump(req))
+
+    def disk_mirror(self, name: str, req: NbdMirrorRequest) -> MirrorStatus:
+        """Shared-nothing: mirror every copied disk into the destination's exports."""
+        return self.call(MirrorStatus, "POST", f"/v1/vms/{name}/migration/mirror", json=dump(req))
+
+    def disk_mirror_status(self, name: str) -> MirrorStatus:
+        return self.call(MirrorStatus, "GET", f"/v1/vms/{name}/migration/mirror")
+
+    def disk_mirror_abort(self, name: str) -> MirrorStatus:
+        return self.call(MirrorStatus, "POST", f"/v1/vms/{name}/migration/mirror/abort")
 
     def migrate(self, name: str, req: OutgoingRequest) -> MigrationStats:
         return self.call(MigrationStats, "POST", f"/v1/vms/{name}/migration", json=dump(req))

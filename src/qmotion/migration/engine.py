@@ -18,6 +18,8 @@ from qmotion.migration.machine import (
     Failed,
     Finish,
     MigrationState,
+    MirrorDisks,
+    MirrorProgress,
     PrepareDestination,
     Progress,
     Recover,
@@ -40,13 +42,16 @@ class MigrationPort(Protocol):
 
     async def prechecks(self) -> None: ...
     async def prepare_destination(self) -> str: ...
+    async def mirror_disks(self) -> bool: ...
     async def start_migration(self, uri: str) -> None: ...
     async def progress(self, known_status: QemuMigrationStatus | None) -> MigrationStats: ...
     async def verify_destination(self) -> None: ...
     async def announce(self) -> None: ...
     async def stop_source(self) -> None: ...
     async def update_inventory(self) -> None: ...
-    async def rollback(self, cancel_migration: bool, teardown_destination: bool) -> None: ...
+    async def rollback(
+        self, cancel_migration: bool, teardown_destination: bool, stop_mirror: bool
+    ) -> None: ...
     async def recover(self) -> None: ...
     async def recover_postcopy(self) -> None: ...
 
@@ -62,11 +67,13 @@ async def _perform(port: MigrationPort, action: object) -> tuple[Event, Migratio
                 await port.prechecks()
             case PrepareDestination():
                 return Succeeded(uri=await port.prepare_destination()), None
+            case MirrorDisks():
+                return MirrorProgress(await port.mirror_disks()), None
             case StartMigration(uri=uri):
                 await port.start_migration(uri)
             case AwaitProgress(known_status=known):
                 stats = await port.progress(known)
-                return Progress(stats.status), stats
+                return Progress(stats.status, stats.error), stats
             case VerifyDestination():
                 await port.verify_destination()
             case Announce():
@@ -75,8 +82,8 @@ async def _perform(port: MigrationPort, action: object) -> tuple[Event, Migratio
                 await port.stop_source()
             case UpdateInventory():
                 await port.update_inventory()
-            case Rollback(cancel_migration=cm, teardown_destination=td):
-                await port.rollback(cm, td)
+            case Rollback(cancel_migration=cm, teardown_destination=td, stop_mirror=sm):
+                await port.rollback(cm, td, sm)
             case Recover():
                 await port.recover()
             case RecoverPostcopy():
@@ -99,11 +106,18 @@ async def run(
     persist: Persist,
     cancel: asyncio.Event,
     state: MigrationState | None = None,
+    *,
+    copy_disks: bool = False,
 ) -> MigrationState:
     """Drive one migration to a terminal state. ``cancel`` asks for a rollback; asyncio
     cancellation (a shutting-down manager) is not caught. Given a ``state`` (persisted by a
-    manager that then restarted), the migration resumes from it."""
-    current = step(state, Resumed()) if state is not None else step(MigrationState(), Begin())
+    manager that then restarted), the migration resumes from it. ``copy_disks``: a
+    shared-nothing migration (the disks are mirrored first)."""
+    current = (
+        step(state, Resumed())
+        if state is not None
+        else step(MigrationState(), Begin(copy_disks=copy_disks))
+    )
     await persist(current, None)
     while not isinstance(current.action, Finish):
         if cancel.is_set() and not current.state.cancel_requested:

@@ -3,8 +3,14 @@
 No I/O and no clock: the engine feeds it what happened and performs what it returns, and the
 state is persisted in the task after every step, so a task always says where it stands.
 
-    precheck -> prepare_destination -> start_migration -> monitor -> verify_destination
-             -> announce -> stop_source -> update_inventory -> done
+    precheck -> prepare_destination [-> mirror] -> start_migration -> monitor
+             -> verify_destination -> announce -> stop_source -> update_inventory -> done
+
+A shared-nothing migration (``Begin(copy_disks=True)``) copies the disks first: the
+destination prepares empty disks with its QEMU, the source mirrors into them (``mirror``,
+polled until every disk is in sync and guest writes reach both copies), and only then does
+RAM migrate; the disks end in sync at QEMU's switchover (the source agent's part). A rollback
+from ``mirror`` on stops the mirror too; the destination's removal takes its new disks.
 
 The switchover (QEMU reports ``completed``) is the point of no return. Before it, any failure or
 a cancel rolls back: cancel QEMU's migration, tear the destination down, make sure the source
@@ -62,6 +68,8 @@ class MigrationState:
     monitor_failures: int = 0
     postcopy: bool = False  # QEMU switched to postcopy: the destination runs, nothing undone
     postcopy_recoveries: int = 0
+    copy_disks: bool = False  # shared-nothing: the disks are mirrored before RAM moves
+    mirror_started: bool = False  # the source may be mirroring: a rollback stops it
 
     @property
     def terminal(self) -> bool:
@@ -80,6 +88,8 @@ class MigrationState:
             "qemu_status": self.qemu_status.value if self.qemu_status else None,
             "postcopy": self.postcopy,
             "postcopy_recoveries": self.postcopy_recoveries,
+            "copy_disks": self.copy_disks,
+            "mirror_started": self.mirror_started,
         }
 
     @classmethod
@@ -96,6 +106,8 @@ class MigrationState:
             qemu_status=Qs(data["qemu_status"]) if data.get("qemu_status") else None,
             postcopy=data.get("postcopy", False),
             postcopy_recoveries=data.get("postcopy_recoveries", 0),
+            copy_disks=data.get("copy_disks", False),
+            mirror_started=data.get("mirror_started", False),
         )
 
 
@@ -104,7 +116,7 @@ class MigrationState:
 
 @dataclass(frozen=True)
 class Begin:
-    pass
+    copy_disks: bool = False  # shared-nothing: mirror the disks before RAM
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,14 @@ class Progress:
     """QEMU's migration status as the source reports it."""
 
     qemu_status: Qs
+    error: str | None = None  # why QEMU's migration failed or was cancelled, if it says
+
+
+@dataclass(frozen=True)
+class MirrorProgress:
+    """The disk mirror's state: ``synced`` once every disk is in sync, writes reaching both."""
+
+    synced: bool
 
 
 @dataclass(frozen=True)
@@ -137,7 +157,7 @@ class Resumed:
     """The manager restarted; the task continues from its persisted state."""
 
 
-Event = Begin | Succeeded | Failed | Progress | CancelRequested | Resumed
+Event = Begin | Succeeded | Failed | Progress | MirrorProgress | CancelRequested | Resumed
 
 
 # ---------------------------------------------------------------- actions (what to do)
@@ -151,6 +171,11 @@ class RunPrechecks:
 @dataclass(frozen=True)
 class PrepareDestination:
     pass
+
+
+@dataclass(frozen=True)
+class MirrorDisks:
+    """Start mirroring the disks into the destination's, or report how far it got."""
 
 
 @dataclass(frozen=True)
@@ -187,6 +212,7 @@ class UpdateInventory:
 class Rollback:
     cancel_migration: bool
     teardown_destination: bool
+    stop_mirror: bool = False
 
 
 @dataclass(frozen=True)
@@ -207,6 +233,7 @@ class Finish:
 Action = (
     RunPrechecks
     | PrepareDestination
+    | MirrorDisks
     | StartMigration
     | AwaitProgress
     | VerifyDestination
@@ -229,10 +256,14 @@ class Step:
 
 def _rollback(state: MigrationState, error: str | None) -> Step:
     new = replace(state, phase=Phase.ROLLBACK, error=state.error or error)
-    return Step(
-        new,
-        Rollback(cancel_migration=state.started, teardown_destination=state.destination_made),
-        f"rolling back: {error}" if error else "rolling back",
+    return Step(new, _rollback_action(state), f"rolling back: {error}" if error else "rolling back")
+
+
+def _rollback_action(state: MigrationState) -> Rollback:
+    return Rollback(
+        cancel_migration=state.started,
+        teardown_destination=state.destination_made,
+        stop_mirror=state.mirror_started,
     )
 
 
@@ -274,7 +305,9 @@ def step(state: MigrationState, event: Event) -> Step:
     phase = state.phase
     if phase == Phase.PENDING:
         if isinstance(event, Begin):
-            return Step(replace(state, phase=Phase.PRECHECK), RunPrechecks())
+            return Step(
+                replace(state, phase=Phase.PRECHECK, copy_disks=event.copy_disks), RunPrechecks()
+            )
         return Step(state, _repeat(state), "waiting to begin")
 
     if phase == Phase.PRECHECK:
@@ -291,11 +324,32 @@ def step(state: MigrationState, event: Event) -> Step:
             )
 
     if phase == Phase.PREPARE:
+        if isinstance(event, Succeeded) and event.uri and state.copy_disks:
+            return Step(
+                replace(state, phase=Phase.MIRROR, uri=event.uri, mirror_started=True),
+                MirrorDisks(),
+                "copying the disks to the destination",
+            )
         if isinstance(event, Succeeded) and event.uri:
             return Step(replace(state, phase=Phase.START, uri=event.uri), StartMigration(event.uri))
         if isinstance(event, Failed | Succeeded):
             error = event.error if isinstance(event, Failed) else "destination gave no address"
             return _rollback(state, error)
+
+    if phase == Phase.MIRROR:
+        if isinstance(event, MirrorProgress) and event.synced:
+            return Step(
+                replace(state, phase=Phase.START, monitor_failures=0),
+                StartMigration(state.uri or ""),
+                "every disk in sync: moving the memory",
+            )
+        if isinstance(event, MirrorProgress):
+            return Step(replace(state, monitor_failures=0), MirrorDisks())
+        if isinstance(event, Failed):
+            again = _monitor_again(state, event)
+            if again is not None:
+                return Step(again.state, MirrorDisks(), again.note)
+            return _rollback(state, event.error)
 
     if phase == Phase.START:
         if isinstance(event, Succeeded):
@@ -320,7 +374,8 @@ def step(state: MigrationState, event: Event) -> Step:
                     "switchover done",
                 )
             if status in QEMU_FINISHED_BAD:
-                return _rollback(replace(st, started=False), f"QEMU reported {status}")
+                reason = f"QEMU reported {status}" + (f": {event.error}" if event.error else "")
+                return _rollback(replace(st, started=False), reason)
             return Step(st, AwaitProgress(known_status=status))
         if isinstance(event, Failed):
             # One lost answer is no reason to abandon a migration that may be fine.
@@ -471,7 +526,7 @@ def _resume(state: MigrationState) -> Step:
             Finish(Phase.FAILED),
             "the manager restarted before anything changed",
         )
-    if state.phase in (Phase.PREPARE, Phase.START):
+    if state.phase in (Phase.PREPARE, Phase.MIRROR, Phase.START):
         # The destination may exist and migrate may have been issued, answers unseen.
         st = replace(state, started=state.phase == Phase.START, destination_made=True)
         return _rollback(st, "the manager restarted while the migration was being set up")
@@ -486,11 +541,12 @@ def _repeat(state: MigrationState) -> Action:
     if phase == Phase.MONITOR:
         return AwaitProgress(known_status=state.qemu_status)
     if phase == Phase.ROLLBACK:
-        return Rollback(cancel_migration=state.started, teardown_destination=state.destination_made)
+        return _rollback_action(state)
     simple: dict[Phase, Action] = {
         Phase.PENDING: RunPrechecks(),
         Phase.PRECHECK: RunPrechecks(),
         Phase.PREPARE: PrepareDestination(),
+        Phase.MIRROR: MirrorDisks(),
         Phase.VERIFY: VerifyDestination(),
         Phase.ANNOUNCE: Announce(),
         Phase.STOP_SOURCE: StopSource(),

@@ -70,6 +70,18 @@ class PrecheckInput:
     target_name: str
     hosts: dict[str, HostView] = field(default_factory=dict)
     tls: bool = False  # the cluster encrypts migration streams
+    copy_to: str | None = None  # shared-nothing: the disks are copied to this datastore
+    # The VM's datastores not marked shared on both hosts: a datastore of the same name on
+    # the target is other storage, so without a copy the VM would find no disk (or another's).
+    not_shared: frozenset[str] = frozenset()
+
+
+def copied_disks(
+    datastores: tuple[str, ...], copy_to: str, not_shared: frozenset[str]
+) -> list[int]:
+    """The disks a shared-nothing migration to ``copy_to`` copies: all but those already
+    on it when both hosts share it."""
+    return [i for i, ds in enumerate(datastores) if not (ds == copy_to and ds not in not_shared)]
 
 
 def precheck(inp: PrecheckInput) -> list[Refusal]:
@@ -170,16 +182,7 @@ def precheck(inp: PrecheckInput) -> list[Refusal]:
                     409,
                 )
             )
-    for ds in vm.datastores:
-        if ds not in target.datastores:
-            out.append(
-                to_target(
-                    "datastore_unreachable",
-                    f"datastore {ds} holding a disk of {vm.name} is not reachable "
-                    f"from {target_name} (--datastore DS moves the disks with the VM)",
-                    409,
-                )
-            )
+    out.extend(_datastore_refusals(inp, target))
     out.extend(_mtu_mismatches(vm.name, source, target))
     if inp.tls:
         for h in (source, target):
@@ -194,6 +197,61 @@ def precheck(inp: PrecheckInput) -> list[Refusal]:
                         host=h.name,
                     )
                 )
+    return out
+
+
+def _datastore_refusals(inp: PrecheckInput, target: HostView) -> list[Refusal]:
+    vm, target_name, copy_to = inp.vm, inp.target_name, inp.copy_to
+    out = []
+    if copy_to is None:
+        for ds in dict.fromkeys(vm.datastores):
+            if ds not in target.datastores:
+                out.append(
+                    Refusal(
+                        "datastore_unreachable",
+                        f"datastore {ds} holding a disk of {vm.name} is not reachable "
+                        f"from {target_name} (--datastore DS moves the disks with the VM)",
+                        409,
+                        field="to",
+                        host=target_name,
+                    )
+                )
+            elif ds in inp.not_shared:
+                out.append(
+                    Refusal(
+                        "datastore_not_shared",
+                        f"datastore {ds} holding a disk of {vm.name} is not shared with "
+                        f"{target_name}: its files are not there (--datastore DS moves the "
+                        "disks with the VM)",
+                        409,
+                        field="to",
+                        host=target_name,
+                    )
+                )
+        return out
+    if copy_to not in target.datastores:
+        known = ", ".join(sorted(target.datastores)) or "none"
+        return [
+            Refusal(
+                "datastore_unreachable",
+                f"datastore {copy_to} is not available on host {target_name} (it has: {known})",
+                422,
+                field="datastore",
+                host=target_name,
+            )
+        ]
+    if not vm.datastores:
+        return [Refusal("no_disks", f"VM {vm.name} has no disks to move", 422, field="datastore")]
+    if not copied_disks(vm.datastores, copy_to, inp.not_shared):
+        return [
+            Refusal(
+                "same_datastore",
+                f"the disks of {vm.name} are on datastore {copy_to} already, which both hosts "
+                "share: migrate without --datastore",
+                422,
+                field="datastore",
+            )
+        ]
     return out
 
 

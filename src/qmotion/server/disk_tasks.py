@@ -167,6 +167,10 @@ class DiskTasks:
 
     # ------------------------------------------------------------------ cold migration
 
+    def _host_of(self, vm: str) -> str:
+        with self.db.session() as s:
+            return self.inventory.vm_by_name(s, vm).host.name
+
     def _stopped(self, vm: str) -> bool:
         """Whether the VM is stopped (or suspended): the inventory's word, confirmed by its
         host when it says so (the inventory may lag). One the inventory has running goes the
@@ -201,13 +205,7 @@ class DiskTasks:
             used = {d.datastore for d in spec.disks}
             if spec.saved_state is not None:
                 used.add(spec.saved_state.datastore)
-            dst_row = self.inventory.host_by_name(s, to) if to in hosts else None
-            shared_on = [
-                {d["name"] for d in (h.facts or {}).get("datastores", ()) if d.get("shared")}
-                for h in (row.host, dst_row)
-                if h is not None
-            ]
-            not_shared = frozenset(u for u in used if not all(u in x for x in shared_on))
+            not_shared = self.inventory.not_shared(s, spec, row.host.name, to)
             live = precheck(
                 PrecheckInput(
                     vm_view(spec, row.host.name, row.state, False),
@@ -304,14 +302,6 @@ class DiskTasks:
         with self.db.session() as s:
             row = self.inventory.vm_by_name(s, vm)
             host = row.host.name
-            if req.to is not None and req.to != host:
-                raise Invalid(
-                    f"moving {vm} to host {req.to} and datastore {req.datastore} at once "
-                    "(shared-nothing migration) is not supported yet: move the disks to a "
-                    "datastore both hosts reach, then migrate",
-                    field="to",
-                    vm=vm,
-                )
             spec = VmSpec.model_validate(row.spec)
             facts = row.host.facts or {}
             refusals = storage_prechecks(

@@ -200,6 +200,21 @@ class Inventory:
             h.name: self._host_view(h, committed.get(h.name, 0)) for h in s.scalars(select(Host))
         }
 
+    def not_shared(self, s: Session, spec: VmSpec, *hosts: str) -> frozenset[str]:
+        """The VM's datastores (its saved state's too) not marked shared on every one of
+        ``hosts``: a datastore of the same name elsewhere is other storage."""
+        used = {d.datastore for d in spec.disks}
+        if spec.saved_state is not None:
+            used.add(spec.saved_state.datastore)
+        shared_on = []
+        for name in hosts:
+            row = s.scalars(select(Host).where(Host.name == name)).first()
+            if row is None:
+                continue  # refused as unknown anyway
+            facts: dict[str, Any] = row.facts or {}
+            shared_on.append({d["name"] for d in facts.get("datastores", ()) if d.get("shared")})
+        return frozenset(u for u in used if not all(u in x for x in shared_on))
+
     @staticmethod
     def _host_view(host: Host, committed_mib: int) -> HostView:
         # Straight from the stored JSON (validated when it was stored): parsing whole fact

@@ -25,6 +25,14 @@ from qmotion.api.migration import (
     PostcopyRecovery,
     QemuMigrationStatus,
 )
+from qmotion.api.storage import (
+    CopyDisk,
+    DiskCopyPlan,
+    DiskUsage,
+    MirrorStatus,
+    NbdMirrorRequest,
+    NbdTargets,
+)
 from qmotion.api.vm import VmSpec, VmState
 from qmotion.client.agent import AgentClient
 from qmotion.client.errors import ApiError, ClientError, NotFound
@@ -39,7 +47,7 @@ from qmotion.migration.convergence import (
 )
 from qmotion.migration.errors import InPostcopy, Refused, StepError, SwitchedOver
 from qmotion.migration.params import apply_plan
-from qmotion.migration.prechecks import PrecheckInput, VmView, precheck
+from qmotion.migration.prechecks import PrecheckInput, VmView, copied_disks, precheck
 from qmotion.server.db import Database, Host
 from qmotion.server.inventory import Inventory
 from qmotion.server.measure import history_bandwidth, measure, route, streams_of
@@ -77,6 +85,8 @@ IDLE = frozenset(
 )  # no migration under way on the source
 MIGRATED_AWAY = "migrated_away"  # the agent's code for "this VM completed a migration away"
 IN_POSTCOPY = "in_postcopy"  # the agent's code for "this source is in postcopy, not resumed"
+MIRROR_POLL_S = 0.5
+MIRROR_STALL_S = 60.0  # a disk copy that gains nothing this long is abandoned
 
 
 def limits_of(params: MigrationParams) -> Limits:
@@ -88,6 +98,26 @@ def limits_of(params: MigrationParams) -> Limits:
         bandwidth_bps=params.max_bandwidth if capped else None,
         allow_postcopy=params.postcopy,
     )
+
+
+def copy_plan(
+    spec: VmSpec, params: MigrationParams, not_shared: frozenset[str], usage: list[DiskUsage]
+) -> DiskCopyPlan:
+    """The disks a shared-nothing migration copies and their sizes; ValueError when the
+    source cannot say how large one is."""
+    assert params.copy_datastore is not None
+    sizes = {u.index: u for u in usage}
+    disks = []
+    for i in copied_disks(
+        tuple(d.datastore for d in spec.disks), params.copy_datastore, not_shared
+    ):
+        u = sizes.get(i)
+        if u is None or not u.virtual_size:
+            raise ValueError(f"the size of disk {i} of {spec.name} is unknown")
+        disks.append(
+            CopyDisk(index=i, virtual_size=u.virtual_size, allocated_bytes=u.allocated_bytes or 0)
+        )
+    return DiskCopyPlan(datastore=params.copy_datastore, format=params.copy_format, disks=disks)
 
 
 def vm_view(spec: VmSpec, host: str, state: str, migrating: bool) -> VmView:
@@ -141,6 +171,13 @@ class AgentMigrationPort:
         self.postcopy_at: float | None = None  # since the migration began, seconds
         self._last_transferred = -1
         self._progress_at = time.monotonic()
+        # Shared-nothing (params.copy_datastore): what is copied, where it goes, how far.
+        self.copy_plan: DiskCopyPlan | None = None
+        self.nbd_targets: NbdTargets | None = None
+        self.mirror_status: MirrorStatus | None = None
+        self._mirror_started_at: float | None = None
+        self.disk_copy_ms: float | None = None
+        self._mirror_best = (-1, 0.0)  # least remaining bytes seen, and when
 
     @staticmethod
     def host_copy(h: Host) -> Host:
@@ -169,10 +206,14 @@ class AgentMigrationPort:
     # ------------------------------------------------------------------ the actions
 
     async def prechecks(self) -> None:
+        not_shared: frozenset[str] = frozenset()
+
         def check() -> None:
+            nonlocal not_shared
             with self.db.session() as s:
                 row = self.inventory.vm_by_name(s, self.vm)
                 hosts = self.inventory.host_views(s)
+                not_shared = self.inventory.not_shared(s, self.spec, self.source, self.destination)
                 # This task itself counts as committed memory on the destination.
                 dst = hosts.get(self.destination)
                 if dst is not None:
@@ -184,12 +225,16 @@ class AgentMigrationPort:
                     self.destination,
                     hosts,
                     tls=self.params.tls,
+                    copy_to=self.params.copy_datastore,
+                    not_shared=not_shared,
                 )
             refusals = precheck(inp)
             if refusals:
                 raise Refused(self.vm, refusals)
 
         await asyncio.to_thread(check)
+        if self.params.copy_datastore is not None:
+            await self._plan_copy(not_shared)
         # Which of the destination's addresses the stream goes to, and the path's RTT: the
         # destination's stream count depends on it, so it is known before preparing it.
         try:
@@ -212,6 +257,15 @@ class AgentMigrationPort:
         # Measuring takes a few hundred ms: it overlaps with preparing the destination, which
         # needs none of it (the plan sets only source-side capabilities and parameters).
         self._planning = asyncio.ensure_future(self._measure_and_plan())
+
+    async def _plan_copy(self, not_shared: frozenset[str]) -> None:
+        """Which disks a shared-nothing migration copies, with their sizes (the source's)."""
+        assert self.params.copy_datastore is not None
+        usage = await self._call(self._src, "prechecks", lambda c: c.disks(self.vm))
+        try:
+            self.copy_plan = copy_plan(self.spec, self.params, not_shared, usage)
+        except ValueError as exc:
+            raise StepError("prechecks", str(exc), vm=self.vm) from exc
 
     def close(self) -> None:
         """The task ended: measurements still under way are for nothing."""
@@ -270,13 +324,70 @@ class AgentMigrationPort:
         listen: IPv4Address | None = None
         with contextlib.suppress(ValueError):  # a host name (agent URL): its default then
             listen = IPv4Address(chosen) if chosen else None
-        req = IncomingRequest(spec=self.spec, params=self.params, address=listen)
+        req = IncomingRequest(
+            spec=self.spec, params=self.params, address=listen, copy_disks=self.copy_plan
+        )
         resp = await self._call(self._dst, "prepare destination", lambda c: c.incoming(req))
+        self.nbd_targets = resp.nbd
+        if self.copy_plan is not None and resp.nbd is None:
+            raise StepError("prepare destination", "the destination exported no disks", vm=self.vm)
         if chosen is not None and resp.port is not None and chosen in resp.addresses:
             self.migration_address = chosen
             return f"tcp:{chosen}:{resp.port}"
         self.migration_address = resp.uri.split(":")[1] if resp.uri.count(":") == 2 else None
         return resp.uri
+
+    async def mirror_disks(self) -> bool:
+        """Start the source's mirror into the destination's disks, or see how far it got:
+        True once every disk is in sync and guest writes reach both copies."""
+        now = time.monotonic()
+        if self._mirror_started_at is None:
+            targets = self.nbd_targets
+            if targets is None:
+                raise StepError("mirror", "no destination disks to mirror into", vm=self.vm)
+            capped = self.params.max_bandwidth < UNLIMITED_BANDWIDTH
+            by_index = dict(enumerate(targets.disks))
+            req = NbdMirrorRequest(
+                host=IPv4Address(targets.host),
+                port=targets.port,
+                exports=targets.exports,
+                targets=[by_index[e.index] for e in targets.exports if e.index in by_index],
+                tls=self.params.tls,
+                tls_hostname=self.params.tls_hostname,
+                speed=max(self.params.max_bandwidth // len(targets.exports), 1) if capped else None,
+            )
+            await self._planned()  # the measurements use the same link: not during the copy
+            self.mirror_status = await self._call(
+                self._src, "mirror", lambda c: c.disk_mirror(self.vm, req), timeout_s=60
+            )
+            self._mirror_started_at = now
+            self._mirror_best = (self.mirror_status.remaining_bytes, now)
+        else:
+            await asyncio.sleep(MIRROR_POLL_S)
+            self.mirror_status = await self._call(
+                self._src, "mirror", lambda c: c.disk_mirror_status(self.vm), timeout_s=30
+            )
+        st = self.mirror_status
+        if st.phase not in ("mirroring", "ready"):
+            raise StepError(
+                "mirror", f"the disk copy {st.phase}: {st.error}", vm=self.vm, retryable=False
+            )
+        if st.synced and all(d.actively_synced for d in st.disks):
+            self.disk_copy_ms = (time.monotonic() - self._mirror_started_at) * 1000
+            return True
+        best, since = self._mirror_best
+        if st.remaining_bytes < best or st.rate_bps > 0:
+            self._mirror_best = (min(st.remaining_bytes, best), time.monotonic())
+        elif time.monotonic() - since > MIRROR_STALL_S:
+            raise StepError(
+                "mirror",
+                f"the disk copy gained nothing for {MIRROR_STALL_S:.0f} s "
+                f"({st.remaining_bytes} bytes left)",
+                vm=self.vm,
+                host=self.source,
+                retryable=False,
+            )
+        return False
 
     async def start_migration(self, uri: str) -> None:
         await self._planned()
@@ -460,17 +571,29 @@ class AgentMigrationPort:
                 self.destination_events = got.events
 
     async def update_inventory(self) -> None:
+        disks = None
+        if self.params.copy_datastore is not None:
+            # The destination's definition names the copies (a restarted manager has no
+            # other record of their paths).
+            info = await self._call(self._dst, "update inventory", lambda c: c.vm(self.vm))
+            disks = info.spec.disks
+
         def update() -> None:
             with self.db.session() as s:
                 row = self.inventory.vm_by_name(s, self.vm)
                 row.host = self.inventory.host_by_name(s, self.destination)
                 row.state = VmState.RUNNING
+                if disks is not None:
+                    spec = VmSpec.model_validate(row.spec)
+                    row.spec = spec.model_copy(update={"disks": disks}).model_dump(mode="json")
 
         await asyncio.to_thread(update)
         # After the inventory is committed: the report's last marks only.
         await self._refresh_destination_events()
 
-    async def rollback(self, cancel_migration: bool, teardown_destination: bool) -> None:
+    async def rollback(
+        self, cancel_migration: bool, teardown_destination: bool, stop_mirror: bool = False
+    ) -> None:
         """Before switchover: stop QEMU's migration, make sure the source runs, and only then
         remove the destination.
 
@@ -488,6 +611,8 @@ class AgentMigrationPort:
         try:
             if cancel_migration:
                 await self._cancel_on_source()
+            if stop_mirror:
+                await self._stop_mirror()
             status = await self._resume_source()
         except StepError as exc:
             await self._forward_if_destination_runs()
@@ -510,6 +635,15 @@ class AgentMigrationPort:
                 # The source runs, so whatever is left there is not the VM; report it.
                 self._keep_destination(f"it could not be removed ({exc})")
                 raise
+
+    async def _stop_mirror(self) -> None:
+        """The source stops copying into the destination (which is removed next, its new
+        disks with it). A source that cannot say is not fatal: its mirror then fails on its
+        own when the destination goes, and the next migration clears it."""
+        try:
+            await self._call(self._src, "rollback", lambda c: c.disk_mirror_abort(self.vm))
+        except StepError as exc:
+            self.warnings.append(f"the source's disk mirror not stopped: {exc}")
 
     async def _cancel_on_source(self) -> None:
         """QEMU's migrate_cancel, then wait until the source's migration has settled."""
@@ -612,6 +746,8 @@ class AgentMigrationPort:
                 retryable=False,
             )
         await self._call(self._dst, "recover", lambda c: _delete(c, self.vm))
+        if self.params.copy_datastore is not None:
+            await self._stop_mirror()
         status = await self._call(
             self._src, "recover", lambda c: c.resume(self.vm, after_failed_switchover=True)
         )

@@ -28,8 +28,15 @@ def task_out(t: Task, with_events: bool = True) -> TaskOut:
         ended_at=t.ended_at,
         error=t.error,
         result=MigrationReport.model_validate(t.result) if t.result else None,
-        stats=MigrationStats.model_validate(t.stats) if t.stats and not storage_task else None,
-        mirror=MirrorStatus.model_validate(t.stats) if t.stats and storage_task else None,
+        # A shared-nothing migration has a mirror before QEMU's migration has any status.
+        stats=MigrationStats.model_validate(t.stats)
+        if t.stats and not storage_task and "status" in t.stats
+        else None,
+        mirror=MirrorStatus.model_validate(t.stats)
+        if t.stats and storage_task
+        else MirrorStatus.model_validate(t.stats["mirror"])
+        if t.stats and t.stats.get("mirror")
+        else None,
         events=[
             TaskEventOut(at=e.at, kind=e.kind, message=e.message, data=e.data) for e in t.events
         ]

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from qmotion.api.migration import (
+    IncomingRequest,
     MigrationParams,
     MigrationPrediction,
     MigrationReport,
@@ -23,6 +24,7 @@ from qmotion.api.migration import (
 )
 from qmotion.api.server import MigrateRequest, TaskOut, TaskState
 from qmotion.api.sizes import parse_rate_bytes
+from qmotion.api.storage import MirrorStatus
 from qmotion.api.vm import VmSpec
 from qmotion.migration import engine, params
 from qmotion.migration.errors import Refused, StepError
@@ -33,7 +35,7 @@ from qmotion.server.disk_tasks import DiskTasks
 from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream, raise_refusals
 from qmotion.server.inventory import Inventory
 from qmotion.server.measure import measure
-from qmotion.server.port import AgentMigrationPort, limits_of, vm_view
+from qmotion.server.port import AgentMigrationPort, copy_plan, limits_of, vm_view
 from qmotion.server.task_view import task_out
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ def report(
         migration_address=port.migration_address,
         streams=max(port.params.multifd_channels, 1),
         tls=port.params.tls,
+        disk_copy_ms=round(port.disk_copy_ms, 1) if port.disk_copy_ms is not None else None,
+        disk_bytes=port.mirror_status.total_bytes if port.mirror_status else None,
     )
     if port.reach is not None and port.reach.unreachable:
         r.warnings.append("fell back from " + "; ".join(port.reach.unreachable))
@@ -156,14 +160,18 @@ class TaskRunner(DiskTasks):
 
     # ------------------------------------------------------------------ submit
 
-    def _check(self, vm: str, req: MigrateRequest) -> tuple[str, MigrationParams]:
+    def _check(
+        self, vm: str, req: MigrateRequest, dry_run: bool = False
+    ) -> tuple[str, MigrationParams]:
         """Synchronous pre-checks at submission: a refusal creates no task at all."""
-        if req.to is None or req.datastore is not None:
+        if dry_run and (req.to is None or req.datastore is not None):
             raise Invalid(
                 "a dry run predicts a live migration to another host: give --to and no --datastore",
                 field="datastore" if req.datastore else "to",
                 vm=vm,
             )
+        if req.to is None:
+            raise Invalid("give the destination host", field="to", vm=vm)
         bandwidth = None
         if req.bandwidth:
             try:
@@ -181,6 +189,8 @@ class TaskRunner(DiskTasks):
                     req.to,
                     hosts,
                     tls=self.inventory.tls,
+                    copy_to=req.datastore,
+                    not_shared=self.inventory.not_shared(s, spec, row.host.name, req.to),
                 )
             )
             source = row.host.name
@@ -190,11 +200,36 @@ class TaskRunner(DiskTasks):
         )
         if self.inventory.tls:
             chosen = chosen.model_copy(update={"tls": True, "tls_hostname": req.to})
+        if req.datastore is not None:
+            chosen = chosen.model_copy(
+                update={"copy_datastore": req.datastore, "copy_format": req.disk_format}
+            )
         return source, chosen
+
+    async def _check_copy(self, vm: str, source: str, to: str, mparams: MigrationParams) -> None:
+        """Shared-nothing: what the destination would refuse about the copies (its datastore,
+        room for them) is refused here, not as a failed task."""
+
+        def work() -> None:
+            with self.db.session() as s:
+                row = self.inventory.vm_by_name(s, vm)
+                spec = VmSpec.model_validate(row.spec)
+                not_shared = self.inventory.not_shared(s, spec, source, to)
+                src = AgentMigrationPort.host_copy(row.host)
+                dst = AgentMigrationPort.host_copy(self.inventory.host_by_name(s, to))
+            usage = self.inventory.call(src, lambda c: c.disks(vm), vm=vm)
+            try:
+                plan = copy_plan(spec, mparams, not_shared, usage)
+            except ValueError as exc:
+                raise Conflict(str(exc), vm=vm, host=source) from exc
+            req = IncomingRequest(spec=spec, copy_disks=plan)
+            self.inventory.call(dst, lambda c: c.incoming_check(req), vm=vm)
+
+        await asyncio.to_thread(work)
 
     async def predict_migration(self, vm: str, req: MigrateRequest) -> MigrationPrediction:
         """``--dry-run``: the same checks and measurements as a migration, and nothing started."""
-        source, mparams = await asyncio.to_thread(self._check, vm, req)
+        source, mparams = await asyncio.to_thread(self._check, vm, req, True)
         to = req.to
         assert to is not None  # _check refused otherwise
 
@@ -222,12 +257,14 @@ class TaskRunner(DiskTasks):
     async def submit_migration(self, vm: str, req: MigrateRequest) -> TaskOut:
         if req.to is not None and await asyncio.to_thread(self._stopped, vm):
             return await self.submit_cold(vm, req)
-        if req.datastore is not None:
+        if req.datastore is not None and (req.to is None or req.to == self._host_of(vm)):
             return await self.submit_storage_move(vm, req)
         accepted = time.monotonic()
         source, mparams = await asyncio.to_thread(self._check, vm, req)
         to = req.to
         assert to is not None  # _check refused otherwise
+        if mparams.copy_datastore is not None:
+            await self._check_copy(vm, source, to, mparams)
 
         def create() -> TaskOut:
             try:
@@ -304,10 +341,16 @@ class TaskRunner(DiskTasks):
                     port.stream_uri = resume.uri  # where a broken postcopy stream reconnects
 
                 async def persist(st: Step, stats: MigrationStats | None) -> None:
-                    await asyncio.to_thread(self._persist, task_id, st, stats)
+                    await asyncio.to_thread(self._persist, task_id, st, stats, port.mirror_status)
 
                 try:
-                    final = await engine.run(port, persist, cancel, resume)
+                    final = await engine.run(
+                        port,
+                        persist,
+                        cancel,
+                        resume,
+                        copy_disks=mparams.copy_datastore is not None,
+                    )
                 finally:
                     port.close()
                 result = report(port.last_stats, port, final, accepted, queued_s)
@@ -331,11 +374,25 @@ class TaskRunner(DiskTasks):
             t.state, t.started_at = TaskState.RUNNING, utcnow()
             s.add(TaskEvent(task=t, kind="started", message="started"))
 
-    def _persist(self, task_id: int, st: Step, stats: MigrationStats | None) -> None:
+    def _persist(
+        self,
+        task_id: int,
+        st: Step,
+        stats: MigrationStats | None,
+        mirror: MirrorStatus | None = None,
+    ) -> None:
         with self.db.session() as s:
             t = s.get(Task, task_id)
             assert t is not None
             previous = t.phase
+            kept = (t.stats or {}).get("mirror")
+            if mirror is not None:
+                # Shared-nothing: the disk copy is the first half of the progress bar.
+                kept = mirror.model_dump(mode="json")
+                t.stats = {**(t.stats or {}), "mirror": kept}
+                if mirror.total_bytes and st.state.phase == Phase.MIRROR:
+                    done = 1.0 - mirror.remaining_bytes / mirror.total_bytes
+                    t.progress = max(t.progress, min(done, 1.0) * 0.5)
             t.phase = st.state.phase.value
             t.machine = st.state.to_json()
             if stats is not None:
@@ -351,7 +408,7 @@ class TaskRunner(DiskTasks):
                             data={"rung": stats.rung, "downtime_limit_ms": stats.downtime_limit_ms},
                         )
                     )
-                t.stats = stats.model_dump(mode="json")
+                t.stats = stats.model_dump(mode="json") | ({"mirror": kept} if kept else {})
                 if stats.total:
                     done = 1.0 - stats.remaining / stats.total
                     t.progress = max(t.progress, min(done, 0.99))
