@@ -18,6 +18,15 @@ seconds (until every disk is in sync; the convert's includes its sync to disk), 
 end, and the record check (every acknowledged record present and intact). Targets (issue 11):
 idle >= 0.8x convert throughput, writing <= 1.5x the idle time, allocation <= 1.1x, 0 lost
 records.
+
+Shared-nothing (one run each): a 1 GiB guest with 600 MiB of its memory written and the same
+prepared disk on ``local-h1``, moved live to h2 and ``local-h2`` (``vm migrate --to h2
+--datastore local-h2``) while a TCP echo session runs from the client namespace; beside it the
+same guest on the shared datastore moved by an ordinary live migration (RAM only), the
+baseline for what copying the disk adds. Each: total seconds, disk copy seconds (mirror start
+to in sync), QEMU's RAM migration time and downtime, the guest's pause (source stop to
+destination resume), the largest gap in the echo stream (TCP blackout), lost records, memory
+check. Targets: downtime <= 30 ms, TCP blackout <= 100 ms, 0 lost records.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import write_report
-from bench.migration import machine
+from bench.migration import _with_stream, machine
 from qmotion.api.server import DiskCreate, MigrateRequest, TaskState, VmCreate, Workload
 from qmotion.client.errors import ClientError
 from qmotion.lab import Lab, lab_down, lab_up
@@ -164,6 +173,78 @@ def _move(lab: Lab, image: Path, n: int, disk_mib_s: float) -> dict[str, Any]:
         return row
 
 
+def _live(lab: Lab, image: Path, n: int, copy: bool) -> dict[str, Any]:
+    """One live migration h1 -> h2 of a 1 GiB guest (600 MiB written) with the prepared disk:
+    shared-nothing (``copy``: local-h1 -> local-h2) or RAM only (on ``shared``)."""
+    name = f"n{n}"
+    source_ds = "local-h1" if copy else "shared"
+    with lab.server() as server:
+        vm = server.create_vm(
+            VmCreate(
+                name=name,
+                host="h1",
+                memory="1G",
+                workload=Workload(fill_mib=600),
+                disk=DiskCreate(datastore=source_ds, size_mib=DISK_MIB),
+            )
+        )
+        disk = _ds(lab, source_ds) / vm.disks[0].path
+        shutil.copyfile(image, disk)
+        source_alloc = _allocated(disk)
+        server.start_vm(name)
+        assert vm.address
+        ip = vm.address.split("/")[0]
+        ns = lab.record.client_namespace
+        run_in(ns, lambda: wait_echo(ip, 180))
+        assert run_in(ns, lambda: mem_check(ip))["consistent"]  # waits for the fill
+        _drop_caches()
+        req = MigrateRequest(to="h2", datastore="local-h2" if copy else None)
+
+        def migrate() -> dict[str, Any]:
+            task = server.migrate(name, req)
+            while task.state.active:
+                time.sleep(0.2)
+                task = server.task(task.id)
+            return {"task": task}
+
+        out, stream = _with_stream(lab, ip, migrate)
+        task = out["task"]
+        verdict = run_in(ns, lambda: disk_verify(ip))
+        memory_ok = bool(run_in(ns, lambda: mem_check(ip))["consistent"])
+        shown = server.vm(name)
+        target = _ds(lab, shown.disks[0].datastore) / shown.disks[0].path
+        r = task.result
+        row = {
+            "name": "qmotion shared-nothing (disk + RAM)" if copy else "qmotion live, RAM only",
+            "seconds": round(r.wall_ms / 1000, 2) if r else None,
+            "disk_copy_seconds": round(r.disk_copy_ms / 1000, 2)
+            if r and r.disk_copy_ms is not None
+            else None,
+            "ram_seconds": round(r.total_ms / 1000, 2) if r and r.total_ms else None,
+            "downtime_ms": r.downtime_ms if r else None,
+            "guest_paused_ms": r.guest_paused_ms if r else None,
+            "blackout_ms": round(stream.max_gap_ms, 1),
+            "guest_frame_ms": r.guest_frame_ms if r else None,
+            "client_frame_ms": r.client_frame_ms if r else None,
+            "allocation_ratio": round(_allocated(target) / source_alloc, 3)
+            if copy and target.exists()
+            else None,
+            "lost_records": verdict.get("lost"),
+            "records_checked": verdict.get("checked"),
+            "memory_ok": memory_ok,
+            "ok": task.state == TaskState.SUCCEEDED
+            and verdict.get("intact") is True
+            and memory_ok
+            and shown.host == "h2",
+            "error": task.error,
+            "events": [e.message for e in task.events],
+        }
+        with contextlib.suppress(ClientError):
+            server.delete_vm(name, force=True)
+        target.unlink(missing_ok=True)
+        return row
+
+
 def _table(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -193,6 +274,27 @@ def _table(report: dict[str, Any]) -> str:
         "(target <= 1.5x).",
         "",
     ]
+    live = report.get("live") or []
+    if live:
+        lines += [
+            "Shared-nothing live migration h1 -> h2 (local-h1 -> local-h2), 1 GiB guest with "
+            f"600 MiB written, the same {DISK_MIB} MiB disk ({WRITTEN_MIB} MiB written), TCP "
+            "echo session running; beside it the same guest on shared storage (RAM only). "
+            "One run each.",
+            "",
+            "| run | total s | disk copy s | RAM s | QEMU downtime ms | guest paused ms | "
+            "TCP blackout ms | target/source allocation | lost records | memory intact |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in live:
+            lines.append(
+                f"| {r['name']} | {r['seconds']} | {r['disk_copy_seconds'] or '-'} | "
+                f"{r['ram_seconds']} | {r['downtime_ms']} | {r['guest_paused_ms']} | "
+                f"{r['blackout_ms']} | {r['allocation_ratio'] or '-'} | "
+                f"{'-' if r['lost_records'] is None else r['lost_records']} | "
+                f"{'yes' if r['memory_ok'] else 'NO'} |"
+            )
+        lines += ["", "Targets: downtime <= 30 ms, TCP blackout <= 100 ms, 0 lost records.", ""]
     return "\n".join(lines)
 
 
@@ -215,12 +317,14 @@ def main() -> None:
             runs[2].append(_move(lab, image, 10 * rep + 2, 20.0))
         # Each row is the run with the median copy time (absolute times vary run to run).
         rows = [sorted(r, key=lambda x: float(x["copy_seconds"]))[len(r) // 2] for r in runs]
+        live = [_live(lab, image, 100, copy=False), _live(lab, image, 101, copy=True)]
         report = {
             "machine": machine(),
             "accel": accel,
             "reps": args.reps,
             "rows": rows,
             "runs": runs,
+            "live": live,
         }
         write_report(args.out, "storage", report, _table)
     finally:

@@ -60,6 +60,7 @@ IDLE_MIGRATION = ("none", "completed", "failed", "cancelled")
 T = TypeVar("T")
 STEER_WAIT_S = 2.0
 CANCEL_SETTLE_S = 1.0  # a cancel that has not settled by then is stuck on a dead link
+EXPORTS_END_AFTER_S = 2.0  # shared-nothing: the destination's NBD exports, after its resume
 
 
 @dataclass
@@ -363,8 +364,12 @@ class Migrations:
                         if resumed_wall is not None:
                             at -= max(time.time() - resumed_wall, 0.0)
                         events.append(("resumed", at))
-                        # It runs on the copied disks: they are its own from now on.
-                        ending = asyncio.ensure_future(self.incoming_disks.end(name))
+                        # It runs on the copied disks: they are its own from now on. The
+                        # exports end a moment later: QMP work in this QEMU's main loop
+                        # now would compete with the guest's first frames.
+                        ending = asyncio.ensure_future(
+                            self.incoming_disks.end(name, after_s=EXPORTS_END_AFTER_S)
+                        )
                         self._ending.add(ending)
                         ending.add_done_callback(self._ending.discard)
                         return
