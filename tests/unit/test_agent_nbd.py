@@ -16,7 +16,7 @@ import asyncio
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -26,6 +26,7 @@ from qmotion.agent.nbd import IncomingDisks, NbdMirrors
 from qmotion.api.storage import CopyDisk, DiskCopyPlan, NbdExport, NbdMirrorRequest
 from qmotion.api.vm import Disk, VmSpec
 from qmotion.hypervisor.errors import QmpError
+from qmotion.hypervisor.monitor import Monitor
 
 from .test_agent_storage import CANCELED, VM, Host, Job, Node, ScriptedQemu, qemu_img
 
@@ -141,6 +142,11 @@ def request(tls: bool = True) -> NbdMirrorRequest:
     )
 
 
+def as_monitor(qemu: NbdQemu) -> Monitor:
+    """The stand-in where the agent takes a Monitor (it answers the same calls)."""
+    return cast(Monitor, qemu)
+
+
 def jobs(qemu: NbdQemu) -> dict[str, Job]:
     return {j: qemu.jobs[j] for j in sorted(qemu.jobs)}
 
@@ -165,7 +171,7 @@ def test_the_disks_are_mirrored_into_the_exports_and_end_in_sync_without_pivotin
         ]
         assert not s.mirrors.copied_sources(VM)
         # Not in sync yet: the switchover must not go ahead.
-        assert "not in sync" in (await s.mirrors.end_in_sync(VM, qemu) or "")
+        assert "not in sync" in (await s.mirrors.end_in_sync(VM, as_monitor(qemu)) or "")
         assert all(j.status == "running" for j in qemu.jobs.values())
 
         qemu.ticks(2)
@@ -184,7 +190,7 @@ def test_the_disks_are_mirrored_into_the_exports_and_end_in_sync_without_pivotin
 
         ticking = asyncio.create_task(clock())
         try:
-            assert await s.mirrors.end_in_sync(VM, qemu) is None
+            assert await s.mirrors.end_in_sync(VM, as_monitor(qemu)) is None
         finally:
             ticking.cancel()
         # Completed, not cancelled, and the guest still runs on its own disks.
@@ -211,7 +217,7 @@ def test_a_mirror_that_fails_while_ending_cancels_the_switchover(source: Source)
         qemu.ticks(2)
         await s.mirrors.status(VM)
         qemu.fail_completion["qm-nbd-1"] = "Input/output error"
-        task = asyncio.create_task(s.mirrors.end_in_sync(VM, qemu))
+        task = asyncio.create_task(s.mirrors.end_in_sync(VM, as_monitor(qemu)))
         while not task.done():
             await asyncio.sleep(0.002)
             qemu.tick()
