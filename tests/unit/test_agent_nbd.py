@@ -202,7 +202,7 @@ def test_the_disks_are_mirrored_into_the_exports_and_end_in_sync_without_pivotin
         # The source files are the ones release removes once the destination runs.
         assert s.mirrors.copied_sources(VM) == list(s.host.spec(VM).disks)
 
-        await s.mirrors.after_migration(VM)
+        await s.mirrors.after_migration(VM, completed=True)
         assert qemu.jobs == {} and not [n for n in qemu.nodes.values() if n.drv == "nbd"]
         assert qemu.objects == set()
 
@@ -227,6 +227,27 @@ def test_a_mirror_that_fails_while_ending_cancels_the_switchover(source: Source)
         st = await s.mirrors.abort(VM)
         assert st.phase == "aborted"
         assert not [n for n in qemu.nodes.values() if n.drv == "nbd"] and qemu.jobs == {}
+
+    asyncio.run(run())
+
+
+def test_a_copy_whose_migration_then_failed_is_void(source: Source) -> None:
+    """Ended in sync at pre-switchover, then the stream failed: the guest runs on here and
+    writes again, so no later release may take these files for copied ones."""
+    s, qemu = source, source.qemu
+
+    async def run() -> None:
+        await s.mirrors.start(VM, request(tls=False))
+        qemu.ticks(3)
+        await s.mirrors.status(VM)
+        task = asyncio.create_task(s.mirrors.end_in_sync(VM, as_monitor(qemu)))
+        while not task.done():
+            await asyncio.sleep(0.002)
+            qemu.tick()
+        assert task.result() is None and s.mirrors.copied_sources(VM)
+        await s.mirrors.after_migration(VM, completed=False)
+        assert s.mirrors.load(VM) is None and s.mirrors.copied_sources(VM) == []
+        assert qemu.jobs == {} and not [n for n in qemu.nodes.values() if n.drv == "nbd"]
 
     asyncio.run(run())
 
@@ -278,8 +299,12 @@ def test_a_second_mirror_is_refused_and_a_failed_ones_leftovers_are_cleared(
 
     async def run() -> None:
         await s.mirrors.start(VM, request(tls=False))
+        # The same request again (its answer was lost): how it stands, nothing started twice.
+        again = await s.mirrors.start(VM, request(tls=False))
+        assert again.phase == "mirroring" and len(qemu.sent("blockdev-mirror")) == 2
+        other = request(tls=False).model_copy(update={"port": 40999})
         with pytest.raises(Conflict, match="already mirroring"):
-            await s.mirrors.start(VM, request(tls=False))
+            await s.mirrors.start(VM, other)
         # The destination went away: its jobs fail, the record says so.
         for job in qemu.jobs.values():
             job.error, job.status = "Connection reset by peer", "concluded"

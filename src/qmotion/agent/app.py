@@ -93,7 +93,7 @@ def create_app(config: AgentConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.vms.load()
-        await state.migrations.settle_incoming()
+        await state.migrations.settle_after_restart()
         # Probe (or read the cached probe) in the background; VM starts wait for it.
         probe = asyncio.ensure_future(state.accel())
         sampler = asyncio.ensure_future(_sample_forever(state))
@@ -307,6 +307,10 @@ def create_app(config: AgentConfig) -> FastAPI:
     @app.post("/v1/migrations/incoming/check", status_code=204, dependencies=auth)
     async def incoming_check(req: IncomingRequest) -> None:
         await state.migrations.check_incoming(req)
+
+    @app.post("/v1/vms/{name}/migration/keep-disks", status_code=204, dependencies=auth)
+    async def migration_keep_disks(name: str) -> None:
+        await state.migrations.keep_disks(name)
 
     @app.post("/v1/vms/{name}/migration/mirror", response_model=MirrorStatus, dependencies=auth)
     async def migration_mirror(name: str, req: NbdMirrorRequest) -> MirrorStatus:

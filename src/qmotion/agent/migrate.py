@@ -312,18 +312,31 @@ class Migrations:
             return
         if req.spec.name in self.vms.names():
             raise Conflict(
-                f"a VM named {req.spec.name!r} is already defined", vm=req.spec.name, field="name"
+                f"a VM named {req.spec.name!r} is already defined on host "
+                f"{self.vms.config.name} (left by an earlier attempt? delete it there first)",
+                vm=req.spec.name,
+                field="to",
             )
         await asyncio.to_thread(self.incoming_disks.check, req.spec, req.copy_disks)
 
-    async def settle_incoming(self) -> None:
-        """At agent start: a VM that resumed here while the agent was away owns its disks."""
+    async def settle_after_restart(self) -> None:
+        """At agent start. A VM that resumed here while the agent was away owns its disks.
+        A source left at pre-switchover (only this agent's watcher lets it go on, and it died)
+        is cancelled: the guest resumes here, the manager rolls back."""
         for name in self.vms.names():
-            if not self.vms.incoming_disks(name):
-                continue
             with contextlib.suppress(AgentError, HypervisorError):
-                if await self.vms.monitor(name).status() == "running":
+                mon = self.vms.monitor(name)
+                if self.vms.incoming_disks(name) and await mon.status() == "running":
                     await self.incoming_disks.end(name)
+                migration = await mon.execute("query-migrate")
+                if migration.get("status") == "pre-switchover":
+                    log.warning("%s was left at pre-switchover: cancelling", name)
+                    await mon.execute("migrate_cancel")
+
+    async def keep_disks(self, name: str) -> None:
+        """The manager saw the VM run here: the disks its copy made are simply its own."""
+        self.vms.spec(name)
+        await self.incoming_disks.end(name)
 
     async def _watch_taps(self, spec: VmSpec, events: list[tuple[str, float]]) -> None:
         """The switchover's last marks (first frames after the resume), into this
@@ -432,7 +445,15 @@ class Migrations:
         if status not in ("running", "paused"):
             raise Conflict(f"VM {name} cannot migrate while {status}", vm=name)
         self._require_tls(req.params)
-        if self.nbd.active(name):
+        if req.params.copy_datastore is None:
+            await self.nbd.void(name)  # an earlier copy's record must not outlive it
+        elif not self.nbd.active(name):
+            # Without its mirror the destination would run on empty disks.
+            raise Conflict(
+                f"VM {name} has no disk mirror to its destination: the disks must be copied first",
+                vm=name,
+            )
+        if req.params.copy_datastore is not None:
             mirror = await self.nbd.status(name)
             if not mirror.synced or any(not d.actively_synced for d in mirror.disks):
                 raise Conflict(
@@ -573,7 +594,7 @@ class Migrations:
                     out.changed.set()
                     out.changed = asyncio.Event()
                     if out.status == "pre-switchover":
-                        if self.nbd.active(name):
+                        if req.params.copy_datastore is not None:
                             out.mirror_error = await self.nbd.end_in_sync(name, mon)
                         if out.mirror_error is not None:
                             # The destination would run on disks that lack writes: the
@@ -590,7 +611,7 @@ class Migrations:
         finally:
             out.changed.set()
             with contextlib.suppress(Exception):
-                await self.nbd.after_migration(name)
+                await self.nbd.after_migration(name, completed=out.status == "completed")
             if steering is not None:
                 with contextlib.suppress(Exception):
                     await steering
@@ -912,10 +933,12 @@ class Migrations:
             if rt is not None:
                 await asyncio.to_thread(process.wait_gone, rt.pid, spec.uuid, 5.0)
                 await asyncio.to_thread(process.kill, rt.pid, spec.uuid)
+            # The destination runs on its copies (the manager saw it): these are the old
+            # ones. Removed while the definition still names them: a crash now leaves the
+            # VM defined here, not files nobody knows of.
+            self.incoming_disks.remove(copied)
         self._outgoing.pop(name, None)
         await self.vms.delete(name, force=True)
-        # The destination runs on its copies (the manager saw it): these are the old ones.
-        self.incoming_disks.remove(copied)
 
     async def resume(self, name: str, after_failed_switchover: bool = False) -> str:
         """Resume a source left paused by a failed migration; returns QEMU's status.
@@ -951,6 +974,9 @@ class Migrations:
         if status in ("paused", "postmigrate", "finish-migrate"):
             await mon.execute("cont")
             status = await mon.status()
+        # It runs here on its own disks: a copy made for a migration that did not happen is
+        # void (and its record must not lead a later release to the files).
+        await self.nbd.void(name)
         return status
 
     async def announce(self, name: str) -> None:

@@ -299,6 +299,9 @@ class NbdMirrors:
                 raise Conflict(f"VM {name} cannot copy its disks now: {reason}", vm=name)
             old = self.load(name)
             if old is not None and old.phase in ("mirroring", "ready"):
+                if (old.peer, old.port) == (str(req.host), req.port):
+                    # The same request again (its answer was lost): how it stands.
+                    return await self._status(name, old, mon)
                 raise Conflict(f"VM {name} is already mirroring its disks", vm=name)
             if old is not None:
                 await self._abort(name, old)  # an earlier migration's leftovers
@@ -325,7 +328,8 @@ class NbdMirrors:
                     for n, e in enumerate(req.exports)
                 ],
             )
-            self._save(name, rec)  # before any node exists: a restarted agent cleans up
+            # Before any node exists: whoever asks next (status, abort) finds what to end.
+            self._save(name, rec)
             try:
                 creds = await self._tls_creds(mon, req) if req.tls else None
                 for d in rec.disks:
@@ -539,14 +543,30 @@ class NbdMirrors:
         log.info("disks of %s ended in sync in %.1f ms", name, (time.monotonic() - t0) * 1000)
         return None
 
-    async def after_migration(self, name: str) -> None:
-        """The stream finished (either way): jobs dismissed, the NBD connections closed."""
-        rec = self.load(name)
-        if rec is None or rec.phase != "completed":
-            return
-        with contextlib.suppress(Conflict, HypervisorError):
-            mon = self.vms.monitor(name)
-            await self._dismiss_and_close(mon, rec)
+    async def after_migration(self, name: str, completed: bool) -> None:
+        """The stream finished: jobs dismissed, the NBD connections closed. A stream that
+        did not complete voids the copy (the guest runs on here and writes again): the
+        record goes, so no later release takes these disks for copied ones."""
+        with contextlib.suppress(OSError, ValueError):
+            rec = self.load(name)
+            if rec is None:
+                return
+            if not completed:
+                with contextlib.suppress(AgentError):
+                    await self.abort(name)
+                return
+            if rec.phase != "completed":
+                return
+            with contextlib.suppress(Conflict, HypervisorError):
+                mon = self.vms.monitor(name)
+                await self._dismiss_and_close(mon, rec)
+
+    async def void(self, name: str) -> None:
+        """The VM runs on here (resumed, or migrating without a copy): any copy record is
+        stale. Its jobs and nodes are ended with it."""
+        with contextlib.suppress(OSError, ValueError):
+            if self.load(name) is not None:
+                await self.abort(name)
 
     @staticmethod
     async def _dismiss_and_close(mon: Monitor, rec: MirrorRecord) -> None:

@@ -114,6 +114,10 @@ class AgentClient(BaseClient):
     def disk_mirror_status(self, name: str) -> MirrorStatus:
         return self.call(MirrorStatus, "GET", f"/v1/vms/{name}/migration/mirror")
 
+    def keep_disks(self, name: str) -> None:
+        """Shared-nothing, destination: the VM ran here, its copied disks are its own."""
+        self.request("POST", f"/v1/vms/{name}/migration/keep-disks")
+
     def disk_mirror_abort(self, name: str) -> MirrorStatus:
         return self.call(MirrorStatus, "POST", f"/v1/vms/{name}/migration/mirror/abort")
 

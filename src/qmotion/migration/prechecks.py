@@ -233,7 +233,7 @@ def _datastore_refusals(inp: PrecheckInput, target: HostView) -> list[Refusal]:
         known = ", ".join(sorted(target.datastores)) or "none"
         return [
             Refusal(
-                "datastore_unreachable",
+                "datastore_missing",
                 f"datastore {copy_to} is not available on host {target_name} (it has: {known})",
                 422,
                 field="datastore",

@@ -55,7 +55,11 @@ from qmotion.server.measure import history_bandwidth, measure, route, streams_of
 T = TypeVar("T")
 PROGRESS_WAIT_MS = 500
 VERIFY_TIMEOUT_S = 30.0
-SWITCHOVER_WAIT_S = 10.0
+# Longer than the source agent may hold the guest at pre-switchover ending the disk mirrors.
+SWITCHOVER_WAIT_S = 20.0
+# A source at pre-switchover this long has lost the watcher that lets it go on (its agent
+# restarted or died): the guest is paused there, so the migration is abandoned.
+PRE_SWITCHOVER_STUCK_S = 30.0
 SWITCHING = frozenset({QemuMigrationStatus.DEVICE, QemuMigrationStatus.PRE_SWITCHOVER})
 MAX_SAMPLES = 600  # flight-recorder samples kept per migration
 STALL_TIMEOUT_S = 30.0  # an active migration that moves no data for this long is abandoned
@@ -178,6 +182,7 @@ class AgentMigrationPort:
         self._mirror_started_at: float | None = None
         self.disk_copy_ms: float | None = None
         self._mirror_best = (-1, 0.0)  # least remaining bytes seen, and when
+        self._pre_switchover_since: float | None = None
 
     @staticmethod
     def host_copy(h: Host) -> Host:
@@ -453,6 +458,15 @@ class AgentMigrationPort:
             self._last_transferred, self._progress_at = stats.transferred, now
         elif now - self._progress_at > STALL_TIMEOUT_S:
             raise self._broken(f"no data moved for {STALL_TIMEOUT_S:.0f} s")
+        if stats.status != QemuMigrationStatus.PRE_SWITCHOVER:
+            self._pre_switchover_since = None
+        elif self._pre_switchover_since is None:
+            self._pre_switchover_since = now
+        elif now - self._pre_switchover_since > PRE_SWITCHOVER_STUCK_S:
+            raise self._broken(
+                f"the source has held the guest paused at pre-switchover for "
+                f"{PRE_SWITCHOVER_STUCK_S:.0f} s"
+            )
         if stats.status == QemuMigrationStatus.ACTIVE:
             await self._climb(stats, now)
         if self.ladder is not None:
@@ -546,6 +560,12 @@ class AgentMigrationPort:
                     self._dst, "verify destination", lambda c: c.migration(self.vm)
                 )
                 self.destination_events = with_events.events
+                if self.params.copy_datastore is not None:
+                    # It runs on the copies: from now on they are its disks, never removed
+                    # as an unfinished copy's (persisted by this step, repeated on resume).
+                    await self._call(
+                        self._dst, "verify destination", lambda c: c.keep_disks(self.vm)
+                    )
                 return
             if info.state in (VmState.STOPPED, VmState.CRASHED) or time.monotonic() > deadline:
                 raise StepError(
@@ -574,9 +594,17 @@ class AgentMigrationPort:
         disks = None
         if self.params.copy_datastore is not None:
             # The destination's definition names the copies (a restarted manager has no
-            # other record of their paths).
-            info = await self._call(self._dst, "update inventory", lambda c: c.vm(self.vm))
-            disks = info.spec.disks
+            # other record of their paths); what it answered when prepared, if it cannot say.
+            try:
+                info = await self._call(self._dst, "update inventory", lambda c: c.vm(self.vm))
+                disks = info.spec.disks
+            except StepError as exc:
+                # The VM runs there whatever the answer: the host is recorded regardless.
+                if self.nbd_targets is not None:
+                    disks = self.nbd_targets.disks
+                    self.warnings.append(f"the copies' paths as prepared, not as defined: {exc}")
+                else:
+                    self.warnings.append(f"the inventory still names the old disks: {exc}")
 
         def update() -> None:
             with self.db.session() as s:

@@ -166,7 +166,8 @@ class TaskRunner(DiskTasks):
         """Synchronous pre-checks at submission: a refusal creates no task at all."""
         if dry_run and (req.to is None or req.datastore is not None):
             raise Invalid(
-                "a dry run predicts a live migration to another host: give --to and no --datastore",
+                "a dry run predicts a live migration of the memory to another host: give --to, "
+                "without --datastore (a shared-nothing migration is not predicted)",
                 field="datastore" if req.datastore else "to",
                 vm=vm,
             )
@@ -221,7 +222,7 @@ class TaskRunner(DiskTasks):
             try:
                 plan = copy_plan(spec, mparams, not_shared, usage)
             except ValueError as exc:
-                raise Conflict(str(exc), vm=vm, host=source) from exc
+                raise Conflict(str(exc), vm=vm, host=source, field="datastore") from exc
             req = IncomingRequest(spec=spec, copy_disks=plan)
             self.inventory.call(dst, lambda c: c.incoming_check(req), vm=vm)
 
@@ -257,7 +258,9 @@ class TaskRunner(DiskTasks):
     async def submit_migration(self, vm: str, req: MigrateRequest) -> TaskOut:
         if req.to is not None and await asyncio.to_thread(self._stopped, vm):
             return await self.submit_cold(vm, req)
-        if req.datastore is not None and (req.to is None or req.to == self._host_of(vm)):
+        if req.datastore is not None and (
+            req.to is None or req.to == await asyncio.to_thread(self._host_of, vm)
+        ):
             return await self.submit_storage_move(vm, req)
         accepted = time.monotonic()
         source, mparams = await asyncio.to_thread(self._check, vm, req)
