@@ -67,7 +67,15 @@ from qmotion.api.migration import (
     PathProbeRequest,
 )
 from qmotion.api.server import TaskOut
-from qmotion.api.vm import GuestConfig, Nic, VmInfo, VmSpec, VmState
+from qmotion.api.storage import (
+    DiskMirror,
+    DiskUsage,
+    MirrorStatus,
+    NbdExport,
+    NbdMirrorRequest,
+    NbdTargets,
+)
+from qmotion.api.vm import Disk, GuestConfig, Nic, VmInfo, VmSpec, VmState
 from qmotion.server.agents import AgentConnector
 from qmotion.server.db import Database, Host, Vm, utcnow
 from qmotion.server.tasks import TaskRunner
@@ -244,6 +252,12 @@ class FakeVm:
     started: float = 0.0
     qemu: FakeQemu = field(default_factory=FakeQemu)
     precopy: Precopy | None = None  # an outgoing migration of a scripted guest
+    # Shared-nothing. Source: the disk mirror's phase (None, mirroring, ready, completed) and
+    # polls; destination: the disks its incoming migration created (removed with it, until
+    # the manager says they are the VM's).
+    mirror: str | None = None
+    mirror_polls: int = 0
+    owned: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -271,10 +285,18 @@ class World:
     # What the agents received (host, kind, params) and told their QEMU (host, vm, command, args).
     params_received: list[tuple[str, str, MigrationParams]] = field(default_factory=list)
     qmp: list[tuple[str, str, str, dict[str, Any]]] = field(default_factory=list)
+    # Disk files per host ("datastore:path"), for shared-nothing migrations.
+    files: dict[str, set[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for h in self.hosts:
             self.vms.setdefault(h, {})
+            self.files.setdefault(h, set())
+
+    def disks_present(self, host: str, vm: str) -> bool:
+        """Every disk the VM's definition on ``host`` names exists there."""
+        v = self.vms[host][vm]
+        return all(f"{d.datastore}:{d.path}" in self.files[host] for d in v.spec.disks)
 
     # ---------------------------------------------------------------- what tests look at
 
@@ -309,6 +331,12 @@ class World:
             if src is None or dst is None:
                 return False
             s, d = self.vms[src][vm], self.vms[dst][vm]
+            if s.mirror is not None:
+                if s.mirror != "ready":
+                    # The source agent cancels at pre-switchover: not in sync.
+                    s.migration, d.runstate = "cancelled", "gone"
+                    return False
+                s.mirror = "completed"  # ended in sync before the device state left
             if s.precopy is not None:
                 self._switchover(s, s.precopy)
                 return True
@@ -364,6 +392,11 @@ class World:
         here = self.vms[host]
         if path == "/v1/migrations/incoming" and method == "POST":
             return self._incoming(host, IncomingRequest.model_validate(json.loads(req.content)))
+        if path == "/v1/migrations/incoming/check" and method == "POST":
+            incoming = IncomingRequest.model_validate(json.loads(req.content))
+            if incoming.spec.name in here:
+                return _error(409, "conflict", f"a VM named {incoming.spec.name!r} is defined")
+            return httpx.Response(204)
         if path == "/v1/net/probe" and method == "POST":
             return self._probe(PathProbeRequest.model_validate(json.loads(req.content)))
         m = re.fullmatch(r"/v1/vms/([a-z0-9-]+)(/.*)?", path)
@@ -385,7 +418,10 @@ class World:
             return _json(self._info(host, vm).model_dump(mode="json"))
         if method == "DELETE" and rest == "":
             del here[name]
+            self.files[host] -= set(vm.owned)  # an unfinished copy's disks go with it
             return httpx.Response(204)
+        if rest.startswith("/migration/mirror") or rest in ("/disks", "/migration/keep-disks"):
+            return self._disk_route(host, name, vm, method, rest, req)
         if method == "POST" and rest == "/migration":
             out = OutgoingRequest.model_validate(json.loads(req.content))
             return self._outgoing(host, name, vm, out)
@@ -413,15 +449,98 @@ class World:
                 return _error(409, "conflict", f"VM {name} is still migrating ({vm.migration})")
             if vm.runstate in ("paused", "postmigrate"):
                 vm.runstate = "running"
+            vm.mirror = None  # it runs on its own disks: any copy is void
             return _json({"qemu_status": vm.runstate})
         if method == "POST" and rest == "/release":
             if vm.runstate != "postmigrate":
                 return _error(409, "conflict", f"VM {name} is {vm.runstate} here, not migrated")
+            if vm.mirror == "completed":
+                # The copies run elsewhere now: the old files go.
+                self.files[host] -= {f"{d.datastore}:{d.path}" for d in vm.spec.disks}
             del here[name]
             return httpx.Response(204)
         if method == "POST" and rest == "/announce":
             return httpx.Response(204)
         return _error(404, "not_found", f"no route {method} {path}")
+
+    def _disk_route(
+        self, host: str, name: str, vm: FakeVm, method: str, rest: str, req: httpx.Request
+    ) -> httpx.Response:
+        """qmotion.agent.nbd as the agent serves it: the source's mirror, the destination's
+        disks. A mirror is in sync (write-blocking, actively synced) at its second poll; one
+        whose destination is gone fails."""
+        if method == "GET" and rest == "/disks":
+            usage = [
+                DiskUsage(
+                    index=i,
+                    datastore=d.datastore,
+                    path=d.path,
+                    format=d.format,
+                    virtual_size=64 << 20,
+                    allocated_bytes=8 << 20,
+                )
+                for i, d in enumerate(vm.spec.disks)
+            ]
+            return _json([u.model_dump(mode="json") for u in usage])
+        if method == "POST" and rest == "/migration/keep-disks":
+            vm.owned = []
+            return httpx.Response(204)
+        if method == "POST" and rest == "/migration/mirror":
+            NbdMirrorRequest.model_validate(json.loads(req.content))
+            if vm.mirror in ("mirroring", "ready"):
+                return _json(self._mirror_status(name, vm))
+            if vm.runstate not in ("running", "paused"):
+                return _error(409, "conflict", f"VM {name} is not running")
+            vm.mirror, vm.mirror_polls = "mirroring", 0
+            return _json(self._mirror_status(name, vm))
+        if method == "GET" and rest == "/migration/mirror":
+            if vm.mirror is None:
+                return _error(409, "conflict", f"VM {name} has no disk mirror")
+            vm.mirror_polls += 1
+            destination_gone = not any(
+                (d := self.vms[h].get(name)) is not None and d.runstate == "inmigrate"
+                for h in self.hosts
+                if h != host
+            )
+            if vm.mirror in ("mirroring", "ready") and destination_gone:
+                vm.mirror = "failed"
+            elif vm.mirror == "mirroring" and vm.mirror_polls >= 2:
+                vm.mirror = "ready"
+            return _json(self._mirror_status(name, vm))
+        if method == "POST" and rest == "/migration/mirror/abort":
+            vm.mirror = None
+            return _json(MirrorStatus(vm=name, phase="aborted", datastore="").model_dump())
+        return _error(404, "not_found", f"no route {method} {rest}")
+
+    @staticmethod
+    def _mirror_status(name: str, vm: FakeVm) -> dict[str, Any]:
+        ready = vm.mirror in ("ready", "completed")
+        phase = vm.mirror if vm.mirror in ("mirroring", "ready", "failed") else "completed"
+        st = MirrorStatus(
+            vm=name,
+            phase=phase,
+            datastore="local-h2",
+            copy_mode="write-blocking" if ready else "background",
+            disks=[
+                DiskMirror(
+                    index=i,
+                    job=f"qm-nbd-{i}",
+                    source=d,
+                    target=d,
+                    status="ready" if ready else "running",
+                    offset=64 << 20 if ready else 16 << 20,
+                    length=64 << 20,
+                    ready=ready,
+                    actively_synced=ready,
+                )
+                for i, d in enumerate(vm.spec.disks)
+            ],
+            total_bytes=(64 << 20) * len(vm.spec.disks),
+            remaining_bytes=0 if ready else (48 << 20) * len(vm.spec.disks),
+            rate_bps=1e6,
+            error="the destination went away" if vm.mirror == "failed" else None,
+        )
+        return st.model_dump(mode="json")
 
     def _qmp(self, host: str, vm: str, command: str, args: dict[str, Any]) -> None:
         self.qmp.append((host, vm, command, args))
@@ -430,7 +549,29 @@ class World:
         """Migrations.incoming: QEMU started with -incoming defer, then configured."""
         spec = req.spec
         self.params_received.append((host, "incoming", req.params))
+        nbd = None
+        if req.copy_disks is not None:
+            disks = list(spec.disks)
+            for c in req.copy_disks.disks:
+                disks[c.index] = Disk(
+                    datastore=req.copy_disks.datastore, path=f"{spec.name}/disk{c.index}.qcow2"
+                )
+            spec = spec.model_copy(update={"disks": disks})
         vm = FakeVm(spec=spec, runstate="inmigrate")
+        if req.copy_disks is not None:
+            vm.owned = [
+                f"{spec.disks[c.index].datastore}:{spec.disks[c.index].path}"
+                for c in req.copy_disks.disks
+            ]
+            self.files[host] |= set(vm.owned)
+            nbd = NbdTargets(
+                host="198.18.0.2",
+                port=10809,
+                exports=[
+                    NbdExport(index=c.index, name=f"disk{c.index}") for c in req.copy_disks.disks
+                ],
+                disks=spec.disks,
+            )
         self.vms[host][spec.name] = vm
         try:
             caps = _capabilities(req.params, source=False)
@@ -441,6 +582,7 @@ class World:
             self._qmp(host, spec.name, "migrate-set-parameters", params)
         except QmpError as exc:
             del self.vms[host][spec.name]
+            self.files[host] -= set(vm.owned)
             return _error(
                 500,
                 "operation_failed",
@@ -450,7 +592,14 @@ class World:
             )
         # Like the agent: QEMU listens on the address the manager chose, else the preferred.
         listen = str(req.address) if req.address is not None else f"198.18.0.{len(host)}"
-        return _json({"uri": f"tcp:{listen}:4444", "port": 4444, "addresses": [listen]})
+        return _json(
+            {
+                "uri": f"tcp:{listen}:4444",
+                "port": 4444,
+                "addresses": [listen],
+                "nbd": nbd.model_dump(mode="json") if nbd else None,
+            }
+        )
 
     def _outgoing(self, host: str, name: str, vm: FakeVm, req: OutgoingRequest) -> httpx.Response:
         """Migrations.outgoing: refuse a second migration or a stopped VM, configure, migrate."""
@@ -458,6 +607,10 @@ class World:
             return _error(409, "conflict", f"VM {name} is already migrating", vm=name)
         if vm.runstate not in ("running", "paused"):
             return _error(409, "conflict", f"VM {name} cannot migrate while {vm.runstate}")
+        if req.params.copy_datastore is None:
+            vm.mirror = None
+        elif vm.mirror != "ready":
+            return _error(409, "conflict", f"the disks of {name} are not in sync yet", vm=name)
         self.params_received.append((host, "outgoing", req.params))
         self.uris.append((host, req.uri))
         caps = _capabilities(req.params, source=True)
@@ -739,6 +892,7 @@ class World:
         host: str,
         memory_mib: int = 256,
         guest: Guest | None = None,
+        disks: list[Disk] | None = None,
     ) -> None:
         """A running VM on ``host``, in the world and in the manager's inventory; with
         ``guest``, its migrations are paced by what it writes."""
@@ -749,8 +903,10 @@ class World:
             guest=GuestConfig(),
             cpu_model="qemu64",
             machine="pc-i440fx-10.0",
+            disks=disks or [],
         )
         self.vms[host][name] = FakeVm(spec=spec, runstate="running")
+        self.files[host] |= {f"{d.datastore}:{d.path}" for d in spec.disks}
         if guest is not None:
             self.guests[name] = guest
         with db.session() as s:
