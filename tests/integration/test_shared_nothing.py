@@ -179,27 +179,22 @@ def test_a_destination_datastore_that_fills_up_fails_the_migration_safely(
 def test_shared_nothing_refusals_name_the_datastore(
     lab: Lab, server: ServerClient, make_vm: MakeVm
 ) -> None:
-    vm = make_vm("h1", fill=0, disk=DiskCreate(datastore="local-h1", size_mib=16))
+    vm = make_vm("h1", fill=0, start=False, disk=DiskCreate(datastore="local-h1", size_mib=256))
+    subprocess.run(
+        ["qemu-io", "-c", "write -P 0x33 0 100M", str(ds_path(lab, "local-h1") / vm.disks[0].path)],
+        check=True,
+        capture_output=True,
+    )
+    server.start_vm(vm.name)
     # h2 cannot reach h1's local datastore: refused, naming it and the flag that copies it.
     with pytest.raises(Conflict, match=r"local-h1.*--datastore"):
         server.migrate(vm.name, MigrateRequest(to="h2"))
     with pytest.raises(Invalid, match="not available on host h2") as unknown:
         server.migrate(vm.name, MigrateRequest(to="h2", datastore="local-h3"))
     assert unknown.value.detail.field == "datastore"
-    # 256 MiB allocated does not fit the 64 MiB datastore: refused before anything changed.
-    big = make_vm("h1", fill=0, start=False, disk=DiskCreate(datastore="local-h1", size_mib=256))
-    subprocess.run(
-        [
-            "qemu-io",
-            "-c",
-            "write -P 0x33 0 100M",
-            str(ds_path(lab, "local-h1") / big.disks[0].path),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    server.start_vm(big.name)
+    # 100 MiB allocated does not fit the 64 MiB datastore: refused before anything changed.
     with pytest.raises(Invalid, match="MiB free") as full:
-        server.migrate(big.name, MigrateRequest(to="h2", datastore="small"))
+        server.migrate(vm.name, MigrateRequest(to="h2", datastore="small"))
     assert full.value.detail.field == "datastore"
-    assert defined_on(lab, big.name) == ["h1"] and not server.vm(big.name).migrating
+    assert defined_on(lab, vm.name) == ["h1"] and not server.vm(vm.name).migrating
+    assert list(ds_path(lab, "small").iterdir()) == []
