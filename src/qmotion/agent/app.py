@@ -13,7 +13,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import PlainTextResponse
 
 from qmotion import __version__
-from qmotion.agent import netprobe
+from qmotion.agent import images, netprobe
 from qmotion.agent.config import AgentConfig
 from qmotion.agent.errors import AgentError, OperationFailed
 from qmotion.agent.facts import MetricsSampler, host_facts
@@ -48,6 +48,8 @@ from qmotion.api.storage import (
     DiskCopyRequest,
     DiskExport,
     DiskUsage,
+    ImageImportRequest,
+    ImageInfo,
     MirrorRequest,
     MirrorStatus,
     NbdMirrorRequest,
@@ -303,6 +305,10 @@ def create_app(config: AgentConfig) -> FastAPI:
     @app.post("/v1/vms/{name}/storage-move/abort", response_model=MirrorStatus, dependencies=auth)
     async def storage_move_abort(name: str) -> MirrorStatus:
         return await state.storage.abort(name)
+
+    @app.post("/v1/images", response_model=ImageInfo, dependencies=auth)
+    async def import_image(req: ImageImportRequest) -> ImageInfo:
+        return await asyncio.to_thread(images.import_image, config, req)
 
     @app.post("/v1/migrations/incoming/check", status_code=204, dependencies=auth)
     async def incoming_check(req: IncomingRequest) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from qmotion.agent import images
 from qmotion.agent.config import AgentConfig
 from qmotion.agent.errors import Conflict, OperationFailed, SpecRejected, VmNotFound
 from qmotion.agent.facts import VmProcess
@@ -323,7 +324,7 @@ class VmManager:
             path = self._disk_path(spec, i)
             if path.is_file():
                 continue
-            if creating and disk.create_size:
+            if creating and (disk.create_size or disk.create_from):
                 continue
             raise SpecRejected(
                 f"disk image {disk.path!r} not found on datastore {disk.datastore!r} ({path})",
@@ -362,6 +363,16 @@ class VmManager:
         await asyncio.to_thread(self.check_spec, spec, creating=True)
         for i, disk in enumerate(spec.disks):
             path = self._disk_path(spec, i)
+            if not path.exists() and disk.create_from:
+                await asyncio.to_thread(
+                    images.clone,
+                    self.config,
+                    disk.create_from,
+                    path,
+                    disk.format,
+                    disk.create_size,
+                )
+                continue
             if not path.exists() and disk.create_size:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 proc = await asyncio.to_thread(

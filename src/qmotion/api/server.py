@@ -105,7 +105,31 @@ class Workload(StrictModel):
 
 class DiskCreate(StrictModel):
     datastore: str
-    size_mib: int = Field(gt=0, le=1 << 20)
+    size_mib: int | None = Field(
+        default=None, gt=0, le=1 << 24, description="required without an image; default: its size"
+    )
+
+
+class ImageImport(StrictModel):
+    """A disk image file on a host that reaches ``datastore``, into the image library."""
+
+    file: str = Field(min_length=1, max_length=4096, description="absolute path on that host")
+    name: str = Field(pattern=NAME_PATTERN)
+    datastore: str | None = Field(
+        default=None, max_length=64, description="default: the first datastore shared by hosts"
+    )
+
+
+class ImageOut(BaseModel):
+    name: str
+    datastore: str
+    path: str
+    format: DiskFormat
+    virtual_size: int
+    allocated_bytes: int
+    source: str = Field(description="the file it was imported from")
+    host: str = Field(description="the host whose agent checked and copied it")
+    created_at: datetime
 
 
 class VmCreate(StrictModel):
@@ -116,7 +140,22 @@ class VmCreate(StrictModel):
     workload: Workload | None = None
     address: Interface | None = None
     disk: DiskCreate | None = None
+    image: str | None = Field(
+        default=None,
+        pattern=NAME_PATTERN,
+        description="boot from a full copy of this library image on disk.datastore",
+    )
     start: bool = False
+
+    @model_validator(mode="after")
+    def _disk_for_image(self) -> VmCreate:
+        if self.image is not None and self.disk is None:
+            raise ValueError("an image needs disk.datastore: where the VM's copy goes")
+        if self.image is None and self.disk is not None and self.disk.size_mib is None:
+            raise ValueError("disk.size_mib is required without an image")
+        if self.image is not None and self.workload is not None:
+            raise ValueError("workload drives the built test guest, not a VM from an image")
+        return self
 
 
 class VmOut(BaseModel):

@@ -106,6 +106,25 @@ class DiskCopy(BaseModel):
     allocated_bytes: int
 
 
+# ---------------------------------------------------------------- images
+
+
+class ImageImportRequest(StrictModel):
+    """Check a disk image file on the agent's host and copy it into a datastore's library."""
+
+    file: str = Field(min_length=1, max_length=4096, description="absolute path on the host")
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    datastore: str = Field(min_length=1, max_length=64)
+
+
+class ImageInfo(BaseModel):
+    datastore: str
+    path: str = Field(description="relative to the datastore's root")
+    format: DiskFormat
+    virtual_size: int
+    allocated_bytes: int
+
+
 # ---------------------------------------------------------------- shared-nothing live migration
 
 

@@ -114,6 +114,12 @@ class Disk(StrictModel):
     create_size: int | None = Field(
         default=None, gt=0, description="bytes; create the image with this size if absent"
     )
+    create_from: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9._-]+:[A-Za-z0-9._/-]+$",
+        description="DATASTORE:PATH of a library image: if absent, the disk is made as a full "
+        "copy of it (grown to create_size)",
+    )
     bootable: bool = False
 
     @field_validator("path")

@@ -1,13 +1,20 @@
-"""``qmotion image``: build the test guest image."""
+"""``qmotion image``: the image library (import, list) and the built test guest image."""
 
 from __future__ import annotations
 
 import typer
+from rich.table import Table
 from rich.text import Text
 
-from qmotion.cli.common import console, errors_exit, print_json
+from qmotion.api.server import ImageImport, ImageOut
+from qmotion.api.sizes import format_size
+from qmotion.cli.common import cells, console, errors_exit, fail, print_json
+from qmotion.cli.connect import server_client
 
-app = typer.Typer(help="The test guest image (Debian cloud kernel + busybox initramfs).")
+app = typer.Typer(
+    help="Disk images VMs are made from (import, list), and the built test guest (build)."
+)
+LabOpt = typer.Option(None, "--lab", help="Which lab's manager, if several are up.")
 
 
 @app.command("build")
@@ -31,3 +38,58 @@ def build(
     else:
         console.print(Text(f"guest image {image.key}: kernel {image.kernel_release}"))
         console.print(Text(f"  kernel {image.kernel}\n  initrd {image.initrd}"))
+
+
+def _table(images: list[ImageOut]) -> Table:
+    table = Table("name", "datastore", "path", "format", "virtual size", "allocated", "from")
+    for i in images:
+        table.add_row(
+            *cells(
+                i.name,
+                i.datastore,
+                i.path,
+                i.format,
+                format_size(i.virtual_size),
+                format_size(i.allocated_bytes),
+                i.source,
+            )
+        )
+    return table
+
+
+@app.command("import")
+def import_(
+    file: str = typer.Argument(..., help="qcow2 or raw image, a path on a host with DS"),
+    name: str = typer.Option(..., "--name", help="The image's name in the library."),
+    datastore: str = typer.Option(
+        None, "--datastore", help="Where it goes; default: the first shared datastore."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    lab: str = LabOpt,
+) -> None:
+    """Check a disk image (qemu-img: format, size, backing file, corruption) and copy it into
+    the library on a datastore."""
+    try:
+        req = ImageImport(file=file, name=name, datastore=datastore)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    with errors_exit(), server_client(lab) as client:
+        image = client.import_image(req)
+    if json_out:
+        print_json(image.model_dump(mode="json"))
+    else:
+        console.print(_table([image]))
+
+
+@app.command("list")
+def list_(
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    lab: str = LabOpt,
+) -> None:
+    """The images in the library."""
+    with errors_exit(), server_client(lab) as client:
+        images = client.images()
+    if json_out:
+        print_json([i.model_dump(mode="json") for i in images])
+    else:
+        console.print(_table(images))

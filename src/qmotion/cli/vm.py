@@ -82,17 +82,32 @@ def create(
     workload: str = typer.Option(None, "--workload", help="fill=600M,dirty=20M/s"),
     address: str = typer.Option(None, "--address", help="IPv4/prefix; default from the pool"),
     disk: str = typer.Option(None, "--disk", help="DATASTORE:SIZE, e.g. shared:256M"),
+    image: str = typer.Option(
+        None, "--image", help="Boot from a full copy of this library image (with --datastore)."
+    ),
+    datastore: str = typer.Option(None, "--datastore", help="Where the image's copy goes."),
+    disk_size: str = typer.Option(
+        None, "--disk-size", help="Grow the image's copy to this size, e.g. 8G."
+    ),
     start: bool = typer.Option(False, "--start", help="Start it right away."),
     json_out: bool = JsonOpt,
     lab: str = LabOpt,
 ) -> None:
-    """Create a VM (unique MAC and UUID, cluster CPU model, address from the pool)."""
+    """Create a VM (unique MAC and UUID, cluster CPU model, address from the pool): the test
+    guest, or with --image a user's own guest booting from its copy of a library image."""
     try:
         wl = parse_workload(workload) if workload else None
         dk = None
+        if image is not None:
+            if disk is not None or datastore is None:
+                raise ValueError("--image takes --datastore DS (and --disk-size), not --disk")
+            size = parse_size(disk_size) >> 20 if disk_size else None
+            dk = DiskCreate(datastore=datastore, size_mib=size)
+        elif datastore is not None or disk_size is not None:
+            raise ValueError("--datastore and --disk-size go with --image; else use --disk")
         if disk:
-            ds, _, size = disk.partition(":")
-            dk = DiskCreate(datastore=ds, size_mib=parse_size(size or "256M") >> 20)
+            ds, _, size_text = disk.partition(":")
+            dk = DiskCreate(datastore=ds, size_mib=parse_size(size_text or "256M") >> 20)
         req = VmCreate.model_validate(
             {
                 "name": name,
@@ -102,6 +117,7 @@ def create(
                 "workload": wl,
                 "address": address,
                 "disk": dk,
+                "image": image,
                 "start": start,
             }
         )

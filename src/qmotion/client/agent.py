@@ -20,6 +20,8 @@ from qmotion.api.storage import (
     DiskCopyRequest,
     DiskExport,
     DiskUsage,
+    ImageImportRequest,
+    ImageInfo,
     MirrorRequest,
     MirrorStatus,
     NbdMirrorRequest,
@@ -29,6 +31,11 @@ from qmotion.client.base import BaseClient, dump
 
 
 class AgentClient(BaseClient):
+    def import_image(self, req: ImageImportRequest) -> ImageInfo:
+        """Check an image file on the host and copy it into a datastore's library (slow:
+        give the client a long timeout)."""
+        return self.call(ImageInfo, "POST", "/v1/images", json=dump(req))
+
     def disks(self, name: str) -> list[DiskUsage]:
         return self.call(list[DiskUsage], "GET", f"/v1/vms/{name}/disks")
 

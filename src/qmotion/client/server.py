@@ -6,6 +6,8 @@ from qmotion.api.migration import MigrationPrediction
 from qmotion.api.server import (
     HostOut,
     HostRegister,
+    ImageImport,
+    ImageOut,
     MigrateRequest,
     PoolSet,
     TaskOut,
@@ -31,6 +33,12 @@ class ServerClient(BaseClient):
 
     def vms(self) -> list[VmOut]:
         return self.call(list[VmOut], "GET", "/v1/vms")
+
+    def images(self) -> list[ImageOut]:
+        return self.call(list[ImageOut], "GET", "/v1/images")
+
+    def import_image(self, req: ImageImport) -> ImageOut:
+        return self.call(ImageOut, "POST", "/v1/images", json=dump(req))
 
     def create_vm(self, req: VmCreate) -> VmOut:
         return self.call(VmOut, "POST", "/v1/vms", json=dump(req))

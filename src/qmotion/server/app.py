@@ -15,6 +15,8 @@ from qmotion.api.migration import MigrationPrediction
 from qmotion.api.server import (
     HostOut,
     HostRegister,
+    ImageImport,
+    ImageOut,
     MigrateRequest,
     PoolSet,
     TaskOut,
@@ -32,6 +34,7 @@ from qmotion.pki import ClusterCA
 from qmotion.server.agents import AgentConnector
 from qmotion.server.db import Database
 from qmotion.server.errors import ServerError
+from qmotion.server.images import ImageLibrary
 from qmotion.server.inventory import Inventory
 from qmotion.server.tasks import TaskRunner
 
@@ -51,6 +54,7 @@ def create_app(
     db = Database(db_url)
     inventory = Inventory(db, agents, ca)
     runner = TaskRunner(db, inventory)
+    library = ImageLibrary(db, inventory)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -87,6 +91,20 @@ def create_app(
     @app.put("/v1/pool", status_code=204, dependencies=auth)
     def set_pool(pool: PoolSet) -> None:
         inventory.set_pool(pool)
+
+    @app.get("/v1/images", response_model=list[ImageOut], dependencies=auth)
+    def list_images() -> list[ImageOut]:
+        return library.list()
+
+    @app.post(
+        "/v1/images",
+        response_model=ImageOut,
+        status_code=201,
+        dependencies=auth,
+        responses=AGENT_ERRORS,
+    )
+    def import_image(req: ImageImport) -> ImageOut:
+        return library.import_image(req)
 
     @app.get("/v1/vms", response_model=list[VmOut], dependencies=auth)
     def list_vms() -> list[VmOut]:

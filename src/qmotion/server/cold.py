@@ -176,7 +176,12 @@ class AgentColdPort:
         # Every disk exists already (copied, or shared): never created there. A disk the
         # destination does not find is a refusal, not a new empty image.
         return spec.model_copy(
-            update={"disks": [d.model_copy(update={"create_size": None}) for d in spec.disks]}
+            update={
+                "disks": [
+                    d.model_copy(update={"create_size": None, "create_from": None})
+                    for d in spec.disks
+                ]
+            }
         )
 
     def _moved(self) -> bool:

@@ -84,6 +84,22 @@ class Vm(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
+class Image(Base):
+    """A disk image in the library: a file on a datastore that VM disks are copied from."""
+
+    __tablename__ = "images"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    datastore: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(512))
+    format: Mapped[str] = mapped_column(String(8))
+    virtual_size: Mapped[int] = mapped_column(Integer)
+    allocated_bytes: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(Text)
+    host: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
 class Setting(Base):
     """Cluster-wide settings (address pool, CPU baseline), as JSON values."""
 

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from qmotion.api.host import HostFacts, TlsInstall
 from qmotion.api.server import HostOut, HostRegister, PoolSet, VmCreate, VmOut
 from qmotion.api.storage import DiskUsage
-from qmotion.api.vm import Disk, GuestConfig, Nic, VmInfo, VmSpec
+from qmotion.api.vm import Disk, DiskBoot, GuestConfig, KernelBoot, Nic, VmInfo, VmSpec
 from qmotion.client.agent import AgentClient
 from qmotion.client.errors import ApiError, ClientError
 from qmotion.migration.prechecks import HostView, NetworkView
@@ -24,6 +24,7 @@ from qmotion.pki import ClusterCA, PkiError
 from qmotion.server.agents import AgentConnector
 from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, Task, Vm, utcnow
 from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream
+from qmotion.server.images import image_disk
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -357,7 +358,14 @@ class Inventory:
                     }
                 )
             disks = []
-            if req.disk:
+            boot: KernelBoot | DiskBoot = KernelBoot()
+            if req.image is not None and req.disk is not None:
+                # A user's own guest: it boots from its copy of the image, no test program.
+                disks.append(
+                    image_disk(s, host, req.name, req.image, req.disk.datastore, req.disk.size_mib)
+                )
+                boot = DiskBoot()
+            elif req.disk and req.disk.size_mib:
                 disks.append(
                     Disk(
                         datastore=req.disk.datastore,
@@ -372,9 +380,10 @@ class Inventory:
                 vcpus=req.vcpus,
                 cpu_model=self.cpu_baseline(s),
                 machine=machine,
+                boot=boot,
                 nics=[Nic(mac=mac, bridge=VM_BRIDGE)],
                 disks=disks,
-                guest=guest,
+                guest=guest if req.image is None else None,
             )
             self.call(host, lambda c: c.define(spec), vm=req.name)
             vm = Vm(

@@ -1,0 +1,128 @@
+"""The image library: disk images checked and copied onto a datastore by a host's agent, and
+the disk a VM made from one gets."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from qmotion.api.server import ImageImport, ImageOut
+from qmotion.api.storage import ImageImportRequest
+from qmotion.api.vm import Disk
+from qmotion.server.db import Database, Host, Image
+from qmotion.server.errors import Conflict, Invalid, NotFound
+
+if TYPE_CHECKING:  # the inventory makes VMs from images: it imports this module
+    from qmotion.server.inventory import Inventory
+
+
+def image_out(row: Image) -> ImageOut:
+    return ImageOut(
+        name=row.name,
+        datastore=row.datastore,
+        path=row.path,
+        format=row.format,
+        virtual_size=row.virtual_size,
+        allocated_bytes=row.allocated_bytes,
+        source=row.source,
+        host=row.host,
+        created_at=row.created_at,
+    )
+
+
+def _datastores(host: Host) -> dict[str, bool]:
+    """The host's datastores: name -> marked shared."""
+    return {d["name"]: bool(d.get("shared")) for d in (host.facts or {}).get("datastores", ())}
+
+
+class ImageLibrary:
+    def __init__(self, db: Database, inventory: Inventory) -> None:
+        self.db, self.inventory = db, inventory
+
+    def list(self) -> list[ImageOut]:
+        with self.db.session() as s:
+            return [image_out(r) for r in s.scalars(select(Image).order_by(Image.name))]
+
+    def import_image(self, req: ImageImport) -> ImageOut:
+        """Checked and copied by the agent of an up host that has the datastore (a shared
+        one when none is named); recorded once the copy is complete."""
+        with self.db.session() as s:
+            if s.scalars(select(Image).where(Image.name == req.name)).first() is not None:
+                raise Conflict(f"an image named {req.name!r} exists", field="name")
+            hosts = [h for h in s.scalars(select(Host).order_by(Host.name)) if h.state == "up"]
+            datastore = req.datastore
+            if datastore is None:
+                shared = sorted({n for h in hosts for n, sh in _datastores(h).items() if sh})
+                if not shared:
+                    raise Invalid(
+                        "no datastore is shared by the hosts: name one with --datastore",
+                        field="datastore",
+                    )
+                datastore = shared[0]
+            host = next((h for h in hosts if datastore in _datastores(h)), None)
+            if host is None:
+                raise Invalid(f"no host that is up has datastore {datastore!r}", field="datastore")
+            host_copy = Host(name=host.name, agent_url=host.agent_url, token=host.token)
+        agent_req = ImageImportRequest(file=req.file, name=req.name, datastore=datastore)
+        info = self.inventory.call(host_copy, lambda c: c.import_image(agent_req), timeout_s=3600)
+        try:
+            with self.db.session() as s:
+                row = Image(
+                    name=req.name,
+                    datastore=info.datastore,
+                    path=info.path,
+                    format=info.format,
+                    virtual_size=info.virtual_size,
+                    allocated_bytes=info.allocated_bytes,
+                    source=req.file,
+                    host=host_copy.name,
+                )
+                s.add(row)
+                s.flush()
+                return image_out(row)
+        except IntegrityError as exc:
+            raise Conflict(f"an image named {req.name!r} exists", field="name") from exc
+
+
+def find_image(s: Session, name: str) -> Image:
+    row = s.scalars(select(Image).where(Image.name == name)).first()
+    if row is None:
+        known = ", ".join(s.scalars(select(Image.name))) or "none"
+        raise NotFound(f"no image named {name!r} (images: {known})", field="image")
+    return row
+
+
+def image_disk(
+    s: Session, host: Host, vm: str, image: str, datastore: str, size_mib: int | None
+) -> Disk:
+    """The boot disk of a VM made from ``image``: a full qcow2 copy on ``datastore``, grown to
+    ``size_mib`` (never smaller than the image). Refused, naming the field, when the host
+    cannot reach the image or the datastore."""
+    row = find_image(s, image)
+    have = _datastores(host)
+    for ds, field in ((row.datastore, "image"), (datastore, "disk.datastore")):
+        if ds not in have:
+            raise Conflict(
+                f"host {host.name} does not reach datastore {ds}"
+                + (f" (where image {image} is)" if field == "image" else ""),
+                field=field,
+                host=host.name,
+            )
+    size = row.virtual_size if size_mib is None else size_mib << 20
+    if size < row.virtual_size:
+        raise Invalid(
+            f"disk size {size_mib} MiB is smaller than image {image} "
+            f"({row.virtual_size >> 20} MiB)",
+            field="disk.size_mib",
+        )
+    return Disk(
+        datastore=datastore,
+        path=f"{vm}/disk0.qcow2",
+        format="qcow2",
+        create_size=size,
+        create_from=f"{row.datastore}:{row.path}",
+        bootable=True,
+    )
