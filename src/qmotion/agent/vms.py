@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from qmotion.agent import images
+from qmotion.agent import images, seed
 from qmotion.agent.config import AgentConfig
 from qmotion.agent.errors import Conflict, OperationFailed, SpecRejected, VmNotFound
 from qmotion.agent.facts import VmProcess
@@ -467,7 +467,10 @@ class VmManager:
                 kernel=kernel,
                 initrd=initrd,
                 cmdline=cmdline,
+                seed=vm_dir / "seed.iso" if spec.cloud_init is not None else None,
             )
+            if paths.seed is not None:
+                await asyncio.to_thread(seed.write_seed, spec, paths.seed)
             pool = (
                 await asyncio.to_thread(hugepages.backing_path, spec.memory)
                 if self.config.hugepages

@@ -107,6 +107,17 @@ class Nic(StrictModel):
         return v
 
 
+class CloudInit(StrictModel):
+    """What a user's own guest learns at first boot from a NoCloud seed (cloud-init reads a
+    disk labelled ``cidata``): its name, and its address on the NIC with its MAC."""
+
+    hostname: str = Field(pattern=NAME_PATTERN)
+    address: Interface | None = None
+    user_data: str = Field(
+        default="", max_length=16384, description="extra #cloud-config lines, appended"
+    )
+
+
 class Disk(StrictModel):
     datastore: str = Field(min_length=1)
     path: str = Field(min_length=1, description="path relative to the datastore's root")
@@ -143,6 +154,9 @@ class VmSpec(StrictModel):
     nics: list[Nic] = Field(default_factory=list, max_length=8)
     disks: list[Disk] = Field(default_factory=list, max_length=16)
     guest: GuestConfig | None = None
+    cloud_init: CloudInit | None = Field(
+        default=None, description="a NoCloud seed attached as a CD-ROM (user's own guests)"
+    )
     saved_state: Disk | None = Field(
         default=None,
         description="a suspended VM's memory and device state (raw file on a datastore); "

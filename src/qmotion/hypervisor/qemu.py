@@ -79,6 +79,7 @@ class LaunchPaths:
     kernel: Path | None = None
     initrd: Path | None = None
     cmdline: str = ""
+    seed: Path | None = None  # the cloud-init NoCloud seed (spec.cloud_init), a CD-ROM
 
 
 def tap_name(spec: VmSpec, index: int) -> str:
@@ -153,6 +154,14 @@ def build_argv(
             f"driver={disk.format},file=file{i},node-name=disk{i}",
             "-device",
             f"virtio-blk-pci,drive=disk{i},id=vblk{i},bus=pci.0,addr={0x10 + i:#x}{bootindex}",
+        ]
+    if spec.cloud_init is not None and paths.seed is not None:
+        # The i440fx's second IDE channel: the same slot on every host, for migration.
+        argv += [
+            "-drive",
+            f"file={paths.seed},if=none,id=seed,format=raw,readonly=on,media=cdrom",
+            "-device",
+            "ide-cd,drive=seed,id=seedcd,bus=ide.1,unit=0",
         ]
     if isinstance(spec.boot, KernelBoot):
         if paths.kernel is None:

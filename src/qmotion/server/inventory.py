@@ -16,7 +16,16 @@ from sqlalchemy.orm import Session
 from qmotion.api.host import HostFacts, TlsInstall
 from qmotion.api.server import HostOut, HostRegister, PoolSet, VmCreate, VmOut
 from qmotion.api.storage import DiskUsage
-from qmotion.api.vm import Disk, DiskBoot, GuestConfig, KernelBoot, Nic, VmInfo, VmSpec
+from qmotion.api.vm import (
+    CloudInit,
+    Disk,
+    DiskBoot,
+    GuestConfig,
+    KernelBoot,
+    Nic,
+    VmInfo,
+    VmSpec,
+)
 from qmotion.client.agent import AgentClient
 from qmotion.client.errors import ApiError, ClientError
 from qmotion.migration.prechecks import HostView, NetworkView
@@ -384,6 +393,10 @@ class Inventory:
                 nics=[Nic(mac=mac, bridge=VM_BRIDGE)],
                 disks=disks,
                 guest=guest if req.image is None else None,
+                # A user's own guest learns its name and address at first boot.
+                cloud_init=CloudInit(hostname=req.name, address=address)
+                if req.image is not None
+                else None,
             )
             self.call(host, lambda c: c.define(spec), vm=req.name)
             vm = Vm(
