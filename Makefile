@@ -3,6 +3,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := iproute2 busybox-static cpio gcc libc6-dev procps
+# `qmotion image build debian`: a Debian 12 root file system, its partition and boot loader.
+IMAGE_PACKAGES := mmdebstrap extlinux syslinux-common fdisk
 # QEMU from bookworm-backports: before 9.0, QEMU under TCG loses guest writes while it migrates
 # (its dirty-bitmap sync leaves TCG's TLB marking pages written; fixed upstream in 9.0), and
 # this machine runs guests under TCG.
@@ -18,7 +20,7 @@ setup: debs $(STAMP)
 
 # Idempotent: installs only what is missing, and runs apt-get update only then.
 debs:
-	@missing=""; for p in $(DEB_PACKAGES) $(EXTRA_DEBS); do \
+	@missing=""; for p in $(DEB_PACKAGES) $(IMAGE_PACKAGES) $(EXTRA_DEBS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \

@@ -145,6 +145,11 @@ class VmCreate(StrictModel):
         pattern=NAME_PATTERN,
         description="boot from a full copy of this library image on disk.datastore",
     )
+    user_data: str | None = Field(
+        default=None,
+        max_length=16384,
+        description="with an image: #cloud-config lines added to its cloud-init seed",
+    )
     start: bool = False
 
     @model_validator(mode="after")
@@ -155,6 +160,8 @@ class VmCreate(StrictModel):
             raise ValueError("disk.size_mib is required without an image")
         if self.image is not None and self.workload is not None:
             raise ValueError("workload drives the built test guest, not a VM from an image")
+        if self.image is None and self.user_data is not None:
+            raise ValueError("user_data is cloud-init's: it goes with an image")
         return self
 
 

@@ -19,10 +19,26 @@ LabOpt = typer.Option(None, "--lab", help="Which lab's manager, if several are u
 
 @app.command("build")
 def build(
+    which: str = typer.Argument(
+        "guest", help="guest: the built test guest; debian: a Debian 12 cloud image (qcow2)."
+    ),
     force: bool = typer.Option(False, help="Rebuild even if the inputs did not change."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Build the guest image, or reuse the cached one if its inputs are unchanged."""
+    """Build an image, or reuse the cached one if its inputs are unchanged."""
+    if which == "debian":
+        from qmotion.image.debian import ensure_debian
+
+        with errors_exit():
+            path = ensure_debian(force=force)
+        if json_out:
+            print_json({"image": str(path), "format": "qcow2"})
+        else:
+            console.print(Text(f"Debian 12 image: {path}"))
+            console.print(Text(f"  import it: qmotion image import {path} --name debian12"))
+        return
+    if which != "guest":
+        fail(f"unknown image {which!r}: guest or debian", 2)
     from qmotion.image import ensure_image
 
     with errors_exit():

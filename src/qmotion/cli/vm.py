@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -89,6 +90,14 @@ def create(
     disk_size: str = typer.Option(
         None, "--disk-size", help="Grow the image's copy to this size, e.g. 8G."
     ),
+    user_data: Path = typer.Option(
+        None,
+        "--user-data",
+        exists=True,
+        dir_okay=False,
+        readable=True,
+        help="With --image: a file of #cloud-config lines for its seed.",
+    ),
     start: bool = typer.Option(False, "--start", help="Start it right away."),
     json_out: bool = JsonOpt,
     lab: str = LabOpt,
@@ -118,6 +127,7 @@ def create(
                 "address": address,
                 "disk": dk,
                 "image": image,
+                "user_data": user_data.read_text() if user_data else None,
                 "start": start,
             }
         )

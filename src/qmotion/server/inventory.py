@@ -394,7 +394,9 @@ class Inventory:
                 disks=disks,
                 guest=guest if req.image is None else None,
                 # A user's own guest learns its name and address at first boot.
-                cloud_init=CloudInit(hostname=req.name, address=address)
+                cloud_init=CloudInit(
+                    hostname=req.name, address=address, user_data=req.user_data or ""
+                )
                 if req.image is not None
                 else None,
             )
