@@ -139,3 +139,34 @@ def test_a_reconnection_stuck_in_its_setup_is_yanked_and_resumed() -> None:
     asyncio.run(m.resume_outgoing("vm1", PostcopyRecovery(uri="tcp:198.19.1.12:40000")))
     assert "yank" in qemu.commands
     assert qemu.commands.index("migrate") > qemu.commands.index("yank"), qemu.commands
+
+
+class SettingUp(ScriptedQemu):
+    """A stream still in setup for its first ``queries`` query-migrate, active after (and
+    cancelled once cancelled: a cancel in setup is what QEMU 10.0.2 aborts on)."""
+
+    def __init__(self, queries: int) -> None:
+        super().__init__("setup")
+        self.left = queries
+        self.cancelled_in: str | None = None
+
+    async def execute(
+        self, command: str, args: dict[str, Any] | None = None, *, oob: bool = False
+    ) -> Any:
+        if command == "query-migrate" and self.status == "setup":
+            self.left -= 1
+            if self.left < 0:
+                self.status = "active"
+        if command == "migrate_cancel":
+            self.cancelled_in = self.status
+            self.status = "cancelled"
+        return await super().execute(command, args, oob=oob)
+
+
+def test_a_cancel_waits_for_the_stream_to_leave_setup() -> None:
+    qemu = SettingUp(queries=4)
+    m = Migrations(OneVm(qemu))  # type: ignore[arg-type]
+    m._outgoing["vm1"] = Outgoing(started_at=time.monotonic(), status="setup")
+    stats = asyncio.run(m.cancel("vm1"))
+    assert qemu.cancelled_in == "active", qemu.commands
+    assert stats.status == "cancelled"
