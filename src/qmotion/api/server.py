@@ -108,6 +108,7 @@ class DiskCreate(StrictModel):
     size_mib: int | None = Field(
         default=None, gt=0, le=1 << 24, description="required without an image; default: its size"
     )
+    format: DiskFormat = "qcow2"
 
 
 class ImageImport(StrictModel):
@@ -140,6 +141,9 @@ class VmCreate(StrictModel):
     workload: Workload | None = None
     address: Interface | None = None
     disk: DiskCreate | None = None
+    extra_disks: list[DiskCreate] = Field(
+        default_factory=list, max_length=15, description="empty disks after the first"
+    )
     image: str | None = Field(
         default=None,
         pattern=NAME_PATTERN,
@@ -162,6 +166,11 @@ class VmCreate(StrictModel):
             raise ValueError("workload drives the built test guest, not a VM from an image")
         if self.image is None and self.user_data is not None:
             raise ValueError("user_data is cloud-init's: it goes with an image")
+        for i, d in enumerate(self.extra_disks):
+            if d.size_mib is None:
+                raise ValueError(f"extra_disks[{i}].size_mib is required")
+        if self.extra_disks and self.disk is None:
+            raise ValueError("extra_disks come after a first disk (disk)")
         return self
 
 

@@ -74,6 +74,20 @@ def _vm_table(vms: list[VmOut]) -> Table:
     return table
 
 
+def parse_disk(text: str) -> DiskCreate:
+    """``DATASTORE[:SIZE[:FORMAT]]`` (256M and qcow2 when not given)."""
+    parts = text.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise ValueError(f"--disk {text!r}: expected DATASTORE:SIZE[:qcow2|raw]")
+    size = parts[1] if len(parts) > 1 and parts[1] else "256M"
+    fmt = parts[2] if len(parts) == 3 else "qcow2"
+    if fmt not in ("qcow2", "raw"):
+        raise ValueError(f"--disk {text!r}: format {fmt!r} is not qcow2 or raw")
+    return DiskCreate.model_validate(
+        {"datastore": parts[0], "size_mib": parse_size(size) >> 20, "format": fmt}
+    )
+
+
 @app.command("create")
 def create(
     name: str,
@@ -82,7 +96,12 @@ def create(
     vcpus: int = typer.Option(1, "--vcpus"),
     workload: str = typer.Option(None, "--workload", help="fill=600M,dirty=20M/s"),
     address: str = typer.Option(None, "--address", help="IPv4/prefix; default from the pool"),
-    disk: str = typer.Option(None, "--disk", help="DATASTORE:SIZE, e.g. shared:256M"),
+    disk: list[str] = typer.Option(
+        None,
+        "--disk",
+        help="DATASTORE:SIZE[:qcow2|raw], e.g. shared:256M; repeatable (after an --image disk, "
+        "or after the first)",
+    ),
     image: str = typer.Option(
         None, "--image", help="Boot from a full copy of this library image (with --datastore)."
     ),
@@ -107,16 +126,16 @@ def create(
     try:
         wl = parse_workload(workload) if workload else None
         dk = None
+        extra = [parse_disk(d) for d in disk or []]
         if image is not None:
-            if disk is not None or datastore is None:
-                raise ValueError("--image takes --datastore DS (and --disk-size), not --disk")
+            if datastore is None:
+                raise ValueError("--image takes --datastore DS: where the VM's copy goes")
             size = parse_size(disk_size) >> 20 if disk_size else None
             dk = DiskCreate(datastore=datastore, size_mib=size)
         elif datastore is not None or disk_size is not None:
             raise ValueError("--datastore and --disk-size go with --image; else use --disk")
-        if disk:
-            ds, _, size_text = disk.partition(":")
-            dk = DiskCreate(datastore=ds, size_mib=parse_size(size_text or "256M") >> 20)
+        elif extra:
+            dk, extra = extra[0], extra[1:]
         req = VmCreate.model_validate(
             {
                 "name": name,
@@ -126,6 +145,7 @@ def create(
                 "workload": wl,
                 "address": address,
                 "disk": dk,
+                "extra_disks": extra,
                 "image": image,
                 "user_data": user_data.read_text() if user_data else None,
                 "start": start,

@@ -378,8 +378,19 @@ class Inventory:
                 disks.append(
                     Disk(
                         datastore=req.disk.datastore,
-                        path=f"{req.name}.qcow2",
+                        path=f"{req.name}.{req.disk.format}",
+                        format=req.disk.format,
                         create_size=req.disk.size_mib << 20,
+                    )
+                )
+            for extra in req.extra_disks:
+                assert extra.size_mib is not None  # VmCreate refuses it otherwise
+                disks.append(
+                    Disk(
+                        datastore=extra.datastore,
+                        path=f"{req.name}/disk{len(disks)}.{extra.format}",
+                        format=extra.format,
+                        create_size=extra.size_mib << 20,
                     )
                 )
             spec = VmSpec(
