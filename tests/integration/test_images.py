@@ -12,7 +12,7 @@ import pytest
 
 from qmotion.api.server import DiskCreate, ImageImport, MigrateRequest, TaskState, VmCreate
 from qmotion.api.vm import VmState
-from qmotion.client import Conflict, Invalid, NotFound
+from qmotion.client import Conflict, Invalid
 from qmotion.client.server import ServerClient
 from qmotion.lab import Lab
 
@@ -24,7 +24,9 @@ MiB = 1 << 20
 
 
 def make_image(lab: Lab, name: str) -> Path:
-    path = Path(lab.record.dir) / f"{name}.qcow2"
+    """An upload in a datastore (an import reads nothing outside them)."""
+    path = ds_path(lab, "shared") / "uploads" / f"{name}.qcow2"
+    path.parent.mkdir(exist_ok=True)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
     subprocess.run(
         ["qemu-io", "-c", "write -P 0x6b 0 3M", str(path)], check=True, capture_output=True
@@ -84,14 +86,17 @@ def test_an_imported_image_makes_vms_with_their_own_copy(lab: Lab, server: Serve
 
 
 def test_image_refusals_name_the_reason(lab: Lab, server: ServerClient) -> None:
-    vmdk = Path(lab.record.dir) / "disk.vmdk"
+    vmdk = ds_path(lab, "shared") / "uploads" / "disk.vmdk"
+    vmdk.parent.mkdir(exist_ok=True)
     subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(vmdk), "16M"], check=True)
     with pytest.raises(Invalid, match="vmdk") as bad:
         server.import_image(ImageImport(file=str(vmdk), name="vmdk1"))
     assert bad.value.detail.field == "file"
     with pytest.raises(Invalid, match="is not a file"):
         server.import_image(ImageImport(file="/nonexistent/x.qcow2", name="none1"))
-    with pytest.raises(NotFound, match="no image named 'nosuch'"):
+    with pytest.raises(Invalid, match="outside what an import may read"):
+        server.import_image(ImageImport(file=str(Path(lab.record.dir) / "lab.json"), name="x1"))
+    with pytest.raises(Invalid, match="no image named 'nosuch'"):
         server.create_vm(
             VmCreate(
                 name="noimg",

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pycdlib
+import yaml
 
 from qmotion.agent.seed import read_seed, write_seed
 from qmotion.api.vm import VmSpec
@@ -26,7 +27,7 @@ SPEC = VmSpec.model_validate(
         "cloud_init": {
             "hostname": "db1",
             "address": "198.18.1.100/24",
-            "user_data": "runcmd:\n  - [touch, /run/seeded]",
+            "user_data": "hostname: evil\nruncmd:\n  - [touch, /run/seeded]",
         },
     }
 )
@@ -44,8 +45,14 @@ def test_the_seed_names_the_vm_and_addresses_its_nic_by_mac(tmp_path: Path) -> N
     files = read_seed(path)
     meta = json.loads(files["meta-data"])
     assert meta == {"instance-id": str(SPEC.uuid), "local-hostname": "db1"}
-    assert files["user-data"].startswith("#cloud-config\nhostname: db1\n")
-    assert files["user-data"].endswith("runcmd:\n  - [touch, /run/seeded]\n")
+    assert files["user-data"].startswith("#cloud-config\n")
+    # The operator's keys are kept; the VM's name is not theirs to change.
+    assert yaml.safe_load(files["user-data"]) == {
+        "runcmd": [["touch", "/run/seeded"]],
+        "hostname": "db1",
+        "preserve_hostname": False,
+        "manage_etc_hosts": True,
+    }
     net = json.loads(files["network-config"])
     assert net["version"] == 2
     assert net["ethernets"]["nic0"] == {

@@ -28,6 +28,14 @@ def test_vm_create_refuses_what_does_not_go_together() -> None:
     base = {"name": "v1", "host": "h1", "memory": "256M"}
     with pytest.raises(ValueError, match=r"an image needs disk\.datastore"):
         VmCreate.model_validate(base | {"image": "deb"})
+    with pytest.raises(ValueError, match="must be #cloud-config keys"):
+        VmCreate.model_validate(
+            base | {"image": "deb", "disk": {"datastore": "s"}, "user_data": "#!/bin/sh\nls"}
+        )
+    with pytest.raises(ValueError, match="not YAML"):
+        VmCreate.model_validate(
+            base | {"image": "deb", "disk": {"datastore": "s"}, "user_data": "a: [b\n"}
+        )
     with pytest.raises(ValueError, match="user_data is cloud-init's"):
         VmCreate.model_validate(base | {"user_data": "runcmd: []"})
     with pytest.raises(ValueError, match="size_mib is required without an image"):

@@ -240,6 +240,16 @@ class Migrations:
         if not address:
             raise OperationFailed("this agent has no address to receive migrations on")
         self._require_tls(req.params)
+        # The destination never creates a disk from the definition: a datastore said shared
+        # but not mounted here must fail the migration, not grow an empty disk under the VM.
+        spec = spec.model_copy(
+            update={
+                "disks": [
+                    d.model_copy(update={"create_size": None, "create_from": None})
+                    for d in spec.disks
+                ]
+            }
+        )
         made: list[Disk] = []
         if req.copy_disks is not None:
             spec, made = await self.incoming_disks.create(spec, req.copy_disks)

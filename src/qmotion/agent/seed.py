@@ -1,5 +1,6 @@
-"""The cloud-init NoCloud seed of a user's own guest: an ISO 9660 image labelled ``cidata``
-holding ``meta-data``, ``user-data`` and ``network-config``, as Proxmox's cloud-init drive.
+"""The cloud-init NoCloud seed of a user's own guest: an ISO labelled ``cidata``.
+
+It holds ``meta-data``, ``user-data`` and ``network-config``, as Proxmox's cloud-init drive.
 
 The seed is made from the VM's definition alone, on whichever host starts the VM (the source
 at first boot, the destination of a migration: both attach the same CD-ROM, so the device
@@ -14,6 +15,7 @@ import json
 from pathlib import Path
 
 import pycdlib
+import yaml
 
 from qmotion.api.vm import VmSpec
 
@@ -25,15 +27,14 @@ def documents(spec: VmSpec) -> dict[str, str]:
     ci = spec.cloud_init
     assert ci is not None
     meta = {"instance-id": str(spec.uuid), "local-hostname": ci.hostname}
-    # The hostname matches NAME_PATTERN: nothing in it needs quoting in YAML.
-    user = (
-        "#cloud-config\n"
-        f"hostname: {ci.hostname}\n"
-        "preserve_hostname: false\n"
-        "manage_etc_hosts: true\n"
-    )
+    # The operator's keys, then the VM's identity over them: its name is not theirs to change.
+    config: dict[str, object] = {}
     if ci.user_data:
-        user += ci.user_data.rstrip("\n") + "\n"
+        loaded = yaml.safe_load(ci.user_data)
+        if isinstance(loaded, dict):
+            config.update(loaded)
+    config |= {"hostname": ci.hostname, "preserve_hostname": False, "manage_etc_hosts": True}
+    user = "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False)
     ethernets = {}
     for i, nic in enumerate(spec.nics):
         eth: dict[str, object] = {"match": {"macaddress": nic.mac}, "set-name": f"eth{i}"}

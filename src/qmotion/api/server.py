@@ -7,6 +7,7 @@ from enum import StrEnum
 from ipaddress import IPv4Address
 from typing import Annotated, Any, Literal
 
+import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -166,6 +167,13 @@ class VmCreate(StrictModel):
             raise ValueError("workload drives the built test guest, not a VM from an image")
         if self.image is None and self.user_data is not None:
             raise ValueError("user_data is cloud-init's: it goes with an image")
+        if self.user_data is not None:
+            try:
+                parsed = yaml.safe_load(self.user_data)
+            except yaml.YAMLError as exc:
+                raise ValueError(f"user_data is not YAML: {exc}") from exc
+            if not isinstance(parsed, dict):
+                raise ValueError("user_data must be #cloud-config keys (a YAML mapping)")
         for i, d in enumerate(self.extra_disks):
             if d.size_mib is None:
                 raise ValueError(f"extra_disks[{i}].size_mib is required")

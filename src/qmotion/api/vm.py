@@ -140,6 +140,13 @@ class Disk(StrictModel):
             raise ValueError("must be relative to the datastore and must not contain '..'")
         return v
 
+    @field_validator("create_from")
+    @classmethod
+    def _image_inside(cls, v: str | None) -> str | None:
+        if v is not None and ".." in v.partition(":")[2].split("/"):
+            raise ValueError("must name a file inside the datastore (no '..')")
+        return v
+
 
 class VmSpec(StrictModel):
     """Everything needed to run a VM on any host that has its bridges and datastores."""

@@ -1,5 +1,6 @@
-"""``qmotion image build debian``: a small BIOS-bootable Debian 12 qcow2 with the cloud kernel
-and cloud-init, built from Debian packages only, cached by its inputs.
+"""``qmotion image build debian``: a BIOS-bootable Debian 12 qcow2 with cloud-init.
+
+Built from Debian packages only (the cloud kernel, systemd, cloud-init), cached by its inputs.
 
 How: ``mmdebstrap`` makes the root file system (variant ``minbase`` plus the cloud kernel,
 systemd, cloud-init, ifupdown, a DHCP client, python3 for the guest's own tools) as a tarball;
@@ -19,12 +20,14 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from qmotion.image.errors import ImageBuildError, ImageInputError
 from qmotion.locks import file_lock
 from qmotion.paths import cache_dir
+from qmotion.probe.guest import ECHO_PORT
 
 SUITE = "bookworm"
 PACKAGES = (
@@ -40,7 +43,7 @@ PACKAGES = (
     "ca-certificates",
 )
 DISK_MIB = 2048
-BUILD_FORMAT = 1  # bump when the image's layout changes without any input changing
+BUILD_FORMAT = 2  # bump when the image's layout changes without any input changing
 MBR = Path("/usr/lib/syslinux/mbr/mbr.bin")
 EXTLINUX_CONF = """DEFAULT debian
 TIMEOUT 1
@@ -66,7 +69,7 @@ ECHO_SERVICE = """write_files:
               while data := self.request.recv(65536):
                   self.request.sendall(data)
       socketserver.ThreadingTCPServer.allow_reuse_address = True
-      socketserver.ThreadingTCPServer(("", 7000), Echo).serve_forever()
+      socketserver.ThreadingTCPServer(("", ECHO_PORT), Echo).serve_forever()
   - path: /etc/systemd/system/qm-echo.service
     content: |
       [Unit]
@@ -79,7 +82,7 @@ ECHO_SERVICE = """write_files:
 runcmd:
   - [systemctl, daemon-reload]
   - [systemctl, enable, --now, qm-echo.service]
-"""
+""".replace("ECHO_PORT", str(ECHO_PORT))
 
 
 def _run(cmd: list[str], step: str) -> str:
@@ -140,7 +143,14 @@ def _loop(raw: Path, offset: int, size: int) -> Iterator[str]:
     try:
         yield dev
     finally:
-        subprocess.run(["losetup", "--detach", dev], check=False, capture_output=True)
+        # A device left attached holds the image open: retried, then named in the error.
+        for _ in range(5):
+            done = subprocess.run(["losetup", "--detach", dev], check=False, capture_output=True)
+            if done.returncode == 0:
+                break
+            time.sleep(0.5)
+        else:
+            raise ImageBuildError("detach the partition", f"losetup --detach {dev} failed")
 
 
 @contextlib.contextmanager
@@ -150,7 +160,10 @@ def _mounted(dev: str, where: Path) -> Iterator[Path]:
     try:
         yield where
     finally:
-        subprocess.run(["umount", str(where)], check=False, capture_output=True)
+        if subprocess.run(["umount", str(where)], check=False, capture_output=True).returncode:
+            # Busy for a moment (a process still closing a file): detached when it lets go,
+            # so the build's folder is never removed through a mounted file system.
+            subprocess.run(["umount", "--lazy", str(where)], check=False, capture_output=True)
 
 
 def _build(work: Path) -> Path:
@@ -171,18 +184,33 @@ def _build(work: Path) -> Path:
     raw = work / "disk.raw"
     with open(raw, "wb") as fh:
         fh.truncate(DISK_MIB << 20)
-    subprocess.run(
+    table = subprocess.run(
         ["sfdisk", "--quiet", str(raw)],
         input="label: dos\nstart=2048, type=83, bootable\n",
         text=True,
-        check=True,
+        check=False,
         capture_output=True,
     )
+    if table.returncode != 0:
+        raise ImageBuildError("partition the disk", table.stderr)
     start = 2048 * 512
     with _loop(raw, start, (DISK_MIB << 20) - start) as part:
         _run(["mkfs.ext4", "-q", "-L", "qmroot", "-O", "^64bit", part], "make the file system")
         with _mounted(part, work / "mnt") as mnt:
-            _run(["tar", "-xf", str(rootfs), "-C", str(mnt)], "unpack the root file system")
+            # Owners by number (not mapped to this host's users), capabilities kept.
+            _run(
+                [
+                    "tar",
+                    "--numeric-owner",
+                    "--xattrs",
+                    "--xattrs-include=*",
+                    "-xf",
+                    str(rootfs),
+                    "-C",
+                    str(mnt),
+                ],
+                "unpack the root file system",
+            )
             boot = mnt / "boot"
             kernel = sorted(p.name for p in boot.glob("vmlinuz-*"))
             initrd = sorted(p.name for p in boot.glob("initrd.img-*"))

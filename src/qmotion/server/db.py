@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -93,8 +94,8 @@ class Image(Base):
     datastore: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(String(512))
     format: Mapped[str] = mapped_column(String(8))
-    virtual_size: Mapped[int] = mapped_column(Integer)
-    allocated_bytes: Mapped[int] = mapped_column(Integer)
+    virtual_size: Mapped[int] = mapped_column(BigInteger)
+    allocated_bytes: Mapped[int] = mapped_column(BigInteger)
     source: Mapped[str] = mapped_column(Text)
     host: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)

@@ -1,5 +1,7 @@
-"""The image library: disk images checked and copied onto a datastore by a host's agent, and
-the disk a VM made from one gets."""
+"""The image library in the manager: images a host's agent checked and copied, VM disks.
+
+An image is recorded once its agent copied it whole; a VM made from one gets a full copy on
+the datastore asked for (see qmotion.agent.images)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from qmotion.api.server import ImageImport, ImageOut
 from qmotion.api.storage import ImageImportRequest
 from qmotion.api.vm import Disk
 from qmotion.server.db import Database, Host, Image
-from qmotion.server.errors import Conflict, Invalid, NotFound
+from qmotion.server.errors import Conflict, Invalid
 
 if TYPE_CHECKING:  # the inventory makes VMs from images: it imports this module
     from qmotion.server.inventory import Inventory
@@ -90,8 +92,9 @@ class ImageLibrary:
 def find_image(s: Session, name: str) -> Image:
     row = s.scalars(select(Image).where(Image.name == name)).first()
     if row is None:
+        # A request naming what does not exist: refused as invalid input, nothing changed.
         known = ", ".join(s.scalars(select(Image.name))) or "none"
-        raise NotFound(f"no image named {name!r} (images: {known})", field="image")
+        raise Invalid(f"no image named {name!r} (images: {known})", field="image")
     return row
 
 

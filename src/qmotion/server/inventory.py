@@ -411,7 +411,13 @@ class Inventory:
                 if req.image is not None
                 else None,
             )
-            self.call(host, lambda c: c.define(spec), vm=req.name)
+            # A VM from an image waits for its disk's full copy (minutes for a large image).
+            self.call(
+                host,
+                lambda c: c.define(spec),
+                vm=req.name,
+                timeout_s=3600.0 if req.image else 120.0,
+            )
             vm = Vm(
                 name=req.name,
                 uuid=str(spec.uuid),
