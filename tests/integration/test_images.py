@@ -40,7 +40,7 @@ def test_an_imported_image_makes_vms_with_their_own_copy(lab: Lab, server: Serve
     assert (image.datastore, image.format, image.virtual_size) == ("shared", "qcow2", 64 * MiB)
     library_copy = ds_path(lab, "shared") / image.path
     assert library_copy.is_file()
-    assert [i.name for i in server.images()] == ["img1"]
+    assert "img1" in [i.name for i in server.images()]  # (other tests import theirs)
     with pytest.raises(Conflict, match="exists"):
         server.import_image(ImageImport(file=str(source), name="img1"))
 
