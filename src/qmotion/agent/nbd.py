@@ -38,7 +38,7 @@ from pydantic import BaseModel
 
 from qmotion.agent.config import DatastoreConfig
 from qmotion.agent.errors import AgentError, Conflict, OperationFailed, SpecRejected
-from qmotion.agent.storage import SPACE_MARGIN, free_bytes, source_nodes
+from qmotion.agent.storage import SPACE_MARGIN, free_bytes, mirror_jobs, source_nodes
 from qmotion.agent.tls import TlsStore
 from qmotion.agent.vms import INCOMING_DISKS, VmManager
 from qmotion.api.storage import (
@@ -404,24 +404,7 @@ class NbdMirrors:
             return await self._status(name, rec, mon)
 
     async def _jobs(self, mon: Monitor) -> dict[str, dict[str, Any]]:
-        jobs: dict[str, dict[str, Any]] = {}
-        for j in await mon.execute("query-jobs"):
-            if str(j.get("id", "")).startswith(JOB_PREFIX):
-                jobs[j["id"]] = {
-                    "status": j.get("status"),
-                    "error": j.get("error"),
-                    "offset": j.get("current-progress", 0),
-                    "len": j.get("total-progress", 0),
-                }
-        for j in await mon.execute("query-block-jobs"):
-            if j.get("device") in jobs:
-                jobs[j["device"]].update(
-                    ready=bool(j.get("ready")),
-                    actively_synced=bool(j.get("actively-synced")),
-                    offset=j.get("offset", 0),
-                    len=j.get("len", 0),
-                )
-        return jobs
+        return await mirror_jobs(mon, JOB_PREFIX)
 
     async def _status(self, name: str, rec: MirrorRecord, mon: Monitor | None) -> MirrorStatus:
         jobs: dict[str, dict[str, Any]] = {}

@@ -130,6 +130,29 @@ async def source_nodes(mon: Monitor) -> dict[int, tuple[str, str | None]]:
     return out
 
 
+async def mirror_jobs(mon: Monitor, prefix: str) -> dict[str, dict[str, Any]]:
+    """QEMU's view of the mirror jobs whose ids start with ``prefix``: query-jobs (status,
+    error) merged with query-block-jobs (ready, actively-synced, offset, len)."""
+    jobs: dict[str, dict[str, Any]] = {}
+    for j in await mon.execute("query-jobs"):
+        if str(j.get("id", "")).startswith(prefix):
+            jobs[j["id"]] = {
+                "status": j.get("status"),
+                "error": j.get("error"),
+                "offset": j.get("current-progress", 0),
+                "len": j.get("total-progress", 0),
+            }
+    for j in await mon.execute("query-block-jobs"):
+        if j.get("device") in jobs:
+            jobs[j["device"]].update(
+                ready=bool(j.get("ready")),
+                actively_synced=bool(j.get("actively-synced")),
+                offset=j.get("offset", 0),
+                len=j.get("len", 0),
+            )
+    return jobs
+
+
 class StorageMoves:
     def __init__(self, vms: VmManager) -> None:
         self.vms = vms
@@ -399,27 +422,7 @@ class StorageMoves:
             return await self._status(name, rec)
 
     async def _jobs(self, name: str) -> dict[str, dict[str, Any]]:
-        """QEMU's view of this VM's mirror jobs: query-jobs (status, error) merged with
-        query-block-jobs (ready, actively-synced, offset, len)."""
-        mon = self.vms.monitor(name)
-        jobs: dict[str, dict[str, Any]] = {}
-        for j in await mon.execute("query-jobs"):
-            if str(j.get("id", "")).startswith(JOB_PREFIX):
-                jobs[j["id"]] = {
-                    "status": j.get("status"),
-                    "error": j.get("error"),
-                    "offset": j.get("current-progress", 0),
-                    "len": j.get("total-progress", 0),
-                }
-        for j in await mon.execute("query-block-jobs"):
-            if j.get("device") in jobs:
-                jobs[j["device"]].update(
-                    ready=bool(j.get("ready")),
-                    actively_synced=bool(j.get("actively-synced")),
-                    offset=j.get("offset", 0),
-                    len=j.get("len", 0),
-                )
-        return jobs
+        return await mirror_jobs(self.vms.monitor(name), JOB_PREFIX)
 
     async def _status(self, name: str, rec: MoveRecord) -> MirrorStatus:
         jobs: dict[str, dict[str, Any]] = {}
