@@ -38,7 +38,13 @@ from pydantic import BaseModel
 
 from qmotion.agent.config import DatastoreConfig
 from qmotion.agent.errors import AgentError, Conflict, OperationFailed, SpecRejected
-from qmotion.agent.storage import SPACE_MARGIN, free_bytes, mirror_jobs, source_nodes
+from qmotion.agent.storage import (
+    SPACE_MARGIN,
+    free_bytes,
+    mirror_jobs,
+    source_nodes,
+    write_blocking,
+)
 from qmotion.agent.tls import TlsStore
 from qmotion.agent.vms import INCOMING_DISKS, VmManager
 from qmotion.api.storage import (
@@ -470,18 +476,7 @@ class NbdMirrors:
         )
 
     async def _write_blocking(self, name: str, rec: MirrorRecord, mon: Monitor) -> None:
-        for d in rec.disks:
-            try:
-                await mon.execute(
-                    "block-job-change",
-                    {"id": d.job, "type": "mirror", "copy-mode": "write-blocking"},
-                )
-            except HypervisorError as exc:
-                raise OperationFailed(
-                    f"switching the mirror of disk {d.index} of {name} to write-blocking "
-                    f"failed: {exc}",
-                    vm=name,
-                ) from exc
+        await write_blocking(mon, name, [(d.index, d.job) for d in rec.disks])
         rec.copy_mode = "write-blocking"
 
     # ------------------------------------------------------------------ switchover

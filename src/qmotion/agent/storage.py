@@ -153,6 +153,21 @@ async def mirror_jobs(mon: Monitor, prefix: str) -> dict[str, dict[str, Any]]:
     return jobs
 
 
+async def write_blocking(mon: Monitor, name: str, jobs: list[tuple[int, str]]) -> None:
+    """Each mirror job (disk index, job id) switched to write-blocking: from then on a guest
+    write completes only once both copies have it."""
+    for index, job in jobs:
+        try:
+            await mon.execute(
+                "block-job-change", {"id": job, "type": "mirror", "copy-mode": "write-blocking"}
+            )
+        except HypervisorError as exc:
+            raise OperationFailed(
+                f"switching the mirror of disk {index} of {name} to write-blocking failed: {exc}",
+                vm=name,
+            ) from exc
+
+
 class StorageMoves:
     def __init__(self, vms: VmManager) -> None:
         self.vms = vms
@@ -485,19 +500,9 @@ class StorageMoves:
         """Guest writes reach both copies before they complete, from now on."""
         async with self._lock(name):
             rec = self._require(name, ("mirroring", "ready"))
-            mon = self.vms.monitor(name)
-            for d in rec.disks:
-                try:
-                    await mon.execute(
-                        "block-job-change",
-                        {"id": d.job, "type": "mirror", "copy-mode": "write-blocking"},
-                    )
-                except HypervisorError as exc:
-                    raise OperationFailed(
-                        f"switching the mirror of disk {d.index} of {name} to write-blocking "
-                        f"failed: {exc}",
-                        vm=name,
-                    ) from exc
+            await write_blocking(
+                self.vms.monitor(name), name, [(d.index, d.job) for d in rec.disks]
+            )
             rec.copy_mode = "write-blocking"
             self._save(name, rec)
             return await self._status(name, rec)
