@@ -21,7 +21,7 @@ from qmotion.probe.guest import mem_check, wait_echo
 
 from .conftest import MakeVm, ip_of, wait_task
 from .test_cold import defined_on
-from .test_storage import acked, allocated, assert_disk_intact, ds_path, wait_phase
+from .test_storage import acked, allocated, assert_disk_intact, ds_path, filled, wait_phase
 
 MiB = 1 << 20
 
@@ -158,18 +158,8 @@ def test_a_destination_datastore_that_fills_up_fails_the_migration_safely(
     task = server.migrate(vm.name, MigrateRequest(to="h2", datastore="small", bandwidth="8M/s"))
     task = wait_phase(server, task, "mirror")
     # ...and not any more once something else takes 40 MiB of it mid-copy.
-    filler = ds_path(lab, "small") / "filler"
-    try:
-        with open(filler, "wb") as fh:
-            for _ in range(40):
-                try:
-                    fh.write(b"\xa5" * MiB)
-                    fh.flush()
-                except OSError:
-                    break
+    with filled(ds_path(lab, "small"), 40):
         task = wait_task(server, task, timeout_s=120)
-    finally:
-        filler.unlink(missing_ok=True)
     assert task.state == TaskState.FAILED, (task.state, [e.message for e in task.events])
     assert_stayed_on_h1(lab, server, vm)
     assert list(ds_path(lab, "small").iterdir()) == []

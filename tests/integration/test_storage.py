@@ -4,9 +4,11 @@ never notices, no acknowledged record is lost, and nothing is left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,23 @@ def assert_disk_intact(lab: Lab, ip: str) -> None:
     result = run_in(lab.record.client_namespace, lambda: disk_verify(ip))
     assert result["intact"] is True and result["lost"] == 0, result
     assert run_in(lab.record.client_namespace, lambda: mem_check(ip))["consistent"]
+
+
+@contextlib.contextmanager
+def filled(datastore: Path, mib: int) -> Iterator[None]:
+    """Something else takes ``mib`` MiB of the datastore (as much as fits) until the end."""
+    filler = datastore / "filler"
+    try:
+        with open(filler, "wb") as fh:
+            for _ in range(mib):
+                try:
+                    fh.write(b"\xa5" * MiB)
+                    fh.flush()
+                except OSError:
+                    break
+        yield
+    finally:
+        filler.unlink(missing_ok=True)
 
 
 def wait_phase(server: ServerClient, task: TaskOut, phase: str, timeout_s: float = 60) -> TaskOut:
@@ -148,18 +167,8 @@ def test_a_datastore_that_fills_up_fails_the_move_and_leaves_the_vm_on_its_old_d
     task = server.migrate(vm.name, MigrateRequest(datastore="small", bandwidth="8M/s"))
     task = wait_phase(server, task, "mirror")
     # ...and not any more once something else takes 40 MiB of it mid-copy.
-    filler = ds_path(lab, "small") / "filler"
-    try:
-        with open(filler, "wb") as fh:
-            for _ in range(40):
-                try:
-                    fh.write(b"\xa5" * MiB)
-                    fh.flush()
-                except OSError:
-                    break
+    with filled(ds_path(lab, "small"), 40):
         task = wait_task(server, task, timeout_s=120)
-    finally:
-        filler.unlink(missing_ok=True)
     assert task.state == TaskState.FAILED, (task.state, [e.message for e in task.events])
     assert "space" in (task.error or ""), task.error
     assert_on_old_disk(lab, server, vm, "small")
