@@ -53,7 +53,7 @@ from pydantic import ValidationError
 
 from qmotion.agent.migrate import _capabilities, _parameters, _tune_parameters
 from qmotion.api.errors import ErrorBody, ErrorDetail
-from qmotion.api.host import AccelInfo
+from qmotion.api.host import AccelInfo, HostMetrics, VmMetrics
 from qmotion.api.migration import (
     DirtyRateReport,
     DirtyRateRequest,
@@ -287,6 +287,10 @@ class World:
     qmp: list[tuple[str, str, str, dict[str, Any]]] = field(default_factory=list)
     # Disk files per host ("datastore:path"), for shared-nothing migrations.
     files: dict[str, set[str]] = field(default_factory=dict)
+    # Host facts beyond the defaults (cpus, memory_bytes, ...), and each VM's CPU load (% of
+    # one CPU) as the agents' metrics report it.
+    facts_override: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cpu_percent: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for h in self.hosts:
@@ -397,6 +401,16 @@ class World:
             if incoming.spec.name in here:
                 return _error(409, "conflict", f"a VM named {incoming.spec.name!r} is defined")
             return httpx.Response(204)
+        if path == "/v1/host" and method == "GET":
+            return _json(self.host_facts(host))
+        if path == "/v1/metrics" and method == "GET":
+            return _json(self._metrics(host))
+        if path == "/v1/vms" and method == "POST":
+            spec = VmSpec.model_validate(json.loads(req.content))
+            if spec.name in here:
+                return _error(409, "conflict", f"a VM named {spec.name!r} is defined")
+            here[spec.name] = FakeVm(spec=spec, runstate="gone")
+            return _json(self._info(host, here[spec.name]).model_dump(mode="json"))
         if path == "/v1/net/probe" and method == "POST":
             return self._probe(PathProbeRequest.model_validate(json.loads(req.content)))
         m = re.fullmatch(r"/v1/vms/([a-z0-9-]+)(/.*)?", path)
@@ -883,6 +897,32 @@ class World:
             spec=vm.spec,
         )
 
+    def host_facts(self, host: str) -> dict[str, Any]:
+        return {**_facts(), "name": host, **self.facts_override.get(host, {})}
+
+    def _metrics(self, host: str) -> dict[str, Any]:
+        """The agent's usage sample: each running VM at its scripted CPU load."""
+        vms = [
+            VmMetrics(
+                name=name,
+                cpu_percent=self.cpu_percent.get(name, 0.0),
+                rss_bytes=v.spec.memory << 20,
+                memory_mib=v.spec.memory,
+            )
+            for name, v in self.vms[host].items()
+            if v.runstate == "running"
+        ]
+        facts = self.host_facts(host)
+        return HostMetrics(
+            sampled_at=utcnow(),
+            cpus=facts["cpus"],
+            cpu_percent=0.0,
+            memory_total_bytes=facts["memory_bytes"],
+            memory_available_bytes=facts["memory_bytes"],
+            vms_memory_mib=sum(v.memory_mib for v in vms),
+            vms=vms,
+        ).model_dump(mode="json")
+
     # ---------------------------------------------------------------- setting up
 
     def add_running_vm(
@@ -899,7 +939,7 @@ class World:
         spec = VmSpec(
             name=name,
             memory=f"{memory_mib}M",
-            nics=[Nic(mac=f"52:54:00:00:{len(self.vms[host]):02x}:{len(name):02x}")],
+            nics=[Nic(mac=f"52:54:00:{sum(map(len, self.vms.values())):02x}:00:{len(name):02x}")],
             guest=GuestConfig(),
             cpu_model="qemu64",
             machine="pc-i440fx-10.0",
@@ -935,7 +975,7 @@ class World:
                         agent_url=f"http://agent-{h}.test:7100",
                         token="t" * 32,
                         state="up",
-                        facts=facts(h) if facts is not None else _facts(),
+                        facts=facts(h) if facts is not None else self.host_facts(h),
                         last_seen=utcnow(),
                     )
                 )
@@ -956,6 +996,11 @@ def _host_of(url: str) -> str:
 
 def _facts() -> dict[str, Any]:
     return {
+        "name": "h",
+        "cpu_model": "qemu64",
+        "cpu_flags": [],
+        "cpus": 8,
+        "agent_version": "test",
         "memory_bytes": 64 << 30,
         "cpu_models": ["qemu64"],
         "machine_types": ["pc-i440fx-10.0"],

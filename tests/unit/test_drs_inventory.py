@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from qmotion.api.host import AccelInfo, HostFacts
 from qmotion.api.server import HostOut, VmOut
 from qmotion.drs.inventory import snapshot_from_inventory
-from qmotion.drs.model import Policy
+from qmotion.drs.model import Policy, Rule
 from qmotion.drs.planner import plan
+from qmotion.migration.prechecks import HOST_RESERVED_MIB
 
 NOW = datetime(2026, 11, 26, tzinfo=UTC)
 
@@ -101,4 +105,71 @@ def test_migrating_vm_is_left_where_it_is_and_stopped_vm_weighs_only_memory() ->
 def test_capacities_come_from_facts() -> None:
     snap = snapshot_from_inventory([host("h1", cpus=16, mib=65536)], [vm("a", "h1")])
     (h,) = snap.hosts
-    assert (h.cpu_capacity, h.memory_mib, h.health.value, h.maintenance) == (16, 65536, "ok", False)
+    # The pre-checks' capacity: the host's reservation is not DRS's to give away.
+    assert (h.cpu_capacity, h.memory_mib, h.health.value, h.maintenance) == (
+        16,
+        65536 - HOST_RESERVED_MIB,
+        "ok",
+        False,
+    )
+
+
+def test_migrations_under_way_take_their_destination_memory() -> None:
+    h2 = host("h2", mib=8192).model_copy(update={"committed_mib": 4096})  # one VM incoming
+    snap = snapshot_from_inventory([host("h1"), h2], [vm("a", "h1", migrating=True)])
+    assert {h.name: h.memory_mib for h in snap.hosts}["h2"] == 8192 - HOST_RESERVED_MIB - 4096
+
+
+def test_measured_demand_pins_and_rules_for_missing_vms() -> None:
+    vms = [vm("a", "h1"), vm("b", "h2"), vm("c", "h1", state="stopped")]
+    rules = [
+        Rule(name="apart", kind="anti_affinity", vms=["a", "b", "ghost"]),
+        Rule(name="pair", kind="affinity", vms=["a", "ghost"]),  # one VM left: meaningless
+        Rule(name="pin", kind="run_on", vms=["b"], hosts=["h2", "gone"]),
+    ]
+    snap = snapshot_from_inventory(
+        [host("h1"), host("h2")],
+        vms,
+        rules,
+        demand={"a": (0.5, 1000.0), "c": (3.0, 9000.0), "b": (1.0, 99999.0)},
+        pinned={"a": "h1"},
+    )
+    by = {v.name: v for v in snap.vms}
+    assert (by["a"].cpu, by["a"].mem_demand) == (0.5, 1000.0)
+    assert (by["c"].cpu, by["c"].mem_demand) == (0.0, 0.0)  # stopped: samples ignored
+    assert by["b"].mem_demand == 2048  # never above what it was given
+    kept = {r.name: r for r in snap.rules}
+    assert kept["apart"].vms == ["a", "b"]
+    assert "pair" not in kept
+    assert kept["pin"].hosts == ["h2"]
+    assert kept["cooldown-a"].hosts == ["h1"] and kept["cooldown-a"].strength == "must"
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    sizes=st.lists(st.sampled_from([512, 1024, 2048, 4096]), min_size=1, max_size=12),
+    hosts=st.lists(st.sampled_from([4096, 6144, 8192, 16384]), min_size=2, max_size=4),
+    incoming=st.integers(min_value=0, max_value=4096),
+)
+def test_drs_never_plans_what_the_prechecks_refuse(
+    sizes: list[int], hosts: list[int], incoming: int
+) -> None:
+    """Every move of a plan on the inventory passes the pre-checks' memory check, applied
+    one after the other (the plan's order), with a migration under way counted."""
+    outs = [host(f"h{i}", mib=m) for i, m in enumerate(hosts)]
+    vms = [vm(f"v{i}", "h0", mib=m) for i, m in enumerate(sizes)]
+    held = {h.name: sum(v.memory_mib for v in vms if v.host == h.name) for h in outs}
+    outs = [
+        h.model_copy(update={"committed_mib": held[h.name] + (incoming if h.name == "h1" else 0)})
+        for h in outs
+    ]
+    snap = snapshot_from_inventory(outs, vms)
+    result = plan(snap, Policy(threshold=5), NOW)
+    committed = {h.name: h.committed_mib for h in outs}
+    total = {h.name: h.memory_mib for h in outs}
+    mem = {v.name: v.memory_mib for v in vms}
+    for m in sorted(result.moves, key=lambda m: m.wave):
+        free = total[m.target] - HOST_RESERVED_MIB - committed[m.target]
+        assert mem[m.vm] <= free, (m, free)
+        committed[m.target] += mem[m.vm]
+        committed[m.source] -= mem[m.vm]

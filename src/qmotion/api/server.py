@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from qmotion.api.drs import OperationReport, Placement
 from qmotion.api.host import HostFacts
 from qmotion.api.migration import MigrationPhase, MigrationReport, MigrationStats
 from qmotion.api.storage import DiskFormat, DiskUsage, MirrorStatus
@@ -52,12 +53,15 @@ class HostRegister(StrictModel):
 class HostOut(BaseModel):
     name: str
     agent_url: str
-    state: Literal["up", "down", "maintenance"]
+    state: Literal["up", "down", "maintenance", "entering-maintenance"]
     last_seen: datetime | None
     vms: list[str]
     memory_mib: int
     committed_mib: int
     facts: HostFacts | None
+    maintenance_reason: str | None = Field(
+        default=None, description="why a host entering maintenance is not empty yet"
+    )
 
 
 class PoolSet(StrictModel):
@@ -136,7 +140,10 @@ class ImageOut(BaseModel):
 
 class VmCreate(StrictModel):
     name: str = Field(pattern=NAME_PATTERN)
-    host: str
+    host: str | None = Field(
+        default=None, description="default: the host DRS picks (rules, capacity, balance)"
+    )
+    force: bool = Field(default=False, description="create on host even if a must rule forbids it")
     memory: MemoryMiB
     vcpus: int = Field(default=1, ge=1, le=64)
     workload: Workload | None = None
@@ -195,6 +202,9 @@ class VmOut(BaseModel):
     vcpus: int
     migrating: bool = False
     disks: list[DiskUsage] = Field(default_factory=list)
+    placement: Placement | None = Field(
+        default=None, description="at creation: why this host (DRS's ranking)"
+    )
 
 
 class TaskState(StrEnum):
@@ -227,6 +237,9 @@ class MigrateRequest(StrictModel):
         ge=10,
         le=7 * 86400,
         description="abort (source kept running) if not complete by then; default 120 s/GiB",
+    )
+    force: bool = Field(
+        default=False, description="migrate even if a must placement rule forbids it"
     )
     allow_postcopy: bool = Field(
         default=False,
@@ -283,5 +296,8 @@ class TaskOut(BaseModel):
     stats: MigrationStats | None
     mirror: MirrorStatus | None = Field(
         default=None, description="a storage move's copy: per-disk progress, copy mode"
+    )
+    operation: OperationReport | None = Field(
+        default=None, description="a DRS operation's (apply, maintenance): each VM's move"
     )
     events: list[TaskEventOut] = Field(default_factory=list)

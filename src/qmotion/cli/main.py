@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from qmotion.cli import agent, demo, drs, host, image, lab, probe, server, task, vm
+from qmotion.cli import agent, demo, drs, host, image, lab, probe, schedule, server, task, vm
 
 app = typer.Typer(
     name="qmotion",
@@ -19,6 +19,7 @@ app.add_typer(vm.app, name="vm")
 app.add_typer(task.app, name="task")
 app.add_typer(host.app, name="host")
 app.add_typer(drs.app, name="drs")
+app.add_typer(schedule.app, name="schedule")
 app.command("server")(server.server)
 app.command("agent")(agent.agent)
 app.command("demo")(demo.demo)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qmotion.api.migration import MigrationPrediction
+from qmotion.api.schedule import ScheduleCreate, ScheduleOut
 from qmotion.api.server import (
     HostOut,
     HostRegister,
@@ -74,3 +75,15 @@ class ServerClient(BaseClient):
 
     def cancel_task(self, task_id: int) -> TaskOut:
         return self.call(TaskOut, "POST", f"/v1/tasks/{task_id}/cancel")
+
+    def schedules(self) -> list[ScheduleOut]:
+        return self.call(list[ScheduleOut], "GET", "/v1/schedules")
+
+    def schedule(self, schedule_id: int) -> ScheduleOut:
+        return self.call(ScheduleOut, "GET", f"/v1/schedules/{schedule_id}")
+
+    def create_schedule(self, req: ScheduleCreate) -> ScheduleOut:
+        return self.call(ScheduleOut, "POST", "/v1/schedules", json=dump(req))
+
+    def delete_schedule(self, schedule_id: int) -> None:
+        self.request("DELETE", f"/v1/schedules/{schedule_id}")

@@ -1,8 +1,10 @@
 """The manager's inventory, as its API reports hosts and VMs, turned into a DRS snapshot.
 
 Mapping:
-  host up -> ok, down -> failed (its VMs must leave), maintenance -> maintenance; capacity is
-  the host's CPUs and memory from its facts. A host whose agent never answered has no facts:
+  host up -> ok, down -> failed (its VMs must leave), (entering-)maintenance -> maintenance;
+  capacity is the host's CPUs and memory from its facts, less what the pre-checks hold back
+  (the host's reservation, migrations under way towards it): one capacity model, so DRS never
+  plans a move a pre-check refuses. A host whose agent never answered has no facts:
   it is failed, with its VMs' memory as capacity, so its VMs are evacuated and nothing lands
   on it.
   VM running (or paused) -> demand its vCPUs and memory until measured demand is fed in;
@@ -12,15 +14,31 @@ Mapping:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from qmotion.api.server import HostOut, VmOut
 from qmotion.drs.model import Health, HostSpec, Rule, Snapshot, VmSpec
+from qmotion.migration.prechecks import HOST_RESERVED_MIB
 
-HEALTH = {"up": Health.OK, "down": Health.FAILED, "maintenance": Health.OK}
+HEALTH = {
+    "up": Health.OK,
+    "down": Health.FAILED,
+    "maintenance": Health.OK,
+    "entering-maintenance": Health.OK,
+}
+MAINTENANCE = ("maintenance", "entering-maintenance")
 
 
-def snapshot_from_inventory(hosts: Sequence[HostOut], vms: Sequence[VmOut]) -> Snapshot:
+def snapshot_from_inventory(
+    hosts: Sequence[HostOut],
+    vms: Sequence[VmOut],
+    rules: Sequence[Rule] = (),
+    demand: Mapping[str, tuple[float, float]] | None = None,
+    pinned: Mapping[str, str] | None = None,
+) -> Snapshot:
+    """``demand``: measured (CPU cores, memory MiB) of running VMs; ``pinned``: VM -> host it
+    must stay on (DRS's cool-down after a move). Rules naming VMs that do not exist are kept
+    for the VMs that do (dropped when too few are left to mean anything)."""
     held: dict[str, int] = {}
     for vm in vms:
         held[vm.host] = held.get(vm.host, 0) + vm.memory_mib
@@ -36,36 +54,52 @@ def snapshot_from_inventory(hosts: Sequence[HostOut], vms: Sequence[VmOut]) -> S
                 )
             )
             continue
+        # The pre-checks' capacity: memory minus the host's reservation and what migrations
+        # under way bring in (committed beyond the VMs placed on it).
+        incoming = max(h.committed_mib - held.get(h.name, 0), 0)
         specs.append(
             HostSpec(
                 name=h.name,
                 cpu_capacity=h.facts.cpus,
-                memory_mib=h.memory_mib,
+                memory_mib=max(h.memory_mib - HOST_RESERVED_MIB - incoming, 1),
                 health=HEALTH[h.state],
-                maintenance=h.state == "maintenance",
+                maintenance=h.state in MAINTENANCE,
             )
         )
-    out, rules = [], []
+    out, extra = [], []
+    measured = demand or {}
     for vm in vms:
         idle = vm.state in ("stopped", "suspended")  # neither runs nor uses memory
+        cpu, mem = measured.get(vm.name, (None, None))
         out.append(
             VmSpec(
                 name=vm.name,
                 host=vm.host,
                 memory_mib=vm.memory_mib,
                 vcpus=vm.vcpus,
-                cpu_demand=0.0 if idle else None,
-                memory_demand_mib=0.0 if idle else None,
+                cpu_demand=0.0 if idle else cpu,
+                memory_demand_mib=0.0 if idle else None if mem is None else min(mem, vm.memory_mib),
             )
         )
-        if vm.migrating:
-            rules.append(
+        where = vm.host if vm.migrating else (pinned or {}).get(vm.name)
+        if where is not None:
+            extra.append(
                 Rule(
-                    name=f"migrating-{vm.name}",
+                    name=f"{'migrating' if vm.migrating else 'cooldown'}-{vm.name}",
                     kind="run_on",
                     strength="must",
                     vms=[vm.name],
-                    hosts=[vm.host],
+                    hosts=[where],
                 )
             )
-    return Snapshot(hosts=specs, vms=out, rules=rules)
+    names = {vm.name for vm in vms}
+    host_names = {h.name for h in hosts}
+    kept = []
+    for r in rules:
+        members = [v for v in r.vms if v in names]
+        on = [h for h in r.hosts if h in host_names]
+        pair = r.kind in ("affinity", "anti_affinity")
+        if len(members) < (2 if pair else 1) or (not pair and not on):
+            continue
+        kept.append(r.model_copy(update={"vms": members, "hosts": on}))
+    return Snapshot(hosts=specs, vms=out, rules=[*kept, *extra])

@@ -168,7 +168,7 @@ class _Planner:
             need = sum(self.state.vms[v].memory_mib for v in unit if placement[v] != host)
             if src == {host} or not h.fits(need):
                 return False
-        return not self.book.allows(self.state, unit, host, strengths)
+        return not self.book.would_break(self.state, unit, host, strengths)
 
     def _rules_allow(self, key: str, host: str) -> bool:
         """The rules (must and should) let the unit led by ``key`` move to ``host``."""
@@ -178,7 +178,7 @@ class _Planner:
         ok = per.get(host)
         if ok is None:
             unit = self.book.unit(key)
-            ok = per[host] = not self.book.allows(self.state, unit, host, ("must", "should"))
+            ok = per[host] = not self.book.would_break(self.state, unit, host, ("must", "should"))
         return ok
 
     def _apply(
@@ -254,7 +254,7 @@ class _Planner:
             if found is None and prio == 1:
                 found = self._best_target(unit, ("must",))
                 if found is not None:
-                    broken = self.book.allows(self.state, unit, found[0], ("should",))
+                    broken = self.book.would_break(self.state, unit, found[0], ("should",))
                     for r in broken:
                         self.broken.append(
                             {
@@ -679,7 +679,7 @@ def place(snap: Snapshot, vm: VmSpec, policy: Policy) -> list[Candidate]:
             feasible = False
             reasons.append(f"needs {new.memory_mib} MiB, {h.spec.memory_mib - h.allocated} free")
         state.placement[new.name] = name
-        broken = book.allows(state, [new.name], name, ("must", "should"))
+        broken = book.would_break(state, [new.name], name, ("must", "should"))
         for r in broken:
             if r.strength == "must":
                 feasible = False

@@ -134,7 +134,7 @@ class RuleBook:
                 out = hosts if out is None else out & hosts
         return out
 
-    def allows(
+    def would_break(
         self, state: ClusterState, unit: list[str], host: str, strengths: tuple[str, ...]
     ) -> list[Rule]:
         """The rules (of the given strengths) that moving ``unit`` to ``host`` would break."""
@@ -184,3 +184,22 @@ class RuleBook:
             if bad:
                 out.append((r, bad))
         return out
+
+
+def broken_by_move(rules: list[Rule], placement: dict[str, str], vm: str, host: str) -> list[Rule]:
+    """The must rules that ``vm`` on ``host`` would break, the others staying where they are
+    (a VM not in ``placement``, such as one being created, is placed by this). Members of a
+    rule missing from ``placement`` are ignored: a rule may name a VM not created yet."""
+    broken = []
+    for r in rules:
+        if r.strength != "must" or vm not in r.vms:
+            continue
+        others = [placement[o] for o in r.vms if o != vm and o in placement]
+        if (
+            (r.kind == "run_on" and host not in r.hosts)
+            or (r.kind == "not_run_on" and host in r.hosts)
+            or (r.kind == "anti_affinity" and host in others)
+            or (r.kind == "affinity" and any(o != host for o in others))
+        ):
+            broken.append(r)
+    return broken

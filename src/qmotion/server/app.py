@@ -33,9 +33,15 @@ from qmotion.api.vm import StopRequest
 from qmotion.pki import ClusterCA
 from qmotion.server.agents import AgentConnector
 from qmotion.server.db import Database
+from qmotion.server.drs import ClusterDrs
+from qmotion.server.drs_routes import ManagerActions, install_drs_routes
 from qmotion.server.errors import ServerError
 from qmotion.server.images import ImageLibrary
 from qmotion.server.inventory import Inventory
+from qmotion.server.maintenance import Maintenance
+from qmotion.server.operations import Operations
+from qmotion.server.schedules import Schedules
+from qmotion.server.schedules import install_routes as install_schedule_routes
 from qmotion.server.tasks import TaskRunner
 
 log = logging.getLogger(__name__)
@@ -55,15 +61,25 @@ def create_app(
     inventory = Inventory(db, agents, ca)
     runner = TaskRunner(db, inventory)
     library = ImageLibrary(db, inventory)
+    operations = Operations(db, runner)
+    drs = ClusterDrs(db, inventory, operations)
+    maintenance = Maintenance(db, runner, drs, operations)
+    schedules = Schedules(db, ManagerActions(runner, drs, maintenance))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runner.recover_after_restart()
-        refresher = asyncio.ensure_future(_refresh_forever(inventory))
+        maintenance.resume_after_restart()
+        loops = [
+            asyncio.ensure_future(_refresh_forever(inventory, drs)),
+            asyncio.ensure_future(drs.run_forever()),
+            asyncio.ensure_future(schedules.run_forever()),
+        ]
         try:
             yield
         finally:
-            refresher.cancel()
+            for loop in loops:
+                loop.cancel()
             await runner.shutdown()
 
     app = FastAPI(
@@ -85,7 +101,7 @@ def create_app(
 
     @app.post("/v1/hosts/refresh", response_model=list[HostOut], dependencies=auth)
     def refresh_hosts() -> list[HostOut]:
-        inventory.refresh_hosts()
+        inventory.refresh_hosts(on_metrics=lambda _host, m: drs.sample(m))
         return inventory.list_hosts()
 
     @app.put("/v1/pool", status_code=204, dependencies=auth)
@@ -118,7 +134,7 @@ def create_app(
         responses=AGENT_ERRORS,
     )
     def create_vm(req: VmCreate) -> VmOut:
-        return inventory.create_vm(req)
+        return drs.create_vm(req, force=req.force)
 
     @app.get("/v1/vms/{name}", response_model=VmOut, dependencies=auth)
     def show_vm(name: str) -> VmOut:
@@ -148,6 +164,8 @@ def create_app(
 
     @app.post("/v1/vms/{name}/migrate", response_model=TaskOut, status_code=202, dependencies=auth)
     async def migrate(name: str, req: MigrateRequest) -> TaskOut:
+        if req.to is not None and not req.force:
+            await asyncio.to_thread(drs.check_move, name, req.to)
         return await runner.submit_migration(name, req)
 
     @app.post(
@@ -172,6 +190,9 @@ def create_app(
     async def cancel_task(task_id: TaskId) -> TaskOut:
         return runner.cancel(task_id)
 
+    install_drs_routes(app, drs, maintenance, auth)
+    install_schedule_routes(app, schedules, auth)
+
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -179,10 +200,11 @@ def create_app(
     return app
 
 
-async def _refresh_forever(inventory: Inventory) -> None:
+async def _refresh_forever(inventory: Inventory, drs: ClusterDrs) -> None:
     while True:
         await asyncio.sleep(REFRESH_INTERVAL_S)
         try:
-            await asyncio.to_thread(inventory.refresh_hosts)
+            grace = (await asyncio.to_thread(drs.settings)).down_grace_s
+            await asyncio.to_thread(inventory.refresh_hosts, grace, lambda _host, m: drs.sample(m))
         except Exception:  # the refresher must outlive one bad round
             log.exception("host refresh failed")

@@ -101,6 +101,50 @@ class Image(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
+class PlacementRule(Base):
+    """A DRS rule: affinity, anti-affinity (VM-VM), run-on, not-run-on (VM-host)."""
+
+    __tablename__ = "rules"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    strength: Mapped[str] = mapped_column(String(8))
+    vms: Mapped[list[str]] = mapped_column(JSON)
+    hosts: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class Recommendation(Base):
+    """One move of a DRS run, and what became of it."""
+
+    __tablename__ = "recommendations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(Integer, index=True)
+    vm: Mapped[str] = mapped_column(String(64), index=True)
+    source: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(64))
+    priority: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    gain: Mapped[float] = mapped_column(Float)
+    wave: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    task_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    applied_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+
+
+class HostMaintenance(Base):
+    """A host's maintenance: the task evacuating it, why it is stuck, where its VMs went."""
+
+    __tablename__ = "host_maintenance"
+    host: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # VM name -> the host it was evacuated to (for ``exit --return``).
+    evacuated: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+
+
 class Setting(Base):
     """Cluster-wide settings (address pool, CPU baseline), as JSON values."""
 

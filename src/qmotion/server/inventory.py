@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from qmotion.api.host import HostFacts, TlsInstall
+from qmotion.api.host import HostFacts, HostMetrics, TlsInstall
 from qmotion.api.server import HostOut, HostRegister, PoolSet, VmCreate, VmOut
 from qmotion.api.storage import DiskUsage
 from qmotion.api.vm import (
@@ -28,10 +28,18 @@ from qmotion.api.vm import (
 )
 from qmotion.client.agent import AgentClient
 from qmotion.client.errors import ApiError, ClientError
-from qmotion.migration.prechecks import HostView, NetworkView
+from qmotion.migration.prechecks import HOST_RESERVED_MIB, HostView, NetworkView
 from qmotion.pki import ClusterCA, PkiError
 from qmotion.server.agents import AgentConnector
-from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, Task, Vm, utcnow
+from qmotion.server.db import (
+    ACTIVE_TASK_STATES,
+    Database,
+    Host,
+    HostMaintenance,
+    Task,
+    Vm,
+    utcnow,
+)
 from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream
 from qmotion.server.images import image_disk
 
@@ -139,23 +147,34 @@ class Inventory:
             s.flush()
             return self.host_out(s, host)
 
-    def refresh_hosts(self) -> None:
-        """Re-read every agent: facts, and whether the host answers at all."""
+    def refresh_hosts(
+        self,
+        down_grace_s: float = 0.0,
+        on_metrics: Callable[[str, HostMetrics], None] | None = None,
+    ) -> None:
+        """Re-read every agent: facts, and whether the host answers at all. A host is down
+        once its agent has not answered for ``down_grace_s``; ``on_metrics`` receives each
+        agent's latest usage sample (measured demand for DRS)."""
         with self.db.session() as s:
             hosts = [(h.id, h.name, h.agent_url, h.token) for h in s.scalars(select(Host))]
         for hid, name, url, token in hosts:
             try:
                 with self.agents.client(url, token, timeout_s=10) as client:
                     facts: HostFacts | None = client.host()
+                    metrics = client.metrics() if on_metrics is not None else None
             except ClientError as exc:
                 log.warning("host %s unreachable: %s", name, exc)
-                facts = None
+                facts, metrics = None, None
+            if metrics is not None and on_metrics is not None:
+                on_metrics(name, metrics)
             with self.db.session() as s:
                 host = s.get(Host, hid)
                 if host is None:
                     continue
                 if facts is None:
-                    host.state = "down" if host.state != "maintenance" else host.state
+                    silent = (utcnow() - (host.last_seen or host.registered_at)).total_seconds()
+                    if host.state == "up" and silent >= down_grace_s:
+                        host.state = "down"
                 else:
                     host.facts = facts.model_dump(mode="json")
                     host.last_seen = utcnow()
@@ -180,6 +199,7 @@ class Inventory:
             memory_mib=(facts.memory_bytes >> 20) if facts else 0,
             committed_mib=(committed or self.committed(s)).get(host.name, 0),
             facts=facts,
+            maintenance_reason=m.reason if (m := s.get(HostMaintenance, host.name)) else None,
         )
 
     def list_hosts(self) -> list[HostOut]:
@@ -346,9 +366,21 @@ class Inventory:
         with self.db.session() as s:
             if s.scalars(select(Vm).where(Vm.name == req.name)).first():
                 raise Conflict(f"a VM named {req.name!r} already exists", field="name", vm=req.name)
+            if req.host is None:
+                raise Invalid("give the host (or let DRS place the VM)", field="host")
             host = self.host_by_name(s, req.host)
             if host.state != "up":
                 raise Conflict(f"host {host.name} is {host.state}", field="host", host=host.name)
+            committed = self.committed(s).get(host.name, 0)
+            free = self._host_view(host, committed).memory_mib - HOST_RESERVED_MIB - committed
+            if req.memory > free:
+                raise Conflict(
+                    f"host {host.name} has {max(free, 0)} MiB free for VMs; {req.name} needs "
+                    f"{req.memory} MiB",
+                    code="insufficient_memory",
+                    field="memory",
+                    host=host.name,
+                )
             facts = HostFacts.model_validate(host.facts)
             address = str(req.address) if req.address else self._allocate_address(s)
             if address and s.scalars(select(Vm).where(Vm.address == address)).first():

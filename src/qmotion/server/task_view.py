@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qmotion.api.drs import OperationReport
 from qmotion.api.migration import MigrationReport, MigrationStats
 from qmotion.api.server import TaskEventOut, TaskOut
 from qmotion.api.storage import MirrorStatus
@@ -10,10 +11,16 @@ from qmotion.server.db import Task
 MIGRATE = "migrate"
 STORAGE_MOVE = "storage-move"
 COLD_MIGRATE = "cold-migrate"
+# DRS operations: their result is an OperationReport (api.drs), not a migration report.
+DRS_APPLY = "drs-apply"
+MAINTENANCE = "maintenance"
+MAINTENANCE_EXIT = "maintenance-exit"
+OPERATION_KINDS = (DRS_APPLY, MAINTENANCE, MAINTENANCE_EXIT)
 
 
 def task_out(t: Task, with_events: bool = True) -> TaskOut:
     storage_task = t.kind == STORAGE_MOVE
+    operation = t.kind in OPERATION_KINDS
     return TaskOut(
         id=t.id,
         kind=t.kind,
@@ -27,7 +34,8 @@ def task_out(t: Task, with_events: bool = True) -> TaskOut:
         started_at=t.started_at,
         ended_at=t.ended_at,
         error=t.error,
-        result=MigrationReport.model_validate(t.result) if t.result else None,
+        result=MigrationReport.model_validate(t.result) if t.result and not operation else None,
+        operation=OperationReport.model_validate(t.result) if t.result and operation else None,
         # A shared-nothing migration has a mirror before QEMU's migration has any status.
         stats=MigrationStats.model_validate(t.stats)
         if t.stats and not storage_task and "status" in t.stats

@@ -36,7 +36,7 @@ from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream, raise_r
 from qmotion.server.inventory import Inventory
 from qmotion.server.measure import measure
 from qmotion.server.port import AgentMigrationPort, copy_plan, limits_of, vm_view
-from qmotion.server.task_view import task_out
+from qmotion.server.task_view import OPERATION_KINDS, task_out
 
 log = logging.getLogger(__name__)
 DEFAULT_PER_HOST = 4
@@ -137,7 +137,12 @@ class TaskRunner(DiskTasks):
                     s.add(TaskEvent(task=t, kind="note", message="manager restarted: resuming"))
                     continue
                 t.state, t.ended_at = TaskState.FAILED, utcnow()
-                t.error = "the manager restarted before this task began; nothing was changed"
+                t.error = (
+                    "the manager restarted during this operation: the migrations it had "
+                    "started go on by themselves; run it again for the rest"
+                    if t.kind in OPERATION_KINDS
+                    else "the manager restarted before this task began; nothing was changed"
+                )
                 s.add(TaskEvent(task=t, kind="error", message=t.error))
         for task_id, cancelled, go in others:
             cancel = self._cancel[task_id] = asyncio.Event()
@@ -154,6 +159,19 @@ class TaskRunner(DiskTasks):
                 ),
                 name=f"task-{task_id}",
             )
+
+    def spawn(self, task_id: int, cancel: asyncio.Event, work: Coroutine[Any, Any, None]) -> None:
+        """Run a task's work in the background, cancellable through ``cancel``."""
+        self._cancel[task_id] = cancel
+
+        async def run() -> None:
+            try:
+                await work
+            finally:
+                self._cancel.pop(task_id, None)
+                self._running.pop(task_id, None)
+
+        self._running[task_id] = asyncio.create_task(run(), name=f"task-{task_id}")
 
     def _slot(self, host: str) -> asyncio.Semaphore:
         return self._slots.setdefault(host, asyncio.Semaphore(self.per_host))

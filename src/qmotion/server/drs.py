@@ -1,0 +1,526 @@
+"""DRS on the live cluster: rules, settings, measured demand, recommendations, placement.
+
+The planner (``qmotion.drs``) is pure; this module feeds it the live inventory (hosts, VMs,
+rules, measured demand, migrations under way, DRS's cool-down) and acts on its answer through
+the task runner, so a DRS move gets the same pre-checks as an operator's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+
+from pydantic import ValidationError
+from sqlalchemy import select, update
+
+from qmotion.api.drs import (
+    ApplyRequest,
+    DrsRunOut,
+    DrsSettings,
+    MoveOutcome,
+    OperationReport,
+    Placement,
+    PlacementCandidate,
+    RecommendationOut,
+    RecommendationState,
+    RuleCreate,
+    RuleOut,
+    SettingsSet,
+)
+from qmotion.api.host import HostMetrics
+from qmotion.api.server import TaskOut, VmCreate, VmOut
+from qmotion.api.sizes import parse_duration_s
+from qmotion.drs.errors import SnapshotError
+from qmotion.drs.inventory import snapshot_from_inventory
+from qmotion.drs.model import Automation, HostSpec, Policy, Rule, Snapshot, VmSpec
+from qmotion.drs.planner import place, plan
+from qmotion.drs.rules import RuleBook, broken_by_move, validate
+from qmotion.drs.state import ClusterState
+from qmotion.server.db import Database, Host, PlacementRule, Recommendation, Vm, utcnow
+from qmotion.server.errors import Conflict, Invalid, NotFound
+from qmotion.server.inventory import Inventory
+from qmotion.server.operations import Operations, PlannedMove
+from qmotion.server.task_view import DRS_APPLY
+
+log = logging.getLogger(__name__)
+SETTINGS_KEY = "drs"
+WINDOW_S = 300.0  # measured demand: the mean over this sliding window
+# ``cluster set`` keys: the DrsSettings field and how its value is written.
+SETTING_KEYS = {
+    "drs.automation": "automation",
+    "drs.threshold": "threshold",
+    "drs.interval": "interval_s",
+    "drs.max-moves": "max_moves",
+    "drs.cooldown": "cooldown_s",
+    "drs.proactive": "proactive",
+    "host.down-grace": "down_grace_s",
+}
+DURATIONS = {"interval_s", "cooldown_s", "down_grace_s"}
+
+
+def model_rule(r: PlacementRule) -> Rule:
+    return Rule(
+        name=r.name,
+        kind=r.kind.replace("-", "_"),
+        strength=r.strength,
+        vms=list(r.vms),
+        hosts=list(r.hosts),
+    )
+
+
+class DemandWindow:
+    """Per-VM CPU (cores) and memory (MiB) samples from the agents, over a sliding window."""
+
+    def __init__(self, window_s: float = WINDOW_S) -> None:
+        self.window = timedelta(seconds=window_s)
+        self.samples: dict[str, deque[tuple[datetime, float, float]]] = {}
+
+    def add(self, metrics: HostMetrics) -> None:
+        for v in metrics.vms:
+            q = self.samples.setdefault(v.name, deque())
+            q.append((metrics.sampled_at, v.cpu_percent / 100.0, v.rss_bytes / (1 << 20)))
+
+    def demand(self, now: datetime) -> dict[str, tuple[float, float]]:
+        out = {}
+        for vm, q in list(self.samples.items()):
+            while q and now - q[0][0] > self.window:
+                q.popleft()
+            if not q:
+                del self.samples[vm]
+                continue
+            out[vm] = (sum(x[1] for x in q) / len(q), sum(x[2] for x in q) / len(q))
+        return out
+
+
+class ClusterDrs:
+    def __init__(
+        self,
+        db: Database,
+        inventory: Inventory,
+        operations: Operations,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.db, self.inventory, self.ops, self.clock = db, inventory, operations, clock
+        self.window = DemandWindow()
+
+    # ------------------------------------------------------------------ settings
+
+    def settings(self) -> DrsSettings:
+        return DrsSettings.model_validate(self.db.setting(SETTINGS_KEY) or {})
+
+    def set_settings(self, req: SettingsSet) -> DrsSettings:
+        values = self.settings().model_dump()
+        for key, text in req.values.items():
+            name = SETTING_KEYS.get(key)
+            if name is None:
+                raise Invalid(
+                    f"unknown setting {key!r} (settings: {', '.join(SETTING_KEYS)})", field=key
+                )
+            try:
+                values[name] = parse_duration_s(text) if name in DURATIONS else text
+            except ValueError as exc:
+                raise Invalid(f"{key}: {exc}", field=key) from exc
+        try:
+            out = DrsSettings.model_validate(values)
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            key = next(k for k, v in SETTING_KEYS.items() if v == e["loc"][0])
+            raise Invalid(f"{key}: {e['msg']}", field=key) from exc
+        self.db.set_setting(SETTINGS_KEY, out.model_dump(mode="json"))
+        return out
+
+    # ------------------------------------------------------------------ rules
+
+    def _rule_out(self, r: PlacementRule, placement: dict[str, str]) -> RuleOut:
+        missing = [v for v in r.vms if v not in placement]
+        model = model_rule(r)
+        broken = sorted(
+            {
+                vm
+                for vm in r.vms
+                if vm in placement and broken_by_move([model], placement, vm, placement[vm])
+            }
+        )
+        return RuleOut(
+            name=r.name,
+            kind=r.kind,
+            strength=r.strength,
+            vms=list(r.vms),
+            hosts=list(r.hosts),
+            missing_vms=missing,
+            broken_by=broken,
+            created_at=r.created_at,
+        )
+
+    def _placement(self) -> dict[str, str]:
+        with self.db.session() as s:
+            return {v.name: v.host.name for v in s.scalars(select(Vm))}
+
+    def list_rules(self) -> list[RuleOut]:
+        placement = self._placement()
+        with self.db.session() as s:
+            rows = s.scalars(select(PlacementRule).order_by(PlacementRule.name))
+            return [self._rule_out(r, placement) for r in rows]
+
+    def get_rule(self, name: str) -> RuleOut:
+        placement = self._placement()
+        with self.db.session() as s:
+            r = s.scalars(select(PlacementRule).where(PlacementRule.name == name)).first()
+            if r is None:
+                raise NotFound(f"no rule named {name!r}")
+            return self._rule_out(r, placement)
+
+    def delete_rule(self, name: str) -> None:
+        with self.db.session() as s:
+            r = s.scalars(select(PlacementRule).where(PlacementRule.name == name)).first()
+            if r is None:
+                raise NotFound(f"no rule named {name!r}")
+            s.delete(r)
+
+    def create_rule(self, req: RuleCreate) -> RuleOut:
+        new = Rule(
+            name=req.name,
+            kind=req.kind.replace("-", "_"),
+            strength=req.strength,
+            vms=req.vms,
+            hosts=req.hosts,
+        )
+        with self.db.session() as s:
+            if s.scalars(select(PlacementRule).where(PlacementRule.name == req.name)).first():
+                raise Conflict(f"a rule named {req.name!r} exists", field="name")
+            hosts = [h.name for h in s.scalars(select(Host))]
+            unknown = [h for h in req.hosts if h not in hosts]
+            if unknown:
+                raise Invalid(
+                    f"no host named {', '.join(unknown)} (hosts: {', '.join(sorted(hosts))})",
+                    field="hosts",
+                )
+            existing = [model_rule(r) for r in s.scalars(select(PlacementRule))]
+            vms = {v.name for v in s.scalars(select(Vm))}
+            # Contradictions are a property of the rules, whichever VMs exist: check them on
+            # every VM any rule names.
+            named = sorted(vms | {v for r in [*existing, new] for v in r.vms})
+            probe = Snapshot(
+                hosts=[HostSpec(name=h, cpu_capacity=1, memory_mib=1) for h in hosts],
+                vms=[VmSpec(name=v, host=hosts[0], memory_mib=1) for v in named] if hosts else [],
+                rules=[*existing, new],
+            )
+            if hosts:
+                try:
+                    validate(probe)
+                except SnapshotError as exc:
+                    raise Conflict(f"{exc}", code="rule_contradiction", field="name") from exc
+            row = PlacementRule(
+                name=req.name, kind=req.kind, strength=req.strength, vms=req.vms, hosts=req.hosts
+            )
+            s.add(row)
+            s.flush()
+            placement = {v.name: v.host.name for v in s.scalars(select(Vm))}
+            return self._rule_out(row, placement)
+
+    def rules(self) -> list[Rule]:
+        with self.db.session() as s:
+            return [model_rule(r) for r in s.scalars(select(PlacementRule))]
+
+    def check_move(self, vm: str, to: str, *, new: bool = False) -> None:
+        """Refuse (409, naming the rule) a VM on ``to`` that a must rule forbids."""
+        placement = self._placement()
+        if new:
+            placement.pop(vm, None)
+        broken = broken_by_move(self.rules(), placement, vm, to)
+        if broken:
+            names = ", ".join(r.name for r in broken)
+            raise Conflict(
+                f"{vm} on {to} would break must rule {names} (--force to do it anyway)",
+                code="rule_violation",
+                vm=vm,
+                host=to,
+                field="to",
+            )
+
+    def recheck(self, vm: str, source: str, target: str) -> str | None:
+        """A planned move against the live inventory, just before it starts."""
+        with self.db.session() as s:
+            row = s.scalars(select(Vm).where(Vm.name == vm)).first()
+            if row is None:
+                return "the VM no longer exists"
+            if row.host.name != source:
+                return f"it is on {row.host.name} now, not {source}"
+            dst = s.scalars(select(Host).where(Host.name == target)).first()
+            if dst is None or dst.state != "up":
+                return f"host {target} is {dst.state if dst else 'gone'}"
+        try:
+            self.check_move(vm, target)
+        except Conflict as exc:
+            return exc.message
+        return None
+
+    # ------------------------------------------------------------------ snapshot
+
+    def sample(self, metrics: HostMetrics) -> None:
+        self.window.add(metrics)
+
+    def snapshot(self, cooldown: bool = False, now: datetime | None = None) -> Snapshot:
+        """The live cluster as DRS plans on it; ``cooldown`` pins VMs DRS moved lately."""
+        now = now or self.clock()
+        pinned: dict[str, str] = {}
+        if cooldown and self.settings().cooldown_s > 0:
+            since = now - timedelta(seconds=self.settings().cooldown_s)
+            with self.db.session() as s:
+                rows = s.scalars(
+                    select(Recommendation).where(
+                        Recommendation.state == RecommendationState.APPLIED,
+                        Recommendation.applied_at >= since,
+                    )
+                )
+                pinned = {r.vm: r.target for r in rows}
+        hosts, vms = self.inventory.list_hosts(), self.inventory.list_vms()
+        pinned = {
+            vm: h for vm, h in pinned.items() if any(v.name == vm and v.host == h for v in vms)
+        }
+        return snapshot_from_inventory(hosts, vms, self.rules(), self.window.demand(now), pinned)
+
+    # ------------------------------------------------------------------ placement
+
+    def placement(self, spec: VmSpec) -> list[PlacementCandidate]:
+        snap = self.snapshot()
+        try:
+            ranked = place(snap, spec, self._policy())
+        except SnapshotError as exc:
+            raise Conflict(f"cannot place: {exc}", code="invalid_cluster") from exc
+        return [
+            PlacementCandidate(host=c.host, feasible=c.feasible, score=c.score, reasons=c.reasons)
+            for c in ranked
+        ]
+
+    def create_vm(self, req: VmCreate, force: bool = False) -> VmOut:
+        """``vm create``: DRS picks the host when none is given; a given host is checked
+        against the must rules (unless ``force``)."""
+        spec = VmSpec(name=req.name, host="-", memory_mib=req.memory, vcpus=req.vcpus)
+        if req.host is None:
+            candidates = self.placement(spec)
+            ok = [c for c in candidates if c.feasible]
+            if not ok:
+                why = "; ".join(f"{c.host}: {', '.join(c.reasons)}" for c in candidates)
+                raise Conflict(
+                    f"no host can take {req.name}: {why or 'no hosts'}",
+                    code="no_host",
+                    vm=req.name,
+                    field="host",
+                )
+            chosen = Placement(host=ok[0].host, chosen_by="drs", candidates=candidates)
+        else:
+            if not force:
+                self.check_move(req.name, req.host, new=True)
+            chosen = Placement(host=req.host, chosen_by="operator", candidates=[])
+        out = self.inventory.create_vm(req.model_copy(update={"host": chosen.host}))
+        return out.model_copy(update={"placement": chosen})
+
+    # ------------------------------------------------------------------ recommendations
+
+    def _policy(self) -> Policy:
+        st = self.settings()
+        return Policy(threshold=st.threshold, automation=st.automation, max_moves=st.max_moves)
+
+    def run(self) -> DrsRunOut:
+        """Plan on the live inventory and store the moves as the pending recommendations
+        (earlier pending ones are superseded)."""
+        now = self.clock()
+        snap = self.snapshot(cooldown=True, now=now)
+        try:
+            result = plan(snap, self._policy(), now)
+        except SnapshotError as exc:
+            raise Conflict(f"cannot plan: {exc}", code="invalid_cluster") from exc
+        with self.db.session() as s:
+            s.execute(
+                update(Recommendation)
+                .where(Recommendation.state == RecommendationState.PENDING)
+                .values(state=RecommendationState.SUPERSEDED)
+            )
+            last = s.scalars(select(Recommendation.run_id).order_by(Recommendation.run_id.desc()))
+            run_id = (last.first() or 0) + 1
+            rows = []
+            for m in result.moves:
+                if m.priority > result.threshold:
+                    continue
+                r = Recommendation(
+                    run_id=run_id,
+                    vm=m.vm,
+                    source=m.source,
+                    target=m.target,
+                    priority=m.priority,
+                    reason=m.reason,
+                    gain=m.gain - m.cost,
+                    wave=m.wave,
+                    state=RecommendationState.PENDING,
+                )
+                s.add(r)
+                rows.append(r)
+            s.flush()
+            recs = [self._rec_out(r) for r in rows]
+        measured = len(self.window.demand(now))
+        return DrsRunOut(
+            run_id=run_id,
+            planned_at=now,
+            automation=result.automation,
+            threshold=result.threshold,
+            imbalance_before=result.imbalance_before,
+            imbalance_after=result.imbalance_after,
+            recommendations=recs,
+            unplaced=result.unplaced,
+            broken_should_rules=result.broken_should,
+            measured_vms=measured,
+        )
+
+    @staticmethod
+    def _rec_out(r: Recommendation) -> RecommendationOut:
+        return RecommendationOut(
+            id=r.id,
+            run_id=r.run_id,
+            vm=r.vm,
+            source=r.source,
+            target=r.target,
+            priority=r.priority,
+            reason=r.reason,
+            gain=r.gain,
+            wave=r.wave,
+            state=RecommendationState(r.state),
+            task_id=r.task_id,
+            message=r.message,
+            created_at=r.created_at,
+        )
+
+    def recommendations(self, all_states: bool = False) -> list[RecommendationOut]:
+        with self.db.session() as s:
+            q = select(Recommendation).order_by(Recommendation.id.desc()).limit(200)
+            if not all_states:
+                q = q.where(Recommendation.state == RecommendationState.PENDING)
+            return [self._rec_out(r) for r in s.scalars(q)]
+
+    def apply(self, req: ApplyRequest) -> TaskOut:
+        """Run pending recommendations as migrations, wave by wave, each re-checked first."""
+        with self.db.session() as s:
+            q = select(Recommendation).where(Recommendation.state == RecommendationState.PENDING)
+            if not req.all:
+                q = q.where(Recommendation.id.in_(req.ids))
+            rows = list(s.scalars(q.order_by(Recommendation.wave, Recommendation.id)))
+            if not req.all:
+                found = {r.id for r in rows}
+                missing = [i for i in req.ids if i not in found]
+                if missing:
+                    raise Conflict(
+                        f"recommendations {', '.join(map(str, missing))} are not pending "
+                        "(applied, superseded by a later run, or unknown)",
+                        field="ids",
+                    )
+            if not rows:
+                raise Conflict("no pending recommendations: run `drs run` first", field="all")
+            for r in rows:
+                r.state = RecommendationState.APPLYING
+            moves = [PlannedMove(r.vm, r.source, r.target, r.wave, r.reason) for r in rows]
+            ids = {r.vm: r.id for r in rows}
+        return self._apply_moves(moves, ids)
+
+    def _apply_moves(self, moves: Sequence[PlannedMove], ids: dict[str, int]) -> TaskOut:
+        def record(o: MoveOutcome) -> None:
+            state = {
+                "moved": RecommendationState.APPLIED,
+                "failed": RecommendationState.FAILED,
+            }.get(o.outcome, RecommendationState.SKIPPED)
+            with self.db.session() as s:
+                r = s.get(Recommendation, ids[o.vm])
+                if r is not None:
+                    r.state, r.task_id, r.message = state, o.task_id, o.reason
+                    r.applied_at = self.clock() if state == RecommendationState.APPLIED else None
+
+        async def body(task_id: int, cancel: asyncio.Event) -> tuple[OperationReport, str | None]:
+            outcomes = await self.ops.run_waves(task_id, moves, cancel, self.recheck, record)
+            done = {o.vm for o in outcomes}
+            for m in moves:
+                if m.vm not in done:  # cancelled before its wave
+                    record(
+                        MoveOutcome(
+                            vm=m.vm,
+                            source=m.source,
+                            target=m.target,
+                            outcome="skipped",
+                            reason="the operation was cancelled",
+                        )
+                    )
+            report = OperationReport(kind=DRS_APPLY, moves=outcomes, spread=_spread(outcomes))
+            failed = [o for o in outcomes if o.outcome == "failed"]
+            error = "; ".join(f"{o.vm}: {o.reason}" for o in failed) if failed else None
+            return report, error
+
+        return self.ops.start(DRS_APPLY, None, f"DRS: {len(moves)} moves", body)
+
+    def run_and_apply(self) -> TaskOut:
+        """Plan and apply every move at once (a scheduled DRS run): always a task, which
+        ends at once when there is nothing to move."""
+        out = self.run()
+        with self.db.session() as s:
+            ids = [r.id for r in out.recommendations]
+            for r in s.scalars(select(Recommendation).where(Recommendation.id.in_(ids))):
+                r.state = RecommendationState.APPLYING
+        moves = [
+            PlannedMove(r.vm, r.source, r.target, r.wave, r.reason) for r in out.recommendations
+        ]
+        return self._apply_moves(moves, {r.vm: r.id for r in out.recommendations})
+
+    # ------------------------------------------------------------------ automation
+
+    async def tick(self) -> DrsRunOut:
+        """One automation round: recommend (manual, partial), or also apply (full)."""
+        st = self.settings()
+        out = await asyncio.to_thread(self.run)
+        if st.automation != Automation.FULL or not out.recommendations:
+            return out
+        req = ApplyRequest(ids=[r.id for r in out.recommendations])
+        task = self.apply(req)  # on the loop: it starts the operation's task
+        return out.model_copy(update={"applied_task": task.id})
+
+    async def run_forever(self, poll_s: float = 5.0) -> None:
+        last: datetime | None = None
+        while True:
+            await asyncio.sleep(poll_s)
+            try:
+                st = await asyncio.to_thread(self.settings)
+                now = self.clock()
+                if last is not None and (now - last).total_seconds() < st.interval_s:
+                    continue
+                last = now
+                if await asyncio.to_thread(self._busy):
+                    continue  # the previous round's moves are still running
+                await self.tick()
+            except Exception:  # the loop must outlive one bad round
+                log.exception("DRS round failed")
+
+    def _busy(self) -> bool:
+        with self.db.session() as s:
+            return (
+                s.scalars(
+                    select(Recommendation).where(
+                        Recommendation.state == RecommendationState.APPLYING
+                    )
+                ).first()
+                is not None
+            )
+
+    def balance_state(self) -> tuple[float, int]:
+        """The live imbalance and how many VMs break a must rule."""
+        snap = self.snapshot()
+        state = ClusterState(snap, self._policy().allocation_weight)
+        book = RuleBook.build(snap)
+        broken = book.violations(state, [r for r in snap.rules if r.strength == "must"])
+        return state.imbalance(), sum(len(b) for _, b in broken)
+
+
+def _spread(outcomes: Sequence[MoveOutcome]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for o in outcomes:
+        if o.outcome == "moved" and o.target:
+            out[o.target] = out.get(o.target, 0) + 1
+    return dict(sorted(out.items()))

@@ -1,0 +1,130 @@
+"""The manager's DRS routes: cluster settings, rules, recommendations, placement, maintenance."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import Field
+
+from qmotion.api.drs import (
+    ApplyRequest,
+    DrsRunOut,
+    DrsSettings,
+    MaintenanceExit,
+    MaintenanceOut,
+    PlacementCandidate,
+    RecommendationOut,
+    RuleCreate,
+    RuleOut,
+    SettingsSet,
+)
+from qmotion.api.server import MigrateRequest, TaskOut
+from qmotion.api.vm import NAME_PATTERN, MemoryMiB, StrictModel
+from qmotion.drs.model import VmSpec
+from qmotion.server.drs import ClusterDrs
+from qmotion.server.errors import Conflict
+from qmotion.server.maintenance import Maintenance
+from qmotion.server.tasks import TaskRunner
+
+
+class PlaceRequest(StrictModel):
+    """A VM to be created, as placement sees it."""
+
+    name: str = Field(default="new-vm", pattern=NAME_PATTERN)
+    memory: MemoryMiB
+    vcpus: int = Field(default=1, ge=1, le=64)
+
+
+class ManagerActions:
+    """What schedules run: the same calls as the API's routes."""
+
+    def __init__(self, runner: TaskRunner, drs: ClusterDrs, maintenance: Maintenance) -> None:
+        self.runner, self.cluster, self.maintenance = runner, drs, maintenance
+
+    async def migrate(self, vm: str, to: str) -> int:
+        await asyncio.to_thread(self.cluster.check_move, vm, to)
+        return (await self.runner.submit_migration(vm, MigrateRequest(to=to))).id
+
+    async def drs(self) -> int:
+        return self.cluster.run_and_apply().id
+
+    async def maintenance_enter(self, host: str) -> int:
+        out = self.maintenance.enter(host)
+        if out.task_id is None:
+            raise Conflict(f"host {host} is {out.state}", host=host)
+        return out.task_id
+
+    async def maintenance_exit(self, host: str) -> int:
+        out = self.maintenance.exit(host, return_vms=True)
+        assert out.task_id is not None  # exit is always a task
+        return out.task_id
+
+
+def install_drs_routes(
+    app: FastAPI, drs: ClusterDrs, maintenance: Maintenance, auth: list[Any]
+) -> None:
+    @app.get("/v1/cluster/settings", response_model=DrsSettings, dependencies=auth)
+    def get_settings() -> DrsSettings:
+        return drs.settings()
+
+    @app.put("/v1/cluster/settings", response_model=DrsSettings, dependencies=auth)
+    def set_settings(req: SettingsSet) -> DrsSettings:
+        return drs.set_settings(req)
+
+    @app.get("/v1/rules", response_model=list[RuleOut], dependencies=auth)
+    def list_rules() -> list[RuleOut]:
+        return drs.list_rules()
+
+    @app.post("/v1/rules", response_model=RuleOut, status_code=201, dependencies=auth)
+    def create_rule(req: RuleCreate) -> RuleOut:
+        return drs.create_rule(req)
+
+    @app.get("/v1/rules/{name}", response_model=RuleOut, dependencies=auth)
+    def show_rule(name: str) -> RuleOut:
+        return drs.get_rule(name)
+
+    @app.delete("/v1/rules/{name}", status_code=204, dependencies=auth)
+    def delete_rule(name: str) -> None:
+        drs.delete_rule(name)
+
+    @app.post(
+        "/v1/drs/run",
+        response_model=DrsRunOut,
+        dependencies=auth,
+        summary="Plan on the live inventory; store the moves as recommendations",
+    )
+    async def drs_run() -> DrsRunOut:
+        return await drs.tick()
+
+    @app.get("/v1/drs/recommendations", response_model=list[RecommendationOut], dependencies=auth)
+    def recommendations(all: bool = False) -> list[RecommendationOut]:
+        return drs.recommendations(all_states=all)
+
+    @app.post("/v1/drs/apply", response_model=TaskOut, status_code=202, dependencies=auth)
+    async def drs_apply(req: ApplyRequest) -> TaskOut:
+        return drs.apply(req)  # on the loop: it starts the operation's task
+
+    @app.post("/v1/drs/place", response_model=list[PlacementCandidate], dependencies=auth)
+    def drs_place(req: PlaceRequest) -> list[PlacementCandidate]:
+        spec = VmSpec(name=req.name, host="-", memory_mib=req.memory, vcpus=req.vcpus)
+        return drs.placement(spec)
+
+    @app.get("/v1/hosts/{name}/maintenance", response_model=MaintenanceOut, dependencies=auth)
+    def maintenance_status(name: str) -> MaintenanceOut:
+        return maintenance.status(name)
+
+    @app.post(
+        "/v1/hosts/{name}/maintenance",
+        response_model=MaintenanceOut,
+        status_code=202,
+        dependencies=auth,
+        summary="Enter maintenance: take no new VMs, evacuate the running ones",
+    )
+    async def maintenance_enter(name: str) -> MaintenanceOut:
+        return maintenance.enter(name)
+
+    @app.post("/v1/hosts/{name}/maintenance/exit", response_model=MaintenanceOut, dependencies=auth)
+    async def maintenance_exit(name: str, req: MaintenanceExit | None = None) -> MaintenanceOut:
+        return maintenance.exit(name, return_vms=(req or MaintenanceExit()).return_vms)

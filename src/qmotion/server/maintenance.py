@@ -1,0 +1,245 @@
+"""Maintenance mode: a host takes no new VMs and its VMs are evacuated where DRS spreads them.
+
+``enter``: the host turns ``entering-maintenance`` (refused as a destination by the pre-checks,
+skipped by placement and DRS), and an operation task moves its VMs: DRS's mandatory moves
+(each to the host that leaves the cluster most balanced, within capacity and the must rules),
+in waves within the per-host migration limit, each re-checked just before it starts. Up to
+three rounds: a VM whose move failed is planned again on the cluster as it is then. When the
+host is empty it is ``maintenance``; otherwise it stays ``entering-maintenance`` and the host
+and the task say which VMs did not leave and why: maintenance never hangs silently.
+``exit`` is always possible: it stops an evacuation under way, and with ``return`` moves the
+VMs the last maintenance evacuated (those still where it put them) back. Either way it is a
+task (with no moves, it ends at once), so every exit has a record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from qmotion.api.drs import MaintenanceOut, MoveOutcome, OperationReport
+from qmotion.api.server import TaskState
+from qmotion.drs.model import Policy
+from qmotion.drs.planner import plan
+from qmotion.server.db import Database, Host, HostMaintenance, Task, Vm
+from qmotion.server.drs import ClusterDrs, _spread
+from qmotion.server.errors import Conflict, NotFound
+from qmotion.server.operations import Operations, PlannedMove
+from qmotion.server.task_view import MAINTENANCE, MAINTENANCE_EXIT
+from qmotion.server.tasks import TaskRunner
+
+log = logging.getLogger(__name__)
+ROUNDS = 3
+
+
+class Maintenance:
+    def __init__(
+        self, db: Database, runner: TaskRunner, drs: ClusterDrs, operations: Operations
+    ) -> None:
+        self.db, self.runner, self.drs, self.ops = db, runner, drs, operations
+
+    @staticmethod
+    def _host(s: Session, name: str) -> Host:
+        h = s.scalars(select(Host).where(Host.name == name)).first()
+        if h is None:
+            raise NotFound(f"no host named {name!r}", host=name)
+        return h
+
+    def status(self, name: str) -> MaintenanceOut:
+        with self.db.session() as s:
+            h = self._host(s, name)
+            row = s.get(HostMaintenance, name)
+            return MaintenanceOut(
+                host=name,
+                state=h.state,
+                task_id=row.task_id if row else None,
+                reason=row.reason if row else None,
+            )
+
+    def _active_task(self, name: str) -> int | None:
+        with self.db.session() as s:
+            row = s.get(HostMaintenance, name)
+            if row is None or row.task_id is None:
+                return None
+            t = s.get(Task, row.task_id)
+            return t.id if t is not None and TaskState(t.state).active else None
+
+    # ------------------------------------------------------------------ enter
+
+    def enter(self, name: str) -> MaintenanceOut:
+        with self.db.session() as s:
+            h = self._host(s, name)
+            if h.state == "maintenance":
+                return self.status(name)
+            if h.state == "down":
+                raise Conflict(
+                    f"host {name} is down: its VMs cannot be migrated live",
+                    code="host_down",
+                    host=name,
+                )
+        if self._active_task(name) is not None:
+            return self.status(name)  # already evacuating
+        with self.db.session() as s:
+            h = self._host(s, name)
+            h.state = "entering-maintenance"
+            row = s.get(HostMaintenance, name)
+            if row is None:
+                row = HostMaintenance(host=name, evacuated={})
+                s.add(row)
+            row.reason, row.evacuated = None, {}
+        task = self.ops.start(
+            MAINTENANCE, name, f"maintenance: evacuating {name}", self._evacuation(name)
+        )
+        with self.db.session() as s:
+            row = s.get(HostMaintenance, name)
+            assert row is not None
+            row.task_id = task.id
+        return self.status(name)
+
+    def _evacuation(self, name: str):  # type: ignore[no-untyped-def]
+        async def body(task_id: int, cancel: asyncio.Event) -> tuple[OperationReport, str | None]:
+            outcomes: list[MoveOutcome] = []
+            why: dict[str, str] = {}
+            for _ in range(ROUNDS):
+                if cancel.is_set():
+                    break
+                moves, unplaced = await asyncio.to_thread(self._plan, name)
+                why.update(unplaced)
+                if not moves:
+                    break
+                done = await self.ops.run_waves(
+                    task_id, moves, cancel, self.drs.recheck, self._record
+                )
+                outcomes += done
+                for o in done:
+                    if o.outcome == "moved":
+                        why.pop(o.vm, None)
+                    else:
+                        why[o.vm] = o.reason or o.outcome
+                if all(o.outcome == "moved" for o in done):
+                    continue  # plan again: anything left (or newly arrived) goes too
+            remaining = await asyncio.to_thread(self._remaining, name)
+            for vm in remaining:
+                if vm not in why:
+                    why[vm] = "the evacuation was cancelled" if cancel.is_set() else "not moved"
+                    outcomes.append(
+                        MoveOutcome(
+                            vm=vm, source=name, target=None, outcome="unplaced", reason=why[vm]
+                        )
+                    )
+            reason = "; ".join(f"{vm}: {why[vm]}" for vm in remaining) or None
+            await asyncio.to_thread(self._settle, name, reason, cancel.is_set())
+            report = OperationReport(
+                kind=MAINTENANCE,
+                host=name,
+                moves=outcomes,
+                spread=_spread(outcomes),
+                remaining=remaining,
+            )
+            return report, (f"{name} is not empty: {reason}" if reason else None)
+
+        return body
+
+    def _plan(self, name: str) -> tuple[list[PlannedMove], dict[str, str]]:
+        snap = self.drs.snapshot()
+        # Threshold 1: only the mandatory moves (this host's VMs, must-rule fixes).
+        result = plan(snap, Policy(threshold=1, max_moves=0), self.drs.clock())
+        moves = [
+            PlannedMove(m.vm, m.source, m.target, m.wave, m.reason)
+            for m in result.moves
+            if m.source == name
+        ]
+        on_host = {v.name for v in snap.vms if v.host == name}
+        unplaced = {u["vm"]: u["reason"] for u in result.unplaced if u["vm"] in on_host}
+        return moves, unplaced
+
+    def _record(self, o: MoveOutcome) -> None:
+        if o.outcome != "moved" or o.target is None:
+            return
+        with self.db.session() as s:
+            row = s.get(HostMaintenance, o.source)
+            if row is not None:
+                row.evacuated = {**row.evacuated, o.vm: o.target}
+
+    def _remaining(self, name: str) -> list[str]:
+        with self.db.session() as s:
+            h = self._host(s, name)
+            return sorted(v.name for v in h.vms)
+
+    def _settle(self, name: str, reason: str | None, cancelled: bool) -> None:
+        with self.db.session() as s:
+            h = self._host(s, name)
+            row = s.get(HostMaintenance, name)
+            if h.state != "entering-maintenance":
+                return  # exited meanwhile
+            if reason is None:
+                h.state = "maintenance"
+            if row is not None:
+                row.reason = reason
+
+    # ------------------------------------------------------------------ exit
+
+    def exit(self, name: str, return_vms: bool = False) -> MaintenanceOut:
+        with self.db.session() as s:
+            h = self._host(s, name)
+            if h.state not in ("maintenance", "entering-maintenance"):
+                raise Conflict(f"host {name} is {h.state}, not in maintenance", host=name)
+        active = self._active_task(name)
+        if active is not None:
+            self.runner.cancel(active)
+        with self.db.session() as s:
+            h = self._host(s, name)
+            h.state = "up"
+            row = s.get(HostMaintenance, name)
+            evacuated = dict(row.evacuated) if row else {}
+            if row is not None:
+                row.reason = None
+        with self.db.session() as s:
+            where = {v.name: v.host.name for v in s.scalars(select(Vm))}
+        back = [vm for vm in sorted(evacuated) if return_vms and where.get(vm) == evacuated[vm]]
+        # Every move targets this host: its per-host limit makes the waves.
+        moves = [
+            PlannedMove(vm, evacuated[vm], name, i // self.runner.per_host, "return")
+            for i, vm in enumerate(back)
+        ]
+
+        async def body(task_id: int, cancel: asyncio.Event) -> tuple[OperationReport, str | None]:
+            done = await self.ops.run_waves(task_id, moves, cancel, self.drs.recheck)
+            failed = [o for o in done if o.outcome != "moved"]
+            await asyncio.to_thread(
+                self._forget, name, [o.vm for o in done if o.outcome == "moved"]
+            )
+            report = OperationReport(
+                kind=MAINTENANCE_EXIT, host=name, moves=done, spread=_spread(done)
+            )
+            error = "; ".join(f"{o.vm}: {o.reason}" for o in failed) or None
+            return report, error
+
+        task = self.ops.start(
+            MAINTENANCE_EXIT, name, f"maintenance exit: {len(moves)} VMs back to {name}", body
+        )
+        with self.db.session() as s:
+            row = s.get(HostMaintenance, name)
+            assert row is not None
+            row.task_id = task.id
+        return self.status(name)
+
+    def _forget(self, name: str, returned: list[str]) -> None:
+        with self.db.session() as s:
+            row = s.get(HostMaintenance, name)
+            if row is not None:
+                row.evacuated = {k: v for k, v in row.evacuated.items() if k not in returned}
+
+    def resume_after_restart(self) -> None:
+        """Hosts left entering maintenance by a previous manager go on being evacuated.
+        Call from within the event loop, after the task runner's recovery."""
+        with self.db.session() as s:
+            names = [
+                h.name for h in s.scalars(select(Host).where(Host.state == "entering-maintenance"))
+            ]
+        for name in names:
+            log.info("resuming the evacuation of %s", name)
+            self.enter(name)

@@ -1,0 +1,175 @@
+"""Cluster operations as tasks (DRS apply, maintenance): moves in waves, awaited, reported.
+
+An operation is a task of its own (no VM) whose result is an ``OperationReport``: each VM it
+tried to move, where it went or why not. Its moves are ordinary migration tasks submitted
+through the task runner, so they get its pre-checks, its per-host limit and its one-active-task
+per VM; the operation only orders them into waves and waits. Cancelling the operation stops it
+submitting; migrations already running finish or are cancelled on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from qmotion.api.drs import MoveOutcome, OperationReport
+from qmotion.api.server import MigrateRequest, TaskOut, TaskState
+from qmotion.server.db import Database, Task, TaskEvent, utcnow
+from qmotion.server.errors import ServerError
+from qmotion.server.task_view import task_out
+from qmotion.server.tasks import TaskRunner
+
+log = logging.getLogger(__name__)
+POLL_S = 0.2
+# A move re-checked just before it starts: None to go ahead, else why not.
+Recheck = Callable[[str, str, str], str | None]
+
+
+@dataclass(frozen=True)
+class PlannedMove:
+    vm: str
+    source: str
+    target: str
+    wave: int
+    reason: str = ""
+
+
+class Operations:
+    def __init__(self, db: Database, runner: TaskRunner, poll_s: float = POLL_S) -> None:
+        self.db, self.runner, self.poll_s = db, runner, poll_s
+
+    def start(
+        self,
+        kind: str,
+        host: str | None,
+        message: str,
+        body: Callable[[int, asyncio.Event], Awaitable[tuple[OperationReport, str | None]]],
+    ) -> TaskOut:
+        """Insert the operation's task and run ``body(task_id, cancel)`` in the background;
+        its report becomes the task's result, its error (if any) fails the task."""
+        with self.db.session() as s:
+            t = Task(kind=kind, state=TaskState.RUNNING, source=host, started_at=utcnow())
+            s.add(t)
+            s.flush()
+            s.add(TaskEvent(task=t, kind="started", message=message))
+            out = task_out(t, with_events=False)
+        cancel = asyncio.Event()
+
+        async def run() -> None:
+            began = time.monotonic()
+            try:
+                report, error = await body(out.id, cancel)
+                report.wall_ms = round((time.monotonic() - began) * 1000, 1)
+                state = (
+                    TaskState.CANCELLED
+                    if cancel.is_set()
+                    else TaskState.FAILED
+                    if error
+                    else TaskState.SUCCEEDED
+                )
+                await asyncio.to_thread(self._finish, out.id, state, error, report)
+            except Exception as exc:  # a bug must still end the task, visibly
+                log.exception("operation %d crashed", out.id)
+                await asyncio.to_thread(
+                    self._finish, out.id, TaskState.FAILED, f"internal error: {exc}", None
+                )
+
+        self.runner.spawn(out.id, cancel, run())
+        return out
+
+    def _finish(
+        self, task_id: int, state: TaskState, error: str | None, report: OperationReport | None
+    ) -> None:
+        with self.db.session() as s:
+            t = s.get(Task, task_id)
+            assert t is not None
+            t.state, t.ended_at, t.error = state, utcnow(), error
+            t.progress = 1.0 if state == TaskState.SUCCEEDED else t.progress
+            t.result = report.model_dump(mode="json") if report else None
+            s.add(TaskEvent(task=t, kind=state, message=error or state, data=t.result))
+
+    def event(self, task_id: int, message: str, progress: float | None = None) -> None:
+        with self.db.session() as s:
+            t = s.get(Task, task_id)
+            assert t is not None
+            if progress is not None:
+                t.progress = max(t.progress, min(progress, 0.99))
+            s.add(TaskEvent(task=t, kind="note", message=message))
+
+    async def run_waves(
+        self,
+        task_id: int,
+        moves: Sequence[PlannedMove],
+        cancel: asyncio.Event,
+        recheck: Recheck,
+        on_done: Callable[[MoveOutcome], None] | None = None,
+    ) -> list[MoveOutcome]:
+        """Submit each wave's moves (re-checked first), wait for them to end, then the next
+        wave: a later wave may need the memory an earlier one frees."""
+        out: list[MoveOutcome] = []
+        waves = sorted({m.wave for m in moves})
+        total = max(len(moves), 1)
+        for w in waves:
+            if cancel.is_set():
+                break
+            submitted: list[tuple[PlannedMove, int]] = []
+            for m in (m for m in moves if m.wave == w):
+                if cancel.is_set():
+                    break
+                why = await asyncio.to_thread(recheck, m.vm, m.source, m.target)
+                if why is not None:
+                    done = MoveOutcome(
+                        vm=m.vm, source=m.source, target=m.target, outcome="skipped", reason=why
+                    )
+                    out.append(done)
+                    if on_done:
+                        on_done(done)
+                    continue
+                try:
+                    t = await self.runner.submit_migration(m.vm, MigrateRequest(to=m.target))
+                except ServerError as exc:
+                    done = MoveOutcome(
+                        vm=m.vm,
+                        source=m.source,
+                        target=m.target,
+                        outcome="skipped",
+                        reason=f"refused: {exc.message}",
+                    )
+                    out.append(done)
+                    if on_done:
+                        on_done(done)
+                    continue
+                submitted.append((m, t.id))
+                await asyncio.to_thread(
+                    self.event, task_id, f"{m.vm}: {m.source} -> {m.target} (task {t.id})"
+                )
+            for m, tid in submitted:
+                ended = await self.wait(tid)
+                ok = ended.state == TaskState.SUCCEEDED
+                done = MoveOutcome(
+                    vm=m.vm,
+                    source=m.source,
+                    target=m.target,
+                    outcome="moved" if ok else "failed",
+                    task_id=tid,
+                    reason=None if ok else (ended.error or ended.state.value),
+                )
+                out.append(done)
+                if on_done:
+                    on_done(done)
+            await asyncio.to_thread(
+                self.event, task_id, f"wave {w} done", progress=len(out) / total
+            )
+        return out
+
+    async def wait(self, task_id: int) -> TaskOut:
+        """Until the task ends. Not bounded here: every migration task ends by itself (its
+        completion and progress timeouts)."""
+        while True:
+            t = await asyncio.to_thread(self.runner.get, task_id)
+            if not t.state.active:
+                return t
+            await asyncio.sleep(self.poll_s)

@@ -1,0 +1,295 @@
+"""DRS acting on the manager over scripted agents: maintenance, rules, recommendations, placement.
+
+The manager is the real app (inventory, task runner, operations) and its agents are the
+in-process world (tests/unit/agent_world.py), whose migrations end with the VM running on
+exactly one host; every outcome is read back from the world, not from the manager's word.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from qmotion.api.server import TaskOut, TaskState
+from qmotion.server.app import create_app
+from qmotion.server.db import Database
+from tests.unit.agent_world import World
+
+TOKEN = "manager-token-0123456789"
+GIB = 1 << 30
+Client = httpx.AsyncClient
+
+
+def _cluster(
+    tmp_path: Path,
+    placement: dict[str, list[tuple[str, int]]],
+    memory_gib: dict[str, int] | None = None,
+) -> tuple[World, str]:
+    """Hosts h1..h3 (8 GiB, 4 CPUs unless given) with VMs ``{host: [(name, MiB)]}``."""
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    db = Database(url)
+    world = World(hosts=("h1", "h2", "h3"), polls_to_complete=2)
+    for h in world.hosts:
+        world.facts_override[h] = {"cpus": 4, "memory_bytes": (memory_gib or {}).get(h, 8) * GIB}
+    world.register_hosts(db)
+    for host, vms in placement.items():
+        for name, mib in vms:
+            world.add_running_vm(db, name, host, memory_mib=mib)
+    db.engine.dispose()
+    return world, url
+
+
+def _run(world: World, url: str, test: Callable[[Client], Awaitable[None]]) -> None:
+    app = create_app(url, TOKEN, agents=world.connector())
+
+    async def main() -> None:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://manager",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        ) as c:
+            await test(c)
+
+    asyncio.run(main())
+
+
+async def _wait(c: Client, task_id: int) -> TaskOut:
+    for _ in range(600):
+        t = TaskOut.model_validate((await c.get(f"/v1/tasks/{task_id}")).json())
+        if not t.state.active:
+            return t
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"task {task_id} never ended")
+
+
+def _where(world: World) -> dict[str, str]:
+    """Each VM's one running copy, from the agents (fails if a VM runs twice or nowhere)."""
+    out: dict[str, str] = {}
+    for name in {n for vms in world.vms.values() for n in vms}:
+        copies = world.running_copies(name)
+        assert len(copies) == 1, (name, copies)
+        out[name] = copies[0]
+    return out
+
+
+async def _host(c: Client, name: str) -> dict[str, Any]:
+    hosts = (await c.get("/v1/hosts")).json()
+    found: dict[str, Any] = next(h for h in hosts if h["name"] == name)
+    return found
+
+
+def test_maintenance_spreads_six_vms_refuses_new_ones_and_returns_them(tmp_path: Path) -> None:
+    six = [(f"vm{i}", 1024) for i in range(6)]
+    world, url = _cluster(tmp_path, {"h1": six, "h2": [("other", 1024)]})
+
+    async def test(c: Client) -> None:
+        r = await c.post("/v1/hosts/h1/maintenance")
+        assert r.status_code == 202, r.text
+        assert r.json()["state"] == "entering-maintenance"
+        task = await _wait(c, r.json()["task_id"])
+        assert task.state == TaskState.SUCCEEDED, task.error
+        where = _where(world)
+        assert not [v for v, h in where.items() if h == "h1"]
+        per_host = {h: sum(1 for x in where.values() if x == h) for h in ("h2", "h3")}
+        # Spread evenly (the hosts' CPU and memory loads), never all on one host.
+        assert per_host == {"h2": 4, "h3": 3}, per_host
+        assert task.operation is not None and task.operation.spread == {"h2": 3, "h3": 3}
+        assert {m.vm for m in task.operation.moves if m.outcome == "moved"} == {v for v, _ in six}
+        assert (await _host(c, "h1"))["state"] == "maintenance"
+
+        # The host takes no new VM: not created there, not migrated there, not placed there.
+        r = await c.post("/v1/vms", json={"name": "new", "host": "h1", "memory": "256M"})
+        assert r.status_code == 409, r.text
+        r = await c.post("/v1/vms/other/migrate", json={"to": "h1"})
+        assert r.status_code == 409 and "maintenance" in r.json()["error"]["message"], r.text
+        ranked = (await c.post("/v1/drs/place", json={"memory": "256M"})).json()
+        assert [x["host"] for x in ranked if not x["feasible"]] == ["h1"]
+
+        r = await c.post("/v1/hosts/h1/maintenance/exit", json={"return_vms": True})
+        assert r.status_code == 200, r.text
+        back = await _wait(c, r.json()["task_id"])
+        assert back.state == TaskState.SUCCEEDED, back.error
+        where = _where(world)
+        assert {v for v, h in where.items() if h == "h1"} == {v for v, _ in six}
+        assert where["other"] == "h2"
+        assert (await _host(c, "h1"))["state"] == "up"
+
+    _run(world, url, test)
+
+
+def test_maintenance_that_cannot_finish_says_why_and_exit_is_possible(tmp_path: Path) -> None:
+    # h2 and h3 have 2 GiB: the 3 GiB VM fits nowhere else; the small one leaves.
+    world, url = _cluster(
+        tmp_path,
+        {"h1": [("big", 3072), ("small", 512)]},
+        memory_gib={"h1": 8, "h2": 2, "h3": 2},
+    )
+
+    async def test(c: Client) -> None:
+        r = await c.post("/v1/hosts/h1/maintenance")
+        task = await _wait(c, r.json()["task_id"])
+        assert task.state == TaskState.FAILED
+        assert task.error is not None and "big" in task.error
+        host = await _host(c, "h1")
+        assert host["state"] == "entering-maintenance"
+        assert "big" in host["maintenance_reason"]
+        where = _where(world)
+        assert where["big"] == "h1" and where["small"] in ("h2", "h3")
+        r = await c.post("/v1/hosts/h1/maintenance/exit")
+        assert r.status_code == 200 and r.json()["state"] == "up", r.text
+        assert (await _host(c, "h1"))["maintenance_reason"] is None
+
+    _run(world, url, test)
+
+
+def test_anti_affinity_holds_through_maintenance_and_refuses_a_manual_move(
+    tmp_path: Path,
+) -> None:
+    world, url = _cluster(tmp_path, {"h1": [("a", 1024)], "h2": [("b", 1024), ("c", 1024)]})
+
+    async def test(c: Client) -> None:
+        rule = {"name": "apart", "kind": "anti-affinity", "vms": ["a", "b"], "strength": "must"}
+        r = await c.post("/v1/rules", json=rule)
+        assert r.status_code == 201, r.text
+        assert r.json()["broken_by"] == []
+        # Manual: refused naming the rule, nothing started; --force goes ahead.
+        r = await c.post("/v1/vms/a/migrate", json={"to": "h2"})
+        assert r.status_code == 409 and "apart" in r.json()["error"]["message"], r.text
+        assert (await c.get("/v1/tasks")).json() == []
+        # Maintenance of h1: a would balance best on h2 (fewer VMs than... no: h3 is empty)
+        # and must not go where b is.
+        r = await c.post("/v1/hosts/h1/maintenance")
+        task = await _wait(c, r.json()["task_id"])
+        assert task.state == TaskState.SUCCEEDED, task.error
+        assert _where(world)["a"] == "h3"
+        # Maintenance of h3 now: a's only other hosts hold b (h2) or are in maintenance
+        # (h1): it cannot move, and says which rule holds it.
+        r = await c.post("/v1/hosts/h3/maintenance")
+        task = await _wait(c, r.json()["task_id"])
+        assert task.state == TaskState.FAILED
+        assert _where(world)["a"] == "h3"
+        r = await c.post("/v1/hosts/h3/maintenance/exit")
+        r = await c.post("/v1/vms/a/migrate", json={"to": "h2", "force": True})
+        assert r.status_code == 202, r.text
+        assert (await _wait(c, r.json()["id"])).state == TaskState.SUCCEEDED
+        assert _where(world)["a"] == "h2"
+        rules = (await c.get("/v1/rules")).json()
+        assert rules[0]["broken_by"] == ["a", "b"]
+
+    _run(world, url, test)
+
+
+def test_rules_are_validated_and_contradictions_refused_naming_both(tmp_path: Path) -> None:
+    world, url = _cluster(tmp_path, {"h1": [("a", 512), ("b", 512)]})
+
+    async def test(c: Client) -> None:
+        ok = {"name": "together", "kind": "affinity", "vms": ["a", "b"]}
+        assert (await c.post("/v1/rules", json=ok)).status_code == 201
+        bad = {"name": "apart", "kind": "anti-affinity", "vms": ["b", "a"]}
+        r = await c.post("/v1/rules", json=bad)
+        assert r.status_code == 409, r.text
+        message = r.json()["error"]["message"]
+        assert "together" in message and "apart" in message
+        pinned = {"name": "pin", "kind": "run-on", "vms": ["a"], "hosts": ["h9"]}
+        r = await c.post("/v1/rules", json=pinned)
+        assert r.status_code == 422 and r.json()["error"]["field"] == "hosts", r.text
+        nowhere = [
+            {"name": "on1", "kind": "run-on", "vms": ["x"], "hosts": ["h1"]},
+            {"name": "off1", "kind": "not-run-on", "vms": ["x"], "hosts": ["h1"]},
+        ]
+        assert (await c.post("/v1/rules", json=nowhere[0])).status_code == 201
+        r = await c.post("/v1/rules", json=nowhere[1])
+        assert r.status_code == 409 and "on1" in r.text and "off1" in r.text, r.text
+        # A rule may name a VM before it exists; creating it elsewhere is then refused.
+        r = await c.post("/v1/vms", json={"name": "x", "host": "h2", "memory": "256M"})
+        assert r.status_code == 409 and "on1" in r.json()["error"]["message"], r.text
+        single = {"name": "lonely", "kind": "affinity", "vms": ["a"]}
+        r = await c.post("/v1/rules", json=single)
+        assert r.status_code == 422, r.text
+        assert (await c.delete("/v1/rules/together")).status_code == 204
+        assert (await c.get("/v1/rules/together")).status_code == 404
+
+    _run(world, url, test)
+
+
+def test_drs_balances_measured_load_then_stops(tmp_path: Path) -> None:
+    vms = [(f"v{i}", 512) for i in range(6)]
+    world, url = _cluster(tmp_path, {"h1": vms})
+    for name, _ in vms:
+        world.cpu_percent[name] = 90.0  # six busy VMs on a 4-CPU host
+
+    async def test(c: Client) -> None:
+        settings = {"drs.automation": "full", "drs.threshold": "3", "drs.cooldown": "1h"}
+        r = await c.put("/v1/cluster/settings", json={"values": settings})
+        assert r.status_code == 200 and r.json()["automation"] == "full", r.text
+        r = await c.put("/v1/cluster/settings", json={"values": {"drs.threshold": "9"}})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "drs.threshold", r.text
+        await c.post("/v1/hosts/refresh")  # the agents' usage samples
+        run = (await c.post("/v1/drs/run")).json()
+        assert run["measured_vms"] == 6
+        assert run["recommendations"] and run["applied_task"] is not None
+        task = await _wait(c, run["applied_task"])
+        assert task.state == TaskState.SUCCEEDED, task.error
+        per_host = {h: list(_where(world).values()).count(h) for h in world.hosts}
+        assert per_host == {"h1": 2, "h2": 2, "h3": 2}, per_host
+        recs = (await c.get("/v1/drs/recommendations", params={"all": True})).json()
+        assert {r["state"] for r in recs} == {"applied"}
+        # Balanced: the next two runs move nothing.
+        for _ in range(2):
+            await c.post("/v1/hosts/refresh")
+            again = (await c.post("/v1/drs/run")).json()
+            assert again["recommendations"] == [] and again["applied_task"] is None
+        assert list(_where(world).values()).count("h1") == 2
+
+    _run(world, url, test)
+
+
+def test_manual_automation_only_recommends_and_apply_rechecks(tmp_path: Path) -> None:
+    world, url = _cluster(tmp_path, {"h1": [(f"v{i}", 512) for i in range(4)]})
+
+    async def test(c: Client) -> None:
+        run = (await c.post("/v1/drs/run")).json()
+        assert run["automation"] == "manual" and run["applied_task"] is None
+        recs = run["recommendations"]
+        assert recs and _where(world) == dict.fromkeys(_where(world), "h1")
+        # One VM moved by hand meanwhile: its recommendation is stale and skipped.
+        first = recs[0]
+        r = await c.post(f"/v1/vms/{first['vm']}/migrate", json={"to": first["target"]})
+        await _wait(c, r.json()["id"])
+        r = await c.post("/v1/drs/apply", json={"all": True})
+        assert r.status_code == 202, r.text
+        task = await _wait(c, r.json()["id"])
+        assert task.operation is not None
+        outcome = {m.vm: m.outcome for m in task.operation.moves}
+        assert outcome[first["vm"]] == "skipped"
+        assert all(outcome[x["vm"]] == "moved" for x in recs[1:])
+        r = await c.post("/v1/drs/apply", json={"ids": [first["id"]]})
+        assert r.status_code == 409, r.text  # no longer pending
+
+    _run(world, url, test)
+
+
+def test_placement_picks_a_host_and_says_why(tmp_path: Path) -> None:
+    world, url = _cluster(
+        tmp_path, {"h1": [("a", 4096)], "h2": [("b", 1024)]}, memory_gib={"h3": 1}
+    )
+
+    async def test(c: Client) -> None:
+        r = await c.post("/v1/vms", json={"name": "fresh", "memory": "1G"})
+        assert r.status_code == 201, r.text
+        out = r.json()
+        # h3 has no room for 1 GiB beyond its reservation; h2 is the less loaded of the rest.
+        assert out["host"] == "h2" and out["placement"]["chosen_by"] == "drs"
+        refused = [x for x in out["placement"]["candidates"] if not x["feasible"]]
+        assert [x["host"] for x in refused] == ["h3"] and "MiB" in refused[0]["reasons"][0]
+        assert "fresh" in world.vms["h2"]
+        r = await c.post("/v1/vms", json={"name": "huge", "memory": "64G"})
+        assert r.status_code == 409 and r.json()["error"]["field"] == "host", r.text
+        r = await c.post("/v1/vms", json={"name": "huge", "host": "h1", "memory": "8G"})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "insufficient_memory"
+
+    _run(world, url, test)
