@@ -173,3 +173,21 @@ def test_drs_never_plans_what_the_prechecks_refuse(
         assert mem[m.vm] <= free, (m, free)
         committed[m.target] += mem[m.vm]
         committed[m.source] -= mem[m.vm]
+
+
+def test_a_pin_never_contradicts_the_rules() -> None:
+    """A migrating VM (pinned where it is) that a must rule sends elsewhere, and a VM in its
+    cool-down on a host a rule now forbids: the snapshot still plans (no contradiction), and
+    the cool-down gives way to the rule."""
+    rules = [
+        Rule(name="a-on-h2", kind="run_on", vms=["a"], hosts=["h2"]),
+        Rule(name="b-off-h1", kind="not_run_on", vms=["b"], hosts=["h1"]),
+    ]
+    snap = snapshot_from_inventory(
+        [host("h1"), host("h2")],
+        [vm("a", "h1", migrating=True), vm("b", "h1")],
+        rules,
+        pinned={"b": "h1"},
+    )
+    result = plan(snap, Policy(threshold=1), NOW)  # would raise on contradictory rules
+    assert result.placement == {"a": "h1", "b": "h2"}

@@ -8,6 +8,7 @@ exactly one host; every outcome is read back from the world, not from the manage
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import httpx
 
 from qmotion.api.server import TaskOut, TaskState
 from qmotion.server.app import create_app
-from qmotion.server.db import Database
+from qmotion.server.db import Database, Recommendation
 from tests.unit.agent_world import World
 
 TOKEN = "manager-token-0123456789"
@@ -43,15 +44,23 @@ def _cluster(
     return world, url
 
 
-def _run(world: World, url: str, test: Callable[[Client], Awaitable[None]]) -> None:
+def _run(
+    world: World, url: str, test: Callable[[Client], Awaitable[None]], lifespan: bool = False
+) -> None:
+    """``lifespan``: as a started manager (recovery, its loops), not only its routes."""
     app = create_app(url, TOKEN, agents=world.connector())
 
     async def main() -> None:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://manager",
-            headers={"Authorization": f"Bearer {TOKEN}"},
-        ) as c:
+        async with contextlib.AsyncExitStack() as stack:
+            if lifespan:
+                await stack.enter_async_context(app.router.lifespan_context(app))
+            c = await stack.enter_async_context(
+                httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=app),
+                    base_url="http://manager",
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                )
+            )
             await test(c)
 
     asyncio.run(main())
@@ -149,7 +158,10 @@ def test_maintenance_that_cannot_finish_says_why_and_exit_is_possible(tmp_path: 
 def test_anti_affinity_holds_through_maintenance_and_refuses_a_manual_move(
     tmp_path: Path,
 ) -> None:
-    world, url = _cluster(tmp_path, {"h1": [("a", 1024)], "h2": [("b", 1024), ("c", 1024)]})
+    # Without the rule, a would go to h3 (the emptiest host), where b is.
+    world, url = _cluster(
+        tmp_path, {"h1": [("a", 1024)], "h2": [("c", 1024), ("d", 1024)], "h3": [("b", 1024)]}
+    )
 
     async def test(c: Client) -> None:
         rule = {"name": "apart", "kind": "anti-affinity", "vms": ["a", "b"], "strength": "must"}
@@ -157,28 +169,46 @@ def test_anti_affinity_holds_through_maintenance_and_refuses_a_manual_move(
         assert r.status_code == 201, r.text
         assert r.json()["broken_by"] == []
         # Manual: refused naming the rule, nothing started; --force goes ahead.
-        r = await c.post("/v1/vms/a/migrate", json={"to": "h2"})
+        r = await c.post("/v1/vms/a/migrate", json={"to": "h3"})
         assert r.status_code == 409 and "apart" in r.json()["error"]["message"], r.text
         assert (await c.get("/v1/tasks")).json() == []
-        # Maintenance of h1: a would balance best on h2 (fewer VMs than... no: h3 is empty)
-        # and must not go where b is.
         r = await c.post("/v1/hosts/h1/maintenance")
         task = await _wait(c, r.json()["task_id"])
         assert task.state == TaskState.SUCCEEDED, task.error
-        assert _where(world)["a"] == "h3"
-        # Maintenance of h3 now: a's only other hosts hold b (h2) or are in maintenance
-        # (h1): it cannot move, and says which rule holds it.
-        r = await c.post("/v1/hosts/h3/maintenance")
+        assert _where(world)["a"] == "h2"
+        # Now h2 too: a may go neither to h1 (maintenance) nor to h3 (b): it stays, and the
+        # host says which VM holds it.
+        r = await c.post("/v1/hosts/h2/maintenance")
         task = await _wait(c, r.json()["task_id"])
         assert task.state == TaskState.FAILED
-        assert _where(world)["a"] == "h3"
-        r = await c.post("/v1/hosts/h3/maintenance/exit")
-        r = await c.post("/v1/vms/a/migrate", json={"to": "h2", "force": True})
+        assert _where(world)["a"] == "h2" and _where(world)["c"] == "h3"
+        assert "a:" in (await _host(c, "h2"))["maintenance_reason"]
+        r = await c.post("/v1/hosts/h2/maintenance/exit")
+        assert r.status_code == 200 and r.json()["state"] == "up", r.text
+        r = await c.post("/v1/vms/a/migrate", json={"to": "h3", "force": True})
         assert r.status_code == 202, r.text
         assert (await _wait(c, r.json()["id"])).state == TaskState.SUCCEEDED
-        assert _where(world)["a"] == "h2"
+        assert _where(world)["a"] == "h3"
         rules = (await c.get("/v1/rules")).json()
         assert rules[0]["broken_by"] == ["a", "b"]
+
+    _run(world, url, test)
+
+
+def test_a_must_affinity_group_is_evacuated_together(tmp_path: Path) -> None:
+    world, url = _cluster(
+        tmp_path, {"h1": [("p", 1024), ("q", 1024), ("solo", 1024)], "h2": [("x", 2048)]}
+    )
+
+    async def test(c: Client) -> None:
+        rule = {"name": "pair", "kind": "affinity", "vms": ["p", "q"]}
+        assert (await c.post("/v1/rules", json=rule)).status_code == 201
+        r = await c.post("/v1/hosts/h1/maintenance")
+        task = await _wait(c, r.json()["task_id"])
+        assert task.state == TaskState.SUCCEEDED, task.error
+        where = _where(world)
+        assert where["p"] == where["q"] != "h1", where
+        assert where["solo"] != "h1"
 
     _run(world, url, test)
 
@@ -217,35 +247,71 @@ def test_rules_are_validated_and_contradictions_refused_naming_both(tmp_path: Pa
 
 
 def test_drs_balances_measured_load_then_stops(tmp_path: Path) -> None:
-    vms = [(f"v{i}", 512) for i in range(6)]
-    world, url = _cluster(tmp_path, {"h1": vms})
-    for name, _ in vms:
-        world.cpu_percent[name] = 90.0  # six busy VMs on a 4-CPU host
+    # Allocation is even (two 512 MiB VMs per host); only the measured CPU is not.
+    world, url = _cluster(
+        tmp_path,
+        {
+            "h1": [("hot1", 512), ("hot2", 512)],
+            "h2": [("c1", 512), ("c2", 512)],
+            "h3": [("c3", 512), ("c4", 512)],
+        },
+    )
+    world.cpu_percent.update({"hot1": 300.0, "hot2": 300.0})  # 3 of 4 CPUs each
 
     async def test(c: Client) -> None:
-        settings = {"drs.automation": "full", "drs.threshold": "3", "drs.cooldown": "1h"}
+        settings = {"drs.automation": "full", "drs.threshold": "3", "drs.cooldown": "0s"}
         r = await c.put("/v1/cluster/settings", json={"values": settings})
         assert r.status_code == 200 and r.json()["automation"] == "full", r.text
         r = await c.put("/v1/cluster/settings", json={"values": {"drs.threshold": "9"}})
         assert r.status_code == 422 and r.json()["error"]["field"] == "drs.threshold", r.text
+        idle = (await c.post("/v1/drs/run")).json()
+        assert idle["recommendations"] == []  # by allocation alone, nothing to do
         await c.post("/v1/hosts/refresh")  # the agents' usage samples
         run = (await c.post("/v1/drs/run")).json()
         assert run["measured_vms"] == 6
         assert run["recommendations"] and run["applied_task"] is not None
         task = await _wait(c, run["applied_task"])
         assert task.state == TaskState.SUCCEEDED, task.error
-        per_host = {h: list(_where(world).values()).count(h) for h in world.hosts}
-        assert per_host == {"h1": 2, "h2": 2, "h3": 2}, per_host
+        where = _where(world)
+        assert where["hot1"] != where["hot2"], where
         recs = (await c.get("/v1/drs/recommendations", params={"all": True})).json()
         assert {r["state"] for r in recs} == {"applied"}
-        # Balanced: the next two runs move nothing.
+        # Balanced: the next two runs move nothing (no cool-down holds anything).
         for _ in range(2):
             await c.post("/v1/hosts/refresh")
             again = (await c.post("/v1/drs/run")).json()
-            assert again["recommendations"] == [] and again["applied_task"] is None
-        assert list(_where(world).values()).count("h1") == 2
+            assert again["recommendations"] == [] and again["applied_task"] is None, again
+        assert _where(world) == where
 
     _run(world, url, test)
+
+
+def test_a_restart_during_an_apply_does_not_stop_automation(tmp_path: Path) -> None:
+    world, url = _cluster(tmp_path, {"h1": [(f"v{i}", 512) for i in range(4)]})
+    db = Database(url)
+    with db.session() as s:
+        s.add(
+            Recommendation(
+                run_id=1,
+                vm="v0",
+                source="h1",
+                target="h2",
+                priority=3,
+                reason="balance",
+                gain=0.1,
+                wave=0,
+                state="applying",
+            )
+        )
+    db.engine.dispose()
+
+    async def test(c: Client) -> None:
+        recs = (await c.get("/v1/drs/recommendations", params={"all": True})).json()
+        assert [r["state"] for r in recs] == ["failed"]
+        run = (await c.post("/v1/drs/run")).json()
+        assert run["recommendations"]
+
+    _run(world, url, test, lifespan=True)
 
 
 def test_manual_automation_only_recommends_and_apply_rechecks(tmp_path: Path) -> None:
@@ -253,7 +319,7 @@ def test_manual_automation_only_recommends_and_apply_rechecks(tmp_path: Path) ->
 
     async def test(c: Client) -> None:
         run = (await c.post("/v1/drs/run")).json()
-        assert run["automation"] == "manual" and run["applied_task"] is None
+        assert run["automation"] == "partial" and run["applied_task"] is None
         recs = run["recommendations"]
         assert recs and _where(world) == dict.fromkeys(_where(world), "h1")
         # One VM moved by hand meanwhile: its recommendation is stale and skipped.
@@ -273,6 +339,27 @@ def test_manual_automation_only_recommends_and_apply_rechecks(tmp_path: Path) ->
     _run(world, url, test)
 
 
+def test_placement_keeps_rules_that_name_the_vm_before_it_exists(tmp_path: Path) -> None:
+    world, url = _cluster(tmp_path, {"h1": [("a", 512)], "h2": [("b", 512)]})
+
+    async def test(c: Client) -> None:
+        # h3 is empty and would be chosen; the rules say otherwise.
+        rules = [
+            {"name": "not-h3", "kind": "not-run-on", "vms": ["new"], "hosts": ["h3"]},
+            {"name": "away-from-a", "kind": "anti-affinity", "vms": ["new", "a"]},
+        ]
+        for rule in rules:
+            assert (await c.post("/v1/rules", json=rule)).status_code == 201
+        r = await c.post("/v1/vms", json={"name": "new", "memory": "512M"})
+        assert r.status_code == 201, r.text
+        assert r.json()["host"] == "h2"
+        refused = {x["host"]: x for x in r.json()["placement"]["candidates"] if not x["feasible"]}
+        assert set(refused) == {"h1", "h3"}
+        assert "away-from-a" in " ".join(refused["h1"]["reasons"])
+
+    _run(world, url, test)
+
+
 def test_placement_picks_a_host_and_says_why(tmp_path: Path) -> None:
     world, url = _cluster(
         tmp_path, {"h1": [("a", 4096)], "h2": [("b", 1024)]}, memory_gib={"h3": 1}
@@ -287,6 +374,12 @@ def test_placement_picks_a_host_and_says_why(tmp_path: Path) -> None:
         refused = [x for x in out["placement"]["candidates"] if not x["feasible"]]
         assert [x["host"] for x in refused] == ["h3"] and "MiB" in refused[0]["reasons"][0]
         assert "fresh" in world.vms["h2"]
+        # Manual automation only recommends a host.
+        manual = {"values": {"drs.automation": "manual"}}
+        assert (await c.put("/v1/cluster/settings", json=manual)).status_code == 200
+        r = await c.post("/v1/vms", json={"name": "later", "memory": "1G"})
+        assert r.status_code == 409 and "recommended: h2" in r.json()["error"]["message"]
+        assert "later" not in world.vms["h2"]
         r = await c.post("/v1/vms", json={"name": "huge", "memory": "64G"})
         assert r.status_code == 409 and r.json()["error"]["field"] == "host", r.text
         r = await c.post("/v1/vms", json={"name": "huge", "host": "h1", "memory": "8G"})

@@ -138,7 +138,7 @@ def test_parse_workload_rejects_bad_hot() -> None:
         parse_workload("fill=32M,dirty=20M/s,hot=64M")
     assert info.value.errors()[0]["loc"] == ("hot_mib",)
     assert "fill_mib" in str(info.value)
-    with pytest.raises(ValueError, match=r"\(fill, dirty, hot, disk\)"):
+    with pytest.raises(ValueError, match=r"\(fill, dirty, hot, disk, cpu\)"):
         parse_workload("fill=32M,cold=1M")
     with pytest.raises(ValueError, match="less than 1 MiB"):
         parse_workload("fill=32M,hot=512K")
@@ -154,3 +154,12 @@ def test_hot_mib_validated_and_carried_to_the_cmdline() -> None:
     assert GuestConfig(fill_mib=8, hot_mib=8).hot_mib == 8
     image = GuestImage(kernel=Path("k"), initrd=Path("i"), kernel_release="r", key="x")
     assert "qm.hot=64" in image.cmdline(fill=600, dirty=200.0, hot=64).split()
+
+
+def test_parse_workload_cpu() -> None:
+    assert parse_workload("cpu=80%").cpu_pct == 80.0
+    assert parse_workload("fill=8M,cpu=25").cpu_pct == 25.0
+    with pytest.raises(ValueError, match="percentage"):
+        parse_workload("cpu=lots")
+    with pytest.raises(ValidationError, match="cpu_pct"):
+        parse_workload("cpu=150%")

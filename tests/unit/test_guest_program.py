@@ -140,3 +140,24 @@ def test_disk_bulk_load_writes_the_second_half_and_spares_the_records(
     assert data[half:] != b"\0" * half, "the bulk writer wrote nothing"
     # Records only in the first half: the bulk data never looks like a record's magic.
     assert data[:half].count(b"\0" * 4096) < 1024
+
+
+@pytest.mark.parametrize("percent", [25, 75])
+def test_cpu_mode_keeps_that_share_of_a_cpu_busy(qmguest: Path, percent: int) -> None:
+    """``qmguest cpu P``: the CPU demand a test guest shows its host (``--workload cpu=P%``)."""
+    import resource
+    import subprocess
+    import time
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.Popen([str(qmguest), "cpu", str(percent)])
+    began = time.monotonic()
+    time.sleep(1.5)
+    proc.kill()
+    proc.wait()
+    wall = time.monotonic() - began
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    used = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    share = 100 * used / wall
+    # Wide: the other core's load skews a 1.5 s sample, but 25% and 75% stay apart.
+    assert percent - 20 < share < percent + 15, share

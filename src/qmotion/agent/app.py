@@ -78,7 +78,7 @@ class AgentState:
         self.peer = PeerListener(
             create_peer_app(self), config.address or "127.0.0.1", config.port + 1
         )
-        self.sampler = MetricsSampler()
+        self.sampler = MetricsSampler(config.cpus)
 
     async def accel(self) -> AccelInfo:
         if self._accel_task is None:

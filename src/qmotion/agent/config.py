@@ -28,6 +28,10 @@ class AgentConfig:
     # Back guests from the host's huge-page pool when it has room (see hypervisor.hugepages).
     hugepages: bool = True
     datastores: tuple[DatastoreConfig, ...] = field(default_factory=tuple)
+    # The capacity this host offers VMs, when it is less than the machine's (a lab host on
+    # a shared machine, a host keeping cores for other work): reported in its facts.
+    cpus: int | None = None
+    memory_bytes: int | None = None
 
     def datastore(self, name: str) -> DatastoreConfig | None:
         return next((d for d in self.datastores if d.name == name), None)

@@ -98,8 +98,8 @@ def host_facts(config: AgentConfig, accel: AccelInfo, peer_port: int | None = No
         address=config.address,
         cpu_model=model,
         cpu_flags=flags,
-        cpus=os.cpu_count() or 1,
-        memory_bytes=meminfo()["MemTotal"],
+        cpus=config.cpus or os.cpu_count() or 1,
+        memory_bytes=config.memory_bytes or meminfo()["MemTotal"],
         qemu_version=info.version,
         machine_types=info.machine_types,
         machine_aliases=info.machine_aliases,
@@ -152,7 +152,8 @@ class VmProcess:
 class MetricsSampler:
     """CPU use is a rate, so it needs two readings; each ``sample`` measures since the last."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpus: int | None = None) -> None:
+        self._cpus = cpus
         self._host_prev = _host_cpu_ticks()
         self._vm_prev: dict[int, tuple[int, float]] = {}
         self._last: HostMetrics | None = None
@@ -187,7 +188,7 @@ class MetricsSampler:
         mem = meminfo()
         self._last = HostMetrics(
             sampled_at=datetime.now(UTC),
-            cpus=os.cpu_count() or 1,
+            cpus=self._cpus or os.cpu_count() or 1,
             cpu_percent=round(cpu_pct, 1),
             memory_total_bytes=mem["MemTotal"],
             memory_available_bytes=mem.get("MemAvailable", mem.get("MemFree", 0)),

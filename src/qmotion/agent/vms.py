@@ -424,6 +424,8 @@ class VmManager:
                 params["hot"] = g.hot_mib
             if g.disk_bulk_mib_s:
                 params["disk_bulk"] = g.disk_bulk_mib_s
+            if g.cpu_pct:
+                params["cpu"] = g.cpu_pct
         cmdline = image.cmdline(**params)
         if boot.cmdline:
             cmdline += " " + boot.cmdline

@@ -60,7 +60,8 @@ class RuleOut(BaseModel):
 
 
 class DrsSettings(BaseModel):
-    automation: Automation = Automation.MANUAL
+    # Partial: new VMs are placed by DRS, balancing moves are recommended.
+    automation: Automation = Automation.PARTIAL
     threshold: int = Field(default=3, ge=1, le=5)
     interval_s: int = Field(default=300, ge=10, le=7 * 86400)
     max_moves: int = Field(
@@ -69,7 +70,6 @@ class DrsSettings(BaseModel):
     cooldown_s: int = Field(
         default=3600, ge=0, le=7 * 86400, description="a VM moved by DRS stays this long"
     )
-    proactive: bool = Field(default=False, description="evacuate hosts that report degraded health")
     down_grace_s: int = Field(
         default=60, ge=0, le=86400, description="an agent silent this long marks its host down"
     )

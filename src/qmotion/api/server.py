@@ -88,6 +88,9 @@ class Workload(StrictModel):
         ),
     )
 
+    cpu_pct: float = Field(
+        default=0.0, ge=0, le=100, description="% of one vCPU the guest keeps busy (CPU demand)"
+    )
     disk_mib_s: float = Field(
         default=0.0,
         ge=0,

@@ -83,6 +83,7 @@ class GuestConfig(StrictModel):
     disk_bulk_mib_s: float = Field(
         default=0.0, ge=0, le=10_000, description="MiB/s written to the disk's second half"
     )
+    cpu_pct: float = Field(default=0.0, ge=0, le=100, description="% of a vCPU kept busy")
 
     @model_validator(mode="after")
     def _hot_within_fill(self) -> GuestConfig:

@@ -26,6 +26,12 @@ def agent(
         "address is the last fallback.",
     ),
     accel: str = typer.Option("auto", "--accel", help="auto (probe KVM, else TCG), kvm or tcg."),
+    cpus: int = typer.Option(
+        None, "--cpus", min=1, help="CPUs this host offers VMs (default: all the machine's)."
+    ),
+    memory: str = typer.Option(
+        None, "--memory", help="Memory this host offers VMs, e.g. 6G (default: all of it)."
+    ),
     hugepages: bool = typer.Option(
         True,
         "--hugepages/--no-hugepages",
@@ -56,7 +62,17 @@ def agent(
             ipaddress.IPv4Address(a)
         except ValueError:
             fail(f"--migration-address: {a!r} is not an IPv4 address", 2)
+    memory_bytes = None
+    if memory is not None:
+        from qmotion.api.sizes import parse_size
+
+        try:
+            memory_bytes = parse_size(memory)
+        except ValueError as exc:
+            fail(f"--memory: {exc}", 2)
     config = AgentConfig(
+        cpus=cpus,
+        memory_bytes=memory_bytes,
         name=name,
         state_dir=state_dir,
         token=token,

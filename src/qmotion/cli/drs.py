@@ -10,10 +10,16 @@ import typer
 from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
+from qmotion.api.drs import RecommendationOut
 from qmotion.cli.common import cells, console, fail, print_json
 
-app = typer.Typer(help="DRS: placement and load balancing, offline (no manager needed).")
+app = typer.Typer(
+    help="DRS: recommendations and moves on the live cluster (run, recommendations, apply); "
+    "placement and balancing plans offline (plan, place)."
+)
+LabOpt = typer.Option(None, "--lab", help="Which lab's manager, if several are up.")
 
 
 def _load(  # type: ignore[no-untyped-def]
@@ -68,7 +74,7 @@ def plan_cmd(
     manager: bool = typer.Option(
         False, "--manager", help="Plan on the manager's inventory (read only: nothing moves)."
     ),
-    lab: str = typer.Option(None, "--lab", help="With --manager: the lab whose manager."),
+    lab: str = LabOpt,
     threshold: int = typer.Option(
         3, "--threshold", min=1, max=5, help="1 mandatory moves only ... 5 aggressive"
     ),
@@ -141,21 +147,34 @@ def plan_cmd(
 def place_cmd(
     snapshot: Path = typer.Option(None, "--snapshot", help="Cluster snapshot JSON."),
     manager: bool = typer.Option(False, "--manager", help="Rank the manager's hosts."),
-    lab: str = typer.Option(None, "--lab", help="With --manager: the lab whose manager."),
+    lab: str = LabOpt,
     vm: str = typer.Option(..., "--vm", help='JSON of the VM, e.g. {"name":"x","memory_mib":4096}'),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Rank hosts for a new VM, each with its reasons."""
     from qmotion.drs.errors import SnapshotError
     from qmotion.drs.model import Policy, VmSpec
-    from qmotion.drs.planner import place
+    from qmotion.drs.planner import Candidate, place
 
-    snap, _ = _load(snapshot, None, None, manager, lab)
     try:
         spec = VmSpec.model_validate({"host": "-", **json.loads(vm)})
-        ranked = place(snap, spec, Policy())
-    except (ValueError, SnapshotError) as exc:
+    except ValueError as exc:
         fail(f"--vm: {exc}", 2)
+    if manager:
+        # The manager ranks on the live inventory: its rules, measured demand, migrations
+        # under way.
+        from qmotion.cli.common import errors_exit
+        from qmotion.cli.connect import server_client
+
+        with errors_exit(), server_client(lab) as client:
+            live = client.place(spec.memory_mib, spec.vcpus)
+        ranked = [Candidate(c.host, c.feasible, c.score, c.reasons) for c in live]
+    else:
+        snap, _ = _load(snapshot, None, None, manager, lab)
+        try:
+            ranked = place(snap, spec, Policy())
+        except (ValueError, SnapshotError) as exc:
+            fail(f"--vm: {exc}", 2)
     if json_out:
         print_json([c.__dict__ for c in ranked])
         return
@@ -163,3 +182,98 @@ def place_cmd(
         mark = "[green]ok[/]" if c.feasible else "[red]no[/]"
         reasons = escape("; ".join(c.reasons))
         console.print(f"{mark} {escape(c.host)} score {c.score:.4f}: {reasons}")
+
+
+def _recs_table(recs: list[RecommendationOut]) -> Table:
+    table = Table("id", "wave", "VM", "from", "to", "priority", "net gain", "state", "reason")
+    for r in recs:
+        table.add_row(
+            *cells(
+                r.id,
+                r.wave,
+                r.vm,
+                r.source,
+                r.target,
+                r.priority,
+                f"{r.gain:.4f}",
+                r.state,
+                r.message or r.reason,
+            )
+        )
+    return table
+
+
+@app.command("run")
+def run_cmd(json_out: bool = typer.Option(False, "--json"), lab: str = LabOpt) -> None:
+    """Plan on the live cluster and store the moves as recommendations (with automation full,
+    also apply them)."""
+    from qmotion.cli.common import errors_exit
+    from qmotion.cli.connect import server_client
+
+    with errors_exit(), server_client(lab) as client:
+        out = client.drs_run()
+    if json_out:
+        print_json(out.model_dump(mode="json"))
+        return
+    console.print(_recs_table(out.recommendations))
+    console.print(
+        Text(
+            f"run {out.run_id} ({out.automation}, threshold {out.threshold}): "
+            f"{len(out.recommendations)} moves; imbalance {out.imbalance_before:.4f} -> "
+            f"{out.imbalance_after:.4f}; measured demand for {out.measured_vms} VMs"
+        )
+    )
+    if out.applied_task is not None:
+        console.print(Text(f"applying: task {out.applied_task}"))
+    for u in out.unplaced:
+        console.print(Text(f"cannot place {u.get('vm')}: {u.get('reason')}", style="red"))
+
+
+@app.command("recommendations")
+def recommendations_cmd(
+    all_states: bool = typer.Option(False, "--all", help="also applied, failed, superseded"),
+    json_out: bool = typer.Option(False, "--json"),
+    lab: str = LabOpt,
+) -> None:
+    """The pending recommendations of the last run (with --all, recent ones of any state)."""
+    from qmotion.cli.common import errors_exit
+    from qmotion.cli.connect import server_client
+
+    with errors_exit(), server_client(lab) as client:
+        recs = client.recommendations(all_states=all_states)
+    if json_out:
+        print_json([r.model_dump(mode="json") for r in recs])
+    else:
+        console.print(_recs_table(recs))
+
+
+@app.command("apply")
+def apply_cmd(
+    ids: list[int] = typer.Argument(None, help="recommendation ids"),
+    all_: bool = typer.Option(False, "--all", help="every pending recommendation"),
+    wait: bool = typer.Option(False, "--wait", help="return when every move has ended"),
+    json_out: bool = typer.Option(False, "--json"),
+    lab: str = LabOpt,
+) -> None:
+    """Run recommendations as migrations, wave by wave, each re-checked just before it starts."""
+    from qmotion.api.drs import ApplyRequest
+    from qmotion.cli import operation
+    from qmotion.cli.common import errors_exit
+    from qmotion.cli.connect import server_client
+
+    try:
+        req = ApplyRequest(ids=ids or [], all=all_)
+    except ValidationError as exc:
+        fail(f"give recommendation ids or --all: {exc.errors()[0]['msg']}", 2)
+    with errors_exit(), server_client(lab) as client:
+        task = client.drs_apply(req)
+        if wait:
+            task = operation.wait(client, task.id, "applying DRS moves", 6 * 3600.0)
+    if wait:
+        operation.show(task, json_out)
+        if task.state != "succeeded":
+            raise typer.Exit(1)
+    elif json_out:
+        print_json(task.model_dump(mode="json"))
+    else:
+        console.print(Text(f"applying: task {task.id}; `qmotion task show {task.id}`"))

@@ -4,24 +4,34 @@ from __future__ import annotations
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
+from qmotion.api.drs import MaintenanceOut
+from qmotion.cli import operation
 from qmotion.cli.common import cells, console, errors_exit, print_json
 from qmotion.cli.connect import server_client
 
 app = typer.Typer(help="Hosts registered with the manager.")
+maintenance = typer.Typer(help="Maintenance mode: evacuate a host, take no new VMs, come back.")
+app.add_typer(maintenance, name="maintenance")
+WaitOpt = typer.Option(
+    False, "--wait", help="return when it is done (exit 1 if a VM could not move)"
+)
+WAIT_S = 6 * 3600.0  # every migration ends by itself well before
+
+
+LabOpt = typer.Option(None, "--lab", help="Which lab's manager, if several are up.")
 
 
 @app.command("list")
-def list_(
-    json_out: bool = typer.Option(False, "--json"), lab: str = typer.Option(None, "--lab")
-) -> None:
+def list_(json_out: bool = typer.Option(False, "--json"), lab: str = LabOpt) -> None:
     """Hosts with their state, accelerator and committed memory."""
     with errors_exit(), server_client(lab) as client:
         hosts = client.hosts()
     if json_out:
         print_json([h.model_dump(mode="json") for h in hosts])
         return
-    table = Table("name", "state", "accel", "memory", "committed", "VMs")
+    table = Table("name", "state", "accel", "memory", "committed", "VMs", "note")
     for h in hosts:
         table.add_row(
             *cells(
@@ -31,6 +41,61 @@ def list_(
                 f"{h.memory_mib} MiB",
                 f"{h.committed_mib} MiB",
                 ", ".join(h.vms),
+                h.maintenance_reason or "",
             )
         )
     console.print(table)
+
+
+def _finish(out: MaintenanceOut, wait: bool, json_out: bool, lab: str | None, title: str) -> None:
+    if not wait or out.task_id is None:
+        if json_out:
+            print_json(out.model_dump(mode="json"))
+        else:
+            console.print(Text(f"{out.host} is {out.state}: task {out.task_id}"))
+        return
+    with errors_exit(), server_client(lab) as client:
+        t = operation.wait(client, out.task_id, title, WAIT_S)
+    operation.show(t, json_out)
+    if t.state != "succeeded":
+        raise typer.Exit(1)
+
+
+@maintenance.command("enter")
+def enter(
+    host: str,
+    wait: bool = WaitOpt,
+    json_out: bool = typer.Option(False, "--json"),
+    lab: str = LabOpt,
+) -> None:
+    """Take no new VMs on HOST and evacuate its VMs, spread by DRS (rules and capacity kept)."""
+    with errors_exit(), server_client(lab) as client:
+        out = client.enter_maintenance(host)
+    _finish(out, wait, json_out, lab, f"evacuating {host}")
+
+
+@maintenance.command("exit")
+def exit_(
+    host: str,
+    return_vms: bool = typer.Option(
+        False, "--return", help="move the VMs the maintenance evacuated back"
+    ),
+    wait: bool = WaitOpt,
+    json_out: bool = typer.Option(False, "--json"),
+    lab: str = LabOpt,
+) -> None:
+    """Put HOST back in service (always possible, also while it is being evacuated)."""
+    with errors_exit(), server_client(lab) as client:
+        out = client.exit_maintenance(host, return_vms=return_vms)
+    _finish(out, wait, json_out, lab, f"{host} back in service")
+
+
+@maintenance.command("status")
+def status(host: str, json_out: bool = typer.Option(False, "--json"), lab: str = LabOpt) -> None:
+    """HOST's state, its maintenance task and why it is not empty yet."""
+    with errors_exit(), server_client(lab) as client:
+        out = client.maintenance(host)
+    if json_out:
+        print_json(out.model_dump(mode="json"))
+    else:
+        console.print(Text(f"{out.host}: {out.state}; task {out.task_id}; {out.reason or ''}"))

@@ -34,6 +34,14 @@ def up(
     insecure: bool = typer.Option(
         False, "--insecure", help="Plaintext migration streams: the manager has no cluster CA."
     ),
+    host_cpus: int = typer.Option(
+        None, "--host-cpus", min=1, help="CPUs each host offers VMs (default: cores / hosts)."
+    ),
+    host_memory: str = typer.Option(
+        None,
+        "--host-memory",
+        help="Memory each host offers VMs, e.g. 6G (default: 3/4 of memory / hosts).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the lab as JSON."),
 ) -> None:
     """Create the lab: switch, client namespace, hosts with agents, datastores."""
@@ -48,6 +56,12 @@ def up(
             pool = 0 if hugepages.strip() == "0" else parse_size(hugepages)
         except ValueError as exc:
             fail(f"--hugepages: {exc}", 2)
+    memory_mib: int | None = None
+    if host_memory is not None:
+        try:
+            memory_mib = parse_size(host_memory) >> 20
+        except ValueError as exc:
+            fail(f"--host-memory: {exc}", 2)
     with errors_exit():
         lab = lab_up(
             name,
@@ -58,6 +72,8 @@ def up(
             hugepages=pool,
             migration_net=migration_net,
             insecure=insecure,
+            host_cpus=host_cpus,
+            host_memory_mib=memory_mib,
         )
     if json_out:
         print_json(lab.record.public())

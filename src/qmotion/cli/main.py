@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import typer
 
-from qmotion.cli import agent, demo, drs, host, image, lab, probe, schedule, server, task, vm
+from qmotion.cli import (
+    agent,
+    cluster,
+    demo,
+    drs,
+    host,
+    image,
+    lab,
+    probe,
+    rule,
+    schedule,
+    server,
+    task,
+    vm,
+)
 
 app = typer.Typer(
     name="qmotion",
@@ -20,6 +34,8 @@ app.add_typer(task.app, name="task")
 app.add_typer(host.app, name="host")
 app.add_typer(drs.app, name="drs")
 app.add_typer(schedule.app, name="schedule")
+app.add_typer(rule.app, name="rule")
+app.add_typer(cluster.app, name="cluster")
 app.command("server")(server.server)
 app.command("agent")(agent.agent)
 app.command("demo")(demo.demo)

@@ -31,13 +31,14 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON.")
 
 
 def parse_workload(text: str) -> Workload:
-    """``fill=600M,dirty=20M/s,hot=64M,disk=20M/s`` -> fill 600 MiB, dirty 20 MiB/s, 64 MiB
-    hot set, 20 MiB/s written to its first disk (besides the checked records).
+    """``fill=600M,dirty=20M/s,hot=64M,disk=20M/s,cpu=80%`` -> fill 600 MiB, dirty 20 MiB/s,
+    64 MiB hot set, 20 MiB/s written to its first disk (besides the checked records), 80% of
+    a vCPU kept busy.
 
     The hot set (optional) is the first ``hot`` of the fill, rewritten over and over with half of
     the dirty rate; the other half sweeps the rest of the fill (see ``Workload.hot_mib``).
     """
-    fill, dirty, hot, disk = 0, 0.0, 0, 0.0
+    fill, dirty, hot, disk, cpu = 0, 0.0, 0, 0.0, 0.0
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")
         if not sep:
@@ -52,9 +53,14 @@ def parse_workload(text: str) -> Workload:
                 raise ValueError(f"hot={value} is less than 1 MiB (use hot=0 for no hot set)")
         elif key == "disk":
             disk = parse_rate_bytes(value) / (1 << 20)
+        elif key == "cpu":
+            try:
+                cpu = float(value.strip().removesuffix("%"))
+            except ValueError:
+                raise ValueError(f"cpu={value}: a percentage of one vCPU, e.g. cpu=80%") from None
         else:
-            raise ValueError(f"unknown workload key {key!r} (fill, dirty, hot, disk)")
-    return Workload(fill_mib=fill, dirty_mib_s=dirty, hot_mib=hot, disk_mib_s=disk)
+            raise ValueError(f"unknown workload key {key!r} (fill, dirty, hot, disk, cpu)")
+    return Workload(fill_mib=fill, dirty_mib_s=dirty, hot_mib=hot, disk_mib_s=disk, cpu_pct=cpu)
 
 
 def _vm_table(vms: list[VmOut]) -> Table:
@@ -91,7 +97,12 @@ def parse_disk(text: str) -> DiskCreate:
 @app.command("create")
 def create(
     name: str,
-    host: str = typer.Option(..., "--host", help="Host to place the VM on."),
+    host: str = typer.Option(
+        None, "--host", help="Host to place the VM on; default: the host DRS picks."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="with --host: even if a must placement rule forbids it"
+    ),
     memory: str = typer.Option(..., "--memory", help="e.g. 512M, 1G"),
     vcpus: int = typer.Option(1, "--vcpus"),
     workload: str = typer.Option(None, "--workload", help="fill=600M,dirty=20M/s"),
@@ -149,6 +160,7 @@ def create(
                 "image": image,
                 "user_data": user_data.read_text() if user_data else None,
                 "start": start,
+                "force": force,
             }
         )
     except ValueError as exc:
@@ -159,6 +171,13 @@ def create(
         print_json(vm.model_dump(mode="json"))
     else:
         console.print(_vm_table([vm]))
+        if vm.placement is not None and vm.placement.chosen_by == "drs":
+            console.print(Text(f"placed on {vm.host} by DRS:"))
+            for c in vm.placement.candidates:
+                mark = "chosen" if c.host == vm.host else "ok" if c.feasible else "refused"
+                console.print(
+                    Text(f"  {c.host:<12} {mark:<8} score {c.score:.4f}  {'; '.join(c.reasons)}")
+                )
 
 
 @app.command("start")
@@ -451,6 +470,9 @@ def migrate(
         "memory follows (no rollback from then on; a broken link pauses the VM until the "
         "stream is recovered)",
     ),
+    force: bool = typer.Option(
+        False, "--force", help="migrate even if a must placement rule forbids it"
+    ),
     json_out: bool = JsonOpt,
     lab: str = LabOpt,
 ) -> None:
@@ -466,6 +488,7 @@ def migrate(
                 "bandwidth": bandwidth,
                 "timeout_s": timeout,
                 "allow_postcopy": allow_postcopy,
+                "force": force,
             }
         )
     if dry_run:

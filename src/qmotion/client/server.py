@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+from qmotion.api.drs import (
+    ApplyRequest,
+    DrsRunOut,
+    DrsSettings,
+    MaintenanceExit,
+    MaintenanceOut,
+    PlacementCandidate,
+    RecommendationOut,
+    RuleCreate,
+    RuleOut,
+    SettingsSet,
+)
 from qmotion.api.migration import MigrationPrediction
 from qmotion.api.schedule import ScheduleCreate, ScheduleOut
 from qmotion.api.server import (
@@ -87,3 +99,55 @@ class ServerClient(BaseClient):
 
     def delete_schedule(self, schedule_id: int) -> None:
         self.request("DELETE", f"/v1/schedules/{schedule_id}")
+
+    # DRS: cluster settings, rules, recommendations, placement, maintenance.
+
+    def settings(self) -> DrsSettings:
+        return self.call(DrsSettings, "GET", "/v1/cluster/settings")
+
+    def set_settings(self, values: dict[str, str]) -> DrsSettings:
+        return self.call(
+            DrsSettings, "PUT", "/v1/cluster/settings", json=dump(SettingsSet(values=values))
+        )
+
+    def rules(self) -> list[RuleOut]:
+        return self.call(list[RuleOut], "GET", "/v1/rules")
+
+    def rule(self, name: str) -> RuleOut:
+        return self.call(RuleOut, "GET", f"/v1/rules/{name}")
+
+    def create_rule(self, req: RuleCreate) -> RuleOut:
+        return self.call(RuleOut, "POST", "/v1/rules", json=dump(req))
+
+    def delete_rule(self, name: str) -> None:
+        self.request("DELETE", f"/v1/rules/{name}")
+
+    def drs_run(self) -> DrsRunOut:
+        return self.call(DrsRunOut, "POST", "/v1/drs/run")
+
+    def recommendations(self, *, all_states: bool = False) -> list[RecommendationOut]:
+        return self.call(
+            list[RecommendationOut],
+            "GET",
+            "/v1/drs/recommendations",
+            params={"all": str(all_states).lower()},
+        )
+
+    def drs_apply(self, req: ApplyRequest) -> TaskOut:
+        return self.call(TaskOut, "POST", "/v1/drs/apply", json=dump(req))
+
+    def place(self, memory_mib: int, vcpus: int = 1) -> list[PlacementCandidate]:
+        body = {"memory": f"{memory_mib}M", "vcpus": vcpus}
+        return self.call(list[PlacementCandidate], "POST", "/v1/drs/place", json=body)
+
+    def maintenance(self, host: str) -> MaintenanceOut:
+        return self.call(MaintenanceOut, "GET", f"/v1/hosts/{host}/maintenance")
+
+    def enter_maintenance(self, host: str) -> MaintenanceOut:
+        return self.call(MaintenanceOut, "POST", f"/v1/hosts/{host}/maintenance")
+
+    def exit_maintenance(self, host: str, *, return_vms: bool = False) -> MaintenanceOut:
+        req = MaintenanceExit(return_vms=return_vms)
+        return self.call(
+            MaintenanceOut, "POST", f"/v1/hosts/{host}/maintenance/exit", json=dump(req)
+        )

@@ -68,6 +68,8 @@ def snapshot_from_inventory(
         )
     out, extra = [], []
     measured = demand or {}
+    host_rules = [r for r in rules if r.strength == "must" and r.kind in ("run_on", "not_run_on")]
+    held_here: set[str] = set()  # migrating VMs: their own host rules give way to the pin
     for vm in vms:
         idle = vm.state in ("stopped", "suspended")  # neither runs nor uses memory
         cpu, mem = measured.get(vm.name, (None, None))
@@ -82,6 +84,18 @@ def snapshot_from_inventory(
             )
         )
         where = vm.host if vm.migrating else (pinned or {}).get(vm.name)
+        # A cool-down never holds a VM where a must rule says it may not be.
+        if (
+            where is not None
+            and not vm.migrating
+            and any(
+                vm.name in r.vms and ((r.kind == "run_on") != (where in r.hosts))
+                for r in host_rules
+            )
+        ):
+            where = None
+        if vm.migrating:
+            held_here.add(vm.name)
         if where is not None:
             extra.append(
                 Rule(
@@ -97,6 +111,8 @@ def snapshot_from_inventory(
     kept = []
     for r in rules:
         members = [v for v in r.vms if v in names]
+        if r in host_rules:
+            members = [v for v in members if v not in held_here]
         on = [h for h in r.hosts if h in host_names]
         pair = r.kind in ("affinity", "anti_affinity")
         if len(members) < (2 if pair else 1) or (not pair and not on):

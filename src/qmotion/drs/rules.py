@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from qmotion.drs.errors import SnapshotError
@@ -55,20 +56,49 @@ def _contradictions(snap: Snapshot, hosts: set[str]) -> None:
             raise SnapshotError(
                 f"rules {', '.join(why[vm])}", f"together leave VM {vm} no host to run on"
             )
-    for a in (r for r in must if r.kind == "affinity"):
-        for b in (r for r in must if r.kind == "anti_affinity"):
-            common = set(a.vms) & set(b.vms)
-            if len(common) >= 2:
+    # Must-affinity rules sharing a VM chain into one group that must share a host.
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.get(x, x) != x:
+            x = parent[x]
+        return x
+
+    affinity = [r for r in must if r.kind == "affinity"]
+    for r in affinity:
+        for vm in r.vms[1:]:
+            root, other = find(r.vms[0]), find(vm)
+            if root != other:
+                parent[other] = root
+    group_rules: dict[str, list[str]] = defaultdict(list)
+    for r in affinity:
+        group_rules[find(r.vms[0])].append(r.name)
+    for b in (r for r in must if r.kind == "anti_affinity"):
+        seen: dict[str, str] = {}
+        for vm in b.vms:
+            g = find(vm)
+            if g in seen and g in group_rules:
                 raise SnapshotError(
-                    f"rules {a.name}, {b.name}",
-                    f"VMs {', '.join(sorted(common))} must be both together and apart",
+                    f"rules {', '.join(group_rules[g])}, {b.name}",
+                    f"VMs {seen[g]}, {vm} must be both together and apart",
                 )
-        group_hosts = set(hosts)
-        for vm in a.vms:
-            group_hosts &= allowed.get(vm, set(hosts))
-        if not group_hosts:
+            seen.setdefault(g, vm)
+        if len(b.vms) > len(hosts):
             raise SnapshotError(
-                f"rule {a.name}", "its VMs must share a host but their host rules allow none"
+                f"rule {b.name}", f"keeps {len(b.vms)} VMs apart on {len(hosts)} hosts"
+            )
+    group_hosts: dict[str, set[str]] = {}
+    group_why: dict[str, list[str]] = defaultdict(list)
+    for vm in {vm for r in affinity for vm in r.vms}:
+        g = find(vm)
+        group_hosts[g] = group_hosts.get(g, set(hosts)) & allowed.get(vm, set(hosts))
+        group_why[g] += why.get(vm, [])
+    for g, ok in group_hosts.items():
+        if not ok:
+            names = sorted(set(group_rules[g] + group_why[g]))
+            raise SnapshotError(
+                f"rules {', '.join(names)}",
+                "the VMs must share a host but their host rules allow none",
             )
 
 
@@ -186,13 +216,19 @@ class RuleBook:
         return out
 
 
-def broken_by_move(rules: list[Rule], placement: dict[str, str], vm: str, host: str) -> list[Rule]:
-    """The must rules that ``vm`` on ``host`` would break, the others staying where they are
-    (a VM not in ``placement``, such as one being created, is placed by this). Members of a
-    rule missing from ``placement`` are ignored: a rule may name a VM not created yet."""
+def broken_by_move(
+    rules: list[Rule],
+    placement: Mapping[str, str],
+    vm: str,
+    host: str,
+    strengths: tuple[str, ...] = ("must",),
+) -> list[Rule]:
+    """The rules (must ones by default) that ``vm`` on ``host`` would break, the others where
+    ``placement`` puts them (a VM not in it, such as one being created, is placed by this).
+    Members missing from ``placement`` are ignored: a rule may name a VM not created yet."""
     broken = []
     for r in rules:
-        if r.strength != "must" or vm not in r.vms:
+        if r.strength not in strengths or vm not in r.vms:
             continue
         others = [placement[o] for o in r.vms if o != vm and o in placement]
         if (

@@ -56,17 +56,19 @@ AGENT_READY_TIMEOUT_S = 60.0
 HUGEPAGES_DEFAULT = 3 << 30
 
 
-def default_hugepages() -> int:
-    """The lab's huge-page pool: 3 GiB, at most a quarter of the machine's memory."""
+def machine_memory() -> int:
+    """The machine's memory in bytes (0 if unknown)."""
     try:
         meminfo = Path("/proc/meminfo").read_text()
     except OSError:
         return 0
     m = re.search(r"^MemTotal:\s+(\d+)", meminfo, re.M)
-    if m is None:
-        return 0
-    total_kib = int(m.group(1))
-    return min(HUGEPAGES_DEFAULT, (total_kib << 10) // 4)
+    return int(m.group(1)) << 10 if m else 0
+
+
+def default_hugepages() -> int:
+    """The lab's huge-page pool: 3 GiB, at most a quarter of the machine's memory."""
+    return min(HUGEPAGES_DEFAULT, machine_memory() // 4)
 
 
 class LabHost(BaseModel):
@@ -122,6 +124,9 @@ class LabRecord(BaseModel):
     manager_token_file: str | None = None
     manager_pid: int | None = None
     hugepages: bool = True
+    # What each host offers VMs (its agent's --cpus/--memory); None: the whole machine.
+    host_cpus: int | None = None
+    host_memory_mib: int | None = None
 
     def public(self) -> dict[str, object]:
         """The ``lab status --json`` view: no secrets (tokens stay in their files)."""
@@ -155,6 +160,8 @@ class LabRecord(BaseModel):
             "bandwidth": self.bandwidth,
             "migration_subnet": self.migration_subnet,
             "tls": not self.insecure,
+            "host_cpus": self.host_cpus,
+            "host_memory_mib": self.host_memory_mib,
             "created_at": self.created_at.isoformat(),
         }
 
@@ -328,6 +335,8 @@ def lab_up(
     migration_net: bool = False,
     insecure: bool = False,
     small_datastore_mib: int | None = None,
+    host_cpus: int | None = None,
+    host_memory_mib: int | None = None,
 ) -> Lab:
     """Create the lab and start an agent per host; on any failure, tear down what was made.
 
@@ -337,7 +346,9 @@ def lab_up(
     carries migration streams (hosts still reach each other on the first). ``insecure``:
     the manager runs without a cluster CA (plaintext migration streams).
     ``small_datastore_mib``: also a shared datastore ``small`` of that size (a tmpfs), for
-    what must withstand a datastore that fills up.
+    what must withstand a datastore that fills up. ``host_cpus``, ``host_memory_mib``:
+    what each host offers VMs; by default the machine divided among the hosts (a quarter of
+    its memory kept for itself), so capacity checks in the lab are real.
     """
     _validate(name, hosts, rtt_ms, bandwidth)
     if hugepages is not None and hugepages < 0:
@@ -379,6 +390,8 @@ def lab_up(
         insecure=insecure,
         created_at=datetime.now(UTC),
         hugepages=bool(pool_bytes),
+        host_cpus=host_cpus or max(1, (os.cpu_count() or 1) // hosts),
+        host_memory_mib=host_memory_mib or (machine_memory() * 3 // 4 // hosts) >> 20 or None,
     )
     try:
         _build(rec, hosts, accel, small_datastore_mib)
@@ -623,6 +636,10 @@ def _start_agent(rec: LabRecord, host: LabHost, accel: str) -> int:
     ]
     if host.migration_address:
         argv += ["--migration-address", host.migration_address]
+    if rec.host_cpus:
+        argv += ["--cpus", str(rec.host_cpus)]
+    if rec.host_memory_mib:
+        argv += ["--memory", f"{rec.host_memory_mib}M"]
     for ds in rec.datastores:
         if host.name in ds.hosts:
             argv += ["--datastore", f"{ds.name}={ds.path}" + (":shared" if ds.shared else "")]

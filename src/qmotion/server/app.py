@@ -69,6 +69,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runner.recover_after_restart()
+        drs.recover_after_restart()
         maintenance.resume_after_restart()
         loops = [
             asyncio.ensure_future(_refresh_forever(inventory, drs)),
@@ -101,7 +102,7 @@ def create_app(
 
     @app.post("/v1/hosts/refresh", response_model=list[HostOut], dependencies=auth)
     def refresh_hosts() -> list[HostOut]:
-        inventory.refresh_hosts(on_metrics=lambda _host, m: drs.sample(m))
+        inventory.refresh_hosts(drs.settings().down_grace_s, lambda _host, m: drs.sample(m))
         return inventory.list_hosts()
 
     @app.put("/v1/pool", status_code=204, dependencies=auth)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 
 from pydantic import ValidationError
@@ -39,7 +40,16 @@ from qmotion.drs.model import Automation, HostSpec, Policy, Rule, Snapshot, VmSp
 from qmotion.drs.planner import place, plan
 from qmotion.drs.rules import RuleBook, broken_by_move, validate
 from qmotion.drs.state import ClusterState
-from qmotion.server.db import Database, Host, PlacementRule, Recommendation, Vm, utcnow
+from qmotion.server.db import (
+    ACTIVE_TASK_STATES,
+    Database,
+    Host,
+    PlacementRule,
+    Recommendation,
+    Task,
+    Vm,
+    utcnow,
+)
 from qmotion.server.errors import Conflict, Invalid, NotFound
 from qmotion.server.inventory import Inventory
 from qmotion.server.operations import Operations, PlannedMove
@@ -55,7 +65,6 @@ SETTING_KEYS = {
     "drs.interval": "interval_s",
     "drs.max-moves": "max_moves",
     "drs.cooldown": "cooldown_s",
-    "drs.proactive": "proactive",
     "host.down-grace": "down_grace_s",
 }
 DURATIONS = {"interval_s", "cooldown_s", "down_grace_s"}
@@ -77,22 +86,30 @@ class DemandWindow:
     def __init__(self, window_s: float = WINDOW_S) -> None:
         self.window = timedelta(seconds=window_s)
         self.samples: dict[str, deque[tuple[datetime, float, float]]] = {}
+        # Refresh threads add while planning threads read.
+        self._lock = threading.Lock()
 
     def add(self, metrics: HostMetrics) -> None:
-        for v in metrics.vms:
-            q = self.samples.setdefault(v.name, deque())
-            q.append((metrics.sampled_at, v.cpu_percent / 100.0, v.rss_bytes / (1 << 20)))
+        with self._lock:
+            for v in metrics.vms:
+                q = self.samples.setdefault(v.name, deque())
+                q.append((metrics.sampled_at, v.cpu_percent / 100.0, v.rss_bytes / (1 << 20)))
+            self._prune(metrics.sampled_at)
 
-    def demand(self, now: datetime) -> dict[str, tuple[float, float]]:
-        out = {}
+    def _prune(self, now: datetime) -> None:
         for vm, q in list(self.samples.items()):
             while q and now - q[0][0] > self.window:
                 q.popleft()
             if not q:
                 del self.samples[vm]
-                continue
-            out[vm] = (sum(x[1] for x in q) / len(q), sum(x[2] for x in q) / len(q))
-        return out
+
+    def demand(self, now: datetime) -> dict[str, tuple[float, float]]:
+        with self._lock:
+            self._prune(now)
+            return {
+                vm: (sum(x[1] for x in q) / len(q), sum(x[2] for x in q) / len(q))
+                for vm, q in self.samples.items()
+            }
 
 
 class ClusterDrs:
@@ -105,6 +122,7 @@ class ClusterDrs:
     ) -> None:
         self.db, self.inventory, self.ops, self.clock = db, inventory, operations, clock
         self.window = DemandWindow()
+        self._run_lock = threading.Lock()  # one plan stored at a time (run ids, supersede)
 
     # ------------------------------------------------------------------ settings
 
@@ -225,9 +243,12 @@ class ClusterDrs:
         with self.db.session() as s:
             return [model_rule(r) for r in s.scalars(select(PlacementRule))]
 
-    def check_move(self, vm: str, to: str, *, new: bool = False) -> None:
-        """Refuse (409, naming the rule) a VM on ``to`` that a must rule forbids."""
-        placement = self._placement()
+    def check_move(
+        self, vm: str, to: str, *, new: bool = False, also: Mapping[str, str] | None = None
+    ) -> None:
+        """Refuse (409, naming the rule) a VM on ``to`` that a must rule forbids; ``also``:
+        other VMs' hosts once moves made with this one are done."""
+        placement = {**self._placement(), **(also or {})}
         if new:
             placement.pop(vm, None)
         broken = broken_by_move(self.rules(), placement, vm, to)
@@ -241,8 +262,10 @@ class ClusterDrs:
                 field="to",
             )
 
-    def recheck(self, vm: str, source: str, target: str) -> str | None:
-        """A planned move against the live inventory, just before it starts."""
+    def recheck(self, move: PlannedMove, wave: Sequence[PlannedMove] = ()) -> str | None:
+        """A planned move against the live inventory, just before it starts; the other moves
+        of its wave count as made (a must-affinity group moves in one wave)."""
+        vm, source, target = move.vm, move.source, move.target
         with self.db.session() as s:
             row = s.scalars(select(Vm).where(Vm.name == vm)).first()
             if row is None:
@@ -253,7 +276,7 @@ class ClusterDrs:
             if dst is None or dst.state != "up":
                 return f"host {target} is {dst.state if dst else 'gone'}"
         try:
-            self.check_move(vm, target)
+            self.check_move(vm, target, also={m.vm: m.target for m in wave if m.vm != vm})
         except Conflict as exc:
             return exc.message
         return None
@@ -271,17 +294,27 @@ class ClusterDrs:
             since = now - timedelta(seconds=self.settings().cooldown_s)
             with self.db.session() as s:
                 rows = s.scalars(
-                    select(Recommendation).where(
+                    select(Recommendation)
+                    .where(
                         Recommendation.state == RecommendationState.APPLIED,
                         Recommendation.applied_at >= since,
                     )
+                    .order_by(Recommendation.applied_at)
                 )
-                pinned = {r.vm: r.target for r in rows}
+                pinned = {r.vm: r.target for r in rows}  # the latest move of each VM wins
         hosts, vms = self.inventory.list_hosts(), self.inventory.list_vms()
-        pinned = {
-            vm: h for vm, h in pinned.items() if any(v.name == vm and v.host == h for v in vms)
-        }
-        return snapshot_from_inventory(hosts, vms, self.rules(), self.window.demand(now), pinned)
+        where = {v.name: v.host for v in vms}
+        pinned = {vm: h for vm, h in pinned.items() if where.get(vm) == h}
+        rules, demand = self.rules(), self.window.demand(now)
+        snap = snapshot_from_inventory(hosts, vms, rules, demand, pinned)
+        if pinned:
+            try:
+                validate(snap)
+            except SnapshotError:
+                # Cool-down pins of an affinity group split by an operator's move: the rules
+                # come first.
+                snap = snapshot_from_inventory(hosts, vms, rules, demand)
+        return snap
 
     # ------------------------------------------------------------------ placement
 
@@ -291,10 +324,19 @@ class ClusterDrs:
             ranked = place(snap, spec, self._policy())
         except SnapshotError as exc:
             raise Conflict(f"cannot place: {exc}", code="invalid_cluster") from exc
-        return [
-            PlacementCandidate(host=c.host, feasible=c.feasible, score=c.score, reasons=c.reasons)
-            for c in ranked
-        ]
+        # The snapshot's rules name existing VMs only; rules naming the new one count here.
+        rules, where = self.rules(), {v.name: v.host for v in snap.vms}
+        out = []
+        for c in ranked:
+            feasible, reasons = c.feasible, list(c.reasons)
+            for r in broken_by_move(rules, where, spec.name, c.host, ("must", "should")):
+                feasible = feasible and r.strength != "must"
+                reasons.append(f"{r.strength} rule {r.name} forbids it")
+            out.append(
+                PlacementCandidate(host=c.host, feasible=feasible, score=c.score, reasons=reasons)
+            )
+        out.sort(key=lambda c: (not c.feasible, c.score, c.host))
+        return out
 
     def create_vm(self, req: VmCreate, force: bool = False) -> VmOut:
         """``vm create``: DRS picks the host when none is given; a given host is checked
@@ -308,6 +350,15 @@ class ClusterDrs:
                 raise Conflict(
                     f"no host can take {req.name}: {why or 'no hosts'}",
                     code="no_host",
+                    vm=req.name,
+                    field="host",
+                )
+            if self.settings().automation == Automation.MANUAL:
+                raise Conflict(
+                    f"DRS automation is manual: give the host (recommended: {ok[0].host}; "
+                    + "; ".join(f"{c.host} score {c.score:.4f}" for c in ok)
+                    + ")",
+                    code="placement_manual",
                     vm=req.name,
                     field="host",
                 )
@@ -328,23 +379,39 @@ class ClusterDrs:
     def run(self) -> DrsRunOut:
         """Plan on the live inventory and store the moves as the pending recommendations
         (earlier pending ones are superseded)."""
+        with self._run_lock:
+            return self._run()
+
+    def _run(self) -> DrsRunOut:
         now = self.clock()
         snap = self.snapshot(cooldown=True, now=now)
         try:
             result = plan(snap, self._policy(), now)
         except SnapshotError as exc:
             raise Conflict(f"cannot plan: {exc}", code="invalid_cluster") from exc
+        # A host entering maintenance is evacuated by its maintenance task, not by DRS.
+        evacuating = {h.name for h in snap.hosts if h.maintenance}
+        moves = [
+            m for m in result.moves if m.priority <= result.threshold and m.source not in evacuating
+        ]
         with self.db.session() as s:
-            s.execute(
-                update(Recommendation)
-                .where(Recommendation.state == RecommendationState.PENDING)
-                .values(state=RecommendationState.SUPERSEDED)
-            )
+            pending = {
+                (r.vm, r.source, r.target): r
+                for r in s.scalars(
+                    select(Recommendation).where(
+                        Recommendation.state == RecommendationState.PENDING
+                    )
+                )
+            }
             last = s.scalars(select(Recommendation.run_id).order_by(Recommendation.run_id.desc()))
             run_id = (last.first() or 0) + 1
             rows = []
-            for m in result.moves:
-                if m.priority > result.threshold:
+            for m in moves:
+                same = pending.pop((m.vm, m.source, m.target), None)
+                if same is not None:
+                    # The same move again: it keeps its id, so `drs apply ID` still finds it.
+                    same.run_id, same.wave, same.priority = run_id, m.wave, m.priority
+                    rows.append(same)
                     continue
                 r = Recommendation(
                     run_id=run_id,
@@ -359,6 +426,8 @@ class ClusterDrs:
                 )
                 s.add(r)
                 rows.append(r)
+            for stale in pending.values():
+                stale.state = RecommendationState.SUPERSEDED
             s.flush()
             recs = [self._rec_out(r) for r in rows]
         measured = len(self.window.demand(now))
@@ -418,8 +487,18 @@ class ClusterDrs:
                     )
             if not rows:
                 raise Conflict("no pending recommendations: run `drs run` first", field="all")
-            for r in rows:
-                r.state = RecommendationState.APPLYING
+            # Claimed only if still pending: a run or another apply may have got there first.
+            claimed = s.execute(
+                update(Recommendation)
+                .where(
+                    Recommendation.id.in_([r.id for r in rows]),
+                    Recommendation.state == RecommendationState.PENDING,
+                )
+                .values(state=RecommendationState.APPLYING)
+                .execution_options(synchronize_session=False)
+            )
+            if claimed.rowcount != len(rows):  # type: ignore[attr-defined]
+                raise Conflict("the recommendations changed meanwhile: try again", field="ids")
             moves = [PlannedMove(r.vm, r.source, r.target, r.wave, r.reason) for r in rows]
             ids = {r.vm: r.id for r in rows}
         return self._apply_moves(moves, ids)
@@ -457,10 +536,12 @@ class ClusterDrs:
 
         return self.ops.start(DRS_APPLY, None, f"DRS: {len(moves)} moves", body)
 
-    def run_and_apply(self) -> TaskOut:
+    async def run_and_apply(self) -> TaskOut:
         """Plan and apply every move at once (a scheduled DRS run): always a task, which
         ends at once when there is nothing to move."""
-        out = self.run()
+        if await asyncio.to_thread(self._busy):
+            raise Conflict("DRS moves are still being applied", code="drs_busy")
+        out = await asyncio.to_thread(self.run)
         with self.db.session() as s:
             ids = [r.id for r in out.recommendations]
             for r in s.scalars(select(Recommendation).where(Recommendation.id.in_(ids))):
@@ -478,6 +559,8 @@ class ClusterDrs:
         out = await asyncio.to_thread(self.run)
         if st.automation != Automation.FULL or not out.recommendations:
             return out
+        if await asyncio.to_thread(self._busy):
+            return out  # the last round's moves still run: recommended, applied next round
         req = ApplyRequest(ids=[r.id for r in out.recommendations])
         task = self.apply(req)  # on the loop: it starts the operation's task
         return out.model_copy(update={"applied_task": task.id})
@@ -491,22 +574,30 @@ class ClusterDrs:
                 now = self.clock()
                 if last is not None and (now - last).total_seconds() < st.interval_s:
                     continue
-                last = now
                 if await asyncio.to_thread(self._busy):
                     continue  # the previous round's moves are still running
+                last = now
                 await self.tick()
             except Exception:  # the loop must outlive one bad round
                 log.exception("DRS round failed")
 
     def _busy(self) -> bool:
+        """A DRS apply is running."""
         with self.db.session() as s:
-            return (
-                s.scalars(
-                    select(Recommendation).where(
-                        Recommendation.state == RecommendationState.APPLYING
-                    )
-                ).first()
-                is not None
+            active = select(Task).where(Task.kind == DRS_APPLY, Task.state.in_(ACTIVE_TASK_STATES))
+            return s.scalars(active).first() is not None
+
+    def recover_after_restart(self) -> None:
+        """Recommendations a previous manager was applying: their apply task ended with it
+        (the migrations it started went on by themselves)."""
+        with self.db.session() as s:
+            s.execute(
+                update(Recommendation)
+                .where(Recommendation.state == RecommendationState.APPLYING)
+                .values(
+                    state=RecommendationState.FAILED,
+                    message="the manager restarted while applying; see the VM's tasks",
+                )
             )
 
     def balance_state(self) -> tuple[float, int]:

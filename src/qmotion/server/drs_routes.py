@@ -48,12 +48,13 @@ class ManagerActions:
         return (await self.runner.submit_migration(vm, MigrateRequest(to=to))).id
 
     async def drs(self) -> int:
-        return self.cluster.run_and_apply().id
+        return (await self.cluster.run_and_apply()).id
 
     async def maintenance_enter(self, host: str) -> int:
+        if self.maintenance.status(host).state == "maintenance":
+            raise Conflict(f"host {host} is in maintenance already", host=host)
         out = self.maintenance.enter(host)
-        if out.task_id is None:
-            raise Conflict(f"host {host} is {out.state}", host=host)
+        assert out.task_id is not None  # an evacuation task, started or under way
         return out.task_id
 
     async def maintenance_exit(self, host: str) -> int:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from qmotion.api.host import HostFacts, HostMetrics, TlsInstall
@@ -161,25 +161,37 @@ class Inventory:
             try:
                 with self.agents.client(url, token, timeout_s=10) as client:
                     facts: HostFacts | None = client.host()
-                    metrics = client.metrics() if on_metrics is not None else None
+                    if on_metrics is not None:
+                        try:
+                            on_metrics(name, client.metrics())
+                        except ClientError as exc:  # usage is optional, the facts are not
+                            log.warning("host %s: no metrics: %s", name, exc)
             except ClientError as exc:
                 log.warning("host %s unreachable: %s", name, exc)
-                facts, metrics = None, None
-            if metrics is not None and on_metrics is not None:
-                on_metrics(name, metrics)
+                facts = None
             with self.db.session() as s:
                 host = s.get(Host, hid)
                 if host is None:
                     continue
                 if facts is None:
                     silent = (utcnow() - (host.last_seen or host.registered_at)).total_seconds()
-                    if host.state == "up" and silent >= down_grace_s:
-                        host.state = "down"
+                    if silent >= down_grace_s:
+                        # Only from up: maintenance (set meanwhile on the event loop) stays.
+                        s.execute(
+                            update(Host)
+                            .where(Host.id == hid, Host.state == "up")
+                            .values(state="down")
+                            .execution_options(synchronize_session=False)
+                        )
                 else:
                     host.facts = facts.model_dump(mode="json")
                     host.last_seen = utcnow()
-                    if host.state == "down":
-                        host.state = "up"
+                    s.execute(
+                        update(Host)
+                        .where(Host.id == hid, Host.state == "down")
+                        .values(state="up")
+                        .execution_options(synchronize_session=False)
+                    )
 
     def host_by_name(self, s: Session, name: str, field: str = "host") -> Host:
         host = s.scalars(select(Host).where(Host.name == name)).first()
@@ -396,6 +408,7 @@ class Inventory:
                         "dirty_mib_s": req.workload.dirty_mib_s,
                         "hot_mib": req.workload.hot_mib,
                         "disk_bulk_mib_s": req.workload.disk_mib_s,
+                        "cpu_pct": req.workload.cpu_pct,
                     }
                 )
             disks = []

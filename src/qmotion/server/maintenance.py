@@ -22,12 +22,13 @@ from sqlalchemy.orm import Session
 
 from qmotion.api.drs import MaintenanceOut, MoveOutcome, OperationReport
 from qmotion.api.server import TaskState
+from qmotion.drs.errors import SnapshotError
 from qmotion.drs.model import Policy
 from qmotion.drs.planner import plan
-from qmotion.server.db import Database, Host, HostMaintenance, Task, Vm
+from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, HostMaintenance, Task, Vm
 from qmotion.server.drs import ClusterDrs, _spread
 from qmotion.server.errors import Conflict, NotFound
-from qmotion.server.operations import Operations, PlannedMove
+from qmotion.server.operations import OperationBody, Operations, PlannedMove
 from qmotion.server.task_view import MAINTENANCE, MAINTENANCE_EXIT
 from qmotion.server.tasks import TaskRunner
 
@@ -80,8 +81,15 @@ class Maintenance:
                     code="host_down",
                     host=name,
                 )
-        if self._active_task(name) is not None:
-            return self.status(name)  # already evacuating
+            fresh = h.state == "up"
+            row = s.get(HostMaintenance, name)
+            task = s.get(Task, row.task_id) if row is not None and row.task_id else None
+            active = task is not None and TaskState(task.state).active
+            if active and task is not None and task.kind == MAINTENANCE:
+                return self.status(name)  # already evacuating
+            exiting = task.id if active and task is not None else None
+        if exiting is not None:
+            self.runner.cancel(exiting)  # an `exit --return` under way: stop bringing VMs in
         with self.db.session() as s:
             h = self._host(s, name)
             h.state = "entering-maintenance"
@@ -89,24 +97,35 @@ class Maintenance:
             if row is None:
                 row = HostMaintenance(host=name, evacuated={})
                 s.add(row)
-            row.reason, row.evacuated = None, {}
-        task = self.ops.start(
+            row.reason = None
+            if fresh:
+                # A retry (or a resumed evacuation) keeps what was moved away already, so
+                # `exit --return` brings those back too.
+                row.evacuated = {}
+        task_out = self.ops.start(
             MAINTENANCE, name, f"maintenance: evacuating {name}", self._evacuation(name)
         )
         with self.db.session() as s:
             row = s.get(HostMaintenance, name)
             assert row is not None
-            row.task_id = task.id
+            row.task_id = task_out.id
         return self.status(name)
 
-    def _evacuation(self, name: str):  # type: ignore[no-untyped-def]
+    def _evacuation(self, name: str) -> OperationBody:
         async def body(task_id: int, cancel: asyncio.Event) -> tuple[OperationReport, str | None]:
             outcomes: list[MoveOutcome] = []
             why: dict[str, str] = {}
             for _ in range(ROUNDS):
                 if cancel.is_set():
                     break
-                moves, unplaced = await asyncio.to_thread(self._plan, name)
+                # Migrations already on their way in land first, then leave with the rest.
+                for incoming in await asyncio.to_thread(self._incoming, name):
+                    await self.ops.wait(incoming)
+                try:
+                    moves, unplaced = await asyncio.to_thread(self._plan, name)
+                except SnapshotError as exc:
+                    why["*"] = f"DRS cannot plan: {exc}"
+                    break
                 why.update(unplaced)
                 if not moves:
                     break
@@ -119,19 +138,21 @@ class Maintenance:
                         why.pop(o.vm, None)
                     else:
                         why[o.vm] = o.reason or o.outcome
-                if all(o.outcome == "moved" for o in done):
-                    continue  # plan again: anything left (or newly arrived) goes too
             remaining = await asyncio.to_thread(self._remaining, name)
             for vm in remaining:
                 if vm not in why:
-                    why[vm] = "the evacuation was cancelled" if cancel.is_set() else "not moved"
+                    why[vm] = (
+                        "the evacuation was cancelled"
+                        if cancel.is_set()
+                        else why.get("*", "not moved")
+                    )
                     outcomes.append(
                         MoveOutcome(
                             vm=vm, source=name, target=None, outcome="unplaced", reason=why[vm]
                         )
                     )
             reason = "; ".join(f"{vm}: {why[vm]}" for vm in remaining) or None
-            await asyncio.to_thread(self._settle, name, reason, cancel.is_set())
+            await asyncio.to_thread(self._settle, name, task_id, reason)
             report = OperationReport(
                 kind=MAINTENANCE,
                 host=name,
@@ -139,6 +160,8 @@ class Maintenance:
                 spread=_spread(outcomes),
                 remaining=remaining,
             )
+            if cancel.is_set():
+                return report, None  # cancelled (by exit): the task says so
             return report, (f"{name} is not empty: {reason}" if reason else None)
 
         return body
@@ -156,6 +179,13 @@ class Maintenance:
         unplaced = {u["vm"]: u["reason"] for u in result.unplaced if u["vm"] in on_host}
         return moves, unplaced
 
+    def _incoming(self, name: str) -> list[int]:
+        with self.db.session() as s:
+            active = select(Task.id).where(
+                Task.destination == name, Task.state.in_(ACTIVE_TASK_STATES)
+            )
+            return list(s.scalars(active))
+
     def _record(self, o: MoveOutcome) -> None:
         if o.outcome != "moved" or o.target is None:
             return
@@ -169,16 +199,15 @@ class Maintenance:
             h = self._host(s, name)
             return sorted(v.name for v in h.vms)
 
-    def _settle(self, name: str, reason: str | None, cancelled: bool) -> None:
+    def _settle(self, name: str, task_id: int, reason: str | None) -> None:
         with self.db.session() as s:
             h = self._host(s, name)
             row = s.get(HostMaintenance, name)
-            if h.state != "entering-maintenance":
-                return  # exited meanwhile
+            if h.state != "entering-maintenance" or row is None or row.task_id != task_id:
+                return  # exited, or another evacuation took over, meanwhile
             if reason is None:
                 h.state = "maintenance"
-            if row is not None:
-                row.reason = reason
+            row.reason = reason
 
     # ------------------------------------------------------------------ exit
 
@@ -187,26 +216,22 @@ class Maintenance:
             h = self._host(s, name)
             if h.state not in ("maintenance", "entering-maintenance"):
                 raise Conflict(f"host {name} is {h.state}, not in maintenance", host=name)
-        active = self._active_task(name)
-        if active is not None:
-            self.runner.cancel(active)
+        evacuating = self._active_task(name)
+        if evacuating is not None:
+            self.runner.cancel(evacuating)
         with self.db.session() as s:
             h = self._host(s, name)
             h.state = "up"
             row = s.get(HostMaintenance, name)
-            evacuated = dict(row.evacuated) if row else {}
             if row is not None:
                 row.reason = None
-        with self.db.session() as s:
-            where = {v.name: v.host.name for v in s.scalars(select(Vm))}
-        back = [vm for vm in sorted(evacuated) if return_vms and where.get(vm) == evacuated[vm]]
-        # Every move targets this host: its per-host limit makes the waves.
-        moves = [
-            PlannedMove(vm, evacuated[vm], name, i // self.runner.per_host, "return")
-            for i, vm in enumerate(back)
-        ]
 
         async def body(task_id: int, cancel: asyncio.Event) -> tuple[OperationReport, str | None]:
+            if evacuating is not None:
+                # Its moves under way finish (or are cancelled) and are recorded first, so
+                # the VMs they moved come back too.
+                await self.ops.wait(evacuating)
+            moves = await asyncio.to_thread(self._returns, name) if return_vms else []
             done = await self.ops.run_waves(task_id, moves, cancel, self.drs.recheck)
             failed = [o for o in done if o.outcome != "moved"]
             await asyncio.to_thread(
@@ -218,14 +243,28 @@ class Maintenance:
             error = "; ".join(f"{o.vm}: {o.reason}" for o in failed) or None
             return report, error
 
-        task = self.ops.start(
-            MAINTENANCE_EXIT, name, f"maintenance exit: {len(moves)} VMs back to {name}", body
-        )
+        what = "bringing its VMs back" if return_vms else "back in service"
+        task = self.ops.start(MAINTENANCE_EXIT, name, f"maintenance exit of {name}: {what}", body)
         with self.db.session() as s:
             row = s.get(HostMaintenance, name)
-            assert row is not None
+            if row is None:
+                row = HostMaintenance(host=name, evacuated={})
+                s.add(row)
             row.task_id = task.id
         return self.status(name)
+
+    def _returns(self, name: str) -> list[PlannedMove]:
+        """The VMs the last maintenance moved away that are still where it put them; every
+        move targets this host, so its per-host limit makes the waves."""
+        with self.db.session() as s:
+            row = s.get(HostMaintenance, name)
+            evacuated = dict(row.evacuated) if row else {}
+            where = {v.name: v.host.name for v in s.scalars(select(Vm))}
+        back = [vm for vm in sorted(evacuated) if where.get(vm) == evacuated[vm]]
+        return [
+            PlannedMove(vm, evacuated[vm], name, i // self.runner.per_host, "return")
+            for i, vm in enumerate(back)
+        ]
 
     def _forget(self, name: str, returned: list[str]) -> None:
         with self.db.session() as s:

@@ -24,8 +24,13 @@ from qmotion.server.tasks import TaskRunner
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
-# A move re-checked just before it starts: None to go ahead, else why not.
-Recheck = Callable[[str, str, str], str | None]
+# A move re-checked just before it starts, given its wave (members of a must-affinity group
+# move together): None to go ahead, else why not.
+Recheck = Callable[["PlannedMove", Sequence["PlannedMove"]], str | None]
+
+
+# An operation's work: (its task id, its cancel event) -> (its report, its error if any).
+OperationBody = Callable[[int, asyncio.Event], Awaitable[tuple[OperationReport, str | None]]]
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ class Operations:
         kind: str,
         host: str | None,
         message: str,
-        body: Callable[[int, asyncio.Event], Awaitable[tuple[OperationReport, str | None]]],
+        body: OperationBody,
     ) -> TaskOut:
         """Insert the operation's task and run ``body(task_id, cancel)`` in the background;
         its report becomes the task's result, its error (if any) fails the task."""
@@ -116,10 +121,11 @@ class Operations:
             if cancel.is_set():
                 break
             submitted: list[tuple[PlannedMove, int]] = []
-            for m in (m for m in moves if m.wave == w):
+            wave = [m for m in moves if m.wave == w]
+            for m in wave:
                 if cancel.is_set():
                     break
-                why = await asyncio.to_thread(recheck, m.vm, m.source, m.target)
+                why = await asyncio.to_thread(recheck, m, wave)
                 if why is not None:
                     done = MoveOutcome(
                         vm=m.vm, source=m.source, target=m.target, outcome="skipped", reason=why

@@ -8,7 +8,7 @@ mount -t devtmpfs dev /dev 2>/dev/null
 
 # Defaults; each may be overridden by qm.KEY=VALUE on the kernel command line.
 ip=""; hostname="qmguest"; fill=0; dirty=0; hot=0; check=0; echo=7000; memport=7001
-diskport=7002; disk_rate=20; disk_bulk=0; probe=0
+diskport=7002; disk_rate=20; disk_bulk=0; probe=0; cpu=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         qm.ip=*) ip="${arg#qm.ip=}" ;;
@@ -23,6 +23,7 @@ for arg in $(cat /proc/cmdline); do
         qm.disk_rate=*) disk_rate="${arg#qm.disk_rate=}" ;;
         qm.disk_bulk=*) disk_bulk="${arg#qm.disk_bulk=}" ;;
         qm.probe=*) probe="${arg#qm.probe=}" ;;
+        qm.cpu=*) cpu="${arg#qm.cpu=}" ;;
     esac
 done
 
@@ -57,6 +58,7 @@ fi
 /bin/qmguest mem "$fill" "$dirty" "$memport" "$check" "$hot" &
 [ -b /dev/vda ] && /bin/qmguest disk /dev/vda "$disk_rate" "$diskport" "$disk_bulk" &
 /bin/qmguest powerbtn &
+[ "$cpu" != 0 ] && /bin/qmguest cpu "$cpu" &
 
 mac=$(cat /sys/class/net/eth0/address 2>/dev/null)
 echo "QMOTION-READY host=$hostname ip=$ip mac=$mac fill_mib=$fill dirty_mib_s=$dirty hot_mib=$hot" > /dev/console

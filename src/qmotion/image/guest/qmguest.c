@@ -735,6 +735,20 @@ static int run_powerbtn(void) {
     }
 }
 
+/* CPU load: busy PERCENT of every 100 ms, asleep the rest (a VM with steady CPU demand, which
+ * the host sees as its QEMU process's CPU use). */
+static int run_cpu(double percent) {
+    if (percent <= 0) return 0;
+    if (percent > 100) percent = 100;
+    const double period = 0.1, busy = period * percent / 100.0;
+    volatile uint64_t spin = 0;
+    for (;;) {
+        double start = now_s();
+        while (now_s() - start < busy) spin++;
+        if (busy < period) sleep_s(period - (now_s() - start));
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc >= 3 && strcmp(argv[1], "echo") == 0) return run_echo(atoi(argv[2]));
     /* HOT_MIB is optional (older /init scripts pass five arguments): no hot set. */
@@ -744,8 +758,9 @@ int main(int argc, char **argv) {
     if (argc >= 5 && strcmp(argv[1], "disk") == 0)
         return run_disk(argv[2], atof(argv[3]), atoi(argv[4]), argc >= 6 ? atof(argv[5]) : 0.0);
     if (argc >= 2 && strcmp(argv[1], "powerbtn") == 0) return run_powerbtn();
+    if (argc >= 3 && strcmp(argv[1], "cpu") == 0) return run_cpu(atof(argv[2]));
     fprintf(stderr,
             "usage: qmguest echo PORT | mem FILL_MIB DIRTY_MIB_S PORT CHECK_EVERY_S [HOT_MIB] |"
-            " disk DEV RECORDS_PER_S PORT [BULK_MIB_S] | powerbtn\n");
+            " disk DEV RECORDS_PER_S PORT [BULK_MIB_S] | powerbtn | cpu PERCENT\n");
     return 2;
 }

@@ -1,0 +1,54 @@
+"""``qmotion cluster``: cluster-wide settings (DRS automation, threshold, interval, ...)."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from qmotion.cli.common import cells, console, errors_exit, fail, print_json
+from qmotion.cli.connect import server_client
+
+app = typer.Typer(help="Cluster-wide settings.")
+LabOpt = typer.Option(None, "--lab", help="Which lab's manager, if several are up.")
+SETTINGS_HELP = (
+    "drs.automation=manual|partial|full, drs.threshold=1..5, drs.interval=5m, "
+    "drs.max-moves=N, drs.cooldown=1h, host.down-grace=60s"
+)
+
+
+def _show(values: dict[str, object]) -> None:
+    table = Table("setting", "value")
+    for k, v in values.items():
+        table.add_row(*cells(k, v))
+    console.print(table)
+
+
+@app.command("show")
+def show(json_out: bool = typer.Option(False, "--json"), lab: str = LabOpt) -> None:
+    """The cluster's settings."""
+    with errors_exit(), server_client(lab) as client:
+        st = client.settings()
+    if json_out:
+        print_json(st.model_dump(mode="json"))
+    else:
+        _show(st.model_dump(mode="json"))
+
+
+@app.command("set", help=f"Change settings: KEY=VALUE ... ({SETTINGS_HELP}).")
+def set_(
+    pairs: list[str] = typer.Argument(..., help="KEY=VALUE"),
+    json_out: bool = typer.Option(False, "--json"),
+    lab: str = LabOpt,
+) -> None:
+    values = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key or not value:
+            fail(f"{p!r}: settings are KEY=VALUE ({SETTINGS_HELP})", 2)
+        values[key.strip()] = value.strip()
+    with errors_exit(), server_client(lab) as client:
+        st = client.set_settings(values)
+    if json_out:
+        print_json(st.model_dump(mode="json"))
+    else:
+        _show(st.model_dump(mode="json"))

@@ -1,0 +1,189 @@
+"""DRS on the live lab with real guests: maintenance evacuates and returns six VMs (an
+anti-affinity rule kept, a manual move breaking it refused), and full automation balances
+measured CPU load, then stops. Every VM's memory is checked and its echo answers after."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from qmotion.api.drs import RuleCreate
+from qmotion.api.server import VmCreate, Workload
+from qmotion.client.errors import ApiError
+from qmotion.client.server import ServerClient
+from qmotion.lab import Lab
+from qmotion.lab.netns import run_in
+from qmotion.migration.prechecks import HOST_RESERVED_MIB
+from qmotion.probe.guest import mem_check, wait_echo
+from tests.integration.conftest import ip_of
+
+pytestmark = pytest.mark.integration
+
+
+def cli(lab: Lab, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qmotion", *args, "--lab", lab.record.name],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture
+def cluster(lab: Lab) -> Iterator[tuple[ServerClient, list[str], list[str]]]:
+    """The manager, and lists of VMs and rules the test makes (removed after). VMs other
+    tests left running are pinned where they are (a must run-on rule each), so DRS moves only
+    this test's VMs; the cluster's settings are restored."""
+    vms: list[str] = []
+    rules: list[str] = []
+    with lab.server() as server:
+        saved = server.settings()
+        for vm in server.vms():
+            name = f"pin-{vm.name}"
+            server.create_rule(RuleCreate(name=name, kind="run-on", vms=[vm.name], hosts=[vm.host]))
+            rules.append(name)
+        try:
+            yield server, vms, rules
+        finally:
+            for host in ("h1", "h2", "h3"):
+                with contextlib.suppress(ApiError):
+                    server.exit_maintenance(host)
+            server.set_settings(
+                {
+                    "drs.automation": saved.automation.value,
+                    "drs.threshold": str(saved.threshold),
+                    "drs.interval": f"{saved.interval_s}s",
+                    "drs.cooldown": f"{saved.cooldown_s}s",
+                }
+            )
+            for name in rules:
+                with contextlib.suppress(ApiError):
+                    server.delete_rule(name)
+            for name in vms:
+                with contextlib.suppress(Exception):
+                    server.delete_vm(name, force=True)
+
+
+def boot(
+    lab: Lab, server: ServerClient, made: list[str], host: str, n: int, **wl: float
+) -> list[str]:
+    names = [f"d{secrets.token_hex(3)}" for _ in range(n)]
+    for name in names:
+        server.create_vm(
+            VmCreate.model_validate(
+                {
+                    "name": name,
+                    "host": host,
+                    "memory": "160M",
+                    "start": True,
+                    "workload": Workload(fill_mib=24, **wl),
+                }
+            )
+        )
+        made.append(name)
+    for name in names:
+        healthy(lab, server, name)
+    return names
+
+
+def healthy(lab: Lab, server: ServerClient, name: str) -> None:
+    ip = ip_of(server.vm(name))
+    run_in(lab.record.client_namespace, lambda: wait_echo(ip, 120))
+    check = run_in(lab.record.client_namespace, lambda: mem_check(ip))
+    assert check["consistent"], (name, check)
+
+
+def placement(server: ServerClient, names: list[str]) -> dict[str, str]:
+    return {v.name: v.host for v in server.vms() if v.name in names}
+
+
+def within_capacity(server: ServerClient) -> None:
+    for h in server.hosts():
+        assert h.committed_mib <= h.memory_mib - HOST_RESERVED_MIB, h
+
+
+def test_maintenance_evacuates_six_vms_keeps_rules_and_returns_them(
+    lab: Lab, cluster: tuple[ServerClient, list[str], list[str]]
+) -> None:
+    server, made, rules = cluster
+    six = boot(lab, server, made, "h3", 6)
+    a, b = six[0], six[1]
+    server.create_rule(RuleCreate(name="apart", kind="anti-affinity", vms=[a, b]))
+    rules.append("apart")
+
+    began = time.monotonic()
+    out = cli(lab, "host", "maintenance", "enter", "h3", "--wait", "--json")
+    took = time.monotonic() - began
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads(out.stdout)["operation"]
+    assert {m["vm"] for m in report["moves"] if m["outcome"] == "moved"} == set(six)
+    where = placement(server, six)
+    assert set(where.values()) <= {"h1", "h2"}
+    counts = [list(where.values()).count(h) for h in ("h1", "h2")]
+    assert min(counts) >= 2, where  # spread, never all on one host
+    assert where[a] != where[b]  # the anti-affinity rule, kept by the evacuation
+    within_capacity(server)
+    host = next(h for h in server.hosts() if h.name == "h3")
+    assert host.state == "maintenance"
+    with pytest.raises(ApiError) as refused:
+        server.create_vm(VmCreate.model_validate({"name": "nope", "host": "h3", "memory": "64M"}))
+    assert refused.value.status == 409
+    # A manual move that breaks the rule is refused, naming it; nothing moves.
+    moved = cli(lab, "vm", "migrate", a, "--to", where[b])
+    assert moved.returncode != 0 and "apart" in moved.stdout + moved.stderr
+    assert placement(server, [a])[a] == where[a]
+    for name in six:
+        healthy(lab, server, name)
+
+    back = cli(lab, "host", "maintenance", "exit", "h3", "--return", "--wait", "--json")
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert placement(server, six) == dict.fromkeys(six, "h3")
+    for name in six:
+        healthy(lab, server, name)
+    print(f"evacuation of 6 VMs: {took:.1f} s, spread {counts}")
+
+
+def test_full_automation_balances_measured_cpu_load_then_stops(
+    lab: Lab, cluster: tuple[ServerClient, list[str], list[str]]
+) -> None:
+    server, made, _ = cluster
+    busy = boot(lab, server, made, "h1", 3, cpu_pct=60)
+    server.set_settings(
+        {
+            "drs.automation": "full",
+            "drs.threshold": "3",
+            "drs.interval": "1d",  # the test runs the rounds: no timed round in between
+            "drs.cooldown": "0s",  # so the stop below is balance, not the cool-down
+        }
+    )
+    for _ in range(4):  # measured samples (the agent samples every 2 s)
+        time.sleep(2.5)
+        server.refresh_hosts()
+    run = server.drs_run()
+    assert run.measured_vms >= 3 and run.applied_task is not None, run
+    moved = {r.vm for r in run.recommendations}
+    assert moved <= set(busy) and len(moved) == 2, run.recommendations
+    task = server.task(run.applied_task)
+    deadline = time.monotonic() + 300
+    while task.state.active and time.monotonic() < deadline:
+        time.sleep(0.5)
+        task = server.task(run.applied_task)
+    assert task.state == "succeeded", task.error
+    assert sorted(placement(server, busy).values()) == ["h1", "h2", "h3"]
+    within_capacity(server)
+    for _ in range(2):
+        time.sleep(2.5)
+        server.refresh_hosts()
+        again = server.drs_run()
+        assert again.recommendations == [] and again.applied_task is None, again
+    assert sorted(placement(server, busy).values()) == ["h1", "h2", "h3"]
+    for name in busy:
+        healthy(lab, server, name)
