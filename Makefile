@@ -66,6 +66,7 @@ bench: EXTRA_DEBS = $(BENCH_PACKAGES)
 bench: setup
 	$(PY) -m bench.migration
 	$(PY) -m bench.drs
+	$(PY) -m bench.drs_live
 	$(PY) -m bench.convergence
 	$(PY) -m bench.distance
 	$(PY) -m bench.storage

@@ -143,9 +143,15 @@ def test_maintenance_evacuates_six_vms_keeps_rules_and_returns_them(
     for name in six:
         healthy(lab, server, name)
 
+    # Back: all but one of the pair (the rule keeps them apart on return too), which stays
+    # where it is, the task saying why.
     back = cli(lab, "host", "maintenance", "exit", "h3", "--return", "--wait", "--json")
-    assert back.returncode == 0, back.stdout + back.stderr
-    assert placement(server, six) == dict.fromkeys(six, "h3")
+    assert back.returncode == 1, back.stdout + back.stderr
+    returned = json.loads(back.stdout)["operation"]["moves"]
+    left = [m for m in returned if m["outcome"] != "moved"]
+    assert len(left) == 1 and left[0]["vm"] in (a, b) and "apart" in left[0]["reason"], left
+    after = placement(server, six)
+    assert [n for n in six if after[n] != "h3"] == [left[0]["vm"]], after
     for name in six:
         healthy(lab, server, name)
     print(f"evacuation of 6 VMs: {took:.1f} s, spread {counts}")
@@ -155,7 +161,8 @@ def test_full_automation_balances_measured_cpu_load_then_stops(
     lab: Lab, cluster: tuple[ServerClient, list[str], list[str]]
 ) -> None:
     server, made, _ = cluster
-    busy = boot(lab, server, made, "h1", 3, cpu_pct=60)
+    # Two busy guests on one host (each host offers the lab's share of the CPUs).
+    busy = boot(lab, server, made, "h1", 2, cpu_pct=50)
     server.set_settings(
         {
             "drs.automation": "full",
@@ -164,26 +171,45 @@ def test_full_automation_balances_measured_cpu_load_then_stops(
             "drs.cooldown": "0s",  # so the stop below is balance, not the cool-down
         }
     )
-    for _ in range(4):  # measured samples (the agent samples every 2 s)
+    for _ in range(2):  # measured samples (the agent samples every 2 s)
         time.sleep(2.5)
         server.refresh_hosts()
     run = server.drs_run()
-    assert run.measured_vms >= 3 and run.applied_task is not None, run
-    moved = {r.vm for r in run.recommendations}
-    assert moved <= set(busy) and len(moved) == 2, run.recommendations
+    assert run.measured_vms >= 2 and run.applied_task is not None, run
+    assert len(run.recommendations) == 1 and run.recommendations[0].vm in busy, run
     task = server.task(run.applied_task)
     deadline = time.monotonic() + 300
     while task.state.active and time.monotonic() < deadline:
         time.sleep(0.5)
         task = server.task(run.applied_task)
     assert task.state == "succeeded", task.error
-    assert sorted(placement(server, busy).values()) == ["h1", "h2", "h3"]
+    where = placement(server, busy)
+    assert len(set(where.values())) == 2, where
     within_capacity(server)
     for _ in range(2):
         time.sleep(2.5)
         server.refresh_hosts()
         again = server.drs_run()
         assert again.recommendations == [] and again.applied_task is None, again
-    assert sorted(placement(server, busy).values()) == ["h1", "h2", "h3"]
+    assert placement(server, busy) == where
     for name in busy:
         healthy(lab, server, name)
+
+
+@pytest.mark.usefixtures("cluster")  # pins other tests' VMs: the scheduled round moves none
+def test_a_schedule_survives_a_manager_restart(lab: Lab) -> None:
+    out = cli(lab, "schedule", "create", "--at", "+6s", "--drs", "--name", "nightly", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    sid = json.loads(out.stdout)["id"]
+    lab.restart_manager()
+    with lab.server() as fresh:
+        deadline = time.monotonic() + 60
+        runs = fresh.schedule(sid).runs
+        while not runs and time.monotonic() < deadline:
+            time.sleep(1)
+            runs = fresh.schedule(sid).runs
+        assert runs and runs[0].outcome == "started", runs
+        assert runs[0].task_id is not None
+        assert fresh.task(runs[0].task_id).kind == "drs-apply"
+        assert fresh.schedule(sid).next_run_at is None  # a one-off: done
+        fresh.delete_schedule(sid)

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from qmotion.api.schedule import ScheduleAction, ScheduleCreate
 from qmotion.api.service import install_error_handlers
+from qmotion.api.sizes import parse_duration_s
 from qmotion.cli import schedule as schedule_cli
 from qmotion.client import errors as client_errors
 from qmotion.client.server import ServerClient
@@ -490,7 +491,7 @@ def test_cli(api: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     ("text", "seconds"), [("600", 600), ("90s", 90), ("10m", 600), ("2h", 7200), ("1h30m", 5400)]
 )
 def test_parse_duration(text: str, seconds: int) -> None:
-    assert schedule_cli.parse_duration(text) == seconds
+    assert parse_duration_s(text) == seconds
 
 
 def test_parse_when() -> None:

@@ -122,6 +122,14 @@ class DrsRunOut(BaseModel):
     measured_vms: int = Field(description="VMs whose demand came from measured samples")
 
 
+class DrsState(BaseModel):
+    """The live cluster's balance, as DRS measures it now."""
+
+    imbalance: float = Field(description="RMS of the spreads of hosts' normalised CPU and memory")
+    broken_must_rules: int = Field(description="VMs placed against a must rule")
+    measured_vms: int
+
+
 class ApplyRequest(StrictModel):
     ids: list[int] = Field(default_factory=list, max_length=1000)
     all: bool = False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -63,17 +62,15 @@ def format_size(n: float) -> str:
 
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(\d+)([smhd])")
 
 
 def parse_duration_s(text: str) -> int:
-    """``300``, ``300s``, ``5m``, ``2h``, ``1d`` -> seconds."""
+    """Seconds in ``600``, ``600s``, ``10m``, ``2h``, ``1d`` or ``1h30m``; ValueError if not."""
     t = text.strip().lower()
-    unit = t[-1:] if t[-1:] in _DURATION_UNITS else "s"
-    number = t[:-1] if t[-1:] in _DURATION_UNITS else t
-    try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a duration (e.g. 90s, 5m, 2h)") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{text!r}: a duration is a finite number, not negative")
-    return round(value * _DURATION_UNITS[unit])
+    if t.isdigit():
+        return int(t)
+    parts = _DURATION.findall(t)
+    if not parts or "".join(n + u for n, u in parts) != t:
+        raise ValueError(f"expected a duration such as 90s, 10m, 2h or 1h30m, got {text!r}")
+    return sum(int(n) * _DURATION_UNITS[u] for n, u in parts)

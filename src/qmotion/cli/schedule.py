@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qmotion.api.schedule import ScheduleAction, ScheduleCreate, ScheduleOut
+from qmotion.api.sizes import parse_duration_s
 from qmotion.cli.common import cells, console, errors_exit, fail, print_json
 from qmotion.cli.connect import server_client
 
@@ -19,30 +19,17 @@ app = typer.Typer(
     "timetable (UTC), run by the manager; each run is a task."
 )
 LabOpt = typer.Option(None, "--lab", help="Which lab's manager, if several are up.")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"(\d+)([smhd])")
 ONE_ACTION = (
     "give one action: --migrate VM --to HOST, --drs, --maintenance-enter HOST "
     "or --maintenance-exit HOST"
 )
 
 
-def parse_duration(text: str) -> int:
-    """Seconds in ``600``, ``600s``, ``10m``, ``2h``, ``1d`` or ``1h30m``; ValueError if not."""
-    t = text.strip().lower()
-    if t.isdigit():
-        return int(t)
-    parts = _DURATION.findall(t)
-    if not parts or "".join(n + u for n, u in parts) != t:
-        raise ValueError(f"expected a duration such as 90s, 10m, 2h or 1h30m, got {text!r}")
-    return sum(int(n) * _UNITS[u] for n, u in parts)
-
-
 def parse_when(text: str, now: datetime) -> datetime:
     """``+30m`` (from ``now``) or an ISO 8601 time with its offset; ValueError if neither."""
     t = text.strip()
     if t.startswith("+"):
-        return now + timedelta(seconds=parse_duration(t[1:]))
+        return now + timedelta(seconds=parse_duration_s(t[1:]))
     try:
         when = datetime.fromisoformat(t)
     except ValueError:
@@ -111,7 +98,7 @@ def create(
     if len(chosen) != 1:
         fail(ONE_ACTION, 2)
     try:
-        grace_s = parse_duration(grace)
+        grace_s = parse_duration_s(grace)
     except ValueError as exc:
         fail(f"--grace: {exc}", 2)
     body: dict[str, Any] = {"action": chosen[0], "grace_s": grace_s}

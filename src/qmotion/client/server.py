@@ -6,6 +6,7 @@ from qmotion.api.drs import (
     ApplyRequest,
     DrsRunOut,
     DrsSettings,
+    DrsState,
     MaintenanceExit,
     MaintenanceOut,
     PlacementCandidate,
@@ -121,6 +122,9 @@ class ServerClient(BaseClient):
 
     def delete_rule(self, name: str) -> None:
         self.request("DELETE", f"/v1/rules/{name}")
+
+    def drs_state(self) -> DrsState:
+        return self.call(DrsState, "GET", "/v1/drs/state")
 
     def drs_run(self) -> DrsRunOut:
         return self.call(DrsRunOut, "POST", "/v1/drs/run")

@@ -21,6 +21,7 @@ from qmotion.api.drs import (
     ApplyRequest,
     DrsRunOut,
     DrsSettings,
+    DrsState,
     MoveOutcome,
     OperationReport,
     Placement,
@@ -262,10 +263,25 @@ class ClusterDrs:
                 field="to",
             )
 
-    def recheck(self, move: PlannedMove, wave: Sequence[PlannedMove] = ()) -> str | None:
-        """A planned move against the live inventory, just before it starts; the other moves
-        of its wave count as made (a must-affinity group moves in one wave)."""
+    def recheck(
+        self,
+        move: PlannedMove,
+        wave: Sequence[PlannedMove] = (),
+        submitted: Sequence[PlannedMove] = (),
+    ) -> str | None:
+        """A planned move against the live inventory, just before it starts. Moves already
+        submitted count as made; so do the wave's moves of its must-affinity partners (a
+        group moves in one wave, each member checked against the others' new host)."""
         vm, source, target = move.vm, move.source, move.target
+        rules = self.rules()
+        partners = {
+            o
+            for r in rules
+            if r.kind == "affinity" and r.strength == "must" and vm in r.vms
+            for o in r.vms
+        }
+        also = {m.vm: m.target for m in wave if m.vm in partners and m.vm != vm}
+        also |= {m.vm: m.target for m in submitted}
         with self.db.session() as s:
             row = s.scalars(select(Vm).where(Vm.name == vm)).first()
             if row is None:
@@ -276,7 +292,7 @@ class ClusterDrs:
             if dst is None or dst.state != "up":
                 return f"host {target} is {dst.state if dst else 'gone'}"
         try:
-            self.check_move(vm, target, also={m.vm: m.target for m in wave if m.vm != vm})
+            self.check_move(vm, target, also=also)
         except Conflict as exc:
             return exc.message
         return None
@@ -600,13 +616,18 @@ class ClusterDrs:
                 )
             )
 
-    def balance_state(self) -> tuple[float, int]:
+    def state(self) -> DrsState:
         """The live imbalance and how many VMs break a must rule."""
-        snap = self.snapshot()
+        now = self.clock()
+        snap = self.snapshot(now=now)
         state = ClusterState(snap, self._policy().allocation_weight)
         book = RuleBook.build(snap)
         broken = book.violations(state, [r for r in snap.rules if r.strength == "must"])
-        return state.imbalance(), sum(len(b) for _, b in broken)
+        return DrsState(
+            imbalance=state.imbalance(),
+            broken_must_rules=sum(len(b) for _, b in broken),
+            measured_vms=len(self.window.demand(now)),
+        )
 
 
 def _spread(outcomes: Sequence[MoveOutcome]) -> dict[str, int]:

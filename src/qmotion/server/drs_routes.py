@@ -12,6 +12,7 @@ from qmotion.api.drs import (
     ApplyRequest,
     DrsRunOut,
     DrsSettings,
+    DrsState,
     MaintenanceExit,
     MaintenanceOut,
     PlacementCandidate,
@@ -98,6 +99,10 @@ def install_drs_routes(
     )
     async def drs_run() -> DrsRunOut:
         return await drs.tick()
+
+    @app.get("/v1/drs/state", response_model=DrsState, dependencies=auth)
+    def drs_state() -> DrsState:
+        return drs.state()
 
     @app.get("/v1/drs/recommendations", response_model=list[RecommendationOut], dependencies=auth)
     def recommendations(all: bool = False) -> list[RecommendationOut]:

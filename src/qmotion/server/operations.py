@@ -25,8 +25,11 @@ from qmotion.server.tasks import TaskRunner
 log = logging.getLogger(__name__)
 POLL_S = 0.2
 # A move re-checked just before it starts, given its wave (members of a must-affinity group
-# move together): None to go ahead, else why not.
-Recheck = Callable[["PlannedMove", Sequence["PlannedMove"]], str | None]
+# move together) and the wave's moves already submitted (under way, not yet in the
+# inventory): None to go ahead, else why not.
+Recheck = Callable[
+    ["PlannedMove", Sequence["PlannedMove"], Sequence["PlannedMove"]], str | None
+]
 
 
 # An operation's work: (its task id, its cancel event) -> (its report, its error if any).
@@ -125,7 +128,7 @@ class Operations:
             for m in wave:
                 if cancel.is_set():
                     break
-                why = await asyncio.to_thread(recheck, m, wave)
+                why = await asyncio.to_thread(recheck, m, wave, [x for x, _ in submitted])
                 if why is not None:
                     done = MoveOutcome(
                         vm=m.vm, source=m.source, target=m.target, outcome="skipped", reason=why
