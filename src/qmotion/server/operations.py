@@ -27,9 +27,7 @@ POLL_S = 0.2
 # A move re-checked just before it starts, given its wave (members of a must-affinity group
 # move together) and the wave's moves already submitted (under way, not yet in the
 # inventory): None to go ahead, else why not.
-Recheck = Callable[
-    ["PlannedMove", Sequence["PlannedMove"], Sequence["PlannedMove"]], str | None
-]
+Recheck = Callable[["PlannedMove", Sequence["PlannedMove"], Sequence["PlannedMove"]], str | None]
 
 
 # An operation's work: (its task id, its cancel event) -> (its report, its error if any).
