@@ -107,11 +107,17 @@ def _balance(lab: Lab, server: ServerClient, interval_s: int) -> dict[str, Any]:
         if t.state == "succeeded" and t.vm:
             per_vm[t.vm] = per_vm.get(t.vm, 0) + 1
     after = server.drs_state()
+    placement = {v.name: v.host for v in server.vms() if v.name in everyone}
+    recs = [
+        f"{r.vm} {r.source}->{r.target} p{r.priority} {r.state}"
+        for r in server.recommendations(all_states=True)
+    ]
     healthy = _healthy(lab, server, everyone)
     for name in everyone:
         with contextlib.suppress(Exception):
             server.delete_vm(name, force=True)
     return {
+        "busy": busy,
         "vms": len(everyone),
         "interval_s": interval_s,
         "balanced_s": None if balanced_s is None else round(balanced_s, 1),
@@ -121,6 +127,11 @@ def _balance(lab: Lab, server: ServerClient, interval_s: int) -> dict[str, Any]:
         "imbalance_before": round(before.imbalance, 4),
         "imbalance_after": round(after.imbalance, 4),
         "memory_intact": healthy,
+        "placement": placement,
+        "recommendations": recs,
+        "drs_tasks": [
+            f"{t.id} {t.state} {t.error or ''}" for t in server.tasks() if t.kind == "drs-apply"
+        ],
     }
 
 

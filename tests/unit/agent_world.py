@@ -410,7 +410,7 @@ class World:
             if spec.name in here:
                 return _error(409, "conflict", f"a VM named {spec.name!r} is defined")
             here[spec.name] = FakeVm(spec=spec, runstate="gone")
-            return _json(self._info(host, here[spec.name]).model_dump(mode="json"))
+            return _json(self._info(host, here[spec.name]).model_dump(mode="json"), 201)
         if path == "/v1/net/probe" and method == "POST":
             return self._probe(PathProbeRequest.model_validate(json.loads(req.content)))
         m = re.fullmatch(r"/v1/vms/([a-z0-9-]+)(/.*)?", path)
@@ -901,16 +901,18 @@ class World:
         return {**_facts(), "name": host, **self.facts_override.get(host, {})}
 
     def _metrics(self, host: str) -> dict[str, Any]:
-        """The agent's usage sample: each running VM at its scripted CPU load."""
+        """The agent's usage sample: each VM with a QEMU (running, paused, incoming or
+        migrated away, as the agent samples every QEMU process) at its scripted CPU load when
+        it runs, idle otherwise."""
         vms = [
             VmMetrics(
                 name=name,
-                cpu_percent=self.cpu_percent.get(name, 0.0),
+                cpu_percent=self.cpu_percent.get(name, 0.0) if v.runstate == "running" else 0.0,
                 rss_bytes=v.spec.memory << 20,
                 memory_mib=v.spec.memory,
             )
             for name, v in self.vms[host].items()
-            if v.runstate == "running"
+            if v.runstate != "gone"
         ]
         facts = self.host_facts(host)
         return HostMetrics(

@@ -196,19 +196,23 @@ def test_anti_affinity_holds_through_maintenance_and_refuses_a_manual_move(
 
 
 def test_a_must_affinity_group_is_evacuated_together(tmp_path: Path) -> None:
+    # Five together: more than a host's four concurrent migrations, so they span waves.
+    group = [f"g{i}" for i in range(5)]
     world, url = _cluster(
-        tmp_path, {"h1": [("p", 1024), ("q", 1024), ("solo", 1024)], "h2": [("x", 2048)]}
+        tmp_path,
+        {"h1": [*((g, 512) for g in group), ("solo", 1024)], "h2": [("x", 2048)]},
     )
 
     async def test(c: Client) -> None:
-        rule = {"name": "pair", "kind": "affinity", "vms": ["p", "q"]}
+        rule = {"name": "pack", "kind": "affinity", "vms": group}
         assert (await c.post("/v1/rules", json=rule)).status_code == 201
         r = await c.post("/v1/hosts/h1/maintenance")
         task = await _wait(c, r.json()["task_id"])
         assert task.state == TaskState.SUCCEEDED, task.error
         where = _where(world)
-        assert where["p"] == where["q"] != "h1", where
+        assert len({where[g] for g in group}) == 1 and where["g0"] != "h1", where
         assert where["solo"] != "h1"
+        assert (await c.get("/v1/rules/pack")).json()["broken_by"] == []
 
     _run(world, url, test)
 
@@ -237,6 +241,20 @@ def test_rules_are_validated_and_contradictions_refused_naming_both(tmp_path: Pa
         # A rule may name a VM before it exists; creating it elsewhere is then refused.
         r = await c.post("/v1/vms", json={"name": "x", "host": "h2", "memory": "256M"})
         assert r.status_code == 409 and "on1" in r.json()["error"]["message"], r.text
+        chained = [
+            {"name": "c1", "kind": "affinity", "vms": ["a", "m"]},
+            {"name": "c2", "kind": "anti-affinity", "vms": ["b", "m"]},
+        ]
+        assert (await c.post("/v1/rules", json=chained[0])).status_code == 201
+        r = await c.post("/v1/rules", json=chained[1])  # b with a (together), m with a too
+        assert r.status_code == 409 and "c2" in r.text and "together" in r.text, r.text
+        cramped = [
+            {"name": "both-on-h2", "kind": "run-on", "vms": ["p", "q"], "hosts": ["h2"]},
+            {"name": "pq-apart", "kind": "anti-affinity", "vms": ["p", "q"]},
+        ]
+        assert (await c.post("/v1/rules", json=cramped[0])).status_code == 201
+        r = await c.post("/v1/rules", json=cramped[1])
+        assert r.status_code == 409 and "both-on-h2" in r.text and "pq-apart" in r.text, r.text
         single = {"name": "lonely", "kind": "affinity", "vms": ["a"]}
         r = await c.post("/v1/rules", json=single)
         assert r.status_code == 422, r.text
@@ -384,5 +402,33 @@ def test_placement_picks_a_host_and_says_why(tmp_path: Path) -> None:
         assert r.status_code == 409 and r.json()["error"]["field"] == "host", r.text
         r = await c.post("/v1/vms", json={"name": "huge", "host": "h1", "memory": "8G"})
         assert r.status_code == 409 and r.json()["error"]["code"] == "insufficient_memory"
+
+    _run(world, url, test)
+
+
+def test_overcommitted_hosts_still_balance_measured_load(tmp_path: Path) -> None:
+    """One CPU per host, nine 1-vCPU VMs (the lab's shape): the even-allocation term must
+    not outweigh two busy VMs sharing a host while another idles with four (measured in the
+    lab: a move of a busy VM there adds more vCPU unevenness than its demand gain)."""
+    placement = {
+        "h1": [("busy1", 256), ("busy2", 256)],
+        "h2": [(f"idle{i}", 256) for i in range(4)],
+        "h3": [("busy3", 256), ("idle4", 256), ("idle5", 256)],
+    }
+    world, url = _cluster(tmp_path, placement)
+    for h in world.hosts:
+        world.facts_override[h]["cpus"] = 1
+    busy = ["busy1", "busy2", "busy3"]
+    world.cpu_percent.update({f"idle{i}": 3.0 for i in range(6)})  # an idle guest's ticks
+    world.cpu_percent.update(dict.fromkeys(busy, 40.0))
+
+    async def test(c: Client) -> None:
+        await c.put("/v1/cluster/settings", json={"values": {"drs.automation": "full"}})
+        await c.post("/v1/hosts/refresh")
+        run = (await c.post("/v1/drs/run")).json()
+        assert run["applied_task"] is not None, run
+        task = await _wait(c, run["applied_task"])
+        assert task.state == TaskState.SUCCEEDED, task.error
+        assert len({_where(world)[b] for b in busy}) == 3, _where(world)
 
     _run(world, url, test)

@@ -87,6 +87,13 @@ def _contradictions(snap: Snapshot, hosts: set[str]) -> None:
             raise SnapshotError(
                 f"rule {b.name}", f"keeps {len(b.vms)} VMs apart on {len(hosts)} hosts"
             )
+        options = [allowed.get(vm, set(hosts)) for vm in b.vms]
+        if not _distinct_hosts(options):
+            names = sorted({b.name, *(n for vm in b.vms for n in why.get(vm, []))})
+            raise SnapshotError(
+                f"rules {', '.join(names)}",
+                f"leave VMs {', '.join(b.vms)} no distinct hosts to be kept apart on",
+            )
     group_hosts: dict[str, set[str]] = {}
     group_why: dict[str, list[str]] = defaultdict(list)
     for vm in {vm for r in affinity for vm in r.vms}:
@@ -100,6 +107,23 @@ def _contradictions(snap: Snapshot, hosts: set[str]) -> None:
                 f"rules {', '.join(names)}",
                 "the VMs must share a host but their host rules allow none",
             )
+
+
+def _distinct_hosts(options: list[set[str]]) -> bool:
+    """Whether each VM can have its own host from its allowed set (bipartite matching)."""
+    owner: dict[str, int] = {}
+
+    def assign(i: int, seen: set[str]) -> bool:
+        for h in sorted(options[i]):
+            if h in seen:
+                continue
+            seen.add(h)
+            if h not in owner or assign(owner[h], seen):
+                owner[h] = i
+                return True
+        return False
+
+    return all(assign(i, set()) for i in range(len(options)))
 
 
 @dataclass

@@ -241,10 +241,12 @@ class Lab:
             with self.server() as client:
                 client.refresh_hosts()
 
-    def restart_manager(self, crash: bool = False) -> None:
-        """Stop the manager (``crash``: SIGKILL, as a dying process) and start it again on the
-        same database and token; hosts and the pool stay registered."""
+    def restart_manager(self, crash: bool = False, down_s: float = 0.0) -> None:
+        """Stop the manager (``crash``: SIGKILL, as a dying process) and start it again, after
+        ``down_s`` seconds, on the same database and token; hosts and the pool stay
+        registered."""
         _stop_pid(self.record.manager_pid, b"server", crash=crash)
+        time.sleep(down_s)
         _start_manager(self.record, register=False)
 
     @contextlib.contextmanager

@@ -37,7 +37,16 @@ from qmotion.api.server import TaskOut, VmCreate, VmOut
 from qmotion.api.sizes import parse_duration_s
 from qmotion.drs.errors import SnapshotError
 from qmotion.drs.inventory import snapshot_from_inventory
-from qmotion.drs.model import Automation, HostSpec, Policy, Rule, Snapshot, VmSpec
+from qmotion.drs.model import (
+    ALLOCATION_WEIGHT,
+    Automation,
+    Health,
+    HostSpec,
+    Policy,
+    Rule,
+    Snapshot,
+    VmSpec,
+)
 from qmotion.drs.planner import place, plan
 from qmotion.drs.rules import RuleBook, broken_by_move, validate
 from qmotion.drs.state import ClusterState
@@ -54,7 +63,7 @@ from qmotion.server.db import (
 from qmotion.server.errors import Conflict, Invalid, NotFound
 from qmotion.server.inventory import Inventory
 from qmotion.server.operations import Operations, PlannedMove
-from qmotion.server.task_view import DRS_APPLY
+from qmotion.server.task_view import DRS_APPLY, MAINTENANCE
 
 log = logging.getLogger(__name__)
 SETTINGS_KEY = "drs"
@@ -252,7 +261,13 @@ class ClusterDrs:
         placement = {**self._placement(), **(also or {})}
         if new:
             placement.pop(vm, None)
-        broken = broken_by_move(self.rules(), placement, vm, to)
+        elif placement.get(vm) == to:
+            return  # not a move (a storage move on its host)
+        rules = self.rules()
+        # A VM migrating now is at its source and soon at its destination: both count.
+        broken = broken_by_move(rules, placement, vm, to)
+        landing = {k: v for k, v in {**placement, **self._inflight()}.items() if k != vm}
+        broken += [r for r in broken_by_move(rules, landing, vm, to) if r not in broken]
         if broken:
             names = ", ".join(r.name for r in broken)
             raise Conflict(
@@ -263,15 +278,23 @@ class ClusterDrs:
                 field="to",
             )
 
+    def _inflight(self) -> dict[str, str]:
+        with self.db.session() as s:
+            active = select(Task).where(
+                Task.state.in_(ACTIVE_TASK_STATES), Task.destination.is_not(None)
+            )
+            return {t.vm: t.destination for t in s.scalars(active) if t.vm and t.destination}
+
     def recheck(
         self,
         move: PlannedMove,
-        wave: Sequence[PlannedMove] = (),
+        planned: Sequence[PlannedMove] = (),
         submitted: Sequence[PlannedMove] = (),
     ) -> str | None:
         """A planned move against the live inventory, just before it starts. Moves already
-        submitted count as made; so do the wave's moves of its must-affinity partners (a
-        group moves in one wave, each member checked against the others' new host)."""
+        submitted count as made; so do the planned moves of its must-affinity partners (each
+        member is checked against the others' new host; a partner whose move was skipped or
+        failed is no longer planned, so the rest of its group stays too)."""
         vm, source, target = move.vm, move.source, move.target
         rules = self.rules()
         partners = {
@@ -280,7 +303,7 @@ class ClusterDrs:
             if r.kind == "affinity" and r.strength == "must" and vm in r.vms
             for o in r.vms
         }
-        also = {m.vm: m.target for m in wave if m.vm in partners and m.vm != vm}
+        also = {m.vm: m.target for m in planned if m.vm in partners and m.vm != vm}
         also |= {m.vm: m.target for m in submitted}
         with self.db.session() as s:
             row = s.scalars(select(Vm).where(Vm.name == vm)).first()
@@ -323,21 +346,34 @@ class ClusterDrs:
         pinned = {vm: h for vm, h in pinned.items() if where.get(vm) == h}
         rules, demand = self.rules(), self.window.demand(now)
         snap = snapshot_from_inventory(hosts, vms, rules, demand, pinned)
-        if pinned:
-            try:
-                validate(snap)
-            except SnapshotError:
-                # Cool-down pins of an affinity group split by an operator's move: the rules
-                # come first.
-                snap = snapshot_from_inventory(hosts, vms, rules, demand)
-        return snap
+        try:
+            validate(snap)
+            return snap
+        except SnapshotError:
+            pass
+        # Cool-down pins of a group an operator split: the rules come first.
+        snap = snapshot_from_inventory(hosts, vms, rules, demand)
+        try:
+            validate(snap)
+            return snap
+        except SnapshotError:
+            pass
+        # VMs migrating right now, held where they are, can leave a rule unsatisfiable for
+        # the moment (two anti-affine VMs leaving one host): plan without them in the rules.
+        moving = {v.name for v in vms if v.migrating}
+        return snapshot_from_inventory(
+            hosts,
+            vms,
+            [r.model_copy(update={"vms": [v for v in r.vms if v not in moving]}) for r in rules],
+            demand,
+        )
 
     # ------------------------------------------------------------------ placement
 
     def placement(self, spec: VmSpec) -> list[PlacementCandidate]:
         snap = self.snapshot()
         try:
-            ranked = place(snap, spec, self._policy())
+            ranked = place(snap, spec, self._policy(snap))
         except SnapshotError as exc:
             raise Conflict(f"cannot place: {exc}", code="invalid_cluster") from exc
         # The snapshot's rules name existing VMs only; rules naming the new one count here.
@@ -388,9 +424,19 @@ class ClusterDrs:
 
     # ------------------------------------------------------------------ recommendations
 
-    def _policy(self) -> Policy:
+    def _policy(self, snap: Snapshot) -> Policy:
         st = self.settings()
-        return Policy(threshold=st.threshold, automation=st.automation, max_moves=st.max_moves)
+        # The even-allocation term counts vCPUs per CPU: on overcommitted hosts (a lab host
+        # offering one CPU to several VMs) it would outweigh the measured demand it is meant
+        # to come second to. Scaled by the commitment, it weighs the same at any ratio.
+        cpus = sum(h.cpu_capacity for h in snap.hosts if h.usable) or 1.0
+        ratio = max(1.0, sum(v.vcpus for v in snap.vms) / cpus)
+        return Policy(
+            threshold=st.threshold,
+            automation=st.automation,
+            max_moves=st.max_moves,
+            allocation_weight=ALLOCATION_WEIGHT / ratio**2,
+        )
 
     def run(self) -> DrsRunOut:
         """Plan on the live inventory and store the moves as the pending recommendations
@@ -402,13 +448,22 @@ class ClusterDrs:
         now = self.clock()
         snap = self.snapshot(cooldown=True, now=now)
         try:
-            result = plan(snap, self._policy(), now)
+            result = plan(snap, self._policy(snap), now)
         except SnapshotError as exc:
             raise Conflict(f"cannot plan: {exc}", code="invalid_cluster") from exc
-        # A host entering maintenance is evacuated by its maintenance task, not by DRS.
+        # A host entering maintenance is evacuated by its maintenance task, not by DRS; a
+        # down host's VMs cannot be migrated live (their agent does not answer).
         evacuating = {h.name for h in snap.hosts if h.maintenance}
+        down = {h.name for h in snap.hosts if h.health == Health.FAILED}
         moves = [
-            m for m in result.moves if m.priority <= result.threshold and m.source not in evacuating
+            m
+            for m in result.moves
+            if m.priority <= result.threshold and m.source not in evacuating | down
+        ]
+        unplaced = list(result.unplaced) + [
+            {"vm": m.vm, "reason": f"its host {m.source} is down"}
+            for m in result.moves
+            if m.source in down
         ]
         with self.db.session() as s:
             pending = {
@@ -455,7 +510,7 @@ class ClusterDrs:
             imbalance_before=result.imbalance_before,
             imbalance_after=result.imbalance_after,
             recommendations=recs,
-            unplaced=result.unplaced,
+            unplaced=unplaced,
             broken_should_rules=result.broken_should,
             measured_vms=measured,
         )
@@ -559,9 +614,17 @@ class ClusterDrs:
             raise Conflict("DRS moves are still being applied", code="drs_busy")
         out = await asyncio.to_thread(self.run)
         with self.db.session() as s:
-            ids = [r.id for r in out.recommendations]
-            for r in s.scalars(select(Recommendation).where(Recommendation.id.in_(ids))):
-                r.state = RecommendationState.APPLYING
+            claimed = s.execute(
+                update(Recommendation)
+                .where(
+                    Recommendation.id.in_([r.id for r in out.recommendations]),
+                    Recommendation.state == RecommendationState.PENDING,
+                )
+                .values(state=RecommendationState.APPLYING)
+                .execution_options(synchronize_session=False)
+            )
+            if claimed.rowcount != len(out.recommendations):  # type: ignore[attr-defined]
+                raise Conflict("the recommendations changed meanwhile", code="drs_busy")
         moves = [
             PlannedMove(r.vm, r.source, r.target, r.wave, r.reason) for r in out.recommendations
         ]
@@ -576,7 +639,7 @@ class ClusterDrs:
         if st.automation != Automation.FULL or not out.recommendations:
             return out
         if await asyncio.to_thread(self._busy):
-            return out  # the last round's moves still run: recommended, applied next round
+            return out  # the last round's moves (or an evacuation) still run: next round
         req = ApplyRequest(ids=[r.id for r in out.recommendations])
         task = self.apply(req)  # on the loop: it starts the operation's task
         return out.model_copy(update={"applied_task": task.id})
@@ -598,9 +661,11 @@ class ClusterDrs:
                 log.exception("DRS round failed")
 
     def _busy(self) -> bool:
-        """A DRS apply is running."""
+        """A DRS apply or a maintenance evacuation is running."""
         with self.db.session() as s:
-            active = select(Task).where(Task.kind == DRS_APPLY, Task.state.in_(ACTIVE_TASK_STATES))
+            active = select(Task).where(
+                Task.kind.in_((DRS_APPLY, MAINTENANCE)), Task.state.in_(ACTIVE_TASK_STATES)
+            )
             return s.scalars(active).first() is not None
 
     def recover_after_restart(self) -> None:
@@ -620,7 +685,7 @@ class ClusterDrs:
         """The live imbalance and how many VMs break a must rule."""
         now = self.clock()
         snap = self.snapshot(now=now)
-        state = ClusterState(snap, self._policy().allocation_weight)
+        state = ClusterState(snap, self._policy(snap).allocation_weight)
         book = RuleBook.build(snap)
         broken = book.violations(state, [r for r in snap.rules if r.strength == "must"])
         return DrsState(

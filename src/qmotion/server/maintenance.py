@@ -15,6 +15,7 @@ task (with no moves, it ends at once), so every exit has a record.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from sqlalchemy import select
@@ -60,6 +61,10 @@ class Maintenance:
                 reason=row.reason if row else None,
             )
 
+    def _cancel(self, task_id: int) -> None:
+        with contextlib.suppress(Conflict):  # it ended meanwhile: nothing to stop
+            self.runner.cancel(task_id)
+
     def _active_task(self, name: str) -> int | None:
         with self.db.session() as s:
             row = s.get(HostMaintenance, name)
@@ -81,15 +86,16 @@ class Maintenance:
                     code="host_down",
                     host=name,
                 )
-            fresh = h.state == "up"
+            fresh = h.state == "up"  # not a retry or resumption (see below)
             row = s.get(HostMaintenance, name)
             task = s.get(Task, row.task_id) if row is not None and row.task_id else None
             active = task is not None and TaskState(task.state).active
             if active and task is not None and task.kind == MAINTENANCE:
                 return self.status(name)  # already evacuating
             exiting = task.id if active and task is not None else None
+            fresh = fresh and exiting is None  # VMs an exit is bringing back stay recorded
         if exiting is not None:
-            self.runner.cancel(exiting)  # an `exit --return` under way: stop bringing VMs in
+            self._cancel(exiting)  # an `exit --return` under way: stop bringing VMs in
         with self.db.session() as s:
             h = self._host(s, name)
             h.state = "entering-maintenance"
@@ -218,7 +224,7 @@ class Maintenance:
                 raise Conflict(f"host {name} is {h.state}, not in maintenance", host=name)
         evacuating = self._active_task(name)
         if evacuating is not None:
-            self.runner.cancel(evacuating)
+            self._cancel(evacuating)
         with self.db.session() as s:
             h = self._host(s, name)
             h.state = "up"

@@ -2,9 +2,10 @@
 
 An operation is a task of its own (no VM) whose result is an ``OperationReport``: each VM it
 tried to move, where it went or why not. Its moves are ordinary migration tasks submitted
-through the task runner, so they get its pre-checks, its per-host limit and its one-active-task
-per VM; the operation only orders them into waves and waits. Cancelling the operation stops it
-submitting; migrations already running finish or are cancelled on their own.
+through the task runner, so they get its pre-checks, its per-host limit (the runner queues the
+rest) and its one-active-task per VM; the operation submits them in the plan's wave order, a
+move only once the earlier moves out of its target host have ended, and waits. Cancelling the
+operation stops it submitting; migrations already running finish or are cancelled on their own.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from qmotion.server.tasks import TaskRunner
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
-# A move re-checked just before it starts, given its wave (members of a must-affinity group
-# move together) and the wave's moves already submitted (under way, not yet in the
-# inventory): None to go ahead, else why not.
+# A move re-checked just before it starts, given the operation's moves still planned (members
+# of a must-affinity group move together; one skipped or failed is no longer planned) and
+# those already submitted (under way, not yet in the inventory): None to go ahead, else why.
 Recheck = Callable[["PlannedMove", Sequence["PlannedMove"], Sequence["PlannedMove"]], str | None]
 
 
@@ -113,63 +114,86 @@ class Operations:
         recheck: Recheck,
         on_done: Callable[[MoveOutcome], None] | None = None,
     ) -> list[MoveOutcome]:
-        """Submit each wave's moves (re-checked first), wait for them to end, then the next
-        wave: a later wave may need the memory an earlier one frees."""
+        """Submit the moves (each re-checked first) in wave order, a move as soon as the
+        earlier-wave moves out of its target have ended (it may need the memory they free);
+        the task runner's per-host limit holds the rest in its queue. Waits for them all."""
         out: list[MoveOutcome] = []
-        waves = sorted({m.wave for m in moves})
         total = max(len(moves), 1)
-        for w in waves:
-            if cancel.is_set():
-                break
-            submitted: list[tuple[PlannedMove, int]] = []
-            wave = [m for m in moves if m.wave == w]
-            for m in wave:
+        pending = sorted(moves, key=lambda m: m.wave)
+        running: dict[int, PlannedMove] = {}
+        started: list[PlannedMove] = []
+        ended: set[str] = set()  # VMs whose move ended (or never started)
+        failed: set[str] = set()  # ... without moving
+
+        def finish(done: MoveOutcome) -> None:
+            out.append(done)
+            ended.add(done.vm)
+            if done.outcome != "moved":
+                failed.add(done.vm)
+            if on_done:
+                on_done(done)
+
+        while pending or running:
+            for m in list(pending):
                 if cancel.is_set():
                     break
-                why = await asyncio.to_thread(recheck, m, wave, [x for x, _ in submitted])
+                frees = [x for x in moves if x.wave < m.wave and x.source == m.target]
+                if any(x.vm not in ended for x in frees):
+                    continue
+                pending.remove(m)
+                planned = [x for x in moves if x.vm not in failed]
+                why = await asyncio.to_thread(recheck, m, planned, started)
                 if why is not None:
-                    done = MoveOutcome(
-                        vm=m.vm, source=m.source, target=m.target, outcome="skipped", reason=why
+                    finish(
+                        MoveOutcome(
+                            vm=m.vm, source=m.source, target=m.target, outcome="skipped", reason=why
+                        )
                     )
-                    out.append(done)
-                    if on_done:
-                        on_done(done)
                     continue
                 try:
                     t = await self.runner.submit_migration(m.vm, MigrateRequest(to=m.target))
                 except ServerError as exc:
-                    done = MoveOutcome(
+                    finish(
+                        MoveOutcome(
+                            vm=m.vm,
+                            source=m.source,
+                            target=m.target,
+                            outcome="skipped",
+                            reason=f"refused: {exc.message}",
+                        )
+                    )
+                    continue
+                running[t.id] = m
+                started.append(m)
+                await asyncio.to_thread(
+                    self.event,
+                    task_id,
+                    f"{m.vm}: {m.source} -> {m.target} (wave {m.wave}, task {t.id})",
+                )
+            if cancel.is_set() and not running:
+                break
+            if not running:
+                continue  # a move skipped just now may unblock others
+            await asyncio.sleep(self.poll_s)
+            for tid, m in list(running.items()):
+                t = await asyncio.to_thread(self.runner.get, tid)
+                if t.state.active:
+                    continue
+                del running[tid]
+                ok = t.state == TaskState.SUCCEEDED
+                finish(
+                    MoveOutcome(
                         vm=m.vm,
                         source=m.source,
                         target=m.target,
-                        outcome="skipped",
-                        reason=f"refused: {exc.message}",
+                        outcome="moved" if ok else "failed",
+                        task_id=tid,
+                        reason=None if ok else (t.error or t.state.value),
                     )
-                    out.append(done)
-                    if on_done:
-                        on_done(done)
-                    continue
-                submitted.append((m, t.id))
+                )
                 await asyncio.to_thread(
-                    self.event, task_id, f"{m.vm}: {m.source} -> {m.target} (task {t.id})"
+                    self.event, task_id, f"{m.vm}: {t.state}", progress=len(out) / total
                 )
-            for m, tid in submitted:
-                ended = await self.wait(tid)
-                ok = ended.state == TaskState.SUCCEEDED
-                done = MoveOutcome(
-                    vm=m.vm,
-                    source=m.source,
-                    target=m.target,
-                    outcome="moved" if ok else "failed",
-                    task_id=tid,
-                    reason=None if ok else (ended.error or ended.state.value),
-                )
-                out.append(done)
-                if on_done:
-                    on_done(done)
-            await asyncio.to_thread(
-                self.event, task_id, f"wave {w} done", progress=len(out) / total
-            )
         return out
 
     async def wait(self, task_id: int) -> TaskOut:
