@@ -517,21 +517,7 @@ class ClusterDrs:
 
     @staticmethod
     def _rec_out(r: Recommendation) -> RecommendationOut:
-        return RecommendationOut(
-            id=r.id,
-            run_id=r.run_id,
-            vm=r.vm,
-            source=r.source,
-            target=r.target,
-            priority=r.priority,
-            reason=r.reason,
-            gain=r.gain,
-            wave=r.wave,
-            state=RecommendationState(r.state),
-            task_id=r.task_id,
-            message=r.message,
-            created_at=r.created_at,
-        )
+        return RecommendationOut.model_validate(r, from_attributes=True)
 
     def recommendations(self, all_states: bool = False) -> list[RecommendationOut]:
         with self.db.session() as s:
