@@ -291,6 +291,7 @@ class World:
     # one CPU) as the agents' metrics report it.
     facts_override: dict[str, dict[str, Any]] = field(default_factory=dict)
     cpu_percent: dict[str, float] = field(default_factory=dict)
+    dirty_rate: dict[str, float] = field(default_factory=dict)  # MiB/s, once measured
 
     def __post_init__(self) -> None:
         for h in self.hosts:
@@ -910,6 +911,7 @@ class World:
                 cpu_percent=self.cpu_percent.get(name, 0.0) if v.runstate == "running" else 0.0,
                 rss_bytes=v.spec.memory << 20,
                 memory_mib=v.spec.memory,
+                dirty_rate_mib_s=self.dirty_rate.get(name),
             )
             for name, v in self.vms[host].items()
             if v.runstate != "gone"

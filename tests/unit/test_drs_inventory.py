@@ -191,3 +191,50 @@ def test_a_pin_never_contradicts_the_rules() -> None:
     )
     result = plan(snap, Policy(threshold=1), NOW)  # would raise on contradictory rules
     assert result.placement == {"a": "h1", "b": "h2"}
+
+
+def test_measured_dirty_rates_and_degraded_hosts() -> None:
+    sick = host("h1")
+    assert sick.facts is not None
+    sick = sick.model_copy(update={"facts": sick.facts.model_copy(update={"health": "degraded"})})
+    vms = [vm("a", "h1"), vm("b", "h2", state="stopped")]
+    snap = snapshot_from_inventory([sick, host("h2")], vms, dirty={"a": 40.0, "b": 9.0})
+    by = {v.name: v for v in snap.vms}
+    assert (by["a"].dirty_rate_mib_s, by["b"].dirty_rate_mib_s) == (40.0, 0.0)
+    assert {h.name: h.health.value for h in snap.hosts} == {"h1": "ok", "h2": "ok"}
+    snap = snapshot_from_inventory([sick, host("h2")], vms, proactive=True)
+    assert {h.name: h.health.value for h in snap.hosts} == {"h1": "degraded", "h2": "ok"}
+
+
+def test_demand_window_keeps_the_latest_dirty_rate_within_the_window() -> None:
+    from datetime import timedelta
+
+    from qmotion.api.host import HostMetrics, VmMetrics
+    from qmotion.server.drs import DemandWindow
+
+    w = DemandWindow(window_s=60)
+
+    def sample(at: datetime, cpu: float, dirty: float | None) -> HostMetrics:
+        v = VmMetrics(
+            name="a",
+            cpu_percent=cpu,
+            rss_bytes=512 << 20,
+            memory_mib=1024,
+            dirty_rate_mib_s=dirty,
+        )
+        return HostMetrics(
+            sampled_at=at,
+            cpus=4,
+            cpu_percent=0,
+            memory_total_bytes=1,
+            memory_available_bytes=1,
+            vms_memory_mib=1024,
+            vms=[v],
+        )
+
+    w.add(sample(NOW, 50, 12.0))
+    w.add(sample(NOW + timedelta(seconds=30), 150, None))  # not measured again: kept
+    assert w.demand(NOW + timedelta(seconds=30)) == {"a": (1.0, 512.0)}
+    assert w.dirty_rates(NOW + timedelta(seconds=30)) == {"a": 12.0}
+    assert w.dirty_rates(NOW + timedelta(seconds=100)) == {}
+    assert w.demand(NOW + timedelta(seconds=100)) == {}

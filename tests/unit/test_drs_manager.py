@@ -432,3 +432,29 @@ def test_overcommitted_hosts_still_balance_measured_load(tmp_path: Path) -> None
         assert len({_where(world)[b] for b in busy}) == 3, _where(world)
 
     _run(world, url, test)
+
+
+def test_proactive_evacuation_of_a_degraded_host(tmp_path: Path) -> None:
+    world, url = _cluster(tmp_path, {"h1": [("a", 512), ("b", 512)], "h2": [("c", 512)]})
+    world.facts_override["h1"].update(
+        {"health": "degraded", "health_reasons": ["datastore local: not writable"]}
+    )
+
+    async def test(c: Client) -> None:
+        await c.post("/v1/hosts/refresh")
+        # Off (the default): the report is shown, nothing moves for it.
+        run = (await c.post("/v1/drs/run")).json()
+        assert all(r["source"] != "h1" or r["priority"] > 2 for r in run["recommendations"])
+        host = await _host(c, "h1")
+        assert host["facts"]["health_reasons"] == ["datastore local: not writable"]
+        settings = {"drs.proactive": "true", "drs.automation": "full"}
+        assert (await c.put("/v1/cluster/settings", json={"values": settings})).status_code == 200
+        run = (await c.post("/v1/drs/run")).json()
+        assert {r["vm"] for r in run["recommendations"] if r["priority"] <= 2} == {"a", "b"}
+        task = await _wait(c, run["applied_task"])
+        assert task.state == TaskState.SUCCEEDED, task.error
+        assert [v for v, h in _where(world).items() if h == "h1"] == []
+        ranked = (await c.post("/v1/drs/place", json={"memory": "256M"})).json()
+        assert [x["host"] for x in ranked if not x["feasible"]] == ["h1"]
+
+    _run(world, url, test)

@@ -406,3 +406,74 @@ def test_vms_held_by_affinity_do_not_hide_the_movable_ones() -> None:
     # The pinned pairs stay; nearly all the light VMs leave (to spread the load).
     assert not any(v.startswith("big") for v in moved)
     assert sum(v.startswith("s") for v in moved) >= 35
+
+
+def _plain_objective(state: ClusterState) -> float:
+    """The objective from scratch (per host, its VMs' loads summed again), not from the
+    state's running sums: what the incremental paths must agree with."""
+    loads: dict[str, list[float]] = {h: [0.0] * 4 for h in state.balanced}
+    for vm, host in state.placement.items():
+        if host not in loads:
+            continue
+        spec, cap = state.vms[vm], state.hosts[host].spec
+        loads[host][0] += spec.cpu / cap.cpu_capacity
+        loads[host][1] += spec.mem_demand / cap.memory_mib
+        loads[host][2] += spec.memory_mib / cap.memory_mib
+        loads[host][3] += spec.vcpus / cap.cpu_capacity
+    n = len(loads)
+    if n == 0:
+        return 0.0
+
+    def var(i: int) -> float:
+        xs = [v[i] for v in loads.values()]
+        return sum(x * x for x in xs) - sum(xs) ** 2 / n
+
+    demand = var(0) + state.mem_weight * var(1)
+    return demand + state.alloc_weight * (var(2) + var(3))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(data=clusters(rules=False), picks=st.lists(st.integers(0, 10_000), min_size=1, max_size=6))
+def test_incremental_objective_equals_the_plain_one(data: dict[str, Any], picks: list[int]) -> None:
+    """ClusterState.move_delta (the planner's fast path) and the running sums it keeps equal
+    the objective recomputed from scratch, move after move."""
+    snap = Snapshot.model_validate(data)
+    assume(snap.vms)
+    state = ClusterState(snap, 0.04)
+    hosts = sorted(state.hosts)
+    assert state.objective() == pytest.approx(_plain_objective(state), rel=1e-9, abs=1e-9)
+    for k in picks:
+        vm = sorted(state.vms)[k % len(state.vms)]
+        dst = hosts[(k // 7) % len(hosts)]
+        src = state.placement[vm]
+        if src == dst:
+            continue  # not a move (move_delta is for one host to another)
+        spec = state.vms[vm]
+        before = _plain_objective(state)
+        delta = state.move_delta(spec.cpu, spec.mem_demand, spec.memory_mib, spec.vcpus, src, dst)
+        state.move(vm, dst)
+        after = _plain_objective(state)
+        assert delta == pytest.approx(after - before, rel=1e-6, abs=1e-9)
+        assert state.objective() == pytest.approx(after, rel=1e-6, abs=1e-9)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(data=clusters(rules=False, unhealthy=False))
+def test_the_planners_inline_gains_equal_the_objectives_change(data: dict[str, Any]) -> None:
+    """Balancing and polishing compute each move's gain inline (for speed), apart from
+    ClusterState: the gains they record add up to the objective's real change (an exchange
+    that sends a VM home also counts the migration it saves)."""
+    snap = Snapshot.model_validate(data)
+    p = planner._Planner(snap, Policy(threshold=5))
+    start = _plain_objective(p.state)
+    p.balance()
+    balanced = _plain_objective(p.state)
+    assert sum(s.gain for s in p.steps) == pytest.approx(start - balanced, rel=1e-6, abs=1e-9)
+    done = len(p.steps)
+    p.polish()
+    new = p.steps[done:]
+    saved = sum(p._info(s.vm)[4] for s in new if s.target == p.origin[s.vm])
+    polished = _plain_objective(p.state)
+    assert sum(s.gain for s in new) == pytest.approx(
+        balanced - polished + saved, rel=1e-6, abs=1e-9
+    )

@@ -56,10 +56,13 @@ from qmotion.api.storage import (
 )
 from qmotion.api.vm import StopRequest, VmInfo, VmSpec
 from qmotion.hypervisor.accel import choose_accel
+from qmotion.hypervisor.errors import HypervisorError
 from qmotion.image import ensure_image
 
 log = logging.getLogger(__name__)
 METRICS_INTERVAL_S = 2.0
+DIRTY_INTERVAL_S = 60.0  # a guest's dirty rate for DRS: measured this often, for
+DIRTY_SAMPLE_S = 1.0  # this long
 # Any operation on a VM may also fail partway (500, OperationFailed), in the same error body.
 ERROR_STATUSES = (*COMMON_ERROR_STATUSES, 500)
 
@@ -99,6 +102,7 @@ def create_app(config: AgentConfig) -> FastAPI:
         # Probe (or read the cached probe) in the background; VM starts wait for it.
         probe = asyncio.ensure_future(state.accel())
         sampler = asyncio.ensure_future(_sample_forever(state))
+        dirty = asyncio.ensure_future(_dirty_rates_forever(state))
         if state.tls.ready:
             try:
                 await state.peer.start(state.tls)
@@ -109,6 +113,7 @@ def create_app(config: AgentConfig) -> FastAPI:
         finally:
             await state.peer.stop()
             sampler.cancel()
+            dirty.cancel()
             probe.cancel()
             await state.vms.close()
 
@@ -354,6 +359,30 @@ def create_peer_app(state: AgentState) -> FastAPI:
         return {"status": "ok", "host": state.config.name}
 
     return peer
+
+
+async def _dirty_rates_forever(state: AgentState) -> None:
+    """Each running guest's dirty rate, now and then, for the manager's DRS (its migration
+    cost). Never during a migration of that VM, never of a QEMU that is not running a guest
+    (an incoming one): QMP calc-dirty-rate samples pages in QEMU's own thread, one VM at a
+    time (the migration's dry run takes turns with it)."""
+    while True:
+        await asyncio.sleep(DIRTY_INTERVAL_S)
+        for vm in state.vms.running_processes():
+            try:
+                if state.migrations.migrating(vm.name):
+                    continue
+                status = await state.vms.monitor(vm.name).execute("query-status")
+                if status.get("status") != "running":
+                    continue
+                report = await state.migrations.dirty_rate(vm.name, [DIRTY_SAMPLE_S])
+                sample = report.samples[0]
+                state.sampler.dirty[vm.name] = sample.dirtied_bytes / sample.seconds / (1 << 20)
+            except (AgentError, HypervisorError) as exc:  # gone meanwhile, or busy
+                log.debug("dirty rate of %s not measured: %s", vm.name, exc)
+        alive = {vm.name for vm in state.vms.running_processes()}
+        for name in set(state.sampler.dirty) - alive:
+            del state.sampler.dirty[name]
 
 
 async def _sample_forever(state: AgentState) -> None:

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from qmotion import __version__
 from qmotion.agent.config import AgentConfig
@@ -90,6 +91,22 @@ def tcp_rmem_max() -> int | None:
         return None
 
 
+def _health(config: AgentConfig) -> dict[str, Any]:
+    """Degraded when a datastore VMs live on cannot be written (gone, read-only, full)."""
+    reasons = []
+    for d in config.datastores:
+        try:
+            st = os.statvfs(d.path)
+        except OSError as exc:
+            reasons.append(f"datastore {d.name}: {exc.strerror or exc}")
+            continue
+        if not os.access(d.path, os.W_OK) or st.f_flag & os.ST_RDONLY:
+            reasons.append(f"datastore {d.name}: not writable")
+        elif st.f_bavail == 0:
+            reasons.append(f"datastore {d.name}: full")
+    return {"health": "degraded" if reasons else "ok", "health_reasons": reasons}
+
+
 def host_facts(config: AgentConfig, accel: AccelInfo, peer_port: int | None = None) -> HostFacts:
     model, flags = cpu_info()
     info = qemu_info()
@@ -113,6 +130,7 @@ def host_facts(config: AgentConfig, accel: AccelInfo, peer_port: int | None = No
         migration_networks=migration_networks(config),
         tcp_rmem_max=tcp_rmem_max(),
         peer_port=peer_port,
+        **_health(config),
     )
 
 
@@ -154,6 +172,8 @@ class MetricsSampler:
 
     def __init__(self, cpus: int | None = None) -> None:
         self._cpus = cpus
+        # VM -> its guest's dirty rate, MiB/s, from the last periodic measurement.
+        self.dirty: dict[str, float] = {}
         self._host_prev = _host_cpu_ticks()
         self._vm_prev: dict[int, tuple[int, float]] = {}
         self._last: HostMetrics | None = None
@@ -182,6 +202,7 @@ class MetricsSampler:
                     cpu_percent=round(pct, 1),
                     rss_bytes=_proc_rss(vm.pid),
                     memory_mib=vm.memory_mib,
+                    dirty_rate_mib_s=self.dirty.get(vm.name),
                 )
             )
         self._vm_prev = seen

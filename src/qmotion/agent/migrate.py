@@ -718,6 +718,11 @@ class Migrations:
             stats.events = [(status, t * 1000) for status, t in out.events]
         return stats
 
+    def migrating(self, name: str) -> bool:
+        """An outgoing migration of ``name`` has not finished."""
+        out = self._outgoing.get(name)
+        return out is not None and out.status not in FINISHED
+
     async def dirty_rate(self, name: str, seconds: list[float]) -> DirtyRateReport:
         # QEMU runs one measurement at a time and keeps one result: callers take turns.
         lock = self._dirty_locks.setdefault(name, asyncio.Lock())

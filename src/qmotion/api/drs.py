@@ -70,6 +70,10 @@ class DrsSettings(BaseModel):
     cooldown_s: int = Field(
         default=3600, ge=0, le=7 * 86400, description="a VM moved by DRS stays this long"
     )
+    proactive: bool = Field(
+        default=False,
+        description="evacuate hosts whose agent reports degraded health (a failing datastore)",
+    )
     down_grace_s: int = Field(
         default=60, ge=0, le=86400, description="an agent silent this long marks its host down"
     )

@@ -57,6 +57,10 @@ class HostFacts(BaseModel):
     peer_port: int | None = Field(
         default=None, description="mutual-TLS port for other agents (None: not set up yet)"
     )
+    health: Literal["ok", "degraded"] = Field(
+        default="ok", description="degraded: something VMs rely on is failing (see reasons)"
+    )
+    health_reasons: list[str] = Field(default_factory=list)
 
 
 class VmMetrics(BaseModel):
@@ -64,6 +68,9 @@ class VmMetrics(BaseModel):
     cpu_percent: float
     rss_bytes: int
     memory_mib: int
+    dirty_rate_mib_s: float | None = Field(
+        default=None, description="last periodic QMP calc-dirty-rate (None: not measured yet)"
+    )
 
 
 class HostMetrics(BaseModel):

@@ -12,7 +12,7 @@ app = typer.Typer(help="Cluster-wide settings.")
 LabOpt = typer.Option(None, "--lab", help="Which lab's manager, if several are up.")
 SETTINGS_HELP = (
     "drs.automation=manual|partial|full, drs.threshold=1..5, drs.interval=5m, "
-    "drs.max-moves=N, drs.cooldown=1h, host.down-grace=60s"
+    "drs.max-moves=N, drs.cooldown=1h, drs.proactive=true|false, host.down-grace=60s"
 )
 
 

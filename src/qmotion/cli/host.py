@@ -41,7 +41,7 @@ def list_(json_out: bool = typer.Option(False, "--json"), lab: str = LabOpt) -> 
                 f"{h.memory_mib} MiB",
                 f"{h.committed_mib} MiB",
                 ", ".join(h.vms),
-                h.maintenance_reason or "",
+                h.maintenance_reason or "; ".join(h.facts.health_reasons if h.facts else []) or "",
             )
         )
     console.print(table)

@@ -60,6 +60,8 @@ def show(task_id: int, json_out: bool = typer.Option(False, "--json"), lab: str 
         console.print(Text(f"  {e.at:%H:%M:%S.%f} {e.kind}: {e.message}"))
     if t.result:
         print_json(t.result.model_dump(mode="json"))
+    if t.operation:
+        print_json(t.operation.model_dump(mode="json"))
 
 
 def timeline(r: MigrationReport) -> list[tuple[str, float]]:

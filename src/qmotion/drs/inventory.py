@@ -35,10 +35,15 @@ def snapshot_from_inventory(
     rules: Sequence[Rule] = (),
     demand: Mapping[str, tuple[float, float]] | None = None,
     pinned: Mapping[str, str] | None = None,
+    dirty: Mapping[str, float] | None = None,
+    proactive: bool = False,
 ) -> Snapshot:
     """``demand``: measured (CPU cores, memory MiB) of running VMs; ``pinned``: VM -> host it
-    must stay on (DRS's cool-down after a move). Rules naming VMs that do not exist are kept
-    for the VMs that do (dropped when too few are left to mean anything)."""
+    must stay on (DRS's cool-down after a move); ``dirty``: measured dirty rates, MiB/s (a
+    busy writer costs more to move); ``proactive``: a host whose agent reports degraded health
+    is degraded (its VMs should leave, nothing new lands there); else it counts as ok. Rules
+    naming VMs that do not exist are kept for the VMs that do (dropped when too few are left
+    to mean anything)."""
     held: dict[str, int] = {}
     for vm in vms:
         held[vm.host] = held.get(vm.host, 0) + vm.memory_mib
@@ -62,7 +67,9 @@ def snapshot_from_inventory(
                 name=h.name,
                 cpu_capacity=h.facts.cpus,
                 memory_mib=max(h.memory_mib - HOST_RESERVED_MIB - incoming, 1),
-                health=HEALTH[h.state],
+                health=Health.DEGRADED
+                if proactive and h.state == "up" and h.facts.health == "degraded"
+                else HEALTH[h.state],
                 maintenance=h.state in MAINTENANCE,
             )
         )
@@ -81,6 +88,7 @@ def snapshot_from_inventory(
                 vcpus=vm.vcpus,
                 cpu_demand=0.0 if idle else cpu,
                 memory_demand_mib=0.0 if idle else None if mem is None else min(mem, vm.memory_mib),
+                dirty_rate_mib_s=0.0 if idle else (dirty or {}).get(vm.name, 0.0),
             )
         )
         where = vm.host if vm.migrating else (pinned or {}).get(vm.name)

@@ -75,6 +75,7 @@ SETTING_KEYS = {
     "drs.interval": "interval_s",
     "drs.max-moves": "max_moves",
     "drs.cooldown": "cooldown_s",
+    "drs.proactive": "proactive",
     "host.down-grace": "down_grace_s",
 }
 DURATIONS = {"interval_s", "cooldown_s", "down_grace_s"}
@@ -96,6 +97,8 @@ class DemandWindow:
     def __init__(self, window_s: float = WINDOW_S) -> None:
         self.window = timedelta(seconds=window_s)
         self.samples: dict[str, deque[tuple[datetime, float, float]]] = {}
+        # The agents measure dirty rates now and then: the latest one per VM.
+        self.dirty: dict[str, tuple[datetime, float]] = {}
         # Refresh threads add while planning threads read.
         self._lock = threading.Lock()
 
@@ -104,6 +107,8 @@ class DemandWindow:
             for v in metrics.vms:
                 q = self.samples.setdefault(v.name, deque())
                 q.append((metrics.sampled_at, v.cpu_percent / 100.0, v.rss_bytes / (1 << 20)))
+                if v.dirty_rate_mib_s is not None:
+                    self.dirty[v.name] = (metrics.sampled_at, v.dirty_rate_mib_s)
             self._prune(metrics.sampled_at)
 
     def _prune(self, now: datetime) -> None:
@@ -112,6 +117,14 @@ class DemandWindow:
                 q.popleft()
             if not q:
                 del self.samples[vm]
+        for vm, (at, _) in list(self.dirty.items()):
+            if now - at > self.window:
+                del self.dirty[vm]
+
+    def dirty_rates(self, now: datetime) -> dict[str, float]:
+        with self._lock:
+            self._prune(now)
+            return {vm: rate for vm, (_, rate) in self.dirty.items()}
 
     def demand(self, now: datetime) -> dict[str, tuple[float, float]]:
         with self._lock:
@@ -345,14 +358,16 @@ class ClusterDrs:
         where = {v.name: v.host for v in vms}
         pinned = {vm: h for vm, h in pinned.items() if where.get(vm) == h}
         rules, demand = self.rules(), self.window.demand(now)
-        snap = snapshot_from_inventory(hosts, vms, rules, demand, pinned)
+        dirty = self.window.dirty_rates(now)
+        proactive = self.settings().proactive
+        snap = snapshot_from_inventory(hosts, vms, rules, demand, pinned, dirty, proactive)
         try:
             validate(snap)
             return snap
         except SnapshotError:
             pass
         # Cool-down pins of a group an operator split: the rules come first.
-        snap = snapshot_from_inventory(hosts, vms, rules, demand)
+        snap = snapshot_from_inventory(hosts, vms, rules, demand, dirty=dirty, proactive=proactive)
         try:
             validate(snap)
             return snap
@@ -366,6 +381,8 @@ class ClusterDrs:
             vms,
             [r.model_copy(update={"vms": [v for v in r.vms if v not in moving]}) for r in rules],
             demand,
+            dirty=dirty,
+            proactive=proactive,
         )
 
     # ------------------------------------------------------------------ placement
@@ -455,6 +472,7 @@ class ClusterDrs:
         # down host's VMs cannot be migrated live (their agent does not answer).
         evacuating = {h.name for h in snap.hosts if h.maintenance}
         down = {h.name for h in snap.hosts if h.health == Health.FAILED}
+        # (a degraded host's VMs, with drs.proactive, are moves like any other: priority 2)
         moves = [
             m
             for m in result.moves
