@@ -258,6 +258,7 @@ class FakeVm:
     mirror: str | None = None
     mirror_polls: int = 0
     owned: list[str] = field(default_factory=list)
+    held: bool = False  # a cold migration's hold: not started until released
 
 
 @dataclass
@@ -435,6 +436,17 @@ class World:
             del here[name]
             self.files[host] -= set(vm.owned)  # an unfinished copy's disks go with it
             return httpx.Response(204)
+        if rest == "/export":
+            # qmotion.agent.transfer: hold a stopped VM; serving disks is not modelled here.
+            if method == "DELETE":
+                vm.held = False
+                return httpx.Response(204)
+            if vm.runstate != "gone":
+                return _error(409, "conflict", f"VM {name} is running", vm=name)
+            if vm.spec.disks and req.url.params.get("copy", "true") == "true":
+                return _error(501, "not_modelled", "the world serves no disk exports", vm=name)
+            vm.held = True
+            return _json([])
         if rest.startswith("/migration/mirror") or rest in ("/disks", "/migration/keep-disks"):
             return self._disk_route(host, name, vm, method, rest, req)
         if method == "POST" and rest == "/migration":

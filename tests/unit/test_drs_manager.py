@@ -17,7 +17,7 @@ import httpx
 
 from qmotion.api.server import TaskOut, TaskState
 from qmotion.server.app import create_app
-from qmotion.server.db import Database, Recommendation
+from qmotion.server.db import Database, Recommendation, Vm
 from tests.unit.agent_world import World
 
 TOKEN = "manager-token-0123456789"
@@ -456,5 +456,25 @@ def test_proactive_evacuation_of_a_degraded_host(tmp_path: Path) -> None:
         assert [v for v, h in _where(world).items() if h == "h1"] == []
         ranked = (await c.post("/v1/drs/place", json={"memory": "256M"})).json()
         assert [x["host"] for x in ranked if not x["feasible"]] == ["h1"]
+
+    _run(world, url, test)
+
+
+def test_maintenance_moves_a_stopped_vms_definition_too(tmp_path: Path) -> None:
+    world, url = _cluster(tmp_path, {"h1": [("up", 512)]})
+    db = Database(url)
+    world.add_running_vm(db, "off", "h1", memory_mib=512)
+    world.vms["h1"]["off"].runstate = "gone"  # defined, no QEMU
+    with db.session() as s:
+        s.query(Vm).filter_by(name="off").one().state = "stopped"
+    db.engine.dispose()
+
+    async def test(c: Client) -> None:
+        r = await c.post("/v1/hosts/h1/maintenance")
+        task = await _wait(c, r.json()["task_id"])
+        assert task.state == TaskState.SUCCEEDED, task.error
+        vms = {v["name"]: v for v in (await c.get("/v1/vms")).json()}
+        assert vms["off"]["host"] != "h1" and vms["off"]["state"] == "stopped"
+        assert "off" not in world.vms["h1"] and "off" in world.vms[vms["off"]["host"]]
 
     _run(world, url, test)
