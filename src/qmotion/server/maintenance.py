@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from qmotion.api.drs import MaintenanceOut, MoveOutcome, OperationReport
@@ -98,7 +98,15 @@ class Maintenance:
             self._cancel(exiting)  # an `exit --return` under way: stop bringing VMs in
         with self.db.session() as s:
             h = self._host(s, name)
-            h.state = "entering-maintenance"
+            # Only from a state checked above: a refresh may have marked it down meanwhile.
+            moved = s.execute(
+                update(Host)
+                .where(Host.id == h.id, Host.state.in_(("up", "entering-maintenance")))
+                .values(state="entering-maintenance")
+                .execution_options(synchronize_session=False)
+            )
+            if moved.rowcount != 1:  # type: ignore[attr-defined]
+                raise Conflict(f"host {name} changed state meanwhile", host=name)
             row = s.get(HostMaintenance, name)
             if row is None:
                 row = HostMaintenance(host=name, evacuated={})
