@@ -7,7 +7,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import PlainTextResponse
@@ -361,28 +361,60 @@ def create_peer_app(state: AgentState) -> FastAPI:
     return peer
 
 
+class DirtyRateSource(Protocol):
+    """What one round of dirty-rate sampling needs from the agent (tests give a fake)."""
+
+    def names(self) -> list[str]: ...
+
+    def migrating(self, name: str) -> bool: ...
+
+    async def status(self, name: str) -> str: ...
+
+    async def measure(self, name: str) -> float: ...
+
+
+async def sample_dirty_rates(src: DirtyRateSource, rates: dict[str, float]) -> None:
+    """One round: each running guest's dirty rate (MiB/s) into ``rates``, for the manager's
+    DRS (its migration cost). Never during a migration of that VM, never of a QEMU that is
+    not running a guest (an incoming one); a VM that is gone is forgotten; a failure skips
+    that VM only."""
+    names = src.names()
+    for name in names:
+        try:
+            if src.migrating(name) or await src.status(name) != "running":
+                continue
+            rates[name] = await src.measure(name)
+        except (AgentError, HypervisorError) as exc:  # gone meanwhile, or busy
+            log.debug("dirty rate of %s not measured: %s", name, exc)
+    for name in set(rates) - set(names):
+        del rates[name]
+
+
+class _AgentDirtyRates:
+    def __init__(self, state: AgentState) -> None:
+        self.state = state
+
+    def names(self) -> list[str]:
+        return [vm.name for vm in self.state.vms.running_processes()]
+
+    def migrating(self, name: str) -> bool:
+        return self.state.migrations.migrating(name)
+
+    async def status(self, name: str) -> str:
+        return str((await self.state.vms.monitor(name).execute("query-status")).get("status"))
+
+    async def measure(self, name: str) -> float:
+        # QMP calc-dirty-rate samples pages in QEMU's own thread, one VM at a time (the
+        # migration's dry run takes turns with it).
+        sample = (await self.state.migrations.dirty_rate(name, [DIRTY_SAMPLE_S])).samples[0]
+        return sample.dirtied_bytes / sample.seconds / (1 << 20)
+
+
 async def _dirty_rates_forever(state: AgentState) -> None:
-    """Each running guest's dirty rate, now and then, for the manager's DRS (its migration
-    cost). Never during a migration of that VM, never of a QEMU that is not running a guest
-    (an incoming one): QMP calc-dirty-rate samples pages in QEMU's own thread, one VM at a
-    time (the migration's dry run takes turns with it)."""
+    source = _AgentDirtyRates(state)
     while True:
         await asyncio.sleep(DIRTY_INTERVAL_S)
-        for vm in state.vms.running_processes():
-            try:
-                if state.migrations.migrating(vm.name):
-                    continue
-                status = await state.vms.monitor(vm.name).execute("query-status")
-                if status.get("status") != "running":
-                    continue
-                report = await state.migrations.dirty_rate(vm.name, [DIRTY_SAMPLE_S])
-                sample = report.samples[0]
-                state.sampler.dirty[vm.name] = sample.dirtied_bytes / sample.seconds / (1 << 20)
-            except (AgentError, HypervisorError) as exc:  # gone meanwhile, or busy
-                log.debug("dirty rate of %s not measured: %s", vm.name, exc)
-        alive = {vm.name for vm in state.vms.running_processes()}
-        for name in set(state.sampler.dirty) - alive:
-            del state.sampler.dirty[name]
+        await sample_dirty_rates(source, state.sampler.dirty)
 
 
 async def _sample_forever(state: AgentState) -> None:
