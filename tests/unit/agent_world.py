@@ -439,7 +439,9 @@ class World:
         if rest == "/export":
             # qmotion.agent.transfer: hold a stopped VM; serving disks is not modelled here.
             if method == "DELETE":
-                vm.held = False
+                # release=false ends the exports only; the hold stays (transfer.unexport).
+                if req.url.params.get("release", "true") == "true":
+                    vm.held = False
                 return httpx.Response(204)
             if vm.runstate != "gone":
                 return _error(409, "conflict", f"VM {name} is running", vm=name)

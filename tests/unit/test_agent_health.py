@@ -28,3 +28,29 @@ def test_a_missing_datastore_degrades_the_host_naming_it(tmp_path: Path) -> None
     out = _health(cfg)
     assert out["health"] == "degraded"
     assert len(out["health_reasons"]) == 1 and out["health_reasons"][0].startswith("datastore nfs")
+
+
+def test_a_hanging_datastore_check_degrades_without_hanging_the_facts(tmp_path: Path) -> None:
+    import asyncio
+    import threading
+
+    from qmotion.agent.facts import HealthCheck
+
+    release, calls = threading.Event(), []
+
+    def hangs(_cfg: AgentConfig) -> dict[str, object]:
+        calls.append(1)
+        release.wait(5)  # a hard NFS mount whose server is gone
+        return {"health": "ok", "health_reasons": []}
+
+    async def main() -> None:
+        check = HealthCheck(_config(tmp_path), timeout_s=0.1, probe=hangs)
+        first = await check.check()
+        assert first["health"] == "degraded" and "did not answer" in first["health_reasons"][0]
+        await check.check()
+        assert len(calls) == 1  # the stuck check is awaited again, not started twice
+        release.set()
+        await asyncio.sleep(0.05)
+        assert (await check.check())["health"] == "ok"
+
+    asyncio.run(main())

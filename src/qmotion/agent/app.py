@@ -16,7 +16,7 @@ from qmotion import __version__
 from qmotion.agent import images, netprobe
 from qmotion.agent.config import AgentConfig
 from qmotion.agent.errors import AgentError, OperationFailed
-from qmotion.agent.facts import MetricsSampler, host_facts
+from qmotion.agent.facts import HealthCheck, MetricsSampler, host_facts
 from qmotion.agent.migrate import Migrations
 from qmotion.agent.storage import StorageMoves
 from qmotion.agent.tls import PeerListener, TlsStore
@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 METRICS_INTERVAL_S = 2.0
 DIRTY_INTERVAL_S = 60.0  # a guest's dirty rate for DRS: measured this often, for
 DIRTY_SAMPLE_S = 1.0  # this long
+HEALTH_INTERVAL_S = 10.0
 # Any operation on a VM may also fail partway (500, OperationFailed), in the same error body.
 ERROR_STATUSES = (*COMMON_ERROR_STATUSES, 500)
 
@@ -82,6 +83,7 @@ class AgentState:
             create_peer_app(self), config.address or "127.0.0.1", config.port + 1
         )
         self.sampler = MetricsSampler(config.cpus)
+        self.health = HealthCheck(config)
 
     async def accel(self) -> AccelInfo:
         if self._accel_task is None:
@@ -103,6 +105,7 @@ def create_app(config: AgentConfig) -> FastAPI:
         probe = asyncio.ensure_future(state.accel())
         sampler = asyncio.ensure_future(_sample_forever(state))
         dirty = asyncio.ensure_future(_dirty_rates_forever(state))
+        health = asyncio.ensure_future(_health_forever(state))
         if state.tls.ready:
             try:
                 await state.peer.start(state.tls)
@@ -114,6 +117,7 @@ def create_app(config: AgentConfig) -> FastAPI:
             await state.peer.stop()
             sampler.cancel()
             dirty.cancel()
+            health.cancel()
             probe.cancel()
             await state.vms.close()
 
@@ -133,7 +137,7 @@ def create_app(config: AgentConfig) -> FastAPI:
     async def get_host() -> HostFacts:
         accel = await state.accel()
         peer_port = state.peer.port if state.peer.running else None
-        return await asyncio.to_thread(host_facts, config, accel, peer_port)
+        return await asyncio.to_thread(host_facts, config, accel, peer_port, state.health.last)
 
     @app.post("/v1/tls/csr", response_model=TlsCsr, dependencies=auth)
     async def tls_csr() -> TlsCsr:
@@ -370,7 +374,7 @@ class DirtyRateSource(Protocol):
 
     async def status(self, name: str) -> str: ...
 
-    async def measure(self, name: str) -> float: ...
+    async def measure(self, name: str) -> float | None: ...
 
 
 async def sample_dirty_rates(src: DirtyRateSource, rates: dict[str, float]) -> None:
@@ -383,7 +387,9 @@ async def sample_dirty_rates(src: DirtyRateSource, rates: dict[str, float]) -> N
         try:
             if src.migrating(name) or await src.status(name) != "running":
                 continue
-            rates[name] = await src.measure(name)
+            rate = await src.measure(name)
+            if rate is not None:  # None: a migration began meanwhile
+                rates[name] = rate
         except (AgentError, HypervisorError) as exc:  # gone meanwhile, or busy
             log.debug("dirty rate of %s not measured: %s", name, exc)
     for name in set(rates) - set(names):
@@ -403,18 +409,24 @@ class _AgentDirtyRates:
     async def status(self, name: str) -> str:
         return str((await self.state.vms.monitor(name).execute("query-status")).get("status"))
 
-    async def measure(self, name: str) -> float:
-        # QMP calc-dirty-rate samples pages in QEMU's own thread, one VM at a time (the
-        # migration's dry run takes turns with it).
-        sample = (await self.state.migrations.dirty_rate(name, [DIRTY_SAMPLE_S])).samples[0]
-        return sample.dirtied_bytes / sample.seconds / (1 << 20)
+    async def measure(self, name: str) -> float | None:
+        return await self.state.migrations.sample_dirty_rate(name, DIRTY_SAMPLE_S)
 
 
 async def _dirty_rates_forever(state: AgentState) -> None:
     source = _AgentDirtyRates(state)
     while True:
         await asyncio.sleep(DIRTY_INTERVAL_S)
-        await sample_dirty_rates(source, state.sampler.dirty)
+        try:
+            await sample_dirty_rates(source, state.sampler.dirty)
+        except Exception:  # sampling must outlive one bad round
+            log.exception("dirty-rate sampling failed")
+
+
+async def _health_forever(state: AgentState) -> None:
+    while True:
+        await state.health.check()
+        await asyncio.sleep(HEALTH_INTERVAL_S)
 
 
 async def _sample_forever(state: AgentState) -> None:

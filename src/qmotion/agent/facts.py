@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,7 +94,8 @@ def tcp_rmem_max() -> int | None:
 
 
 def _health(config: AgentConfig) -> dict[str, Any]:
-    """Degraded when a datastore VMs live on cannot be written (gone, read-only, full)."""
+    """Degraded when a datastore VMs live on cannot be used from this host (gone, read-only).
+    A full one is not: moving VMs to another host does not give them room."""
     reasons = []
     for d in config.datastores:
         try:
@@ -102,12 +105,43 @@ def _health(config: AgentConfig) -> dict[str, Any]:
             continue
         if not os.access(d.path, os.W_OK) or st.f_flag & os.ST_RDONLY:
             reasons.append(f"datastore {d.name}: not writable")
-        elif st.f_bavail == 0:
-            reasons.append(f"datastore {d.name}: full")
     return {"health": "degraded" if reasons else "ok", "health_reasons": reasons}
 
 
-def host_facts(config: AgentConfig, accel: AccelInfo, peer_port: int | None = None) -> HostFacts:
+class HealthCheck:
+    """The host's health, checked in the background: a datastore that hangs (a hard NFS
+    mount whose server is gone) must not hang the facts the manager polls to see the agent
+    alive. One check at a time; one that does not answer in time is itself the reason."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        timeout_s: float = 5.0,
+        probe: Callable[[AgentConfig], dict[str, Any]] = _health,
+    ) -> None:
+        self.config, self.timeout_s, self.probe = config, timeout_s, probe
+        self.last: dict[str, Any] = {"health": "ok", "health_reasons": []}
+        self._running: asyncio.Future[dict[str, Any]] | None = None
+
+    async def check(self) -> dict[str, Any]:
+        if self._running is None or self._running.done():
+            self._running = asyncio.ensure_future(asyncio.to_thread(self.probe, self.config))
+        try:
+            self.last = await asyncio.wait_for(asyncio.shield(self._running), self.timeout_s)
+        except TimeoutError:
+            self.last = {
+                "health": "degraded",
+                "health_reasons": [f"datastore check did not answer in {self.timeout_s:.0f} s"],
+            }
+        return self.last
+
+
+def host_facts(
+    config: AgentConfig,
+    accel: AccelInfo,
+    peer_port: int | None = None,
+    health: dict[str, Any] | None = None,
+) -> HostFacts:
     model, flags = cpu_info()
     info = qemu_info()
     return HostFacts(
@@ -130,7 +164,7 @@ def host_facts(config: AgentConfig, accel: AccelInfo, peer_port: int | None = No
         migration_networks=migration_networks(config),
         tcp_rmem_max=tcp_rmem_max(),
         peer_port=peer_port,
-        **_health(config),
+        **(health or {}),
     )
 
 

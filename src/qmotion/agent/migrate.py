@@ -723,6 +723,19 @@ class Migrations:
         out = self._outgoing.get(name)
         return out is not None and out.status not in FINISHED
 
+    async def sample_dirty_rate(self, name: str, seconds: float) -> float | None:
+        """One page-sampling measurement (MiB/s) for DRS, unless a migration of ``name`` is
+        under way (checked again once the VM's turn comes): None then."""
+        lock = self._dirty_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            if self.migrating(name):
+                return None
+            try:
+                sample = await self._one_sample(name, self.vms.monitor(name), seconds)
+            except HypervisorError as exc:
+                raise _qmp_failed(f"measuring the dirty rate of {name}", name, exc) from exc
+        return sample.dirtied_bytes / sample.seconds / (1 << 20)
+
     async def dirty_rate(self, name: str, seconds: list[float]) -> DirtyRateReport:
         # QEMU runs one measurement at a time and keeps one result: callers take turns.
         lock = self._dirty_locks.setdefault(name, asyncio.Lock())

@@ -77,6 +77,7 @@ def snapshot_from_inventory(
     measured = demand or {}
     host_rules = [r for r in rules if r.strength == "must" and r.kind in ("run_on", "not_run_on")]
     held_here: set[str] = set()  # migrating VMs: their own host rules give way to the pin
+    usable = {h.name for h in specs if h.usable}
     for vm in vms:
         idle = vm.state in ("stopped", "suspended")  # neither runs nor uses memory
         cpu, mem = measured.get(vm.name, (None, None))
@@ -92,13 +93,17 @@ def snapshot_from_inventory(
             )
         )
         where = vm.host if vm.migrating else (pinned or {}).get(vm.name)
-        # A cool-down never holds a VM where a must rule says it may not be.
+        # A cool-down never holds a VM where a must rule says it may not be, nor on a host
+        # it should leave (failed, degraded, maintenance).
         if (
             where is not None
             and not vm.migrating
-            and any(
-                vm.name in r.vms and ((r.kind == "run_on") != (where in r.hosts))
-                for r in host_rules
+            and (
+                where not in usable
+                or any(
+                    vm.name in r.vms and ((r.kind == "run_on") != (where in r.hosts))
+                    for r in host_rules
+                )
             )
         ):
             where = None

@@ -327,6 +327,9 @@ class ClusterDrs:
             dst = s.scalars(select(Host).where(Host.name == target)).first()
             if dst is None or dst.state != "up":
                 return f"host {target} is {dst.state if dst else 'gone'}"
+            facts = dst.facts or {}
+            if facts.get("health") == "degraded" and self.settings().proactive:
+                return f"host {target} is degraded: {'; '.join(facts.get('health_reasons', []))}"
         try:
             self.check_move(vm, target, also=also)
         except Conflict as exc:

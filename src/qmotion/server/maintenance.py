@@ -94,8 +94,6 @@ class Maintenance:
                 return self.status(name)  # already evacuating
             exiting = task.id if active and task is not None else None
             fresh = fresh and exiting is None  # VMs an exit is bringing back stay recorded
-        if exiting is not None:
-            self._cancel(exiting)  # an `exit --return` under way: stop bringing VMs in
         with self.db.session() as s:
             h = self._host(s, name)
             # Only from a state checked above: a refresh may have marked it down meanwhile.
@@ -107,6 +105,9 @@ class Maintenance:
             )
             if moved.rowcount != 1:  # type: ignore[attr-defined]
                 raise Conflict(f"host {name} changed state meanwhile", host=name)
+        if exiting is not None:
+            self._cancel(exiting)  # an `exit --return` under way: stop bringing VMs in
+        with self.db.session() as s:
             row = s.get(HostMaintenance, name)
             if row is None:
                 row = HostMaintenance(host=name, evacuated={})
