@@ -268,7 +268,7 @@ def apply_cmd(
     with errors_exit(), server_client(lab) as client:
         task = client.drs_apply(req)
         if wait:
-            task = operation.wait(client, task.id, "applying DRS moves", 6 * 3600.0)
+            task = operation.wait(client, task.id, "applying DRS moves", operation.WAIT_S)
     if wait:
         operation.show(task, json_out)
         if task.state != "succeeded":

@@ -17,7 +17,6 @@ app.add_typer(maintenance, name="maintenance")
 WaitOpt = typer.Option(
     False, "--wait", help="return when it is done (exit 1 if a VM could not move)"
 )
-WAIT_S = 6 * 3600.0  # every migration ends by itself well before
 
 
 LabOpt = typer.Option(None, "--lab", help="Which lab's manager, if several are up.")
@@ -55,7 +54,7 @@ def _finish(out: MaintenanceOut, wait: bool, json_out: bool, lab: str | None, ti
             console.print(Text(f"{out.host} is {out.state}: task {out.task_id}"))
         return
     with errors_exit(), server_client(lab) as client:
-        t = operation.wait(client, out.task_id, title, WAIT_S)
+        t = operation.wait(client, out.task_id, title, operation.WAIT_S)
     operation.show(t, json_out)
     if t.state != "succeeded":
         raise typer.Exit(1)

@@ -13,6 +13,7 @@ from qmotion.cli.common import cells, console, print_json
 from qmotion.client.server import ServerClient
 
 POLL_S = 0.5
+WAIT_S = 6 * 3600.0  # --wait: every migration ends by itself well before
 
 
 def wait(client: ServerClient, task_id: int, title: str, timeout_s: float) -> TaskOut:

@@ -267,7 +267,13 @@ class ClusterDrs:
             return [model_rule(r) for r in s.scalars(select(PlacementRule))]
 
     def check_move(
-        self, vm: str, to: str, *, new: bool = False, also: Mapping[str, str] | None = None
+        self,
+        vm: str,
+        to: str,
+        *,
+        new: bool = False,
+        also: Mapping[str, str] | None = None,
+        rules: list[Rule] | None = None,
     ) -> None:
         """Refuse (409, naming the rule) a VM on ``to`` that a must rule forbids; ``also``:
         other VMs' hosts once moves made with this one are done."""
@@ -276,7 +282,7 @@ class ClusterDrs:
             placement.pop(vm, None)
         elif placement.get(vm) == to:
             return  # not a move (a storage move on its host)
-        rules = self.rules()
+        rules = self.rules() if rules is None else rules
         # A VM migrating now is at its source and soon at its destination: both count.
         broken = broken_by_move(rules, placement, vm, to)
         landing = {k: v for k, v in {**placement, **self._inflight()}.items() if k != vm}
@@ -331,7 +337,7 @@ class ClusterDrs:
             if facts.get("health") == "degraded" and self.settings().proactive:
                 return f"host {target} is degraded: {'; '.join(facts.get('health_reasons', []))}"
         try:
-            self.check_move(vm, target, also=also)
+            self.check_move(vm, target, also=also, rules=rules)
         except Conflict as exc:
             return exc.message
         return None
@@ -345,8 +351,9 @@ class ClusterDrs:
         """The live cluster as DRS plans on it; ``cooldown`` pins VMs DRS moved lately."""
         now = now or self.clock()
         pinned: dict[str, str] = {}
-        if cooldown and self.settings().cooldown_s > 0:
-            since = now - timedelta(seconds=self.settings().cooldown_s)
+        st = self.settings()
+        if cooldown and st.cooldown_s > 0:
+            since = now - timedelta(seconds=st.cooldown_s)
             with self.db.session() as s:
                 rows = s.scalars(
                     select(Recommendation)
@@ -362,7 +369,7 @@ class ClusterDrs:
         pinned = {vm: h for vm, h in pinned.items() if where.get(vm) == h}
         rules, demand = self.rules(), self.window.demand(now)
         dirty = self.window.dirty_rates(now)
-        proactive = self.settings().proactive
+        proactive = st.proactive
         snap = snapshot_from_inventory(hosts, vms, rules, demand, pinned, dirty, proactive)
         try:
             validate(snap)

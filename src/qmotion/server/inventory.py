@@ -200,7 +200,13 @@ class Inventory:
             raise Invalid(f"no host named {name!r} (hosts: {known})", field=field, host=name)
         return host
 
-    def host_out(self, s: Session, host: Host, committed: dict[str, int] | None = None) -> HostOut:
+    def host_out(
+        self,
+        s: Session,
+        host: Host,
+        committed: dict[str, int] | None = None,
+        reasons: dict[str, str | None] | None = None,
+    ) -> HostOut:
         facts = HostFacts.model_validate(host.facts) if host.facts else None
         return HostOut(
             name=host.name,
@@ -211,15 +217,21 @@ class Inventory:
             memory_mib=(facts.memory_bytes >> 20) if facts else 0,
             committed_mib=(committed or self.committed(s)).get(host.name, 0),
             facts=facts,
-            maintenance_reason=m.reason if (m := s.get(HostMaintenance, host.name)) else None,
+            maintenance_reason=(reasons or self.maintenance_reasons(s)).get(host.name),
         )
 
     def list_hosts(self) -> list[HostOut]:
         with self.db.session() as s:
-            committed = self.committed(s)
+            committed, reasons = self.committed(s), self.maintenance_reasons(s)
             return [
-                self.host_out(s, h, committed) for h in s.scalars(select(Host).order_by(Host.name))
+                self.host_out(s, h, committed, reasons)
+                for h in s.scalars(select(Host).order_by(Host.name))
             ]
+
+    @staticmethod
+    def maintenance_reasons(s: Session) -> dict[str, str | None]:
+        """Why each host entering maintenance is not empty yet (read once per listing)."""
+        return {m.host: m.reason for m in s.scalars(select(HostMaintenance))}
 
     @staticmethod
     def committed(s: Session) -> dict[str, int]:
