@@ -103,6 +103,28 @@ def test_live_migration_keeps_memory_session_mac_and_address(
     assert lab.agent("h2").vm(vm.name).state == VmState.RUNNING
 
 
+def test_a_reused_address_is_announced_with_its_new_mac(
+    lab: Lab, server: ServerClient, make_vm: MakeVm
+) -> None:
+    """The pool hands a deleted VM's address to the next VM, behind a new MAC: peers that
+    talked to the old one must learn the new MAC from the guest's announcement at boot, not
+    by waiting out their neighbour entries (tens of seconds per address)."""
+    old = make_vm("h1", memory="128M", fill=0)
+    ip = ip_of(old)
+    assert neighbour_mac(lab, ip) == old.mac
+    server.delete_vm(old.name, force=True)
+    new = make_vm("h1", memory="128M", fill=0, start=False)
+    assert ip_of(new) == ip and new.mac != old.mac
+    server.start_vm(new.name)
+    # No traffic towards the address meanwhile: only the guest's own announcement can
+    # replace the old MAC (without it the entry keeps the old one until it is collected).
+    deadline = time.monotonic() + 90
+    while neighbour_mac(lab, ip) != new.mac:
+        assert time.monotonic() < deadline, f"client still sends {ip} to {neighbour_mac(lab, ip)}"
+        time.sleep(0.5)
+    run_in(lab.record.client_namespace, lambda: wait_echo(ip, 5))
+
+
 def test_prechecks_refuse_before_anything_changes(
     lab: Lab, server: ServerClient, make_vm: MakeVm
 ) -> None:

@@ -44,6 +44,10 @@ ip link set lo up
 if [ -n "$ip" ]; then
     i=0
     while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+    # Announce the address when the link comes up (gratuitous ARP): an address freed by a
+    # deleted VM comes back with a new MAC, and peers holding the old one would otherwise
+    # wait out their neighbour timeouts (tens of seconds) before reaching this guest.
+    echo 1 > /proc/sys/net/ipv4/conf/all/arp_notify
     ip addr add "$ip" dev eth0
     ip link set eth0 up
 fi
