@@ -207,6 +207,11 @@ def run_qmotion(lab: Lab, name: str, cap_s: float, postcopy: bool = False) -> di
             "predicted_converges": r.prediction.converges if r.prediction else None,
             "stopped_at_ms": r.source_stopped_at_ms,
             "postcopy_at_s": r.postcopy_at_s,
+            # The flight recorder's course, for comparing the prediction with what happened.
+            "samples": [
+                [s.t_s, s.remaining, round(s.dirty_bps), s.throttle_pct, s.passes]
+                for s in r.samples
+            ],
         }
     if not out["completed"]:
         out["how"] = task.error
