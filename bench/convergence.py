@@ -1,8 +1,11 @@
 """Convergence benchmark: busy guests over a capped link, qmotion against its peers' policies.
 
     python -m bench.convergence [--link 400mbit] [--cap-s 120] [--out bench/results]
+        [--ratios 0,0.5,1,2] [--policies NAME,...] [--shared-link] [--report convergence]
 
-One lab whose host links are shaped to ``--link``; one 1 GiB guest with 600 MiB written per
+One lab whose host links are shaped to ``--link``, migrating over a network of its own (shaped
+alike; ``--shared-link``: over the hosts' only network, where the VM's clients queue behind
+the stream); one 1 GiB guest with 600 MiB written per
 run, dirtying 0, 0.5x, 1x and 2x what the link carries while it moves. The same QEMU runs every
 policy; the peers' are driven through the agents exactly as their code does it (see
 ../shared/FACTS.md for the sources):
@@ -247,6 +250,7 @@ def main() -> None:
         help="migrate over the hosts' only network (default: a separate migration network)",
     )
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--report", default="convergence", help="NAME of NAME.md/NAME.json")
     args = ap.parse_args()
     link_bps = parse_rate_bytes(args.link)
     wanted = args.policies.split(",")
@@ -305,7 +309,7 @@ def main() -> None:
         "migration_net": not args.shared_link,
         "rows": rows,
     }
-    write_report(args.out, "convergence", report, table)
+    write_report(args.out, args.report, report, table)
 
 
 def _f(v: Any, fmt: str = "{:.0f}") -> str:

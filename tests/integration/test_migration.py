@@ -122,7 +122,7 @@ def test_a_reused_address_is_announced_with_its_new_mac(
     while neighbour_mac(lab, ip) != new.mac:
         assert time.monotonic() < deadline, f"client still sends {ip} to {neighbour_mac(lab, ip)}"
         time.sleep(0.5)
-    run_in(lab.record.client_namespace, lambda: wait_echo(ip, 5))
+    run_in(lab.record.client_namespace, lambda: wait_echo(ip, 30))
 
 
 def test_prechecks_refuse_before_anything_changes(

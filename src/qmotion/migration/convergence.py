@@ -10,7 +10,8 @@ The ladder, climbed only when the measured passes say the current rung does not 
     precopy    the downtime limit the operator's priority allows by default (20 ms)
     downtime   the limit raised to what the last pass shows is needed, up to --max-downtime-ms
     throttle   auto-converge: the guest's vCPUs slowed until it dirties less than the link
-               carries (QEMU raises the throttle each pass that still dirties too much)
+               carries (QEMU raises the throttle every other pass that still dirties too
+               much)
     postcopy   only with --allow-postcopy, instead of the throttle (and instead of an abort
                by a timeout): the destination runs the VM at once and pulls the pages it
                touches; it cannot be rolled back, so the timeouts no longer apply
@@ -19,8 +20,9 @@ xbzrle is not a rung: QEMU fixes capabilities when the stream starts, so it is s
 the start when the measurement finds a hot set (pages rewritten within a second), with a cache
 that holds it. Auto-converge is likewise switched on at the start whenever a throttle may be
 needed, held dormant (1 %, threshold 100 %) until the ladder reaches it; when the measured dirty
-rate already outruns the link, the throttle starts with the stream (a pass spent proving what
-the measurement showed costs a full copy of the working set).
+rate already outruns the link, auto-converge is set to its full first step with the stream (a
+pass spent proving what the measurement showed costs a full copy of the working set); QEMU
+still applies it only from its second sync that found too much dirtied.
 
 Measured here (TCG guest writing at a set rate): a throttle bites only once the writer runs out
 of CPU, so the first steps change little and QEMU's step is large (20 %); the linear model of
@@ -218,9 +220,10 @@ def _simulate(
     ladder = Ladder.start(p, now=0.0)
     t = 2 * rtt  # the stream's setup
     to_send = float(min(max(resident, 0), memory))
-    # QEMU wakes the throttle only at the second sync in which the guest dirtied too much
-    # (the ends of passes 1 and 2: pass 3 is the first throttled, seen in every throttled
-    # bench run here), then steps it every other pass.
+    # QEMU wakes the throttle only at the second sync in which the guest dirtied too much:
+    # the end of pass 2, or a background sync during it (QEMU >= 9.2 waits 5-10 s for one;
+    # in the throttled bench runs here it coincided with the end of pass 2, ~10 s long), so
+    # pass 3 is the first throttled. Then one step every other pass.
     armed = p.throttle_from_start_pct / 100
     throttle = 0.0
     measures: list[str] = ["auto-converge"] if p.throttle_from_start_pct else []
