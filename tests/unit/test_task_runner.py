@@ -58,6 +58,8 @@ def test_twenty_concurrent_migrate_requests_accept_exactly_one(tmp_path: Path) -
     assert sorted(codes) == [202] + [409] * 19
     assert task.state == TaskState.SUCCEEDED, task.error
     assert world.running_copies("vm0") == ["h2"]
+    # A manager without a cluster CA is an insecure cluster: its reports say so.
+    assert task.result is not None and task.result.tls is False
 
 
 def test_at_most_four_migrations_involve_a_host_at_once(tmp_path: Path) -> None:
