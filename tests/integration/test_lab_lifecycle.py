@@ -1,17 +1,21 @@
-"""``lab up`` then ``lab down`` with a running VM leaves no namespace, link, process or file."""
+"""``lab up`` then ``lab down`` with running VMs leaves no namespace, link, process or file;
+on the way, a migration across the lab's emulated distance."""
 
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from qmotion.api.server import MigrateRequest, TaskState, VmCreate, Workload
 from qmotion.api.vm import GuestConfig, Nic, VmSpec
 from qmotion.lab import LabInputError, lab_down, lab_up
 from qmotion.lab.errors import LabNotFound
 from qmotion.lab.netns import links_with_prefix, namespaces, run_in
-from qmotion.probe.guest import echo_once, wait_echo
+from qmotion.migration.params import MAX_STREAMS
+from qmotion.probe.guest import echo_once, mem_check, wait_echo
 from tests.integration.conftest import unique_lab_name
 
 pytestmark = pytest.mark.integration
@@ -42,6 +46,37 @@ def test_lab_down_leaves_nothing_behind() -> None:
         # And the guest on h1 answers across it from the client (half the delay: one egress).
         assert run_in(lab.record.client_namespace, lambda: echo_once(ip)) >= 0.009
         assert qemu_pids_with(str(spec.uuid))
+        # A migration across the distance: the RTT is measured and the streams chosen from it
+        # (a short probe over a long path cannot see the link: the most streams).
+        with lab.server() as server:
+            vm = server.create_vm(
+                VmCreate.model_validate(
+                    {
+                        "name": "w",
+                        "host": "h1",
+                        "memory": "128M",
+                        "start": True,
+                        "workload": Workload(fill_mib=16),
+                        # The pool's first address is v's, which the manager does not know.
+                        "address": lab.pool_address(1),
+                    }
+                )
+            )
+            assert vm.address is not None
+            wip = vm.address.split("/")[0]
+            run_in(lab.record.client_namespace, lambda: wait_echo(wip, 90))
+            task = server.migrate("w", MigrateRequest(to="h2"))
+            deadline = time.monotonic() + 120
+            while task.state.active and time.monotonic() < deadline:
+                time.sleep(0.2)
+                task = server.task(task.id)
+            assert task.state == TaskState.SUCCEEDED, task.error
+            assert task.result is not None
+            assert server.vm("w").host == "h2"
+            prediction = task.result.prediction
+            assert prediction is not None and prediction.rtt_ms >= 15
+            assert task.result.streams == MAX_STREAMS
+        assert run_in(lab.record.client_namespace, lambda: mem_check(wip))["consistent"]
         lab_dir = Path(lab.record.dir)
     except BaseException:
         lab_down(name)
