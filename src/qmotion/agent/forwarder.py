@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -32,7 +33,13 @@ PACKET_VNET_HDR = 15
 ETH_P_ALL = 0x0003
 VNET_HDR_LEN = 10  # struct virtio_net_hdr precedes each frame on a PACKET_VNET_HDR socket
 KEEP_S = 2.0  # captured frames older than this cannot matter any more
-MARGIN_S = 0.05  # replay from well before the stop: a duplicate costs nothing, a loss 200 ms
+# Replay from a little before the stop (by the kernel's arrival stamp): a frame that reached the
+# tap just before QEMU stopped may still have been unread. Not more: every duplicate is work
+# for a guest that has just resumed (a TCG guest answers each with a DSACK at a few ms apiece,
+# measured: 7 duplicates from a 50 ms margin cost it ~16 ms before the frame that mattered).
+MARGIN_S = 0.02
+SO_TIMESTAMPNS = 35
+SCM_TIMESTAMPNS = SO_TIMESTAMPNS
 FORWARD_FOR_S = 1.0
 MIRROR_PREF = "10"  # after the first replay, keep forwarding stragglers this long
 
@@ -51,6 +58,15 @@ def _tc(*args: str) -> None:
 def _mac_of(ip: IPRoute, ifname: str) -> bytes:
     (index,) = ip.link_lookup(ifname=ifname)
     return bytes.fromhex(str(ip.get_links(index)[0].get_attr("IFLA_ADDRESS")).replace(":", ""))
+
+
+def _stamp(ancillary: list[tuple[int, int, bytes]]) -> float:
+    """The kernel's receive time (wall clock) of a frame; now if it gave none."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS and len(data) >= 16:
+            sec, nsec = struct.unpack("qq", data[:16])
+            return float(sec) + float(nsec) / 1e9
+    return time.time()
 
 
 def _packet_socket(ifname: str) -> socket.socket:
@@ -76,6 +92,8 @@ class LateFrameForwarder:
         self.forwarded = 0
         self._thread: threading.Thread | None = None
         self._rx: socket.socket | None = None
+        self._txs: list[socket.socket] = []
+        self._bridge_mac = b""
 
     def start(self) -> None:
         with IPRoute() as ip:
@@ -85,8 +103,16 @@ class LateFrameForwarder:
                 ip.link("set", index=idx, state="up")
         try:
             self._rx = _packet_socket(self.cap_b)
+            # Each frame's arrival as the kernel stamped it, not when this thread got to it.
+            self._rx.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             # Short: a release must turn into replayed frames within a few milliseconds.
             self._rx.settimeout(0.002)
+            # Ready before the switchover: opening them at the release took 20-30 ms (netlink
+            # from Python), and the replayed frame then reached the destination after its
+            # guest had resumed instead of waiting in its tap.
+            with IPRoute() as ip:
+                self._txs = [_packet_socket(name) for name in self._uplinks(ip)]
+                self._bridge_mac = _mac_of(ip, self.bridge)
             _tc("qdisc", "replace", "dev", self.tap, "clsact")
             _tc(
                 "filter",
@@ -134,45 +160,39 @@ class LateFrameForwarder:
 
     def _run(self) -> None:
         assert self._rx is not None
-        txs: list[socket.socket] = []
         deadline: float | None = None
-        with IPRoute() as ip:
-            while not self._done.is_set():
-                with contextlib.suppress(TimeoutError, OSError):
-                    frame = self._rx.recv(70000)
-                    # Only frames addressed to the VM itself: replaying a broadcast would
-                    # flood it back into the tap and round again.
-                    if frame[VNET_HDR_LEN : VNET_HDR_LEN + 6] == self._mac_bytes:
-                        self._frames.append((time.time(), frame))
-                now = time.time()
-                while self._frames and self._frames[0][0] < now - KEEP_S:
-                    self._frames.popleft()
-                if not self._release.is_set() or self._stopped_at is None:
+        while not self._done.is_set():
+            with contextlib.suppress(TimeoutError, OSError):
+                frame, anc, _, _ = self._rx.recvmsg(70000, socket.CMSG_SPACE(16))
+                # Only frames addressed to the VM itself: replaying a broadcast would flood
+                # it back into the tap and round again.
+                if frame[VNET_HDR_LEN : VNET_HDR_LEN + 6] == self._mac_bytes:
+                    self._frames.append((_stamp(anc), frame))
+            now = time.time()
+            while self._frames and self._frames[0][0] < now - KEEP_S:
+                self._frames.popleft()
+            if not self._release.is_set() or self._stopped_at is None:
+                continue
+            if deadline is None:
+                deadline = time.monotonic() + FORWARD_FOR_S
+            cutoff = self._stopped_at - MARGIN_S
+            while self._frames:
+                t, frame = self._frames.popleft()
+                if t < cutoff:
                     continue
-                if deadline is None:
-                    # Straight out of the uplinks, not through the bridge: the local bridge
-                    # may still send the VM's MAC to its tap (steering pins it there).
-                    txs = [_packet_socket(name) for name in self._uplinks(ip)]
-                    bridge_mac = _mac_of(ip, self.bridge)
-                    deadline = time.monotonic() + FORWARD_FOR_S
-                cutoff = self._stopped_at - MARGIN_S
-                while self._frames:
-                    t, frame = self._frames.popleft()
-                    if t < cutoff:
-                        continue
-                    # The client's source MAC, sent from here, would teach the switches that
-                    # the client lives behind this host; use the bridge's own MAC instead.
-                    # The guest's IP stack does not look at a frame's source MAC.
-                    src = VNET_HDR_LEN + 6
-                    frame = frame[:src] + bridge_mac + frame[src + 6 :]
-                    for tx in txs:
-                        with contextlib.suppress(OSError):
-                            tx.send(frame)
-                            self.forwarded += 1
-                if time.monotonic() > deadline:
-                    break
-        for tx in txs:
-            tx.close()
+                # Straight out of the uplinks, not through the bridge: the local bridge may
+                # still send the VM's MAC to its tap (steering pins it there). The client's
+                # source MAC, sent from here, would teach the switches that the client lives
+                # behind this host; use the bridge's own MAC instead (the guest's IP stack
+                # does not look at a frame's source MAC).
+                src = VNET_HDR_LEN + 6
+                frame = frame[:src] + self._bridge_mac + frame[src + 6 :]
+                for tx in self._txs:
+                    with contextlib.suppress(OSError):
+                        tx.send(frame)
+                        self.forwarded += 1
+            if time.monotonic() > deadline:
+                break
 
     def close(self) -> None:
         """Remove the mirror and the capture veth; safe to call more than once."""
@@ -184,6 +204,9 @@ class LateFrameForwarder:
         if self._rx is not None:
             self._rx.close()
             self._rx = None
+        for tx in self._txs:
+            tx.close()
+        self._txs = []
         with IPRoute() as ip:
             for idx in ip.link_lookup(ifname=self.cap_a):
                 with contextlib.suppress(Exception):
