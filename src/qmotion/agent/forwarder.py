@@ -10,8 +10,16 @@ which is the ~230 ms gap. Downtime itself is only ~10-30 ms.
 So during a migration the source mirrors every frame sent to the VM's tap (tc mirred on the
 tap's egress) into a capture veth. When QEMU reports the VM stopped, the frames captured since
 then are sent straight out of the host's uplinks as soon as the destination has taken the VM's
-traffic (steering), and later stragglers are forwarded the same way for a short while. A
-replayed frame the guest had already consumed is a duplicate, which TCP discards.
+traffic (steering), and later stragglers are forwarded the same way for a short while.
+
+Which captured frames the guest never got is counted, not guessed from times: a tap counts a
+frame in ``tx_packets`` when QEMU reads it, and QEMU stops reading before its STOP event (the
+final dirty-bitmap sync holds the big lock before that, longer for bigger guests). The frames
+mirrored since the mirror went on, less those read and those the tap dropped, are the unread
+tail; two more are replayed, for the frame QEMU may hold in its own queue and for one that sat
+in the tap when the mirror went on. A replayed frame the
+guest had already consumed is a duplicate, which TCP discards, but a just-resumed TCG guest
+answers each with a DSACK (~2 ms apiece measured), so the replay is kept to what was unread.
 """
 
 from __future__ import annotations
@@ -33,15 +41,16 @@ PACKET_VNET_HDR = 15
 ETH_P_ALL = 0x0003
 VNET_HDR_LEN = 10  # struct virtio_net_hdr precedes each frame on a PACKET_VNET_HDR socket
 KEEP_S = 2.0  # captured frames older than this cannot matter any more
-# Replay from a little before the stop (by the kernel's arrival stamp): a frame that reached the
-# tap just before QEMU stopped may still have been unread. Not more: every duplicate is work
-# for a guest that has just resumed (a TCG guest answers each with a DSACK at a few ms apiece,
-# measured: 7 duplicates from a 50 ms margin cost it ~16 ms before the frame that mattered).
-MARGIN_S = 0.02
-SO_TIMESTAMPNS = 35
+# Which frames the guest never read is counted exactly (below); only when the capture itself
+# lost frames does the replay fall back to everything from this long before the stop.
+MARGIN_S = 0.05
+SO_TIMESTAMPNS = 35  # Linux (x86_64, aarch64); Python has no constant for it
 SCM_TIMESTAMPNS = SO_TIMESTAMPNS
-FORWARD_FOR_S = 1.0
-MIRROR_PREF = "10"  # after the first replay, keep forwarding stragglers this long
+PACKET_STATISTICS = 6
+SO_RCVBUFFORCE = 33
+RCVBUF = 8 << 20  # GSO frames of a bulk transfer fill the default ~200 KiB between polls
+FORWARD_FOR_S = 1.0  # after the first replay, keep forwarding stragglers this long
+MIRROR_PREF = "10"  # the mirror filter's priority on the tap, to remove exactly it
 
 
 def prepare_tap(tap: str) -> None:
@@ -69,12 +78,27 @@ def _stamp(ancillary: list[tuple[int, int, bytes]]) -> float:
     return time.time()
 
 
-def _packet_socket(ifname: str) -> socket.socket:
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-    # Keep GSO frames and partial checksums intact on their way through userspace.
-    s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
-    s.bind((ifname, 0))
+def _packet_socket(ifname: str, *, receive: bool) -> socket.socket:
+    # A send-only socket has protocol 0: no receive hook, so the uplink's traffic (the
+    # migration stream among it) is not cloned to it for the whole migration.
+    proto = socket.htons(ETH_P_ALL) if receive else 0
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, proto)
+    try:
+        # Keep GSO frames and partial checksums intact on their way through userspace.
+        s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+        # 0: keep the socket's protocol (Python would byte-swap one given here again).
+        s.bind((ifname, 0))
+    except BaseException:
+        s.close()
+        raise
     return s
+
+
+def _tap_read(ip: IPRoute, index: int) -> int:
+    """Frames the tap has handed to its reader (QEMU) since it was created. By netlink, not
+    sysfs: /sys shows the namespace it was mounted in, not the caller's."""
+    stats = ip.link("get", index=index)[0].get_attr("IFLA_STATS64")
+    return int(stats["tx_packets"])
 
 
 class LateFrameForwarder:
@@ -84,11 +108,15 @@ class LateFrameForwarder:
         self.tap, self.bridge, self.mac = tap, bridge, mac.lower()
         self._mac_bytes = bytes.fromhex(self.mac.replace(":", ""))
         self.cap_a, self.cap_b = f"qf{tag}a", f"qf{tag}b"
-        self._frames: deque[tuple[float, bytes]] = deque()
+        # (sequence number among all mirrored frames, kernel arrival stamp, frame)
+        self._frames: deque[tuple[int, float, bytes]] = deque()
+        self._mirrored = 0
+        self._base: int | None = None
+        self._nl: IPRoute | None = None  # the thread's, for the tap's counters at the release
+        self._tap_index = 0
         self._stopped_at: float | None = None
         self._release = threading.Event()
         self._done = threading.Event()
-        self.replayed = 0
         self.forwarded = 0
         self._thread: threading.Thread | None = None
         self._rx: socket.socket | None = None
@@ -102,17 +130,24 @@ class LateFrameForwarder:
                 (idx,) = ip.link_lookup(ifname=name)
                 ip.link("set", index=idx, state="up")
         try:
-            self._rx = _packet_socket(self.cap_b)
+            self._rx = _packet_socket(self.cap_b, receive=True)
             # Each frame's arrival as the kernel stamped it, not when this thread got to it.
             self._rx.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            with contextlib.suppress(OSError):  # root only; the count notices losses anyway
+                self._rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
             # Short: a release must turn into replayed frames within a few milliseconds.
             self._rx.settimeout(0.002)
             # Ready before the switchover: opening them at the release took 20-30 ms (netlink
             # from Python), and the replayed frame then reached the destination after its
             # guest had resumed instead of waiting in its tap.
             with IPRoute() as ip:
-                self._txs = [_packet_socket(name) for name in self._uplinks(ip)]
+                for name in self._uplinks(ip):
+                    self._txs.append(_packet_socket(name, receive=False))
                 self._bridge_mac = _mac_of(ip, self.bridge)
+            if not self._txs:
+                log.warning(
+                    "no uplink on %s: late frames of %s cannot be forwarded", self.bridge, self.mac
+                )
             _tc("qdisc", "replace", "dev", self.tap, "clsact")
             _tc(
                 "filter",
@@ -120,6 +155,8 @@ class LateFrameForwarder:
                 "dev",
                 self.tap,
                 "egress",
+                "pref",
+                MIRROR_PREF,
                 "protocol",
                 "all",
                 "u32",
@@ -134,6 +171,11 @@ class LateFrameForwarder:
                 "dev",
                 self.cap_a,
             )
+            # After the mirror is on: a frame read in between is counted as mirrored and not
+            # as read, which replays one duplicate more, never one frame less.
+            self._nl = IPRoute()
+            (self._tap_index,) = self._nl.link_lookup(ifname=self.tap)
+            self._base = _tap_read(self._nl, self._tap_index)
         except BaseException:
             self.close()
             raise
@@ -158,41 +200,80 @@ class LateFrameForwarder:
                 names.append(name)
         return names
 
+    def _first_unread(self) -> int | None:
+        """The sequence number from which mirrored frames may not have reached the guest;
+        None when the count cannot tell (the capture dropped frames, or no counters)."""
+        assert self._rx is not None
+        try:
+            _, lost = struct.unpack("II", self._rx.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+            read = _tap_read(self._nl, self._tap_index) if self._nl is not None else None
+        except Exception as exc:  # netlink errors are not all OSErrors
+            log.warning("cannot read the counters of %s: %s", self.tap, exc)
+            return None
+        if lost or self._base is None or read is None:
+            return None
+        # Frames are read in the order they were mirrored; a frame the tap dropped may sit
+        # anywhere among them, so counting from the frames read errs towards a duplicate.
+        # Two more are replayed: the last one read, which QEMU may have held unread by the
+        # guest when it stopped (its own net queue is not migrated), and one for a frame that
+        # sat in the tap when the mirror went on (read later, so counted, but never mirrored).
+        return max(read - self._base - 1, 1)
+
     def _run(self) -> None:
         assert self._rx is not None
         deadline: float | None = None
-        while not self._done.is_set():
-            with contextlib.suppress(TimeoutError, OSError):
-                frame, anc, _, _ = self._rx.recvmsg(70000, socket.CMSG_SPACE(16))
-                # Only frames addressed to the VM itself: replaying a broadcast would flood
-                # it back into the tap and round again.
-                if frame[VNET_HDR_LEN : VNET_HDR_LEN + 6] == self._mac_bytes:
-                    self._frames.append((_stamp(anc), frame))
-            now = time.time()
-            while self._frames and self._frames[0][0] < now - KEEP_S:
-                self._frames.popleft()
-            if not self._release.is_set() or self._stopped_at is None:
-                continue
-            if deadline is None:
-                deadline = time.monotonic() + FORWARD_FOR_S
-            cutoff = self._stopped_at - MARGIN_S
-            while self._frames:
-                t, frame = self._frames.popleft()
-                if t < cutoff:
+        first: int | None = None
+        try:
+            while not self._done.is_set():
+                with contextlib.suppress(TimeoutError, OSError):
+                    frame, anc, _, _ = self._rx.recvmsg(70000, socket.CMSG_SPACE(16))
+                    self._mirrored += 1
+                    # Only frames addressed to the VM itself: replaying a broadcast would
+                    # flood it back into the tap and round again.
+                    if frame[VNET_HDR_LEN : VNET_HDR_LEN + 6] == self._mac_bytes:
+                        self._frames.append((self._mirrored, _stamp(anc), frame))
+                now = time.time()
+                while self._frames and self._frames[0][1] < now - KEEP_S:
+                    self._frames.popleft()
+                if not self._release.is_set() or self._stopped_at is None:
                     continue
-                # Straight out of the uplinks, not through the bridge: the local bridge may
-                # still send the VM's MAC to its tap (steering pins it there). The client's
-                # source MAC, sent from here, would teach the switches that the client lives
-                # behind this host; use the bridge's own MAC instead (the guest's IP stack
-                # does not look at a frame's source MAC).
-                src = VNET_HDR_LEN + 6
-                frame = frame[:src] + self._bridge_mac + frame[src + 6 :]
-                for tx in self._txs:
-                    with contextlib.suppress(OSError):
-                        tx.send(frame)
-                        self.forwarded += 1
-            if time.monotonic() > deadline:
-                break
+                if deadline is None:
+                    deadline = time.monotonic() + FORWARD_FOR_S
+                    first = self._first_unread()
+                    if first is None:
+                        log.warning(
+                            "late frames of %s replayed by time: the count failed", self.mac
+                        )
+                cutoff = self._stopped_at - MARGIN_S
+                while self._frames:
+                    seq, t, frame = self._frames.popleft()
+                    if (seq < first) if first is not None else (t < cutoff):
+                        continue
+                    self._send(frame)
+                if time.monotonic() > deadline:
+                    break
+        finally:
+            # The thread owns the senders once it runs: close() must not pull them away
+            # from under a send.
+            for tx in self._txs:
+                tx.close()
+            self._txs = []
+            if self._nl is not None:
+                self._nl.close()
+                self._nl = None
+
+    def _send(self, frame: bytes) -> None:
+        # Straight out of the uplinks, not through the bridge: the local bridge may still send
+        # the VM's MAC to its tap (steering pins it there). The client's source MAC, sent from
+        # here, would teach the switches that the client lives behind this host; use the
+        # bridge's own MAC instead (the guest's IP stack does not look at a frame's source MAC).
+        src = VNET_HDR_LEN + 6
+        frame = frame[:src] + self._bridge_mac + frame[src + 6 :]
+        for tx in self._txs:
+            # Never block: a full uplink queue drops the frame as a switch would.
+            with contextlib.suppress(OSError):
+                tx.send(frame, socket.MSG_DONTWAIT)
+                self.forwarded += 1
 
     def close(self) -> None:
         """Remove the mirror and the capture veth; safe to call more than once."""
@@ -201,12 +282,16 @@ class LateFrameForwarder:
             self._thread.join(timeout=2)
         with contextlib.suppress(OSError):
             _tc("filter", "del", "dev", self.tap, "egress", "pref", MIRROR_PREF)
-        if self._rx is not None:
+        if self._thread is None:
+            for tx in self._txs:
+                tx.close()
+            self._txs = []
+            if self._nl is not None:
+                self._nl.close()
+                self._nl = None
+        if self._rx is not None and (self._thread is None or not self._thread.is_alive()):
             self._rx.close()
             self._rx = None
-        for tx in self._txs:
-            tx.close()
-        self._txs = []
         with IPRoute() as ip:
             for idx in ip.link_lookup(ifname=self.cap_a):
                 with contextlib.suppress(Exception):

@@ -644,8 +644,9 @@ class Migrations:
             try:
                 await asyncio.to_thread(fw.start)
                 forwarders.append(fw)
-            except OSError as exc:
+            except Exception as exc:  # netlink, tc, sysfs: any of them may fail
                 # Without it the migration still works; a late frame may cost a TCP RTO.
+                # Never let it end the watch of a running migration (start() cleaned up).
                 log.warning("no late-frame forwarding for %s: %s", name, exc)
         return forwarders
 
