@@ -12,14 +12,13 @@ tap's egress) into a capture veth. When QEMU reports the VM stopped, the frames 
 then are sent straight out of the host's uplinks as soon as the destination has taken the VM's
 traffic (steering), and later stragglers are forwarded the same way for a short while.
 
-Which captured frames the guest never got is counted, not guessed from times: a tap counts a
-frame in ``tx_packets`` when QEMU reads it, and QEMU stops reading before its STOP event (the
-final dirty-bitmap sync holds the big lock before that, longer for bigger guests). The frames
-mirrored since the mirror went on, less those read and those the tap dropped, are the unread
-tail; two more are replayed, for the frame QEMU may hold in its own queue and for one that sat
-in the tap when the mirror went on. A replayed frame the
-guest had already consumed is a duplicate, which TCP discards, but a just-resumed TCG guest
-answers each with a DSACK (~2 ms apiece measured), so the replay is kept to what was unread.
+Frames are replayed from a margin before the STOP event, by the kernel's arrival stamps:
+QEMU stops reading its tap somewhat before it reports STOP (the final dirty-bitmap sync holds
+the big lock first, longer for bigger guests). A replayed frame the guest had already consumed
+is a duplicate, which TCP discards; a lost one costs a retransmission timeout. Counting what the
+guest read (the tap's ``tx_packets``) instead was tried: it misses frames queued in the tap
+before the mirror went on, GSO packets the tap splits after the mirror, and copies the capture
+link drops, each of which loses a frame, so the margin stays.
 """
 
 from __future__ import annotations
@@ -41,12 +40,9 @@ PACKET_VNET_HDR = 15
 ETH_P_ALL = 0x0003
 VNET_HDR_LEN = 10  # struct virtio_net_hdr precedes each frame on a PACKET_VNET_HDR socket
 KEEP_S = 2.0  # captured frames older than this cannot matter any more
-# Which frames the guest never read is counted exactly (below); only when the capture itself
-# lost frames does the replay fall back to everything from this long before the stop.
-MARGIN_S = 0.05
+MARGIN_S = 0.05  # replay from this long before the stop: a duplicate costs ms, a loss 200 ms
 SO_TIMESTAMPNS = 35  # Linux (x86_64, aarch64); Python has no constant for it
 SCM_TIMESTAMPNS = SO_TIMESTAMPNS
-PACKET_STATISTICS = 6
 SO_RCVBUFFORCE = 33
 RCVBUF = 8 << 20  # GSO frames of a bulk transfer fill the default ~200 KiB between polls
 FORWARD_FOR_S = 1.0  # after the first replay, keep forwarding stragglers this long
@@ -108,12 +104,7 @@ class LateFrameForwarder:
         self.tap, self.bridge, self.mac = tap, bridge, mac.lower()
         self._mac_bytes = bytes.fromhex(self.mac.replace(":", ""))
         self.cap_a, self.cap_b = f"qf{tag}a", f"qf{tag}b"
-        # (sequence number among all mirrored frames, kernel arrival stamp, frame)
-        self._frames: deque[tuple[int, float, bytes]] = deque()
-        self._mirrored = 0
-        self._base: int | None = None
-        self._nl: IPRoute | None = None  # the thread's, for the tap's counters at the release
-        self._tap_index = 0
+        self._frames: deque[tuple[float, bytes]] = deque()  # (kernel arrival stamp, frame)
         self._stopped_at: float | None = None
         self._release = threading.Event()
         self._done = threading.Event()
@@ -124,23 +115,18 @@ class LateFrameForwarder:
         self._bridge_mac = b""
 
     def start(self) -> None:
-        with IPRoute() as ip:
-            ip.link("add", ifname=self.cap_a, kind="veth", peer={"ifname": self.cap_b})
-            for name in (self.cap_a, self.cap_b):
-                (idx,) = ip.link_lookup(ifname=name)
-                ip.link("set", index=idx, state="up")
         try:
-            self._rx = _packet_socket(self.cap_b, receive=True)
-            # Each frame's arrival as the kernel stamped it, not when this thread got to it.
-            self._rx.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            with contextlib.suppress(OSError):  # root only; the count notices losses anyway
-                self._rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
-            # Short: a release must turn into replayed frames within a few milliseconds.
-            self._rx.settimeout(0.002)
-            # Ready before the switchover: opening them at the release took 20-30 ms (netlink
-            # from Python), and the replayed frame then reached the destination after its
-            # guest had resumed instead of waiting in its tap.
             with IPRoute() as ip:
+                # A capture link left by an agent that died mid-migration has our name.
+                for idx in ip.link_lookup(ifname=self.cap_a):
+                    ip.link("del", index=idx)
+                ip.link("add", ifname=self.cap_a, kind="veth", peer={"ifname": self.cap_b})
+                for name in (self.cap_a, self.cap_b):
+                    (idx,) = ip.link_lookup(ifname=name)
+                    ip.link("set", index=idx, state="up")
+                # Ready before the switchover: opened at the release they took 20-30 ms
+                # (netlink from Python), and the replay then reached the destination after its
+                # guest had resumed instead of waiting in its tap (measured).
                 for name in self._uplinks(ip):
                     self._txs.append(_packet_socket(name, receive=False))
                 self._bridge_mac = _mac_of(ip, self.bridge)
@@ -148,7 +134,16 @@ class LateFrameForwarder:
                 log.warning(
                     "no uplink on %s: late frames of %s cannot be forwarded", self.bridge, self.mac
                 )
+            self._rx = _packet_socket(self.cap_b, receive=True)
+            # Each frame's arrival as the kernel stamped it, not when this thread got to it.
+            self._rx.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            with contextlib.suppress(OSError):  # needs CAP_NET_ADMIN; the default still works
+                self._rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+            # Short: a release must turn into replayed frames within a few milliseconds.
+            self._rx.settimeout(0.002)
             _tc("qdisc", "replace", "dev", self.tap, "clsact")
+            with contextlib.suppress(OSError):  # one left by an earlier attempt
+                _tc("filter", "del", "dev", self.tap, "egress", "pref", MIRROR_PREF)
             _tc(
                 "filter",
                 "add",
@@ -171,11 +166,6 @@ class LateFrameForwarder:
                 "dev",
                 self.cap_a,
             )
-            # After the mirror is on: a frame read in between is counted as mirrored and not
-            # as read, which replays one duplicate more, never one frame less.
-            self._nl = IPRoute()
-            (self._tap_index,) = self._nl.link_lookup(ifname=self.tap)
-            self._base = _tap_read(self._nl, self._tap_index)
         except BaseException:
             self.close()
             raise
@@ -200,67 +190,39 @@ class LateFrameForwarder:
                 names.append(name)
         return names
 
-    def _first_unread(self) -> int | None:
-        """The sequence number from which mirrored frames may not have reached the guest;
-        None when the count cannot tell (the capture dropped frames, or no counters)."""
-        assert self._rx is not None
-        try:
-            _, lost = struct.unpack("II", self._rx.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
-            read = _tap_read(self._nl, self._tap_index) if self._nl is not None else None
-        except Exception as exc:  # netlink errors are not all OSErrors
-            log.warning("cannot read the counters of %s: %s", self.tap, exc)
-            return None
-        if lost or self._base is None or read is None:
-            return None
-        # Frames are read in the order they were mirrored; a frame the tap dropped may sit
-        # anywhere among them, so counting from the frames read errs towards a duplicate.
-        # Two more are replayed: the last one read, which QEMU may have held unread by the
-        # guest when it stopped (its own net queue is not migrated), and one for a frame that
-        # sat in the tap when the mirror went on (read later, so counted, but never mirrored).
-        return max(read - self._base - 1, 1)
-
     def _run(self) -> None:
         assert self._rx is not None
+        rx = self._rx
         deadline: float | None = None
-        first: int | None = None
         try:
             while not self._done.is_set():
                 with contextlib.suppress(TimeoutError, OSError):
-                    frame, anc, _, _ = self._rx.recvmsg(70000, socket.CMSG_SPACE(16))
-                    self._mirrored += 1
+                    frame, anc, _, _ = rx.recvmsg(70000, socket.CMSG_SPACE(16))
                     # Only frames addressed to the VM itself: replaying a broadcast would
                     # flood it back into the tap and round again.
                     if frame[VNET_HDR_LEN : VNET_HDR_LEN + 6] == self._mac_bytes:
-                        self._frames.append((self._mirrored, _stamp(anc), frame))
+                        self._frames.append((_stamp(anc), frame))
                 now = time.time()
-                while self._frames and self._frames[0][1] < now - KEEP_S:
+                while self._frames and self._frames[0][0] < now - KEEP_S:
                     self._frames.popleft()
                 if not self._release.is_set() or self._stopped_at is None:
                     continue
                 if deadline is None:
                     deadline = time.monotonic() + FORWARD_FOR_S
-                    first = self._first_unread()
-                    if first is None:
-                        log.warning(
-                            "late frames of %s replayed by time: the count failed", self.mac
-                        )
                 cutoff = self._stopped_at - MARGIN_S
                 while self._frames:
-                    seq, t, frame = self._frames.popleft()
-                    if (seq < first) if first is not None else (t < cutoff):
-                        continue
-                    self._send(frame)
+                    t, frame = self._frames.popleft()
+                    if t >= cutoff:
+                        self._send(frame)
                 if time.monotonic() > deadline:
                     break
         finally:
-            # The thread owns the senders once it runs: close() must not pull them away
-            # from under a send.
-            for tx in self._txs:
-                tx.close()
+            # The thread owns its sockets once it runs: close() never pulls one away from
+            # under a send or a receive.
+            for s in (rx, *self._txs):
+                s.close()
             self._txs = []
-            if self._nl is not None:
-                self._nl.close()
-                self._nl = None
+            self._rx = None
 
     def _send(self, frame: bytes) -> None:
         # Straight out of the uplinks, not through the bridge: the local bridge may still send
@@ -282,15 +244,11 @@ class LateFrameForwarder:
             self._thread.join(timeout=2)
         with contextlib.suppress(OSError):
             _tc("filter", "del", "dev", self.tap, "egress", "pref", MIRROR_PREF)
-        if self._thread is None:
-            for tx in self._txs:
-                tx.close()
+        if self._thread is None:  # never ran: the sockets are still ours to close
+            for s in (self._rx, *self._txs):
+                if s is not None:
+                    s.close()
             self._txs = []
-            if self._nl is not None:
-                self._nl.close()
-                self._nl = None
-        if self._rx is not None and (self._thread is None or not self._thread.is_alive()):
-            self._rx.close()
             self._rx = None
         with IPRoute() as ip:
             for idx in ip.link_lookup(ifname=self.cap_a):
