@@ -82,3 +82,30 @@ def test_at_most_four_migrations_involve_a_host_at_once(tmp_path: Path) -> None:
     with db.session() as s:
         assert {v.host.name for v in s.query(Vm)} == {"h2"}
     assert all(world.running_copies(f"vm{i}") == ["h2"] for i in range(6))
+
+
+def test_force_delete_forgets_a_vm_its_host_no_longer_has(tmp_path: Path) -> None:
+    world, url = _world(tmp_path, 2)
+    # vm0 vanished from its host behind the manager's back; vm1 is still there.
+    del world.vms["h1"]["vm0"]
+    app = create_app(url, TOKEN, agents=world.connector())
+
+    async def main() -> tuple[list[int], list[str]]:
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://manager", headers=headers
+        ) as c:
+            codes = [
+                (await c.delete("/v1/vms/vm0")).status_code,
+                (await c.delete("/v1/vms/vm0", params={"force": "true"})).status_code,
+                (await c.get("/v1/vms/vm0")).status_code,
+            ]
+            names = [v["name"] for v in (await c.get("/v1/vms")).json()]
+            return codes, names
+
+    codes, names = asyncio.run(main())
+    # Without --force the missing VM is reported; with it the record goes. The other stays.
+    assert codes == [404, 204, 404]
+    assert names == ["vm1"]
+    assert world.running_copies("vm1") == ["h1"]

@@ -526,5 +526,11 @@ class Inventory:
             vm = self.vm_by_name(s, name)
             if self.db.active_task_for_vm(s, name) is not None:
                 raise Conflict(f"VM {name} is migrating", vm=name)
-            self.call(vm.host, lambda c: c.delete(name, force=force), vm=name)
+            try:
+                self.call(vm.host, lambda c: c.delete(name, force=force), vm=name)
+            except NotFound as exc:
+                # Its host no longer has it (removed there by hand, or moved without us):
+                # --force forgets the record, as Nova's local delete does; without it, say so.
+                if not force or exc.code != "vm_not_found":
+                    raise
             s.delete(vm)
