@@ -216,7 +216,8 @@ def stop(name: str, force: bool = typer.Option(False, "--force"), lab: str = Lab
 
 @app.command("delete")
 def delete(name: str, force: bool = typer.Option(False, "--force"), lab: str = LabOpt) -> None:
-    """Delete a VM (a running one only with --force)."""
+    """Delete a VM (a running one only with --force). With --force, a VM its host no longer
+    has is forgotten."""
     with errors_exit(), server_client(lab) as client:
         client.delete_vm(name, force=force)
     console.print(Text(f"{name} deleted"))
