@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import re
 import socket
 import subprocess
@@ -114,11 +115,13 @@ def run_row(rtt: float, link: str | None, tls: bool, n: int) -> dict[str, Any]:
         name, ip = _boot(lab, GUEST, n)
 
         def move() -> dict[str, Any]:
+            busy0, wire0 = _cpu_busy(), _proc_cpu_s(lab.record.wire_pid)
             with lab.server() as server:
                 task = server.migrate(name, MigrateRequest(to="h2"))
                 while task.state.active:
                     time.sleep(0.1)
                     task = server.task(task.id)
+            busy1, wire1 = _cpu_busy(), _proc_cpu_s(lab.record.wire_pid)
             r = task.result
             assert task.state == TaskState.SUCCEEDED and r is not None, task.error
             return {
@@ -130,6 +133,13 @@ def run_row(rtt: float, link: str | None, tls: bool, n: int) -> dict[str, Any]:
                 "tls": r.tls,
                 "migration_address": r.migration_address,
                 "throughput_mbps": r.throughput_mbps,
+                "predicted_s": r.prediction.total_s if r.prediction else None,
+                # Where the CPU went while it moved (both hosts share this machine's cores):
+                # the whole machine's busy share, and the lab's delay line alone.
+                "machine_busy_pct": round(
+                    100 * (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1), 1
+                ),
+                "wire_cpu_s": round(wire1 - wire0, 2) if wire0 is not None and wire1 else None,
             }
 
         try:
@@ -145,6 +155,24 @@ def run_row(rtt: float, link: str | None, tls: bool, n: int) -> dict[str, Any]:
     finally:
         lab_down(LAB)
     return {"rtt_ms": rtt, "link": link or "unshaped", **out}
+
+
+def _cpu_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine so far (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _proc_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds (user + system) a process has used so far; None without it."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -185,8 +213,8 @@ def table(report: dict[str, Any]) -> str:
         "",
         "| RTT ms | link | TLS | streams | total s | raw TCP s (same bytes, streams) "
         "| total / raw | total / same link at 0 ms | downtime ms | TCP blackout ms "
-        "| memory intact |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| memory intact | predicted s | machine busy % | delay line CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         total = r["total_ms"] / 1000
@@ -196,7 +224,9 @@ def table(report: dict[str, Any]) -> str:
             f"| {r['rtt_ms']:.0f} | {r['link']} | {'yes' if r['tls'] else 'no'} "
             f"| {r['streams']} | {total:.2f} | {r['raw_tcp_s']:.2f} "
             f"| {_f(total / r['raw_tcp_s'], '{:.2f}')} | {_f(vs_lan, '{:.2f}')} "
-            f"| {_f(r['downtime_ms'])} | {_f(r['blackout_ms'])} | {r['memory_intact']} |"
+            f"| {_f(r['downtime_ms'])} | {_f(r['blackout_ms'])} | {r['memory_intact']} "
+            f"| {_f(r.get('predicted_s'), '{:.2f}')} | {_f(r.get('machine_busy_pct'))} "
+            f"| {_f(r.get('wire_cpu_s'), '{:.2f}')} |"
         )
     plain, tls = _find(rows, 0.0, "unshaped", False), _find(rows, 0.0, "unshaped", True)
     aes = report.get("aes_gcm_bps")
