@@ -155,3 +155,28 @@ def test_source_agent_lost_at_every_request_of_a_cancel(tmp_path: Path, complete
         where = _check_one_copy(world, db, task)
         if complete_too and k <= CANCEL_AT + 1:
             assert where == "h2"
+
+
+@pytest.mark.parametrize("complete_too", [False, True])
+def test_source_agent_lost_at_every_request_of_a_failure_rollback(
+    tmp_path: Path, complete_too: bool
+) -> None:
+    """As above, during the rollback of a failure (progress queries unanswered) instead of a
+    cancel: from request k on the source's agent is gone for good."""
+    n = _requests_of(lambda w, d: asyncio.run(_migrate(w, d, hook=_flaky_monitor)), tmp_path)
+    for k in range(n + 1):
+        lost = [False]
+
+        def lose_source(w: World, i: int, host: str, path: str, k: int = k) -> None:
+            if i == k:
+                lost[0] = True
+                if complete_too:
+                    w.complete("vm1")
+            if lost[0]:
+                w.unreachable.add("h1")
+            else:
+                _flaky_monitor(w, i, host, path)
+
+        world, db = _setup(tmp_path / str(k), polls_to_complete=10_000)
+        task = asyncio.run(_migrate(world, db, hook=lose_source))
+        _check_one_copy(world, db, task)
