@@ -165,18 +165,24 @@ def test_source_agent_lost_at_every_request_of_a_failure_rollback(
     cancel: from request k on the source's agent is gone for good."""
     n = _requests_of(lambda w, d: asyncio.run(_migrate(w, d, hook=_flaky_monitor)), tmp_path)
     for k in range(n + 1):
-        lost = [False]
-
-        def lose_source(w: World, i: int, host: str, path: str, k: int = k) -> None:
-            if i == k:
-                lost[0] = True
-                if complete_too:
-                    w.complete("vm1")
-            if lost[0]:
-                w.unreachable.add("h1")
-            else:
-                _flaky_monitor(w, i, host, path)
-
         world, db = _setup(tmp_path / str(k), polls_to_complete=10_000)
-        task = asyncio.run(_migrate(world, db, hook=lose_source))
+        task = asyncio.run(_migrate(world, db, hook=_lose_source_from(k, complete_too)))
         _check_one_copy(world, db, task)
+
+
+def _lose_source_from(k: int, complete_too: bool) -> Hook:
+    """A failing migration (_flaky_monitor) whose source agent is gone from request k on."""
+    lost = False
+
+    def hook(w: World, i: int, host: str, path: str) -> None:
+        nonlocal lost
+        if i == k:
+            lost = True
+            if complete_too:
+                w.complete("vm1")
+        if lost:
+            w.unreachable.add("h1")
+        else:
+            _flaky_monitor(w, i, host, path)
+
+    return hook
