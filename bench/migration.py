@@ -153,14 +153,15 @@ def run_qmotion(lab: Lab, name: str) -> dict[str, Any]:
 
 
 def _cleanup(lab: Lab, name: str) -> None:
-    # After a baseline run the manager still places the VM on h1 (it did not move it);
-    # then its inventory row stays, and the VM is removed from the agent that has it.
-    with lab.server() as server, contextlib.suppress(ClientError):
-        server.delete_vm(name, force=True)
+    # After a baseline run the manager still places the VM on h1 (it did not move it): the
+    # VM goes from the agent that has it first, then the manager forgets a VM that no host
+    # has (its --force), so its memory is not counted against the next runs.
     for host in ("h1", "h2"):
         agent = lab.agent(host)
         if name in [v.name for v in agent.list_vms()]:
             agent.delete(name, force=True)
+    with lab.server() as server, contextlib.suppress(ClientError):
+        server.delete_vm(name, force=True)
 
 
 def main() -> None:

@@ -106,12 +106,15 @@ def _scenario(early: int, late: int, stragglers: int) -> tuple[list[int], list[i
                 assert mine is not None, f"a stray frame in the tap: {data[:40].hex()}"
                 got.append(mine)
         time.sleep(0.3)  # well before the stop, by more than the margin
+        # The stop is dated from before the late frames: a slow scheduler cannot push them
+        # out of the margin, and the early ones stay 0.3 s older.
+        stop = time.time() + 0.01
         for _ in range(late):
             n += 1
             wire.send(_frame(n))
         wire.send(_frame(999, dst=b"\xff" * 6))
         time.sleep(0.01)  # through the bridge and the mirror
-        fw.vm_stopped(time.time())
+        fw.vm_stopped(stop)
         fw.release()
         time.sleep(0.05)
         for _ in range(stragglers):

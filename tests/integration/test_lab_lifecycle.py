@@ -76,6 +76,7 @@ def test_lab_down_leaves_nothing_behind() -> None:
             prediction = task.result.prediction
             assert prediction is not None and prediction.rtt_ms >= 15
             assert task.result.streams == MAX_STREAMS
+            moved = server.vm("w").uuid
         assert run_in(lab.record.client_namespace, lambda: mem_check(wip))["consistent"]
         lab_dir = Path(lab.record.dir)
     except BaseException:
@@ -85,6 +86,7 @@ def test_lab_down_leaves_nothing_behind() -> None:
     assert not [n for n in namespaces() if n.startswith(f"{name}-")]
     assert not links_with_prefix(f"{name}-")
     assert not qemu_pids_with(str(spec.uuid))
+    assert not qemu_pids_with(str(moved))
     assert not lab_dir.exists()
     assert not list(Path("/run/qmotion").glob(f"{name}-*"))
     with pytest.raises(LabNotFound):

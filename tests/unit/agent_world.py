@@ -407,6 +407,8 @@ class World:
             return _json(self.host_facts(host))
         if path == "/v1/metrics" and method == "GET":
             return _json(self._metrics(host))
+        if path == "/v1/vms" and method == "GET":
+            return _json([self._info(host, v).model_dump(mode="json") for v in here.values()])
         if path == "/v1/vms" and method == "POST":
             spec = VmSpec.model_validate(json.loads(req.content))
             if spec.name in here:

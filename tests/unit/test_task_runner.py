@@ -85,9 +85,11 @@ def test_at_most_four_migrations_involve_a_host_at_once(tmp_path: Path) -> None:
 
 
 def test_force_delete_forgets_a_vm_its_host_no_longer_has(tmp_path: Path) -> None:
-    world, url = _world(tmp_path, 2)
-    # vm0 vanished from its host behind the manager's back; vm1 is still there.
+    world, url = _world(tmp_path, 3)
+    # vm0 vanished from its host behind the manager's back; vm2 was moved to h2 behind it;
+    # vm1 is where the manager thinks.
     del world.vms["h1"]["vm0"]
+    world.vms["h2"]["vm2"] = world.vms["h1"].pop("vm2")
     app = create_app(url, TOKEN, agents=world.connector())
 
     async def main() -> tuple[list[int], list[str]]:
@@ -100,12 +102,15 @@ def test_force_delete_forgets_a_vm_its_host_no_longer_has(tmp_path: Path) -> Non
                 (await c.delete("/v1/vms/vm0")).status_code,
                 (await c.delete("/v1/vms/vm0", params={"force": "true"})).status_code,
                 (await c.get("/v1/vms/vm0")).status_code,
+                # Running elsewhere: never forgotten (its address would be handed out again).
+                (await c.delete("/v1/vms/vm2", params={"force": "true"})).status_code,
             ]
             names = [v["name"] for v in (await c.get("/v1/vms")).json()]
             return codes, names
 
     codes, names = asyncio.run(main())
     # Without --force the missing VM is reported; with it the record goes. The other stays.
-    assert codes == [404, 204, 404]
-    assert names == ["vm1"]
+    assert codes == [404, 204, 404, 409]
+    assert sorted(names) == ["vm1", "vm2"]
     assert world.running_copies("vm1") == ["h1"]
+    assert world.running_copies("vm2") == ["h2"]

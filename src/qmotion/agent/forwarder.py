@@ -90,13 +90,6 @@ def _packet_socket(ifname: str, *, receive: bool) -> socket.socket:
     return s
 
 
-def _tap_read(ip: IPRoute, index: int) -> int:
-    """Frames the tap has handed to its reader (QEMU) since it was created. By netlink, not
-    sysfs: /sys shows the namespace it was mounted in, not the caller's."""
-    stats = ip.link("get", index=index)[0].get_attr("IFLA_STATS64")
-    return int(stats["tx_packets"])
-
-
 class LateFrameForwarder:
     """One per migrating NIC, on the source host; a daemon thread does the work."""
 
@@ -166,11 +159,12 @@ class LateFrameForwarder:
                 "dev",
                 self.cap_a,
             )
+            thread = threading.Thread(target=self._run, name=f"fwd-{self.tap}", daemon=True)
+            thread.start()
+            self._thread = thread
         except BaseException:
             self.close()
             raise
-        self._thread = threading.Thread(target=self._run, name=f"fwd-{self.tap}", daemon=True)
-        self._thread.start()
 
     def vm_stopped(self, wall_time: float) -> None:
         """QEMU's STOP event time (wall clock): frames captured after it were never consumed."""
@@ -250,9 +244,11 @@ class LateFrameForwarder:
                     s.close()
             self._txs = []
             self._rx = None
-        with IPRoute() as ip:
-            for idx in ip.link_lookup(ifname=self.cap_a):
-                with contextlib.suppress(Exception):
+        try:
+            with IPRoute() as ip:
+                for idx in ip.link_lookup(ifname=self.cap_a):
                     ip.link("del", index=idx)
+        except Exception as exc:  # netlink: log it, the other NICs' forwarders still close
+            log.warning("could not remove the capture link %s: %s", self.cap_a, exc)
         if self.forwarded:
             log.info("forwarded %d late frames for %s", self.forwarded, self.mac)

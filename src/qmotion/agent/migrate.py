@@ -652,7 +652,10 @@ class Migrations:
 
     async def _close_forwarders(self, forwarders: list[LateFrameForwarder]) -> None:
         for fw in forwarders:
-            await asyncio.to_thread(fw.close)
+            try:
+                await asyncio.to_thread(fw.close)
+            except Exception as exc:  # the next NIC's forwarder must still be closed
+                log.warning("closing late-frame forwarding on %s: %s", fw.tap, exc)
 
     async def _steer_peer(
         self,

@@ -529,8 +529,24 @@ class Inventory:
             try:
                 self.call(vm.host, lambda c: c.delete(name, force=force), vm=name)
             except NotFound as exc:
-                # Its host no longer has it (removed there by hand, or moved without us):
-                # --force forgets the record, as Nova's local delete does; without it, say so.
+                # Its host no longer has it (removed there by hand): --force forgets the
+                # record, as Nova's local delete does; without it, say so.
                 if not force or exc.code != "vm_not_found":
                     raise
+                self._nowhere_else(s, vm)
             s.delete(vm)
+
+    def _nowhere_else(self, s: Session, vm: Vm) -> None:
+        """Before a record is forgotten: no other host runs the VM (moved behind our back),
+        else its address would go to the next VM while it still answers on it."""
+        for host in s.scalars(select(Host)):
+            if host.id == vm.host_id:
+                continue
+            names = [v.name for v in self.call(host, lambda c: c.list_vms(), vm=vm.name)]
+            if vm.name in names:
+                raise Conflict(
+                    f"VM {vm.name} is not on {vm.host.name} but on {host.name}: "
+                    "not forgotten (delete it there, or bring the record up to date)",
+                    vm=vm.name,
+                    host=host.name,
+                )
