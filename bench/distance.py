@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import re
 import socket
 import subprocess
@@ -26,6 +25,7 @@ from typing import Any
 
 from bench import write_report
 from bench.migration import Scenario, _boot, _cleanup, _with_stream, machine
+from qmotion.agent.facts import CLK_TCK, host_cpu_ticks, proc_cpu_ticks
 from qmotion.api.server import MigrateRequest, TaskState
 from qmotion.lab import Lab, lab_down, lab_up
 from qmotion.lab.netns import namespaces, run_in
@@ -158,21 +158,15 @@ def run_row(rtt: float, link: str | None, tls: bool, n: int) -> dict[str, Any]:
 
 
 def _cpu_busy() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine so far (/proc/stat)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields)
+    """(busy, total) clock ticks of the whole machine so far."""
+    total, idle = host_cpu_ticks()
+    return total - idle, total
 
 
 def _proc_cpu_s(pid: int | None) -> float | None:
-    """CPU seconds (user + system) a process has used so far; None without it."""
-    if pid is None:
-        return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds a process has used so far; None without it."""
+    ticks = proc_cpu_ticks(pid) if pid is not None else None
+    return None if ticks is None else ticks / CLK_TCK
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from qmotion.lab.errors import LabNotFound
 from qmotion.lab.netns import links_with_prefix, namespaces, run_in
 from qmotion.migration.params import MAX_STREAMS
 from qmotion.probe.guest import echo_once, mem_check, wait_echo
-from tests.integration.conftest import unique_lab_name
+from tests.integration.conftest import unique_lab_name, wait_task
 
 pytestmark = pytest.mark.integration
 
@@ -65,11 +65,7 @@ def test_lab_down_leaves_nothing_behind() -> None:
             assert vm.address is not None
             wip = vm.address.split("/")[0]
             run_in(lab.record.client_namespace, lambda: wait_echo(wip, 90))
-            task = server.migrate("w", MigrateRequest(to="h2"))
-            deadline = time.monotonic() + 120
-            while task.state.active and time.monotonic() < deadline:
-                time.sleep(0.2)
-                task = server.task(task.id)
+            task = wait_task(server, server.migrate("w", MigrateRequest(to="h2")))
             assert task.state == TaskState.SUCCEEDED, task.error
             assert task.result is not None
             assert server.vm("w").host == "h2"
@@ -95,7 +91,6 @@ def test_lab_down_leaves_nothing_behind() -> None:
 
 def _tcp_rtt(address: str) -> float:
     import socket
-    import time
 
     # The first connection also pays for ARP; the second is one SYN/SYN-ACK round trip.
     socket.create_connection((address, 8100), timeout=5).close()

@@ -168,14 +168,16 @@ def host_facts(
     )
 
 
-def _host_cpu_ticks() -> tuple[int, int]:
+def host_cpu_ticks() -> tuple[int, int]:
+    """(total, idle) clock ticks of the whole machine so far (/proc/stat)."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     values = [int(v) for v in fields]
     idle = values[3] + (values[4] if len(values) > 4 else 0)
     return sum(values[:8]), idle
 
 
-def _proc_cpu_ticks(pid: int) -> int | None:
+def proc_cpu_ticks(pid: int) -> int | None:
+    """Clock ticks (user + system) a process has used so far; None once it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -208,12 +210,12 @@ class MetricsSampler:
         self._cpus = cpus
         # VM -> its guest's dirty rate, MiB/s, from the last periodic measurement.
         self.dirty: dict[str, float] = {}
-        self._host_prev = _host_cpu_ticks()
+        self._host_prev = host_cpu_ticks()
         self._vm_prev: dict[int, tuple[int, float]] = {}
         self._last: HostMetrics | None = None
 
     def sample(self, vms: list[VmProcess]) -> HostMetrics:
-        total, idle = _host_cpu_ticks()
+        total, idle = host_cpu_ticks()
         ptotal, pidle = self._host_prev
         self._host_prev = (total, idle)
         busy = (total - ptotal) - (idle - pidle)
@@ -222,7 +224,7 @@ class MetricsSampler:
         vm_metrics = []
         seen: dict[int, tuple[int, float]] = {}
         for vm in vms:
-            ticks = _proc_cpu_ticks(vm.pid)
+            ticks = proc_cpu_ticks(vm.pid)
             if ticks is None:
                 continue
             seen[vm.pid] = (ticks, now)

@@ -65,6 +65,11 @@ def _mac_of(ip: IPRoute, ifname: str) -> bytes:
     return bytes.fromhex(str(ip.get_links(index)[0].get_attr("IFLA_ADDRESS")).replace(":", ""))
 
 
+def _del_link(ip: IPRoute, name: str) -> None:
+    for idx in ip.link_lookup(ifname=name):
+        ip.link("del", index=idx)
+
+
 def _stamp(ancillary: list[tuple[int, int, bytes]]) -> float:
     """The kernel's receive time (wall clock) of a frame; now if it gave none."""
     for level, kind, data in ancillary:
@@ -111,8 +116,7 @@ class LateFrameForwarder:
         try:
             with IPRoute() as ip:
                 # A capture link left by an agent that died mid-migration has our name.
-                for idx in ip.link_lookup(ifname=self.cap_a):
-                    ip.link("del", index=idx)
+                _del_link(ip, self.cap_a)
                 ip.link("add", ifname=self.cap_a, kind="veth", peer={"ifname": self.cap_b})
                 for name in (self.cap_a, self.cap_b):
                     (idx,) = ip.link_lookup(ifname=name)
@@ -134,9 +138,8 @@ class LateFrameForwarder:
                 self._rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
             # Short: a release must turn into replayed frames within a few milliseconds.
             self._rx.settimeout(0.002)
-            _tc("qdisc", "replace", "dev", self.tap, "clsact")
-            with contextlib.suppress(OSError):  # one left by an earlier attempt
-                _tc("filter", "del", "dev", self.tap, "egress", "pref", MIRROR_PREF)
+            prepare_tap(self.tap)
+            self._remove_mirror()  # one left by an earlier attempt
             _tc(
                 "filter",
                 "add",
@@ -231,13 +234,16 @@ class LateFrameForwarder:
                 tx.send(frame, socket.MSG_DONTWAIT)
                 self.forwarded += 1
 
+    def _remove_mirror(self) -> None:
+        with contextlib.suppress(OSError):  # none there
+            _tc("filter", "del", "dev", self.tap, "egress", "pref", MIRROR_PREF)
+
     def close(self) -> None:
         """Remove the mirror and the capture veth; safe to call more than once."""
         self._done.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2)
-        with contextlib.suppress(OSError):
-            _tc("filter", "del", "dev", self.tap, "egress", "pref", MIRROR_PREF)
+        self._remove_mirror()
         if self._thread is None:  # never ran: the sockets are still ours to close
             for s in (self._rx, *self._txs):
                 if s is not None:
@@ -246,8 +252,7 @@ class LateFrameForwarder:
             self._rx = None
         try:
             with IPRoute() as ip:
-                for idx in ip.link_lookup(ifname=self.cap_a):
-                    ip.link("del", index=idx)
+                _del_link(ip, self.cap_a)
         except Exception as exc:  # netlink: log it, the other NICs' forwarders still close
             log.warning("could not remove the capture link %s: %s", self.cap_a, exc)
         if self.forwarded:
