@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from qmotion.agent.forwarder import LateFrameForwarder
+from qmotion.agent.network.forwarder import LateFrameForwarder
 from qmotion.lab.netns import create_ns, run_in
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""The source agent's half of a shared-nothing migration (qmotion.agent.nbd.NbdMirrors) and
+"""The source agent's half of a shared-nothing migration (qmotion.agent.disks.nbd.NbdMirrors) and
 the destination's empty disks (IncomingDisks), over the scripted QMP stand-in of
 test_agent_storage, taught what this needs of QEMU 10.0:
 
@@ -20,9 +20,9 @@ from typing import Any, cast
 
 import pytest
 
-from qmotion.agent import nbd
+from qmotion.agent.disks import nbd
+from qmotion.agent.disks.nbd import IncomingDisks, NbdMirrors
 from qmotion.agent.errors import Conflict, SpecRejected
-from qmotion.agent.nbd import IncomingDisks, NbdMirrors
 from qmotion.api.storage import CopyDisk, DiskCopyPlan, NbdExport, NbdMirrorRequest
 from qmotion.api.vm import Disk, VmSpec
 from qmotion.hypervisor.errors import QmpError

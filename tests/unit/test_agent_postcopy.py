@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from qmotion.agent.errors import Conflict, InPostcopy, MigratedAway
-from qmotion.agent.migrate import Migrations, Outgoing
+from qmotion.agent.migration.outgoing import Migrations, Outgoing
 from qmotion.api.migration import PostcopyRecovery
 from qmotion.hypervisor.errors import QmpError
 

@@ -1,4 +1,4 @@
-"""The agent's storage vMotion (qmotion.agent.storage) over a scripted QMP stand-in that keeps
+"""The agent's storage vMotion (qmotion.agent.disks.storage) over a scripted QMP stand-in that keeps
 QEMU 10.0's block graph and job rules, and refuses what QEMU refuses:
 
 - ``blockdev-add``: a duplicate node name, a file that does not exist, a format node over a
@@ -31,10 +31,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from qmotion.agent import storage
 from qmotion.agent.config import AgentConfig, DatastoreConfig
+from qmotion.agent.disks import storage
+from qmotion.agent.disks.storage import RECORD, StorageMoves
 from qmotion.agent.errors import Conflict, OperationFailed, SpecRejected, VmNotFound
-from qmotion.agent.storage import RECORD, StorageMoves
 from qmotion.api.storage import MirrorRequest
 from qmotion.api.vm import Disk, VmSpec
 from qmotion.hypervisor.errors import QmpError

@@ -9,7 +9,7 @@ import asyncio
 import time
 from typing import Any
 
-from qmotion.agent.migrate import Migrations, Outgoing
+from qmotion.agent.migration.outgoing import Migrations, Outgoing
 from qmotion.api.migration import MigrationTune
 from qmotion.migration.convergence import THROTTLE_INCREMENT
 

@@ -235,7 +235,7 @@ def test_a_restarted_manager_rolls_back_a_copy_and_finishes_a_definition() -> No
 def test_a_same_named_datastore_that_is_not_shared_is_refused_without_a_copy() -> None:
     """Two hosts' local datastores of the same name are different storage: moving only the
     definition would leave the VM without its disk there."""
-    from qmotion.server.cold import cold_refusals
+    from qmotion.server.tasks.cold import cold_refusals
 
     args = (frozenset({"data"}), frozenset({"data"}), "h2")
     refused = cold_refusals([], None, *args, not_shared=frozenset({"data"}))

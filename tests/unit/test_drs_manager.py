@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 
 from qmotion.api.server import TaskOut, TaskState
-from qmotion.server.app import create_app
 from qmotion.server.db import Database, Recommendation, Vm
+from qmotion.server.http.app import create_app
 from tests.unit.agent_world import World
 
 TOKEN = "manager-token-0123456789"

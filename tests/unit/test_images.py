@@ -1,4 +1,4 @@
-"""Image import and VM disks made from images (qmotion.agent.images), on real image files made
+"""Image import and VM disks made from images (qmotion.agent.vms.images), on real image files made
 by qemu-img: what is accepted is copied whole and stays sparse; what is refused names the
 field and the reason and writes nothing."""
 
@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from qmotion.agent import images
 from qmotion.agent.config import AgentConfig, DatastoreConfig
 from qmotion.agent.errors import Conflict, SpecRejected
+from qmotion.agent.vms import images
 from qmotion.api.storage import ImageImportRequest
 from qmotion.api.vm import Disk
 

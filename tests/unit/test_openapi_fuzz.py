@@ -33,14 +33,14 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from qmotion.agent import facts as agent_facts
-from qmotion.agent import vms as agent_vms
 from qmotion.agent.app import create_app as create_agent
 from qmotion.agent.config import AgentConfig
+from qmotion.agent.vms import manager as agent_vms
 from qmotion.api.host import AccelInfo, HostFacts
 from qmotion.api.vm import Nic, VmSpec
 from qmotion.hypervisor.qemu import QemuInfo
-from qmotion.server.app import create_app as create_manager
 from qmotion.server.db import Database, Task
+from qmotion.server.http.app import create_app as create_manager
 from tests.unit.agent_world import FakeVm, World, _error, _json
 
 TOKEN = "fuzz-token-0123456789abcdef"

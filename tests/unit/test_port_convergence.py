@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import qmotion.server.port as port_module
-from qmotion.agent.migrate import _capabilities, _parameters, _tune_parameters
+import qmotion.server.tasks.port as port_module
+from qmotion.agent.migration.outgoing import _capabilities, _parameters, _tune_parameters
 from qmotion.api.migration import (
     UNLIMITED_BANDWIDTH,
     IncomingRequest,
@@ -42,7 +42,7 @@ from qmotion.migration.convergence import (
 from qmotion.migration.params import apply_plan
 from qmotion.server.db import Database, Task, Vm
 from qmotion.server.inventory import Inventory
-from qmotion.server.tasks import TaskRunner
+from qmotion.server.tasks.runner import TaskRunner
 from tests.unit.agent_world import (
     MIB,
     QEMU_CAPABILITIES,

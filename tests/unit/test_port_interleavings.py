@@ -13,7 +13,7 @@ import pytest
 from qmotion.api.server import MigrateRequest, TaskOut, TaskState
 from qmotion.server.db import Database, Vm
 from qmotion.server.inventory import Inventory
-from qmotion.server.tasks import TaskRunner
+from qmotion.server.tasks.runner import TaskRunner
 from tests.unit.agent_world import World
 
 Hook = Callable[[World, int, str, str], None]

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from qmotion.api.server import MigrateRequest, TaskOut, TaskState
-from qmotion.server import port as port_module
 from qmotion.server.db import Database, Vm
 from qmotion.server.inventory import Inventory
-from qmotion.server.tasks import TaskRunner
+from qmotion.server.tasks import port as port_module
+from qmotion.server.tasks.runner import TaskRunner
 from tests.unit.agent_world import Guest, Link, World, _facts
 
 MIB = 1 << 20

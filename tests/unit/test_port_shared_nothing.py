@@ -15,11 +15,11 @@ import pytest
 
 from qmotion.api.server import MigrateRequest, TaskOut, TaskState
 from qmotion.api.vm import Disk, VmSpec
-from qmotion.server import port
 from qmotion.server.db import Database, Vm
 from qmotion.server.errors import Upstream
 from qmotion.server.inventory import Inventory
-from qmotion.server.tasks import TaskRunner
+from qmotion.server.tasks import port
+from qmotion.server.tasks.runner import TaskRunner
 from tests.unit.agent_world import World, _facts
 
 Hook = Callable[[World, int, str, str], None]

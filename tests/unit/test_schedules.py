@@ -25,11 +25,12 @@ from qmotion.api.sizes import parse_duration_s
 from qmotion.cli import schedule as schedule_cli
 from qmotion.client import errors as client_errors
 from qmotion.client.server import ServerClient
-from qmotion.server.db import Database
-from qmotion.server.errors import Conflict, ServerError
 
 # Also registers the schedule tables on Base, before any Database below runs create_all.
-from qmotion.server.schedules import Schedules, decide, install_routes, next_after
+from qmotion.server.automation.schedules import Schedules, decide, next_after
+from qmotion.server.db import Database
+from qmotion.server.errors import Conflict, ServerError
+from qmotion.server.http.schedule_routes import install_routes
 
 T0 = datetime(2026, 12, 1, 10, 7, tzinfo=UTC)
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pycdlib
 import yaml
 
-from qmotion.agent.seed import read_seed, write_seed
+from qmotion.agent.vms.seed import read_seed, write_seed
 from qmotion.api.vm import VmSpec
 from qmotion.hypervisor.qemu import build_argv
 

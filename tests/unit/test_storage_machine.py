@@ -1,5 +1,5 @@
 """The storage-move machine against an in-memory agent that behaves as the real one does
-(qmotion.agent.storage): whatever fails, and whenever a cancel comes, the VM runs on exactly
+(qmotion.agent.disks.storage): whatever fails, and whenever a cancel comes, the VM runs on exactly
 one complete set of disks, new files are gone unless the disks switched, old files are gone
 only if they did."""
 

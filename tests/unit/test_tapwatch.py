@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 
-from qmotion.agent.tapwatch import CLIENT, GUEST, PACKET_OUTGOING, TapWatch, classify
+from qmotion.agent.network.tapwatch import CLIENT, GUEST, PACKET_OUTGOING, TapWatch, classify
 
 GUEST_MAC = bytes.fromhex("525400cd4f4c")
 OTHER = bytes.fromhex("02aabbccddee")

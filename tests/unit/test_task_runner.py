@@ -9,10 +9,10 @@ from pathlib import Path
 import httpx
 
 from qmotion.api.server import MigrateRequest, TaskOut, TaskState
-from qmotion.server.app import create_app
 from qmotion.server.db import Database, Vm
+from qmotion.server.http.app import create_app
 from qmotion.server.inventory import Inventory
-from qmotion.server.tasks import TaskRunner
+from qmotion.server.tasks.runner import TaskRunner
 from tests.unit.agent_world import World
 
 TOKEN = "manager-token-0123456789"

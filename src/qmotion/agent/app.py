@@ -13,15 +13,16 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import PlainTextResponse
 
 from qmotion import __version__
-from qmotion.agent import images, netprobe
 from qmotion.agent.config import AgentConfig
+from qmotion.agent.disks.storage import StorageMoves
+from qmotion.agent.disks.transfer import Transfers
 from qmotion.agent.errors import AgentError, OperationFailed
 from qmotion.agent.facts import HealthCheck, MetricsSampler, host_facts
-from qmotion.agent.migrate import Migrations
-from qmotion.agent.storage import StorageMoves
+from qmotion.agent.migration.outgoing import Migrations
+from qmotion.agent.network import netprobe
 from qmotion.agent.tls import PeerListener, TlsStore
-from qmotion.agent.transfer import Transfers
-from qmotion.agent.vms import VmManager
+from qmotion.agent.vms import images
+from qmotion.agent.vms.manager import VmManager
 from qmotion.api.host import AccelInfo, HostFacts, HostMetrics, TlsCsr, TlsInstall, TlsStatus
 from qmotion.api.migration import (
     DirtyRateReport,

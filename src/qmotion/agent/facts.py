@@ -15,7 +15,7 @@ from typing import Any
 
 from qmotion import __version__
 from qmotion.agent.config import AgentConfig
-from qmotion.agent.net import bridges
+from qmotion.agent.network.net import bridges
 from qmotion.api.host import (
     AccelInfo,
     Datastore,

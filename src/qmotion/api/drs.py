@@ -10,10 +10,15 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from qmotion.api.vm import NAME_PATTERN, StrictModel
-from qmotion.drs.model import Automation
 
 RuleKindName = Literal["affinity", "anti-affinity", "run-on", "not-run-on"]
 HostStateName = Literal["up", "down", "maintenance", "entering-maintenance"]
+
+
+class Automation(StrEnum):
+    MANUAL = "manual"  # recommend only
+    PARTIAL = "partial"  # place new VMs automatically, recommend moves
+    FULL = "full"  # apply moves at or above the threshold's priority
 
 
 class RuleCreate(StrictModel):

@@ -99,9 +99,10 @@ def plan_cmd(
     ),
 ) -> None:
     """Plan moves: evacuations and rule fixes first, then balance beyond the threshold."""
+    from qmotion.api.drs import Automation
     from qmotion.drs import ganeti
     from qmotion.drs.errors import SnapshotError
-    from qmotion.drs.model import Automation, Policy
+    from qmotion.drs.model import Policy
     from qmotion.drs.planner import plan
 
     if automation not in ("manual", "partial", "full"):

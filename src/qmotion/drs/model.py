@@ -26,6 +26,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from qmotion.api.drs import Automation
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -98,12 +100,6 @@ class Snapshot(Strict):
     hosts: list[HostSpec]
     vms: list[VmSpec] = Field(default_factory=list)
     rules: list[Rule] = Field(default_factory=list)
-
-
-class Automation(StrEnum):
-    MANUAL = "manual"  # recommend only
-    PARTIAL = "partial"  # place new VMs automatically, recommend moves
-    FULL = "full"  # apply moves at or above the threshold's priority
 
 
 class Policy(Strict):

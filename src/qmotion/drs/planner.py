@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from qmotion.drs.model import Automation, Health, Policy, Snapshot, VmSpec
+from qmotion.api.drs import Automation
+from qmotion.drs.model import Health, Policy, Snapshot, VmSpec
 from qmotion.drs.rules import RuleBook, validate
 from qmotion.drs.state import ClusterState
 

@@ -1,11 +1,12 @@
 """The image library in the manager: images a host's agent checked and copied, VM disks.
 
 An image is recorded once its agent copied it whole; a VM made from one gets a full copy on
-the datastore asked for (see qmotion.agent.images)."""
+the datastore asked for (see qmotion.agent.vms.images)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -14,11 +15,24 @@ from sqlalchemy.orm import Session
 from qmotion.api.server import ImageImport, ImageOut
 from qmotion.api.storage import ImageImportRequest
 from qmotion.api.vm import Disk
+from qmotion.client.agent import AgentClient
 from qmotion.server.db import Database, Host, Image
 from qmotion.server.errors import Conflict, Invalid
 
-if TYPE_CHECKING:  # the inventory makes VMs from images: it imports this module
-    from qmotion.server.inventory import Inventory
+T = TypeVar("T")
+
+
+class AgentCalls(Protocol):
+    """How the library reaches a host's agent: the inventory's ``call`` (the inventory makes
+    VMs from images, so it imports this module, not the other way round)."""
+
+    def call(
+        self,
+        host: Host,
+        fn: Callable[[AgentClient], T],
+        vm: str | None = None,
+        timeout_s: float = 120.0,
+    ) -> T: ...
 
 
 def image_out(row: Image) -> ImageOut:
@@ -41,7 +55,7 @@ def _datastores(host: Host) -> dict[str, bool]:
 
 
 class ImageLibrary:
-    def __init__(self, db: Database, inventory: Inventory) -> None:
+    def __init__(self, db: Database, inventory: AgentCalls) -> None:
         self.db, self.inventory = db, inventory
 
     def list(self) -> list[ImageOut]:

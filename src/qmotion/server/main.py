@@ -8,7 +8,7 @@ from pathlib import Path
 import uvicorn
 
 from qmotion.pki import ClusterCA
-from qmotion.server.app import create_app
+from qmotion.server.http.app import create_app
 
 
 def run(db_url: str, token: str, host: str, port: int, ca_dir: Path | None) -> None:

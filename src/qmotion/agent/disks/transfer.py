@@ -19,9 +19,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from qmotion.agent.disks.storage import qemu_img_info
 from qmotion.agent.errors import Conflict, OperationFailed, SpecRejected
-from qmotion.agent.storage import qemu_img_info
-from qmotion.agent.vms import VmManager
+from qmotion.agent.vms.manager import VmManager
 from qmotion.api.storage import DiskCopy, DiskCopyRequest, DiskExport
 from qmotion.api.vm import Disk
 from qmotion.hypervisor import process

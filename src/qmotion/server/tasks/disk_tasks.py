@@ -20,13 +20,13 @@ from qmotion.migration import cold, storage
 from qmotion.migration.machine import Phase
 from qmotion.migration.prechecks import PrecheckInput, precheck
 from qmotion.migration.storage import StoragePortError
-from qmotion.server.cold import AgentColdPort, cold_refusals
 from qmotion.server.db import Database, Host, Task, TaskEvent
 from qmotion.server.errors import Conflict, Invalid, raise_refusals
 from qmotion.server.inventory import Inventory
-from qmotion.server.port import AgentMigrationPort, vm_view
-from qmotion.server.storage import AgentStoragePort, storage_prechecks
-from qmotion.server.task_view import COLD_MIGRATE, STORAGE_MOVE, task_out
+from qmotion.server.tasks.cold import AgentColdPort, cold_refusals
+from qmotion.server.tasks.port import AgentMigrationPort, vm_view
+from qmotion.server.tasks.storage import AgentStoragePort, storage_prechecks
+from qmotion.server.tasks.task_view import COLD_MIGRATE, STORAGE_MOVE, task_out
 
 log = logging.getLogger(__name__)
 

@@ -31,12 +31,12 @@ from qmotion.migration.errors import Refused, StepError
 from qmotion.migration.machine import MigrationState, Phase, Step
 from qmotion.migration.prechecks import PrecheckInput, precheck
 from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, Task, TaskEvent, utcnow
-from qmotion.server.disk_tasks import DiskTasks
 from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream, raise_refusals
 from qmotion.server.inventory import Inventory
-from qmotion.server.measure import measure
-from qmotion.server.port import AgentMigrationPort, copy_plan, limits_of, vm_view
-from qmotion.server.task_view import OPERATION_KINDS, task_out
+from qmotion.server.tasks.disk_tasks import DiskTasks
+from qmotion.server.tasks.measure import measure
+from qmotion.server.tasks.port import AgentMigrationPort, copy_plan, limits_of, vm_view
+from qmotion.server.tasks.task_view import OPERATION_KINDS, task_out
 
 log = logging.getLogger(__name__)
 DEFAULT_PER_HOST = 4

@@ -50,7 +50,7 @@ from qmotion.migration.params import apply_plan
 from qmotion.migration.prechecks import PrecheckInput, VmView, copied_disks, precheck
 from qmotion.server.db import Database, Host
 from qmotion.server.inventory import Inventory
-from qmotion.server.measure import history_bandwidth, measure, route, streams_of
+from qmotion.server.tasks.measure import history_bandwidth, measure, route, streams_of
 
 T = TypeVar("T")
 PROGRESS_WAIT_MS = 500

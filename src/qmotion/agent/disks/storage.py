@@ -45,7 +45,7 @@ from qmotion.agent.errors import (
     OperationFailed,
     SpecRejected,
 )
-from qmotion.agent.vms import VmManager
+from qmotion.agent.vms.manager import VmManager
 from qmotion.api.storage import (
     CopyMode,
     DiskMirror,

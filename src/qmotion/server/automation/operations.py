@@ -20,8 +20,8 @@ from qmotion.api.drs import MoveOutcome, OperationReport
 from qmotion.api.server import MigrateRequest, TaskOut, TaskState
 from qmotion.server.db import Database, Task, TaskEvent, utcnow
 from qmotion.server.errors import ServerError
-from qmotion.server.task_view import task_out
-from qmotion.server.tasks import TaskRunner
+from qmotion.server.tasks.runner import TaskRunner
+from qmotion.server.tasks.task_view import task_out
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2

@@ -24,10 +24,10 @@ from qmotion.api.drs import (
 from qmotion.api.server import MigrateRequest, TaskOut
 from qmotion.api.vm import NAME_PATTERN, MemoryMiB, StrictModel
 from qmotion.drs.model import VmSpec
-from qmotion.server.drs import ClusterDrs
+from qmotion.server.automation.drs import ClusterDrs
+from qmotion.server.automation.maintenance import Maintenance
 from qmotion.server.errors import Conflict
-from qmotion.server.maintenance import Maintenance
-from qmotion.server.tasks import TaskRunner
+from qmotion.server.tasks.runner import TaskRunner
 
 
 class PlaceRequest(StrictModel):

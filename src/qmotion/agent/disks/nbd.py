@@ -37,16 +37,16 @@ from typing import Any
 from pydantic import BaseModel
 
 from qmotion.agent.config import DatastoreConfig
-from qmotion.agent.errors import AgentError, Conflict, OperationFailed, SpecRejected
-from qmotion.agent.storage import (
+from qmotion.agent.disks.storage import (
     SPACE_MARGIN,
     free_bytes,
     mirror_jobs,
     source_nodes,
     write_blocking,
 )
+from qmotion.agent.errors import AgentError, Conflict, OperationFailed, SpecRejected
 from qmotion.agent.tls import TlsStore
-from qmotion.agent.vms import INCOMING_DISKS, VmManager
+from qmotion.agent.vms.manager import INCOMING_DISKS, VmManager
 from qmotion.api.storage import (
     CopyMode,
     DiskCopyPlan,

@@ -6,10 +6,9 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from cronsim import CronSim
-from fastapi import FastAPI, Path
 from sqlalchemy import ForeignKey, Integer, String, Text, delete, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -27,8 +26,6 @@ from qmotion.server.errors import Invalid, NotFound, ServerError
 log = logging.getLogger(__name__)
 # Runs kept per schedule: a cron firing every minute must not grow the database forever.
 RUNS_KEPT = 200
-# Schedule ids are the database's 64-bit integer keys.
-ScheduleId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 Decision = Literal["wait", "run", "missed"]
 
 
@@ -349,23 +346,3 @@ class Schedules:
             except Exception:  # the scheduler must outlive one bad round
                 log.exception("schedule tick failed")
             await asyncio.sleep(interval_s)
-
-
-def install_routes(app: FastAPI, schedules: Schedules, auth: list[Any]) -> None:
-    """The schedules' REST routes, behind the manager's ``auth`` dependencies."""
-
-    @app.post("/v1/schedules", response_model=ScheduleOut, status_code=201, dependencies=auth)
-    def create_schedule(req: ScheduleCreate) -> ScheduleOut:
-        return schedules.create(req)
-
-    @app.get("/v1/schedules", response_model=list[ScheduleOut], dependencies=auth)
-    def list_schedules() -> list[ScheduleOut]:
-        return schedules.list()
-
-    @app.get("/v1/schedules/{schedule_id}", response_model=ScheduleOut, dependencies=auth)
-    def get_schedule(schedule_id: ScheduleId) -> ScheduleOut:
-        return schedules.get(schedule_id)
-
-    @app.delete("/v1/schedules/{schedule_id}", status_code=204, dependencies=auth)
-    def delete_schedule(schedule_id: ScheduleId) -> None:
-        schedules.delete(schedule_id)

@@ -22,13 +22,13 @@ from typing import Any, TypeVar
 
 import httpx
 
+from qmotion.agent.disks.nbd import IncomingDisks, NbdMirrors
 from qmotion.agent.errors import AgentError, Conflict, InPostcopy, MigratedAway, OperationFailed
-from qmotion.agent.forwarder import FORWARD_FOR_S, LateFrameForwarder
-from qmotion.agent.nbd import IncomingDisks, NbdMirrors
-from qmotion.agent.steer import Steerer
-from qmotion.agent.tapwatch import TapWatch
+from qmotion.agent.network.forwarder import FORWARD_FOR_S, LateFrameForwarder
+from qmotion.agent.network.steer import Steerer
+from qmotion.agent.network.tapwatch import TapWatch
 from qmotion.agent.tls import TlsStore
-from qmotion.agent.vms import VmManager
+from qmotion.agent.vms.manager import VmManager
 from qmotion.api.migration import (
     UNLIMITED_BANDWIDTH,
     DirtyRateReport,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from qmotion.agent.forwarder import prepare_tap
+from qmotion.agent.network.forwarder import prepare_tap
 
 
 def bridges() -> list[str]:

@@ -1,7 +1,7 @@
 """Scripted host agents served in-process (httpx MockTransport) for the manager's real port.
 
 The world keeps, per host, each VM's QEMU run state and migration status, and answers the
-agent API as the real agent does (qmotion.agent.migrate): ``resume`` refuses a VM that
+agent API as the real agent does (qmotion.agent.migration.outgoing): ``resume`` refuses a VM that
 migrated away (409 ``migrated_away``) or is still migrating, ``release`` refuses unless QEMU
 is ``postmigrate``, a cancelled migration ends the destination's incoming QEMU. Like QEMU, a
 migration completes only from ``active``: once ``cancelling`` it ends ``cancelled``.
@@ -14,7 +14,7 @@ Convergence. A VM given a scripted ``Guest`` (``World.guests``) migrates as QEMU
 does, paced by a simulated clock (``World.clock``, which a test hands to the port in place of
 ``time``) over a scripted ``Link``; other VMs complete after ``polls_to_complete`` progress
 queries, as before. The agent's side is the real one: what the scripted agents tell their
-QEMU is ``qmotion.agent.migrate``'s own ``_capabilities``, ``_parameters`` and
+QEMU is ``qmotion.agent.migration.outgoing``'s own ``_capabilities``, ``_parameters`` and
 ``_tune_parameters``, and the scripted QEMU refuses what QEMU refuses (migrate_params_check,
 migrate_caps_check). QEMU's part, from migration/ram.c, migration.c and cpu-throttle.c:
 
@@ -51,7 +51,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from qmotion.agent.migrate import _capabilities, _parameters, _tune_parameters
+from qmotion.agent.migration.outgoing import _capabilities, _parameters, _tune_parameters
 from qmotion.api.errors import ErrorBody, ErrorDetail
 from qmotion.api.host import AccelInfo, HostMetrics, VmMetrics
 from qmotion.api.migration import (
@@ -78,7 +78,7 @@ from qmotion.api.storage import (
 from qmotion.api.vm import Disk, GuestConfig, Nic, VmInfo, VmSpec, VmState
 from qmotion.server.agents import AgentConnector
 from qmotion.server.db import Database, Host, Vm, utcnow
-from qmotion.server.tasks import TaskRunner
+from qmotion.server.tasks.runner import TaskRunner
 
 MIB = 1 << 20
 GUEST_BYTES = 256 * MIB
@@ -439,7 +439,7 @@ class World:
             self.files[host] -= set(vm.owned)  # an unfinished copy's disks go with it
             return httpx.Response(204)
         if rest == "/export":
-            # qmotion.agent.transfer: hold a stopped VM; serving disks is not modelled here.
+            # qmotion.agent.disks.transfer: hold a stopped VM; serving disks is not modelled here.
             if method == "DELETE":
                 # release=false ends the exports only; the hold stays (transfer.unexport).
                 if req.url.params.get("release", "true") == "true":
@@ -497,7 +497,7 @@ class World:
     def _disk_route(
         self, host: str, name: str, vm: FakeVm, method: str, rest: str, req: httpx.Request
     ) -> httpx.Response:
-        """qmotion.agent.nbd as the agent serves it: the source's mirror, the destination's
+        """qmotion.agent.disks.nbd as the agent serves it: the source's mirror, the destination's
         disks. A mirror is in sync (write-blocking, actively synced) at its second poll; one
         whose destination is gone fails."""
         if method == "GET" and rest == "/disks":

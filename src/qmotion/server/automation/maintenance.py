@@ -26,12 +26,12 @@ from qmotion.api.server import TaskState
 from qmotion.drs.errors import SnapshotError
 from qmotion.drs.model import Policy
 from qmotion.drs.planner import plan
+from qmotion.server.automation.drs import ClusterDrs, _spread
+from qmotion.server.automation.operations import OperationBody, Operations, PlannedMove
 from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, HostMaintenance, Task, Vm
-from qmotion.server.drs import ClusterDrs, _spread
 from qmotion.server.errors import Conflict, NotFound
-from qmotion.server.operations import OperationBody, Operations, PlannedMove
-from qmotion.server.task_view import MAINTENANCE, MAINTENANCE_EXIT
-from qmotion.server.tasks import TaskRunner
+from qmotion.server.tasks.runner import TaskRunner
+from qmotion.server.tasks.task_view import MAINTENANCE, MAINTENANCE_EXIT
 
 log = logging.getLogger(__name__)
 ROUNDS = 3

@@ -22,11 +22,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from qmotion.agent import images, seed
 from qmotion.agent.config import AgentConfig
 from qmotion.agent.errors import Conflict, OperationFailed, SpecRejected, VmNotFound
 from qmotion.agent.facts import VmProcess
-from qmotion.agent.net import bridges, create_tap, delete_tap, tap_mac
+from qmotion.agent.network.net import bridges, create_tap, delete_tap, tap_mac
+from qmotion.agent.vms import images, seed
 from qmotion.api.host import AccelInfo
 from qmotion.api.vm import Disk, KernelBoot, MemoryBacking, VmInfo, VmSpec, VmState
 from qmotion.hypervisor import hugepages, process
@@ -37,7 +37,7 @@ from qmotion.image import GuestImage, cached_image, ensure_image
 
 log = logging.getLogger(__name__)
 SAVE_TIMEOUT_S = 600.0  # saving or restoring a VM's RAM to a file
-# The disks a shared-nothing incoming migration created empty (qmotion.agent.nbd): deleting
+# The disks a shared-nothing incoming migration created empty (qmotion.agent.disks.nbd): deleting
 # the VM before it ran here removes them too; once it ran here they are simply its disks.
 INCOMING_DISKS = "incoming-disks.json"
 

@@ -19,6 +19,7 @@ from sqlalchemy import select, update
 
 from qmotion.api.drs import (
     ApplyRequest,
+    Automation,
     DrsRunOut,
     DrsSettings,
     DrsState,
@@ -39,7 +40,6 @@ from qmotion.drs.errors import SnapshotError
 from qmotion.drs.inventory import snapshot_from_inventory
 from qmotion.drs.model import (
     ALLOCATION_WEIGHT,
-    Automation,
     Health,
     HostSpec,
     Policy,
@@ -50,6 +50,7 @@ from qmotion.drs.model import (
 from qmotion.drs.planner import place, plan
 from qmotion.drs.rules import RuleBook, broken_by_move, validate
 from qmotion.drs.state import ClusterState
+from qmotion.server.automation.operations import Operations, PlannedMove
 from qmotion.server.db import (
     ACTIVE_TASK_STATES,
     Database,
@@ -62,8 +63,7 @@ from qmotion.server.db import (
 )
 from qmotion.server.errors import Conflict, Invalid, NotFound
 from qmotion.server.inventory import Inventory
-from qmotion.server.operations import Operations, PlannedMove
-from qmotion.server.task_view import DRS_APPLY, MAINTENANCE
+from qmotion.server.tasks.task_view import DRS_APPLY, MAINTENANCE
 
 log = logging.getLogger(__name__)
 SETTINGS_KEY = "drs"

@@ -32,17 +32,17 @@ from qmotion.api.service import (
 from qmotion.api.vm import StopRequest
 from qmotion.pki import ClusterCA
 from qmotion.server.agents import AgentConnector
+from qmotion.server.automation.drs import ClusterDrs
+from qmotion.server.automation.maintenance import Maintenance
+from qmotion.server.automation.operations import Operations
+from qmotion.server.automation.schedules import Schedules
 from qmotion.server.db import Database
-from qmotion.server.drs import ClusterDrs
-from qmotion.server.drs_routes import ManagerActions, install_drs_routes
 from qmotion.server.errors import ServerError
+from qmotion.server.http.drs_routes import ManagerActions, install_drs_routes
+from qmotion.server.http.schedule_routes import install_routes as install_schedule_routes
 from qmotion.server.images import ImageLibrary
 from qmotion.server.inventory import Inventory
-from qmotion.server.maintenance import Maintenance
-from qmotion.server.operations import Operations
-from qmotion.server.schedules import Schedules
-from qmotion.server.schedules import install_routes as install_schedule_routes
-from qmotion.server.tasks import TaskRunner
+from qmotion.server.tasks.runner import TaskRunner
 
 log = logging.getLogger(__name__)
 REFRESH_INTERVAL_S = 15.0
