@@ -11,7 +11,7 @@ from typing import Any
 def write_report(
     out: Path, name: str, report: dict[str, Any], table: Callable[[dict[str, Any]], str]
 ) -> None:
-    """``NAME.json`` (every run) and ``NAME.md`` (the table the README quotes) in ``out``."""
+    """``NAME.json`` (every run) and ``NAME.md`` (quoted in docs/benchmarks.md) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     md = table(report)

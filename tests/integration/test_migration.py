@@ -25,7 +25,7 @@ from qmotion.hypervisor.process import is_qemu_of
 from qmotion.lab import Lab
 from qmotion.lab.netns import run_in
 from qmotion.probe.guest import StreamResult, echo_stream, mem_check, mem_status, wait_echo
-from qmotion.server.tasks.port import STALL_TIMEOUT_S
+from qmotion.server.tasks.watchdog import STALL_TIMEOUT_S
 
 from .conftest import MakeVm, ip_of, wait_task
 

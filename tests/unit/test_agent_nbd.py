@@ -1,6 +1,6 @@
 """The source agent's half of a shared-nothing migration (qmotion.agent.disks.nbd.NbdMirrors) and
 the destination's empty disks (IncomingDisks), over the scripted QMP stand-in of
-test_agent_storage, taught what this needs of QEMU 10.0:
+storage_qemu, taught what this needs of QEMU 10.0:
 
 - ``blockdev-add`` of an ``nbd`` client node (BlockdevOptionsNbd's arguments only; ``server``
   an inet address whose port is a string);
@@ -20,15 +20,17 @@ from typing import Any, cast
 
 import pytest
 
-from qmotion.agent.disks import nbd
-from qmotion.agent.disks.nbd import IncomingDisks, NbdMirrors
+from qmotion.agent.disks import nbd, nbd_incoming
+from qmotion.agent.disks.nbd import NbdMirrors
+from qmotion.agent.disks.nbd_incoming import IncomingDisks
 from qmotion.agent.errors import Conflict, SpecRejected
 from qmotion.api.storage import CopyDisk, DiskCopyPlan, NbdExport, NbdMirrorRequest
 from qmotion.api.vm import Disk, VmSpec
 from qmotion.hypervisor.errors import QmpError
 from qmotion.hypervisor.monitor import Monitor
 
-from .test_agent_storage import CANCELED, VM, Host, Job, Node, ScriptedQemu, qemu_img
+from .storage_qemu import CANCELED, Job, Node, ScriptedQemu
+from .storage_world import VM, Host, qemu_img
 
 NBD_ARGS = {"driver", "node-name", "server", "export", "tls-creds", "tls-hostname"}
 
@@ -349,7 +351,7 @@ def test_the_destination_creates_empty_disks_and_refuses_without_room(
         disks.remove(made)
         assert not [p for p in (s.root / "fast").rglob("*") if p.is_file()]
 
-        monkeypatch.setattr(nbd, "free_bytes", lambda _path: 1 << 20)
+        monkeypatch.setattr(nbd_incoming, "free_bytes", lambda _path: 1 << 20)
         with pytest.raises(SpecRejected, match="MiB free") as refused:
             await disks.create(spec, plan)
         assert refused.value.field == "datastore"

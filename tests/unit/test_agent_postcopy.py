@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from qmotion.agent.errors import Conflict, InPostcopy, MigratedAway
-from qmotion.agent.migration.outgoing import Migrations, Outgoing
+from qmotion.agent.migration.migrate import Migrations
+from qmotion.agent.migration.outgoing import Outgoing
 from qmotion.api.migration import PostcopyRecovery
 from qmotion.hypervisor.errors import QmpError
 
@@ -71,7 +72,7 @@ class OneVm:
 def _source(status: str, events: list[str]) -> tuple[Migrations, ScriptedQemu]:
     qemu = ScriptedQemu(status)
     m = Migrations(OneVm(qemu))  # type: ignore[arg-type]
-    m._outgoing["vm1"] = Outgoing(
+    m.src._outgoing["vm1"] = Outgoing(
         started_at=time.monotonic(), status=status, events=[(e, 0.0) for e in events]
     )
     return m, qemu
@@ -99,7 +100,7 @@ def test_a_source_that_completed_through_postcopy_is_not_resumed_even_after_a_fa
 def test_a_blocked_destination_is_recovered_out_of_band() -> None:
     qemu = ScriptedQemu("postcopy-active", main_loop_blocked=True)
     m = Migrations(OneVm(qemu))  # type: ignore[arg-type]
-    m._incoming_uri["vm1"] = "tcp:198.19.1.12:40000"
+    m.dst._incoming_uri["vm1"] = "tcp:198.19.1.12:40000"
 
     async def run() -> str | None:
         got = await asyncio.wait_for(m.recover_incoming("vm1"), timeout=5)
@@ -116,10 +117,10 @@ def test_a_destination_still_loading_its_devices_is_not_paused(resumed: bool) ->
     "loadvm failed"): refused, nothing sent to QEMU; after the resume it is recovered."""
     qemu = ScriptedQemu("postcopy-active", main_loop_blocked=True)
     m = Migrations(OneVm(qemu))  # type: ignore[arg-type]
-    m._incoming_uri["vm1"] = "tcp:198.19.1.12:40000"
-    m._incoming_events["vm1"] = [("active", 1.0), ("postcopy-active", 2.0)]
+    m.dst._incoming_uri["vm1"] = "tcp:198.19.1.12:40000"
+    m.dst._incoming_events["vm1"] = [("active", 1.0), ("postcopy-active", 2.0)]
     if resumed:
-        m._incoming_events["vm1"].append(("resumed", 3.0))
+        m.dst._incoming_events["vm1"].append(("resumed", 3.0))
         asyncio.run(asyncio.wait_for(m.recover_incoming("vm1"), timeout=5))
         assert qemu.listening == "tcp:198.19.1.12:40000"
     else:
@@ -136,7 +137,7 @@ def test_a_destination_with_no_incoming_migration_refuses_recovery() -> None:
 
 def test_a_reconnection_stuck_in_its_setup_is_yanked_and_resumed() -> None:
     m, qemu = _source("postcopy-recover-setup", ["active", "postcopy-active"])
-    asyncio.run(m.resume_outgoing("vm1", PostcopyRecovery(uri="tcp:198.19.1.12:40000")))
+    asyncio.run(m.reconnect_outgoing("vm1", PostcopyRecovery(uri="tcp:198.19.1.12:40000")))
     assert "yank" in qemu.commands
     assert qemu.commands.index("migrate") > qemu.commands.index("yank"), qemu.commands
 
@@ -166,7 +167,7 @@ class SettingUp(ScriptedQemu):
 def test_a_cancel_waits_for_the_stream_to_leave_setup() -> None:
     qemu = SettingUp(queries=4)
     m = Migrations(OneVm(qemu))  # type: ignore[arg-type]
-    m._outgoing["vm1"] = Outgoing(started_at=time.monotonic(), status="setup")
+    m.src._outgoing["vm1"] = Outgoing(started_at=time.monotonic(), status="setup")
     stats = asyncio.run(m.cancel("vm1"))
     assert qemu.cancelled_in == "active", qemu.commands
     assert stats.status == "cancelled"

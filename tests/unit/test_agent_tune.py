@@ -9,7 +9,8 @@ import asyncio
 import time
 from typing import Any
 
-from qmotion.agent.migration.outgoing import Migrations, Outgoing
+from qmotion.agent.migration.migrate import Migrations
+from qmotion.agent.migration.outgoing import Outgoing
 from qmotion.api.migration import MigrationTune
 from qmotion.migration.convergence import THROTTLE_INCREMENT
 
@@ -51,7 +52,7 @@ class OneVm:
 def _wake(throttle_before: int, wanted: int) -> tuple[ScriptedQemu, list[int]]:
     qemu = ScriptedQemu(throttle_before)
     migrations = Migrations(OneVm(qemu))  # type: ignore[arg-type]
-    migrations._outgoing["vm1"] = Outgoing(started_at=time.monotonic(), status="active")
+    migrations.src._outgoing["vm1"] = Outgoing(started_at=time.monotonic(), status="active")
 
     async def run() -> list[int]:
         await migrations.tune("vm1", MigrationTune(throttle_pct=wanted))

@@ -208,7 +208,7 @@ def test_a_restart_after_the_inventory_moved_goes_forward_even_if_the_destinatio
     c = FakeCluster(defined={"src", "dst"}, inventory="dst")
     c.files["dst"].add("d0")
     c.faults = {n: "before" for n in range(1, 4)}  # the destination does not answer at first
-    st_ = cold.step(cold.ColdState(CPhase.DEFINE, True), cold.Resumed())
+    st_ = cold.step(cold.ColdState(CPhase.DEFINE, True), cold.Restarted())
     final = asyncio.run(cold.run(c, _no_persist, asyncio.Event(), st_, retry_s=0))
     assert final.phase == CPhase.DONE and c.defined == {"dst"} and c.files["src"] == set()
     rollback = cold.ColdState(CPhase.ROLLBACK, True)
@@ -226,7 +226,7 @@ async def _no_persist(st: cold.CStep) -> None:
 
 def test_a_restarted_manager_rolls_back_a_copy_and_finishes_a_definition() -> None:
     for phase, expect in ((CPhase.COPY, cold.CAction.ABORT), (CPhase.DEFINE, cold.CAction.DEFINE)):
-        st_ = cold.step(cold.ColdState(phase, True), cold.Resumed())
+        st_ = cold.step(cold.ColdState(phase, True), cold.Restarted())
         assert st_.action == expect
     s = cold.ColdState(CPhase.CLEANUP, True, disks=(Disk(datastore="b", path="d0"),))
     assert cold.state_from_json(cold.state_to_json(s)) == s

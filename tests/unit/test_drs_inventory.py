@@ -210,7 +210,7 @@ def test_demand_window_keeps_the_latest_dirty_rate_within_the_window() -> None:
     from datetime import timedelta
 
     from qmotion.api.host import HostMetrics, VmMetrics
-    from qmotion.server.automation.drs import DemandWindow
+    from qmotion.server.automation.demand import DemandWindow
 
     w = DemandWindow(window_s=60)
 

@@ -1,7 +1,7 @@
 """DRS acting on the manager over scripted agents: maintenance, rules, recommendations, placement.
 
 The manager is the real app (inventory, task runner, operations) and its agents are the
-in-process world (tests/unit/agent_world.py), whose migrations end with the VM running on
+in-process world (tests/unit/agent_world/), whose migrations end with the VM running on
 exactly one host; every outcome is read back from the world, not from the manager's word.
 """
 

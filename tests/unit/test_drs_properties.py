@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from qmotion.drs import planner
 from qmotion.drs.errors import SnapshotError
 from qmotion.drs.model import Policy, Snapshot
-from qmotion.drs.planner import Plan, plan
+from qmotion.drs.moves import Plan
+from qmotion.drs.planner import plan
 from qmotion.drs.rules import RuleBook, validate
 from qmotion.drs.state import ClusterState
 

@@ -11,16 +11,16 @@ from hypothesis import strategies as st
 from qmotion.api.migration import MigrationStats
 from qmotion.migration import engine
 from qmotion.migration.errors import InPostcopy, StepError, SwitchedOver
-from qmotion.migration.machine import MigrationState, Phase, Step
+from qmotion.migration.vocabulary import MigrationState, Phase, Step
 
 STEPS = [
     "prechecks",
     "prepare_destination",
     "start_migration",
     "progress",
-    "verify_destination",
+    "finish_destination",
     "announce",
-    "stop_source",
+    "confirm_source",
     "update_inventory",
     "rollback",
 ]
@@ -125,23 +125,23 @@ class FakePort:
         self._leave("progress")
         return MigrationStats(status=status)
 
-    async def verify_destination(self) -> None:
-        self._enter("verify_destination")
+    async def finish_destination(self) -> None:
+        self._enter("finish_destination")
         if self.cluster.copies.get("h2") != "running":
             raise StepError("verify", "destination not running")
-        self._leave("verify_destination")
+        self._leave("finish_destination")
 
     async def announce(self) -> None:
         self._enter("announce")
         self._leave("announce")
 
-    async def stop_source(self) -> None:
-        self._enter("stop_source")
+    async def confirm_source(self) -> None:
+        self._enter("confirm_source")
         assert self.cluster.copies.get("h2") == "running", "source released before the switch"
         self.cluster.copies.pop("h1", None)
         if self.cluster.mirror == "completed" and self.cluster.disks is not None:
             self.cluster.disks.discard("h1")  # its files replaced by the copy
-        self._leave("stop_source")
+        self._leave("confirm_source")
 
     async def update_inventory(self) -> None:
         self._enter("update_inventory")
@@ -226,11 +226,11 @@ def test_destination_dead_after_switchover_recovers_source() -> None:
     port = FakePort(cluster, script=["completed"])
 
     async def crash_then_verify() -> None:
-        port.calls.append("verify_destination")
+        port.calls.append("finish_destination")
         cluster.copies.pop("h2", None)  # destination QEMU died right after switchover
         raise StepError("verify", "destination gone")
 
-    port.verify_destination = crash_then_verify  # type: ignore[method-assign]
+    port.finish_destination = crash_then_verify  # type: ignore[method-assign]
     final, _ = drive(port)
     assert final.phase == Phase.FAILED
     assert cluster.copies == {"h1": "running"}
@@ -269,7 +269,7 @@ def test_exactly_one_running_copy_whatever_happens(
     assert cluster.disks is None or running[0] in cluster.disks  # its disk is where it runs
     if final.phase == Phase.DONE:
         assert running == ["h2"]
-        if copy_disks and fail_at != "stop_source":
+        if copy_disks and fail_at != "confirm_source":
             assert cluster.disks == {"h2"}  # the old files went once the copy ran
     elif not final.switched_over:
         assert running == ["h1"]

@@ -8,14 +8,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qmotion.api.migration import QemuMigrationStatus as Qs
-from qmotion.migration.machine import (
+from qmotion.migration.machine import step
+from qmotion.migration.vocabulary import (
     Announce,
     AwaitProgress,
     Begin,
     CancelRequested,
+    ConfirmSource,
     Event,
     Failed,
     Finish,
+    FinishDestination,
     MigrationState,
     MirrorDisks,
     MirrorProgress,
@@ -23,16 +26,13 @@ from qmotion.migration.machine import (
     PrepareDestination,
     Progress,
     Recover,
-    Resumed,
+    Restarted,
     Rollback,
     RunPrechecks,
     StartMigration,
     Step,
-    StopSource,
     Succeeded,
     UpdateInventory,
-    VerifyDestination,
-    step,
 )
 
 
@@ -69,9 +69,9 @@ def test_happy_path() -> None:
         AwaitProgress,
         AwaitProgress,
         AwaitProgress,
-        VerifyDestination,
+        FinishDestination,
         Announce,
-        StopSource,
+        ConfirmSource,
         UpdateInventory,
         Finish,
     ]
@@ -96,7 +96,7 @@ def test_lost_progress_answers_are_retried_then_rolled_back() -> None:
 def test_rollback_that_finds_a_switchover_goes_forward() -> None:
     start: list[Event] = [Begin(), Succeeded(), Succeeded(uri="tcp:x:1"), Succeeded()]
     steps = run([*start, Failed("t"), Failed("t"), Failed("t"), Progress(Qs.COMPLETED)])
-    assert steps[-1].action == VerifyDestination()
+    assert steps[-1].action == FinishDestination()
     assert steps[-1].state.switched_over
 
 
@@ -134,7 +134,7 @@ def test_cancel_after_switchover_is_ignored() -> None:
             CancelRequested(),
         ]
     )
-    assert steps[-1].action == VerifyDestination()
+    assert steps[-1].action == FinishDestination()
     assert steps[-1].state.switched_over
 
 
@@ -187,7 +187,7 @@ events = st.one_of(
         Progress, st.sampled_from(["setup", "active", "device", "completed", "failed", "cancelled"])
     ),
     st.just(CancelRequested()),
-    st.just(Resumed()),
+    st.just(Restarted()),
 )
 
 
@@ -205,7 +205,7 @@ def test_invariants_over_any_event_sequence(seq: list[Event]) -> None:
         if state.switched_over:
             # Past the point of no return nothing may undo the destination.
             assert not isinstance(s.action, Rollback)
-        if isinstance(s.action, StopSource):
+        if isinstance(s.action, ConfirmSource):
             assert state.switched_over
         if isinstance(s.action, Rollback):
             assert not state.switched_over
@@ -248,17 +248,17 @@ def test_resume_after_a_manager_restart() -> None:
         return MigrationState(phase=phase, **kw)  # type: ignore[arg-type]
 
     # Nothing changed yet: ends, failed, with nothing to undo.
-    s = step(at(Phase.PRECHECK), Resumed())
+    s = step(at(Phase.PRECHECK), Restarted())
     assert s.state.phase == Phase.FAILED and isinstance(s.action, Finish)
     # Setting up: what was done is unknown, so everything is undone.
-    s = step(at(Phase.START, destination_made=True, uri="tcp:h:1"), Resumed())
+    s = step(at(Phase.START, destination_made=True, uri="tcp:h:1"), Restarted())
     assert s.action == Rollback(cancel_migration=True, teardown_destination=True)
     # Migrating: keep watching; QEMU carried on without the manager.
-    s = step(at(Phase.MONITOR, started=True, destination_made=True), Resumed())
+    s = step(at(Phase.MONITOR, started=True, destination_made=True), Restarted())
     assert s.action == AwaitProgress(known_status=None)
     # Past the switchover: the step it stood at, again (they are idempotent).
-    s = step(at(Phase.STOP_SOURCE, switched_over=True, started=True), Resumed())
-    assert isinstance(s.action, StopSource) and s.state.switched_over
+    s = step(at(Phase.STOP_SOURCE, switched_over=True, started=True), Restarted())
+    assert isinstance(s.action, ConfirmSource) and s.state.switched_over
 
 
 def test_shared_nothing_copies_the_disks_before_the_memory() -> None:
@@ -290,9 +290,9 @@ def test_shared_nothing_copies_the_disks_before_the_memory() -> None:
         MirrorDisks,  # a lost poll is asked again
         StartMigration,
         AwaitProgress,
-        VerifyDestination,
+        FinishDestination,
         Announce,
-        StopSource,
+        ConfirmSource,
         UpdateInventory,
         Finish,
     ]
@@ -316,7 +316,7 @@ def test_shared_nothing_rollbacks_stop_the_mirror() -> None:
     failed = step(at_mirror, Failed("the disk copy failed", retryable=False))
     assert isinstance(failed.action, Rollback) and failed.action.stop_mirror
     # A manager restart mid-copy: what the agents did is not known, all is undone.
-    resumed = step(at_mirror, Resumed())
+    resumed = step(at_mirror, Restarted())
     assert resumed.action == Rollback(
         cancel_migration=False, teardown_destination=True, stop_mirror=True
     )

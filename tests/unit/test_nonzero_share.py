@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from qmotion.agent.migration.outgoing import _nonzero_share
+from qmotion.agent.migration.dirty import _nonzero_share
 from qmotion.hypervisor.errors import HypervisorError
 
 

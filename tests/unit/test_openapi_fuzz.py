@@ -35,6 +35,7 @@ from schemathesis.specs.openapi.checks import (
 from qmotion.agent import facts as agent_facts
 from qmotion.agent.app import create_app as create_agent
 from qmotion.agent.config import AgentConfig
+from qmotion.agent.vms import definition as agent_vm_definition
 from qmotion.agent.vms import manager as agent_vms
 from qmotion.api.host import AccelInfo, HostFacts
 from qmotion.api.vm import Nic, VmSpec
@@ -178,8 +179,9 @@ def _fake_qemu_info(binary: str = "") -> QemuInfo:
 
 def _agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FastAPI:
     # QEMU's and the kernel's answers, faked: the fuzzed agent runs no binary, reads no links.
-    for module in (agent_vms, agent_facts):
+    for module in (agent_vms, agent_vm_definition, agent_facts):
         monkeypatch.setattr(module, "qemu_info", _fake_qemu_info)
+    for module in (agent_vm_definition, agent_facts):
         monkeypatch.setattr(module, "bridges", lambda: ["vmbr0"])
     # No datastores: no disk image is ever created.
     config = AgentConfig(

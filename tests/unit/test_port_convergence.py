@@ -1,5 +1,5 @@
 """The convergence ladder through the seam: the manager's real task runner and port, measuring
-and steering scripted agents whose QEMU pre-copies as QEMU 10 does (tests/unit/agent_world.py),
+and steering scripted agents whose QEMU pre-copies as QEMU 10 does (tests/unit/agent_world/),
 on a simulated clock; and the agent's mapping of the plan and the ladder's steps to QMP.
 
 The guest of most tests writes 100 MB/s of new pages (twice the 50 MB/s link) plus 8 MiB that
@@ -18,8 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import qmotion.server.tasks.port as port_module
-from qmotion.agent.migration.outgoing import _capabilities, _parameters, _tune_parameters
+from qmotion.agent.migration.params import stream_capabilities, stream_parameters, tune_parameters
 from qmotion.api.migration import (
     UNLIMITED_BANDWIDTH,
     IncomingRequest,
@@ -66,13 +65,13 @@ Hook = Callable[[World, int, str, str], None]
 
 
 @pytest.fixture
-def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[World, Database]]:
-    """vm1 on h1, a guest dirtying twice the link; the port on the world's simulated clock."""
+def world(tmp_path: Path) -> Iterator[tuple[World, Database]]:
+    """vm1 on h1, a guest dirtying twice the link; the runner (with its ports) is handed the
+    world's simulated clock."""
     w = World(link=LINK)
     db = Database(f"sqlite:///{tmp_path / 'm.db'}")
     w.register_hosts(db)
     w.add_running_vm(db, "vm1", "h1", guest=TWICE_THE_LINK)
-    monkeypatch.setattr(port_module, "time", w.clock)
     yield w, db
     db.engine.dispose()
 
@@ -81,7 +80,7 @@ def _migrate(world: World, db: Database, req: MigrateRequest, hook: Hook | None 
     """One migration of vm1 h1 -> h2 through the task runner, to its end."""
 
     async def main() -> TaskOut:
-        runner = TaskRunner(db, Inventory(db, world.connector()))
+        runner = TaskRunner(db, Inventory(db, world.connector()), clock=world.clock.monotonic)
         world.before_request = hook
         task = await runner.submit_migration("vm1", req)
         return await world.run_to_end(runner, task)
@@ -312,7 +311,7 @@ def _in_qemu_ranges(params: dict[str, Any]) -> None:
 
 
 def test_the_plan_maps_to_qemus_parameter_names() -> None:
-    throttled = _parameters(
+    throttled = stream_parameters(
         MigrationParams(
             downtime_limit_ms=20,
             auto_converge=True,
@@ -328,27 +327,27 @@ def test_the_plan_maps_to_qemus_parameter_names() -> None:
     assert throttled["throttle-trigger-threshold"] == 50
     assert throttled["xbzrle-cache-size"] == 128 * MIB
     # Armed but dormant: QEMU's smallest throttle, triggered only when dirtying outruns sending.
-    dormant = _parameters(MigrationParams(auto_converge=True))
+    dormant = stream_parameters(MigrationParams(auto_converge=True))
     _in_qemu_ranges(dormant)
     assert dormant["cpu-throttle-initial"] == 1
     assert dormant["throttle-trigger-threshold"] == 100
-    plain = _parameters(MigrationParams())
+    plain = stream_parameters(MigrationParams())
     _in_qemu_ranges(plain)
     assert not set(THROTTLE_KEYS) & set(plain) and "xbzrle-cache-size" not in plain
 
 
 def test_the_ladders_steps_map_to_qemus_parameter_names() -> None:
-    step = _tune_parameters(MigrationTune(downtime_limit_ms=300, throttle_pct=60))
+    step = tune_parameters(MigrationTune(downtime_limit_ms=300, throttle_pct=60))
     _in_qemu_ranges(step)
     assert step["downtime-limit"] == 300
     assert step["cpu-throttle-initial"] == 60
     assert step["cpu-throttle-increment"] == THROTTLE_INCREMENT
     assert step["throttle-trigger-threshold"] == 50
     # A wake-up must be accepted on top of the dormant settings (QEMU checks the merge).
-    dormant = _parameters(MigrationParams(auto_converge=True))
+    dormant = stream_parameters(MigrationParams(auto_converge=True))
     check_parameters({k: v for k, v in dormant.items() if k != "max-bandwidth"} | step)
-    assert _tune_parameters(MigrationTune(downtime_limit_ms=150)) == {"downtime-limit": 150}
-    assert _tune_parameters(MigrationTune()) == {}
+    assert tune_parameters(MigrationTune(downtime_limit_ms=150)) == {"downtime-limit": 150}
+    assert tune_parameters(MigrationTune()) == {}
 
 
 @given(
@@ -373,12 +372,12 @@ def test_every_valid_request_is_one_qemu_accepts(
         throttle_initial_pct=initial,
         xbzrle_cache_bytes=xbzrle,
     )
-    mapped = _parameters(params)
+    mapped = stream_parameters(params)
     _in_qemu_ranges(mapped)
     if xbzrle:  # the size asked for, to a power of two QEMU takes
         assert xbzrle // 2 < mapped["xbzrle-cache-size"] <= max(xbzrle, 4096)
     step = MigrationTune(downtime_limit_ms=tune_downtime, throttle_pct=tune_throttle)
-    _in_qemu_ranges(_tune_parameters(step))
+    _in_qemu_ranges(tune_parameters(step))
 
 
 @given(
@@ -403,13 +402,13 @@ def test_every_plan_is_one_qemu_accepts(
     for streams in (0, 2, 8):
         params = apply_plan(MigrationParams(multifd_channels=streams), p)
         for source in (True, False):
-            check_capabilities(_capabilities(params, source=source))
-        _in_qemu_ranges(_parameters(params))
+            check_capabilities(stream_capabilities(params, source=source))
+        _in_qemu_ranges(stream_parameters(params))
 
 
 def test_auto_converge_is_switched_on_only_on_the_source() -> None:
     def caps(params: MigrationParams, source: bool) -> dict[str, bool]:
-        return {c["capability"]: c["state"] for c in _capabilities(params, source=source)}
+        return {c["capability"]: c["state"] for c in stream_capabilities(params, source=source)}
 
     armed = MigrationParams(auto_converge=True, xbzrle_cache_bytes=64 * MIB)
     assert caps(armed, source=True)["auto-converge"] is True
@@ -440,7 +439,7 @@ def test_a_dry_run_measures_predicts_and_starts_nothing(world: tuple[World, Data
     w, db = world
 
     async def main() -> Any:
-        runner = TaskRunner(db, Inventory(db, w.connector()))
+        runner = TaskRunner(db, Inventory(db, w.connector()), clock=w.clock.monotonic)
         return await runner.predict_migration("vm1", MigrateRequest(to="h2"))
 
     p = asyncio.run(main())

@@ -13,7 +13,6 @@ import pytest
 from qmotion.api.server import MigrateRequest, TaskOut, TaskState
 from qmotion.server.db import Database, Vm
 from qmotion.server.inventory import Inventory
-from qmotion.server.tasks import port as port_module
 from qmotion.server.tasks.runner import TaskRunner
 from tests.unit.agent_world import Guest, Link, World, _facts
 
@@ -38,34 +37,29 @@ def _facts_with_networks(host: str) -> dict[str, Any]:
     }
 
 
-def _world(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rtt_ms: float, guest: Guest
-) -> Iterator[Any]:
+def _world(tmp_path: Path, rtt_ms: float, guest: Guest) -> Iterator[Any]:
     w = World(link=Link(bandwidth_bps=100 * MIB, rtt_ms=rtt_ms))
     db = Database(f"sqlite:///{tmp_path / 'm.db'}")
     w.register_hosts(db, facts=_facts_with_networks)
     w.add_running_vm(db, "vm1", "h1", guest=guest)
-    monkeypatch.setattr(port_module, "time", w.clock)
     yield w, db
     db.engine.dispose()
 
 
 @pytest.fixture
-def lan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[World, Database]]:
-    yield from _world(tmp_path, monkeypatch, 0.2, Guest(resident_bytes=64 * MIB))
+def lan(tmp_path: Path) -> Iterator[tuple[World, Database]]:
+    yield from _world(tmp_path, 0.2, Guest(resident_bytes=64 * MIB))
 
 
 @pytest.fixture
-def far(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[World, Database]]:
+def far(tmp_path: Path) -> Iterator[tuple[World, Database]]:
     # A hot set the plan would carry with xbzrle on one stream.
-    yield from _world(
-        tmp_path, monkeypatch, 150.0, Guest(resident_bytes=128 * MIB, hot_bytes=48 * MIB)
-    )
+    yield from _world(tmp_path, 150.0, Guest(resident_bytes=128 * MIB, hot_bytes=48 * MIB))
 
 
 def _migrate(w: World, db: Database) -> TaskOut:
     async def main() -> TaskOut:
-        runner = TaskRunner(db, Inventory(db, w.connector()))
+        runner = TaskRunner(db, Inventory(db, w.connector()), clock=w.clock.monotonic)
         task = await runner.submit_migration("vm1", MigrateRequest(to="h2"))
         return await w.run_to_end(runner, task)
 

@@ -1,5 +1,5 @@
 """A shared-nothing live migration through the manager's real port and task runner, against
-scripted agents (tests/unit/agent_world.py): a cancel at every request, QEMU completing at
+scripted agents (tests/unit/agent_world/): a cancel at every request, QEMU completing at
 every request of it, the source agent vanishing, the destination going away mid-copy. After
 each: exactly one running copy, its disks on its host, the inventory naming both, and no disk
 left where the VM does not run unless the task records it."""
@@ -18,7 +18,7 @@ from qmotion.api.vm import Disk, VmSpec
 from qmotion.server.db import Database, Vm
 from qmotion.server.errors import Upstream
 from qmotion.server.inventory import Inventory
-from qmotion.server.tasks import port
+from qmotion.server.tasks import shared_nothing
 from qmotion.server.tasks.runner import TaskRunner
 from tests.unit.agent_world import World, _facts
 
@@ -29,7 +29,7 @@ DISK = Disk(datastore="local-h1", path="vm1/disk0.qcow2", bootable=True)
 @pytest.fixture(autouse=True)
 def quick_polls(monkeypatch: pytest.MonkeyPatch) -> None:
     """The mirror is polled every 10 ms here, not every 0.5 s: the same steps, sooner."""
-    monkeypatch.setattr(port, "MIRROR_POLL_S", 0.01)
+    monkeypatch.setattr(shared_nothing, "MIRROR_POLL_S", 0.01)
 
 
 def _host_facts(host: str) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from qmotion.client.server import ServerClient
 # Also registers the schedule tables on Base, before any Database below runs create_all.
 from qmotion.server.automation.schedules import Schedules, decide, next_after
 from qmotion.server.db import Database
-from qmotion.server.errors import Conflict, ServerError
+from qmotion.server.errors import Conflict, ManagerError
 from qmotion.server.http.schedule_routes import install_routes
 
 T0 = datetime(2026, 12, 1, 10, 7, tzinfo=UTC)
@@ -201,13 +201,13 @@ def test_a_good_request_is_normalised() -> None:
 
 def test_create_refuses_a_time_that_has_passed(tmp_path: Path) -> None:
     schedules = open_schedules(tmp_path, Clock())
-    with pytest.raises(ServerError) as info:
+    with pytest.raises(ManagerError) as info:
         schedules.create(req(at=T0))
     assert (info.value.status, info.value.field) == (422, "at")
     assert "not in the future" in info.value.message
     assert schedules.list() == []
     # Day 1 of February and its fifth Monday (both, as one field starts with *): never.
-    with pytest.raises(ServerError) as info:
+    with pytest.raises(ManagerError) as info:
         schedules.create(req(cron="0 0 */31 2 1#5"))
     assert (info.value.status, info.value.field) == (422, "cron")
     assert "never fires" in info.value.message
@@ -384,7 +384,7 @@ def test_delete_removes_a_schedule_and_its_runs(tmp_path: Path) -> None:
     schedules.delete(s.id)
     assert schedules.list() == []
     for call in (schedules.get, schedules.delete):
-        with pytest.raises(ServerError) as info:
+        with pytest.raises(ManagerError) as info:
             call(s.id)
         assert info.value.status == 404
 
@@ -395,7 +395,7 @@ def test_delete_removes_a_schedule_and_its_runs(tmp_path: Path) -> None:
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[TestClient]:
     app = FastAPI()
-    install_error_handlers(app, ServerError)
+    install_error_handlers(app, ManagerError)
     app.state.schedules = open_schedules(tmp_path, Clock(datetime.now(UTC)))
     install_routes(app, app.state.schedules, [])
     with TestClient(app) as client:

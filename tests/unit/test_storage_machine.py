@@ -309,7 +309,7 @@ def test_a_restarted_manager_runs_every_phase_to_a_safe_end(phase: SPhase, found
 
 def test_a_restarted_manager_resumes_each_phase_safely() -> None:
     for phase in (SPhase.START, SPhase.MIRROR, SPhase.PIVOT, SPhase.RELEASE, SPhase.ROLLBACK):
-        st_ = storage.step(storage.StorageState(phase=phase), storage.Resumed(), 0.0)
+        st_ = storage.step(storage.StorageState(phase=phase), storage.Restarted(), 0.0)
         assert st_.action in (storage.Action.POLL, storage.Action.ABORT, storage.Action.RELEASE)
         assert st_.action != storage.Action.ABORT or phase in (SPhase.START, SPhase.ROLLBACK)
     roundtrip = storage.state_from_json(

@@ -18,7 +18,7 @@ from qmotion.agent.disks.storage import StorageMoves
 from qmotion.agent.disks.transfer import Transfers
 from qmotion.agent.errors import AgentError, OperationFailed
 from qmotion.agent.facts import HealthCheck, MetricsSampler, host_facts
-from qmotion.agent.migration.outgoing import Migrations
+from qmotion.agent.migration.migrate import Migrations
 from qmotion.agent.network import netprobe
 from qmotion.agent.tls import PeerListener, TlsStore
 from qmotion.agent.vms import images
@@ -260,7 +260,7 @@ def create_app(config: AgentConfig) -> FastAPI:
 
     @app.post("/v1/vms/{name}/migration/resume", response_model=MigrationStats, dependencies=auth)
     async def migration_resume(name: str, req: PostcopyRecovery) -> MigrationStats:
-        return await state.migrations.resume_outgoing(name, req)
+        return await state.migrations.reconnect_outgoing(name, req)
 
     @app.post("/v1/vms/{name}/migration/cancel", response_model=MigrationStats, dependencies=auth)
     async def migration_cancel(name: str) -> MigrationStats:

@@ -14,12 +14,14 @@ AgentError
 
 from __future__ import annotations
 
+from qmotion.api.errors import AgentErrorCode
 from qmotion.errors import QmotionError
+from qmotion.hypervisor.errors import HypervisorError
 
 
 class AgentError(QmotionError):
     status = 500
-    code = "agent_error"
+    code: AgentErrorCode = AgentErrorCode.AGENT_ERROR
 
     def __init__(
         self,
@@ -38,12 +40,12 @@ class AgentError(QmotionError):
 
 class Refused(AgentError):
     status = 409
-    code = "refused"
+    code = AgentErrorCode.REFUSED
 
 
 class VmNotFound(Refused):
     status = 404
-    code = "vm_not_found"
+    code = AgentErrorCode.VM_NOT_FOUND
 
     def __init__(self, vm: str) -> None:
         super().__init__(f"no VM named {vm!r} on this host", vm=vm)
@@ -51,38 +53,48 @@ class VmNotFound(Refused):
 
 class Conflict(Refused):
     status = 409
-    code = "conflict"
+    code = AgentErrorCode.CONFLICT
 
 
 class MigratedAway(Conflict):
     """Callers (the manager's rollback) read this code as "the destination owns the VM"."""
 
-    code = "migrated_away"
+    code = AgentErrorCode.MIGRATED_AWAY
 
 
 class InPostcopy(Conflict):
     """Callers (the manager's rollback) read this code as "going forward, never resumed"."""
 
-    code = "in_postcopy"
+    code = AgentErrorCode.IN_POSTCOPY
 
 
 class AlreadySwitched(Conflict):
     """A storage move's rollback asked after the disks switched: callers go forward."""
 
-    code = "already_switched"
+    code = AgentErrorCode.ALREADY_SWITCHED
 
 
 class PeerUnreachable(Conflict):
     """Callers (the manager's route choice) read this code as "refuse, nothing started"."""
 
-    code = "peer_unreachable"
+    code = AgentErrorCode.PEER_UNREACHABLE
 
 
 class SpecRejected(Refused):
     status = 422
-    code = "spec_rejected"
+    code = AgentErrorCode.SPEC_REJECTED
 
 
 class OperationFailed(AgentError):
     status = 500
-    code = "operation_failed"
+    code = AgentErrorCode.OPERATION_FAILED
+
+    @classmethod
+    def of(
+        cls, exc: HypervisorError, *, vm: str | None = None, what: str | None = None
+    ) -> OperationFailed:
+        """QEMU (or qemu-img) failed: the agent's error body, with QMP's error class when
+        there is one, not a bare 500. The one place the agent translates its hypervisor's
+        errors; ``what`` names the step (``"{what} failed: ..."``)."""
+        message = f"{what} failed: {exc}" if what else str(exc)
+        return cls(message, vm=vm, qmp_class=getattr(exc, "qmp_class", None))

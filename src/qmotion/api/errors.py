@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from pydantic import BaseModel
+
+
+class AgentErrorCode(StrEnum):
+    """The ``code`` of an agent's error body: one enum for the agent that raises it and the
+    manager that acts on it (a rollback goes forward on ``MIGRATED_AWAY``, say)."""
+
+    AGENT_ERROR = "agent_error"
+    REFUSED = "refused"
+    VM_NOT_FOUND = "vm_not_found"
+    CONFLICT = "conflict"
+    MIGRATED_AWAY = "migrated_away"  # the VM completed a migration away; it runs elsewhere
+    IN_POSTCOPY = "in_postcopy"  # the source is in postcopy: never resumed or cancelled
+    ALREADY_SWITCHED = "already_switched"  # a storage move's disks switched: go forward
+    PEER_UNREACHABLE = "peer_unreachable"  # no address of the peer agent answers
+    SPEC_REJECTED = "spec_rejected"
+    OPERATION_FAILED = "operation_failed"
 
 
 class ErrorDetail(BaseModel):

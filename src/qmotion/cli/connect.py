@@ -7,7 +7,7 @@ from pathlib import Path
 
 from qmotion.cli.common import fail
 from qmotion.client.server import ServerClient
-from qmotion.lab.lab import LabRecord
+from qmotion.lab import LabRecord
 from qmotion.paths import labs_dir
 
 

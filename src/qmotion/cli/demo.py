@@ -41,7 +41,7 @@ def demo(
 ) -> None:
     """Run the live-migration demo on a throwaway 3-host lab."""
     from qmotion.cli.vm import parse_workload
-    from qmotion.lab.lab import lab_down, lab_up
+    from qmotion.lab import lab_down, lab_up
     from qmotion.lab.netns import namespaces, run_in
 
     try:

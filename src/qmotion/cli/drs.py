@@ -155,7 +155,7 @@ def place_cmd(
     """Rank hosts for a new VM, each with its reasons."""
     from qmotion.drs.errors import SnapshotError
     from qmotion.drs.model import Policy, VmSpec
-    from qmotion.drs.planner import Candidate, place
+    from qmotion.drs.placement import Candidate, place
 
     try:
         spec = VmSpec.model_validate({"host": "-", **json.loads(vm)})

@@ -136,7 +136,7 @@ def exec_(
 @app.command("down")
 def down(name: str = NameOpt) -> None:
     """Stop every agent and VM of the lab and remove its namespaces, links and files."""
-    from qmotion.lab.lab import lab_down
+    from qmotion.lab import lab_down
 
     with errors_exit():
         removed = lab_down(name)

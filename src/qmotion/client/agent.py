@@ -162,7 +162,7 @@ class AgentClient(BaseClient):
             json=dump(req),
         )
 
-    def resume_outgoing(self, name: str, req: PostcopyRecovery) -> MigrationStats:
+    def reconnect_outgoing(self, name: str, req: PostcopyRecovery) -> MigrationStats:
         return self.call(MigrationStats, "POST", f"/v1/vms/{name}/migration/resume", json=dump(req))
 
     def cancel_migration(self, name: str) -> MigrationStats:

@@ -14,30 +14,23 @@ Pipeline (as Nomad's scheduler: reconcile, feasibility, score, plan):
 Never overcommits memory, never targets a host that is not usable, never breaks a must rule,
 breaks a should rule only for a mandatory move with no alternative (and reports it).
 Deterministic: ties are broken by name.
+The plan's value types, the cost and priority of a move and the waves are in moves.py; the
+placement of a new VM in placement.py.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from qmotion.api.drs import Automation
-from qmotion.drs.model import Health, Policy, Snapshot, VmSpec
+from qmotion.drs.model import Health, Policy, Snapshot
+from qmotion.drs.moves import Move, Plan, collapse, cost_of, priority_of, waves
 from qmotion.drs.rules import RuleBook, validate
 from qmotion.drs.state import ClusterState
 
-# Net gain (reduction of the objective, see state.py) that each priority needs.
-PRIORITY_GAIN = {2: 0.05, 3: 0.01, 4: 0.003, 5: 1e-9}
-# Migration cost in objective units (n x variance of normalised load; a 16 GiB VM moved from a
-# host 10 points above the mean to one 10 points below gains about 0.012): a fixed part plus
-# memory to copy and pages to re-copy. Small enough that aggressive thresholds reach the fine
-# balance hbal reaches (bench/drs.py), large enough that a move must gain more than noise.
-COST_BASE = 0.00001
-COST_PER_GIB = 0.000002
-COST_PER_DIRTY_MIB_S = 0.000004
 # Candidate moves per step: VMs (NEIGHBOURS either side of the ideal size) from the SOURCES
 # most loaded hosts to the TARGETS least loaded ones. Measured on skewed 20-host clusters,
 # searching every host found plans of the same quality at four times the runtime.
@@ -52,80 +45,6 @@ POLISH_MAX, POLISH_SWEEPS, POLISH_MIN_GAIN = 400, 8, 1e-7
 # Even allocation is secondary: a balancing move or exchange never makes demand less even
 # (beyond rounding), so balancing never raises the imbalance.
 DEMAND_SLACK = 1e-12
-
-
-@dataclass(frozen=True)
-class Move:
-    vm: str
-    source: str
-    target: str
-    priority: int
-    gain: float
-    cost: float
-    reason: str
-    wave: int = 0
-    auto_apply: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "vm": self.vm,
-            "from": self.source,
-            "to": self.target,
-            "priority": self.priority,
-            "gain": round(self.gain, 6),
-            "cost": round(self.cost, 6),
-            "reason": self.reason,
-            "wave": self.wave,
-            "auto_apply": self.auto_apply,
-        }
-
-
-@dataclass(frozen=True)
-class Plan:
-    moves: list[Move]
-    imbalance_before: float
-    imbalance_after: float
-    threshold: int
-    automation: Automation
-    planned_at: datetime
-    broken_should: list[dict[str, Any]] = field(default_factory=list)
-    unplaced: list[dict[str, str]] = field(default_factory=list)
-    placement: dict[str, str] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "planned_at": self.planned_at.isoformat(),
-            "threshold": self.threshold,
-            "automation": self.automation.value,
-            "imbalance_before": round(self.imbalance_before, 6),
-            "imbalance_after": round(self.imbalance_after, 6),
-            "moves": [m.to_json() for m in self.moves],
-            "waves": max((m.wave for m in self.moves), default=-1) + 1,
-            "broken_should_rules": self.broken_should,
-            "unplaced": self.unplaced,
-        }
-
-
-@dataclass(frozen=True)
-class Candidate:
-    host: str
-    feasible: bool
-    score: float
-    reasons: list[str]
-
-
-def cost_of(vms: list[VmSpec]) -> float:
-    return sum(
-        COST_BASE + COST_PER_GIB * v.memory_mib / 1024 + COST_PER_DIRTY_MIB_S * v.dirty_rate_mib_s
-        for v in vms
-    )
-
-
-def priority_of(net: float) -> int:
-    for p in (2, 3, 4, 5):
-        if net >= PRIORITY_GAIN[p]:
-            return p
-    return 6
 
 
 class _Planner:
@@ -565,8 +484,8 @@ class _Planner:
     # ------------------------------------------------------------------ result
 
     def result(self, now: datetime, before: float) -> Plan:
-        moves = _collapse(self.steps)
-        moves = _waves(moves, {h.name: h.max_migrations for h in self.snap.hosts})
+        moves = collapse(self.steps)
+        moves = waves(moves, {h.name: h.max_migrations for h in self.snap.hosts})
         auto = self.policy.automation == Automation.FULL
         moves = [
             Move(
@@ -595,50 +514,6 @@ class _Planner:
         )
 
 
-def _collapse(steps: list[Move]) -> list[Move]:
-    """One move per VM, from where it is to where it ends (A->B->C is A->C)."""
-    per_vm: dict[str, list[Move]] = {}
-    for m in steps:
-        per_vm.setdefault(m.vm, []).append(m)
-    out = []
-    for vm, mine in per_vm.items():
-        a, b = mine[0], mine[-1]
-        if a.source == b.target:
-            continue
-        out.append(
-            Move(
-                vm,
-                a.source,
-                b.target,
-                min(x.priority for x in mine),
-                sum(x.gain for x in mine),
-                a.cost,
-                a.reason,
-            )
-        )
-    out.sort(key=lambda m: m.priority)
-    return out
-
-
-def _waves(moves: list[Move], limits: dict[str, int]) -> list[Move]:
-    """Each migration uses a slot on its source and its target in its wave; a move into a host
-    that an earlier move empties waits for that wave (it may need the freed memory)."""
-    used: dict[tuple[int, str], int] = defaultdict(int)
-    freed: dict[str, int] = {}
-    out = []
-    for m in moves:
-        w = freed.get(m.target, -1) + 1
-        while used[(w, m.source)] >= limits.get(m.source, 4) or used[(w, m.target)] >= limits.get(
-            m.target, 4
-        ):
-            w += 1
-        used[(w, m.source)] += 1
-        used[(w, m.target)] += 1
-        freed[m.source] = max(freed.get(m.source, -1), w)
-        out.append(Move(m.vm, m.source, m.target, m.priority, m.gain, m.cost, m.reason, w))
-    return out
-
-
 def plan(snap: Snapshot, policy: Policy, now: datetime) -> Plan:
     """The moves that bring the cluster to its rules and into balance. Pure."""
     p = _Planner(snap, policy)
@@ -659,42 +534,3 @@ def plan(snap: Snapshot, policy: Policy, now: datetime) -> Plan:
             break
         p.balance()
     return p.result(now, before)
-
-
-def place(snap: Snapshot, vm: VmSpec, policy: Policy) -> list[Candidate]:
-    """Ranked hosts for a new VM (``vm.host`` is ignored), each with its reasons."""
-    validate(snap)
-    state = ClusterState(snap, policy.allocation_weight)
-    book = RuleBook.build(snap)
-    new = vm.model_copy(update={"host": "__new__"})
-    state.vms[new.name] = new
-    out = []
-    for name in sorted(state.hosts):
-        h = state.hosts[name]
-        reasons = []
-        feasible = True
-        if not h.spec.usable:
-            feasible = False
-            reasons.append("maintenance" if h.spec.maintenance else f"health {h.spec.health}")
-        if not h.fits(new.memory_mib):
-            feasible = False
-            reasons.append(f"needs {new.memory_mib} MiB, {h.spec.memory_mib - h.allocated} free")
-        state.placement[new.name] = name
-        broken = book.would_break(state, [new.name], name, ("must", "should"))
-        for r in broken:
-            if r.strength == "must":
-                feasible = False
-            reasons.append(f"{r.strength} rule {r.name} forbids it")
-        delta = 0.0
-        if name in state.balanced:
-            delta = state.move_delta(
-                new.cpu, new.mem_demand, new.memory_mib, new.vcpus, "__none__", name
-            )
-        if feasible:
-            cpu = (h.cpu + new.cpu) / h.spec.cpu_capacity
-            mem = (h.allocated + new.memory_mib) / h.spec.memory_mib
-            reasons.append(f"CPU {cpu:.0%} and memory {mem:.0%} committed after placement")
-        score = delta + (1.0 if any(r.strength == "should" for r in broken) else 0.0)
-        out.append(Candidate(name, feasible, score, reasons))
-    out.sort(key=lambda c: (not c.feasible, c.score, c.host))
-    return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from qmotion.drs.errors import SnapshotError
@@ -241,7 +241,7 @@ class RuleBook:
 
 
 def broken_by_move(
-    rules: list[Rule],
+    rules: Sequence[Rule],
     placement: Mapping[str, str],
     vm: str,
     host: str,

@@ -1,6 +1,7 @@
 """The host's pool of 2 MiB huge pages, used to back guest RAM when it has room.
 
-Why guests are backed by huge pages when a pool exists (measured on the lab machine, see README):
+Why guests are backed by huge pages when a pool exists (measured on the lab machine, see
+docs/migration.md):
 a migration destination spends most of its time faulting in fresh memory. This machine is itself
 a VM whose kernel returns free memory to its hypervisor (free page reporting), so the first
 touch of 1 GiB of fresh anonymous memory costs 3.6 s, the second 0.15 s; a migration of a

@@ -82,11 +82,11 @@ class Cancel:
 
 
 @dataclass(frozen=True)
-class Resumed:
+class Restarted:
     pass
 
 
-Event = Succeeded | Failed | Cancel | Resumed
+Event = Succeeded | Failed | Cancel | Restarted
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def step(s: ColdState, event: Event) -> CStep:
             CAction.CLEANUP,
             why,
         )
-    if isinstance(event, Resumed):
+    if isinstance(event, Restarted):
         if s.phase in (CPhase.EXPORT, CPhase.COPY):
             return _rollback(s, "the manager restarted during the copy", "rolling back")
         return CStep(replace(s, failures=0), _again(s), "manager restarted: resuming")

@@ -9,14 +9,17 @@ from typing import Protocol
 
 from qmotion.api.migration import MigrationStats, QemuMigrationStatus
 from qmotion.migration.errors import InPostcopy, MigrationError, StepError, SwitchedOver
-from qmotion.migration.machine import (
+from qmotion.migration.machine import step
+from qmotion.migration.vocabulary import (
     Announce,
     AwaitProgress,
     Begin,
     CancelRequested,
+    ConfirmSource,
     Event,
     Failed,
     Finish,
+    FinishDestination,
     MigrationState,
     MirrorDisks,
     MirrorProgress,
@@ -24,16 +27,13 @@ from qmotion.migration.machine import (
     Progress,
     Recover,
     RecoverPostcopy,
-    Resumed,
+    Restarted,
     Rollback,
     RunPrechecks,
     StartMigration,
     Step,
-    StopSource,
     Succeeded,
     UpdateInventory,
-    VerifyDestination,
-    step,
 )
 
 
@@ -45,9 +45,9 @@ class MigrationPort(Protocol):
     async def mirror_disks(self) -> bool: ...
     async def start_migration(self, uri: str) -> None: ...
     async def progress(self, known_status: QemuMigrationStatus | None) -> MigrationStats: ...
-    async def verify_destination(self) -> None: ...
+    async def finish_destination(self) -> None: ...
     async def announce(self) -> None: ...
-    async def stop_source(self) -> None: ...
+    async def confirm_source(self) -> None: ...
     async def update_inventory(self) -> None: ...
     async def rollback(
         self, cancel_migration: bool, teardown_destination: bool, stop_mirror: bool
@@ -74,12 +74,12 @@ async def _perform(port: MigrationPort, action: object) -> tuple[Event, Migratio
             case AwaitProgress(known_status=known):
                 stats = await port.progress(known)
                 return Progress(stats.status, stats.error), stats
-            case VerifyDestination():
-                await port.verify_destination()
+            case FinishDestination():
+                await port.finish_destination()
             case Announce():
                 await port.announce()
-            case StopSource():
-                await port.stop_source()
+            case ConfirmSource():
+                await port.confirm_source()
             case UpdateInventory():
                 await port.update_inventory()
             case Rollback(cancel_migration=cm, teardown_destination=td, stop_mirror=sm):
@@ -114,7 +114,7 @@ async def run(
     manager that then restarted), the migration resumes from it. ``copy_disks``: a
     shared-nothing migration (the disks are mirrored first)."""
     current = (
-        step(state, Resumed())
+        step(state, Restarted())
         if state is not None
         else step(MigrationState(), Begin(copy_disks=copy_disks))
     )

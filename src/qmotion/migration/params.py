@@ -1,4 +1,4 @@
-"""Migration parameters, chosen from measurements in the lab (see bench/ and the README).
+"""Migration parameters, chosen from measurements in the lab (see bench/ and docs/migration.md).
 
 - max-bandwidth: QEMU's default cap is 128 MiB/s; on a lab link that carries ~1.3 GB/s of
   plain TCP the cap alone more than doubles the time of a 600 MiB guest, so it is lifted unless
@@ -7,9 +7,10 @@
   limit. The default 300 ms on a fast link leaves hundreds of MiB for the stop-and-copy phase;
   20 ms kept QEMU-reported downtime at 2-17 ms here while the guest dirtied 20 MiB/s.
 - multifd: off on a LAN. Measured here, two or four channels did not shorten the transfer
-  (the destination's first touch of fresh memory dominates, see README), and each channel adds
-  a connection to set up and a thread per side on a 2-core host. Over distance one stream is
-  bound by its TCP window (window / RTT), so ``streams_for`` opens enough to fill the path.
+  (the destination's first touch of fresh memory dominates, see docs/migration.md), and each
+  channel adds a connection to set up and a thread per side on a 2-core host. Over distance one
+  stream is bound by its TCP window (window / RTT), so ``streams_for`` opens enough to fill the
+  path.
 - pause-before-switchover: off. Steering the network happens concurrently with the switchover
   (the source forwards late frames), so holding the source paused would only add downtime.
 """

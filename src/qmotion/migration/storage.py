@@ -113,12 +113,20 @@ class CancelAsked:
 
 
 @dataclass(frozen=True)
-class Resumed:
+class Restarted:
     """The manager restarted: pick up from the persisted state."""
 
 
 Event = (
-    Started | Polled | Activated | Pivoted | Released | Aborted | CallFailed | CancelAsked | Resumed
+    Started
+    | Polled
+    | Activated
+    | Pivoted
+    | Released
+    | Aborted
+    | CallFailed
+    | CancelAsked
+    | Restarted
 )
 
 
@@ -186,7 +194,7 @@ def step(s: StorageState, event: Event, now: float) -> Step:
         if s.phase in (SPhase.START, SPhase.MIRROR):
             return _rollback(s, None, "cancel: stopping the mirror")
         return Step(s, _resume_action(s), "cancel asked: too late, the disks are switching")
-    if isinstance(event, Resumed):
+    if isinstance(event, Restarted):
         if s.phase == SPhase.PIVOT:  # the pivot may or may not have been sent: ask first
             s = replace(s, phase=SPhase.PIVOT_CHECK)
         if s.phase == SPhase.START:  # whatever the start created goes
@@ -360,7 +368,7 @@ async def run(
     if resume is None:
         st = Step(StorageState(), Action.START, "mirroring the disks")
     else:
-        st = step(resume, Resumed(), clock())
+        st = step(resume, Restarted(), clock())
     status: MirrorStatus | None = None
     cancel_seen = False
     while True:

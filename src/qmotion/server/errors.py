@@ -1,6 +1,6 @@
 """Errors of the manager, each mapped to one HTTP status.
 
-ServerError
+ManagerError
  ├── NotFound      404  no such host, VM or task
  ├── Conflict      409  the cluster's state forbids it now (refused; nothing changed)
  ├── Invalid       422  the request is wrong (refused; nothing changed; names the field)
@@ -15,7 +15,7 @@ from qmotion.errors import QmotionError
 from qmotion.migration.prechecks import Refusal
 
 
-class ServerError(QmotionError):
+class ManagerError(QmotionError):
     status = 500
     code = "server_error"
 
@@ -35,22 +35,22 @@ class ServerError(QmotionError):
         self.vm, self.host, self.field, self.qmp_class = vm, host, field, qmp_class
 
 
-class NotFound(ServerError):
+class NotFound(ManagerError):
     status = 404
     code = "not_found"
 
 
-class Conflict(ServerError):
+class Conflict(ManagerError):
     status = 409
     code = "conflict"
 
 
-class Invalid(ServerError):
+class Invalid(ManagerError):
     status = 422
     code = "invalid"
 
 
-class Upstream(ServerError):
+class Upstream(ManagerError):
     status = 502
     code = "agent_error"
 

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from qmotion.api.errors import AgentErrorCode
 from qmotion.api.host import HostFacts, HostMetrics, TlsInstall
 from qmotion.api.server import HostOut, HostRegister, PoolSet, VmCreate, VmOut
 from qmotion.api.storage import DiskUsage
@@ -531,7 +532,7 @@ class Inventory:
             except NotFound as exc:
                 # Its host no longer has it (removed there by hand): --force forgets the
                 # record, as Nova's local delete does; without it, say so.
-                if not force or exc.code != "vm_not_found":
+                if not force or exc.code != AgentErrorCode.VM_NOT_FOUND:
                     raise
                 self._nowhere_else(s, vm)
             s.delete(vm)

@@ -1,22 +1,6 @@
-"""Scripted host agents served in-process (httpx MockTransport) for the manager's real port.
+"""The hosts behind the scripted agents: each VM's QEMU state, and QEMU's pre-copy over time.
 
-The world keeps, per host, each VM's QEMU run state and migration status, and answers the
-agent API as the real agent does (qmotion.agent.migration.outgoing): ``resume`` refuses a VM that
-migrated away (409 ``migrated_away``) or is still migrating, ``release`` refuses unless QEMU
-is ``postmigrate``, a cancelled migration ends the destination's incoming QEMU. Like QEMU, a
-migration completes only from ``active``: once ``cancelling`` it ends ``cancelled``.
-
-Tests inject the races that matter through ``before_request``: complete the migration, or
-make a host unreachable, just before the k-th request, for every k; ``fail_next`` makes a
-route answer an error status instead, once per queued status.
-
-Convergence. A VM given a scripted ``Guest`` (``World.guests``) migrates as QEMU 10's pre-copy
-does, paced by a simulated clock (``World.clock``, which a test hands to the port in place of
-``time``) over a scripted ``Link``; other VMs complete after ``polls_to_complete`` progress
-queries, as before. The agent's side is the real one: what the scripted agents tell their
-QEMU is ``qmotion.agent.migration.outgoing``'s own ``_capabilities``, ``_parameters`` and
-``_tune_parameters``, and the scripted QEMU refuses what QEMU refuses (migrate_params_check,
-migrate_caps_check). QEMU's part, from migration/ram.c, migration.c and cpu-throttle.c:
+QEMU's part, from migration/ram.c, migration.c and cpu-throttle.c:
 
 - the first pass sends the guest's resident memory; each later pass sends what the dirty log
   held at the last bitmap sync (``remaining``), while the guest dirties more;
@@ -38,208 +22,33 @@ migrate_caps_check). QEMU's part, from migration/ram.c, migration.c and cpu-thro
 
 from __future__ import annotations
 
-import asyncio
-import json
 import math
-import re
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from pydantic import ValidationError
 
-from qmotion.agent.migration.outgoing import _capabilities, _parameters, _tune_parameters
-from qmotion.api.errors import ErrorBody, ErrorDetail
-from qmotion.api.host import AccelInfo, HostMetrics, VmMetrics
-from qmotion.api.migration import (
-    DirtyRateReport,
-    DirtyRateRequest,
-    DirtyRateSample,
-    IncomingRequest,
-    MigrationParams,
-    MigrationStats,
-    MigrationTune,
-    OutgoingRequest,
-    PathProbe,
-    PathProbeRequest,
+from qmotion.api.host import HostMetrics, VmMetrics
+from qmotion.api.migration import MigrationParams, MigrationStats
+from qmotion.api.vm import VmInfo, VmSpec, VmState
+from qmotion.server.db import utcnow
+from tests.unit.agent_world.qemu import (
+    BG_SYNC_S,
+    BUFFER_DELAY_S,
+    FINISHED,
+    GUEST_BYTES,
+    HOT_ROUND_S,
+    PAGE,
+    STEP_S,
+    THROTTLE_PERIOD_S,
+    FakeQemu,
+    Guest,
+    Link,
+    Precopy,
+    SimClock,
 )
-from qmotion.api.server import TaskOut
-from qmotion.api.storage import (
-    DiskMirror,
-    DiskUsage,
-    MirrorStatus,
-    NbdExport,
-    NbdMirrorRequest,
-    NbdTargets,
-)
-from qmotion.api.vm import Disk, GuestConfig, Nic, VmInfo, VmSpec, VmState
-from qmotion.server.agents import AgentConnector
-from qmotion.server.db import Database, Host, Vm, utcnow
-from qmotion.server.tasks.runner import TaskRunner
-
-MIB = 1 << 20
-GUEST_BYTES = 256 * MIB
-PAGE = 4096
-FINISHED = ("completed", "failed", "cancelled")
-STEP_S = 0.01  # the simulation's step
-REQUEST_S = 0.002  # what one agent request costs, in simulated time
-HOT_ROUND_S = 0.01  # a hot set is rewritten within this much running time
-BUFFER_DELAY_S = 0.1  # QEMU measures its transfer rate over windows this long
-THROTTLE_PERIOD_S = 1.0  # migration_bitmap_sync: rates and auto-converge, at most once a second
-BG_SYNC_S = 5.0  # cpu-throttle.c: with auto-converge, a sync at least this often
-MAX_MIGRATE_DOWNTIME_MS = 2000 * 1000
-# QEMU 10's defaults (migration/options.c), before the agent sets anything.
-QEMU_PARAMETERS: dict[str, int] = {
-    "downtime-limit": 300,
-    "max-bandwidth": 128 * MIB,
-    "cpu-throttle-initial": 20,
-    "cpu-throttle-increment": 10,
-    "throttle-trigger-threshold": 50,
-    "max-cpu-throttle": 99,
-    "xbzrle-cache-size": 64 * MIB,
-    "multifd-channels": 2,
-    "max-postcopy-bandwidth": 0,
-}
-QEMU_CAPABILITIES = (
-    "events",
-    "multifd",
-    "pause-before-switchover",
-    "auto-converge",
-    "xbzrle",
-    "postcopy-ram",
-)
-
-
-class QmpError(Exception):
-    """A QMP command QEMU refused (GenericError)."""
-
-
-def check_parameters(params: dict[str, Any]) -> None:
-    """QEMU's migrate_params_check, for the parameters qmotion sets; raises QmpError."""
-    unknown = set(params) - set(QEMU_PARAMETERS)
-    if unknown:
-        raise QmpError(f"Parameter '{sorted(unknown)[0]}' is unexpected")
-    for name, value in params.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise QmpError(f"Parameter '{name}' expects uint64")
-    p = QEMU_PARAMETERS | params
-    if not 1 <= p["throttle-trigger-threshold"] <= 100:
-        raise QmpError("Option throttle_trigger_threshold expects an integer 1 to 100")
-    if not 1 <= p["cpu-throttle-initial"] <= 99:
-        raise QmpError("Option cpu_throttle_initial expects an integer 1 to 99")
-    if not 1 <= p["cpu-throttle-increment"] <= 99:
-        raise QmpError("Option cpu_throttle_increment expects an integer 1 to 99")
-    if p["downtime-limit"] > MAX_MIGRATE_DOWNTIME_MS:
-        raise QmpError("Option downtime_limit expects an integer 0 to 2000000 ms")
-    if not 1 <= p["multifd-channels"] <= 255:
-        raise QmpError("Option multifd_channels expects a value between 1 and 255")
-    size = p["xbzrle-cache-size"]
-    if size < PAGE or size & (size - 1):
-        raise QmpError(
-            "Option xbzrle_cache_size expects a power of two no less than the target page size"
-        )
-    if not p["cpu-throttle-initial"] <= p["max-cpu-throttle"] <= 99:
-        raise QmpError("max_cpu_throttle expects an integer cpu_throttle_initial to 99")
-
-
-def check_capabilities(caps: list[dict[str, Any]]) -> dict[str, bool]:
-    """QEMU's migrate_caps_check, for the capabilities qmotion sets; raises QmpError."""
-    out: dict[str, bool] = {}
-    for c in caps:
-        if c.get("capability") not in QEMU_CAPABILITIES:
-            raise QmpError(f"Invalid parameter '{c.get('capability')}'")
-        out[str(c["capability"])] = bool(c["state"])
-    if out.get("multifd") and out.get("xbzrle"):
-        raise QmpError("Multifd is not compatible with xbzrle")
-    if out.get("multifd") and out.get("postcopy-ram"):
-        raise QmpError("Postcopy is not yet compatible with multifd")  # QEMU 10.0.2, measured
-    return out
-
-
-@dataclass
-class Guest:
-    """What a scripted guest writes: ``sweep_bps`` of new pages per second of vCPU time, over
-    its resident memory; ``hot_bytes`` its vCPUs rewrite constantly; ``dma_bytes`` device
-    emulation rewrites constantly (not slowed by throttling the vCPUs)."""
-
-    sweep_bps: float = 0.0
-    hot_bytes: int = 0
-    dma_bytes: int = 0
-    resident_bytes: int | None = None  # None: all of its memory
-
-
-@dataclass
-class Link:
-    """The migration path between any two hosts."""
-
-    bandwidth_bps: float = 1.25e9
-    rtt_ms: float = 0.2
-    probe_bps: float | None = None  # what the agents' HTTP probe measures; None: bandwidth
-
-
-class SimClock:
-    """The simulated time: agent requests and QEMU's progress advance it, nothing else. Hand
-    it to the port as its ``time`` module."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.t = start
-
-    def monotonic(self) -> float:
-        return self.t
-
-
-@dataclass
-class FakeQemu:
-    """One QEMU's migration settings and vCPU throttle."""
-
-    caps: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(QEMU_CAPABILITIES, False))
-    params: dict[str, int] = field(default_factory=lambda: dict(QEMU_PARAMETERS))
-    throttle_pct: int = 0  # 0: not throttling
-
-    def set_capabilities(self, caps: list[dict[str, Any]], migrating: bool) -> None:
-        if migrating:
-            raise QmpError("There's a migration process in progress")
-        self.caps |= check_capabilities(caps)
-
-    def set_parameters(self, params: dict[str, Any]) -> None:
-        check_parameters(params)
-        self.params |= params
-
-
-@dataclass
-class Precopy:
-    """QEMU's outgoing RAM migration on the source (migration/ram.c's RAMState, roughly)."""
-
-    started: float
-    memory: int
-    resident: int
-    bitmap: float  # dirty and not yet sent: QEMU's "remaining"
-    # Of which in the guest's hot set and in what device emulation rewrites: pages found
-    # dirty again while still marked are not new.
-    bitmap_hot: float = 0.0
-    bitmap_dma: float = 0.0
-    transferred: float = 0.0
-    syncs: int = 1  # dirty-sync-count: the first sync is at setup
-    swept: float = 0.0  # written by the sweep since the last sync
-    cpu_s: float = 0.0  # vCPU running time since the last sync
-    wall_s: float = 0.0  # time since the last sync
-    period_start: float = 0.0
-    period_dirty: float = 0.0  # num_dirty_pages_period, in bytes
-    xfer_prev: float = 0.0
-    high: int = 0  # dirty_rate_high_cnt
-    dirty_pages_rate: int = 0
-    dirty_bytes_last_sync: float = 0.0
-    expected_downtime_ms: int = 0
-    mbps: float = 0.0
-    window_start: float = 0.0
-    window_bytes: float = 0.0
-    next_tick: float = 0.0  # the background sync timer
-    tick_syncs: int = 1
-    total_time_ms: int | None = None
-    downtime_ms: int | None = None
+from tests.unit.agent_world.wire import _facts
 
 
 @dataclass
@@ -262,8 +71,10 @@ class FakeVm:
 
 
 @dataclass
-class World:
-    """Two or more hosts' agents and their QEMUs, behind one lock (handlers run in threads)."""
+class Cluster:
+    """Two or more hosts' VMs and their QEMUs, behind one lock (the agents' handlers run in
+    threads). Its underscored methods are this package's own: the agent's routes (agent.py,
+    migrations.py, nbd.py) call them."""
 
     hosts: tuple[str, ...] = ("h1", "h2")
     polls_to_complete: int = 3  # progress queries before QEMU completes on its own
@@ -273,16 +84,12 @@ class World:
     # Migration addresses that do not answer (as a network that is down): probes skip them.
     dead_addresses: set[str] = field(default_factory=set)
     uris: list[tuple[str, str]] = field(default_factory=list)  # (source host, stream URI)
-    before_request: Callable[[World, int, str, str], None] | None = None
-    requests: list[tuple[str, str, str]] = field(default_factory=list)
     max_active_per_host: dict[str, int] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
     # Convergence: scripted guests (by VM name), the path, and simulated time.
     guests: dict[str, Guest] = field(default_factory=dict)
     link: Link = field(default_factory=Link)
     clock: SimClock = field(default_factory=SimClock)
-    # (method, path) -> statuses to answer instead, one per request, in order.
-    fail_next: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     # What the agents received (host, kind, params) and told their QEMU (host, vm, command, args).
     params_received: list[tuple[str, str, MigrationParams]] = field(default_factory=list)
     qmp: list[tuple[str, str, str, dict[str, Any]]] = field(default_factory=list)
@@ -360,386 +167,7 @@ class World:
             )
             self.max_active_per_host[h] = max(self.max_active_per_host.get(h, 0), n)
 
-    # ---------------------------------------------------------------- the seam
-
-    def connector(self) -> AgentConnector:
-        return AgentConnector(transport=lambda url: httpx.MockTransport(self._handler(url)))
-
-    def _handler(self, url: str) -> Callable[[httpx.Request], httpx.Response]:
-        host = _host_of(url)
-
-        def handle(request: httpx.Request) -> httpx.Response:
-            with self.lock:
-                k = len(self.requests)
-                self.requests.append((host, request.method, request.url.path))
-                self._tick(REQUEST_S)
-                if self.before_request is not None:
-                    self.before_request(self, k, host, request.url.path)
-                if host in self.unreachable:
-                    raise httpx.ConnectError("connection refused", request=request)
-                failures = self.fail_next.get((request.method, request.url.path))
-                if failures:
-                    status = failures.pop(0)
-                    return _error(status, "scripted_failure", f"scripted {status}")
-                try:
-                    return self._answer(host, request)
-                except ValidationError as exc:
-                    return _error(422, "invalid_request", str(exc))
-                except QmpError:
-                    # A QMP error the agent does not catch: FastAPI's plain 500.
-                    return httpx.Response(500, text="Internal Server Error")
-                finally:
-                    self._observe()
-
-        return handle
-
-    def _answer(self, host: str, req: httpx.Request) -> httpx.Response:
-        path, method = req.url.path, req.method
-        here = self.vms[host]
-        if path == "/v1/migrations/incoming" and method == "POST":
-            return self._incoming(host, IncomingRequest.model_validate(json.loads(req.content)))
-        if path == "/v1/migrations/incoming/check" and method == "POST":
-            incoming = IncomingRequest.model_validate(json.loads(req.content))
-            if incoming.spec.name in here:
-                return _error(409, "conflict", f"a VM named {incoming.spec.name!r} is defined")
-            return httpx.Response(204)
-        if path == "/v1/host" and method == "GET":
-            return _json(self.host_facts(host))
-        if path == "/v1/metrics" and method == "GET":
-            return _json(self._metrics(host))
-        if path == "/v1/vms" and method == "GET":
-            return _json([self._info(host, v).model_dump(mode="json") for v in here.values()])
-        if path == "/v1/vms" and method == "POST":
-            spec = VmSpec.model_validate(json.loads(req.content))
-            if spec.name in here:
-                return _error(409, "conflict", f"a VM named {spec.name!r} is defined")
-            here[spec.name] = FakeVm(spec=spec, runstate="gone")
-            return _json(self._info(host, here[spec.name]).model_dump(mode="json"), 201)
-        if path == "/v1/net/probe" and method == "POST":
-            return self._probe(PathProbeRequest.model_validate(json.loads(req.content)))
-        m = re.fullmatch(r"/v1/vms/([a-z0-9-]+)(/.*)?", path)
-        if m is None:
-            return _error(404, "not_found", f"no route {path}")
-        name, rest = m.group(1), m.group(2) or ""
-        vm = here.get(name)
-        # Like the agent, these ask for the VM's monitor (409 without a QEMU) or its outgoing
-        # migration (409 without one) before anything else.
-        if method == "POST" and rest == "/dirty-rate":
-            return self._dirty_rate(
-                name, vm, DirtyRateRequest.model_validate(json.loads(req.content))
-            )
-        if method == "PATCH" and rest == "/migration":
-            return self._tune(host, name, vm, MigrationTune.model_validate(json.loads(req.content)))
-        if vm is None:
-            return _error(404, "vm_not_found", f"no VM named {name!r} on this host", vm=name)
-        if method == "GET" and rest == "":
-            return _json(self._info(host, vm).model_dump(mode="json"))
-        if method == "DELETE" and rest == "":
-            del here[name]
-            self.files[host] -= set(vm.owned)  # an unfinished copy's disks go with it
-            return httpx.Response(204)
-        if rest == "/export":
-            # qmotion.agent.disks.transfer: hold a stopped VM; serving disks is not modelled here.
-            if method == "DELETE":
-                # release=false ends the exports only; the hold stays (transfer.unexport).
-                if req.url.params.get("release", "true") == "true":
-                    vm.held = False
-                return httpx.Response(204)
-            if vm.runstate != "gone":
-                return _error(409, "conflict", f"VM {name} is running", vm=name)
-            if vm.spec.disks and req.url.params.get("copy", "true") == "true":
-                return _error(501, "not_modelled", "the world serves no disk exports", vm=name)
-            vm.held = True
-            return _json([])
-        if rest.startswith("/migration/mirror") or rest in ("/disks", "/migration/keep-disks"):
-            return self._disk_route(host, name, vm, method, rest, req)
-        if method == "POST" and rest == "/migration":
-            out = OutgoingRequest.model_validate(json.loads(req.content))
-            return self._outgoing(host, name, vm, out)
-        if method == "GET" and rest == "/migration":
-            if vm.precopy is not None:
-                self._wait(vm, req)
-            if vm.migration == "active" and vm.precopy is None:
-                vm.polls += 1
-                vm.transferred = min(GUEST_BYTES, vm.transferred + GUEST_BYTES // 4)
-                long_enough = time.monotonic() - vm.started >= self.duration_s
-                if vm.polls >= self.polls_to_complete and long_enough:
-                    self.complete(name)
-            elif vm.migration == "cancelling":
-                self._settle_cancel(name, vm)
-            return _json(self._stats(vm))
-        if method == "POST" and rest == "/migration/cancel":
-            if vm.migration == "active":
-                vm.migration = "cancelling"
-            return _json(self._stats(vm))
-        if method == "POST" and rest == "/resume":
-            after_failed = req.url.params.get("after_failed_switchover") == "true"
-            if vm.migration == "completed" and not after_failed:
-                return _error(409, "migrated_away", f"VM {name} completed its migration away")
-            if vm.migration not in ("none", "completed", "failed", "cancelled"):
-                return _error(409, "conflict", f"VM {name} is still migrating ({vm.migration})")
-            if vm.runstate in ("paused", "postmigrate"):
-                vm.runstate = "running"
-            vm.mirror = None  # it runs on its own disks: any copy is void
-            return _json({"qemu_status": vm.runstate})
-        if method == "POST" and rest == "/release":
-            if vm.runstate != "postmigrate":
-                return _error(409, "conflict", f"VM {name} is {vm.runstate} here, not migrated")
-            if vm.mirror == "completed":
-                # The copies run elsewhere now: the old files go.
-                self.files[host] -= {f"{d.datastore}:{d.path}" for d in vm.spec.disks}
-            del here[name]
-            return httpx.Response(204)
-        if method == "POST" and rest == "/announce":
-            return httpx.Response(204)
-        return _error(404, "not_found", f"no route {method} {path}")
-
-    def _disk_route(
-        self, host: str, name: str, vm: FakeVm, method: str, rest: str, req: httpx.Request
-    ) -> httpx.Response:
-        """qmotion.agent.disks.nbd as the agent serves it: the source's mirror, the destination's
-        disks. A mirror is in sync (write-blocking, actively synced) at its second poll; one
-        whose destination is gone fails."""
-        if method == "GET" and rest == "/disks":
-            usage = [
-                DiskUsage(
-                    index=i,
-                    datastore=d.datastore,
-                    path=d.path,
-                    format=d.format,
-                    virtual_size=64 << 20,
-                    allocated_bytes=8 << 20,
-                )
-                for i, d in enumerate(vm.spec.disks)
-            ]
-            return _json([u.model_dump(mode="json") for u in usage])
-        if method == "POST" and rest == "/migration/keep-disks":
-            vm.owned = []
-            return httpx.Response(204)
-        if method == "POST" and rest == "/migration/mirror":
-            NbdMirrorRequest.model_validate(json.loads(req.content))
-            if vm.mirror in ("mirroring", "ready"):
-                return _json(self._mirror_status(name, vm))
-            if vm.runstate not in ("running", "paused"):
-                return _error(409, "conflict", f"VM {name} is not running")
-            vm.mirror, vm.mirror_polls = "mirroring", 0
-            return _json(self._mirror_status(name, vm))
-        if method == "GET" and rest == "/migration/mirror":
-            if vm.mirror is None:
-                return _error(409, "conflict", f"VM {name} has no disk mirror")
-            vm.mirror_polls += 1
-            destination_gone = not any(
-                (d := self.vms[h].get(name)) is not None and d.runstate == "inmigrate"
-                for h in self.hosts
-                if h != host
-            )
-            if vm.mirror in ("mirroring", "ready") and destination_gone:
-                vm.mirror = "failed"
-            elif vm.mirror == "mirroring" and vm.mirror_polls >= 2:
-                vm.mirror = "ready"
-            return _json(self._mirror_status(name, vm))
-        if method == "POST" and rest == "/migration/mirror/abort":
-            vm.mirror = None
-            return _json(MirrorStatus(vm=name, phase="aborted", datastore="").model_dump())
-        return _error(404, "not_found", f"no route {method} {rest}")
-
-    @staticmethod
-    def _mirror_status(name: str, vm: FakeVm) -> dict[str, Any]:
-        ready = vm.mirror in ("ready", "completed")
-        phase = vm.mirror if vm.mirror in ("mirroring", "ready", "failed") else "completed"
-        st = MirrorStatus(
-            vm=name,
-            phase=phase,
-            datastore="local-h2",
-            copy_mode="write-blocking" if ready else "background",
-            disks=[
-                DiskMirror(
-                    index=i,
-                    job=f"qm-nbd-{i}",
-                    source=d,
-                    target=d,
-                    status="ready" if ready else "running",
-                    offset=64 << 20 if ready else 16 << 20,
-                    length=64 << 20,
-                    ready=ready,
-                    actively_synced=ready,
-                )
-                for i, d in enumerate(vm.spec.disks)
-            ],
-            total_bytes=(64 << 20) * len(vm.spec.disks),
-            remaining_bytes=0 if ready else (48 << 20) * len(vm.spec.disks),
-            rate_bps=1e6,
-            error="the destination went away" if vm.mirror == "failed" else None,
-        )
-        return st.model_dump(mode="json")
-
-    def _qmp(self, host: str, vm: str, command: str, args: dict[str, Any]) -> None:
-        self.qmp.append((host, vm, command, args))
-
-    def _incoming(self, host: str, req: IncomingRequest) -> httpx.Response:
-        """Migrations.incoming: QEMU started with -incoming defer, then configured."""
-        spec = req.spec
-        self.params_received.append((host, "incoming", req.params))
-        nbd = None
-        if req.copy_disks is not None:
-            disks = list(spec.disks)
-            for c in req.copy_disks.disks:
-                disks[c.index] = Disk(
-                    datastore=req.copy_disks.datastore, path=f"{spec.name}/disk{c.index}.qcow2"
-                )
-            spec = spec.model_copy(update={"disks": disks})
-        vm = FakeVm(spec=spec, runstate="inmigrate")
-        if req.copy_disks is not None:
-            vm.owned = [
-                f"{spec.disks[c.index].datastore}:{spec.disks[c.index].path}"
-                for c in req.copy_disks.disks
-            ]
-            self.files[host] |= set(vm.owned)
-            nbd = NbdTargets(
-                host="198.18.0.2",
-                port=10809,
-                exports=[
-                    NbdExport(index=c.index, name=f"disk{c.index}") for c in req.copy_disks.disks
-                ],
-                disks=spec.disks,
-            )
-        self.vms[host][spec.name] = vm
-        try:
-            caps = _capabilities(req.params, source=False)
-            vm.qemu.set_capabilities(caps, migrating=False)
-            self._qmp(host, spec.name, "migrate-set-capabilities", {"capabilities": caps})
-            params = _parameters(req.params)
-            vm.qemu.set_parameters(params)
-            self._qmp(host, spec.name, "migrate-set-parameters", params)
-        except QmpError as exc:
-            del self.vms[host][spec.name]
-            self.files[host] -= set(vm.owned)
-            return _error(
-                500,
-                "operation_failed",
-                f"preparing incoming migration of {spec.name} failed: {exc}; "
-                "the destination was removed",
-                vm=spec.name,
-            )
-        # Like the agent: QEMU listens on the address the manager chose, else the preferred.
-        listen = str(req.address) if req.address is not None else f"198.18.0.{len(host)}"
-        return _json(
-            {
-                "uri": f"tcp:{listen}:4444",
-                "port": 4444,
-                "addresses": [listen],
-                "nbd": nbd.model_dump(mode="json") if nbd else None,
-            }
-        )
-
-    def _outgoing(self, host: str, name: str, vm: FakeVm, req: OutgoingRequest) -> httpx.Response:
-        """Migrations.outgoing: refuse a second migration or a stopped VM, configure, migrate."""
-        if vm.migration in ("setup", "active", "cancelling"):
-            return _error(409, "conflict", f"VM {name} is already migrating", vm=name)
-        if vm.runstate not in ("running", "paused"):
-            return _error(409, "conflict", f"VM {name} cannot migrate while {vm.runstate}")
-        if req.params.copy_datastore is None:
-            vm.mirror = None
-        elif vm.mirror != "ready":
-            return _error(409, "conflict", f"the disks of {name} are not in sync yet", vm=name)
-        self.params_received.append((host, "outgoing", req.params))
-        self.uris.append((host, req.uri))
-        caps = _capabilities(req.params, source=True)
-        vm.qemu.set_capabilities(caps, migrating=False)
-        self._qmp(host, name, "migrate-set-capabilities", {"capabilities": caps})
-        params = _parameters(req.params)
-        vm.qemu.set_parameters(params)
-        self._qmp(host, name, "migrate-set-parameters", params)
-        self._qmp(host, name, "migrate", {"uri": req.uri})
-        vm.migration, vm.polls, vm.started = "active", 0, time.monotonic()
-        vm.transferred = 0
-        guest = self.guests.get(name)
-        if guest is not None:
-            memory = vm.spec.memory << 20
-            resident = min(guest.resident_bytes or memory, memory)
-            now = self.clock.t
-            vm.precopy = Precopy(
-                started=now,
-                memory=memory,
-                resident=resident,
-                bitmap=float(resident),
-                bitmap_hot=float(min(guest.hot_bytes, resident)),
-                bitmap_dma=float(min(guest.dma_bytes, resident)),
-                expected_downtime_ms=vm.qemu.params["downtime-limit"],
-                period_start=now,
-                window_start=now,
-                next_tick=now + BG_SYNC_S,
-            )
-        else:
-            vm.precopy = None
-        return _json(self._stats(vm))
-
-    def _tune(self, host: str, name: str, vm: FakeVm | None, tune: MigrationTune) -> httpx.Response:
-        """Migrations.tune: only a migration under way on this (source) host."""
-        if vm is None or vm.migration in ("none", *FINISHED):
-            return _error(409, "conflict", f"VM {name} has no outgoing migration to tune", vm=name)
-        params = _tune_parameters(tune)
-        if params:
-            vm.qemu.set_parameters(params)
-            self._qmp(host, name, "migrate-set-parameters", params)
-        return _json(self._stats(vm))
-
-    def _dirty_rate(self, name: str, vm: FakeVm | None, req: DirtyRateRequest) -> httpx.Response:
-        """Migrations.dirty_rate: QMP calc-dirty-rate per length; QEMU answers whole MiB/s."""
-        if vm is None or vm.runstate == "gone":
-            return _error(409, "conflict", f"VM {name} is not running", vm=name)
-        guest = self.guests.get(name, Guest())
-        memory = vm.spec.memory << 20
-        resident = min(guest.resident_bytes or memory, memory)
-        samples = []
-        for length in req.seconds:
-            ms = max(int(length * 1000), 100)
-            seconds = ms / 1000
-            self._tick(seconds)
-            running = vm.runstate == "running"
-            written = guest.sweep_bps * seconds + guest.hot_bytes if running else 0.0
-            dirtied = min(written + guest.dma_bytes, float(resident))
-            rate_mib = int(dirtied / seconds / MIB)
-            samples.append(
-                DirtyRateSample(seconds=seconds, dirtied_bytes=int(rate_mib * MIB * seconds))
-            )
-        report = DirtyRateReport(samples=samples, memory_bytes=memory, resident_bytes=resident)
-        return _json(report.model_dump(mode="json"))
-
-    def _probe(self, req: PathProbeRequest) -> httpx.Response:
-        """netprobe.probe: RTT, then a timed upload to the peer agent."""
-        peer = _host_of(req.peer.url)
-        if peer not in self.hosts or peer in self.unreachable:
-            return _error(
-                500, "operation_failed", f"probing the path to {req.peer.url} failed: refused"
-            )
-        # Like netprobe.probe: the candidates in order, the first that answers is measured;
-        # none answering is the agent's 409 peer_unreachable.
-        tried: list[str] = []
-        address = None
-        for c in req.candidates:
-            if str(c) in self.dead_addresses:
-                tried.append(f"{c}: connect timed out")
-                continue
-            address = str(c)
-            break
-        if req.candidates and address is None:
-            return _error(409, "peer_unreachable", f"no address of the peer answers: {tried}")
-        seconds = req.seconds if req.upload else 0.0
-        self._tick(4 * self.link.rtt_ms / 1000 + seconds)
-        bps = self.link.probe_bps or self.link.bandwidth_bps
-        sent = min(int(bps * seconds), req.max_bytes)
-        probe = PathProbe(
-            rtt_ms=self.link.rtt_ms,
-            bandwidth_bps=sent / seconds if seconds else 0.0,
-            bytes=sent,
-            seconds=seconds,
-            address=address or _host_of(req.peer.url),
-            unreachable=tried,
-            local_mtu=1500,
-            local_ifname="eth1",
-        )
-        return _json(probe.model_dump(mode="json"))
+    # ---------------------------------------------------------------- what the agents do to QEMU
 
     def _settle_cancel(self, name: str, vm: FakeVm) -> None:
         vm.migration = "cancelled"
@@ -749,6 +177,9 @@ class World:
             other = self.vms[h].get(name)
             if other is not None and other.runstate == "inmigrate":
                 other.runstate = "gone"
+
+    def _qmp(self, host: str, vm: str, command: str, args: dict[str, Any]) -> None:
+        self.qmp.append((host, vm, command, args))
 
     # ---------------------------------------------------------------- QEMU's pre-copy
 
@@ -942,100 +373,3 @@ class World:
             vms_memory_mib=sum(v.memory_mib for v in vms),
             vms=vms,
         ).model_dump(mode="json")
-
-    # ---------------------------------------------------------------- setting up
-
-    def add_running_vm(
-        self,
-        db: Database,
-        name: str,
-        host: str,
-        memory_mib: int = 256,
-        guest: Guest | None = None,
-        disks: list[Disk] | None = None,
-    ) -> None:
-        """A running VM on ``host``, in the world and in the manager's inventory; with
-        ``guest``, its migrations are paced by what it writes."""
-        spec = VmSpec(
-            name=name,
-            memory=f"{memory_mib}M",
-            nics=[Nic(mac=f"52:54:00:{sum(map(len, self.vms.values())):02x}:00:{len(name):02x}")],
-            guest=GuestConfig(),
-            cpu_model="qemu64",
-            machine="pc-i440fx-10.0",
-            disks=disks or [],
-        )
-        self.vms[host][name] = FakeVm(spec=spec, runstate="running")
-        self.files[host] |= {f"{d.datastore}:{d.path}" for d in spec.disks}
-        if guest is not None:
-            self.guests[name] = guest
-        with db.session() as s:
-            h = s.query(Host).filter_by(name=host).one()
-            s.add(
-                Vm(
-                    name=name,
-                    uuid=str(spec.uuid),
-                    mac=spec.nics[0].mac,
-                    host=h,
-                    state="running",
-                    spec=spec.model_dump(mode="json"),
-                    memory_mib=memory_mib,
-                )
-            )
-
-    def register_hosts(
-        self, db: Database, facts: Callable[[str], dict[str, Any]] | None = None
-    ) -> None:
-        """The world's hosts in the manager's database; ``facts`` per host, or the default."""
-        with db.session() as s:
-            for h in self.hosts:
-                s.add(
-                    Host(
-                        name=h,
-                        agent_url=f"http://agent-{h}.test:7100",
-                        token="t" * 32,
-                        state="up",
-                        facts=facts(h) if facts is not None else self.host_facts(h),
-                        last_seen=utcnow(),
-                    )
-                )
-
-    async def run_to_end(self, runner: TaskRunner, task: TaskOut) -> TaskOut:
-        """Poll the task runner until ``task`` ends (bounded)."""
-        for _ in range(4000):
-            t = runner.get(task.id)
-            if not t.state.active:
-                return t
-            await asyncio.sleep(0.005)
-        raise AssertionError("the task never ended")
-
-
-def _host_of(url: str) -> str:
-    return re.sub(r"^http://agent-([a-z0-9]+)\.test.*$", r"\1", url)
-
-
-def _facts() -> dict[str, Any]:
-    return {
-        "name": "h",
-        "cpu_model": "qemu64",
-        "cpu_flags": [],
-        "cpus": 8,
-        "agent_version": "test",
-        "memory_bytes": 64 << 30,
-        "cpu_models": ["qemu64"],
-        "machine_types": ["pc-i440fx-10.0"],
-        "machine_aliases": {"pc": "pc-i440fx-10.0"},
-        "bridges": ["vmbr0"],
-        "datastores": [],
-        "accel": AccelInfo(name="tcg", reason="test").model_dump(mode="json"),
-        "qemu_version": "10.0.2",
-    }
-
-
-def _json(body: Any, status: int = 200) -> httpx.Response:
-    return httpx.Response(status, json=body)
-
-
-def _error(status: int, code: str, message: str, vm: str | None = None) -> httpx.Response:
-    body = ErrorBody(error=ErrorDetail(code=code, message=message, vm=vm))
-    return httpx.Response(status, json=body.model_dump())

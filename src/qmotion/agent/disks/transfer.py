@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from qmotion.agent.disks.storage import qemu_img_info
+from qmotion.agent.disks.datastores import image_info
 from qmotion.agent.errors import Conflict, OperationFailed, SpecRejected
 from qmotion.agent.vms.manager import VmManager
 from qmotion.api.storage import DiskCopy, DiskCopyRequest, DiskExport
@@ -110,7 +110,7 @@ class Transfers:
                             field=f"disks[{i}].datastore",
                         )
                     file = ds.path / disk.path
-                    info = await asyncio.to_thread(qemu_img_info, file)
+                    info = await image_info(file)
                     port = _free_port(address)
                     pidfile = self.vms._dir(name) / f"nbd{i}.pid"
                     code, out = await self._run(
@@ -185,7 +185,7 @@ class Transfers:
             )
             if code != 0:
                 raise OperationFailed(f"the copy {target} differs from {req.uri}: {out}")
-            info = await asyncio.to_thread(qemu_img_info, target)
+            info = await image_info(target)
         except BaseException:
             target.unlink(missing_ok=True)
             ds = self.vms.config.datastore(req.datastore)

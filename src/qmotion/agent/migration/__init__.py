@@ -1,6 +1,11 @@
 """The agent's half of a live migration: outgoing on the source, incoming on the destination.
 
-May import the agent's disks, vms and network rooms, its base (config, errors, tls, facts),
+``migrate.Migrations`` is the facade the agent's routes call. Below it, by side (libvirt's Src
+and Dst): ``outgoing`` (the source) and ``incoming`` (the destination); by concern: ``params``
+(what QEMU is told about a stream), ``dirty`` (dirty-rate sampling) and ``peer`` (the one place
+the source's client to the destination agent is built).
+
+May import the agent's disks, vms, facts and network rooms, its base (config, errors, tls),
 ``qmotion.hypervisor``, ``qmotion.migration`` (parameters and constants) and ``qmotion.api``;
 only ``qmotion.agent.app`` imports it.
 """

@@ -1,6 +1,6 @@
 """A VM on this host: its definition, QEMU process and record (re-attachable after an agent
 restart), and what a definition makes its disks from (an image, a cloud-init seed).
 
-May import the agent's network room and base, ``qmotion.hypervisor``, ``qmotion.image`` and
-``qmotion.api``; never ``disks`` or ``migration``, which build on it.
+May import the agent's facts and network rooms and its base, ``qmotion.hypervisor``,
+``qmotion.image`` and ``qmotion.api``; never ``disks`` or ``migration``, which build on it.
 """

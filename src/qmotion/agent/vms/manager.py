@@ -3,19 +3,18 @@
 Everything about a VM lives under ``STATE/vms/NAME``: ``spec.json`` (what it is) and, while
 QEMU runs, ``runtime.json`` (its PID, monitor socket, taps). QEMU is daemonized, so VMs outlive
 an agent restart; on start-up the agent re-attaches to every QEMU whose PID still belongs to it.
+What a definition needs of the host is in ``definition``, launching QEMU in ``launch``, and
+saving a VM's state to a file in ``saved``; this class holds the record and the locks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import shutil
-import subprocess
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,19 +24,20 @@ from pydantic import BaseModel, ValidationError
 from qmotion.agent.config import AgentConfig
 from qmotion.agent.errors import Conflict, OperationFailed, SpecRejected, VmNotFound
 from qmotion.agent.facts import VmProcess
-from qmotion.agent.network.net import bridges, create_tap, delete_tap, tap_mac
-from qmotion.agent.vms import images, seed
+from qmotion.agent.network.net import create_tap, delete_tap, tap_mac
+from qmotion.agent.vms import definition
+from qmotion.agent.vms.definition import create_disks, disk_path, saved_path
+from qmotion.agent.vms.launch import launch_paths, launch_qemu
+from qmotion.agent.vms.saved import load_state, save_state
 from qmotion.api.host import AccelInfo
-from qmotion.api.vm import Disk, KernelBoot, MemoryBacking, VmInfo, VmSpec, VmState
+from qmotion.api.vm import Disk, MemoryBacking, VmInfo, VmSpec, VmState
 from qmotion.hypervisor import hugepages, process
-from qmotion.hypervisor.errors import HypervisorError, QemuStartError, QmpError, QmpUnavailable
+from qmotion.hypervisor.errors import HypervisorError, QmpError, QmpUnavailable
 from qmotion.hypervisor.monitor import Monitor
-from qmotion.hypervisor.qemu import LaunchPaths, build_argv, qemu_info, resolve_machine, tap_name
-from qmotion.image import GuestImage, cached_image, ensure_image
+from qmotion.hypervisor.qemu import qemu_info, resolve_machine, tap_name
 
 log = logging.getLogger(__name__)
-SAVE_TIMEOUT_S = 600.0  # saving or restoring a VM's RAM to a file
-# The disks a shared-nothing incoming migration created empty (qmotion.agent.disks.nbd): deleting
+# The disks a shared-nothing incoming migration created empty (agent.disks.nbd_incoming): deleting
 # the VM before it ran here removes them too; once it ran here they are simply its disks.
 INCOMING_DISKS = "incoming-disks.json"
 
@@ -203,11 +203,6 @@ class VmManager:
             raise Conflict(f"VM {name} is not running", vm=name)
         return mon
 
-    def _socket_path(self, spec: VmSpec) -> Path:
-        # Unix socket paths are limited to 108 bytes; state dirs can be long.
-        digest = hashlib.sha256(f"{self.config.state_dir}:{spec.uuid}".encode()).hexdigest()[:20]
-        return self.config.run_dir / f"{digest}.sock"
-
     def running_processes(self) -> list[VmProcess]:
         return [
             VmProcess(name, rt.pid, self._specs[name].memory)
@@ -283,71 +278,9 @@ class VmManager:
 
     # ------------------------------------------------------------------ checks
 
-    def _disk_path(self, spec: VmSpec, index: int) -> Path:
-        disk = spec.disks[index]
-        ds = self.config.datastore(disk.datastore)
-        if ds is None:
-            known = ", ".join(d.name for d in self.config.datastores) or "none"
-            raise SpecRejected(
-                f"datastore {disk.datastore!r} is not available on host {self.config.name} "
-                f"(available: {known})",
-                vm=spec.name,
-                field=f"disks[{index}].datastore",
-            )
-        return ds.path / disk.path
-
     def check_spec(self, spec: VmSpec, *, creating: bool = False) -> None:
         """Refuse, naming the field, anything this host cannot run. Changes nothing."""
-        info = qemu_info()
-        machine = resolve_machine(spec.machine, info)
-        if machine not in info.machine_types:
-            raise SpecRejected(
-                f"machine type {spec.machine!r} is not available from QEMU {info.version}",
-                vm=spec.name,
-                field="machine",
-            )
-        if spec.cpu_model not in info.cpu_models:
-            raise SpecRejected(
-                f"CPU model {spec.cpu_model!r} is not supported by QEMU {info.version}",
-                vm=spec.name,
-                field="cpu_model",
-            )
-        present = set(bridges())
-        for i, nic in enumerate(spec.nics):
-            if nic.bridge not in present:
-                raise SpecRejected(
-                    f"bridge {nic.bridge!r} does not exist on host {self.config.name}",
-                    vm=spec.name,
-                    field=f"nics[{i}].bridge",
-                )
-        for i, disk in enumerate(spec.disks):
-            path = self._disk_path(spec, i)
-            if path.is_file():
-                continue
-            if creating and (disk.create_size or disk.create_from):
-                continue
-            raise SpecRejected(
-                f"disk image {disk.path!r} not found on datastore {disk.datastore!r} ({path})",
-                vm=spec.name,
-                field=f"disks[{i}].path",
-            )
-        saved = self._saved_path(spec)
-        if saved is not None and not saved.is_file():
-            raise SpecRejected(
-                f"the saved state of {spec.name} ({saved}) does not exist on host "
-                f"{self.config.name}",
-                vm=spec.name,
-                field="saved_state.path",
-            )
-        if isinstance(spec.boot, KernelBoot):
-            for field in ("kernel", "initrd"):
-                value = getattr(spec.boot, field)
-                if value and not Path(value).is_file():
-                    raise SpecRejected(
-                        f"{field} image {value!r} does not exist on host {self.config.name}",
-                        vm=spec.name,
-                        field=f"boot.{field}",
-                    )
+        definition.check_spec(self.config, spec, creating=creating)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -361,75 +294,12 @@ class VmManager:
                 f"a VM with uuid {spec.uuid} is already defined", vm=spec.name, field="uuid"
             )
         await asyncio.to_thread(self.check_spec, spec, creating=True)
-        for i, disk in enumerate(spec.disks):
-            path = self._disk_path(spec, i)
-            if not path.exists() and disk.create_from:
-                await asyncio.to_thread(
-                    images.clone,
-                    self.config,
-                    disk.create_from,
-                    path,
-                    disk.format,
-                    disk.create_size,
-                )
-                continue
-            if not path.exists() and disk.create_size:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                proc = await asyncio.to_thread(
-                    subprocess.run,
-                    [
-                        "qemu-img",
-                        "create",
-                        "-q",
-                        "-f",
-                        disk.format,
-                        str(path),
-                        str(disk.create_size),
-                    ],
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
-                if proc.returncode != 0:
-                    raise OperationFailed(
-                        f"creating disk {path} failed: {proc.stderr.strip()}",
-                        vm=spec.name,
-                        field=f"disks[{i}].path",
-                    )
+        await create_disks(self.config, spec)
         vm_dir = self._dir(spec.name)
         vm_dir.mkdir(parents=True, exist_ok=True)
         self._write(vm_dir / "spec.json", spec.model_dump_json(indent=2))
         self._specs[spec.name] = spec
         return await self.info(spec.name)
-
-    async def _kernel_paths(self, spec: VmSpec) -> tuple[Path | None, Path | None, str]:
-        boot = spec.boot
-        if not isinstance(boot, KernelBoot):
-            return None, None, ""
-        if boot.kernel:
-            return Path(boot.kernel), Path(boot.initrd) if boot.initrd else None, boot.cmdline
-        image: GuestImage | None = cached_image()
-        if image is None:
-            image = await asyncio.to_thread(ensure_image)
-        params: dict[str, str | int | float] = {"hostname": spec.name}
-        if spec.guest is not None:
-            g = spec.guest
-            if g.ip is not None:
-                params["ip"] = str(g.ip)
-            params.update(
-                fill=g.fill_mib, dirty=g.dirty_mib_s, check=g.check_s, disk_rate=g.disk_rate
-            )
-            if g.hot_mib:
-                # Only when set: VMs without a hot set keep their command line unchanged.
-                params["hot"] = g.hot_mib
-            if g.disk_bulk_mib_s:
-                params["disk_bulk"] = g.disk_bulk_mib_s
-            if g.cpu_pct:
-                params["cpu"] = g.cpu_pct
-        cmdline = image.cmdline(**params)
-        if boot.cmdline:
-            cmdline += " " + boot.cmdline
-        return image.kernel, image.initrd, cmdline
 
     async def start(self, name: str, *, incoming: str | None = None) -> VmInfo:
         """Start QEMU for a defined VM; with ``incoming``, wait for a migration stream."""
@@ -446,7 +316,7 @@ class VmManager:
                 # run it on the stale one.
                 raise Conflict(f"VM {name} cannot start: {reason}", vm=name)
             await asyncio.to_thread(self.check_spec, spec)
-            saved = self._saved_path(spec) if incoming is None else None
+            saved = saved_path(self.config, spec) if incoming is None else None
             if saved is not None:
                 if not saved.is_file():
                     raise Conflict(
@@ -458,21 +328,8 @@ class VmManager:
             accel = await self._accel()
             info = qemu_info()
             machine = resolve_machine(spec.machine, info)
-            kernel, initrd, cmdline = await self._kernel_paths(spec)
             vm_dir = self._dir(name)
-            self.config.run_dir.mkdir(parents=True, exist_ok=True)
-            paths = LaunchPaths(
-                qmp_socket=self._socket_path(spec),
-                console_log=vm_dir / "console.log",
-                pidfile=vm_dir / "qemu.pid",
-                disks=[self._disk_path(spec, i) for i in range(len(spec.disks))],
-                kernel=kernel,
-                initrd=initrd,
-                cmdline=cmdline,
-                seed=vm_dir / "seed.iso" if spec.cloud_init is not None else None,
-            )
-            if paths.seed is not None:
-                await asyncio.to_thread(seed.write_seed, spec, paths.seed)
+            paths = await launch_paths(self.config, spec, vm_dir)
             pool = (
                 await asyncio.to_thread(hugepages.backing_path, spec.memory)
                 if self.config.hugepages
@@ -485,7 +342,7 @@ class VmManager:
                     tap = tap_name(spec, i)
                     await asyncio.to_thread(create_tap, tap, nic.bridge, tap_mac(nic.mac))
                     taps.append(tap)
-                pid, backing = await self._launch(
+                pid, backing = await launch_qemu(
                     spec, paths, accel.name, machine, incoming, pool, vm_dir / "qemu.log"
                 )
                 rt = Runtime(
@@ -533,37 +390,11 @@ class VmManager:
             else:
                 path.unlink(missing_ok=True)
 
-    def _saved_path(self, spec: VmSpec) -> Path | None:
-        if spec.saved_state is None:
-            return None
-        ds = self.config.datastore(spec.saved_state.datastore)
-        if ds is None:
-            raise SpecRejected(
-                f"datastore {spec.saved_state.datastore} of the saved state of {spec.name} is "
-                f"not on host {self.config.name}",
-                vm=spec.name,
-                field="saved_state.datastore",
-            )
-        return ds.path / spec.saved_state.path
-
-    async def _wait_migration(self, name: str, mon: Monitor, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            status = str((await mon.execute("query-migrate")).get("status", "none"))
-            if status in ("completed", "failed", "cancelled"):
-                return status
-            if time.monotonic() > deadline:
-                raise OperationFailed(f"saving or restoring the state of {name} timed out", vm=name)
-            await asyncio.sleep(0.05)
-
     async def _restore(self, name: str, mon: Monitor, saved: Path) -> None:
         """An incoming QEMU reads the saved state, then runs. The definition forgets the
         state before the guest runs: a crash after that must never load it again over
         disks the guest has written since."""
-        await mon.execute("migrate-incoming", {"uri": f"file:{saved}"})
-        status = await self._wait_migration(name, mon, SAVE_TIMEOUT_S)
-        if status != "completed":
-            raise OperationFailed(f"restoring {name} from {saved}: {status}", vm=name)
+        await load_state(name, mon, saved)
         spec = self.spec(name)
         self.replace_spec(spec.model_copy(update={"saved_state": None}))
         try:
@@ -593,84 +424,13 @@ class VmManager:
             )
             path = ds.path / target.path
             path.parent.mkdir(parents=True, exist_ok=True)
-            mon = self.monitor(name)
-            try:
-                status = str((await mon.execute("query-migrate")).get("status", "none"))
-                if status in ("active", "setup", "pre-switchover", "device") or status.startswith(
-                    "postcopy"
-                ):
-                    raise Conflict(f"VM {name} is migrating", vm=name)
-                await mon.execute("stop")
-                # A live migration before may have left capabilities a file cannot take.
-                caps = await mon.execute("query-migrate-capabilities")
-                on = [c["capability"] for c in caps if c.get("state")]
-                if on:
-                    await mon.execute(
-                        "migrate-set-capabilities",
-                        {"capabilities": [{"capability": c, "state": False} for c in on]},
-                    )
-                # A file takes no TLS (a VM that arrived by a TLS migration keeps its creds).
-                await mon.execute(
-                    "migrate-set-parameters", {"max-bandwidth": 1 << 40, "tls-creds": ""}
-                )
-                await mon.execute("migrate", {"uri": f"file:{path}"})
-                status = await self._wait_migration(name, mon, SAVE_TIMEOUT_S)
-                if status != "completed":
-                    raise OperationFailed(f"saving the state of {name}: {status}", vm=name)
-            except (HypervisorError, OperationFailed) as exc:
-                with contextlib.suppress(HypervisorError):
-                    # A save still under way (timed out) must not complete behind our back.
-                    await mon.execute("migrate_cancel")
-                    for _ in range(100):
-                        got = await mon.execute("query-migrate")
-                        if got.get("status") not in ("active", "setup", "cancelling"):
-                            break
-                        await asyncio.sleep(0.05)
-                path.unlink(missing_ok=True)
-                with contextlib.suppress(HypervisorError):
-                    await mon.execute("cont")
-                raise OperationFailed(
-                    f"suspending {name} failed ({exc}); it runs on, nothing saved", vm=name
-                ) from exc
+            await save_state(name, self.monitor(name), path)
             # Recorded before QEMU goes: from now on the saved state is the VM.
             self.replace_spec(spec.model_copy(update={"saved_state": target}))
             await asyncio.to_thread(process.kill, rt.pid, spec.uuid)
             await self._cleanup_runtime(name, rt)
             log.info("VM %s suspended to %s", name, path)
         return await self.info(name)
-
-    async def _launch(
-        self,
-        spec: VmSpec,
-        paths: LaunchPaths,
-        accel: str,
-        machine: str,
-        incoming: str | None,
-        pool: Path | None,
-        log_path: Path,
-    ) -> tuple[int, MemoryBacking]:
-        """Launch QEMU, from the huge-page pool when it had room, else from ordinary memory.
-
-        Another guest (on this host or, in the lab, another host sharing the kernel) may take
-        the pool's last pages between the check and QEMU's mapping; QEMU then fails before the
-        guest runs, and the start is simply repeated without the pool.
-        """
-        if pool is not None:
-            argv = build_argv(
-                spec, paths, accel=accel, machine=machine, incoming=incoming, hugepages=pool
-            )
-            try:
-                pid = await asyncio.to_thread(
-                    process.launch, argv, paths.pidfile, log_path, spec.name
-                )
-                return pid, "hugepages"
-            except QemuStartError as exc:
-                if "backing store" not in exc.stderr:
-                    raise
-                log.warning("VM %s: huge-page pool short, using ordinary memory", spec.name)
-        argv = build_argv(spec, paths, accel=accel, machine=machine, incoming=incoming)
-        pid = await asyncio.to_thread(process.launch, argv, paths.pidfile, log_path, spec.name)
-        return pid, "anonymous"
 
     async def stop(self, name: str, *, force: bool = False, timeout_s: float = 30.0) -> VmInfo:
         async with self.locked(name) as spec:
@@ -723,12 +483,12 @@ class VmManager:
                                 (root.path / disk.path).parent.rmdir()
             if with_disks:
                 with contextlib.suppress(SpecRejected, OSError):
-                    saved = self._saved_path(spec)
+                    saved = saved_path(self.config, spec)
                     if saved is not None:
                         saved.unlink(missing_ok=True)
                 for i in range(len(spec.disks)):
                     with contextlib.suppress(SpecRejected, OSError):
-                        path = self._disk_path(spec, i)
+                        path = disk_path(self.config, spec, i)
                         path.unlink(missing_ok=True)
                         root = self.config.datastore(spec.disks[i].datastore)
                         if root is not None and path.parent != root.path:

@@ -1,8 +1,10 @@
-"""DRS on the live cluster: rules, settings, measured demand, recommendations, placement.
+"""DRS on the live cluster: recommendations, placement, applying moves, the periodic round.
 
 The planner (``qmotion.drs``) is pure; this module feeds it the live inventory (hosts, VMs,
 rules, measured demand, migrations under way, DRS's cool-down) and acts on its answer through
-the task runner, so a DRS move gets the same pre-checks as an operator's.
+the task runner, so a DRS move gets the same pre-checks as an operator's. The settings and
+rules, and the checks of one move against them, are in drs_config.py; the measured demand in
+demand.py.
 """
 
 from __future__ import annotations
@@ -10,18 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
-from pydantic import ValidationError
 from sqlalchemy import select, update
 
 from qmotion.api.drs import (
     ApplyRequest,
     Automation,
     DrsRunOut,
-    DrsSettings,
     DrsState,
     MoveOutcome,
     OperationReport,
@@ -29,113 +28,32 @@ from qmotion.api.drs import (
     PlacementCandidate,
     RecommendationOut,
     RecommendationState,
-    RuleCreate,
-    RuleOut,
-    SettingsSet,
 )
 from qmotion.api.host import HostMetrics
 from qmotion.api.server import TaskOut, VmCreate, VmOut
-from qmotion.api.sizes import parse_duration_s
 from qmotion.drs.errors import SnapshotError
 from qmotion.drs.inventory import snapshot_from_inventory
-from qmotion.drs.model import (
-    ALLOCATION_WEIGHT,
-    Health,
-    HostSpec,
-    Policy,
-    Rule,
-    Snapshot,
-    VmSpec,
-)
-from qmotion.drs.planner import place, plan
+from qmotion.drs.model import ALLOCATION_WEIGHT, Health, Policy, Snapshot, VmSpec
+from qmotion.drs.placement import place
+from qmotion.drs.planner import plan
 from qmotion.drs.rules import RuleBook, broken_by_move, validate
 from qmotion.drs.state import ClusterState
-from qmotion.server.automation.operations import Operations, PlannedMove
-from qmotion.server.db import (
-    ACTIVE_TASK_STATES,
-    Database,
-    Host,
-    PlacementRule,
-    Recommendation,
-    Task,
-    Vm,
-    utcnow,
-)
-from qmotion.server.errors import Conflict, Invalid, NotFound
+from qmotion.server.automation.demand import DemandWindow
+from qmotion.server.automation.drs_config import DrsConfig
+from qmotion.server.automation.operations import Operations, PlannedMove, spread
+from qmotion.server.db import ACTIVE_TASK_STATES, Database, Recommendation, Task, utcnow
+from qmotion.server.errors import Conflict
 from qmotion.server.inventory import Inventory
 from qmotion.server.tasks.task_view import DRS_APPLY, MAINTENANCE
 
 log = logging.getLogger(__name__)
-SETTINGS_KEY = "drs"
-WINDOW_S = 300.0  # measured demand: the mean over this sliding window
-# ``cluster set`` keys: the DrsSettings field and how its value is written.
-SETTING_KEYS = {
-    "drs.automation": "automation",
-    "drs.threshold": "threshold",
-    "drs.interval": "interval_s",
-    "drs.max-moves": "max_moves",
-    "drs.cooldown": "cooldown_s",
-    "drs.proactive": "proactive",
-    "host.down-grace": "down_grace_s",
-}
-DURATIONS = {"interval_s", "cooldown_s", "down_grace_s"}
-
-
-def model_rule(r: PlacementRule) -> Rule:
-    return Rule(
-        name=r.name,
-        kind=r.kind.replace("-", "_"),
-        strength=r.strength,
-        vms=list(r.vms),
-        hosts=list(r.hosts),
-    )
-
-
-class DemandWindow:
-    """Per-VM CPU (cores) and memory (MiB) samples from the agents, over a sliding window."""
-
-    def __init__(self, window_s: float = WINDOW_S) -> None:
-        self.window = timedelta(seconds=window_s)
-        self.samples: dict[str, deque[tuple[datetime, float, float]]] = {}
-        # The agents measure dirty rates now and then: the latest one per VM.
-        self.dirty: dict[str, tuple[datetime, float]] = {}
-        # Refresh threads add while planning threads read.
-        self._lock = threading.Lock()
-
-    def add(self, metrics: HostMetrics) -> None:
-        with self._lock:
-            for v in metrics.vms:
-                q = self.samples.setdefault(v.name, deque())
-                q.append((metrics.sampled_at, v.cpu_percent / 100.0, v.rss_bytes / (1 << 20)))
-                if v.dirty_rate_mib_s is not None:
-                    self.dirty[v.name] = (metrics.sampled_at, v.dirty_rate_mib_s)
-            self._prune(metrics.sampled_at)
-
-    def _prune(self, now: datetime) -> None:
-        for vm, q in list(self.samples.items()):
-            while q and now - q[0][0] > self.window:
-                q.popleft()
-            if not q:
-                del self.samples[vm]
-        for vm, (at, _) in list(self.dirty.items()):
-            if now - at > self.window:
-                del self.dirty[vm]
-
-    def dirty_rates(self, now: datetime) -> dict[str, float]:
-        with self._lock:
-            self._prune(now)
-            return {vm: rate for vm, (_, rate) in self.dirty.items()}
-
-    def demand(self, now: datetime) -> dict[str, tuple[float, float]]:
-        with self._lock:
-            self._prune(now)
-            return {
-                vm: (sum(x[1] for x in q) / len(q), sum(x[2] for x in q) / len(q))
-                for vm, q in self.samples.items()
-            }
 
 
 class ClusterDrs:
+    """DRS on the live cluster. ``config`` holds its settings and rules and checks one move
+    against them (the manager's routes ask DRS itself for ``settings`` and ``check_move``);
+    ``window`` the measured demand."""
+
     def __init__(
         self,
         db: Database,
@@ -144,203 +62,9 @@ class ClusterDrs:
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.db, self.inventory, self.ops, self.clock = db, inventory, operations, clock
+        self.config = DrsConfig(db)
         self.window = DemandWindow()
         self._run_lock = threading.Lock()  # one plan stored at a time (run ids, supersede)
-
-    # ------------------------------------------------------------------ settings
-
-    def settings(self) -> DrsSettings:
-        return DrsSettings.model_validate(self.db.setting(SETTINGS_KEY) or {})
-
-    def set_settings(self, req: SettingsSet) -> DrsSettings:
-        values = self.settings().model_dump()
-        for key, text in req.values.items():
-            name = SETTING_KEYS.get(key)
-            if name is None:
-                raise Invalid(
-                    f"unknown setting {key!r} (settings: {', '.join(SETTING_KEYS)})", field=key
-                )
-            try:
-                values[name] = parse_duration_s(text) if name in DURATIONS else text
-            except ValueError as exc:
-                raise Invalid(f"{key}: {exc}", field=key) from exc
-        try:
-            out = DrsSettings.model_validate(values)
-        except ValidationError as exc:
-            e = exc.errors()[0]
-            key = next(k for k, v in SETTING_KEYS.items() if v == e["loc"][0])
-            raise Invalid(f"{key}: {e['msg']}", field=key) from exc
-        self.db.set_setting(SETTINGS_KEY, out.model_dump(mode="json"))
-        return out
-
-    # ------------------------------------------------------------------ rules
-
-    def _rule_out(self, r: PlacementRule, placement: dict[str, str]) -> RuleOut:
-        missing = [v for v in r.vms if v not in placement]
-        model = model_rule(r)
-        broken = sorted(
-            {
-                vm
-                for vm in r.vms
-                if vm in placement and broken_by_move([model], placement, vm, placement[vm])
-            }
-        )
-        return RuleOut(
-            name=r.name,
-            kind=r.kind,
-            strength=r.strength,
-            vms=list(r.vms),
-            hosts=list(r.hosts),
-            missing_vms=missing,
-            broken_by=broken,
-            created_at=r.created_at,
-        )
-
-    def _placement(self) -> dict[str, str]:
-        with self.db.session() as s:
-            return {v.name: v.host.name for v in s.scalars(select(Vm))}
-
-    def list_rules(self) -> list[RuleOut]:
-        placement = self._placement()
-        with self.db.session() as s:
-            rows = s.scalars(select(PlacementRule).order_by(PlacementRule.name))
-            return [self._rule_out(r, placement) for r in rows]
-
-    def get_rule(self, name: str) -> RuleOut:
-        placement = self._placement()
-        with self.db.session() as s:
-            r = s.scalars(select(PlacementRule).where(PlacementRule.name == name)).first()
-            if r is None:
-                raise NotFound(f"no rule named {name!r}")
-            return self._rule_out(r, placement)
-
-    def delete_rule(self, name: str) -> None:
-        with self.db.session() as s:
-            r = s.scalars(select(PlacementRule).where(PlacementRule.name == name)).first()
-            if r is None:
-                raise NotFound(f"no rule named {name!r}")
-            s.delete(r)
-
-    def create_rule(self, req: RuleCreate) -> RuleOut:
-        new = Rule(
-            name=req.name,
-            kind=req.kind.replace("-", "_"),
-            strength=req.strength,
-            vms=req.vms,
-            hosts=req.hosts,
-        )
-        with self.db.session() as s:
-            if s.scalars(select(PlacementRule).where(PlacementRule.name == req.name)).first():
-                raise Conflict(f"a rule named {req.name!r} exists", field="name")
-            hosts = [h.name for h in s.scalars(select(Host))]
-            unknown = [h for h in req.hosts if h not in hosts]
-            if unknown:
-                raise Invalid(
-                    f"no host named {', '.join(unknown)} (hosts: {', '.join(sorted(hosts))})",
-                    field="hosts",
-                )
-            existing = [model_rule(r) for r in s.scalars(select(PlacementRule))]
-            vms = {v.name for v in s.scalars(select(Vm))}
-            # Contradictions are a property of the rules, whichever VMs exist: check them on
-            # every VM any rule names.
-            named = sorted(vms | {v for r in [*existing, new] for v in r.vms})
-            probe = Snapshot(
-                hosts=[HostSpec(name=h, cpu_capacity=1, memory_mib=1) for h in hosts],
-                vms=[VmSpec(name=v, host=hosts[0], memory_mib=1) for v in named] if hosts else [],
-                rules=[*existing, new],
-            )
-            if hosts:
-                try:
-                    validate(probe)
-                except SnapshotError as exc:
-                    raise Conflict(f"{exc}", code="rule_contradiction", field="name") from exc
-            row = PlacementRule(
-                name=req.name, kind=req.kind, strength=req.strength, vms=req.vms, hosts=req.hosts
-            )
-            s.add(row)
-            s.flush()
-            placement = {v.name: v.host.name for v in s.scalars(select(Vm))}
-            return self._rule_out(row, placement)
-
-    def rules(self) -> list[Rule]:
-        with self.db.session() as s:
-            return [model_rule(r) for r in s.scalars(select(PlacementRule))]
-
-    def check_move(
-        self,
-        vm: str,
-        to: str,
-        *,
-        new: bool = False,
-        also: Mapping[str, str] | None = None,
-        rules: list[Rule] | None = None,
-    ) -> None:
-        """Refuse (409, naming the rule) a VM on ``to`` that a must rule forbids; ``also``:
-        other VMs' hosts once moves made with this one are done."""
-        placement = {**self._placement(), **(also or {})}
-        if new:
-            placement.pop(vm, None)
-        elif placement.get(vm) == to:
-            return  # not a move (a storage move on its host)
-        rules = self.rules() if rules is None else rules
-        # A VM migrating now is at its source and soon at its destination: both count.
-        broken = broken_by_move(rules, placement, vm, to)
-        landing = {k: v for k, v in {**placement, **self._inflight()}.items() if k != vm}
-        broken += [r for r in broken_by_move(rules, landing, vm, to) if r not in broken]
-        if broken:
-            names = ", ".join(r.name for r in broken)
-            raise Conflict(
-                f"{vm} on {to} would break must rule {names} (--force to do it anyway)",
-                code="rule_violation",
-                vm=vm,
-                host=to,
-                field="to",
-            )
-
-    def _inflight(self) -> dict[str, str]:
-        with self.db.session() as s:
-            active = select(Task).where(
-                Task.state.in_(ACTIVE_TASK_STATES), Task.destination.is_not(None)
-            )
-            return {t.vm: t.destination for t in s.scalars(active) if t.vm and t.destination}
-
-    def recheck(
-        self,
-        move: PlannedMove,
-        planned: Sequence[PlannedMove] = (),
-        submitted: Sequence[PlannedMove] = (),
-    ) -> str | None:
-        """A planned move against the live inventory, just before it starts. Moves already
-        submitted count as made; so do the planned moves of its must-affinity partners (each
-        member is checked against the others' new host; a partner whose move was skipped or
-        failed is no longer planned, so the rest of its group stays too)."""
-        vm, source, target = move.vm, move.source, move.target
-        rules = self.rules()
-        partners = {
-            o
-            for r in rules
-            if r.kind == "affinity" and r.strength == "must" and vm in r.vms
-            for o in r.vms
-        }
-        also = {m.vm: m.target for m in planned if m.vm in partners and m.vm != vm}
-        also |= {m.vm: m.target for m in submitted}
-        with self.db.session() as s:
-            row = s.scalars(select(Vm).where(Vm.name == vm)).first()
-            if row is None:
-                return "the VM no longer exists"
-            if row.host.name != source:
-                return f"it is on {row.host.name} now, not {source}"
-            dst = s.scalars(select(Host).where(Host.name == target)).first()
-            if dst is None or dst.state != "up":
-                return f"host {target} is {dst.state if dst else 'gone'}"
-            facts = dst.facts or {}
-            if facts.get("health") == "degraded" and self.settings().proactive:
-                return f"host {target} is degraded: {'; '.join(facts.get('health_reasons', []))}"
-        try:
-            self.check_move(vm, target, also=also, rules=rules)
-        except Conflict as exc:
-            return exc.message
-        return None
 
     # ------------------------------------------------------------------ snapshot
 
@@ -351,7 +75,7 @@ class ClusterDrs:
         """The live cluster as DRS plans on it; ``cooldown`` pins VMs DRS moved lately."""
         now = now or self.clock()
         pinned: dict[str, str] = {}
-        st = self.settings()
+        st = self.config.settings()
         if cooldown and st.cooldown_s > 0:
             since = now - timedelta(seconds=st.cooldown_s)
             with self.db.session() as s:
@@ -367,7 +91,7 @@ class ClusterDrs:
         hosts, vms = self.inventory.list_hosts(), self.inventory.list_vms()
         where = {v.name: v.host for v in vms}
         pinned = {vm: h for vm, h in pinned.items() if where.get(vm) == h}
-        rules, demand = self.rules(), self.window.demand(now)
+        rules, demand = self.config.rules(), self.window.demand(now)
         dirty = self.window.dirty_rates(now)
         proactive = st.proactive
         snap = snapshot_from_inventory(hosts, vms, rules, demand, pinned, dirty, proactive)
@@ -404,7 +128,7 @@ class ClusterDrs:
         except SnapshotError as exc:
             raise Conflict(f"cannot place: {exc}", code="invalid_cluster") from exc
         # The snapshot's rules name existing VMs only; rules naming the new one count here.
-        rules, where = self.rules(), {v.name: v.host for v in snap.vms}
+        rules, where = self.config.rules(), {v.name: v.host for v in snap.vms}
         out = []
         for c in ranked:
             feasible, reasons = c.feasible, list(c.reasons)
@@ -432,7 +156,7 @@ class ClusterDrs:
                     vm=req.name,
                     field="host",
                 )
-            if self.settings().automation == Automation.MANUAL:
+            if self.config.settings().automation == Automation.MANUAL:
                 raise Conflict(
                     f"DRS automation is manual: give the host (recommended: {ok[0].host}; "
                     + "; ".join(f"{c.host} score {c.score:.4f}" for c in ok)
@@ -444,7 +168,7 @@ class ClusterDrs:
             chosen = Placement(host=ok[0].host, chosen_by="drs", candidates=candidates)
         else:
             if not force:
-                self.check_move(req.name, req.host, new=True)
+                self.config.check_move(req.name, req.host, new=True)
             chosen = Placement(host=req.host, chosen_by="operator", candidates=[])
         out = self.inventory.create_vm(req.model_copy(update={"host": chosen.host}))
         return out.model_copy(update={"placement": chosen})
@@ -452,7 +176,7 @@ class ClusterDrs:
     # ------------------------------------------------------------------ recommendations
 
     def _policy(self, snap: Snapshot) -> Policy:
-        st = self.settings()
+        st = self.config.settings()
         # The even-allocation term counts vCPUs per CPU: on overcommitted hosts (a lab host
         # offering one CPU to several VMs) it would outweigh the measured demand it is meant
         # to come second to. Scaled by the commitment, it weighs the same at any ratio.
@@ -601,7 +325,7 @@ class ClusterDrs:
                     r.applied_at = self.clock() if state == RecommendationState.APPLIED else None
 
         async def body(task_id: int, cancel: asyncio.Event) -> tuple[OperationReport, str | None]:
-            outcomes = await self.ops.run_waves(task_id, moves, cancel, self.recheck, record)
+            outcomes = await self.ops.run_waves(task_id, moves, cancel, self.config.recheck, record)
             done = {o.vm for o in outcomes}
             for m in moves:
                 if m.vm not in done:  # cancelled before its wave
@@ -614,7 +338,7 @@ class ClusterDrs:
                             reason="the operation was cancelled",
                         )
                     )
-            report = OperationReport(kind=DRS_APPLY, moves=outcomes, spread=_spread(outcomes))
+            report = OperationReport(kind=DRS_APPLY, moves=outcomes, spread=spread(outcomes))
             failed = [o for o in outcomes if o.outcome == "failed"]
             error = "; ".join(f"{o.vm}: {o.reason}" for o in failed) if failed else None
             return report, error
@@ -648,7 +372,7 @@ class ClusterDrs:
 
     async def tick(self) -> DrsRunOut:
         """One automation round: recommend (manual, partial), or also apply (full)."""
-        st = self.settings()
+        st = self.config.settings()
         out = await asyncio.to_thread(self.run)
         if st.automation != Automation.FULL or not out.recommendations:
             return out
@@ -663,7 +387,7 @@ class ClusterDrs:
         while True:
             await asyncio.sleep(poll_s)
             try:
-                st = await asyncio.to_thread(self.settings)
+                st = await asyncio.to_thread(self.config.settings)
                 now = self.clock()
                 if last is not None and (now - last).total_seconds() < st.interval_s:
                     continue
@@ -707,11 +431,3 @@ class ClusterDrs:
             broken_must_rules=sum(len(b) for _, b in broken),
             measured_vms=len(self.window.demand(now)),
         )
-
-
-def _spread(outcomes: Sequence[MoveOutcome]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for o in outcomes:
-        if o.outcome == "moved" and o.target:
-            out[o.target] = out.get(o.target, 0) + 1
-    return dict(sorted(out.items()))

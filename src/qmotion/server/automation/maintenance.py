@@ -26,8 +26,8 @@ from qmotion.api.server import TaskState
 from qmotion.drs.errors import SnapshotError
 from qmotion.drs.model import Policy
 from qmotion.drs.planner import plan
-from qmotion.server.automation.drs import ClusterDrs, _spread
-from qmotion.server.automation.operations import OperationBody, Operations, PlannedMove
+from qmotion.server.automation.drs import ClusterDrs
+from qmotion.server.automation.operations import OperationBody, Operations, PlannedMove, spread
 from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, HostMaintenance, Task, Vm
 from qmotion.server.errors import Conflict, NotFound
 from qmotion.server.tasks.runner import TaskRunner
@@ -145,7 +145,7 @@ class Maintenance:
                 if not moves:
                     break
                 done = await self.ops.run_waves(
-                    task_id, moves, cancel, self.drs.recheck, self._record
+                    task_id, moves, cancel, self.drs.config.recheck, self._record
                 )
                 outcomes += done
                 for o in done:
@@ -172,7 +172,7 @@ class Maintenance:
                 kind=MAINTENANCE,
                 host=name,
                 moves=outcomes,
-                spread=_spread(outcomes),
+                spread=spread(outcomes),
                 remaining=remaining,
             )
             if cancel.is_set():
@@ -247,13 +247,13 @@ class Maintenance:
                 # the VMs they moved come back too.
                 await self.ops.wait(evacuating)
             moves = await asyncio.to_thread(self._returns, name) if return_vms else []
-            done = await self.ops.run_waves(task_id, moves, cancel, self.drs.recheck)
+            done = await self.ops.run_waves(task_id, moves, cancel, self.drs.config.recheck)
             failed = [o for o in done if o.outcome != "moved"]
             await asyncio.to_thread(
                 self._forget, name, [o.vm for o in done if o.outcome == "moved"]
             )
             report = OperationReport(
-                kind=MAINTENANCE_EXIT, host=name, moves=done, spread=_spread(done)
+                kind=MAINTENANCE_EXIT, host=name, moves=done, spread=spread(done)
             )
             error = "; ".join(f"{o.vm}: {o.reason}" for o in failed) or None
             return report, error

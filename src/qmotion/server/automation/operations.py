@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from qmotion.api.drs import MoveOutcome, OperationReport
 from qmotion.api.server import MigrateRequest, TaskOut, TaskState
 from qmotion.server.db import Database, Task, TaskEvent, utcnow
-from qmotion.server.errors import ServerError
+from qmotion.server.errors import ManagerError
 from qmotion.server.tasks.runner import TaskRunner
 from qmotion.server.tasks.task_view import task_out
 
@@ -152,7 +152,7 @@ class Operations:
                     continue
                 try:
                     t = await self.runner.submit_migration(m.vm, MigrateRequest(to=m.target))
-                except ServerError as exc:
+                except ManagerError as exc:
                     finish(
                         MoveOutcome(
                             vm=m.vm,
@@ -204,3 +204,12 @@ class Operations:
             if not t.state.active:
                 return t
             await asyncio.sleep(self.poll_s)
+
+
+def spread(outcomes: Sequence[MoveOutcome]) -> dict[str, int]:
+    """How many VMs an operation moved to each host (an ``OperationReport``'s spread)."""
+    out: dict[str, int] = {}
+    for o in outcomes:
+        if o.outcome == "moved" and o.target:
+            out[o.target] = out.get(o.target, 0) + 1
+    return dict(sorted(out.items()))

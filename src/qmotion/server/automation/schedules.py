@@ -21,7 +21,7 @@ from qmotion.api.schedule import (
     ScheduleRunOut,
 )
 from qmotion.server.db import Base, Database, UtcDateTime, utcnow
-from qmotion.server.errors import Invalid, NotFound, ServerError
+from qmotion.server.errors import Invalid, ManagerError, NotFound
 
 log = logging.getLogger(__name__)
 # Runs kept per schedule: a cron firing every minute must not grow the database forever.
@@ -314,7 +314,7 @@ class Schedules:
         task_id: int | None = None
         try:
             task_id = await self._call(claim)
-        except ServerError as exc:
+        except ManagerError as exc:
             message = exc.message
         except Exception as exc:  # recorded on the run: the other schedules still run
             log.exception("schedule %d: its action raised", claim.schedule_id)

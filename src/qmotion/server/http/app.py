@@ -37,7 +37,7 @@ from qmotion.server.automation.maintenance import Maintenance
 from qmotion.server.automation.operations import Operations
 from qmotion.server.automation.schedules import Schedules
 from qmotion.server.db import Database
-from qmotion.server.errors import ServerError
+from qmotion.server.errors import ManagerError
 from qmotion.server.http.drs_routes import ManagerActions, install_drs_routes
 from qmotion.server.http.schedule_routes import install_routes as install_schedule_routes
 from qmotion.server.images import ImageLibrary
@@ -87,7 +87,7 @@ def create_app(
         title="qmotion manager", version=__version__, lifespan=lifespan, responses=COMMON_ERRORS
     )
     app.state.runner = runner
-    install_error_handlers(app, ServerError)
+    install_error_handlers(app, ManagerError)
     authorize = bearer_auth(token)
 
     auth = [Depends(authorize)]
@@ -102,7 +102,7 @@ def create_app(
 
     @app.post("/v1/hosts/refresh", response_model=list[HostOut], dependencies=auth)
     def refresh_hosts() -> list[HostOut]:
-        inventory.refresh_hosts(drs.settings().down_grace_s, lambda _host, m: drs.sample(m))
+        inventory.refresh_hosts(drs.config.settings().down_grace_s, lambda _host, m: drs.sample(m))
         return inventory.list_hosts()
 
     @app.put("/v1/pool", status_code=204, dependencies=auth)
@@ -166,7 +166,7 @@ def create_app(
     @app.post("/v1/vms/{name}/migrate", response_model=TaskOut, status_code=202, dependencies=auth)
     async def migrate(name: str, req: MigrateRequest) -> TaskOut:
         if req.to is not None and not req.force:
-            await asyncio.to_thread(drs.check_move, name, req.to)
+            await asyncio.to_thread(drs.config.check_move, name, req.to)
         return await runner.submit_migration(name, req)
 
     @app.post(
@@ -205,7 +205,7 @@ async def _refresh_forever(inventory: Inventory, drs: ClusterDrs) -> None:
     while True:
         await asyncio.sleep(REFRESH_INTERVAL_S)
         try:
-            grace = (await asyncio.to_thread(drs.settings)).down_grace_s
+            grace = (await asyncio.to_thread(drs.config.settings)).down_grace_s
             await asyncio.to_thread(inventory.refresh_hosts, grace, lambda _host, m: drs.sample(m))
         except Exception:  # the refresher must outlive one bad round
             log.exception("host refresh failed")

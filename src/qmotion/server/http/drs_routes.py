@@ -45,7 +45,7 @@ class ManagerActions:
         self.runner, self.cluster, self.maintenance = runner, drs, maintenance
 
     async def migrate(self, vm: str, to: str) -> int:
-        await asyncio.to_thread(self.cluster.check_move, vm, to)
+        await asyncio.to_thread(self.cluster.config.check_move, vm, to)
         return (await self.runner.submit_migration(vm, MigrateRequest(to=to))).id
 
     async def drs(self) -> int:
@@ -69,27 +69,27 @@ def install_drs_routes(
 ) -> None:
     @app.get("/v1/cluster/settings", response_model=DrsSettings, dependencies=auth)
     def get_settings() -> DrsSettings:
-        return drs.settings()
+        return drs.config.settings()
 
     @app.put("/v1/cluster/settings", response_model=DrsSettings, dependencies=auth)
     def set_settings(req: SettingsSet) -> DrsSettings:
-        return drs.set_settings(req)
+        return drs.config.set_settings(req)
 
     @app.get("/v1/rules", response_model=list[RuleOut], dependencies=auth)
     def list_rules() -> list[RuleOut]:
-        return drs.list_rules()
+        return drs.config.list_rules()
 
     @app.post("/v1/rules", response_model=RuleOut, status_code=201, dependencies=auth)
     def create_rule(req: RuleCreate) -> RuleOut:
-        return drs.create_rule(req)
+        return drs.config.create_rule(req)
 
     @app.get("/v1/rules/{name}", response_model=RuleOut, dependencies=auth)
     def show_rule(name: str) -> RuleOut:
-        return drs.get_rule(name)
+        return drs.config.get_rule(name)
 
     @app.delete("/v1/rules/{name}", status_code=204, dependencies=auth)
     def delete_rule(name: str) -> None:
-        drs.delete_rule(name)
+        drs.config.delete_rule(name)
 
     @app.post(
         "/v1/drs/run",

@@ -17,14 +17,15 @@ from qmotion.api.sizes import parse_rate_bytes
 from qmotion.api.storage import MirrorRequest, MirrorStatus
 from qmotion.api.vm import VmSpec, VmState
 from qmotion.migration import cold, storage
-from qmotion.migration.machine import Phase
 from qmotion.migration.prechecks import PrecheckInput, precheck
 from qmotion.migration.storage import StoragePortError
+from qmotion.migration.vocabulary import Phase
 from qmotion.server.db import Database, Host, Task, TaskEvent
 from qmotion.server.errors import Conflict, Invalid, raise_refusals
 from qmotion.server.inventory import Inventory
 from qmotion.server.tasks.cold import AgentColdPort, cold_refusals
-from qmotion.server.tasks.port import AgentMigrationPort, vm_view
+from qmotion.server.tasks.ends import host_copy
+from qmotion.server.tasks.port import vm_view
 from qmotion.server.tasks.storage import AgentStoragePort, storage_prechecks
 from qmotion.server.tasks.task_view import COLD_MIGRATE, STORAGE_MOVE, task_out
 
@@ -149,16 +150,16 @@ class DiskTasks:
                 self.db,
                 self.inventory,
                 VmSpec.model_validate(spec),
-                AgentMigrationPort.host_copy(self.inventory.host_by_name(s, t.source or "")),
-                AgentMigrationPort.host_copy(self.inventory.host_by_name(s, t.destination or "")),
+                host_copy(self.inventory.host_by_name(s, t.source or "")),
+                host_copy(self.inventory.host_by_name(s, t.destination or "")),
                 (t.params or {}).get("datastore"),
                 (t.params or {}).get("disk_format"),
             )
-            start = cold.step(cold.state_from_json(t.machine), cold.Resumed())
+            start = cold.step(cold.state_from_json(t.machine), cold.Restarted())
             task_id = t.id
             return lambda: self._run_cold(task_id, port, start, resumed=True)
         if t.kind == STORAGE_MOVE:
-            host = AgentMigrationPort.host_copy(self.inventory.host_by_name(s, t.source or ""))
+            host = host_copy(self.inventory.host_by_name(s, t.source or ""))
             mreq = MirrorRequest.model_validate(t.params or {})
             sstate = storage.state_from_json(t.machine)
             task_id, vm = t.id, t.vm or ""
@@ -224,8 +225,8 @@ class DiskTasks:
                 not_shared,
             )
             if not refusals:
-                src = AgentMigrationPort.host_copy(row.host)
-                dst = AgentMigrationPort.host_copy(self.inventory.host_by_name(s, to))
+                src = host_copy(row.host)
+                dst = host_copy(self.inventory.host_by_name(s, to))
         raise_refusals(refusals, vm)
         return spec, src, dst
 
@@ -313,7 +314,7 @@ class DiskTasks:
                 req.disk_format,
                 self.db.active_task_for_vm(s, vm) is not None,
             )
-            host_row = AgentMigrationPort.host_copy(row.host)
+            host_row = host_copy(row.host)
         raise_refusals(refusals, vm)
         speed = None
         if req.bandwidth:

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from sqlalchemy import select
 
+from qmotion.api.errors import AgentErrorCode
 from qmotion.api.host import MigrationNetwork
 from qmotion.api.migration import (
     DirtyRateReport,
@@ -35,7 +36,6 @@ T = TypeVar("T")
 IDLE_DIRTY_BPS = 1 << 20
 IDLE_SHARE = 0.05  # of what the path carried last time: below it the guest converges at once
 SHORT_S, LONG_S = 0.25, 1.0
-PEER_UNREACHABLE = "peer_unreachable"  # the agent's code: no address of the peer answers
 PROBE_S = 0.25
 
 
@@ -100,7 +100,7 @@ async def route(inventory: Inventory, vm: str, src: Host, dst: Host) -> PathProb
     try:
         got = await asyncio.to_thread(work)
     except ApiError as exc:
-        if exc.detail.code != PEER_UNREACHABLE:
+        if exc.detail.code != AgentErrorCode.PEER_UNREACHABLE:
             raise StepError("route", f"on {src.name}: {exc}", vm=vm, host=src.name) from exc
         raise Refused(
             vm,

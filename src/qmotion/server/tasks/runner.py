@@ -28,89 +28,41 @@ from qmotion.api.storage import MirrorStatus
 from qmotion.api.vm import VmSpec
 from qmotion.migration import engine, params
 from qmotion.migration.errors import Refused, StepError
-from qmotion.migration.machine import MigrationState, Phase, Step
 from qmotion.migration.prechecks import PrecheckInput, precheck
+from qmotion.migration.vocabulary import MigrationState, Phase, Step
 from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, Task, TaskEvent, utcnow
 from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream, raise_refusals
 from qmotion.server.inventory import Inventory
 from qmotion.server.tasks.disk_tasks import DiskTasks
+from qmotion.server.tasks.ends import host_copy
+from qmotion.server.tasks.flight import report
 from qmotion.server.tasks.measure import measure
-from qmotion.server.tasks.port import AgentMigrationPort, copy_plan, limits_of, vm_view
+from qmotion.server.tasks.port import AgentMigrationPort, limits_of, vm_view
+from qmotion.server.tasks.shared_nothing import copy_plan
 from qmotion.server.tasks.task_view import OPERATION_KINDS, task_out
 
 log = logging.getLogger(__name__)
 DEFAULT_PER_HOST = 4
 
 
-def report(
-    stats: MigrationStats | None,
-    port: AgentMigrationPort,
-    state: MigrationState,
-    accepted: float,
-    queued_s: float,
-) -> MigrationReport:
-    """The migration report: QEMU's own figures plus what the manager measured around them."""
-    r = MigrationReport(
-        outcome=state.phase,
-        vm=port.vm,
-        source=port.source,
-        destination=port.destination,
-        wall_ms=round((time.monotonic() - accepted) * 1000, 1),
-        warnings=[*state.warnings, *port.warnings],
-        leftovers=list(port.leftovers),
-        prediction=port.prediction,
-        rungs=list(port.ladder.history) if port.ladder else [],
-        max_throttle_pct=max((x.throttle_pct for x in port.samples), default=0),
-        throttled_s=round(port.throttled_s, 1),
-        postcopy_at_s=port.postcopy_at,
-        postcopy_recoveries=state.postcopy_recoveries,
-        samples=port.samples,
-        migration_address=port.migration_address,
-        streams=max(port.params.multifd_channels, 1),
-        tls=port.params.tls,
-        disk_copy_ms=round(port.disk_copy_ms, 1) if port.disk_copy_ms is not None else None,
-        disk_bytes=port.mirror_status.total_bytes if port.mirror_status else None,
-    )
-    if port.reach is not None and port.reach.unreachable:
-        r.warnings.append("fell back from " + "; ".join(port.reach.unreachable))
-    if stats is not None:
-        r.total_ms, r.downtime_ms, r.setup_ms = (
-            stats.total_time_ms,
-            stats.downtime_ms,
-            stats.setup_time_ms,
-        )
-        r.bytes, r.passes, r.throughput_mbps = stats.transferred, stats.passes, round(stats.mbps, 1)
-        src = dict(stats.events)
-        dst = dict(port.destination_events)
-        # Shared clock in a lab on one machine; on a real cluster both are agent-local.
-        r.source_stopped_at_ms = src.get("stopped")
-        if "stopped" in src and "resumed" in dst:
-            r.guest_paused_ms = round(dst["resumed"] - src["stopped"], 1)
-        if "stopped" in src and "guest_frame_sent" in dst:
-            r.guest_frame_ms = round(dst["guest_frame_sent"] - src["stopped"], 1)
-        if "stopped" in src and "client_frame_delivered" in dst:
-            r.client_frame_ms = round(dst["client_frame_delivered"] - src["stopped"], 1)
-        if stats.steer_ms is not None:
-            r.steer_ms = round(stats.steer_ms, 1)
-        if stats.steer_error:
-            r.steer_error = stats.steer_error
-            r.warnings.append(f"switchover call to the destination failed: {stats.steer_error}")
-    if port.migrate_issued_at is not None:
-        r.orchestration_ms = round((port.migrate_issued_at - accepted - queued_s) * 1000, 1)
-        r.queued_ms = round(queued_s * 1000, 1)
-    return r
-
-
 class TaskRunner(DiskTasks):
-    def __init__(self, db: Database, inventory: Inventory, per_host: int = DEFAULT_PER_HOST):
-        self.db, self.inventory, self.per_host = db, inventory, per_host
+    """``clock``: monotonic seconds, for a live migration's port and report."""
+
+    def __init__(
+        self,
+        db: Database,
+        inventory: Inventory,
+        per_host: int = DEFAULT_PER_HOST,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.db, self.inventory, self.per_host, self.clock = db, inventory, per_host, clock
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._cancel: dict[int, asyncio.Event] = {}
         self._running: dict[int, asyncio.Task[None]] = {}
 
     def recover_after_restart(self) -> None:
         """Tasks a previous manager process left behind: one that had not begun ends (nothing
-        changed); a migration under way resumes from its persisted state (machine.Resumed).
+        changed); a migration under way resumes from its persisted state (vocabulary.Restarted).
         Call from within the event loop."""
         resume = []
         others: list[tuple[int, bool, Callable[[], Coroutine[Any, Any, None]]]] = []
@@ -155,7 +107,7 @@ class TaskRunner(DiskTasks):
                 cancel.set()
             self._running[task_id] = asyncio.create_task(
                 self._run_migration(
-                    task_id, vm, source, destination, mparams, time.monotonic(), resume=state
+                    task_id, vm, source, destination, mparams, self.clock(), resume=state
                 ),
                 name=f"task-{task_id}",
             )
@@ -234,8 +186,8 @@ class TaskRunner(DiskTasks):
                 row = self.inventory.vm_by_name(s, vm)
                 spec = VmSpec.model_validate(row.spec)
                 not_shared = self.inventory.not_shared(s, spec, source, to)
-                src = AgentMigrationPort.host_copy(row.host)
-                dst = AgentMigrationPort.host_copy(self.inventory.host_by_name(s, to))
+                src = host_copy(row.host)
+                dst = host_copy(self.inventory.host_by_name(s, to))
             usage = self.inventory.call(src, lambda c: c.disks(vm), vm=vm)
             try:
                 plan = copy_plan(spec, mparams, not_shared, usage)
@@ -255,8 +207,8 @@ class TaskRunner(DiskTasks):
         def hosts() -> tuple[Host, Host]:
             with self.db.session() as s:
                 return (
-                    AgentMigrationPort.host_copy(self.inventory.host_by_name(s, source)),
-                    AgentMigrationPort.host_copy(self.inventory.host_by_name(s, to)),
+                    host_copy(self.inventory.host_by_name(s, source)),
+                    host_copy(self.inventory.host_by_name(s, to)),
                 )
 
         src, dst = await asyncio.to_thread(hosts)
@@ -280,7 +232,7 @@ class TaskRunner(DiskTasks):
             req.to is None or req.to == await asyncio.to_thread(self._host_of, vm)
         ):
             return await self.submit_storage_move(vm, req)
-        accepted = time.monotonic()
+        accepted = self.clock()
         source, mparams = await asyncio.to_thread(self._check, vm, req)
         to = req.to
         assert to is not None  # _check refused otherwise
@@ -345,7 +297,7 @@ class TaskRunner(DiskTasks):
         first, second = sorted((source, destination))
         try:
             async with self._slot(first), self._slot(second):
-                queued_s = time.monotonic() - accepted
+                queued_s = self.clock() - accepted
                 if resume is None:
                     if cancel.is_set():
                         await asyncio.to_thread(
@@ -357,12 +309,14 @@ class TaskRunner(DiskTasks):
                         )
                         return
                     await asyncio.to_thread(self._mark_running, task_id)
-                port = AgentMigrationPort(self.db, self.inventory, vm, source, destination, mparams)
+                port = AgentMigrationPort(
+                    self.db, self.inventory, vm, source, destination, mparams, self.clock
+                )
                 if resume is not None:
                     port.stream_uri = resume.uri  # where a broken postcopy stream reconnects
 
                 async def persist(st: Step, stats: MigrationStats | None) -> None:
-                    await asyncio.to_thread(self._persist, task_id, st, stats, port.mirror_status)
+                    await asyncio.to_thread(self._persist, task_id, st, stats, port.disks.status)
 
                 try:
                     final = await engine.run(
@@ -374,7 +328,7 @@ class TaskRunner(DiskTasks):
                     )
                 finally:
                     port.close()
-                result = report(port.last_stats, port, final, accepted, queued_s)
+                result = report(port.flight, final, accepted, queued_s, self.clock(), port.ladder)
                 state = {Phase.DONE: TaskState.SUCCEEDED, Phase.CANCELLED: TaskState.CANCELLED}.get(
                     final.phase, TaskState.FAILED
                 )

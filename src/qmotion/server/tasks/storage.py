@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Callable
 from typing import TypeVar
 
+from qmotion.api.errors import AgentErrorCode
 from qmotion.api.storage import DiskFormat, MirrorRequest, MirrorStatus
 from qmotion.api.vm import VmSpec, VmState
 from qmotion.client.agent import AgentClient
@@ -101,7 +102,7 @@ class AgentStoragePort:
             raise StoragePortError(
                 f"host {self.host.name}: {exc}",
                 refused=exc.status < 500,
-                switched=exc.detail.code == "already_switched",
+                switched=exc.detail.code == AgentErrorCode.ALREADY_SWITCHED,
             ) from exc
         except ClientError as exc:
             raise StoragePortError(f"host {self.host.name}: {exc}") from exc

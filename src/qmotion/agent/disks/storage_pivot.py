@@ -1,0 +1,165 @@
+"""How a storage move's mirror jobs end in QEMU: every disk pivots or none does, and QEMU's own
+answer decides which disks run on their targets (the sequence, and why, is in the docstring of
+``qmotion.agent.disks.storage``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from qmotion.agent.disks.storage_record import MovedDisk, MoveRecord, MoveRecords
+from qmotion.agent.errors import Conflict, OperationFailed
+from qmotion.agent.vms.manager import VmManager
+from qmotion.hypervisor.blockjobs import source_nodes
+from qmotion.hypervisor.errors import HypervisorError
+from qmotion.hypervisor.monitor import Monitor
+
+PENDING_WAIT_S = 10.0  # a job's final sync after job-complete; the guest's I/O waits meanwhile
+
+
+class Pivots:
+    """Ends the mirror jobs of the moves on this host: switched together, or cancelled."""
+
+    def __init__(self, vms: VmManager, records: MoveRecords) -> None:
+        self.vms = vms
+        self.records = records
+
+    async def switch(self, name: str, mon: Monitor, rec: MoveRecord) -> None:
+        """Every job (all ready) to pending, then each finalized; the record then says what
+        QEMU runs on (``pivoted``, or ``failed`` with nothing switched)."""
+        try:
+            for d in rec.disks:
+                await mon.execute("job-complete", {"id": d.job})
+            await self._wait_all(mon, rec, ("pending",))
+        except (HypervisorError, OperationFailed) as exc:
+            rec.phase, rec.error = "failed", f"pivot refused, nothing switched: {exc}"
+            self.records.save(name, rec)
+            await self.cancel_jobs(mon, rec)
+            raise OperationFailed(
+                f"the disks of {name} could not all be switched, so none was: {exc}",
+                vm=name,
+            ) from exc
+        # From the first finalize on, QEMU may run on a target: recorded before it.
+        rec.phase = "switching"
+        self.records.save(name, rec)
+        errors = []
+        for d in rec.disks:
+            try:
+                await mon.execute("job-finalize", {"id": d.job})
+            except HypervisorError as exc:
+                errors.append(f"disk {d.index}: {exc}")
+        await self.settle(name, rec, "; ".join(errors) or None)
+
+    async def settle(self, name: str, rec: MoveRecord, error: str | None = None) -> None:
+        """A ``switching`` record made true: QEMU's answer of which disks run on their
+        targets decides. QEMU not answering leaves it ``switching`` (both copies kept)."""
+        try:
+            mon = self.vms.monitor(name)
+            nodes = await source_nodes(mon)
+        except (HypervisorError, Conflict) as exc:
+            rec.error = f"whether the disks switched is unknown (QEMU: {exc}); both copies kept"
+            self.records.save(name, rec)
+            return
+        rec.error = None  # QEMU answers: what follows is the truth
+        for d in rec.disks:
+            d.switched = nodes.get(d.index, ("",))[0] == d.target_node
+        if any(d.switched for d in rec.disks) and not all(d.switched for d in rec.disks):
+            # Interrupted between two finalizes (an agent restart): every job was pending,
+            # so finalizing the rest keeps "all or none".
+            with contextlib.suppress(HypervisorError):
+                pending = {
+                    j["id"] for j in await mon.execute("query-jobs") if j.get("status") == "pending"
+                }
+                for d in rec.disks:
+                    if not d.switched and d.job in pending:
+                        with contextlib.suppress(HypervisorError):
+                            await mon.execute("job-finalize", {"id": d.job})
+                nodes = await source_nodes(mon)
+                for d in rec.disks:
+                    d.switched = nodes.get(d.index, ("",))[0] == d.target_node
+        switched = [d for d in rec.disks if d.switched]
+        if switched:
+            await self._adopt(name, switched)
+        if not switched:
+            # Nothing switched (the finalizes failed, or an agent restart came first): the
+            # jobs end without switching, the VM stays on its old disks.
+            await self.cancel_jobs(mon, rec)
+            rec.phase = "failed"
+            rec.error = error or "the pivot was interrupted; nothing switched"
+            self.records.save(name, rec)
+            return
+        # A job that did not switch is cancelled (a pending one cannot be dismissed).
+        await self.cancel_jobs(mon, rec)
+        rec.phase = "pivoted"
+        if len(switched) != len(rec.disks):
+            # All were pending, then QEMU refused a finalize: the truth is a split VM. Its
+            # definition names what QEMU runs on; the targets that did not switch go at release.
+            stay = [d.index for d in rec.disks if not d.switched]
+            rec.error = f"disks {stay} did not switch ({error or 'QEMU refused'}); they stay"
+        self.records.save(name, rec)
+        for d in switched:
+            # The old nodes stay open (monitor-owned) until deleted; their files go later.
+            for node in (d.source_node, d.source_file_node):
+                if node:
+                    with contextlib.suppress(HypervisorError):
+                        await mon.execute("blockdev-del", {"node-name": node})
+
+    async def _adopt(self, name: str, switched: list[MovedDisk]) -> None:
+        """The definition names the new disks: a restart of this VM uses them."""
+        async with self.vms.locked(name) as spec:
+            disks = list(spec.disks)
+            for d in switched:
+                disks[d.index] = d.target
+            self.vms.replace_spec(spec.model_copy(update={"disks": disks}))
+
+    async def _wait_all(self, mon: Monitor, rec: MoveRecord, wanted: tuple[str, ...]) -> None:
+        deadline = time.monotonic() + PENDING_WAIT_S
+        ids = {d.job for d in rec.disks}
+        while True:
+            states = {j["id"]: j for j in await mon.execute("query-jobs") if j.get("id") in ids}
+            for job_id in ids:
+                j = states.get(job_id)
+                if j is None:
+                    raise OperationFailed(f"mirror job {job_id} is gone")
+                if j.get("error"):
+                    raise OperationFailed(f"mirror job {job_id} failed: {j['error']}")
+            if all(states[i].get("status") in wanted for i in ids):
+                return
+            if time.monotonic() > deadline:
+                raise OperationFailed(f"mirror jobs did not reach {wanted[0]} in time")
+            await asyncio.sleep(0.05)
+
+    async def cancel_jobs(self, mon: Monitor, rec: MoveRecord) -> bool:
+        """Every job ends without switching anything (a pending job cancelled is aborted).
+        False if some job did not end in time (or QEMU stopped answering)."""
+        ids = {d.job for d in rec.disks}
+        with contextlib.suppress(HypervisorError):
+            for j in await mon.execute("query-jobs"):
+                if j.get("id") in ids and j.get("status") != "concluded":
+                    with contextlib.suppress(HypervisorError):
+                        await mon.execute("job-cancel", {"id": j["id"]})
+        deadline = time.monotonic() + PENDING_WAIT_S
+        while True:
+            try:
+                left = [
+                    j
+                    for j in await mon.execute("query-jobs")
+                    if j.get("id") in ids and j.get("status") != "concluded"
+                ]
+            except HypervisorError:
+                return False
+            if not left:
+                break
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        await self._dismiss(mon, rec)
+        return True
+
+    @staticmethod
+    async def _dismiss(mon: Monitor, rec: MoveRecord) -> None:
+        for d in rec.disks:
+            with contextlib.suppress(HypervisorError):
+                await mon.execute("job-dismiss", {"id": d.job})

@@ -1,0 +1,191 @@
+"""The lab's processes: the manager in the root namespace, an agent in each host's namespace,
+the delay line in the wan namespace; started, waited for, and stopped by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import httpx
+
+from qmotion.api.server import HostRegister, PoolSet
+from qmotion.client.agent import AgentClient
+from qmotion.client.errors import ClientError
+from qmotion.client.server import ServerClient
+from qmotion.image.cc import compile_static
+from qmotion.lab.errors import LabSetupError
+from qmotion.lab.record import LabHost, LabRecord, save
+
+AGENT_PORT = 8100
+MANAGER_PORT = 8000
+AGENT_READY_TIMEOUT_S = 60.0
+
+
+def start_manager(rec: LabRecord, register: bool = True) -> None:
+    """The lab's manager runs in the root namespace, on the switch address. ``register``:
+    a new manager (new token), which then learns the hosts and the address pool."""
+    lab_dir = Path(rec.dir)
+    token_file = lab_dir / "manager.token"
+    if register:
+        token_file.write_text(secrets.token_urlsafe(24) + "\n")
+        token_file.chmod(0o600)
+    rec.manager_url = f"http://{rec.switch_address}:{MANAGER_PORT}"
+    rec.manager_token_file = str(token_file)
+    argv = [
+        sys.executable,
+        "-m",
+        "qmotion",
+        "server",
+        "--listen",
+        f"{rec.switch_address}:{MANAGER_PORT}",
+        "--db",
+        f"sqlite:///{lab_dir / 'manager.db'}",
+        "--token-file",
+        str(token_file),
+        *(["--insecure"] if rec.insecure else ["--ca-dir", str(lab_dir / "ca")]),
+    ]
+    with open(lab_dir / "manager.log", "ab") as logf:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
+        )
+    rec.manager_pid = proc.pid
+    save(rec)
+    token = token_file.read_text().strip()
+    deadline = time.monotonic() + AGENT_READY_TIMEOUT_S
+    with ServerClient(rec.manager_url, token, timeout_s=60) as client:
+        while True:
+            try:
+                client.hosts()
+                break
+            except ClientError as exc:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    tail = (lab_dir / "manager.log").read_text(errors="replace")[-1500:]
+                    raise LabSetupError(f"manager did not start: {exc}\n{tail}") from exc
+                time.sleep(0.2)
+        if not register:
+            return
+        for h in rec.hosts:
+            client.register_host(
+                HostRegister(
+                    name=h.name,
+                    agent_url=h.agent_url,
+                    token=Path(h.token_file).read_text().strip(),
+                )
+            )
+        client.set_pool(
+            PoolSet(first=rec.pool.first, last=rec.pool.last, prefixlen=rec.pool.prefixlen)
+        )
+
+
+def start_wire(rec: LabRecord, wan: str, pairs: list[str]) -> int:
+    """The delay line: half the RTT on each host's egress (this kernel may lack sch_netem)."""
+    source = resources.files("qmotion.lab").joinpath("qmwire.c").read_bytes()
+    binary = compile_static("qmwire", source)
+    delay_us = int(rec.rtt_ms * 1000 / 2)
+    log = open(Path(rec.dir) / "wire.log", "ab")  # noqa: SIM115
+    with log:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", wan, str(binary), str(delay_us), *pairs],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    time.sleep(0.2)
+    if proc.poll() is not None:
+        raise LabSetupError(f"delay line exited: {(Path(rec.dir) / 'wire.log').read_text()[-500:]}")
+    return proc.pid
+
+
+def start_agent(rec: LabRecord, host: LabHost, accel: str) -> int:
+    argv = [
+        "ip",
+        "netns",
+        "exec",
+        host.namespace,
+        sys.executable,
+        "-m",
+        "qmotion",
+        "agent",
+        "--name",
+        host.name,
+        "--listen",
+        f"{host.address}:{AGENT_PORT}",
+        "--token-file",
+        host.token_file,
+        "--state-dir",
+        host.state_dir,
+        "--run-dir",
+        host.run_dir,
+        "--accel",
+        accel,
+        "--hugepages"
+        if (rec.hugepages if host.hugepages is None else host.hugepages)
+        else "--no-hugepages",
+    ]
+    if host.migration_address:
+        argv += ["--migration-address", host.migration_address]
+    if rec.host_cpus:
+        argv += ["--cpus", str(rec.host_cpus)]
+    if rec.host_memory_mib:
+        argv += ["--memory", f"{rec.host_memory_mib}M"]
+    for ds in rec.datastores:
+        if host.name in ds.hosts:
+            argv += ["--datastore", f"{ds.name}={ds.path}" + (":shared" if ds.shared else "")]
+    logf = open(Path(host.state_dir).parent / "agent.log", "ab")  # noqa: SIM115
+    with logf:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+        )
+    return proc.pid
+
+
+def wait_agent(host: LabHost) -> None:
+    token = Path(host.token_file).read_text().strip()
+    deadline = time.monotonic() + AGENT_READY_TIMEOUT_S
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with AgentClient(host.agent_url, token, timeout_s=30) as client:
+                client.host()
+            return
+        except (ClientError, httpx.HTTPError) as exc:
+            last = exc
+            time.sleep(0.2)
+    log_file = Path(host.state_dir).parent / "agent.log"
+    tail = log_file.read_text(errors="replace")[-1500:] if log_file.exists() else ""
+    raise LabSetupError(f"agent on {host.name} did not become ready: {last}\n{tail}")
+
+
+def stop_pid(pid: int | None, what: bytes, crash: bool = False) -> None:
+    """End a lab process outside its namespaces, only if the PID is still that process
+    (``crash``: SIGKILL at once, as a process dying)."""
+    if pid is None:
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return
+    if what not in cmdline:
+        return
+    for sig in (signal.SIGKILL,) if crash else (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        for _ in range(50):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            if not Path(f"/proc/{pid}").exists():
+                return
+            time.sleep(0.05)
