@@ -19,6 +19,9 @@ class AgentErrorCode(StrEnum):
     IN_POSTCOPY = "in_postcopy"  # the source is in postcopy: never resumed or cancelled
     ALREADY_SWITCHED = "already_switched"  # a storage move's disks switched: go forward
     PEER_UNREACHABLE = "peer_unreachable"  # no address of the peer agent answers
+    # This copy went away in another (earlier) migration: it is never resumed or released
+    # for this one, whatever QEMU's status says.
+    STALE_COPY = "stale_copy"
     SPEC_REJECTED = "spec_rejected"
     OPERATION_FAILED = "operation_failed"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from ipaddress import IPv4Address
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -12,6 +12,14 @@ from qmotion.api.storage import DiskCopyPlan, DiskFormat, NbdTargets
 from qmotion.api.vm import StrictModel, VmSpec
 
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s: QEMU's default cap is 128 MiB/s; this lifts it
+# A live migration's id (uuid4 hex), made by the manager: every agent call of that migration
+# carries it, and an agent answers for that migration only (docs/migration.md).
+MIGRATION_ID_PATTERN = r"^[0-9a-f]{32}$"
+MigrationId = Annotated[str, Field(pattern=MIGRATION_ID_PATTERN)]
+# paused: the destination QEMU starts with -S and runs only on the word that the source
+# completed (safe); auto: QEMU runs it by itself when the stream completes (QEMU's
+# cancel-at-completion race can then leave two running copies; kept for measurement only).
+DestinationStart = Literal["paused", "auto"]
 
 
 class QemuMigrationStatus(StrEnum):
@@ -59,6 +67,9 @@ class MigrationPhase(StrEnum):
     STOP_SOURCE = "stop_source"
     UPDATE = "update_inventory"
     ROLLBACK = "rollback"
+    # Terminal: the destination runs the VM (the inventory says so) but what follows the
+    # switchover (announce, the source's release) could not be confirmed; reconcile ends it.
+    CONFIRM_PENDING = "confirmation_pending"
     RECOVER = "recover"
     # A storage move's (qmotion.migration.storage)
     START_MIRROR = "start_mirror"
@@ -110,6 +121,10 @@ class MigrationParams(StrictModel):
     # The manager's: shared-nothing (the disks are copied to this datastore of the destination).
     copy_datastore: str | None = Field(default=None, max_length=64)
     copy_format: DiskFormat | None = None
+    destination_start: DestinationStart = Field(
+        default="paused",
+        description="paused: the destination runs only on the word that the source completed",
+    )
 
 
 class MigrationTune(StrictModel):
@@ -186,6 +201,9 @@ class PathProbe(BaseModel):
 
 class IncomingRequest(StrictModel):
     spec: VmSpec
+    migration_id: MigrationId | None = Field(
+        default=None, description="the migration this destination is for (the manager's id)"
+    )
     params: MigrationParams = Field(default_factory=MigrationParams)
     address: IPv4Address | None = Field(
         default=None, description="listen here (one of the host's migration addresses)"
@@ -206,6 +224,9 @@ class IncomingResponse(BaseModel):
 
 class OutgoingRequest(StrictModel):
     uri: str
+    migration_id: MigrationId | None = Field(
+        default=None, description="the migration this stream is (the manager's id)"
+    )
     params: MigrationParams = Field(default_factory=MigrationParams)
     peer: PeerRef | None = None
 
@@ -214,6 +235,10 @@ class MigrationStats(BaseModel):
     """QEMU's query-migrate, flattened, plus what the agent saw happen at switchover."""
 
     status: QemuMigrationStatus
+    migration_id: str | None = Field(
+        default=None,
+        description="the migration these figures belong to (asked for one: 'none' if not it)",
+    )
     total_time_ms: int | None = None
     setup_time_ms: int | None = None
     downtime_ms: int | None = None
@@ -231,6 +256,12 @@ class MigrationStats(BaseModel):
     error: str | None = None
     steer_ms: float | None = None
     steer_error: str | None = None
+    finish_ms: float | None = Field(
+        default=None, description="source STOP to the destination told to run (source agent)"
+    )
+    finish_error: str | None = Field(
+        default=None, description="why the source agent could not tell the destination to run"
+    )
     rung: str | None = Field(default=None, description="the convergence ladder's rung (manager)")
     downtime_limit_ms: int | None = Field(default=None, description="as last set (manager)")
     events: list[tuple[str, float]] = Field(
@@ -350,6 +381,12 @@ class MigrationReport(BaseModel):
         default=None, description="source STOP to destination RESUME, agents' clocks"
     )
     steer_ms: float | None = Field(default=None, description="destination took the traffic")
+    finish_ms: float | None = Field(
+        default=None, description="source STOP to the destination told to run (paused start)"
+    )
+    destination_start: DestinationStart | None = Field(
+        default=None, description="paused (runs on the source's word) or auto (QEMU's own)"
+    )
     guest_frame_ms: float | None = Field(
         default=None, description="source STOP to the guest's first frame on the destination"
     )

@@ -23,7 +23,12 @@ from pydantic import (
 
 from qmotion.api.drs import OperationReport, Placement
 from qmotion.api.host import HostFacts
-from qmotion.api.migration import MigrationPhase, MigrationReport, MigrationStats
+from qmotion.api.migration import (
+    DestinationStart,
+    MigrationPhase,
+    MigrationReport,
+    MigrationStats,
+)
 from qmotion.api.storage import DiskFormat, DiskUsage, MirrorStatus
 from qmotion.api.vm import NAME_PATTERN, Interface, MemoryMiB, StrictModel, VmState, address_text
 
@@ -204,6 +209,11 @@ class VmOut(BaseModel):
     memory_mib: int
     vcpus: int
     migrating: bool = False
+    attention: str | None = Field(
+        default=None,
+        description="why the VM needs an operator (found by reconcile or a migration); "
+        "migrations and delete --force are refused until it is resolved",
+    )
     disks: list[DiskUsage] = Field(default_factory=list)
     placement: Placement | None = Field(
         default=None, description="at creation: why this host (DRS's ranking)"
@@ -243,6 +253,11 @@ class MigrateRequest(StrictModel):
     )
     force: bool = Field(
         default=False, description="migrate even if a must placement rule forbids it"
+    )
+    destination_start: DestinationStart = Field(
+        default="paused",
+        description="paused (default): the destination starts paused and runs only once the "
+        "source completed; auto: QEMU runs it by itself (unsafe: for measurement only)",
     )
     allow_postcopy: bool = Field(
         default=False,

@@ -212,6 +212,16 @@ class VmInfo(BaseModel):
     memory_backing: MemoryBacking | None = Field(
         default=None, description="hugepages (from the host's pool) or anonymous"
     )
+    incoming_migration: str | None = Field(
+        default=None, description="the migration it arrived by, until the manager confirmed it"
+    )
+    outgoing_migration: str | None = Field(
+        default=None, description="its last outgoing migration's id"
+    )
+    outgoing_status: str | None = Field(
+        default=None,
+        description="that migration's QEMU status (completed only with QEMU in postmigrate)",
+    )
 
 
 class StopRequest(StrictModel):

@@ -78,9 +78,18 @@ class AgentClient(BaseClient):
         req = StopRequest(force=force, timeout_s=timeout_s)
         return self.call(VmInfo, "POST", f"/v1/vms/{name}/stop", json=dump(req))
 
-    def delete(self, name: str, *, force: bool = False, with_disks: bool = False) -> None:
+    def delete(
+        self,
+        name: str,
+        *,
+        force: bool = False,
+        with_disks: bool = False,
+        migration: str | None = None,
+    ) -> None:
+        """With ``migration``: only that migration's destination is removed (the agent refuses
+        a VM that runs, or that did not arrive by it)."""
         params = {"force": str(force).lower(), "with_disks": str(with_disks).lower()}
-        self.request("DELETE", f"/v1/vms/{name}", params=params)
+        self.request("DELETE", f"/v1/vms/{name}", params=params | _of(migration))
 
     def export_disks(self, name: str, *, copy: bool = True) -> list[DiskExport]:
         """Hold the stopped VM on its host (no start there) and, with ``copy``, export its
@@ -121,9 +130,20 @@ class AgentClient(BaseClient):
     def disk_mirror_status(self, name: str) -> MirrorStatus:
         return self.call(MirrorStatus, "GET", f"/v1/vms/{name}/migration/mirror")
 
-    def keep_disks(self, name: str) -> None:
-        """Shared-nothing, destination: the VM ran here, its copied disks are its own."""
-        self.request("POST", f"/v1/vms/{name}/migration/keep-disks")
+    def keep_disks(self, name: str, *, migration: str | None = None) -> None:
+        """Destination: the manager saw the VM run here; its copied disks (shared-nothing) are
+        its own and, with ``migration``, that migration is confirmed here."""
+        self.request("POST", f"/v1/vms/{name}/migration/keep-disks", params=_of(migration))
+
+    def finish_migration(self, name: str, migration: str, *, wait_ms: int = 0) -> VmInfo:
+        """Destination: the word that the source completed ``migration``: the paused
+        destination runs (now, or as soon as the stream is loaded; waits up to ``wait_ms``)."""
+        return self.call(
+            VmInfo,
+            "POST",
+            f"/v1/vms/{name}/migration/finish",
+            params={"migration": migration, "wait_ms": wait_ms},
+        )
 
     def disk_mirror_abort(self, name: str) -> MirrorStatus:
         return self.call(MirrorStatus, "POST", f"/v1/vms/{name}/migration/mirror/abort")
@@ -132,12 +152,21 @@ class AgentClient(BaseClient):
         return self.call(MigrationStats, "POST", f"/v1/vms/{name}/migration", json=dump(req))
 
     def migration(
-        self, name: str, *, wait_ms: int = 0, known_status: str | None = None
+        self,
+        name: str,
+        *,
+        wait_ms: int = 0,
+        known_status: str | None = None,
+        migration: str | None = None,
     ) -> MigrationStats:
+        """With ``migration``: that migration's figures, or status ``none`` if this VM's QEMU
+        is not in it (an arrival's ``completed`` is not an outgoing one)."""
         params: dict[str, str | int] = {"wait_ms": wait_ms}
         if known_status is not None:
             params["known_status"] = known_status
-        return self.call(MigrationStats, "GET", f"/v1/vms/{name}/migration", params=params)
+        return self.call(
+            MigrationStats, "GET", f"/v1/vms/{name}/migration", params=params | _of(migration)
+        )
 
     def tune_migration(self, name: str, tune: MigrationTune) -> MigrationStats:
         return self.call(MigrationStats, "PATCH", f"/v1/vms/{name}/migration", json=dump(tune))
@@ -165,19 +194,29 @@ class AgentClient(BaseClient):
     def reconnect_outgoing(self, name: str, req: PostcopyRecovery) -> MigrationStats:
         return self.call(MigrationStats, "POST", f"/v1/vms/{name}/migration/resume", json=dump(req))
 
-    def cancel_migration(self, name: str) -> MigrationStats:
-        return self.call(MigrationStats, "POST", f"/v1/vms/{name}/migration/cancel")
+    def cancel_migration(self, name: str, *, migration: str | None = None) -> MigrationStats:
+        return self.call(
+            MigrationStats, "POST", f"/v1/vms/{name}/migration/cancel", params=_of(migration)
+        )
 
-    def release(self, name: str) -> None:
-        self.request("POST", f"/v1/vms/{name}/release")
+    def release(self, name: str, *, migration: str | None = None) -> None:
+        self.request("POST", f"/v1/vms/{name}/release", params=_of(migration))
 
-    def resume(self, name: str, *, after_failed_switchover: bool = False) -> str:
+    def resume(
+        self, name: str, *, after_failed_switchover: bool = False, migration: str | None = None
+    ) -> str:
         resp = self.request(
             "POST",
             f"/v1/vms/{name}/resume",
-            params={"after_failed_switchover": str(after_failed_switchover).lower()},
+            params={"after_failed_switchover": str(after_failed_switchover).lower()}
+            | _of(migration),
         )
         return str(resp.json()["qemu_status"])
 
     def announce(self, name: str) -> None:
         self.request("POST", f"/v1/vms/{name}/announce")
+
+
+def _of(migration: str | None) -> dict[str, str]:
+    """The ``migration`` query parameter, sent only when there is an id."""
+    return {"migration": migration} if migration is not None else {}
