@@ -14,7 +14,7 @@ BACKPORTS_LIST := /etc/apt/sources.list.d/qmotion-bookworm-backports.sources
 BENCH_PACKAGES := ganeti-htools
 STAMP := $(VENV)/.installed
 
-.PHONY: setup debs test test-unit check demo bench clean
+.PHONY: setup debs test test-unit check demo bench faults clean
 
 setup: debs $(STAMP)
 
@@ -48,7 +48,7 @@ $(STAMP): pyproject.toml
 test: EXTRA_DEBS = $(BENCH_PACKAGES)
 test: setup
 	$(PY) -m qmotion image build
-	$(PY) -m pytest; rc=$$?; \
+	$(PY) -m pytest -m "not faults"; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 test-unit: setup
@@ -70,6 +70,12 @@ bench: setup
 	$(PY) -m bench.convergence
 	$(PY) -m bench.distance
 	$(PY) -m bench.storage
+
+# The lab fault matrix: each migration phase x each fault on real guests (make test runs only
+# its unmarked representative cases); writes its table to bench/results/faults.md.
+faults: setup
+	$(PY) -m qmotion image build
+	$(PY) -m pytest tests/integration/test_faults.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

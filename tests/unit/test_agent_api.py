@@ -143,3 +143,40 @@ def test_definition_survives_agent_restart(tmp_path: Path) -> None:
 def test_openapi_published(agent: TestClient) -> None:
     paths = agent.get("/openapi.json").json()["paths"]
     assert "/v1/vms/{name}/start" in paths
+
+
+def test_migration_calls_name_their_migration_and_refuse_one_not_here(
+    agent: TestClient,
+) -> None:
+    """A VM defined here that did not arrive by migration M: its teardown as M's failed
+    destination and M's word are refused, nothing touched; a malformed id is a 422."""
+    m = "c" * 32
+    assert agent.post("/v1/vms", json=spec()).status_code == 201
+    info = agent.get("/v1/vms/vm1").json()
+    assert [info[k] for k in ("incoming_migration", "outgoing_migration", "outgoing_status")] == [
+        None,
+        None,
+        None,
+    ]
+    resp = agent.delete("/v1/vms/vm1", params={"migration": m, "force": "true"})
+    assert resp.status_code == 409
+    assert f"not the destination of migration {m}" in resp.json()["error"]["message"]
+    resp = agent.post("/v1/vms/vm1/migration/finish", params={"migration": m})
+    assert (resp.status_code, resp.json()["error"]["code"]) == (409, "conflict")
+    assert agent.post("/v1/vms/ghost/migration/finish", params={"migration": m}).status_code == 404
+    for method, path in [
+        ("POST", "/v1/vms/vm1/migration/finish"),
+        ("DELETE", "/v1/vms/vm1"),
+        ("GET", "/v1/vms/vm1/migration"),
+        ("POST", "/v1/vms/vm1/resume"),
+    ]:
+        resp = agent.request(method, path, params={"migration": "not-an-id"})
+        assert resp.status_code == 422, path
+    assert [v["name"] for v in agent.get("/v1/vms").json()] == ["vm1"]
+
+
+def test_the_word_is_served_on_the_peer_port_too(agent: TestClient) -> None:
+    state = agent.app.state.agent  # type: ignore[attr-defined]
+    paths = state.peer.app.openapi()["paths"]
+    assert "/v1/peer/vms/{name}/migration/finish" in paths
+    assert "/v1/vms/{name}/migration/finish" in agent.get("/openapi.json").json()["paths"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from qmotion.agent.errors import Conflict, InPostcopy, MigratedAway
 from qmotion.agent.migration.migrate import Migrations
 from qmotion.agent.migration.outgoing import Outgoing
+from qmotion.agent.vms.migration_record import MigrationRecords
 from qmotion.api.migration import PostcopyRecovery
 from qmotion.hypervisor.errors import QmpError
 
@@ -21,7 +23,9 @@ OOB = {"migrate-pause", "migrate-recover", "yank"}  # 'allow-oob': true in qapi/
 
 class ScriptedQemu:
     def __init__(self, status: str, *, main_loop_blocked: bool = False) -> None:
-        self.status = status
+        self.migration = status
+        # The source's run state: stopped for the switchover (postcopy), gone after it.
+        self.run_state = "postmigrate" if status == "completed" else "finish-migrate"
         self.blocked = main_loop_blocked
         self.commands: list[str] = []
         self.listening: str | None = None
@@ -35,35 +39,41 @@ class ScriptedQemu:
             await asyncio.sleep(3600)  # the main loop waits on a page that does not come
         self.commands.append(command)
         if command == "query-migrate":
-            return {"status": self.status}
+            return {"status": self.migration}
+        if command == "query-status":
+            return {"status": self.run_state}
         if command == "migrate-pause":
-            if self.status != "postcopy-active":
+            if self.migration != "postcopy-active":
                 raise QmpError(command, "GenericError", "only during postcopy-active")
-            self.status = "postcopy-paused"
+            self.migration = "postcopy-paused"
             return {}
         if command == "migrate-recover":
-            if self.status != "postcopy-paused":
+            if self.migration != "postcopy-paused":
                 raise QmpError(command, "GenericError", "only when postcopy is paused")
             assert args is not None
             self.listening = str(args["uri"])
             return {}
         if command == "yank":
-            if self.status == "postcopy-recover-setup":
-                self.status = "postcopy-paused"
+            if self.migration == "postcopy-recover-setup":
+                self.migration = "postcopy-paused"
             return {}
         if command == "migrate":
             assert args is not None and args.get("resume") is True
-            assert self.status == "postcopy-paused", "QEMU resumes only a paused postcopy"
-            self.status = "postcopy-recover"
+            assert self.migration == "postcopy-paused", "QEMU resumes only a paused postcopy"
+            self.migration = "postcopy-recover"
             return {}
         if command in ("migrate_cancel", "cont"):
             return {}
         raise AssertionError(f"unexpected {command}")
 
+    async def status(self) -> str:
+        return str((await self.execute("query-status"))["status"])
+
 
 class OneVm:
     def __init__(self, qemu: ScriptedQemu) -> None:
         self.qemu = qemu
+        self.records = MigrationRecords(Path("/nonexistent"))  # no VM directory: no record
 
     def monitor(self, name: str) -> ScriptedQemu:
         return self.qemu
@@ -154,13 +164,13 @@ class SettingUp(ScriptedQemu):
     async def execute(
         self, command: str, args: dict[str, Any] | None = None, *, oob: bool = False
     ) -> Any:
-        if command == "query-migrate" and self.status == "setup":
+        if command == "query-migrate" and self.migration == "setup":
             self.left -= 1
             if self.left < 0:
-                self.status = "active"
+                self.migration = "active"
         if command == "migrate_cancel":
-            self.cancelled_in = self.status
-            self.status = "cancelled"
+            self.cancelled_in = self.migration
+            self.migration = "cancelled"
         return await super().execute(command, args, oob=oob)
 
 

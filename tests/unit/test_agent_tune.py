@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 from qmotion.agent.migration.migrate import Migrations
 from qmotion.agent.migration.outgoing import Outgoing
+from qmotion.agent.vms.migration_record import MigrationRecords
 from qmotion.api.migration import MigrationTune
 from qmotion.migration.convergence import THROTTLE_INCREMENT
 
@@ -44,6 +46,7 @@ class ScriptedQemu:
 class OneVm:
     def __init__(self, qemu: ScriptedQemu) -> None:
         self.qemu = qemu
+        self.records = MigrationRecords(Path("/nonexistent"))  # no VM directory: no record
 
     def monitor(self, name: str) -> ScriptedQemu:
         return self.qemu

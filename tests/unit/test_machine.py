@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qmotion.api.migration import QemuMigrationStatus as Qs
-from qmotion.migration.machine import step
+from qmotion.migration.machine import FINISH_RETRIES, RETRIES_AFTER_RUNNING, step
 from qmotion.migration.vocabulary import (
     Announce,
     AwaitProgress,
@@ -33,6 +33,7 @@ from qmotion.migration.vocabulary import (
     Step,
     Succeeded,
     UpdateInventory,
+    delay_of,
 )
 
 
@@ -146,7 +147,8 @@ def test_destination_not_running_after_switchover_recovers_on_source() -> None:
             Succeeded(uri="tcp:x:1"),
             Succeeded(),
             Progress(Qs.COMPLETED),
-            Failed("destination crashed"),
+            # The destination agent itself said so (issue 22: only that lets a recovery begin).
+            Failed("destination crashed", retryable=False, not_running=True),
         ]
     )
     assert steps[-1].action == Recover()
@@ -154,21 +156,26 @@ def test_destination_not_running_after_switchover_recovers_on_source() -> None:
 
 
 def test_stop_source_failure_is_a_warning_not_a_rollback() -> None:
-    steps = run(
-        [
-            Begin(),
-            Succeeded(),
-            Succeeded(uri="tcp:x:1"),
-            Succeeded(),
-            Progress(Qs.COMPLETED),
-            Succeeded(),
-            Succeeded(),
-            Failed("agent gone"),
-            Succeeded(),
-        ]
-    )
-    assert steps[-1].state.phase == Phase.DONE
+    """Issue 22: past the switchover a failure is retried with backoff (one lost answer costs
+    nothing), and one that lasts ends ``confirmation_pending``: the VM runs on the
+    destination, a warning, never a rollback or a recovery."""
+    to_stop: list[Event] = [
+        Begin(),
+        Succeeded(),
+        Succeeded(uri="tcp:x:1"),
+        Succeeded(),
+        Progress(Qs.COMPLETED),
+        Succeeded(),
+        Succeeded(),
+    ]
+    once = run([*to_stop, Failed("agent gone"), Succeeded(), Succeeded()])
+    assert once[-3].action == ConfirmSource(after_s=0.5)
+    assert once[-1].state.phase == Phase.DONE and not once[-1].state.warnings
+    steps = run([*to_stop, *[Failed("agent gone")] * (RETRIES_AFTER_RUNNING + 1), Succeeded()])
+    assert steps[-1].state.phase == Phase.CONFIRM_PENDING
     assert any("stop_source" in w for w in steps[-1].state.warnings)
+    assert "confirmation pending" in (steps[-1].state.attention or "")
+    assert not any(isinstance(s.action, Rollback | Recover) for s in steps)
 
 
 def test_state_roundtrips_through_json() -> None:
@@ -178,13 +185,29 @@ def test_state_roundtrips_through_json() -> None:
 
 
 events = st.one_of(
-    st.builds(Begin, st.booleans()),
+    st.builds(Begin, st.booleans(), st.sampled_from([None, "0" * 32])),
     st.builds(MirrorProgress, st.booleans()),
     st.just(Succeeded()),
     st.just(Succeeded(uri="tcp:h:1")),
     st.builds(Failed, st.sampled_from(["boom", "agent gone"])),
+    # The destination agent's own "it does not run here", and failures asking cannot help.
+    st.builds(Failed, st.just("gone"), st.booleans(), st.booleans()),
     st.builds(
-        Progress, st.sampled_from(["setup", "active", "device", "completed", "failed", "cancelled"])
+        Progress,
+        st.sampled_from(
+            [
+                "setup",
+                "active",
+                "device",
+                "completed",
+                "failed",
+                "cancelled",
+                "postcopy-active",
+                "postcopy-paused",
+            ]
+        ),
+        st.none(),
+        st.booleans(),
     ),
     st.just(CancelRequested()),
     st.just(Restarted()),
@@ -220,6 +243,24 @@ def test_invariants_over_any_event_sequence(seq: list[Event]) -> None:
             assert state.copy_disks and state.mirror_started
         if before.switched_over:
             assert state.switched_over
+        # Issue 22: a destination seen running owns the VM.
+        if before.destination_running:
+            assert state.destination_running
+            assert state.phase != Phase.RECOVER and not isinstance(s.action, Recover)
+            if isinstance(s.action, Rollback):
+                assert not s.action.teardown_destination
+        if isinstance(s.action, Recover) and before.phase != Phase.RECOVER:
+            # Only the destination agent's own word that the VM does not run there.
+            assert isinstance(ev, Failed) and ev.not_running, (before, ev)
+        if state.phase == Phase.CONFIRM_PENDING:
+            assert state.destination_running and state.attention
+        if state.phase == Phase.FAILED and before.phase != Phase.FAILED and before.switched_over:
+            # Failed past the switchover: settled only by a completed recovery, else marked.
+            recovered = before.phase == Phase.RECOVER and isinstance(ev, Succeeded)
+            assert recovered or state.attention, (before, ev)
+        assert 0.0 <= delay_of(s.action) <= 30.0
+        assert state.attempts <= 20
+        assert state.migration_id == (before.migration_id or state.migration_id)
 
 
 @settings(max_examples=200)
@@ -340,3 +381,86 @@ def test_shared_nothing_rollbacks_stop_the_mirror() -> None:
         Progress(Qs.CANCELLED, "disk copy: disk 0 is not in sync"),
     )
     assert "not in sync" in (why.state.error or "")
+
+
+TO_SWITCHOVER: list[Event] = [
+    Begin(migration_id="0" * 32),
+    Succeeded(),
+    Succeeded(uri="tcp:h:1"),
+    Succeeded(),
+    Progress(Qs.COMPLETED),
+]
+
+
+@settings(max_examples=300)
+@given(st.booleans(), st.lists(events, max_size=40))
+def test_a_destination_seen_running_is_never_undone(ran: bool, seq: list[Event]) -> None:
+    """From the switchover (``ran``: the destination was seen running), whatever happens: no
+    recovery once it ran, no teardown of it, a recovery only on the destination agent's own
+    word, and every end says where the VM is or marks it."""
+    state = MigrationState()
+    for ev in [*TO_SWITCHOVER, *([Succeeded()] if ran else [])]:
+        state = step(state, ev).state
+    assert state.destination_running == ran
+    for ev in seq:
+        before = state
+        s = step(state, ev)
+        state = s.state
+        if before.destination_running:
+            assert state.phase not in (Phase.RECOVER, Phase.ROLLBACK), (before, ev)
+            assert not isinstance(s.action, Recover | Rollback)
+        if isinstance(s.action, Recover) and before.phase != Phase.RECOVER:
+            assert isinstance(ev, Failed) and ev.not_running
+        if state.terminal and not before.terminal:
+            if state.phase == Phase.DONE:
+                assert state.destination_running and not state.unconfirmed
+            elif state.phase == Phase.CONFIRM_PENDING:
+                assert state.destination_running and state.attention
+            else:
+                recovered = before.phase == Phase.RECOVER and isinstance(ev, Succeeded)
+                assert state.phase == Phase.FAILED and (recovered or state.attention)
+
+
+def test_a_finish_that_cannot_be_confirmed_is_retried_then_fails_with_nothing_undone() -> None:
+    """Unreachable, 5xx, a paused destination that does not start: it may run, so nothing is
+    removed or resumed; retried with backoff (0.5 s doubling to 30 s), then the VM is marked."""
+    steps = run([*TO_SWITCHOVER, *[Failed("host h2: unreachable")] * (FINISH_RETRIES + 1)])
+    waits = [s.action.after_s for s in steps[5:-1] if isinstance(s.action, FinishDestination)]
+    assert waits[:7] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0] and len(waits) == FINISH_RETRIES
+    last = steps[-1].state
+    assert last.phase == Phase.FAILED and "switchover unconfirmed" in (last.attention or "")
+    assert not any(isinstance(s.action, Recover | Rollback) for s in steps)
+
+
+def test_recover_asks_again_and_goes_forward_if_the_destination_runs() -> None:
+    at_recover = run([*TO_SWITCHOVER, Failed("crashed", retryable=False, not_running=True)])
+    state = at_recover[-1].state
+    assert state.phase == Phase.RECOVER
+    # Unreachable: asked again with backoff, never resumed on a guess.
+    again = step(state, Failed("host h2: unreachable"))
+    assert again.action == Recover(after_s=0.5)
+    # Asked again, it runs after all (SwitchedOver): forward, the Finish step again.
+    forward = step(again.state, Progress(Qs.COMPLETED))
+    assert forward.state.phase == Phase.VERIFY and forward.action == FinishDestination()
+    # Refused (the source's copy is stale): failed, nothing more undone, the VM marked.
+    refused = step(state, Failed("stale_copy", retryable=False))
+    assert refused.state.phase == Phase.FAILED and refused.state.attention
+
+
+def test_the_id_and_the_new_fields_survive_a_restart() -> None:
+    state = run([*TO_SWITCHOVER])[-1].state
+    state = replace(state, postcopy_requested=True, attempts=3, unconfirmed=True)
+    assert MigrationState.from_json(state.to_json()) == state
+    assert state.migration_id == "0" * 32
+    # A state persisted before issue 22 reads with the defaults.
+    old = {"phase": "monitor", "started": True, "destination_made": True}
+    restored = MigrationState.from_json(old)
+    assert restored.migration_id is None and not restored.postcopy_requested
+
+
+def test_postcopy_requested_reaches_the_state_from_the_progress_that_asked() -> None:
+    monitoring = run([*TO_SWITCHOVER[:4], Progress(Qs.ACTIVE)])[-1].state
+    asked = step(monitoring, Progress(Qs.ACTIVE, postcopy_requested=True))
+    assert asked.state.postcopy_requested
+    # ... and a later answer without it does not take it back.
+    assert step(asked.state, Progress(Qs.ACTIVE)).state.postcopy_requested

@@ -80,7 +80,9 @@ def _migrate(world: World, db: Database, req: MigrateRequest, hook: Hook | None 
     """One migration of vm1 h1 -> h2 through the task runner, to its end."""
 
     async def main() -> TaskOut:
-        runner = TaskRunner(db, Inventory(db, world.connector()), clock=world.clock.monotonic)
+        runner = TaskRunner(
+            db, Inventory(db, world.connector()), clock=world.clock.monotonic, sleep=world.sleep
+        )
         world.before_request = hook
         task = await runner.submit_migration("vm1", req)
         return await world.run_to_end(runner, task)
@@ -439,7 +441,9 @@ def test_a_dry_run_measures_predicts_and_starts_nothing(world: tuple[World, Data
     w, db = world
 
     async def main() -> Any:
-        runner = TaskRunner(db, Inventory(db, w.connector()), clock=w.clock.monotonic)
+        runner = TaskRunner(
+            db, Inventory(db, w.connector()), clock=w.clock.monotonic, sleep=w.sleep
+        )
         return await runner.predict_migration("vm1", MigrateRequest(to="h2"))
 
     p = asyncio.run(main())

@@ -29,7 +29,9 @@ async def _migrate(
 ) -> TaskOut:
     """One migration of vm1 h1 -> h2 through the task runner; ``cancel_at``: the operator
     cancels just before that agent request; ``hook`` injects the race."""
-    runner = TaskRunner(db, Inventory(db, world.connector()))
+    runner = TaskRunner(
+        db, Inventory(db, world.connector()), clock=world.clock.monotonic, sleep=world.sleep
+    )
     loop = asyncio.get_running_loop()
     task_id: list[int] = []
 

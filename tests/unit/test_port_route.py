@@ -59,7 +59,9 @@ def far(tmp_path: Path) -> Iterator[tuple[World, Database]]:
 
 def _migrate(w: World, db: Database) -> TaskOut:
     async def main() -> TaskOut:
-        runner = TaskRunner(db, Inventory(db, w.connector()), clock=w.clock.monotonic)
+        runner = TaskRunner(
+            db, Inventory(db, w.connector()), clock=w.clock.monotonic, sleep=w.sleep
+        )
         task = await runner.submit_migration("vm1", MigrateRequest(to="h2"))
         return await w.run_to_end(runner, task)
 

@@ -48,7 +48,9 @@ def _setup(tmp_path: Path) -> tuple[World, Database]:
 async def _migrate(
     world: World, db: Database, *, cancel_at: int | None = None, hook: Hook | None = None
 ) -> TaskOut:
-    runner = TaskRunner(db, Inventory(db, world.connector()))
+    runner = TaskRunner(
+        db, Inventory(db, world.connector()), clock=world.clock.monotonic, sleep=world.sleep
+    )
     loop = asyncio.get_running_loop()
     task_id: list[int] = []
 

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from qmotion.api.migration import MigrationStats
 from qmotion.api.migration import QemuMigrationStatus as Qs
 from qmotion.server.tasks.watchdog import (
+    DEVICE_STUCK_S,
     POSTCOPY_RECOVER_S,
     POSTCOPY_STALL_S,
     PRE_SWITCHOVER_STUCK_S,
@@ -106,3 +107,32 @@ def test_a_stream_that_keeps_moving_is_never_abandoned(
     for i, (status, gap) in enumerate(answers):
         now += gap
         assert dog.observe(_stats(status, i), now) is None
+
+
+def test_a_device_state_that_does_not_go_through_is_reported_after_its_limit() -> None:
+    """Issue 22: the guest is paused while QEMU sends the device state; a link that dies then
+    would hold it paused until TCP gives up. Moving to ``device`` is no stall (no RAM moves
+    there), but staying in it past DEVICE_STUCK_S is."""
+    dog = Watchdog(progress_at=T0)
+    assert dog.observe(_stats(Qs.ACTIVE, 100), T0) is None
+    assert dog.observe(_stats(Qs.DEVICE, 100), T0 + 1) is None
+    assert dog.observe(_stats(Qs.DEVICE, 100), T0 + 1 + DEVICE_STUCK_S) is None  # not yet past
+    why = dog.observe(_stats(Qs.DEVICE, 100), T0 + 1.1 + DEVICE_STUCK_S)
+    assert why == f"the device state has not gone through for {DEVICE_STUCK_S:.0f} s"
+    assert dog.stuck_in == Qs.DEVICE  # the rollback cancels it without waiting for the end
+    # A device state that ends (completed, or back to active after a failed switchover) and
+    # a later one: each gets its own timer.
+    fresh = Watchdog(progress_at=T0)
+    assert fresh.observe(_stats(Qs.DEVICE, 1), T0) is None
+    assert fresh.observe(_stats(Qs.ACTIVE, 2), T0 + 5) is None
+    assert fresh.observe(_stats(Qs.DEVICE, 2), T0 + 6) is None
+    assert fresh.observe(_stats(Qs.DEVICE, 2), T0 + 6 + DEVICE_STUCK_S) is None
+    assert fresh.stuck_in is None
+
+
+def test_a_migration_the_source_does_not_know_by_its_id_is_a_stall() -> None:
+    """Asked by the id, a source with no such migration answers ``none``: after migrate was
+    issued that moves nothing, and is abandoned like a stream that does not move."""
+    dog = Watchdog(progress_at=T0)
+    assert dog.observe(_stats(Qs.NONE, 0), T0 + 1) is None
+    assert dog.observe(_stats(Qs.NONE, 0), T0 + STALL_TIMEOUT_S + 2) is not None

@@ -114,3 +114,32 @@ def test_force_delete_forgets_a_vm_its_host_no_longer_has(tmp_path: Path) -> Non
     assert sorted(names) == ["vm1", "vm2"]
     assert world.running_copies("vm1") == ["h1"]
     assert world.running_copies("vm2") == ["h2"]
+
+
+def test_at_most_four_migrations_involve_a_destination_at_once(tmp_path: Path) -> None:
+    """Issue 22: moves into one host from several sources (three VMs on each of h1, h2 and
+    h3, all to h4): the destination's slots are what limits them, and they hold. (Every move
+    h1 -> h2 would not notice a missing destination slot: the source's limits both ends.)"""
+    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    world = World(hosts=("h1", "h2", "h3", "h4"), polls_to_complete=6, duration_s=0.4)
+    world.register_hosts(db)
+    names = [f"vm{h}{i}" for h in (1, 2, 3) for i in range(3)]
+    for name in names:
+        world.add_running_vm(db, name, f"h{name[2]}")
+    runner = TaskRunner(db, Inventory(db, world.connector()), per_host=4)
+
+    async def main() -> list[TaskOut]:
+        tasks = [await runner.submit_migration(n, MigrateRequest(to="h4")) for n in names]
+        for _ in range(3000):
+            if not any(runner.get(t.id).state.active for t in tasks):
+                break
+            await asyncio.sleep(0.01)
+        return [runner.get(t.id) for t in tasks]
+
+    done = asyncio.run(main())
+    assert [t.state for t in done] == [TaskState.SUCCEEDED] * len(names), [t.error for t in done]
+    # As the agents saw it: h4 reached the limit and never passed it.
+    assert world.max_active_per_host["h4"] == 4, world.max_active_per_host
+    assert all(world.running_copies(n) == ["h4"] for n in names)
+    with db.session() as s:
+        assert {v.host.name for v in s.query(Vm)} == {"h4"}

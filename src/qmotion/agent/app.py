@@ -25,6 +25,7 @@ from qmotion.agent.vms import images
 from qmotion.agent.vms.manager import VmManager
 from qmotion.api.host import AccelInfo, HostFacts, HostMetrics, TlsCsr, TlsInstall, TlsStatus
 from qmotion.api.migration import (
+    MIGRATION_ID_PATTERN,
     DirtyRateReport,
     DirtyRateRequest,
     IncomingRequest,
@@ -67,6 +68,17 @@ DIRTY_SAMPLE_S = 1.0  # this long
 HEALTH_INTERVAL_S = 10.0
 # Any operation on a VM may also fail partway (500, OperationFailed), in the same error body.
 ERROR_STATUSES = (*COMMON_ERROR_STATUSES, 500)
+# A live migration's id (the manager's): the call acts on, and answers for, that one only.
+MigrationQuery = Annotated[
+    str | None,
+    Query(pattern=MIGRATION_ID_PATTERN, description="the live migration this call is for"),
+]
+FinishMigration = Annotated[
+    str, Query(pattern=MIGRATION_ID_PATTERN, description="the migration that completed")
+]
+FinishWait = Annotated[
+    int, Query(ge=0, le=30_000, description="wait this long for the VM to run (ms)")
+]
 
 
 class AgentState:
@@ -183,8 +195,10 @@ def create_app(config: AgentConfig) -> FastAPI:
         return await state.vms.stop(name, force=req.force, timeout_s=req.timeout_s)
 
     @app.delete("/v1/vms/{name}", status_code=204, dependencies=auth)
-    async def delete_vm(name: str, force: bool = False, with_disks: bool = False) -> None:
-        await state.vms.delete(name, force=force, with_disks=with_disks)
+    async def delete_vm(
+        name: str, force: bool = False, with_disks: bool = False, migration: MigrationQuery = None
+    ) -> None:
+        await state.migrations.delete(name, force=force, with_disks=with_disks, migration=migration)
 
     @app.post("/v1/vms/{name}/export", response_model=list[DiskExport], dependencies=auth)
     async def export_disks(name: str, copy: bool = True) -> list[DiskExport]:
@@ -226,8 +240,9 @@ def create_app(config: AgentConfig) -> FastAPI:
         name: str,
         wait_ms: Annotated[int, Query(ge=0, le=30_000)] = 0,
         known_status: str | None = None,
+        migration: MigrationQuery = None,
     ) -> MigrationStats:
-        return await state.migrations.stats(name, wait_ms, known_status)
+        return await state.migrations.stats(name, wait_ms, known_status, migration)
 
     @app.patch("/v1/vms/{name}/migration", response_model=MigrationStats, dependencies=auth)
     async def migration_tune(name: str, tune: MigrationTune) -> MigrationStats:
@@ -263,20 +278,29 @@ def create_app(config: AgentConfig) -> FastAPI:
         return await state.migrations.reconnect_outgoing(name, req)
 
     @app.post("/v1/vms/{name}/migration/cancel", response_model=MigrationStats, dependencies=auth)
-    async def migration_cancel(name: str) -> MigrationStats:
-        return await state.migrations.cancel(name)
+    async def migration_cancel(name: str, migration: MigrationQuery = None) -> MigrationStats:
+        return await state.migrations.cancel(name, migration)
+
+    @app.post("/v1/vms/{name}/migration/finish", response_model=VmInfo, dependencies=auth)
+    async def migration_finish(
+        name: str, migration: FinishMigration, wait_ms: FinishWait = 0
+    ) -> VmInfo:
+        return await state.migrations.finish(name, migration, wait_ms)
 
     @app.post("/v1/vms/{name}/steer", dependencies=auth)
     async def steer(name: str, req: SteerRequest) -> dict[str, float]:
         return {"ms": await state.migrations.steer(name, req)}
 
     @app.post("/v1/vms/{name}/release", status_code=204, dependencies=auth)
-    async def release(name: str) -> None:
-        await state.migrations.release(name)
+    async def release(name: str, migration: MigrationQuery = None) -> None:
+        await state.migrations.release(name, migration)
 
     @app.post("/v1/vms/{name}/resume", dependencies=auth)
-    async def resume(name: str, after_failed_switchover: bool = False) -> dict[str, str]:
-        return {"qemu_status": await state.migrations.resume(name, after_failed_switchover)}
+    async def resume(
+        name: str, after_failed_switchover: bool = False, migration: MigrationQuery = None
+    ) -> dict[str, str]:
+        status = await state.migrations.resume(name, after_failed_switchover, migration)
+        return {"qemu_status": status}
 
     @app.post("/v1/vms/{name}/announce", status_code=204, dependencies=auth)
     async def announce(name: str) -> None:
@@ -325,8 +349,8 @@ def create_app(config: AgentConfig) -> FastAPI:
         await state.migrations.check_incoming(req)
 
     @app.post("/v1/vms/{name}/migration/keep-disks", status_code=204, dependencies=auth)
-    async def migration_keep_disks(name: str) -> None:
-        await state.migrations.keep_disks(name)
+    async def migration_keep_disks(name: str, migration: MigrationQuery = None) -> None:
+        await state.migrations.keep_disks(name, migration)
 
     @app.post("/v1/vms/{name}/migration/mirror", response_model=MirrorStatus, dependencies=auth)
     async def migration_mirror(name: str, req: NbdMirrorRequest) -> MirrorStatus:
@@ -358,6 +382,10 @@ def create_peer_app(state: AgentState) -> FastAPI:
     @peer.post("/v1/peer/vms/{name}/steer")
     async def steer(name: str, req: SteerRequest) -> dict[str, float]:
         return {"ms": await state.migrations.steer(name, req)}
+
+    @peer.post("/v1/peer/vms/{name}/migration/finish", response_model=VmInfo)
+    async def finish(name: str, migration: FinishMigration, wait_ms: FinishWait = 0) -> VmInfo:
+        return await state.migrations.finish(name, migration, wait_ms)
 
     @peer.get("/healthz")
     async def healthz() -> dict[str, str]:

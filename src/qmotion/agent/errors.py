@@ -6,6 +6,7 @@ AgentError
  │    ├── Conflict           409: the VM's state forbids it (running, exists, busy)
  │    │    ├── MigratedAway  409: the VM completed a migration away; it runs elsewhere now
  │    │    ├── InPostcopy    409: the VM is in postcopy away: never resumed or cancelled here
+ │    │    ├── StaleCopy     409: this copy went away in another migration: never resumed
  │    │    ├── AlreadySwitched 409: a storage move's disks switched: never rolled back
  │    │    └── PeerUnreachable 409: no address of the peer agent answers
  │    └── SpecRejected       422: the spec cannot run here (names the field and why)
@@ -66,6 +67,13 @@ class InPostcopy(Conflict):
     """Callers (the manager's rollback) read this code as "going forward, never resumed"."""
 
     code = AgentErrorCode.IN_POSTCOPY
+
+
+class StaleCopy(Conflict):
+    """Asked about one migration, this copy went away in another: it is never resumed or
+    released for this one, and never taken for this one's switchover."""
+
+    code = AgentErrorCode.STALE_COPY
 
 
 class AlreadySwitched(Conflict):

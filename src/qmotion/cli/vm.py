@@ -64,19 +64,24 @@ def parse_workload(text: str) -> Workload:
 
 
 def _vm_table(vms: list[VmOut]) -> Table:
-    table = Table("name", "host", "state", "address", "MAC", "memory", "CPU model")
+    """One row per VM; the attention column only when a VM needs an operator (its state is
+    then marked "!")."""
+    attention = any(v.attention for v in vms)
+    columns = ["name", "host", "state", "address", "MAC", "memory", "CPU model"]
+    table = Table(*columns, *(["attention"] if attention else []))
     for v in vms:
-        table.add_row(
-            *cells(
-                v.name,
-                v.host,
-                v.state + (" (migrating)" if v.migrating else ""),
-                v.address or "-",
-                v.mac,
-                f"{v.memory_mib} MiB",
-                v.cpu_model,
-            )
-        )
+        row = [
+            v.name,
+            v.host,
+            v.state + (" (migrating)" if v.migrating else "") + (" !" if v.attention else ""),
+            v.address or "-",
+            v.mac,
+            f"{v.memory_mib} MiB",
+            v.cpu_model,
+        ]
+        if attention:
+            row.append(v.attention or "-")
+        table.add_row(*cells(*row))
     return table
 
 

@@ -9,7 +9,8 @@ Mapping:
   on it.
   VM running (or paused) -> demand its vCPUs and memory until measured demand is fed in;
   stopped -> allocates its memory, demands nothing. A VM that is migrating right now is pinned
-  where it is (a must run-on rule), so no plan moves it twice.
+  where it is (a must run-on rule), so no plan moves it twice; so is a VM that needs attention
+  (reconcile found its copies in doubt): nothing moves it until that is resolved.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def snapshot_from_inventory(
     out, extra = [], []
     measured = demand or {}
     host_rules = [r for r in rules if r.strength == "must" and r.kind in ("run_on", "not_run_on")]
-    held_here: set[str] = set()  # migrating VMs: their own host rules give way to the pin
+    held_here: set[str] = set()  # held VMs: their own host rules give way to the pin
     usable = {h.name for h in specs if h.usable}
     for vm in vms:
         idle = vm.state in ("stopped", "suspended")  # neither runs nor uses memory
@@ -92,12 +93,13 @@ def snapshot_from_inventory(
                 dirty_rate_mib_s=0.0 if idle else (dirty or {}).get(vm.name, 0.0),
             )
         )
-        where = vm.host if vm.migrating else (pinned or {}).get(vm.name)
+        stays = vm.migrating or vm.attention is not None
+        where = vm.host if stays else (pinned or {}).get(vm.name)
         # A cool-down never holds a VM where a must rule says it may not be, nor on a host
         # it should leave (failed, degraded, maintenance).
         if (
             where is not None
-            and not vm.migrating
+            and not stays
             and (
                 where not in usable
                 or any(
@@ -107,12 +109,12 @@ def snapshot_from_inventory(
             )
         ):
             where = None
-        if vm.migrating:
+        if stays:
             held_here.add(vm.name)
         if where is not None:
             extra.append(
                 Rule(
-                    name=f"{'migrating' if vm.migrating else 'cooldown'}-{vm.name}",
+                    name=f"{_pin_kind(vm)}-{vm.name}",
                     kind="run_on",
                     strength="must",
                     vms=[vm.name],
@@ -132,3 +134,10 @@ def snapshot_from_inventory(
             continue
         kept.append(r.model_copy(update={"vms": members, "hosts": on}))
     return Snapshot(hosts=specs, vms=out, rules=[*kept, *extra])
+
+
+def _pin_kind(vm: VmOut) -> str:
+    """Why a VM is pinned where it is, as its rule's name says."""
+    if vm.migrating:
+        return "migrating"
+    return "attention" if vm.attention is not None else "cooldown"

@@ -96,6 +96,7 @@ def build_argv(
     incoming: str | None = None,
     hugepages: Path | None = None,
     binary: str = QEMU,
+    paused: bool = False,
 ) -> list[str]:
     """The QEMU command line for ``spec``. Pure: the same inputs always give the same argv.
 
@@ -172,4 +173,7 @@ def build_argv(
         argv += ["-append", paths.cmdline]
     if incoming is not None:
         argv += ["-incoming", incoming]
+    if paused:
+        # A migration's destination: QEMU loads the stream and stays paused until ``cont``.
+        argv += ["-S"]
     return argv

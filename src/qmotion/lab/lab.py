@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from qmotion.api.sizes import parse_rate_bytes
 from qmotion.client.agent import AgentClient
+from qmotion.client.errors import ClientError
 from qmotion.client.server import ServerClient
 from qmotion.hypervisor import hugepages as hugepages_mod
 from qmotion.image import ensure_image
@@ -119,6 +121,44 @@ class Lab:
             with self.server() as client:
                 client.refresh_hosts()
 
+    def kill_agent(self, host: str, down_s: float = 0.0, accel: str = "auto") -> None:
+        """SIGKILL a host's agent, as a crash (its VMs run on: each QEMU is a daemon of its
+        own), and start it again after ``down_s`` seconds on the same state directory; returns
+        once it answers."""
+        h = self.host(host)
+        stop_pid(h.agent_pid, b"agent", crash=True)
+        try:
+            time.sleep(down_s)
+        finally:
+            # Whatever cuts the outage short, the host gets its agent back.
+            h.agent_pid = start_agent(self.record, h, accel)
+            save(self.record)
+        wait_agent(h)
+        self._refresh_quietly()
+
+    def revive(self, accel: str = "auto") -> list[str]:
+        """Start again whatever of the lab's agents and manager is not running (after a fault
+        test that ended midway); returns what it started."""
+        started: list[str] = []
+        for h in self.record.hosts:
+            if not _running(h.agent_pid, b"agent"):
+                h.agent_pid = start_agent(self.record, h, accel)
+                save(self.record)
+                wait_agent(h)
+                started.append(h.name)
+        if self.record.manager_url is not None and not _running(self.record.manager_pid, b"server"):
+            start_manager(self.record, register=False)
+            started.append("manager")
+        return started
+
+    def _refresh_quietly(self) -> None:
+        """The manager's periodic refresh may have seen a host down meanwhile; a manager that
+        is down itself refreshes when it is back."""
+        if self.record.manager_url is None:
+            return
+        with contextlib.suppress(ClientError), self.server(timeout_s=30) as client:
+            client.refresh_hosts()
+
     def restart_manager(self, crash: bool = False, down_s: float = 0.0) -> None:
         """Stop the manager (``crash``: SIGKILL, as a dying process) and start it again, after
         ``down_s`` seconds, on the same database and token; hosts and the pool stay
@@ -153,6 +193,39 @@ class Lab:
         finally:
             netns.set_link(h.namespace, "eth1", up=True)
 
+    @contextlib.contextmanager
+    def migration_link_down(self, host: str) -> Iterator[None]:
+        """While inside, ``host``'s migration link is down at its switch port (``ip link set
+        NAME-hIm down``): streams into and out of the host stop silently, as when a cable or a
+        switch port fails. The host keeps its interface, address and routes (nothing falls
+        back) and its agent still answers on the management network. Up again on exit."""
+        h = self.host(host)
+        if not h.migration_address:
+            raise LabInputError(f"lab {self.record.name} has no migration network")
+        port = f"{h.namespace}m"
+        netns.set_link(None, port, up=False)
+        try:
+            yield
+        finally:
+            netns.set_link(None, port, up=True)
+
+    @contextlib.contextmanager
+    def migration_link_rate(self, host: str, rate_bytes: int) -> Iterator[None]:
+        """While inside, ``host`` sends at most ``rate_bytes`` per second on its migration
+        link: a slow link, which QEMU's own rate limit is not (QEMU lifts it for the final
+        stop-and-copy). Back to the lab's own rate (``--bandwidth``), or none, on exit."""
+        h = self.host(host)
+        if not h.migration_address:
+            raise LabInputError(f"lab {self.record.name} has no migration network")
+        netns.limit_rate(h.namespace, "eth1", rate_bytes)
+        try:
+            yield
+        finally:
+            if self.record.bandwidth:
+                netns.limit_rate(h.namespace, "eth1", parse_rate_bytes(self.record.bandwidth))
+            else:
+                netns.clear_rate(h.namespace, "eth1")
+
     def set_migration_mtu(self, host: str, mtu: int) -> None:
         """The MTU of ``host``'s migration interface and of its switch port (jumbo frames)."""
         h = self.host(host)
@@ -167,6 +240,19 @@ class Lab:
         if addr > last:
             raise LabInputError(f"address pool exhausted at index {index}")
         return f"{addr}/{self.record.pool.prefixlen}"
+
+
+def _running(pid: int | None, what: bytes) -> bool:
+    """``pid`` is alive (not a zombie, which is reaped) and is the lab's process ``what``."""
+    if pid is None:
+        return False
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return what in cmdline
 
 
 def lab_up(

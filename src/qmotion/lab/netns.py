@@ -177,6 +177,15 @@ def limit_rate(ns: str, dev: str, rate_bytes: int) -> None:
         raise RuntimeError(f"tc tbf on {ns}/{dev} failed: {proc.stderr.strip()}")
 
 
+def clear_rate(ns: str, dev: str) -> None:
+    """Remove ``limit_rate``'s qdisc: the link sends at its own speed again."""
+    subprocess.run(
+        ["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"],
+        check=False,
+        capture_output=True,
+    )
+
+
 # tc filter priority of the lab's fault injection: one well-known slot, so it is found and
 # removed again without touching anything else on the link.
 FAULT_PREF = "7"

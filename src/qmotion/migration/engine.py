@@ -1,14 +1,28 @@
 """Runs the migration state machine: performs each action through a narrow port, feeds the
-outcome back, and persists every step. All I/O is behind ``MigrationPort``."""
+outcome back, and persists every step. All I/O is behind ``MigrationPort``.
+
+qmotion's own errors from an action are events the machine decides on. Anything else (a
+database error in a step or in ``persist``, a bug) never ends a migration while QEMU may be
+moving it: the same action, or the same persist, is tried again after a backoff, and a
+manager that restarts meanwhile resumes from the persisted state.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Protocol
 
 from qmotion.api.migration import MigrationStats, QemuMigrationStatus
-from qmotion.migration.errors import InPostcopy, MigrationError, StepError, SwitchedOver
+from qmotion.errors import QmotionError
+from qmotion.migration.errors import (
+    DestinationNotRunning,
+    InPostcopy,
+    StepError,
+    SwitchedOver,
+)
 from qmotion.migration.machine import step
 from qmotion.migration.vocabulary import (
     Announce,
@@ -23,6 +37,7 @@ from qmotion.migration.vocabulary import (
     MigrationState,
     MirrorDisks,
     MirrorProgress,
+    Phase,
     PrepareDestination,
     Progress,
     Recover,
@@ -34,11 +49,21 @@ from qmotion.migration.vocabulary import (
     Step,
     Succeeded,
     UpdateInventory,
+    delay_of,
 )
+
+log = logging.getLogger(__name__)
+ERROR_BACKOFF_FIRST_S = 1.0  # after an unexpected error: 1 s, doubling, at most 30 s
+ERROR_BACKOFF_MAX_S = 30.0
+# Before anything was made an unexpected error ends the task: nothing moves to protect.
+UNTOUCHED = frozenset({Phase.PENDING, Phase.PRECHECK})
 
 
 class MigrationPort(Protocol):
-    """Everything the engine needs from the world, for one migration."""
+    """Everything the engine needs from the world, for one migration. ``postcopy_requested``:
+    the port asked QEMU for postcopy (it persisted that first)."""
+
+    postcopy_requested: bool
 
     async def prechecks(self) -> None: ...
     async def prepare_destination(self) -> str: ...
@@ -57,10 +82,12 @@ class MigrationPort(Protocol):
 
 
 Persist = Callable[[Step, MigrationStats | None], Awaitable[None]]
+Sleep = Callable[[float], Awaitable[None]]
 
 
 async def _perform(port: MigrationPort, action: object) -> tuple[Event, MigrationStats | None]:
-    """One action; its outcome as an event. Only qmotion's own errors become ``Failed``."""
+    """One action; its outcome as an event. Only qmotion's own errors become ``Failed``;
+    any other exception passes (``run`` retries the action)."""
     try:
         match action:
             case RunPrechecks():
@@ -73,7 +100,8 @@ async def _perform(port: MigrationPort, action: object) -> tuple[Event, Migratio
                 await port.start_migration(uri)
             case AwaitProgress(known_status=known):
                 stats = await port.progress(known)
-                return Progress(stats.status, stats.error), stats
+                asked = port.postcopy_requested
+                return Progress(stats.status, stats.error, postcopy_requested=asked), stats
             case FinishDestination():
                 await port.finish_destination()
             case Announce():
@@ -94,9 +122,11 @@ async def _perform(port: MigrationPort, action: object) -> tuple[Event, Migratio
         return Progress(QemuMigrationStatus.POSTCOPY_ACTIVE), None
     except SwitchedOver:
         return Progress(QemuMigrationStatus.COMPLETED), None
+    except DestinationNotRunning as exc:
+        return Failed(str(exc), retryable=False, not_running=True), None
     except StepError as exc:
         return Failed(str(exc), retryable=exc.retryable), None
-    except MigrationError as exc:
+    except QmotionError as exc:
         return Failed(str(exc)), None
     return Succeeded(), None
 
@@ -108,26 +138,83 @@ async def run(
     state: MigrationState | None = None,
     *,
     copy_disks: bool = False,
+    migration_id: str | None = None,
+    sleep: Sleep = asyncio.sleep,
 ) -> MigrationState:
     """Drive one migration to a terminal state. ``cancel`` asks for a rollback; asyncio
     cancellation (a shutting-down manager) is not caught. Given a ``state`` (persisted by a
     manager that then restarted), the migration resumes from it. ``copy_disks``: a
-    shared-nothing migration (the disks are mirrored first)."""
+    shared-nothing migration (the disks are mirrored first); ``migration_id``: the id every
+    agent call carries; ``sleep``: the backoffs' (the machine decides them, this has the
+    clock)."""
     current = (
         step(state, Restarted())
         if state is not None
-        else step(MigrationState(), Begin(copy_disks=copy_disks))
+        else step(MigrationState(), Begin(copy_disks=copy_disks, migration_id=migration_id))
     )
-    await persist(current, None)
+    await _save(persist, current, None, sleep)
+    errors = 0
     while not isinstance(current.action, Finish):
         if cancel.is_set() and not current.state.cancel_requested:
             current = step(current.state, CancelRequested())
-            await persist(current, None)
+            await _save(persist, current, None, sleep)
             continue
-        event, stats = await _perform_or_cancel(port, current.action, cancel)
+        if delay_of(current.action) > 0:
+            await sleep(delay_of(current.action))
+        try:
+            event, stats = await _perform_or_cancel(port, current.action, cancel)
+        except Exception as exc:  # not qmotion's (those are events); never CancelledError
+            if current.state.phase in UNTOUCHED:
+                event, stats = Failed(f"internal error: {exc}"), None
+            else:
+                errors += 1
+                await _retry_later(persist, current, exc, errors, sleep)
+                continue
+        errors = 0
         current = step(current.state, event)
-        await persist(current, stats)
+        await _save(persist, current, stats, sleep)
     return current.state
+
+
+def _error_backoff(errors: int) -> float:
+    return float(min(ERROR_BACKOFF_FIRST_S * 2.0 ** (errors - 1), ERROR_BACKOFF_MAX_S))
+
+
+async def _retry_later(
+    persist: Persist, current: Step, exc: Exception, errors: int, sleep: Sleep
+) -> None:
+    """An unexpected error in the current action: recorded (best effort), then a backoff
+    before the same action again."""
+    wait = _error_backoff(errors)
+    log.error(
+        "migration step %s failed unexpectedly (again in %.0f s)",
+        type(current.action).__name__,
+        wait,
+        exc_info=exc,
+    )
+    note = f"{current.state.phase.value}: unexpected error, retrying in {wait:g} s: {exc!r}"
+    try:
+        await persist(replace(current, note=note), None)
+    except Exception:  # the record is best effort: the retry is what matters
+        log.exception("could not record the error")
+    await sleep(wait)
+
+
+async def _save(
+    persist: Persist, current: Step, stats: MigrationStats | None, sleep: Sleep
+) -> None:
+    """Persist one step; a failure (the database) is retried after a backoff until it is
+    recorded: the action it follows is not done again."""
+    errors = 0
+    while True:
+        try:
+            await persist(current, stats)
+            return
+        except Exception as exc:  # never CancelledError: a shutdown stops here
+            errors += 1
+            wait = _error_backoff(errors)
+            log.error("could not persist a migration step (again in %.0f s)", wait, exc_info=exc)
+            await sleep(wait)
 
 
 async def _perform_or_cancel(

@@ -3,6 +3,7 @@
 MigrationError
  ├── Refused          pre-checks said no; nothing was touched (carries the refusals)
  ├── StepError        an action failed partway; the state machine decides what is undone
+ │    └── DestinationNotRunning   the destination agent itself says the VM does not run
  └── SwitchedOver     a rollback found QEMU had already switched over: go forward instead
       └── InPostcopy   ... into postcopy: the destination runs, the source still holds pages
 """
@@ -45,6 +46,16 @@ class StepError(MigrationError):
         self.vm = vm
         self.host = host
         self.retryable = retryable
+
+
+class DestinationNotRunning(StepError):
+    """The destination agent itself answered that the VM does not run there and cannot (not
+    found, QEMU stopped or crashed, its incoming migration failed): the one failure of the
+    Finish step after which the source may be resumed. An agent that does not answer, or
+    answers with an error, never says this."""
+
+    def __init__(self, message: str, *, vm: str | None = None, host: str | None = None) -> None:
+        super().__init__("verify destination", message, vm=vm, host=host, retryable=False)
 
 
 class SwitchedOver(MigrationError):

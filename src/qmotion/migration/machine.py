@@ -8,8 +8,10 @@ state is persisted in the task after every step, so a task always says where it 
 
 Each phase has one handler (``HANDLERS``). Phases keep their persisted names; actions are named
 as libvirt's steps, for what they commit: ``FinishDestination`` (in ``verify_destination``:
-the destination runs, its copied disks its own), ``ConfirmSource`` (``stop_source``). The
-state, the events and the actions are in ``vocabulary``.
+the word that lets the paused destination run, then seeing it run), ``ConfirmSource``
+(``stop_source``). The state, the events and the actions are in ``vocabulary``. Every agent
+call of a migration carries its id (``migration_id``, given at ``Begin``): an agent answers
+"completed" or "migrated away" only for that migration, never for an earlier one.
 
 A shared-nothing migration (``Begin(copy_disks=True)``) copies the disks first: the
 destination prepares empty disks with its QEMU, the source mirrors into them (``mirror``,
@@ -17,17 +19,26 @@ polled until every disk is in sync and guest writes reach both copies), and only
 RAM migrate; the disks end in sync at QEMU's switchover (the source agent's part). A rollback
 from ``mirror`` on stops the mirror too; the destination's removal takes its new disks.
 
-The switchover (QEMU reports ``completed``) is the point of no return. Before it, any failure or
-a cancel rolls back: cancel QEMU's migration, tear the destination down, make sure the source
-runs. After it the destination owns the VM; a destination that does not run is recovered by
-resuming the source (it is paused with the complete state) and tearing the destination down.
-A VM therefore runs on exactly one host before, during and after the migration.
+The switchover (the source reports ``completed`` for this migration) is the point of no
+return. Before it, any failure or a cancel rolls back: cancel QEMU's migration, make sure the
+source runs, tear the destination down. After it the destination, started paused, is given the
+word to run; once seen running (``destination_running``) it owns the VM and nothing undoes it:
+a step that fails after that is retried with backoff (``attempts``, the action's ``after_s``)
+and at worst the task ends ``confirmation_pending`` (the VM runs there, the inventory says so,
+reconcile confirms the rest). Only when the destination agent itself says the VM does not run
+there and cannot (``Failed(not_running=True)``) is the VM recovered on the source (resumed,
+the destination removed by the id); a destination that cannot be reached is never given up
+for one that might run: after the retries the task fails with nothing removed or resumed and
+the VM marked for attention. A VM therefore never runs on two hosts, and never on none by the
+manager's doing.
 
 Postcopy (only when the operator allowed it, and the ladder asked for it) moves the point of no
 return earlier: once QEMU reports ``postcopy-*`` the destination runs the VM while the source
 still holds the pages not yet sent. From then on nothing is rolled back or removed: a broken
 stream pauses both ends (``postcopy-paused``) and is recovered (``RecoverPostcopy``) until QEMU
 completes; a migration that cannot be recovered in time ends FAILED with both QEMUs kept.
+``postcopy_requested`` is persisted before postcopy is asked for, so a manager that restarts
+knows the destination may run with pages still on the source.
 
 A manager that restarts resumes each task from its persisted state (event ``Restarted``): one
 that had changed nothing ends as failed, one between preparing the destination and QEMU's
@@ -63,6 +74,7 @@ from qmotion.migration.vocabulary import (
     Recover,
     RecoverPostcopy,
     Restarted,
+    Retried,
     Rollback,
     RunPrechecks,
     StartMigration,
@@ -75,17 +87,32 @@ MONITOR_RETRIES = 3
 # Attempts to resume a broken postcopy stream; the port spaces them (>= 2 s): a link down
 # for minutes is waited out, one gone for good is left to the operator with both QEMUs.
 POSTCOPY_RECOVERIES = 600
+# Past the switchover nothing is given up on one lost answer: the Finish step (the word and
+# seeing the destination run) and the recovery are asked again this often, the steps after
+# the destination ran this often, spaced by ``backoff``.
+FINISH_RETRIES = 20
+RECOVER_RETRIES = 20
+RETRIES_AFTER_RUNNING = 8
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+def backoff(attempt: int) -> float:
+    """The wait before retry number ``attempt`` (1, 2, ...): doubling, capped."""
+    return float(min(BACKOFF_FIRST_S * 2.0 ** max(attempt - 1, 0), BACKOFF_MAX_S))
 
 
 def _rollback(state: MigrationState, error: str | None) -> Step:
-    new = replace(state, phase=Phase.ROLLBACK, error=state.error or error)
+    new = replace(state, phase=Phase.ROLLBACK, error=state.error or error, attempts=0)
     return Step(new, _rollback_action(state), f"rolling back: {error}" if error else "rolling back")
 
 
 def _rollback_action(state: MigrationState) -> Rollback:
     return Rollback(
         cancel_migration=state.started,
-        teardown_destination=state.destination_made,
+        # A destination seen running owns the VM: never torn down (the machine never rolls
+        # back then; this keeps the action honest whatever state it is built from).
+        teardown_destination=state.destination_made and not state.destination_running,
         stop_mirror=state.mirror_started,
     )
 
@@ -97,7 +124,26 @@ def _after_switchover_next(state: MigrationState) -> Step:
         Phase.STOP_SOURCE: (Phase.UPDATE, UpdateInventory()),
     }
     phase, action = order[state.phase]
-    return Step(replace(state, phase=phase), action)
+    return Step(replace(state, phase=phase, attempts=0), action)
+
+
+def _failed(state: MigrationState, error: str, attention: str | None = None) -> Step:
+    """The task ends failed; ``attention``: what is not settled (the VM is marked)."""
+    st = replace(state, phase=Phase.FAILED, error=error, attention=attention or state.attention)
+    return Step(st, Finish(Phase.FAILED))
+
+
+def _again(state: MigrationState, action: type[Retried], limit: int, why: str) -> Step | None:
+    """The current phase's action once more after a backoff, while ``limit`` lasts."""
+    attempt = state.attempts + 1
+    if attempt > limit:
+        return None
+    wait = backoff(attempt)
+    return Step(
+        replace(state, attempts=attempt),
+        action(after_s=wait),
+        f"{state.phase.value}: retry {attempt}/{limit} in {wait:g} s: {why}",
+    )
 
 
 def step(state: MigrationState, event: Event) -> Step:
@@ -135,9 +181,13 @@ def _cancel(state: MigrationState) -> Step:
 
 def _pending(state: MigrationState, event: Event) -> Step | None:
     if isinstance(event, Begin):
-        return Step(
-            replace(state, phase=Phase.PRECHECK, copy_disks=event.copy_disks), RunPrechecks()
+        st = replace(
+            state,
+            phase=Phase.PRECHECK,
+            copy_disks=event.copy_disks,
+            migration_id=state.migration_id or event.migration_id,
         )
+        return Step(st, RunPrechecks())
     return Step(state, _repeat(state), "waiting to begin")
 
 
@@ -194,13 +244,15 @@ def _start(state: MigrationState, event: Event) -> Step | None:
 
 
 def _monitor(state: MigrationState, event: Event) -> Step | None:
+    if isinstance(event, Progress) and event.postcopy_requested:
+        state = replace(state, postcopy_requested=True)
     if state.postcopy or _postcopy_event(event):
         return _postcopy_step(state, event)
     if isinstance(event, Progress):
         status = event.qemu_status
         st = replace(state, qemu_status=status)
         if status == Qs.COMPLETED:
-            st = replace(st, phase=Phase.VERIFY, switched_over=True)
+            st = replace(st, phase=Phase.VERIFY, switched_over=True, attempts=0)
             return Step(st, FinishDestination(), "switchover done")
         if status in QEMU_FINISHED_BAD:
             reason = f"QEMU reported {status}" + (f": {event.error}" if event.error else "")
@@ -214,37 +266,61 @@ def _monitor(state: MigrationState, event: Event) -> Step | None:
 
 def _finish_destination(state: MigrationState, event: Event) -> Step | None:
     if isinstance(event, Succeeded):
-        return _after_switchover_next(state)
-    if isinstance(event, Failed) and state.postcopy:
+        return _after_switchover_next(replace(state, destination_running=True))
+    if not isinstance(event, Failed):
+        return None
+    if event.not_running and not state.destination_running and state.postcopy:
         # The destination wrote to memory the source no longer has: resuming the source
         # would run a stale VM. Nothing is removed; the operator decides.
-        error = (
-            f"{event.error}; after postcopy the source's copy is stale, so neither QEMU was removed"
-        )
-        return Step(replace(state, phase=Phase.FAILED, error=error), Finish(Phase.FAILED))
-    if isinstance(event, Failed):
-        st = replace(state, phase=Phase.RECOVER, error=event.error)
-        return Step(st, Recover(), "destination does not run: recovering on the source")
-    return None
+        error = f"{event.error}; after postcopy the source's copy is stale, neither QEMU removed"
+        return _failed(state, error, f"migration failed after postcopy: {event.error}")
+    if event.not_running and not state.destination_running:
+        st = replace(state, phase=Phase.RECOVER, error=event.error, attempts=0)
+        return Step(st, Recover(), "the destination does not run: recovering on the source")
+    # Unreachable, an error, a destination that does not start yet: it may run, or run any
+    # moment; nothing is removed or resumed on a guess.
+    again = _again(state, FinishDestination, FINISH_RETRIES, event.error)
+    if again is not None:
+        return again
+    why = f"switchover unconfirmed: {event.error}"
+    return _failed(state, f"{why}; nothing was removed or resumed", why)
 
 
 def _after_finish(state: MigrationState, event: Event) -> Step | None:
-    if isinstance(event, Failed):
-        # The VM runs on the destination; what is left is reported, not undone.
-        st = replace(state, warnings=(*state.warnings, f"{state.phase.value}: {event.error}"))
-        return _after_switchover_next(st)
+    """announce and stop_source: the VM runs on the destination, whatever happens here."""
     if isinstance(event, Succeeded):
         return _after_switchover_next(state)
-    return None
+    if not isinstance(event, Failed):
+        return None
+    action = Announce if state.phase == Phase.ANNOUNCE else ConfirmSource
+    again = _again(state, action, RETRIES_AFTER_RUNNING, event.error) if event.retryable else None
+    if again is not None:
+        return again
+    warning = f"{state.phase.value}: {event.error}"
+    st = replace(state, warnings=(*state.warnings, warning), unconfirmed=True)
+    return _after_switchover_next(st)
 
 
 def _update(state: MigrationState, event: Event) -> Step | None:
-    if isinstance(event, Succeeded):
-        return Step(replace(state, phase=Phase.DONE), Finish(Phase.DONE))
     if isinstance(event, Failed):
-        st = replace(state, warnings=(*state.warnings, f"inventory: {event.error}"))
-        return Step(replace(st, phase=Phase.DONE), Finish(Phase.DONE))
-    return None
+        again = _again(state, UpdateInventory, RETRIES_AFTER_RUNNING, event.error)
+        if again is not None:
+            return again
+        state = replace(
+            state, warnings=(*state.warnings, f"inventory: {event.error}"), unconfirmed=True
+        )
+    elif not isinstance(event, Succeeded):
+        return None
+    if state.unconfirmed:
+        pending = "; ".join(state.warnings) or "not confirmed"
+        st = replace(
+            state,
+            phase=Phase.CONFIRM_PENDING,
+            attempts=0,
+            attention=f"destination runs, confirmation pending: {pending}",
+        )
+        return Step(st, Finish(Phase.CONFIRM_PENDING), "the destination runs; confirmation pending")
+    return Step(replace(state, phase=Phase.DONE, attempts=0), Finish(Phase.DONE))
 
 
 def _rolling_back(state: MigrationState, event: Event) -> Step | None:
@@ -276,6 +352,7 @@ def _rolling_back(state: MigrationState, event: Event) -> Step | None:
                 qemu_status=Qs.COMPLETED,
                 error=None,
                 warnings=(*state.warnings, *why),
+                attempts=0,
             ),
             FinishDestination(),
             "switchover had already happened: going forward",
@@ -283,6 +360,8 @@ def _rolling_back(state: MigrationState, event: Event) -> Step | None:
     final = Phase.CANCELLED if state.cancel_requested else Phase.FAILED
     if isinstance(event, Failed):
         st = replace(state, warnings=(*state.warnings, f"rollback: {event.error}"))
+        # The source could not be confirmed running: where the VM runs is not certain.
+        st = replace(st, attention=f"rollback not confirmed: {event.error}")
         return Step(replace(st, phase=Phase.FAILED), Finish(Phase.FAILED))
     if isinstance(event, Succeeded):
         return Step(replace(state, phase=final), Finish(final))
@@ -290,12 +369,23 @@ def _rolling_back(state: MigrationState, event: Event) -> Step | None:
 
 
 def _recovering(state: MigrationState, event: Event) -> Step | None:
-    if isinstance(event, Failed):
-        st = replace(state, warnings=(*state.warnings, f"recover: {event.error}"))
-        return Step(replace(st, phase=Phase.FAILED), Finish(Phase.FAILED))
+    if isinstance(event, Progress) and event.qemu_status == Qs.COMPLETED:
+        # Asked again, the destination runs after all: it owns the VM.
+        st = replace(state, phase=Phase.VERIFY, error=None, attempts=0)
+        return Step(st, FinishDestination(), "the destination runs after all: going forward")
+    if isinstance(event, Progress) and event.qemu_status in POSTCOPY:
+        why = f"recover found the migration in {event.qemu_status}"
+        return _failed(state, f"{state.error}; {why}: neither QEMU removed", why)
     if isinstance(event, Succeeded):
-        return Step(replace(state, phase=Phase.FAILED), Finish(Phase.FAILED))
-    return None
+        # The source runs again (it held the complete state); the migration failed.
+        return Step(replace(state, phase=Phase.FAILED, attempts=0), Finish(Phase.FAILED))
+    if not isinstance(event, Failed):
+        return None
+    again = _again(state, Recover, RECOVER_RETRIES, event.error) if event.retryable else None
+    if again is not None:
+        return again
+    st = replace(state, warnings=(*state.warnings, f"recover: {event.error}"))
+    return _failed(st, state.error or event.error, f"recover not completed: {event.error}")
 
 
 # One handler per phase: the step for an event in it, or None (the event changes nothing).
@@ -337,13 +427,14 @@ def _postcopy_step(state: MigrationState, event: Event) -> Step:
         status = event.qemu_status
         st = replace(st, qemu_status=status, monitor_failures=0)
         if status == Qs.COMPLETED:
-            return Step(replace(st, phase=Phase.VERIFY), FinishDestination(), "postcopy done")
+            st = replace(st, phase=Phase.VERIFY, attempts=0)
+            return Step(st, FinishDestination(), "postcopy done")
         if status in QEMU_FINISHED_BAD:
             error = (
                 f"QEMU reported {status} in postcopy: the VM's memory is split between the "
                 f"two hosts; neither QEMU was removed"
             )
-            return Step(replace(st, phase=Phase.FAILED, error=error), Finish(Phase.FAILED))
+            return _failed(st, error, error)
         if status == Qs.POSTCOPY_PAUSED:
             return _recover_postcopy(st, "the postcopy stream broke")
         note = "postcopy: the destination runs" if not state.postcopy else ""
@@ -364,7 +455,7 @@ def _recover_postcopy(state: MigrationState, why: str) -> Step:
             f"postcopy not recovered after {state.postcopy_recoveries} attempts ({why}); "
             "the VM waits on the destination for pages the source holds: both kept"
         )
-        return Step(replace(state, phase=Phase.FAILED, error=error), Finish(Phase.FAILED))
+        return _failed(state, error, error)
     st = replace(state, postcopy_recoveries=state.postcopy_recoveries + 1)
     return Step(st, RecoverPostcopy(), f"recovering postcopy: {why}")
 

@@ -53,6 +53,7 @@ class VmView:
     bridges: tuple[str, ...]
     datastores: tuple[str, ...]
     migrating: bool = False
+    attention: str | None = None  # why it needs an operator: it moves nowhere until resolved
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,25 @@ def copied_disks(
     return [i for i, ds in enumerate(datastores) if not (ds == copy_to and ds not in not_shared)]
 
 
+def attention_refusals(vm: str, attention: str | None) -> list[Refusal]:
+    """A VM marked as needing an operator (reconcile or a migration found its copies in
+    doubt) is moved by nothing, live, storage or cold, until the mark is resolved."""
+    if attention is None:
+        return []
+    return [
+        Refusal(
+            "vm_attention",
+            f"VM {vm} needs attention: {attention}; it is not moved until that is resolved",
+            409,
+        )
+    ]
+
+
 def precheck(inp: PrecheckInput) -> list[Refusal]:
     """Every reason the migration cannot start; empty means go."""
     vm, target_name = inp.vm, inp.target_name
-    out: list[Refusal] = []
+    # First: the refusal's code is the first one's, and this one explains the others.
+    out: list[Refusal] = attention_refusals(vm.name, vm.attention)
 
     def to_target(code: str, message: str, status: int) -> Refusal:
         """A refusal about the requested target host, reported against the ``to`` field."""

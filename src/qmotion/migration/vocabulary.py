@@ -17,7 +17,7 @@ from qmotion.api.migration import QemuMigrationStatus as Qs
 # One enum for the machine and the API: a task's phase is the machine's phase.
 Phase = MigrationPhase
 
-TERMINAL = frozenset({Phase.DONE, Phase.FAILED, Phase.CANCELLED})
+TERMINAL = frozenset({Phase.DONE, Phase.FAILED, Phase.CANCELLED, Phase.CONFIRM_PENDING})
 QEMU_FINISHED_BAD = frozenset({Qs.FAILED, Qs.CANCELLED})
 POSTCOPY_RUNNING = frozenset(
     {Qs.POSTCOPY_DEVICE, Qs.POSTCOPY_ACTIVE, Qs.POSTCOPY_RECOVER_SETUP, Qs.POSTCOPY_RECOVER}
@@ -41,6 +41,17 @@ class MigrationState:
     postcopy_recoveries: int = 0
     copy_disks: bool = False  # shared-nothing: the disks are mirrored before RAM moves
     mirror_started: bool = False  # the source may be mirroring: a rollback stops it
+    # The id every agent call of this migration carries (uuid4 hex, made at submission).
+    migration_id: str | None = None
+    # The destination was seen running: it owns the VM from then on, nothing undoes it.
+    destination_running: bool = False
+    # Postcopy was asked for (persisted before the asking): the destination may run the VM
+    # with pages still on the source, so the source's copy may be stale.
+    postcopy_requested: bool = False
+    attempts: int = 0  # retries of the current phase's action
+    unconfirmed: bool = False  # past the switchover, a step that could not be confirmed
+    # Why the VM needs an operator (or reconcile) when the task ends, if it does.
+    attention: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -61,6 +72,12 @@ class MigrationState:
             "postcopy_recoveries": self.postcopy_recoveries,
             "copy_disks": self.copy_disks,
             "mirror_started": self.mirror_started,
+            "migration_id": self.migration_id,
+            "destination_running": self.destination_running,
+            "postcopy_requested": self.postcopy_requested,
+            "attempts": self.attempts,
+            "unconfirmed": self.unconfirmed,
+            "attention": self.attention,
         }
 
     @classmethod
@@ -79,6 +96,12 @@ class MigrationState:
             postcopy_recoveries=data.get("postcopy_recoveries", 0),
             copy_disks=data.get("copy_disks", False),
             mirror_started=data.get("mirror_started", False),
+            migration_id=data.get("migration_id"),
+            destination_running=data.get("destination_running", False),
+            postcopy_requested=data.get("postcopy_requested", False),
+            attempts=data.get("attempts", 0),
+            unconfirmed=data.get("unconfirmed", False),
+            attention=data.get("attention"),
         )
 
 
@@ -88,6 +111,7 @@ class MigrationState:
 @dataclass(frozen=True)
 class Begin:
     copy_disks: bool = False  # shared-nothing: mirror the disks before RAM
+    migration_id: str | None = None  # the id the task was given at submission
 
 
 @dataclass(frozen=True)
@@ -101,6 +125,10 @@ class Succeeded:
 class Failed:
     error: str
     retryable: bool = True  # False: a timeout or stall, asking again cannot help
+    # The destination agent itself said the VM does not run there and cannot (not found,
+    # QEMU stopped or crashed, its incoming migration failed): the only failure of the
+    # Finish step that lets a recovery on the source begin.
+    not_running: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,6 +137,7 @@ class Progress:
 
     qemu_status: Qs
     error: str | None = None  # why QEMU's migration failed or was cancelled, if it says
+    postcopy_requested: bool = False  # the port asked QEMU for postcopy (persisted already)
 
 
 @dataclass(frozen=True)
@@ -161,22 +190,28 @@ class AwaitProgress:
 
 @dataclass(frozen=True)
 class FinishDestination:
-    """The destination runs the VM (else recover on the source); its copied disks are its own."""
+    """The word to the paused destination, then seeing it run (it then owns the VM)."""
+
+    after_s: float = 0.0  # the engine waits this long first (a retry's backoff)
 
 
 @dataclass(frozen=True)
 class Announce:
-    pass
+    """The destination announces the VM and is told it is confirmed there (keep-disks)."""
+
+    after_s: float = 0.0
 
 
 @dataclass(frozen=True)
 class ConfirmSource:
     """The source lets the VM go: its QEMU ends (past the switchover, never undone)."""
 
+    after_s: float = 0.0
+
 
 @dataclass(frozen=True)
 class UpdateInventory:
-    pass
+    after_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -188,7 +223,10 @@ class Rollback:
 
 @dataclass(frozen=True)
 class Recover:
-    """After switchover the destination does not run: resume the source, remove the other."""
+    """After switchover the destination agent said the VM does not run there: remove that
+    destination (by the id), resume the source (which holds the complete state)."""
+
+    after_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -223,3 +261,12 @@ class Step:
     state: MigrationState
     action: Action
     note: str = field(default="")
+
+
+Retried = FinishDestination | Announce | ConfirmSource | UpdateInventory | Recover
+RETRIED = (FinishDestination, Announce, ConfirmSource, UpdateInventory, Recover)
+
+
+def delay_of(action: Action) -> float:
+    """How long the engine waits before performing ``action``: a retry's backoff."""
+    return action.after_s if isinstance(action, RETRIED) else 0.0

@@ -21,10 +21,12 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
     select,
     text,
 )
 from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -83,6 +85,8 @@ class Vm(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     memory_mib: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    # Why the VM needs an operator (set by reconcile or a migration); None: nothing to do.
+    attention: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Image(Base):
@@ -201,6 +205,9 @@ class TaskEvent(Base):
 
 
 ACTIVE_TASK_STATES = ("queued", "running")
+# Columns added to a table after it was first made (table, column): create_all adds no
+# column to a table that exists, so a database made before them gets each with ALTER TABLE.
+ADDED_COLUMNS = (("vms", "attention"),)
 
 
 class Database:
@@ -225,6 +232,21 @@ class Database:
         # the index was introduced); the constraint must hold there too.
         for index in Base.metadata.tables[Task.__tablename__].indexes:
             index.create(self.engine, checkfirst=True)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        for table, column in ADDED_COLUMNS:
+            if column in {c["name"] for c in inspect(self.engine).get_columns(table)}:
+                continue
+            col = Base.metadata.tables[table].c[column]
+            kind = col.type.compile(dialect=self.engine.dialect)
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+            except OperationalError:
+                # Another process starting on the same database added it first.
+                if column not in {c["name"] for c in inspect(self.engine).get_columns(table)}:
+                    raise
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -6,6 +6,13 @@ migrated away (409 ``migrated_away``) or is still migrating, ``release`` refuses
 is ``postmigrate``, a cancelled migration ends the destination's incoming QEMU. Like QEMU, a
 migration completes only from ``active``: once ``cancelling`` it ends ``cancelled``.
 
+Issue 22's contract, as the agent answers it: each VM's migration record (which migration its
+QEMU's status belongs to, by the manager's id; it survives ``World.restart_agent``), answers
+for that id only (``ids``: a ``stale_copy`` is never resumed, a destination is deleted only by
+its id and never once it ran), a destination started paused (``-S``) that runs on the word
+(the source agent's at completion, the manager's ``finish``), postcopy (``tune``), and agents
+that are ``down`` (no answer, no word) as well as ``unreachable`` (from the manager only).
+
 Tests inject the races that matter through ``before_request``: complete the migration, or
 make a host unreachable, just before the k-th request, for every k; ``fail_next`` makes a
 route answer an error status instead, once per queued status.
@@ -20,9 +27,10 @@ refuses what QEMU refuses (migrate_params_check, migrate_caps_check). QEMU's par
 
 The package, bottom up (each module imports only those before it, and qmotion): ``qemu`` (the
 scripted QEMU's settings and pre-copy state), ``wire`` (what an agent answers with), ``cluster``
-(the hosts, their VMs and QEMU's progress), ``migrations`` and ``nbd`` (the agent's migration
-and disk routes), ``agent`` (the agent's API, routing to them) and ``world`` (the World tests
-drive: the seam and the manager's side). Tests import from the package, as below.
+(the hosts, their VMs and QEMU's progress), ``migrations``, ``nbd`` and ``ids`` (the agent's
+migration, disk and per-migration routes), ``agent`` (the agent's API, routing to them) and
+``world`` (the World tests drive: the seam and the manager's side, ``World.runner`` on the
+simulated clock). Tests import from the package, as below.
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import httpx
 
@@ -17,9 +16,8 @@ from qmotion.api.migration import (
     PathProbeRequest,
 )
 from qmotion.api.vm import VmSpec
-from tests.unit.agent_world import migrations, nbd
+from tests.unit.agent_world import ids, migrations, nbd
 from tests.unit.agent_world.cluster import Cluster, FakeVm
-from tests.unit.agent_world.qemu import GUEST_BYTES
 from tests.unit.agent_world.wire import _error, _json
 
 
@@ -73,9 +71,7 @@ def answer(world: Cluster, host: str, req: httpx.Request) -> httpx.Response:
     if method == "GET" and rest == "":
         return _json(world._info(host, vm).model_dump(mode="json"))
     if method == "DELETE" and rest == "":
-        del here[name]
-        world.files[host] -= set(vm.owned)  # an unfinished copy's disks go with it
-        return httpx.Response(204)
+        return ids.delete(world, host, name, vm, req)
     if rest == "/export":
         # qmotion.agent.disks.transfer: hold a stopped VM; serving disks is not modelled here.
         if method == "DELETE":
@@ -89,51 +85,27 @@ def answer(world: Cluster, host: str, req: httpx.Request) -> httpx.Response:
             return _error(501, "not_modelled", "the world serves no disk exports", vm=name)
         vm.held = True
         return _json([])
-    if rest.startswith("/migration/mirror") or rest in ("/disks", "/migration/keep-disks"):
+    if method == "POST" and rest == "/migration/keep-disks":
+        return ids.keep_disks(vm, name, req)
+    if method == "POST" and rest == "/migration/finish":
+        return ids.finish(world, host, name, vm, req)
+    if method == "POST" and rest == "/migration/recover-incoming":
+        return ids.recover_incoming(vm, name, req)
+    if method == "POST" and rest == "/migration/resume":
+        return ids.reconnect(world, vm, name)
+    if rest.startswith("/migration/mirror") or rest == "/disks":
         return nbd.disk_route(world, host, name, vm, method, rest, req)
     if method == "POST" and rest == "/migration":
         out = OutgoingRequest.model_validate(json.loads(req.content))
         return migrations.outgoing(world, host, name, vm, out)
     if method == "GET" and rest == "/migration":
-        if vm.precopy is not None:
-            world._wait(vm, req)
-        if vm.migration == "active" and vm.precopy is None:
-            vm.polls += 1
-            vm.transferred = min(GUEST_BYTES, vm.transferred + GUEST_BYTES // 4)
-            long_enough = time.monotonic() - vm.started >= world.duration_s
-            if vm.polls >= world.polls_to_complete and long_enough:
-                world.complete(name)
-        elif vm.migration == "cancelling":
-            world._settle_cancel(name, vm)
-        return _json(world._stats(vm))
+        return ids.stats(world, name, vm, req)
     if method == "POST" and rest == "/migration/cancel":
-        if vm.migration == "active":
-            vm.migration = "cancelling"
-        return _json(world._stats(vm))
+        return ids.cancel(world, vm, req)
     if method == "POST" and rest == "/resume":
-        after_failed = req.url.params.get("after_failed_switchover") == "true"
-        if vm.migration == "completed" and not after_failed:
-            return _error(
-                409, AgentErrorCode.MIGRATED_AWAY, f"VM {name} completed its migration away"
-            )
-        if vm.migration not in ("none", "completed", "failed", "cancelled"):
-            return _error(
-                409, AgentErrorCode.CONFLICT, f"VM {name} is still migrating ({vm.migration})"
-            )
-        if vm.runstate in ("paused", "postmigrate"):
-            vm.runstate = "running"
-        vm.mirror = None  # it runs on its own disks: any copy is void
-        return _json({"qemu_status": vm.runstate})
+        return ids.resume(vm, name, req)
     if method == "POST" and rest == "/release":
-        if vm.runstate != "postmigrate":
-            return _error(
-                409, AgentErrorCode.CONFLICT, f"VM {name} is {vm.runstate} here, not migrated"
-            )
-        if vm.mirror == "completed":
-            # The copies run elsewhere now: the old files go.
-            world.files[host] -= {f"{d.datastore}:{d.path}" for d in vm.spec.disks}
-        del here[name]
-        return httpx.Response(204)
+        return ids.release(world, host, name, vm, req)
     if method == "POST" and rest == "/announce":
         return httpx.Response(204)
     return _error(404, "not_found", f"no route {method} {path}")

@@ -18,6 +18,14 @@ QEMU's part, from migration/ram.c, migration.c and cpu-throttle.c:
 - a destination QEMU that goes away fails the source's migration (the source runs on);
 - xbzrle is accepted and recorded; its compression is not modelled (a hot set costs full
   pages: the pessimistic bound).
+
+The agents' part of issue 22's contract (docs: /tmp/contract-22.md, qmotion.agent's
+``migration_record``, ``finish`` and ``confirm``): each VM keeps its migration record
+(``FakeVm.outgoing``/``incoming``, on disk: it survives ``restart_agent``); a destination made
+for a migration with an id starts paused (``-S``) and runs only on the word (``finish``), which
+the source agent gives itself when its QEMU completes (``_arrive``) and the manager gives
+again; in postcopy the destination runs by itself. An agent that is ``down`` answers nothing,
+gives no word and receives none; one that is only ``unreachable`` (from the manager) does.
 """
 
 from __future__ import annotations
@@ -52,6 +60,25 @@ from tests.unit.agent_world.wire import _facts
 
 
 @dataclass
+class OutRecord:
+    """The source's record of its last outgoing migration (written before migrate)."""
+
+    id: str | None
+    uri: str
+    postcopy: bool = False  # the stream entered postcopy: this copy is never resumed
+
+
+@dataclass
+class InRecord:
+    """The destination's record of the migration it arrives by, until confirmed."""
+
+    id: str | None
+    start: str = "auto"  # paused: QEMU runs only on the word (-S)
+    finish: bool = False  # the word came (acted on once the stream is loaded)
+    ran: bool = False  # the guest ran here: never torn down as a failed destination
+
+
+@dataclass
 class FakeVm:
     spec: VmSpec
     runstate: str  # QEMU's: running, inmigrate, postmigrate, paused; gone: QEMU exited
@@ -68,6 +95,36 @@ class FakeVm:
     mirror_polls: int = 0
     owned: list[str] = field(default_factory=list)
     held: bool = False  # a cold migration's hold: not started until released
+    # The agent's migration record (on disk: an agent restart keeps it).
+    outgoing: OutRecord | None = None
+    incoming: InRecord | None = None
+    arrived: str | None = None  # the confirmed arrival's id: its figures are still its
+    # The source agent's memory of its stream (lost when the agent restarts): whether its
+    # watcher gives the paused destination the word, and how that went.
+    gives_word: bool = False
+    finish_ms: float | None = None
+    finish_error: str | None = None
+
+    @property
+    def current(self) -> str | None:
+        """The migration this QEMU's figures belong to (the record's id)."""
+        if self.outgoing is not None:
+            return self.outgoing.id
+        return self.incoming.id if self.incoming is not None else self.arrived
+
+    def run_here(self) -> None:
+        """The guest runs on this QEMU; an arrival's record says so first (as the agent
+        writes it before its cont, or as it sees QEMU resume by itself)."""
+        if self.incoming is not None:
+            self.incoming.ran = True
+        self.runstate = "running"
+
+    def outgoing_status(self) -> str:
+        """QEMU's status of the recorded outgoing migration as the agent reads it: completed
+        only in postmigrate (agent.vms.migration_record.outgoing_status)."""
+        if self.migration != "completed" or self.runstate == "postmigrate":
+            return self.migration
+        return "device" if self.runstate == "finish-migrate" else "failed"
 
 
 @dataclass
@@ -80,7 +137,9 @@ class Cluster:
     polls_to_complete: int = 3  # progress queries before QEMU completes on its own
     duration_s: float = 0.0  # and at least this long after migrate was issued
     vms: dict[str, dict[str, FakeVm]] = field(default_factory=dict)
-    unreachable: set[str] = field(default_factory=set)
+    unreachable: set[str] = field(default_factory=set)  # the manager cannot reach its agent
+    # Agents not running: nothing answers, their watchers act on nothing (restart_agent).
+    down: set[str] = field(default_factory=set)
     # Migration addresses that do not answer (as a network that is down): probes skip them.
     dead_addresses: set[str] = field(default_factory=set)
     uris: list[tuple[str, str]] = field(default_factory=list)  # (source host, stream URI)
@@ -131,16 +190,11 @@ class Cluster:
         return out
 
     def complete(self, vm: str) -> bool:
-        """QEMU's switchover: possible only while the source's migration is active."""
+        """QEMU's switchover: possible only while the source's migration is active (or in
+        postcopy, whose end it then is)."""
         with self.lock:
-            src = next(
-                (h for h in self.hosts if (v := self.vms[h].get(vm)) and v.migration == "active"),
-                None,
-            )
-            dst = next(
-                (h for h in self.hosts if (v := self.vms[h].get(vm)) and v.runstate == "inmigrate"),
-                None,
-            )
+            src = next((h for h in self.hosts if self._sending(self.vms[h].get(vm))), None)
+            dst = self._destination_host(vm, src)
             if src is None or dst is None:
                 return False
             s, d = self.vms[src][vm], self.vms[dst][vm]
@@ -154,8 +208,68 @@ class Cluster:
                 self._switchover(s, s.precopy)
                 return True
             s.migration, s.runstate, s.transferred = "completed", "postmigrate", GUEST_BYTES
-            d.runstate, d.migration = "running", "completed"
+            self._arrive(src, s, dst, d)
             return True
+
+    @staticmethod
+    def _sending(v: FakeVm | None) -> bool:
+        """This QEMU sends a stream that may complete now."""
+        if v is None:
+            return False
+        return v.migration == "active" or (
+            v.outgoing is not None and v.migration == "postcopy-active"
+        )
+
+    def _arrive(self, src: str, s: FakeVm, dst: str, d: FakeVm) -> None:
+        """The stream completed: the destination's QEMU loaded it. Paused (-S) it waits for
+        the word, which the source agent's watcher gives now (its QEMU is in postmigrate)."""
+        d.migration = "completed"
+        inc = d.incoming
+        if inc is None or inc.start != "paused":
+            d.run_here()  # QEMU runs it by itself
+            return
+        if d.runstate == "inmigrate":
+            d.runstate = "paused"
+        if inc.finish and dst not in self.down:
+            d.run_here()  # the word came earlier: its watcher acts now
+        if not s.gives_word or src in self.down:
+            return
+        if dst in self.down:
+            s.finish_error = f"the destination agent on {dst} does not answer"
+        elif inc.id != (s.outgoing.id if s.outgoing else None):
+            s.finish_error = f"{dst}: not the destination of this migration"
+        else:
+            inc.finish = True
+            d.run_here()
+            s.finish_ms = 1.0
+
+    def _destination_host(self, vm: str, src: str | None) -> str | None:
+        """The host whose QEMU receives ``vm``'s stream: loading it, or in postcopy."""
+        for h in self.hosts:
+            v = self.vms[h].get(vm)
+            if h == src or v is None:
+                continue
+            if v.runstate == "inmigrate" or (
+                v.incoming is not None and v.migration.startswith("postcopy")
+            ):
+                return h
+        return None
+
+    def restart_agent(self, host: str) -> None:
+        """The host's agent starts (again): what it kept in memory is gone, its records and
+        its QEMUs are not; a paused destination told to run whose stream is loaded (or in
+        postcopy) runs now (agent.migration.finish.settle_after_restart)."""
+        with self.lock:
+            self.down.discard(host)
+            for v in self.vms[host].values():
+                v.gives_word, v.finish_ms, v.finish_error = False, None, None
+                inc = v.incoming
+                if inc is None or inc.start != "paused" or v.runstate != "paused":
+                    continue
+                if (v.migration == "completed" and inc.finish) or v.migration.startswith(
+                    "postcopy"
+                ):
+                    v.run_here()
 
     def _observe(self) -> None:
         """Migrations each host takes part in now, as its agent would report them."""
@@ -163,7 +277,8 @@ class Cluster:
             n = sum(
                 1
                 for v in self.vms[h].values()
-                if v.migration in ("active", "cancelling") or v.runstate == "inmigrate"
+                if v.migration in ("active", "device", "cancelling", "postcopy-active")
+                or v.runstate == "inmigrate"
             )
             self.max_active_per_host[h] = max(self.max_active_per_host.get(h, 0), n)
 
@@ -172,6 +287,8 @@ class Cluster:
     def _settle_cancel(self, name: str, vm: FakeVm) -> None:
         vm.migration = "cancelled"
         vm.qemu.throttle_pct = 0
+        if vm.runstate == "finish-migrate":
+            vm.runstate = "running"  # QEMU resumes the guest it paused for the switchover
         # The destination's incoming migration fails with the stream: its QEMU exits.
         for h in self.hosts:
             other = self.vms[h].get(name)
@@ -287,9 +404,10 @@ class Cluster:
         p.total_time_ms = round((self.clock.t - p.started) * 1000)
         vm.migration, vm.runstate, vm.qemu.throttle_pct = "completed", "postmigrate", 0
         vm.transferred = int(p.transferred)
-        dst = self._destination(vm.spec.name)
+        src = next(h for h in self.hosts if self.vms[h].get(vm.spec.name) is vm)
+        dst = self._destination_host(vm.spec.name, src)
         if dst is not None:
-            dst.runstate, dst.migration = "running", "completed"
+            self._arrive(src, vm, dst, self.vms[dst][vm.spec.name])
 
     def _destination(self, name: str) -> FakeVm | None:
         for h in self.hosts:
@@ -315,6 +433,9 @@ class Cluster:
                 total_time_ms=p.total_time_ms,
                 downtime_ms=p.downtime_ms,
                 setup_time_ms=2,
+                migration_id=vm.current,
+                finish_ms=vm.finish_ms,
+                finish_error=vm.finish_error,
             )
             return stats.model_dump(mode="json")
         done = vm.migration == "completed"
@@ -326,6 +447,9 @@ class Cluster:
             total_time_ms=300 if done else None,
             downtime_ms=5 if done else None,
             setup_time_ms=2 if vm.migration != "none" else None,
+            migration_id=vm.current,
+            finish_ms=vm.finish_ms,
+            finish_error=vm.finish_error,
         )
         return stats.model_dump(mode="json")
 
@@ -334,6 +458,7 @@ class Cluster:
             "running": VmState.RUNNING,
             "inmigrate": VmState.PAUSED,
             "postmigrate": VmState.PAUSED,
+            "finish-migrate": VmState.PAUSED,
             "paused": VmState.PAUSED,
         }.get(vm.runstate, VmState.STOPPED)
         return VmInfo(
@@ -343,6 +468,9 @@ class Cluster:
             state=state,
             qemu_status=vm.runstate,
             spec=vm.spec,
+            incoming_migration=vm.incoming.id if vm.incoming is not None else None,
+            outgoing_migration=vm.outgoing.id if vm.outgoing is not None else None,
+            outgoing_status=vm.outgoing_status() if vm.outgoing is not None else None,
         )
 
     def host_facts(self, host: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from qmotion.api.migration import (
 )
 from qmotion.api.storage import NbdExport, NbdTargets
 from qmotion.api.vm import Disk
-from tests.unit.agent_world.cluster import Cluster, FakeVm
+from tests.unit.agent_world.cluster import Cluster, FakeVm, InRecord, OutRecord
 from tests.unit.agent_world.qemu import BG_SYNC_S, FINISHED, MIB, Guest, Precopy, QmpError
 from tests.unit.agent_world.wire import _error, _host_of, _json
 
@@ -50,6 +50,9 @@ def incoming(world: Cluster, host: str, req: IncomingRequest) -> httpx.Response:
             exports=[NbdExport(index=c.index, name=f"disk{c.index}") for c in req.copy_disks.disks],
             disks=spec.disks,
         )
+    # Paused (-S) only for a migration with an id: the word that lets it run names it.
+    paused = req.migration_id is not None and req.params.destination_start == "paused"
+    vm.incoming = InRecord(id=req.migration_id, start="paused" if paused else "auto")
     world.vms[host][spec.name] = vm
     try:
         caps = stream_capabilities(req.params, source=False)
@@ -102,6 +105,14 @@ def outgoing(
     params = stream_parameters(req.params)
     vm.qemu.set_parameters(params)
     world._qmp(host, name, "migrate-set-parameters", params)
+    # Before migrate: what QEMU reports from now on is this migration's.
+    vm.outgoing = OutRecord(id=req.migration_id, uri=req.uri)
+    vm.gives_word = (
+        req.migration_id is not None
+        and req.peer is not None
+        and req.params.destination_start == "paused"
+    )
+    vm.finish_ms = vm.finish_error = None
     world._qmp(host, name, "migrate", {"uri": req.uri})
     vm.migration, vm.polls, vm.started = "active", 0, time.monotonic()
     vm.transferred = 0
@@ -142,7 +153,26 @@ def tune(
     if params:
         vm.qemu.set_parameters(params)
         world._qmp(host, name, "migrate-set-parameters", params)
+    if tune.start_postcopy:
+        start_postcopy(world, host, name, vm)
     return _json(world._stats(vm))
+
+
+def start_postcopy(world: Cluster, host: str, name: str, vm: FakeVm) -> None:
+    """migrate-start-postcopy: the source stops for good (its device state leaves), the
+    destination's agent runs the VM at once (postcopy-active), pages follow on demand."""
+    if not vm.qemu.caps.get("postcopy-ram") or vm.migration != "active":
+        raise QmpError("Postcopy must be started after migration has been started")
+    world._qmp(host, name, "migrate-start-postcopy", {})
+    dst = world._destination_host(name, host)
+    vm.migration, vm.runstate, vm.polls = "postcopy-active", "finish-migrate", 0
+    if vm.outgoing is not None:
+        vm.outgoing.postcopy = True
+    if dst is not None:
+        d = world.vms[dst][name]
+        d.migration = "postcopy-active"
+        if dst not in world.down:
+            d.run_here()
 
 
 def dirty_rate(

@@ -32,9 +32,6 @@ def disk_route(
             for i, d in enumerate(vm.spec.disks)
         ]
         return _json([u.model_dump(mode="json") for u in usage])
-    if method == "POST" and rest == "/migration/keep-disks":
-        vm.owned = []
-        return httpx.Response(204)
     if method == "POST" and rest == "/migration/mirror":
         NbdMirrorRequest.model_validate(json.loads(req.content))
         if vm.mirror in ("mirroring", "ready"):

@@ -14,6 +14,7 @@ from qmotion.api.server import TaskOut
 from qmotion.api.vm import Disk, GuestConfig, Nic, VmSpec
 from qmotion.server.agents import AgentConnector
 from qmotion.server.db import Database, Host, Vm, utcnow
+from qmotion.server.inventory import Inventory
 from qmotion.server.tasks.runner import TaskRunner
 from tests.unit.agent_world.agent import answer
 from tests.unit.agent_world.cluster import Cluster, FakeVm
@@ -53,7 +54,7 @@ class World(Cluster):
                 self._tick(REQUEST_S)
                 if self.before_request is not None:
                     self.before_request(self, k, host, request.url.path)
-                if host in self.unreachable:
+                if host in self.unreachable or host in self.down:
                     raise httpx.ConnectError("connection refused", request=request)
                 failures = self.fail_next.get((request.method, request.url.path))
                 if failures:
@@ -73,6 +74,20 @@ class World(Cluster):
 
     def _answer(self, host: str, req: httpx.Request) -> httpx.Response:
         return answer(self, host, req)
+
+    def runner(self, db: Database, cls: type[TaskRunner] = TaskRunner, **kw: Any) -> TaskRunner:
+        """The manager's task runner (``cls``) over this world's agents, on its simulated
+        clock (its waits and timeouts pass in simulated time)."""
+        return cls(
+            db, Inventory(db, self.connector()), clock=self.clock.monotonic, sleep=self.sleep, **kw
+        )
+
+    async def sleep(self, seconds: float) -> None:
+        """The manager's waits (its retries' backoffs, its polls) in simulated time: hand it
+        to the task runner as its ``sleep``, with ``clock.monotonic`` as its clock."""
+        with self.lock:
+            self._tick(seconds)
+        await asyncio.sleep(0)
 
     # ---------------------------------------------------------------- setting up
 

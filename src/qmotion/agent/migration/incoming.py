@@ -1,5 +1,7 @@
 """The destination's side of a live migration (libvirt's Dst steps): prepare QEMU to receive
 the stream, watch the VM resume, steer the network to it, recover a broken postcopy stream.
+Its Finish step (the word that lets a paused destination run, the confirmation, the teardown
+by the migration's id) is ``finish``'s.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TypeVar
 
 from qmotion.agent.disks.nbd_incoming import IncomingDisks
 from qmotion.agent.errors import AgentError, Conflict, OperationFailed
+from qmotion.agent.migration.finish import DestinationFinish, incoming_status
 from qmotion.agent.migration.params import (
     PAUSE_SETTLE_S,
     require_tls,
@@ -45,6 +48,7 @@ class IncomingMigrations:
         self.vms = vms
         self.tls = tls
         self.incoming_disks = incoming_disks
+        self.finish = DestinationFinish(vms, incoming_disks)
         self._ending: set[asyncio.Future[None]] = set()
         self._steerers: dict[str, asyncio.Future[Steerer]] = {}
         self._incoming_watch: dict[str, asyncio.Task[None]] = {}
@@ -84,10 +88,16 @@ class IncomingMigrations:
             self.incoming_disks.remove(made)
             raise
         nbd = None
+        # Paused (-S) only for a migration with an id: the word that lets it run names it.
+        paused = req.migration_id is not None and req.params.destination_start == "paused"
         try:
             if made:
                 self.incoming_disks.own(spec.name, made)
-            await self.vms.start(spec.name, incoming="defer")
+            # Before QEMU starts: a restarted agent knows which migration it waits for.
+            self.vms.records.begin_incoming(
+                spec.name, req.migration_id, "paused" if paused else "auto"
+            )
+            await self.vms.start(spec.name, incoming="defer", paused=paused)
             mon = self.vms.monitor(spec.name)
             await mon.execute(
                 "migrate-set-capabilities",
@@ -98,11 +108,7 @@ class IncomingMigrations:
                 stream_parameters(req.params)
                 | await tls_parameters(mon, self.tls, req.params, "server"),
             )
-            events: list[tuple[str, float]] = []
-            self._incoming_events[spec.name] = events
-            self._incoming_watch[spec.name] = asyncio.create_task(
-                self._watch_incoming(spec.name, mon, events), name=f"incoming-{spec.name}"
-            )
+            events = self._watch(spec.name, mon)
             # The address the manager chose (the first the source reaches); else the
             # preferred one. Never all interfaces: whoever connects first would be the stream.
             addresses = [*self.vms.config.migration_addresses, address]
@@ -122,6 +128,7 @@ class IncomingMigrations:
                 )
         except (HypervisorError, KeyError, IndexError, AgentError, OSError) as exc:
             await self.vms.delete(spec.name, force=True)
+            await self.forget(spec.name)  # its watcher would wait on a monitor that is gone
             raise OperationFailed(
                 f"preparing incoming migration of {spec.name} failed: {exc}; "
                 "the destination was removed",
@@ -156,15 +163,39 @@ class IncomingMigrations:
             )
         await asyncio.to_thread(self.incoming_disks.check, req.spec, req.copy_disks)
 
+    def _watch(self, name: str, mon: Monitor) -> list[tuple[str, float]]:
+        """Follow the incoming stream of ``name`` (its events, into the list returned)."""
+        events: list[tuple[str, float]] = []
+        self._incoming_events[name] = events
+        old = self._incoming_watch.pop(name, None)
+        if old is not None:
+            old.cancel()
+        self._incoming_watch[name] = asyncio.create_task(
+            self._watch_incoming(name, mon, events), name=f"incoming-{name}"
+        )
+        return events
+
     async def settle_after_restart(self, name: str, mon: Monitor) -> None:
-        """At agent start: a VM that resumed here while the agent was away owns its disks."""
+        """At agent start: a paused destination told to run whose stream completed (or went
+        postcopy) runs now; one still loading is followed again (the word it may get, or got,
+        is acted on when it completes). A VM that resumed here owns its disks."""
+        status = await self.finish.settle_after_restart(name, mon)
+        if status is not None and status not in ("completed", "failed", "cancelled"):
+            self._watch(name, mon)
         if self.vms.incoming_disks(name) and await mon.status() == "running":
             await self.incoming_disks.end(name)
 
-    async def keep_disks(self, name: str) -> None:
-        """The manager saw the VM run here: the disks its copy made are simply its own."""
-        self.vms.spec(name)
-        await self.incoming_disks.end(name)
+    async def forget(self, name: str) -> None:
+        """The VM is gone from this host: nothing of its incoming migration is followed."""
+        watch = self._incoming_watch.pop(name, None)
+        if watch is not None:
+            watch.cancel()
+        tapwatch = self._tapwatch.pop(name, None)
+        if tapwatch is not None:
+            tapwatch.close()
+        self._incoming_events.pop(name, None)
+        self._incoming_uri.pop(name, None)
+        await self._drop_steerer(name)
 
     async def _watch_taps(self, spec: VmSpec, events: list[tuple[str, float]]) -> None:
         """The switchover's last marks (first frames after the resume), into this
@@ -194,6 +225,8 @@ class IncomingMigrations:
                 contextlib.suppress(HypervisorError),
                 mon.listen("MIGRATION", "RESUME") as listener,
             ):
+                # A status reached before this watch began (the agent restarted) counts too.
+                self.finish.on_incoming_status(name, mon, await incoming_status(mon))
                 async for event in listener:
                     if event["event"] == "RESUME":
                         # QEMU's own timestamp (wall clock), on the agent's monotonic clock:
@@ -205,6 +238,10 @@ class IncomingMigrations:
                         if resumed_wall is not None:
                             at -= max(time.time() - resumed_wall, 0.0)
                         events.append(("resumed", at))
+                        # A destination that ran by itself (auto) is marked as it is seen;
+                        # one started paused was marked before its cont.
+                        with contextlib.suppress(OSError):
+                            self.vms.records.mark_ran(name)
                         # It runs on the copied disks: they are its own from now on. The
                         # exports end a moment later: QMP work in this QEMU's main loop
                         # now would compete with the guest's first frames.
@@ -216,8 +253,10 @@ class IncomingMigrations:
                         return
                     data = event["data"]
                     assert isinstance(data, dict)
-                    events.append((str(data["status"]), time.monotonic()))
-                    if data["status"] in ("failed", "cancelled"):
+                    status = str(data["status"])
+                    events.append((status, time.monotonic()))
+                    self.finish.on_incoming_status(name, mon, status)
+                    if status in ("failed", "cancelled"):
                         return
         finally:
             # Whatever ended the watch (resume, failure, a lost monitor, cancellation), the

@@ -2,17 +2,22 @@
 
 The manager drives the sequence; the agent does what must be fast or local. ``Migrations`` is
 the facade the agent's routes call: it wires the two sides (``dst``: ``incoming``, ``src``:
-``outgoing``, each named for the end that runs it, as libvirt's Src and Dst steps are) and the
-dirty-rate sampling, and holds only what is neither side's.
+``outgoing``, each named for the end that runs it, as libvirt's Src and Dst steps are; the
+destination's Finish is ``dst.finish``, the source's Confirm ``confirm``) and the dirty-rate
+sampling, and holds only what is neither side's. A call that names a migration (the manager's
+id) acts on that migration only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 
 from qmotion.agent.disks.nbd import NbdMirrors
 from qmotion.agent.disks.nbd_incoming import IncomingDisks
 from qmotion.agent.errors import AgentError
+from qmotion.agent.migration.confirm import SourceConfirm
 from qmotion.agent.migration.dirty import DirtyRates
 from qmotion.agent.migration.incoming import IncomingMigrations
 from qmotion.agent.migration.outgoing import OutgoingMigrations
@@ -29,7 +34,11 @@ from qmotion.api.migration import (
     PostcopyRecovery,
     SteerRequest,
 )
+from qmotion.api.vm import VmInfo
 from qmotion.hypervisor.errors import HypervisorError
+
+log = logging.getLogger(__name__)
+SETTLE_S = 15.0  # one VM's settling at agent start, at most: the next VMs' must follow
 
 
 class Migrations:
@@ -51,17 +60,26 @@ class Migrations:
         self.src = OutgoingMigrations(
             vms, self.nbd, incoming_disks, PeerConnector(tls, peer_transport), self.dst.events, tls
         )
+        self.confirm = SourceConfirm(vms, self.nbd, incoming_disks, self.src.went_postcopy)
         self.dirty = DirtyRates(vms, self.src.migrating)
 
     async def settle_after_restart(self) -> None:
-        """At agent start. A VM that resumed here while the agent was away owns its disks.
-        A source left at pre-switchover (only this agent's watcher lets it go on, and it died)
-        is cancelled: the guest resumes here, the manager rolls back."""
+        """At agent start. A VM that resumed here while the agent was away owns its disks; a
+        paused destination told to run whose stream completed meanwhile runs. A source left
+        at pre-switchover (only this agent's watcher lets it go on, and it died) is
+        cancelled: the guest resumes here, the manager rolls back; one in its device state
+        is guarded again."""
         for name in self.vms.names():
-            with contextlib.suppress(AgentError, HypervisorError):
-                mon = self.vms.monitor(name)
-                await self.dst.settle_after_restart(name, mon)
-                await self.src.settle_after_restart(name, mon)
+            try:
+                await asyncio.wait_for(self._settle(name), SETTLE_S)
+            except (AgentError, HypervisorError, TimeoutError) as exc:
+                log.error("%s not settled after the agent's restart: %s", name, exc)
+
+    async def _settle(self, name: str) -> None:
+        with contextlib.suppress(AgentError):  # not running: nothing to settle
+            mon = self.vms.monitor(name)
+            await self.dst.settle_after_restart(name, mon)
+            await self.src.settle_after_restart(name, mon)
 
     # ------------------------------------------------------------------ destination
 
@@ -74,8 +92,11 @@ class Migrations:
     async def steer(self, name: str, req: SteerRequest) -> float:
         return await self.dst.steer(name, req)
 
-    async def keep_disks(self, name: str) -> None:
-        await self.dst.keep_disks(name)
+    async def keep_disks(self, name: str, migration: str | None = None) -> None:
+        await self.dst.finish.keep_disks(name, migration)
+
+    async def finish(self, name: str, migration: str, wait_ms: int = 0) -> VmInfo:
+        return await self.dst.finish.finish(name, migration, wait_ms)
 
     async def recover_incoming(
         self, name: str, req: PostcopyRecovery | None = None
@@ -87,8 +108,10 @@ class Migrations:
     async def outgoing(self, name: str, req: OutgoingRequest) -> MigrationStats:
         return await self.src.outgoing(name, req)
 
-    async def stats(self, name: str, wait_ms: int, known: str | None) -> MigrationStats:
-        return await self.src.stats(name, wait_ms, known)
+    async def stats(
+        self, name: str, wait_ms: int, known: str | None, migration: str | None = None
+    ) -> MigrationStats:
+        return await self.src.stats(name, wait_ms, known, migration)
 
     def migrating(self, name: str) -> bool:
         return self.src.migrating(name)
@@ -96,19 +119,41 @@ class Migrations:
     async def tune(self, name: str, tune: MigrationTune) -> MigrationStats:
         return await self.src.tune(name, tune)
 
-    async def cancel(self, name: str) -> MigrationStats:
-        return await self.src.cancel(name)
+    async def cancel(self, name: str, migration: str | None = None) -> MigrationStats:
+        return await self.src.cancel(name, migration)
 
     async def reconnect_outgoing(self, name: str, req: PostcopyRecovery) -> MigrationStats:
         return await self.src.reconnect_outgoing(name, req)
 
-    async def release(self, name: str) -> None:
-        await self.src.release(name)
+    async def release(self, name: str, migration: str | None = None) -> None:
+        await self.confirm.release(name, migration)
+        await self._forget(name)
 
-    async def resume(self, name: str, after_failed_switchover: bool = False) -> str:
-        return await self.src.resume(name, after_failed_switchover)
+    async def resume(
+        self, name: str, after_failed_switchover: bool = False, migration: str | None = None
+    ) -> str:
+        return await self.confirm.resume(name, after_failed_switchover, migration)
 
     # ------------------------------------------------------------------ either end
+
+    async def delete(
+        self,
+        name: str,
+        *,
+        force: bool = False,
+        with_disks: bool = False,
+        migration: str | None = None,
+    ) -> None:
+        """Delete the VM; with ``migration``, only as that migration's failed destination."""
+        if migration is None:
+            await self.vms.delete(name, force=force, with_disks=with_disks)
+        else:
+            await self.dst.finish.teardown(name, migration, force=force, with_disks=with_disks)
+        await self._forget(name)
+
+    async def _forget(self, name: str) -> None:
+        self.src.forget(name)
+        await self.dst.forget(name)
 
     async def announce(self, name: str) -> None:
         """QEMU's own announce (RARP from every NIC), for a VM running here."""

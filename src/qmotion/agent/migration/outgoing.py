@@ -1,9 +1,13 @@
 """The source's side of a live migration (libvirt's Src steps): send the VM, follow the stream,
-steer the network at switchover; tune, cancel, release or resume it; reconnect a postcopy stream.
+steer the network at switchover, give the paused destination the word to run; tune or cancel
+it; reconnect a postcopy stream. Releasing or resuming the source after it is ``confirm``'s.
 
 The manager drives the sequence; the agent does what must be fast or local: it watches QMP
 events, and at switchover (``pause-before-switchover``) it calls the destination agent directly
-to steer the network, then lets QEMU continue, so the pause costs one LAN round trip.
+to steer the network, then lets QEMU continue, so the pause costs one LAN round trip. Once its
+QEMU completed (``postmigrate``: it never resumes by itself) it tells the destination to run.
+Every migration is recorded by the manager's id before ``migrate`` is issued
+(``agent.vms.migration_record``): the agent answers for that id only.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +23,13 @@ import httpx
 
 from qmotion.agent.disks.nbd import NbdMirrors
 from qmotion.agent.disks.nbd_incoming import IncomingDisks
-from qmotion.agent.errors import Conflict, InPostcopy, MigratedAway, OperationFailed
+from qmotion.agent.errors import Conflict, InPostcopy, OperationFailed
+from qmotion.agent.migration.guard import (
+    ENDS,
+    destroy_sockets_to,
+    follow_and_guard,
+    guard_switchover,
+)
 from qmotion.agent.migration.params import (
     PAUSE_SETTLE_S,
     require_tls,
@@ -29,13 +38,19 @@ from qmotion.agent.migration.params import (
     tls_parameters,
     tune_parameters,
 )
-from qmotion.agent.migration.peer import PeerConnector
+from qmotion.agent.migration.peer import PeerConnector, finish_on_peer
 from qmotion.agent.network.forwarder import FORWARD_FOR_S, LateFrameForwarder
 from qmotion.agent.tls import TlsStore
 from qmotion.agent.vms.manager import VmManager
-from qmotion.api.migration import MigrationStats, MigrationTune, OutgoingRequest, PostcopyRecovery
-from qmotion.hypervisor import process
-from qmotion.hypervisor.errors import HypervisorError
+from qmotion.agent.vms.migration_record import outgoing_status
+from qmotion.api.migration import (
+    MigrationStats,
+    MigrationTune,
+    OutgoingRequest,
+    PostcopyRecovery,
+    QemuMigrationStatus,
+)
+from qmotion.hypervisor.errors import HypervisorError, QmpError
 from qmotion.hypervisor.monitor import Monitor
 from qmotion.hypervisor.qemu import tap_name
 from qmotion.migration.convergence import THROTTLE_INCREMENT
@@ -44,9 +59,8 @@ log = logging.getLogger(__name__)
 FINISHED = ("completed", "failed", "cancelled")
 POSTCOPY_RECOVERING = ("postcopy-recover-setup", "postcopy-recover")
 POSTCOPY_LIVE = ("postcopy-active", *POSTCOPY_RECOVERING)
-# QEMU migration states in which no migration is under way (a source may be resumed).
-IDLE_MIGRATION = ("none", "completed", "failed", "cancelled")
 STEER_WAIT_S = 2.0
+SETTLE_ANSWER_S = 5.0  # at agent start: a source that does not answer by then is stuck
 CANCEL_SETTLE_S = 1.0  # a cancel that has not settled by then is stuck on a dead link
 SETUP_WAIT_S = 10.0  # a cancel waits this long for QEMU to finish setting the stream up
 IncomingEvents = Callable[[str], list[tuple[str, float]] | None]
@@ -67,25 +81,17 @@ class Outgoing:
     uri: str | None = None  # where the stream goes (tcp:HOST:PORT)
     mirror_error: str | None = None  # the disks could not end in sync: the stream cancelled
     steering: asyncio.Task[None] | None = None  # the switchover call, from the source's STOP
-
-
-def _destroy_sockets_to(uri: str) -> None:
-    """End every TCP socket of this host to the stream's destination (``ss -K``; the port is
-    the destination QEMU's, so nothing else uses it)."""
-    kind, _, rest = uri.partition(":")
-    host, _, port = rest.rpartition(":")
-    if kind != "tcp" or not host or not port.isdigit():
-        return
-    log.warning("ending the sockets of a stuck migration to %s", rest)
-    try:
-        subprocess.run(
-            ["ss", "-K", "dst", host.strip("[]"), "dport", "=", port],
-            capture_output=True,
-            check=False,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.error("could not end the sockets to %s: %s", rest, exc)
+    migration_id: str | None = None  # the manager's id (as recorded before migrate)
+    stopped_at: float | None = None  # the source's STOP (monotonic)
+    finish_ms: float | None = None  # source STOP to the destination told to run
+    finish_error: str | None = None
+    finishing: asyncio.Task[None] | None = None  # the word to the destination
+    # The switchover's guard (agent.migration.guard): the downtime limit as last set, and
+    # since when the guest has been paused in a guarded status (None: not guarded now).
+    downtime_limit_ms: int = 300
+    stuck_since: float | None = None
+    guard: asyncio.Task[None] | None = None
+    guard_error: str | None = None
 
 
 class OutgoingMigrations:
@@ -153,14 +159,31 @@ class OutgoingMigrations:
         except HypervisorError as exc:
             raise OperationFailed.of(exc, vm=name, what=f"setting up TLS for {name}") from exc
         await mon.execute("migrate-set-parameters", stream_parameters(req.params) | tls)
-        out = Outgoing(started_at=time.monotonic(), uri=req.uri)
+        # Before migrate: whatever QEMU reports from now on is this migration's (a restarted
+        # agent reads it back); until then it may be an arrival's or an earlier stream's.
+        self.vms.records.begin_outgoing(name, req.migration_id, req.uri)
+        out = Outgoing(
+            started_at=time.monotonic(),
+            uri=req.uri,
+            migration_id=req.migration_id,
+            downtime_limit_ms=req.params.downtime_limit_ms,
+        )
         self._outgoing[name] = out
         ready = asyncio.get_running_loop().create_future()
         out.task = asyncio.create_task(
             self._watch(name, mon, req, out, ready), name=f"migrate-{name}"
         )
         await ready  # the watcher has subscribed and issued migrate (or failed to)
-        return await self.stats(name, 0, None)
+        return await self.stats(name, 0, None, req.migration_id)
+
+    @staticmethod
+    def _gives_word(req: OutgoingRequest) -> bool:
+        """This source tells the destination to run (it was started paused for this id)."""
+        return (
+            req.migration_id is not None
+            and req.peer is not None
+            and req.params.destination_start == "paused"
+        )
 
     async def _watch(
         self,
@@ -186,22 +209,29 @@ class OutgoingMigrations:
                 # first pass of any real guest takes far longer than this.
                 if req.params.forward:
                     forwarders = await self._start_forwarders(name)
-                if req.params.steer:
+                if req.params.steer or self._gives_word(req):
                     peer_client = await self.peers.client(req.peer)
                     if peer_client is None and req.peer is not None:
-                        out.steer_error = "no client to call the destination at switchover"
+                        missing = "no client to call the destination at switchover"
+                        out.steer_error = missing if req.params.steer else None
+                        out.finish_error = missing if self._gives_word(req) else None
                 async for event in listener:
                     if event["event"] == "STOP":
                         # Switchover begins: the guest consumes nothing more here.
                         ts = event["timestamp"]
                         assert isinstance(ts, dict)
                         stopped = ts["seconds"] + ts["microseconds"] / 1e6
-                        out.events.append(("stopped", time.monotonic()))
+                        out.stopped_at = time.monotonic()
+                        out.events.append(("stopped", out.stopped_at))
+                        # The guest is paused for the final copy; QEMU says "active" still
+                        # (without pause-before-switchover it never says "device").
+                        self._guard(name, mon, out, "stopped")
                         for fw in forwarders:
                             fw.vm_stopped(stopped)
                         if steering is None:
+                            steerer = peer_client if req.params.steer else None
                             steering = out.steering = asyncio.create_task(
-                                self._steer_peer(name, req, out, peer_client, forwarders)
+                                self._steer_peer(name, req, out, steerer, forwarders)
                             )
                         continue
                     data = event["data"]
@@ -210,6 +240,9 @@ class OutgoingMigrations:
                     out.events.append((out.status, time.monotonic()))
                     out.changed.set()
                     out.changed = asyncio.Event()
+                    if out.status.startswith("postcopy"):
+                        self.vms.records.went_postcopy(name)
+                    self._guard(name, mon, out, out.status)
                     if out.status == "pre-switchover":
                         if req.params.copy_datastore is not None:
                             out.mirror_error = await self.nbd.end_in_sync(name, mon)
@@ -219,7 +252,16 @@ class OutgoingMigrations:
                             log.error("migration of %s cancelled: %s", name, out.mirror_error)
                             await mon.execute("migrate_cancel")
                             continue
-                        await mon.execute("migrate-continue", {"state": "pre-switchover"})
+                        self._guard(name, mon, out, "mirrors-ended")
+                        try:
+                            await mon.execute("migrate-continue", {"state": "pre-switchover"})
+                        except QmpError as exc:  # the stream failed meanwhile: events tell
+                            log.warning("migration of %s not continued: %s", name, exc)
+                    word = out.status == "completed" and self._gives_word(req)
+                    if word and peer_client is not None and out.finishing is None:
+                        out.finishing = asyncio.create_task(
+                            self._finish_peer(mon, req, out, peer_client)
+                        )
                     if out.status in FINISHED:
                         return
         except HypervisorError as exc:
@@ -227,11 +269,14 @@ class OutgoingMigrations:
             out.status = "failed"
         finally:
             out.changed.set()
+            if out.guard is not None:
+                out.guard.cancel()
             with contextlib.suppress(Exception):
                 await self.nbd.after_migration(name, completed=out.status == "completed")
-            if steering is not None:
-                with contextlib.suppress(Exception):
-                    await steering
+            for call in (steering, out.finishing):
+                if call is not None:
+                    with contextlib.suppress(Exception):
+                        await call
             if peer_client is not None:
                 await peer_client.aclose()
             # After success the forwarders keep passing stragglers on for a moment.
@@ -292,18 +337,63 @@ class OutgoingMigrations:
             for fw in forwarders:
                 fw.release()
 
-    async def stats(self, name: str, wait_ms: int, known: str | None) -> MigrationStats:
-        """Migration progress; with ``wait_ms``, first wait for a status other than ``known``."""
+    async def _finish_peer(
+        self, mon: Monitor, req: OutgoingRequest, out: Outgoing, client: httpx.AsyncClient
+    ) -> None:
+        """Tell the paused destination to run; a failure is only recorded (the manager gives
+        the word too)."""
+        assert req.peer is not None and req.migration_id is not None
+        out.finish_error = await finish_on_peer(mon, client, req.peer, req.migration_id)
+        if out.finish_error is None:
+            out.finish_ms = (time.monotonic() - (out.stopped_at or out.started_at)) * 1000
+
+    @staticmethod
+    def _guard(name: str, mon: Monitor, out: Outgoing, mark: str) -> None:
+        """Where the guest's paused stretch stands after ``mark``: the source's STOP
+        (``stopped``) or QEMU's new status. It starts at the STOP or at ``device``, pauses
+        while the disks' mirrors end at ``pre-switchover`` (their own limits; the watcher marks
+        ``mirrors-ended`` after them), and ends with the stream or in postcopy (``ENDS``);
+        the guard runs while it lasts."""
+        if out.status in ENDS or mark == "pre-switchover":
+            out.stuck_since = None
+            return
+        if mark not in ("stopped", "device", "mirrors-ended"):
+            return  # active, setup...: unchanged (a STOP may have started the stretch)
+        if out.stuck_since is None:
+            out.stuck_since = time.monotonic()
+        if out.guard is None or out.guard.done():
+            out.guard = asyncio.create_task(
+                guard_switchover(name, mon, out), name=f"switchover-guard-{name}"
+            )
+
+    async def stats(
+        self, name: str, wait_ms: int, known: str | None, migration: str | None = None
+    ) -> MigrationStats:
+        """Migration progress; with ``wait_ms``, first wait for a status other than ``known``.
+
+        With ``migration``: QEMU's figures only if its current migration is that one (else
+        status ``none``: no such migration here), and an outgoing ``completed`` only with
+        QEMU in ``postmigrate`` (``agent.vms.migration_record.outgoing_status``)."""
         mon = self.vms.monitor(name)
+        record = self.vms.records.get(name)
+        if migration is not None and record.current != migration:
+            return MigrationStats(status=QemuMigrationStatus.NONE)
         out = self._outgoing.get(name)
+        if out is not None and migration is not None and out.migration_id != migration:
+            out = None  # an earlier stream's
         if out is not None and wait_ms > 0 and out.status == known and known not in FINISHED:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(out.changed.wait(), wait_ms / 1000)
         stats = MigrationStats.from_qmp(await mon.execute("query-migrate"))
-        if out is not None and out.steering is not None and stats.finished:
-            # The switchover call may still be answering as QEMU completes: its figures
-            # belong in the final stats.
-            await asyncio.wait({out.steering}, timeout=STEER_WAIT_S)
+        stats.migration_id = record.current
+        if migration is not None and record.outgoing is not None and stats.status == "completed":
+            stats.status = QemuMigrationStatus(outgoing_status(stats.status, await mon.status()))
+        if out is not None and stats.finished:
+            # The switchover call and the word to the destination may still be answering as
+            # QEMU completes: their figures belong in the final stats.
+            calls = {t for t in (out.steering, out.finishing) if t is not None}
+            if calls:
+                await asyncio.wait(calls, timeout=STEER_WAIT_S)
         waking = out.restore_increment_at if out is not None else None
         if (
             out is not None
@@ -322,6 +412,10 @@ class OutgoingMigrations:
         if out is not None:
             stats.steer_ms = out.steer_ms
             stats.steer_error = out.steer_error
+            stats.finish_ms = out.finish_ms
+            stats.finish_error = out.finish_error
+            if out.guard_error is not None:
+                stats.error = f"{out.guard_error} ({stats.error or 'no QEMU error yet'})"
             if out.mirror_error is not None:
                 stats.error = f"disk copy: {out.mirror_error}"
             stats.started_at_ms = out.started_at * 1000
@@ -335,11 +429,32 @@ class OutgoingMigrations:
 
     async def settle_after_restart(self, name: str, mon: Monitor) -> None:
         """At agent start: a source left at pre-switchover (only this agent's watcher lets it
-        go on, and it died) is cancelled: the guest resumes here, the manager rolls back."""
-        migration = await mon.execute("query-migrate")
-        if migration.get("status") == "pre-switchover":
+        go on, and it died) is cancelled: the guest resumes here, the manager rolls back. One
+        sending its device state is guarded again; one that does not answer while a stream
+        of its is recorded holds its big lock in the switchover: its stream is yanked."""
+        try:
+            migration = await asyncio.wait_for(mon.execute("query-migrate"), SETTLE_ANSWER_S)
+        except TimeoutError:
+            if self.vms.records.get(name).outgoing is not None:
+                log.error("%s does not answer in its switchover: yanking its stream", name)
+                await mon.execute("yank", {"instances": [{"type": "migration"}]}, oob=True)
+            return
+        status = migration.get("status")
+        if status == "pre-switchover":
             log.warning("%s was left at pre-switchover: cancelling", name)
             await mon.execute("migrate_cancel")
+        elif status == "device":
+            limit = (await mon.execute("query-migrate-parameters")).get("downtime-limit", 300)
+            rec = self.vms.records.get(name).outgoing
+            out = Outgoing(
+                started_at=time.monotonic(),
+                status="device",
+                downtime_limit_ms=int(limit),
+                uri=rec.uri if rec is not None else None,
+                migration_id=rec.id if rec is not None else None,
+            )
+            self._outgoing[name] = out
+            out.guard = asyncio.create_task(follow_and_guard(name, mon, out))
 
     async def tune(self, name: str, tune: MigrationTune) -> MigrationStats:
         """Change a running outgoing migration's parameters (the convergence ladder)."""
@@ -361,6 +476,8 @@ class OutgoingMigrations:
                 raise OperationFailed.of(
                     exc, vm=name, what=f"tuning the migration of {name}"
                 ) from exc
+            if tune.downtime_limit_ms is not None:
+                out.downtime_limit_ms = tune.downtime_limit_ms  # the switchover guard's too
         if tune.start_postcopy:
             try:
                 await self.vms.monitor(name).execute("migrate-start-postcopy")
@@ -405,16 +522,22 @@ class OutgoingMigrations:
             ) from exc
         return await self.stats(name, 0, None)
 
-    def _went_postcopy(self, name: str) -> bool:
+    def went_postcopy(self, name: str) -> bool:
         """This source's migration entered postcopy: its memory is now partly only on the
         destination, so it is never cancelled or resumed here."""
         out = self._outgoing.get(name)
         return out is not None and any(s.startswith("postcopy") for s, _ in out.events)
 
-    async def cancel(self, name: str) -> MigrationStats:
+    async def cancel(self, name: str, migration: str | None = None) -> MigrationStats:
+        """Cancel the outgoing stream; with ``migration``, only that migration's (another's
+        is left alone: the answer is the stats for that id, status ``none``)."""
         mon = self.vms.monitor(name)
+        if migration is not None:
+            issued = self.vms.records.get(name).outgoing
+            if issued is None or issued.id != migration:
+                return await self.stats(name, 0, None, migration)
         status = str((await mon.execute("query-migrate")).get("status", "none"))
-        if status.startswith("postcopy") or self._went_postcopy(name):
+        if status.startswith("postcopy") or self.went_postcopy(name):
             raise InPostcopy(
                 f"VM {name} is in postcopy ({status}): the destination runs it; "
                 "a cancel would lose the pages not yet sent",
@@ -429,13 +552,13 @@ class OutgoingMigrations:
             await asyncio.sleep(0.05)
             status = str((await mon.execute("query-migrate")).get("status", "none"))
         if status.startswith("postcopy") or status in ("completed", "failed", "cancelled"):
-            return await self.stats(name, 0, None)  # nothing to cancel any more
+            return await self.stats(name, 0, None, migration)  # nothing to cancel any more
         await mon.execute("migrate_cancel")
         deadline = time.monotonic() + CANCEL_SETTLE_S
-        stats = await self.stats(name, 0, None)
+        stats = await self.stats(name, 0, None, migration)
         while stats.status == "cancelling" and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-            stats = await self.stats(name, 0, None)
+            stats = await self.stats(name, 0, None, migration)
         if stats.status == "cancelling":
             # migrate_cancel shuts the main stream down, but multifd threads blocked sending
             # into a dead link stay blocked (until TCP gives up, ~15 min): yank closes every
@@ -444,85 +567,18 @@ class OutgoingMigrations:
             with contextlib.suppress(HypervisorError):
                 await mon.execute("yank", {"instances": [{"type": "migration"}]})
             await asyncio.sleep(0.2)
-            stats = await self.stats(name, 0, None)
+            stats = await self.stats(name, 0, None, migration)
         out = self._outgoing.get(name)
         if stats.status == "cancelling" and out is not None and out.uri:
             # A channel still in its TLS handshake is not among the yanked ones (QEMU waits
             # for it to connect before it can be closed): the kernel ends its socket instead.
-            await asyncio.to_thread(_destroy_sockets_to, out.uri)
+            await asyncio.to_thread(destroy_sockets_to, out.uri)
             await asyncio.sleep(0.2)
-            stats = await self.stats(name, 0, None)
+            stats = await self.stats(name, 0, None, migration)
         return stats
 
-    async def release(self, name: str) -> None:
-        """After a completed migration, end the source's QEMU and forget the VM here.
-
-        Refused unless QEMU says the VM moved away (postmigrate): never end the only copy.
-        """
-        async with self.vms.locked(name) as spec:
-            mon = self.vms.monitor(name)
-            migration = str((await mon.execute("query-migrate")).get("status", "none"))
-            if migration.startswith("postcopy"):
-                raise InPostcopy(
-                    f"VM {name} is in postcopy ({migration}): this QEMU still holds pages "
-                    "the destination needs; refusing to release it",
-                    vm=name,
-                )
-            status = await mon.status()
-            if status != "postmigrate":
-                raise Conflict(
-                    f"VM {name} is {status} here, not migrated away; refusing to release it",
-                    vm=name,
-                )
-            copied = self.nbd.copied_sources(name)
-            rt = self.vms.runtime(name)
-            with contextlib.suppress(HypervisorError):
-                await mon.execute("quit")
-            if rt is not None:
-                await asyncio.to_thread(process.wait_gone, rt.pid, spec.uuid, 5.0)
-                await asyncio.to_thread(process.kill, rt.pid, spec.uuid)
-            # The destination runs on its copies (the manager saw it): these are the old
-            # ones. Removed while the definition still names them: a crash now leaves the
-            # VM defined here, not files nobody knows of.
-            self.incoming_disks.remove(copied)
-        self._outgoing.pop(name, None)
-        await self.vms.delete(name, force=True)
-
-    async def resume(self, name: str, after_failed_switchover: bool = False) -> str:
-        """Resume a source left paused by a failed migration; returns QEMU's status.
-
-        A source whose migration completed is resumed only when the manager says the
-        destination was removed (``after_failed_switchover``): otherwise two copies would run.
-        """
-        mon = self.vms.monitor(name)
-        migration = await mon.execute("query-migrate")
-        qemu_migration = migration.get("status", "none")
-        if qemu_migration.startswith("postcopy"):
-            raise InPostcopy(
-                f"VM {name} is in postcopy ({qemu_migration}): the destination runs it and "
-                "this copy lacks what it has written; it is never resumed here",
-                vm=name,
-            )
-        if self._went_postcopy(name):
-            raise MigratedAway(
-                f"VM {name} migrated away in postcopy: the destination has written to memory "
-                "this copy does not have; it is never resumed here",
-                vm=name,
-            )
-        if qemu_migration == "completed" and not after_failed_switchover:
-            raise MigratedAway(
-                f"VM {name} completed its migration away; it runs elsewhere now", vm=name
-            )
-        if qemu_migration not in IDLE_MIGRATION:
-            # Resuming mid-migration could race the switchover into two running copies.
-            raise Conflict(
-                f"VM {name} is still migrating ({qemu_migration}); cancel it first", vm=name
-            )
-        status = await mon.status()
-        if status in ("paused", "postmigrate", "finish-migrate"):
-            await mon.execute("cont")
-            status = await mon.status()
-        # It runs here on its own disks: a copy made for a migration that did not happen is
-        # void (and its record must not lead a later release to the files).
-        await self.nbd.void(name)
-        return status
+    def forget(self, name: str) -> None:
+        """The VM is gone from this host (released or deleted): so is its stream's view."""
+        out = self._outgoing.pop(name, None)
+        if out is not None and out.guard is not None:
+            out.guard.cancel()

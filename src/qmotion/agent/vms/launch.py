@@ -86,6 +86,7 @@ async def launch_qemu(
     incoming: str | None,
     pool: Path | None,
     log_path: Path,
+    paused: bool = False,
 ) -> tuple[int, MemoryBacking]:
     """Launch QEMU, from the huge-page pool when it had room, else from ordinary memory.
 
@@ -95,7 +96,13 @@ async def launch_qemu(
     """
     if pool is not None:
         argv = build_argv(
-            spec, paths, accel=accel, machine=machine, incoming=incoming, hugepages=pool
+            spec,
+            paths,
+            accel=accel,
+            machine=machine,
+            incoming=incoming,
+            hugepages=pool,
+            paused=paused,
         )
         try:
             pid = await asyncio.to_thread(process.launch, argv, paths.pidfile, log_path, spec.name)
@@ -104,6 +111,6 @@ async def launch_qemu(
             if "backing store" not in exc.stderr:
                 raise
             log.warning("VM %s: huge-page pool short, using ordinary memory", spec.name)
-    argv = build_argv(spec, paths, accel=accel, machine=machine, incoming=incoming)
+    argv = build_argv(spec, paths, accel=accel, machine=machine, incoming=incoming, paused=paused)
     pid = await asyncio.to_thread(process.launch, argv, paths.pidfile, log_path, spec.name)
     return pid, "anonymous"

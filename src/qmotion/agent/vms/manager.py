@@ -28,6 +28,7 @@ from qmotion.agent.network.net import create_tap, delete_tap, tap_mac
 from qmotion.agent.vms import definition
 from qmotion.agent.vms.definition import create_disks, disk_path, saved_path
 from qmotion.agent.vms.launch import launch_paths, launch_qemu
+from qmotion.agent.vms.migration_record import MigrationRecords, outgoing_status
 from qmotion.agent.vms.saved import load_state, save_state
 from qmotion.api.host import AccelInfo
 from qmotion.api.vm import Disk, MemoryBacking, VmInfo, VmSpec, VmState
@@ -82,6 +83,7 @@ class VmManager:
         self.config = config
         self._accel = accel
         self.vms_dir = config.state_dir / "vms"
+        self.records = MigrationRecords(self.vms_dir)  # each VM's migration ids
         # Set by the storage moves: why a VM must not be started, deleted or migrated now.
         self.storage_guard: Callable[[str], str | None] = lambda _name: None
         self._specs: dict[str, VmSpec] = {}
@@ -236,6 +238,8 @@ class VmManager:
         rt = await self._alive(name)
         state = VmState.STOPPED
         qemu_status = None
+        record = self.records.get(name)
+        outgoing = None
         if rt is not None:
             mon = self._monitors.get(name)
             try:
@@ -243,6 +247,10 @@ class VmManager:
                     mon = await self._attach(name, rt)
                 qemu_status = await mon.status()
                 state = vm_state(qemu_status)
+                if record.outgoing is not None:
+                    with contextlib.suppress(QmpError):  # the run state stands on its own
+                        got = await mon.execute("query-migrate")
+                        outgoing = outgoing_status(str(got.get("status", "none")), qemu_status)
             except HypervisorError:
                 # The process exists but its monitor does not answer: exiting or wedged.
                 state = VmState.STOPPING if await self._alive(name) else VmState.STOPPED
@@ -260,6 +268,9 @@ class VmManager:
             spec=spec,
             taps=rt.taps if rt else [],
             memory_backing=rt.memory_backing if rt and state != "stopped" else None,
+            incoming_migration=record.incoming.id if record.incoming is not None else None,
+            outgoing_migration=record.outgoing.id if record.outgoing is not None else None,
+            outgoing_status=outgoing,
         )
 
     async def list(self) -> list[VmInfo]:
@@ -297,12 +308,16 @@ class VmManager:
         await create_disks(self.config, spec)
         vm_dir = self._dir(spec.name)
         vm_dir.mkdir(parents=True, exist_ok=True)
+        self.records.clear(spec.name)  # a new VM: nothing of a namesake's migrations
         self._write(vm_dir / "spec.json", spec.model_dump_json(indent=2))
         self._specs[spec.name] = spec
         return await self.info(spec.name)
 
-    async def start(self, name: str, *, incoming: str | None = None) -> VmInfo:
-        """Start QEMU for a defined VM; with ``incoming``, wait for a migration stream."""
+    async def start(
+        self, name: str, *, incoming: str | None = None, paused: bool = False
+    ) -> VmInfo:
+        """Start QEMU for a defined VM; with ``incoming``, wait for a migration stream;
+        ``paused`` (-S): the guest runs only on ``cont`` (a stream loaded stays paused)."""
         async with self.locked(name) as spec:
             if await self._alive(name) is not None:
                 raise Conflict(f"VM {name} is already running", vm=name)
@@ -343,7 +358,7 @@ class VmManager:
                     await asyncio.to_thread(create_tap, tap, nic.bridge, tap_mac(nic.mac))
                     taps.append(tap)
                 pid, backing = await launch_qemu(
-                    spec, paths, accel.name, machine, incoming, pool, vm_dir / "qemu.log"
+                    spec, paths, accel.name, machine, incoming, pool, vm_dir / "qemu.log", paused
                 )
                 rt = Runtime(
                     pid=pid,
@@ -496,5 +511,6 @@ class VmManager:
                                 path.parent.rmdir()
             await asyncio.to_thread(self._end_exports, name)
             shutil.rmtree(self._dir(name), ignore_errors=True)
+            self.records.forget(name)
             del self._specs[name]
         self._locks.pop(name, None)

@@ -41,7 +41,7 @@ from qmotion.drs.state import ClusterState
 from qmotion.server.automation.demand import DemandWindow
 from qmotion.server.automation.drs_config import DrsConfig
 from qmotion.server.automation.operations import Operations, PlannedMove, spread
-from qmotion.server.db import ACTIVE_TASK_STATES, Database, Recommendation, Task, utcnow
+from qmotion.server.db import ACTIVE_TASK_STATES, Database, Recommendation, Task, Vm, utcnow
 from qmotion.server.errors import Conflict
 from qmotion.server.inventory import Inventory
 from qmotion.server.tasks.task_view import DRS_APPLY, MAINTENANCE
@@ -109,7 +109,7 @@ class ClusterDrs:
             pass
         # VMs migrating right now, held where they are, can leave a rule unsatisfiable for
         # the moment (two anti-affine VMs leaving one host): plan without them in the rules.
-        moving = {v.name for v in vms if v.migrating}
+        moving = {v.name for v in vms if v.migrating or v.attention is not None}
         return snapshot_from_inventory(
             hosts,
             vms,
@@ -212,10 +212,15 @@ class ClusterDrs:
             for m in result.moves
             if m.priority <= result.threshold and m.source not in evacuating | down
         ]
-        unplaced = list(result.unplaced) + [
-            {"vm": m.vm, "reason": f"its host {m.source} is down"}
-            for m in result.moves
-            if m.source in down
+        marked = self.attention()
+        unplaced = [
+            *(u for u in result.unplaced if u["vm"] not in marked),
+            *(
+                {"vm": m.vm, "reason": f"its host {m.source} is down"}
+                for m in result.moves
+                if m.source in down
+            ),
+            *({"vm": vm, "reason": why} for vm, why in sorted(marked.items())),
         ]
         with self.db.session() as s:
             pending = {
@@ -266,6 +271,13 @@ class ClusterDrs:
             broken_should_rules=result.broken_should,
             measured_vms=measured,
         )
+
+    def attention(self) -> dict[str, str]:
+        """The VMs that need attention, each with why DRS leaves it where it is (the
+        snapshot pins them)."""
+        with self.db.session() as s:
+            rows = s.scalars(select(Vm).where(Vm.attention.is_not(None)))
+            return {v.name: f"needs attention, left where it is: {v.attention}" for v in rows}
 
     @staticmethod
     def _rec_out(r: Recommendation) -> RecommendationOut:

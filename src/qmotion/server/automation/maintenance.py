@@ -192,6 +192,8 @@ class Maintenance:
         ]
         on_host = {v.name for v in snap.vms if v.host == name}
         unplaced = {u["vm"]: u["reason"] for u in result.unplaced if u["vm"] in on_host}
+        # A VM that needs attention stays (pinned): the task reports why.
+        unplaced |= {vm: why for vm, why in self.drs.attention().items() if vm in on_host}
         return moves, unplaced
 
     def _incoming(self, name: str) -> list[int]:

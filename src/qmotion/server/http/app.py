@@ -42,6 +42,7 @@ from qmotion.server.http.drs_routes import ManagerActions, install_drs_routes
 from qmotion.server.http.schedule_routes import install_routes as install_schedule_routes
 from qmotion.server.images import ImageLibrary
 from qmotion.server.inventory import Inventory
+from qmotion.server.reconciler import Reconciler
 from qmotion.server.tasks.runner import TaskRunner
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def create_app(
     drs = ClusterDrs(db, inventory, operations)
     maintenance = Maintenance(db, runner, drs, operations)
     schedules = Schedules(db, ManagerActions(runner, drs, maintenance))
+    reconciler = Reconciler(inventory)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -72,7 +74,7 @@ def create_app(
         drs.recover_after_restart()
         maintenance.resume_after_restart()
         loops = [
-            asyncio.ensure_future(_refresh_forever(inventory, drs)),
+            asyncio.ensure_future(_refresh_forever(inventory, drs, reconciler)),
             asyncio.ensure_future(drs.run_forever()),
             asyncio.ensure_future(schedules.run_forever()),
         ]
@@ -103,6 +105,7 @@ def create_app(
     @app.post("/v1/hosts/refresh", response_model=list[HostOut], dependencies=auth)
     def refresh_hosts() -> list[HostOut]:
         inventory.refresh_hosts(drs.config.settings().down_grace_s, lambda _host, m: drs.sample(m))
+        reconciler.run()
         return inventory.list_hosts()
 
     @app.put("/v1/pool", status_code=204, dependencies=auth)
@@ -201,11 +204,13 @@ def create_app(
     return app
 
 
-async def _refresh_forever(inventory: Inventory, drs: ClusterDrs) -> None:
+async def _refresh_forever(inventory: Inventory, drs: ClusterDrs, reconciler: Reconciler) -> None:
     while True:
         await asyncio.sleep(REFRESH_INTERVAL_S)
         try:
             grace = (await asyncio.to_thread(drs.config.settings)).down_grace_s
             await asyncio.to_thread(inventory.refresh_hosts, grace, lambda _host, m: drs.sample(m))
+            # After the facts: which hosts are up decides which agents are asked.
+            await asyncio.to_thread(reconciler.run)
         except Exception:  # the refresher must outlive one bad round
             log.exception("host refresh failed")

@@ -20,6 +20,7 @@ T = TypeVar("T")
 # What a live migration's pre-checks refuse that does not matter for a stopped VM: it does
 # not run (memory, TCG dirty tracking, migration network MTU, TLS of a migration stream).
 COLD_APPLIES = {
+    "vm_attention",
     "already_migrating",
     "same_host",
     "unknown_host",

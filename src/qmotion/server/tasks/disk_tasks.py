@@ -17,7 +17,7 @@ from qmotion.api.sizes import parse_rate_bytes
 from qmotion.api.storage import MirrorRequest, MirrorStatus
 from qmotion.api.vm import VmSpec, VmState
 from qmotion.migration import cold, storage
-from qmotion.migration.prechecks import PrecheckInput, precheck
+from qmotion.migration.prechecks import PrecheckInput, attention_refusals, precheck
 from qmotion.migration.storage import StoragePortError
 from qmotion.migration.vocabulary import Phase
 from qmotion.server.db import Database, Host, Task, TaskEvent
@@ -209,7 +209,7 @@ class DiskTasks:
             not_shared = self.inventory.not_shared(s, spec, row.host.name, to)
             live = precheck(
                 PrecheckInput(
-                    vm_view(spec, row.host.name, row.state, False),
+                    vm_view(spec, row.host.name, row.state, False, row.attention),
                     to,
                     hosts,
                     tls=False,
@@ -305,7 +305,7 @@ class DiskTasks:
             host = row.host.name
             spec = VmSpec.model_validate(row.spec)
             facts = row.host.facts or {}
-            refusals = storage_prechecks(
+            refusals = attention_refusals(vm, row.attention) + storage_prechecks(
                 spec,
                 VmState(row.state),
                 host,

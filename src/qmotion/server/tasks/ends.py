@@ -2,7 +2,8 @@
 
 All of a migration's agent I/O goes through ``Ends`` (one seam, as httpx's transport): the
 port, its disk mirror and its undo steps call the source and the destination by side, and a
-client error becomes a ``StepError`` naming the step and the host in one place.
+client error becomes a ``StepError`` naming the step and the host in one place. ``migration``
+is the migration's id: the callers pass it on every call of the contract that takes it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import contextlib
 from collections.abc import Callable
 from typing import TypeVar
 
+from qmotion.api.errors import AgentErrorCode
+from qmotion.api.vm import VmInfo
 from qmotion.client.agent import AgentClient
 from qmotion.client.errors import ClientError, NotFound
 from qmotion.migration.errors import StepError
@@ -28,10 +31,12 @@ def host_copy(h: Host) -> Host:
 
 
 class Ends:
-    """The source and destination agents of the migration of ``vm``."""
+    """The source and destination agents of the migration ``migration`` of ``vm``."""
 
-    def __init__(self, inventory: Inventory, vm: str, src: Host, dst: Host) -> None:
-        self.inventory, self.vm = inventory, vm
+    def __init__(
+        self, inventory: Inventory, vm: str, src: Host, dst: Host, migration: str | None = None
+    ) -> None:
+        self.inventory, self.vm, self.migration = inventory, vm, migration
         self.src, self.dst = src, dst
 
     async def source(
@@ -53,13 +58,34 @@ class Ends:
         reads the agent's error code)."""
         return await self._raw(self.src, fn, timeout_s)
 
+    async def destination_raw(
+        self, fn: Callable[[AgentClient], T], timeout_s: float = CALL_TIMEOUT_S
+    ) -> T:
+        """One call to the destination's agent; the client's own errors pass through."""
+        return await self._raw(self.dst, fn, timeout_s)
+
+    async def destination_vm(self, step: str) -> VmInfo | None:
+        """The VM as the destination's agent reports it; None when the agent itself says it
+        has no such VM; a ``StepError`` of ``step`` when it cannot be asked."""
+        try:
+            return await self._raw(self.dst, lambda c: c.vm(self.vm), CALL_TIMEOUT_S)
+        except NotFound as exc:
+            if exc.detail.code == AgentErrorCode.VM_NOT_FOUND:
+                return None
+            raise self._error(self.dst, step, exc) from exc
+        except ClientError as exc:
+            raise self._error(self.dst, step, exc) from exc
+
+    def _error(self, host: Host, step: str, exc: ClientError) -> StepError:
+        return StepError(step, f"host {host.name}: {exc}", vm=self.vm, host=host.name)
+
     async def _call(
         self, host: Host, step: str, fn: Callable[[AgentClient], T], timeout_s: float
     ) -> T:
         try:
             return await self._raw(host, fn, timeout_s)
         except ClientError as exc:
-            raise StepError(step, f"host {host.name}: {exc}", vm=self.vm, host=host.name) from exc
+            raise self._error(host, step, exc) from exc
 
     async def _raw(self, host: Host, fn: Callable[[AgentClient], T], timeout_s: float) -> T:
         """One agent call in a worker thread; the client's own errors pass through."""
@@ -71,7 +97,8 @@ class Ends:
         return await asyncio.to_thread(work)
 
 
-def delete_vm(client: AgentClient, vm: str) -> None:
-    """Remove ``vm`` from an agent; one already gone is removed."""
+def delete_vm(client: AgentClient, vm: str, migration: str | None) -> None:
+    """Remove the destination of ``migration`` (``vm``) from an agent; one already gone is
+    removed. With the id the agent refuses (409) a VM that runs or did not arrive by it."""
     with contextlib.suppress(NotFound):
-        client.delete(vm, force=True)
+        client.delete(vm, force=True, migration=migration)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qmotion.api.migration import (
+    DestinationStart,
     FlightSample,
     Leftover,
     MigrationPrediction,
@@ -32,6 +33,7 @@ class FlightRecorder:
     destination: str
     tls: bool = False
     streams: int = 0  # multifd channels; 0: one classic stream
+    destination_start: DestinationStart | None = None  # paused: it runs on the word
     issued_at: float | None = None  # when QEMU's migrate was issued (the port's clock)
     postcopy_at: float | None = None  # since the migration began, seconds
     last_stats: MigrationStats | None = None
@@ -113,6 +115,7 @@ def report(
         tls=flight.tls,
         disk_copy_ms=round(flight.disk_copy_ms, 1) if flight.disk_copy_ms is not None else None,
         disk_bytes=flight.disk_bytes,
+        destination_start=flight.destination_start,
     )
     if flight.unreachable:
         r.warnings.append("fell back from " + "; ".join(flight.unreachable))
@@ -135,6 +138,10 @@ def report(
             r.client_frame_ms = round(dst["client_frame_delivered"] - src["stopped"], 1)
         if stats.steer_ms is not None:
             r.steer_ms = round(stats.steer_ms, 1)
+        if stats.finish_ms is not None:
+            r.finish_ms = round(stats.finish_ms, 1)
+        if stats.finish_error:
+            r.warnings.append(f"the source's word to the destination failed: {stats.finish_error}")
         if stats.steer_error:
             r.steer_error = stats.steer_error
             r.warnings.append(f"switchover call to the destination failed: {stats.steer_error}")

@@ -5,7 +5,8 @@ The port sequences the steps (libvirt's, by who runs them: prepare on the destin
 on the source, finish on the destination, confirm on the source) and steers convergence; what
 it builds on has its own module: the agent calls (``ends``), the stall timers (``watchdog``),
 the record the report reads (``flight``), a shared-nothing migration's disk copy
-(``shared_nothing``) and the undo steps (``undo``).
+(``shared_nothing``), the steps that commit (``finish``) and the undo steps (``undo``). Every
+agent call of the migration carries its id (``migration_id``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from ipaddress import IPv4Address
 
@@ -47,6 +48,7 @@ from qmotion.migration.vocabulary import POSTCOPY
 from qmotion.server.db import Database
 from qmotion.server.inventory import Inventory
 from qmotion.server.tasks.ends import Ends, host_copy
+from qmotion.server.tasks.finish import Commit
 from qmotion.server.tasks.flight import FlightRecorder
 from qmotion.server.tasks.measure import history_bandwidth, measure, route, streams_of
 from qmotion.server.tasks.shared_nothing import SharedNothing
@@ -54,8 +56,11 @@ from qmotion.server.tasks.undo import Undo
 from qmotion.server.tasks.watchdog import Watchdog
 
 PROGRESS_WAIT_MS = 500
-VERIFY_TIMEOUT_S = 30.0
 POSTCOPY_RETRY_S = 2.0  # between attempts to resume a broken postcopy stream
+
+
+async def _nothing() -> None:
+    return None
 
 
 def limits_of(params: MigrationParams) -> Limits:
@@ -69,7 +74,9 @@ def limits_of(params: MigrationParams) -> Limits:
     )
 
 
-def vm_view(spec: VmSpec, host: str, state: str, migrating: bool) -> VmView:
+def vm_view(
+    spec: VmSpec, host: str, state: str, migrating: bool, attention: str | None = None
+) -> VmView:
     return VmView(
         name=spec.name,
         host=host,
@@ -80,12 +87,15 @@ def vm_view(spec: VmSpec, host: str, state: str, migrating: bool) -> VmView:
         bridges=tuple(n.bridge for n in spec.nics),
         datastores=tuple(d.datastore for d in spec.disks),
         migrating=migrating,
+        attention=attention,
     )
 
 
 class AgentMigrationPort:
-    """One migration of ``vm`` from ``source`` to ``destination``. ``clock``: monotonic
-    seconds, for its timeouts, stall timers and flight record."""
+    """One migration of ``vm`` from ``source`` to ``destination``, by its id ``migration_id``.
+    ``clock``: monotonic seconds, for its timeouts, stall timers and flight record; ``sleep``:
+    its waits; ``on_postcopy_requested``: persists that postcopy is asked for (it is awaited
+    before the asking)."""
 
     def __init__(
         self,
@@ -96,27 +106,40 @@ class AgentMigrationPort:
         destination: str,
         params: MigrationParams,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        migration_id: str | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_postcopy_requested: Callable[[], Awaitable[None]] = _nothing,
     ) -> None:
         self.db, self.inventory = db, inventory
         self.vm, self.source, self.destination, self.params = vm, source, destination, params
-        self._clock = clock
+        self.migration_id = migration_id
+        self._clock, self._sleep = clock, sleep
+        self._on_postcopy_requested = on_postcopy_requested
         with db.session() as s:
             row = inventory.vm_by_name(s, vm)
             self.spec = VmSpec.model_validate(row.spec)
             src = host_copy(inventory.host_by_name(s, source))
             dst = host_copy(inventory.host_by_name(s, destination))
-        self.ends = Ends(inventory, vm, src, dst)
+        self.ends = Ends(inventory, vm, src, dst, migration_id)
         self.flight = FlightRecorder(
-            vm, source, destination, tls=params.tls, streams=params.multifd_channels
+            vm,
+            source,
+            destination,
+            tls=params.tls,
+            streams=params.multifd_channels,
+            destination_start=params.destination_start,
         )
         # Shared-nothing (params.copy_datastore): what is copied, where it goes, how far.
         self.disks = SharedNothing(vm, self.ends, self.flight)
-        self.undo = Undo(self.ends, self.disks, self.flight, clock)
+        self.undo = Undo(self.ends, self.disks, self.flight, clock, sleep)
+        self.commit = Commit(self.ends, self.flight, clock, sleep)
         self.watchdog = Watchdog(progress_at=clock())
         self.ladder: Ladder | None = None
         self._planning: asyncio.Future[None] | None = None
         self.reach: PathProbe | None = None
-        self.postcopy_requested = False  # from then on the destination may run the VM
+        # From then on the destination may run the VM (persisted before the asking).
+        self.postcopy_requested = False
         self.stream_uri: str | None = None  # where the destination listens (persisted)
 
     # ------------------------------------------------------------------ the actions
@@ -137,7 +160,7 @@ class AgentMigrationPort:
                         dst, committed_mib=dst.committed_mib - self.spec.memory
                     )
                 inp = PrecheckInput(
-                    vm_view(self.spec, row.host.name, row.state, False),
+                    vm_view(self.spec, row.host.name, row.state, False, row.attention),
                     self.destination,
                     hosts,
                     tls=self.params.tls,
@@ -236,7 +259,11 @@ class AgentMigrationPort:
         with contextlib.suppress(ValueError):  # a host name (agent URL): its default then
             listen = IPv4Address(chosen) if chosen else None
         req = IncomingRequest(
-            spec=self.spec, params=self.params, address=listen, copy_disks=self.disks.plan
+            spec=self.spec,
+            migration_id=self.migration_id,
+            params=self.params,
+            address=listen,
+            copy_disks=self.disks.plan,
         )
         resp = await self.ends.destination("prepare destination", lambda c: c.incoming(req))
         self.disks.targets = resp.nbd
@@ -263,7 +290,12 @@ class AgentMigrationPort:
     async def start_migration(self, uri: str) -> None:
         await self._planned()
         self.stream_uri = uri
-        req = OutgoingRequest(uri=uri, params=self.params, peer=self._switchover_peer())
+        req = OutgoingRequest(
+            uri=uri,
+            migration_id=self.migration_id,
+            params=self.params,
+            peer=self._switchover_peer(),
+        )
         self.flight.last_stats = await self.ends.source(
             "start migration", lambda c: c.migrate(self.vm, req)
         )
@@ -279,17 +311,20 @@ class AgentMigrationPort:
         return PeerRef(url=self.ends.dst.agent_url, token=self.ends.dst.token, vm=self.vm)
 
     async def progress(self, known_status: QemuMigrationStatus | None) -> MigrationStats:
+        mid = self.migration_id
         stats = await self.ends.source(
             "monitor",
-            lambda c: c.migration(self.vm, wait_ms=PROGRESS_WAIT_MS, known_status=known_status),
+            lambda c: c.migration(
+                self.vm, wait_ms=PROGRESS_WAIT_MS, known_status=known_status, migration=mid
+            ),
             timeout_s=30,
         )
         for _ in range(25):
             # QEMU flips the status to completed a moment before it fills in the totals.
             if stats.status != QemuMigrationStatus.COMPLETED or stats.total_time_ms:
                 break
-            await asyncio.sleep(0.02)
-            stats = await self.ends.source("monitor", lambda c: c.migration(self.vm))
+            await self._sleep(0.02)
+            stats = await self.ends.source("monitor", lambda c: c.migration(self.vm, migration=mid))
         self.flight.last_stats = stats
         now = self._clock()
         if stats.status in POSTCOPY:
@@ -344,67 +379,56 @@ class AgentMigrationPort:
                 throttle_pct=decision.throttle_pct,
                 start_postcopy=decision.start_postcopy,
             )
-            if decision.start_postcopy:
-                # Set before asking: an answer lost on the way must not let a rollback
-                # remove a destination that already runs the VM.
-                self.postcopy_requested = True
             try:
+                if decision.start_postcopy:
+                    # Set and persisted before asking: an answer lost on the way, or a
+                    # manager that restarts, must not let a rollback remove a destination
+                    # that already runs the VM, nor take a postcopy for a finished migration.
+                    self.postcopy_requested = True
+                    await self._on_postcopy_requested()
                 await self.ends.source_raw(lambda c: c.tune_migration(self.vm, tune))
             except ClientError as exc:
                 # The migration goes on at the rung below; the next pass asks again. So the
                 # ladder stays where QEMU is (what it learnt of the passes kept): a ladder
                 # that believed the change applied would never ask for it again.
                 flight.warnings.append(f"could not apply {decision.note}: {exc}")
-                self.ladder = replace(
-                    self.ladder,
-                    rung=before.rung,
-                    downtime_ms=before.downtime_ms,
-                    rung_since_pass=before.rung_since_pass,
-                    history=before.history,
-                )
-                flight.put_back(self.ladder)
+                self._put_back(before)
+            except Exception:
+                self._put_back(before)  # not asked (the record failed): the next pass asks
+                raise
+
+    def _put_back(self, before: Ladder) -> None:
+        """The ladder back where QEMU is, what it learnt of the passes kept."""
+        assert self.ladder is not None
+        self.ladder = replace(
+            self.ladder,
+            rung=before.rung,
+            downtime_ms=before.downtime_ms,
+            rung_since_pass=before.rung_since_pass,
+            history=before.history,
+        )
+        self.flight.put_back(self.ladder)
 
     async def finish_destination(self) -> None:
-        """libvirt's Finish: the destination runs the VM, or the step fails (the machine then
-        recovers on the source). A shared-nothing destination's copies become its own disks:
-        the commit of this step."""
-        deadline = self._clock() + VERIFY_TIMEOUT_S
-        while True:
-            info = await self.ends.destination("verify destination", lambda c: c.vm(self.vm))
-            if info.state == VmState.RUNNING:
-                with_events = await self.ends.destination(
-                    "verify destination", lambda c: c.migration(self.vm)
-                )
-                self.flight.destination_events = with_events.events
-                if self.params.copy_datastore is not None:
-                    # It runs on the copies: from now on they are its disks, never removed
-                    # as an unfinished copy's (persisted by this step, repeated on resume).
-                    await self.ends.destination(
-                        "verify destination", lambda c: c.keep_disks(self.vm)
-                    )
-                return
-            if info.state in (VmState.STOPPED, VmState.CRASHED) or self._clock() > deadline:
-                raise StepError(
-                    "verify destination",
-                    f"destination QEMU is {info.state} ({info.qemu_status})",
-                    vm=self.vm,
-                    host=self.destination,
-                )
-            await asyncio.sleep(0.02)
+        """libvirt's Finish: the word to the paused destination, and seeing it run
+        (``finish.Commit``)."""
+        await self.commit.finish_destination()
 
     async def announce(self) -> None:
-        await self.ends.destination("announce", lambda c: c.announce(self.vm))
+        """The destination runs the VM: confirmed there, announced on the network."""
+        await self.commit.confirm_destination()
 
     async def confirm_source(self) -> None:
-        """libvirt's Confirm: the source lets the VM go (its QEMU ends, the old disks of a
-        shared-nothing migration with it). The step name in errors is the phase's."""
-        await self.ends.source("stop source", lambda c: c.release(self.vm))
+        """libvirt's Confirm: the source lets the VM go (its QEMU ends)."""
+        await self.commit.confirm_source()
 
     async def _refresh_destination_events(self) -> None:
         """The destination's first frames come after its resume (finish saw the resume): the
         events once more, for the report's switchover timeline."""
         with contextlib.suppress(StepError):
-            got = await self.ends.destination("report", lambda c: c.migration(self.vm), 5.0)
+            got = await self.ends.destination(
+                "report", lambda c: c.migration(self.vm, migration=self.migration_id), 5.0
+            )
             if got.events:
                 self.flight.destination_events = got.events
 
@@ -452,11 +476,12 @@ class AgentMigrationPort:
             teardown_destination,
             stop_mirror,
             postcopy_requested=self.postcopy_requested,
+            wait_switchover=self.watchdog.stuck_in is None,
         )
 
     async def recover(self) -> None:
-        """After switchover the destination does not run: remove it, then resume the source
-        (``Undo.recover``)."""
+        """After switchover the destination agent said the VM does not run there: remove it,
+        then resume the source (``Undo.recover``)."""
         await self.undo.recover(self.params, postcopy_requested=self.postcopy_requested)
 
     async def recover_postcopy(self) -> None:
@@ -473,6 +498,6 @@ class AgentMigrationPort:
                 "postcopy", lambda c: c.reconnect_outgoing(self.vm, got), timeout_s=30
             )
         except StepError:
-            await asyncio.sleep(POSTCOPY_RETRY_S)
+            await self._sleep(POSTCOPY_RETRY_S)
             raise
         self.watchdog.recovered(self._clock())

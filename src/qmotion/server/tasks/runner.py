@@ -2,6 +2,8 @@
 
 At most ``per_host`` migrations involve a host at once (vMotion allows 4 on 1 GbE); more are
 queued, not refused. Every step of a task is persisted with its phase, progress and events.
+A live migration gets its id at submission (persisted with the task's machine state, sent on
+every agent call of it); one that ends unsettled marks its VM for attention.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
 from typing import Any
+from uuid import uuid4
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -43,10 +47,18 @@ from qmotion.server.tasks.task_view import OPERATION_KINDS, task_out
 
 log = logging.getLogger(__name__)
 DEFAULT_PER_HOST = 4
+# How a live migration's end phase reads as a task: the VM runs on the destination in both
+# done and confirmation_pending (the latter with a warning and the VM marked for attention).
+SETTLED = {
+    Phase.DONE: TaskState.SUCCEEDED,
+    Phase.CONFIRM_PENDING: TaskState.SUCCEEDED,
+    Phase.CANCELLED: TaskState.CANCELLED,
+}
 
 
 class TaskRunner(DiskTasks):
-    """``clock``: monotonic seconds, for a live migration's port and report."""
+    """``clock``: monotonic seconds, for a live migration's port and report; ``sleep``: the
+    waits of its retries and polls."""
 
     def __init__(
         self,
@@ -54,8 +66,10 @@ class TaskRunner(DiskTasks):
         inventory: Inventory,
         per_host: int = DEFAULT_PER_HOST,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ):
         self.db, self.inventory, self.per_host, self.clock = db, inventory, per_host, clock
+        self.sleep = sleep
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._cancel: dict[int, asyncio.Event] = {}
         self._running: dict[int, asyncio.Task[None]] = {}
@@ -101,10 +115,13 @@ class TaskRunner(DiskTasks):
             if cancelled:
                 cancel.set()
             self._running[task_id] = asyncio.create_task(go(), name=f"task-{task_id}")
-        for task_id, vm, source, destination, mparams, state, cancelled in resume:
+        for task_id, vm, source, destination, mparams, persisted, cancelled in resume:
             cancel = self._cancel[task_id] = asyncio.Event()
             if cancelled:
                 cancel.set()
+            # Persisted before migrations had ids: the agents know no migration by a new one,
+            # so it rolls back or goes forward on what they say.
+            state = replace(persisted, migration_id=persisted.migration_id or uuid4().hex)
             self._running[task_id] = asyncio.create_task(
                 self._run_migration(
                     task_id, vm, source, destination, mparams, self.clock(), resume=state
@@ -156,7 +173,7 @@ class TaskRunner(DiskTasks):
             hosts = self.inventory.host_views(s)
             refusals = precheck(
                 PrecheckInput(
-                    vm_view(spec, row.host.name, row.state, migrating),
+                    vm_view(spec, row.host.name, row.state, migrating, row.attention),
                     req.to,
                     hosts,
                     tls=self.inventory.tls,
@@ -175,6 +192,7 @@ class TaskRunner(DiskTasks):
             chosen = chosen.model_copy(
                 update={"copy_datastore": req.datastore, "copy_format": req.disk_format}
             )
+        chosen = chosen.model_copy(update={"destination_start": req.destination_start})
         return source, chosen
 
     async def _check_copy(self, vm: str, source: str, to: str, mparams: MigrationParams) -> None:
@@ -248,6 +266,8 @@ class TaskRunner(DiskTasks):
                     f"VM {vm} is already migrating", code="already_migrating", vm=vm
                 ) from exc
 
+        migration_id = uuid4().hex
+
         def insert() -> TaskOut:
             # No read before the insert: on SQLite a read transaction that then writes fails
             # ("database is locked") when another writer committed meanwhile; the unique index
@@ -261,6 +281,7 @@ class TaskRunner(DiskTasks):
                     destination=to,
                     params=mparams.model_dump(),
                     phase=Phase.QUEUED,
+                    machine=MigrationState(migration_id=migration_id).to_json(),
                 )
                 s.add(t)
                 s.flush()
@@ -276,7 +297,7 @@ class TaskRunner(DiskTasks):
         out = await asyncio.to_thread(create)
         self._cancel[out.id] = asyncio.Event()
         self._running[out.id] = asyncio.create_task(
-            self._run_migration(out.id, vm, source, to, mparams, accepted),
+            self._run_migration(out.id, vm, source, to, mparams, accepted, migration_id),
             name=f"task-{out.id}",
         )
         return out
@@ -291,9 +312,12 @@ class TaskRunner(DiskTasks):
         destination: str,
         mparams: MigrationParams,
         accepted: float,
+        migration_id: str | None = None,
         resume: MigrationState | None = None,
     ) -> None:
         cancel = self._cancel[task_id]
+        if resume is not None:
+            migration_id = resume.migration_id
         first, second = sorted((source, destination))
         try:
             async with self._slot(first), self._slot(second):
@@ -309,14 +333,35 @@ class TaskRunner(DiskTasks):
                         )
                         return
                     await asyncio.to_thread(self._mark_running, task_id)
+
+                async def postcopy_requested() -> None:
+                    await asyncio.to_thread(self._mark_postcopy_requested, task_id)
+
                 port = AgentMigrationPort(
-                    self.db, self.inventory, vm, source, destination, mparams, self.clock
+                    self.db,
+                    self.inventory,
+                    vm,
+                    source,
+                    destination,
+                    mparams,
+                    self.clock,
+                    migration_id=migration_id,
+                    sleep=self.sleep,
+                    on_postcopy_requested=postcopy_requested,
                 )
                 if resume is not None:
                     port.stream_uri = resume.uri  # where a broken postcopy stream reconnects
+                    port.postcopy_requested = resume.postcopy_requested
 
                 async def persist(st: Step, stats: MigrationStats | None) -> None:
-                    await asyncio.to_thread(self._persist, task_id, st, stats, port.disks.status)
+                    await asyncio.to_thread(
+                        self._persist,
+                        task_id,
+                        st,
+                        stats,
+                        port.disks.status,
+                        port.postcopy_requested,
+                    )
 
                 try:
                     final = await engine.run(
@@ -325,13 +370,15 @@ class TaskRunner(DiskTasks):
                         cancel,
                         resume,
                         copy_disks=mparams.copy_datastore is not None,
+                        migration_id=migration_id,
+                        sleep=self.sleep,
                     )
                 finally:
                     port.close()
+                if final.attention is not None:
+                    await self._attention(vm, final.attention, port.flight.warnings)
                 result = report(port.flight, final, accepted, queued_s, self.clock(), port.ladder)
-                state = {Phase.DONE: TaskState.SUCCEEDED, Phase.CANCELLED: TaskState.CANCELLED}.get(
-                    final.phase, TaskState.FAILED
-                )
+                state = SETTLED.get(final.phase, TaskState.FAILED)
                 await asyncio.to_thread(self._finish, task_id, state, final.error, result)
         except Exception as exc:  # a bug must still end the task, visibly
             log.exception("task %d crashed", task_id)
@@ -341,6 +388,23 @@ class TaskRunner(DiskTasks):
         finally:
             self._cancel.pop(task_id, None)
             self._running.pop(task_id, None)
+
+    async def _attention(self, vm: str, reason: str, warnings: list[str]) -> None:
+        """The VM is marked for attention (reconcile or an operator settles it); a failure
+        to record it is a warning of the task, which ends regardless."""
+        try:
+            await asyncio.to_thread(self.inventory.set_attention, vm, reason)
+        except Exception as exc:
+            log.exception("could not mark %s for attention", vm)
+            warnings.append(f"the VM could not be marked for attention ({reason}): {exc}")
+
+    def _mark_postcopy_requested(self, task_id: int) -> None:
+        """Persisted before postcopy is asked for: a restarted manager must know the
+        destination may run with pages still on the source."""
+        with self.db.session() as s:
+            t = s.get(Task, task_id)
+            assert t is not None
+            t.machine = {**(t.machine or {}), "postcopy_requested": True}
 
     def _mark_running(self, task_id: int) -> None:
         with self.db.session() as s:
@@ -355,11 +419,18 @@ class TaskRunner(DiskTasks):
         st: Step,
         stats: MigrationStats | None,
         mirror: MirrorStatus | None = None,
+        postcopy_requested: bool = False,
     ) -> None:
         with self.db.session() as s:
             t = s.get(Task, task_id)
             assert t is not None
             previous = t.phase
+            # Never back to False: it was persisted before the asking, whatever the step says.
+            asked = (
+                postcopy_requested
+                or st.state.postcopy_requested
+                or bool((t.machine or {}).get("postcopy_requested"))
+            )
             kept = (t.stats or {}).get("mirror")
             if mirror is not None:
                 # Shared-nothing: the disk copy is the first half of the progress bar.
@@ -369,7 +440,7 @@ class TaskRunner(DiskTasks):
                     done = 1.0 - mirror.remaining_bytes / mirror.total_bytes
                     t.progress = max(t.progress, min(done, 1.0) * 0.5)
             t.phase = st.state.phase.value
-            t.machine = st.state.to_json()
+            t.machine = st.state.to_json() | {"postcopy_requested": asked}
             if stats is not None:
                 before = (t.stats or {}).get("rung"), (t.stats or {}).get("downtime_limit_ms")
                 if stats.rung and before != (stats.rung, stats.downtime_limit_ms):

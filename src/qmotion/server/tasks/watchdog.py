@@ -14,8 +14,9 @@ from qmotion.api.migration import QemuMigrationStatus as Qs
 
 STALL_TIMEOUT_S = 30.0  # an active migration that moves no data for this long is abandoned
 # Where bytes must keep moving: a stream set up over a dead link (a TLS handshake that never
-# completes) stays in setup as surely as a copy stalls in active.
-MOVING = frozenset({Qs.SETUP, Qs.ACTIVE})
+# completes) stays in setup as surely as a copy stalls in active. ``none`` once migrate was
+# issued: the source has no such migration (its figures are asked for by the id).
+MOVING = frozenset({Qs.SETUP, Qs.ACTIVE, Qs.NONE})
 # In postcopy the destination's vCPUs wait on pages that do not come: a stream that moves
 # nothing for this long is paused and resumed (a dead link is noticed by TCP only in minutes).
 POSTCOPY_STALL_S = 5.0
@@ -24,6 +25,9 @@ RECOVERING = frozenset({Qs.POSTCOPY_RECOVER_SETUP, Qs.POSTCOPY_RECOVER})
 # A source at pre-switchover this long has lost the watcher that lets it go on (its agent
 # restarted or died): the guest is paused there, so the migration is abandoned.
 PRE_SWITCHOVER_STUCK_S = 30.0
+# The guest is paused on the source while QEMU sends the device state: a link that dies then
+# would hold it paused until TCP gives up (~15 min). The device state takes milliseconds.
+DEVICE_STUCK_S = 10.0
 
 
 @dataclass
@@ -35,6 +39,9 @@ class Watchdog:
     last_transferred: int = -1
     recovering_since: float | None = None
     pre_switchover_since: float | None = None
+    device_since: float | None = None
+    # The switchover status the watchdog gave up on (a rollback cancels it without waiting).
+    stuck_in: Qs | None = None
 
     def observe(self, stats: MigrationStats, now: float) -> str | None:
         """One progress answer read at ``now``: why the migration is stuck, or None."""
@@ -65,10 +72,18 @@ class Watchdog:
         elif self.pre_switchover_since is None:
             self.pre_switchover_since = now
         elif now - self.pre_switchover_since > PRE_SWITCHOVER_STUCK_S:
+            self.stuck_in = status
             return (
                 f"the source has held the guest paused at pre-switchover for "
                 f"{PRE_SWITCHOVER_STUCK_S:.0f} s"
             )
+        if status != Qs.DEVICE:
+            self.device_since = None
+        elif self.device_since is None:
+            self.device_since = now
+        elif now - self.device_since > DEVICE_STUCK_S:
+            self.stuck_in = status
+            return f"the device state has not gone through for {DEVICE_STUCK_S:.0f} s"
         return None
 
     def recovered(self, now: float) -> None:
