@@ -14,7 +14,7 @@ BACKPORTS_LIST := /etc/apt/sources.list.d/qmotion-bookworm-backports.sources
 BENCH_PACKAGES := ganeti-htools
 STAMP := $(VENV)/.installed
 
-.PHONY: setup debs test test-unit check demo bench faults clean
+.PHONY: setup debs test test-unit check demo bench faults campaign clean
 
 setup: debs $(STAMP)
 
@@ -76,6 +76,14 @@ bench: setup
 faults: setup
 	$(PY) -m qmotion image build
 	$(PY) -m pytest tests/integration/test_faults.py
+
+# The randomized fault campaign over the scripted agents, run long (make test runs a fixed
+# part of it): STEPS operations from seed SEED on; a broken invariant prints its shrunk
+# counterexample and fails.
+STEPS ?= 20000
+SEED ?= 1
+campaign: setup
+	$(PY) -m tests.unit.campaign --steps $(STEPS) --seed $(SEED)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -8,7 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qmotion.api.migration import QemuMigrationStatus as Qs
-from qmotion.migration.machine import FINISH_RETRIES, RETRIES_AFTER_RUNNING, step
+from qmotion.migration.machine import (
+    FINISH_RETRIES,
+    MAX_REVERSALS,
+    RETRIES_AFTER_RUNNING,
+    step,
+)
 from qmotion.migration.vocabulary import (
     Announce,
     AwaitProgress,
@@ -445,6 +450,27 @@ def test_recover_asks_again_and_goes_forward_if_the_destination_runs() -> None:
     # Refused (the source's copy is stale): failed, nothing more undone, the VM marked.
     refused = step(state, Failed("stale_copy", retryable=False))
     assert refused.state.phase == Phase.FAILED and refused.state.attention
+
+
+def test_agents_contradicting_each_other_end_in_attention_not_a_loop() -> None:
+    """Verify hears "not running", Recover hears "completed", again and again: the machine
+    stops going round after MAX_REVERSALS and marks the VM, with nothing removed or resumed."""
+    state = run([*TO_SWITCHOVER])[-1].state
+    seen: list[Step] = []
+    for _ in range(50):
+        if state.terminal:
+            break
+        if state.phase == Phase.VERIFY:
+            s = step(state, Failed("not running", retryable=False, not_running=True))
+        else:
+            s = step(state, Progress(Qs.COMPLETED))
+        seen.append(s)
+        state = s.state
+    assert state.phase == Phase.FAILED, [s.note for s in seen]
+    assert state.attention and "running and not running" in state.attention
+    assert sum(isinstance(s.action, Recover) for s in seen) == MAX_REVERSALS + 1
+    # Survives a restart of the manager: the count is persisted.
+    assert MigrationState.from_json(state.to_json()).reversals == MAX_REVERSALS
 
 
 def test_the_id_and_the_new_fields_survive_a_restart() -> None:

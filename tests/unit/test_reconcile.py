@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qmotion.api.vm import Nic, VmInfo, VmSpec, VmState
+from qmotion.migration.storage import UNSETTLED
 from qmotion.server.reconcile import (
     Action,
     Attention,
@@ -149,7 +150,15 @@ def test_properties(world: tuple[Recorded, dict[str, list[VmInfo] | None], bool]
             assert target is not None and target.state == VmState.RUNNING
             assert target.incoming_migration == a.migration
         if isinstance(a, Clear):
+            # Only a full census, the VM running exactly once, where the inventory ends, and
+            # no other copy left but the ones this round removes.
             assert row.attention is not None and None not in census.values()
+            assert len(running) == 1 and running[0] == final_host(row, actions)
+            removed = {x.host for x in actions if isinstance(x, Release | Discard)}
+            others = {h for h, infos in census.items() if infos and h != running[0]}
+            assert others <= removed
+    if not running:
+        assert not any(isinstance(a, Clear) for a in actions)  # runs nowhere: the mark stays
     fixes = [a for a in actions if not isinstance(a, Attention | Clear)]
     if len(running) >= 2:
         assert fixes == [] and not any(isinstance(a, Clear) for a in actions)
@@ -159,8 +168,11 @@ def test_properties(world: tuple[Recorded, dict[str, list[VmInfo] | None], bool]
         # The inventory ends on the one running copy, or the VM is marked for an operator.
         assert final_host(row, actions) == running[0] or marked
         theirs = held(census, row.host)
+        # Certain (the contract): the recorded host answered and holds no copy, or only a
+        # stale one (its guest left by a completed migration). A stopped, suspended or
+        # waiting copy there is another definition: an operator decides.
         certain = census.get(row.host) is not None and (
-            theirs is None or kind_of(theirs) in (Kind.STALE, Kind.WAITING, Kind.DORMANT)
+            theirs is None or kind_of(theirs) == Kind.STALE
         )
         if certain:
             assert final_host(row, actions) == running[0]
@@ -255,3 +267,12 @@ def test_same_reason_is_not_written_again_and_unknown_vms_are_only_named() -> No
     again = decide([Recorded("vm", "h1", first[0].reason)], census, set())
     assert again == [Unknown("stray", ("h1",))]
     assert decide([Recorded("vm", "h1")], census, {"vm", "stray"}) == []
+
+
+def test_an_unsettled_storage_move_keeps_its_mark_however_well_the_vm_runs() -> None:
+    """The agent's record of the move, not the census, is what is unsettled (it refuses to
+    migrate the VM): only ``vm resolve`` settles it and clears the mark."""
+    census: dict[str, list[VmInfo] | None] = {"h1": [copy("h1", "running")], "h2": []}
+    row = Recorded("vm", "h1", f"{UNSETTLED}to shared: the agent did not confirm ...")
+    assert decide([row], census, set()) == []
+    assert decide([Recorded("vm", "h1", "switchover unconfirmed")], census, set()) == [Clear("vm")]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from qmotion.api.storage import DiskMirror, MirrorStatus
 from qmotion.api.vm import Disk
 from qmotion.migration import storage
-from qmotion.migration.storage import SPhase, StoragePortError
+from qmotion.migration.storage import UNSETTLED, SPhase, StoragePortError
 
 GiB = 1 << 30
 
@@ -180,6 +180,13 @@ def assert_one_good_copy(agent: FakeAgent, final: storage.StorageState) -> None:
             assert agent.files == {"old0", "old1"}, ("targets left behind", agent.files)
         if switched:
             assert {"new0", "new1"} <= agent.files
+    # A move the agent still holds open (it refuses to migrate the VM while it does) is
+    # never left unmarked: the VM needs an operator's ``vm resolve``.
+    if agent.phase not in ("none", "released", "aborted"):
+        assert final.attention is not None and final.attention.startswith(UNSETTLED), (
+            agent.phase,
+            final,
+        )
 
 
 def test_an_idle_guest_moves_and_the_old_files_go() -> None:
@@ -316,3 +323,17 @@ def test_a_restarted_manager_resumes_each_phase_safely() -> None:
         storage.state_to_json(storage.StorageState(phase=SPhase.PIVOT_CHECK, warnings=("w",)))
     )
     assert roundtrip.phase == SPhase.PIVOT_CHECK and roundtrip.warnings == ("w",)
+
+
+def test_an_agent_lost_for_good_after_the_pivot_leaves_the_vm_marked() -> None:
+    """The pivot's answer is lost, then every call fails: whether the disks switched stays
+    unknown, both copies are kept, and the VM is marked (the agent's record stays open)."""
+    probe = FakeAgent()
+    run(probe)
+    pivot_call = probe.calls - 1
+    faults = {pivot_call: "after"} | {k: "before" for k in range(pivot_call + 1, pivot_call + 99)}
+    agent = FakeAgent(faults=faults)
+    final = run(agent)
+    assert final.phase == SPhase.FAILED and "pivot unknown" in (final.error or "")
+    assert agent.phase == "pivoted"
+    assert_one_good_copy(agent, final)  # among its checks: the VM is marked

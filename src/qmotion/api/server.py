@@ -220,6 +220,18 @@ class VmOut(BaseModel):
     )
 
 
+class ResolveRequest(StrictModel):
+    """An operator's word on a VM that needs attention (``vm resolve``)."""
+
+    keep: str | None = Field(
+        default=None,
+        pattern=NAME_PATTERN,
+        description="the host whose copy is the VM: every other host's copy is removed and "
+        "the inventory takes this one; without it, the mark goes only if no other host holds "
+        "a copy",
+    )
+
+
 class TaskState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"

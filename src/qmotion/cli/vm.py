@@ -219,6 +219,26 @@ def stop(name: str, force: bool = typer.Option(False, "--force"), lab: str = Lab
     console.print(Text(f"{vm.name} is {vm.state}"))
 
 
+@app.command("resolve")
+def resolve(
+    name: str,
+    keep: str | None = typer.Option(
+        None, "--keep", help="the host whose copy is the VM: every other copy is removed"
+    ),
+    json_out: bool = JsonOpt,
+    lab: str = LabOpt,
+) -> None:
+    """Clear a VM's attention mark once you decided where it is. Without --keep, only if no
+    host but its recorded one holds a copy; with --keep HOST, HOST's copy becomes the VM in
+    the inventory and the other hosts' copies are ended (disk files are left in place)."""
+    with errors_exit(), server_client(lab) as client:
+        vm = client.resolve_vm(name, keep=keep)
+    if json_out:
+        print_json(vm.model_dump(mode="json"))
+        return
+    console.print(Text(f"{vm.name}: {vm.state} on {vm.host}, no attention needed"))
+
+
 @app.command("delete")
 def delete(name: str, force: bool = typer.Option(False, "--force"), lab: str = LabOpt) -> None:
     """Delete a VM (a running one only with --force). With --force, a VM its host no longer

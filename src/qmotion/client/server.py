@@ -24,6 +24,7 @@ from qmotion.api.server import (
     ImageOut,
     MigrateRequest,
     PoolSet,
+    ResolveRequest,
     TaskOut,
     VmCreate,
     VmOut,
@@ -68,6 +69,12 @@ class ServerClient(BaseClient):
 
     def stop_vm(self, name: str, *, force: bool = False) -> VmOut:
         return self.call(VmOut, "POST", f"/v1/vms/{name}/stop", json=dump(StopRequest(force=force)))
+
+    def resolve_vm(self, name: str, *, keep: str | None = None) -> VmOut:
+        """Clear a VM's attention mark; with ``keep``, that host's copy is the VM and every
+        other copy is removed."""
+        req = ResolveRequest(keep=keep)
+        return self.call(VmOut, "POST", f"/v1/vms/{name}/resolve", json=dump(req))
 
     def delete_vm(self, name: str, *, force: bool = False) -> None:
         self.request("DELETE", f"/v1/vms/{name}", params={"force": str(force).lower()})

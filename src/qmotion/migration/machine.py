@@ -92,7 +92,13 @@ POSTCOPY_RECOVERIES = 600
 # the destination ran this often, spaced by ``backoff``.
 FINISH_RETRIES = 20
 RECOVER_RETRIES = 20
+# Before the switchover too: a rollback the source's agent did not confirm (it restarts, it
+# drops off the network) is asked again, as the source's QEMU may still be migrating.
+ROLLBACK_RETRIES = 20
 RETRIES_AFTER_RUNNING = 8
+# A recovery that finds the destination running after all goes back to Verify; if Verify
+# then finds it not running again this often, the answers contradict each other for good.
+MAX_REVERSALS = 3
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 
@@ -358,6 +364,14 @@ def _rolling_back(state: MigrationState, event: Event) -> Step | None:
             "switchover had already happened: going forward",
         )
     final = Phase.CANCELLED if state.cancel_requested else Phase.FAILED
+    if isinstance(event, Failed) and event.retryable and state.attempts < ROLLBACK_RETRIES:
+        attempt = state.attempts + 1
+        wait = backoff(attempt)
+        return Step(
+            replace(state, attempts=attempt),
+            replace(_rollback_action(state), after_s=wait),
+            f"rollback: retry {attempt}/{ROLLBACK_RETRIES} in {wait:g} s: {event.error}",
+        )
     if isinstance(event, Failed):
         st = replace(state, warnings=(*state.warnings, f"rollback: {event.error}"))
         # The source could not be confirmed running: where the VM runs is not certain.
@@ -370,8 +384,16 @@ def _rolling_back(state: MigrationState, event: Event) -> Step | None:
 
 def _recovering(state: MigrationState, event: Event) -> Step | None:
     if isinstance(event, Progress) and event.qemu_status == Qs.COMPLETED:
+        if state.reversals >= MAX_REVERSALS:
+            why = (
+                f"the destination was reported running and not running {state.reversals + 1} "
+                "times: neither QEMU removed or resumed"
+            )
+            return _failed(state, f"{state.error}; {why}", why)
         # Asked again, the destination runs after all: it owns the VM.
-        st = replace(state, phase=Phase.VERIFY, error=None, attempts=0)
+        st = replace(
+            state, phase=Phase.VERIFY, error=None, attempts=0, reversals=state.reversals + 1
+        )
         return Step(st, FinishDestination(), "the destination runs after all: going forward")
     if isinstance(event, Progress) and event.qemu_status in POSTCOPY:
         why = f"recover found the migration in {event.qemu_status}"

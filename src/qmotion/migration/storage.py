@@ -10,7 +10,10 @@ The rules, in order of what matters:
   agent's status decides: switched -> go on, not switched -> roll back, unknown -> ask again,
   and after ``MAX_PIVOT_CHECKS`` the task fails with nothing removed (both copies kept);
 - the old files are removed only after the pivot; if that fails the move still succeeded
-  and the files are named as leftovers;
+  and the files are named as leftovers (so are the new ones a rollback could not remove);
+- a call that failed is tried again after a wait that doubles each time (from twice the
+  poll interval, at most ``RETRY_MAX_S``): an agent that restarts or drops off the network
+  for a while is waited for, not given up on within a second;
 - copy mode: ``write-blocking`` once every disk is in sync, or as soon as the copy stops
   gaining on the guest's writes for ``STALL_S`` (a guest writing faster than the copy would
   otherwise never let it converge).
@@ -27,12 +30,17 @@ from enum import StrEnum
 from typing import Protocol
 
 from qmotion.api.storage import MirrorStatus
+from qmotion.api.vm import Disk
 
 STALL_S = 10.0  # no progress on "remaining" for this long -> write-blocking from now on
-MAX_ROLLBACK_TRIES = 5
+MAX_ROLLBACK_TRIES = 8  # with the doubling wait: about 50 s
 MAX_PIVOT_CHECKS = 30
 MAX_POLL_FAILURES = 15  # consecutive status calls that failed before rolling back
 POLL_S = 0.2  # a status call is two QMP queries: cheap; a copy may take only seconds
+RETRY_MAX_S = 30.0
+# Starts the attention mark of a move that ended unsettled on its agent: reconcile does not
+# clear it (the VM runs fine; the agent's record, not the census, is what is unsettled).
+UNSETTLED = "storage move unsettled: "
 
 
 class SPhase(StrEnum):
@@ -62,6 +70,13 @@ class StorageState:
     failures: int = 0  # consecutive failed calls in this phase
     warnings: tuple[str, ...] = ()
     leftovers: tuple[str, ...] = ()
+    # The files as the agent last named them (``DATASTORE:PATH``), persisted: a manager
+    # restarted before the agent answered again can still name what it leaves behind.
+    old_files: tuple[str, ...] = ()
+    new_files: tuple[str, ...] = ()
+    # Set when the move ends unsettled on the agent (its record still pivoted or mirroring,
+    # so the agent refuses to migrate the VM): the VM is marked for an operator.
+    attention: str | None = None
 
 
 # ------------------------------------------------------------------ events (what happened)
@@ -233,11 +248,7 @@ def step(s: StorageState, event: Event, now: float) -> Step:
                 failures = s.failures + 1
                 if failures > MAX_PIVOT_CHECKS:
                     if st.phase == "switching":
-                        return Step(
-                            replace(s, phase=SPhase.FAILED, error=st.error or "pivot unknown"),
-                            Action.NONE,
-                            "whether the disks switched is unknown: both copies kept",
-                        )
+                        return _pivot_unknown(s, st.error or "pivot unknown")
                     return _rollback(s, "the pivot did not happen", "not switched")
                 if st.phase == "switching":  # the agent settles it once QEMU answers
                     return Step(
@@ -253,11 +264,7 @@ def step(s: StorageState, event: Event, now: float) -> Step:
                     return _rollback(s, event.error, f"pivot refused: {event.error}")
                 failures = s.failures + 1
                 if failures > MAX_PIVOT_CHECKS:
-                    return Step(
-                        replace(s, phase=SPhase.FAILED, error=f"pivot unknown: {event.error}"),
-                        Action.NONE,
-                        "whether the disks switched is unknown: both copies kept",
-                    )
+                    return _pivot_unknown(s, f"pivot unknown: {event.error}")
                 return Step(
                     replace(s, phase=SPhase.PIVOT_CHECK, failures=failures),
                     Action.POLL,
@@ -308,6 +315,20 @@ def step(s: StorageState, event: Event, now: float) -> Step:
         case _:
             pass
     return Step(s, _resume_action(s))  # an event that does not apply here: keep going
+
+
+def _pivot_unknown(s: StorageState, error: str) -> Step:
+    """Given up asking whether the disks switched: both copies are kept (nothing may be
+    removed on a guess), the agent's record stays open, so the VM is marked."""
+    attention = (
+        f"{UNSETTLED}whether the disks switched is unknown (both copies kept); the agent "
+        "refuses to move the VM until that is settled"
+    )
+    return Step(
+        replace(s, phase=SPhase.FAILED, error=error, attention=attention),
+        Action.NONE,
+        "whether the disks switched is unknown: both copies kept",
+    )
 
 
 def _resume_action(s: StorageState) -> Action:
@@ -379,8 +400,9 @@ async def run(
             cancel_seen = True
             st = step(st.state, CancelAsked(), clock())
             continue
-        if st.action == Action.POLL:
-            await _sleep_or_cancel(cancel if not cancel_seen else None, poll_s)
+        if st.action == Action.POLL or st.state.failures:
+            wait = _retry_wait(poll_s, st.state.failures) if st.state.failures else poll_s
+            await _sleep_or_cancel(cancel if not cancel_seen else None, wait)
             if cancel.is_set() and not cancel_seen:
                 continue
         method, event_type = _CALLS[st.action]
@@ -388,10 +410,47 @@ async def run(
             status = await getattr(port, method)()
         except StoragePortError as exc:
             failed = CallFailed(str(exc), refused=exc.refused, switched=exc.switched)
+            before = st.state.phase
             st = step(st.state, failed, clock())
+            if st.action == Action.NONE and before in (SPhase.RELEASE, SPhase.ROLLBACK):
+                st = _gave_up(st, before)
             continue
         assert status is not None
-        st = step(st.state, event_type(status), clock())
+        st = step(_with_files(st.state, status), event_type(status), clock())
+
+
+def _with_files(s: StorageState, status: MirrorStatus) -> StorageState:
+    if not status.disks:
+        return s
+    old = tuple(_file(m.source) for m in status.disks)
+    new = tuple(_file(m.target) for m in status.disks)
+    return replace(s, old_files=old, new_files=new)
+
+
+def _file(d: Disk) -> str:
+    return f"{d.datastore}:{d.path}"
+
+
+def _retry_wait(poll_s: float, failures: int) -> float:
+    return float(min(2.0 * poll_s * 2.0 ** (failures - 1), RETRY_MAX_S))
+
+
+def _gave_up(st: Step, gave_up: SPhase) -> Step:
+    """The agent never answered the removal: the files it was to remove stay, named (the
+    old ones after a release, the new ones after a rollback, as far as any answer named
+    them), and the VM is marked: the agent's record of the move stays unsettled, and it
+    refuses to migrate the VM until an operator settles it (``qmotion vm resolve``)."""
+    s = st.state
+    files = s.old_files if gave_up == SPhase.RELEASE else s.new_files
+    warnings = (*s.warnings, *(f"left behind: {f}" for f in files))
+    what = "releasing the old disk files" if gave_up == SPhase.RELEASE else "the rollback"
+    to = s.new_files[0].split(":", 1)[0] if s.new_files else "another datastore"
+    attention = (
+        f"{UNSETTLED}to {to}: the agent did not confirm {what}; it refuses to move the VM "
+        "until that is settled"
+    )
+    state = replace(s, leftovers=(*s.leftovers, *files), warnings=warnings, attention=attention)
+    return replace(st, state=state)
 
 
 async def _sleep_or_cancel(cancel: asyncio.Event | None, seconds: float) -> None:
@@ -411,6 +470,9 @@ def state_to_json(s: StorageState) -> dict[str, object]:
         "error": s.error,
         "warnings": list(s.warnings),
         "leftovers": list(s.leftovers),
+        "old_files": list(s.old_files),
+        "new_files": list(s.new_files),
+        "attention": s.attention,
     }
 
 
@@ -422,4 +484,7 @@ def state_from_json(d: dict[str, object]) -> StorageState:
         error=str(d["error"]) if d.get("error") else None,
         warnings=tuple(str(w) for w in d.get("warnings") or ()),  # type: ignore[attr-defined]
         leftovers=tuple(str(w) for w in d.get("leftovers") or ()),  # type: ignore[attr-defined]
+        old_files=tuple(str(f) for f in d.get("old_files") or ()),  # type: ignore[attr-defined]
+        new_files=tuple(str(f) for f in d.get("new_files") or ()),  # type: ignore[attr-defined]
+        attention=str(d["attention"]) if d.get("attention") else None,
     )

@@ -49,6 +49,9 @@ class MigrationState:
     # with pages still on the source, so the source's copy may be stale.
     postcopy_requested: bool = False
     attempts: int = 0  # retries of the current phase's action
+    # Times a recovery found the destination running after all and went back to Verify:
+    # bounded, so two agents contradicting each other end in attention, not in a loop.
+    reversals: int = 0
     unconfirmed: bool = False  # past the switchover, a step that could not be confirmed
     # Why the VM needs an operator (or reconcile) when the task ends, if it does.
     attention: str | None = None
@@ -76,6 +79,7 @@ class MigrationState:
             "destination_running": self.destination_running,
             "postcopy_requested": self.postcopy_requested,
             "attempts": self.attempts,
+            "reversals": self.reversals,
             "unconfirmed": self.unconfirmed,
             "attention": self.attention,
         }
@@ -100,6 +104,7 @@ class MigrationState:
             destination_running=data.get("destination_running", False),
             postcopy_requested=data.get("postcopy_requested", False),
             attempts=data.get("attempts", 0),
+            reversals=data.get("reversals", 0),
             unconfirmed=data.get("unconfirmed", False),
             attention=data.get("attention"),
         )
@@ -219,6 +224,7 @@ class Rollback:
     cancel_migration: bool
     teardown_destination: bool
     stop_mirror: bool = False
+    after_s: float = 0.0  # a retry's backoff (the source's QEMU may still be migrating)
 
 
 @dataclass(frozen=True)
@@ -264,7 +270,7 @@ class Step:
 
 
 Retried = FinishDestination | Announce | ConfirmSource | UpdateInventory | Recover
-RETRIED = (FinishDestination, Announce, ConfirmSource, UpdateInventory, Recover)
+RETRIED = (FinishDestination, Announce, ConfirmSource, UpdateInventory, Recover, Rollback)
 
 
 def delay_of(action: Action) -> float:

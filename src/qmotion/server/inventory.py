@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from qmotion.api.errors import AgentErrorCode
 from qmotion.api.host import HostFacts, HostMetrics, TlsInstall
 from qmotion.api.server import HostOut, HostRegister, PoolSet, VmCreate, VmOut
 from qmotion.api.storage import DiskUsage
@@ -24,7 +23,6 @@ from qmotion.api.vm import (
     GuestConfig,
     KernelBoot,
     Nic,
-    VmInfo,
     VmSpec,
 )
 from qmotion.client.agent import AgentClient
@@ -43,6 +41,7 @@ from qmotion.server.db import (
 )
 from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream
 from qmotion.server.images import image_disk
+from qmotion.server.vm_lifecycle import VmLifecycle
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,7 +81,7 @@ def agent_errors(host: str, vm: str | None = None) -> Iterator[None]:
         raise Upstream(f"host {host}: {exc}", vm=vm, host=host) from exc
 
 
-class Inventory:
+class Inventory(VmLifecycle):
     def __init__(
         self, db: Database, agents: AgentConnector | None = None, ca: ClusterCA | None = None
     ) -> None:
@@ -370,20 +369,6 @@ class Inventory:
             ],
         )
 
-    def set_attention(self, vm: str, reason: str | None) -> None:
-        """Mark why ``vm`` needs an operator (None: it no longer does). Migrations, DRS and
-        delete --force leave a marked VM alone; reconcile clears the mark once the VM runs
-        exactly once, where the inventory says. A VM no longer in the inventory: nothing."""
-        if reason is not None:
-            log.warning("VM %s needs attention: %s", vm, reason)
-        with self.db.session() as s:
-            s.execute(
-                update(Vm)
-                .where(Vm.name == vm)
-                .values(attention=reason)
-                .execution_options(synchronize_session=False)
-            )
-
     def list_vms(self) -> list[VmOut]:
         with self.db.session() as s:
             return [self.vm_out(s, v) for v in s.scalars(select(Vm).order_by(Vm.name))]
@@ -511,75 +496,3 @@ class Inventory:
         if req.start:
             return self.start_vm(req.name)
         return out
-
-    def _lifecycle(self, name: str, fn: Callable[[AgentClient], VmInfo], state: str) -> VmOut:
-        with self.db.session() as s:
-            vm = self.vm_by_name(s, name)
-            if self.db.active_task_for_vm(s, name) is not None:
-                raise Conflict(f"VM {name} is migrating", vm=name)
-            # Longer than the agent's own limit on saving or restoring a VM's memory (600 s):
-            # an answer missed here would leave the inventory's spec behind the agent's.
-            info = self.call(vm.host, fn, vm=name, timeout_s=900.0)
-            vm.state = state
-            # The agent's definition changes on suspend and resume (the saved state).
-            vm.spec = info.spec.model_dump(mode="json")
-            return self.vm_out(s, vm)
-
-    def start_vm(self, name: str) -> VmOut:
-        """Start a VM; a suspended one resumes where it was. A cold migration's hold left
-        behind by a task that ended (none is active: checked first) is released."""
-
-        def start(c: AgentClient) -> VmInfo:
-            c.unexport_disks(name)
-            return c.start(name)
-
-        return self._lifecycle(name, start, "running")
-
-    def stop_vm(self, name: str, force: bool = False) -> VmOut:
-        return self._lifecycle(name, lambda c: c.stop(name, force=force), "stopped")
-
-    def suspend_vm(self, name: str) -> VmOut:
-        return self._lifecycle(name, lambda c: c.suspend(name), "suspended")
-
-    def delete_vm(self, name: str, force: bool = False) -> None:
-        """Delete a VM on its host and forget it. Never while another host (not down)
-        reports it in any state (a copy that runs there, or a migration's other half), nor
-        with ``force`` while it needs attention: forgetting it would hand its address to the
-        next VM while a copy still answers on it."""
-        with self.db.session() as s:
-            vm = self.vm_by_name(s, name)
-            if self.db.active_task_for_vm(s, name) is not None:
-                raise Conflict(f"VM {name} is migrating", vm=name)
-            if force and vm.attention is not None:
-                raise Conflict(
-                    f"VM {name} needs attention ({vm.attention}): not deleted with --force "
-                    "until that is resolved",
-                    code="vm_attention",
-                    vm=name,
-                )
-            self._nowhere_else(s, vm)
-            try:
-                self.call(vm.host, lambda c: c.delete(name, force=force), vm=name)
-            except NotFound as exc:
-                # Its host no longer has it (removed there by hand): --force forgets the
-                # record, as Nova's local delete does; without it, say so.
-                if not force or exc.code != AgentErrorCode.VM_NOT_FOUND:
-                    raise
-            s.delete(vm)
-
-    def _nowhere_else(self, s: Session, vm: Vm) -> None:
-        """No host but its own reports the VM, in any state: each host not down is asked
-        (one that does not answer refuses the delete: it cannot be ruled out)."""
-        for host in s.scalars(select(Host).where(Host.state != "down")):
-            if host.id == vm.host_id:
-                continue
-            infos = self.call(host, lambda c: c.list_vms(), vm=vm.name, timeout_s=10.0)
-            found = next((i for i in infos if i.name == vm.name), None)
-            if found is not None:
-                raise Conflict(
-                    f"VM {vm.name} is also on {host.name} ({found.qemu_status or found.state}), "
-                    f"not only on {vm.host.name}: not deleted (see where it runs, resolve it "
-                    "there, or bring the record up to date)",
-                    vm=vm.name,
-                    host=host.name,
-                )

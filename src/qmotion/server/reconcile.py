@@ -12,14 +12,23 @@ still do:
   outgoing migration such as a postcopy source, crashed, wedged).
 
 What is certain is fixed: the inventory follows the one running copy when its recorded host
-answered and holds nothing but a stale, waiting or dormant copy (``Move``); a running copy
+answered and holds no copy or only a stale one (``Move``; a stopped, suspended or waiting copy
+there is another definition of the VM: an operator decides) and names the disks the running
+copy's definition names there (a ``Move`` to the same host); a running copy
 still marked as a migration's arrival is confirmed there (``Confirm``); stale copies are
 released and unconfirmed destinations that do not run discarded, only while exactly one copy
 runs and only with their own migration's id (``Release``, ``Discard``: the agent refuses
-anything else); a paused destination whose twin on the recorded host completed the same
+anything else), and never a destination the running copy still sends its stream to (QEMU may
+complete it between the census and the discard: that destination would then hold the newest
+memory); a paused destination whose twin on the recorded host completed the same
 migration gets the word (``Finish``).
 Everything else that two copies could disagree on is raised as ``Attention`` with the reason;
-the mark is cleared (``Clear``) once every host answered and nothing is left to resolve.
+the mark is cleared (``Clear``) only once every host answered (a host marked down counts as
+silent: it may still run a copy) and the VM runs exactly once, where the inventory says, with
+no other copy left but the ones this round removes. A VM that runs nowhere keeps its mark
+until an operator resolves it (``vm resolve``): nothing here proves where its newest writes
+are; so does a storage move its agent never settled (``storage.UNSETTLED``): no census shows
+the agent's record of it, and ``vm resolve`` settles it.
 VMs with a task under way are skipped: the task owns them.
 """
 
@@ -30,9 +39,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from qmotion.api.vm import VmInfo, VmSpec, VmState
+from qmotion.migration.storage import UNSETTLED
 
 # QEMU run states of a destination that has not run yet (started with -S, or still loading).
 WAITING_STATUSES = ("inmigrate", "paused", "prelaunch")
+# A running copy's outgoing status with no stream under way (None: no outgoing record).
+SETTLED_OUTGOING = (None, "none", "failed", "cancelled", "completed")
 
 
 class Kind(StrEnum):
@@ -65,11 +77,12 @@ def kind_of(info: VmInfo) -> Kind:
 
 @dataclass(frozen=True)
 class Recorded:
-    """A VM as the inventory has it."""
+    """A VM as the inventory has it; ``disks``: its disks' files (None: not compared)."""
 
     name: str
     host: str
     attention: str | None = None
+    disks: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -186,11 +199,15 @@ def _one_running(
 ) -> list[Action]:
     out: list[Action] = []
     problems: list[str] = []
+    if here == row.host and row.disks is not None and row.disks != disk_files(copies[here].spec):
+        # A storage move's pivot whose new disks the inventory never heard of (the agent
+        # was away at its end): the agent's definition names what QEMU runs on.
+        out.append(Move(row.name, row.host, here, copies[here].spec))
     if here != row.host:
         theirs = kinds.get(row.host)
         if row.host in silent:
             problems.append(f"runs on {here}; its recorded host {row.host} does not answer")
-        elif theirs is None or theirs in (Kind.STALE, Kind.WAITING, Kind.DORMANT):
+        elif theirs is None or theirs == Kind.STALE:
             out.append(Move(row.name, row.host, here, copies[here].spec))
         else:
             problems.append(
@@ -206,11 +223,22 @@ def _one_running(
         if kind == Kind.STALE and other.outgoing_migration is not None:
             out.append(Release(row.name, host, other.outgoing_migration))
         elif kind in (Kind.WAITING, Kind.DORMANT) and other.incoming_migration is not None:
+            m = other.incoming_migration
+            if info.outgoing_migration == m and info.outgoing_status not in SETTLED_OUTGOING:
+                # Its stream still flows (no task follows it): QEMU may complete it any moment,
+                # and then this destination holds the newest memory. Neither is touched until
+                # the stream ends: then it runs there (Finish) or goes (Discard).
+                problems.append(f"runs on {here} and still sends migration {m} to {host}")
+                continue
             # A destination that never ran (or whose QEMU is gone), the VM running elsewhere.
-            out.append(Discard(row.name, host, other.incoming_migration))
+            out.append(Discard(row.name, host, m))
         elif kind == Kind.UNCERTAIN and host != row.host:
             problems.append(f"runs on {here}; {host} holds a copy {_state(other)}")
-    return out + _marks(row, problems, silent)
+        elif host != row.host:
+            # A stopped, suspended or waiting copy no migration of this round's knowledge
+            # explains: another definition of the VM, which an operator must remove.
+            problems.append(f"runs on {here}; {host} holds another copy {_state(other)}")
+    return out + _marks(row, problems, silent, clears=True)
 
 
 def _none_running(
@@ -246,20 +274,30 @@ def _none_running(
             problems.append(f"not running; {host} holds a copy {_state(info)}")
     if problems and silent:
         problems.append(f"{', '.join(sorted(silent))} did not answer")
-    return _marks(row, problems, silent)
+    # No copy runs: a mark stays (nothing here proves where the newest writes are).
+    return _marks(row, problems, silent, clears=False)
 
 
-def _marks(row: Recorded, problems: list[str], silent: Collection[str]) -> list[Action]:
+def _marks(
+    row: Recorded, problems: list[str], silent: Collection[str], *, clears: bool
+) -> list[Action]:
     if problems:
         return _mark(row, "; ".join(problems))
-    # Only a full census clears: a host that did not answer may hold another copy.
-    if row.attention is not None and not silent:
+    # Only a full census clears, and only where the VM runs once (``clears``): a host that
+    # did not answer may hold another copy.
+    settled_elsewhere = row.attention is not None and row.attention.startswith(UNSETTLED)
+    if clears and row.attention is not None and not silent and not settled_elsewhere:
         return [Clear(row.name)]
     return []
 
 
 def _mark(row: Recorded, reason: str) -> list[Action]:
     return [] if row.attention == reason else [Attention(row.name, reason)]
+
+
+def disk_files(spec: VmSpec) -> tuple[str, ...]:
+    """A definition's disks as ``DATASTORE:PATH``."""
+    return tuple(f"{d.datastore}:{d.path}" for d in spec.disks)
 
 
 def _state(info: VmInfo) -> str:

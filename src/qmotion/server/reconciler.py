@@ -18,7 +18,7 @@ from datetime import datetime
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from qmotion.api.vm import VmInfo, VmState
+from qmotion.api.vm import VmInfo, VmSpec, VmState
 from qmotion.server.db import ACTIVE_TASK_STATES, Host, Task, Vm, utcnow
 from qmotion.server.errors import ManagerError
 from qmotion.server.inventory import Inventory
@@ -34,6 +34,7 @@ from qmotion.server.reconcile import (
     Release,
     Unknown,
     decide,
+    disk_files,
 )
 
 log = logging.getLogger(__name__)
@@ -65,11 +66,14 @@ class Reconciler:
     def _round(self) -> list[Action]:
         since = utcnow()
         with self.db.session() as s:
-            hosts = list(s.scalars(select(Host).where(Host.state != "down").order_by(Host.name)))
-        census = {h.name: self._listing(h) for h in hosts}
+            hosts = list(s.scalars(select(Host).order_by(Host.name)))
+        # A host marked down is silent, not empty: it may still run a copy nobody can see.
+        census = {h.name: None if h.state == "down" else self._listing(h) for h in hosts}
         with self.db.session() as s:
             rows = [
-                Recorded(v.name, v.host.name, v.attention)
+                Recorded(
+                    v.name, v.host.name, v.attention, disk_files(VmSpec.model_validate(v.spec))
+                )
                 for v in s.scalars(select(Vm).order_by(Vm.name))
             ]
             busy = _busy(s, since)
@@ -122,9 +126,11 @@ class Reconciler:
             except Moved as exc:
                 log.info("reconcile: VM %s left for the next round: %s", row.name, exc)
                 return done
-            except ManagerError as exc:
+            except Exception as exc:  # one VM's failure (an agent, the database) is its own
                 log.warning("reconcile: VM %s: %s failed: %s", row.name, _what(action), exc)
-                failed = True
+                # What follows a failed fix was decided assuming it held (a release after a
+                # confirm, the mark's clearing): the VM waits for the next round.
+                return done
         return done
 
     def _perform(self, action: Action, since: datetime) -> None:
@@ -150,7 +156,9 @@ class Reconciler:
         elif isinstance(action, Release):
             self.inventory.call(host, lambda c: c.release(vm, migration=m), vm=vm)
         else:
-            self.inventory.call(host, lambda c: c.delete(vm, migration=m), vm=vm)
+            # force: a destination's QEMU is alive (paused, never ran); the agent refuses by
+            # the id anything that ran or is not that migration's.
+            self.inventory.call(host, lambda c: c.delete(vm, force=True, migration=m), vm=vm)
 
     def _finish(self, action: Finish, since: datetime) -> VmInfo | None:
         vm, m, wait = action.vm, action.migration, self.finish_wait_ms
@@ -217,6 +225,8 @@ def _after_finish(row: Recorded, census: Mapping[str, Sequence[VmInfo] | None]) 
 
 
 def _what(action: Action) -> str:
+    if isinstance(action, Move) and action.source == action.to:
+        return f"inventory names the disks of the copy on {action.to}: {disk_files(action.spec)}"
     if isinstance(action, Move):
         return f"inventory moved {action.source} -> {action.to} (the one running copy)"
     if isinstance(action, Finish):

@@ -27,10 +27,11 @@ refuses what QEMU refuses (migrate_params_check, migrate_caps_check). QEMU's par
 
 The package, bottom up (each module imports only those before it, and qmotion): ``qemu`` (the
 scripted QEMU's settings and pre-copy state), ``wire`` (what an agent answers with), ``cluster``
-(the hosts, their VMs and QEMU's progress), ``migrations``, ``nbd`` and ``ids`` (the agent's
-migration, disk and per-migration routes), ``agent`` (the agent's API, routing to them) and
-``world`` (the World tests drive: the seam and the manager's side, ``World.runner`` on the
-simulated clock). Tests import from the package, as below.
+(the hosts, their VMs and QEMU's progress), ``storage_moves`` (Storage vMotion on one host),
+``migrations``, ``nbd`` and ``ids`` (the agent's migration, disk and per-migration routes),
+``agent`` (the agent's API, routing to them) and ``world`` (the World tests drive: the seam
+and the manager's side, ``World.runner`` on the simulated clock). Tests import from the
+package, as below.
 """
 
 from __future__ import annotations

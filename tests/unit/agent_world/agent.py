@@ -16,7 +16,7 @@ from qmotion.api.migration import (
     PathProbeRequest,
 )
 from qmotion.api.vm import VmSpec
-from tests.unit.agent_world import ids, migrations, nbd
+from tests.unit.agent_world import ids, migrations, nbd, storage_moves
 from tests.unit.agent_world.cluster import Cluster, FakeVm
 from tests.unit.agent_world.wire import _error, _json
 
@@ -95,6 +95,8 @@ def answer(world: Cluster, host: str, req: httpx.Request) -> httpx.Response:
         return ids.reconnect(world, vm, name)
     if rest.startswith("/migration/mirror") or rest == "/disks":
         return nbd.disk_route(world, host, name, vm, method, rest, req)
+    if rest.startswith("/storage-move"):
+        return storage_moves.route(world, host, name, vm, method, rest, req)
     if method == "POST" and rest == "/migration":
         out = OutgoingRequest.model_validate(json.loads(req.content))
         return migrations.outgoing(world, host, name, vm, out)
@@ -108,4 +110,15 @@ def answer(world: Cluster, host: str, req: httpx.Request) -> httpx.Response:
         return ids.release(world, host, name, vm, req)
     if method == "POST" and rest == "/announce":
         return httpx.Response(204)
+    if method == "POST" and rest == "/stop":
+        # qmotion.agent.vms.manager.stop: QEMU ends (a postmigrate copy too).
+        vm.runstate = "gone"
+        return _json(world._info(host, vm).model_dump(mode="json"))
+    if method == "POST" and rest == "/start":
+        if vm.runstate != "gone":
+            return _error(409, AgentErrorCode.CONFLICT, f"VM {name} is already running", vm=name)
+        if vm.held:
+            return _error(409, AgentErrorCode.CONFLICT, f"VM {name} is held", vm=name)
+        vm.runstate = "running"
+        return _json(world._info(host, vm).model_dump(mode="json"))
     return _error(404, "not_found", f"no route {method} {path}")

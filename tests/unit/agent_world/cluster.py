@@ -39,7 +39,7 @@ import httpx
 
 from qmotion.api.host import HostMetrics, VmMetrics
 from qmotion.api.migration import MigrationParams, MigrationStats
-from qmotion.api.vm import VmInfo, VmSpec, VmState
+from qmotion.api.vm import Disk, VmInfo, VmSpec, VmState
 from qmotion.server.db import utcnow
 from tests.unit.agent_world.qemu import (
     BG_SYNC_S,
@@ -79,6 +79,19 @@ class InRecord:
 
 
 @dataclass
+class MoveRecord:
+    """A storage move's record (the agent's storage-move.json: it survives a restart)."""
+
+    datastore: str
+    phase: str  # mirroring, ready, switching, pivoted, failed
+    targets: dict[int, Disk]  # each moving disk's new file, by index
+    sources: dict[int, Disk]  # and its old one
+    copy_mode: str = "background"
+    polls: int = 0
+    error: str | None = None
+
+
+@dataclass
 class FakeVm:
     spec: VmSpec
     runstate: str  # QEMU's: running, inmigrate, postmigrate, paused; gone: QEMU exited
@@ -99,11 +112,13 @@ class FakeVm:
     outgoing: OutRecord | None = None
     incoming: InRecord | None = None
     arrived: str | None = None  # the confirmed arrival's id: its figures are still its
-    # The source agent's memory of its stream (lost when the agent restarts): whether its
-    # watcher gives the paused destination the word, and how that went.
+    # The source agent's memory of its stream (lost when the agent restarts): that it follows
+    # one, whether its watcher gives the paused destination the word, and how that went.
+    follows: bool = False
     gives_word: bool = False
     finish_ms: float | None = None
     finish_error: str | None = None
+    storage_move: MoveRecord | None = None  # on disk, like the migration record
 
     @property
     def current(self) -> str | None:
@@ -244,10 +259,19 @@ class Cluster:
             s.finish_ms = 1.0
 
     def _destination_host(self, vm: str, src: str | None) -> str | None:
-        """The host whose QEMU receives ``vm``'s stream: loading it, or in postcopy."""
+        """The host whose QEMU receives ``vm``'s stream: loading it, or in postcopy. A stream
+        with an id reaches only that migration's destination (another migration's listens
+        on another port)."""
+        out = self.vms[src][vm].outgoing if src is not None and vm in self.vms[src] else None
         for h in self.hosts:
             v = self.vms[h].get(vm)
             if h == src or v is None:
+                continue
+            if (
+                out is not None
+                and out.id is not None
+                and (v.incoming is None or v.incoming.id != out.id)
+            ):
                 continue
             if v.runstate == "inmigrate" or (
                 v.incoming is not None and v.migration.startswith("postcopy")
@@ -263,6 +287,7 @@ class Cluster:
             self.down.discard(host)
             for v in self.vms[host].values():
                 v.gives_word, v.finish_ms, v.finish_error = False, None, None
+                v.follows = False
                 inc = v.incoming
                 if inc is None or inc.start != "paused" or v.runstate != "paused":
                     continue
@@ -289,10 +314,15 @@ class Cluster:
         vm.qemu.throttle_pct = 0
         if vm.runstate == "finish-migrate":
             vm.runstate = "running"  # QEMU resumes the guest it paused for the switchover
-        # The destination's incoming migration fails with the stream: its QEMU exits.
+        # The destination's incoming migration fails with the stream: its QEMU exits (that
+        # migration's only: another one's listens on another port).
+        mid = vm.outgoing.id if vm.outgoing is not None else None
         for h in self.hosts:
             other = self.vms[h].get(name)
-            if other is not None and other.runstate == "inmigrate":
+            ours = other is not None and (
+                mid is None or (other.incoming is not None and other.incoming.id == mid)
+            )
+            if other is not None and ours and other.runstate == "inmigrate":
                 other.runstate = "gone"
 
     def _qmp(self, host: str, vm: str, command: str, args: dict[str, Any]) -> None:
@@ -408,6 +438,17 @@ class Cluster:
         dst = self._destination_host(vm.spec.name, src)
         if dst is not None:
             self._arrive(src, vm, dst, self.vms[dst][vm.spec.name])
+
+    def _stream_lost(self, name: str, dst: FakeVm) -> None:
+        """``dst``'s QEMU went away while it received a stream: the source's migration fails
+        (the connection resets) and its guest runs on there."""
+        for here in self.vms.values():
+            s = here.get(name)
+            if s is None or not self._sending(s) or s.migration.startswith("postcopy"):
+                continue
+            out, inc = s.outgoing, dst.incoming
+            if out is None or inc is None or out.id == inc.id:
+                s.migration, s.qemu.throttle_pct = "failed", 0
 
     def _destination(self, name: str) -> FakeVm | None:
         for h in self.hosts:

@@ -117,6 +117,10 @@ def resume(vm: FakeVm, name: str, req: httpx.Request) -> httpx.Response:
         )
     if vm.migration.startswith("postcopy"):
         return _error(409, AgentErrorCode.IN_POSTCOPY, f"VM {name} is in postcopy", vm=name)
+    if vm.runstate == "gone":
+        # The agent's monitor of a QEMU that exited: nothing to resume (its VmManager
+        # answers 409, never a status).
+        return _error(409, AgentErrorCode.CONFLICT, f"VM {name} has no QEMU here", vm=name)
     if vm.outgoing is not None and vm.outgoing.postcopy:
         return _error(
             409, AgentErrorCode.MIGRATED_AWAY, f"VM {name} migrated away in postcopy", vm=name
@@ -137,8 +141,16 @@ def resume(vm: FakeVm, name: str, req: httpx.Request) -> httpx.Response:
 
 
 def delete(world: Cluster, host: str, name: str, vm: FakeVm, req: httpx.Request) -> httpx.Response:
-    """DELETE a VM; with ``migration``, only that migration's destination that never ran."""
+    """DELETE a VM; with ``migration``, only that migration's destination that never ran.
+    As the agent's VmManager.delete: a VM whose QEMU is alive goes only with ``force``."""
     migration = req.url.params.get("migration")
+    if vm.runstate != "gone" and req.url.params.get("force") != "true":
+        return _error(
+            409,
+            AgentErrorCode.CONFLICT,
+            f"VM {name} is {vm.runstate}; stop it first or delete with force",
+            vm=name,
+        )
     if migration is not None:
         if vm.incoming is None or vm.incoming.id != migration:
             return _error(
@@ -156,6 +168,8 @@ def delete(world: Cluster, host: str, name: str, vm: FakeVm, req: httpx.Request)
             )
     del world.vms[host][name]
     world.files[host] -= set(vm.owned)  # an unfinished copy's disks go with it
+    if vm.runstate == "inmigrate":
+        world._stream_lost(name, vm)
     return httpx.Response(204)
 
 

@@ -22,6 +22,7 @@ from qmotion.api.storage import NbdExport, NbdTargets
 from qmotion.api.vm import Disk
 from tests.unit.agent_world.cluster import Cluster, FakeVm, InRecord, OutRecord
 from tests.unit.agent_world.qemu import BG_SYNC_S, FINISHED, MIB, Guest, Precopy, QmpError
+from tests.unit.agent_world.storage_moves import unresolved
 from tests.unit.agent_world.wire import _error, _host_of, _json
 
 
@@ -87,8 +88,12 @@ def outgoing(
     world: Cluster, host: str, name: str, vm: FakeVm, req: OutgoingRequest
 ) -> httpx.Response:
     """Migrations.outgoing: refuse a second migration or a stopped VM, configure, migrate."""
-    if vm.migration in ("setup", "active", "cancelling"):
+    streaming = vm.migration in ("setup", "active", "cancelling")
+    if streaming and vm.follows:
         return _error(409, AgentErrorCode.CONFLICT, f"VM {name} is already migrating", vm=name)
+    if (reason := unresolved(vm)) is not None:
+        # The destination would open the disks the definition names: maybe not QEMU's.
+        return _error(409, AgentErrorCode.CONFLICT, f"VM {name} cannot migrate now: {reason}")
     if vm.runstate not in ("running", "paused"):
         return _error(409, AgentErrorCode.CONFLICT, f"VM {name} cannot migrate while {vm.runstate}")
     if req.params.copy_datastore is None:
@@ -100,13 +105,15 @@ def outgoing(
     world.params_received.append((host, "outgoing", req.params))
     world.uris.append((host, req.uri))
     caps = stream_capabilities(req.params, source=True)
-    vm.qemu.set_capabilities(caps, migrating=False)
+    # An agent restarted since it issued a stream does not know of it: QEMU refuses (500).
+    vm.qemu.set_capabilities(caps, migrating=streaming)
     world._qmp(host, name, "migrate-set-capabilities", {"capabilities": caps})
     params = stream_parameters(req.params)
     vm.qemu.set_parameters(params)
     world._qmp(host, name, "migrate-set-parameters", params)
     # Before migrate: what QEMU reports from now on is this migration's.
     vm.outgoing = OutRecord(id=req.migration_id, uri=req.uri)
+    vm.follows = True
     vm.gives_word = (
         req.migration_id is not None
         and req.peer is not None
@@ -141,8 +148,9 @@ def outgoing(
 def tune(
     world: Cluster, host: str, name: str, vm: FakeVm | None, tune: MigrationTune
 ) -> httpx.Response:
-    """Migrations.tune: only a migration under way on this (source) host."""
-    if vm is None or vm.migration in ("none", *FINISHED):
+    """Migrations.tune: only a migration under way on this (source) host, that this agent
+    issued (a restarted one does not know of it)."""
+    if vm is None or not vm.follows or vm.migration in ("none", *FINISHED):
         return _error(
             409,
             AgentErrorCode.CONFLICT,

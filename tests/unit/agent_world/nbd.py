@@ -10,6 +10,7 @@ import httpx
 from qmotion.api.errors import AgentErrorCode
 from qmotion.api.storage import DiskMirror, DiskUsage, MirrorStatus, NbdMirrorRequest
 from tests.unit.agent_world.cluster import Cluster, FakeVm
+from tests.unit.agent_world.storage_moves import unresolved
 from tests.unit.agent_world.wire import _error, _json
 
 
@@ -34,6 +35,8 @@ def disk_route(
         return _json([u.model_dump(mode="json") for u in usage])
     if method == "POST" and rest == "/migration/mirror":
         NbdMirrorRequest.model_validate(json.loads(req.content))
+        if (reason := unresolved(vm)) is not None:
+            return _error(409, AgentErrorCode.CONFLICT, f"VM {name} cannot copy now: {reason}")
         if vm.mirror in ("mirroring", "ready"):
             return _json(mirror_status(name, vm))
         if vm.runstate not in ("running", "paused"):

@@ -142,6 +142,9 @@ class SourceConfirm:
         if run_state == "finish-migrate":
             raise Conflict(f"VM {name} is still ending its switchover; ask again", vm=name)
         if run_state in ("paused", "postmigrate"):
+            # A destination's arrival runs from here on: marked first, as the word marks it
+            # (a copy that ran is never torn down as a failed destination).
+            self.vms.records.mark_ran(name)
             await mon.execute("cont")
             run_state = await mon.status()
         # It runs here on its own disks: a copy made for a migration that did not happen is

@@ -105,7 +105,7 @@ class DestinationFinish:
     async def _run_logged(self, name: str, mon: Monitor) -> None:
         try:
             await self.run(name, mon)
-        except HypervisorError as exc:
+        except Exception as exc:  # a background task: its failure is logged, never lost
             log.error("could not run the destination %s: %s", name, exc)
 
     async def run(self, name: str, mon: Monitor) -> None:
@@ -173,6 +173,13 @@ class DestinationFinish:
                     "what the source lacks, so it is never deleted as a failed destination",
                     vm=name,
                 )
+            if rec.start == "paused":
+                # Started with -S and never let run by this agent (it marks the record before
+                # its cont): it never ran, whatever its monitor says (a destination whose
+                # stream died mid-handshake may not answer at all).
+                await self.vms.delete(name, force=force, with_disks=with_disks)
+                self._locks.pop(name, None)
+                return
             try:
                 info = await asyncio.wait_for(self.vms.info(name), ANSWER_S)
             except TimeoutError as exc:

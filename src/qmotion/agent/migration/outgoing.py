@@ -479,6 +479,10 @@ class OutgoingMigrations:
             if tune.downtime_limit_ms is not None:
                 out.downtime_limit_ms = tune.downtime_limit_ms  # the switchover guard's too
         if tune.start_postcopy:
+            # Recorded before QEMU is asked: an agent that restarts before its watcher saw
+            # the switch must still never resume this copy (it may lack what the destination
+            # wrote since). A switch that never happens only makes the record cautious.
+            self.vms.records.went_postcopy(name)
             try:
                 await self.vms.monitor(name).execute("migrate-start-postcopy")
             except HypervisorError as exc:

@@ -37,6 +37,7 @@ from qmotion.hypervisor.errors import HypervisorError, QmpError, QmpUnavailable
 from qmotion.hypervisor.monitor import Monitor
 from qmotion.hypervisor.qemu import qemu_info, resolve_machine, tap_name
 
+MONITOR_ANSWER_S = 3.0  # a VM's monitor that does not say its run state by then is wedged
 log = logging.getLogger(__name__)
 # The disks a shared-nothing incoming migration created empty (agent.disks.nbd_incoming): deleting
 # the VM before it ran here removes them too; once it ran here they are simply its disks.
@@ -245,13 +246,16 @@ class VmManager:
             try:
                 if mon is None:
                     mon = await self._attach(name, rt)
-                qemu_status = await mon.status()
+                # A QEMU can hold its monitor for long (a destination in a TLS handshake on a
+                # dead link, a source finishing a switchover under its big lock): one VM must
+                # not hold up the host's answer about all of them.
+                qemu_status = await asyncio.wait_for(mon.status(), MONITOR_ANSWER_S)
                 state = vm_state(qemu_status)
                 if record.outgoing is not None:
                     with contextlib.suppress(QmpError):  # the run state stands on its own
                         got = await mon.execute("query-migrate")
                         outgoing = outgoing_status(str(got.get("status", "none")), qemu_status)
-            except HypervisorError:
+            except (HypervisorError, TimeoutError):
                 # The process exists but its monitor does not answer: exiting or wedged.
                 state = VmState.STOPPING if await self._alive(name) else VmState.STOPPED
         if state == VmState.STOPPED and spec.saved_state is not None:

@@ -19,6 +19,7 @@ from qmotion.api.server import (
     ImageOut,
     MigrateRequest,
     PoolSet,
+    ResolveRequest,
     TaskOut,
     VmCreate,
     VmOut,
@@ -161,6 +162,12 @@ def create_app(
     )
     def stop_vm(name: str, req: StopRequest | None = None) -> VmOut:
         return inventory.stop_vm(name, force=(req or StopRequest()).force)
+
+    @app.post(
+        "/v1/vms/{name}/resolve", response_model=VmOut, dependencies=auth, responses=AGENT_ERRORS
+    )
+    def resolve_vm(name: str, req: ResolveRequest | None = None) -> VmOut:
+        return inventory.resolve_vm(name, keep=(req or ResolveRequest()).keep)
 
     @app.delete("/v1/vms/{name}", status_code=204, dependencies=auth, responses=AGENT_ERRORS)
     def delete_vm(name: str, force: bool = False) -> None:

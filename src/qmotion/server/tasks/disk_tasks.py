@@ -49,6 +49,9 @@ class DiskTasks:
     def _finish(self, task_id: int, state: TaskState, error: str | None) -> None:
         raise NotImplementedError
 
+    async def _attention(self, vm: str, reason: str, warnings: list[str]) -> None:
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ shared
 
     async def _run_guarded(
@@ -366,6 +369,8 @@ class DiskTasks:
             # (what QEMU runs on): a later live migration opens those files.
             with contextlib.suppress(StoragePortError):
                 await port.adopt()
+            if final.attention is not None:
+                await self._attention(vm, final.attention, [])
             state = {
                 storage.SPhase.DONE: TaskState.SUCCEEDED,
                 storage.SPhase.CANCELLED: TaskState.CANCELLED,

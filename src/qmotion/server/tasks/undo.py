@@ -32,6 +32,7 @@ SWITCHING = frozenset({QemuMigrationStatus.DEVICE, QemuMigrationStatus.PRE_SWITC
 # that has not settled after this long is reported, and its destination kept.
 SETTLE_TIMEOUT_S = 60.0
 RECANCEL_S = 3.0
+KEPT = "destination QEMU (incoming migration) not removed"
 IDLE = frozenset(
     {QemuMigrationStatus.NONE, QemuMigrationStatus.FAILED, QemuMigrationStatus.CANCELLED}
 )  # no migration under way on the source
@@ -119,6 +120,12 @@ class Undo:
         except StepError as exc:
             await self._keep_destination(f"it could not be removed ({exc})")
             raise
+        # Kept by an earlier try of this rollback, removed now: no longer a leftover.
+        self.flight.leftovers[:] = [lo for lo in self.flight.leftovers if not self._kept(lo)]
+
+    def _kept(self, lo: Leftover) -> bool:
+        """``lo`` records this migration's destination as kept."""
+        return (lo.host, lo.vm, lo.what) == (self.destination, self.vm, KEPT)
 
     async def _stats(self) -> MigrationStats:
         """The source's figures of this migration (status ``none`` if it is not there)."""
@@ -219,18 +226,15 @@ class Undo:
 
     async def _keep_destination(self, why: str) -> None:
         """The destination is not removed: recorded, unless its agent says it holds nothing
-        of this migration (no such VM, or a VM that did not arrive by it)."""
+        of this migration (no such VM, or a VM that did not arrive by it). One record per
+        destination, however often the rollback was tried: the last try's."""
+        self.flight.leftovers[:] = [lo for lo in self.flight.leftovers if not self._kept(lo)]
         with contextlib.suppress(StepError):
             info = await self.ends.destination_vm("rollback")
             if info is None or info.incoming_migration != self.migration:
                 return
         self.flight.leftovers.append(
-            Leftover(
-                host=self.destination,
-                vm=self.vm,
-                what="destination QEMU (incoming migration) not removed",
-                why=why,
-            )
+            Leftover(host=self.destination, vm=self.vm, what=KEPT, why=why)
         )
 
     async def recover(self, params: MigrationParams, *, postcopy_requested: bool) -> None:
