@@ -121,6 +121,27 @@ def test_new_files_a_rollback_could_not_remove_are_named() -> None:
     assert out.settled["vm1"] == ["h1"]
 
 
+def test_a_move_whose_start_answer_was_lost_is_marked_and_settled_by_resolve() -> None:
+    """From seed 48 of the long run: the agent made the new files, then restarted before it
+    answered, and stayed away past the rollback's tries. The manager never learnt the files'
+    names; the agent's record has them: the VM is marked, the operator's resolve aborts the
+    move there (the new files go), and the VM moves again."""
+    start = ("h1", "POST", "/v1/vms/vm1/storage-move", 1)
+    schedule = Schedule(
+        seed=0,
+        placed=[Placed("vm1", "h1", "shared")],
+        ops=[Op("storage", vm="vm1", datastore="local-h1")],
+        faults={start: Injected(Fault.AGENT_RESTART, done=True, seconds=600.0)},
+    )
+    out = run(schedule)
+    assert out.violations == []  # among them, after resolve: no file left that none names
+    (moved,) = out.tasks
+    assert moved.state == TaskState.FAILED
+    assert out.marked["vm1"].startswith(UNSETTLED), out.marked
+    assert out.world is not None
+    assert not any(f.startswith("local-h1:vm1/") for f in out.world.files["h1"])
+
+
 def test_reconcile_names_the_disks_a_storage_move_left_the_vm_on() -> None:
     """Shrunk from seed 26: the agent restarts as the inventory is about to read the new
     definition, and stays away 120 s (longer than the task tries to release the old files)."""

@@ -8,7 +8,9 @@ At the end, once the faults stopped, every task ended and reconcile settled what
 (``final_violations``): each VM runs exactly once, where the inventory says, on the disks the
 inventory names, its arrival confirmed; nothing is left defined on a host, and no disk file is
 left on a datastore, that no record names (the inventory, a task's leftovers, warnings or
-error, the VM's attention mark); no agent holds a VM the inventory does not know.
+error, the VM's attention mark, an agent's open record of a storage move of a marked VM); no
+agent holds a VM the inventory does not know, and no agent holds a storage move open on a VM
+that is not marked (it refuses to migrate it).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from qmotion.api.vm import VmSpec
+from qmotion.api.vm import Disk, VmSpec
 from qmotion.server.db import Database, Task, Vm
 from tests.unit.agent_world import Cluster, FakeVm
+from tests.unit.agent_world.storage_moves import unresolved
 
 UNNAMING = frozenset({"old_files", "new_files"})
 
@@ -117,7 +120,21 @@ def final_violations(world: Cluster, db: Database) -> list[str]:
             named = (h, name) in leftovers or (row[2] is not None and h in row[2])
             if not named:
                 out.append(f"{name} left defined on {h} ({v.runstate}), named by no record")
+    # An agent's open record of a storage move names its files (the agent removes them when
+    # the move is settled); it must come with the VM's mark, or the VM is locked unseen.
+    held: set[str] = set()
+    for h in world.hosts:
+        for name, v in sorted(world.vms[h].items()):
+            rec = v.storage_move
+            if rec is None or unresolved(v) is None:
+                continue
+            row = rows.get(name)
+            if row is None or row[2] is None:
+                out.append(f"{name} on {h}: {unresolved(v)}, and the VM is not marked")
+                continue
+            held |= {_file(d) for d in (*rec.targets.values(), *rec.sources.values())}
     used = {f for h in world.hosts for v in world.vms[h].values() for f in _files(v.spec)}
+    used |= held
     seen: set[str] = set()
     for h in world.hosts:
         for f in sorted(set(world.files[h]) - used - seen):
@@ -142,4 +159,8 @@ def _records(tasks: list[Task]) -> tuple[str, set[tuple[str, str]]]:
 
 
 def _files(spec: VmSpec) -> list[str]:
-    return [f"{d.datastore}:{d.path}" for d in spec.disks]
+    return [_file(d) for d in spec.disks]
+
+
+def _file(d: Disk) -> str:
+    return f"{d.datastore}:{d.path}"
