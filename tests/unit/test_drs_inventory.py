@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 from hypothesis import given, settings
@@ -9,9 +10,11 @@ from hypothesis import strategies as st
 
 from qmotion.api.host import AccelInfo, HostFacts
 from qmotion.api.server import HostOut, VmOut
+from qmotion.api.vm import NAME_PATTERN
 from qmotion.drs.inventory import snapshot_from_inventory
 from qmotion.drs.model import Policy, Rule
 from qmotion.drs.planner import plan
+from qmotion.drs.rules import validate
 from qmotion.migration.prechecks import HOST_RESERVED_MIB
 
 NOW = datetime(2026, 11, 26, tzinfo=UTC)
@@ -142,7 +145,24 @@ def test_measured_demand_pins_and_rules_for_missing_vms() -> None:
     assert kept["apart"].vms == ["a", "b"]
     assert "pair" not in kept
     assert kept["pin"].hosts == ["h2"]
-    assert kept["cooldown-a"].hosts == ["h1"] and kept["cooldown-a"].strength == "must"
+    assert kept["cooldown:a"].hosts == ["h1"] and kept["cooldown:a"].strength == "must"
+
+
+def test_an_operators_rule_never_collides_with_a_generated_pin() -> None:
+    """Issue 23: a rule named like a pin ("cooldown-a", "migrating-b") made every DRS run
+    fail on a duplicate name, or replaced the pin. Pins use a character rule names cannot."""
+    vms = [vm("a", "h1"), vm("b", "h2", migrating=True)]
+    rules = [
+        Rule(name="cooldown-a", kind="run_on", strength="should", vms=["a"], hosts=["h1"]),
+        Rule(name="migrating-b", kind="anti_affinity", strength="should", vms=["a", "b"]),
+    ]
+    snap = snapshot_from_inventory(
+        [host("h1"), host("h2")], vms, rules, demand={}, pinned={"a": "h1"}
+    )
+    validate(snap)  # no duplicate names
+    names = sorted(r.name for r in snap.rules)
+    assert names == ["cooldown-a", "cooldown:a", "migrating-b", "migrating:b"], names
+    assert not any(re.fullmatch(NAME_PATTERN, r.name) for r in snap.rules if ":" in r.name)
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)

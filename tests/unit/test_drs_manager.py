@@ -195,6 +195,24 @@ def test_anti_affinity_holds_through_maintenance_and_refuses_a_manual_move(
     _run(world, url, test)
 
 
+def test_rule_list_names_the_vms_breaking_a_should_rule_too(tmp_path: Path) -> None:
+    """Issue 23: ``broken_by`` was computed for must rules only, so a broken should rule
+    read as kept in ``rule list``."""
+    world, url = _cluster(tmp_path, {"h1": [("a", 1024), ("b", 1024)], "h2": [("c", 1024)]})
+
+    async def test(c: Client) -> None:
+        for strength in ("should", "must"):
+            rule = {"name": f"apart-{strength}", "kind": "anti-affinity", "vms": ["a", "b"]}
+            r = await c.post("/v1/rules", json={**rule, "strength": strength})
+            assert r.status_code == 201, r.text
+            assert r.json()["broken_by"] == ["a", "b"], r.text
+        together = {"name": "together", "kind": "affinity", "vms": ["a", "b"]}
+        r = await c.post("/v1/rules", json={**together, "strength": "should"})
+        assert r.json()["broken_by"] == [], r.text
+
+    _run(world, url, test)
+
+
 def test_a_must_affinity_group_is_evacuated_together(tmp_path: Path) -> None:
     # Five together: more than a host's four concurrent migrations, so they span waves.
     group = [f"g{i}" for i in range(5)]

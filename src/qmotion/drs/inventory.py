@@ -114,7 +114,9 @@ def snapshot_from_inventory(
         if where is not None:
             extra.append(
                 Rule(
-                    name=f"{_pin_kind(vm)}-{vm.name}",
+                    # A ':' no operator's rule name can hold (NAME_PATTERN): a rule of theirs
+                    # called "cooldown-web1" never collides with this pin.
+                    name=f"{_pin_kind(vm)}:{vm.name}",
                     kind="run_on",
                     strength="must",
                     vms=[vm.name],

@@ -136,40 +136,60 @@ class _Planner:
     # ------------------------------------------------------------------ mandatory
 
     def mandatory(self) -> None:
-        units: list[tuple[int, str, list[str]]] = []
-        seen: set[str] = set()
+        # Each unit once, at its most urgent reason: a VM on a degraded host (2) that also
+        # breaks a must rule (1) is a must repair, labelled so, whatever the threshold.
+        wanted: dict[str, tuple[int, str, list[str], list[list[str]]]] = {}
+
+        def want(prio: int, reason: str, unit: list[str], alts: list[list[str]]) -> None:
+            cur = wanted.get(unit[0])
+            if cur is None or prio < cur[0]:
+                wanted[unit[0]] = (prio, reason, unit, alts)
+
         for vm_name in sorted(self.state.vms):
             spec = self.state.hosts[self.state.placement[vm_name]].spec
             unit = self.book.unit(vm_name)
-            if unit[0] in seen:
-                continue
-            reason = ""
-            prio = 0
             if spec.health in (Health.FAILED, Health.QUARANTINED):
-                prio, reason = 1, f"host {spec.name} is {spec.health.value}"
+                want(1, f"host {spec.name} is {spec.health.value}", unit, [])
             elif spec.maintenance:
-                prio, reason = 1, f"host {spec.name} enters maintenance"
+                want(1, f"host {spec.name} enters maintenance", unit, [])
             elif spec.health == Health.DEGRADED:
-                prio, reason = 2, f"host {spec.name} is degraded"
-            if prio:
-                seen.update(unit)
-                units.append((prio, reason, unit))
+                want(2, f"host {spec.name} is degraded", unit, [])
         # Rule violations: must first, then should.
         for strength, prio in (("must", 1), ("should", 2)):
             rules = [r for r in self.snap.rules if r.strength == strength]
             for rule, bad in self.book.violations(self.state, rules):
                 for vm in bad:
-                    unit = self.book.unit(vm)
-                    if unit[0] in seen:
-                        continue
-                    seen.update(unit)
-                    units.append((prio, f"{strength} rule {rule.name} is broken", unit))
+                    # Two anti-affine VMs together: moving either repairs it (the other is
+                    # tried when this one cannot go, pinned by a cool-down or a rule).
+                    alts = []
+                    if rule.kind == "anti_affinity":
+                        here = self.state.placement[vm]
+                        alts = [
+                            self.book.unit(o)
+                            for o in rule.vms
+                            if o != vm and self.state.placement[o] == here
+                        ]
+                    want(prio, f"{strength} rule {rule.name} is broken", self.book.unit(vm), alts)
+        units = list(wanted.values())
         # Large units first: they are the hardest to fit.
         units.sort(key=lambda u: (u[0], -self._unit_demand(u[2])[2], u[2][0]))
-        for prio, reason, unit in units:
+        for prio, reason, first, alts in units:
             if prio > self.policy.threshold and prio == 2:
                 continue
+            unit = first  # or, for an anti-affinity repair, the partner that can move
+            if any(self.state.placement[v] != self.origin[v] for v in unit):
+                continue  # moved already, as another unit's alternative
             found = self._best_target(unit, ("must", "should"))
+            if found is None and alts:
+                for alt in alts:
+                    if any(self.state.placement[v] != self.origin[v] for v in alt):
+                        break  # the partner moved already
+                    if (alt_found := self._best_target(alt, ("must", "should"))) is not None:
+                        unit, found = alt, alt_found
+                        break
+                mine = [r for r in self.snap.rules if any(v in r.vms for v in unit)]
+                if found is None and not self.book.violations(self.state, mine):
+                    continue  # a partner's move repaired it
             note = reason
             if found is None and prio == 1:
                 found = self._best_target(unit, ("must",))
@@ -481,6 +501,25 @@ class _Planner:
         net, key, src, dst, gain, cost = best
         return net, self.book.unit(key), src, dst, gain, cost
 
+    def account(self) -> None:
+        """The plan's promise, whatever the passes did: every must rule holds, or the VMs
+        that break it are listed unplaced with the rule named; a VM that moves is not listed
+        unplaced (a later pass found it a place)."""
+        moved = {v for v, h in self.state.placement.items() if h != self.origin[v]}
+        self.unplaced = [u for u in self.unplaced if u["vm"] not in moved]
+        listed = {u["vm"]: u for u in self.unplaced}
+        must = [r for r in self.snap.rules if r.strength == "must"]
+        for rule, bad in self.book.violations(self.state, must):
+            stay = [v for v in bad if v not in moved] or [v for v in rule.vms if v not in moved]
+            for vm in stay:
+                entry = listed.get(vm)
+                if entry is None:
+                    why = f"must rule {rule.name} is broken; no move repairs it"
+                    listed[vm] = entry = {"vm": vm, "reason": why}
+                    self.unplaced.append(entry)
+                elif f"rule {rule.name} " not in entry["reason"]:
+                    entry["reason"] += f"; must rule {rule.name} stays broken"
+
     # ------------------------------------------------------------------ result
 
     def result(self, now: datetime, before: float) -> Plan:
@@ -533,4 +572,5 @@ def plan(snap: Snapshot, policy: Policy, now: datetime) -> Plan:
         if len(p.steps) == steps:
             break
         p.balance()
+    p.account()
     return p.result(now, before)

@@ -87,7 +87,10 @@ class DrsConfig:
             {
                 vm
                 for vm in r.vms
-                if vm in placement and broken_by_move([model], placement, vm, placement[vm])
+                # Whatever the rule's strength: a should rule broken is what an operator
+                # looks for in ``rule list`` too (DRS repairs it only when it pays).
+                if vm in placement
+                and broken_by_move([model], placement, vm, placement[vm], ("must", "should"))
             }
         )
         return RuleOut(
