@@ -450,11 +450,14 @@ def test_cli(api: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert res.exit_code == 0, res.output
     assert "schedule 1 created: migrate web1 to h2, at " in res.stdout
+    # An hour half a day away: the clock advances 31 minutes from now below, and a fixed
+    # "0 3 * * *" fired too (taking task 101) when the test ran between 02:29 and 03:00 UTC.
+    cron = f"0 {(datetime.now(UTC) + timedelta(hours=12)).hour} * * *"
     res = runner.invoke(
-        schedule_cli.app, ["create", "--cron", "0 3 * * *", "--drs", "--name", "nightly", "--json"]
+        schedule_cli.app, ["create", "--cron", cron, "--drs", "--name", "nightly", "--json"]
     )
     assert res.exit_code == 0, res.output
-    assert '"cron": "0 3 * * *"' in res.stdout
+    assert f'"cron": "{cron}"' in res.stdout
     res = runner.invoke(schedule_cli.app, ["list"])
     assert res.exit_code == 0 and "nightly" in res.stdout and "web1" in res.stdout
     res = runner.invoke(schedule_cli.app, ["list", "--json"])
