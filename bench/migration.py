@@ -228,6 +228,29 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
+def _side_by_side(
+    rows: list[dict[str, Any]], metrics: list[tuple[str, str]], base: str, other: str
+) -> list[str]:
+    """Table rows: per scenario and metric, the medians of ``base`` and ``other`` and their
+    ratio (other / base)."""
+
+    def median(sc: str, method: str, key: str) -> float | None:
+        xs = [
+            r[key]
+            for r in rows
+            if r["scenario"] == sc and r["method"] == method and r.get(key) is not None
+        ]
+        return statistics.median(xs) if xs else None
+
+    out = []
+    for sc in SCENARIOS:
+        for key, label in metrics:
+            a, b = median(sc.name, base, key), median(sc.name, other, key)
+            ratio = f"{b / a:.2f}" if a and b is not None else "-"
+            out.append(f"| {sc.name} | {label} | {_fmt(a)} | {_fmt(b)} | {ratio} |")
+    return out
+
+
 def table(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -247,19 +270,7 @@ def table(report: dict[str, Any]) -> str:
         ("blackout_ms", "TCP blackout ms"),
         ("orchestration_ms", "accepted -> stream started ms"),
     ]
-    for sc in SCENARIOS:
-        for key, label in metrics:
-            vals = {}
-            for method in ("plain QEMU", "qmotion"):
-                xs = [
-                    r[key]
-                    for r in report["rows"]
-                    if r["scenario"] == sc.name and r["method"] == method and r.get(key) is not None
-                ]
-                vals[method] = statistics.median(xs) if xs else None
-            a, b = vals["plain QEMU"], vals["qmotion"]
-            ratio = f"{b / a:.2f}" if a and b is not None else "-"
-            lines.append(f"| {sc.name} | {label} | {_fmt(a)} | {_fmt(b)} | {ratio} |")
+    lines += _side_by_side(report["rows"], metrics, "plain QEMU", "qmotion")
     lines += [
         "",
         "The destination's start: paused (runs on the source's word, the default) against QEMU's "
@@ -268,19 +279,7 @@ def table(report: dict[str, Any]) -> str:
         "| guest | metric | auto | paused | ratio |",
         "|---|---|---|---|---|",
     ]
-    for sc in SCENARIOS:
-        for key, label in metrics[1:4]:
-            vals = {}
-            for method in ("qmotion, destination auto", "qmotion"):
-                xs = [
-                    r[key]
-                    for r in report["rows"]
-                    if r["scenario"] == sc.name and r["method"] == method and r.get(key) is not None
-                ]
-                vals[method] = statistics.median(xs) if xs else None
-            a, b = vals["qmotion, destination auto"], vals["qmotion"]
-            ratio = f"{b / a:.2f}" if a and b is not None else "-"
-            lines.append(f"| {sc.name} | {label} | {_fmt(a)} | {_fmt(b)} | {ratio} |")
+    lines += _side_by_side(report["rows"], metrics[1:4], "qmotion, destination auto", "qmotion")
     ok = all(r["session_survived"] and r["memory_intact"] for r in report["rows"])
     lines.append("")
     lines.append(f"Every run: TCP session survived and guest memory intact: {ok}.")

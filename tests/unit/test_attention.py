@@ -10,29 +10,26 @@ database made before it gets the column at start.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from typer.testing import CliRunner
 
-from qmotion.api.server import TaskOut, VmOut
+from qmotion.api.server import VmOut
 from qmotion.api.vm import Nic, VmSpec
 from qmotion.cli import vm as vm_cli
 from qmotion.cli.main import app as cli_app
 from qmotion.server.db import Database, Host, Vm
-from qmotion.server.http.app import create_app
 from qmotion.server.inventory import Inventory
 from tests.unit.agent_world import FakeVm, World
+from tests.unit.manager_app import Client
+from tests.unit.manager_app import run_manager as _manager
+from tests.unit.manager_app import wait_task as _wait
 
-TOKEN = "manager-token-0123456789"
 GIB = 1 << 30
-Client = httpx.AsyncClient
 REASON = "runs on h1 and h2: two copies"
 
 
@@ -50,20 +47,6 @@ def _cluster(tmp_path: Path, vms: dict[str, list[str]]) -> tuple[World, str]:
     return world, url
 
 
-def _manager(world: World, url: str, test: Callable[[Client], Awaitable[None]]) -> None:
-    app = create_app(url, TOKEN, agents=world.connector())
-
-    async def main() -> None:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://manager",
-            headers={"Authorization": f"Bearer {TOKEN}"},
-        ) as c:
-            await test(c)
-
-    asyncio.run(main())
-
-
 def _twin(world: World, vm: str, host: str, runstate: str) -> None:
     """A second copy of ``vm`` on ``host`` (its definition as the first copy's)."""
     first = next(h[vm] for h in world.vms.values() if vm in h)
@@ -74,15 +57,6 @@ def _mark(url: str, vm: str, reason: str | None = REASON) -> None:
     db = Database(url)
     Inventory(db).set_attention(vm, reason)
     db.engine.dispose()
-
-
-async def _wait(c: Client, task_id: int) -> TaskOut:
-    for _ in range(600):
-        t = TaskOut.model_validate((await c.get(f"/v1/tasks/{task_id}")).json())
-        if not t.state.active:
-            return t
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"task {task_id} never ended")
 
 
 # ---------------------------------------------------------------------- delete --force

@@ -7,22 +7,17 @@ exactly one host; every outcome is read back from the world, not from the manage
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from qmotion.api.server import TaskOut, TaskState
+from qmotion.api.server import TaskState
 from qmotion.server.db import Database, Recommendation, Vm
-from qmotion.server.http.app import create_app
 from tests.unit.agent_world import World
+from tests.unit.manager_app import Client
+from tests.unit.manager_app import run_manager as _run
+from tests.unit.manager_app import wait_task as _wait
 
-TOKEN = "manager-token-0123456789"
 GIB = 1 << 30
-Client = httpx.AsyncClient
 
 
 def _cluster(
@@ -42,37 +37,6 @@ def _cluster(
             world.add_running_vm(db, name, host, memory_mib=mib)
     db.engine.dispose()
     return world, url
-
-
-def _run(
-    world: World, url: str, test: Callable[[Client], Awaitable[None]], lifespan: bool = False
-) -> None:
-    """``lifespan``: as a started manager (recovery, its loops), not only its routes."""
-    app = create_app(url, TOKEN, agents=world.connector())
-
-    async def main() -> None:
-        async with contextlib.AsyncExitStack() as stack:
-            if lifespan:
-                await stack.enter_async_context(app.router.lifespan_context(app))
-            c = await stack.enter_async_context(
-                httpx.AsyncClient(
-                    transport=httpx.ASGITransport(app=app),
-                    base_url="http://manager",
-                    headers={"Authorization": f"Bearer {TOKEN}"},
-                )
-            )
-            await test(c)
-
-    asyncio.run(main())
-
-
-async def _wait(c: Client, task_id: int) -> TaskOut:
-    for _ in range(600):
-        t = TaskOut.model_validate((await c.get(f"/v1/tasks/{task_id}")).json())
-        if not t.state.active:
-            return t
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"task {task_id} never ended")
 
 
 def _where(world: World) -> dict[str, str]:

@@ -110,5 +110,5 @@ def test_a_must_rule_left_broken_is_always_reported() -> None:
                 if state.placement[vm] != host:
                     state.move(vm, host)
             must = [r for r in snap.rules if r.strength == "must"]
-            for rule, bad in book.violations(state, must):
+            for rule, _bad in book.violations(state, must):
                 assert any(rule.name in unplaced.get(v, "") for v in rule.vms), (rule, p)

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import httpx
 import pytest
 
 from qmotion.api.vm import Disk
@@ -24,11 +22,11 @@ from qmotion.server.http.app import create_app
 from qmotion.server.inventory import Inventory
 from tests.unit.agent_world import FakeVm, World
 from tests.unit.agent_world.cluster import InRecord, OutRecord
+from tests.unit.manager_app import TOKEN, Client
+from tests.unit.manager_app import run_manager as _manager
 
-TOKEN = "manager-token-0123456789"
 M = "0123456789abcdef" * 2
 UNCONFIRMED = "switchover unconfirmed: the destination agent did not answer"
-Client = httpx.AsyncClient
 
 
 def _cluster(tmp_path: Path, hosts: tuple[str, ...] = ("h1", "h2")) -> tuple[World, str]:
@@ -66,20 +64,6 @@ def _refresh(world: World, url: str, rounds: int = 1) -> None:
             assert r.status_code == 200, r.text
 
     _manager(world, url, test)
-
-
-def _manager(world: World, url: str, test: Callable[[Client], Awaitable[None]]) -> None:
-    app = create_app(url, TOKEN, agents=world.connector())
-
-    async def main() -> None:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://manager",
-            headers={"Authorization": f"Bearer {TOKEN}"},
-        ) as c:
-            await test(c)
-
-    asyncio.run(main())
 
 
 def _record(url: str) -> tuple[str, str | None, list[str]]:

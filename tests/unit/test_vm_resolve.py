@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from qmotion.server.db import Database, Host
-from tests.unit.test_attention import Client, _cluster, _manager, _mark, _twin
+from tests.unit.manager_app import Client
+from tests.unit.manager_app import run_manager as _manager
+from tests.unit.test_attention import _cluster, _mark, _twin
 
 
 def test_a_stale_copy_stopped_is_never_started_again_while_its_twin_runs(tmp_path: Path) -> None:
