@@ -113,6 +113,10 @@ class RecommendationOut(BaseModel):
     task_id: int | None
     message: str | None
     created_at: datetime
+    retry_after: datetime | None = Field(
+        default=None,
+        description="a failed move: not planned again before this (back-off after failures)",
+    )
 
 
 class DrsRunOut(BaseModel):
@@ -129,6 +133,12 @@ class DrsRunOut(BaseModel):
         default=None, description="with automation full: the task applying the moves"
     )
     measured_vms: int = Field(description="VMs whose demand came from measured samples")
+    left: list[dict[str, str]] = Field(
+        default_factory=list,
+        description="VMs DRS would have moved but left, with why: a move the guest would "
+        "notice (throttled) or that would not converge over the link, or one backing off "
+        "after failing",
+    )
 
 
 class DrsState(BaseModel):

@@ -142,6 +142,9 @@ def plan_cmd(
     for u in result.unplaced:
         vm_name, reason = escape(str(u["vm"])), escape(str(u["reason"]))
         console.print(f"[red]cannot place {vm_name}[/]: {reason}")
+    for u in result.left:
+        vm_name, reason = escape(str(u["vm"])), escape(str(u["reason"]))
+        console.print(f"[yellow]left {vm_name}[/]: {reason}")
 
 
 @app.command("place")
@@ -197,7 +200,9 @@ def _recs_table(recs: list[RecommendationOut]) -> Table:
                 r.target,
                 r.priority,
                 f"{r.gain:.4f}",
-                r.state,
+                r.state
+                if r.retry_after is None
+                else f"{r.state}, backing off until {r.retry_after:%H:%M:%S}",
                 r.message or r.reason,
             )
         )
@@ -228,6 +233,8 @@ def run_cmd(json_out: bool = typer.Option(False, "--json"), lab: str = LabOpt) -
         console.print(Text(f"applying: task {out.applied_task}"))
     for u in out.unplaced:
         console.print(Text(f"cannot place {u.get('vm')}: {u.get('reason')}", style="red"))
+    for u in out.left:
+        console.print(Text(f"left {u.get('vm')}: {u.get('reason')}", style="yellow"))
 
 
 @app.command("recommendations")

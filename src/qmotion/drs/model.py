@@ -10,13 +10,18 @@ Snapshot JSON (all sizes in MiB, CPU in cores)::
       "rules": [{"name": "web-apart", "kind": "anti_affinity", "strength": "must",
                  "vms": ["web1", "web2"]},
                 {"name": "db-fast", "kind": "run_on", "strength": "should",
-                 "vms": ["db1"], "hosts": ["h1", "h2"]}]
+                 "vms": ["db1"], "hosts": ["h1", "h2"]}],
+      "links": [{"source": "h1", "target": "h2", "bandwidth_mib_s": 1100, "rtt_ms": 0.3}],
+      "default_bandwidth_mib_s": 1024, "default_rtt_ms": 0.5
     }
 
 ``health`` is ok, degraded (VMs should leave), failed or quarantined (VMs must leave).
 Rule kinds: affinity, anti_affinity (VM-VM), run_on, not_run_on (VM-host); strength must
 (never broken) or should (broken only when nothing else fits, and reported).
 ``memory_demand_mib`` defaults to ``memory_mib``; ``cpu_demand`` to ``vcpus``.
+``links``: what a migration stream carried between two hosts (measured; a link given one way
+serves both); a pair with none uses the defaults. A move's cost and whether it converges come
+from the migration's predicted course over its link (cost.py).
 """
 
 from __future__ import annotations
@@ -96,10 +101,25 @@ class Rule(Strict):
         return self
 
 
+# A path with no measurement: 10 GbE less protocol overhead, a LAN's round trip.
+DEFAULT_BANDWIDTH_MIB_S = 1024.0
+DEFAULT_RTT_MS = 0.5
+
+
+class Link(Strict):
+    source: str = Field(min_length=1)
+    target: str = Field(min_length=1)
+    bandwidth_mib_s: float = Field(gt=0)
+    rtt_ms: float = Field(default=DEFAULT_RTT_MS, ge=0)
+
+
 class Snapshot(Strict):
     hosts: list[HostSpec]
     vms: list[VmSpec] = Field(default_factory=list)
     rules: list[Rule] = Field(default_factory=list)
+    links: list[Link] = Field(default_factory=list)
+    default_bandwidth_mib_s: float = Field(default=DEFAULT_BANDWIDTH_MIB_S, gt=0)
+    default_rtt_ms: float = Field(default=DEFAULT_RTT_MS, ge=0)
 
 
 class Policy(Strict):

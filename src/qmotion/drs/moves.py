@@ -1,9 +1,10 @@
 """The planner's answer: moves and plans, what a move costs and is worth, and its waves.
 
-A plan's moves are priced (``cost_of``: memory to copy and pages to re-copy) and ranked
+A plan's moves are priced (cost.py: the migration's predicted course) and ranked
 (``priority_of``: the net gain each priority needs); the search's steps are collapsed to one
-move per VM (``collapse``) and ordered into waves within each host's concurrent-migration limit
-(``waves``).
+move per VM (``collapse``: the reason and priority of the step that caused it) and ordered into
+waves within each host's concurrent-migration limit (``waves``: the longest moves first, so the
+sources empty soonest).
 """
 
 from __future__ import annotations
@@ -14,17 +15,10 @@ from datetime import datetime
 from typing import Any
 
 from qmotion.api.drs import Automation
-from qmotion.drs.model import VmSpec
 
-# Net gain (reduction of the objective, see state.py) that each priority needs.
+# Net gain (reduction of the objective, see state.py; a 16 GiB VM moved from a host 10 points
+# above the mean to one 10 points below gains about 0.012) that each priority needs.
 PRIORITY_GAIN = {2: 0.05, 3: 0.01, 4: 0.003, 5: 1e-9}
-# Migration cost in objective units (n x variance of normalised load; a 16 GiB VM moved from a
-# host 10 points above the mean to one 10 points below gains about 0.012): a fixed part plus
-# memory to copy and pages to re-copy. Small enough that aggressive thresholds reach the fine
-# balance hbal reaches (bench/drs.py), large enough that a move must gain more than noise.
-COST_BASE = 0.00001
-COST_PER_GIB = 0.000002
-COST_PER_DIRTY_MIB_S = 0.000004
 
 
 @dataclass(frozen=True)
@@ -38,6 +32,7 @@ class Move:
     reason: str
     wave: int = 0
     auto_apply: bool = False
+    seconds: float = 0.0  # the migration's predicted length
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -50,6 +45,7 @@ class Move:
             "reason": self.reason,
             "wave": self.wave,
             "auto_apply": self.auto_apply,
+            "predicted_s": round(self.seconds, 3),
         }
 
 
@@ -64,6 +60,8 @@ class Plan:
     broken_should: list[dict[str, Any]] = field(default_factory=list)
     unplaced: list[dict[str, str]] = field(default_factory=list)
     placement: dict[str, str] = field(default_factory=dict)
+    # VMs balancing would have moved but left, each with why (a move the guest would notice).
+    left: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,14 +74,8 @@ class Plan:
             "waves": max((m.wave for m in self.moves), default=-1) + 1,
             "broken_should_rules": self.broken_should,
             "unplaced": self.unplaced,
+            "left": self.left,
         }
-
-
-def cost_of(vms: list[VmSpec]) -> float:
-    return sum(
-        COST_BASE + COST_PER_GIB * v.memory_mib / 1024 + COST_PER_DIRTY_MIB_S * v.dirty_rate_mib_s
-        for v in vms
-    )
 
 
 def priority_of(net: float) -> int:
@@ -93,8 +85,10 @@ def priority_of(net: float) -> int:
     return 6
 
 
-def collapse(steps: list[Move]) -> list[Move]:
-    """One move per VM, from where it is to where it ends (A->B->C is A->C)."""
+def collapse(steps: list[Move], seconds: dict[tuple[str, str], float] | None = None) -> list[Move]:
+    """One move per VM, from where it is to where it ends (A->B->C is A->C), with the reason
+    and priority of its most urgent step (a must repair that balancing later moved on is
+    still a must repair); ``seconds``: each (VM, target)'s predicted length."""
     per_vm: dict[str, list[Move]] = {}
     for m in steps:
         per_vm.setdefault(m.vm, []).append(m)
@@ -103,18 +97,29 @@ def collapse(steps: list[Move]) -> list[Move]:
         a, b = mine[0], mine[-1]
         if a.source == b.target:
             continue
+        why = min(mine, key=lambda x: x.priority)  # the first of the most urgent
         out.append(
             Move(
                 vm,
                 a.source,
                 b.target,
-                min(x.priority for x in mine),
+                why.priority,
                 sum(x.gain for x in mine),
                 a.cost,
-                a.reason,
+                why.reason,
+                seconds=(seconds or {}).get((vm, b.target), 0.0),
             )
         )
+    # Most urgent first, in the order the search made them: a move into a host that an
+    # earlier move leaves may need the memory it frees (``waves`` keeps that order). Within a
+    # priority, the moves into hosts nothing leaves need nothing freed: they go first, the
+    # longest first, so the sources empty soonest (a long move started last would hold its
+    # host alone at the end).
     out.sort(key=lambda m: m.priority)
+    sources = {m.source for m in out}
+    out.sort(
+        key=lambda m: (m.priority, m.target in sources, 0.0 if m.target in sources else -m.seconds)
+    )
     return out
 
 
@@ -133,5 +138,9 @@ def waves(moves: list[Move], limits: dict[str, int]) -> list[Move]:
         used[(w, m.source)] += 1
         used[(w, m.target)] += 1
         freed[m.source] = max(freed.get(m.source, -1), w)
-        out.append(Move(m.vm, m.source, m.target, m.priority, m.gain, m.cost, m.reason, w))
+        out.append(
+            Move(
+                m.vm, m.source, m.target, m.priority, m.gain, m.cost, m.reason, w, False, m.seconds
+            )
+        )
     return out

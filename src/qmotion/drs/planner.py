@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from qmotion.api.drs import Automation
+from qmotion.drs.cost import Forecast, Prices, forecast
 from qmotion.drs.model import Health, Policy, Snapshot
-from qmotion.drs.moves import Move, Plan, collapse, cost_of, priority_of, waves
+from qmotion.drs.moves import Move, Plan, collapse, priority_of, waves
+from qmotion.drs.polish import polish
 from qmotion.drs.rules import RuleBook, validate
 from qmotion.drs.state import ClusterState
 
@@ -39,9 +42,6 @@ SOURCES, TARGETS, NEIGHBOURS = 3, 5, 3
 SMALL_CLUSTER, NEIGHBOURS_SMALL = 32, 12
 # Past units it cannot move, the search looks at most this many times NEIGHBOURS further.
 SCAN = 8
-# Exchanging the destinations of moved VMs (see _Planner.polish): among at most this many
-# moved VMs (the pairs grow as the square), this many sweeps, gains above rounding noise.
-POLISH_MAX, POLISH_SWEEPS, POLISH_MIN_GAIN = 400, 8, 1e-7
 # Even allocation is secondary: a balancing move or exchange never makes demand less even
 # (beyond rounding), so balancing never raises the imbalance.
 DEMAND_SLACK = 1e-12
@@ -56,8 +56,11 @@ class _Planner:
         self.steps: list[Move] = []
         self.broken: list[dict[str, Any]] = []
         self.unplaced: list[dict[str, str]] = []
-        self._infos: dict[str, tuple[float, float, int, int, float]] = {}
+        self._infos: dict[str, tuple[float, float, int, int]] = {}
         self.origin = {v.name: v.host for v in snap.vms}
+        self.prices = Prices(snap, self.book.unit)
+        # Units balancing would have moved but left, each with why (not gentle).
+        self.left: dict[str, str] = {}
         # VMs a mandatory move took: Policy.max_moves never holds those back.
         self.required: set[str] = set()
         # Whether the rules let a unit (by its leader) go to a host, as balancing asks it
@@ -68,8 +71,30 @@ class _Planner:
 
     def _unit_demand(self, unit: list[str]) -> tuple[float, float, int, int]:
         """(CPU demand, memory demand, memory MiB, vCPUs) of the unit."""
-        cpu, mem, mib, vcpus, _ = self._info(unit[0])
-        return cpu, mem, mib, vcpus
+        return self._info(unit[0])
+
+    def forecast(self, key: str, dst: str) -> Forecast:
+        return self.prices.forecast(key, dst)
+
+    def _move_cost(self, key: str, dst: str) -> float:
+        return self.prices.move_cost(key, dst, self.state.placement[key])
+
+    def _delta(self, unit: list[str], host: str) -> float:
+        """Change of the objective if ``unit`` moved to ``host``: a must-affinity group whose
+        members are split is scored where each member is, not where the first one is."""
+        placement = self.state.placement
+        src = placement[unit[0]]
+        if len(unit) == 1 or all(placement[v] == src for v in unit):
+            cpu, mem, mib, vcpus = self._unit_demand(unit)
+            return self.state.move_delta(cpu, mem, mib, vcpus, src, host)
+        before = self.state.objective()
+        back = {v: placement[v] for v in unit if placement[v] != host}
+        for vm in back:
+            self.state.move(vm, host)
+        after = self.state.objective()
+        for vm, h in back.items():
+            self.state.move(vm, h)
+        return after - before
 
     def _feasible(self, unit: list[str], host: str, strengths: tuple[str, ...]) -> bool:
         h = self.state.hosts[host]
@@ -116,21 +141,30 @@ class _Planner:
                 Move(vm, src, host, priority, gain / len(unit), cost / len(unit), reason)
             )
 
-    def _best_target(self, unit: list[str], strengths: tuple[str, ...]) -> tuple[str, float] | None:
-        cpu, mem, mib, vcpus = self._unit_demand(unit)
-        src = self.state.placement[unit[0]]
+    def _best_target(
+        self, unit: list[str], strengths: tuple[str, ...], why: list[str] | None = None
+    ) -> tuple[str, float] | None:
+        """The host where the unit's move leaves the cluster most balanced net of its cost
+        (among equal gains the move that ends soonest), of those that pass every test and
+        where its migration converges; ``why`` collects the moves left for not converging."""
         # Only the hosts the unit's rules leave (on a large cluster an affinity rule leaves
         # one of a thousand), best first; then the first that passes every test.
         allowed = self.book.hosts_for(self.state, unit, strengths)
         hosts = self.state.hosts
+        key = unit[0]
         ranked = sorted(
-            (self.state.move_delta(cpu, mem, mib, vcpus, src, name), name)
+            (self._delta(unit, name) + self._move_cost(key, name), name)
             for name in (hosts if allowed is None else allowed & hosts.keys())
             if hosts[name].spec.usable
         )
-        for delta, host in ranked:
+        for score, host in ranked:
             if self._feasible(unit, host, strengths):
-                return host, delta
+                fc = self.forecast(key, host)
+                if not fc.converges:
+                    if why is not None:
+                        why.append(f"to {host}: {fc.why}")
+                    continue
+                return host, score - self._move_cost(key, host)
         return None
 
     # ------------------------------------------------------------------ mandatory
@@ -176,23 +210,33 @@ class _Planner:
         for prio, reason, first, alts in units:
             if prio > self.policy.threshold and prio == 2:
                 continue
-            unit = first  # or, for an anti-affinity repair, the partner that can move
-            if any(self.state.placement[v] != self.origin[v] for v in unit):
-                continue  # moved already, as another unit's alternative
-            found = self._best_target(unit, ("must", "should"))
-            if found is None and alts:
-                for alt in alts:
-                    if any(self.state.placement[v] != self.origin[v] for v in alt):
-                        break  # the partner moved already
-                    if (alt_found := self._best_target(alt, ("must", "should"))) is not None:
-                        unit, found = alt, alt_found
-                        break
-                mine = [r for r in self.snap.rules if any(v in r.vms for v in unit)]
-                if found is None and not self.book.violations(self.state, mine):
-                    continue  # a partner's move repaired it
+            mine = [r for r in self.snap.rules if any(v in r.vms for v in first)]
+            broken_now = bool(mine) and any(
+                set(bad) & set(first) for _, bad in self.book.violations(self.state, mine)
+            )
+            if any(self.state.placement[v] != self.origin[v] for v in first) and not broken_now:
+                # Moved already (as another unit's alternative, or by an earlier pass); one
+                # placed where it breaks a should rule (nothing else fitted then) is placed
+                # again: balancing may have made room since.
+                continue
+            if alts and not self.book.violations(self.state, mine):
+                continue  # a partner's move repaired it
+            # An anti-affinity repair moves whichever of the VMs together costs least and
+            # may move (a pinned one cannot): the unit's own move or a partner's.
+            why: list[str] = []
+            options = []
+            for cand in [first, *alts]:
+                # (a partner the plan moved already may move again: A->B->C is A->C)
+                got = self._best_target(cand, ("must", "should"), why)
+                if got is not None:
+                    score = got[1] + self._move_cost(cand[0], got[0])
+                    options.append((score, cand[0], cand, got))
+            unit, found = first, None
+            if options:
+                _, _, unit, found = min(options)
             note = reason
             if found is None and prio == 1:
-                found = self._best_target(unit, ("must",))
+                found = self._best_target(unit, ("must",), why)
                 if found is not None:
                     broken = self.book.would_break(self.state, unit, found[0], ("should",))
                     for r in broken:
@@ -206,12 +250,13 @@ class _Planner:
                         )
                     note = f"{reason}; breaks should rule(s) " + ", ".join(r.name for r in broken)
             if found is None:
+                detail = "; ".join(dict.fromkeys(why)) or "no feasible host"
                 for vm in unit:
-                    self.unplaced.append({"vm": vm, "reason": f"{reason}; no feasible host"})
+                    self.unplaced.append({"vm": vm, "reason": f"{reason}; {detail}"})
                 continue
             host, delta = found
             self.required.update(unit)
-            self._apply(unit, host, prio, -delta, self._info(unit[0])[4], note)
+            self._apply(unit, host, prio, -delta, self._move_cost(unit[0], host), note)
 
     # ------------------------------------------------------------------ balancing
 
@@ -273,108 +318,11 @@ class _Planner:
         return cpu / h.cpu_capacity + mem / h.memory_mib
 
     def polish(self) -> bool:
-        """Exchange the destinations of two VMs this plan already moves when that balances
-        better: fine tuning that adds no migration (and a VM sent back home saves one).
-        Sweeps until no exchange helps; returns whether anything changed."""
-        st = self.state
+        """Exchange destinations of moved VMs where that balances better (polish.py)."""
         if self.policy.threshold < 2:
             return False
-        rules, groups, origin = self.book.by_vm, self.book.groups, self.origin
-        balanced = set(st.balanced)
-        moved = sorted(
-            v
-            for v, h in st.placement.items()
-            if h != origin[v] and h in balanced and v not in rules and v not in groups
-        )
-        if len(moved) > POLISH_MAX:
-            # The pairs grow as the square: fine-tune the VMs on the hosts farthest from the
-            # mean load, where an exchange gains most.
-            mc, mm = st.s1c / len(st.balanced), st.s1m / len(st.balanced)
-
-            def off(v: str) -> float:
-                h = st.hosts[st.placement[v]]
-                return abs(h.cpu_load - mc) + abs(h.mem_load - mm)
-
-            moved = sorted(sorted(moved, key=lambda v: (-off(v), v))[:POLISH_MAX])
-        if len(moved) < 2:
-            return False
-        n = len(st.balanced)
-        w, aw = st.mem_weight, st.alloc_weight
-        info = self._info
-        # Per host: reciprocal capacities, loads and free memory, refreshed after exchanges.
-        hosts: dict[str, tuple[float, ...]] = {}
-
-        def refresh(name: str) -> None:
-            h = st.hosts[name]
-            ic, im = 1.0 / h.spec.cpu_capacity, 1.0 / h.spec.memory_mib
-            hosts[name] = (
-                ic,
-                im,
-                2 * h.cpu * ic,
-                2 * h.mem * im,
-                2 * h.allocated * im,
-                2 * h.vcpus * ic,
-                h.spec.memory_mib - h.allocated,
-            )
-
-        for name in balanced:
-            refresh(name)
-        changed = False
-        for _ in range(POLISH_SWEEPS):
-            improved = False
-            for i, x in enumerate(moved):
-                hx = st.placement[x]
-                cx, mx, bx, vx, kx = info(x)
-                icx, imx, tcx, tmx, tax, tvx, roomx = hosts[hx]
-                kc, km = 2 * st.s1c / n, 2 * st.s1m / n
-                ka, kv = 2 * st.s1a / n, 2 * st.s1v / n
-                best: tuple[float, str] | None = None
-                for y in moved[i + 1 :]:
-                    hy = st.placement[y]
-                    if hy == hx:
-                        continue
-                    cy, my, by, vy, ky = info(y)
-                    icy, imy, tcy, tmy, tay, tvy, roomy = hosts[hy]
-                    # The exchange moves the difference of the two VMs from hx to hy; the
-                    # objective's change as in ClusterState.move_delta, inline for speed.
-                    db, dv = bx - by, vx - vy
-                    if db > roomy or -db > roomx:
-                        continue
-                    a, b = db * imx, db * imy
-                    d1 = b - a
-                    alloc = a * (a - tax) + b * (b + tay) - d1 * (ka + d1 / n)
-                    a, b = dv * icx, dv * icy
-                    d1 = b - a
-                    alloc += a * (a - tvx) + b * (b + tvy) - d1 * (kv + d1 / n)
-                    t = cx - cy
-                    a, b = t * icx, t * icy
-                    d1 = b - a
-                    delta = a * (a - tcx) + b * (b + tcy) - d1 * (kc + d1 / n)
-                    t = mx - my
-                    a, b = t * imx, t * imy
-                    d1 = b - a
-                    delta += w * (a * (a - tmx) + b * (b + tmy) - d1 * (km + d1 / n))
-                    if aw and delta > DEMAND_SLACK:
-                        continue
-                    gain = -delta - aw * alloc
-                    gain += (kx if hy == origin[x] else 0.0) + (ky if hx == origin[y] else 0.0)
-                    if gain > POLISH_MIN_GAIN and (best is None or gain > best[0]):
-                        best = (gain, y)
-                if best is None:
-                    continue
-                gain, y = best
-                hy = st.placement[y]
-                st.move(x, hy)
-                st.move(y, hx)
-                refresh(hx)
-                refresh(hy)
-                prio = priority_of(gain)
-                self.steps.append(Move(x, hx, hy, prio, gain / 2, 0.0, "balance load"))
-                self.steps.append(Move(y, hy, hx, prio, gain / 2, 0.0, "balance load"))
-                improved = changed = True
-            if not improved:
-                break
-        return changed
+        held = self.book.by_vm.keys() | self.book.groups.keys()
+        return polish(self.state, self.origin, held, self._info, self.prices, self.steps)
 
     def _widths(self) -> tuple[int, int, int]:
         """How many source hosts, target hosts and VMs either side of the ideal size to try.
@@ -388,9 +336,8 @@ class _Planner:
             return n, n, NEIGHBOURS_SMALL
         return SOURCES, TARGETS, NEIGHBOURS
 
-    def _info(self, key: str) -> tuple[float, float, int, int, float]:
-        """(CPU demand, memory demand, memory MiB, vCPUs, migration cost) of the unit led by
-        ``key``."""
+    def _info(self, key: str) -> tuple[float, float, int, int]:
+        """(CPU demand, memory demand, memory MiB, vCPUs) of the unit led by ``key``."""
         info = self._infos.get(key)
         if info is None:
             vms = [self.state.vms[v] for v in self.book.unit(key)]
@@ -399,7 +346,6 @@ class _Planner:
                 sum(v.mem_demand for v in vms),
                 sum(v.memory_mib for v in vms),
                 sum(v.vcpus for v in vms),
-                cost_of(vms),
             )
         return info
 
@@ -427,7 +373,7 @@ class _Planner:
         rules = self.book.by_vm
         groups = self.book.groups
         placement, origin = st.placement, self.origin
-        infos = self._infos
+        infos, anywhere, left = self._infos, self.prices.anywhere, self.left
         best: tuple[float, str, str, str, float, float] | None = None
         best_key: tuple[float, str, str] | None = None
         for src in sorted(sources):
@@ -464,16 +410,29 @@ class _Planner:
                             break
                         key = ws[j][1]
                         info = infos.get(key)
-                        cpu, mem, mib, vcpus, cost = info if info is not None else self._info(key)
+                        cpu, mem, mib, vcpus = info if info is not None else self._info(key)
                         if mib > room:
                             continue
                         if (key in rules or key in groups) and not self._rules_allow(key, dst):
                             continue
+                        if placement[key] == origin[key]:
+                            fc = (
+                                anywhere.get(key) if anywhere is not None else None
+                            ) or self.forecast(key, dst)
+                            if fc.why is not None:
+                                # The guest would notice (throttled) or it would not end.
+                                left.setdefault(key, fc.why)
+                                continue
+                            cost = fc.cost
+                        elif dst == origin[key]:
+                            # Already moving in this plan: sending it home saves the move.
+                            cost = self._move_cost(key, dst)
+                        else:
+                            # A->B->C is carried out as A->C: it costs what A->C costs more.
+                            if not self.forecast(key, dst).gentle:
+                                continue
+                            cost = self._move_cost(key, dst)
                         taken += 1
-                        if placement[key] != origin[key]:
-                            # Already moving in this plan: sending it elsewhere adds no migration
-                            # (A->B->C is carried out as A->C), sending it home saves one.
-                            cost = -cost if dst == origin[key] else 0.0
                         a, b = cpu * ics, cpu * icd
                         d1 = b - a
                         delta = a * (a - tcs) + b * (b + tcd) - d1 * (kc + d1 * inv_n)
@@ -507,6 +466,21 @@ class _Planner:
         unplaced (a later pass found it a place)."""
         moved = {v for v, h in self.state.placement.items() if h != self.origin[v]}
         self.unplaced = [u for u in self.unplaced if u["vm"] not in moved]
+        # Should rules reported broken by a move stay reported only if the final placement
+        # breaks them (a later pass may have found the VM a better host).
+        still = {
+            (rule.name, vm)
+            for rule, bad in self.book.violations(
+                self.state, [r for r in self.snap.rules if r.strength == "should"]
+            )
+            for vm in rule.vms
+        }
+        self.broken = [
+            b
+            for b in self.broken
+            if any((b["rule"], vm) in still for vm in b["vms"])
+            and all(self.state.placement[vm] == b["host"] for vm in b["vms"])
+        ]
         listed = {u["vm"]: u for u in self.unplaced}
         must = [r for r in self.snap.rules if r.strength == "must"]
         for rule, bad in self.book.violations(self.state, must):
@@ -523,7 +497,21 @@ class _Planner:
     # ------------------------------------------------------------------ result
 
     def result(self, now: datetime, before: float) -> Plan:
-        moves = collapse(self.steps)
+        st = self.state
+        seconds = {
+            (vm, h): forecast(st.vms[vm], *self.prices.link(self.origin[vm], h)).seconds
+            for vm, h in st.placement.items()
+            if h != self.origin[vm]
+        }
+        moves = collapse(self.steps, seconds)
+        # A should rule a move broke, that a later pass mended, is not the move's reason.
+        still = {vm for b in self.broken for vm in b["vms"]}
+        moves = [
+            replace(m, reason=m.reason.split("; breaks should rule(s) ")[0])
+            if m.vm not in still
+            else m
+            for m in moves
+        ]
         moves = waves(moves, {h.name: h.max_migrations for h in self.snap.hosts})
         auto = self.policy.automation == Automation.FULL
         moves = [
@@ -537,8 +525,15 @@ class _Planner:
                 m.reason,
                 m.wave,
                 auto and m.priority <= self.policy.threshold,
+                m.seconds,
             )
             for m in moves
+        ]
+        left = [
+            {"vm": vm, "reason": why}
+            for key, why in sorted(self.left.items())
+            for vm in self.book.unit(key)
+            if st.placement[vm] == self.origin[vm]
         ]
         return Plan(
             moves=moves,
@@ -550,6 +545,7 @@ class _Planner:
             broken_should=self.broken,
             unplaced=self.unplaced,
             placement=dict(self.state.placement),
+            left=left,
         )
 
 

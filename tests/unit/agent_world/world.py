@@ -38,6 +38,8 @@ class World(Cluster):
     requests: list[tuple[str, str, str]] = field(default_factory=list)
     # (method, path) -> statuses to answer instead, one per request, in order.
     fail_next: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    # (host, method, path) -> the status that host's agent always answers instead.
+    fail_always: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- the seam
 
@@ -56,6 +58,9 @@ class World(Cluster):
                     self.before_request(self, k, host, request.url.path)
                 if host in self.unreachable or host in self.down:
                     raise httpx.ConnectError("connection refused", request=request)
+                always = self.fail_always.get((host, request.method, request.url.path))
+                if always is not None:
+                    return _error(always, "scripted_failure", f"scripted {always}")
                 failures = self.fail_next.get((request.method, request.url.path))
                 if failures:
                     status = failures.pop(0)

@@ -38,6 +38,7 @@ from qmotion.drs.placement import place
 from qmotion.drs.planner import plan
 from qmotion.drs.rules import RuleBook, broken_by_move, validate
 from qmotion.drs.state import ClusterState
+from qmotion.server.automation import drs_history
 from qmotion.server.automation.demand import DemandWindow
 from qmotion.server.automation.drs_config import DrsConfig
 from qmotion.server.automation.operations import Operations, PlannedMove, spread
@@ -71,9 +72,28 @@ class ClusterDrs:
     def sample(self, metrics: HostMetrics) -> None:
         self.window.add(metrics)
 
-    def snapshot(self, cooldown: bool = False, now: datetime | None = None) -> Snapshot:
-        """The live cluster as DRS plans on it; ``cooldown`` pins VMs DRS moved lately."""
+    def snapshot(
+        self,
+        cooldown: bool = False,
+        now: datetime | None = None,
+        avoid: dict[str, set[str]] | None = None,
+        avoid_kind: str = "failed",
+    ) -> Snapshot:
+        """The live cluster as DRS plans on it, with the links measured between its hosts;
+        ``cooldown`` pins VMs DRS moved lately and holds failed moves back (back-off);
+        ``avoid``: VM -> hosts it is not to be planned onto (rules ``AVOID_KIND:VM``)."""
         now = now or self.clock()
+        snap = self._snapshot(cooldown, now)
+        found, default = drs_history.links(self.db, [h.name for h in snap.hosts])
+        snap = snap.model_copy(update={"links": found, "default_bandwidth_mib_s": default})
+        held: dict[str, set[str]] = {}
+        if cooldown:
+            for b in drs_history.backoffs(self.db, now):
+                held.setdefault(b.vm, set()).add(b.target)
+            snap = drs_history.hold(snap, held, "backoff")
+        return drs_history.hold(snap, avoid or {}, avoid_kind)
+
+    def _snapshot(self, cooldown: bool, now: datetime) -> Snapshot:
         pinned: dict[str, str] = {}
         st = self.config.settings()
         if cooldown and st.cooldown_s > 0:
@@ -222,6 +242,11 @@ class ClusterDrs:
             ),
             *({"vm": vm, "reason": why} for vm, why in sorted(marked.items())),
         ]
+        waiting = drs_history.backoffs(self.db, now)
+        left = [
+            *result.left,
+            *({"vm": b.vm, "reason": b.reason} for b in waiting),
+        ]
         with self.db.session() as s:
             pending = {
                 (r.vm, r.source, r.target): r
@@ -270,6 +295,7 @@ class ClusterDrs:
             unplaced=unplaced,
             broken_should_rules=result.broken_should,
             measured_vms=measured,
+            left=left,
         )
 
     def attention(self) -> dict[str, str]:
@@ -280,15 +306,21 @@ class ClusterDrs:
             return {v.name: f"needs attention, left where it is: {v.attention}" for v in rows}
 
     @staticmethod
-    def _rec_out(r: Recommendation) -> RecommendationOut:
-        return RecommendationOut.model_validate(r, from_attributes=True)
+    def _rec_out(
+        r: Recommendation, waiting: dict[tuple[str, str], datetime] | None = None
+    ) -> RecommendationOut:
+        out = RecommendationOut.model_validate(r, from_attributes=True)
+        if r.state == RecommendationState.FAILED and waiting:
+            out.retry_after = waiting.get((r.vm, r.target))
+        return out
 
     def recommendations(self, all_states: bool = False) -> list[RecommendationOut]:
+        waiting = {(b.vm, b.target): b.until for b in drs_history.backoffs(self.db, self.clock())}
         with self.db.session() as s:
             q = select(Recommendation).order_by(Recommendation.id.desc()).limit(200)
             if not all_states:
                 q = q.where(Recommendation.state == RecommendationState.PENDING)
-            return [self._rec_out(r) for r in s.scalars(q)]
+            return [self._rec_out(r, waiting) for r in s.scalars(q)]
 
     def apply(self, req: ApplyRequest) -> TaskOut:
         """Run pending recommendations as migrations, wave by wave, each re-checked first."""
@@ -334,7 +366,9 @@ class ClusterDrs:
                 r = s.get(Recommendation, ids[o.vm])
                 if r is not None:
                     r.state, r.task_id, r.message = state, o.task_id, o.reason
-                    r.applied_at = self.clock() if state == RecommendationState.APPLIED else None
+                    # When it ended, applied or failed: a failure starts its back-off then.
+                    ended = state in (RecommendationState.APPLIED, RecommendationState.FAILED)
+                    r.applied_at = self.clock() if ended else None
 
         async def body(task_id: int, cancel: asyncio.Event) -> tuple[OperationReport, str | None]:
             outcomes = await self.ops.run_waves(task_id, moves, cancel, self.config.recheck, record)

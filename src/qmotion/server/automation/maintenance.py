@@ -4,9 +4,15 @@
 skipped by placement and DRS), and an operation task moves its VMs: DRS's mandatory moves
 (each to the host that leaves the cluster most balanced, within capacity and the must rules),
 in waves within the per-host migration limit, each re-checked just before it starts. Up to
-three rounds: a VM whose move failed is planned again on the cluster as it is then. When the
-host is empty it is ``maintenance``; otherwise it stays ``entering-maintenance`` and the host
-and the task say which VMs did not leave and why: maintenance never hangs silently.
+three rounds: a VM whose move failed is planned again on the cluster as it is then, never onto
+the host where it failed (unless no other fits). Migrations already under way out of the host
+(an operator's, or the moves of an evacuation a restarted manager began) are awaited, not
+counted as failures. Every VM that left the host since the maintenance began, by whichever
+task, is recorded as evacuated, so ``exit --return`` brings it back. When the host is empty at
+the end it is ``maintenance``, whatever happened on the way; otherwise it stays
+``entering-maintenance`` and the host and the task say which VMs did not leave and why:
+maintenance never hangs silently. A must-affinity group split across hosts leaves together:
+its members elsewhere move with it (or it joins them).
 ``exit`` is always possible: it stops an evacuation under way, and with ``return`` moves the
 VMs the last maintenance evacuated (those still where it put them) back. Either way it is a
 task (with no moves, it ends at once), so every exit has a record.
@@ -26,6 +32,7 @@ from qmotion.api.server import TaskState
 from qmotion.drs.errors import SnapshotError
 from qmotion.drs.model import Policy
 from qmotion.drs.planner import plan
+from qmotion.drs.rules import RuleBook
 from qmotion.server.automation.drs import ClusterDrs
 from qmotion.server.automation.operations import OperationBody, Operations, PlannedMove, spread
 from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, HostMaintenance, Task, Vm
@@ -130,29 +137,16 @@ class Maintenance:
         async def body(task_id: int, cancel: asyncio.Event) -> tuple[OperationReport, str | None]:
             outcomes: list[MoveOutcome] = []
             why: dict[str, str] = {}
-            for _ in range(ROUNDS):
-                if cancel.is_set():
-                    break
-                # Migrations already on their way in land first, then leave with the rest.
-                for incoming in await asyncio.to_thread(self._incoming, name):
-                    await self.ops.wait(incoming)
-                try:
-                    moves, unplaced = await asyncio.to_thread(self._plan, name)
-                except SnapshotError as exc:
-                    why["*"] = f"DRS cannot plan: {exc}"
-                    break
-                why.update(unplaced)
-                if not moves:
-                    break
-                done = await self.ops.run_waves(
-                    task_id, moves, cancel, self.drs.config.recheck, self._record
-                )
-                outcomes += done
-                for o in done:
-                    if o.outcome == "moved":
-                        why.pop(o.vm, None)
-                    else:
-                        why[o.vm] = o.reason or o.outcome
+            try:
+                await self._rounds(name, task_id, cancel, outcomes, why)
+            except Exception:
+                # A bug or a lost database must not leave an empty host short of maintenance.
+                await asyncio.to_thread(self._departures, name)
+                remaining = await asyncio.to_thread(self._remaining, name)
+                reason = "; ".join(f"{vm}: evacuation failed" for vm in remaining) or None
+                await asyncio.to_thread(self._settle, name, task_id, reason)
+                raise
+            await self._settled_departures(name)
             remaining = await asyncio.to_thread(self._remaining, name)
             for vm in remaining:
                 if vm not in why:
@@ -181,27 +175,118 @@ class Maintenance:
 
         return body
 
-    def _plan(self, name: str) -> tuple[list[PlannedMove], dict[str, str]]:
-        snap = self.drs.snapshot()
+    async def _rounds(
+        self,
+        name: str,
+        task_id: int,
+        cancel: asyncio.Event,
+        outcomes: list[MoveOutcome],
+        why: dict[str, str],
+    ) -> None:
+        failed_on: dict[str, set[str]] = {}  # VM -> hosts its move failed to
+        for _ in range(ROUNDS):
+            if cancel.is_set():
+                break
+            # Migrations already on their way in land first, then leave with the rest; those
+            # on their way out (an operator's, a resumed evacuation's) are awaited.
+            await self._settled_departures(name)
+            try:
+                moves, unplaced = await asyncio.to_thread(self._plan, name, failed_on)
+            except SnapshotError as exc:
+                why["*"] = f"DRS cannot plan: {exc}"
+                break
+            why.update(unplaced)
+            if not moves:
+                break
+            done = await self.ops.run_waves(
+                task_id, moves, cancel, self.drs.config.recheck, self._record
+            )
+            outcomes += done
+            for o in done:
+                if o.outcome == "moved":
+                    why.pop(o.vm, None)
+                else:
+                    why[o.vm] = o.reason or o.outcome
+                    if o.outcome == "failed" and o.target:
+                        failed_on.setdefault(o.vm, set()).add(o.target)
+
+    async def _settled_departures(self, name: str) -> None:
+        """Wait for every migration into or out of the host under way, then record the VMs
+        that left it since the maintenance began."""
+        while busy := await asyncio.to_thread(self._moving, name):
+            for task_id in busy:
+                await self.ops.wait(task_id)
+        await asyncio.to_thread(self._departures, name)
+
+    def _moving(self, name: str) -> list[int]:
+        with self.db.session() as s:
+            active = select(Task.id).where(
+                (Task.destination == name) | (Task.source == name),
+                Task.kind != MAINTENANCE,
+                Task.kind != MAINTENANCE_EXIT,
+                Task.vm.is_not(None),
+                Task.state.in_(ACTIVE_TASK_STATES),
+            )
+            return list(s.scalars(active))
+
+    def _departures(self, name: str) -> None:
+        """Record as evacuated every VM whose migration away from the host ended since its
+        maintenance began (the first evacuation after its last exit) and is still there."""
+        with self.db.session() as s:
+            row = s.get(HostMaintenance, name)
+            if row is None:
+                return
+            last_exit = s.scalars(
+                select(Task.id)
+                .where(Task.kind == MAINTENANCE_EXIT, Task.source == name)
+                .order_by(Task.id.desc())
+            ).first()
+            began = s.scalars(
+                select(Task.created_at)
+                .where(Task.kind == MAINTENANCE, Task.source == name, Task.id > (last_exit or 0))
+                .order_by(Task.id)
+            ).first()
+            if began is None:
+                return
+            # Ended since: a migration under way when the maintenance began counts too.
+            left = s.execute(
+                select(Task.vm, Task.destination)
+                .where(
+                    Task.kind == "migrate",
+                    Task.source == name,
+                    Task.state == TaskState.SUCCEEDED,
+                    Task.ended_at >= began,
+                )
+                .order_by(Task.id)
+            )
+            where = {v.name: v.host.name for v in s.scalars(select(Vm))}
+            found = dict(row.evacuated)
+            for vm, dst in left:
+                if vm is not None and dst is not None and where.get(vm) == dst and vm not in found:
+                    found[vm] = dst
+            if found != row.evacuated:
+                row.evacuated = found
+
+    def _plan(
+        self, name: str, failed_on: dict[str, set[str]] | None = None
+    ) -> tuple[list[PlannedMove], dict[str, str]]:
+        snap = self.drs.snapshot(avoid=failed_on)
         # Threshold 1: only the mandatory moves (this host's VMs, must-rule fixes).
         result = plan(snap, Policy(threshold=1, max_moves=0), self.drs.clock())
+        # This host's VMs, and the members of their must-affinity groups elsewhere (the
+        # group may go to a third host: every member's move is part of the evacuation).
+        book = RuleBook.build(snap)
+        leaving = {v for m in result.moves if m.source == name for v in book.unit(m.vm)}
         moves = [
             PlannedMove(m.vm, m.source, m.target, m.wave, m.reason)
             for m in result.moves
-            if m.source == name
+            if m.vm in leaving
         ]
         on_host = {v.name for v in snap.vms if v.host == name}
         unplaced = {u["vm"]: u["reason"] for u in result.unplaced if u["vm"] in on_host}
         # A VM that needs attention stays (pinned): the task reports why.
         unplaced |= {vm: why for vm, why in self.drs.attention().items() if vm in on_host}
         return moves, unplaced
-
-    def _incoming(self, name: str) -> list[int]:
-        with self.db.session() as s:
-            active = select(Task.id).where(
-                Task.destination == name, Task.state.in_(ACTIVE_TASK_STATES)
-            )
-            return list(s.scalars(active))
 
     def _record(self, o: MoveOutcome) -> None:
         if o.outcome != "moved" or o.target is None:

@@ -1,0 +1,135 @@
+"""What DRS learns from past moves: the link between two hosts, and the moves that failed.
+
+Links. What the last completed migration between two hosts carried (its report's throughput,
+the figure ``vm migrate --dry-run`` also starts from) is that pair's link; a pair never used
+gets the median of the known ones (the cluster's network is usually one kind), or the model's
+default. The planner prices each move and judges whether it converges from them
+(qmotion.drs.cost).
+
+Back-off. A DRS move that failed is not planned again at once: each (VM, target) waits
+``BACKOFF_BASE_S`` after its first failure, twice as long after each further one in a row, at
+most ``BACKOFF_MAX_S``; a move of the VM that succeeds clears its record. The waiting moves are
+held out of the plan by rules no operator can name (``backoff:VM``), reported with the time
+they may run again, and shown on the failed recommendations (``retry_after``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+
+from qmotion.api.drs import RecommendationState
+from qmotion.api.migration import MigrationReport
+from qmotion.drs.errors import SnapshotError
+from qmotion.drs.model import DEFAULT_BANDWIDTH_MIB_S, Link, Rule, Snapshot
+from qmotion.drs.rules import validate
+from qmotion.server.db import Database, Recommendation, Task
+
+MiB = 1 << 20
+LINK_HISTORY = 2000  # the most recent migrations read for the links
+BACKOFF_BASE_S = 60.0
+BACKOFF_MAX_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Backoff:
+    vm: str
+    target: str
+    failures: int
+    until: datetime
+    last_error: str | None
+
+    @property
+    def reason(self) -> str:
+        times = "once" if self.failures == 1 else f"{self.failures} times in a row"
+        last = f" (last: {self.last_error})" if self.last_error else ""
+        return (
+            f"its move to {self.target} failed {times}{last}; backing off until "
+            f"{self.until:%Y-%m-%d %H:%M:%S} UTC"
+        )
+
+
+def links(db: Database, hosts: Iterable[str]) -> tuple[list[Link], float]:
+    """The measured links between ``hosts`` and the bandwidth (MiB/s) for the other pairs."""
+    known = set(hosts)
+    seen: dict[tuple[str, str], Link] = {}
+    with db.session() as s:
+        rows = s.execute(
+            select(Task.source, Task.destination, Task.result)
+            .where(Task.kind == "migrate", Task.state == "succeeded")
+            .order_by(Task.id.desc())
+            .limit(LINK_HISTORY)
+        )
+        for src, dst, result in rows:
+            if src not in known or dst not in known or src == dst or (src, dst) in seen:
+                continue
+            report = MigrationReport.model_validate(result) if result else None
+            if report is None or not report.throughput_mbps:
+                continue
+            seen[(src, dst)] = Link(
+                source=src, target=dst, bandwidth_mib_s=report.throughput_mbps * 1e6 / 8 / MiB
+            )
+    found = list(seen.values())
+    default = (
+        statistics.median(x.bandwidth_mib_s for x in found) if found else DEFAULT_BANDWIDTH_MIB_S
+    )
+    return found, default
+
+
+def backoffs(db: Database, now: datetime) -> list[Backoff]:
+    """The DRS moves waiting after failing, each until when."""
+    since = now - timedelta(seconds=4 * BACKOFF_MAX_S)
+    streak: dict[tuple[str, str], tuple[int, datetime, str | None]] = {}
+    with db.session() as s:
+        rows = s.scalars(
+            select(Recommendation)
+            .where(
+                Recommendation.state.in_((RecommendationState.APPLIED, RecommendationState.FAILED)),
+                Recommendation.applied_at >= since,
+            )
+            .order_by(Recommendation.applied_at, Recommendation.id)
+        )
+        for r in rows:
+            if r.applied_at is None:
+                continue
+            if r.state == RecommendationState.APPLIED:
+                streak = {k: v for k, v in streak.items() if k[0] != r.vm}
+                continue
+            n = streak.get((r.vm, r.target), (0, r.applied_at, None))[0] + 1
+            streak[(r.vm, r.target)] = (n, r.applied_at, r.message)
+    out = []
+    for (vm, target), (n, at, message) in sorted(streak.items()):
+        wait = min(BACKOFF_BASE_S * 2 ** (n - 1), BACKOFF_MAX_S)
+        until = at + timedelta(seconds=wait)
+        if until > now:
+            out.append(Backoff(vm, target, n, until, message))
+    return out
+
+
+def hold(snap: Snapshot, avoid: dict[str, set[str]], kind: str) -> Snapshot:
+    """``snap`` with each VM kept off the hosts ``avoid`` names (rules ``KIND:VM``): a must
+    rule where that leaves the rules satisfiable, else a should rule (broken only when
+    nothing else fits, and reported)."""
+    where = {v.name: v.host for v in snap.vms}
+    hosts = {h.name for h in snap.hosts}
+    extra = []
+    for vm, targets in sorted(avoid.items()):
+        # Never the host it is on: the rule keeps it from going there, not makes it leave.
+        on = sorted((targets & hosts) - {where.get(vm)})
+        if vm in where and on:
+            extra.append(
+                Rule(name=f"{kind}:{vm}", kind="not_run_on", strength="must", vms=[vm], hosts=on)
+            )
+    if not extra:
+        return snap
+    strict = snap.model_copy(update={"rules": [*snap.rules, *extra]})
+    try:
+        validate(strict)
+        return strict
+    except SnapshotError:
+        soft = [r.model_copy(update={"strength": "should"}) for r in extra]
+        return snap.model_copy(update={"rules": [*snap.rules, *soft]})
