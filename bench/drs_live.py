@@ -1,16 +1,20 @@
 """DRS on a live lab: time from measured imbalance to balance, and a maintenance evacuation.
 
-    python -m bench.drs_live [--out bench/results] [--interval 30]
+    python -m bench.drs_live [--out bench/results] [--interval 30] [--link 400mbit]
 
-One 3-host lab (each host offers the lab's share of the machine: ``lab up`` defaults).
+One 3-host lab (each host offers the lab's share of the machine: ``lab up`` defaults), its
+migration network shaped to ``--link``.
 
 Balance: 9 test guests, 3 per host, so memory is evenly allocated; the 3 on h1 keep 40% of a
 vCPU busy (``--workload cpu=40%``), the others idle, so only the measured CPU demand is
-skewed. With samples in, automation turns ``full`` (threshold 3, the given interval, a
+skewed. A tenth guest on h1, the writer, keeps 60% of a vCPU busy and rewrites its memory at
+twice what the link carries: by the load the best move, but one that would converge only
+with the guest throttled. DRS learns the links from one migration of an idle guest around the
+three hosts. With samples in, automation turns ``full`` (threshold 3, the given interval, a
 cool-down longer than the run): the row is the time from then until the busy guests are on
-three hosts, the DRS migrations made, whether any VM moved twice, and the imbalance DRS
-measures before and after. Target (issue 12): balanced within 2 DRS intervals, no VM moved
-twice.
+three hosts, the DRS migrations made, whether any VM moved twice, whether the writer stayed
+(and the reason DRS gives), and the imbalance DRS measures before and after. Targets (issues
+12 and 23): balanced within 2 DRS intervals, no VM moved twice, the writer never moved.
 
 Maintenance: 6 guests on h3 (five of 256 MiB, one of 512 MiB with 256 MiB written); the
 baseline is one live migration of the largest alone (h3 -> h1 and back, the mean); then
@@ -28,6 +32,7 @@ from typing import Any
 from bench import write_report
 from bench.migration import machine
 from qmotion.api.server import MigrateRequest, TaskOut, VmCreate, Workload
+from qmotion.api.sizes import parse_rate_bytes
 from qmotion.client.server import ServerClient
 from qmotion.lab import Lab, lab_down, lab_up
 from qmotion.lab.netns import namespaces, run_in
@@ -66,13 +71,28 @@ def _wait(server: ServerClient, task: TaskOut, timeout_s: float = 600) -> TaskOu
     return task
 
 
-def _balance(lab: Lab, server: ServerClient, interval_s: int) -> dict[str, Any]:
+def _learn_links(server: ServerClient) -> list[float]:
+    """One idle guest around the hosts: the migrations DRS learns the links from (Mbit/s)."""
+    _create(server, "probe", "h1", "256M", Workload(fill_mib=32))
+    rates = []
+    for to in ("h2", "h3", "h1"):
+        t = _wait(server, server.migrate("probe", MigrateRequest(to=to)))
+        assert t.state == "succeeded", t.error
+        rates.append(float(t.result.throughput_mbps or 0.0) if t.result else 0.0)
+    server.delete_vm("probe", force=True)
+    return rates
+
+
+def _balance(lab: Lab, server: ServerClient, interval_s: int, link_mib_s: float) -> dict[str, Any]:
+    learned = _learn_links(server)
     names = {h: [f"b{h[-1]}{i}" for i in range(3)] for h in ("h1", "h2", "h3")}
     for host, vms in names.items():
         for name in vms:
             load = 40.0 if host == "h1" else 0.0
             _create(server, name, host, "256M", Workload(fill_mib=32, cpu_pct=load))
-    everyone = [n for vms in names.values() for n in vms]
+    writes = round(2 * link_mib_s, 1)
+    _create(server, "writer", "h1", "256M", Workload(fill_mib=128, dirty_mib_s=writes, cpu_pct=60))
+    everyone = [n for vms in names.values() for n in vms] + ["writer"]
     _healthy(lab, server, everyone)
     for _ in range(4):  # samples into the manager's window
         time.sleep(2.5)
@@ -99,6 +119,8 @@ def _balance(lab: Lab, server: ServerClient, interval_s: int) -> dict[str, Any]:
             balanced_s = time.monotonic() - began
             break
     server.set_settings({"drs.automation": "manual"})
+    last = server.drs_run()  # what DRS says now, of the writer too
+    left = {x["vm"]: x["reason"] for x in last.left}
     moves = [
         t for t in server.tasks() if t.kind in ("migrate", "cold-migrate") and t.vm in everyone
     ]
@@ -124,6 +146,11 @@ def _balance(lab: Lab, server: ServerClient, interval_s: int) -> dict[str, Any]:
         "intervals": None if balanced_s is None else round(balanced_s / interval_s, 2),
         "migrations": sum(per_vm.values()),
         "moved_twice": sorted(v for v, n in per_vm.items() if n > 1),
+        "writer_dirty_mib_s": writes,
+        "learned_links_mbps": learned,
+        "writer_moved": per_vm.get("writer", 0),
+        "writer_host": placement.get("writer"),
+        "writer_left_because": left.get("writer"),
         "imbalance_before": round(before.imbalance, 4),
         "imbalance_after": round(after.imbalance, 4),
         "memory_intact": healthy,
@@ -188,12 +215,17 @@ def _table(report: dict[str, Any]) -> str:
             f"{m['date']}; lab hosts offer {report['host_cpus']} CPU and "
             f"{report['host_memory_mib']} MiB each.",
             "",
-            "| balance (9 VMs, 3 busy on h1) | value |",
+            f"| balance (9 VMs, 3 busy on h1; the writer on h1 at {b['writer_dirty_mib_s']} "
+            "MiB/s) | value |",
             "|---|---|",
+            f"| link (shaped) / learned by DRS | {report['link']} / "
+            f"{', '.join(f'{x:.0f}' for x in b['learned_links_mbps'])} Mbit/s |",
             f"| DRS interval | {b['interval_s']} s |",
             f"| time to balanced | {b['balanced_s']} s ({b['intervals']} intervals) |",
             f"| DRS migrations | {b['migrations']} |",
             f"| VMs moved twice | {', '.join(b['moved_twice']) or 'none'} |",
+            f"| writer moved / where after | {b['writer_moved']} times / {b['writer_host']} |",
+            f"| why DRS left the writer | {b['writer_left_because']} |",
             f"| imbalance before -> after | {b['imbalance_before']} -> {b['imbalance_after']} |",
             f"| memory intact | {b['memory_intact']} |",
             "",
@@ -215,10 +247,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--interval", type=int, default=30, help="DRS interval, seconds")
+    ap.add_argument("--link", default="400mbit", help="the migration network's shaped rate")
     args = ap.parse_args()
     if any(n.startswith(f"{LAB}-") for n in namespaces()):
         lab_down(LAB)
-    lab = lab_up(LAB, 3)
+    link_mib_s = parse_rate_bytes(args.link) / (1 << 20)
+    lab = lab_up(LAB, 3, bandwidth=args.link, migration_net=True)
     try:
         with lab.server() as server:
             report = {
@@ -226,7 +260,8 @@ def main() -> None:
                 "accel": lab.agent("h1").host().accel.name,
                 "host_cpus": lab.record.host_cpus,
                 "host_memory_mib": lab.record.host_memory_mib,
-                "balance": _balance(lab, server, args.interval),
+                "link": args.link,
+                "balance": _balance(lab, server, args.interval, link_mib_s),
                 "maintenance": _maintenance(lab, server),
             }
         from pathlib import Path
