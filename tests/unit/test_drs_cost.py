@@ -182,3 +182,51 @@ def test_a_repair_that_balancing_moves_on_stays_a_repair() -> None:
     assert sum(1 for m in p.moves if m.reason == "balance load") <= 1, p.moves
     assert not {m.vm for m in p.moves} & {u["vm"] for u in p.unplaced}
     assert p.placement["v2"] == p.placement["v10"]
+
+
+def test_left_names_only_the_moves_balancing_would_have_made() -> None:
+    """A busy writer on a nearly even cluster: no move is worth making, so none is left."""
+    snap = _snap(
+        [_host("h1"), _host("h2")],
+        [
+            _vm("w", "h1", cpu=2.2, dirty=300),
+            _vm("a", "h1"),
+            _vm("b", "h2", cpu=2.05),
+            _vm("c", "h2", cpu=2.05),
+        ],
+        default_bandwidth_mib_s=100,
+    )
+    p = plan(snap, Policy(threshold=3), NOW)
+    assert p.moves == [] and p.left == [], (p.moves, p.left)
+
+
+def test_an_anti_affinity_repair_moves_the_cheaper_vm() -> None:
+    """Together against a must rule: the idle small VM moves, not the big busy one (the
+    planner used to move the later VM in the rule)."""
+    snap = _snap(
+        [_host("h1"), _host("h2")],
+        [_vm("small", "h1", mib=1024, dirty=0), _vm("big", "h1", mib=16384, dirty=40)],
+        [{"name": "apart", "kind": "anti_affinity", "strength": "must", "vms": ["small", "big"]}],
+        default_bandwidth_mib_s=100,
+    )
+    p = plan(snap, Policy(threshold=1), NOW)
+    assert [(m.vm, m.target, m.reason) for m in p.moves] == [
+        ("small", "h2", "must rule apart is broken")
+    ], p.moves
+
+
+def test_an_evacuation_starts_its_longest_moves_first() -> None:
+    """One migration at a time out of h1: the biggest guest first, so the host is not left
+    waiting on it alone at the end."""
+    snap = _snap(
+        [_host("h1", 65536, maintenance=True, max_migrations=1), _host("h2", 65536)],
+        [_vm("s", "h1", mib=1024), _vm("l", "h1", mib=16384), _vm("m", "h1", mib=4096)],
+        default_bandwidth_mib_s=100,
+    )
+    p = plan(snap, Policy(threshold=1), NOW)
+    assert [(m.vm, m.wave) for m in sorted(p.moves, key=lambda m: m.wave)] == [
+        ("l", 0),
+        ("m", 1),
+        ("s", 2),
+    ], p.moves
+    assert p.moves[0].seconds > p.moves[1].seconds > p.moves[2].seconds > 0

@@ -249,10 +249,21 @@ def recommendations_cmd(
 
     with errors_exit(), server_client(lab) as client:
         recs = client.recommendations(all_states=all_states)
+        waiting = [] if all_states or json_out else client.recommendations(all_states=True)
     if json_out:
         print_json([r.model_dump(mode="json") for r in recs])
-    else:
-        console.print(_recs_table(recs))
+        return
+    console.print(_recs_table(recs))
+    # The failed moves held back meanwhile (--all shows them in the table).
+    for r in waiting:
+        if r.retry_after is not None:
+            console.print(
+                Text(
+                    f"backing off: {r.vm} -> {r.target} not before {r.retry_after:%H:%M:%S} "
+                    f"(failed: {r.message or '?'})",
+                    style="yellow",
+                )
+            )
 
 
 @app.command("apply")

@@ -143,6 +143,11 @@ class Prices:
         ``dst`` instead (a unit sent home saves its move)."""
         if here == dst:
             return 0.0
-        home = self.origin[key]
-        cost = 0.0 if dst == home else self.forecast(key, dst).cost
-        return cost - (0.0 if here == home else self.forecast(key, here).cost)
+        return self._cost(key, dst) - self._cost(key, here)
+
+    def _cost(self, key: str, host: str) -> float:
+        """What the unit's migrations to ``host`` cost: nothing if every member is home
+        there (a group's members may come from different hosts)."""
+        if all(self.origin[v] == host for v in self.unit(key)):
+            return 0.0
+        return self.forecast(key, host).cost

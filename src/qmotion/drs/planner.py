@@ -374,6 +374,7 @@ class _Planner:
         groups = self.book.groups
         placement, origin = st.placement, self.origin
         infos, anywhere, left = self._infos, self.prices.anywhere, self.left
+        threshold = self.policy.threshold
         best: tuple[float, str, str, str, float, float] | None = None
         best_key: tuple[float, str, str] | None = None
         for src in sorted(sources):
@@ -415,24 +416,23 @@ class _Planner:
                             continue
                         if (key in rules or key in groups) and not self._rules_allow(key, dst):
                             continue
-                        if placement[key] == origin[key]:
+                        if placement[key] == origin[key] and key not in groups:
                             fc = (
                                 anywhere.get(key) if anywhere is not None else None
                             ) or self.forecast(key, dst)
-                            if fc.why is not None:
-                                # The guest would notice (throttled) or it would not end.
-                                left.setdefault(key, fc.why)
-                                continue
                             cost = fc.cost
-                        elif dst == origin[key]:
-                            # Already moving in this plan: sending it home saves the move.
-                            cost = self._move_cost(key, dst)
                         else:
-                            # A->B->C is carried out as A->C: it costs what A->C costs more.
-                            if not self.forecast(key, dst).gentle:
-                                continue
+                            # Already moving in this plan: A->B->C is carried out as A->C
+                            # and costs what A->C costs more (sending it home saves the
+                            # move). A group's members may come from different hosts: each
+                            # one not home on dst must move gently.
+                            fc = self.forecast(key, dst)
                             cost = self._move_cost(key, dst)
-                        taken += 1
+                        # A move the guest would notice (throttled) or that would not end
+                        # is not made; it is reported if it would have been one.
+                        noticed = fc.why
+                        if noticed is None:
+                            taken += 1
                         a, b = cpu * ics, cpu * icd
                         d1 = b - a
                         delta = a * (a - tcs) + b * (b + tcd) - d1 * (kc + d1 * inv_n)
@@ -452,6 +452,10 @@ class _Planner:
                         net = -delta - cost
                         if net <= 0:
                             continue
+                        if noticed is not None:
+                            if priority_of(net) <= threshold:
+                                left.setdefault(key, noticed)
+                            continue
                         cand = (-net, key, dst)
                         if best_key is None or cand < best_key:
                             best_key, best = cand, (net, key, src, dst, -delta, cost)
@@ -468,13 +472,16 @@ class _Planner:
         self.unplaced = [u for u in self.unplaced if u["vm"] not in moved]
         # Should rules reported broken by a move stay reported only if the final placement
         # breaks them (a later pass may have found the VM a better host).
-        still = {
-            (rule.name, vm)
-            for rule, bad in self.book.violations(
-                self.state, [r for r in self.snap.rules if r.strength == "should"]
-            )
-            for vm in rule.vms
-        }
+        placement = self.state.placement
+        still = set()
+        for rule, bad in self.book.violations(
+            self.state, [r for r in self.snap.rules if r.strength == "should"]
+        ):
+            # The VMs breaking it: those listed, and (apart) those sharing their hosts.
+            hosts = {placement[v] for v in bad}
+            for vm in rule.vms:
+                if vm in bad or (rule.kind == "anti_affinity" and placement[vm] in hosts):
+                    still.add((rule.name, vm))
         self.broken = [
             b
             for b in self.broken

@@ -77,21 +77,23 @@ class ClusterDrs:
         cooldown: bool = False,
         now: datetime | None = None,
         avoid: dict[str, set[str]] | None = None,
-        avoid_kind: str = "failed",
+        links: bool = True,
     ) -> Snapshot:
-        """The live cluster as DRS plans on it, with the links measured between its hosts;
-        ``cooldown`` pins VMs DRS moved lately and holds failed moves back (back-off);
-        ``avoid``: VM -> hosts it is not to be planned onto (rules ``AVOID_KIND:VM``)."""
+        """The live cluster as DRS plans on it, with the links measured between its hosts
+        (``links``: for planning moves, not a new VM's placement); ``cooldown`` pins VMs DRS
+        moved lately and holds failed moves back (back-off); ``avoid``: VM -> hosts it
+        should not be planned onto unless nothing else fits (rules ``failed:VM``)."""
         now = now or self.clock()
         snap = self._snapshot(cooldown, now)
-        found, default = drs_history.links(self.db, [h.name for h in snap.hosts])
-        snap = snap.model_copy(update={"links": found, "default_bandwidth_mib_s": default})
+        if links:
+            found, default = drs_history.links(self.db, [h.name for h in snap.hosts])
+            snap = snap.model_copy(update={"links": found, "default_bandwidth_mib_s": default})
         held: dict[str, set[str]] = {}
         if cooldown:
             for b in drs_history.backoffs(self.db, now):
                 held.setdefault(b.vm, set()).add(b.target)
             snap = drs_history.hold(snap, held, "backoff")
-        return drs_history.hold(snap, avoid or {}, avoid_kind)
+        return drs_history.hold(snap, avoid or {}, "failed", strength="should")
 
     def _snapshot(self, cooldown: bool, now: datetime) -> Snapshot:
         pinned: dict[str, str] = {}
@@ -142,7 +144,7 @@ class ClusterDrs:
     # ------------------------------------------------------------------ placement
 
     def placement(self, spec: VmSpec) -> list[PlacementCandidate]:
-        snap = self.snapshot()
+        snap = self.snapshot(links=False)
         try:
             ranked = place(snap, spec, self._policy(snap))
         except SnapshotError as exc:
@@ -243,9 +245,10 @@ class ClusterDrs:
             *({"vm": vm, "reason": why} for vm, why in sorted(marked.items())),
         ]
         waiting = drs_history.backoffs(self.db, now)
+        moving = {m.vm for m in moves}
         left = [
             *result.left,
-            *({"vm": b.vm, "reason": b.reason} for b in waiting),
+            *({"vm": b.vm, "reason": b.reason} for b in waiting if b.vm not in moving),
         ]
         with self.db.session() as s:
             pending = {
@@ -468,7 +471,7 @@ class ClusterDrs:
     def state(self) -> DrsState:
         """The live imbalance and how many VMs break a must rule."""
         now = self.clock()
-        snap = self.snapshot(now=now)
+        snap = self.snapshot(now=now, links=False)
         state = ClusterState(snap, self._policy(snap).allocation_weight)
         book = RuleBook.build(snap)
         broken = book.violations(state, [r for r in snap.rules if r.strength == "must"])

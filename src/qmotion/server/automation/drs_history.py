@@ -82,14 +82,23 @@ def links(db: Database, hosts: Iterable[str]) -> tuple[list[Link], float]:
 
 def backoffs(db: Database, now: datetime) -> list[Backoff]:
     """The DRS moves waiting after failing, each until when."""
-    since = now - timedelta(seconds=4 * BACKOFF_MAX_S)
+    # Only a VM with a failure within the longest wait can be waiting; its streak counts
+    # every failure since its last successful move, however long ago (a window would let a
+    # move that always fails come back to short waits).
+    since = now - timedelta(seconds=BACKOFF_MAX_S)
+    ended = (RecommendationState.APPLIED, RecommendationState.FAILED)
     streak: dict[tuple[str, str], tuple[int, datetime, str | None]] = {}
     with db.session() as s:
+        recent = select(Recommendation.vm).where(
+            Recommendation.state == RecommendationState.FAILED,
+            Recommendation.applied_at >= since,
+        )
         rows = s.scalars(
             select(Recommendation)
             .where(
-                Recommendation.state.in_((RecommendationState.APPLIED, RecommendationState.FAILED)),
-                Recommendation.applied_at >= since,
+                Recommendation.state.in_(ended),
+                Recommendation.applied_at.is_not(None),
+                Recommendation.vm.in_(recent),
             )
             .order_by(Recommendation.applied_at, Recommendation.id)
         )
@@ -110,10 +119,10 @@ def backoffs(db: Database, now: datetime) -> list[Backoff]:
     return out
 
 
-def hold(snap: Snapshot, avoid: dict[str, set[str]], kind: str) -> Snapshot:
-    """``snap`` with each VM kept off the hosts ``avoid`` names (rules ``KIND:VM``): a must
-    rule where that leaves the rules satisfiable, else a should rule (broken only when
-    nothing else fits, and reported)."""
+def hold(snap: Snapshot, avoid: dict[str, set[str]], kind: str, strength: str = "must") -> Snapshot:
+    """``snap`` with each VM kept off the hosts ``avoid`` names (rules ``KIND:VM``). A should
+    rule is broken only when nothing else fits (and reported); a must rule never, so one is
+    made must only where that leaves the rules satisfiable (else that rule alone is should)."""
     where = {v.name: v.host for v in snap.vms}
     hosts = {h.name for h in snap.hosts}
     extra = []
@@ -122,14 +131,18 @@ def hold(snap: Snapshot, avoid: dict[str, set[str]], kind: str) -> Snapshot:
         on = sorted((targets & hosts) - {where.get(vm)})
         if vm in where and on:
             extra.append(
-                Rule(name=f"{kind}:{vm}", kind="not_run_on", strength="must", vms=[vm], hosts=on)
+                Rule(name=f"{kind}:{vm}", kind="not_run_on", strength="should", vms=[vm], hosts=on)
             )
     if not extra:
         return snap
-    strict = snap.model_copy(update={"rules": [*snap.rules, *extra]})
-    try:
-        validate(strict)
-        return strict
-    except SnapshotError:
-        soft = [r.model_copy(update={"strength": "should"}) for r in extra]
-        return snap.model_copy(update={"rules": [*snap.rules, *soft]})
+    if strength == "should":
+        return snap.model_copy(update={"rules": [*snap.rules, *extra]})
+    rules = list(snap.rules)
+    for rule in extra:
+        strict = rule.model_copy(update={"strength": "must"})
+        try:
+            validate(snap.model_copy(update={"rules": [*rules, strict]}))
+            rules.append(strict)
+        except SnapshotError:
+            rules.append(rule)
+    return snap.model_copy(update={"rules": rules})

@@ -38,7 +38,7 @@ from qmotion.server.automation.operations import OperationBody, Operations, Plan
 from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, HostMaintenance, Task, Vm
 from qmotion.server.errors import Conflict, NotFound
 from qmotion.server.tasks.runner import TaskRunner
-from qmotion.server.tasks.task_view import MAINTENANCE, MAINTENANCE_EXIT
+from qmotion.server.tasks.task_view import COLD_MIGRATE, MAINTENANCE, MAINTENANCE_EXIT
 
 log = logging.getLogger(__name__)
 ROUNDS = 3
@@ -146,7 +146,12 @@ class Maintenance:
                 reason = "; ".join(f"{vm}: evacuation failed" for vm in remaining) or None
                 await asyncio.to_thread(self._settle, name, task_id, reason)
                 raise
-            await self._settled_departures(name)
+            if cancel.is_set():
+                # Exited: the host is back in service and may take new VMs; only record
+                # what left meanwhile (the exit's own task waits for what this started).
+                await asyncio.to_thread(self._departures, name)
+            else:
+                await self._settled_departures(name, cancel)
             remaining = await asyncio.to_thread(self._remaining, name)
             for vm in remaining:
                 if vm not in why:
@@ -189,7 +194,9 @@ class Maintenance:
                 break
             # Migrations already on their way in land first, then leave with the rest; those
             # on their way out (an operator's, a resumed evacuation's) are awaited.
-            await self._settled_departures(name)
+            await self._settled_departures(name, cancel)
+            if cancel.is_set():
+                break
             try:
                 moves, unplaced = await asyncio.to_thread(self._plan, name, failed_on)
             except SnapshotError as exc:
@@ -210,12 +217,16 @@ class Maintenance:
                     if o.outcome == "failed" and o.target:
                         failed_on.setdefault(o.vm, set()).add(o.target)
 
-    async def _settled_departures(self, name: str) -> None:
-        """Wait for every migration into or out of the host under way, then record the VMs
-        that left it since the maintenance began."""
-        while busy := await asyncio.to_thread(self._moving, name):
-            for task_id in busy:
-                await self.ops.wait(task_id)
+    async def _settled_departures(self, name: str, cancel: asyncio.Event) -> None:
+        """Wait for every migration into or out of the host under way (until cancelled),
+        then record the VMs that left it since the maintenance began."""
+        while not cancel.is_set():
+            busy: list[int] = await asyncio.to_thread(self._moving, name)
+            if not busy:
+                break
+            # Until the next look, or at once when an exit cancels the evacuation.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cancel.wait(), self.ops.poll_s)
         await asyncio.to_thread(self._departures, name)
 
     def _moving(self, name: str) -> list[int]:
@@ -252,7 +263,7 @@ class Maintenance:
             left = s.execute(
                 select(Task.vm, Task.destination)
                 .where(
-                    Task.kind == "migrate",
+                    Task.kind.in_(("migrate", COLD_MIGRATE)),
                     Task.source == name,
                     Task.state == TaskState.SUCCEEDED,
                     Task.ended_at >= began,
