@@ -1,5 +1,6 @@
 """What DRS learns from past moves (server/automation/drs_history.py), on a real database:
-the back-off of failed moves and the rules that hold a VM off a host."""
+the links between hosts, the back-off of failed moves and the rules that hold a VM off a
+host."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from qmotion.api.drs import RecommendationState
+from qmotion.api.migration import MigrationPhase, MigrationPrediction, MigrationReport
 from qmotion.drs.model import Policy, Snapshot
 from qmotion.drs.planner import plan
-from qmotion.server.automation.drs_history import BACKOFF_MAX_S, backoffs, hold
-from qmotion.server.db import Database, Recommendation
+from qmotion.server.automation.drs_history import BACKOFF_MAX_S, backoffs, hold, links
+from qmotion.server.db import Database, Recommendation, Task
 
 NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 
@@ -110,3 +112,62 @@ def test_a_failed_target_is_used_again_when_no_other_host_fits() -> None:
     )
     p = plan(hold(roomy, {"v": {"h2"}}, "failed", strength="should"), Policy(threshold=1), NOW)
     assert [(m.vm, m.target) for m in p.moves] == [("v", "h3")]
+
+
+def _migrated(db: Database, src: str, dst: str, mbps: float, rtt_ms: float | None) -> None:
+    prediction = None
+    if rtt_ms is not None:
+        prediction = MigrationPrediction(
+            vm="x",
+            source=src,
+            destination=dst,
+            memory_bytes=1 << 30,
+            resident_bytes=1 << 29,
+            dirty_rate_bps=0,
+            hot_set_bytes=0,
+            sweep_bps=0,
+            bandwidth_bps=1e8,
+            bandwidth_from="probe",
+            rtt_ms=rtt_ms,
+            converges=True,
+            total_s=1,
+            downtime_ms=10,
+            passes=1,
+            measures=[],
+            max_throttle_pct=0,
+            xbzrle=False,
+            max_downtime_ms=300,
+            completion_timeout_s=60,
+        )
+    report = MigrationReport(
+        outcome=MigrationPhase.DONE,
+        vm="x",
+        source=src,
+        destination=dst,
+        wall_ms=1000,
+        throughput_mbps=mbps,
+        prediction=prediction,
+    )
+    with db.session() as s:
+        s.add(
+            Task(
+                kind="migrate",
+                state="succeeded",
+                source=src,
+                destination=dst,
+                result=report.model_dump(mode="json"),
+            )
+        )
+
+
+def test_links_are_the_last_migration_per_pair_and_the_median_elsewhere(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    _migrated(db, "h1", "h2", 8000.0, 0.4)  # older, superseded by the next
+    _migrated(db, "h1", "h2", 800.0, 150.0)
+    _migrated(db, "h2", "h3", 1600.0, None)
+    _migrated(db, "h1", "gone", 9000.0, 1.0)  # a host no longer there
+    found, default = links(db, ["h1", "h2", "h3"])
+    got = {(x.source, x.target): (round(x.bandwidth_mib_s, 1), x.rtt_ms) for x in found}
+    assert got == {("h1", "h2"): (95.4, 150.0), ("h2", "h3"): (190.7, 0.5)}
+    assert round(default, 1) == round((95.4 + 190.7) / 2, 1)
+    assert links(Database(f"sqlite:///{tmp_path / 'empty.db'}"), ["h1"]) == ([], 1024.0)

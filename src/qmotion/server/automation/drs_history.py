@@ -1,7 +1,8 @@
 """What DRS learns from past moves: the link between two hosts, and the moves that failed.
 
 Links. What the last completed migration between two hosts carried (its report's throughput,
-the figure ``vm migrate --dry-run`` also starts from) is that pair's link; a pair never used
+the figure ``vm migrate --dry-run`` also starts from) and the round trip its route measured
+are that pair's link; a pair never used
 gets the median of the known ones (the cluster's network is usually one kind), or the model's
 default. The planner prices each move and judges whether it converges from them
 (qmotion.drs.cost).
@@ -25,7 +26,7 @@ from sqlalchemy import select
 from qmotion.api.drs import RecommendationState
 from qmotion.api.migration import MigrationReport
 from qmotion.drs.errors import SnapshotError
-from qmotion.drs.model import DEFAULT_BANDWIDTH_MIB_S, Link, Rule, Snapshot
+from qmotion.drs.model import DEFAULT_BANDWIDTH_MIB_S, DEFAULT_RTT_MS, Link, Rule, Snapshot
 from qmotion.drs.rules import validate
 from qmotion.server.db import Database, Recommendation, Task
 
@@ -70,8 +71,13 @@ def links(db: Database, hosts: Iterable[str]) -> tuple[list[Link], float]:
             report = MigrationReport.model_validate(result) if result else None
             if report is None or not report.throughput_mbps:
                 continue
+            # The round trip the migration's route measured before it started.
+            rtt = report.prediction.rtt_ms if report.prediction else DEFAULT_RTT_MS
             seen[(src, dst)] = Link(
-                source=src, target=dst, bandwidth_mib_s=report.throughput_mbps * 1e6 / 8 / MiB
+                source=src,
+                target=dst,
+                bandwidth_mib_s=report.throughput_mbps * 1e6 / 8 / MiB,
+                rtt_ms=max(rtt, 0.0),
             )
     found = list(seen.values())
     default = (
