@@ -230,3 +230,35 @@ def test_an_evacuation_starts_its_longest_moves_first() -> None:
         ("s", 2),
     ], p.moves
     assert p.moves[0].seconds > p.moves[1].seconds > p.moves[2].seconds > 0
+
+
+def test_a_should_affinity_broken_by_its_first_vm_is_reported() -> None:
+    """a and b (should affinity, a listed first) on h1 entering maintenance, b held there by
+    a must rule: a leaves alone and breaks the rule. The report lost it, since the planner
+    blamed only the members away from the first-listed one's host."""
+    snap = _snap(
+        [_host("h1", maintenance=True), _host("h2")],
+        [_vm("a", "h1"), _vm("b", "h1")],
+        [
+            {"name": "pair", "kind": "affinity", "strength": "should", "vms": ["a", "b"]},
+            {"name": "here", "kind": "run_on", "strength": "must", "vms": ["b"], "hosts": ["h1"]},
+        ],
+    )
+    p = plan(snap, Policy(threshold=1), NOW)
+    assert [(m.vm, m.target) for m in p.moves] == [("a", "h2")]
+    assert [b["rule"] for b in p.broken_should] == ["pair"], p.broken_should
+    assert "breaks should rule(s) pair" in p.moves[0].reason
+
+
+def test_an_evacuation_starts_the_move_predicted_longest_not_the_biggest() -> None:
+    """A smaller guest that writes takes longer than a bigger idle one: it starts first (the
+    planner used to order by memory size alone)."""
+    snap = _snap(
+        [_host("h1", 65536, maintenance=True, max_migrations=1), _host("h2", 65536)],
+        [_vm("idle", "h1", mib=8192), _vm("writer", "h1", mib=4096, dirty=60)],
+        default_bandwidth_mib_s=100,
+    )
+    p = plan(snap, Policy(threshold=1), NOW)
+    by_wave = sorted(p.moves, key=lambda m: m.wave)
+    assert [m.vm for m in by_wave] == ["writer", "idle"], p.moves
+    assert by_wave[0].seconds > by_wave[1].seconds

@@ -90,9 +90,9 @@ def test_a_restart_mid_evacuation_resumes_it_and_exit_return_brings_every_vm_bac
 
         async def moving() -> bool:
             tasks = (await c.get("/v1/tasks")).json()
-            return any(t["kind"] == "migrate" and t["state"] == "running" for t in tasks)
+            return any(t["kind"] == "migrate" and t["phase"] == "monitor" for t in tasks)
 
-        await _until(moving, "an evacuation move under way")
+        await _until(moving, "an evacuation move copying")
         # The manager stops here (its lifespan ends): the moves go on in the agents.
 
     _run(world, url, first, lifespan=True)
@@ -247,3 +247,35 @@ def test_a_failed_drs_move_backs_off_and_says_until_when(tmp_path: Path) -> None
         assert retry and all(retry), recs
 
     _run(world, url, test)
+
+
+def test_exit_return_right_after_a_restart_mid_evacuation_brings_every_vm_back(
+    tmp_path: Path,
+) -> None:
+    """The exit cancels the resumed evacuation while the first manager's moves are still
+    under way: they were neither awaited nor recorded, so they stayed away."""
+    vms = [(f"v{i}", 512) for i in range(4)]
+    world, url = _cluster(tmp_path, {"h1": vms})
+    world.polls_to_complete = 10
+
+    async def first(c: Client) -> None:
+        r = await c.post("/v1/hosts/h1/maintenance")
+        assert r.status_code == 202, r.text
+
+        async def moving() -> bool:
+            tasks = (await c.get("/v1/tasks")).json()
+            return any(t["kind"] == "migrate" and t["phase"] == "monitor" for t in tasks)
+
+        await _until(moving, "an evacuation move copying")
+
+    _run(world, url, first, lifespan=True)
+    world.polls_to_complete = 60  # the moves are still under way when the exit comes
+
+    async def second(c: Client) -> None:
+        tasks = (await c.get("/v1/tasks")).json()
+        assert any(t["kind"] == "migrate" and t["state"] == "running" for t in tasks)
+        # The exit comes while the first manager's moves still copy (they resume).
+        assert await _exit_with_return(c, world, "h1") == {v: "h1" for v, _ in vms}
+        assert (await _host(c, "h1"))["state"] == "up"
+
+    _run(world, url, second, lifespan=True)

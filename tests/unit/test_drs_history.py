@@ -171,3 +171,48 @@ def test_links_are_the_last_migration_per_pair_and_the_median_elsewhere(tmp_path
     assert got == {("h1", "h2"): (95.4, 150.0), ("h2", "h3"): (190.7, 0.5)}
     assert round(default, 1) == round((95.4 + 190.7) / 2, 1)
     assert links(Database(f"sqlite:///{tmp_path / 'empty.db'}"), ["h1"]) == ([], 1024.0)
+
+
+def test_hold_softens_only_the_rule_that_cannot_be_must() -> None:
+    snap = _snap(
+        rules=[{"name": "pin", "kind": "run_on", "strength": "must", "vms": ["v"], "hosts": ["h2"]}]
+    )
+    snap = snap.model_copy(
+        update={"vms": [*snap.vms, snap.vms[0].model_copy(update={"name": "w"})]}
+    )
+    held = hold(snap, {"v": {"h2"}, "w": {"h2"}}, "backoff")
+    strength = {r.name: r.strength for r in held.rules}
+    assert strength == {"pin": "must", "backoff:v": "should", "backoff:w": "must"}
+
+
+def test_any_migration_of_the_vm_clears_its_back_off(tmp_path: Path) -> None:
+    """Only an applied DRS move cleared it: six failures months ago and one today made a
+    64-minute wait although an operator had moved the VM since."""
+    db = _db(tmp_path, [("v", "h2", FAILED, 100_000 + i) for i in range(6)])
+    with db.session() as s:
+        s.add(
+            Task(
+                kind="migrate",
+                state="succeeded",
+                vm="v",
+                source="h1",
+                destination="h3",
+                ended_at=NOW - timedelta(days=30),
+            )
+        )
+        s.add(
+            Recommendation(
+                run_id=99,
+                vm="v",
+                source="h3",
+                target="h2",
+                priority=3,
+                reason="balance load",
+                gain=0.1,
+                wave=0,
+                state=FAILED,
+                applied_at=NOW - timedelta(seconds=10),
+            )
+        )
+    [b] = backoffs(db, NOW)
+    assert b.failures == 1 and b.until == NOW + timedelta(seconds=50)

@@ -254,13 +254,16 @@ def recommendations_cmd(
         print_json([r.model_dump(mode="json") for r in recs])
         return
     console.print(_recs_table(recs))
-    # The failed moves held back meanwhile (--all shows them in the table).
+    # The failed moves held back meanwhile, once per VM and target (newest first: the row
+    # of the last failure); --all shows them in the table.
+    shown: set[tuple[str, str]] = set()
     for r in waiting:
-        if r.retry_after is not None:
+        if r.retry_after is not None and (r.vm, r.target) not in shown:
+            shown.add((r.vm, r.target))
             console.print(
                 Text(
-                    f"backing off: {r.vm} -> {r.target} not before {r.retry_after:%H:%M:%S} "
-                    f"(failed: {r.message or '?'})",
+                    f"backing off: {r.vm} -> {r.target} not before "
+                    f"{r.retry_after:%Y-%m-%d %H:%M:%S} UTC (failed: {r.message or '?'})",
                     style="yellow",
                 )
             )

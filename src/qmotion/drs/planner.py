@@ -6,10 +6,12 @@ Pipeline (as Nomad's scheduler: reconcile, feasibility, score, plan):
      a must rule; priority 2: VMs on degraded hosts and VMs breaking a should rule. Each goes to
      the feasible host that leaves the cluster most balanced, so an evacuated host's VMs spread;
   3. balancing, priorities 2-5: repeatedly the single move with the best gain in balance net of
-     its migration cost (which grows with the VM's memory and dirty rate), among the most and
-     least loaded hosts (passing over VMs that rules hold or that do not fit), until no move
-     reaches the threshold's priority or Policy.max_moves is spent. Because the stop rule
-     depends only on the state, planning again on an uncapped result yields no move;
+     its migration cost (the migration's predicted course over the link, cost.py; a move the
+     guest would notice is left and reported), among the most and least loaded hosts
+     (passing over VMs that rules hold or that do not fit), until no move reaches the
+     threshold's priority or Policy.max_moves is spent. Because the stop rule depends only on
+     the state, planning again on an uncapped result yields no move (with links differing per
+     host pair, once the VMs it moved are held, as DRS's cool-down holds them);
   4. waves: moves ordered so no host exceeds its concurrent-migration limit.
 Never overcommits memory, never targets a host that is not usable, never breaks a must rule,
 breaks a should rule only for a mandatory move with no alternative (and reports it).
@@ -59,8 +61,10 @@ class _Planner:
         self._infos: dict[str, tuple[float, float, int, int]] = {}
         self.origin = {v.name: v.host for v in snap.vms}
         self.prices = Prices(snap, self.book.unit)
-        # Units balancing would have moved but left, each with why (not gentle).
+        # Units balancing would have moved but left, each with why (not gentle); the best
+        # such candidate of the search step under way: (net gain, unit leader, why).
         self.left: dict[str, str] = {}
+        self._noticed: tuple[float, str, str] | None = None
         # VMs a mandatory move took: Policy.max_moves never holds those back.
         self.required: set[str] = set()
         # Whether the rules let a unit (by its leader) go to a host, as balancing asks it
@@ -283,7 +287,18 @@ class _Planner:
             1 for v, h in st.placement.items() if h != origin[v] and v not in required
         )
         while True:
+            self._noticed = None
             best = self._best_balancing_move(by_cpu, by_mem, weights)
+            noticed = self._noticed
+            # A move the guest would notice that would have been this step's (it beats the
+            # best gentle one, reaches the threshold, fits the budget) is reported as left.
+            if (
+                noticed is not None
+                and (best is None or noticed[0] > best[0])
+                and priority_of(noticed[0]) <= self.policy.threshold
+                and budget > 0
+            ):
+                self.left.setdefault(noticed[1], noticed[2])
             if best is None:
                 break
             net, unit, src, dst, gain, cost = best
@@ -373,8 +388,7 @@ class _Planner:
         rules = self.book.by_vm
         groups = self.book.groups
         placement, origin = st.placement, self.origin
-        infos, anywhere, left = self._infos, self.prices.anywhere, self.left
-        threshold = self.policy.threshold
+        infos, anywhere = self._infos, self.prices.anywhere
         best: tuple[float, str, str, str, float, float] | None = None
         best_key: tuple[float, str, str] | None = None
         for src in sorted(sources):
@@ -453,8 +467,8 @@ class _Planner:
                         if net <= 0:
                             continue
                         if noticed is not None:
-                            if priority_of(net) <= threshold:
-                                left.setdefault(key, noticed)
+                            if self._noticed is None or net > self._noticed[0]:
+                                self._noticed = (net, key, noticed)
                             continue
                         cand = (-net, key, dst)
                         if best_key is None or cand < best_key:
@@ -480,7 +494,11 @@ class _Planner:
             # The VMs breaking it: those listed, and (apart) those sharing their hosts.
             hosts = {placement[v] for v in bad}
             for vm in rule.vms:
-                if vm in bad or (rule.kind == "anti_affinity" and placement[vm] in hosts):
+                if (
+                    vm in bad
+                    or rule.kind == "affinity"  # apart from the others, whichever moved
+                    or (rule.kind == "anti_affinity" and placement[vm] in hosts)
+                ):
                     still.add((rule.name, vm))
         self.broken = [
             b

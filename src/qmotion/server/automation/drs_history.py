@@ -9,7 +9,8 @@ default. The planner prices each move and judges whether it converges from them
 
 Back-off. A DRS move that failed is not planned again at once: each (VM, target) waits
 ``BACKOFF_BASE_S`` after its first failure, twice as long after each further one in a row, at
-most ``BACKOFF_MAX_S``; a move of the VM that succeeds clears its record. The waiting moves are
+most ``BACKOFF_MAX_S``; any migration of the VM that succeeds (DRS's or another) clears
+its record. The waiting moves are
 held out of the plan by rules no operator can name (``backoff:VM``), reported with the time
 they may run again, and shown on the failed recommendations (``retry_after``).
 """
@@ -29,6 +30,7 @@ from qmotion.drs.errors import SnapshotError
 from qmotion.drs.model import DEFAULT_BANDWIDTH_MIB_S, DEFAULT_RTT_MS, Link, Rule, Snapshot
 from qmotion.drs.rules import validate
 from qmotion.server.db import Database, Recommendation, Task
+from qmotion.server.tasks.task_view import COLD_MIGRATE
 
 MiB = 1 << 20
 LINK_HISTORY = 2000  # the most recent migrations read for the links
@@ -89,33 +91,45 @@ def links(db: Database, hosts: Iterable[str]) -> tuple[list[Link], float]:
 def backoffs(db: Database, now: datetime) -> list[Backoff]:
     """The DRS moves waiting after failing, each until when."""
     # Only a VM with a failure within the longest wait can be waiting; its streak counts
-    # every failure since its last successful move, however long ago (a window would let a
-    # move that always fails come back to short waits).
+    # every failure since it last moved (by DRS or any migration), however long ago: a
+    # window would let a move that always fails come back to short waits.
     since = now - timedelta(seconds=BACKOFF_MAX_S)
     ended = (RecommendationState.APPLIED, RecommendationState.FAILED)
-    streak: dict[tuple[str, str], tuple[int, datetime, str | None]] = {}
+    # (when, order, VM, target or None for "it moved", error)
+    events: list[tuple[datetime, int, str, str | None, str | None]] = []
     with db.session() as s:
         recent = select(Recommendation.vm).where(
             Recommendation.state == RecommendationState.FAILED,
             Recommendation.applied_at >= since,
         )
-        rows = s.scalars(
-            select(Recommendation)
-            .where(
+        for r in s.scalars(
+            select(Recommendation).where(
                 Recommendation.state.in_(ended),
                 Recommendation.applied_at.is_not(None),
                 Recommendation.vm.in_(recent),
             )
-            .order_by(Recommendation.applied_at, Recommendation.id)
+        ):
+            if r.applied_at is not None:
+                failed = r.state == RecommendationState.FAILED
+                events.append((r.applied_at, r.id, r.vm, r.target if failed else None, r.message))
+        moved = s.execute(
+            select(Task.ended_at, Task.id, Task.vm).where(
+                Task.kind.in_(("migrate", COLD_MIGRATE)),
+                Task.state == "succeeded",
+                Task.ended_at.is_not(None),
+                Task.vm.in_(recent),
+            )
         )
-        for r in rows:
-            if r.applied_at is None:
-                continue
-            if r.state == RecommendationState.APPLIED:
-                streak = {k: v for k, v in streak.items() if k[0] != r.vm}
-                continue
-            n = streak.get((r.vm, r.target), (0, r.applied_at, None))[0] + 1
-            streak[(r.vm, r.target)] = (n, r.applied_at, r.message)
+        for at, task_id, vm in moved:
+            if at is not None and vm is not None:
+                events.append((at, task_id, vm, None, None))
+    streak: dict[tuple[str, str], tuple[int, datetime, str | None]] = {}
+    for at, _, vm, target, message in sorted(events, key=lambda e: (e[0], e[1])):
+        if target is None:
+            streak = {k: v for k, v in streak.items() if k[0] != vm}
+            continue
+        n = streak.get((vm, target), (0, at, None))[0] + 1
+        streak[(vm, target)] = (n, at, message)
     out = []
     for (vm, target), (n, at, message) in sorted(streak.items()):
         wait = min(BACKOFF_BASE_S * 2 ** (n - 1), BACKOFF_MAX_S)

@@ -141,17 +141,17 @@ class Maintenance:
                 await self._rounds(name, task_id, cancel, outcomes, why)
             except Exception:
                 # A bug or a lost database must not leave an empty host short of maintenance.
-                await asyncio.to_thread(self._departures, name)
+                await asyncio.to_thread(self._departures, name, task_id)
                 remaining = await asyncio.to_thread(self._remaining, name)
                 reason = "; ".join(f"{vm}: evacuation failed" for vm in remaining) or None
                 await asyncio.to_thread(self._settle, name, task_id, reason)
                 raise
             if cancel.is_set():
                 # Exited: the host is back in service and may take new VMs; only record
-                # what left meanwhile (the exit's own task waits for what this started).
-                await asyncio.to_thread(self._departures, name)
+                # what left meanwhile (the exit waits for what is still leaving).
+                await asyncio.to_thread(self._departures, name, task_id)
             else:
-                await self._settled_departures(name, cancel)
+                await self._settled_departures(name, task_id, cancel)
             remaining = await asyncio.to_thread(self._remaining, name)
             for vm in remaining:
                 if vm not in why:
@@ -194,7 +194,7 @@ class Maintenance:
                 break
             # Migrations already on their way in land first, then leave with the rest; those
             # on their way out (an operator's, a resumed evacuation's) are awaited.
-            await self._settled_departures(name, cancel)
+            await self._settled_departures(name, task_id, cancel)
             if cancel.is_set():
                 break
             try:
@@ -217,22 +217,25 @@ class Maintenance:
                     if o.outcome == "failed" and o.target:
                         failed_on.setdefault(o.vm, set()).add(o.target)
 
-    async def _settled_departures(self, name: str, cancel: asyncio.Event) -> None:
-        """Wait for every migration into or out of the host under way (until cancelled),
-        then record the VMs that left it since the maintenance began."""
+    async def _settled_departures(
+        self, name: str, task_id: int, cancel: asyncio.Event, out_only: bool = False
+    ) -> None:
+        """Wait for every migration into (unless ``out_only``) or out of the host under way
+        (until cancelled), then record the VMs that left it since the maintenance began."""
         while not cancel.is_set():
-            busy: list[int] = await asyncio.to_thread(self._moving, name)
+            busy: list[int] = await asyncio.to_thread(self._moving, name, out_only)
             if not busy:
                 break
             # Until the next look, or at once when an exit cancels the evacuation.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(cancel.wait(), self.ops.poll_s)
-        await asyncio.to_thread(self._departures, name)
+        await asyncio.to_thread(self._departures, name, task_id)
 
-    def _moving(self, name: str) -> list[int]:
+    def _moving(self, name: str, out_only: bool = False) -> list[int]:
         with self.db.session() as s:
+            where = Task.source == name
             active = select(Task.id).where(
-                (Task.destination == name) | (Task.source == name),
+                where if out_only else where | (Task.destination == name),
                 Task.kind != MAINTENANCE,
                 Task.kind != MAINTENANCE_EXIT,
                 Task.vm.is_not(None),
@@ -240,16 +243,17 @@ class Maintenance:
             )
             return list(s.scalars(active))
 
-    def _departures(self, name: str) -> None:
+    def _departures(self, name: str, task_id: int) -> None:
         """Record as evacuated every VM whose migration away from the host ended since its
-        maintenance began (the first evacuation after its last exit) and is still there."""
+        maintenance began (the first evacuation after the exit before ``task_id``, the
+        evacuation or exit asking) and is still there."""
         with self.db.session() as s:
             row = s.get(HostMaintenance, name)
             if row is None:
                 return
             last_exit = s.scalars(
                 select(Task.id)
-                .where(Task.kind == MAINTENANCE_EXIT, Task.source == name)
+                .where(Task.kind == MAINTENANCE_EXIT, Task.source == name, Task.id < task_id)
                 .order_by(Task.id.desc())
             ).first()
             began = s.scalars(
@@ -344,6 +348,10 @@ class Maintenance:
                 # Its moves under way finish (or are cancelled) and are recorded first, so
                 # the VMs they moved come back too.
                 await self.ops.wait(evacuating)
+            if return_vms:
+                # And the moves leaving that it no longer waits for (those of an evacuation
+                # a restarted manager began, an operator's): they come back too.
+                await self._settled_departures(name, task_id, cancel, out_only=True)
             moves = await asyncio.to_thread(self._returns, name) if return_vms else []
             done = await self.ops.run_waves(task_id, moves, cancel, self.drs.config.recheck)
             failed = [o for o in done if o.outcome != "moved"]
