@@ -310,3 +310,28 @@ def test_lab_status_prints_names_and_paths_literally(monkeypatch: pytest.MonkeyP
         f"client: ns{CLOSE} 10.0.0.2",
         f"datastore shared: /srv/{EMOJI}/{MARKUP} (hosts: {EMOJI})",
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["vm", "start", "x", "--json"], {"name": MARKUP, "host": EMOJI, "state": "running"}),
+        (["vm", "stop", "x", "--json"], {"name": MARKUP, "state": "running"}),
+        (["vm", "delete", MARKUP, "--json"], {"deleted": MARKUP}),
+        (["task", "cancel", "7", "--json"], {"id": 7}),
+    ],
+)
+def test_lifecycle_commands_print_json_when_asked(
+    client: FakeClient, args: list[str], expected: dict[str, Any]
+) -> None:
+    """Operators script these: --json gives the API's object (or what was deleted), and
+    nothing else on stdout."""
+    res = _run(args)
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert {k: got[k] for k in expected} == expected, got
+
+
+def test_version() -> None:
+    res = _run(["--version"])
+    assert res.exit_code == 0 and res.stdout.strip() == "qmotion 0.1.0", res.output

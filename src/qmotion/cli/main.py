@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from qmotion import __version__
 from qmotion.cli import (
     agent,
     cluster,
@@ -23,9 +24,27 @@ from qmotion.cli import (
 app = typer.Typer(
     name="qmotion",
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion / --show-completion for bash, zsh, fish and PowerShell.
+    add_completion=True,
     help="Live migration and cluster automation for QEMU/KVM virtual machines.",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"qmotion {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Live migration and cluster automation for QEMU/KVM virtual machines."""
+
+
 app.add_typer(image.app, name="image")
 app.add_typer(lab.app, name="lab")
 app.add_typer(probe.app, name="probe")

@@ -96,8 +96,15 @@ def show(name: str, json_out: bool = typer.Option(False, "--json"), lab: str = L
 
 
 @app.command("delete")
-def delete(name: str, lab: str = LabOpt) -> None:
+def delete(
+    name: str,
+    json_out: bool = typer.Option(False, "--json", help='Print {"deleted": NAME}.'),
+    lab: str = LabOpt,
+) -> None:
     """Delete a rule."""
     with errors_exit(), server_client(lab) as client:
         client.delete_rule(name)
+    if json_out:
+        print_json({"deleted": name})
+        return
     console.print(f"rule {name} deleted", markup=False)

@@ -187,8 +187,15 @@ def show(
 
 
 @app.command("delete")
-def delete(schedule_id: int, lab: str = LabOpt) -> None:
+def delete(
+    schedule_id: int,
+    json_out: bool = typer.Option(False, "--json", help='Print {"deleted": ID}.'),
+    lab: str = LabOpt,
+) -> None:
     """Delete a schedule and its run history (tasks it started are kept)."""
     with errors_exit(), server_client(lab) as client:
         client.delete_schedule(schedule_id)
+    if json_out:
+        print_json({"deleted": schedule_id})
+        return
     console.print(Text(f"schedule {schedule_id} deleted"))

@@ -162,8 +162,15 @@ def report(
 
 
 @app.command("cancel")
-def cancel(task_id: int, lab: str = LabOpt) -> None:
+def cancel(
+    task_id: int,
+    json_out: bool = typer.Option(False, "--json", help="Print the task as JSON."),
+    lab: str = LabOpt,
+) -> None:
     """Cancel a queued or running task; a cancelled migration leaves the VM on its source."""
     with errors_exit(), server_client(lab) as client:
         t = client.cancel_task(task_id)
+    if json_out:
+        print_json(t.model_dump(mode="json"))
+        return
     console.print(Text(f"task {t.id}: cancel requested ({t.state})"))

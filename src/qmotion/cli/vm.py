@@ -185,38 +185,51 @@ def create(
                 )
 
 
+def _vm_line(vm: VmOut, json_out: bool, where: bool = True) -> None:
+    """What a VM lifecycle command prints: the VM (``--json``), or its state in a line."""
+    if json_out:
+        print_json(vm.model_dump(mode="json"))
+    else:
+        console.print(Text(f"{vm.name} is {vm.state}" + (f" on {vm.host}" if where else "")))
+
+
 @app.command("start")
-def start(name: str, lab: str = LabOpt) -> None:
+def start(name: str, json_out: bool = JsonOpt, lab: str = LabOpt) -> None:
     """Start a VM on its host."""
     with errors_exit(), server_client(lab) as client:
         vm = client.start_vm(name)
-    console.print(Text(f"{vm.name} is {vm.state} on {vm.host}"))
+    _vm_line(vm, json_out)
 
 
 @app.command("suspend")
-def suspend(name: str, lab: str = LabOpt) -> None:
+def suspend(name: str, json_out: bool = JsonOpt, lab: str = LabOpt) -> None:
     """Save a running VM's memory and device state to its datastore and stop it."""
     with errors_exit(), server_client(lab) as client:
         vm = client.suspend_vm(name)
-    console.print(Text(f"{vm.name} is {vm.state} on {vm.host}"))
+    _vm_line(vm, json_out)
 
 
 @app.command("resume")
-def resume(name: str, lab: str = LabOpt) -> None:
+def resume(name: str, json_out: bool = JsonOpt, lab: str = LabOpt) -> None:
     """Run a suspended VM again where it was (on its host now, after a migration too)."""
     with errors_exit(), server_client(lab) as client:
         if (state := client.vm(name).state) != "suspended":
             fail(f"{name} is {state}, not suspended: `vm start` boots a stopped VM", 1)
         vm = client.start_vm(name)
-    console.print(Text(f"{vm.name} is {vm.state} on {vm.host}"))
+    _vm_line(vm, json_out)
 
 
 @app.command("stop")
-def stop(name: str, force: bool = typer.Option(False, "--force"), lab: str = LabOpt) -> None:
+def stop(
+    name: str,
+    force: bool = typer.Option(False, "--force"),
+    json_out: bool = JsonOpt,
+    lab: str = LabOpt,
+) -> None:
     """Stop a VM: ACPI power button, then forced if the guest does not comply."""
     with errors_exit(), server_client(lab) as client:
         vm = client.stop_vm(name, force=force)
-    console.print(Text(f"{vm.name} is {vm.state}"))
+    _vm_line(vm, json_out, where=False)
 
 
 @app.command("resolve")
@@ -240,12 +253,20 @@ def resolve(
 
 
 @app.command("delete")
-def delete(name: str, force: bool = typer.Option(False, "--force"), lab: str = LabOpt) -> None:
+def delete(
+    name: str,
+    force: bool = typer.Option(False, "--force"),
+    json_out: bool = JsonOpt,
+    lab: str = LabOpt,
+) -> None:
     """Delete a VM (a running one only with --force). With --force, a VM its host no longer
-    has is forgotten."""
+    has is forgotten. ``--json``: ``{"deleted": NAME}``."""
     with errors_exit(), server_client(lab) as client:
         client.delete_vm(name, force=force)
-    console.print(Text(f"{name} deleted"))
+    if json_out:
+        print_json({"deleted": name})
+    else:
+        console.print(Text(f"{name} deleted"))
 
 
 @app.command("list")
