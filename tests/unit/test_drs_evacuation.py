@@ -48,6 +48,28 @@ async def _exit_with_return(c: Client, world: World, host: str) -> dict[str, str
     return _where(world)
 
 
+def _stop_mid_evacuation(world: World, url: str, host: str) -> None:
+    """A manager that starts evacuating ``host`` and stops (its lifespan ends) while a move
+    is copying: the moves go on in the agents."""
+
+    async def first(c: Client) -> None:
+        r = await c.post(f"/v1/hosts/{host}/maintenance")
+        assert r.status_code == 202, r.text
+
+        async def moving() -> bool:
+            tasks = (await c.get("/v1/tasks")).json()
+            return any(t["kind"] == "migrate" and t["phase"] == "monitor" for t in tasks)
+
+        await _until(moving, "an evacuation move copying")
+
+    _run(world, url, first, lifespan=True)
+    db = Database(url)
+    with db.session() as s:
+        running = s.query(Task).filter(Task.kind == "migrate", Task.state == "running").count()
+    db.engine.dispose()
+    assert running  # the restart really happens mid-evacuation
+
+
 def test_a_vm_migrating_out_when_maintenance_starts_is_awaited_and_comes_back(
     tmp_path: Path,
 ) -> None:
@@ -84,24 +106,7 @@ def test_a_restart_mid_evacuation_resumes_it_and_exit_return_brings_every_vm_bac
     world, url = _cluster(tmp_path, {"h1": vms})
     world.polls_to_complete = 10
 
-    async def first(c: Client) -> None:
-        r = await c.post("/v1/hosts/h1/maintenance")
-        assert r.status_code == 202, r.text
-
-        async def moving() -> bool:
-            tasks = (await c.get("/v1/tasks")).json()
-            return any(t["kind"] == "migrate" and t["phase"] == "monitor" for t in tasks)
-
-        await _until(moving, "an evacuation move copying")
-        # The manager stops here (its lifespan ends): the moves go on in the agents.
-
-    _run(world, url, first, lifespan=True)
-    db = Database(url)
-    with db.session() as s:
-        states = [(t.vm, t.kind, t.state) for t in s.query(Task)]
-        moving = [vm for vm, kind, state in states if kind == "migrate" and state == "running"]
-    db.engine.dispose()
-    assert moving  # the restart really happens mid-evacuation
+    _stop_mid_evacuation(world, url, "h1")
 
     async def second(c: Client) -> None:
         await _maintained(c, "h1")
@@ -258,17 +263,7 @@ def test_exit_return_right_after_a_restart_mid_evacuation_brings_every_vm_back(
     world, url = _cluster(tmp_path, {"h1": vms})
     world.polls_to_complete = 10
 
-    async def first(c: Client) -> None:
-        r = await c.post("/v1/hosts/h1/maintenance")
-        assert r.status_code == 202, r.text
-
-        async def moving() -> bool:
-            tasks = (await c.get("/v1/tasks")).json()
-            return any(t["kind"] == "migrate" and t["phase"] == "monitor" for t in tasks)
-
-        await _until(moving, "an evacuation move copying")
-
-    _run(world, url, first, lifespan=True)
+    _stop_mid_evacuation(world, url, "h1")
     world.polls_to_complete = 60  # the moves are still under way when the exit comes
 
     async def second(c: Client) -> None:

@@ -78,11 +78,13 @@ class ClusterDrs:
         now: datetime | None = None,
         avoid: dict[str, set[str]] | None = None,
         links: bool = True,
+        waiting: list[drs_history.Backoff] | None = None,
     ) -> Snapshot:
         """The live cluster as DRS plans on it, with the links measured between its hosts
         (``links``: for planning moves, not a new VM's placement); ``cooldown`` pins VMs DRS
         moved lately and holds failed moves back (back-off); ``avoid``: VM -> hosts it
-        should not be planned onto unless nothing else fits (rules ``failed:VM``)."""
+        should not be planned onto unless nothing else fits (rules ``failed:VM``); ``waiting``:
+        the back-offs, when the caller read them already."""
         now = now or self.clock()
         snap = self._snapshot(cooldown, now)
         if links:
@@ -90,7 +92,7 @@ class ClusterDrs:
             snap = snap.model_copy(update={"links": found, "default_bandwidth_mib_s": default})
         held: dict[str, set[str]] = {}
         if cooldown:
-            for b in drs_history.backoffs(self.db, now):
+            for b in drs_history.backoffs(self.db, now) if waiting is None else waiting:
                 held.setdefault(b.vm, set()).add(b.target)
             snap = drs_history.hold(snap, held, "backoff")
         return drs_history.hold(snap, avoid or {}, "failed", strength="should")
@@ -219,7 +221,8 @@ class ClusterDrs:
 
     def _run(self) -> DrsRunOut:
         now = self.clock()
-        snap = self.snapshot(cooldown=True, now=now)
+        waiting = drs_history.backoffs(self.db, now)  # held out of the plan, and reported
+        snap = self.snapshot(cooldown=True, now=now, waiting=waiting)
         try:
             result = plan(snap, self._policy(snap), now)
         except SnapshotError as exc:
@@ -244,7 +247,6 @@ class ClusterDrs:
             ),
             *({"vm": vm, "reason": why} for vm, why in sorted(marked.items())),
         ]
-        waiting = drs_history.backoffs(self.db, now)
         moving = {m.vm for m in moves}
         left = [
             *result.left,
