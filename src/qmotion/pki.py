@@ -69,7 +69,7 @@ class ClusterCA:
             if not isinstance(key, ec.EllipticCurvePrivateKey):
                 raise PkiError(f"{key_file} is not an EC key")
             return cls(key, x509.load_pem_x509_certificate(cert_file.read_bytes()))
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         now = _now()

@@ -324,13 +324,13 @@ class Cluster:
     def spec(self, name: str = "vm1") -> VmSpec:
         return VmSpec(name=name, memory=256, boot={"kind": "kernel", "kernel": str(self.kernel)})
 
-    def launch(self, argv: list[str], pidfile: Path, log: Path, vm: str) -> int:
+    def launch(self, argv: list[str], pidfile: Path, log: Path, vm: str, qmp_socket: Path) -> int:
         host = next(h for h in self.qemus if pidfile.is_relative_to(self.root / h))
         uuid = argv[argv.index("-uuid") + 1]
         proc = subprocess.Popen([uuid, "3600"], executable=shutil.which("sleep"))
         self.procs.append(proc)
         # Popen returns while the kernel may still be setting the new argv up; QEMU's
-        # launch returns once it daemonized.
+        # launch returns once its monitor answers.
         deadline = time.monotonic() + 5
         while not process.is_qemu_of(proc.pid, UUID(uuid)) and time.monotonic() < deadline:
             time.sleep(0.001)

@@ -40,11 +40,15 @@ from qmotion.agent.vms import manager as agent_vms
 from qmotion.api.host import AccelInfo, HostFacts
 from qmotion.api.vm import Nic, VmSpec
 from qmotion.hypervisor.qemu import QemuInfo
-from qmotion.server.db import Database, Task
+from qmotion.server.access import digest
+from qmotion.server.db import ApiToken, Database, Task, User
 from qmotion.server.http.app import create_app as create_manager
 from tests.unit.agent_world import FakeVm, World, _error, _json
 
-TOKEN = "fuzz-token-0123456789abcdef"
+TOKEN = "fuzz-token-0123456789abcdef"  # the service token: the built-in admin
+# A token of each lesser role, made in the manager's database: the fuzzer runs as each.
+ROLE_TOKENS = {"viewer": "qmu_fuzz-viewer-0123456789", "operator": "qmu_fuzz-operator-012345"}
+ROLE_EXAMPLES = 10
 BASE_URL = "http://testserver"
 MAX_EXAMPLES = 30
 CHECKS = [
@@ -166,6 +170,12 @@ def _manager(tmp_path: Path) -> FastAPI:
     with db.session() as s:
         s.add(Task(kind="migrate", state="succeeded", vm="web", source="h2", destination="h1"))
     db.set_setting("pool", {"first": "198.18.0.100", "last": "198.18.0.199", "prefixlen": 24})
+    with db.session() as s:
+        for role, token in ROLE_TOKENS.items():
+            user = User(name=f"fuzz-{role}", role=role)
+            s.add(user)
+            s.flush()
+            s.add(ApiToken(user_id=user.id, digest=digest(token), prefix=token[:12]))
     db.engine.dispose()
     return create_manager(url, TOKEN, agents=world.connector())
 
@@ -208,6 +218,7 @@ def _schema(
     names: tuple[str, ...],
     bodies: dict[str, list[dict[str, Any]]],
     not_server_errors: tuple[int, ...] = (),
+    token: str = TOKEN,
 ) -> schemathesis.BaseSchema:
     """The app's own OpenAPI, as served at /openapi.json (read without starting the app).
 
@@ -216,7 +227,11 @@ def _schema(
     ``not_server_errors``: 5xx statuses that are the app's documented answer (the manager's
     502: a host's agent failed), not its own failure."""
     expected = ["2xx", "3xx", "4xx", *map(str, not_server_errors)]
-    config = {**CONFIG, "checks": {"not_a_server_error": {"expected-statuses": expected}}}
+    config = {
+        **CONFIG,
+        "auth": {"openapi": {"HTTPBearer": {"bearer": token}}},
+        "checks": {"not_a_server_error": {"expected-statuses": expected}},
+    }
     schema = schemathesis.openapi.from_file(
         json.dumps(app.openapi()), config=schemathesis.Config.from_dict(config)
     )
@@ -241,6 +256,12 @@ def _schema(
 # Collection needs the operations before any fixture exists: they are read from apps that are
 # only constructed (no database file, no state directory); each test calls its own app.
 MANAGER = _schema(create_manager("sqlite://", TOKEN), tuple(MANAGER_VMS), MANAGER_BODIES, (502,))
+MANAGER_AS = {
+    role: _schema(
+        create_manager("sqlite://", TOKEN), tuple(MANAGER_VMS), MANAGER_BODIES, (502,), token
+    )
+    for role, token in ROLE_TOKENS.items()
+}
 AGENT_CONFIG = AgentConfig(name="h9", state_dir=Path("/nonexistent"), token=TOKEN)
 AGENT = _schema(create_agent(AGENT_CONFIG), AGENT_VMS, AGENT_BODIES)
 AGENT = AGENT.include(name=list(AGENT_FUZZED))
@@ -259,6 +280,20 @@ def agent_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FastAPI:
 @MANAGER.parametrize()
 @FUZZ_SETTINGS
 def test_manager_api_fuzzed(case: schemathesis.Case[Any], manager_app: FastAPI) -> None:
+    case.call_and_validate(base_url=BASE_URL, app=manager_app, checks=CHECKS)
+
+
+@MANAGER_AS["viewer"].parametrize()
+@settings(FUZZ_SETTINGS, max_examples=ROLE_EXAMPLES)
+def test_manager_api_fuzzed_as_a_viewer(case: schemathesis.Case[Any], manager_app: FastAPI) -> None:
+    case.call_and_validate(base_url=BASE_URL, app=manager_app, checks=CHECKS)
+
+
+@MANAGER_AS["operator"].parametrize()
+@settings(FUZZ_SETTINGS, max_examples=ROLE_EXAMPLES)
+def test_manager_api_fuzzed_as_an_operator(
+    case: schemathesis.Case[Any], manager_app: FastAPI
+) -> None:
     case.call_and_validate(base_url=BASE_URL, app=manager_app, checks=CHECKS)
 
 
@@ -322,3 +357,9 @@ def test_error_bodies_are_in_the_openapi(client: TestClient) -> None:
     resp = client.get("/v1/no-such-route")
     assert resp.status_code == 404
     assert resp.json()["error"]["code"] == "not_found"
+
+
+def test_recommendation_id_beyond_64_bits_is_refused(client: TestClient) -> None:
+    resp = client.post("/v1/drs/apply", json={"ids": [2**63]})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["field"] == "ids[0]"

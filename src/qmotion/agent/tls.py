@@ -57,7 +57,7 @@ class TlsStore:
     def csr(self) -> str:
         """A signing request for this host's key (made on first use, kept across requests:
         a request answered late still matches the key)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not self.key_file.exists():
             _write_private(self.key_file, new_key_pem())
         return csr_for(self.key_file.read_bytes(), self.host)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -150,7 +150,10 @@ class DrsState(BaseModel):
 
 
 class ApplyRequest(StrictModel):
-    ids: list[int] = Field(default_factory=list, max_length=1000)
+    # Recommendation ids are the database's 64-bit integer keys.
+    ids: list[Annotated[int, Field(ge=1, le=2**63 - 1)]] = Field(
+        default_factory=list, max_length=1000
+    )
     all: bool = False
 
     @model_validator(mode="after")

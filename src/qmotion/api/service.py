@@ -17,7 +17,8 @@ from qmotion.api.errors import ErrorBody, ErrorDetail
 
 ERROR_DESCRIPTIONS = {
     400: "Malformed request body (not JSON, or not UTF-8)",
-    401: "Missing or wrong bearer token",
+    401: "Missing, wrong or revoked bearer token",
+    403: "The caller's role may not do this (nothing changed)",
     404: "No such resource",
     409: "Refused: the current state forbids it (nothing changed)",
     422: "Invalid request (nothing changed); `error.field` names the input",
@@ -27,12 +28,13 @@ ERROR_DESCRIPTIONS = {
 HTTP_ERROR_CODES = {
     400: "bad_request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
 }
-# What every route of a service can answer: a malformed body, no token, an unknown name, a
-# state that forbids it, an invalid request.
-COMMON_ERROR_STATUSES = (400, 401, 404, 409, 422)
+# What every route of a service can answer: a malformed body, no token, a role short of the
+# route's, an unknown name, a state that forbids it, an invalid request.
+COMMON_ERROR_STATUSES = (400, 401, 403, 404, 409, 422)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

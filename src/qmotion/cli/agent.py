@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 
 import typer
@@ -84,4 +85,8 @@ def agent(
         hugepages=hugepages,
         datastores=stores,
     )
+    # Everything the service writes (database, keys, VM state) is its own only.
+    os.umask(0o077)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state_dir.chmod(0o700)  # made by an older version, or by hand
     run(config, host, port)

@@ -7,6 +7,7 @@ import typer
 from qmotion import __version__
 from qmotion.cli import (
     agent,
+    audit,
     cluster,
     demo,
     drs,
@@ -18,6 +19,7 @@ from qmotion.cli import (
     schedule,
     server,
     task,
+    user,
     vm,
 )
 
@@ -55,6 +57,8 @@ app.add_typer(drs.app, name="drs")
 app.add_typer(schedule.app, name="schedule")
 app.add_typer(rule.app, name="rule")
 app.add_typer(cluster.app, name="cluster")
+app.add_typer(user.app, name="user")
+app.add_typer(audit.app, name="audit")
 app.command("server")(server.server)
 app.command("agent")(agent.agent)
 app.command("demo")(demo.demo)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -36,5 +37,7 @@ def server(
     token = service_token(token_file, "QMOTION_TOKEN")
     host, port = listen_address(listen)
     if db.startswith("sqlite:///"):
-        Path(db.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        Path(db.removeprefix("sqlite:///")).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Everything the service writes (database, keys, VM state) is its own only.
+    os.umask(0o077)
     run(db, token, host, port, None if insecure else ca_dir)

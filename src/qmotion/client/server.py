@@ -30,10 +30,11 @@ from qmotion.api.server import (
     VmOut,
 )
 from qmotion.api.vm import StopRequest
-from qmotion.client.base import BaseClient, dump
+from qmotion.client.access import AccessCalls
+from qmotion.client.base import dump
 
 
-class ServerClient(BaseClient):
+class ServerClient(AccessCalls):
     def register_host(self, req: HostRegister) -> HostOut:
         return self.call(HostOut, "POST", "/v1/hosts", json=dump(req))
 

@@ -1,10 +1,11 @@
-"""Launching daemonized QEMU processes and finding, signalling and reaping them by PID."""
+"""Launching QEMU processes, each in a session of its own; finding, signalling, reaping them."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -13,35 +14,76 @@ from pathlib import Path
 from qmotion.hypervisor.errors import QemuStartError
 
 
-def launch(argv: list[str], pidfile: Path, log: Path, vm: str) -> int:
-    """Run QEMU with ``-daemonize``; returns the daemon's PID once QEMU is initialised.
+def launch(argv: list[str], pidfile: Path, log: Path, vm: str, qmp_socket: Path) -> int:
+    """Run QEMU in its own session; returns its PID once QEMU is initialised.
 
-    Daemonized QEMU is not the agent's child, so it outlives an agent restart and is found
-    again through its pidfile; QEMU exits its launcher only after setup succeeded, so a zero
-    exit means the monitor socket is already listening.
+    QEMU is not daemonized (``-daemonize`` forks and calls setsid after the seccomp filter is
+    in place, which ``-sandbox spawn=deny,elevateprivileges=deny`` forbids); it is started in a
+    session of its own instead, so it outlives an agent restart (systemd's ``KillMode=process``
+    signals only the agent) and is found again through its pidfile. It is ready when its
+    monitor greets: QEMU accepts monitor connections only from its main loop, after setup.
 
-    A daemonized QEMU points its stderr at /dev/null once set up, so a later error (an
-    assertion, "terminating on signal") would be lost; with ``-D`` it keeps writing there.
-    QEMU truncates that file, hence a second one: ``log`` keeps the start-up errors.
+    Its stdout and stderr stay on ``log`` for its whole life; ``-D`` keeps QEMU's own log
+    messages in a second file, as before.
     """
     pidfile.unlink(missing_ok=True)
     argv = [*argv, "-D", str(runtime_log(log))]
     with open(log, "ab") as err:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=err,
             stderr=err,
-            check=False,
             start_new_session=True,
         )
-    if proc.returncode != 0:
-        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-        raise QemuStartError(f"QEMU exited with status {proc.returncode}", vm=vm, stderr=tail)
-    try:
-        return int(pidfile.read_text().strip())
-    except (OSError, ValueError) as exc:
-        raise QemuStartError(f"QEMU started but left no pidfile at {pidfile}", vm=vm) from exc
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        rc = proc.poll()
+        if rc is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise QemuStartError(f"QEMU exited with status {rc}", vm=vm, stderr=tail)
+        if _greets(qmp_socket):
+            break
+        if time.monotonic() > deadline:
+            kill_child(proc)
+            raise QemuStartError(
+                f"QEMU did not answer on its monitor within {START_TIMEOUT_S:.0f} s", vm=vm
+            )
+        time.sleep(0.02)
+    _STARTED.append(proc)
+    _reap()
+    return proc.pid
+
+
+START_TIMEOUT_S = 120.0
+# QEMUs this agent started, kept to be reaped when they end (not to leave zombies while the
+# agent runs; an agent restart hands them to init).
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+def _reap() -> None:
+    _STARTED[:] = [p for p in _STARTED if p.poll() is None]
+
+
+def kill_child(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+
+
+def _greets(qmp_socket: Path) -> bool:
+    """True once QEMU's monitor sends its greeting (QEMU accepts a connection and closes it
+    cleanly when the client goes)."""
+    if not qmp_socket.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(qmp_socket))
+            return sock.recv(1, socket.MSG_PEEK) != b""
+        except OSError:
+            return False
 
 
 def runtime_log(log: Path) -> Path:
@@ -80,7 +122,8 @@ def kill(pid: int, vm_uuid: uuid.UUID, timeout_s: float = 5.0) -> None:
         except ProcessLookupError:
             return
         if wait_gone(pid, vm_uuid, timeout_s):
-            return
+            break
+    _reap()
 
 
 def is_nbd(pid: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import re
 import subprocess
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from qmotion.api.vm import DiskBoot, KernelBoot, VmSpec
 from qmotion.hypervisor.errors import HypervisorError
 
 QEMU = "qemu-system-x86_64"
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 @dataclass(frozen=True)
@@ -127,11 +129,14 @@ def build_argv(
         f"file,id=console0,path={paths.console_log},append=on",
         "-serial",
         "chardev:console0",
-        "-daemonize",
         "-pidfile",
         str(paths.pidfile),
         "-msg",
         "timestamp=on",
+        # Seccomp: no obsolete system calls, no set*uid, no fork/exec, no scheduler or
+        # affinity changes: a guest escaping into QEMU gets no further than QEMU's own needs.
+        "-sandbox",
+        SANDBOX,
     ]
     if hugepages is not None:
         argv += [
@@ -148,11 +153,20 @@ def build_argv(
     boot_disk = next((i for i, d in enumerate(spec.disks) if d.bootable), 0)
     for i, (disk, path) in enumerate(zip(spec.disks, paths.disks, strict=True)):
         bootindex = ",bootindex=1" if isinstance(spec.boot, DiskBoot) and i == boot_disk else ""
+        # JSON, not QEMU's key=value syntax: a path is data, never more options (a comma
+        # in ``a,filename=/dev/sda`` would otherwise re-point the disk).
+        file_node = {
+            "driver": "file",
+            "filename": str(path),
+            "node-name": f"file{i}",
+            "cache": {"direct": False},
+        }
+        format_node = {"driver": disk.format, "file": f"file{i}", "node-name": f"disk{i}"}
         argv += [
             "-blockdev",
-            f"driver=file,filename={path},node-name=file{i},cache.direct=off",
+            json.dumps(file_node),
             "-blockdev",
-            f"driver={disk.format},file=file{i},node-name=disk{i}",
+            json.dumps(format_node),
             "-device",
             f"virtio-blk-pci,drive=disk{i},id=vblk{i},bus=pci.0,addr={0x10 + i:#x}{bootindex}",
         ]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -204,15 +206,70 @@ class TaskEvent(Base):
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
+class User(Base):
+    """Someone (or something) calling the manager's API, with a role (api.access.Role)."""
+
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class ApiToken(Base):
+    """A user's API token: only its SHA-256 is kept (it is only ever compared)."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+
+
+class AuditRecord(Base):
+    """One state-changing call to the manager's API: who, what, when, and how it ended."""
+
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow, index=True)
+    user: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    role: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(512))
+    route: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    status: Mapped[int] = mapped_column(Integer)
+    client: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    task_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
 ACTIVE_TASK_STATES = ("queued", "running")
 # Columns added to a table after it was first made (table, column): create_all adds no
 # column to a table that exists, so a database made before them gets each with ALTER TABLE.
 ADDED_COLUMNS = (("vms", "attention"),)
 
 
+def _private_sqlite_file(url: str) -> None:
+    """The database holds every host's agent credentials and every user's token digest: only
+    its owner may read it. SQLite gives its -wal and -shm files the database file's mode."""
+    if not url.startswith("sqlite:///"):
+        return
+    name = url.removeprefix("sqlite:///").split("?", 1)[0]
+    if not name or name == ":memory:":
+        return
+    path = Path(name)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
+
+
 class Database:
     def __init__(self, url: str) -> None:
         args = {"check_same_thread": False} if url.startswith("sqlite") else {}
+        _private_sqlite_file(url)
         self.engine: Engine = create_engine(url, connect_args=args)
         if url.startswith("sqlite"):
 

@@ -1,6 +1,7 @@
 """Errors of the manager, each mapped to one HTTP status.
 
 ManagerError
+ ├── Forbidden     403  the caller's role may not do this (refused; nothing changed)
  ├── NotFound      404  no such host, VM or task
  ├── Conflict      409  the cluster's state forbids it now (refused; nothing changed)
  ├── Invalid       422  the request is wrong (refused; nothing changed; names the field)
@@ -33,6 +34,11 @@ class ManagerError(QmotionError):
         self.message = message
         self.code = code or type(self).code
         self.vm, self.host, self.field, self.qmp_class = vm, host, field, qmp_class
+
+
+class Forbidden(ManagerError):
+    status = 403
+    code = "forbidden"
 
 
 class NotFound(ManagerError):

@@ -17,6 +17,7 @@ from qmotion.agent.network.net import bridges
 from qmotion.agent.vms import images
 from qmotion.api.vm import KernelBoot, VmSpec
 from qmotion.hypervisor.qemu import qemu_info, resolve_machine
+from qmotion.paths import cache_dir
 
 
 def disk_path(config: AgentConfig, spec: VmSpec, index: int) -> Path:
@@ -89,15 +90,41 @@ def check_spec(config: AgentConfig, spec: VmSpec, *, creating: bool = False) -> 
             vm=spec.name,
             field="saved_state.path",
         )
-    if isinstance(spec.boot, KernelBoot):
-        for field in ("kernel", "initrd"):
-            value = getattr(spec.boot, field)
-            if value and not Path(value).is_file():
-                raise SpecRejected(
-                    f"{field} image {value!r} does not exist on host {config.name}",
-                    vm=spec.name,
-                    field=f"boot.{field}",
-                )
+    check_boot_files(config, spec)
+
+
+def boot_roots(config: AgentConfig) -> list[Path]:
+    """Where a kernel or initrd may come from: the host's datastores and its image cache."""
+    return [d.path.resolve() for d in config.datastores] + [cache_dir().resolve()]
+
+
+def check_boot_files(config: AgentConfig, spec: VmSpec) -> None:
+    """A kernel or initrd must be a file inside a datastore or the image cache: QEMU reads
+    it as root, so any other path (``/etc/shadow``, a key) would hand it to the guest."""
+    if not isinstance(spec.boot, KernelBoot):
+        return
+    for field in ("kernel", "initrd"):
+        value = getattr(spec.boot, field)
+        if not value:
+            continue
+        path = Path(value)
+        resolved = path.resolve()  # symbolic links out of a datastore count as outside
+        if not path.is_absolute() or not any(
+            resolved.is_relative_to(r) for r in boot_roots(config)
+        ):
+            roots = ", ".join(str(r) for r in boot_roots(config))
+            raise SpecRejected(
+                f"{field} {value!r} is outside this host's datastores and image cache "
+                f"({roots}); copy it into a datastore",
+                vm=spec.name,
+                field=f"boot.{field}",
+            )
+        if not resolved.is_file():
+            raise SpecRejected(
+                f"{field} image {value!r} does not exist on host {config.name}",
+                vm=spec.name,
+                field=f"boot.{field}",
+            )
 
 
 async def create_disks(config: AgentConfig, spec: VmSpec) -> None:

@@ -2,7 +2,7 @@
 itself, from the huge-page pool when it has room.
 
 The VM manager decides when a VM starts and records what runs; this module only turns a spec
-into a running (daemonized) QEMU process.
+into a running QEMU process (in a session of its own, confined by seccomp).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qmotion.agent.config import AgentConfig
 from qmotion.agent.vms import seed
-from qmotion.agent.vms.definition import disk_path
+from qmotion.agent.vms.definition import check_boot_files, disk_path
 from qmotion.api.vm import KernelBoot, MemoryBacking, VmSpec
 from qmotion.hypervisor import process
 from qmotion.hypervisor.errors import QemuStartError
@@ -61,6 +61,7 @@ async def kernel_paths(spec: VmSpec) -> tuple[Path | None, Path | None, str]:
 async def launch_paths(config: AgentConfig, spec: VmSpec, vm_dir: Path) -> LaunchPaths:
     """What QEMU is given of the host: its monitor socket, console log, disks, kernel and
     cloud-init seed (written here)."""
+    check_boot_files(config, spec)  # also for a VM defined before the check existed
     kernel, initrd, cmdline = await kernel_paths(spec)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     paths = LaunchPaths(
@@ -105,12 +106,16 @@ async def launch_qemu(
             paused=paused,
         )
         try:
-            pid = await asyncio.to_thread(process.launch, argv, paths.pidfile, log_path, spec.name)
+            pid = await asyncio.to_thread(
+                process.launch, argv, paths.pidfile, log_path, spec.name, paths.qmp_socket
+            )
             return pid, "hugepages"
         except QemuStartError as exc:
             if "backing store" not in exc.stderr:
                 raise
             log.warning("VM %s: huge-page pool short, using ordinary memory", spec.name)
     argv = build_argv(spec, paths, accel=accel, machine=machine, incoming=incoming, paused=paused)
-    pid = await asyncio.to_thread(process.launch, argv, paths.pidfile, log_path, spec.name)
+    pid = await asyncio.to_thread(
+        process.launch, argv, paths.pidfile, log_path, spec.name, paths.qmp_socket
+    )
     return pid, "anonymous"

@@ -1,4 +1,4 @@
-"""The manager's REST API (FastAPI, OpenAPI at /openapi.json), protected by a bearer token."""
+"""The manager's REST API (FastAPI, OpenAPI at /openapi.json): bearer tokens, roles, audit."""
 
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ from qmotion.api.server import (
 )
 from qmotion.api.service import (
     COMMON_ERRORS,
-    bearer_auth,
     error_responses,
     install_error_handlers,
 )
 from qmotion.api.vm import StopRequest
 from qmotion.pki import ClusterCA
+from qmotion.server.access import Access
 from qmotion.server.agents import AgentConnector
 from qmotion.server.automation.drs import ClusterDrs
 from qmotion.server.automation.maintenance import Maintenance
@@ -39,6 +39,11 @@ from qmotion.server.automation.operations import Operations
 from qmotion.server.automation.schedules import Schedules
 from qmotion.server.db import Database
 from qmotion.server.errors import ManagerError
+from qmotion.server.http.access_routes import (
+    AuditMiddleware,
+    install_access_routes,
+    role_check,
+)
 from qmotion.server.http.drs_routes import ManagerActions, install_drs_routes
 from qmotion.server.http.schedule_routes import install_routes as install_schedule_routes
 from qmotion.server.images import ImageLibrary
@@ -91,9 +96,10 @@ def create_app(
     )
     app.state.runner = runner
     install_error_handlers(app, ManagerError)
-    authorize = bearer_auth(token)
-
-    auth = [Depends(authorize)]
+    access = Access(db, token)
+    auth = [Depends(role_check(access))]
+    app.add_middleware(AuditMiddleware, access=access)
+    install_access_routes(app, access, auth)
 
     @app.post("/v1/hosts", response_model=HostOut, status_code=201, dependencies=auth)
     def register_host(req: HostRegister) -> HostOut:

@@ -1,0 +1,144 @@
+"""QEMU is confined: seccomp on, disk paths are data (never options), boot files only from the
+host's datastores or image cache (real QEMU, real agent app)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from qmotion.agent.app import create_app
+from qmotion.agent.config import AgentConfig, DatastoreConfig
+from qmotion.api.vm import VmSpec
+from qmotion.hypervisor import process
+from qmotion.hypervisor.qemu import LaunchPaths, build_argv, qemu_info, resolve_machine
+
+TOKEN = "t" * 32
+
+
+def _qmp(sock_path: Path, command: str) -> Any:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(sock_path))
+        f = sock.makefile("rw")
+        f.readline()  # greeting
+        for cmd in ("qmp_capabilities", command):
+            f.write(json.dumps({"execute": cmd}) + "\n")
+            f.flush()
+            while "return" not in (reply := json.loads(f.readline())) and "error" not in reply:
+                pass  # events
+        return reply["return"]
+
+
+@pytest.fixture
+def started_qemu(tmp_path: Path) -> Iterator[tuple[int, Path, Path, Path]]:
+    """A paused QEMU whose disk path carries a comma and what QEMU's old option syntax would
+    read as a second ``filename``."""
+    store = tmp_path / "store"
+    store.mkdir()
+    decoy = tmp_path / "decoy.img"
+    decoy.write_bytes(b"\0" * 65536)
+    name = f"a,filename={decoy}"
+    disk = store / name
+    disk.parent.mkdir(parents=True, exist_ok=True)
+    disk.write_bytes(b"\0" * 65536)
+    spec = VmSpec.model_validate(
+        {
+            "name": "conf",
+            "memory": "64M",
+            "boot": {"kind": "disk"},
+            "disks": [{"datastore": "s", "path": name, "format": "raw"}],
+        }
+    )
+    paths = LaunchPaths(
+        qmp_socket=tmp_path / "q.sock",
+        console_log=tmp_path / "console.log",
+        pidfile=tmp_path / "qemu.pid",
+        disks=[disk],
+    )
+    machine = resolve_machine(spec.machine, qemu_info())
+    argv = build_argv(spec, paths, accel="tcg", machine=machine, paused=True)
+    pid = process.launch(argv, paths.pidfile, tmp_path / "qemu.log", "conf", paths.qmp_socket)
+    try:
+        yield pid, paths.qmp_socket, disk, decoy
+    finally:
+        process.kill(pid, spec.uuid)
+
+
+def test_qemu_runs_under_seccomp_without_privilege_gain(
+    started_qemu: tuple[int, Path, Path, Path],
+) -> None:
+    pid = started_qemu[0]
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    assert status["Seccomp"].strip() == "2"  # filter mode
+    assert status["NoNewPrivs"].strip() == "1"
+    # Its own session: an agent restart (systemd KillMode=process) does not reach it.
+    assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3] == str(pid)
+
+
+def test_a_comma_in_a_disk_path_is_part_of_the_file_name(
+    started_qemu: tuple[int, Path, Path, Path],
+) -> None:
+    _, qmp, disk, decoy = started_qemu
+    files = {n["node-name"]: n["file"] for n in _qmp(qmp, "query-named-block-nodes")}
+    assert files["file0"] == str(disk)
+    assert str(decoy) not in files.values()
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[tuple[TestClient, Path]]:
+    store = tmp_path / "store"
+    store.mkdir()
+    config = AgentConfig(
+        name="h9",
+        state_dir=tmp_path / "state",
+        token=TOKEN,
+        run_dir=tmp_path / "run",
+        accel="tcg",
+        datastores=(DatastoreConfig("shared", store, True),),
+    )
+    config.state_dir.mkdir()
+    with TestClient(create_app(config)) as client:
+        client.headers["Authorization"] = f"Bearer {TOKEN}"
+        yield client, store
+
+
+def _kernel_vm(**boot: str) -> dict[str, Any]:
+    return {"name": "k1", "memory": "256M", "boot": {"kind": "kernel", **boot}}
+
+
+@pytest.mark.parametrize("field", ["kernel", "initrd"])
+def test_a_boot_file_outside_the_datastores_is_refused(
+    agent: tuple[TestClient, Path], field: str, tmp_path: Path
+) -> None:
+    client, store = agent
+    outside = tmp_path / "secret.key"
+    outside.write_text("private")
+    (store / "vmlinuz").write_bytes(b"k")
+    (store / "link").symlink_to(outside)
+    boot = {"kernel": str(store / "vmlinuz")}
+    for path in (str(outside), str(store / "link"), f"{store}/../secret.key", "vmlinuz"):
+        resp = client.post("/v1/vms", json=_kernel_vm(**{**boot, field: path}))
+        assert resp.status_code == 422, path
+        err = resp.json()["error"]
+        assert err["field"] == f"boot.{field}"
+        assert "outside" in err["message"]
+    assert client.get("/v1/vms").json() == []
+
+
+def test_a_boot_file_inside_a_datastore_is_accepted(agent: tuple[TestClient, Path]) -> None:
+    client, store = agent
+    (store / "boot").mkdir()
+    (store / "boot" / "vmlinuz").write_bytes(b"k")
+    (store / "boot" / "initrd").write_bytes(b"i")
+    resp = client.post(
+        "/v1/vms",
+        json=_kernel_vm(kernel=str(store / "boot/vmlinuz"), initrd=str(store / "boot/initrd")),
+    )
+    assert resp.status_code == 201, resp.text
