@@ -14,7 +14,7 @@ BACKPORTS_LIST := /etc/apt/sources.list.d/qmotion-bookworm-backports.sources
 BENCH_PACKAGES := ganeti-htools
 STAMP := $(VENV)/.installed
 
-.PHONY: setup debs test test-unit check demo bench faults campaign drs-random clean
+.PHONY: install setup debs test test-unit check demo bench faults campaign drs-random clean
 
 setup: debs $(STAMP)
 
@@ -92,3 +92,24 @@ drs-random: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Onto a real host (README "Install on real hosts"): qmotion in its own venv under PREFIX,
+# the command in /usr/local/bin, the systemd units, example configs, the manager's token.
+PREFIX ?= /opt/qmotion
+install: debs
+	python3 -m venv $(PREFIX)
+	$(PREFIX)/bin/pip install -q --upgrade pip
+	$(PREFIX)/bin/pip install -q .
+	ln -sf $(PREFIX)/bin/qmotion /usr/local/bin/qmotion
+	install -m 0644 README.md $(PREFIX)/README.md
+	install -d -m 0755 /etc/qmotion
+	install -m 0644 deploy/etc/manager.toml /etc/qmotion/manager.toml.example
+	install -m 0644 deploy/etc/agent.toml /etc/qmotion/agent.toml.example
+	[ -e /etc/qmotion/manager.toml ] || install -m 0644 deploy/etc/manager.toml /etc/qmotion/manager.toml
+	[ -e /etc/qmotion/manager.token ] || (umask 077; $(PREFIX)/bin/python -c \
+	  'import secrets; print(secrets.token_urlsafe(32))' > /etc/qmotion/manager.token)
+	install -m 0644 deploy/systemd/qmotion-manager.service deploy/systemd/qmotion-agent.service \
+	  /etc/systemd/system/
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed; manager: edit /etc/qmotion/manager.toml, systemctl enable --now qmotion-manager"
+	@echo "host: qmotion agent join ... (from qmotion host add), systemctl enable --now qmotion-agent"

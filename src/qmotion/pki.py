@@ -102,6 +102,7 @@ class ClusterCA:
                 )
             )
         cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        cert_file.chmod(0o644)  # public: clients and joining hosts are given it
         return cls(key, cert)
 
     def sign_host(self, csr_pem: str, host: str, addresses: list[str]) -> str:
@@ -152,6 +153,43 @@ class ClusterCA:
             .sign(self.key, hashes.SHA256())
         )
         return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def fingerprint(cert_pem: str) -> str:
+    """``sha256:HEX`` of a certificate's DER: what ``agent join --ca-hash`` pins."""
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    return "sha256:" + cert.fingerprint(hashes.SHA256()).hex()
+
+
+SERVING_RENEW = dt.timedelta(days=30)
+
+
+def serving_certificate(ca: ClusterCA, directory: Path, name: str, addresses: list[str]) -> Path:
+    """The manager's HTTPS certificate under the cluster CA, for ``name`` and ``addresses``
+    (made, or made again when it lacks one of them or ends within 30 days); returns the
+    directory holding ``manager-cert.pem`` and ``manager-key.pem`` (0600)."""
+    cert_file, key_file = directory / "manager-cert.pem", directory / "manager-key.pem"
+    if cert_file.exists() and key_file.exists():
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            have = {str(v) for v in san.get_values_for_type(x509.IPAddress)}
+            have |= set(san.get_values_for_type(x509.DNSName))
+        except x509.ExtensionNotFound:
+            have = set()
+        fresh = cert.not_valid_after_utc - _now() > SERVING_RENEW
+        if fresh and set(addresses) <= have and name in have:
+            return directory
+    key_pem = new_key_pem()
+    _write_private(key_file, key_pem)
+    cert_file.write_text(ca.sign_host(csr_for(key_pem, name), name, addresses))
+    return directory
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def new_key_pem() -> bytes:

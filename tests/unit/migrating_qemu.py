@@ -363,6 +363,9 @@ def cluster_at(root: Path, monkeypatch: Any) -> Iterator[Cluster]:
     for module in (vm_manager, vm_definition):
         monkeypatch.setattr(module, "qemu_info", _qemu_info)
     monkeypatch.setattr(process, "launch", cluster.launch)
+    # The kernel lives under root: root stands for the host's image cache (a kernel from
+    # anywhere else is refused).
+    monkeypatch.setenv("QMOTION_CACHE_DIR", str(root))
     try:
         yield cluster
     finally:

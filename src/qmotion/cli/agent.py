@@ -1,4 +1,4 @@
-"""``qmotion agent``: run the host agent."""
+"""``qmotion agent``: run the host agent, and ``qmotion agent join``: enrol this host."""
 
 from __future__ import annotations
 
@@ -8,16 +8,27 @@ from pathlib import Path
 
 import typer
 
-from qmotion.cli.common import fail, listen_address, service_token
+from qmotion.cli import config as config_file
+from qmotion.cli.common import console, errors_exit, fail, listen_address, service_token
+
+DEFAULT_CONFIG = config_file.ETC / "agent.toml"
+DEFAULT_STATE = Path("/var/lib/qmotion/agent")
+app = typer.Typer(
+    help="Run this host's agent (no subcommand), or enrol this host (`join`).",
+    invoke_without_command=True,
+)
 
 
+@app.callback()
 def agent(
-    name: str = typer.Option(..., "--name", help="This host's name in the cluster."),
+    ctx: typer.Context,
+    config: Path = config_file.option(DEFAULT_CONFIG, "the agent"),
+    name: str = typer.Option(None, "--name", help="This host's name in the cluster."),
     listen: str = typer.Option("127.0.0.1:8100", "--listen", help="ADDRESS:PORT to serve on."),
     token_file: Path = typer.Option(
         None, "--token-file", help="File holding the bearer token (or set QMOTION_AGENT_TOKEN)."
     ),
-    state_dir: Path = typer.Option(Path("/var/lib/qmotion/agent"), "--state-dir"),
+    state_dir: Path = typer.Option(DEFAULT_STATE, "--state-dir"),
     run_dir: Path = typer.Option(None, "--run-dir", help="Short path for QMP sockets."),
     datastore: list[str] = typer.Option([], "--datastore", help="NAME=PATH[:shared], repeatable."),
     migration_address: list[str] = typer.Option(
@@ -43,6 +54,10 @@ def agent(
     from qmotion.agent.config import AgentConfig, parse_datastore
     from qmotion.agent.main import run
 
+    if ctx.invoked_subcommand is not None:
+        return
+    if not name:
+        fail("--name (or name in the config file) is required", 2)
     token = service_token(token_file, "QMOTION_AGENT_TOKEN")
     if accel not in ("auto", "kvm", "tcg"):
         fail(f"--accel must be auto, kvm or tcg, got {accel!r}", 2)
@@ -71,7 +86,7 @@ def agent(
             memory_bytes = parse_size(memory)
         except ValueError as exc:
             fail(f"--memory: {exc}", 2)
-    config = AgentConfig(
+    agent_config = AgentConfig(
         cpus=cpus,
         memory_bytes=memory_bytes,
         name=name,
@@ -89,4 +104,67 @@ def agent(
     os.umask(0o077)
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     state_dir.chmod(0o700)  # made by an older version, or by hand
-    run(config, host, port)
+    run(agent_config, host, port)
+
+
+@app.command("join")
+def join(
+    manager: str = typer.Argument(..., help="The manager's URL, https://ADDRESS:PORT"),
+    name: str = typer.Option(..., "--name", help="This host's name, as `host add` gave it."),
+    token: str = typer.Option(..., "--token", help="The one-time join token from `host add`."),
+    ca_hash: str = typer.Option(
+        ..., "--ca-hash", help="sha256:... of the cluster CA, from `host add`: it is pinned."
+    ),
+    config: Path = typer.Option(DEFAULT_CONFIG, "--config", help="The config file to write."),
+    state_dir: Path = typer.Option(DEFAULT_STATE, "--state-dir"),
+) -> None:
+    """Enrol this host: make its key here (it never leaves), have the cluster CA sign it,
+    and write the agent's config and token; then start the agent."""
+    from qmotion.agent.errors import AgentError
+    from qmotion.agent.tls import TlsStore
+    from qmotion.api.enrol import JoinRequest
+    from qmotion.client.enrol import join as join_call
+    from qmotion.client.enrol import pinned_ca
+
+    if not manager.startswith("https://"):
+        fail(f"MANAGER must be an https:// URL, got {manager!r}", 2)
+    manager = manager.rstrip("/")
+    os.umask(0o077)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    store = TlsStore(state_dir, name)
+    with errors_exit():
+        ca_pem = pinned_ca(manager, ca_hash)
+        answer = join_call(manager, ca_pem, JoinRequest(token=token, csr_pem=store.csr()))
+        try:
+            store.install(answer.ca_pem, answer.cert_pem)
+        except AgentError as exc:
+            fail(f"the manager's answer does not fit this host's key: {exc}")
+    token_file = state_dir / "agent.token"
+    token_file.write_text(answer.agent_token + "\n")
+    token_file.chmod(0o600)
+    values: dict[str, str | int | float | bool | list[str]] = {}
+    if config.exists():
+        import tomllib
+
+        values.update(tomllib.loads(config.read_text()))
+    values.update(
+        name=answer.name,
+        listen=f"{answer.address}:{answer.port}",
+        token_file=str(token_file),
+        state_dir=str(state_dir),
+    )
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(
+        config_file.dump(
+            values,
+            f"qmotion agent: joined {manager} as {answer.name}.\n"
+            "Every flag of `qmotion agent` has a key here; flags override.",
+        )
+    )
+    config.chmod(0o644)
+    console.print(
+        f"joined as {answer.name} ({answer.address}:{answer.port}); wrote {config}.\n"
+        "Start the agent: systemctl enable --now qmotion-agent "
+        f"(or: qmotion agent --config {config})"
+    )

@@ -26,27 +26,25 @@ def list_(
     if json_out:
         print_json([r.model_dump(mode="json") for r in rows])
         return
-    # Who and when whole on one line; a long path folds rather than being cut.
+    # Who, when and the call whole on one line; the caller's address is in --json.
     table = Table(
         "id",
-        Column("when", no_wrap=True),
+        Column("when (UTC)", no_wrap=True),
         Column("who", no_wrap=True),
-        Column("call", overflow="fold"),
-        "status",
+        Column("call", no_wrap=True),
+        Column("status", no_wrap=True),
         "task",
-        "from",
     )
     for r in rows:
         who = f"{r.user} ({r.role.value})" if r.user and r.role else "-"
         table.add_row(
             *cells(
                 r.id,
-                f"{r.at:%Y-%m-%d %H:%M:%S}",
+                f"{r.at:%m-%d %H:%M:%S}",
                 who,
                 f"{r.method} {r.path}",
                 f"{r.status} {r.outcome}",
                 r.task_id or "-",
-                r.client or "-",
             )
         )
     console.print(table)

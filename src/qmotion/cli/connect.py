@@ -1,8 +1,14 @@
-"""Which manager the CLI talks to: QMOTION_SERVER/QMOTION_TOKEN, or the lab that is up."""
+"""Which manager the CLI talks to: the environment, the CLI's config file, or the lab that is up.
+
+``QMOTION_SERVER`` and ``QMOTION_TOKEN`` (and ``QMOTION_CA``, the cluster CA an https manager
+is checked against) win; then ``~/.config/qmotion/cli.toml`` (keys ``server``,
+``token-file``, ``ca-file``); then the one lab that is up.
+"""
 
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 
 from qmotion.cli.common import fail
@@ -10,12 +16,41 @@ from qmotion.client.server import ServerClient
 from qmotion.lab import LabRecord
 from qmotion.paths import labs_dir
 
+CLI_KEYS = ("server", "token-file", "ca-file")
+
+
+def cli_config_path() -> Path:
+    return Path(os.environ.get("QMOTION_CLI_CONFIG", "~/.config/qmotion/cli.toml")).expanduser()
+
+
+def _from_config(path: Path) -> ServerClient | None:
+    if not path.is_file():
+        return None
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        fail(f"{path}: {exc}", 2)
+    data = {k.replace("_", "-"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(CLI_KEYS))
+    if unknown or not isinstance(data.get("server"), str):
+        fail(f'{path}: needs server = "https://..." (keys: {", ".join(CLI_KEYS)})', 2)
+    try:
+        token = Path(str(data.get("token-file", ""))).expanduser().read_text().strip()
+    except OSError as exc:
+        fail(f"{path}: token-file: {exc}", 2)
+    ca = data.get("ca-file")
+    return ServerClient(
+        data["server"], token, ca_file=str(Path(str(ca)).expanduser()) if ca else None
+    )
+
 
 def server_client(lab: str | None = None) -> ServerClient:
     url = os.environ.get("QMOTION_SERVER")
     token = os.environ.get("QMOTION_TOKEN")
     if url and token:
-        return ServerClient(url, token)
+        return ServerClient(url, token, ca_file=os.environ.get("QMOTION_CA") or None)
+    if lab is None and (configured := _from_config(cli_config_path())) is not None:
+        return configured
     records = []
     root = labs_dir()
     for path in sorted(root.glob("*/lab.json")) if root.is_dir() else []:
@@ -25,12 +60,16 @@ def server_client(lab: str | None = None) -> ServerClient:
     if len(records) != 1:
         names = ", ".join(r.name for r in records)
         fail(
-            "no manager to talk to: set QMOTION_SERVER and QMOTION_TOKEN, or start a lab "
-            "(`qmotion lab up`)"
+            "no manager to talk to: set QMOTION_SERVER and QMOTION_TOKEN (and QMOTION_CA), "
+            f"write {cli_config_path()}, or start a lab (`qmotion lab up`)"
             if not records
             else f"several labs are up ({names}); pick one with --lab",
             2,
         )
     rec = records[0]
     assert rec.manager_url and rec.manager_token_file
-    return ServerClient(rec.manager_url, Path(rec.manager_token_file).read_text().strip())
+    return ServerClient(
+        rec.manager_url,
+        Path(rec.manager_token_file).read_text().strip(),
+        ca_file=rec.manager_ca_file,
+    )

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import typer
 
-from qmotion.cli.common import listen_address, service_token
+from qmotion.cli import config as config_file
+from qmotion.cli.common import err_console, listen_address, service_token
 
 
 def server(
+    config: Path = config_file.option(config_file.ETC / "manager.toml", "the manager"),
     listen: str = typer.Option("127.0.0.1:8000", "--listen", help="ADDRESS:PORT to serve on."),
     db: str = typer.Option(
         "sqlite:////var/lib/qmotion/manager.db", "--db", help="SQLAlchemy URL (SQLite by default)."
@@ -27,12 +29,19 @@ def server(
     insecure: bool = typer.Option(
         False,
         "--insecure",
-        help="Plaintext migration streams, agents calling each other by token (reports say "
-        "tls: false). Only for networks nobody else can reach.",
+        help="LAB ONLY: plain HTTP API, plaintext migration streams, agents calling each "
+        "other by token (reports say tls: false). Only for networks nobody else can reach.",
     ),
 ) -> None:
-    """Serve the cluster inventory, tasks and the REST API."""
+    """Serve the cluster inventory, tasks and the REST API (HTTPS under the cluster CA)."""
     from qmotion.server.main import run
+
+    if insecure:
+        err_console.print(
+            "[bold red]WARNING: --insecure: the API, its tokens and every migration stream "
+            "travel in clear. For a lab on a network nobody else can reach, never for "
+            "real hosts.[/]"
+        )
 
     token = service_token(token_file, "QMOTION_TOKEN")
     host, port = listen_address(listen)

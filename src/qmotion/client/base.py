@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any, Self, TypeVar
 
 import httpx
@@ -21,12 +22,16 @@ class BaseClient:
         *,
         timeout_s: float = 60.0,
         transport: httpx.BaseTransport | None = None,
+        ca_file: str | None = None,
     ) -> None:
+        """``ca_file``: the cluster CA an https:// service is checked against (None: the
+        system's trust store)."""
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(
             base_url=self.base_url,
             timeout=timeout_s,
             transport=transport,
+            verify=ssl.create_default_context(cafile=ca_file) if ca_file else True,
             headers={"Authorization": f"Bearer {token}"},
         )
 

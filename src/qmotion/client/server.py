@@ -15,6 +15,7 @@ from qmotion.api.drs import (
     RuleOut,
     SettingsSet,
 )
+from qmotion.api.enrol import JoinTokenCreate, JoinTokenOut
 from qmotion.api.migration import MigrationPrediction
 from qmotion.api.schedule import ScheduleCreate, ScheduleOut
 from qmotion.api.server import (
@@ -37,6 +38,12 @@ from qmotion.client.base import dump
 class ServerClient(AccessCalls):
     def register_host(self, req: HostRegister) -> HostOut:
         return self.call(HostOut, "POST", "/v1/hosts", json=dump(req))
+
+    def create_join_token(self, req: JoinTokenCreate) -> JoinTokenOut:
+        return self.call(JoinTokenOut, "POST", "/v1/hosts/join-tokens", json=dump(req))
+
+    def remove_host(self, name: str) -> None:
+        self.request("DELETE", f"/v1/hosts/{name}")
 
     def hosts(self) -> list[HostOut]:
         return self.call(list[HostOut], "GET", "/v1/hosts")

@@ -12,7 +12,14 @@ from pathlib import Path
 from qmotion.api.sizes import parse_rate_bytes
 from qmotion.lab import netns
 from qmotion.lab.errors import LabInputError, LabSetupError
-from qmotion.lab.processes import AGENT_PORT, start_agent, start_manager, start_wire, wait_agent
+from qmotion.lab.processes import (
+    AGENT_PORT,
+    enrol_hosts,
+    start_agent,
+    start_manager,
+    start_wire,
+    wait_agent,
+)
 from qmotion.lab.record import NAME_RE, LabDatastore, LabHost, LabRecord, save
 from qmotion.paths import labs_dir
 
@@ -173,11 +180,15 @@ def build(rec: LabRecord, hosts: int, accel: str, small_datastore_mib: int | Non
     if wan is not None:
         rec.wire_pid = start_wire(rec, wan, pairs)
         save(rec)
-    for host in rec.hosts:
-        host.agent_pid = start_agent(rec, host, accel)
-        save(rec)
-    for host in rec.hosts:
-        wait_agent(host)
-    start_manager(rec)
+    if rec.insecure:
+        for host in rec.hosts:
+            host.agent_pid = start_agent(rec, host, accel)
+            save(rec)
+        for host in rec.hosts:
+            wait_agent(host)
+        start_manager(rec)
+    else:
+        start_manager(rec)
+        enrol_hosts(rec, accel)
     rec.ready = True
     save(rec)

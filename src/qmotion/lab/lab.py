@@ -94,7 +94,9 @@ class Lab:
         if rec.manager_url is None or rec.manager_token_file is None:
             raise LabNotFound(f"lab {rec.name} has no manager")
         token = Path(rec.manager_token_file).read_text().strip()
-        return ServerClient(rec.manager_url, token, timeout_s=timeout_s)
+        return ServerClient(
+            rec.manager_url, token, timeout_s=timeout_s, ca_file=rec.manager_ca_file
+        )
 
     def restart_agent(self, host: str, accel: str = "auto", hugepages: bool | None = None) -> None:
         """Stop a host's agent (its VMs keep running) and start it again.

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from qmotion.api.enrol import JoinTokenCreate
 from qmotion.api.server import HostRegister, PoolSet
 from qmotion.client.agent import AgentClient
 from qmotion.client.errors import ClientError
@@ -30,15 +31,19 @@ AGENT_READY_TIMEOUT_S = 60.0
 
 
 def start_manager(rec: LabRecord, register: bool = True) -> None:
-    """The lab's manager runs in the root namespace, on the switch address. ``register``:
-    a new manager (new token), which then learns the hosts and the address pool."""
+    """The lab's manager runs in the root namespace, on the switch address; HTTPS under the
+    cluster CA unless the lab is insecure. ``register``: a new manager (new token), which
+    then learns the address pool and, in an insecure lab, the hosts (a secure lab's hosts
+    join: ``enrol_hosts``)."""
     lab_dir = Path(rec.dir)
     token_file = lab_dir / "manager.token"
     if register:
         token_file.write_text(secrets.token_urlsafe(24) + "\n")
         token_file.chmod(0o600)
-    rec.manager_url = f"http://{rec.switch_address}:{MANAGER_PORT}"
+    scheme = "http" if rec.insecure else "https"
+    rec.manager_url = f"{scheme}://{rec.switch_address}:{MANAGER_PORT}"
     rec.manager_token_file = str(token_file)
+    rec.manager_ca_file = None if rec.insecure else str(lab_dir / "ca" / "ca-cert.pem")
     argv = [
         sys.executable,
         "-m",
@@ -60,29 +65,78 @@ def start_manager(rec: LabRecord, register: bool = True) -> None:
     save(rec)
     token = token_file.read_text().strip()
     deadline = time.monotonic() + AGENT_READY_TIMEOUT_S
-    with ServerClient(rec.manager_url, token, timeout_s=60) as client:
-        while True:
-            try:
+    while True:
+        try:
+            # The CA file appears once the manager made it (first start).
+            with _manager_client(rec, token) as client:
                 client.hosts()
-                break
-            except ClientError as exc:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    tail = (lab_dir / "manager.log").read_text(errors="replace")[-1500:]
-                    raise LabSetupError(f"manager did not start: {exc}\n{tail}") from exc
-                time.sleep(0.2)
-        if not register:
-            return
-        for h in rec.hosts:
-            client.register_host(
-                HostRegister(
-                    name=h.name,
-                    agent_url=h.agent_url,
-                    token=Path(h.token_file).read_text().strip(),
+            break
+        except (ClientError, OSError) as exc:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                tail = (lab_dir / "manager.log").read_text(errors="replace")[-1500:]
+                raise LabSetupError(f"manager did not start: {exc}\n{tail}") from exc
+            time.sleep(0.2)
+    if not register:
+        return
+    with _manager_client(rec, token) as client:
+        if rec.insecure:
+            for h in rec.hosts:
+                client.register_host(
+                    HostRegister(
+                        name=h.name,
+                        agent_url=h.agent_url,
+                        token=Path(h.token_file).read_text().strip(),
+                    )
                 )
-            )
         client.set_pool(
             PoolSet(first=rec.pool.first, last=rec.pool.last, prefixlen=rec.pool.prefixlen)
         )
+
+
+def _manager_client(rec: LabRecord, token: str) -> ServerClient:
+    assert rec.manager_url is not None
+    return ServerClient(rec.manager_url, token, timeout_s=60, ca_file=rec.manager_ca_file)
+
+
+def enrol_hosts(rec: LabRecord, accel: str) -> None:
+    """A secure lab's hosts enter the cluster as real ones do: ``host add`` on the manager
+    (a one-time join token), ``qmotion agent join`` in the host's namespace (its key made
+    there, its certificate signed by the cluster CA, its config written), the agent started
+    from that config; returns once the manager sees every host up."""
+    assert rec.manager_url is not None and rec.manager_token_file is not None
+    token = Path(rec.manager_token_file).read_text().strip()
+    with _manager_client(rec, token) as client:
+        for h in rec.hosts:
+            jt = client.create_join_token(
+                JoinTokenCreate.model_validate(
+                    {"name": h.name, "address": h.address, "port": AGENT_PORT}
+                )
+            )
+            config = Path(h.state_dir).parent / "agent.toml"
+            argv = [
+                "ip", "netns", "exec", h.namespace, sys.executable, "-m", "qmotion",
+                "agent", "join", rec.manager_url, "--name", h.name, "--token", jt.token,
+                "--ca-hash", jt.ca_hash, "--config", str(config), "--state-dir", h.state_dir,
+            ]  # fmt: skip
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise LabSetupError(f"{h.name}: agent join failed: {done.stderr.strip()}")
+            h.config_file = str(config)
+            h.token_file = str(Path(h.state_dir) / "agent.token")
+            save(rec)
+        for h in rec.hosts:
+            h.agent_pid = start_agent(rec, h, accel)
+            save(rec)
+        for h in rec.hosts:
+            wait_agent(h)
+        deadline = time.monotonic() + AGENT_READY_TIMEOUT_S
+        while True:
+            down = [h.name for h in client.refresh_hosts() if h.state != "up"]
+            if not down:
+                return
+            if time.monotonic() > deadline:
+                raise LabSetupError(f"hosts joined but the manager does not see them up: {down}")
+            time.sleep(0.5)
 
 
 def start_wire(rec: LabRecord, wan: str, pairs: list[str]) -> int:
@@ -119,6 +173,7 @@ def start_agent(rec: LabRecord, host: LabHost, accel: str) -> int:
         host.name,
         "--listen",
         f"{host.address}:{AGENT_PORT}",
+        *(["--config", host.config_file] if host.config_file else []),
         "--token-file",
         host.token_file,
         "--state-dir",

@@ -31,6 +31,8 @@ class LabHost(BaseModel):
     migration_address: str | None = None
     # Overrides the lab's choice, e.g. to mix hosts with and without a huge-page pool.
     hugepages: bool | None = None
+    # The agent's config file `qmotion agent join` wrote (a lab with a cluster CA).
+    config_file: str | None = None
 
 
 class LabDatastore(BaseModel):
@@ -69,6 +71,7 @@ class LabRecord(BaseModel):
     wire_pid: int | None = None
     manager_url: str | None = None
     manager_token_file: str | None = None
+    manager_ca_file: str | None = None  # the cluster CA the manager's HTTPS is checked against
     manager_pid: int | None = None
     hugepages: bool = True
     # What each host offers VMs (its agent's --cpus/--memory); None: the whole machine.
@@ -101,6 +104,7 @@ class LabRecord(BaseModel):
             "manager": {
                 "url": self.manager_url,
                 "token_file": self.manager_token_file,
+                "ca_file": self.manager_ca_file,
                 "pid": self.manager_pid,
             },
             "rtt_ms": self.rtt_ms,

@@ -29,6 +29,7 @@ ADMIN_PREFIXES = ("/v1/users", "/v1/tokens", "/v1/audit")
 ADMIN_CHANGES = frozenset(
     {
         ("POST", "/v1/hosts"),
+        ("POST", "/v1/hosts/join-tokens"),
         ("DELETE", "/v1/hosts/{name}"),
         ("PUT", "/v1/pool"),
         ("PUT", "/v1/cluster/settings"),

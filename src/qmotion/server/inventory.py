@@ -156,17 +156,25 @@ class Inventory(VmLifecycle):
         once its agent has not answered for ``down_grace_s``; ``on_metrics`` receives each
         agent's latest usage sample (measured demand for DRS)."""
         with self.db.session() as s:
-            hosts = [(h.id, h.name, h.agent_url, h.token) for h in s.scalars(select(Host))]
-        for hid, name, url, token in hosts:
+            hosts = [
+                (h.id, h.name, h.agent_url, h.token, h.facts is None)
+                for h in s.scalars(select(Host))
+            ]
+        for hid, name, url, token, joined in hosts:
             try:
                 with self.agents.client(url, token, timeout_s=10) as client:
                     facts: HostFacts | None = client.host()
+                    if joined and self.ca is not None and facts is not None:
+                        # A host that joined is certified for its management address;
+                        # now that it answers, for its migration addresses too.
+                        self._issue_certificate(client, name, facts)
+                        facts = client.host()
                     if on_metrics is not None:
                         try:
                             on_metrics(name, client.metrics())
                         except ClientError as exc:  # usage is optional, the facts are not
                             log.warning("host %s: no metrics: %s", name, exc)
-            except ClientError as exc:
+            except (ClientError, PkiError) as exc:
                 log.warning("host %s unreachable: %s", name, exc)
                 facts = None
             with self.db.session() as s:

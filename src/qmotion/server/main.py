@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
 import uvicorn
 
-from qmotion.pki import ClusterCA
+from qmotion.pki import ClusterCA, serving_certificate
 from qmotion.server.http.app import create_app
 
 
@@ -17,10 +18,20 @@ def run(db_url: str, token: str, host: str, port: int, ca_dir: Path | None) -> N
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    ca = ClusterCA.load_or_create(ca_dir) if ca_dir else None
+    tls: dict[str, str] = {}
+    if ca is not None and ca_dir is not None:
+        # HTTPS under the cluster CA: the CLI and joining hosts check it against the CA.
+        served = serving_certificate(ca, ca_dir, socket.gethostname(), [host])
+        tls = {
+            "ssl_certfile": str(served / "manager-cert.pem"),
+            "ssl_keyfile": str(served / "manager-key.pem"),
+        }
     uvicorn.run(
-        create_app(db_url, token, ca=ClusterCA.load_or_create(ca_dir) if ca_dir else None),
+        create_app(db_url, token, ca=ca),
         host=host,
         port=port,
+        **tls,  # type: ignore[arg-type]
         log_level="warning",
         access_log=False,
     )

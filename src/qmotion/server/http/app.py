@@ -38,6 +38,7 @@ from qmotion.server.automation.maintenance import Maintenance
 from qmotion.server.automation.operations import Operations
 from qmotion.server.automation.schedules import Schedules
 from qmotion.server.db import Database
+from qmotion.server.enrol import Enrolment
 from qmotion.server.errors import ManagerError
 from qmotion.server.http.access_routes import (
     AuditMiddleware,
@@ -45,6 +46,7 @@ from qmotion.server.http.access_routes import (
     role_check,
 )
 from qmotion.server.http.drs_routes import ManagerActions, install_drs_routes
+from qmotion.server.http.enrol_routes import install_enrol_routes
 from qmotion.server.http.schedule_routes import install_routes as install_schedule_routes
 from qmotion.server.images import ImageLibrary
 from qmotion.server.inventory import Inventory
@@ -100,6 +102,7 @@ def create_app(
     auth = [Depends(role_check(access))]
     app.add_middleware(AuditMiddleware, access=access)
     install_access_routes(app, access, auth)
+    install_enrol_routes(app, Enrolment(db, ca), auth)
 
     @app.post("/v1/hosts", response_model=HostOut, status_code=201, dependencies=auth)
     def register_host(req: HostRegister) -> HostOut:
