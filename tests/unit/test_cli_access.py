@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,10 +14,11 @@ from typer.testing import CliRunner
 
 from qmotion.api.access import Role
 from qmotion.api.server import MigrateRequest
-from qmotion.cli import audit, user
+from qmotion.cli import audit, cluster, host, user
 from qmotion.cli.main import app as cli
 from qmotion.client.errors import ApiError
 from qmotion.client.server import ServerClient
+from qmotion.pki import ClusterCA
 from qmotion.server.db import Database
 from qmotion.server.http.app import create_app
 from tests.unit.agent_world import World
@@ -25,17 +27,29 @@ ROOT_TOKEN = "service-token-0123456789abcdef"
 runner = CliRunner()
 
 
-@pytest.fixture
-def manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+def _manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ca: ClusterCA | None) -> Any:
     url = f"sqlite:///{tmp_path / 'manager.db'}"
     db = Database(url)
     world = World()
     world.register_hosts(db)
     world.add_running_vm(db, "web", "h1")
     db.engine.dispose()
-    with TestClient(create_app(url, ROOT_TOKEN, agents=world.connector())) as tc:
-        for module in (user, audit):
-            monkeypatch.setattr(module, "server_client", lambda lab=None: _client(tc, ROOT_TOKEN))
+    tc = TestClient(create_app(url, ROOT_TOKEN, agents=world.connector(), ca=ca))
+    for module in (user, audit, host, cluster):
+        monkeypatch.setattr(module, "server_client", lambda lab=None: _client(tc, ROOT_TOKEN))
+    return tc
+
+
+@pytest.fixture
+def manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    with _manager(tmp_path, monkeypatch, None) as tc:
+        yield tc
+
+
+@pytest.fixture
+def secure_manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    """With a cluster CA: hosts may join."""
+    with _manager(tmp_path, monkeypatch, ClusterCA.load_or_create(tmp_path / "ca")) as tc:
         yield tc
 
 
@@ -86,3 +100,20 @@ def test_a_bad_role_is_refused_by_the_cli_naming_it(manager: TestClient) -> None
     res = runner.invoke(cli, ["user", "add", "otto", "--role", "god"])
     assert res.exit_code == 2
     assert "god" in res.output
+
+
+def test_an_admin_adds_a_host_sets_the_pool_and_removes_a_host(
+    secure_manager: TestClient,
+) -> None:
+    out = _run(["host", "add", "h9", "--address", "198.18.0.19"]).splitlines()
+    assert out[-1].startswith("qmotion agent join http://testserver --name h9 --token qmj_")
+    assert " --ca-hash sha256:" in out[-1]
+    added = json.loads(_run(["host", "add", "h8", "--address", "198.18.0.18", "--json"]))
+    assert added["host"] == "h8" and added["token"].startswith("qmj_")
+    bad = runner.invoke(cli, ["host", "add", "h7", "--address", "not-an-address"])
+    assert bad.exit_code == 2 and "--address" in bad.output
+    pool = json.loads(_run(["cluster", "pool", "198.18.0.100", "198.18.0.120", "--json"]))
+    assert pool == {"first": "198.18.0.100", "last": "198.18.0.120", "prefixlen": 24}
+    assert json.loads(_run(["host", "remove", "h2", "--json"])) == {"deleted": "h2"}
+    busy = runner.invoke(cli, ["host", "remove", "h1"])
+    assert busy.exit_code != 0 and "web" in busy.output

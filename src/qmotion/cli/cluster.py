@@ -52,3 +52,29 @@ def set_(
         print_json(st.model_dump(mode="json"))
     else:
         _show(st.model_dump(mode="json"))
+
+
+@app.command("pool")
+def pool(
+    first: str = typer.Argument(..., help="First address VMs get, e.g. 192.0.2.100"),
+    last: str = typer.Argument(..., help="Last address (inclusive)"),
+    prefixlen: int = typer.Option(24, "--prefixlen", help="Prefix length of the VMs' addresses."),
+    json_out: bool = typer.Option(False, "--json"),
+    lab: str = LabOpt,
+) -> None:
+    """Set the address pool VMs get their addresses from when none is given."""
+    from pydantic import ValidationError
+
+    from qmotion.api.server import PoolSet
+
+    try:
+        req = PoolSet.model_validate({"first": first, "last": last, "prefixlen": prefixlen})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        fail(f"{err['loc'][0] if err['loc'] else 'pool'}: {err['msg']}", 2)
+    with errors_exit(), server_client(lab) as client:
+        client.set_pool(req)
+    if json_out:
+        print_json(req.model_dump(mode="json"))
+    else:
+        console.print(f"VM addresses: {req.first} - {req.last}/{req.prefixlen}")

@@ -8,7 +8,7 @@ from rich.text import Text
 
 from qmotion.api.drs import MaintenanceOut
 from qmotion.cli import operation
-from qmotion.cli.common import cells, console, errors_exit, print_json
+from qmotion.cli.common import cells, console, errors_exit, fail, print_json
 from qmotion.cli.connect import server_client
 
 app = typer.Typer(help="Hosts registered with the manager.")
@@ -20,6 +20,50 @@ WaitOpt = typer.Option(
 
 
 LabOpt = typer.Option(None, "--lab", help="Which lab's manager, if several are up.")
+
+
+@app.command("add")
+def add(
+    name: str,
+    address: str = typer.Option(..., "--address", help="The host's IPv4 address."),
+    port: int = typer.Option(8100, "--port", help="Its agent's port."),
+    ttl: int = typer.Option(3600, "--ttl", help="Seconds the join token stays good (60..604800)."),
+    json_out: bool = typer.Option(False, "--json"),
+    lab: str = LabOpt,
+) -> None:
+    """Admit a new host: prints the one-time `qmotion agent join` command to run on it."""
+    from pydantic import ValidationError
+
+    from qmotion.api.enrol import JoinTokenCreate
+
+    try:
+        req = JoinTokenCreate.model_validate(
+            {"name": name, "address": address, "port": port, "ttl_s": ttl}
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = {"ttl_s": "ttl"}.get(str(err["loc"][0]), str(err["loc"][0])) if err["loc"] else ""
+        fail(f"--{field}: {err['msg']}" if field != "name" else f"NAME: {err['msg']}", 2)
+    with errors_exit(), server_client(lab) as client:
+        out = client.create_join_token(req)
+    if json_out:
+        print_json(out.model_dump(mode="json"))
+        return
+    console.print(
+        Text(f"Run this on {out.host} (good once, until {out.expires_at:%Y-%m-%d %H:%M} UTC):")
+    )
+    print(out.command)  # plain stdout: copied as a whole, never wrapped
+
+
+@app.command("remove")
+def remove(name: str, json_out: bool = typer.Option(False, "--json"), lab: str = LabOpt) -> None:
+    """Forget a host that has no VMs (evacuate it first: `host maintenance enter`)."""
+    with errors_exit(), server_client(lab) as client:
+        client.remove_host(name)
+    if json_out:
+        print_json({"deleted": name})
+    else:
+        console.print(Text(f"host {name} removed"))
 
 
 @app.command("list")

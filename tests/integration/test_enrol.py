@@ -1,0 +1,76 @@
+"""Enrolment on the lab: `qmotion agent join` from another machine pins the cluster CA by its
+hash and spends its token once; the manager answers only HTTPS under that CA."""
+
+from __future__ import annotations
+
+import ssl
+import stat
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import httpx
+import pytest
+
+from qmotion.api.enrol import JoinTokenCreate
+from qmotion.client.server import ServerClient
+from qmotion.lab import Lab
+
+
+def _join(lab: Lab, args: list[str]) -> subprocess.CompletedProcess[str]:
+    rec = lab.record
+    assert rec.manager_url is not None
+    argv = ["ip", "netns", "exec", rec.client_namespace, sys.executable, "-m", "qmotion"]
+    argv += ["agent", "join", rec.manager_url, *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_a_join_pins_the_ca_and_spends_its_token_once(
+    lab: Lab, server: ServerClient, tmp_path: Path
+) -> None:
+    net = lab.record.switch_address.rsplit(".", 1)[0]
+    jt = server.create_join_token(
+        JoinTokenCreate.model_validate({"name": "h9", "address": f"{net}.19"})
+    )
+    state, config = tmp_path / "state", tmp_path / "agent.toml"
+    args = ["--name", "h9", "--token", jt.token, "--config", str(config)]
+    args += ["--state-dir", str(state)]
+    try:
+        # Someone in between (or a wrong address) shows another CA: nothing is sent.
+        wrong = _join(lab, [*args, "--ca-hash", "sha256:" + "0" * 64])
+        assert wrong.returncode != 0 and "refusing to join" in wrong.stderr, wrong.stderr
+        assert "h9" not in [h.name for h in server.hosts()]
+        assert not (state / "agent.token").exists()
+
+        ok = _join(lab, [*args, "--ca-hash", jt.ca_hash])
+        assert ok.returncode == 0, ok.stderr
+        written = tomllib.loads(config.read_text())
+        assert written["name"] == "h9" and written["listen"] == f"{net}.19:8100"
+        for secret in (state / "agent.token", state / "tls" / "host-key.pem"):
+            assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        joined = {h.name: h for h in server.hosts()}["h9"]
+        assert joined.state == "down"  # no agent runs there yet
+
+        again = _join(lab, [*args, "--ca-hash", jt.ca_hash])
+        assert again.returncode != 0 and "used" in again.stderr, again.stderr
+    finally:
+        if "h9" in [h.name for h in server.hosts()]:
+            server.remove_host("h9")
+    assert "h9" not in [h.name for h in server.hosts()]
+
+
+def test_the_manager_speaks_only_https_under_the_cluster_ca(lab: Lab) -> None:
+    rec = lab.record
+    assert rec.manager_url is not None and rec.manager_url.startswith("https://")
+    assert rec.manager_ca_file is not None
+    plain = rec.manager_url.replace("https://", "http://")
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{plain}/healthz", timeout=5)
+    # Not trusted without the cluster CA ...
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        httpx.get(f"{rec.manager_url}/healthz", timeout=5)
+    # ... and checked, name included, with it.
+    ctx = ssl.create_default_context(cafile=rec.manager_ca_file)
+    assert httpx.get(f"{rec.manager_url}/healthz", verify=ctx, timeout=5).status_code == 200
