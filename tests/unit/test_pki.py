@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qmotion.agent.errors import SpecRejected
+from qmotion.agent.errors import Conflict, SpecRejected
 from qmotion.agent.tls import TlsStore
 from qmotion.pki import ClusterCA, PkiError
 
@@ -84,3 +84,16 @@ def test_an_agent_refuses_a_certificate_for_another_key(tmp_path: Path) -> None:
     with pytest.raises(SpecRejected, match="not for this host's key"):
         b.install(ca.cert_pem, cert_for_a)
     assert not b.ready
+
+
+def test_an_agent_keeps_the_ca_it_joined_under(tmp_path: Path) -> None:
+    """A token is not enough to make a host trust another CA; its own CA may renew it."""
+    ours = ClusterCA.load_or_create(tmp_path / "ca")
+    theirs = ClusterCA.load_or_create(tmp_path / "other-ca")
+    store = _host(tmp_path, ours, "h1")
+    with pytest.raises(Conflict, match="already trusts another cluster CA"):
+        store.install(theirs.cert_pem, theirs.sign_host(store.csr(), "h1", []))
+    assert (store.qemu_dir / "ca-cert.pem").read_text() == ours.cert_pem
+    renewed = ours.sign_host(store.csr(), "h1", ["198.18.9.11"])
+    store.install(ours.cert_pem, renewed)
+    assert (store.qemu_dir / "server-cert.pem").read_text() == renewed

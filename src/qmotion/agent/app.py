@@ -92,9 +92,11 @@ class AgentState:
         self.migrations = Migrations(self.vms, self.tls)
         self.storage = StorageMoves(self.vms)
         self.transfers = Transfers(self.vms)
-        self.peer = PeerListener(
-            create_peer_app(self), config.address or "127.0.0.1", config.port + 1
-        )
+        # On every address the API listens on: a path probe reaches the peer port by the
+        # migration address the stream will take.
+        address = config.address or "127.0.0.1"
+        addresses = [address, *(a for a in config.migration_addresses if a != address)]
+        self.peer = PeerListener(create_peer_app(self), addresses, config.port + 1)
         self.sampler = MetricsSampler(config.cpus)
         self.health = HealthCheck(config)
 
@@ -254,7 +256,10 @@ def create_app(config: AgentConfig) -> FastAPI:
 
     @app.post("/v1/net/probe", response_model=PathProbe, dependencies=auth)
     async def net_probe(req: PathProbeRequest) -> PathProbe:
-        return await netprobe.probe(req)
+        tls = None
+        if req.peer.url.startswith("https:") and state.tls.ready:
+            tls = await asyncio.to_thread(state.tls.client_context)
+        return await netprobe.probe(req, tls)
 
     @app.post("/v1/net/sink", dependencies=auth)
     async def net_sink(request: Request) -> dict[str, int]:
@@ -386,6 +391,14 @@ def create_peer_app(state: AgentState) -> FastAPI:
     @peer.post("/v1/peer/vms/{name}/migration/finish", response_model=VmInfo)
     async def finish(name: str, migration: FinishMigration, wait_ms: FinishWait = 0) -> VmInfo:
         return await state.migrations.finish(name, migration, wait_ms)
+
+    @peer.post("/v1/peer/net/sink")
+    async def net_sink(request: Request) -> dict[str, int]:
+        """The timed upload of another host's path probe (dry runs, first migrations)."""
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+        return {"bytes": received}
 
     @peer.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import uvicorn
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from fastapi import FastAPI
 
 from qmotion.agent.errors import Conflict, SpecRejected
@@ -81,6 +81,16 @@ class TlsStore:
             cert.verify_directly_issued_by(ca)
         except (ValueError, TypeError) as exc:
             raise SpecRejected(f"the certificate is not signed by that CA: {exc}") from exc
+        trusted = self.qemu_dir / "ca-cert.pem"
+        if trusted.exists():
+            # The CA this host joined under stays: a token alone must not let anyone make
+            # the host trust another CA (its peers' certificates, its migration streams).
+            current = x509.load_pem_x509_certificate(trusted.read_bytes())
+            if current.fingerprint(hashes.SHA256()) != ca.fingerprint(hashes.SHA256()):
+                raise Conflict(
+                    "this host already trusts another cluster CA; to change it, remove "
+                    f"{self.dir} and join again (`qmotion agent join`)"
+                )
         self.qemu_dir.mkdir(parents=True, exist_ok=True)
         key_pem = self.key_file.read_bytes()
         # Written to new names, then renamed: QEMU may be reading the directory.
@@ -122,10 +132,11 @@ class _QuietServer(uvicorn.Server):
 
 
 class PeerListener:
-    """Serves ``app`` with mutual TLS on ``address:port`` while the agent runs."""
+    """Serves ``app`` with mutual TLS on ``port`` of each of ``addresses`` while the agent
+    runs."""
 
-    def __init__(self, app: FastAPI, address: str, port: int) -> None:
-        self.app, self.address, self.port = app, address, port
+    def __init__(self, app: FastAPI, addresses: list[str], port: int) -> None:
+        self.app, self.addresses, self.port = app, addresses, port
         self._server: _QuietServer | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # two certificate installs at once: one restart at a time
@@ -140,12 +151,16 @@ class PeerListener:
             await self._start(store)
 
     async def _start(self, store: TlsStore) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        socks: list[socket.socket] = []
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.address, self.port))
+            for address in self.addresses:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((address, self.port))
         except OSError:
-            sock.close()
+            for sock in socks:
+                sock.close()
             raise
         config = uvicorn.Config(
             self.app,
@@ -157,7 +172,7 @@ class PeerListener:
             ssl_cert_reqs=ssl.CERT_REQUIRED,
         )
         self._server = _QuietServer(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="peer-tls")
+        self._task = asyncio.create_task(self._server.serve(sockets=socks), name="peer-tls")
         for _ in range(100):
             if self._server.started or self._task.done():
                 break
@@ -165,9 +180,9 @@ class PeerListener:
         if self._task.done():
             self._task.result()  # its error, raised here
         if self._server.started:
-            log.info("peer TLS port %s:%d serving", self.address, self.port)
+            log.info("peer TLS port %s:%d serving", ",".join(self.addresses), self.port)
         else:
-            log.warning("peer TLS port %s:%d not serving yet", self.address, self.port)
+            log.warning("peer TLS port %s:%d not serving yet", ",".join(self.addresses), self.port)
 
     async def stop(self) -> None:
         async with self._lock:

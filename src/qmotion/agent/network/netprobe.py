@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -61,8 +62,13 @@ def _with_host(url: str, address: str) -> str:
     return str(httpx.URL(url).copy_with(host=address))
 
 
-async def probe(req: PathProbeRequest) -> PathProbe:
+async def probe(req: PathProbeRequest, tls: ssl.SSLContext | None = None) -> PathProbe:
+    """``tls``: this host's client context, for a peer's mutual-TLS port (an https URL)."""
     headers = {"Authorization": f"Bearer {req.peer.token}"} if req.peer.token else {}
+    secure = req.peer.url.startswith("https:")
+    if secure and tls is None:
+        raise OperationFailed("no certificate here to reach the peer's mutual-TLS port with")
+    verify: ssl.SSLContext | bool = tls if secure and tls is not None else True
     try:
         urls = [_with_host(req.peer.url, str(a)) for a in req.candidates] or [req.peer.url]
     except (httpx.InvalidURL, ValueError) as exc:
@@ -70,7 +76,9 @@ async def probe(req: PathProbeRequest) -> PathProbe:
     unreachable: list[str] = []
     timeout = httpx.Timeout(10.0, connect=CONNECT_TIMEOUT_S)
     for url in urls:
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout) as client:
+        async with httpx.AsyncClient(
+            base_url=url, headers=headers, timeout=timeout, verify=verify
+        ) as client:
             try:
                 await client.get("/healthz")  # the connection, set up before timing
             except (httpx.TransportError, httpx.InvalidURL) as exc:
@@ -100,7 +108,9 @@ async def _measure(client: httpx.AsyncClient, req: PathProbeRequest, url: str) -
                     sent += len(CHUNK)
                     yield CHUNK
 
-            resp = await client.post("/v1/net/sink", content=body())
+            # The peer port's sink takes certificates, the API's a token.
+            sink = "/v1/peer/net/sink" if parsed.scheme == "https" else "/v1/net/sink"
+            resp = await client.post(sink, content=body())
             elapsed = time.monotonic() - start
             resp.raise_for_status()
             received = int(resp.json().get("bytes", 0))

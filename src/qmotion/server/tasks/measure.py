@@ -75,8 +75,18 @@ def history_bandwidth(db: Database, src: Host, dst: Host) -> float | None:
     return _history_bandwidth(db, src.name, dst.name)
 
 
-def peer_of(dst: Host, vm: str) -> PeerRef:
-    return PeerRef(url=dst.agent_url, token=dst.token, vm=vm)
+def peer_of(dst: Host, vm: str, tls: bool) -> PeerRef:
+    """Where the source agent sends its timed upload. On a TLS cluster: the destination's
+    mutual-TLS port, where the source's certificate is its credential; no agent is ever
+    handed another's token (an agent without that port yet gets none either, and its probe
+    is refused). Only an insecure cluster passes the destination's token on."""
+    if not tls:
+        return PeerRef(url=dst.agent_url, token=dst.token, vm=vm)
+    facts = dst.facts or {}
+    port, address = facts.get("peer_port"), facts.get("address")
+    if port and address:
+        return PeerRef(url=f"https://{address}:{port}", token=None, vm=vm)
+    return PeerRef(url=dst.agent_url, token=None, vm=vm)
 
 
 async def route(inventory: Inventory, vm: str, src: Host, dst: Host) -> PathProbe:
@@ -177,7 +187,7 @@ async def measure(
     history = await asyncio.to_thread(_history_bandwidth, db, src.name, dst.name)
     if reach is None:
         reach = await route(inventory, vm, src, dst)
-    peer = peer_of(dst, vm)
+    peer = peer_of(dst, vm, tls)
     chosen = []
     with contextlib.suppress(ValueError):  # a host name (agent URL): the probe goes there
         chosen = [IPv4Address(reach.address)] if reach.address else []
