@@ -56,7 +56,7 @@ from qmotion.api.storage import (
     MirrorStatus,
     NbdMirrorRequest,
 )
-from qmotion.api.vm import StopRequest, VmInfo, VmSpec
+from qmotion.api.vm import NAME_PATTERN, StopRequest, VmInfo, VmSpec
 from qmotion.hypervisor.accel import choose_accel
 from qmotion.hypervisor.errors import HypervisorError
 from qmotion.image import ensure_image
@@ -91,7 +91,7 @@ class AgentState:
         self.tls = TlsStore(config.state_dir, config.name)
         self.migrations = Migrations(self.vms, self.tls)
         self.storage = StorageMoves(self.vms)
-        self.transfers = Transfers(self.vms)
+        self.transfers = Transfers(self.vms, self.tls)
         # On every address the API listens on: a path probe reaches the peer port by the
         # migration address the stream will take.
         address = config.address or "127.0.0.1"
@@ -203,8 +203,13 @@ def create_app(config: AgentConfig) -> FastAPI:
         await state.migrations.delete(name, force=force, with_disks=with_disks, migration=migration)
 
     @app.post("/v1/vms/{name}/export", response_model=list[DiskExport], dependencies=auth)
-    async def export_disks(name: str, copy: bool = True) -> list[DiskExport]:
-        return await state.transfers.export(name, copy=copy)
+    async def export_disks(
+        name: str,
+        copy: bool = True,
+        reader: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+    ) -> list[DiskExport]:
+        """``reader``: the only host that may read the exports (by its certificate)."""
+        return await state.transfers.export(name, copy=copy, reader=reader)
 
     @app.delete("/v1/vms/{name}/export", status_code=204, dependencies=auth)
     async def unexport_disks(name: str, release: bool = True) -> None:

@@ -91,6 +91,9 @@ class DiskExport(BaseModel):
     uri: str
     format: DiskFormat
     virtual_size: int
+    tls: bool = Field(
+        default=False, description="served over TLS: only a host of the cluster CA reads it"
+    )
 
 
 class DiskCopyRequest(StrictModel):
@@ -98,6 +101,9 @@ class DiskCopyRequest(StrictModel):
     datastore: str = Field(min_length=1)
     path: str = Field(min_length=1)
     format: DiskFormat = "qcow2"
+    tls: bool = Field(
+        default=False, description="the export is TLS: read it with this host's certificate"
+    )
 
 
 class DiskCopy(BaseModel):

@@ -91,15 +91,13 @@ class AgentClient(BaseClient):
         params = {"force": str(force).lower(), "with_disks": str(with_disks).lower()}
         self.request("DELETE", f"/v1/vms/{name}", params=params | _of(migration))
 
-    def export_disks(self, name: str, *, copy: bool = True) -> list[DiskExport]:
+    def export_disks(
+        self, name: str, *, copy: bool = True, reader: str | None = None
+    ) -> list[DiskExport]:
         """Hold the stopped VM on its host (no start there) and, with ``copy``, export its
-        disks read-only."""
-        return self.call(
-            list[DiskExport],
-            "POST",
-            f"/v1/vms/{name}/export",
-            params={"copy": str(copy).lower()},
-        )
+        disks read-only (``reader``: the only host that may read them, on a TLS cluster)."""
+        params = {"copy": str(copy).lower()} | ({"reader": reader} if reader else {})
+        return self.call(list[DiskExport], "POST", f"/v1/vms/{name}/export", params=params)
 
     def unexport_disks(self, name: str, *, release: bool = True) -> None:
         """End the exports; with ``release`` also the hold on the VM."""

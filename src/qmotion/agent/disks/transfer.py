@@ -2,11 +2,13 @@
 verified copy on the destination.
 
 Source: ``qemu-nbd --read-only`` per disk on the host's migration address (``--fork``: it
-returns once it listens). It serves what the guest sees (raw) with the image's allocation,
-so the copy stays sparse. Destination: ``qemu-img convert`` from the export into a new image
-(the format asked), then ``qemu-img compare`` of the copy against the export, byte for byte;
-a copy that fails either is removed. The exports' PIDs are written to the VM's directory, so
-an agent restarted midway still ends them.
+returns once it listens); once the host has its certificate, over TLS that demands the
+reader's certificate from the cluster CA and, per transfer, that it be the destination's
+(QEMU's ``authz-simple`` on the certificate's name). It serves what the guest sees (raw)
+with the image's allocation, so the copy stays sparse. Destination: ``qemu-img convert`` from
+the export into a new image (the format asked), then ``qemu-img compare`` of the copy against
+the export, byte for byte; a copy that fails either is removed. The exports' PIDs are written
+to the VM's directory, so an agent restarted midway still ends them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from qmotion.agent.disks.datastores import image_info
 from qmotion.agent.errors import Conflict, OperationFailed, SpecRejected
+from qmotion.agent.tls import TlsStore
 from qmotion.agent.vms.manager import VmManager
 from qmotion.api.storage import DiskCopy, DiskCopyRequest, DiskExport
 from qmotion.api.vm import Disk
@@ -55,9 +58,36 @@ def _free_port(address: str) -> int:
         return int(s.getsockname()[1])
 
 
+def _opt(value: str) -> str:
+    """A value inside QEMU's key=value options: a comma is doubled, never a separator."""
+    return value.replace(",", ",,")
+
+
+def _nbd_opts(uri: str, tls: bool) -> str:
+    """``--image-opts`` of a raw NBD export (``nbd://HOST:PORT/NAME``), over TLS or not."""
+    rest = uri.removeprefix("nbd://")
+    hostport, _, export = rest.partition("/")
+    host, _, port = hostport.rpartition(":")
+    opts = (
+        f"driver=raw,file.driver=nbd,file.server.type=inet,file.server.host={_opt(host)},"
+        f"file.server.port={_opt(port)},file.export={_opt(export)}"
+    )
+    return opts + (",file.tls-creds=tls0" if tls else "")
+
+
 class Transfers:
-    def __init__(self, vms: VmManager) -> None:
+    def __init__(self, vms: VmManager, tls: TlsStore | None = None) -> None:
         self.vms = vms
+        self.tls = tls
+
+    def _tls_object(self, endpoint: str) -> list[str]:
+        assert self.tls is not None
+        verify = ",verify-peer=on" if endpoint == "server" else ""
+        return [
+            "--object",
+            f"tls-creds-x509,id=tls0,dir={_opt(str(self.tls.qemu_dir))},endpoint={endpoint}"
+            + verify,
+        ]
 
     def _exports_path(self, name: str) -> Path:
         return self.vms._dir(name) / EXPORTS
@@ -81,9 +111,12 @@ class Transfers:
 
     # ------------------------------------------------------------------ source
 
-    async def export(self, name: str, copy: bool = True) -> list[DiskExport]:
+    async def export(
+        self, name: str, copy: bool = True, reader: str | None = None
+    ) -> list[DiskExport]:
         """Hold a stopped VM (no start here until released) and, with ``copy``, serve every
-        disk (and a suspended VM's saved state) read-only. Idempotent."""
+        disk (and a suspended VM's saved state) read-only. Idempotent. With this host's
+        certificate the exports are TLS, and with ``reader`` only that host may read them."""
         async with self.vms.locked(name) as spec:
             if await self.vms._alive(name) is not None:
                 raise Conflict(f"VM {name} is running: only a stopped VM moves cold", vm=name)
@@ -97,6 +130,7 @@ class Transfers:
                     return known.disks
                 await self._end(name)
             address = self._address()
+            tls = self.tls is not None and self.tls.ready
             exports = Exports()
             # The saved state of a suspended VM travels as one more (raw) disk, last.
             files = [*spec.disks, *([spec.saved_state] if spec.saved_state else [])]
@@ -113,8 +147,18 @@ class Transfers:
                     info = await image_info(file)
                     port = _free_port(address)
                     pidfile = self.vms._dir(name) / f"nbd{i}.pid"
+                    secure: list[str] = []
+                    if tls:
+                        secure = [*self._tls_object("server"), "--tls-creds=tls0"]
+                        if reader:
+                            secure += [
+                                "--object",
+                                f"authz-simple,id=authz0,identity=CN={_opt(reader)}",
+                                "--tls-authz=authz0",
+                            ]
                     code, out = await self._run(
                         "qemu-nbd",
+                        *secure,
                         "--read-only",
                         "--persistent",
                         "--shared=4",
@@ -136,6 +180,7 @@ class Transfers:
                             uri=f"nbd://{address}:{port}/disk{i}",
                             format=disk.format,
                             virtual_size=int(info["virtual-size"]),
+                            tls=tls,
                         )
                     )
                     self.vms._write(path, exports.model_dump_json())
@@ -173,16 +218,23 @@ class Transfers:
         target = self._target(req)
         if target.exists():
             raise Conflict(f"{target} exists: a copy never overwrites a file", field="path")
+        if req.tls and (self.tls is None or not self.tls.ready):
+            raise Conflict("the export is TLS and this host has no certificate yet", field="tls")
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            code, out = await self._run(
-                "qemu-img", "convert", "-f", "raw", "-O", req.format, req.uri, str(target)
-            )
+            if req.tls:
+                tls = self._tls_object("client")
+                source = _nbd_opts(req.uri, True)
+                convert = [*tls, "--image-opts", source, "-O", req.format, str(target)]
+                local = f"driver={req.format},file.driver=file,file.filename={_opt(str(target))}"
+                compare = [*tls, "--image-opts", local, source]
+            else:
+                convert = ["-f", "raw", "-O", req.format, req.uri, str(target)]
+                compare = ["-f", req.format, "-F", "raw", str(target), req.uri]
+            code, out = await self._run("qemu-img", "convert", *convert)
             if code != 0:
                 raise OperationFailed(f"copying {req.uri} to {target} failed: {out}")
-            code, out = await self._run(
-                "qemu-img", "compare", "-f", req.format, "-F", "raw", str(target), req.uri
-            )
+            code, out = await self._run("qemu-img", "compare", *compare)
             if code != 0:
                 raise OperationFailed(f"the copy {target} differs from {req.uri}: {out}")
             info = await image_info(target)

@@ -144,7 +144,9 @@ class AgentColdPort:
     async def export(self, copying: bool) -> None:
         name = self.spec.name
         self.exports = await self._call(
-            self.source, lambda c: c.export_disks(name, copy=copying), CALL_TIMEOUT_S
+            self.source,
+            lambda c: c.export_disks(name, copy=copying, reader=self.destination.name),
+            CALL_TIMEOUT_S,
         )
 
     async def copy(self) -> tuple[Disk, ...]:
@@ -153,7 +155,11 @@ class AgentColdPort:
         made = []
         for exp, target in zip(self.exports, self._targets(), strict=True):
             req = DiskCopyRequest(
-                uri=exp.uri, datastore=target.datastore, path=target.path, format=target.format
+                uri=exp.uri,
+                datastore=target.datastore,
+                path=target.path,
+                format=target.format,
+                tls=exp.tls,
             )
             # A copy that fails is removed by the destination itself; one refused because
             # the file exists is not ours: only finished copies are ever removed here.
