@@ -40,6 +40,7 @@ from qmotion.server.automation.schedules import Schedules
 from qmotion.server.db import Database
 from qmotion.server.errors import ManagerError
 from qmotion.server.http.drs_routes import ManagerActions, install_drs_routes
+from qmotion.server.http.metrics import install_metrics
 from qmotion.server.http.schedule_routes import install_routes as install_schedule_routes
 from qmotion.server.images import ImageLibrary
 from qmotion.server.inventory import Inventory
@@ -203,6 +204,7 @@ def create_app(
 
     install_drs_routes(app, drs, maintenance, auth)
     install_schedule_routes(app, schedules, auth)
+    install_metrics(app, db, inventory, drs, auth)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
