@@ -7,7 +7,14 @@ from pathlib import Path
 
 import typer
 
-from qmotion.cli.common import fail, listen_address, service_token
+from qmotion.cli.common import (
+    ACCESS_LOG_OPTION,
+    LOG_FORMAT_OPTION,
+    fail,
+    listen_address,
+    log_format_of,
+    service_token,
+)
 
 
 def agent(
@@ -37,11 +44,14 @@ def agent(
         "--hugepages/--no-hugepages",
         help="Back guest RAM from the host's 2 MiB huge-page pool when it has room.",
     ),
+    log_format: str = LOG_FORMAT_OPTION,
+    access_log: bool = ACCESS_LOG_OPTION,
 ) -> None:
     """Serve this host's VMs over HTTP (bearer token required on every call)."""
     from qmotion.agent.config import AgentConfig, parse_datastore
     from qmotion.agent.main import run
 
+    fmt = log_format_of(log_format)
     token = service_token(token_file, "QMOTION_AGENT_TOKEN")
     if accel not in ("auto", "kvm", "tcg"):
         fail(f"--accel must be auto, kvm or tcg, got {accel!r}", 2)
@@ -84,4 +94,4 @@ def agent(
         hugepages=hugepages,
         datastores=stores,
     )
-    run(config, host, port)
+    run(config, host, port, fmt, access_log)

@@ -24,6 +24,7 @@ from rich.text import Text
 
 from qmotion.client.errors import ApiError
 from qmotion.errors import QmotionError
+from qmotion.logs import LOG_FORMATS, LogFormat
 
 console = Console(emoji=False, highlight=False)
 err_console = Console(stderr=True, emoji=False, highlight=False)
@@ -80,6 +81,23 @@ def service_token(token_file: Path | None, env: str) -> str:
     if len(token) < 16:
         fail(f"a bearer token of at least 16 characters is required (--token-file or {env})", 2)
     return token
+
+
+# A service's logging options (``qmotion server`` and ``qmotion agent``).
+LOG_FORMAT_OPTION = typer.Option(
+    "text",
+    "--log-format",
+    help="text, or json: one JSON object a line (time, level, logger, message, exception).",
+)
+ACCESS_LOG_OPTION = typer.Option(
+    True, "--access-log/--no-access-log", help="Log every HTTP request (one line each)."
+)
+
+
+def log_format_of(value: str) -> LogFormat:
+    if value not in LOG_FORMATS:
+        fail(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {value!r}", 2)
+    return "json" if value == "json" else "text"
 
 
 def listen_address(listen: str) -> tuple[str, int]:

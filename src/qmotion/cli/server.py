@@ -6,7 +6,13 @@ from pathlib import Path
 
 import typer
 
-from qmotion.cli.common import listen_address, service_token
+from qmotion.cli.common import (
+    ACCESS_LOG_OPTION,
+    LOG_FORMAT_OPTION,
+    listen_address,
+    log_format_of,
+    service_token,
+)
 
 
 def server(
@@ -29,12 +35,15 @@ def server(
         help="Plaintext migration streams, agents calling each other by token (reports say "
         "tls: false). Only for networks nobody else can reach.",
     ),
+    log_format: str = LOG_FORMAT_OPTION,
+    access_log: bool = ACCESS_LOG_OPTION,
 ) -> None:
     """Serve the cluster inventory, tasks and the REST API."""
     from qmotion.server.main import run
 
+    fmt = log_format_of(log_format)
     token = service_token(token_file, "QMOTION_TOKEN")
     host, port = listen_address(listen)
     if db.startswith("sqlite:///"):
         Path(db.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    run(db, token, host, port, None if insecure else ca_dir)
+    run(db, token, host, port, None if insecure else ca_dir, fmt, access_log)
