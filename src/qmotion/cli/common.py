@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -20,6 +20,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Column, Table
 from rich.text import Text
 
 from qmotion.client.errors import ApiError
@@ -33,6 +34,42 @@ err_console = Console(stderr=True, emoji=False, highlight=False)
 def cells(*values: object) -> list[Text]:
     """A table row of data, each cell printed literally (never read as markup)."""
     return [Text(str(v)) for v in values]
+
+
+def data_table(
+    headers: list[str],
+    rows: list[list[str]],
+    copied: Collection[str] = (),
+    droppable: Sequence[str] = (),
+) -> Table:
+    """A table of data whose ``copied`` columns (names, addresses, MACs: values operators copy)
+    are printed whole on one line: when the console is too narrow for every column, the
+    ``droppable`` ones go first, in that order (the caller sees which in ``table.columns``),
+    then the other columns wrap, to a letter a line if need be. Nothing is ever cut to an
+    ellipsis: on a console too narrow even for the copied values alone, they fold too."""
+
+    def width(header: str) -> int:
+        values = [header, *(r[headers.index(header)] for r in rows)]
+        if header in copied:
+            return max(len(v) for v in values)
+        return max(len(w) for v in values for w in v.split() or [""])  # wraps at spaces
+
+    def fits(columns: list[str], squeezed: bool = False) -> bool:
+        # Rich's box: a rule before each column and after the last, a space each side.
+        need = sum((width(h) if h in copied or not squeezed else 1) + 3 for h in columns)
+        return need + 1 <= console.width
+
+    shown = list(headers)
+    for header in (h for h in droppable if h in headers):
+        if fits(shown):
+            break
+        shown.remove(header)
+    whole = fits(shown, squeezed=True)
+    # Unwrapped, Rich would crop a value wider than its column: only while they all fit.
+    table = Table(*(Column(h, no_wrap=whole and h in copied, overflow="fold") for h in shown))
+    for r in rows:
+        table.add_row(*cells(*(r[headers.index(h)] for h in shown)))
+    return table
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -64,6 +101,12 @@ def errors_exit() -> Iterator[None]:
         first = exc.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "input"
         fail(f"{where}: {first['msg']}", 2)
+
+
+def more_hint(next_after: str | None) -> None:
+    """Under a page of a list: how to get the next one (nothing on the last page)."""
+    if next_after is not None:
+        console.print(Text(f"more: --after {next_after}", style="dim"))
 
 
 def print_json(obj: object) -> None:

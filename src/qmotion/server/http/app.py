@@ -8,9 +8,10 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Path
+from fastapi import Depends, FastAPI, Path, Response
 
 from qmotion import __version__
+from qmotion.api import paging
 from qmotion.api.migration import MigrationPrediction
 from qmotion.api.server import (
     HostOut,
@@ -128,9 +129,12 @@ def create_app(
     def import_image(req: ImageImport) -> ImageOut:
         return library.import_image(req)
 
-    @app.get("/v1/vms", response_model=list[VmOut], dependencies=auth)
-    def list_vms() -> list[VmOut]:
-        return inventory.list_vms()
+    @app.get("/v1/vms", response_model=list[VmOut], dependencies=auth, responses=paging.PAGED)
+    def list_vms(
+        response: Response, limit: paging.VmLimit = None, after: paging.VmCursor = None
+    ) -> list[VmOut]:
+        rows = inventory.list_vms(None if limit is None else limit + 1, after)
+        return paging.page(response, rows, limit, lambda v: v.name)
 
     @app.post(
         "/v1/vms",
@@ -190,9 +194,11 @@ def create_app(
     async def migrate_plan(name: str, req: MigrateRequest) -> MigrationPrediction:
         return await runner.predict_migration(name, req)
 
-    @app.get("/v1/tasks", response_model=list[TaskOut], dependencies=auth)
-    def list_tasks() -> list[TaskOut]:
-        return runner.list()
+    @app.get("/v1/tasks", response_model=list[TaskOut], dependencies=auth, responses=paging.PAGED)
+    def list_tasks(
+        response: Response, limit: paging.TaskLimit = 100, after: paging.TaskCursor = None
+    ) -> list[TaskOut]:
+        return paging.page(response, runner.list(limit + 1, after), limit, lambda t: t.id)
 
     @app.get("/v1/tasks/{task_id}", response_model=TaskOut, dependencies=auth)
     def get_task(task_id: TaskId) -> TaskOut:
