@@ -119,9 +119,16 @@ def report(
         )
         return
     total = f"{r.total_ms / 1000:.2f} s" if r.total_ms is not None else "-"
+    disks = f"disk copy {r.disk_copy_ms / 1000:.2f} s, " if r.disk_copy_ms is not None else ""
+    whole = (
+        f"whole task {(t.ended_at - t.started_at).total_seconds():.2f} s, "
+        if t.started_at is not None and t.ended_at is not None
+        else ""
+    )
     console.print(
         Text(
-            f"task {t.id}: {r.vm} {r.source} -> {r.destination}: {r.outcome}; total {total}, "
+            f"task {t.id}: {r.vm} {r.source} -> {r.destination}: {r.outcome}; {whole}{disks}"
+            f"RAM migration (QEMU) {total}, "
             f"downtime {r.downtime_ms if r.downtime_ms is not None else '-'} ms, "
             f"{r.streams or 1} stream(s) to {r.migration_address or '-'}, "
             f"TLS {'yes' if r.tls else 'no'}, rungs {' > '.join(r.rungs) or '-'}, "
