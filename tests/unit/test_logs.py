@@ -1,5 +1,7 @@
-"""The services' logs: one JSON object a line with ``--log-format json``, and uvicorn's access
-log through the same handler, on by default (a real uvicorn serving a real request)."""
+"""The services' logs: text or one JSON object a line, the access log included and on.
+
+uvicorn's access log goes through the same handler (a real uvicorn serving real requests).
+"""
 
 from __future__ import annotations
 
@@ -24,11 +26,16 @@ from qmotion.cli.main import app as cli_app
 
 @pytest.fixture
 def stream() -> Iterator[io.StringIO]:
-    """The root logger writing to a buffer; its handlers, level and httpx's put back after."""
+    """The root logger writing to a buffer; its handlers, level and httpx's put back after.
+    The records come from loggers outside ``qmotion``: other tests quieten that one."""
     root = logging.getLogger()
     saved = (list(root.handlers), root.level, logging.getLogger("httpx").level)
+    # uvicorn with the access log off detaches its logger for the process: put it back.
+    access = logging.getLogger(logs.ACCESS_LOGGER)
+    access_saved = (access.propagate, list(access.handlers))
     out = io.StringIO()
     yield out
+    access.propagate, access.handlers = access_saved
     for h in list(root.handlers):
         root.removeHandler(h)
     for h in saved[0]:
@@ -45,7 +52,7 @@ def test_json_lines_carry_time_level_logger_message_and_the_exception(
     stream: io.StringIO,
 ) -> None:
     logs.configure("json", stream)
-    log = logging.getLogger("qmotion.server.tasks.runner")
+    log = logging.getLogger("tests.logs.runner")
     log.info("task %d of %s: %s", 7, "vm0", 'a "quoted" word\nand a second line')
     try:
         1 / 0  # noqa: B018
@@ -53,7 +60,7 @@ def test_json_lines_carry_time_level_logger_message_and_the_exception(
         log.exception("task %d crashed", 8)
     logging.getLogger("httpx").info("HTTP Request: GET http://agent")  # left out
     first, second = lines(stream)
-    assert first["level"] == "INFO" and first["logger"] == "qmotion.server.tasks.runner"
+    assert first["level"] == "INFO" and first["logger"] == "tests.logs.runner"
     assert first["message"] == 'task 7 of vm0: a "quoted" word\nand a second line'
     assert first["time"].endswith("+00:00") and "T" in first["time"]
     assert "exception" not in first
@@ -64,9 +71,9 @@ def test_json_lines_carry_time_level_logger_message_and_the_exception(
 
 def test_text_lines_are_as_before(stream: io.StringIO) -> None:
     logs.configure("text", stream)
-    logging.getLogger("qmotion.agent.app").warning("peer TLS port not serving: %s", "no cert")
+    logging.getLogger("tests.logs.agent").warning("peer TLS port not serving: %s", "no cert")
     line = stream.getvalue()
-    assert line.endswith(" WARNING qmotion.agent.app: peer TLS port not serving: no cert\n")
+    assert line.endswith(" WARNING tests.logs.agent: peer TLS port not serving: no cert\n")
     with pytest.raises(json.JSONDecodeError):
         json.loads(line)
 

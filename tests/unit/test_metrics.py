@@ -1,5 +1,6 @@
-"""Prometheus ``/metrics`` on the manager (its real app over scripted agents) and on an agent
-(its real app, no guest started).
+"""Prometheus ``/metrics`` on the manager and on an agent, scraped over their real apps.
+
+The manager runs over scripted agents; the agent starts no guest.
 
 The manager's figures come from the database at each scrape: a migration the manager ran
 shows up in the counters and histograms with the task's own figures, the task queue and the

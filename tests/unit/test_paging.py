@@ -1,5 +1,6 @@
-"""Paging of ``GET /v1/tasks`` and ``GET /v1/vms``: the manager's real app on a real database,
-through the HTTP API, the typed client and the CLI.
+"""Paging of ``GET /v1/tasks`` and ``GET /v1/vms``, through the API, the client and the CLI.
+
+The manager's real app on a real database.
 
 Pages follow a cursor (a task's id, a VM's name): walked to the end they hold every row once,
 in the list's order, also when rows come and go between two pages.

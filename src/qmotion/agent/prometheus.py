@@ -1,5 +1,6 @@
-"""The agent's Prometheus metrics (``GET /metrics``): its VMs, the host's CPU and memory, and
-the migrations under way, from what the agent holds at the time of the scrape.
+"""The agent's Prometheus metrics (``GET /metrics``): VMs, host CPU and memory, migrations.
+
+Built from what the agent holds at the time of the scrape.
 
 Figures (every one a gauge):
 
