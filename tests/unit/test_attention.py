@@ -22,6 +22,7 @@ from qmotion.api.server import VmOut
 from qmotion.api.vm import Nic, VmSpec
 from qmotion.cli import vm as vm_cli
 from qmotion.cli.main import app as cli_app
+from qmotion.client.paging import Page
 from qmotion.server.db import Database, Host, Vm
 from qmotion.server.inventory import Inventory
 from tests.unit.agent_world import FakeVm, World
@@ -151,7 +152,8 @@ def test_a_database_made_before_attention_gets_the_column(tmp_path: Path) -> Non
 
 
 class _Manager:
-    """The two calls `vm list` and `vm show` make, answered by the real inventory."""
+    """The two calls `vm list` and `vm show` make, answered by the real inventory (all of its
+    VMs on one page, as the manager lists them unless given a limit)."""
 
     def __init__(self, inventory: Inventory) -> None:
         self.inventory = inventory
@@ -162,8 +164,8 @@ class _Manager:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def vms(self) -> list[VmOut]:
-        return self.inventory.list_vms()
+    def vm_page(self, *, limit: int | None = None, after: str | None = None) -> Page[VmOut]:
+        return Page(self.inventory.list_vms(limit, after), None)
 
     def vm(self, name: str) -> VmOut:
         return self.inventory.show_vm(name, refresh=False)

@@ -1,4 +1,5 @@
-"""``vm migrate --dry-run [--json]`` and ``task show`` of a running migration, as a user sees them.
+"""``vm migrate --dry-run [--json]``, ``task show`` of a running migration and the report of a
+finished shared-nothing one, as a user sees them.
 
 The commands run through Typer against a small stand-in for the manager client that keeps the
 tasks it was asked to start, so "starts nothing" is a fact about the stand-in's state.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 from qmotion.api.migration import (
     MigrationPhase,
     MigrationPrediction,
+    MigrationReport,
     MigrationStats,
     QemuMigrationStatus,
 )
@@ -82,6 +84,7 @@ class Manager:
     def __init__(self) -> None:
         self.started: list[tuple[str, MigrateRequest]] = []
         self.planned: list[tuple[str, MigrateRequest]] = []
+        self.ended: TaskOut | None = None  # what the migration's task became, if it ended
         self.stats = MigrationStats(
             status=QemuMigrationStatus.ACTIVE,
             transferred=300 << 20,
@@ -108,7 +111,7 @@ class Manager:
         return _running(self.stats)
 
     def task(self, task_id: int) -> TaskOut:
-        return _running(self.stats)
+        return self.ended or _running(self.stats)
 
 
 @pytest.fixture
@@ -156,3 +159,55 @@ def test_task_show_of_a_running_migration_names_the_rung(manager: Manager) -> No
     out = ANSI.sub("", res.stdout)
     assert "rung throttle (downtime limit 300 ms, throttle 55%)" in out, out
     assert "500 MiB left" in out, out
+
+
+def _shared_nothing_done() -> TaskOut:
+    """Disks copied for 80 s, then 6 s of RAM: QEMU's total is the RAM phase only."""
+    report = MigrationReport(
+        outcome=MigrationPhase.DONE,
+        vm="web",
+        source="h1",
+        destination="h2",
+        total_ms=6012,
+        downtime_ms=41,
+        bytes=700 << 20,
+        disk_copy_ms=80250.5,
+        disk_bytes=4 << 30,
+        wall_ms=88004.2,
+    )
+    return _running(MigrationStats(status=QemuMigrationStatus.COMPLETED)).model_copy(
+        update={
+            "state": TaskState.SUCCEEDED,
+            "phase": MigrationPhase.DONE,
+            "ended_at": NOW + timedelta(seconds=87.5),
+            "result": report,
+        }
+    )
+
+
+def test_a_shared_nothing_report_says_what_each_figure_covers(manager: Manager) -> None:
+    manager.ended = _shared_nothing_done()
+    res = _run(["vm", "migrate", "web", "--to", "h2", "--datastore", "local-h2"])
+    assert res.exit_code == 0, res.output
+    rows = {
+        " ".join(cells[0].split()): cells[1].strip()
+        for line in ANSI.sub("", res.stdout).splitlines()
+        if len(cells := line.strip("│ ").split("│")) == 2
+    }
+    assert rows["disk copy (mirror start -> disks in sync) ms"] == "80250.5"
+    assert rows["disk bytes copied"] == str(4 << 30)
+    assert rows["RAM migration (QEMU: migrate issued -> completed) ms"] == "6012"
+    assert rows["RAM bytes sent"] == str(700 << 20)
+    assert rows["whole operation (task started -> ended) ms"] == "87500.0"
+    assert not [label for label in rows if label.startswith("total")], rows
+
+    res = _run(["vm", "migrate", "web", "--to", "h2", "--datastore", "local-h2", "--json"])
+    got = json.loads(res.stdout)
+    # The report's own fields as before; the whole operation's time added beside them.
+    assert (got["total_ms"], got["disk_copy_ms"], got["wall_ms"]) == (6012, 80250.5, 88004.2)
+    assert got["operation_ms"] == 87500.0
+
+    res = _run(["task", "report", "9"])
+    assert res.exit_code == 0, res.output
+    line = ANSI.sub("", res.stdout).splitlines()[0]
+    assert "whole task 87.50 s, disk copy 80.25 s, RAM migration (QEMU) 6.01 s" in line

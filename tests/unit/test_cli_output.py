@@ -24,6 +24,7 @@ from qmotion.api.vm import VmState
 from qmotion.cli import common, host, task, vm
 from qmotion.cli.main import app
 from qmotion.client.errors import NotFound
+from qmotion.client.paging import Page
 from qmotion.errors import QmotionError
 
 MAC = "52:54:00:cd:4f:4c"
@@ -114,6 +115,9 @@ class FakeClient:
     def vms(self) -> list[VmOut]:
         return self._answer([_vm()])  # type: ignore[no-any-return]
 
+    def vm_page(self, *, limit: int | None = None, after: str | None = None) -> Page[VmOut]:
+        return Page(self.vms(), None)
+
     def vm(self, name: str) -> VmOut:
         return self._answer(_vm())  # type: ignore[no-any-return]
 
@@ -131,6 +135,9 @@ class FakeClient:
 
     def tasks(self) -> list[TaskOut]:
         return self._answer([_task(error=self.task_error)])  # type: ignore[no-any-return]
+
+    def task_page(self, *, limit: int | None = None, after: int | None = None) -> Page[TaskOut]:
+        return Page(self.tasks(), None)
 
     def task(self, task_id: int) -> TaskOut:
         return self._answer(_task(error=self.task_error))  # type: ignore[no-any-return]
@@ -185,6 +192,47 @@ def test_vm_table_prints_name_mac_and_host_literally(client: FakeClient, args: l
     res = _run(args)
     assert res.exit_code == 0, res.output
     _assert_literal(res.stdout, *DATA, f"10.0.0.5/24 {CLOSE}", "qemu64 :cd:")
+
+
+def _rack_vm(i: int, attention: str | None = None) -> VmOut:
+    return VmOut(
+        name=f"web-frontend-{i:02d}",
+        uuid="0b7c",
+        host="host-rack12-b",
+        state=VmState.RUNNING,
+        mac=f"52:54:00:be:ef:{i:02x}",
+        address=f"198.18.1.{100 + i}/24",
+        cpu_model="Skylake-Server-v4",
+        machine="pc",
+        memory_mib=4096,
+        vcpus=2,
+        migrating=i == 0,
+        attention=attention,
+    )
+
+
+@pytest.mark.parametrize("attention", [None, "two copies"])
+def test_vm_list_in_80_columns_never_cuts_names_addresses_or_macs(
+    client: FakeClient, monkeypatch: pytest.MonkeyPatch, attention: str | None
+) -> None:
+    """Rich cut them to fit (``198.18.1.100…``, ``52:54:00:be…``); the columns less worth
+    copying go first, and an attention note moves below the table."""
+    vms = [_rack_vm(0), _rack_vm(1, attention), _rack_vm(2)]
+    monkeypatch.setattr(client, "vms", lambda: vms)
+    res = runner.invoke(app, ["vm", "list"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    out = _text(res.stdout)
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    assert "\N{HORIZONTAL ELLIPSIS}" not in out
+    for v in vms:
+        row = next(line for line in out.splitlines() if v.name in line)
+        for whole in (v.host, v.address or "", v.mac):
+            assert whole in row, (whole, out)
+    assert "Skylake-Server-v4" not in out  # the first column to go
+    if attention:
+        assert "web-frontend-01 needs attention: two copies" in out
+    wide = _text(runner.invoke(app, ["vm", "list"], env={"COLUMNS": "200"}).stdout)
+    assert "Skylake-Server-v4" in wide and "4096 MiB" in wide
 
 
 @pytest.mark.parametrize(

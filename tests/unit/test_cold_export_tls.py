@@ -50,7 +50,7 @@ def exported(tmp_path: Path) -> Iterator[tuple[dict[str, object], TestClient, Cl
     with _agent(tmp_path, "h1", ca) as h1, _agent(tmp_path, "h2", ca) as h2:
         disk = tmp_path / "h1-ds" / "vm1.raw"
         disk.write_bytes(DATA)
-        spec = {"name": "vm1", "memory": "64M", "boot": {"kind": "disk"}}
+        spec: dict[str, object] = {"name": "vm1", "memory": "64M", "boot": {"kind": "disk"}}
         spec["disks"] = [{"datastore": "ds", "path": "vm1.raw", "format": "raw"}]
         assert h1.post("/v1/vms", json=spec).status_code == 201
         resp = h1.post("/v1/vms/vm1/export", params={"reader": "h2"})

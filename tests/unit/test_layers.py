@@ -27,7 +27,15 @@ LAYERS: list[list[str]] = [
     ["qmotion.drs", "qmotion.hypervisor"],
     ["qmotion.migration", "qmotion.client", "qmotion.image", "qmotion.pki"],
     # The ground floor: wire models and the guest's wire protocol (probe), shared by all.
-    ["qmotion.api", "qmotion.probe", "qmotion.errors", "qmotion.paths", "qmotion.locks", "qmotion"],
+    [
+        "qmotion.api",
+        "qmotion.probe",
+        "qmotion.errors",
+        "qmotion.paths",
+        "qmotion.locks",
+        "qmotion.logs",
+        "qmotion",
+    ],
 ]
 
 # Inside the manager and the agent: rooms, top to bottom. A module not named here is in the

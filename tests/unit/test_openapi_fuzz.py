@@ -90,6 +90,7 @@ AGENT_FUZZED = (
     "GET /healthz",
     "GET /v1/host",
     "GET /v1/metrics",
+    "GET /metrics",
     "GET /v1/vms",
     "POST /v1/vms",
     "GET /v1/vms/{name}",

@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 
 from qmotion import __version__
+from qmotion.agent import prometheus
 from qmotion.agent.config import AgentConfig
 from qmotion.agent.disks.storage import StorageMoves
 from qmotion.agent.disks.transfer import Transfers
@@ -170,6 +171,20 @@ def create_app(config: AgentConfig) -> FastAPI:
     @app.get("/v1/metrics", response_model=HostMetrics, dependencies=auth)
     async def get_metrics() -> HostMetrics:
         return state.sampler.last or state.sampler.sample(state.vms.running_processes())
+
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        dependencies=auth,
+        responses=json_error_responses(*ERROR_STATUSES),
+        summary="Prometheus metrics: VMs, host CPU and memory, migrations (text format 0.0.4)",
+    )
+    async def prometheus_metrics() -> Response:
+        host = state.sampler.last or state.sampler.sample(state.vms.running_processes())
+        outgoing, incoming = state.migrations.in_flight()
+        vm_states = [vm.state for vm in await state.vms.list()]
+        body = prometheus.exposition(host, vm_states, len(outgoing), len(incoming))
+        return Response(body, media_type=prometheus.CONTENT_TYPE)
 
     @app.get("/v1/vms", response_model=list[VmInfo], dependencies=auth)
     async def list_vms() -> list[VmInfo]:

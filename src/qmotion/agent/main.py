@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import socket
 
 import uvicorn
 
+from qmotion import logs
 from qmotion.agent.app import create_app
 from qmotion.agent.config import AgentConfig
+from qmotion.logs import LogFormat
 
 
 def _listen(address: str, port: int) -> socket.socket:
@@ -19,16 +20,18 @@ def _listen(address: str, port: int) -> socket.socket:
     return sock
 
 
-def run(config: AgentConfig, host: str, port: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def run(
+    config: AgentConfig,
+    host: str,
+    port: int,
+    log_format: LogFormat = "text",
+    access_log: bool = True,
+) -> None:
+    logs.configure(log_format)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     # The management address and every migration address: the path probe then measures the
     # route a migration stream to that address takes.
     addresses = [host, *(a for a in config.migration_addresses if a != host)]
     sockets = [_listen(a, port) for a in addresses]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(config), log_level="warning", access_log=False)
-    )
+    server = uvicorn.Server(uvicorn.Config(create_app(config), **logs.uvicorn_options(access_log)))
     server.run(sockets=sockets)

@@ -9,7 +9,16 @@ from pathlib import Path
 import typer
 
 from qmotion.cli import config as config_file
-from qmotion.cli.common import console, errors_exit, fail, listen_address, service_token
+from qmotion.cli.common import (
+    ACCESS_LOG_OPTION,
+    LOG_FORMAT_OPTION,
+    console,
+    errors_exit,
+    fail,
+    listen_address,
+    log_format_of,
+    service_token,
+)
 
 DEFAULT_CONFIG = config_file.ETC / "agent.toml"
 DEFAULT_STATE = Path("/var/lib/qmotion/agent")
@@ -49,6 +58,8 @@ def agent(
         "--hugepages/--no-hugepages",
         help="Back guest RAM from the host's 2 MiB huge-page pool when it has room.",
     ),
+    log_format: str = LOG_FORMAT_OPTION,
+    access_log: bool = ACCESS_LOG_OPTION,
 ) -> None:
     """Serve this host's VMs over HTTP (bearer token required on every call)."""
     from qmotion.agent.config import AgentConfig, parse_datastore
@@ -58,6 +69,7 @@ def agent(
         return
     if not name:
         fail("--name (or name in the config file) is required", 2)
+    fmt = log_format_of(log_format)
     token = service_token(token_file, "QMOTION_AGENT_TOKEN")
     if accel not in ("auto", "kvm", "tcg"):
         fail(f"--accel must be auto, kvm or tcg, got {accel!r}", 2)
@@ -104,7 +116,7 @@ def agent(
     os.umask(0o077)
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     state_dir.chmod(0o700)  # made by an older version, or by hand
-    run(agent_config, host, port)
+    run(agent_config, host, port, fmt, access_log)
 
 
 @app.command("join")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from qmotion.api.drs import MaintenanceOut
 from qmotion.cli import operation
-from qmotion.cli.common import cells, console, errors_exit, fail, print_json
+from qmotion.cli.common import console, data_table, errors_exit, fail, print_json
 from qmotion.cli.connect import server_client
 
 app = typer.Typer(help="Hosts registered with the manager.")
@@ -74,20 +73,20 @@ def list_(json_out: bool = typer.Option(False, "--json"), lab: str = LabOpt) -> 
     if json_out:
         print_json([h.model_dump(mode="json") for h in hosts])
         return
-    table = Table("name", "state", "accel", "memory", "committed", "VMs", "note")
-    for h in hosts:
-        table.add_row(
-            *cells(
-                h.name,
-                h.state,
-                h.facts.accel.name if h.facts else "?",
-                f"{h.memory_mib} MiB",
-                f"{h.committed_mib} MiB",
-                ", ".join(h.vms),
-                h.maintenance_reason or "; ".join(h.facts.health_reasons if h.facts else []) or "",
-            )
-        )
-    console.print(table)
+    rows = [
+        [
+            h.name,
+            h.state,
+            h.facts.accel.name if h.facts else "?",
+            f"{h.memory_mib} MiB",
+            f"{h.committed_mib} MiB",
+            ", ".join(h.vms),
+            h.maintenance_reason or "; ".join(h.facts.health_reasons if h.facts else []) or "",
+        ]
+        for h in hosts
+    ]
+    headers = ["name", "state", "accel", "memory", "committed", "VMs", "note"]
+    console.print(data_table(headers, rows, copied=("name",), droppable=("accel", "committed")))
 
 
 def _finish(out: MaintenanceOut, wait: bool, json_out: bool, lab: str | None, title: str) -> None:

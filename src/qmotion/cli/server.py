@@ -8,7 +8,14 @@ from pathlib import Path
 import typer
 
 from qmotion.cli import config as config_file
-from qmotion.cli.common import err_console, listen_address, service_token
+from qmotion.cli.common import (
+    ACCESS_LOG_OPTION,
+    LOG_FORMAT_OPTION,
+    err_console,
+    listen_address,
+    log_format_of,
+    service_token,
+)
 
 
 def server(
@@ -32,10 +39,13 @@ def server(
         help="LAB ONLY: plain HTTP API, plaintext migration streams, agents calling each "
         "other by token (reports say tls: false). Only for networks nobody else can reach.",
     ),
+    log_format: str = LOG_FORMAT_OPTION,
+    access_log: bool = ACCESS_LOG_OPTION,
 ) -> None:
     """Serve the cluster inventory, tasks and the REST API (HTTPS under the cluster CA)."""
     from qmotion.server.main import run
 
+    fmt = log_format_of(log_format)
     if insecure:
         err_console.print(
             "[bold red]WARNING: --insecure: the API, its tokens and every migration stream "
@@ -49,4 +59,4 @@ def server(
         Path(db.removeprefix("sqlite:///")).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     # Everything the service writes (database, keys, VM state) is its own only.
     os.umask(0o077)
-    run(db, token, host, port, None if insecure else ca_dir)
+    run(db, token, host, port, None if insecure else ca_dir, fmt, access_log)

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qmotion.api.migration import MigrationReport
-from qmotion.cli.common import cells, console, errors_exit, fail, print_json
+from qmotion.cli.common import cells, console, errors_exit, fail, more_hint, print_json
 from qmotion.cli.connect import server_client
 from qmotion.cli.vm import stats_line
 
@@ -19,10 +19,16 @@ LabOpt = typer.Option(None, "--lab", help="Which lab's manager, if several are u
 
 
 @app.command("list")
-def list_(json_out: bool = typer.Option(False, "--json"), lab: str = LabOpt) -> None:
-    """Recent tasks, newest first."""
+def list_(
+    limit: int = typer.Option(None, "--limit", help="At most this many tasks (default 100)."),
+    after: int = typer.Option(None, "--after", help="Continue after this task id."),
+    json_out: bool = typer.Option(False, "--json"),
+    lab: str = LabOpt,
+) -> None:
+    """Recent tasks, newest first; a page at a time (``more: --after ID`` continues)."""
     with errors_exit(), server_client(lab) as client:
-        tasks = client.tasks()
+        page = client.task_page(limit=limit, after=after)
+    tasks = page.items
     if json_out:
         print_json([t.model_dump(mode="json") for t in tasks])
         return
@@ -41,6 +47,7 @@ def list_(json_out: bool = typer.Option(False, "--json"), lab: str = LabOpt) -> 
             )
         )
     console.print(table)
+    more_hint(page.next_after)
 
 
 @app.command("show")
@@ -112,9 +119,16 @@ def report(
         )
         return
     total = f"{r.total_ms / 1000:.2f} s" if r.total_ms is not None else "-"
+    disks = f"disk copy {r.disk_copy_ms / 1000:.2f} s, " if r.disk_copy_ms is not None else ""
+    whole = (
+        f"whole task {(t.ended_at - t.started_at).total_seconds():.2f} s, "
+        if t.started_at is not None and t.ended_at is not None
+        else ""
+    )
     console.print(
         Text(
-            f"task {t.id}: {r.vm} {r.source} -> {r.destination}: {r.outcome}; total {total}, "
+            f"task {t.id}: {r.vm} {r.source} -> {r.destination}: {r.outcome}; {whole}{disks}"
+            f"RAM migration (QEMU) {total}, "
             f"downtime {r.downtime_ms if r.downtime_ms is not None else '-'} ms, "
             f"{r.streams or 1} stream(s) to {r.migration_address or '-'}, "
             f"TLS {'yes' if r.tls else 'no'}, rungs {' > '.join(r.rungs) or '-'}, "

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import typer
+from rich.console import Group, RenderableType
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -22,7 +23,15 @@ from qmotion.api.server import (
     Workload,
 )
 from qmotion.api.sizes import format_size, parse_rate_bytes, parse_size
-from qmotion.cli.common import cells, console, errors_exit, fail, print_json
+from qmotion.cli.common import (
+    cells,
+    console,
+    data_table,
+    errors_exit,
+    fail,
+    more_hint,
+    print_json,
+)
 from qmotion.cli.connect import server_client
 
 app = typer.Typer(help="Virtual machines, through the manager.")
@@ -63,14 +72,15 @@ def parse_workload(text: str) -> Workload:
     return Workload(fill_mib=fill, dirty_mib_s=dirty, hot_mib=hot, disk_mib_s=disk, cpu_pct=cpu)
 
 
-def _vm_table(vms: list[VmOut]) -> Table:
+def _vm_table(vms: list[VmOut]) -> RenderableType:
     """One row per VM; the attention column only when a VM needs an operator (its state is
-    then marked "!")."""
-    attention = any(v.attention for v in vms)
+    then marked "!"). Name, host, address and MAC are never cut: on a narrow terminal the CPU
+    model and the memory columns go first, then attention moves below the table."""
     columns = ["name", "host", "state", "address", "MAC", "memory", "CPU model"]
-    table = Table(*columns, *(["attention"] if attention else []))
-    for v in vms:
-        row = [
+    if any(v.attention for v in vms):
+        columns.append("attention")
+    rows = [
+        [
             v.name,
             v.host,
             v.state + (" (migrating)" if v.migrating else "") + (" !" if v.attention else ""),
@@ -78,10 +88,20 @@ def _vm_table(vms: list[VmOut]) -> Table:
             v.mac,
             f"{v.memory_mib} MiB",
             v.cpu_model,
-        ]
-        if attention:
-            row.append(v.attention or "-")
-        table.add_row(*cells(*row))
+            v.attention or "-",
+        ][: len(columns)]
+        for v in vms
+    ]
+    table = data_table(
+        columns,
+        rows,
+        copied=("name", "host", "address", "MAC"),
+        droppable=("CPU model", "memory", "attention"),
+    )
+    shown = {c.header for c in table.columns}
+    if "attention" in columns and "attention" not in shown:
+        notes = [Text(f"{v.name} needs attention: {v.attention}") for v in vms if v.attention]
+        return Group(table, *notes)
     return table
 
 
@@ -270,14 +290,20 @@ def delete(
 
 
 @app.command("list")
-def list_(json_out: bool = JsonOpt, lab: str = LabOpt) -> None:
-    """All VMs of the cluster."""
+def list_(
+    limit: int = typer.Option(None, "--limit", help="At most this many VMs (default: all)."),
+    after: str = typer.Option(None, "--after", help="Continue after this VM name."),
+    json_out: bool = JsonOpt,
+    lab: str = LabOpt,
+) -> None:
+    """The cluster's VMs by name (``more: --after NAME`` continues a --limit page)."""
     with errors_exit(), server_client(lab) as client:
-        vms = client.vms()
+        page = client.vm_page(limit=limit, after=after)
     if json_out:
-        print_json([v.model_dump(mode="json") for v in vms])
+        print_json([v.model_dump(mode="json") for v in page.items])
     else:
-        console.print(_vm_table(vms))
+        console.print(_vm_table(page.items))
+        more_hint(page.next_after)
 
 
 @app.command("show")
@@ -405,6 +431,9 @@ def migration_result(task: TaskOut) -> dict[str, object]:
         out.update(task.result.model_dump(mode="json"))
     else:
         out.update(vm=task.vm, source=task.source, destination=task.destination)
+    # Every kind: the whole operation, task started -> ended (a live migration's wall_ms
+    # counts from the request, queueing included).
+    out["operation_ms"] = _wall_ms(task)
     return out
 
 
@@ -471,16 +500,21 @@ def _report_table(task: TaskOut) -> Table:
         ("destination", task.destination),
     ]
     if r is not None:
+        # Each figure names what it covers: a shared-nothing migration's QEMU total is its
+        # RAM phase only, after the disks' copy.
         rows += [
-            ("total time (QEMU) ms", r.total_ms),
-            ("setup time ms", r.setup_ms),
-            ("downtime (QEMU) ms", r.downtime_ms),
+            ("disk copy (mirror start -> disks in sync) ms", r.disk_copy_ms),
+            ("disk bytes copied", r.disk_bytes),
+            ("RAM migration (QEMU: migrate issued -> completed) ms", r.total_ms),
+            ("RAM setup (QEMU) ms", r.setup_ms),
+            ("downtime (QEMU: source stopped -> resumed) ms", r.downtime_ms),
             ("guest paused (source stop -> destination run) ms", r.guest_paused_ms),
-            ("request accepted -> stream started ms", r.orchestration_ms),
-            ("bytes sent", r.bytes),
-            ("passes", r.passes),
-            ("throughput Mbit/s", r.throughput_mbps),
-            ("wall time ms", r.wall_ms),
+            ("request accepted -> RAM stream started ms", r.orchestration_ms),
+            ("RAM bytes sent", r.bytes),
+            ("RAM passes", r.passes),
+            ("RAM throughput Mbit/s", r.throughput_mbps),
+            ("request accepted -> task end (with queueing) ms", r.wall_ms),
+            ("whole operation (task started -> ended) ms", _wall_ms(task)),
         ]
         rows += [("warning", w) for w in r.warnings]
         rows += [(f"left on {lo.host}", f"{lo.what}: {lo.why}") for lo in r.leftovers]

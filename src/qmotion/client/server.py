@@ -33,6 +33,7 @@ from qmotion.api.server import (
 from qmotion.api.vm import StopRequest
 from qmotion.client.access import AccessCalls
 from qmotion.client.base import dump
+from qmotion.client.paging import Page, get_page
 
 
 class ServerClient(AccessCalls):
@@ -54,8 +55,13 @@ class ServerClient(AccessCalls):
     def set_pool(self, pool: PoolSet) -> None:
         self.request("PUT", "/v1/pool", json=dump(pool))
 
-    def vms(self) -> list[VmOut]:
-        return self.call(list[VmOut], "GET", "/v1/vms")
+    def vms(self, *, limit: int | None = None, after: str | None = None) -> list[VmOut]:
+        """By name; all of them unless ``limit``."""
+        return self.vm_page(limit=limit, after=after).items
+
+    def vm_page(self, *, limit: int | None = None, after: str | None = None) -> Page[VmOut]:
+        """VMs by name after ``after``; ``next_after`` continues the list."""
+        return get_page(self, VmOut, "/v1/vms", limit=limit, after=after)
 
     def images(self) -> list[ImageOut]:
         return self.call(list[ImageOut], "GET", "/v1/images")
@@ -95,8 +101,13 @@ class ServerClient(AccessCalls):
             MigrationPrediction, "POST", f"/v1/vms/{name}/migrate/plan", json=dump(req)
         )
 
-    def tasks(self) -> list[TaskOut]:
-        return self.call(list[TaskOut], "GET", "/v1/tasks")
+    def tasks(self, *, limit: int | None = None, after: int | None = None) -> list[TaskOut]:
+        """Newest first; the manager's default page (100) unless ``limit``."""
+        return self.task_page(limit=limit, after=after).items
+
+    def task_page(self, *, limit: int | None = None, after: int | None = None) -> Page[TaskOut]:
+        """Tasks older than task ``after``, newest first; ``next_after`` continues the list."""
+        return get_page(self, TaskOut, "/v1/tasks", limit=limit, after=after)
 
     def task(self, task_id: int) -> TaskOut:
         return self.call(TaskOut, "GET", f"/v1/tasks/{task_id}")

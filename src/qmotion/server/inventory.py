@@ -377,9 +377,13 @@ class Inventory(VmLifecycle):
             ],
         )
 
-    def list_vms(self) -> list[VmOut]:
+    def list_vms(self, limit: int | None = None, after: str | None = None) -> list[VmOut]:
+        """By name; ``after``: only names after it (the next page's)."""
+        query = select(Vm).order_by(Vm.name).limit(limit)
+        if after is not None:
+            query = query.where(Vm.name > after)
         with self.db.session() as s:
-            return [self.vm_out(s, v) for v in s.scalars(select(Vm).order_by(Vm.name))]
+            return [self.vm_out(s, v) for v in s.scalars(query)]
 
     def show_vm(self, name: str, refresh: bool = True) -> VmOut:
         with self.db.session() as s:

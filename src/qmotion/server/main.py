@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-import logging
 import socket
 from pathlib import Path
 
 import uvicorn
 
+from qmotion import logs
+from qmotion.logs import LogFormat
 from qmotion.pki import ClusterCA, serving_certificate
 from qmotion.server.http.app import create_app
 
 
-def run(db_url: str, token: str, host: str, port: int, ca_dir: Path | None) -> None:
+def run(
+    db_url: str,
+    token: str,
+    host: str,
+    port: int,
+    ca_dir: Path | None,
+    log_format: LogFormat = "text",
+    access_log: bool = True,
+) -> None:
     """``ca_dir``: where the cluster CA lives (made on first start); None: insecure."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logs.configure(log_format)
     ca = ClusterCA.load_or_create(ca_dir) if ca_dir else None
     tls: dict[str, str] = {}
     if ca is not None and ca_dir is not None:
@@ -32,6 +38,5 @@ def run(db_url: str, token: str, host: str, port: int, ca_dir: Path | None) -> N
         host=host,
         port=port,
         **tls,  # type: ignore[arg-type]
-        log_level="warning",
-        access_log=False,
+        **logs.uvicorn_options(access_log),
     )

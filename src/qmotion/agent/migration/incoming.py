@@ -268,6 +268,11 @@ class IncomingMigrations:
                 else:
                     watch.close()
 
+    def receiving(self) -> list[str]:
+        """The VMs whose incoming stream is followed still: not yet resumed here, nor failed
+        or cancelled."""
+        return sorted(n for n, watch in self._incoming_watch.items() if not watch.done())
+
     def events(self, name: str) -> list[tuple[str, float]] | None:
         """What the incoming migration of ``name`` went through (status, monotonic time)."""
         return self._incoming_events.get(name)

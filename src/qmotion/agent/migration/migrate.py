@@ -136,6 +136,10 @@ class Migrations:
 
     # ------------------------------------------------------------------ either end
 
+    def in_flight(self) -> tuple[list[str], list[str]]:
+        """The VMs migrating out of this host now, and those coming in."""
+        return [n for n in self.vms.names() if self.src.migrating(n)], self.dst.receiving()
+
     async def delete(
         self,
         name: str,

@@ -8,9 +8,10 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Path
+from fastapi import Depends, FastAPI, Path, Response
 
 from qmotion import __version__
+from qmotion.api import paging
 from qmotion.api.migration import MigrationPrediction
 from qmotion.api.server import (
     HostOut,
@@ -47,6 +48,7 @@ from qmotion.server.http.access_routes import (
 )
 from qmotion.server.http.drs_routes import ManagerActions, install_drs_routes
 from qmotion.server.http.enrol_routes import install_enrol_routes
+from qmotion.server.http.metrics import install_metrics
 from qmotion.server.http.schedule_routes import install_routes as install_schedule_routes
 from qmotion.server.images import ImageLibrary
 from qmotion.server.inventory import Inventory
@@ -136,9 +138,12 @@ def create_app(
     def import_image(req: ImageImport) -> ImageOut:
         return library.import_image(req)
 
-    @app.get("/v1/vms", response_model=list[VmOut], dependencies=auth)
-    def list_vms() -> list[VmOut]:
-        return inventory.list_vms()
+    @app.get("/v1/vms", response_model=list[VmOut], dependencies=auth, responses=paging.PAGED)
+    def list_vms(
+        response: Response, limit: paging.VmLimit = None, after: paging.VmCursor = None
+    ) -> list[VmOut]:
+        rows = inventory.list_vms(None if limit is None else limit + 1, after)
+        return paging.page(response, rows, limit, lambda v: v.name)
 
     @app.post(
         "/v1/vms",
@@ -198,9 +203,11 @@ def create_app(
     async def migrate_plan(name: str, req: MigrateRequest) -> MigrationPrediction:
         return await runner.predict_migration(name, req)
 
-    @app.get("/v1/tasks", response_model=list[TaskOut], dependencies=auth)
-    def list_tasks() -> list[TaskOut]:
-        return runner.list()
+    @app.get("/v1/tasks", response_model=list[TaskOut], dependencies=auth, responses=paging.PAGED)
+    def list_tasks(
+        response: Response, limit: paging.TaskLimit = 100, after: paging.TaskCursor = None
+    ) -> list[TaskOut]:
+        return paging.page(response, runner.list(limit + 1, after), limit, lambda t: t.id)
 
     @app.get("/v1/tasks/{task_id}", response_model=TaskOut, dependencies=auth)
     def get_task(task_id: TaskId) -> TaskOut:
@@ -212,6 +219,7 @@ def create_app(
 
     install_drs_routes(app, drs, maintenance, auth)
     install_schedule_routes(app, schedules, auth)
+    install_metrics(app, db, inventory, drs, auth)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

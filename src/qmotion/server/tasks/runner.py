@@ -492,9 +492,13 @@ class TaskRunner(DiskTasks):
                 raise NotFound(f"no task {task_id}")
             return task_out(t)
 
-    def list(self, limit: int = 100) -> list[TaskOut]:
+    def list(self, limit: int = 100, after: int | None = None) -> list[TaskOut]:
+        """Newest first; ``after``: only tasks older than that id (the next page's)."""
+        query = select(Task).order_by(Task.id.desc()).limit(limit)
+        if after is not None:
+            query = query.where(Task.id < after)
         with self.db.session() as s:
-            rows = s.scalars(select(Task).order_by(Task.id.desc()).limit(limit))
+            rows = s.scalars(query)
             return [task_out(t, with_events=False) for t in rows]
 
     def cancel(self, task_id: int) -> TaskOut:
