@@ -164,11 +164,17 @@ def fingerprint(cert_pem: str) -> str:
 SERVING_RENEW = dt.timedelta(days=30)
 
 
-def serving_certificate(ca: ClusterCA, directory: Path, name: str, addresses: list[str]) -> Path:
-    """The manager's HTTPS certificate under the cluster CA, for ``name`` and ``addresses``
-    (made, or made again when it lacks one of them or ends within 30 days); returns the
-    directory holding ``manager-cert.pem`` and ``manager-key.pem`` (0600)."""
-    cert_file, key_file = directory / "manager-cert.pem", directory / "manager-key.pem"
+MANAGER_CLIENT = "qmotion-manager"
+
+
+def serving_certificate(
+    ca: ClusterCA, directory: Path, name: str, addresses: list[str], stem: str = "manager"
+) -> Path:
+    """A certificate of the manager's under ``ca``, for ``name`` and ``addresses`` (made, or
+    made again when it lacks one of them or ends within 30 days): its HTTPS certificate, or
+    (``stem`` ``manager-client``) the client certificate it calls agents with. Returns the
+    directory holding ``STEM-cert.pem`` and ``STEM-key.pem`` (0600)."""
+    cert_file, key_file = directory / f"{stem}-cert.pem", directory / f"{stem}-key.pem"
     if cert_file.exists() and key_file.exists():
         cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
         try:
@@ -213,3 +219,28 @@ def csr_for(key_pem: bytes, host: str) -> str:
         .sign(key, hashes.SHA256())
     )
     return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+@dataclass(frozen=True)
+class ManagerTls:
+    """What the manager calls agents with: the cluster CA (agents' certificates are checked
+    against it) and its client certificate under the clients CA (the one thing an agent's
+    control API accepts)."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    clients_ca_pem: str
+
+    @classmethod
+    def load_or_create(cls, ca_dir: Path) -> ManagerTls:
+        """The clients CA lives beside the cluster CA (``clients/``): a host's certificate,
+        signed by the cluster CA, is never taken for the manager's."""
+        clients = ClusterCA.load_or_create(ca_dir / "clients", "qmotion manager clients CA")
+        served = serving_certificate(clients, ca_dir, MANAGER_CLIENT, [], stem="manager-client")
+        return cls(
+            ca_file=ca_dir / "ca-cert.pem",
+            cert_file=served / "manager-client-cert.pem",
+            key_file=served / "manager-client-key.pem",
+            clients_ca_pem=clients.cert_pem,
+        )

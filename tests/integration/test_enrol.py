@@ -13,9 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from qmotion.agent.tls import TlsStore
 from qmotion.api.enrol import JoinTokenCreate
 from qmotion.client.server import ServerClient
 from qmotion.lab import Lab
+from qmotion.pki import ClusterCA
 
 
 def _join(lab: Lab, args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -47,11 +49,15 @@ def test_a_join_pins_the_ca_and_spends_its_token_once(
         assert ok.returncode == 0, ok.stderr
         written = tomllib.loads(config.read_text())
         assert written["name"] == "h9" and written["listen"] == f"{net}.19:8100"
-        for secret in (state / "agent.token", state / "tls" / "host-key.pem"):
-            assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+        key = state / "tls" / "host-key.pem"
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
         assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        # The manager calls it by its client certificate: no token exists anywhere.
+        assert (state / "tls" / "manager-ca.pem").is_file()
+        assert not (state / "agent.token").exists() and "token" not in written
         joined = {h.name: h for h in server.hosts()}["h9"]
         assert joined.state == "down"  # no agent runs there yet
+        assert joined.agent_url == f"https://{net}.19:8100"
 
         again = _join(lab, [*args, "--ca-hash", jt.ca_hash])
         assert again.returncode != 0 and "used" in again.stderr, again.stderr
@@ -74,3 +80,32 @@ def test_the_manager_speaks_only_https_under_the_cluster_ca(lab: Lab) -> None:
     # ... and checked, name included, with it.
     ctx = ssl.create_default_context(cafile=rec.manager_ca_file)
     assert httpx.get(f"{rec.manager_url}/healthz", verify=ctx, timeout=5).status_code == 200
+
+
+def test_an_agent_takes_only_the_managers_certificate(lab: Lab) -> None:
+    """A joined host's control API: no client certificate, a host's certificate (the
+    cluster CA's) or another CA's are refused in the handshake; the manager's gets in."""
+    h1 = lab.host("h1")
+    assert h1.agent_url.startswith("https://")
+    ca = Path(lab.record.dir) / "ca"
+    url = f"{h1.agent_url}/v1/host"
+
+    def get(cert: tuple[str, str] | None) -> int:
+        ctx = ssl.create_default_context(cafile=ca / "ca-cert.pem")
+        if cert is not None:
+            ctx.load_cert_chain(*cert)
+        return httpx.get(url, verify=ctx, timeout=10).status_code
+
+    host_tls = Path(lab.host("h2").state_dir) / "tls" / "qemu"
+    stranger = ClusterCA.load_or_create(Path(lab.record.dir) / "stranger-ca")
+    store = TlsStore(Path(lab.record.dir) / "stranger", "qmotion-manager")
+    store.install(stranger.cert_pem, stranger.sign_host(store.csr(), "qmotion-manager", []))
+    for cert in (
+        None,
+        (str(host_tls / "client-cert.pem"), str(host_tls / "client-key.pem")),
+        (str(store.qemu_dir / "client-cert.pem"), str(store.qemu_dir / "client-key.pem")),
+    ):
+        with pytest.raises(httpx.HTTPError):
+            get(cert)
+    manager = (str(ca / "manager-client-cert.pem"), str(ca / "manager-client-key.pem"))
+    assert get(manager) == 200

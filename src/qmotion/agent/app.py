@@ -17,7 +17,7 @@ from qmotion.agent import prometheus
 from qmotion.agent.config import AgentConfig
 from qmotion.agent.disks.storage import StorageMoves
 from qmotion.agent.disks.transfer import Transfers
-from qmotion.agent.errors import AgentError, OperationFailed
+from qmotion.agent.errors import AgentError, Forbidden, OperationFailed
 from qmotion.agent.facts import HealthCheck, MetricsSampler, host_facts
 from qmotion.agent.migration.migrate import Migrations
 from qmotion.agent.network import netprobe
@@ -145,9 +145,12 @@ def create_app(config: AgentConfig) -> FastAPI:
     )
     app.state.agent = state
     install_error_handlers(app, AgentError, host=config.name)
-    authorize = bearer_auth(config.token)
-
-    auth = [Depends(authorize)]
+    if config.token is None and not state.tls.control_tls:
+        # Neither a token nor mutual TLS: nothing would stand between the network and root.
+        raise ValueError(f"agent {config.name}: no token and no mutual TLS for the control API")
+    # A joined host's control API is mutual TLS (uvicorn checks the manager's certificate
+    # before any request); a token then is not asked for.
+    auth = [Depends(bearer_auth(config.token))] if config.token is not None else []
 
     @app.get("/v1/host", response_model=HostFacts, dependencies=auth)
     async def get_host() -> HostFacts:
@@ -404,12 +407,26 @@ def create_peer_app(state: AgentState) -> FastAPI:
     peer = FastAPI(title=f"qmotion agent {state.config.name} (peers)", version=__version__)
     install_error_handlers(peer, AgentError, host=state.config.name)
 
+    def from_source(name: str, request: Request) -> None:
+        """Any host of the cluster gets past TLS; only the source the manager named for this
+        VM's incoming migration gets further (by the address it calls from)."""
+        state.vms.spec(name)  # 404 for a VM not here (and never a path off a name)
+        rec = state.vms.records.get(name)
+        allowed = rec.incoming.source if rec.incoming is not None else []
+        caller = request.client.host if request.client else None
+        if allowed and caller not in allowed:
+            raise Forbidden(f"{caller} is not the source of {name}'s incoming migration", vm=name)
+
     @peer.post("/v1/peer/vms/{name}/steer")
-    async def steer(name: str, req: SteerRequest) -> dict[str, float]:
+    async def steer(name: str, req: SteerRequest, request: Request) -> dict[str, float]:
+        from_source(name, request)
         return {"ms": await state.migrations.steer(name, req)}
 
     @peer.post("/v1/peer/vms/{name}/migration/finish", response_model=VmInfo)
-    async def finish(name: str, migration: FinishMigration, wait_ms: FinishWait = 0) -> VmInfo:
+    async def finish(
+        name: str, migration: FinishMigration, request: Request, wait_ms: FinishWait = 0
+    ) -> VmInfo:
+        from_source(name, request)
         return await state.migrations.finish(name, migration, wait_ms)
 
     @peer.post("/v1/peer/net/sink")

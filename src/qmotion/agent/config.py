@@ -17,7 +17,8 @@ class DatastoreConfig:
 class AgentConfig:
     name: str
     state_dir: Path
-    token: str
+    # None: the control API is mutual TLS (a joined host) and takes no bearer token.
+    token: str | None
     run_dir: Path = Path("/run/qmotion/agent")
     address: str | None = None
     port: int = 8100

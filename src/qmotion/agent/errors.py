@@ -2,6 +2,7 @@
 
 AgentError
  ├── Refused                 refused before anything changed
+ │    ├── Forbidden          403: a peer host other than the one named for the migration
  │    ├── VmNotFound         404: no VM by that name on this host
  │    ├── Conflict           409: the VM's state forbids it (running, exists, busy)
  │    │    ├── MigratedAway  409: the VM completed a migration away; it runs elsewhere now
@@ -42,6 +43,11 @@ class AgentError(QmotionError):
 class Refused(AgentError):
     status = 409
     code = AgentErrorCode.REFUSED
+
+
+class Forbidden(Refused):
+    status = 403
+    code = AgentErrorCode.FORBIDDEN
 
 
 class VmNotFound(Refused):

@@ -9,6 +9,7 @@ import uvicorn
 from qmotion import logs
 from qmotion.agent.app import create_app
 from qmotion.agent.config import AgentConfig
+from qmotion.agent.tls import TlsStore
 from qmotion.logs import LogFormat
 
 
@@ -33,5 +34,13 @@ def run(
     # route a migration stream to that address takes.
     addresses = [host, *(a for a in config.migration_addresses if a != host)]
     sockets = [_listen(a, port) for a in addresses]
-    server = uvicorn.Server(uvicorn.Config(create_app(config), **logs.uvicorn_options(access_log)))
+    store = TlsStore(config.state_dir, config.name)
+    tls = store.control_server_options() if store.control_tls else {}
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config),
+            **logs.uvicorn_options(access_log),
+            **tls,  # type: ignore[arg-type]
+        )
+    )
     server.run(sockets=sockets)

@@ -54,6 +54,36 @@ class TlsStore:
     def ready(self) -> bool:
         return all((self.qemu_dir / f).exists() for f in QEMU_FILES)
 
+    @property
+    def manager_ca_file(self) -> Path:
+        return self.dir / "manager-ca.pem"
+
+    @property
+    def control_tls(self) -> bool:
+        """The control API is mutual TLS: this host joined, and knows whose client
+        certificates to accept (the manager's)."""
+        return self.ready and self.manager_ca_file.exists()
+
+    def install_manager_ca(self, pem: str) -> None:
+        try:
+            x509.load_pem_x509_certificate(pem.encode())
+        except ValueError as exc:
+            raise SpecRejected(f"not a PEM certificate: {exc}", field="manager_ca_pem") from exc
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self.dir / ".manager-ca.pem.new"
+        tmp.write_text(pem)
+        tmp.replace(self.manager_ca_file)
+
+    def control_server_options(self) -> dict[str, object]:
+        """uvicorn's TLS settings for the control API: this host's certificate, and only
+        clients with a certificate of the manager's clients CA (never a host's)."""
+        return {
+            "ssl_certfile": str(self.qemu_dir / "server-cert.pem"),
+            "ssl_keyfile": str(self.qemu_dir / "server-key.pem"),
+            "ssl_ca_certs": str(self.manager_ca_file),
+            "ssl_cert_reqs": ssl.CERT_REQUIRED,
+        }
+
     def csr(self) -> str:
         """A signing request for this host's key (made on first use, kept across requests:
         a request answered late still matches the key)."""

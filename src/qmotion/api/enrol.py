@@ -42,4 +42,12 @@ class JoinAnswer(BaseModel):
     port: int
     ca_pem: str
     cert_pem: str
-    agent_token: str = Field(description="the bearer token the manager calls this agent with")
+    manager_ca_pem: str | None = Field(
+        default=None,
+        description="the CA of the manager's client certificate: the only callers the "
+        "agent's control API (then HTTPS) accepts",
+    )
+    agent_token: str | None = Field(
+        default=None,
+        description="a bearer token the manager calls this agent with (None: by certificate)",
+    )

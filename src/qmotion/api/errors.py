@@ -13,6 +13,7 @@ class AgentErrorCode(StrEnum):
 
     AGENT_ERROR = "agent_error"
     REFUSED = "refused"
+    FORBIDDEN = "forbidden"  # a peer that is not the one named for this VM's migration
     VM_NOT_FOUND = "vm_not_found"
     CONFLICT = "conflict"
     MIGRATED_AWAY = "migrated_away"  # the VM completed a migration away; it runs elsewhere

@@ -211,6 +211,12 @@ class IncomingRequest(StrictModel):
     copy_disks: DiskCopyPlan | None = Field(
         default=None, description="shared-nothing: create these disks empty and export them"
     )
+    source: list[IPv4Address] = Field(
+        default_factory=list,
+        max_length=16,
+        description="the source host's addresses: its peer-port calls about this VM (steer, "
+        "finish) are taken from these only (empty: from any host of the cluster)",
+    )
 
 
 class IncomingResponse(BaseModel):

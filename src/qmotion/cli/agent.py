@@ -61,16 +61,21 @@ def agent(
     log_format: str = LOG_FORMAT_OPTION,
     access_log: bool = ACCESS_LOG_OPTION,
 ) -> None:
-    """Serve this host's VMs over HTTP (bearer token required on every call)."""
+    """Serve this host's VMs: over mutual TLS once it joined (only the manager's certificate
+    gets in), else over HTTP with a bearer token on every call."""
     from qmotion.agent.config import AgentConfig, parse_datastore
     from qmotion.agent.main import run
+    from qmotion.agent.tls import TlsStore
 
     if ctx.invoked_subcommand is not None:
         return
     if not name:
         fail("--name (or name in the config file) is required", 2)
     fmt = log_format_of(log_format)
-    token = service_token(token_file, "QMOTION_AGENT_TOKEN")
+    joined = TlsStore(state_dir, name).control_tls
+    token: str | None = None
+    if token_file is not None or not joined:
+        token = service_token(token_file, "QMOTION_AGENT_TOKEN")
     if accel not in ("auto", "kvm", "tcg"):
         fail(f"--accel must be auto, kvm or tcg, got {accel!r}", 2)
     host, port = listen_address(listen)
@@ -151,21 +156,23 @@ def join(
             store.install(answer.ca_pem, answer.cert_pem)
         except AgentError as exc:
             fail(f"the manager's answer does not fit this host's key: {exc}")
-    token_file = state_dir / "agent.token"
-    token_file.write_text(answer.agent_token + "\n")
-    token_file.chmod(0o600)
+        if answer.manager_ca_pem is not None:
+            store.install_manager_ca(answer.manager_ca_pem)
     values: dict[str, str | int | float | bool | list[str]] = {}
     if config.exists():
         import tomllib
 
         values.update(tomllib.loads(config.read_text()))
-    values.update(
-        name=answer.name,
-        listen=f"{answer.address}:{answer.port}",
-        token_file=str(token_file),
-        state_dir=str(state_dir),
-    )
     values = {k.replace("-", "_"): v for k, v in values.items()}
+    values.update(name=answer.name, listen=f"{answer.address}:{answer.port}")
+    values.update(state_dir=str(state_dir))
+    values.pop("token_file", None)
+    if answer.agent_token is not None:
+        # A manager without a client certificate: the agent takes a bearer token.
+        token_file = state_dir / "agent.token"
+        token_file.write_text(answer.agent_token + "\n")
+        token_file.chmod(0o600)
+        values["token_file"] = str(token_file)
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(
         config_file.dump(

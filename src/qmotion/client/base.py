@@ -23,16 +23,23 @@ class BaseClient:
         timeout_s: float = 60.0,
         transport: httpx.BaseTransport | None = None,
         ca_file: str | None = None,
+        cert: tuple[str, str] | None = None,
     ) -> None:
         """``ca_file``: the cluster CA an https:// service is checked against (None: the
-        system's trust store)."""
+        system's trust store); ``cert``: a client certificate and key for mutual TLS (an
+        agent's control API). An empty ``token`` sends no Authorization header."""
         self.base_url = base_url.rstrip("/")
+        verify: ssl.SSLContext | bool = True
+        if ca_file or cert:
+            verify = ssl.create_default_context(cafile=ca_file)
+            if cert:
+                verify.load_cert_chain(*cert)
         self._http = httpx.Client(
             base_url=self.base_url,
             timeout=timeout_s,
             transport=transport,
-            verify=ssl.create_default_context(cafile=ca_file) if ca_file else True,
-            headers={"Authorization": f"Bearer {token}"},
+            verify=verify,
+            headers={"Authorization": f"Bearer {token}"} if token else {},
         )
 
     def close(self) -> None:

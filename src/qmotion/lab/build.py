@@ -126,8 +126,9 @@ def build(rec: LabRecord, hosts: int, accel: str, small_datastore_mib: int | Non
         hdir = lab_dir / "hosts" / hname
         hdir.mkdir(parents=True)
         token_file = hdir / "token"
-        token_file.write_text(secrets.token_urlsafe(24) + "\n")
-        token_file.chmod(0o600)
+        if rec.insecure:  # a secure lab's hosts join: the manager calls them by certificate
+            token_file.write_text(secrets.token_urlsafe(24) + "\n")
+            token_file.chmod(0o600)
         local = lab_dir / "datastores" / f"local-{hname}"
         local.mkdir(parents=True)
         rec.datastores.append(
@@ -185,7 +186,7 @@ def build(rec: LabRecord, hosts: int, accel: str, small_datastore_mib: int | Non
             host.agent_pid = start_agent(rec, host, accel)
             save(rec)
         for host in rec.hosts:
-            wait_agent(host)
+            wait_agent(host, rec)
         start_manager(rec)
     else:
         start_manager(rec)

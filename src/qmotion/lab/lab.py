@@ -39,7 +39,7 @@ from qmotion.image import ensure_image
 from qmotion.lab import netns
 from qmotion.lab.build import build, choose_subnet, validate
 from qmotion.lab.errors import LabExists, LabInputError, LabNotFound, LabSetupError
-from qmotion.lab.processes import start_agent, start_manager, stop_pid, wait_agent
+from qmotion.lab.processes import agent_client, start_agent, start_manager, stop_pid, wait_agent
 from qmotion.lab.record import AddressPool, LabHost, LabRecord, load_lab, record_path, save
 from qmotion.lab.teardown import teardown
 from qmotion.paths import labs_dir
@@ -81,8 +81,7 @@ class Lab:
         raise LabNotFound(f"lab {self.record.name} has no host {name!r}")
 
     def agent(self, host: str, timeout_s: float = 120.0) -> AgentClient:
-        h = self.host(host)
-        return AgentClient(h.agent_url, Path(h.token_file).read_text().strip(), timeout_s=timeout_s)
+        return agent_client(self.record, self.host(host), timeout_s)
 
     def namespace(self, name: str) -> str:
         if name in ("client", self.record.client_namespace):
@@ -117,7 +116,7 @@ class Lab:
                 time.sleep(0.05)
         h.agent_pid = start_agent(self.record, h, accel)
         save(self.record)
-        wait_agent(h)
+        wait_agent(h, self.record)
         if self.record.manager_url is not None:
             # The manager's periodic refresh may have seen the host down meanwhile.
             with self.server() as client:
@@ -135,7 +134,7 @@ class Lab:
             # Whatever cuts the outage short, the host gets its agent back.
             h.agent_pid = start_agent(self.record, h, accel)
             save(self.record)
-        wait_agent(h)
+        wait_agent(h, self.record)
         self._refresh_quietly()
 
     def revive(self, accel: str = "auto") -> list[str]:
@@ -146,7 +145,7 @@ class Lab:
             if not _running(h.agent_pid, b"agent"):
                 h.agent_pid = start_agent(self.record, h, accel)
                 save(self.record)
-                wait_agent(h)
+                wait_agent(h, self.record)
                 started.append(h.name)
         if self.record.manager_url is not None and not _running(self.record.manager_pid, b"server"):
             start_manager(self.record, register=False)

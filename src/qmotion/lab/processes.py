@@ -122,13 +122,14 @@ def enrol_hosts(rec: LabRecord, accel: str) -> None:
             if done.returncode != 0:
                 raise LabSetupError(f"{h.name}: agent join failed: {done.stderr.strip()}")
             h.config_file = str(config)
-            h.token_file = str(Path(h.state_dir) / "agent.token")
+            h.agent_url = f"https://{h.address}:{AGENT_PORT}"
+            h.token_file = ""  # the manager calls it by its client certificate
             save(rec)
         for h in rec.hosts:
             h.agent_pid = start_agent(rec, h, accel)
             save(rec)
         for h in rec.hosts:
-            wait_agent(h)
+            wait_agent(h, rec)
         deadline = time.monotonic() + AGENT_READY_TIMEOUT_S
         while True:
             down = [h.name for h in client.refresh_hosts() if h.state != "up"]
@@ -173,9 +174,9 @@ def start_agent(rec: LabRecord, host: LabHost, accel: str) -> int:
         host.name,
         "--listen",
         f"{host.address}:{AGENT_PORT}",
+        # A joined host: its config, and mutual TLS instead of a token.
         *(["--config", host.config_file] if host.config_file else []),
-        "--token-file",
-        host.token_file,
+        *([] if host.config_file else ["--token-file", host.token_file]),
         "--state-dir",
         host.state_dir,
         "--run-dir",
@@ -207,13 +208,29 @@ def start_agent(rec: LabRecord, host: LabHost, accel: str) -> int:
     return proc.pid
 
 
-def wait_agent(host: LabHost) -> None:
-    token = Path(host.token_file).read_text().strip()
+def agent_client(rec: LabRecord, host: LabHost, timeout_s: float = 120.0) -> AgentClient:
+    """The lab (its operator) calls an agent directly: a joined host's by the manager's
+    client certificate (mutual TLS), an insecure lab's by its token."""
+    if host.agent_url.startswith("https:"):
+        ca = Path(rec.dir) / "ca"
+        return AgentClient(
+            host.agent_url,
+            "",
+            timeout_s=timeout_s,
+            ca_file=str(ca / "ca-cert.pem"),
+            cert=(str(ca / "manager-client-cert.pem"), str(ca / "manager-client-key.pem")),
+        )
+    return AgentClient(
+        host.agent_url, Path(host.token_file).read_text().strip(), timeout_s=timeout_s
+    )
+
+
+def wait_agent(host: LabHost, rec: LabRecord) -> None:
     deadline = time.monotonic() + AGENT_READY_TIMEOUT_S
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            with AgentClient(host.agent_url, token, timeout_s=30) as client:
+            with agent_client(rec, host, timeout_s=30) as client:
                 client.host()
             return
         except (ClientError, httpx.HTTPError) as exc:

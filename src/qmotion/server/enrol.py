@@ -15,7 +15,7 @@ from datetime import timedelta
 from sqlalchemy import or_, select
 
 from qmotion.api.enrol import JoinAnswer, JoinRequest, JoinTokenCreate, JoinTokenOut
-from qmotion.pki import ClusterCA, PkiError, fingerprint
+from qmotion.pki import ClusterCA, ManagerTls, PkiError, fingerprint
 from qmotion.server.access import digest
 from qmotion.server.db import (
     ACTIVE_TASK_STATES,
@@ -32,8 +32,10 @@ JOIN_PREFIX = "qmj_"
 
 
 class Enrolment:
-    def __init__(self, db: Database, ca: ClusterCA | None) -> None:
-        self.db, self.ca = db, ca
+    def __init__(
+        self, db: Database, ca: ClusterCA | None, manager_tls: ManagerTls | None = None
+    ) -> None:
+        self.db, self.ca, self.manager_tls = db, ca, manager_tls
 
     def _ca(self) -> ClusterCA:
         if self.ca is None:
@@ -78,7 +80,10 @@ class Enrolment:
         """Spends the token: signs the host's key and records the host (down until its agent
         answers). Refused, changing nothing, for a token unknown, used or expired."""
         ca = self._ca()
-        agent_token = secrets.token_urlsafe(32)
+        # With the manager's client certificate the agent's control API is mutual TLS and
+        # no token exists; without (tests), a token as for hosts registered by hand.
+        mtls = self.manager_tls is not None
+        agent_token = None if mtls else secrets.token_urlsafe(32)
         with self.db.session() as s:
             tok = s.scalars(select(JoinToken).where(JoinToken.digest == digest(req.token))).first()
             if tok is None or tok.used_at is not None or tok.expires_at <= utcnow():
@@ -96,8 +101,8 @@ class Enrolment:
             s.add(
                 Host(
                     name=tok.host,
-                    agent_url=f"http://{tok.address}:{tok.port}",
-                    token=agent_token,
+                    agent_url=f"{'https' if mtls else 'http'}://{tok.address}:{tok.port}",
+                    token=agent_token or "",
                     state="down",
                     facts=None,
                 )
@@ -108,6 +113,7 @@ class Enrolment:
                 port=tok.port,
                 ca_pem=ca.cert_pem,
                 cert_pem=cert,
+                manager_ca_pem=self.manager_tls.clients_ca_pem if self.manager_tls else None,
                 agent_token=agent_token,
             )
 

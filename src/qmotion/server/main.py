@@ -9,7 +9,7 @@ import uvicorn
 
 from qmotion import logs
 from qmotion.logs import LogFormat
-from qmotion.pki import ClusterCA, serving_certificate
+from qmotion.pki import ClusterCA, ManagerTls, serving_certificate
 from qmotion.server.http.app import create_app
 
 
@@ -25,6 +25,7 @@ def run(
     """``ca_dir``: where the cluster CA lives (made on first start); None: insecure."""
     logs.configure(log_format)
     ca = ClusterCA.load_or_create(ca_dir) if ca_dir else None
+    manager_tls = ManagerTls.load_or_create(ca_dir) if ca_dir else None
     tls: dict[str, str] = {}
     if ca is not None and ca_dir is not None:
         # HTTPS under the cluster CA: the CLI and joining hosts check it against the CA.
@@ -34,7 +35,7 @@ def run(
             "ssl_keyfile": str(served / "manager-key.pem"),
         }
     uvicorn.run(
-        create_app(db_url, token, ca=ca),
+        create_app(db_url, token, ca=ca, manager_tls=manager_tls),
         host=host,
         port=port,
         **tls,  # type: ignore[arg-type]

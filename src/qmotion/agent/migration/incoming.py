@@ -95,7 +95,10 @@ class IncomingMigrations:
                 self.incoming_disks.own(spec.name, made)
             # Before QEMU starts: a restarted agent knows which migration it waits for.
             self.vms.records.begin_incoming(
-                spec.name, req.migration_id, "paused" if paused else "auto"
+                spec.name,
+                req.migration_id,
+                "paused" if paused else "auto",
+                [str(a) for a in req.source],
             )
             await self.vms.start(spec.name, incoming="defer", paused=paused)
             mon = self.vms.monitor(spec.name)

@@ -42,6 +42,8 @@ class IncomingRecord(BaseModel):
     # may have written to disks the source shares, so this copy is never torn down as a
     # failed destination, even once it stopped, and the source is never resumed over it.
     ran: bool = False
+    # The source host's addresses, the only ones its peer calls are taken from (empty: any).
+    source: list[str] = []
 
 
 class MigrationRecord(BaseModel):
@@ -117,10 +119,14 @@ class MigrationRecords:
             self._save(name, rec.model_copy(update={"outgoing": out}))
 
     def begin_incoming(
-        self, name: str, migration: str | None, start: Literal["paused", "auto"]
+        self,
+        name: str,
+        migration: str | None,
+        start: Literal["paused", "auto"],
+        source: list[str] | None = None,
     ) -> None:
         """Before the destination's QEMU starts."""
-        inc = IncomingRecord(id=migration, start=start)
+        inc = IncomingRecord(id=migration, start=start, source=source or [])
         self._save(name, MigrationRecord(incoming=inc))
 
     def remember_finish(self, name: str) -> None:

@@ -31,7 +31,7 @@ from qmotion.api.service import (
     install_error_handlers,
 )
 from qmotion.api.vm import StopRequest
-from qmotion.pki import ClusterCA
+from qmotion.pki import ClusterCA, ManagerTls
 from qmotion.server.access import Access
 from qmotion.server.agents import AgentConnector
 from qmotion.server.automation.drs import ClusterDrs
@@ -64,12 +64,17 @@ AGENT_ERRORS = error_responses(502)
 
 
 def create_app(
-    db_url: str, token: str, agents: AgentConnector | None = None, ca: ClusterCA | None = None
+    db_url: str,
+    token: str,
+    agents: AgentConnector | None = None,
+    ca: ClusterCA | None = None,
+    manager_tls: ManagerTls | None = None,
 ) -> FastAPI:
     """The manager; ``agents`` is the seam to the host agents (tests pass in-process ones);
-    ``ca``: the cluster CA that makes migrations TLS (None: the cluster is insecure)."""
+    ``ca``: the cluster CA that makes migrations TLS (None: the cluster is insecure);
+    ``manager_tls``: the client certificate joined hosts' agents are called with."""
     db = Database(db_url)
-    inventory = Inventory(db, agents, ca)
+    inventory = Inventory(db, agents or AgentConnector(tls=manager_tls), ca)
     runner = TaskRunner(db, inventory)
     library = ImageLibrary(db, inventory)
     operations = Operations(db, runner)
@@ -104,7 +109,7 @@ def create_app(
     auth = [Depends(role_check(access))]
     app.add_middleware(AuditMiddleware, access=access)
     install_access_routes(app, access, auth)
-    install_enrol_routes(app, Enrolment(db, ca), auth)
+    install_enrol_routes(app, Enrolment(db, ca, manager_tls), auth)
 
     @app.post("/v1/hosts", response_model=HostOut, status_code=201, dependencies=auth)
     def register_host(req: HostRegister) -> HostOut:

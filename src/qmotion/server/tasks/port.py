@@ -264,6 +264,7 @@ class AgentMigrationPort:
             params=self.params,
             address=listen,
             copy_disks=self.disks.plan,
+            source=self._source_addresses(),
         )
         resp = await self.ends.destination("prepare destination", lambda c: c.incoming(req))
         self.disks.targets = resp.nbd
@@ -300,6 +301,19 @@ class AgentMigrationPort:
             "start migration", lambda c: c.migrate(self.vm, req)
         )
         self.flight.issued_at = self._clock()
+
+    def _source_addresses(self) -> list[IPv4Address]:
+        """Where the source agent may call the destination's peer port from: its addresses
+        (management and migration). None known (an older agent's facts): no restriction."""
+        facts = self.ends.src.facts or {}
+        found = [facts.get("address")]
+        found += [n.get("address") for n in facts.get("migration_networks", []) or []]
+        out: list[IPv4Address] = []
+        for a in found:
+            with contextlib.suppress(ValueError, TypeError):
+                if a and IPv4Address(a) not in out:
+                    out.append(IPv4Address(a))
+        return out
 
     def _switchover_peer(self) -> PeerRef:
         """How the source agent calls the destination at switchover: on a TLS cluster by its
