@@ -20,6 +20,9 @@ from tests.unit.agent_world import World
 ROOT_TOKEN = "service-token-0123456789abcdef"
 # The only POST a viewer may make: it computes a placement and changes nothing.
 VIEWER_POSTS = {("POST", "/v1/drs/place")}
+# The only routes without a bearer token: health, and a joining host's (its one-time join
+# token is in the body; the CA is public).
+PUBLIC = {("GET", "/healthz"), ("GET", "/v1/join/ca"), ("POST", "/v1/join")}
 PATH_VALUES = {"name": "web", "task_id": "1", "schedule_id": "1", "token_id": "1"}
 
 
@@ -50,11 +53,18 @@ def _token(client: TestClient, user: str, role: str) -> str:
 
 
 def _operations(client: TestClient) -> list[tuple[str, str, str]]:
-    """(method, template, a concrete path) of every operation the manager publishes."""
+    """(method, template, a concrete path) of every operation the manager publishes that
+    asks for a bearer token; the ones that do not must be exactly PUBLIC."""
     out: list[tuple[str, str, str]] = []
+    public = set()
     for template, item in client.get("/openapi.json").json()["paths"].items():
         concrete = re.sub(r"\{(\w+)\}", lambda m: PATH_VALUES[m.group(1)], template)
-        out.extend((method.upper(), template, concrete) for method in item)
+        for method, op in item.items():
+            if op.get("security"):
+                out.append((method.upper(), template, concrete))
+            else:
+                public.add((method.upper(), template))
+    assert public == PUBLIC
     return out
 
 

@@ -96,7 +96,7 @@ def test_flags_override_the_config_file(tmp_path: Path, monkeypatch: pytest.Monk
 
     seen: dict[str, object] = {}
     monkeypatch.setattr(
-        server_main, "run", lambda db, token, host, port, ca: seen.update(db=db, host=host)
+        server_main, "run", lambda db, token, host, *rest: seen.update(db=db, host=host)
     )
     conf = tmp_path / "manager.toml"
     db = f"sqlite:///{tmp_path / 'm.db'}"

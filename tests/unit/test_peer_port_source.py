@@ -33,7 +33,8 @@ def destination(tmp_path: Path) -> Iterator[AgentState]:
 
 def _call(state: AgentState, caller: str) -> int:
     with TestClient(create_peer_app(state), client=(caller, 40000)) as peer:
-        return peer.post("/v1/peer/vms/vm1/steer", json=STEER).status_code
+        status: int = peer.post("/v1/peer/vms/vm1/steer", json=STEER).status_code
+        return status
 
 
 def test_only_the_named_source_gets_past_the_check(destination: AgentState) -> None:

@@ -5,13 +5,20 @@ from __future__ import annotations
 import ssl
 
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from pydantic import ValidationError
 
 from qmotion.api.enrol import JoinAnswer, JoinRequest
 from qmotion.api.errors import ErrorBody, ErrorDetail
 from qmotion.client.base import dump
 from qmotion.client.errors import ClientError, Unreachable, error_for
-from qmotion.pki import fingerprint
+
+
+def fingerprint(cert_pem: str) -> str:
+    """``sha256:HEX`` of a certificate's DER (what ``host add`` prints as ``--ca-hash``)."""
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    return "sha256:" + cert.fingerprint(hashes.SHA256()).hex()
 
 
 class CaMismatch(ClientError):
