@@ -14,7 +14,7 @@ BACKPORTS_LIST := /etc/apt/sources.list.d/qmotion-bookworm-backports.sources
 BENCH_PACKAGES := ganeti-htools
 STAMP := $(VENV)/.installed
 
-.PHONY: install setup debs test test-unit check demo bench faults campaign drs-random clean
+.PHONY: lock install setup debs test test-unit check demo bench faults campaign drs-random clean
 
 setup: debs $(STAMP)
 
@@ -37,11 +37,23 @@ debs:
 	    apt-get install -y -q -t bookworm-backports $(QEMU_PACKAGES); \
 	fi
 
-$(STAMP): pyproject.toml
+# Exactly the pinned versions, each checked against its hash (requirements.lock), then
+# qmotion itself without resolving anything more.
+$(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --require-hashes -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# Re-pin every dependency (newest that pyproject.toml allows) with hashes, for Linux x86_64.
+lock: $(STAMP)
+	$(PY) -m pip install -q uv
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --no-annotate --no-header -q -o requirements.lock.new
+	(printf '%s\n' "# qmotion's dependencies, pinned with their hashes: \`make setup\` installs exactly these" \
+	  "# (pip --require-hashes). Regenerate after changing pyproject.toml: \`make lock\`."; \
+	  cat requirements.lock.new) > requirements.lock && rm requirements.lock.new
 
 # pytest exits 5 when it collects nothing; that is reported, not hidden as a pass of real tests.
 # hbal (ganeti-htools) too: a unit test has it score an exported placement.

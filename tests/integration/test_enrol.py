@@ -3,6 +3,7 @@ hash and spends its token once; the manager answers only HTTPS under that CA."""
 
 from __future__ import annotations
 
+import socket
 import ssl
 import stat
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
 
 from qmotion.agent.tls import TlsStore
 from qmotion.api.enrol import JoinTokenCreate
@@ -109,3 +111,33 @@ def test_an_agent_takes_only_the_managers_certificate(lab: Lab) -> None:
             get(cert)
     manager = (str(ca / "manager-client-cert.pem"), str(ca / "manager-client-key.pem"))
     assert get(manager) == 200
+
+
+def _served_serial(url: str, lab: Lab) -> int:
+    """The serial of the certificate an https endpoint serves now (a new handshake)."""
+    ca = Path(lab.record.dir) / "ca"
+    ctx = ssl.create_default_context(cafile=ca / "ca-cert.pem")
+    ctx.load_cert_chain(ca / "manager-client-cert.pem", ca / "manager-client-key.pem")
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    with (
+        socket.create_connection((host, port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_rotation_renews_every_host_and_serves_the_new_certificate_at_once(
+    lab: Lab, server: ServerClient
+) -> None:
+    h1 = lab.host("h1")
+    before = {h.name: h.facts.cert_not_after for h in server.hosts() if h.facts}
+    serial = _served_serial(h1.agent_url, lab)
+    done = server.rotate_certs()
+    assert [d.error for d in done] == [None] * len(lab.record.hosts), done
+    for d in done:
+        assert d.not_after is not None and d.not_after >= before[d.host]  # type: ignore[operator]
+    # The control API serves the renewed certificate without an agent restart.
+    assert _served_serial(h1.agent_url, lab) != serial
+    assert {h.name: h.state for h in server.hosts()} == {h.name: "up" for h in lab.record.hosts}

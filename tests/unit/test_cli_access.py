@@ -117,3 +117,30 @@ def test_an_admin_adds_a_host_sets_the_pool_and_removes_a_host(
     assert json.loads(_run(["host", "remove", "h2", "--json"])) == {"deleted": "h2"}
     busy = runner.invoke(cli, ["host", "remove", "h1"])
     assert busy.exit_code != 0 and "web" in busy.output
+
+
+def test_host_list_warns_of_a_certificate_that_ends_soon() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from qmotion.api.host import AccelInfo, HostFacts
+    from qmotion.api.server import HostOut
+
+    now = datetime.now(UTC)
+
+    def out(days: float) -> HostOut:
+        facts = HostFacts(
+            name="h1", cpu_model="x", cpu_flags=[], cpus=1, memory_bytes=1 << 30,
+            qemu_version="10.0.2", machine_types=[], machine_aliases={}, cpu_models=[],
+            accel=AccelInfo(name="tcg", reason="t"), bridges=[], datastores=[],
+            agent_version="0.1.0", cert_not_after=now + timedelta(days=days),
+        )  # fmt: skip
+        return HostOut(
+            name="h1", agent_url="https://198.18.0.11:8100", state="up", last_seen=now,
+            vms=[], memory_mib=1024, committed_mib=0, facts=facts,
+        )  # fmt: skip
+
+    assert host._notes(out(400), now) == []
+    assert host._notes(out(10), now) == [
+        f"certificate ends {now + timedelta(days=10):%Y-%m-%d}: qmotion cluster rotate-certs"
+    ]
+    assert "certificate ENDED" in host._notes(out(-1), now)[0]

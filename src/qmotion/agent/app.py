@@ -90,6 +90,8 @@ class AgentState:
         self._accel_task: asyncio.Task[AccelInfo] | None = None
         self.vms = VmManager(config, self.accel)
         self.tls = TlsStore(config.state_dir, config.name)
+        # The control API's TLS context, when it is mutual TLS (set by agent.main).
+        self.control_ssl: ssl.SSLContext | None = None
         self.migrations = Migrations(self.vms, self.tls)
         self.storage = StorageMoves(self.vms)
         self.transfers = Transfers(self.vms, self.tls)
@@ -156,7 +158,10 @@ def create_app(config: AgentConfig) -> FastAPI:
     async def get_host() -> HostFacts:
         accel = await state.accel()
         peer_port = state.peer.port if state.peer.running else None
-        return await asyncio.to_thread(host_facts, config, accel, peer_port, state.health.last)
+        ends = await asyncio.to_thread(state.tls.not_after)
+        return await asyncio.to_thread(
+            host_facts, config, accel, peer_port, state.health.last, ends
+        )
 
     @app.post("/v1/tls/csr", response_model=TlsCsr, dependencies=auth)
     async def tls_csr() -> TlsCsr:
@@ -165,6 +170,9 @@ def create_app(config: AgentConfig) -> FastAPI:
     @app.put("/v1/tls", response_model=TlsStatus, dependencies=auth)
     async def tls_install(req: TlsInstall) -> TlsStatus:
         await asyncio.to_thread(state.tls.install, req.ca_pem, req.cert_pem)
+        if state.control_ssl is not None:
+            # A renewed certificate serves the control API's next handshakes at once.
+            await asyncio.to_thread(state.tls.reload_control, state.control_ssl)
         try:
             await state.peer.start(state.tls)
         except (OSError, ssl.SSLError) as exc:

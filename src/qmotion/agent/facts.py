@@ -141,6 +141,7 @@ def host_facts(
     accel: AccelInfo,
     peer_port: int | None = None,
     health: dict[str, Any] | None = None,
+    cert_not_after: datetime | None = None,
 ) -> HostFacts:
     model, flags = cpu_info()
     info = qemu_info()
@@ -164,6 +165,7 @@ def host_facts(
         migration_networks=migration_networks(config),
         tcp_rmem_max=tcp_rmem_max(),
         peer_port=peer_port,
+        cert_not_after=cert_not_after,
         **(health or {}),
     )
 

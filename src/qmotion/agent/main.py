@@ -36,11 +36,14 @@ def run(
     sockets = [_listen(a, port) for a in addresses]
     store = TlsStore(config.state_dir, config.name)
     tls = store.control_server_options() if store.control_tls else {}
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(config),
-            **logs.uvicorn_options(access_log),
-            **tls,  # type: ignore[arg-type]
-        )
+    app = create_app(config)
+    uv_config = uvicorn.Config(
+        app,
+        **logs.uvicorn_options(access_log),
+        **tls,  # type: ignore[arg-type]
     )
+    uv_config.load()
+    # Kept, so that a renewed certificate (PUT /v1/tls) serves the next handshakes.
+    app.state.agent.control_ssl = uv_config.ssl
+    server = uvicorn.Server(uv_config)
     server.run(sockets=sockets)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import os
 import socket
@@ -54,6 +55,14 @@ class TlsStore:
     def ready(self) -> bool:
         return all((self.qemu_dir / f).exists() for f in QEMU_FILES)
 
+    def not_after(self) -> dt.datetime | None:
+        """When this host's certificate ends (None: it has none yet)."""
+        try:
+            pem = (self.qemu_dir / "server-cert.pem").read_bytes()
+        except FileNotFoundError:
+            return None
+        return x509.load_pem_x509_certificate(pem).not_valid_after_utc
+
     @property
     def manager_ca_file(self) -> Path:
         return self.dir / "manager-ca.pem"
@@ -73,6 +82,9 @@ class TlsStore:
         tmp = self.dir / ".manager-ca.pem.new"
         tmp.write_text(pem)
         tmp.replace(self.manager_ca_file)
+
+    def reload_control(self, ctx: ssl.SSLContext) -> None:
+        ctx.load_cert_chain(self.qemu_dir / "server-cert.pem", self.qemu_dir / "server-key.pem")
 
     def control_server_options(self) -> dict[str, object]:
         """uvicorn's TLS settings for the control API: this host's certificate, and only

@@ -51,3 +51,9 @@ class JoinAnswer(BaseModel):
         default=None,
         description="a bearer token the manager calls this agent with (None: by certificate)",
     )
+
+
+class CertRotation(BaseModel):
+    host: str
+    not_after: datetime | None = Field(description="when its new certificate ends")
+    error: str | None = Field(description="why it was not renewed (None: renewed)")

@@ -57,6 +57,10 @@ class HostFacts(BaseModel):
     peer_port: int | None = Field(
         default=None, description="mutual-TLS port for other agents (None: not set up yet)"
     )
+    cert_not_after: datetime | None = Field(
+        default=None,
+        description="when this host's certificate ends (`qmotion cluster rotate-certs` renews)",
+    )
     health: Literal["ok", "degraded"] = Field(
         default="ok", description="degraded: something VMs rely on is failing (see reasons)"
     )

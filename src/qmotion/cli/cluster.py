@@ -78,3 +78,21 @@ def pool(
         print_json(req.model_dump(mode="json"))
     else:
         console.print(f"VM addresses: {req.first} - {req.last}/{req.prefixlen}")
+
+
+@app.command("rotate-certs")
+def rotate_certs(json_out: bool = typer.Option(False, "--json"), lab: str = LabOpt) -> None:
+    """Give every host a new certificate (fresh validity, same key); exit 1 if one was not
+    renewed (down or failing): run it again once it is back."""
+    with errors_exit(), server_client(lab) as client:
+        done = client.rotate_certs()
+    if json_out:
+        print_json([d.model_dump(mode="json") for d in done])
+    else:
+        table = Table("host", "certificate ends", "error")
+        for d in done:
+            ends = f"{d.not_after:%Y-%m-%d}" if d.not_after else "-"
+            table.add_row(*cells(d.host, ends, d.error or ""))
+        console.print(table)
+    if any(d.error for d in done):
+        raise typer.Exit(1)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import typer
 from rich.text import Text
 
 from qmotion.api.drs import MaintenanceOut
+from qmotion.api.server import HostOut
 from qmotion.cli import operation
 from qmotion.cli.common import console, data_table, errors_exit, fail, print_json
 from qmotion.cli.connect import server_client
@@ -73,20 +76,40 @@ def list_(json_out: bool = typer.Option(False, "--json"), lab: str = LabOpt) -> 
     if json_out:
         print_json([h.model_dump(mode="json") for h in hosts])
         return
+    now = datetime.now(UTC)
     rows = [
         [
             h.name,
             h.state,
+            h.facts.health if h.facts else "?",
             h.facts.accel.name if h.facts else "?",
+            h.facts.agent_version if h.facts else "?",
             f"{h.memory_mib} MiB",
             f"{h.committed_mib} MiB",
             ", ".join(h.vms),
-            h.maintenance_reason or "; ".join(h.facts.health_reasons if h.facts else []) or "",
+            "; ".join(_notes(h, now)),
         ]
         for h in hosts
     ]
-    headers = ["name", "state", "accel", "memory", "committed", "VMs", "note"]
-    console.print(data_table(headers, rows, copied=("name",), droppable=("accel", "committed")))
+    headers = ["name", "state", "health", "accel", "version", "memory", "committed", "VMs", "note"]
+    console.print(
+        data_table(headers, rows, copied=("name",), droppable=("version", "accel", "committed"))
+    )
+
+
+CERT_WARN_DAYS = 30
+
+
+def _notes(h: HostOut, now: datetime) -> list[str]:
+    """Why the host needs a look: maintenance, failing checks, a certificate ending soon."""
+    notes = [h.maintenance_reason] if h.maintenance_reason else []
+    if h.facts is not None:
+        notes += h.facts.health_reasons
+        ends = h.facts.cert_not_after
+        if ends is not None and ends - now < timedelta(days=CERT_WARN_DAYS):
+            when = "ENDED" if ends <= now else "ends"
+            notes.append(f"certificate {when} {ends:%Y-%m-%d}: qmotion cluster rotate-certs")
+    return notes
 
 
 def _finish(out: MaintenanceOut, wait: bool, json_out: bool, lab: str | None, title: str) -> None:

@@ -15,7 +15,7 @@ from qmotion.api.drs import (
     RuleOut,
     SettingsSet,
 )
-from qmotion.api.enrol import JoinTokenCreate, JoinTokenOut
+from qmotion.api.enrol import CertRotation, JoinTokenCreate, JoinTokenOut
 from qmotion.api.migration import MigrationPrediction
 from qmotion.api.schedule import ScheduleCreate, ScheduleOut
 from qmotion.api.server import (
@@ -42,6 +42,9 @@ class ServerClient(AccessCalls):
 
     def create_join_token(self, req: JoinTokenCreate) -> JoinTokenOut:
         return self.call(JoinTokenOut, "POST", "/v1/hosts/join-tokens", json=dump(req))
+
+    def rotate_certs(self) -> list[CertRotation]:
+        return self.call(list[CertRotation], "POST", "/v1/cluster/rotate-certs")
 
     def remove_host(self, name: str) -> None:
         self.request("DELETE", f"/v1/hosts/{name}")

@@ -33,6 +33,7 @@ ADMIN_CHANGES = frozenset(
         ("DELETE", "/v1/hosts/{name}"),
         ("PUT", "/v1/pool"),
         ("PUT", "/v1/cluster/settings"),
+        ("POST", "/v1/cluster/rotate-certs"),
     }
 )
 # POSTs that only compute an answer (a body too rich for a query string): a viewer may ask.

@@ -14,7 +14,14 @@ from datetime import timedelta
 
 from sqlalchemy import or_, select
 
-from qmotion.api.enrol import JoinAnswer, JoinRequest, JoinTokenCreate, JoinTokenOut
+from qmotion.api.enrol import (
+    CertRotation,
+    JoinAnswer,
+    JoinRequest,
+    JoinTokenCreate,
+    JoinTokenOut,
+)
+from qmotion.client.errors import ClientError
 from qmotion.pki import ClusterCA, ManagerTls, PkiError, fingerprint
 from qmotion.server.access import digest
 from qmotion.server.db import (
@@ -27,6 +34,7 @@ from qmotion.server.db import (
     utcnow,
 )
 from qmotion.server.errors import Conflict, Invalid, NotFound
+from qmotion.server.inventory import Inventory
 
 JOIN_PREFIX = "qmj_"
 
@@ -144,3 +152,21 @@ class Enrolment:
             if maintenance is not None:
                 s.delete(maintenance)
             s.delete(host)
+
+    def rotate(self, inventory: Inventory) -> list[CertRotation]:
+        """A new certificate for every host that answers (its name, management and
+        migration addresses, a fresh validity; the key stays on the host). A host that is
+        down or fails is reported, never skipped silently; run it again once it is back."""
+        self._ca()
+        with self.db.session() as s:
+            hosts = [(h.name, h.agent_url, h.token) for h in s.scalars(select(Host))]
+        out = []
+        for name, url, token in sorted(hosts):
+            try:
+                with inventory.agents.client(url, token, timeout_s=30) as client:
+                    inventory.issue_certificate(client, name, client.host())
+                    ends = client.host().cert_not_after
+                out.append(CertRotation(host=name, not_after=ends, error=None))
+            except (ClientError, PkiError) as exc:
+                out.append(CertRotation(host=name, not_after=None, error=str(exc)))
+        return out

@@ -109,7 +109,7 @@ class Inventory(VmLifecycle):
         with self.agent(host, timeout_s) as client, agent_errors(host.name, vm):
             return fn(client)
 
-    def _issue_certificate(self, client: AgentClient, name: str, facts: HostFacts) -> None:
+    def issue_certificate(self, client: AgentClient, name: str, facts: HostFacts) -> None:
         """The host's certificate for its name and every address it is reached at."""
         assert self.ca is not None
         addresses = [n.address for n in facts.migration_networks]
@@ -124,7 +124,7 @@ class Inventory(VmLifecycle):
             with self.agents.client(req.agent_url, req.token, timeout_s=60) as client:
                 facts = client.host()
                 if self.ca is not None:
-                    self._issue_certificate(client, req.name, facts)
+                    self.issue_certificate(client, req.name, facts)
                     facts = client.host()  # now with its mutual-TLS port
         except PkiError as exc:
             raise Invalid(str(exc), field="name", host=req.name) from exc
@@ -167,7 +167,7 @@ class Inventory(VmLifecycle):
                     if joined and self.ca is not None and facts is not None:
                         # A host that joined is certified for its management address;
                         # now that it answers, for its migration addresses too.
-                        self._issue_certificate(client, name, facts)
+                        self.issue_certificate(client, name, facts)
                         facts = client.host()
                     if on_metrics is not None:
                         try:

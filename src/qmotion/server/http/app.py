@@ -109,7 +109,7 @@ def create_app(
     auth = [Depends(role_check(access))]
     app.add_middleware(AuditMiddleware, access=access)
     install_access_routes(app, access, auth)
-    install_enrol_routes(app, Enrolment(db, ca, manager_tls), auth)
+    install_enrol_routes(app, Enrolment(db, ca, manager_tls), inventory, auth)
 
     @app.post("/v1/hosts", response_model=HostOut, status_code=201, dependencies=auth)
     def register_host(req: HostRegister) -> HostOut:

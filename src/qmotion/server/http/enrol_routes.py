@@ -7,9 +7,16 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Path, Request
 from pydantic import BaseModel
 
-from qmotion.api.enrol import JoinAnswer, JoinRequest, JoinTokenCreate, JoinTokenOut
+from qmotion.api.enrol import (
+    CertRotation,
+    JoinAnswer,
+    JoinRequest,
+    JoinTokenCreate,
+    JoinTokenOut,
+)
 from qmotion.api.vm import NAME_PATTERN
 from qmotion.server.enrol import Enrolment
+from qmotion.server.inventory import Inventory
 
 HostName = Annotated[str, Path(pattern=NAME_PATTERN)]
 
@@ -18,7 +25,14 @@ class CaOut(BaseModel):
     ca_pem: str
 
 
-def install_enrol_routes(app: FastAPI, enrolment: Enrolment, auth: list[Any]) -> None:
+def install_enrol_routes(
+    app: FastAPI, enrolment: Enrolment, inventory: Inventory, auth: list[Any]
+) -> None:
+    @app.post("/v1/cluster/rotate-certs", response_model=list[CertRotation], dependencies=auth)
+    def rotate_certs() -> list[CertRotation]:
+        """A new certificate for every host that answers; each host's outcome."""
+        return enrolment.rotate(inventory)
+
     @app.post(
         "/v1/hosts/join-tokens", response_model=JoinTokenOut, status_code=201, dependencies=auth
     )
