@@ -9,7 +9,7 @@ import ssl
 from collections.abc import AsyncIterator
 from typing import Annotated, Protocol
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from qmotion import __version__
@@ -17,7 +17,7 @@ from qmotion.agent import prometheus
 from qmotion.agent.config import AgentConfig
 from qmotion.agent.disks.storage import StorageMoves
 from qmotion.agent.disks.transfer import Transfers
-from qmotion.agent.errors import AgentError, Forbidden, OperationFailed
+from qmotion.agent.errors import AgentError, Forbidden, OperationFailed, SpecRejected
 from qmotion.agent.facts import HealthCheck, MetricsSampler, host_facts
 from qmotion.agent.migration.migrate import Migrations
 from qmotion.agent.network import netprobe
@@ -379,6 +379,33 @@ def create_app(config: AgentConfig) -> FastAPI:
     @app.post("/v1/images", response_model=ImageInfo, dependencies=auth)
     async def import_image(req: ImageImportRequest) -> ImageInfo:
         return await asyncio.to_thread(images.import_image, config, req)
+
+    @app.put("/v1/images/{name}/upload", response_model=ImageInfo, dependencies=auth)
+    async def upload_image(
+        name: Annotated[str, Path(pattern=NAME_PATTERN)],
+        datastore: Annotated[str, Query(min_length=1, max_length=64)],
+        request: Request,
+    ) -> ImageInfo:
+        """The image in the request body (streamed to the datastore, never held in memory),
+        then checked and imported like a file of the datastore (no backing file allowed)."""
+        partial = await asyncio.to_thread(images.upload_file, config, datastore)
+        limit = await asyncio.to_thread(images.room, config, datastore)
+        try:
+            received = 0
+            with await asyncio.to_thread(partial.open, "wb") as f:
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > limit:
+                        raise SpecRejected(
+                            f"the upload outgrew datastore {datastore}'s free space "
+                            f"({limit >> 20} MiB with room for the import's copy)",
+                            field="datastore",
+                        )
+                    await asyncio.to_thread(f.write, chunk)
+            req = ImageImportRequest(file=str(partial), name=name, datastore=datastore)
+            return await asyncio.to_thread(images.import_image, config, req, False)
+        finally:
+            partial.unlink(missing_ok=True)
 
     @app.post("/v1/migrations/incoming/check", status_code=204, dependencies=auth)
     async def incoming_check(req: IncomingRequest) -> None:

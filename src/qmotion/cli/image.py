@@ -1,6 +1,8 @@
-"""``qmotion image``: the image library (import, list) and the built test guest image."""
+"""``qmotion image``: the image library (import, upload, list) and the built test guest image."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 from rich.table import Table
@@ -8,7 +10,7 @@ from rich.text import Text
 
 from qmotion.api.server import ImageImport, ImageOut
 from qmotion.api.sizes import format_size
-from qmotion.cli.common import cells, console, errors_exit, fail, print_json
+from qmotion.cli.common import cells, console, err_console, errors_exit, fail, print_json
 from qmotion.cli.connect import server_client
 
 app = typer.Typer(
@@ -95,6 +97,54 @@ def import_(
         print_json(image.model_dump(mode="json"))
     else:
         console.print(_table([image]))
+
+
+@app.command("upload")
+def upload(
+    file: Path = typer.Argument(
+        ..., exists=True, dir_okay=False, readable=True, help="qcow2 or raw image on this machine"
+    ),
+    name: str = typer.Option(..., "--name", help="The image's name in the library."),
+    datastore: str = typer.Option(
+        None, "--datastore", help="Where it goes; default: the first shared datastore."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Upload an image from this machine: streamed through the manager to a host that has the
+    datastore, checked there (qcow2 or raw, no backing file) and added to the library."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    size = file.stat().st_size
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=json_out,
+    )
+    with errors_exit(), server_client() as client, bar:
+        task = bar.add_task(f"uploading {file.name}", total=size)
+        out = client.upload_image(
+            file, name, datastore, progress=lambda sent: bar.update(task, completed=sent)
+        )
+    if json_out:
+        print_json(out.model_dump(mode="json"))
+    else:
+        console.print(
+            Text(
+                f"image {out.name}: {out.format}, {format_size(out.virtual_size)} on "
+                f"{out.datastore} (host {out.host})"
+            )
+        )
 
 
 @app.command("list")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+
 from qmotion.api.drs import (
     ApplyRequest,
     DrsRunOut,
@@ -34,6 +39,8 @@ from qmotion.api.vm import StopRequest
 from qmotion.client.access import AccessCalls
 from qmotion.client.base import dump
 from qmotion.client.paging import Page, get_page
+
+UPLOAD_CHUNK = 1 << 20
 
 
 class ServerClient(AccessCalls):
@@ -68,6 +75,37 @@ class ServerClient(AccessCalls):
 
     def images(self) -> list[ImageOut]:
         return self.call(list[ImageOut], "GET", "/v1/images")
+
+    def upload_image(
+        self,
+        file: Path,
+        name: str,
+        datastore: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> ImageOut:
+        """Stream a local image file to the manager (and through it to a host), calling
+        ``progress`` with the bytes sent so far."""
+
+        def chunks() -> Iterator[bytes]:
+            sent = 0
+            with file.open("rb") as f:
+                while chunk := f.read(UPLOAD_CHUNK):
+                    sent += len(chunk)
+                    yield chunk
+                    if progress is not None:
+                        progress(sent)
+
+        params = {"datastore": datastore} if datastore else {}
+        headers = {"Content-Type": "application/octet-stream"}
+        return self.call(
+            ImageOut,
+            "PUT",
+            f"/v1/images/{name}/upload",
+            params=params,
+            content=chunks(),
+            headers=headers,
+            timeout=httpx.Timeout(3600.0, connect=10.0),
+        )
 
     def import_image(self, req: ImageImport) -> ImageOut:
         return self.call(ImageOut, "POST", "/v1/images", json=dump(req))

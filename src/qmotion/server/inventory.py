@@ -6,8 +6,7 @@ import ipaddress
 import logging
 import secrets
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import select, update
@@ -29,7 +28,7 @@ from qmotion.client.agent import AgentClient
 from qmotion.client.errors import ApiError, ClientError
 from qmotion.migration.prechecks import HOST_RESERVED_MIB, HostView, NetworkView
 from qmotion.pki import ClusterCA, PkiError
-from qmotion.server.agents import AgentConnector
+from qmotion.server.agents import AgentConnector, agent_errors
 from qmotion.server.db import (
     ACTIVE_TASK_STATES,
     Database,
@@ -59,26 +58,6 @@ CPU_PREFERENCE = (
     "Nehalem",
     "qemu64",
 )
-
-
-@contextmanager
-def agent_errors(host: str, vm: str | None = None) -> Iterator[None]:
-    """Agent refusals keep their status (409/422/404); anything else is an upstream failure."""
-    try:
-        yield
-    except ApiError as exc:
-        d = exc.detail
-        cls = {404: NotFound, 409: Conflict, 422: Invalid}.get(exc.status, Upstream)
-        raise cls(
-            f"host {host}: {d.message}",
-            code=d.code,
-            vm=d.vm or vm,
-            host=host,
-            field=d.field,
-            qmp_class=d.qmp_class,
-        ) from exc
-    except ClientError as exc:
-        raise Upstream(f"host {host}: {exc}", vm=vm, host=host) from exc
 
 
 class Inventory(VmLifecycle):

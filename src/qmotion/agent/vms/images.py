@@ -87,8 +87,11 @@ def _confined(config: AgentConfig, file: str) -> Path:
     return real
 
 
-def _check_chain(source: Path, fmt: str, root: Path, file: str, ds: str) -> None:
-    """Every image of the chain: no external data file, backing files plain paths in DS."""
+def _check_chain(
+    source: Path, fmt: str, root: Path, file: str, ds: str, backing_allowed: bool = True
+) -> None:
+    """Every image of the chain: no external data file, backing files plain paths in DS
+    (none at all for an upload: it brings no chain, and would read the datastore's files)."""
     proc = _qemu_img("info", "--output=json", "--backing-chain", "-f", fmt, str(source))
     if proc.returncode != 0:
         raise SpecRejected(
@@ -105,6 +108,12 @@ def _check_chain(source: Path, fmt: str, root: Path, file: str, ds: str) -> None
         backing = layer.get("backing-filename")
         if not backing:
             continue
+        if not backing_allowed:
+            raise SpecRejected(
+                f"{file} has a backing file ({backing}): upload a standalone image "
+                "(qemu-img convert flattens it)",
+                field="file",
+            )
         name = str(backing)
         if name.startswith("json:") or ":" in name.split("/", 1)[0]:
             raise SpecRejected(
@@ -120,7 +129,9 @@ def _check_chain(source: Path, fmt: str, root: Path, file: str, ds: str) -> None
             )
 
 
-def inspect(config: AgentConfig, req: ImageImportRequest) -> tuple[DatastoreConfig, Path, str]:
+def inspect(
+    config: AgentConfig, req: ImageImportRequest, backing_allowed: bool = True
+) -> tuple[DatastoreConfig, Path, str]:
     """Everything an import refuses, naming the field; changes nothing. Returns the
     datastore, the file (symlinks resolved) and its format."""
     ds = _datastore(config, req.datastore)
@@ -132,7 +143,7 @@ def inspect(config: AgentConfig, req: ImageImportRequest) -> tuple[DatastoreConf
             "qemu-img convert first)",
             field="file",
         )
-    _check_chain(source, fmt, ds.path.resolve(), req.file, ds.name)
+    _check_chain(source, fmt, ds.path.resolve(), req.file, ds.name, backing_allowed)
     if fmt == "qcow2":
         check = _qemu_img("check", "--output=json", "-f", fmt, str(source))
         if check.returncode not in (0, 3):  # 3: leaked clusters only, no data at risk
@@ -152,9 +163,11 @@ def _taken(folder: Path, name: str) -> list[str]:
     return [p.name for p in folder.glob(f"{name}.*") if p.suffix.lstrip(".") in SUPPORTED]
 
 
-def import_image(config: AgentConfig, req: ImageImportRequest) -> ImageInfo:
+def import_image(
+    config: AgentConfig, req: ImageImportRequest, backing_allowed: bool = True
+) -> ImageInfo:
     """Check ``req.file`` and copy it into the datastore's image library."""
-    ds, source, fmt = inspect(config, req)
+    ds, source, fmt = inspect(config, req, backing_allowed)
     folder = ds.path / LIBRARY
     if taken := _taken(folder, req.name):
         raise Conflict(f"datastore {ds.name} already has an image {taken[0]}", field="name")
@@ -218,3 +231,19 @@ def clone(config: AgentConfig, image: str, target: Path, fmt: str, size: int | N
         os.link(partial, target)  # never over a file that appeared meanwhile
     finally:
         partial.unlink(missing_ok=True)
+
+
+def upload_file(config: AgentConfig, datastore: str) -> Path:
+    """Where an upload lands before it is checked: a private file in the datastore's library
+    folder (the import then reads it like any file of the datastore)."""
+    ds = _datastore(config, datastore)
+    folder = ds.path / LIBRARY
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f".upload.{secrets.token_hex(8)}.partial"
+
+
+def room(config: AgentConfig, datastore: str) -> int:
+    """Bytes an upload may take on the datastore: its free space, less the margin the
+    import's own copy needs (the upload is copied once more, then removed)."""
+    st = os.statvfs(_datastore(config, datastore).path)
+    return int(st.f_bavail * st.f_frsize / (1 + SPACE_MARGIN))

@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Path, Response
+from fastapi import Depends, FastAPI, Path, Query, Request, Response
 
 from qmotion import __version__
 from qmotion.api import paging
@@ -30,7 +30,7 @@ from qmotion.api.service import (
     error_responses,
     install_error_handlers,
 )
-from qmotion.api.vm import StopRequest
+from qmotion.api.vm import NAME_PATTERN, StopRequest
 from qmotion.pki import ClusterCA, ManagerTls
 from qmotion.server.access import Access
 from qmotion.server.agents import AgentConnector
@@ -142,6 +142,29 @@ def create_app(
     )
     def import_image(req: ImageImport) -> ImageOut:
         return library.import_image(req)
+
+    @app.put(
+        "/v1/images/{name}/upload",
+        response_model=ImageOut,
+        status_code=201,
+        dependencies=auth,
+        responses=AGENT_ERRORS,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+            }
+        },
+    )
+    async def upload_image(
+        name: Annotated[str, Path(pattern=NAME_PATTERN)],
+        request: Request,
+        datastore: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+    ) -> ImageOut:
+        """The image file in the body (qcow2 or raw, no backing file), streamed through to
+        an up host that has the datastore, checked and imported there."""
+        client = request.client.host if request.client else "?"
+        return await library.upload(name, datastore, request.stream(), client)
 
     @app.get("/v1/vms", response_model=list[VmOut], dependencies=auth, responses=paging.PAGED)
     def list_vms(

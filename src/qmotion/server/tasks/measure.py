@@ -100,7 +100,9 @@ async def route(inventory: Inventory, vm: str, src: Host, dst: Host) -> PathProb
         with contextlib.suppress(ValueError):  # a name, or IPv6: not a candidate here
             candidates.append(IPv4Address(n.address))
     # Reachability and RTT need no credential: the peer's token stays off the migration net.
-    peer = PeerRef(url=dst.agent_url, token=None, vm=vm)
+    # On a TLS cluster the destination's peer port (the control API takes only the
+    # manager's certificate), where the source's host certificate gets in.
+    peer = peer_of(dst, vm, inventory.tls).model_copy(update={"token": None})
     req = PathProbeRequest(peer=peer, candidates=candidates, upload=False)
 
     def work() -> PathProbe:
