@@ -180,3 +180,20 @@ def test_the_word_is_served_on_the_peer_port_too(agent: TestClient) -> None:
     paths = state.peer.app.openapi()["paths"]
     assert "/v1/peer/vms/{name}/migration/finish" in paths
     assert "/v1/vms/{name}/migration/finish" in agent.get("/openapi.json").json()["paths"]
+
+
+def test_an_agent_may_keep_its_token_as_a_hash(tmp_path: Path) -> None:
+    """The agent only compares its token: its file may hold the SHA-256, not the secret."""
+    import hashlib
+
+    config = AgentConfig(
+        name="h9",
+        state_dir=tmp_path / "state",
+        token="sha256:" + hashlib.sha256(TOKEN.encode()).hexdigest(),
+        run_dir=tmp_path / "run",
+    )
+    config.state_dir.mkdir()
+    with TestClient(create_app(config)) as client:
+        assert client.get("/v1/vms", headers={"Authorization": f"Bearer {TOKEN}"}).is_success
+        wrong = {"Authorization": f"Bearer {config.token}"}  # the hash itself is no token
+        assert client.get("/v1/vms", headers=wrong).status_code == 401

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -72,11 +73,18 @@ def field_of(loc: tuple[int | str, ...]) -> str:
 
 
 def bearer_auth(token: str) -> Callable[..., None]:
-    """A dependency refusing requests without the service's token (401)."""
+    """A dependency refusing requests without the service's token (401). ``token`` may be
+    kept as ``sha256:HEX`` (a service only compares it: the file then holds no secret)."""
     bearer = HTTPBearer(auto_error=False)
+    digest = token.removeprefix("sha256:").lower() if token.startswith("sha256:") else None
+
+    def matches(given: str) -> bool:
+        if digest is not None:
+            return secrets.compare_digest(hashlib.sha256(given.encode()).hexdigest(), digest)
+        return secrets.compare_digest(given, token)
 
     def authorize(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if creds is None or not secrets.compare_digest(creds.credentials, token):
+        if creds is None or not matches(creds.credentials):
             raise HTTPException(
                 status_code=401,
                 detail="missing or wrong bearer token",
