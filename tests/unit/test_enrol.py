@@ -120,3 +120,22 @@ def test_an_insecure_manager_has_no_join(tmp_path: Path) -> None:
             "/v1/hosts/join-tokens", json={"name": "h9", "address": "198.18.0.19"}, headers=ROOT
         )
         assert resp.status_code == 409 and "insecure" in resp.json()["error"]["message"]
+
+
+def test_of_two_joins_with_one_token_at_once_exactly_one_gets_in(
+    manager: tuple[TestClient, Database, ClusterCA], tmp_path: Path
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, _, _ = manager
+    token = _add(client)["token"]
+    csrs = [_csr(tmp_path / str(i), "h9") for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        codes = list(
+            pool.map(
+                lambda csr: client.post("/v1/join", json={"token": token, "csr_pem": csr}),
+                csrs,
+            )
+        )
+    assert sorted(r.status_code for r in codes) == [200, 422, 422, 422], [r.text for r in codes]
+    assert [h["name"] for h in client.get("/v1/hosts", headers=ROOT).json()].count("h9") == 1

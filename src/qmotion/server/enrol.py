@@ -12,7 +12,8 @@ from __future__ import annotations
 import secrets
 from datetime import timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from qmotion.api.enrol import (
     CertRotation,
@@ -92,38 +93,55 @@ class Enrolment:
         # no token exists; without (tests), a token as for hosts registered by hand.
         mtls = self.manager_tls is not None
         agent_token = None if mtls else secrets.token_urlsafe(32)
-        with self.db.session() as s:
-            tok = s.scalars(select(JoinToken).where(JoinToken.digest == digest(req.token))).first()
-            if tok is None or tok.used_at is not None or tok.expires_at <= utcnow():
-                why = "unknown" if tok is None else "used" if tok.used_at else "expired"
-                raise Invalid(
-                    f"join token {why}: ask for a new one (`qmotion host add`)", field="token"
+        try:
+            with self.db.session() as s:
+                tok = s.scalars(
+                    select(JoinToken).where(JoinToken.digest == digest(req.token))
+                ).first()
+                if tok is None or tok.used_at is not None or tok.expires_at <= utcnow():
+                    why = "unknown" if tok is None else "used" if tok.used_at else "expired"
+                    raise Invalid(
+                        f"join token {why}: ask for a new one (`qmotion host add`)", field="token"
+                    )
+                if s.scalars(select(Host).where(Host.name == tok.host)).first() is not None:
+                    raise Conflict(f"host {tok.host} is already in the cluster", host=tok.host)
+                try:
+                    cert = ca.sign_host(req.csr_pem, tok.host, [tok.address])
+                except PkiError as exc:
+                    raise Invalid(str(exc), field="csr_pem", host=tok.host) from exc
+                # Spent by one statement that only an unspent token passes: of two joins with
+                # one token at once, exactly one gets through (the other reads "used").
+                spent = s.execute(
+                    update(JoinToken)
+                    .where(JoinToken.id == tok.id, JoinToken.used_at.is_(None))
+                    .values(used_at=utcnow())
+                    .execution_options(synchronize_session=False)
                 )
-            if s.scalars(select(Host).where(Host.name == tok.host)).first() is not None:
-                raise Conflict(f"host {tok.host} is already in the cluster", host=tok.host)
-            try:
-                cert = ca.sign_host(req.csr_pem, tok.host, [tok.address])
-            except PkiError as exc:
-                raise Invalid(str(exc), field="csr_pem", host=tok.host) from exc
-            tok.used_at = utcnow()
-            s.add(
-                Host(
+                if getattr(spent, "rowcount", 0) != 1:
+                    raise Invalid(
+                        "join token used: ask for a new one (`qmotion host add`)", field="token"
+                    )
+                s.add(
+                    Host(
+                        name=tok.host,
+                        agent_url=f"{'https' if mtls else 'http'}://{tok.address}:{tok.port}",
+                        token=agent_token or "",
+                        state="down",
+                        facts=None,
+                    )
+                )
+                return JoinAnswer(
                     name=tok.host,
-                    agent_url=f"{'https' if mtls else 'http'}://{tok.address}:{tok.port}",
-                    token=agent_token or "",
-                    state="down",
-                    facts=None,
+                    address=tok.address,
+                    port=tok.port,
+                    ca_pem=ca.cert_pem,
+                    cert_pem=cert,
+                    manager_ca_pem=self.manager_tls.clients_ca_pem if self.manager_tls else None,
+                    agent_token=agent_token,
                 )
-            )
-            return JoinAnswer(
-                name=tok.host,
-                address=tok.address,
-                port=tok.port,
-                ca_pem=ca.cert_pem,
-                cert_pem=cert,
-                manager_ca_pem=self.manager_tls.clients_ca_pem if self.manager_tls else None,
-                agent_token=agent_token,
-            )
+        except IntegrityError as exc:
+            # Two tokens for one name, spent at once: the second finds the host recorded.
+            raise Conflict("a host of that name joined meanwhile", field="token") from exc
 
     def remove_host(self, name: str) -> None:
         """Forget a host: refused while a VM lives there or a task moves one to or from it
