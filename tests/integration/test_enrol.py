@@ -141,3 +141,25 @@ def test_rotation_renews_every_host_and_serves_the_new_certificate_at_once(
     # The control API serves the renewed certificate without an agent restart.
     assert _served_serial(h1.agent_url, lab) != serial
     assert {h.name: h.state for h in server.hosts()} == {h.name: "up" for h in lab.record.hosts}
+
+
+def test_the_services_files_are_private_once_they_run(lab: Lab) -> None:
+    """What the manager and the agents wrote while starting: keys and the database 0600 in
+    0700 directories (the services run with umask 077)."""
+    lab_dir = Path(lab.record.dir)
+    private = [
+        lab_dir / "manager.db",
+        lab_dir / "ca" / "ca-key.pem",
+        lab_dir / "ca" / "manager-key.pem",
+        lab_dir / "ca" / "manager-client-key.pem",
+        lab_dir / "ca" / "clients" / "ca-key.pem",
+    ]
+    dirs = [lab_dir / "ca", lab_dir / "ca" / "clients"]
+    for h in lab.record.hosts:
+        state = Path(h.state_dir)
+        private += [state / "tls" / "host-key.pem", state / "tls" / "qemu" / "server-key.pem"]
+        dirs += [state, state / "tls", state / "vms"]
+    for f in private:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    for d in dirs:
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
