@@ -67,9 +67,22 @@ def configure(fmt: LogFormat, stream: TextIO | None = None) -> None:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # uvicorn's loggers through the same handler, whatever configured them before.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers = []
+        logger.propagate = True
+        logger.disabled = False
 
 
 def uvicorn_options(access_log: bool) -> dict[str, Any]:
     """What a service hands uvicorn: no logging configuration of its own (its loggers go
-    through the root handler, one format for every line), INFO (its access log is INFO)."""
-    return {"log_config": None, "log_level": "info", "access_log": access_log}
+    through the root handler, one format for every line), INFO (its access log is INFO),
+    and no proxy headers: a caller's address is the connection's (the audit, the peer port's
+    source check), never what an X-Forwarded-For says."""
+    return {
+        "log_config": None,
+        "log_level": "info",
+        "access_log": access_log,
+        "proxy_headers": False,
+    }

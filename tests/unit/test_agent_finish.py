@@ -73,6 +73,7 @@ def test_the_word_before_the_stream_is_loaded_is_remembered_and_acted_on_at_comp
             "finish": True,
             "start": "paused",
             "ran": False,
+            "source": [],
         }
         qemu.load("device")
         qemu.complete_incoming()
@@ -83,6 +84,7 @@ def test_the_word_before_the_stream_is_loaded_is_remembered_and_acted_on_at_comp
             "finish": True,
             "start": "paused",
             "ran": True,
+            "source": [],
         }
         await dst.keep_disks("vm1", M1)  # the manager saw it run: confirmed here
         assert (await host.info("vm1")).incoming_migration is None

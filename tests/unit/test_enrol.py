@@ -139,3 +139,43 @@ def test_of_two_joins_with_one_token_at_once_exactly_one_gets_in(
         )
     assert sorted(r.status_code for r in codes) == [200, 422, 422, 422], [r.text for r in codes]
     assert [h["name"] for h in client.get("/v1/hosts", headers=ROOT).json()].count("h9") == 1
+
+
+def _facts(address: str, *migration: str) -> dict[str, object]:
+    from tests.unit.test_openapi_fuzz import _host_facts
+
+    facts = _host_facts("x").model_dump(mode="json")
+    facts["address"] = address
+    facts["migration_networks"] = [
+        {"address": a, "ifname": "eth1", "prefixlen": 24} for a in migration
+    ]
+    return facts
+
+
+def test_a_certificate_names_only_approved_addresses_of_that_host(tmp_path: Path) -> None:
+    """A host's agent reports its addresses; its certificate never names one the admin did
+    not approve at the join, a DNS name, another host's or the manager's."""
+    from qmotion.api.host import HostFacts
+    from qmotion.server.db import Host
+    from qmotion.server.inventory import Inventory
+
+    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    with db.session() as s:
+        s.add(Host(name="h1", agent_url="https://198.18.0.11:8100", token="",
+                   approved=["198.18.0.11", "198.19.0.11"]))  # fmt: skip
+        s.add(Host(name="h2", agent_url="http://198.18.0.12:8100", token="t" * 32,
+                   facts=_facts("198.18.0.12", "198.19.0.12")))  # fmt: skip
+        s.add(Host(name="h3", agent_url="http://198.18.0.13:8100", token="t" * 32))
+    inv = Inventory(db, ca=ClusterCA.load_or_create(tmp_path / "ca"),
+                    manager_addresses=("198.18.0.1",))  # fmt: skip
+    claims = _facts("198.18.0.11", "198.19.0.11", "198.19.0.99", "198.19.0.12", "198.18.0.1")
+    nets = claims["migration_networks"]
+    assert isinstance(nets, list)
+    nets.append({"address": "manager.example", "ifname": "eth2", "prefixlen": 24})
+    assert inv.certifiable("h1", HostFacts.model_validate(claims)) == [
+        "198.18.0.11",
+        "198.19.0.11",
+    ]
+    # A host registered by hand (no approved list) still never gets another's or the manager's.
+    h3 = _facts("198.18.0.13", "198.19.0.13", "198.18.0.12", "198.18.0.1")
+    assert inv.certifiable("h3", HostFacts.model_validate(h3)) == ["198.18.0.13", "198.19.0.13"]

@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from fastapi import FastAPI
 
+from qmotion import logs
 from qmotion.agent.errors import Conflict, SpecRejected
 from qmotion.pki import csr_for, new_key_pem
 
@@ -204,10 +205,11 @@ class PeerListener:
             for sock in socks:
                 sock.close()
             raise
+        # The service's logging options: uvicorn's own configuration (or access_log=False)
+        # would rewire its loggers for the whole process, the main API's access log too.
         config = uvicorn.Config(
             self.app,
-            log_level="warning",
-            access_log=False,
+            **logs.uvicorn_options(True),
             ssl_certfile=str(store.qemu_dir / "server-cert.pem"),
             ssl_keyfile=str(store.qemu_dir / "server-key.pem"),
             ssl_ca_certs=str(store.qemu_dir / "ca-cert.pem"),

@@ -20,6 +20,11 @@ class JoinTokenCreate(StrictModel):
     name: str = Field(pattern=NAME_PATTERN, description="the new host's name in the cluster")
     address: Address = Field(description="the host's IPv4 address the manager reaches it at")
     port: int = Field(default=8100, ge=1, le=65535, description="its agent's port")
+    migration_addresses: list[Address] = Field(
+        default_factory=list,
+        max_length=8,
+        description="its migration addresses: with the address, all its certificate may name",
+    )
     ttl_s: int = Field(default=3600, ge=60, le=7 * 86400, description="how long it may be used")
 
 

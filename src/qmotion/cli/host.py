@@ -29,6 +29,12 @@ def add(
     name: str,
     address: str = typer.Option(..., "--address", help="The host's IPv4 address."),
     port: int = typer.Option(8100, "--port", help="Its agent's port."),
+    migration_address: list[str] = typer.Option(
+        [],
+        "--migration-address",
+        help="An address it receives migrations on (repeatable): with --address, all its "
+        "certificate may name.",
+    ),
     ttl: int = typer.Option(3600, "--ttl", help="Seconds the join token stays good (60..604800)."),
     json_out: bool = typer.Option(False, "--json"),
     lab: str = LabOpt,
@@ -40,11 +46,18 @@ def add(
 
     try:
         req = JoinTokenCreate.model_validate(
-            {"name": name, "address": address, "port": port, "ttl_s": ttl}
+            {
+                "name": name,
+                "address": address,
+                "port": port,
+                "ttl_s": ttl,
+                "migration_addresses": migration_address,
+            }
         )
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = {"ttl_s": "ttl"}.get(str(err["loc"][0]), str(err["loc"][0])) if err["loc"] else ""
+        loc = str(err["loc"][0]) if err["loc"] else ""
+        field = {"ttl_s": "ttl", "migration_addresses": "migration-address"}.get(loc, loc)
         fail(f"--{field}: {err['msg']}" if field != "name" else f"NAME: {err['msg']}", 2)
     with errors_exit(), server_client(lab) as client:
         out = client.create_join_token(req)

@@ -21,7 +21,7 @@ def launch(argv: list[str], pidfile: Path, log: Path, vm: str, qmp_socket: Path)
     in place, which ``-sandbox spawn=deny,elevateprivileges=deny`` forbids); it is started in a
     session of its own instead, so it outlives an agent restart (systemd's ``KillMode=process``
     signals only the agent) and is found again through its pidfile. It is ready when its
-    monitor greets: QEMU accepts monitor connections only from its main loop, after setup.
+    monitor answers a command (see ``_greets``).
 
     Its stdout and stderr stay on ``log`` for its whole life; ``-D`` keeps QEMU's own log
     messages in a second file, as before.
@@ -73,15 +73,29 @@ def kill_child(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _greets(qmp_socket: Path) -> bool:
-    """True once QEMU's monitor sends its greeting (QEMU accepts a connection and closes it
-    cleanly when the client goes)."""
+    """True once QEMU answers a command on its monitor. The greeting alone is not enough:
+    QEMU's I/O thread may greet before setup is done; ``query-status`` runs on the main
+    thread, so its answer means setup finished. QEMU takes the monitor back when this
+    connection closes, for the agent's."""
     if not qmp_socket.exists():
         return False
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
+        sock.settimeout(2.0)
         try:
             sock.connect(str(qmp_socket))
-            return sock.recv(1, socket.MSG_PEEK) != b""
+            f = sock.makefile("rwb")
+            if not f.readline():
+                return False
+            for command in (b"qmp_capabilities", b"query-status"):
+                f.write(b'{"execute": "' + command + b'"}\n')
+                f.flush()
+                while True:  # events may come first
+                    line = f.readline()
+                    if not line:
+                        return False
+                    if b'"return"' in line or b'"error"' in line:
+                        break
+            return True
         except OSError:
             return False
 

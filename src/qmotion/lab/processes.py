@@ -109,7 +109,12 @@ def enrol_hosts(rec: LabRecord, accel: str) -> None:
         for h in rec.hosts:
             jt = client.create_join_token(
                 JoinTokenCreate.model_validate(
-                    {"name": h.name, "address": h.address, "port": AGENT_PORT}
+                    {
+                        "name": h.name,
+                        "address": h.address,
+                        "port": AGENT_PORT,
+                        "migration_addresses": [h.migration_address] if h.migration_address else [],
+                    }
                 )
             )
             config = Path(h.state_dir).parent / "agent.toml"

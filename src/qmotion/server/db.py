@@ -71,6 +71,9 @@ class Host(Base):
     facts: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     registered_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     last_seen: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    # The addresses an admin approved for its certificate (a joined host: the join token's);
+    # None: a host registered by hand, certified for the addresses it reports.
+    approved: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     vms: Mapped[list[Vm]] = relationship(back_populates="host")
 
 
@@ -239,6 +242,7 @@ class JoinToken(Base):
     host: Mapped[str] = mapped_column(String(64))
     address: Mapped[str] = mapped_column(String(64))
     port: Mapped[int] = mapped_column(Integer)
+    migration: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
     used_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
@@ -263,7 +267,7 @@ class AuditRecord(Base):
 ACTIVE_TASK_STATES = ("queued", "running")
 # Columns added to a table after it was first made (table, column): create_all adds no
 # column to a table that exists, so a database made before them gets each with ALTER TABLE.
-ADDED_COLUMNS = (("vms", "attention"),)
+ADDED_COLUMNS = (("vms", "attention"), ("hosts", "approved"), ("join_tokens", "migration"))
 
 
 def _private_sqlite_file(url: str) -> None:

@@ -70,6 +70,7 @@ class Enrolment:
                     host=req.name,
                     address=str(req.address),
                     port=req.port,
+                    migration=[str(a) for a in req.migration_addresses],
                     expires_at=expires,
                 )
             )
@@ -103,8 +104,6 @@ class Enrolment:
                     raise Invalid(
                         f"join token {why}: ask for a new one (`qmotion host add`)", field="token"
                     )
-                if s.scalars(select(Host).where(Host.name == tok.host)).first() is not None:
-                    raise Conflict(f"host {tok.host} is already in the cluster", host=tok.host)
                 try:
                     cert = ca.sign_host(req.csr_pem, tok.host, [tok.address])
                 except PkiError as exc:
@@ -121,6 +120,9 @@ class Enrolment:
                     raise Invalid(
                         "join token used: ask for a new one (`qmotion host add`)", field="token"
                     )
+                # After the token is spent: a join with the same token reads "used", never this.
+                if s.scalars(select(Host).where(Host.name == tok.host)).first() is not None:
+                    raise Conflict(f"host {tok.host} is already in the cluster", host=tok.host)
                 s.add(
                     Host(
                         name=tok.host,
@@ -128,6 +130,7 @@ class Enrolment:
                         token=agent_token or "",
                         state="down",
                         facts=None,
+                        approved=[tok.address, *(tok.migration or [])],
                     )
                 )
                 return JoinAnswer(

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import httpx
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -60,11 +61,26 @@ CPU_PREFERENCE = (
 )
 
 
+def _host_addresses(h: Host) -> set[str]:
+    """Every address a host is known by: its agent URL's, and what its facts report."""
+    out = {str(httpx.URL(h.agent_url).host)}
+    facts = h.facts or {}
+    out.add(str(facts.get("address") or ""))
+    out |= {str(n.get("address")) for n in facts.get("migration_networks", []) or []}
+    return out - {"", "None"}
+
+
 class Inventory(VmLifecycle):
     def __init__(
-        self, db: Database, agents: AgentConnector | None = None, ca: ClusterCA | None = None
+        self,
+        db: Database,
+        agents: AgentConnector | None = None,
+        ca: ClusterCA | None = None,
+        manager_addresses: tuple[str, ...] = (),
     ) -> None:
         self.db = db
+        # Never in a host's certificate: the CLI checks the manager's by the cluster CA.
+        self.manager_addresses = manager_addresses
         self.agents = agents or AgentConnector()
         # None: the cluster is configured insecure (plaintext migration streams).
         self.ca = ca
@@ -89,14 +105,39 @@ class Inventory(VmLifecycle):
             return fn(client)
 
     def issue_certificate(self, client: AgentClient, name: str, facts: HostFacts) -> None:
-        """The host's certificate for its name and every address it is reached at."""
+        """The host's certificate for its name and the addresses it is reached at."""
         assert self.ca is not None
-        addresses = [n.address for n in facts.migration_networks]
-        if facts.address:
-            addresses.append(facts.address)
+        addresses = self.certifiable(name, facts)
         csr = client.tls_csr()
         cert = self.ca.sign_host(csr.csr_pem, name, addresses)
         client.install_tls(TlsInstall(ca_pem=self.ca.cert_pem, cert_pem=cert))
+
+    def certifiable(self, name: str, facts: HostFacts) -> list[str]:
+        """What a host's certificate may name of the addresses its agent reports: IPv4
+        addresses only (never a name), those an admin approved when it joined, and never one
+        held by another host or the manager's own: a host's word cannot make the cluster CA
+        vouch for it as someone else."""
+        reported = [facts.address, *(n.address for n in facts.migration_networks)]
+        with self.db.session() as s:
+            me = s.scalars(select(Host).where(Host.name == name)).first()
+            approved = set(me.approved) if me is not None and me.approved is not None else None
+            taken = set(self.manager_addresses)
+            for other in s.scalars(select(Host).where(Host.name != name)):
+                taken |= _host_addresses(other)
+        out: list[str] = []
+        for a in reported:
+            try:
+                ip = str(ipaddress.IPv4Address(a or ""))
+            except ValueError:
+                continue
+            if ip in taken or (approved is not None and ip not in approved) or ip in out:
+                if ip in taken:
+                    log.warning(
+                        "host %s reports %s, an address of another: not certified", name, ip
+                    )
+                continue
+            out.append(ip)
+        return out
 
     def register_host(self, req: HostRegister) -> HostOut:
         try:

@@ -35,7 +35,7 @@ def run(
             "ssl_keyfile": str(served / "manager-key.pem"),
         }
     uvicorn.run(
-        create_app(db_url, token, ca=ca, manager_tls=manager_tls),
+        create_app(db_url, token, ca=ca, manager_tls=manager_tls, manager_addresses=(host,)),
         host=host,
         port=port,
         **tls,  # type: ignore[arg-type]

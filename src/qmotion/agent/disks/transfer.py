@@ -38,6 +38,7 @@ COPY_TIMEOUT_S = 6 * 3600.0
 class Exports(BaseModel):
     pids: list[int] = Field(default_factory=list)
     disks: list[DiskExport] = Field(default_factory=list)
+    reader: str | None = None  # the one host that may read them (TLS exports)
 
 
 async def end_exports(vm_dir: Path) -> None:
@@ -126,12 +127,14 @@ class Transfers:
             path = self._exports_path(name)
             if path.is_file():
                 known = Exports.model_validate_json(path.read_text())
-                if all(process.is_nbd(p) for p in known.pids):
+                # Reused only for the same reader: a retry towards another destination must
+                # not find exports the first one may still read.
+                if all(process.is_nbd(p) for p in known.pids) and known.reader == reader:
                     return known.disks
                 await self._end(name)
             address = self._address()
             tls = self.tls is not None and self.tls.ready
-            exports = Exports()
+            exports = Exports(reader=reader)
             # The saved state of a suspended VM travels as one more (raw) disk, last.
             files = [*spec.disks, *([spec.saved_state] if spec.saved_state else [])]
             try:

@@ -69,12 +69,13 @@ def create_app(
     agents: AgentConnector | None = None,
     ca: ClusterCA | None = None,
     manager_tls: ManagerTls | None = None,
+    manager_addresses: tuple[str, ...] = (),
 ) -> FastAPI:
     """The manager; ``agents`` is the seam to the host agents (tests pass in-process ones);
     ``ca``: the cluster CA that makes migrations TLS (None: the cluster is insecure);
     ``manager_tls``: the client certificate joined hosts' agents are called with."""
     db = Database(db_url)
-    inventory = Inventory(db, agents or AgentConnector(tls=manager_tls), ca)
+    inventory = Inventory(db, agents or AgentConnector(tls=manager_tls), ca, manager_addresses)
     runner = TaskRunner(db, inventory)
     library = ImageLibrary(db, inventory)
     operations = Operations(db, runner)
