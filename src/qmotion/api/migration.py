@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field
 
 from qmotion.api.storage import DiskCopyPlan, DiskFormat, NbdTargets
-from qmotion.api.vm import StrictModel, VmSpec
+from qmotion.api.vm import NAME_PATTERN, StrictModel, VmSpec
 
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s: QEMU's default cap is 128 MiB/s; this lifts it
 # A live migration's id (uuid4 hex), made by the manager: every agent call of that migration
@@ -210,6 +210,12 @@ class IncomingRequest(StrictModel):
     )
     copy_disks: DiskCopyPlan | None = Field(
         default=None, description="shared-nothing: create these disks empty and export them"
+    )
+    source_host: str | None = Field(
+        default=None,
+        pattern=NAME_PATTERN,
+        description="the source host's name: on a TLS cluster the only certificate the "
+        "stream (and a shared-nothing disk copy) is taken from",
     )
     source: list[IPv4Address] = Field(
         default_factory=list,

@@ -110,10 +110,16 @@ class IncomingDisks:
         self.vms._write(self.vms._dir(name) / INCOMING_DISKS, data)
 
     async def export(
-        self, name: str, mon: Monitor, listen: str, indices: list[int], tls_creds: str | None
+        self,
+        name: str,
+        mon: Monitor,
+        listen: str,
+        indices: list[int],
+        tls_creds: str | None,
+        tls_authz: str | None = None,
     ) -> NbdTargets:
         """Serve the disks ``indices`` writable over NBD on ``listen``."""
-        port = await self._start_server(mon, listen, tls_creds)
+        port = await self._start_server(mon, listen, tls_creds, tls_authz)
         exports = []
         for i in indices:
             export = NbdExport(index=i, name=f"disk{i}")
@@ -133,7 +139,9 @@ class IncomingDisks:
         )
 
     @staticmethod
-    async def _start_server(mon: Monitor, listen: str, tls_creds: str | None) -> int:
+    async def _start_server(
+        mon: Monitor, listen: str, tls_creds: str | None, tls_authz: str | None = None
+    ) -> int:
         """QEMU reports no port it chose itself: a free one is found and taken, again if
         another process took it in between."""
         last: Exception | None = None
@@ -146,6 +154,8 @@ class IncomingDisks:
             }
             if tls_creds:
                 args["tls-creds"] = tls_creds
+                if tls_authz:  # only the source's certificate writes to these disks
+                    args["tls-authz"] = tls_authz
             try:
                 await mon.execute("nbd-server-start", args)
                 return port

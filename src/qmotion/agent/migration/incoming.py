@@ -18,6 +18,7 @@ from qmotion.agent.disks.nbd_incoming import IncomingDisks
 from qmotion.agent.errors import AgentError, Conflict, OperationFailed
 from qmotion.agent.migration.finish import DestinationFinish, incoming_status
 from qmotion.agent.migration.params import (
+    AUTHZ,
     PAUSE_SETTLE_S,
     require_tls,
     stream_capabilities,
@@ -109,7 +110,7 @@ class IncomingMigrations:
             await mon.execute(
                 "migrate-set-parameters",
                 stream_parameters(req.params)
-                | await tls_parameters(mon, self.tls, req.params, "server"),
+                | await tls_parameters(mon, self.tls, req.params, "server", req.source_host),
             )
             events = self._watch(spec.name, mon)
             # The address the manager chose (the first the source reaches); else the
@@ -128,6 +129,7 @@ class IncomingMigrations:
                     listen,
                     [d.index for d in req.copy_disks.disks],
                     "qm-tls-server" if req.params.tls else None,
+                    AUTHZ if req.params.tls and req.source_host else None,
                 )
         except (HypervisorError, KeyError, IndexError, AgentError, OSError) as exc:
             await self.vms.delete(spec.name, force=True)

@@ -95,11 +95,33 @@ def require_tls(tls: TlsStore | None, params: MigrationParams) -> TlsStore | Non
     return tls
 
 
+AUTHZ = "qm-authz-source"
+
+
+async def source_authz(mon: Monitor, source_host: str | None) -> str:
+    """The destination's rule that only the named source's certificate gets in (QEMU's
+    ``authz-simple`` on the certificate's name); its id, or "" when no source was named."""
+    with contextlib.suppress(HypervisorError):
+        await mon.execute("object-del", {"id": AUTHZ})  # from an earlier migration
+    if not source_host:
+        return ""
+    await mon.execute(
+        "object-add",
+        {"qom-type": "authz-simple", "id": AUTHZ, "identity": f"CN={source_host}"},
+    )
+    return AUTHZ
+
+
 async def tls_parameters(
-    mon: Monitor, tls: TlsStore | None, params: MigrationParams, endpoint: str
+    mon: Monitor,
+    tls: TlsStore | None,
+    params: MigrationParams,
+    endpoint: str,
+    source_host: str | None = None,
 ) -> dict[str, Any]:
     """QEMU's x509 credentials for this end of the stream (mutual: both verify), or
-    none; set either way, since a QEMU that migrated before keeps what it was told."""
+    none; set either way, since a QEMU that migrated before keeps what it was told. The
+    server end (``source_host`` named) takes only that host's certificate."""
     if not params.tls:
         return {"tls-creds": "", "tls-hostname": ""}
     store = require_tls(tls, params)
@@ -118,6 +140,8 @@ async def tls_parameters(
         },
     )
     out: dict[str, Any] = {"tls-creds": creds}
+    if endpoint == "server":
+        out["tls-authz"] = await source_authz(mon, source_host)
     if endpoint == "client":
         # The destination's name (in its certificate), whichever address carries it.
         out["tls-hostname"] = params.tls_hostname or ""

@@ -265,6 +265,7 @@ class AgentMigrationPort:
             address=listen,
             copy_disks=self.disks.plan,
             source=self._source_addresses(),
+            source_host=self.ends.src.name,
         )
         resp = await self.ends.destination("prepare destination", lambda c: c.incoming(req))
         self.disks.targets = resp.nbd
