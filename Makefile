@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := iproute2 busybox-static cpio gcc libc6-dev procps
+DEB_PACKAGES := iproute2 busybox-static cpio gcc libc6-dev procps python3-venv
 # `qmotion image build debian`: a Debian 12 root file system, its partition and boot loader.
 IMAGE_PACKAGES := mmdebstrap extlinux syslinux-common fdisk
 # QEMU from bookworm-backports: before 9.0, QEMU under TCG loses guest writes while it migrates
@@ -111,7 +111,8 @@ PREFIX ?= /opt/qmotion
 install: debs
 	python3 -m venv $(PREFIX)
 	$(PREFIX)/bin/pip install -q --upgrade pip
-	$(PREFIX)/bin/pip install -q .
+	$(PREFIX)/bin/pip install -q --require-hashes -r requirements.lock
+	$(PREFIX)/bin/pip install -q --no-deps .
 	ln -sf $(PREFIX)/bin/qmotion /usr/local/bin/qmotion
 	install -m 0644 README.md $(PREFIX)/README.md
 	install -d -m 0755 /etc/qmotion

@@ -51,7 +51,13 @@ class ServerClient(AccessCalls):
         return self.call(JoinTokenOut, "POST", "/v1/hosts/join-tokens", json=dump(req))
 
     def rotate_certs(self) -> list[CertRotation]:
-        return self.call(list[CertRotation], "POST", "/v1/cluster/rotate-certs")
+        # One host after another, up to 30 s each: more than the default timeout.
+        return self.call(
+            list[CertRotation],
+            "POST",
+            "/v1/cluster/rotate-certs",
+            timeout=httpx.Timeout(1800.0, connect=10.0),
+        )
 
     def remove_host(self, name: str) -> None:
         self.request("DELETE", f"/v1/hosts/{name}")
