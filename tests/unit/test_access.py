@@ -113,6 +113,9 @@ def test_an_operator_moves_vms_but_cannot_add_hosts_users_or_change_settings(
         ("POST", "/v1/users/otto/tokens", {}),
         ("PUT", "/v1/pool", {"first": "198.18.0.10", "last": "198.18.0.20", "prefixlen": 24}),
         ("PUT", "/v1/cluster/settings", {}),
+        ("POST", "/v1/hosts/join-tokens", {"name": "h9", "address": "198.18.0.19"}),
+        ("DELETE", "/v1/hosts/h2", None),
+        ("POST", "/v1/cluster/rotate-certs", None),
         ("GET", "/v1/users", None),
         ("GET", "/v1/audit", None),
     ]
