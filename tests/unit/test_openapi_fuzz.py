@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import requests
 import schemathesis
+import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
@@ -40,6 +45,7 @@ from qmotion.agent.vms import manager as agent_vms
 from qmotion.api.host import AccelInfo, HostFacts
 from qmotion.api.vm import Nic, VmSpec
 from qmotion.hypervisor.qemu import QemuInfo
+from qmotion.pki import ClusterCA, serving_certificate
 from qmotion.server.access import digest
 from qmotion.server.db import ApiToken, Database, Task, User
 from qmotion.server.http.app import create_app as create_manager
@@ -296,6 +302,64 @@ def test_manager_api_fuzzed_as_an_operator(
     case: schemathesis.Case[Any], manager_app: FastAPI
 ) -> None:
     case.call_and_validate(base_url=BASE_URL, app=manager_app, checks=CHECKS)
+
+
+# ------------------------------------------------------------------ over HTTPS
+
+HTTPS_EXAMPLES = 5
+MANAGER_HTTPS = _schema(
+    create_manager("sqlite://", TOKEN),
+    tuple(MANAGER_VMS),
+    MANAGER_BODIES,
+    (502,),
+    ROLE_TOKENS["viewer"],
+)
+
+
+@pytest.fixture(scope="module")
+def https_manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """The manager served as in production: uvicorn, HTTPS under a cluster CA (one server
+    for every operation of the run; its state carries over, as a live manager's does)."""
+    tmp = tmp_path_factory.mktemp("https")
+    app = _manager(tmp)
+    ca = ClusterCA.load_or_create(tmp / "ca")
+    served = serving_certificate(ca, tmp / "ca", "localhost", ["127.0.0.1"])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        ssl_certfile=str(served / "manager-cert.pem"),
+        ssl_keyfile=str(served / "manager-key.pem"),
+        log_config=None,
+        log_level="warning",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(500):
+            if server.started:
+                break
+            time.sleep(0.01)
+        assert server.started, "uvicorn did not start"
+        yield f"https://127.0.0.1:{port}", str(tmp / "ca" / "ca-cert.pem")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@MANAGER_HTTPS.parametrize()
+@settings(FUZZ_SETTINGS, max_examples=HTTPS_EXAMPLES)
+def test_manager_api_fuzzed_over_https_as_a_viewer(
+    case: schemathesis.Case[Any], https_manager: tuple[str, str]
+) -> None:
+    """The same checks through TLS (the certificate checked against the cluster CA): what a
+    viewer's scripts see of a real manager."""
+    url, ca_file = https_manager
+    with requests.Session() as session:
+        case.call_and_validate(base_url=url, session=session, checks=CHECKS, verify=ca_file)
 
 
 @AGENT.parametrize()
