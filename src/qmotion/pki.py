@@ -92,15 +92,14 @@ class ClusterCA:
             .sign(key, hashes.SHA256())
         )
         # Written key first, private from its creation: a crash leaves no readable key.
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-            )
+        write_private(
+            key_file,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
         cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         cert_file.chmod(0o644)  # public: clients and joining hosts are given it
         return cls(key, cert)
@@ -155,12 +154,6 @@ class ClusterCA:
         return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def fingerprint(cert_pem: str) -> str:
-    """``sha256:HEX`` of a certificate's DER: what ``agent join --ca-hash`` pins."""
-    cert = x509.load_pem_x509_certificate(cert_pem.encode())
-    return "sha256:" + cert.fingerprint(hashes.SHA256()).hex()
-
-
 SERVING_RENEW = dt.timedelta(days=30)
 
 
@@ -187,12 +180,13 @@ def serving_certificate(
         if fresh and set(addresses) <= have and name in have:
             return directory
     key_pem = new_key_pem()
-    _write_private(key_file, key_pem)
+    write_private(key_file, key_pem)
     cert_file.write_text(ca.sign_host(csr_for(key_pem, name), name, addresses))
     return directory
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """A file private from its creation (0600): a crash never leaves a readable key."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)

@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from qmotion.agent.tls import TlsStore
-from qmotion.pki import ClusterCA, fingerprint
+from qmotion.client.enrol import fingerprint
+from qmotion.pki import ClusterCA
 from qmotion.server.db import Database, JoinToken, utcnow
 from qmotion.server.http.app import create_app
 from tests.unit.agent_world import World

@@ -294,10 +294,7 @@ def create_app(config: AgentConfig) -> FastAPI:
 
     @app.post("/v1/net/sink", dependencies=auth)
     async def net_sink(request: Request) -> dict[str, int]:
-        received = 0
-        async for chunk in request.stream():
-            received += len(chunk)
-        return {"bytes": received}
+        return await drain(request)
 
     @app.post(
         "/v1/vms/{name}/migration/recover-incoming",
@@ -436,6 +433,14 @@ def create_app(config: AgentConfig) -> FastAPI:
     return app
 
 
+async def drain(request: Request) -> dict[str, int]:
+    """A path probe's sink: reads the upload, keeps nothing, says how much came."""
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+    return {"bytes": received}
+
+
 def create_peer_app(state: AgentState) -> FastAPI:
     """What other agents may call, on the mutual-TLS port: their certificate is their
     credential (the cluster CA signed it), so no agent holds another's bearer token."""
@@ -467,10 +472,7 @@ def create_peer_app(state: AgentState) -> FastAPI:
     @peer.post("/v1/peer/net/sink")
     async def net_sink(request: Request) -> dict[str, int]:
         """The timed upload of another host's path probe (dry runs, first migrations)."""
-        received = 0
-        async for chunk in request.stream():
-            received += len(chunk)
-        return {"bytes": received}
+        return await drain(request)
 
     @peer.get("/healthz")
     async def healthz() -> dict[str, str]:

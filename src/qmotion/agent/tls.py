@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import os
 import socket
 import ssl
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from fastapi import FastAPI
 
 from qmotion import logs
 from qmotion.agent.errors import Conflict, SpecRejected
-from qmotion.pki import csr_for, new_key_pem
+from qmotion.pki import csr_for, new_key_pem, write_private
 
 log = logging.getLogger(__name__)
 QEMU_FILES = (
@@ -35,12 +34,6 @@ QEMU_FILES = (
     "client-cert.pem",
     "client-key.pem",
 )
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 class TlsStore:
@@ -102,7 +95,7 @@ class TlsStore:
         a request answered late still matches the key)."""
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not self.key_file.exists():
-            _write_private(self.key_file, new_key_pem())
+            write_private(self.key_file, new_key_pem())
         return csr_for(self.key_file.read_bytes(), self.host)
 
     def install(self, ca_pem: str, cert_pem: str) -> None:
@@ -146,7 +139,7 @@ class TlsStore:
         ):
             tmp = self.qemu_dir / f".{name}.new"
             if private:
-                _write_private(tmp, data)
+                write_private(tmp, data)
             else:
                 tmp.write_bytes(data)
             tmp.replace(self.qemu_dir / name)

@@ -14,6 +14,22 @@ from qmotion.client.errors import Unreachable, error_for
 M = TypeVar("M")
 
 
+def tls_verify(ca_file: str | None, cert: tuple[str, str] | None) -> ssl.SSLContext | bool:
+    """httpx's ``verify``: the system's trust store, or ``ca_file`` (and a client
+    certificate and key for mutual TLS)."""
+    if not ca_file and not cert:
+        return True
+    ctx = ssl.create_default_context(cafile=ca_file)
+    if cert:
+        ctx.load_cert_chain(*cert)
+    return ctx
+
+
+def auth_headers(token: str) -> dict[str, str]:
+    """A bearer token's header; none for an empty token (mutual TLS instead)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 class BaseClient:
     def __init__(
         self,
@@ -29,17 +45,12 @@ class BaseClient:
         system's trust store); ``cert``: a client certificate and key for mutual TLS (an
         agent's control API). An empty ``token`` sends no Authorization header."""
         self.base_url = base_url.rstrip("/")
-        verify: ssl.SSLContext | bool = True
-        if ca_file or cert:
-            verify = ssl.create_default_context(cafile=ca_file)
-            if cert:
-                verify.load_cert_chain(*cert)
         self._http = httpx.Client(
             base_url=self.base_url,
             timeout=timeout_s,
             transport=transport,
-            verify=verify,
-            headers={"Authorization": f"Bearer {token}"} if token else {},
+            verify=tls_verify(ca_file, cert),
+            headers=auth_headers(token),
         )
 
     def close(self) -> None:

@@ -8,13 +8,13 @@ HTTP statuses (``agent_errors``), the migration port into step errors.
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
 
 from qmotion.client.agent import AgentClient
+from qmotion.client.base import auth_headers, tls_verify
 from qmotion.client.errors import ApiError, ClientError, Unreachable
 from qmotion.pki import ManagerTls
 from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream
@@ -32,19 +32,18 @@ class AgentConnector:
         self._transport = transport
         self._tls = tls
 
+    def _mtls(self, url: str) -> tuple[str, tuple[str, str]] | None:
+        """The cluster CA and the manager's client certificate, for an https agent (one that
+        joined) on the real network; None: a plain-http one (its token) or a test transport."""
+        if not url.startswith("https:") or self._tls is None or self._transport is not None:
+            return None
+        t = self._tls
+        return str(t.ca_file), (str(t.cert_file), str(t.key_file))
+
     def client(self, url: str, token: str, timeout_s: float = 120.0) -> AgentClient:
-        """An https agent (one that joined) is called by the manager's client certificate
-        and checked against the cluster CA; a plain-http one by its token."""
+        if (mtls := self._mtls(url)) is not None:
+            return AgentClient(url, token, timeout_s=timeout_s, ca_file=mtls[0], cert=mtls[1])
         transport = self._transport(url) if self._transport is not None else None
-        if url.startswith("https:") and self._tls is not None and transport is None:
-            t = self._tls
-            return AgentClient(
-                url,
-                token,
-                timeout_s=timeout_s,
-                ca_file=str(t.ca_file),
-                cert=(str(t.cert_file), str(t.key_file)),
-            )
         return AgentClient(url, token, timeout_s=timeout_s, transport=transport)
 
     def stream_put(
@@ -54,18 +53,13 @@ class AgentConnector:
         transport as ``client``; the answer is the caller's to read."""
 
         async def put(body: AsyncIterator[bytes]) -> httpx.Response:
-            transport = self._transport(url) if self._transport is not None else None
-            verify: ssl.SSLContext | bool = True
-            if url.startswith("https:") and self._tls is not None and transport is None:
-                verify = ssl.create_default_context(cafile=str(self._tls.ca_file))
-                verify.load_cert_chain(str(self._tls.cert_file), str(self._tls.key_file))
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            mtls = self._mtls(url)
             async with httpx.AsyncClient(
                 base_url=url,
-                headers=headers,
-                verify=verify,
+                headers=auth_headers(token),
+                verify=tls_verify(*mtls) if mtls is not None else True,
                 timeout=httpx.Timeout(3600.0, connect=10.0),
-                transport=transport,  # type: ignore[arg-type]
+                transport=self._transport(url) if self._transport is not None else None,  # type: ignore[arg-type]
             ) as client:
                 try:
                     return await client.put(path, params=params, content=body)

@@ -22,8 +22,9 @@ from qmotion.api.enrol import (
     JoinTokenCreate,
     JoinTokenOut,
 )
+from qmotion.client.enrol import fingerprint
 from qmotion.client.errors import ClientError
-from qmotion.pki import ClusterCA, ManagerTls, PkiError, fingerprint
+from qmotion.pki import ClusterCA, ManagerTls, PkiError
 from qmotion.server.access import digest
 from qmotion.server.db import (
     ACTIVE_TASK_STATES,
