@@ -40,6 +40,7 @@ class BaseClient:
         transport: httpx.BaseTransport | None = None,
         ca_file: str | None = None,
         cert: tuple[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         """``ca_file``: the cluster CA an https:// service is checked against (None: the
         system's trust store); ``cert``: a client certificate and key for mutual TLS (an
@@ -49,7 +50,7 @@ class BaseClient:
             base_url=self.base_url,
             timeout=timeout_s,
             transport=transport,
-            verify=tls_verify(ca_file, cert),
+            verify=tls if tls is not None else tls_verify(ca_file, cert),
             headers=auth_headers(token),
         )
 

@@ -8,6 +8,7 @@ HTTP statuses (``agent_errors``), the migration port into step errors.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
@@ -31,18 +32,25 @@ class AgentConnector:
     ) -> None:
         self._transport = transport
         self._tls = tls
+        self._ctx: ssl.SSLContext | None = None
 
-    def _mtls(self, url: str) -> tuple[str, tuple[str, str]] | None:
-        """The cluster CA and the manager's client certificate, for an https agent (one that
-        joined) on the real network; None: a plain-http one (its token) or a test transport."""
+    def _mtls(self, url: str) -> ssl.SSLContext | None:
+        """The TLS context (the cluster CA, the manager's client certificate) for an https
+        agent (one that joined) on the real network; None: a plain-http one (its token) or a
+        test transport. Made once: the files change only with a manager restart, and every
+        call to an agent (a migration's polls too) would read and parse them again."""
         if not url.startswith("https:") or self._tls is None or self._transport is not None:
             return None
-        t = self._tls
-        return str(t.ca_file), (str(t.cert_file), str(t.key_file))
+        if self._ctx is None:
+            t = self._tls
+            ctx = tls_verify(str(t.ca_file), (str(t.cert_file), str(t.key_file)))
+            assert isinstance(ctx, ssl.SSLContext)
+            self._ctx = ctx
+        return self._ctx
 
     def client(self, url: str, token: str, timeout_s: float = 120.0) -> AgentClient:
-        if (mtls := self._mtls(url)) is not None:
-            return AgentClient(url, token, timeout_s=timeout_s, ca_file=mtls[0], cert=mtls[1])
+        if (ctx := self._mtls(url)) is not None:
+            return AgentClient(url, token, timeout_s=timeout_s, tls=ctx)
         transport = self._transport(url) if self._transport is not None else None
         return AgentClient(url, token, timeout_s=timeout_s, transport=transport)
 
@@ -53,11 +61,11 @@ class AgentConnector:
         transport as ``client``; the answer is the caller's to read."""
 
         async def put(body: AsyncIterator[bytes]) -> httpx.Response:
-            mtls = self._mtls(url)
+            ctx = self._mtls(url)
             async with httpx.AsyncClient(
                 base_url=url,
                 headers=auth_headers(token),
-                verify=tls_verify(*mtls) if mtls is not None else True,
+                verify=ctx if ctx is not None else True,
                 timeout=httpx.Timeout(3600.0, connect=10.0),
                 transport=self._transport(url) if self._transport is not None else None,  # type: ignore[arg-type]
             ) as client:
