@@ -14,9 +14,18 @@ BACKPORTS_LIST := /etc/apt/sources.list.d/qmotion-bookworm-backports.sources
 BENCH_PACKAGES := ganeti-htools
 STAMP := $(VENV)/.installed
 
-.PHONY: lock install setup debs test test-unit check demo bench faults campaign drs-random clean
+.PHONY: lock install setup debs qemu-user test test-unit check demo bench faults campaign drs-random clean
 
-setup: debs $(STAMP)
+setup: debs qemu-user $(STAMP)
+
+# The unprivileged user each VM's QEMU runs as (`qmotion agent --qemu-user`); in group kvm
+# where the host has one, for /dev/kvm. A system user: no home, no login.
+QEMU_USER := qmotion-qemu
+qemu-user:
+	@id -u $(QEMU_USER) >/dev/null 2>&1 || useradd --system --user-group --no-create-home \
+	  --home-dir /nonexistent --shell /usr/sbin/nologin --comment "qmotion QEMU" $(QEMU_USER)
+	@if getent group kvm >/dev/null && ! id -nG $(QEMU_USER) | grep -qw kvm; then \
+	  usermod -a -G kvm $(QEMU_USER); fi
 
 # Idempotent: installs only what is missing, and runs apt-get update only then.
 debs:
@@ -108,7 +117,7 @@ clean:
 # Onto a real host (README "Install on real hosts"): qmotion in its own venv under PREFIX,
 # the command in /usr/local/bin, the systemd units, example configs, the manager's token.
 PREFIX ?= /opt/qmotion
-install: debs
+install: debs qemu-user
 	python3 -m venv $(PREFIX)
 	$(PREFIX)/bin/pip install -q --upgrade pip
 	$(PREFIX)/bin/pip install -q --require-hashes -r requirements.lock

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,11 +12,21 @@ import pytest
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _isolated_labs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Lab records go to a per-run directory; the image cache stays shared (built once)."""
+def _isolated_labs() -> Iterator[None]:
+    """Lab records go to a per-run directory; the image cache stays shared (built once).
+
+    Not under pytest's temporary directory: that is closed to other users (0700), and the
+    labs' QEMUs run as the unprivileged qmotion-qemu, which must pass through to the labs'
+    datastores (searchable, not listable, as /var/lib is on a real host).
+    """
     old = os.environ.get("QMOTION_LAB_DIR")
-    os.environ["QMOTION_LAB_DIR"] = str(tmp_path_factory.mktemp("labs"))
+    labs = Path(tempfile.mkdtemp(prefix="qmotion-test-labs-"))
+    labs.chmod(0o711)
+    os.environ["QMOTION_LAB_DIR"] = str(labs)
     yield
+    # What a failed test's lab left is kept for a look (its namespaces are gone).
+    if not any(labs.iterdir()):
+        shutil.rmtree(labs, ignore_errors=True)
     if old is None:
         os.environ.pop("QMOTION_LAB_DIR", None)
     else:

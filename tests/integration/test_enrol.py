@@ -3,6 +3,7 @@ hash and spends its token once; the manager answers only HTTPS under that CA."""
 
 from __future__ import annotations
 
+import grp
 import socket
 import ssl
 import stat
@@ -53,7 +54,7 @@ def test_a_join_pins_the_ca_and_spends_its_token_once(
         assert written["name"] == "h9" and written["listen"] == f"{net}.19:8100"
         key = state / "tls" / "host-key.pem"
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
-        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        assert stat.S_IMODE(state.stat().st_mode) == 0o711  # QEMU's user passes through
         # The manager calls it by its client certificate: no token exists anywhere.
         assert (state / "tls" / "manager-ca.pem").is_file()
         assert not (state / "agent.token").exists() and "token" not in written
@@ -145,7 +146,8 @@ def test_rotation_renews_every_host_and_serves_the_new_certificate_at_once(
 
 def test_the_services_files_are_private_once_they_run(lab: Lab) -> None:
     """What the manager and the agents wrote while starting: keys and the database 0600 in
-    0700 directories (the services run with umask 077)."""
+    0700 directories (the services run with umask 077); what QEMU's user needs, its group's
+    to read or pass through only."""
     lab_dir = Path(lab.record.dir)
     private = [
         lab_dir / "manager.db",
@@ -155,11 +157,23 @@ def test_the_services_files_are_private_once_they_run(lab: Lab) -> None:
         lab_dir / "ca" / "clients" / "ca-key.pem",
     ]
     dirs = [lab_dir / "ca", lab_dir / "ca" / "clients"]
+    qemu_gid = grp.getgrnam("qmotion-qemu").gr_gid
+    # QEMU's own user reads its TLS credentials (group, read-only) and passes through the
+    # state directory to them and to its VMs' directories (group search, never a listing).
+    qemu_reads: list[Path] = []
+    qemu_passes: list[Path] = []
     for h in lab.record.hosts:
         state = Path(h.state_dir)
-        private += [state / "tls" / "host-key.pem", state / "tls" / "qemu" / "server-key.pem"]
-        dirs += [state, state / "tls", state / "vms"]
+        private += [state / "tls" / "host-key.pem"]
+        qemu_reads += [state / "tls" / "qemu" / "server-key.pem"]
+        qemu_passes += [state / "tls", state / "tls" / "qemu", state / "vms"]
+        st = state.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o711, 0, 0), state
     for f in private:
         assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
     for d in dirs:
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    for f in qemu_reads:
+        assert (stat.S_IMODE(f.stat().st_mode), f.stat().st_gid) == (0o640, qemu_gid), f
+    for d in qemu_passes:
+        assert (stat.S_IMODE(d.stat().st_mode), d.stat().st_gid) == (0o710, qemu_gid), d

@@ -3,6 +3,7 @@ on the way, a migration across the lab's emulated distance."""
 
 from __future__ import annotations
 
+import pwd
 import subprocess
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from qmotion.api.server import MigrateRequest, TaskState, VmCreate, Workload
 from qmotion.api.vm import GuestConfig, Nic, VmSpec
+from qmotion.hypervisor.cgroups import Cgroups, agent_group
 from qmotion.lab import LabInputError, lab_down, lab_up
 from qmotion.lab.errors import LabNotFound
 from qmotion.lab.netns import links_with_prefix, namespaces, run_in
@@ -36,6 +38,7 @@ def test_lab_down_leaves_nothing_behind() -> None:
             nics=[Nic(mac="52:54:00:7f:00:01")],
             guest=GuestConfig(ip=lab.pool_address(0)),
         )
+        groups = [Cgroups.detect(agent_group(h.name, Path(h.state_dir))) for h in lab.record.hosts]
         lab.agent("h1").define(spec)
         lab.agent("h1").start("v")
         ip = lab.pool_address(0).split("/")[0]
@@ -73,6 +76,16 @@ def test_lab_down_leaves_nothing_behind() -> None:
             assert prediction is not None and prediction.rtt_ms >= 15
             assert task.result.streams == MAX_STREAMS
             moved = server.vm("w").uuid
+        # Both QEMUs run as the unprivileged user (the destination read the TLS credentials
+        # and its disk as that user to take the stream).
+        qemu_uid = str(pwd.getpwnam("qmotion-qemu").pw_uid)
+        for uuid in (spec.uuid, moved):
+            (pid,) = qemu_pids_with(str(uuid))
+            uids = [ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines()]
+            assert next(ln for ln in uids if ln.startswith("Uid:")).split()[1:] == [qemu_uid] * 4
+            if groups[0] is not None:  # a host whose cgroups the agent may write
+                key = str(uuid).replace("-", "")
+                assert f"/vm-{key}" in Path(f"/proc/{pid}/cgroup").read_text()
         assert run_in(lab.record.client_namespace, lambda: mem_check(wip))["consistent"]
         lab_dir = Path(lab.record.dir)
     except BaseException:
@@ -84,6 +97,7 @@ def test_lab_down_leaves_nothing_behind() -> None:
     assert not qemu_pids_with(str(spec.uuid))
     assert not qemu_pids_with(str(moved))
     assert not lab_dir.exists()
+    assert not [b for g in groups if g is not None for b in g.bases.values() if b.exists()]
     assert not list(Path("/run/qmotion").glob(f"{name}-*"))
     with pytest.raises(LabNotFound):
         lab_down(name)

@@ -43,6 +43,7 @@ from qmotion.hypervisor import process
 from qmotion.hypervisor.errors import QmpError, QmpUnavailable
 from qmotion.hypervisor.monitor import Monitor
 from qmotion.hypervisor.qemu import QemuInfo
+from qmotion.hypervisor.user import QemuUser
 
 OOB = {"migrate-pause", "migrate-recover", "yank"}  # 'allow-oob': true in qapi/migration.json
 STREAMING = ("setup", "active", "pre-switchover", "device")
@@ -324,11 +325,28 @@ class Cluster:
     def spec(self, name: str = "vm1") -> VmSpec:
         return VmSpec(name=name, memory=256, boot={"kind": "kernel", "kernel": str(self.kernel)})
 
-    def launch(self, argv: list[str], pidfile: Path, log: Path, vm: str, qmp_socket: Path) -> int:
+    def launch(
+        self,
+        argv: list[str],
+        pidfile: Path,
+        log: Path,
+        vm: str,
+        qmp_socket: Path,
+        user: QemuUser | None = None,
+        pass_fds: tuple[int, ...] = (),
+        placed: Callable[[int], None] | None = None,
+    ) -> int:
+        assert user is None and not pass_fds  # these VMs have no NIC; the agent runs QEMU as root
         host = next(h for h in self.qemus if pidfile.is_relative_to(self.root / h))
         uuid = argv[argv.index("-uuid") + 1]
         proc = subprocess.Popen([uuid, "3600"], executable=shutil.which("sleep"))
         self.procs.append(proc)
+        if placed is not None:  # as process.launch: its cgroup, or it is killed
+            try:
+                placed(proc.pid)
+            except BaseException:
+                proc.kill()
+                raise
         # Popen returns while the kernel may still be setting the new argv up; QEMU's
         # launch returns once its monitor answers.
         deadline = time.monotonic() + 5

@@ -21,6 +21,7 @@ from qmotion.agent.config import AgentConfig, DatastoreConfig
 from qmotion.agent.disks.storage import StorageMoves
 from qmotion.agent.disks.storage_record import RECORD
 from qmotion.agent.errors import Conflict, VmNotFound
+from qmotion.agent.vms.access import QemuAccess
 from qmotion.api.storage import MirrorRequest
 from qmotion.api.vm import Disk, VmSpec
 from tests.unit.storage_qemu import ScriptedQemu
@@ -48,6 +49,7 @@ class Host:
             ),
         )
         self.qemu = qemu
+        self.access = QemuAccess(self.config)  # the real one: QEMU as the agent's user here
         self.storage_guard: Callable[[str], str | None] = lambda _name: None
         self._specs: dict[str, VmSpec] = {}
         self._lock = asyncio.Lock()

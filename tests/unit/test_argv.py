@@ -86,3 +86,13 @@ def test_cpu_models_from_either_help_format() -> None:
     )
     assert _cpu_models(old) == ["qemu64", "Haswell"]
     assert _cpu_models(new) == ["Haswell", "qemu64-v1"]
+
+
+def test_an_inherited_tap_is_named_by_its_descriptor_only() -> None:
+    """QEMU, unprivileged, gets each tap open; QEMU refuses a name or scripts beside fd=."""
+    argv = build_argv(SPEC, PATHS, accel="tcg", machine="pc-i440fx-7.2", tap_fds=[7])
+    assert opt(argv, "-netdev") == ["tap,id=net0,fd=7"]
+    named = build_argv(SPEC, PATHS, accel="tcg", machine="pc-i440fx-7.2")
+    assert opt(named, "-netdev") == [
+        f"tap,id=net0,ifname={tap_name(SPEC, 0)},script=no,downscript=no"
+    ]

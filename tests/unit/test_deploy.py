@@ -54,7 +54,10 @@ def test_an_agent_restart_signals_only_the_agent() -> None:
     assert service["KillMode"] == "process"
     # /run/qmotion holds the running VMs' monitor sockets: kept across a restart.
     assert service["RuntimeDirectoryPreserve"] == "yes"
-    assert service["StateDirectoryMode"] == "0700" and service["UMask"] == "0077"
+    assert service["UMask"] == "0077"
+    # Root's, passable by QEMU's user and never by group: systemd re-owns a state directory
+    # (recursively, its VMs' files too) whose owner or group is not the service's.
+    assert service["StateDirectoryMode"] == "0711" and service["RuntimeDirectoryMode"] == "0711"
 
 
 def test_the_manager_runs_unprivileged_with_its_token_as_a_credential() -> None:

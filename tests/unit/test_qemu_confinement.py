@@ -4,6 +4,7 @@ host's datastores or image cache (real QEMU, real agent app)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,3 +143,115 @@ def test_a_boot_file_inside_a_datastore_is_accepted(agent: tuple[TestClient, Pat
         json=_kernel_vm(kernel=str(store / "boot/vmlinuz"), initrd=str(store / "boot/initrd")),
     )
     assert resp.status_code == 201, resp.text
+
+
+QEMU_USER = "qmotion-qemu"
+
+
+@pytest.fixture
+def open_base() -> Iterator[Path]:
+    """A directory other users may pass through, as /var/lib is (pytest's tmp is closed)."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="qmotion-confine-"))
+    base.chmod(0o711)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _user_agent(base: Path) -> AgentConfig:
+    store = base / "store"
+    store.mkdir(exist_ok=True)
+    return AgentConfig(
+        name="h9",
+        state_dir=base / "state",
+        token=TOKEN,
+        run_dir=base / "run",
+        accel="tcg",
+        hugepages=False,
+        datastores=(DatastoreConfig("shared", store, True),),
+        qemu_user=QEMU_USER,
+    )
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in lines)}
+
+
+def test_qemu_runs_as_its_unprivileged_user_and_owns_only_its_vm(open_base: Path) -> None:
+    import pwd
+
+    user = pwd.getpwnam(QEMU_USER)
+    config = _user_agent(open_base)
+    config.state_dir.mkdir(mode=0o700)
+    old_umask = os.umask(0o077)  # as `qmotion agent` runs
+    try:
+        _run_as_user(config, open_base, user)
+    finally:
+        os.umask(old_umask)
+
+
+def _run_as_user(config: AgentConfig, open_base: Path, user: Any) -> None:
+    import stat
+
+    vm = {
+        "name": "u1",
+        "memory": "128M",
+        "boot": {"kind": "kernel"},
+        "disks": [{"datastore": "shared", "path": "u1/disk.qcow2", "create_size": 67108864}],
+    }
+    with TestClient(create_app(config)) as client:
+        client.headers["Authorization"] = f"Bearer {TOKEN}"
+        assert client.post("/v1/vms", json=vm).status_code == 201
+        resp = client.post("/v1/vms/u1/start")
+        assert resp.status_code == 200, resp.text
+        vm_dir = config.state_dir / "vms" / "u1"
+        pid = json.loads((vm_dir / "runtime.json").read_text())["pid"]
+        try:
+            status = _status(pid)
+            # real, effective, saved and file-system IDs: no way back to root
+            assert status["Uid"].split() == [str(user.pw_uid)] * 4
+            assert status["Gid"].split() == [str(user.pw_gid)] * 4
+            assert "0" not in status["Groups"].split()
+            assert status["Seccomp"] == "2" and status["NoNewPrivs"] == "1"
+            disk = open_base / "store" / "u1" / "disk.qcow2"
+            assert disk.stat().st_uid == user.pw_uid
+            assert stat.S_IMODE(disk.stat().st_mode) & 0o077 == 0
+            # The agent's records stay root's own; the way to them is not listable.
+            spec = vm_dir / "spec.json"
+            assert spec.stat().st_uid == 0 and stat.S_IMODE(spec.stat().st_mode) == 0o600
+            for d in (config.state_dir, config.state_dir / "vms", vm_dir):
+                assert stat.S_IMODE(d.stat().st_mode) & 0o077 == 0o010, d
+            # It runs (its console log is its own to write).
+            assert client.get("/v1/vms/u1").json()["state"] == "running"
+
+            # Suspend and resume: QEMU writes, then reads, its saved state file.
+            resp = client.post("/v1/vms/u1/suspend")
+            assert resp.status_code == 200, resp.text
+            saved = next((open_base / "store" / "u1").glob("saved-*.state"))
+            assert saved.stat().st_uid == user.pw_uid and saved.stat().st_size > 1 << 16
+            resp = client.post("/v1/vms/u1/start")
+            assert resp.status_code == 200, resp.text
+            assert client.get("/v1/vms/u1").json()["state"] == "running"
+            pid = json.loads((vm_dir / "runtime.json").read_text())["pid"]
+            assert _status(pid)["Uid"].split()[0] == str(user.pw_uid)
+        finally:
+            client.post("/v1/vms/u1/stop", json={"force": True})
+
+
+def test_an_agent_whose_directories_are_closed_to_qemus_user_says_which(tmp_path: Path) -> None:
+    """Under pytest's tmp (0700, above the agent's own directories, so never opened by it):
+    the agent does not start, and names the directory to open."""
+    from qmotion.agent.errors import OperationFailed
+
+    config = _user_agent(tmp_path)
+    config.state_dir.mkdir()
+    closed = [p for p in tmp_path.parents if p.stat().st_mode & 0o001 == 0][-1]  # topmost
+    with pytest.raises(OperationFailed, match="closed to it") as info:
+        TestClient(create_app(config)).__enter__()
+    assert f"directory {closed} " in str(info.value)
+    assert info.value.field == "qemu_user"

@@ -89,7 +89,7 @@ class AgentState:
         self.config = config
         self._accel_task: asyncio.Task[AccelInfo] | None = None
         self.vms = VmManager(config, self.accel)
-        self.tls = TlsStore(config.state_dir, config.name)
+        self.tls = TlsStore(config.state_dir, config.name, reader=self.vms.access.user)
         # The control API's TLS context, when it is mutual TLS (set by agent.main).
         self.control_ssl: ssl.SSLContext | None = None
         self.migrations = Migrations(self.vms, self.tls)
@@ -109,7 +109,7 @@ class AgentState:
         return await asyncio.shield(self._accel_task)
 
     def _choose_accel(self) -> AccelInfo:
-        return choose_accel(self.config.accel, ensure_image)
+        return choose_accel(self.config.accel, ensure_image, self.vms.access.user)
 
 
 def create_app(config: AgentConfig) -> FastAPI:
@@ -117,6 +117,12 @@ def create_app(config: AgentConfig) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(state.vms.access.prepare)
+        await asyncio.to_thread(state.tls.open_to_qemu)
+        if config.cgroups and state.vms.cgroups is None:
+            log.warning("no writable cgroup hierarchy here: VMs run without per-VM limits")
+        elif state.vms.cgroups is not None:
+            log.info("each VM in a cgroup (v%d) of its own", state.vms.cgroups.version)
         await state.vms.load()
         await state.migrations.settle_after_restart()
         # Probe (or read the cached probe) in the background; VM starts wait for it.

@@ -33,6 +33,12 @@ class AgentConfig:
     # a shared machine, a host keeping cores for other work): reported in its facts.
     cpus: int | None = None
     memory_bytes: int | None = None
+    # The unprivileged user QEMU runs as (hypervisor.user); None: the agent's own user, which
+    # only tests that start QEMU in-process choose (the command's default is qmotion-qemu).
+    qemu_user: str | None = None
+    # Each QEMU in a cgroup of its own with limits (hypervisor.cgroups), where the host has a
+    # writable hierarchy; the command's default is on.
+    cgroups: bool = False
 
     def datastore(self, name: str) -> DatastoreConfig | None:
         return next((d for d in self.datastores if d.name == name), None)

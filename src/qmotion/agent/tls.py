@@ -24,6 +24,7 @@ from fastapi import FastAPI
 
 from qmotion import logs
 from qmotion.agent.errors import Conflict, SpecRejected
+from qmotion.hypervisor.user import QemuUser
 from qmotion.pki import csr_for, new_key_pem, write_private
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,29 @@ QEMU_FILES = (
 
 
 class TlsStore:
-    """``state_dir/tls``: the host key, and once signed, QEMU's credential directory."""
+    """``state_dir/tls``: the host key, and once signed, QEMU's credential directory.
 
-    def __init__(self, state_dir: Path, host: str) -> None:
+    With ``reader`` (the user QEMU runs as), QEMU's credentials are readable by its group,
+    as libvirt keeps ``/etc/pki/qemu``: QEMU loads them itself for a migration's TLS. The
+    host key they copy stays root's only.
+    """
+
+    def __init__(self, state_dir: Path, host: str, reader: QemuUser | None = None) -> None:
         self.dir = state_dir / "tls"
         self.qemu_dir = self.dir / "qemu"
         self.host = host
         self.key_file = self.dir / "host-key.pem"
+        self.reader = reader
+
+    def open_to_qemu(self) -> None:
+        """QEMU's credentials readable by its user (at start-up: ``agent join`` wrote them
+        before the agent knew that user)."""
+        if self.reader is None or not self.qemu_dir.is_dir():
+            return
+        self.reader.reach(self.qemu_dir / QEMU_FILES[0], [self.dir.parent])
+        for name in QEMU_FILES:
+            if (self.qemu_dir / name).exists():
+                self.reader.share(self.qemu_dir / name)
 
     @property
     def ready(self) -> bool:
@@ -142,7 +159,10 @@ class TlsStore:
                 write_private(tmp, data)
             else:
                 tmp.write_bytes(data)
+            if self.reader is not None:
+                self.reader.share(tmp)
             tmp.replace(self.qemu_dir / name)
+        self.open_to_qemu()
 
     def server_context(self) -> ssl.SSLContext:
         """Peers must show a certificate the cluster CA signed."""

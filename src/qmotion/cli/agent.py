@@ -22,6 +22,10 @@ from qmotion.cli.common import (
 
 DEFAULT_CONFIG = config_file.ETC / "agent.toml"
 DEFAULT_STATE = Path("/var/lib/qmotion/agent")
+# Root's, and searchable by others (QEMU's user passes through to its VMs' directories, each
+# closed to all but its group): what systemd's StateDirectoryMode= in the unit keeps too, so
+# that systemd never re-owns the tree.
+STATE_MODE = 0o711
 app = typer.Typer(
     help="Run this host's agent (no subcommand), or enrol this host (`join`).",
     invoke_without_command=True,
@@ -58,6 +62,18 @@ def agent(
         "--hugepages/--no-hugepages",
         help="Back guest RAM from the host's 2 MiB huge-page pool when it has room.",
     ),
+    qemu_user: str = typer.Option(
+        "qmotion-qemu",
+        "--qemu-user",
+        help="The unprivileged user QEMU runs as (its disks become that user's); `root` runs "
+        "QEMU as the agent's own user, confined by seccomp only.",
+    ),
+    cgroups: bool = typer.Option(
+        True,
+        "--cgroups/--no-cgroups",
+        help="Each QEMU in a cgroup of its own: CPU weight by vCPUs, memory limit (RAM plus "
+        "QEMU's overhead), task limit; v2 or v1, where the host lets the agent write one.",
+    ),
     log_format: str = LOG_FORMAT_OPTION,
     access_log: bool = ACCESS_LOG_OPTION,
 ) -> None:
@@ -72,6 +88,17 @@ def agent(
     if not name:
         fail("--name (or name in the config file) is required", 2)
     fmt = log_format_of(log_format)
+    from qmotion.hypervisor.errors import HypervisorError
+    from qmotion.hypervisor.user import lookup
+
+    try:
+        if lookup(qemu_user) is None:
+            console.print(
+                "[bold red]--qemu-user root: QEMU runs as root[/] (seccomp only); "
+                "a guest escaping into QEMU owns this host"
+            )
+    except HypervisorError as exc:
+        fail(f"--qemu-user: {exc}", 2)
     joined = TlsStore(state_dir, name).control_tls
     token: str | None = None
     if token_file is not None or not joined:
@@ -116,11 +143,13 @@ def agent(
         accel=accel,
         hugepages=hugepages,
         datastores=stores,
+        qemu_user=qemu_user,
+        cgroups=cgroups,
     )
     # Everything the service writes (database, keys, VM state) is its own only.
     os.umask(0o077)
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    state_dir.chmod(0o700)  # made by an older version, or by hand
+    state_dir.mkdir(mode=STATE_MODE, parents=True, exist_ok=True)
+    state_dir.chmod(STATE_MODE)  # made by an older version, or by hand
     run(agent_config, host, port, fmt, access_log)
 
 
@@ -147,7 +176,8 @@ def join(
         fail(f"MANAGER must be an https:// URL, got {manager!r}", 2)
     manager = manager.rstrip("/")
     os.umask(0o077)
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state_dir.mkdir(mode=STATE_MODE, parents=True, exist_ok=True)
+    state_dir.chmod(STATE_MODE)
     store = TlsStore(state_dir, name)
     with errors_exit():
         ca_pem = pinned_ca(manager, ca_hash)

@@ -17,7 +17,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from qmotion.api.host import AccelInfo
+from qmotion.hypervisor.errors import HypervisorError
 from qmotion.hypervisor.qemu import QEMU, qemu_info
+from qmotion.hypervisor.user import QemuUser
 from qmotion.image import GuestImage
 from qmotion.locks import file_lock
 from qmotion.paths import cache_dir
@@ -34,12 +36,28 @@ def _boot_id() -> str:
         return "unknown"
 
 
-def probe_kvm(image: GuestImage, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
-    """Boot the guest under KVM; True only if it reached userspace in time."""
+def probe_kvm(
+    image: GuestImage, timeout_s: float = PROBE_TIMEOUT_S, user: QemuUser | None = None
+) -> tuple[bool, str]:
+    """Boot the guest under KVM, as the user VMs run as; True only if it reached userspace
+    in time."""
+    if user is not None and not user.may_use(Path("/dev/kvm"), 6):
+        return False, f"/dev/kvm is not open to QEMU's user {user.name} (add it to group kvm)"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is not available"
+    if user is not None:
+        try:
+            for boot in (image.kernel, image.initrd):
+                user.reach(boot, [cache_dir()])
+                user.share(boot)
+        except (HypervisorError, OSError) as exc:
+            return False, f"the probe guest is closed to QEMU's user: {exc}"
     with tempfile.TemporaryDirectory(prefix="qmotion-probe-") as tmp:
         log = Path(tmp) / "console.log"
+        if user is not None:
+            log.touch()
+            user.own(log)
+            user.open_dir(Path(tmp))
         argv = [
             QEMU,
             "-nodefaults",
@@ -63,7 +81,13 @@ def probe_kvm(image: GuestImage, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[bo
             f"file:{log}",
         ]
         start = time.monotonic()
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            **(user.popen_options() if user is not None else {}),
+        )
         try:
             _, err = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -78,7 +102,9 @@ def probe_kvm(image: GuestImage, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[bo
         return False, f"KVM probe boot failed (exit {proc.returncode}): {detail[0]}"
 
 
-def choose_accel(requested: str, image_provider: Callable[[], GuestImage]) -> AccelInfo:
+def choose_accel(
+    requested: str, image_provider: Callable[[], GuestImage], user: QemuUser | None = None
+) -> AccelInfo:
     """``requested`` is auto, kvm or tcg; auto probes (cached for this boot of the machine)."""
     if requested == "tcg":
         return AccelInfo(name="tcg", reason="TCG requested by configuration")
@@ -89,21 +115,24 @@ def choose_accel(requested: str, image_provider: Callable[[], GuestImage]) -> Ac
         "boot_id": _boot_id(),
         "qemu": qemu_info().version,
         "kernel": image.key,
+        "user": user.name if user is not None else "",
     }
     cache = cache_dir() / "accel-probe.json"
     # Agents of one lab start together; one probes, the others read its result.
     with file_lock(cache_dir() / ".accel-probe.lock"):
-        return _choose_locked(image, key, cache)
+        return _choose_locked(image, key, cache, user)
 
 
-def _choose_locked(image: GuestImage, key: dict[str, str], cache: Path) -> AccelInfo:
+def _choose_locked(
+    image: GuestImage, key: dict[str, str], cache: Path, user: QemuUser | None
+) -> AccelInfo:
     try:
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
             return AccelInfo.model_validate(cached["result"])
     except (OSError, ValueError, KeyError):
         pass
-    ok, why = probe_kvm(image)
+    ok, why = probe_kvm(image, user=user)
     result = AccelInfo(
         name="kvm" if ok else "tcg",
         reason=why if ok else f"falling back to TCG: {why}",

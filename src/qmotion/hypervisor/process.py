@@ -9,12 +9,23 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from qmotion.hypervisor.errors import QemuStartError
+from qmotion.hypervisor.user import QemuUser
 
 
-def launch(argv: list[str], pidfile: Path, log: Path, vm: str, qmp_socket: Path) -> int:
+def launch(
+    argv: list[str],
+    pidfile: Path,
+    log: Path,
+    vm: str,
+    qmp_socket: Path,
+    user: QemuUser | None = None,
+    pass_fds: tuple[int, ...] = (),
+    placed: Callable[[int], None] | None = None,
+) -> int:
     """Run QEMU in its own session; returns its PID once QEMU is initialised.
 
     QEMU is not daemonized (``-daemonize`` forks and calls setsid after the seccomp filter is
@@ -25,9 +36,18 @@ def launch(argv: list[str], pidfile: Path, log: Path, vm: str, qmp_socket: Path)
 
     Its stdout and stderr stay on ``log`` for its whole life; ``-D`` keeps QEMU's own log
     messages in a second file, as before.
+
+    With ``user``, QEMU runs as that user; the files it writes beside its VM's definition
+    (pidfile, log) are made here, its own, in a directory it cannot write. ``placed`` is
+    called with its PID as soon as it exists (its cgroup, before it allocates guest memory);
+    if that fails, QEMU is killed.
     """
     pidfile.unlink(missing_ok=True)
     argv = [*argv, "-D", str(runtime_log(log))]
+    if user is not None:
+        for own in (pidfile, runtime_log(log)):
+            own.touch()
+            user.own(own)
     with open(log, "ab") as err:
         proc = subprocess.Popen(
             argv,
@@ -35,7 +55,15 @@ def launch(argv: list[str], pidfile: Path, log: Path, vm: str, qmp_socket: Path)
             stdout=err,
             stderr=err,
             start_new_session=True,
+            pass_fds=pass_fds,
+            **(user.popen_options() if user is not None else {}),
         )
+    if placed is not None:
+        try:
+            placed(proc.pid)
+        except BaseException:
+            kill_child(proc)
+            raise
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         rc = proc.poll()

@@ -99,8 +99,13 @@ def build_argv(
     hugepages: Path | None = None,
     binary: str = QEMU,
     paused: bool = False,
+    tap_fds: list[int] | None = None,
 ) -> list[str]:
     """The QEMU command line for ``spec``. Pure: the same inputs always give the same argv.
+
+    ``tap_fds``: each NIC's tap, opened by the caller and inherited by QEMU (which then needs
+    neither ``/dev/net/tun`` nor the right to attach a tap: it runs unprivileged); without
+    them QEMU opens each tap by name.
 
     Devices get explicit ids and PCI addresses so that a destination started from the same
     spec has a device layout identical to the source's, which migration requires.
@@ -144,9 +149,15 @@ def build_argv(
             f"memory-backend-file,id=pc.ram,size={spec.memory}M,mem-path={hugepages},share=off",
         ]
     for i, nic in enumerate(spec.nics):
+        # An inherited tap takes no name and no scripts (QEMU refuses them with fd=).
+        tap = (
+            f"fd={tap_fds[i]}"
+            if tap_fds is not None
+            else f"ifname={tap_name(spec, i)},script=no,downscript=no"
+        )
         argv += [
             "-netdev",
-            f"tap,id=net{i},ifname={tap_name(spec, i)},script=no,downscript=no",
+            f"tap,id=net{i},{tap}",
             "-device",
             f"{nic.model},netdev=net{i},mac={nic.mac},id=nic{i},bus=pci.0,addr={0x3 + i:#x}",
         ]

@@ -17,6 +17,13 @@ ENODEV = 19
 T = TypeVar("T")
 
 
+def enter(ns: str) -> list[str]:
+    """The argv prefix that runs a command in ``ns``'s network only: ``ip netns exec`` also
+    mounts a fresh /sys, which hides the cgroup hierarchies (an agent there could not put its
+    VMs in cgroups, as it does on a real host)."""
+    return ["nsenter", f"--net=/run/netns/{ns}", "--"]
+
+
 def disable_ipv6(ns: str | None, ifname: str = "all") -> None:
     """Lab links carry only what the lab sends: no router solicitations or DAD chatter."""
     keys = [f"net.ipv6.conf.{ifname}.disable_ipv6=1"]

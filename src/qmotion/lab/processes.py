@@ -22,6 +22,7 @@ from qmotion.client.agent import AgentClient
 from qmotion.client.errors import ClientError
 from qmotion.client.server import ServerClient
 from qmotion.image.cc import compile_static
+from qmotion.lab import netns
 from qmotion.lab.errors import LabSetupError
 from qmotion.lab.record import LabHost, LabRecord, save
 
@@ -167,10 +168,7 @@ def start_wire(rec: LabRecord, wan: str, pairs: list[str]) -> int:
 
 def start_agent(rec: LabRecord, host: LabHost, accel: str) -> int:
     argv = [
-        "ip",
-        "netns",
-        "exec",
-        host.namespace,
+        *netns.enter(host.namespace),
         sys.executable,
         "-m",
         "qmotion",

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from qmotion.hypervisor.cgroups import Cgroups, agent_group
 from qmotion.lab import netns
 from qmotion.lab.errors import LabInputError, LabNotFound
 from qmotion.lab.processes import stop_pid
@@ -26,8 +27,17 @@ def teardown(rec: LabRecord) -> None:
         netns.delete_link(link)
     for host in rec.hosts:
         shutil.rmtree(host.run_dir, ignore_errors=True)
+    remove_cgroups(rec)
     unmount_under(Path(rec.dir))
     shutil.rmtree(rec.dir, ignore_errors=True)
+
+
+def remove_cgroups(rec: LabRecord) -> None:
+    """The hosts' agents' cgroups (their QEMUs were killed with the namespaces)."""
+    for host in rec.hosts:
+        groups = Cgroups.detect(agent_group(host.name, Path(host.state_dir)))
+        if groups is not None:
+            groups.remove_all()
 
 
 def unmount_under(directory: Path) -> None:
@@ -76,6 +86,8 @@ def lab_down(name: str = "qmlab") -> list[str]:
         removed.append(f"link {link}")
     for run_dir in Path("/run/qmotion").glob(f"{name}-*"):
         shutil.rmtree(run_dir, ignore_errors=True)
+    if rec is not None:
+        remove_cgroups(rec)
     if path.parent.exists():
         unmount_under(path.parent)
         shutil.rmtree(path.parent, ignore_errors=True)

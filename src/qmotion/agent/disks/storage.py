@@ -215,6 +215,7 @@ class StorageMoves:
         )
         if proc.returncode != 0:
             raise OperationFailed(f"creating {path} failed: {proc.stderr.strip()}", vm=name)
+        await asyncio.to_thread(self.vms.access.disk, path)
         mon = self.vms.monitor(name)
         await mon.execute(
             "blockdev-add",

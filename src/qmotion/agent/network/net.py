@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import struct
+
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -27,7 +31,7 @@ def tap_mac(vm_mac: str) -> str:
 
 
 def create_tap(name: str, bridge: str, mac: str) -> None:
-    """A persistent tap enslaved to ``bridge``; QEMU attaches to it by name."""
+    """A persistent tap enslaved to ``bridge``; QEMU is handed it open (``open_tap``)."""
     with IPRoute() as ip:
         if ip.link_lookup(ifname=name):
             delete_tap_with(ip, name)
@@ -40,6 +44,25 @@ def create_tap(name: str, bridge: str, mac: str) -> None:
         # Before any traffic: a qdisc added later to a live tap drops frames in flight.
         prepare_tap(name)
         ip.link("set", index=index, master=master[0], state="up")
+
+
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+
+
+def open_tap(name: str) -> int:
+    """A file descriptor attached to tap ``name``, for QEMU to inherit: QEMU runs as an
+    unprivileged user that may neither open ``/dev/net/tun`` nor attach a tap. The flags are
+    those QEMU sets when it opens a tap by name (a virtio NIC's offloads follow the virtio
+    header, and a migration needs them equal on both sides)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        ifreq = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        fcntl.ioctl(fd, TUNSETIFF, ifreq)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def delete_tap_with(ip: IPRoute, name: str) -> None:

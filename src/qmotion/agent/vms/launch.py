@@ -10,15 +10,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 from qmotion.agent.config import AgentConfig
+from qmotion.agent.network.net import open_tap
 from qmotion.agent.vms import seed
 from qmotion.agent.vms.definition import check_boot_files, disk_path
 from qmotion.api.vm import KernelBoot, MemoryBacking, VmSpec
 from qmotion.hypervisor import process
 from qmotion.hypervisor.errors import QemuStartError
-from qmotion.hypervisor.qemu import LaunchPaths, build_argv
+from qmotion.hypervisor.qemu import LaunchPaths, build_argv, tap_name
+from qmotion.hypervisor.user import QemuUser
 from qmotion.image import GuestImage, cached_image, ensure_image
 
 log = logging.getLogger(__name__)
@@ -88,34 +92,63 @@ async def launch_qemu(
     pool: Path | None,
     log_path: Path,
     paused: bool = False,
+    user: QemuUser | None = None,
+    placed: Callable[[int], None] | None = None,
 ) -> tuple[int, MemoryBacking]:
     """Launch QEMU, from the huge-page pool when it had room, else from ordinary memory.
 
     Another guest (on this host or, in the lab, another host sharing the kernel) may take
     the pool's last pages between the check and QEMU's mapping; QEMU then fails before the
-    guest runs, and the start is simply repeated without the pool.
+    guest runs, and the start is simply repeated without the pool. Each NIC's tap is opened
+    here and inherited (QEMU, unprivileged, could not open it).
     """
-    if pool is not None:
-        argv = build_argv(
+    fds: list[int] = []
+    try:
+        for i in range(len(spec.nics)):
+            fds.append(await asyncio.to_thread(open_tap, tap_name(spec, i)))
+        return await _launch(
+            spec, paths, accel, machine, incoming, pool, log_path, paused, user, fds, placed
+        )
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+async def _launch(
+    spec: VmSpec,
+    paths: LaunchPaths,
+    accel: str,
+    machine: str,
+    incoming: str | None,
+    pool: Path | None,
+    log_path: Path,
+    paused: bool,
+    user: QemuUser | None,
+    fds: list[int],
+    placed: Callable[[int], None] | None,
+) -> tuple[int, MemoryBacking]:
+    def start(argv: list[str]) -> int:
+        return process.launch(
+            argv, paths.pidfile, log_path, spec.name, paths.qmp_socket, user, tuple(fds), placed
+        )
+
+    def argv(hugepages: Path | None) -> list[str]:
+        return build_argv(
             spec,
             paths,
             accel=accel,
             machine=machine,
             incoming=incoming,
-            hugepages=pool,
+            hugepages=hugepages,
             paused=paused,
+            tap_fds=fds,
         )
+
+    if pool is not None:
         try:
-            pid = await asyncio.to_thread(
-                process.launch, argv, paths.pidfile, log_path, spec.name, paths.qmp_socket
-            )
-            return pid, "hugepages"
+            return await asyncio.to_thread(start, argv(pool)), "hugepages"
         except QemuStartError as exc:
             if "backing store" not in exc.stderr:
                 raise
             log.warning("VM %s: huge-page pool short, using ordinary memory", spec.name)
-    argv = build_argv(spec, paths, accel=accel, machine=machine, incoming=incoming, paused=paused)
-    pid = await asyncio.to_thread(
-        process.launch, argv, paths.pidfile, log_path, spec.name, paths.qmp_socket
-    )
-    return pid, "anonymous"
+    return await asyncio.to_thread(start, argv(None)), "anonymous"

@@ -26,6 +26,7 @@ from qmotion.agent.errors import Conflict, OperationFailed, SpecRejected, VmNotF
 from qmotion.agent.facts import VmProcess
 from qmotion.agent.network.net import create_tap, delete_tap, tap_mac
 from qmotion.agent.vms import definition
+from qmotion.agent.vms.access import QemuAccess
 from qmotion.agent.vms.definition import create_disks, disk_path, saved_path
 from qmotion.agent.vms.launch import launch_paths, launch_qemu
 from qmotion.agent.vms.migration_record import MigrationRecords, outgoing_status
@@ -33,6 +34,7 @@ from qmotion.agent.vms.saved import load_state, save_state
 from qmotion.api.host import AccelInfo
 from qmotion.api.vm import Disk, MemoryBacking, VmInfo, VmSpec, VmState
 from qmotion.hypervisor import hugepages, process
+from qmotion.hypervisor.cgroups import Cgroups, agent_group, limits_for
 from qmotion.hypervisor.errors import HypervisorError, QmpError, QmpUnavailable
 from qmotion.hypervisor.monitor import Monitor
 from qmotion.hypervisor.qemu import qemu_info, resolve_machine, tap_name
@@ -83,6 +85,12 @@ class VmManager:
     def __init__(self, config: AgentConfig, accel: Callable[[], Awaitable[AccelInfo]]) -> None:
         self.config = config
         self._accel = accel
+        # What QEMU, as its own unprivileged user, is handed of the host.
+        self.access = QemuAccess(config)
+        # Each QEMU in a cgroup of its own (None: no writable hierarchy here, or not asked).
+        self.cgroups = (
+            Cgroups.detect(agent_group(config.name, config.state_dir)) if config.cgroups else None
+        )
         self.vms_dir = config.state_dir / "vms"
         self.records = MigrationRecords(self.vms_dir)  # each VM's migration ids
         # Set by the storage moves: why a VM must not be started, deleted or migrated now.
@@ -230,6 +238,9 @@ class VmManager:
         for tap in rt.taps:
             await asyncio.to_thread(delete_tap, tap)
         await asyncio.to_thread(Path(rt.qmp_socket).unlink, missing_ok=True)
+        spec = self._specs.get(name)
+        if self.cgroups is not None and spec is not None:
+            await asyncio.to_thread(self.cgroups.remove, spec.uuid.hex)
         self._save_runtime(name, None)
 
     # ------------------------------------------------------------------ queries
@@ -349,11 +360,17 @@ class VmManager:
             machine = resolve_machine(spec.machine, info)
             vm_dir = self._dir(name)
             paths = await launch_paths(self.config, spec, vm_dir)
+            formats: list[str] = [d.format for d in spec.disks]
+            await asyncio.to_thread(self.access.for_launch, name, paths, formats)
+            if saved is not None:
+                await asyncio.to_thread(self.access.saved_state, saved)
             pool = (
                 await asyncio.to_thread(hugepages.backing_path, spec.memory)
                 if self.config.hugepages
                 else None
             )
+            if pool is not None:
+                pool = await asyncio.to_thread(self.access.hugepages, pool)
             taps: list[str] = []
             pid: int | None = None
             try:
@@ -362,7 +379,16 @@ class VmManager:
                     await asyncio.to_thread(create_tap, tap, nic.bridge, tap_mac(nic.mac))
                     taps.append(tap)
                 pid, backing = await launch_qemu(
-                    spec, paths, accel.name, machine, incoming, pool, vm_dir / "qemu.log", paused
+                    spec,
+                    paths,
+                    accel.name,
+                    machine,
+                    incoming,
+                    pool,
+                    vm_dir / "qemu.log",
+                    paused,
+                    user=self.access.user,
+                    placed=self._placer(spec, accel.name),
                 )
                 rt = Runtime(
                     pid=pid,
@@ -382,6 +408,8 @@ class VmManager:
                     await asyncio.to_thread(process.kill, pid, spec.uuid)
                 for tap in taps:
                     await asyncio.to_thread(delete_tap, tap)
+                if self.cgroups is not None:
+                    await asyncio.to_thread(self.cgroups.remove, spec.uuid.hex)
                 self._save_runtime(name, None)
                 raise OperationFailed(
                     f"starting VM {name} failed: {exc}; its QEMU and taps were removed",
@@ -394,6 +422,14 @@ class VmManager:
                 saved.unlink(missing_ok=True)
                 log.info("VM %s resumed from %s", name, saved)
         return await self.info(name)
+
+    def _placer(self, spec: VmSpec, accel: str) -> Callable[[int], None] | None:
+        """What puts a new QEMU in its cgroup, the moment it exists."""
+        groups = self.cgroups
+        if groups is None:
+            return None
+        limits = limits_for(spec.vcpus, spec.memory, accel)
+        return lambda pid: groups.place(spec.uuid.hex, pid, limits)
 
     def _end_exports(self, name: str) -> None:
         """qemu-nbd exports of this VM's disks (a cold migration's) that are still running:
@@ -443,7 +479,13 @@ class VmManager:
             )
             path = ds.path / target.path
             path.parent.mkdir(parents=True, exist_ok=True)
-            await save_state(name, self.monitor(name), path)
+            await asyncio.to_thread(self.access.saved_state, path)
+            try:
+                await save_state(name, self.monitor(name), path)
+            except BaseException:
+                # Refused (a migration under way) or failed: no empty file is left behind.
+                await asyncio.to_thread(path.unlink, missing_ok=True)
+                raise
             # Recorded before QEMU goes: from now on the saved state is the VM.
             self.replace_spec(spec.model_copy(update={"saved_state": target}))
             await asyncio.to_thread(process.kill, rt.pid, spec.uuid)

@@ -1,0 +1,147 @@
+"""The unprivileged user QEMU runs as, and the files it is handed (ownership, as libvirt's DAC).
+
+QEMU is started as this user by the agent (``subprocess`` drops to it before ``exec``):
+``-run-with user=`` would have QEMU call ``setuid`` itself, which the seccomp filter's
+``elevateprivileges=deny`` forbids (QEMU 10.0 dies of SIGSYS). From then on QEMU opens only
+what this user may: the files a VM writes (its disks, console log, saved state) are owned by
+it; what it only reads (kernel, initrd, backing images, TLS credentials) is readable by its
+group; directories on the way are searchable (never listable) by that group.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qmotion.hypervisor.errors import HypervisorError
+
+DEFAULT_USER = "qmotion-qemu"
+CREATE_HINT = (
+    "create it (`make setup` does: useradd --system --no-create-home --shell "
+    "/usr/sbin/nologin {name}) or name another with --qemu-user"
+)
+
+
+@dataclass(frozen=True)
+class QemuUser:
+    name: str
+    uid: int
+    gid: int
+    # Supplementary groups (kvm for /dev/kvm on hosts where QEMU uses it).
+    groups: tuple[int, ...]
+
+    @classmethod
+    def lookup(cls, name: str) -> QemuUser:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise HypervisorError(
+                f"QEMU's user {name!r} does not exist: {CREATE_HINT.format(name=name)}"
+            ) from None
+        if entry.pw_uid == 0:
+            raise HypervisorError(f"QEMU's user {name!r} is root: that confines nothing")
+        groups = tuple(g for g in os.getgrouplist(name, entry.pw_gid) if g != entry.pw_gid)
+        return cls(name, entry.pw_uid, entry.pw_gid, groups)
+
+    def popen_options(self) -> dict[str, Any]:
+        """``subprocess.Popen`` keywords that run the child as this user, with its groups."""
+        return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
+
+    def _may(self, st: os.stat_result, bits: int) -> bool:
+        """Whether this user has ``bits`` (a mask of r=4, w=2, x=1) on a file, by its mode."""
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid == self.uid:
+            return (mode >> 6) & bits == bits
+        if st.st_gid == self.gid or st.st_gid in self.groups:
+            return (mode >> 3) & bits == bits
+        return mode & bits == bits
+
+    def may_use(self, path: Path, bits: int) -> bool:
+        try:
+            return self._may(path.stat(), bits)
+        except OSError:
+            return False
+
+    def _lstat(self, path: Path, kind: int) -> os.stat_result:
+        """The file itself, never what a link names: a link planted where a disk is expected
+        would otherwise hand its target (``/etc/shadow``, ``/dev/sda``) to QEMU."""
+        st = os.lstat(path)
+        if stat.S_IFMT(st.st_mode) != kind:
+            link = stat.S_ISLNK(st.st_mode)
+            what = "a symbolic link" if link else "not a plain file or directory"
+            raise HypervisorError(f"{path} is {what}: not handed to QEMU's user {self.name}")
+        return st
+
+    def own(self, path: Path) -> None:
+        """QEMU writes ``path``: it becomes this user's, and its only (a guest's data is
+        nobody else's to read, whatever umask made the file)."""
+        st = self._lstat(path, stat.S_IFREG)
+        os.chown(path, self.uid, self.gid, follow_symlinks=False)
+        os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
+
+    def share(self, path: Path) -> None:
+        """QEMU reads ``path`` (read-only for it): readable by this user's group, which may
+        not write it, unless it can read it already (a file of the image cache readable by
+        everyone)."""
+        st = self._lstat(path, stat.S_IFREG)
+        if self._may(st, 4) and not self._may(st, 2):
+            return
+        os.chown(path, -1, self.gid, follow_symlinks=False)
+        os.chmod(path, (stat.S_IMODE(st.st_mode) & 0o740) | 0o040)
+
+    def open_dir(self, path: Path, *, write: bool = False) -> None:
+        """Let QEMU pass through directory ``path`` (and, ``write``, make entries in it):
+        through the group when the directory's group is root's or QEMU's, else through
+        "others" (search only: names must be known, nothing can be listed)."""
+        st = self._lstat(path, stat.S_IFDIR)
+        bits = 3 if write else 1
+        if self._may(st, bits):
+            return
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_gid in (0, self.gid):
+            os.chown(path, -1, self.gid, follow_symlinks=False)
+            os.chmod(path, mode | (bits << 3) | (stat.S_ISVTX if write else 0))
+        elif write:
+            raise HypervisorError(
+                f"QEMU runs as {self.name}, which cannot write in {path} "
+                f"(mode {mode:04o}, group {st.st_gid})"
+            )
+        else:
+            os.chmod(path, mode | 0o001)
+
+    def reach(self, path: Path, roots: Sequence[Path]) -> None:
+        """Make every directory above ``path`` searchable by QEMU, changing only those within
+        ``roots`` (the agent's own: state, run, datastore and cache directories). Any other
+        that is closed is an error naming it: the agent never opens a directory it does not
+        own (a datastore under /root would otherwise open /root). ``path`` is a resolved one:
+        a link on the way is refused by ``open_dir``."""
+        path = Path(os.path.abspath(path))
+        within = [Path(os.path.abspath(r)) for r in roots]
+        for d in reversed(path.parents):
+            if self.may_use(d, 1):
+                continue
+            if any(d == r or r in d.parents for r in within):
+                self.open_dir(d)
+                continue
+            try:
+                st = d.stat()
+                how = f"mode {stat.S_IMODE(st.st_mode):04o}, owner {st.st_uid}"
+            except OSError as exc:
+                how = str(exc)
+            raise HypervisorError(
+                f"QEMU runs as {self.name}, which cannot reach {path}: directory {d} "
+                f"({how}) is closed to it. Make it searchable (chmod o+x {d}) or keep VM "
+                "files elsewhere"
+            )
+
+
+def lookup(name: str | None) -> QemuUser | None:
+    """None: QEMU runs as the agent's own user (only when asked for, as ``root``)."""
+    if name is None or name == "root":
+        return None
+    return QemuUser.lookup(name)
