@@ -50,6 +50,8 @@ def test_a_process_over_its_memory_limit_is_killed_alone(groups: Cgroups) -> Non
     bystander = _child("import sys; sys.stdin.read()")
     try:
         groups.place("hog", hog.pid, Limits(cpu_weight=100, memory_max=48 * MIB, pids_max=64))
+        # Another VM's group, as small: its QEMU is not the one killed.
+        groups.place("by", bystander.pid, Limits(cpu_weight=100, memory_max=48 * MIB, pids_max=64))
         where = groups.where(hog.pid)
         key = "memory" if groups.version == 1 else ""
         assert where[key].endswith("/vm-hog")
@@ -63,6 +65,7 @@ def test_a_process_over_its_memory_limit_is_killed_alone(groups: Cgroups) -> Non
             p.kill()
             p.wait()
     groups.remove("hog")
+    groups.remove("by")
     assert not any((b / "vm-hog").exists() for b in groups.bases.values())
 
 
@@ -89,6 +92,24 @@ def test_a_group_cannot_grow_past_its_task_limit(groups: Cgroups) -> None:
         parent.kill()
         parent.wait()
     groups.remove("forky")
+
+
+def test_a_group_reused_by_a_vm_that_changed_size_takes_its_new_limits(
+    groups: Cgroups,
+) -> None:
+    """v1 refuses a memory limit above memory+swap's, and memory+swap below memory's: a VM
+    started again after growing or shrinking must still start."""
+    child = _child("import sys; sys.stdin.read()")
+    try:
+        for mib in (256, 64, 1024):
+            groups.place("sized", child.pid, limits_for(1, mib, "kvm"))
+            vm = groups.bases["memory"] / "vm-sized"
+            name = "memory.limit_in_bytes" if groups.version == 1 else "memory.max"
+            assert int((vm / name).read_text()) == limits_for(1, mib, "kvm").memory_max
+    finally:
+        child.kill()
+        child.wait()
+    groups.remove("sized")
 
 
 def test_cpu_weight_is_set_by_vcpus(groups: Cgroups) -> None:

@@ -40,12 +40,13 @@ from schemathesis.specs.openapi.checks import (
 from qmotion.agent import facts as agent_facts
 from qmotion.agent.app import create_app as create_agent
 from qmotion.agent.config import AgentConfig
+from qmotion.agent.tls import TlsStore
 from qmotion.agent.vms import definition as agent_vm_definition
 from qmotion.agent.vms import manager as agent_vms
 from qmotion.api.host import AccelInfo, HostFacts
 from qmotion.api.vm import Nic, VmSpec
 from qmotion.hypervisor.qemu import QemuInfo
-from qmotion.pki import ClusterCA, serving_certificate
+from qmotion.pki import ClusterCA, ManagerTls, serving_certificate
 from qmotion.server.access import digest
 from qmotion.server.db import ApiToken, Database, Task, User
 from qmotion.server.http.app import create_app as create_manager
@@ -194,7 +195,7 @@ def _fake_qemu_info(binary: str = "") -> QemuInfo:
     return QemuInfo("10.0.2", ["pc-i440fx-10.0", "q35"], {"pc": "pc-i440fx-10.0"}, ["qemu64"])
 
 
-def _agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FastAPI:
+def _agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, token: str | None = TOKEN) -> FastAPI:
     # QEMU's and the kernel's answers, faked: the fuzzed agent runs no binary, reads no links.
     for module in (agent_vms, agent_vm_definition, agent_facts):
         monkeypatch.setattr(module, "qemu_info", _fake_qemu_info)
@@ -204,7 +205,7 @@ def _agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FastAPI:
     config = AgentConfig(
         name="h9",
         state_dir=tmp_path / "state",
-        token=TOKEN,
+        token=token,
         run_dir=tmp_path / "run",
         accel="tcg",
         hugepages=False,
@@ -307,13 +308,35 @@ def test_manager_api_fuzzed_as_an_operator(
 # ------------------------------------------------------------------ over HTTPS
 
 HTTPS_EXAMPLES = 5
-MANAGER_HTTPS = _schema(
-    create_manager("sqlite://", TOKEN),
-    tuple(MANAGER_VMS),
-    MANAGER_BODIES,
-    (502,),
-    ROLE_TOKENS["viewer"],
-)
+HTTPS_ROLE_EXAMPLES = 3  # operator and admin: the same routes as the viewer, fewer examples
+# The service token is the built-in admin: a schema per role, each over the same server.
+MANAGER_HTTPS = {
+    role: _schema(
+        create_manager("sqlite://", TOKEN), tuple(MANAGER_VMS), MANAGER_BODIES, (502,), token
+    )
+    for role, token in {**ROLE_TOKENS, "admin": TOKEN}.items()
+}
+
+
+def _serve(app: FastAPI, **tls: Any) -> Iterator[int]:
+    """``app`` under a real uvicorn with ``tls``, in a thread, for the duration; its port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, log_config=None, log_level="warning", **tls)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(500):
+            if server.started:
+                break
+            time.sleep(0.01)
+        assert server.started, "uvicorn did not start"
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -324,41 +347,77 @@ def https_manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
     app = _manager(tmp)
     ca = ClusterCA.load_or_create(tmp / "ca")
     served = serving_certificate(ca, tmp / "ca", "localhost", ["127.0.0.1"])
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        ssl_certfile=str(served / "manager-cert.pem"),
-        ssl_keyfile=str(served / "manager-key.pem"),
-        log_config=None,
-        log_level="warning",
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        for _ in range(500):
-            if server.started:
-                break
-            time.sleep(0.01)
-        assert server.started, "uvicorn did not start"
+    tls = {
+        "ssl_certfile": str(served / "manager-cert.pem"),
+        "ssl_keyfile": str(served / "manager-key.pem"),
+    }
+    for port in _serve(app, **tls):
         yield f"https://127.0.0.1:{port}", str(tmp / "ca" / "ca-cert.pem")
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
-@MANAGER_HTTPS.parametrize()
+def _over_https(case: schemathesis.Case[Any], url: str, ca_file: str) -> None:
+    with requests.Session() as session:
+        case.call_and_validate(base_url=url, session=session, checks=CHECKS, verify=ca_file)
+
+
+@MANAGER_HTTPS["viewer"].parametrize()
 @settings(FUZZ_SETTINGS, max_examples=HTTPS_EXAMPLES)
 def test_manager_api_fuzzed_over_https_as_a_viewer(
     case: schemathesis.Case[Any], https_manager: tuple[str, str]
 ) -> None:
     """The same checks through TLS (the certificate checked against the cluster CA): what a
     viewer's scripts see of a real manager."""
-    url, ca_file = https_manager
+    _over_https(case, *https_manager)
+
+
+@MANAGER_HTTPS["operator"].parametrize()
+@settings(FUZZ_SETTINGS, max_examples=HTTPS_ROLE_EXAMPLES)
+def test_manager_api_fuzzed_over_https_as_an_operator(
+    case: schemathesis.Case[Any], https_manager: tuple[str, str]
+) -> None:
+    _over_https(case, *https_manager)
+
+
+@MANAGER_HTTPS["admin"].parametrize()
+@settings(FUZZ_SETTINGS, max_examples=HTTPS_ROLE_EXAMPLES)
+def test_manager_api_fuzzed_over_https_as_an_admin(
+    case: schemathesis.Case[Any], https_manager: tuple[str, str]
+) -> None:
+    _over_https(case, *https_manager)
+
+
+@pytest.fixture(scope="module")
+def mtls_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any, str]]:
+    """A joined agent as in production: uvicorn, its host certificate, and only the manager's
+    client certificate let in (no bearer token exists)."""
+    tmp = tmp_path_factory.mktemp("mtls")
+    ca = ClusterCA.load_or_create(tmp / "ca")
+    manager = ManagerTls.load_or_create(tmp / "ca")
+    store = TlsStore(tmp / "state", "h9")
+    store.install(ca.cert_pem, ca.sign_host(store.csr(), "h9", ["127.0.0.1"]))
+    store.install_manager_ca(manager.clients_ca_pem)
+    with pytest.MonkeyPatch.context() as mp:
+        app = _agent(tmp, mp, token=None)
+        for port in _serve(app, **store.control_server_options()):
+            client = (str(manager.cert_file), str(manager.key_file))
+            yield f"https://127.0.0.1:{port}", client, str(manager.ca_file)
+
+
+AGENT_MTLS = _schema(create_agent(AGENT_CONFIG), AGENT_VMS, AGENT_BODIES).include(
+    name=list(AGENT_FUZZED)
+)
+
+
+@AGENT_MTLS.parametrize()
+@settings(FUZZ_SETTINGS, max_examples=HTTPS_EXAMPLES)
+def test_agent_api_fuzzed_over_mutual_tls(
+    case: schemathesis.Case[Any], mtls_agent: tuple[str, Any, str]
+) -> None:
+    """A joined agent's control API as the manager calls it: mutual TLS, the manager's
+    client certificate."""
+    url, client, ca_file = mtls_agent
     with requests.Session() as session:
+        session.cert = client
         case.call_and_validate(base_url=url, session=session, checks=CHECKS, verify=ca_file)
 
 

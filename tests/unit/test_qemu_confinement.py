@@ -251,7 +251,46 @@ def test_an_agent_whose_directories_are_closed_to_qemus_user_says_which(tmp_path
     config = _user_agent(tmp_path)
     config.state_dir.mkdir()
     closed = [p for p in tmp_path.parents if p.stat().st_mode & 0o001 == 0][-1]  # topmost
-    with pytest.raises(OperationFailed, match="closed to it") as info:
-        TestClient(create_app(config)).__enter__()
+    with (
+        pytest.raises(OperationFailed, match="closed to it") as info,
+        TestClient(create_app(config)),
+    ):
+        pass
     assert f"directory {closed} " in str(info.value)
     assert info.value.field == "qemu_user"
+
+
+def test_a_qemu_that_cannot_enter_its_cgroup_does_not_run(tmp_path: Path) -> None:
+    import subprocess
+
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(b"\0" * 65536)
+    spec = VmSpec.model_validate(
+        {
+            "name": "nocg",
+            "memory": "64M",
+            "boot": {"kind": "disk"},
+            "disks": [{"datastore": "s", "path": "d.raw", "format": "raw"}],
+        }
+    )
+    paths = LaunchPaths(
+        qmp_socket=tmp_path / "q.sock",
+        console_log=tmp_path / "console.log",
+        pidfile=tmp_path / "qemu.pid",
+        disks=[disk],
+    )
+    machine = resolve_machine(spec.machine, qemu_info())
+    argv = build_argv(spec, paths, accel="tcg", machine=machine, paused=True)
+    seen: list[int] = []
+
+    def refuse(pid: int) -> None:
+        seen.append(pid)
+        raise OSError("no room in this cgroup")
+
+    with pytest.raises(OSError, match="no room"):
+        process.launch(
+            argv, paths.pidfile, tmp_path / "q.log", "nocg", paths.qmp_socket, placed=refuse
+        )
+    assert seen and not process.is_qemu_of(seen[0], spec.uuid)
+    left = subprocess.run(["pgrep", "-f", str(spec.uuid)], capture_output=True, check=False)
+    assert left.stdout == b""

@@ -223,3 +223,88 @@ def test_a_disk_that_links_out_of_its_datastore_is_refused(base: Path) -> None:
     inner.symlink_to(real)
     access.for_launch("v", _paths(inner, base), ["raw"])
     assert real.stat().st_uid == pwd.getpwnam(NAME).pw_uid
+
+
+def test_a_link_on_the_way_opens_nothing_outside_the_roots(user: QemuUser, base: Path) -> None:
+    outside = base / "outside"
+    (outside / "secret").mkdir(parents=True)
+    (outside / "secret").chmod(0o700)
+    root = base / "store"
+    root.mkdir()
+    (root / "link").symlink_to(outside)
+    with pytest.raises(HypervisorError, match="closed to it"):
+        user.reach(root / "link" / "secret" / "disk.raw", [root])
+    st = (outside / "secret").stat()
+    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0o700)
+
+
+def test_a_directory_opened_to_qemus_group_is_not_listable_by_it(
+    user: QemuUser, base: Path
+) -> None:
+    d = base / "vms"
+    d.mkdir()
+    d.chmod(0o750)  # root's group could list it
+    user.open_dir(d)
+    st = d.stat()
+    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (user.gid, 0o710)
+    assert _as_user(user, "ls", str(d)) != 0
+
+
+def test_a_base_image_qemu_owned_as_a_disk_is_taken_back(user: QemuUser, base: Path) -> None:
+    image = base / "was-a-disk.qcow2"
+    image.write_bytes(b"x")
+    user.own(image)
+    assert _as_user(user, "touch", str(image)) == 0
+    user.share(image)
+    st = image.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, user.gid, 0o640)
+    assert _as_user(user, "touch", str(image)) != 0
+    assert _as_user(user, "cat", str(image)) == 0
+
+
+def test_an_image_keeping_its_data_in_a_host_file_is_refused(base: Path) -> None:
+    access, store = _access(base)
+    outside = base / "host-file"
+    outside.write_bytes(b"\0" * 65536)
+    disk = store / "v" / "disk.qcow2"
+    disk.parent.mkdir()
+    made = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={outside}", str(disk), "64K"],
+        capture_output=True,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    with pytest.raises(OperationFailed, match="keeps its data in"):
+        access.for_launch("v", _paths(disk, base), ["qcow2"])
+    with pytest.raises(OperationFailed, match="keeps its data in"):
+        access.check_chain("v", disk, "qcow2")  # before a cold export, as root
+    st = outside.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o600)
+
+
+def test_a_chain_inside_the_datastore_is_handed_over_read_only(base: Path) -> None:
+    access, store = _access(base)
+    lib = store / ".images"
+    lib.mkdir()
+    image = lib / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M"], check=True)
+    disk = store / "v" / "disk.qcow2"
+    disk.parent.mkdir()
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image), "-F", "qcow2", str(disk)],
+        check=True,
+    )
+    access.for_launch("v", _paths(disk, base), ["qcow2"])
+    user = access.user
+    assert user is not None
+    assert disk.stat().st_uid == user.uid
+    st = image.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode) & 0o070) == (0, user.gid, 0o040)
+    # What QEMU itself does with it: reads the chain, as that user.
+    read = subprocess.run(
+        ["qemu-img", "info", "--backing-chain", str(disk)],
+        capture_output=True,
+        check=False,
+        **user.popen_options(),
+    )
+    assert read.returncode == 0, read.stderr

@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from fastapi import FastAPI
 
 from qmotion import logs
-from qmotion.agent.errors import Conflict, SpecRejected
+from qmotion.agent.errors import Conflict, OperationFailed, SpecRejected
+from qmotion.hypervisor.errors import HypervisorError
 from qmotion.hypervisor.user import QemuUser
 from qmotion.pki import csr_for, new_key_pem, write_private
 
@@ -57,10 +58,16 @@ class TlsStore:
         before the agent knew that user)."""
         if self.reader is None or not self.qemu_dir.is_dir():
             return
-        self.reader.reach(self.qemu_dir / QEMU_FILES[0], [self.dir.parent])
-        for name in QEMU_FILES:
-            if (self.qemu_dir / name).exists():
-                self.reader.share(self.qemu_dir / name)
+        try:
+            self.reader.reach(self.qemu_dir / QEMU_FILES[0], [self.dir.parent])
+            for name in QEMU_FILES:
+                if (self.qemu_dir / name).exists():
+                    self.reader.share(self.qemu_dir / name)
+        except (OSError, HypervisorError) as exc:
+            raise OperationFailed(
+                f"QEMU's credentials cannot be given to {self.reader.name}: {exc}",
+                field="qemu_user",
+            ) from exc
 
     @property
     def ready(self) -> bool:

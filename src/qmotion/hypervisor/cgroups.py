@@ -72,7 +72,14 @@ class Cgroups:
             offered = (root / "cgroup.controllers").read_text().split()
             if not set(CONTROLLERS) <= set(offered) or not os.access(root, os.W_OK):
                 return None
-            return cls(2, dict.fromkeys(CONTROLLERS, root / group), root)
+            found = cls(2, dict.fromkeys(CONTROLLERS, root / group), root)
+            try:
+                # Tried here, not at the first VM: in a container with a cgroup namespace the
+                # root takes no controllers for children (EBUSY), and VMs must still start.
+                found._enable_v2()
+            except OSError:
+                return None
+            return found
         bases = {c: root / c / group for c in CONTROLLERS if (root / c / "cgroup.procs").is_file()}
         if set(bases) != set(CONTROLLERS) or not all(
             os.access(root / c, os.W_OK) for c in CONTROLLERS
@@ -93,17 +100,21 @@ class Cgroups:
         except OSError as exc:
             raise HypervisorError(f"cannot put QEMU {pid} in its cgroup: {exc}") from exc
 
-    def _place_v2(self, vm_key: str, pid: int, limits: Limits) -> None:
-        vm = self._vm_dirs(vm_key)["cpu"]
-        # Controllers must be enabled in every parent's subtree_control, top down; a group
-        # with controllers enabled for children holds no process itself (v2's rule).
-        below = [d for d in reversed(vm.parents) if self.root in d.parents]
-        for d in [self.root, *below]:
+    def _enable_v2(self) -> None:
+        """Controllers enabled in every parent's subtree_control, top down, to the agent's
+        group; a group with controllers enabled for children holds no process itself."""
+        base = self.bases["cpu"]
+        below = [d for d in reversed(base.parents) if self.root in d.parents]
+        for d in [self.root, *below, base]:
             d.mkdir(exist_ok=True)
             enabled = (d / "cgroup.subtree_control").read_text().split()
             for c in CONTROLLERS:
                 if c not in enabled:
                     (d / "cgroup.subtree_control").write_text(f"+{c}")
+
+    def _place_v2(self, vm_key: str, pid: int, limits: Limits) -> None:
+        self._enable_v2()  # again: a parent may have been removed since (lab down)
+        vm = self._vm_dirs(vm_key)["cpu"]
         vm.mkdir(exist_ok=True)
         (vm / "cpu.weight").write_text(str(limits.cpu_weight))
         (vm / "memory.max").write_text(str(limits.memory_max))

@@ -10,10 +10,11 @@ group; directories on the way are searchable (never listable) by that group.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,61 +68,69 @@ class QemuUser:
         except OSError:
             return False
 
-    def _lstat(self, path: Path, kind: int) -> os.stat_result:
-        """The file itself, never what a link names: a link planted where a disk is expected
-        would otherwise hand its target (``/etc/shadow``, ``/dev/sda``) to QEMU."""
-        st = os.lstat(path)
-        if stat.S_IFMT(st.st_mode) != kind:
-            link = stat.S_ISLNK(st.st_mode)
-            what = "a symbolic link" if link else "not a plain file or directory"
-            raise HypervisorError(f"{path} is {what}: not handed to QEMU's user {self.name}")
-        return st
+    @contextlib.contextmanager
+    def _handle(self, path: Path, kind: int) -> Iterator[tuple[str, os.stat_result]]:
+        """The file itself, never what a link names (a link planted where a disk is expected
+        would hand its target, ``/etc/shadow`` or ``/dev/sda``, to QEMU): opened without
+        following, checked by its descriptor, changed through it (nothing swapped in
+        between is touched)."""
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if stat.S_IFMT(st.st_mode) != kind:
+                link = stat.S_ISLNK(st.st_mode)
+                what = "a symbolic link" if link else "not a plain file or directory"
+                raise HypervisorError(f"{path} is {what}: not handed to QEMU's user {self.name}")
+            yield f"/proc/self/fd/{fd}", st
+        finally:
+            os.close(fd)
 
     def own(self, path: Path) -> None:
         """QEMU writes ``path``: it becomes this user's, and its only (a guest's data is
         nobody else's to read, whatever umask made the file)."""
-        st = self._lstat(path, stat.S_IFREG)
-        os.chown(path, self.uid, self.gid, follow_symlinks=False)
-        os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
+        with self._handle(path, stat.S_IFREG) as (handle, st):
+            os.chown(handle, self.uid, self.gid)
+            os.chmod(handle, stat.S_IMODE(st.st_mode) & 0o700)
 
     def share(self, path: Path) -> None:
-        """QEMU reads ``path`` (read-only for it): readable by this user's group, which may
-        not write it, unless it can read it already (a file of the image cache readable by
-        everyone)."""
-        st = self._lstat(path, stat.S_IFREG)
-        if self._may(st, 4) and not self._may(st, 2):
-            return
-        os.chown(path, -1, self.gid, follow_symlinks=False)
-        os.chmod(path, (stat.S_IMODE(st.st_mode) & 0o740) | 0o040)
+        """QEMU reads ``path`` and may not write it: readable by this user's group, owned by
+        root if QEMU owned it (a base image that was a disk before), unless everyone may read
+        it already (a file of the image cache) and QEMU may not write it."""
+        with self._handle(path, stat.S_IFREG) as (handle, st):
+            if self._may(st, 4) and not self._may(st, 2):
+                return
+            os.chown(handle, 0 if st.st_uid == self.uid else -1, self.gid)
+            os.chmod(handle, (stat.S_IMODE(st.st_mode) & 0o740) | 0o040)
 
     def open_dir(self, path: Path, *, write: bool = False) -> None:
         """Let QEMU pass through directory ``path`` (and, ``write``, make entries in it):
-        through the group when the directory's group is root's or QEMU's, else through
-        "others" (search only: names must be known, nothing can be listed)."""
-        st = self._lstat(path, stat.S_IFDIR)
+        through the group when the directory's group is root's or QEMU's (which then may not
+        list it), else through "others" (search only: names must be known)."""
         bits = 3 if write else 1
-        if self._may(st, bits):
-            return
-        mode = stat.S_IMODE(st.st_mode)
-        if st.st_gid in (0, self.gid):
-            os.chown(path, -1, self.gid, follow_symlinks=False)
-            os.chmod(path, mode | (bits << 3) | (stat.S_ISVTX if write else 0))
-        elif write:
-            raise HypervisorError(
-                f"QEMU runs as {self.name}, which cannot write in {path} "
-                f"(mode {mode:04o}, group {st.st_gid})"
-            )
-        else:
-            os.chmod(path, mode | 0o001)
+        with self._handle(path, stat.S_IFDIR) as (handle, st):
+            if self._may(st, bits):
+                return
+            mode = stat.S_IMODE(st.st_mode)
+            if st.st_gid in (0, self.gid):
+                os.chown(handle, -1, self.gid)
+                sticky = stat.S_ISVTX if write else 0
+                os.chmod(handle, (mode & ~0o070) | (bits << 3) | sticky)
+            elif write:
+                raise HypervisorError(
+                    f"QEMU runs as {self.name}, which cannot write in {path} "
+                    f"(mode {mode:04o}, group {st.st_gid})"
+                )
+            else:
+                os.chmod(handle, mode | 0o001)
 
     def reach(self, path: Path, roots: Sequence[Path]) -> None:
         """Make every directory above ``path`` searchable by QEMU, changing only those within
         ``roots`` (the agent's own: state, run, datastore and cache directories). Any other
         that is closed is an error naming it: the agent never opens a directory it does not
-        own (a datastore under /root would otherwise open /root). ``path`` is a resolved one:
-        a link on the way is refused by ``open_dir``."""
-        path = Path(os.path.abspath(path))
-        within = [Path(os.path.abspath(r)) for r in roots]
+        own (a datastore under /root would otherwise open /root). Paths and roots are
+        resolved first: a link on the way leads nowhere the roots do not cover."""
+        path = path.resolve()
+        within = [r.resolve() for r in roots]
         for d in reversed(path.parents):
             if self.may_use(d, 1):
                 continue

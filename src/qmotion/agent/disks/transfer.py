@@ -147,6 +147,7 @@ class Transfers:
                             field=f"disks[{i}].datastore",
                         )
                     file = ds.path / disk.path
+                    await asyncio.to_thread(self.vms.access.check_chain, name, file, disk.format)
                     info = await image_info(file)
                     port = _free_port(address)
                     pidfile = self.vms._dir(name) / f"nbd{i}.pid"

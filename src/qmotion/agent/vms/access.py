@@ -91,6 +91,11 @@ class QemuAccess:
     def _datastores(self) -> list[Path]:
         return [d.path for d in self.config.datastores]
 
+    def check_chain(self, vm: str, disk: Path, fmt: str) -> None:
+        """A disk about to be exported (qemu-nbd, as root, follows its header): its backing
+        files in the datastores, no external data file."""
+        backing_chain(vm, disk, fmt, self._datastores())
+
     def for_launch(self, vm: str, paths: LaunchPaths, formats: list[str]) -> None:
         """Before QEMU starts: its console log and disks become its own; kernel, initrd,
         seed and every backing image readable; each reachable."""
@@ -103,10 +108,7 @@ class QemuAccess:
             user.own(paths.console_log)
             for disk, fmt in zip(paths.disks, formats, strict=True):
                 self.disk(disk)
-                for backing in backing_files(vm, disk, fmt):
-                    real = self._real(backing, self._datastores(), "backing file")
-                    self._reach(real)
-                    user.share(real)
+                backing_chain(vm, disk, fmt, self._datastores(), user)
             boots = [(paths.kernel, [*self._datastores(), cache_dir()], "kernel or initrd")]
             boots += [(paths.initrd, boots[0][1], boots[0][2])]
             boots += [(paths.seed, [self.config.state_dir], "seed")]
@@ -133,8 +135,12 @@ class QemuAccess:
         datastore's directory), or that a resume reads."""
         if self.user is not None:
             try:
-                path.touch()
-                real = self._real(path, self._datastores(), "saved state")
+                folder = self._real(path.parent, self._datastores(), "saved state")
+                # Made here, never through a link (O_NOFOLLOW), then checked and handed over.
+                os.close(
+                    os.open(folder / path.name, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+                )
+                real = self._real(folder / path.name, self._datastores(), "saved state")
                 self._reach(real)
                 self.user.own(real)
             except (OSError, HypervisorError) as exc:
@@ -158,20 +164,63 @@ class QemuAccess:
         return own
 
 
-def backing_files(vm: str, disk: Path, fmt: str) -> list[Path]:
-    """The images under ``disk`` (QEMU opens them read-only), nearest first."""
-    if fmt != "qcow2":
-        return []
-    proc = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", "--backing-chain", "-f", fmt, str(disk)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise OperationFailed(f"cannot read {disk}'s backing chain: {proc.stderr.strip()}", vm=vm)
-    layers = json.loads(proc.stdout)
+MAX_CHAIN = 16
+
+
+def backing_chain(
+    vm: str, disk: Path, fmt: str, datastores: list[Path], user: QemuUser | None = None
+) -> list[Path]:
+    """The images under ``disk``, nearest first, each checked before anything reads it:
+    QEMU owns its disk and can rewrite its header to name any file as backing or data file.
+    Each layer is read alone (``qemu-img info`` without ``--backing-chain`` opens no backing
+    file), as ``user`` when given (then a header naming a host file fails to open); every
+    backing file must resolve to a plain file in a datastore; an external data file is
+    refused. With ``user``, each checked layer is shared with it before it is read."""
     out: list[Path] = []
-    for layer in layers[1:]:
-        out.append(Path(layer["filename"]))
+    layer, layer_fmt = disk, fmt
+    while layer_fmt == "qcow2":
+        if len(out) >= MAX_CHAIN:
+            raise OperationFailed(f"{disk}: a backing chain over {MAX_CHAIN} images", vm=vm)
+        proc = subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", "-f", "qcow2", str(layer)],
+            capture_output=True,
+            text=True,
+            check=False,
+            **(user.popen_options() if user is not None else {}),
+        )
+        if proc.returncode != 0:
+            raise OperationFailed(f"cannot read {layer}: {proc.stderr.strip()}", vm=vm)
+        info = json.loads(proc.stdout)
+        specific = (info.get("format-specific") or {}).get("data") or {}
+        if specific.get("data-file"):
+            raise OperationFailed(
+                f"{layer} keeps its data in {specific['data-file']}: refused", vm=vm, field="disks"
+            )
+        name = info.get("full-backing-filename") or info.get("backing-filename")
+        if not name:
+            break
+        if name.startswith("json:") or ":" in name.split("/", 1)[0]:
+            raise OperationFailed(f"{layer} names its backing as {name}: refused", vm=vm)
+        path = Path(name) if Path(name).is_absolute() else layer.parent / name
+        try:
+            real = path.resolve(strict=True)
+        except OSError as exc:
+            raise OperationFailed(f"{layer}'s backing file {name}: {exc}", vm=vm) from exc
+        if not any(real.is_relative_to(d.resolve()) for d in datastores) or not real.is_file():
+            raise OperationFailed(
+                f"{layer}'s backing file {name} is {real}, outside this host's datastores",
+                vm=vm,
+                field="disks",
+            )
+        if user is not None:
+            user.reach(real, datastores)
+            user.share(real)
+        out.append(real)
+        declared = info.get("backing-filename-format")
+        layer, layer_fmt = real, declared or _probe_format(real)
     return out
+
+
+def _probe_format(path: Path) -> str:
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"

@@ -479,8 +479,8 @@ class VmManager:
             )
             path = ds.path / target.path
             path.parent.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(self.access.saved_state, path)
             try:
+                await asyncio.to_thread(self.access.saved_state, path)
                 await save_state(name, self.monitor(name), path)
             except BaseException:
                 # Refused (a migration under way) or failed: no empty file is left behind.
