@@ -80,3 +80,42 @@ def test_a_load_that_does_not_complete_fails(tmp_path: Path) -> None:
     with pytest.raises(OperationFailed, match="restoring v"):
         asyncio.run(saved.load_state("v", cast(Monitor, mon), tmp_path / "v.state"))
     assert mon.calls[0] == ("migrate-incoming", {"uri": f"file:{tmp_path / 'v.state'}"})
+
+
+class CancellableSave(ScriptedMonitor):
+    """A save that stays under way until it is cancelled, and a guest that runs or not."""
+
+    def __init__(self) -> None:
+        super().__init__(["none"])
+        self.running = True
+        self.saving = False
+        self.started = asyncio.Event()
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        self.calls.append((cmd, args))
+        if cmd == "query-migrate":
+            return {"status": "active" if self.saving else "none"}
+        self.running = {"stop": False, "cont": True}.get(cmd, self.running)
+        self.saving = {"migrate": True, "migrate_cancel": False}.get(cmd, self.saving)
+        if cmd == "migrate":
+            self.started.set()
+        return [] if cmd == "query-migrate-capabilities" else {}
+
+
+def test_a_save_whose_caller_is_cancelled_is_undone(tmp_path: Path) -> None:
+    """An agent shutting down (or a request dropped) mid-save: the guest runs on, no save
+    goes on behind it, no file is left, and the cancellation is not turned into an error."""
+    path = tmp_path / "v.state"
+    mon = CancellableSave()
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(saved.save_state("v", cast(Monitor, mon), path))
+        await mon.started.wait()
+        path.write_bytes(b"partial")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert mon.running and not mon.saving
+    assert not path.exists()

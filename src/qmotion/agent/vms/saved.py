@@ -31,14 +31,16 @@ async def wait_migration(name: str, mon: Monitor, timeout_s: float) -> str:
 
 
 async def save_state(name: str, mon: Monitor, path: Path) -> None:
-    """Stop the guest and write its state to ``path``. On failure the save is cancelled, the
-    file removed and the guest runs on; a VM that is migrating is refused."""
+    """Stop the guest and write its state to ``path``. On failure, or when the caller is
+    cancelled, the save is cancelled, the file removed and the guest runs on; a VM that is
+    migrating is refused (before anything is touched: its migration is not ours to cancel)."""
     try:
         status = str((await mon.execute("query-migrate")).get("status", "none"))
-        if status in ("active", "setup", "pre-switchover", "device") or status.startswith(
-            "postcopy"
-        ):
-            raise Conflict(f"VM {name} is migrating", vm=name)
+    except HypervisorError as exc:
+        raise OperationFailed(f"suspending {name} failed ({exc}); nothing done", vm=name) from exc
+    if status in ("active", "setup", "pre-switchover", "device") or status.startswith("postcopy"):
+        raise Conflict(f"VM {name} is migrating", vm=name)
+    try:
         await mon.execute("stop")
         # A live migration before may have left capabilities a file cannot take.
         caps = await mon.execute("query-migrate-capabilities")
@@ -54,22 +56,30 @@ async def save_state(name: str, mon: Monitor, path: Path) -> None:
         status = await wait_migration(name, mon, SAVE_TIMEOUT_S)
         if status != "completed":
             raise OperationFailed(f"saving the state of {name}: {status}", vm=name)
-    except (HypervisorError, OperationFailed) as exc:
-        with contextlib.suppress(HypervisorError):
-            # A save still under way (timed out) must not complete behind our back.
-            await mon.execute("migrate_cancel")
-            for _ in range(100):
-                got = await mon.execute("query-migrate")
-                if got.get("status") not in ("active", "setup", "cancelling"):
-                    break
-                await asyncio.sleep(0.05)
-        # One unlink of a local file: not worth a thread (as everywhere in the VM manager).
-        path.unlink(missing_ok=True)  # noqa: ASYNC240
-        with contextlib.suppress(HypervisorError):
-            await mon.execute("cont")
-        raise OperationFailed(
-            f"suspending {name} failed ({exc}); it runs on, nothing saved", vm=name
-        ) from exc
+    except BaseException as exc:
+        # Also when cancelled: a save left running would stop the guest for good and fill
+        # a file nobody records.
+        await _undo_save(mon, path)
+        if isinstance(exc, (HypervisorError, OperationFailed)):
+            raise OperationFailed(
+                f"suspending {name} failed ({exc}); it runs on, nothing saved", vm=name
+            ) from exc
+        raise
+
+
+async def _undo_save(mon: Monitor, path: Path) -> None:
+    with contextlib.suppress(HypervisorError):
+        # A save still under way (timed out) must not complete behind our back.
+        await mon.execute("migrate_cancel")
+        for _ in range(100):
+            got = await mon.execute("query-migrate")
+            if got.get("status") not in ("active", "setup", "cancelling"):
+                break
+            await asyncio.sleep(0.05)
+    # One unlink of a local file: not worth a thread (as everywhere in the VM manager).
+    path.unlink(missing_ok=True)  # noqa: ASYNC240
+    with contextlib.suppress(HypervisorError):
+        await mon.execute("cont")
 
 
 async def load_state(name: str, mon: Monitor, saved: Path) -> None:
