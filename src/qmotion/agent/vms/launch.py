@@ -2,7 +2,8 @@
 itself, from the huge-page pool when it has room.
 
 The VM manager decides when a VM starts and records what runs; this module only turns a spec
-into a running QEMU process (in a session of its own, confined by seccomp).
+into a running QEMU process (in a session of its own, as its unprivileged user, confined by
+seccomp, its taps handed over open).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """VM lifecycle on one host: define, start, stop, delete, status; persisted, re-attachable.
 
 Everything about a VM lives under ``STATE/vms/NAME``: ``spec.json`` (what it is) and, while
-QEMU runs, ``runtime.json`` (its PID, monitor socket, taps). QEMU is daemonized, so VMs outlive
-an agent restart; on start-up the agent re-attaches to every QEMU whose PID still belongs to it.
-What a definition needs of the host is in ``definition``, launching QEMU in ``launch``, and
-saving a VM's state to a file in ``saved``; this class holds the record and the locks.
+QEMU runs, ``runtime.json`` (its PID, monitor socket, taps). QEMU runs in a session (and a
+cgroup) of its own, so VMs outlive an agent restart; on start-up the agent re-attaches to every
+QEMU whose PID still belongs to it. What a definition needs of the host is in ``definition``,
+what QEMU's unprivileged user is handed in ``access``, launching QEMU in ``launch``, and saving
+a VM's state to a file in ``saved``; this class holds the record and the locks.
 """
 
 from __future__ import annotations
