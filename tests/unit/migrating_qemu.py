@@ -286,7 +286,7 @@ class Host(VmManager):
     """The real VmManager of one host, over a real state directory; its QEMUs are scripted
     and outlive the host object (a new Host over the same directory is a restarted agent)."""
 
-    def __init__(self, cluster: Cluster, name: str, address: str) -> None:
+    def __init__(self, cluster: Cluster, name: str, address: str, cgroups: bool = False) -> None:
         self.cluster = cluster
         root = cluster.root / name
         config = AgentConfig(
@@ -297,6 +297,7 @@ class Host(VmManager):
             address=address,
             accel="tcg",
             hugepages=False,
+            cgroups=cgroups,
         )
         super().__init__(config, _tcg)
         cluster.qemus.setdefault(name, {})
@@ -360,10 +361,14 @@ class Cluster:
         return proc.pid
 
     async def host(
-        self, name: str, address: str = "198.19.1.12", peers: PeerTransport | None = None
+        self,
+        name: str,
+        address: str = "198.19.1.12",
+        peers: PeerTransport | None = None,
+        cgroups: bool = False,
     ) -> tuple[Host, Migrations]:
         """The agent of host ``name``, (re)started: its VMs found again, settled."""
-        host = Host(self, name, address)
+        host = Host(self, name, address, cgroups)
         await host.load()
         migrations = Migrations(host, peer_transport=peers)
         await migrations.settle_after_restart()

@@ -123,3 +123,39 @@ def test_cpu_weight_is_set_by_vcpus(groups: Cgroups) -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_an_upgraded_agent_puts_the_vms_it_finds_running_in_their_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMUs started by an agent without cgroups (an older one) get theirs when the agent
+    restarts with them; a VM stopped afterwards leaves no group behind."""
+    import asyncio
+
+    from tests.unit.migrating_qemu import cluster_at
+
+    found: list[Cgroups] = []
+    with cluster_at(tmp_path, monkeypatch) as cluster:
+
+        async def run() -> None:
+            old, _ = await cluster.host("h1")
+            assert old.cgroups is None
+            await old.define(cluster.spec())
+            await old.start("vm1")
+            pid = old._runtime["vm1"].pid
+            new, _ = await cluster.host("h1", cgroups=True)
+            if new.cgroups is None:
+                pytest.skip("no writable cgroup hierarchy here")
+            found.append(new.cgroups)
+            key = new.spec("vm1").uuid.hex
+            where = new.cgroups.where(pid)
+            assert where["memory" if new.cgroups.version == 1 else ""].endswith(f"/vm-{key}")
+            await new.stop("vm1", force=True)
+            assert not any((b / f"vm-{key}").exists() for b in new.cgroups.bases.values())
+
+        try:
+            asyncio.run(run())
+        finally:
+            cluster.close()  # its QEMUs gone first: their groups can go
+            for groups in found:
+                groups.remove_all()

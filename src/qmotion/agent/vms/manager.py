@@ -142,6 +142,7 @@ class VmManager:
             rt = Runtime.model_validate_json(rt_file.read_text())
             if process.is_qemu_of(rt.pid, spec.uuid):
                 self._runtime[spec.name] = rt
+                await asyncio.to_thread(self._regroup, spec, rt)
                 try:
                     await self._attach(spec.name, rt)
                     log.info("re-attached to VM %s (pid %d)", spec.name, rt.pid)
@@ -423,6 +424,17 @@ class VmManager:
                 saved.unlink(missing_ok=True)
                 log.info("VM %s resumed from %s", name, saved)
         return await self.info(name)
+
+    def _regroup(self, spec: VmSpec, rt: Runtime) -> None:
+        """A QEMU found running at start-up in its cgroup, with its limits: one started by an
+        agent without cgroups (an upgrade) gets them now; one in its group already keeps it.
+        Its user stays what it was started as (only a restart or a migration changes that)."""
+        if self.cgroups is None:
+            return
+        try:
+            self.cgroups.place(spec.uuid.hex, rt.pid, limits_for(spec.vcpus, spec.memory, rt.accel))
+        except HypervisorError as exc:
+            log.error("VM %s (pid %d) runs outside its cgroup: %s", spec.name, rt.pid, exc)
 
     def _placer(self, spec: VmSpec, accel: str) -> Callable[[int], None] | None:
         """What puts a new QEMU in its cgroup, the moment it exists."""
