@@ -104,30 +104,7 @@ async def launch_qemu(
     here and inherited (QEMU, unprivileged, could not open it).
     """
     fds: list[int] = []
-    try:
-        for i in range(len(spec.nics)):
-            fds.append(await asyncio.to_thread(open_tap, tap_name(spec, i)))
-        return await _launch(
-            spec, paths, accel, machine, incoming, pool, log_path, paused, user, fds, placed
-        )
-    finally:
-        for fd in fds:
-            os.close(fd)
 
-
-async def _launch(
-    spec: VmSpec,
-    paths: LaunchPaths,
-    accel: str,
-    machine: str,
-    incoming: str | None,
-    pool: Path | None,
-    log_path: Path,
-    paused: bool,
-    user: QemuUser | None,
-    fds: list[int],
-    placed: Callable[[int], None] | None,
-) -> tuple[int, MemoryBacking]:
     def start(argv: list[str]) -> int:
         return process.launch(
             argv, paths.pidfile, log_path, spec.name, paths.qmp_socket, user, tuple(fds), placed
@@ -145,11 +122,17 @@ async def _launch(
             tap_fds=fds,
         )
 
-    if pool is not None:
-        try:
-            return await asyncio.to_thread(start, argv(pool)), "hugepages"
-        except QemuStartError as exc:
-            if "backing store" not in exc.stderr:
-                raise
-            log.warning("VM %s: huge-page pool short, using ordinary memory", spec.name)
-    return await asyncio.to_thread(start, argv(None)), "anonymous"
+    try:
+        for i in range(len(spec.nics)):
+            fds.append(await asyncio.to_thread(open_tap, tap_name(spec, i)))
+        if pool is not None:
+            try:
+                return await asyncio.to_thread(start, argv(pool)), "hugepages"
+            except QemuStartError as exc:
+                if "backing store" not in exc.stderr:
+                    raise
+                log.warning("VM %s: huge-page pool short, using ordinary memory", spec.name)
+        return await asyncio.to_thread(start, argv(None)), "anonymous"
+    finally:
+        for fd in fds:
+            os.close(fd)
