@@ -2,7 +2,10 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := iproute2 busybox-static cpio gcc libc6-dev procps python3-venv
+# The console's browser tests: Debian's chromium, driven by PyPI's playwright (which cannot
+# download its own browser here), and a font for its screenshots.
+BROWSER_PACKAGES := chromium fonts-dejavu-core
+DEB_PACKAGES := iproute2 busybox-static cpio gcc libc6-dev procps python3-venv $(BROWSER_PACKAGES)
 # `qmotion image build debian`: a Debian 12 root file system, its partition and boot loader.
 IMAGE_PACKAGES := mmdebstrap extlinux syslinux-common fdisk
 # QEMU from bookworm-backports: before 9.0, QEMU under TCG loses guest writes while it migrates
@@ -14,7 +17,7 @@ BACKPORTS_LIST := /etc/apt/sources.list.d/qmotion-bookworm-backports.sources
 BENCH_PACKAGES := ganeti-htools
 STAMP := $(VENV)/.installed
 
-.PHONY: lock install setup debs qemu-user test test-unit check demo bench faults campaign drs-random clean
+.PHONY: lock install setup debs qemu-user test test-unit check demo bench faults campaign drs-random screenshots clean
 
 setup: debs qemu-user $(STAMP)
 
@@ -71,6 +74,11 @@ test: setup
 	$(PY) -m qmotion image build
 	$(PY) -m pytest -m "not faults"; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+# The console's screenshots in docs/console/, made by its browser tests on a real lab.
+screenshots: setup
+	$(PY) -m qmotion image build
+	QMOTION_SCREENSHOTS=docs/console $(PY) -m pytest tests/integration/test_console_browser.py
 
 test-unit: setup
 	$(PY) -m pytest tests/unit

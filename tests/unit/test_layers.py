@@ -44,6 +44,7 @@ ROOMS: dict[str, list[list[str]]] = {
     "qmotion.server": [
         ["qmotion.server.main"],
         ["qmotion.server.http"],
+        ["qmotion.server.console"],
         ["qmotion.server.automation"],
         ["qmotion.server.tasks"],
     ],

@@ -219,3 +219,59 @@ class Placement(BaseModel):
     host: str
     chosen_by: Literal["drs", "operator"]
     candidates: list[PlacementCandidate]
+
+
+class TargetRefusal(BaseModel):
+    """One reason a migration to the target would be refused at submission."""
+
+    code: str = Field(
+        description="the error code the submission would answer with, e.g. bridge_missing, "
+        "datastore_unreachable, host_unavailable, rule_violation"
+    )
+    message: str = Field(description="why, as the submission's error would say it")
+    field: str | None = Field(
+        default=None, description="the request field it concerns (to, datastore), if any"
+    )
+
+
+class MigrationTarget(BaseModel):
+    """One host as a target of moving an existing VM (the Migrate wizard's target step):
+    DRS's ranking of it and the pre-checks' verdict. A refused host is listed, never hidden."""
+
+    host: str = Field(description="the host's name")
+    current: bool = Field(
+        description="the VM's host now: with a datastore, the target of a storage move (the VM "
+        "stays, its disks move); without, not a target"
+    )
+    feasible: bool = Field(
+        description="the move may be submitted: the ranking allows the host and no pre-check "
+        "refuses it (checks that need an agent, listed in notes, run at submission)"
+    )
+    score: float = Field(
+        description="the ranking's score, as `drs place` and `vm create` rank hosts: the "
+        "change of the cluster's imbalance with the VM there, plus 1 if a should rule is "
+        "broken; lower is better, comparable between hosts of one answer only"
+    )
+    reasons: list[str] = Field(
+        description="the ranking's reasons: current host, maintenance, health, memory, the "
+        "rules it breaks, or the CPU and memory committed after the move"
+    )
+    refusals: list[TargetRefusal] = Field(
+        description="the pre-checks' verdict: what a submission would refuse (the must rules "
+        "first); empty when it would be accepted"
+    )
+    free_memory_mib_after: int = Field(
+        description="the host's memory for VMs (less its reservation and migrations under way) "
+        "minus what its VMs allocate, with this VM moved there (the current host: now); "
+        "negative when it does not fit"
+    )
+    cpu_committed_after: float = Field(
+        description="the host's CPU demand with this VM there, as a fraction of its cores "
+        "(measured demand where sampled, else vCPUs; the current host: now)"
+    )
+    datastores: list[str] = Field(description="the datastores the host reaches, from its facts")
+    notes: list[str] = Field(
+        default_factory=list,
+        description="what is checked only at submission, as it asks a host's agent (free "
+        "space on the datastore for the disks)",
+    )

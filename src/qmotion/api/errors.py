@@ -38,3 +38,14 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+def describe(d: ErrorDetail) -> str:
+    """An error as one line for a person, the same in the CLI and the console: the message,
+    where it applies, and its code."""
+    where = ", ".join(
+        f"{k}={v}"
+        for k, v in (("vm", d.vm), ("host", d.host), ("field", d.field), ("qmp", d.qmp_class))
+        if v
+    )
+    return f"{d.message}" + (f" ({where})" if where else "") + f" [{d.code}]"

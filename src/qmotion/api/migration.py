@@ -441,6 +441,33 @@ class MigrationReport(BaseModel):
     )
 
 
+def switchover_at_s(r: MigrationReport) -> float | None:
+    """Seconds after migrate was issued when the source stopped: QEMU's own figures (its
+    total time ends with the downtime)."""
+    if r.total_ms is None or r.downtime_ms is None:
+        return None
+    return (r.total_ms - r.downtime_ms) / 1000
+
+
+def timeline(r: MigrationReport) -> list[tuple[str, float]]:
+    """The switchover to the millisecond, from the source's stop (the agents' clocks)."""
+    out: list[tuple[str, float]] = []
+    if r.source_stopped_at_ms is None:
+        return out
+    out.append(("source stopped (QEMU STOP)", 0.0))
+    if r.steer_ms is not None:
+        out.append(("network steered to the destination", r.steer_ms))
+    if r.downtime_ms is not None:
+        out.append(("QEMU's downtime ends (source side)", float(r.downtime_ms)))
+    if r.guest_paused_ms is not None:
+        out.append(("destination resumed (QEMU RESUME)", r.guest_paused_ms))
+    if r.guest_frame_ms is not None:
+        out.append(("first frame from the guest on the destination", r.guest_frame_ms))
+    if r.client_frame_ms is not None:
+        out.append(("first client frame delivered to it there", r.client_frame_ms))
+    return sorted(out, key=lambda x: x[1])
+
+
 class SteerRequest(StrictModel):
     """Point the network at this host for a VM whose incoming migration is switching over."""
 

@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.table import Column, Table
 from rich.text import Text
 
+from qmotion.api.errors import describe
 from qmotion.client.errors import ApiError
 from qmotion.errors import QmotionError
 from qmotion.logs import LOG_FORMATS, LogFormat
@@ -84,16 +85,7 @@ def errors_exit() -> Iterator[None]:
     try:
         yield
     except ApiError as exc:
-        d = exc.detail
-        where = ", ".join(
-            f"{k}={v}"
-            for k, v in (("vm", d.vm), ("host", d.host), ("field", d.field), ("qmp", d.qmp_class))
-            if v
-        )
-        fail(
-            f"{d.message}" + (f" ({where})" if where else "") + f" [{d.code}]",
-            2 if exc.status in (409, 422, 404, 401) else 1,
-        )
+        fail(describe(exc.detail), 2 if exc.status in (409, 422, 404, 401) else 1)
     except QmotionError as exc:
         fail(str(exc))
     except ValidationError as exc:

@@ -88,6 +88,11 @@ def up(
             console.print(Text(f"      migration address {h.migration_address}"))
     console.print(Text(f"  client: namespace {rec.client_namespace}, address {rec.client_address}"))
     console.print(Text(f"  VM addresses: {rec.pool.first} - {rec.pool.last}"))
+    if rec.manager_url:
+        # The console signs in with the manager's token (the built-in admin).
+        console.print(
+            Text(f"  web console: {rec.manager_url}/ui/ (token: {rec.manager_token_file})")
+        )
 
 
 @app.command("status")

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qmotion.api.migration import MigrationReport
+from qmotion.api.migration import MigrationReport, switchover_at_s
 
-
-def switchover_at_s(r: MigrationReport) -> float | None:
-    """Seconds after migrate was issued when the source stopped: QEMU's own figures (its
-    total time ends with the downtime)."""
-    if r.total_ms is None or r.downtime_ms is None:
-        return None
-    return (r.total_ms - r.downtime_ms) / 1000
+# Up to this many samples each one gets a marker: a short migration's one or two samples
+# are otherwise an invisible zero-length line; past it the markers would hide the lines.
+MARKED_SAMPLES = 120
 
 
 def plot(r: MigrationReport, path: Path) -> None:
@@ -23,15 +19,24 @@ def plot(r: MigrationReport, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     t = [s.t_s for s in r.samples]
+    marker = "o" if len(r.samples) <= MARKED_SAMPLES else ""
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
-    ax.plot(t, [s.remaining / 2**20 for s in r.samples], label="remaining (MiB)", color="C0")
+    remaining = [s.remaining / 2**20 for s in r.samples]
+    ax.plot(t, remaining, label="remaining (MiB)", color="C0", marker=marker, markersize=4)
     ax.set_xlabel("seconds since migrate")
     ax.set_ylabel("remaining MiB")
     rates = ax.twinx()
-    rates.plot(t, [s.throughput_bps / 2**20 for s in r.samples], label="throughput", color="C1")
-    rates.plot(t, [s.dirty_bps / 2**20 for s in r.samples], label="dirty rate", color="C3")
+    for label, colour, values in (
+        ("throughput", "C1", [s.throughput_bps / 2**20 for s in r.samples]),
+        ("dirty rate", "C3", [s.dirty_bps / 2**20 for s in r.samples]),
+    ):
+        rates.plot(t, values, label=label, color=colour, marker=marker, markersize=4)
     rates.set_ylabel("MiB/s")
     at = switchover_at_s(r)
+    if len(t) == 1:
+        # matplotlib centres a lone point in a +-5% sliver around it; from zero to twice its
+        # time (and the switchover) it reads as one moment of a migration.
+        ax.set_xlim(0, max(2 * t[0], 1.0, (at or 0.0) * 1.05))
     if at is not None:
         ax.axvline(at, color="k", linestyle="--", linewidth=1)
         ax.annotate(f"switchover ({r.downtime_ms} ms)", (at, 0), rotation=90, va="bottom")

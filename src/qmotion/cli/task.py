@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from qmotion.api.migration import MigrationReport
+from qmotion.api.migration import timeline
 from qmotion.cli.common import cells, console, errors_exit, fail, more_hint, print_json
 from qmotion.cli.connect import server_client
 from qmotion.cli.vm import stats_line
@@ -69,25 +69,6 @@ def show(task_id: int, json_out: bool = typer.Option(False, "--json"), lab: str 
         print_json(t.result.model_dump(mode="json"))
     if t.operation:
         print_json(t.operation.model_dump(mode="json"))
-
-
-def timeline(r: MigrationReport) -> list[tuple[str, float]]:
-    """The switchover to the millisecond, from the source's stop (the agents' clocks)."""
-    out: list[tuple[str, float]] = []
-    if r.source_stopped_at_ms is None:
-        return out
-    out.append(("source stopped (QEMU STOP)", 0.0))
-    if r.steer_ms is not None:
-        out.append(("network steered to the destination", r.steer_ms))
-    if r.downtime_ms is not None:
-        out.append(("QEMU's downtime ends (source side)", float(r.downtime_ms)))
-    if r.guest_paused_ms is not None:
-        out.append(("destination resumed (QEMU RESUME)", r.guest_paused_ms))
-    if r.guest_frame_ms is not None:
-        out.append(("first frame from the guest on the destination", r.guest_frame_ms))
-    if r.client_frame_ms is not None:
-        out.append(("first client frame delivered to it there", r.client_frame_ms))
-    return sorted(out, key=lambda x: x[1])
 
 
 @app.command("report")

@@ -14,6 +14,7 @@ from qmotion.api.drs import (
     DrsState,
     MaintenanceExit,
     MaintenanceOut,
+    MigrationTarget,
     PlacementCandidate,
     RecommendationOut,
     RuleCreate,
@@ -146,6 +147,14 @@ class ServerClient(AccessCalls):
     def plan_migration(self, name: str, req: MigrateRequest) -> MigrationPrediction:
         return self.call(
             MigrationPrediction, "POST", f"/v1/vms/{name}/migrate/plan", json=dump(req)
+        )
+
+    def migration_targets(self, vm: str, datastore: str | None = None) -> list[MigrationTarget]:
+        """Every host ranked for moving ``vm`` (its disks to ``datastore`` too), with what a
+        submission would refuse; changes nothing."""
+        params = {} if datastore is None else {"datastore": datastore}
+        return self.call(
+            list[MigrationTarget], "GET", f"/v1/vms/{vm}/migrate/targets", params=params
         )
 
     def tasks(self, *, limit: int | None = None, after: int | None = None) -> list[TaskOut]:

@@ -38,6 +38,8 @@ ADMIN_CHANGES = frozenset(
 )
 # POSTs that only compute an answer (a body too rich for a query string): a viewer may ask.
 READ_ONLY_POSTS = frozenset({("POST", "/v1/drs/place")})
+IDENTITY = "qmotion.identity"  # where the check leaves the caller, for the audit
+TASK_ID = "qmotion.task_id"  # the task a call started, when its answer is not the task
 LAST_USED_EVERY_S = 60.0  # a token's last use is written at most this often (not every call)
 
 
@@ -80,7 +82,11 @@ class Access:
 
     def identify(self, token: str) -> Identity | None:
         """The caller a bearer token names, or None (unknown or revoked)."""
-        d = digest(token)
+        return self.identify_digest(digest(token))
+
+    def identify_digest(self, d: str) -> Identity | None:
+        """The same for a token known by its digest only (a console session keeps no token):
+        a token revoked or a user removed since ends the session at once."""
         if secrets.compare_digest(d, self._service):
             return Identity(ROOT, Role.ADMIN)
         with self.db.session() as s:

@@ -23,11 +23,17 @@ from qmotion.api.access import (
     WhoAmI,
 )
 from qmotion.api.vm import NAME_PATTERN
-from qmotion.server.access import READ_METHODS, Access, Identity, required_role
+from qmotion.server.access import (
+    IDENTITY,
+    READ_METHODS,
+    TASK_ID,
+    Access,
+    Identity,
+    required_role,
+)
 from qmotion.server.errors import Forbidden
 
 log = logging.getLogger(__name__)
-IDENTITY = "qmotion.identity"  # where the check leaves the caller, for the audit
 NEXT_HEADER = "X-Next-After"
 UserName = Annotated[str, Path(pattern=NAME_PATTERN)]
 TokenId = Annotated[int, Path(ge=1, le=2**63 - 1)]
@@ -91,8 +97,9 @@ class AuditMiddleware:
         who: Identity | None = scope.get(IDENTITY)
         route = getattr(scope.get("route"), "path", None)
         client = scope.get("client")
-        task_id = None
-        if status == 202 and body:
+        # A console action answers with a redirect, not the task's JSON: it leaves the id.
+        task_id = scope.get(TASK_ID)
+        if task_id is None and status == 202 and body:
             try:
                 parsed: Any = json.loads(body)
                 task_id = parsed.get("id") if isinstance(parsed, dict) else None

@@ -12,6 +12,7 @@ from fastapi import Depends, FastAPI, Path, Query, Request, Response
 
 from qmotion import __version__
 from qmotion.api import paging
+from qmotion.api.drs import MigrationTarget
 from qmotion.api.migration import MigrationPrediction
 from qmotion.api.server import (
     HostOut,
@@ -34,10 +35,16 @@ from qmotion.api.vm import NAME_PATTERN, StopRequest
 from qmotion.pki import ClusterCA, ManagerTls
 from qmotion.server.access import Access
 from qmotion.server.agents import AgentConnector
+from qmotion.server.automation.actions import ManagerActions
 from qmotion.server.automation.drs import ClusterDrs
 from qmotion.server.automation.maintenance import Maintenance
 from qmotion.server.automation.operations import Operations
 from qmotion.server.automation.schedules import Schedules
+from qmotion.server.automation.targets import migration_targets
+from qmotion.server.console.base import Console
+from qmotion.server.console.install import install_console
+from qmotion.server.console.render import Renderer
+from qmotion.server.console.session import Sessions
 from qmotion.server.db import Database
 from qmotion.server.enrol import Enrolment
 from qmotion.server.errors import ManagerError
@@ -46,7 +53,7 @@ from qmotion.server.http.access_routes import (
     install_access_routes,
     role_check,
 )
-from qmotion.server.http.drs_routes import ManagerActions, install_drs_routes
+from qmotion.server.http.drs_routes import install_drs_routes
 from qmotion.server.http.enrol_routes import install_enrol_routes
 from qmotion.server.http.metrics import install_metrics
 from qmotion.server.http.schedule_routes import install_routes as install_schedule_routes
@@ -81,7 +88,8 @@ def create_app(
     operations = Operations(db, runner)
     drs = ClusterDrs(db, inventory, operations)
     maintenance = Maintenance(db, runner, drs, operations)
-    schedules = Schedules(db, ManagerActions(runner, drs, maintenance))
+    actions = ManagerActions(runner, drs, maintenance)
+    schedules = Schedules(db, actions)
     reconciler = Reconciler(inventory)
 
     @contextlib.asynccontextmanager
@@ -218,9 +226,7 @@ def create_app(
 
     @app.post("/v1/vms/{name}/migrate", response_model=TaskOut, status_code=202, dependencies=auth)
     async def migrate(name: str, req: MigrateRequest) -> TaskOut:
-        if req.to is not None and not req.force:
-            await asyncio.to_thread(drs.config.check_move, name, req.to)
-        return await runner.submit_migration(name, req)
+        return await actions.submit_migration(name, req)
 
     @app.post(
         "/v1/vms/{name}/migrate/plan",
@@ -231,6 +237,21 @@ def create_app(
     )
     async def migrate_plan(name: str, req: MigrateRequest) -> MigrationPrediction:
         return await runner.predict_migration(name, req)
+
+    @app.get(
+        "/v1/vms/{name}/migrate/targets",
+        response_model=list[MigrationTarget],
+        dependencies=auth,
+        summary="Every host ranked for moving this VM, with the pre-checks' verdict; "
+        "nothing changes",
+    )
+    def migrate_targets(
+        name: str, datastore: Annotated[str | None, Query(min_length=1, max_length=64)] = None
+    ) -> list[MigrationTarget]:
+        """With ``datastore``: the disks move there too (shared-nothing, or a storage move
+        on the VM's own host). Asks no agent: what only an agent answers is checked when the
+        move is submitted."""
+        return migration_targets(drs, runner, name, datastore)
 
     @app.get("/v1/tasks", response_model=list[TaskOut], dependencies=auth, responses=paging.PAGED)
     def list_tasks(
@@ -247,6 +268,20 @@ def create_app(
         return runner.cancel(task_id)
 
     install_drs_routes(app, drs, maintenance, auth)
+    install_console(
+        app,
+        Console(
+            inventory=inventory,
+            runner=runner,
+            drs=drs,
+            maintenance=maintenance,
+            schedules=schedules,
+            actions=actions,
+            access=access,
+            sessions=Sessions(access),
+            render=Renderer(),
+        ),
+    )
     install_schedule_routes(app, schedules, auth)
     install_metrics(app, db, inventory, drs, auth)
 

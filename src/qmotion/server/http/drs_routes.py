@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import FastAPI
@@ -21,13 +20,11 @@ from qmotion.api.drs import (
     RuleOut,
     SettingsSet,
 )
-from qmotion.api.server import MigrateRequest, TaskOut
+from qmotion.api.server import TaskOut
 from qmotion.api.vm import NAME_PATTERN, MemoryMiB, StrictModel
 from qmotion.drs.model import VmSpec
 from qmotion.server.automation.drs import ClusterDrs
 from qmotion.server.automation.maintenance import Maintenance
-from qmotion.server.errors import Conflict
-from qmotion.server.tasks.runner import TaskRunner
 
 
 class PlaceRequest(StrictModel):
@@ -36,32 +33,6 @@ class PlaceRequest(StrictModel):
     name: str = Field(default="new-vm", pattern=NAME_PATTERN)
     memory: MemoryMiB
     vcpus: int = Field(default=1, ge=1, le=64)
-
-
-class ManagerActions:
-    """What schedules run: the same calls as the API's routes."""
-
-    def __init__(self, runner: TaskRunner, drs: ClusterDrs, maintenance: Maintenance) -> None:
-        self.runner, self.cluster, self.maintenance = runner, drs, maintenance
-
-    async def migrate(self, vm: str, to: str) -> int:
-        await asyncio.to_thread(self.cluster.config.check_move, vm, to)
-        return (await self.runner.submit_migration(vm, MigrateRequest(to=to))).id
-
-    async def drs(self) -> int:
-        return (await self.cluster.run_and_apply()).id
-
-    async def maintenance_enter(self, host: str) -> int:
-        if self.maintenance.status(host).state == "maintenance":
-            raise Conflict(f"host {host} is in maintenance already", host=host)
-        out = self.maintenance.enter(host)
-        assert out.task_id is not None  # an evacuation task, started or under way
-        return out.task_id
-
-    async def maintenance_exit(self, host: str) -> int:
-        out = self.maintenance.exit(host, return_vms=True)
-        assert out.task_id is not None  # exit is always a task
-        return out.task_id
 
 
 def install_drs_routes(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -14,13 +14,19 @@ from sqlalchemy.orm import Session
 
 from qmotion.api.server import MigrateRequest, TaskOut, TaskState
 from qmotion.api.sizes import parse_rate_bytes
-from qmotion.api.storage import MirrorRequest, MirrorStatus
+from qmotion.api.storage import DiskFormat, MirrorRequest, MirrorStatus
 from qmotion.api.vm import VmSpec, VmState
 from qmotion.migration import cold, storage
-from qmotion.migration.prechecks import PrecheckInput, attention_refusals, precheck
+from qmotion.migration.prechecks import (
+    HostView,
+    PrecheckInput,
+    Refusal,
+    attention_refusals,
+    precheck,
+)
 from qmotion.migration.storage import StoragePortError
 from qmotion.migration.vocabulary import Phase
-from qmotion.server.db import Database, Host, Task, TaskEvent
+from qmotion.server.db import Database, Host, Task, TaskEvent, Vm
 from qmotion.server.errors import Conflict, Invalid, raise_refusals
 from qmotion.server.inventory import Inventory
 from qmotion.server.tasks.cold import AgentColdPort, cold_refusals
@@ -169,6 +175,105 @@ class DiskTasks:
             return lambda: self._run_storage_move(task_id, vm, host, mreq, resume=sstate)
         return None
 
+    # ------------------------------------------------------------------ verdicts
+
+    def refusals(self, vm: str, to: str | None, datastore: str | None) -> list[Refusal]:
+        """What submitting ``vm`` to ``to`` (and ``datastore``) would refuse at once, from the
+        inventory alone: the pre-checks of the live, storage or cold move the submission
+        would make, by the same code. Not here: the must rules (DRS's ``check_move``) and
+        what only an agent answers (free space for copied disks, a stopped VM's definition
+        on its host), which the submission asks."""
+        return self.target_refusals(vm, [to], datastore)[to]
+
+    def target_refusals(
+        self, vm: str, targets: Sequence[str | None], datastore: str | None
+    ) -> dict[str | None, list[Refusal]]:
+        """``refusals`` for each of ``targets``, the inventory read once."""
+        with self.db.session() as s:
+            row = self.inventory.vm_by_name(s, vm)
+            hosts = self.inventory.host_views(s)
+            return {to: self._refusals(s, row, to, datastore, hosts) for to in targets}
+
+    def _refusals(
+        self,
+        s: Session,
+        row: Vm,
+        to: str | None,
+        datastore: str | None,
+        hosts: dict[str, HostView],
+    ) -> list[Refusal]:
+        # Dispatched as submit_migration does, on the inventory's word for the VM's state
+        # (the submission confirms a stopped one with its host).
+        migrating = self.db.active_task_for_vm(s, row.name) is not None
+        if to is not None and not migrating and row.state in (VmState.STOPPED, "suspended"):
+            spec = VmSpec.model_validate(row.spec)
+            return self._cold_refusals(s, row, spec, to, datastore, hosts)
+        if datastore is not None and to in (None, row.host.name):
+            return self._storage_refusals(s, row, datastore, None)
+        if to is None:
+            return [Refusal("invalid", "give the destination host", 422, field="to")]
+        return precheck(self._live_input(s, row, to, datastore, hosts))
+
+    def _live_input(
+        self, s: Session, row: Vm, to: str, copy_to: str | None, hosts: dict[str, HostView]
+    ) -> PrecheckInput:
+        """A live migration's pre-check input (shared-nothing with ``copy_to``)."""
+        spec = VmSpec.model_validate(row.spec)
+        migrating = self.db.active_task_for_vm(s, row.name) is not None
+        return PrecheckInput(
+            vm_view(spec, row.host.name, row.state, migrating, row.attention),
+            to,
+            hosts,
+            tls=self.inventory.tls,
+            copy_to=copy_to,
+            not_shared=self.inventory.not_shared(s, spec, row.host.name, to),
+        )
+
+    def _storage_refusals(
+        self, s: Session, row: Vm, datastore: str, disk_format: DiskFormat | None
+    ) -> list[Refusal]:
+        """A storage move's pre-checks, but for free space (its agent's)."""
+        spec = VmSpec.model_validate(row.spec)
+        facts = row.host.facts or {}
+        return attention_refusals(row.name, row.attention) + storage_prechecks(
+            spec,
+            VmState(row.state),
+            row.host.name,
+            frozenset(d["name"] for d in facts.get("datastores", ())),
+            datastore,
+            disk_format,
+            self.db.active_task_for_vm(s, row.name) is not None,
+        )
+
+    def _cold_refusals(
+        self,
+        s: Session,
+        row: Vm,
+        spec: VmSpec,
+        to: str,
+        datastore: str | None,
+        hosts: dict[str, HostView],
+    ) -> list[Refusal]:
+        """A cold migration's pre-checks on the VM's definition ``spec``."""
+        used = {d.datastore for d in spec.disks}
+        if spec.saved_state is not None:
+            used.add(spec.saved_state.datastore)
+        not_shared = self.inventory.not_shared(s, spec, row.host.name, to)
+        live = precheck(
+            PrecheckInput(
+                vm_view(spec, row.host.name, row.state, False, row.attention), to, hosts, tls=False
+            )
+        )
+        target = hosts.get(to)
+        return cold_refusals(
+            live,
+            datastore,
+            frozenset(used),
+            target.datastores if target is not None else frozenset(),
+            to,
+            not_shared,
+        )
+
     # ------------------------------------------------------------------ cold migration
 
     def _host_of(self, vm: str) -> str:
@@ -206,27 +311,7 @@ class DiskTasks:
                 raise Conflict(f"VM {vm} is {info.state} on {row.host.name}", vm=vm)
             spec = info.spec
             hosts = self.inventory.host_views(s)
-            used = {d.datastore for d in spec.disks}
-            if spec.saved_state is not None:
-                used.add(spec.saved_state.datastore)
-            not_shared = self.inventory.not_shared(s, spec, row.host.name, to)
-            live = precheck(
-                PrecheckInput(
-                    vm_view(spec, row.host.name, row.state, False, row.attention),
-                    to,
-                    hosts,
-                    tls=False,
-                )
-            )
-            target = hosts.get(to)
-            refusals = cold_refusals(
-                live,
-                req.datastore,
-                frozenset(used),
-                target.datastores if target is not None else frozenset(),
-                to,
-                not_shared,
-            )
+            refusals = self._cold_refusals(s, row, spec, to, req.datastore, hosts)
             if not refusals:
                 src = host_copy(row.host)
                 dst = host_copy(self.inventory.host_by_name(s, to))
@@ -305,18 +390,7 @@ class DiskTasks:
         assert req.datastore is not None
         with self.db.session() as s:
             row = self.inventory.vm_by_name(s, vm)
-            host = row.host.name
-            spec = VmSpec.model_validate(row.spec)
-            facts = row.host.facts or {}
-            refusals = attention_refusals(vm, row.attention) + storage_prechecks(
-                spec,
-                VmState(row.state),
-                host,
-                frozenset(d["name"] for d in facts.get("datastores", ())),
-                req.datastore,
-                req.disk_format,
-                self.db.active_task_for_vm(s, vm) is not None,
-            )
+            refusals = self._storage_refusals(s, row, req.datastore, req.disk_format)
             host_row = host_copy(row.host)
         raise_refusals(refusals, vm)
         speed = None

@@ -32,7 +32,7 @@ from qmotion.api.storage import MirrorStatus
 from qmotion.api.vm import VmSpec
 from qmotion.migration import engine, params
 from qmotion.migration.errors import Refused, StepError
-from qmotion.migration.prechecks import PrecheckInput, precheck
+from qmotion.migration.prechecks import precheck
 from qmotion.migration.vocabulary import MigrationState, Phase, Step
 from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, Task, TaskEvent, utcnow
 from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream, raise_refusals
@@ -41,7 +41,7 @@ from qmotion.server.tasks.disk_tasks import DiskTasks
 from qmotion.server.tasks.ends import host_copy
 from qmotion.server.tasks.flight import report
 from qmotion.server.tasks.measure import measure
-from qmotion.server.tasks.port import AgentMigrationPort, limits_of, vm_view
+from qmotion.server.tasks.port import AgentMigrationPort, limits_of
 from qmotion.server.tasks.shared_nothing import copy_plan
 from qmotion.server.tasks.task_view import OPERATION_KINDS, task_out
 
@@ -168,19 +168,9 @@ class TaskRunner(DiskTasks):
                 raise Invalid(f"bandwidth: {exc}", field="bandwidth", vm=vm) from exc
         with self.db.session() as s:
             row = self.inventory.vm_by_name(s, vm)
-            spec = VmSpec.model_validate(row.spec)
-            migrating = self.db.active_task_for_vm(s, vm) is not None
             hosts = self.inventory.host_views(s)
-            refusals = precheck(
-                PrecheckInput(
-                    vm_view(spec, row.host.name, row.state, migrating, row.attention),
-                    req.to,
-                    hosts,
-                    tls=self.inventory.tls,
-                    copy_to=req.datastore,
-                    not_shared=self.inventory.not_shared(s, spec, row.host.name, req.to),
-                )
-            )
+            # The same input as the targets' verdict (refusals), so the two cannot drift.
+            refusals = precheck(self._live_input(s, row, req.to, req.datastore, hosts))
             source = row.host.name
         raise_refusals(refusals, vm)
         chosen = params.choose(

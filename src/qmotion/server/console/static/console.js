@@ -1,0 +1,30 @@
+// qmotion console: the task page's live stream. Everything else works without script.
+"use strict";
+(function () {
+  function stream(section) {
+    var url = section.getAttribute("data-stream");
+    if (!url || !window.EventSource) { return; }
+    var source = new EventSource(url);
+    source.addEventListener("progress", function (ev) {
+      var body = document.getElementById("progress-body");
+      // The server renders the fragment with the same escaping as the page itself.
+      if (body) { body.outerHTML = ev.data; }
+    });
+    source.addEventListener("state", function (ev) {
+      var state = document.getElementById("task-state");
+      if (state) {
+        state.textContent = ev.data;
+        state.className = "state state-" + ev.data;
+      }
+    });
+    source.addEventListener("done", function () {
+      source.close();
+      // The finished page carries the report and the chart, rendered by the server.
+      window.location.reload();
+    });
+  }
+  document.addEventListener("DOMContentLoaded", function () {
+    var section = document.querySelector("[data-stream]");
+    if (section) { stream(section); }
+  });
+})();
