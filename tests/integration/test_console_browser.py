@@ -118,12 +118,14 @@ def test_wizard_live_migration_and_storage_vmotion_in_a_browser(
 
         # Step 3: convergence knobs and when.
         page.get_by_label("Longest pause at switchover (ms)").fill("400")
+        page.get_by_label("Priority", exact=True).select_option("high")
         labelled(page)
         shot(page, shots, "wizard-3-options")
         page.get_by_role("button", name="Next").click()
 
         # Step 4: what will happen, and the dry run's prediction on request.
         expect(page.locator("#review")).to_contain_text(f"to {target}")
+        expect(page.locator("#review")).to_contain_text("High priority")
         page.get_by_role("button", name="Predict").click()
         expect(page.locator("#prediction")).to_contain_text("Converges", timeout=90_000)
         shot(page, shots, "wizard-4-review")
@@ -142,6 +144,7 @@ def test_wizard_live_migration_and_storage_vmotion_in_a_browser(
 
         t = server.task(task_id)
         assert t.state == TaskState.SUCCEEDED and t.result is not None
+        assert "high priority" in t.events[0].message, t.events[0]
         moved = server.vm(live.name)
         assert moved.host == target and moved.state == VmState.RUNNING
         assert run_in(lab.record.client_namespace, lambda: mem_check(ip_of(live)))["consistent"]

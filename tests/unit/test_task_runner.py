@@ -143,3 +143,32 @@ def test_at_most_four_migrations_involve_a_destination_at_once(tmp_path: Path) -
     assert all(world.running_copies(n) == ["h4"] for n in names)
     with db.session() as s:
         assert {v.host.name for v in s.query(Vm)} == {"h4"}
+
+
+def test_a_high_priority_move_overtakes_the_normal_ones_waiting_for_its_host(
+    tmp_path: Path,
+) -> None:
+    world, url = _world(tmp_path, 4)
+    db = Database(url)
+    runner = TaskRunner(db, Inventory(db, world.connector()), per_host=1)
+
+    async def main() -> list[TaskOut]:
+        running = await runner.submit_migration("vm0", MigrateRequest(to="h2"))
+        waiting = [await runner.submit_migration(f"vm{i}", MigrateRequest(to="h2")) for i in (1, 2)]
+        urgent = await runner.submit_migration("vm3", MigrateRequest(to="h2", priority="high"))
+        tasks = [running, *waiting, urgent]
+        for _ in range(3000):
+            if not any(runner.get(t.id).state.active for t in tasks):
+                break
+            await asyncio.sleep(0.01)
+        return [runner.get(t.id) for t in tasks]
+
+    done = asyncio.run(main())
+    assert [t.state for t in done] == [TaskState.SUCCEEDED] * 4, [t.error for t in done]
+    started = {t.vm: t.started_at for t in done}
+    assert all(started.values())
+    order = sorted(started, key=lambda vm: started[vm])  # type: ignore[arg-type, return-value]
+    # The one running kept its slot; the high one went next, before those that waited first.
+    assert order == ["vm0", "vm3", "vm1", "vm2"], started
+    assert world.max_active_per_host == {"h1": 1, "h2": 1}
+    assert all(world.running_copies(f"vm{i}") == ["h2"] for i in range(4))

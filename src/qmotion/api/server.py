@@ -271,6 +271,11 @@ class MigrateRequest(StrictModel):
         description="paused (default): the destination starts paused and runs only once the "
         "source completed; auto: QEMU runs it by itself (unsafe: for measurement only)",
     )
+    priority: Literal["high", "normal"] = Field(
+        default="normal",
+        description="high: starts before every normal move waiting for the same hosts' "
+        "migration slots (never before one already running)",
+    )
     allow_postcopy: bool = Field(
         default=False,
         description="when pre-copy cannot converge, switch to postcopy: the VM then runs on "

@@ -554,6 +554,11 @@ def migrate(
     force: bool = typer.Option(
         False, "--force", help="migrate even if a must placement rule forbids it"
     ),
+    priority: str = typer.Option(
+        "normal",
+        "--priority",
+        help="high: start before every normal move waiting for the same hosts' slots",
+    ),
     json_out: bool = JsonOpt,
     lab: str = LabOpt,
 ) -> None:
@@ -570,6 +575,7 @@ def migrate(
                 "timeout_s": timeout,
                 "allow_postcopy": allow_postcopy,
                 "force": force,
+                "priority": priority,
             }
         )
     if dry_run:

@@ -34,6 +34,7 @@ KEYS = (
     "bandwidth",
     "timeout_s",
     "allow_postcopy",
+    "priority",
     "when",
     "at",
     "cron",
@@ -64,6 +65,8 @@ def request_of(ch: dict[str, str]) -> MigrateRequest:
         body["datastore"] = ch["datastore"]
         if ch.get("disk_format"):
             body["disk_format"] = ch["disk_format"]
+    if ch.get("priority"):
+        body["priority"] = ch["priority"]
     if kind in ("host", "both"):
         for key in ("max_downtime_ms", "timeout_s", "bandwidth"):
             if ch.get(key):
@@ -99,6 +102,8 @@ def plan_lines(vm: VmOut, ch: dict[str, str], req: MigrateRequest) -> list[str]:
         out.append("If pre-copy cannot converge, it switches to postcopy.")
     if req.disk_format:
         out.append(f"New disks are {req.disk_format}.")
+    if req.priority == "high":
+        out.append("High priority: it goes before the normal moves waiting for these hosts.")
     when = ch.get("when", "now")
     if when == "at":
         out.append(f"It runs once at {ch.get('at', '?')} UTC (a schedule).")
@@ -212,6 +217,8 @@ def install_wizard(app: FastAPI, c: Console) -> None:
                 if ch.get("kind") != "host":
                     raise Invalid("only a move to another host can be scheduled", field="when")
                 knobs = [k for k in LIVE_KNOBS if ch.get(k)]
+                if ch.get("priority") == "high":
+                    knobs.append("priority")
                 if knobs:
                     raise Invalid(
                         f"a schedule moves the VM with the default options: clear "

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -32,6 +33,7 @@ from qmotion.server.inventory import Inventory
 from qmotion.server.tasks.cold import AgentColdPort, cold_refusals
 from qmotion.server.tasks.ends import host_copy
 from qmotion.server.tasks.port import vm_view
+from qmotion.server.tasks.slots import Priority
 from qmotion.server.tasks.storage import AgentStoragePort, storage_prechecks
 from qmotion.server.tasks.task_view import COLD_MIGRATE, STORAGE_MOVE, task_out
 
@@ -46,7 +48,7 @@ class DiskTasks:
     _cancel: dict[int, asyncio.Event]
     _running: dict[int, asyncio.Task[None]]
 
-    def _slot(self, host: str) -> asyncio.Semaphore:
+    def _slot(self, host: str, priority: Priority = "normal") -> AbstractAsyncContextManager[None]:
         raise NotImplementedError
 
     def _mark_running(self, task_id: int) -> None:
@@ -67,6 +69,7 @@ class DiskTasks:
         resumed: bool,
         body: Callable[[asyncio.Event], Awaitable[tuple[TaskState, str | None]]],
         on_crash: Callable[[], Awaitable[None]] | None = None,
+        priority: Priority = "normal",
     ) -> None:
         """Per-host slots, queued-cancel, running mark, the end state; a bug still ends the
         task, visibly."""
@@ -74,7 +77,7 @@ class DiskTasks:
         try:
             async with contextlib.AsyncExitStack() as slots:
                 for host in sorted(set(hosts)):
-                    await slots.enter_async_context(self._slot(host))
+                    await slots.enter_async_context(self._slot(host, priority))
                 if not resumed:
                     if cancel.is_set():
                         await asyncio.to_thread(
@@ -336,20 +339,27 @@ class DiskTasks:
                 # The source agent's definition at submission: a resumed task uses it too.
                 "spec": spec.model_dump(mode="json"),
             },
-            f"cold migration of {vm}: {src.name} -> {dst.name} ({what})",
+            f"cold migration of {vm}: {src.name} -> {dst.name} ({what})" + _noted(req),
         )
         port = AgentColdPort(
             self.db, self.inventory, spec, src, dst, req.datastore, req.disk_format
         )
         self._cancel[out.id] = asyncio.Event()
         self._running[out.id] = asyncio.create_task(
-            self._run_cold(out.id, port, cold.first(req.datastore is not None)),
+            self._run_cold(
+                out.id, port, cold.first(req.datastore is not None), priority=req.priority
+            ),
             name=f"task-{out.id}",
         )
         return out
 
     async def _run_cold(
-        self, task_id: int, port: AgentColdPort, start: cold.CStep, resumed: bool = False
+        self,
+        task_id: int,
+        port: AgentColdPort,
+        start: cold.CStep,
+        resumed: bool = False,
+        priority: Priority = "normal",
     ) -> None:
         last = [start.state.phase]
 
@@ -371,7 +381,7 @@ class DiskTasks:
                 await port.abort()
 
         hosts = [port.source.name, port.destination.name]
-        await self._run_guarded(task_id, hosts, resumed, body, on_crash)
+        await self._run_guarded(task_id, hosts, resumed, body, on_crash, priority)
 
     def _persist_cold(self, task_id: int, st: cold.CStep) -> None:
         with self.db.session() as s:
@@ -416,11 +426,12 @@ class DiskTasks:
             host.name,
             STORAGE_MOVE,
             mreq.model_dump(),
-            f"storage move of {vm} to datastore {mreq.datastore} (on {host.name})",
+            f"storage move of {vm} to datastore {mreq.datastore} (on {host.name})" + _noted(req),
         )
         self._cancel[out.id] = asyncio.Event()
         self._running[out.id] = asyncio.create_task(
-            self._run_storage_move(out.id, vm, host, mreq), name=f"task-{out.id}"
+            self._run_storage_move(out.id, vm, host, mreq, priority=req.priority),
+            name=f"task-{out.id}",
         )
         return out
 
@@ -431,6 +442,7 @@ class DiskTasks:
         host: Host,
         mreq: MirrorRequest,
         resume: storage.StorageState | None = None,
+        priority: Priority = "normal",
     ) -> None:
         async def body(cancel: asyncio.Event) -> tuple[TaskState, str | None]:
             port = AgentStoragePort(self.db, self.inventory, vm, host, mreq)
@@ -451,7 +463,7 @@ class DiskTasks:
             }.get(final.phase, TaskState.FAILED)
             return state, final.error if state != TaskState.SUCCEEDED else None
 
-        await self._run_guarded(task_id, [host.name], resume is not None, body)
+        await self._run_guarded(task_id, [host.name], resume is not None, body, priority=priority)
 
     def _persist_storage(self, task_id: int, st: storage.Step, status: MirrorStatus | None) -> None:
         with self.db.session() as s:
@@ -470,3 +482,7 @@ class DiskTasks:
                 st.note,
                 st.state.warnings,
             )
+
+
+def _noted(req: MigrateRequest) -> str:
+    return ", high priority" if req.priority == "high" else ""

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from typing import Any
 from uuid import uuid4
@@ -43,6 +44,7 @@ from qmotion.server.tasks.flight import report
 from qmotion.server.tasks.measure import measure
 from qmotion.server.tasks.port import AgentMigrationPort, limits_of
 from qmotion.server.tasks.shared_nothing import copy_plan
+from qmotion.server.tasks.slots import Priority, Slots
 from qmotion.server.tasks.task_view import OPERATION_KINDS, task_out
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ class TaskRunner(DiskTasks):
     ):
         self.db, self.inventory, self.per_host, self.clock = db, inventory, per_host, clock
         self.sleep = sleep
-        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._slots: dict[str, Slots] = {}
         self._cancel: dict[int, asyncio.Event] = {}
         self._running: dict[int, asyncio.Task[None]] = {}
 
@@ -142,8 +144,8 @@ class TaskRunner(DiskTasks):
 
         self._running[task_id] = asyncio.create_task(run(), name=f"task-{task_id}")
 
-    def _slot(self, host: str) -> asyncio.Semaphore:
-        return self._slots.setdefault(host, asyncio.Semaphore(self.per_host))
+    def _slot(self, host: str, priority: Priority = "normal") -> AbstractAsyncContextManager[None]:
+        return self._slots.setdefault(host, Slots(self.per_host)).hold(priority)
 
     # ------------------------------------------------------------------ submit
 
@@ -279,7 +281,8 @@ class TaskRunner(DiskTasks):
                     TaskEvent(
                         task=t,
                         kind="queued",
-                        message=f"live migration of {vm}: {source} -> {to}",
+                        message=f"live migration of {vm}: {source} -> {to}"
+                        + (", high priority" if req.priority == "high" else ""),
                     )
                 )
                 return task_out(t, with_events=False)
@@ -287,7 +290,9 @@ class TaskRunner(DiskTasks):
         out = await asyncio.to_thread(create)
         self._cancel[out.id] = asyncio.Event()
         self._running[out.id] = asyncio.create_task(
-            self._run_migration(out.id, vm, source, to, mparams, accepted, migration_id),
+            self._run_migration(
+                out.id, vm, source, to, mparams, accepted, migration_id, priority=req.priority
+            ),
             name=f"task-{out.id}",
         )
         return out
@@ -304,13 +309,14 @@ class TaskRunner(DiskTasks):
         accepted: float,
         migration_id: str | None = None,
         resume: MigrationState | None = None,
+        priority: Priority = "normal",
     ) -> None:
         cancel = self._cancel[task_id]
         if resume is not None:
             migration_id = resume.migration_id
         first, second = sorted((source, destination))
         try:
-            async with self._slot(first), self._slot(second):
+            async with self._slot(first, priority), self._slot(second, priority):
                 queued_s = self.clock() - accepted
                 if resume is None:
                     if cancel.is_set():

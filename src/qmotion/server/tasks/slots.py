@@ -1,0 +1,62 @@
+"""A host's migration slots: at most N moves at once, the waiting ones served by priority.
+
+vMotion lets an operator mark a move high priority; here that means it starts before every
+normal move still waiting for the same host's slots (never before one already running).
+Within a priority, the first to wait is served first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+from collections.abc import AsyncIterator
+from typing import Literal
+
+Priority = Literal["high", "normal"]
+RANK: dict[str, int] = {"high": 0, "normal": 1}
+
+
+class Slots:
+    """``limit`` holders at a time; a freed slot goes to the best waiter directly, so a new
+    arrival never overtakes one that waits."""
+
+    def __init__(self, limit: int) -> None:
+        self.free = limit
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for _, _, f in self._waiting if not f.done())
+
+    async def acquire(self, priority: Priority = "normal") -> None:
+        if self.free > 0 and not self.waiting:
+            self.free -= 1
+            return
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (RANK[priority], next(self._arrivals), granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            # Handed the slot just as it was cancelled: pass it on, or it is lost.
+            if granted.done() and not granted.cancelled():
+                self.release()
+            raise
+
+    def release(self) -> None:
+        while self._waiting:
+            _, _, granted = heapq.heappop(self._waiting)
+            if not granted.done():  # a cancelled waiter's entry is skipped here
+                granted.set_result(None)
+                return
+        self.free += 1
+
+    @contextlib.asynccontextmanager
+    async def hold(self, priority: Priority = "normal") -> AsyncIterator[None]:
+        await self.acquire(priority)
+        try:
+            yield
+        finally:
+            self.release()

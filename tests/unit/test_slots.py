@@ -1,0 +1,83 @@
+"""Per-host migration slots with priority: order, limits and cancellation, on a real loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qmotion.server.tasks.slots import Priority, Slots
+
+
+def test_a_high_priority_move_starts_before_normal_ones_already_waiting() -> None:
+    async def main() -> list[str]:
+        slots, order = Slots(1), []
+        gate = asyncio.Event()
+
+        async def move(name: str, priority: Priority) -> None:
+            async with slots.hold(priority):
+                order.append(name)
+                await gate.wait()
+
+        first = asyncio.create_task(move("running", "normal"))
+        await asyncio.sleep(0)
+        waiting = [asyncio.create_task(move(f"n{i}", "normal")) for i in range(3)]
+        await asyncio.sleep(0)
+        urgent = asyncio.create_task(move("high", "high"))
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(first, *waiting, urgent)
+        return order
+
+    assert asyncio.run(main()) == ["running", "high", "n0", "n1", "n2"]
+
+
+def test_a_cancelled_waiter_neither_holds_nor_loses_a_slot() -> None:
+    async def main() -> tuple[int, int]:
+        slots = Slots(1)
+        await slots.acquire()
+        gone = asyncio.create_task(slots.acquire("high"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)
+        slots.release()  # the cancelled waiter is skipped: the slot is free again
+        await asyncio.wait_for(slots.acquire(), 1)
+        return slots.free, slots.waiting
+
+    assert asyncio.run(main()) == (0, 0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.integers(min_value=1, max_value=3),
+    st.lists(st.tuples(st.sampled_from(["high", "normal"]), st.booleans()), max_size=12),
+)
+def test_never_more_than_the_limit_and_every_survivor_runs(
+    limit: int, moves: list[tuple[Priority, bool]]
+) -> None:
+    async def main() -> None:
+        slots, inside, most, done = Slots(limit), [0], [0], []
+
+        async def move(i: int, priority: Priority) -> None:
+            async with slots.hold(priority):
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                try:
+                    await asyncio.sleep(0)  # a cancel may land here, holding the slot
+                finally:
+                    inside[0] -= 1
+                done.append(i)
+
+        tasks = [asyncio.create_task(move(i, p)) for i, (p, _) in enumerate(moves)]
+        await asyncio.sleep(0)
+        for t, (_, cancel) in zip(tasks, moves, strict=True):
+            if cancel:
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert most[0] <= limit
+        survivors = {i for i, t in enumerate(tasks) if not t.cancelled()}
+        assert set(done) == survivors
+        assert slots.free == limit and slots.waiting == 0
+
+    asyncio.run(main())
