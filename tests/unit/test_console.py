@@ -16,7 +16,9 @@ import httpx
 from qmotion.api.access import Role
 from qmotion.api.server import TaskOut
 from qmotion.server.access import Identity
+from qmotion.server.console import stream as stream_module
 from qmotion.server.console.session import IDLE_S, MAX_AGE_S, Sessions
+from qmotion.server.console.stream import MAX_STREAMS
 from qmotion.server.db import Database
 from tests.unit.agent_world import World
 from tests.unit.manager_app import Client, run_manager
@@ -422,6 +424,61 @@ def test_finish_refuses_a_kind_of_move_the_vm_no_longer_allows(tmp_path: Path) -
         r = await b.post("/ui/vms/web1/migrate", data=form, headers=ORIGIN)
         assert r.status_code == 422 and "field=when" in r.text, r.text
         assert (await c.get("/v1/schedules")).json() == []
+        await b.aclose()
+
+    run_manager(world, url, test)
+
+
+def test_the_small_refusals_each_in_its_own_words(tmp_path: Path) -> None:
+    world, url = _cluster(tmp_path)
+
+    async def test(c: Client) -> None:
+        b = await sign_in(c, await user_token(c, "olga", "operator"))
+        # The sign-in is audited under the user who signed in.
+        audit = (await c.get("/v1/audit", params={"user": "olga"})).json()
+        assert any(a["route"] == "/ui/login" and a["outcome"] == "ok" for a in audit), audit
+        page = (await b.get("/ui/drs")).text
+        csrf = csrf_of(page)
+        # The dry run is a state-changing call on the hosts: no CSRF token, no dry run.
+        params = {"kind": "host", "to": "h2"}
+        r = await b.post("/ui/vms/web1/migrate/predict", data=params, headers=ORIGIN)
+        assert r.status_code == 403
+        # Recommendation ids that are not numbers: 422 naming the field.
+        r = await b.post("/ui/drs/apply", data={"csrf": csrf, "ids": "x"}, headers=ORIGIN)
+        assert r.status_code == 422 and "field=ids" in r.text and "[invalid]" in r.text
+        # Cancelling a task that does not exist: the console's own 404 page.
+        r = await b.post("/ui/tasks/999/cancel", data={"csrf": csrf}, headers=ORIGIN)
+        assert r.status_code == 404 and "text/html" in r.headers["content-type"]
+        # A schedule would not carry the priority: refused, not dropped.
+        form = {**params, "when": "at", "at": "2099-01-01T00:00", "priority": "high", "csrf": csrf}
+        r = await b.post("/ui/vms/web1/migrate", data=form, headers=ORIGIN)
+        assert r.status_code == 422 and "priority" in r.text and "field=when" in r.text
+        assert (await c.get("/v1/schedules")).json() == []
+        # An event stream of an unknown task: 404; of a finished one: ends at once.
+        assert (await b.get("/ui/tasks/999/events")).status_code == 404
+        await b.aclose()
+
+    run_manager(world, url, test)
+
+
+def test_a_session_opens_a_few_streams_at_most(tmp_path: Path) -> None:
+    world, url = _cluster(tmp_path)
+
+    async def test(c: Client) -> None:
+        b = await sign_in(c, await user_token(c, "olga", "operator"))
+        csrf = csrf_of((await b.get("/ui/")).text)  # the key of this session's streams
+        task = (await c.post("/v1/vms/web1/migrate", json={"to": "h2"})).json()
+        path = f"/ui/tasks/{task['id']}/events"
+        # (The in-process transport buffers a whole response: the streams open "at once"
+        # are stood in for by the count itself.)
+        stream_module._open[csrf] = MAX_STREAMS
+        try:
+            assert (await b.get(path)).status_code == 429
+        finally:
+            del stream_module._open[csrf]
+        got = await events(b, task["id"])
+        assert got[-1] == ("done", "succeeded")
+        assert csrf not in stream_module._open  # given back when the stream ended
         await b.aclose()
 
     run_manager(world, url, test)

@@ -81,3 +81,17 @@ def test_never_more_than_the_limit_and_every_survivor_runs(
         assert slots.free == limit and slots.waiting == 0
 
     asyncio.run(main())
+
+
+def test_a_waiter_cancelled_just_after_it_was_handed_the_slot_passes_it_on() -> None:
+    async def main() -> tuple[int, int]:
+        slots = Slots(1)
+        await slots.acquire()
+        handed = asyncio.create_task(slots.acquire())
+        await asyncio.sleep(0)
+        slots.release()  # the slot goes to the waiter...
+        handed.cancel()  # ...which is cancelled before it runs again
+        await asyncio.gather(handed, return_exceptions=True)
+        return slots.free, slots.waiting
+
+    assert asyncio.run(main()) == (1, 0)

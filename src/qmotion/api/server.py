@@ -271,10 +271,10 @@ class MigrateRequest(StrictModel):
         description="paused (default): the destination starts paused and runs only once the "
         "source completed; auto: QEMU runs it by itself (unsafe: for measurement only)",
     )
-    priority: Literal["high", "normal"] = Field(
-        default="normal",
+    priority: Literal["high", "normal"] | None = Field(
+        default=None,
         description="high: starts before every normal move waiting for the same hosts' "
-        "migration slots (never before one already running)",
+        "migration slots (never before a move already holding one of them); unset: normal",
     )
     allow_postcopy: bool = Field(
         default=False,

@@ -555,7 +555,7 @@ def migrate(
         False, "--force", help="migrate even if a must placement rule forbids it"
     ),
     priority: str = typer.Option(
-        "normal",
+        None,
         "--priority",
         help="high: start before every normal move waiting for the same hosts' slots",
     ),

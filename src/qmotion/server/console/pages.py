@@ -61,7 +61,6 @@ def install_pages(app: FastAPI, c: Console) -> None:
         secure = request.url.scheme == "https"
         # A browser signing in again leaves its old session behind: end it.
         c.sessions.sign_out(request.cookies.get(session.cookie_name(secure)))
-        secure = request.url.scheme == "https"
         resp = RedirectResponse(nxt, status_code=303)
         resp.set_cookie(
             session.cookie_name(secure),

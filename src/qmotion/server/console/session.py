@@ -82,8 +82,9 @@ class Sessions:
             with self._lock:
                 self._by_digest.pop(_key(secret), None)
 
-    def find(self, secret: str | None) -> ConsoleSession | None:
-        """The live session a cookie names (its idle clock restarted), else None."""
+    def find(self, secret: str | None, touch: bool = True) -> ConsoleSession | None:
+        """The live session a cookie names (its idle clock restarted unless ``touch`` is
+        False: an open task page is not a person using the console), else None."""
         if not secret:
             return None
         now = self.clock()
@@ -94,14 +95,15 @@ class Sessions:
             if now - s.created > MAX_AGE_S or now - s.last_seen > IDLE_S:
                 del self._by_digest[_key(secret)]
                 return None
-            s.last_seen = now
+            if touch:
+                s.last_seen = now
             return s
 
-    def caller(self, request: Request) -> tuple[Identity, ConsoleSession]:
+    def caller(self, request: Request, touch: bool = True) -> tuple[Identity, ConsoleSession]:
         """Who sent this request, as the API would name them; the identity is left where
         the audit middleware looks for it. Raises SignedOut."""
         secure = request.url.scheme == "https"
-        sess = self.find(request.cookies.get(cookie_name(secure)))
+        sess = self.find(request.cookies.get(cookie_name(secure)), touch)
         if sess is None:
             raise SignedOut()
         who = self.access.identify_digest(sess.token_digest)

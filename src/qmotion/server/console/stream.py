@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from qmotion.api.server import TaskOut
 from qmotion.server.console import views
@@ -20,11 +22,30 @@ POLL_S = 0.5  # how often the stream reads the task's row: the browser itself ne
 MAX_STREAM_S = 600.0  # then the browser's EventSource reconnects: no stream lives forever
 KEEPALIVE_S = 15.0  # a comment line, so proxies do not close an idle stream
 RECHECK_S = 30.0  # how often a stream asks whether its session still holds
-MAX_STREAMS = 8  # open task pages per session
+# Open task pages per session: under the browser's 6 connections per host (HTTP/1.1), so
+# live pages never starve the rest of the console.
+MAX_STREAMS = 4
 STREAM_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
 
 _open: dict[str, int] = {}  # streams open per session
+
+
+class CountedStream(StreamingResponse):
+    """Calls ``closed`` once the response ends, however it ends (sent, client gone, error,
+    or the body never started)."""
+
+    def __init__(
+        self, content: AsyncIterator[bytes], closed: Callable[[], None], **kw: Any
+    ) -> None:
+        super().__init__(content, **kw)
+        self._closed = closed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._closed()
 
 
 def event(name: str, data: str, event_id: str | None = None) -> bytes:
@@ -54,16 +75,13 @@ def install_stream(app: FastAPI, c: Console) -> None:
         key = caller.csrf  # one per session
         if _open.get(key, 0) >= MAX_STREAMS:
             return Response("too many task pages open in this session", status_code=429)
+        # Counted now, not when the body starts: a burst of requests cannot all pass.
+        _open[key] = _open.get(key, 0) + 1
 
-        async def body() -> AsyncIterator[bytes]:
-            _open[key] = _open.get(key, 0) + 1
-            try:
-                async for chunk in events():
-                    yield chunk
-            finally:
-                _open[key] -= 1
-                if _open[key] <= 0:
-                    del _open[key]
+        def closed() -> None:
+            _open[key] -= 1
+            if _open[key] <= 0:
+                del _open[key]
 
         async def events() -> AsyncIterator[bytes]:
             t, last, began, quiet = first, "", time.monotonic(), time.monotonic()
@@ -85,7 +103,7 @@ def install_stream(app: FastAPI, c: Console) -> None:
                     # A session that ended (signed out, token revoked) stops its streams too.
                     checked = time.monotonic()
                     try:
-                        await asyncio.to_thread(c.caller, request)
+                        await asyncio.to_thread(c.sessions.caller, request, False)
                     except SignedOut:
                         return
                 if time.monotonic() - quiet > KEEPALIVE_S:
@@ -94,4 +112,6 @@ def install_stream(app: FastAPI, c: Console) -> None:
                 await asyncio.sleep(POLL_S)
                 t = await asyncio.to_thread(c.runner.get, task_id)
 
-        return StreamingResponse(body(), media_type="text/event-stream", headers=STREAM_HEADERS)
+        return CountedStream(
+            events(), closed, media_type="text/event-stream", headers=STREAM_HEADERS
+        )

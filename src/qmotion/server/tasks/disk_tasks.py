@@ -347,7 +347,10 @@ class DiskTasks:
         self._cancel[out.id] = asyncio.Event()
         self._running[out.id] = asyncio.create_task(
             self._run_cold(
-                out.id, port, cold.first(req.datastore is not None), priority=req.priority
+                out.id,
+                port,
+                cold.first(req.datastore is not None),
+                priority=req.priority or "normal",
             ),
             name=f"task-{out.id}",
         )
@@ -430,7 +433,7 @@ class DiskTasks:
         )
         self._cancel[out.id] = asyncio.Event()
         self._running[out.id] = asyncio.create_task(
-            self._run_storage_move(out.id, vm, host, mreq, priority=req.priority),
+            self._run_storage_move(out.id, vm, host, mreq, priority=req.priority or "normal"),
             name=f"task-{out.id}",
         )
         return out

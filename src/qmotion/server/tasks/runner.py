@@ -291,7 +291,14 @@ class TaskRunner(DiskTasks):
         self._cancel[out.id] = asyncio.Event()
         self._running[out.id] = asyncio.create_task(
             self._run_migration(
-                out.id, vm, source, to, mparams, accepted, migration_id, priority=req.priority
+                out.id,
+                vm,
+                source,
+                to,
+                mparams,
+                accepted,
+                migration_id,
+                priority=req.priority or "normal",
             ),
             name=f"task-{out.id}",
         )

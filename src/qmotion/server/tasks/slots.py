@@ -1,8 +1,9 @@
 """A host's migration slots: at most N moves at once, the waiting ones served by priority.
 
 vMotion lets an operator mark a move high priority; here that means it starts before every
-normal move still waiting for the same host's slots (never before one already running).
-Within a priority, the first to wait is served first.
+normal move still waiting for the same host's slots (never before one holding a slot already,
+running or waiting for its other host's). Within a priority, the first to wait is served
+first. Normal moves can starve behind a stream of high ones: by design, as a priority.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 (function () {
   function stream(section) {
     var url = section.getAttribute("data-stream");
-    if (!url || !window.EventSource) { return; }
+    if (!url || !window.EventSource) { return null; }
     var source = new EventSource(url);
     source.addEventListener("progress", function (ev) {
       var body = document.getElementById("progress-body");
@@ -22,9 +22,17 @@
       // The finished page carries the report and the chart, rendered by the server.
       window.location.reload();
     });
+    return source;
   }
   document.addEventListener("DOMContentLoaded", function () {
     var section = document.querySelector("[data-stream]");
-    if (section) { stream(section); }
+    if (!section) { return; }
+    var source = stream(section);
+    // A hidden tab gives its connection back (browsers allow few per host); shown again,
+    // the page is read afresh and streams again.
+    document.addEventListener("visibilitychange", function () {
+      if (document.hidden && source) { source.close(); source = null; }
+      else if (!document.hidden && !source) { window.location.reload(); }
+    });
   });
 })();
