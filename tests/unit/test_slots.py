@@ -95,3 +95,20 @@ def test_a_waiter_cancelled_just_after_it_was_handed_the_slot_passes_it_on() -> 
         return slots.free, slots.waiting
 
     assert asyncio.run(main()) == (1, 0)
+
+
+def test_a_stop_while_waiting_gives_up_holding_nothing() -> None:
+    async def main() -> tuple[bool, bool, int, int]:
+        slots, stop = Slots(1), asyncio.Event()
+        await slots.acquire()
+        waiter = asyncio.create_task(slots.acquire_unless("high", stop))
+        await asyncio.sleep(0)
+        stop.set()
+        gave_up = not await waiter
+        slots.release()
+        # Stopped already, a free slot is still taken: the caller sees the stop itself.
+        took = await slots.acquire_unless("normal", stop)
+        slots.release()
+        return gave_up, took, slots.free, slots.waiting
+
+    assert asyncio.run(main()) == (True, True, 1, 0)

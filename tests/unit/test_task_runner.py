@@ -172,3 +172,36 @@ def test_a_high_priority_move_overtakes_the_normal_ones_waiting_for_its_host(
     assert order == ["vm0", "vm3", "vm1", "vm2"], started
     assert world.max_active_per_host == {"h1": 1, "h2": 1}
     assert all(world.running_copies(f"vm{i}") == ["h2"] for i in range(4))
+
+
+def test_a_move_cancelled_while_queued_ends_at_once_not_when_a_slot_frees(
+    tmp_path: Path,
+) -> None:
+    world, url = _world(tmp_path, 2)
+    world.polls_to_complete = 200  # the running move holds the hosts' only slots a while
+    db = Database(url)
+    runner = TaskRunner(db, Inventory(db, world.connector()), per_host=1)
+
+    async def main() -> tuple[TaskOut, TaskOut, TaskOut]:
+        running = await runner.submit_migration("vm0", MigrateRequest(to="h2"))
+        queued = await runner.submit_migration("vm1", MigrateRequest(to="h2"))
+        await asyncio.sleep(0.2)
+        runner.cancel(queued.id)
+        for _ in range(100):
+            if not runner.get(queued.id).state.active:
+                break
+            await asyncio.sleep(0.01)
+        ended, meanwhile = runner.get(queued.id), runner.get(running.id)
+        runner.cancel(running.id)
+        for _ in range(3000):
+            if not runner.get(running.id).state.active:
+                break
+            await asyncio.sleep(0.01)
+        return ended, meanwhile, runner.get(running.id)
+
+    ended, meanwhile, running = asyncio.run(main())
+    assert ended.state == TaskState.CANCELLED and ended.error == "cancelled while queued"
+    assert meanwhile.state == TaskState.RUNNING  # it did not wait for this one to end
+    assert not running.state.active
+    assert world.running_copies("vm1") == ["h1"]
+    assert len(world.running_copies("vm0")) == 1

@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -48,7 +47,13 @@ class DiskTasks:
     _cancel: dict[int, asyncio.Event]
     _running: dict[int, asyncio.Task[None]]
 
-    def _slot(self, host: str, priority: Priority = "normal") -> AbstractAsyncContextManager[None]:
+    async def _take(
+        self,
+        held: contextlib.AsyncExitStack,
+        hosts: Iterable[str],
+        priority: Priority,
+        stop: asyncio.Event | None,
+    ) -> None:
         raise NotImplementedError
 
     def _mark_running(self, task_id: int) -> None:
@@ -76,8 +81,7 @@ class DiskTasks:
         cancel = self._cancel[task_id]
         try:
             async with contextlib.AsyncExitStack() as slots:
-                for host in sorted(set(hosts)):
-                    await slots.enter_async_context(self._slot(host, priority))
+                await self._take(slots, hosts, priority, None if resumed else cancel)
                 if not resumed:
                     if cancel.is_set():
                         await asyncio.to_thread(

@@ -9,10 +9,10 @@ every agent call of it); one that ends unsettled marks its VM for attention.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import replace
 from typing import Any
 from uuid import uuid4
@@ -144,8 +144,21 @@ class TaskRunner(DiskTasks):
 
         self._running[task_id] = asyncio.create_task(run(), name=f"task-{task_id}")
 
-    def _slot(self, host: str, priority: Priority = "normal") -> AbstractAsyncContextManager[None]:
-        return self._slots.setdefault(host, Slots(self.per_host)).hold(priority)
+    async def _take(
+        self,
+        held: contextlib.AsyncExitStack,
+        hosts: Iterable[str],
+        priority: Priority,
+        stop: asyncio.Event | None,
+    ) -> None:
+        """Every host's slot, in the one order of host names (no two moves wait for each
+        other's); released with ``held``. Returns early once ``stop`` is set while waiting:
+        the caller finds the move cancelled while queued."""
+        for host in sorted(set(hosts)):
+            slots = self._slots.setdefault(host, Slots(self.per_host))
+            if not await slots.acquire_unless(priority, stop):
+                return
+            held.callback(slots.release)
 
     # ------------------------------------------------------------------ submit
 
@@ -323,7 +336,10 @@ class TaskRunner(DiskTasks):
             migration_id = resume.migration_id
         first, second = sorted((source, destination))
         try:
-            async with self._slot(first, priority), self._slot(second, priority):
+            async with contextlib.AsyncExitStack() as held:
+                await self._take(
+                    held, (first, second), priority, cancel if resume is None else None
+                )
                 queued_s = self.clock() - accepted
                 if resume is None:
                     if cancel.is_set():

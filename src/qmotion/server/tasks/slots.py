@@ -46,6 +46,23 @@ class Slots:
                 self.release()
             raise
 
+    async def acquire_unless(self, priority: Priority, stop: asyncio.Event | None) -> bool:
+        """The slot; or False, holding nothing, as soon as ``stop`` is set while waiting (a
+        move cancelled while queued ends at once, not when a slot frees up)."""
+        if stop is None:
+            await self.acquire(priority)
+            return True
+        taking = asyncio.ensure_future(self.acquire(priority))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({taking, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not taking.done():
+                taking.cancel()  # a slot handed to it meanwhile is passed on (acquire)
+        await asyncio.gather(taking, return_exceptions=True)
+        return not taking.cancelled() and taking.exception() is None
+
     def release(self) -> None:
         while self._waiting:
             _, _, granted = heapq.heappop(self._waiting)
