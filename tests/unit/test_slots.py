@@ -112,3 +112,15 @@ def test_a_stop_while_waiting_gives_up_holding_nothing() -> None:
         return gave_up, took, slots.free, slots.waiting
 
     assert asyncio.run(main()) == (True, True, 1, 0)
+
+
+def test_a_caller_cancelled_after_its_slot_was_taken_gives_it_back() -> None:
+    async def main() -> tuple[int, int]:
+        slots, stop = Slots(1), asyncio.Event()
+        caller = asyncio.create_task(slots.acquire_unless("normal", stop))
+        await asyncio.sleep(0)  # the free slot is taken at once...
+        caller.cancel()  # ...and its caller cancelled before it hears so
+        await asyncio.gather(caller, return_exceptions=True)
+        return slots.free, slots.waiting
+
+    assert asyncio.run(main()) == (1, 0)

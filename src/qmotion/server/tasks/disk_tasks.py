@@ -53,7 +53,7 @@ class DiskTasks:
         hosts: Iterable[str],
         priority: Priority,
         stop: asyncio.Event | None,
-    ) -> None:
+    ) -> bool:
         raise NotImplementedError
 
     def _mark_running(self, task_id: int) -> None:
@@ -81,9 +81,9 @@ class DiskTasks:
         cancel = self._cancel[task_id]
         try:
             async with contextlib.AsyncExitStack() as slots:
-                await self._take(slots, hosts, priority, None if resumed else cancel)
+                taken = await self._take(slots, hosts, priority, None if resumed else cancel)
                 if not resumed:
-                    if cancel.is_set():
+                    if not taken or cancel.is_set():
                         await asyncio.to_thread(
                             self._finish, task_id, TaskState.CANCELLED, "cancelled while queued"
                         )

@@ -150,15 +150,16 @@ class TaskRunner(DiskTasks):
         hosts: Iterable[str],
         priority: Priority,
         stop: asyncio.Event | None,
-    ) -> None:
+    ) -> bool:
         """Every host's slot, in the one order of host names (no two moves wait for each
-        other's); released with ``held``. Returns early once ``stop`` is set while waiting:
-        the caller finds the move cancelled while queued."""
+        other's); released with ``held``. False once ``stop`` is set while waiting: the move
+        was cancelled while queued."""
         for host in sorted(set(hosts)):
             slots = self._slots.setdefault(host, Slots(self.per_host))
             if not await slots.acquire_unless(priority, stop):
-                return
+                return False
             held.callback(slots.release)
+        return True
 
     # ------------------------------------------------------------------ submit
 
@@ -337,12 +338,12 @@ class TaskRunner(DiskTasks):
         first, second = sorted((source, destination))
         try:
             async with contextlib.AsyncExitStack() as held:
-                await self._take(
+                taken = await self._take(
                     held, (first, second), priority, cancel if resume is None else None
                 )
                 queued_s = self.clock() - accepted
                 if resume is None:
-                    if cancel.is_set():
+                    if not taken or cancel.is_set():
                         await asyncio.to_thread(
                             self._finish,
                             task_id,

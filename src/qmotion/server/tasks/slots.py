@@ -56,12 +56,20 @@ class Slots:
         stopping = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait({taking, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
+        except BaseException:
+            # This task itself was cancelled: whatever ``taking`` got is given back.
             stopping.cancel()
             if not taking.done():
                 taking.cancel()  # a slot handed to it meanwhile is passed on (acquire)
-        await asyncio.gather(taking, return_exceptions=True)
-        return not taking.cancelled() and taking.exception() is None
+            elif not taking.cancelled() and taking.exception() is None:
+                self.release()
+            raise
+        stopping.cancel()
+        if not taking.done():
+            taking.cancel()  # a slot handed to it meanwhile is passed on (acquire)
+            return False
+        taking.result()  # an error of acquire's is the caller's, not a quiet "stopped"
+        return True
 
     def release(self) -> None:
         while self._waiting:
