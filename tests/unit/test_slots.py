@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -114,13 +115,42 @@ def test_a_stop_while_waiting_gives_up_holding_nothing() -> None:
     assert asyncio.run(main()) == (True, True, 1, 0)
 
 
-def test_a_caller_cancelled_after_its_slot_was_taken_gives_it_back() -> None:
+@pytest.mark.parametrize("release_first", [True, False])
+def test_a_caller_cancelled_around_the_hand_over_neither_holds_nor_loses_it(
+    release_first: bool,
+) -> None:
     async def main() -> tuple[int, int]:
         slots, stop = Slots(1), asyncio.Event()
+        await slots.acquire()
         caller = asyncio.create_task(slots.acquire_unless("normal", stop))
-        await asyncio.sleep(0)  # the free slot is taken at once...
-        caller.cancel()  # ...and its caller cancelled before it hears so
+        for _ in range(3):  # the caller waits for the slot
+            await asyncio.sleep(0)
+        if release_first:
+            slots.release()  # handed to the caller's waiter...
+            caller.cancel()  # ...and the caller cancelled before either runs again
+        else:
+            caller.cancel()  # cancelled while waiting...
+            await asyncio.sleep(0)
+            slots.release()  # ...so the slot must not go to its abandoned waiter
         await asyncio.gather(caller, return_exceptions=True)
+        for _ in range(3):
+            await asyncio.sleep(0)
         return slots.free, slots.waiting
 
     assert asyncio.run(main()) == (1, 0)
+
+
+def test_a_free_slot_is_taken_without_yielding_to_the_loop() -> None:
+    async def main() -> tuple[bool, int]:
+        slots, stop, others_ran = Slots(1), asyncio.Event(), []
+
+        async def other() -> None:
+            others_ran.append(True)
+
+        pending = asyncio.create_task(other())
+        took = await slots.acquire_unless("normal", stop)
+        before = len(others_ran)  # nothing else ran: the move starts in the same step
+        await pending
+        return took and before == 0, slots.free
+
+    assert asyncio.run(main()) == (True, 0)

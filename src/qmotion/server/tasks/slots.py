@@ -52,6 +52,11 @@ class Slots:
         if stop is None:
             await self.acquire(priority)
             return True
+        if self.free > 0 and not self.waiting:
+            # Free: taken without yielding to the loop, as ``acquire`` does, so a move whose
+            # slots are free starts in the same step it was let through.
+            self.free -= 1
+            return True
         taking = asyncio.ensure_future(self.acquire(priority))
         stopping = asyncio.ensure_future(stop.wait())
         try:
