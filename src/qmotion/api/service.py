@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -94,6 +94,27 @@ def bearer_auth(token: str) -> Callable[..., None]:
     return authorize
 
 
+def domain_detail(exc: Any, host: str | None = None) -> ErrorDetail:
+    """A service error (status, code, message, vm, field, qmp_class) as the error body."""
+    return ErrorDetail(
+        code=exc.code,
+        message=exc.message,
+        vm=exc.vm,
+        host=getattr(exc, "host", None) or host,
+        field=exc.field,
+        qmp_class=exc.qmp_class,
+    )
+
+
+def validation_detail(
+    errs: Sequence[Any], host: str | None = None, whole: str = "body"
+) -> ErrorDetail:
+    """Pydantic's errors as one body: every field and why; ``field`` the first one's."""
+    msg = "; ".join(f"{field_of(tuple(e.get('loc', ()))) or whole}: {e.get('msg')}" for e in errs)
+    first = field_of(tuple(errs[0].get("loc", ()))) if errs else ""
+    return ErrorDetail(code="invalid_request", message=msg, field=first or None, host=host)
+
+
 def install_error_handlers(
     app: FastAPI, domain_error: type[Exception], host: str | None = None
 ) -> None:
@@ -103,28 +124,11 @@ def install_error_handlers(
     @app.exception_handler(domain_error)
     async def _domain(request: Request, exc: Exception) -> JSONResponse:
         e: Any = exc
-        return error_response(
-            e.status,
-            ErrorDetail(
-                code=e.code,
-                message=e.message,
-                vm=e.vm,
-                host=getattr(e, "host", None) or host,
-                field=e.field,
-                qmp_class=e.qmp_class,
-            ),
-        )
+        return error_response(e.status, domain_detail(e, host))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = exc.errors()
-        msg = "; ".join(
-            f"{field_of(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errs
-        )
-        first = field_of(tuple(errs[0].get("loc", ()))) if errs else ""
-        return error_response(
-            422, ErrorDetail(code="invalid_request", message=msg, field=first or None, host=host)
-        )
+        return error_response(422, validation_detail(exc.errors(), host))
 
     # Starlette's own (no such route: 404, wrong method: 405) as well as FastAPI's.
     @app.exception_handler(StarletteHTTPException)

@@ -470,10 +470,11 @@ class ClusterDrs:
                 )
             )
 
-    def state(self) -> DrsState:
-        """The live imbalance and how many VMs break a must rule."""
+    def state(self, snap: Snapshot | None = None) -> DrsState:
+        """The live imbalance and how many VMs break a must rule (``snap``: a caller's
+        snapshot of the cluster without links, read once for more than this)."""
         now = self.clock()
-        snap = self.snapshot(now=now, links=False)
+        snap = snap or self.snapshot(now=now, links=False)
         state = ClusterState(snap, self._policy(snap).allocation_weight)
         book = RuleBook.build(snap)
         broken = book.violations(state, [r for r in snap.rules if r.strength == "must"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,10 +14,11 @@ from qmotion.api.drs import ApplyRequest, RuleCreate
 from qmotion.api.schedule import ScheduleCreate
 from qmotion.api.server import TaskOut
 from qmotion.server.access import TASK_ID
-from qmotion.server.console import pages, views
+from qmotion.server.console import pages
 from qmotion.server.console.base import Console, allowed, refused
 from qmotion.server.console.pages import Name, TaskId
 from qmotion.server.console.render import Caller
+from qmotion.server.console.session import Form
 from qmotion.server.errors import Invalid, ManagerError
 
 
@@ -101,12 +102,31 @@ def install_actions(app: FastAPI, c: Console) -> None:
         request.scope[TASK_ID] = task.id
         return RedirectResponse(f"/ui/tasks/{task.id}", status_code=303)
 
+    async def act(
+        request: Request,
+        route: tuple[str, str],
+        do: Callable[[Form], Awaitable[object]],
+        page: tuple[str, Callable[[Console, dict[str, str]], dict[str, Any]]],
+        done: str,
+    ) -> Response:
+        """A form that does what ``route`` does: to ``done`` after it, or the page again
+        with the refusal and the form as it was sent."""
+        caller, form = await c.form(request)
+        try:
+            allowed(caller, *route)
+            await do(form)
+        except (ManagerError, ValidationError) as exc:
+            template, context = page
+            ctx = await asyncio.to_thread(context, c, form.values())
+            return redo(caller, template, lambda: ctx, exc)
+        return RedirectResponse(done, status_code=303)
+
+    rules = ("rules.html", pages.rules_context)
+    schedules = ("schedules.html", pages.schedules_context)
+
     @app.post("/ui/rules", include_in_schema=False)
     async def rule_create(request: Request) -> Response:
-        caller, form = await c.form(request)
-        values = form.values()
-        try:
-            allowed(caller, "POST", "/v1/rules")
+        async def do(form: Form) -> None:
             req = RuleCreate(
                 name=form.get("name"),
                 kind=form.get("kind"),
@@ -115,63 +135,39 @@ def install_actions(app: FastAPI, c: Console) -> None:
                 hosts=_names(form.get("hosts")),
             )
             await asyncio.to_thread(c.drs.config.create_rule, req)
-        except (ManagerError, ValidationError) as exc:
-            ctx = await asyncio.to_thread(pages.rules_context, c, values)
-            return redo(caller, "rules.html", lambda: ctx, exc)
-        return RedirectResponse("/ui/rules", status_code=303)
+
+        return await act(request, ("POST", "/v1/rules"), do, rules, "/ui/rules")
 
     @app.post("/ui/rules/{name}/delete", include_in_schema=False)
     async def rule_delete(request: Request, name: Name) -> Response:
-        caller, _form = await c.form(request)
-        try:
-            allowed(caller, "DELETE", "/v1/rules/{name}")
+        async def do(_form: Form) -> None:
             await asyncio.to_thread(c.drs.config.delete_rule, name)
-        except ManagerError as exc:
-            ctx = await asyncio.to_thread(pages.rules_context, c, {})
-            return redo(caller, "rules.html", lambda: ctx, exc)
-        return RedirectResponse("/ui/rules", status_code=303)
+
+        return await act(request, ("DELETE", "/v1/rules/{name}"), do, rules, "/ui/rules")
 
     @app.post("/ui/schedules", include_in_schema=False)
     async def schedule_create(request: Request) -> Response:
-        caller, form = await c.form(request)
-        values = form.values()
-        try:
-            allowed(caller, "POST", "/v1/schedules")
+        async def do(form: Form) -> None:
             body = {k: form.get(k) for k in ("name", "at", "cron", "action", "vm", "to", "host")}
             req = ScheduleCreate.model_validate({k: v for k, v in body.items() if v})
             await asyncio.to_thread(c.schedules.create, req)
-        except (ManagerError, ValidationError) as exc:
-            ctx = await asyncio.to_thread(pages.schedules_context, c, values)
-            return redo(caller, "schedules.html", lambda: ctx, exc)
-        return RedirectResponse("/ui/schedules", status_code=303)
+
+        return await act(request, ("POST", "/v1/schedules"), do, schedules, "/ui/schedules")
 
     @app.post("/ui/schedules/{schedule_id}/delete", include_in_schema=False)
     async def schedule_delete(request: Request, schedule_id: TaskId) -> Response:
-        caller, _form = await c.form(request)
-        try:
-            allowed(caller, "DELETE", "/v1/schedules/{schedule_id}")
+        async def do(_form: Form) -> None:
             await asyncio.to_thread(c.schedules.delete, schedule_id)
-        except ManagerError as exc:
-            ctx = await asyncio.to_thread(pages.schedules_context, c, {})
-            return redo(caller, "schedules.html", lambda: ctx, exc)
-        return RedirectResponse("/ui/schedules", status_code=303)
+
+        route = ("DELETE", "/v1/schedules/{schedule_id}")
+        return await act(request, route, do, schedules, "/ui/schedules")
 
 
 async def _host_again(c: Console, caller: Caller, name: str, exc: Exception) -> Response:
-    def ctx() -> dict[str, Any]:
-        host = next((h for h in c.inventory.list_hosts() if h.name == name), None)
-        if host is None:
-            return {"title": "Not found"}
-        row = views.host_rows([host], c.drs.snapshot(links=False))[0]
-        return {
-            "host": host,
-            "row": row,
-            "maint": c.maintenance.status(name),
-            "title": f"Host {name}",
-            "nav": "cluster",
-        }
-
-    context = await asyncio.to_thread(ctx)
+    context = await asyncio.to_thread(pages.host_context, c, name)
     err = refused(exc)
-    template = "host.html" if "host" in context else "error.html"
-    return c.render.page(template, caller, {**context, **err}, int(err["status"]))
+    if context is None:
+        return c.render.page(
+            "error.html", caller, {"title": "Not found", **err}, int(err["status"])
+        )
+    return c.render.page("host.html", caller, {**context, **err}, int(err["status"]))

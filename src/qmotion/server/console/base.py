@@ -10,7 +10,7 @@ from fastapi import Request
 from pydantic import ValidationError
 
 from qmotion.api.errors import ErrorDetail, describe
-from qmotion.api.service import field_of
+from qmotion.api.service import domain_detail, validation_detail
 from qmotion.server.access import Access, required_role
 from qmotion.server.automation.actions import ManagerActions
 from qmotion.server.automation.drs import ClusterDrs
@@ -67,19 +67,9 @@ def allowed(caller: Caller, method: str, route: str) -> None:
 def detail(exc: Exception) -> tuple[int, ErrorDetail]:
     """An error as the API would answer it: the status and the error body."""
     if isinstance(exc, ManagerError):
-        return exc.status, ErrorDetail(
-            code=exc.code,
-            message=exc.message,
-            vm=exc.vm,
-            host=exc.host,
-            field=exc.field,
-            qmp_class=exc.qmp_class,
-        )
+        return exc.status, domain_detail(exc)
     if isinstance(exc, ValidationError):
-        errs = exc.errors()
-        msg = "; ".join(f"{field_of(tuple(e['loc'])) or 'input'}: {e['msg']}" for e in errs)
-        first = field_of(tuple(errs[0]["loc"])) if errs else ""
-        return 422, ErrorDetail(code="invalid_request", message=msg, field=first or None)
+        return 422, validation_detail(exc.errors(), whole="input")
     raise exc
 
 

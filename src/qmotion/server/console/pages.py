@@ -86,7 +86,7 @@ def install_pages(app: FastAPI, c: Console) -> None:
     def cluster(request: Request, q: Annotated[str, Query(max_length=200)] = "") -> HTMLResponse:
         caller = c.caller(request)
         hosts, vms = c.inventory.list_hosts(), c.inventory.list_vms()
-        snap = c.drs.snapshot(links=False)
+        snap = c.drs.snapshot(links=False)  # the bars and the balance read one snapshot
         recs = c.drs.recommendations()
         return c.render.page(
             "cluster.html",
@@ -98,7 +98,7 @@ def install_pages(app: FastAPI, c: Console) -> None:
                 "vms": vms,
                 "shown": views.vm_rows(vms, q),
                 "q": q,
-                "drs": c.drs.state(),
+                "drs": c.drs.state(snap),
                 "pending": sum(1 for r in recs if r.state == "pending"),
             },
         )
@@ -120,21 +120,10 @@ def install_pages(app: FastAPI, c: Console) -> None:
     @app.get("/ui/hosts/{name}", include_in_schema=False)
     def host_page(request: Request, name: Name) -> HTMLResponse:
         caller = c.caller(request)
-        host = next((h for h in c.inventory.list_hosts() if h.name == name), None)
-        if host is None:
+        ctx = host_context(c, name)
+        if ctx is None:
             return _not_found(c, caller, f"no host named {name}")
-        row = views.host_rows([host], c.drs.snapshot(links=False))[0]
-        return c.render.page(
-            "host.html",
-            caller,
-            {
-                "host": host,
-                "row": row,
-                "maint": c.maintenance.status(name),
-                "title": f"Host {name}",
-                "nav": "cluster",
-            },
-        )
+        return c.render.page("host.html", caller, ctx)
 
     @app.get("/ui/tasks", include_in_schema=False)
     def tasks_page(request: Request) -> HTMLResponse:
@@ -189,6 +178,20 @@ def task_context(task: TaskOut) -> dict[str, object]:
         ctx["samples"] = chart.sample_rows(r)
         ctx["sample_head"] = SAMPLE_HEAD
     return ctx
+
+
+def host_context(c: Console, name: str) -> dict[str, object] | None:
+    """The host page's facts, bars and maintenance state; None: no such host."""
+    host = next((h for h in c.inventory.list_hosts() if h.name == name), None)
+    if host is None:
+        return None
+    return {
+        "host": host,
+        "row": views.host_rows([host], c.drs.snapshot(links=False))[0],
+        "maint": c.maintenance.status(name),
+        "title": f"Host {name}",
+        "nav": "cluster",
+    }
 
 
 def drs_context(c: Console) -> dict[str, object]:

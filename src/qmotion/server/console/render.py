@@ -13,6 +13,7 @@ import jinja2
 from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
+from qmotion.api.sizes import format_size
 from qmotion.server.access import Identity, required_role
 from qmotion.server.console import views
 
@@ -50,7 +51,7 @@ def _millis(v: float | None) -> str:
 
 
 def _size(v: float | None) -> str:
-    return "-" if v is None else views.size(v)
+    return "-" if v is None else format_size(v)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from qmotion.api.migration import MigrationReport
 from qmotion.api.server import HostOut, TaskOut, TaskState, VmOut
+from qmotion.api.sizes import format_size
 from qmotion.drs.model import Snapshot
 
 FINAL = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
@@ -136,14 +137,6 @@ class Figure:
     value: str
 
 
-def size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def task_title(t: TaskOut) -> str:
     kinds = {
         "migrate": "Live migration",
@@ -170,8 +163,8 @@ def progress_figures(t: TaskOut) -> list[Figure]:
     if s is not None:
         dirty = s.dirty_pages_rate * s.page_size
         out += [
-            Figure("Transferred", size(s.transferred)),
-            Figure("Remaining", size(s.remaining)),
+            Figure("Transferred", format_size(s.transferred)),
+            Figure("Remaining", format_size(s.remaining)),
             Figure("Rate", f"{s.mbps:.0f} Mbit/s"),
             Figure("Dirty rate", f"{dirty / MIB:.1f} MiB/s"),
             Figure("Passes", str(s.passes)),
@@ -183,7 +176,10 @@ def progress_figures(t: TaskOut) -> list[Figure]:
     if m is not None:
         out += [
             Figure("Disk copy", str(m.phase)),
-            Figure("Copied", f"{size(m.total_bytes - m.remaining_bytes)} of {size(m.total_bytes)}"),
+            Figure(
+                "Copied",
+                f"{format_size(m.total_bytes - m.remaining_bytes)} of {format_size(m.total_bytes)}",
+            ),
             Figure("Copy rate", f"{m.rate_bps / MIB:.1f} MiB/s"),
         ]
     return out
@@ -204,7 +200,7 @@ def report_rows(r: MigrationReport) -> list[tuple[str, str]]:
         ("Total (QEMU)", ms(r.total_ms)),
         ("Pause (QEMU downtime)", ms(r.downtime_ms)),
         ("Guest paused (agents' clocks)", ms(r.guest_paused_ms)),
-        ("Memory sent", "-" if r.bytes is None else size(r.bytes)),
+        ("Memory sent", "-" if r.bytes is None else format_size(r.bytes)),
         ("Passes", "-" if r.passes is None else str(r.passes)),
         ("Throughput", "-" if r.throughput_mbps is None else f"{r.throughput_mbps:.0f} Mbit/s"),
         ("Whole task", ms(r.wall_ms)),

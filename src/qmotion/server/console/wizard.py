@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from qmotion.api.schedule import ScheduleAction, ScheduleCreate
 from qmotion.api.server import MigrateRequest, VmOut
+from qmotion.api.sizes import format_size
 from qmotion.server.access import TASK_ID
 from qmotion.server.automation.targets import migration_targets
 from qmotion.server.console import views
@@ -334,7 +335,7 @@ async def _prediction(
         why = exc.message if isinstance(exc, ManagerError) else "it took over 60 s"
         return {"prediction": None, "prediction_note": f"No prediction: {why}."}
     extra = [
-        ("Memory", views.size(p.memory_bytes)),
+        ("Memory", format_size(p.memory_bytes)),
         ("Guest dirties", f"{p.dirty_rate_bps / views.MIB:.1f} MiB/s"),
         (
             "Path",

@@ -32,7 +32,7 @@ from qmotion.server.inventory import Inventory
 from qmotion.server.tasks.cold import AgentColdPort, cold_refusals
 from qmotion.server.tasks.ends import host_copy
 from qmotion.server.tasks.port import vm_view
-from qmotion.server.tasks.slots import Priority
+from qmotion.server.tasks.slots import Priority, Slots
 from qmotion.server.tasks.storage import AgentStoragePort, storage_prechecks
 from qmotion.server.tasks.task_view import COLD_MIGRATE, STORAGE_MOVE, task_out
 
@@ -44,6 +44,8 @@ class DiskTasks:
 
     db: Database
     inventory: Inventory
+    per_host: int
+    _slots: dict[str, Slots]
     _cancel: dict[int, asyncio.Event]
     _running: dict[int, asyncio.Task[None]]
 
@@ -54,7 +56,15 @@ class DiskTasks:
         priority: Priority,
         stop: asyncio.Event | None,
     ) -> bool:
-        raise NotImplementedError
+        """Every host's slot, in the one order of host names (no two moves wait for each
+        other's); released with ``held``. False once ``stop`` is set while waiting: the move
+        was cancelled while queued."""
+        for host in sorted(set(hosts)):
+            slots = self._slots.setdefault(host, Slots(self.per_host))
+            if not await slots.acquire_unless(priority, stop):
+                return False
+            held.callback(slots.release)
+        return True
 
     def _mark_running(self, task_id: int) -> None:
         raise NotImplementedError

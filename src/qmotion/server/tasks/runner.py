@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 from uuid import uuid4
@@ -143,23 +143,6 @@ class TaskRunner(DiskTasks):
                 self._running.pop(task_id, None)
 
         self._running[task_id] = asyncio.create_task(run(), name=f"task-{task_id}")
-
-    async def _take(
-        self,
-        held: contextlib.AsyncExitStack,
-        hosts: Iterable[str],
-        priority: Priority,
-        stop: asyncio.Event | None,
-    ) -> bool:
-        """Every host's slot, in the one order of host names (no two moves wait for each
-        other's); released with ``held``. False once ``stop`` is set while waiting: the move
-        was cancelled while queued."""
-        for host in sorted(set(hosts)):
-            slots = self._slots.setdefault(host, Slots(self.per_host))
-            if not await slots.acquire_unless(priority, stop):
-                return False
-            held.callback(slots.release)
-        return True
 
     # ------------------------------------------------------------------ submit
 
