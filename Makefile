@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 # The console's browser tests: Debian's chromium, driven by PyPI's playwright (which cannot
 # download its own browser here), and a font for its screenshots.
 BROWSER_PACKAGES := chromium fonts-dejavu-core
-DEB_PACKAGES := iproute2 busybox-static cpio gcc libc6-dev procps python3-venv $(BROWSER_PACKAGES)
+# PostgreSQL: the production store for several manager replicas; tests start a throwaway
+# cluster of it (initdb and pg_ctl by hand, no service).
+DB_PACKAGES := postgresql
+DEB_PACKAGES := iproute2 busybox-static cpio gcc libc6-dev procps python3-venv $(BROWSER_PACKAGES) $(DB_PACKAGES)
 # `qmotion image build debian`: a Debian 12 root file system, its partition and boot loader.
 IMAGE_PACKAGES := mmdebstrap extlinux syslinux-common fdisk
 # QEMU from bookworm-backports: before 9.0, QEMU under TCG loses guest writes while it migrates

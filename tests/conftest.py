@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from qmotion.lab import postgres
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_labs() -> Iterator[None]:
@@ -35,3 +37,28 @@ def _isolated_labs() -> Iterator[None]:
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[postgres.Cluster]:
+    """One throwaway PostgreSQL for the run (Debian's, started by hand; `make setup`
+    installs it): each test gets a database of its own in it (``db_url``)."""
+    base = Path(tempfile.mkdtemp(prefix="qmotion-test-pg-"))
+    base.chmod(0o711)  # the server runs as postgres and reaches its directory through it
+    try:
+        yield postgres.start(base / "pg")
+    finally:
+        postgres.stop(base / "pg")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The manager's database, once on each backend: SQLite (a file) and PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'm.db'}"
+        return
+    cluster: postgres.Cluster = request.getfixturevalue("postgres_cluster")
+    name = "t_" + os.urandom(6).hex()
+    yield postgres.create_database(cluster, name)
+    postgres.drop_database(cluster, name)

@@ -9,7 +9,6 @@ Every outcome is read back from the agents (where each VM runs), not from the ma
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 from qmotion.api.migration import MigrationPhase, MigrationReport
 from qmotion.api.server import TaskState
@@ -71,11 +70,11 @@ def _stop_mid_evacuation(world: World, url: str, host: str) -> None:
 
 
 def test_a_vm_migrating_out_when_maintenance_starts_is_awaited_and_comes_back(
-    tmp_path: Path,
+    db_url: str,
 ) -> None:
     """It was pinned to the host as "migrating", came back "no feasible host", the
     evacuation failed and the host stayed entering-maintenance once empty."""
-    world, url = _cluster(tmp_path, {"h1": [("mover", 512)], "h2": [("other", 512)]})
+    world, url = _cluster(db_url, {"h1": [("mover", 512)], "h2": [("other", 512)]})
     world.polls_to_complete = 12  # long enough that the evacuation starts meanwhile
 
     async def test(c: Client) -> None:
@@ -98,12 +97,12 @@ def test_a_vm_migrating_out_when_maintenance_starts_is_awaited_and_comes_back(
 
 
 def test_a_restart_mid_evacuation_resumes_it_and_exit_return_brings_every_vm_back(
-    tmp_path: Path,
+    db_url: str,
 ) -> None:
     """The moves the first manager started finish under the second, which resumed the
     evacuation; they were not recorded as evacuated, so `exit --return` left them away."""
     vms = [(f"v{i}", 512) for i in range(4)]
-    world, url = _cluster(tmp_path, {"h1": vms})
+    world, url = _cluster(db_url, {"h1": vms})
     world.polls_to_complete = 10
 
     _stop_mid_evacuation(world, url, "h1")
@@ -118,13 +117,13 @@ def test_a_restart_mid_evacuation_resumes_it_and_exit_return_brings_every_vm_bac
 
 
 def test_a_split_must_group_leaves_together_when_its_host_enters_maintenance(
-    tmp_path: Path,
+    db_url: str,
 ) -> None:
     """a on h1, b on h2 (busy), must affinity [a, b]: the group is planned to h3, and the
     evacuation kept only a's move (its source is h1), which the re-check refused three rounds:
     b's move is part of the evacuation."""
     world, url = _cluster(
-        tmp_path,
+        db_url,
         {"h1": [("a", 512)], "h2": [("b", 512), ("x1", 512), ("x2", 512)], "h3": [("c", 512)]},
     )
     world.cpu_percent.update({"x1": 300.0, "x2": 300.0})  # h2 is busy: the group goes to h3
@@ -144,10 +143,10 @@ def test_a_split_must_group_leaves_together_when_its_host_enters_maintenance(
     _run(world, url, test)
 
 
-def test_a_failed_target_is_not_tried_again_while_another_host_is_free(tmp_path: Path) -> None:
+def test_a_failed_target_is_not_tried_again_while_another_host_is_free(db_url: str) -> None:
     """The evacuation planned the same target three rounds running."""
     world, url = _cluster(
-        tmp_path,
+        db_url,
         {"h1": [("v", 512)], "h3": [("busy", 2048)]},
     )
     world.cpu_percent["busy"] = 300.0
@@ -192,13 +191,13 @@ def _past_migration(url: str, source: str, destination: str, mbps: float) -> Non
 
 
 def test_a_vm_dirtying_faster_than_its_link_is_left_and_the_others_balance(
-    tmp_path: Path,
+    db_url: str,
 ) -> None:
     """It was the best move by the load (the busiest VM on the busiest host), a priority-2
     recommendation that full automation applied: a migration that throttles the guest or
     never ends, for a gain in balance."""
     world, url = _cluster(
-        tmp_path,
+        db_url,
         {"h1": [("writer", 512), ("hot1", 512), ("hot2", 512)], "h2": [], "h3": []},
     )
     world.cpu_percent.update({"writer": 380.0, "hot1": 250.0, "hot2": 250.0})
@@ -224,9 +223,9 @@ def test_a_vm_dirtying_faster_than_its_link_is_left_and_the_others_balance(
     _run(world, url, test)
 
 
-def test_a_failed_drs_move_backs_off_and_says_until_when(tmp_path: Path) -> None:
+def test_a_failed_drs_move_backs_off_and_says_until_when(db_url: str) -> None:
     """Failed moves were planned again every interval."""
-    world, url = _cluster(tmp_path, {"h1": [("a", 512), ("b", 512)], "h3": [("c", 2048)]})
+    world, url = _cluster(db_url, {"h1": [("a", 512), ("b", 512)], "h3": [("c", 2048)]})
     world.cpu_percent.update({"a": 300.0, "b": 300.0, "c": 300.0})
     world.fail_always[("h2", *INCOMING)] = 500
 
@@ -255,12 +254,12 @@ def test_a_failed_drs_move_backs_off_and_says_until_when(tmp_path: Path) -> None
 
 
 def test_exit_return_right_after_a_restart_mid_evacuation_brings_every_vm_back(
-    tmp_path: Path,
+    db_url: str,
 ) -> None:
     """The exit cancels the resumed evacuation while the first manager's moves are still
     under way: they were neither awaited nor recorded, so they stayed away."""
     vms = [(f"v{i}", 512) for i in range(4)]
-    world, url = _cluster(tmp_path, {"h1": vms})
+    world, url = _cluster(db_url, {"h1": vms})
     world.polls_to_complete = 10
 
     _stop_mid_evacuation(world, url, "h1")

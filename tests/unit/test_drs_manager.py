@@ -7,7 +7,6 @@ exactly one host; every outcome is read back from the world, not from the manage
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from qmotion.api.server import TaskState
@@ -21,12 +20,12 @@ GIB = 1 << 30
 
 
 def _cluster(
-    tmp_path: Path,
+    db_url: str,
     placement: dict[str, list[tuple[str, int]]],
     memory_gib: dict[str, int] | None = None,
 ) -> tuple[World, str]:
     """Hosts h1..h3 (8 GiB, 4 CPUs unless given) with VMs ``{host: [(name, MiB)]}``."""
-    url = f"sqlite:///{tmp_path / 'm.db'}"
+    url = db_url
     db = Database(url)
     world = World(hosts=("h1", "h2", "h3"), polls_to_complete=2)
     for h in world.hosts:
@@ -55,9 +54,9 @@ async def _host(c: Client, name: str) -> dict[str, Any]:
     return found
 
 
-def test_maintenance_spreads_six_vms_refuses_new_ones_and_returns_them(tmp_path: Path) -> None:
+def test_maintenance_spreads_six_vms_refuses_new_ones_and_returns_them(db_url: str) -> None:
     six = [(f"vm{i}", 1024) for i in range(6)]
-    world, url = _cluster(tmp_path, {"h1": six, "h2": [("other", 1024)]})
+    world, url = _cluster(db_url, {"h1": six, "h2": [("other", 1024)]})
 
     async def test(c: Client) -> None:
         r = await c.post("/v1/hosts/h1/maintenance")
@@ -94,10 +93,10 @@ def test_maintenance_spreads_six_vms_refuses_new_ones_and_returns_them(tmp_path:
     _run(world, url, test)
 
 
-def test_maintenance_that_cannot_finish_says_why_and_exit_is_possible(tmp_path: Path) -> None:
+def test_maintenance_that_cannot_finish_says_why_and_exit_is_possible(db_url: str) -> None:
     # h2 and h3 have 2 GiB: the 3 GiB VM fits nowhere else; the small one leaves.
     world, url = _cluster(
-        tmp_path,
+        db_url,
         {"h1": [("big", 3072), ("small", 512)]},
         memory_gib={"h1": 8, "h2": 2, "h3": 2},
     )
@@ -120,11 +119,11 @@ def test_maintenance_that_cannot_finish_says_why_and_exit_is_possible(tmp_path: 
 
 
 def test_anti_affinity_holds_through_maintenance_and_refuses_a_manual_move(
-    tmp_path: Path,
+    db_url: str,
 ) -> None:
     # Without the rule, a would go to h3 (the emptiest host), where b is.
     world, url = _cluster(
-        tmp_path, {"h1": [("a", 1024)], "h2": [("c", 1024), ("d", 1024)], "h3": [("b", 1024)]}
+        db_url, {"h1": [("a", 1024)], "h2": [("c", 1024), ("d", 1024)], "h3": [("b", 1024)]}
     )
 
     async def test(c: Client) -> None:
@@ -159,10 +158,10 @@ def test_anti_affinity_holds_through_maintenance_and_refuses_a_manual_move(
     _run(world, url, test)
 
 
-def test_rule_list_names_the_vms_breaking_a_should_rule_too(tmp_path: Path) -> None:
+def test_rule_list_names_the_vms_breaking_a_should_rule_too(db_url: str) -> None:
     """Issue 23: ``broken_by`` was computed for must rules only, so a broken should rule
     read as kept in ``rule list``."""
-    world, url = _cluster(tmp_path, {"h1": [("a", 1024), ("b", 1024)], "h2": [("c", 1024)]})
+    world, url = _cluster(db_url, {"h1": [("a", 1024), ("b", 1024)], "h2": [("c", 1024)]})
 
     async def test(c: Client) -> None:
         for strength in ("should", "must"):
@@ -177,11 +176,11 @@ def test_rule_list_names_the_vms_breaking_a_should_rule_too(tmp_path: Path) -> N
     _run(world, url, test)
 
 
-def test_a_must_affinity_group_is_evacuated_together(tmp_path: Path) -> None:
+def test_a_must_affinity_group_is_evacuated_together(db_url: str) -> None:
     # Five together: more than a host's four concurrent migrations, so they span waves.
     group = [f"g{i}" for i in range(5)]
     world, url = _cluster(
-        tmp_path,
+        db_url,
         {"h1": [*((g, 512) for g in group), ("solo", 1024)], "h2": [("x", 2048)]},
     )
 
@@ -199,8 +198,8 @@ def test_a_must_affinity_group_is_evacuated_together(tmp_path: Path) -> None:
     _run(world, url, test)
 
 
-def test_rules_are_validated_and_contradictions_refused_naming_both(tmp_path: Path) -> None:
-    world, url = _cluster(tmp_path, {"h1": [("a", 512), ("b", 512)]})
+def test_rules_are_validated_and_contradictions_refused_naming_both(db_url: str) -> None:
+    world, url = _cluster(db_url, {"h1": [("a", 512), ("b", 512)]})
 
     async def test(c: Client) -> None:
         ok = {"name": "together", "kind": "affinity", "vms": ["a", "b"]}
@@ -246,10 +245,10 @@ def test_rules_are_validated_and_contradictions_refused_naming_both(tmp_path: Pa
     _run(world, url, test)
 
 
-def test_drs_balances_measured_load_then_stops(tmp_path: Path) -> None:
+def test_drs_balances_measured_load_then_stops(db_url: str) -> None:
     # Allocation is even (two 512 MiB VMs per host); only the measured CPU is not.
     world, url = _cluster(
-        tmp_path,
+        db_url,
         {
             "h1": [("hot1", 512), ("hot2", 512)],
             "h2": [("c1", 512), ("c2", 512)],
@@ -286,8 +285,8 @@ def test_drs_balances_measured_load_then_stops(tmp_path: Path) -> None:
     _run(world, url, test)
 
 
-def test_a_restart_during_an_apply_does_not_stop_automation(tmp_path: Path) -> None:
-    world, url = _cluster(tmp_path, {"h1": [(f"v{i}", 512) for i in range(4)]})
+def test_a_restart_during_an_apply_does_not_stop_automation(db_url: str) -> None:
+    world, url = _cluster(db_url, {"h1": [(f"v{i}", 512) for i in range(4)]})
     db = Database(url)
     with db.session() as s:
         s.add(
@@ -314,8 +313,8 @@ def test_a_restart_during_an_apply_does_not_stop_automation(tmp_path: Path) -> N
     _run(world, url, test, lifespan=True)
 
 
-def test_manual_automation_only_recommends_and_apply_rechecks(tmp_path: Path) -> None:
-    world, url = _cluster(tmp_path, {"h1": [(f"v{i}", 512) for i in range(4)]})
+def test_manual_automation_only_recommends_and_apply_rechecks(db_url: str) -> None:
+    world, url = _cluster(db_url, {"h1": [(f"v{i}", 512) for i in range(4)]})
 
     async def test(c: Client) -> None:
         run = (await c.post("/v1/drs/run")).json()
@@ -339,8 +338,8 @@ def test_manual_automation_only_recommends_and_apply_rechecks(tmp_path: Path) ->
     _run(world, url, test)
 
 
-def test_placement_keeps_rules_that_name_the_vm_before_it_exists(tmp_path: Path) -> None:
-    world, url = _cluster(tmp_path, {"h1": [("a", 512)], "h2": [("b", 512)]})
+def test_placement_keeps_rules_that_name_the_vm_before_it_exists(db_url: str) -> None:
+    world, url = _cluster(db_url, {"h1": [("a", 512)], "h2": [("b", 512)]})
 
     async def test(c: Client) -> None:
         # h3 is empty and would be chosen; the rules say otherwise.
@@ -360,10 +359,8 @@ def test_placement_keeps_rules_that_name_the_vm_before_it_exists(tmp_path: Path)
     _run(world, url, test)
 
 
-def test_placement_picks_a_host_and_says_why(tmp_path: Path) -> None:
-    world, url = _cluster(
-        tmp_path, {"h1": [("a", 4096)], "h2": [("b", 1024)]}, memory_gib={"h3": 1}
-    )
+def test_placement_picks_a_host_and_says_why(db_url: str) -> None:
+    world, url = _cluster(db_url, {"h1": [("a", 4096)], "h2": [("b", 1024)]}, memory_gib={"h3": 1})
 
     async def test(c: Client) -> None:
         r = await c.post("/v1/vms", json={"name": "fresh", "memory": "1G"})
@@ -388,7 +385,7 @@ def test_placement_picks_a_host_and_says_why(tmp_path: Path) -> None:
     _run(world, url, test)
 
 
-def test_overcommitted_hosts_still_balance_measured_load(tmp_path: Path) -> None:
+def test_overcommitted_hosts_still_balance_measured_load(db_url: str) -> None:
     """One CPU per host, nine 1-vCPU VMs (the lab's shape): the even-allocation term must
     not outweigh two busy VMs sharing a host while another idles with four (measured in the
     lab: a move of a busy VM there adds more vCPU unevenness than its demand gain)."""
@@ -397,7 +394,7 @@ def test_overcommitted_hosts_still_balance_measured_load(tmp_path: Path) -> None
         "h2": [(f"idle{i}", 256) for i in range(4)],
         "h3": [("busy3", 256), ("idle4", 256), ("idle5", 256)],
     }
-    world, url = _cluster(tmp_path, placement)
+    world, url = _cluster(db_url, placement)
     for h in world.hosts:
         world.facts_override[h]["cpus"] = 1
     busy = ["busy1", "busy2", "busy3"]
@@ -416,8 +413,8 @@ def test_overcommitted_hosts_still_balance_measured_load(tmp_path: Path) -> None
     _run(world, url, test)
 
 
-def test_proactive_evacuation_of_a_degraded_host(tmp_path: Path) -> None:
-    world, url = _cluster(tmp_path, {"h1": [("a", 512), ("b", 512)], "h2": [("c", 512)]})
+def test_proactive_evacuation_of_a_degraded_host(db_url: str) -> None:
+    world, url = _cluster(db_url, {"h1": [("a", 512), ("b", 512)], "h2": [("c", 512)]})
     world.facts_override["h1"].update(
         {"health": "degraded", "health_reasons": ["datastore local: not writable"]}
     )
@@ -442,8 +439,8 @@ def test_proactive_evacuation_of_a_degraded_host(tmp_path: Path) -> None:
     _run(world, url, test)
 
 
-def test_maintenance_moves_a_stopped_vms_definition_too(tmp_path: Path) -> None:
-    world, url = _cluster(tmp_path, {"h1": [("up", 512)]})
+def test_maintenance_moves_a_stopped_vms_definition_too(db_url: str) -> None:
+    world, url = _cluster(db_url, {"h1": [("up", 512)]})
     db = Database(url)
     world.add_running_vm(db, "off", "h1", memory_mib=512)
     world.vms["h1"]["off"].runstate = "gone"  # defined, no QEMU

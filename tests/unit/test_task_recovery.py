@@ -14,7 +14,6 @@ guest paused for the switchover is never left paused.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 from sqlalchemy.exc import OperationalError
 
@@ -29,9 +28,9 @@ OUTRUNS_THE_LINK = Guest(sweep_bps=100e6, dma_bytes=8 * MIB)
 LINK = Link(bandwidth_bps=50e6, rtt_ms=0.3)
 
 
-def _setup(tmp_path: Path, guest: Guest | None = None) -> tuple[World, Database]:
+def _setup(db_url: str, guest: Guest | None = None) -> tuple[World, Database]:
     world = World(link=LINK, polls_to_complete=3)
-    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    db = Database(db_url)
     world.register_hosts(db)
     world.add_running_vm(db, "vm1", "h1", guest=guest)
     return world, db
@@ -55,8 +54,8 @@ class LockedOnce(TaskRunner):
         super()._persist(task_id, st, stats, *args)  # type: ignore[arg-type]
 
 
-def test_a_database_error_while_monitoring_does_not_end_the_migration(tmp_path: Path) -> None:
-    world, db = _setup(tmp_path)
+def test_a_database_error_while_monitoring_does_not_end_the_migration(db_url: str) -> None:
+    world, db = _setup(db_url)
 
     async def main() -> TaskOut:
         runner = world.runner(db, LockedOnce)
@@ -70,13 +69,13 @@ def test_a_database_error_while_monitoring_does_not_end_the_migration(tmp_path: 
     assert "vm1" not in world.vms["h1"]
 
 
-def test_a_manager_restarted_in_postcopy_recovers_the_stream(tmp_path: Path) -> None:
+def test_a_manager_restarted_in_postcopy_recovers_the_stream(db_url: str) -> None:
     """The ladder asks for postcopy (the guest outruns the link); the manager dies as it
     asks, before the answer is back, and comes back while the source's agent cannot be
     reached. The destination runs with pages still on the source: the restarted manager goes
     forward in postcopy (recovering the stream until the source answers again) and ends with
     the migration completed and the source released."""
-    world, db = _setup(tmp_path, OUTRUNS_THE_LINK)
+    world, db = _setup(db_url, OUTRUNS_THE_LINK)
     crashed: list[bool] = []
     most = [0]
 
@@ -130,11 +129,11 @@ def test_a_manager_restarted_in_postcopy_recovers_the_stream(tmp_path: Path) -> 
     assert ("h2", "POST", "/v1/vms/vm1/migration/recover-incoming") in world.requests[n:]
 
 
-def test_a_device_state_that_does_not_go_through_is_abandoned(tmp_path: Path) -> None:
+def test_a_device_state_that_does_not_go_through_is_abandoned(db_url: str) -> None:
     """QEMU sends the device state with the guest paused; the link dies then: the source's
     status stays ``device``. After DEVICE_STUCK_S the migration is cancelled at once (no
     wait for a switchover that cannot end): the guest runs on the source again."""
-    world, db = _setup(tmp_path, OUTRUNS_THE_LINK)
+    world, db = _setup(db_url, OUTRUNS_THE_LINK)
 
     def stuck_in_device(w: World, k: int, host: str, path: str) -> None:
         src = w.vms["h1"].get("vm1")

@@ -4,7 +4,6 @@ concurrent requests, and at most ``per_host`` migrations involving a host at onc
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import httpx
 
@@ -18,8 +17,8 @@ from tests.unit.agent_world import World
 TOKEN = "manager-token-0123456789"
 
 
-def _world(tmp_path: Path, vms: int) -> tuple[World, str]:
-    url = f"sqlite:///{tmp_path / 'm.db'}"
+def _world(db_url: str, vms: int) -> tuple[World, str]:
+    url = db_url
     db = Database(url)
     # Each migration lasts long enough for all the admitted ones to overlap.
     world = World(polls_to_complete=6, duration_s=0.4)
@@ -30,8 +29,8 @@ def _world(tmp_path: Path, vms: int) -> tuple[World, str]:
     return world, url
 
 
-def test_twenty_concurrent_migrate_requests_accept_exactly_one(tmp_path: Path) -> None:
-    world, url = _world(tmp_path, 1)
+def test_twenty_concurrent_migrate_requests_accept_exactly_one(db_url: str) -> None:
+    world, url = _world(db_url, 1)
     app = create_app(url, TOKEN, agents=world.connector())
 
     async def main() -> tuple[list[int], TaskOut]:
@@ -62,8 +61,8 @@ def test_twenty_concurrent_migrate_requests_accept_exactly_one(tmp_path: Path) -
     assert task.result is not None and task.result.tls is False
 
 
-def test_at_most_four_migrations_involve_a_host_at_once(tmp_path: Path) -> None:
-    world, url = _world(tmp_path, 6)
+def test_at_most_four_migrations_involve_a_host_at_once(db_url: str) -> None:
+    world, url = _world(db_url, 6)
     db = Database(url)
     runner = TaskRunner(db, Inventory(db, world.connector()), per_host=4)
 
@@ -84,8 +83,8 @@ def test_at_most_four_migrations_involve_a_host_at_once(tmp_path: Path) -> None:
     assert all(world.running_copies(f"vm{i}") == ["h2"] for i in range(6))
 
 
-def test_force_delete_forgets_a_vm_its_host_no_longer_has(tmp_path: Path) -> None:
-    world, url = _world(tmp_path, 3)
+def test_force_delete_forgets_a_vm_its_host_no_longer_has(db_url: str) -> None:
+    world, url = _world(db_url, 3)
     # vm0 vanished from its host behind the manager's back; vm2 was moved to h2 behind it;
     # vm1 is where the manager thinks.
     del world.vms["h1"]["vm0"]
@@ -116,11 +115,11 @@ def test_force_delete_forgets_a_vm_its_host_no_longer_has(tmp_path: Path) -> Non
     assert world.running_copies("vm2") == ["h2"]
 
 
-def test_at_most_four_migrations_involve_a_destination_at_once(tmp_path: Path) -> None:
+def test_at_most_four_migrations_involve_a_destination_at_once(db_url: str) -> None:
     """Issue 22: moves into one host from several sources (three VMs on each of h1, h2 and
     h3, all to h4): the destination's slots are what limits them, and they hold. (Every move
     h1 -> h2 would not notice a missing destination slot: the source's limits both ends.)"""
-    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    db = Database(db_url)
     world = World(hosts=("h1", "h2", "h3", "h4"), polls_to_complete=6, duration_s=0.4)
     world.register_hosts(db)
     names = [f"vm{h}{i}" for h in (1, 2, 3) for i in range(3)]
@@ -146,9 +145,9 @@ def test_at_most_four_migrations_involve_a_destination_at_once(tmp_path: Path) -
 
 
 def test_a_high_priority_move_overtakes_the_normal_ones_waiting_for_its_host(
-    tmp_path: Path,
+    db_url: str,
 ) -> None:
-    world, url = _world(tmp_path, 4)
+    world, url = _world(db_url, 4)
     db = Database(url)
     runner = TaskRunner(db, Inventory(db, world.connector()), per_host=1)
 
@@ -175,9 +174,9 @@ def test_a_high_priority_move_overtakes_the_normal_ones_waiting_for_its_host(
 
 
 def test_a_move_cancelled_while_queued_ends_at_once_not_when_a_slot_frees(
-    tmp_path: Path,
+    db_url: str,
 ) -> None:
-    world, url = _world(tmp_path, 2)
+    world, url = _world(db_url, 2)
     world.polls_to_complete = 200  # the running move holds the hosts' only slots a while
     db = Database(url)
     runner = TaskRunner(db, Inventory(db, world.connector()), per_host=1)

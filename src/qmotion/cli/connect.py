@@ -2,7 +2,8 @@
 
 ``QMOTION_SERVER`` and ``QMOTION_TOKEN`` (and ``QMOTION_CA``, the cluster CA an https manager
 is checked against) win; then ``~/.config/qmotion/cli.toml`` (keys ``server``,
-``token-file``, ``ca-file``); then the one lab that is up.
+``token-file``, ``ca-file``); then the one lab that is up. The server may be several URLs
+(the manager's replicas: commas in ``QMOTION_SERVER``, a list in the file), tried in turn.
 """
 
 from __future__ import annotations
@@ -32,16 +33,20 @@ def _from_config(path: Path) -> ServerClient | None:
         fail(f"{path}: {exc}", 2)
     data = {k.replace("_", "-"): v for k, v in data.items()}
     unknown = sorted(set(data) - set(CLI_KEYS))
-    if unknown or not isinstance(data.get("server"), str):
-        fail(f'{path}: needs server = "https://..." (keys: {", ".join(CLI_KEYS)})', 2)
+    server = data.get("server")
+    if isinstance(server, list) and server and all(isinstance(u, str) for u in server):
+        server = ",".join(server)  # the manager's replicas, tried in turn
+    if unknown or not isinstance(server, str):
+        fail(
+            f'{path}: needs server = "https://..." or a list of them (keys: {", ".join(CLI_KEYS)})',
+            2,
+        )
     try:
         token = Path(str(data.get("token-file", ""))).expanduser().read_text().strip()
     except OSError as exc:
         fail(f"{path}: token-file: {exc}", 2)
     ca = data.get("ca-file")
-    return ServerClient(
-        data["server"], token, ca_file=str(Path(str(ca)).expanduser()) if ca else None
-    )
+    return ServerClient(server, token, ca_file=str(Path(str(ca)).expanduser()) if ca else None)
 
 
 def server_client(lab: str | None = None) -> ServerClient:
@@ -69,7 +74,8 @@ def server_client(lab: str | None = None) -> ServerClient:
     rec = records[0]
     assert rec.manager_url and rec.manager_token_file
     return ServerClient(
-        rec.manager_url,
+        # Its replicas too: the CLI goes on through another when one is down.
+        ",".join([rec.manager_url, *(r.url for r in rec.replicas)]),
         Path(rec.manager_token_file).read_text().strip(),
         ca_file=rec.manager_ca_file,
     )

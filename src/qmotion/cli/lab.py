@@ -42,6 +42,18 @@ def up(
         "--host-memory",
         help="Memory each host offers VMs, e.g. 6G (default: 3/4 of memory / hosts).",
     ),
+    postgres_db: bool = typer.Option(
+        False,
+        "--postgres",
+        help="The manager's database is a PostgreSQL the lab starts (Debian's postgresql; "
+        "a Unix socket in the lab's directory) instead of a SQLite file.",
+    ),
+    managers: int = typer.Option(
+        1, "--managers", min=1, max=4, help="Manager replicas on the database (needs --postgres)."
+    ),
+    lease_s: float = typer.Option(
+        10.0, "--lease", min=1.0, max=300.0, help="The manager replicas' lease, seconds."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the lab as JSON."),
 ) -> None:
     """Create the lab: switch, client namespace, hosts with agents, datastores."""
@@ -74,6 +86,9 @@ def up(
             insecure=insecure,
             host_cpus=host_cpus,
             host_memory_mib=memory_mib,
+            postgres_db=postgres_db,
+            managers=managers,
+            lease_s=lease_s,
         )
     if json_out:
         print_json(lab.record.public())
@@ -88,6 +103,10 @@ def up(
             console.print(Text(f"      migration address {h.migration_address}"))
     console.print(Text(f"  client: namespace {rec.client_namespace}, address {rec.client_address}"))
     console.print(Text(f"  VM addresses: {rec.pool.first} - {rec.pool.last}"))
+    if rec.replicas:
+        db = "PostgreSQL" if rec.postgres_dir else "SQLite"
+        urls = ", ".join([rec.manager_url or "", *(r.url for r in rec.replicas)])
+        console.print(Text(f"  managers on {db} (lease {rec.lease_s:g} s): {urls}"))
     if rec.manager_url:
         # The console signs in with the manager's token (the built-in admin).
         console.print(

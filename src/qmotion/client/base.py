@@ -30,6 +30,10 @@ def auth_headers(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+# Requests that change nothing: sent again to another replica whatever broke.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 class BaseClient:
     def __init__(
         self,
@@ -42,10 +46,15 @@ class BaseClient:
         cert: tuple[str, str] | None = None,
         tls: ssl.SSLContext | None = None,
     ) -> None:
-        """``ca_file``: the cluster CA an https:// service is checked against (None: the
+        """``base_url``: one URL, or several separated by commas (replicas of the manager:
+        a request that cannot connect to one goes to the next, see ``request``);
+        ``ca_file``: the cluster CA an https:// service is checked against (None: the
         system's trust store); ``cert``: a client certificate and key for mutual TLS (an
         agent's control API). An empty ``token`` sends no Authorization header."""
-        self.base_url = base_url.rstrip("/")
+        self.urls = [u.strip().rstrip("/") for u in base_url.split(",") if u.strip()]
+        if not self.urls:
+            raise ValueError("no URL given")
+        self.base_url = self.urls[0]
         self._http = httpx.Client(
             base_url=self.base_url,
             timeout=timeout_s,
@@ -64,10 +73,22 @@ class BaseClient:
         self.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            resp = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise Unreachable(f"{self.base_url}{path}", str(exc) or type(exc).__name__) from exc
+        """Through the URL that answered last; when it cannot be reached, the next one. A
+        request that may have reached a server (it timed out or broke after connecting) is
+        sent again only if it is a read: a second POST could start a second task."""
+        tried: list[str] = []
+        for _ in range(len(self.urls)):
+            try:
+                resp = self._http.request(method, path, **kwargs)
+                break
+            except httpx.TransportError as exc:
+                tried.append(f"{self.base_url}: {str(exc) or type(exc).__name__}")
+                unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+                if len(self.urls) == 1 or not (unsent or method in SAFE_METHODS):
+                    raise Unreachable(f"{self.base_url}{path}", "; ".join(tried)) from exc
+                self._next_url()
+        else:
+            raise Unreachable(f"{self.base_url}{path}", "; ".join(tried))
         if resp.status_code >= 400:
             try:
                 detail = ErrorBody.model_validate_json(resp.content).error
@@ -77,6 +98,10 @@ class BaseClient:
                 )
             raise error_for(resp.status_code, detail)
         return resp
+
+    def _next_url(self) -> None:
+        self.base_url = self.urls[(self.urls.index(self.base_url) + 1) % len(self.urls)]
+        self._http.base_url = httpx.URL(self.base_url)
 
     def call(self, model: type[M], method: str, path: str, **kwargs: Any) -> M:
         resp = self.request(method, path, **kwargs)

@@ -36,12 +36,20 @@ from qmotion.client.errors import ClientError
 from qmotion.client.server import ServerClient
 from qmotion.hypervisor import hugepages as hugepages_mod
 from qmotion.image import ensure_image
-from qmotion.lab import netns
+from qmotion.lab import netns, postgres
 from qmotion.lab.build import build, choose_subnet, validate
 from qmotion.lab.errors import LabExists, LabInputError, LabNotFound, LabSetupError
-from qmotion.lab.processes import agent_client, start_agent, start_manager, stop_pid, wait_agent
+from qmotion.lab.processes import (
+    FIRST_REPLICA,
+    agent_client,
+    start_agent,
+    start_manager,
+    start_replica,
+    stop_pid,
+    wait_agent,
+)
 from qmotion.lab.record import AddressPool, LabHost, LabRecord, load_lab, record_path, save
-from qmotion.lab.teardown import teardown
+from qmotion.lab.teardown import LAB_POSTGRES, teardown
 from qmotion.paths import labs_dir
 
 POOL_FIRST, POOL_LAST = 100, 199
@@ -160,6 +168,19 @@ class Lab:
         with contextlib.suppress(ClientError), self.server(timeout_s=30) as client:
             client.refresh_hosts()
 
+    def start_replica(self, name: str) -> str:
+        """Another manager replica on the lab's (PostgreSQL) database; its URL."""
+        return start_replica(self.record, name).url
+
+    def replica_pid(self, name: str) -> int | None:
+        if name == FIRST_REPLICA:
+            return self.record.manager_pid
+        return next((r.pid for r in self.record.replicas if r.name == name), None)
+
+    def kill_replica(self, name: str) -> None:
+        """SIGKILL one manager replica (``m1`` is the lab's own): as a machine that dies."""
+        stop_pid(self.replica_pid(name), b"server", crash=True)
+
     def restart_manager(self, crash: bool = False, down_s: float = 0.0) -> None:
         """Stop the manager (``crash``: SIGKILL, as a dying process) and start it again, after
         ``down_s`` seconds, on the same database and token; hosts and the pool stay
@@ -269,6 +290,9 @@ def lab_up(
     small_datastore_mib: int | None = None,
     host_cpus: int | None = None,
     host_memory_mib: int | None = None,
+    postgres_db: bool = False,
+    managers: int = 1,
+    lease_s: float = 10.0,
 ) -> Lab:
     """Create the lab and start an agent per host; on any failure, tear down what was made.
 
@@ -280,8 +304,13 @@ def lab_up(
     ``small_datastore_mib``: also a shared datastore ``small`` of that size (a tmpfs), for
     what must withstand a datastore that fills up. ``host_cpus``, ``host_memory_mib``:
     what each host offers VMs; by default the machine divided among the hosts (a quarter of
-    its memory kept for itself), so capacity checks in the lab are real.
+    its memory kept for itself), so capacity checks in the lab are real. ``postgres_db``:
+    the manager's database is a PostgreSQL the lab starts (in its directory, on a Unix
+    socket); ``managers``: that many manager replicas on it (m1, m2, ...), ``lease_s``
+    their lease.
     """
+    if managers < 1 or (managers > 1 and not postgres_db):
+        raise LabInputError("managers: 1, or more with postgres_db (replicas share it)")
     validate(name, hosts, rtt_ms, bandwidth)
     if hugepages is not None and hugepages < 0:
         raise LabInputError(f"hugepages must be >= 0 bytes, got {hugepages}")
@@ -324,9 +353,16 @@ def lab_up(
         hugepages=bool(pool_bytes),
         host_cpus=host_cpus or max(1, (os.cpu_count() or 1) // hosts),
         host_memory_mib=host_memory_mib or (machine_memory() * 3 // 4 // hosts) >> 20 or None,
+        lease_s=lease_s,
     )
     try:
+        if postgres_db:
+            cluster = postgres.start(lab_dir / LAB_POSTGRES)
+            rec.postgres_dir, rec.db_url = str(cluster.directory), cluster.url
+            save(rec)
         build(rec, hosts, accel, small_datastore_mib)
+        for k in range(2, managers + 1):
+            start_replica(rec, f"m{k}")
     except BaseException as exc:
         teardown(rec)
         if isinstance(exc, Exception):

@@ -24,10 +24,11 @@ from qmotion.client.server import ServerClient
 from qmotion.image.cc import compile_static
 from qmotion.lab import netns
 from qmotion.lab.errors import LabSetupError
-from qmotion.lab.record import LabHost, LabRecord, save
+from qmotion.lab.record import LabHost, LabRecord, LabReplica, save
 
 AGENT_PORT = 8100
 MANAGER_PORT = 8000
+FIRST_REPLICA = "m1"  # the lab's own manager, among its replicas
 AGENT_READY_TIMEOUT_S = 60.0
 
 
@@ -41,42 +42,13 @@ def start_manager(rec: LabRecord, register: bool = True) -> None:
     if register:
         token_file.write_text(secrets.token_urlsafe(24) + "\n")
         token_file.chmod(0o600)
-    scheme = "http" if rec.insecure else "https"
-    rec.manager_url = f"{scheme}://{rec.switch_address}:{MANAGER_PORT}"
+    rec.manager_url = _manager_url(rec, MANAGER_PORT)
     rec.manager_token_file = str(token_file)
     rec.manager_ca_file = None if rec.insecure else str(lab_dir / "ca" / "ca-cert.pem")
-    argv = [
-        sys.executable,
-        "-m",
-        "qmotion",
-        "server",
-        "--listen",
-        f"{rec.switch_address}:{MANAGER_PORT}",
-        "--db",
-        f"sqlite:///{lab_dir / 'manager.db'}",
-        "--token-file",
-        str(token_file),
-        *(["--insecure"] if rec.insecure else ["--ca-dir", str(lab_dir / "ca")]),
-    ]
-    with open(lab_dir / "manager.log", "ab") as logf:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
-        )
-    rec.manager_pid = proc.pid
+    rec.manager_pid = _spawn_manager(rec, FIRST_REPLICA, MANAGER_PORT)
     save(rec)
     token = token_file.read_text().strip()
-    deadline = time.monotonic() + AGENT_READY_TIMEOUT_S
-    while True:
-        try:
-            # The CA file appears once the manager made it (first start).
-            with _manager_client(rec, token) as client:
-                client.hosts()
-            break
-        except (ClientError, OSError) as exc:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                tail = (lab_dir / "manager.log").read_text(errors="replace")[-1500:]
-                raise LabSetupError(f"manager did not start: {exc}\n{tail}") from exc
-            time.sleep(0.2)
+    _wait_manager(rec, rec.manager_url, rec.manager_pid, FIRST_REPLICA, token)
     if not register:
         return
     with _manager_client(rec, token) as client:
@@ -92,6 +64,82 @@ def start_manager(rec: LabRecord, register: bool = True) -> None:
         client.set_pool(
             PoolSet(first=rec.pool.first, last=rec.pool.last, prefixlen=rec.pool.prefixlen)
         )
+
+
+def start_replica(rec: LabRecord, name: str) -> LabReplica:
+    """Another manager on the lab's database, on the next port: a replica of the first
+    (the same token, CA and hosts)."""
+    if rec.manager_url is None or rec.manager_token_file is None:
+        raise LabSetupError(f"lab {rec.name} has no manager to add a replica to")
+    taken = {r.name for r in rec.replicas} | {FIRST_REPLICA}
+    if name in taken:
+        raise LabSetupError(f"lab {rec.name} has a manager named {name} already")
+    port = MANAGER_PORT + len(rec.replicas) + 1
+    replica = LabReplica(name=name, url=_manager_url(rec, port))
+    replica.pid = _spawn_manager(rec, name, port)
+    rec.replicas.append(replica)
+    save(rec)
+    token = Path(rec.manager_token_file).read_text().strip()
+    _wait_manager(rec, replica.url, replica.pid, name, token)
+    return replica
+
+
+def _manager_url(rec: LabRecord, port: int) -> str:
+    return f"{'http' if rec.insecure else 'https'}://{rec.switch_address}:{port}"
+
+
+def _spawn_manager(rec: LabRecord, name: str, port: int) -> int:
+    lab_dir = Path(rec.dir)
+    argv = [
+        sys.executable,
+        "-m",
+        "qmotion",
+        "server",
+        "--listen",
+        f"{rec.switch_address}:{port}",
+        "--db",
+        rec.db_url or f"sqlite:///{lab_dir / 'manager.db'}",
+        "--replica",
+        name,
+        "--lease",
+        str(rec.lease_s),
+        "--token-file",
+        str(lab_dir / "manager.token"),
+        *(["--insecure"] if rec.insecure else ["--ca-dir", str(lab_dir / "ca")]),
+    ]
+    log = lab_dir / ("manager.log" if name == FIRST_REPLICA else f"manager-{name}.log")
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
+        )
+    return proc.pid
+
+
+def _wait_manager(rec: LabRecord, url: str, pid: int | None, name: str, token: str) -> None:
+    lab_dir = Path(rec.dir)
+    log = lab_dir / ("manager.log" if name == FIRST_REPLICA else f"manager-{name}.log")
+    deadline = time.monotonic() + AGENT_READY_TIMEOUT_S
+    while True:
+        try:
+            # The CA file appears once the manager made it (first start).
+            with ServerClient(url, token, timeout_s=60, ca_file=rec.manager_ca_file) as client:
+                client.hosts()
+            return
+        except (ClientError, OSError) as exc:
+            if time.monotonic() > deadline or not _alive(pid):
+                tail = log.read_text(errors="replace")[-1500:]
+                raise LabSetupError(f"manager {name} did not start: {exc}\n{tail}") from exc
+            time.sleep(0.2)
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)  # our child: reaped if it exited
+    except ChildProcessError:
+        return Path(f"/proc/{pid}").exists()
+    return done == 0
 
 
 def _manager_client(rec: LabRecord, token: str) -> ServerClient:

@@ -49,6 +49,14 @@ class AddressPool(BaseModel):
     prefixlen: int
 
 
+class LabReplica(BaseModel):
+    """A manager beside the lab's own, on the same database (``Lab.start_replica``)."""
+
+    name: str
+    url: str
+    pid: int | None = None
+
+
 class LabRecord(BaseModel):
     name: str
     dir: str
@@ -73,6 +81,12 @@ class LabRecord(BaseModel):
     manager_token_file: str | None = None
     manager_ca_file: str | None = None  # the cluster CA the manager's HTTPS is checked against
     manager_pid: int | None = None
+    # The manager's database: None, the lab's SQLite file; else a PostgreSQL the lab started
+    # (in postgres_dir, stopped with the lab). More managers on it: replicas.
+    db_url: str | None = None
+    postgres_dir: str | None = None
+    lease_s: float = 10.0
+    replicas: list[LabReplica] = Field(default_factory=list)
     hugepages: bool = True
     # What each host offers VMs (its agent's --cpus/--memory); None: the whole machine.
     host_cpus: int | None = None
@@ -106,6 +120,8 @@ class LabRecord(BaseModel):
                 "token_file": self.manager_token_file,
                 "ca_file": self.manager_ca_file,
                 "pid": self.manager_pid,
+                "database": "postgresql" if self.postgres_dir else "sqlite",
+                "replicas": [r.model_dump() for r in self.replicas],
             },
             "rtt_ms": self.rtt_ms,
             "bandwidth": self.bandwidth,

@@ -10,14 +10,14 @@ import subprocess
 from pathlib import Path
 
 from qmotion.hypervisor.cgroups import Cgroups, agent_group
-from qmotion.lab import netns
+from qmotion.lab import netns, postgres
 from qmotion.lab.errors import LabInputError, LabNotFound
 from qmotion.lab.processes import stop_pid
 from qmotion.lab.record import NAME_RE, LabRecord, record_path
 
 
 def teardown(rec: LabRecord) -> None:
-    stop_pid(rec.manager_pid, b"server")
+    stop_managers(rec)
     for ns in rec.namespaces:
         if ns in netns.namespaces():
             netns.kill_ns_processes(ns)
@@ -30,6 +30,18 @@ def teardown(rec: LabRecord) -> None:
     remove_cgroups(rec)
     unmount_under(Path(rec.dir))
     shutil.rmtree(rec.dir, ignore_errors=True)
+
+
+LAB_POSTGRES = "pg"  # the lab's PostgreSQL cluster, in the lab's directory
+
+
+def stop_managers(rec: LabRecord) -> None:
+    """Every manager of the lab, then the PostgreSQL it started for them (if any)."""
+    for replica in rec.replicas:
+        stop_pid(replica.pid, b"server")
+    stop_pid(rec.manager_pid, b"server")
+    if rec.postgres_dir is not None:
+        postgres.stop(Path(rec.postgres_dir))
 
 
 def remove_cgroups(rec: LabRecord) -> None:
@@ -74,7 +86,7 @@ def lab_down(name: str = "qmlab") -> list[str]:
     if rec is None and not namespaces and not links and not path.parent.exists():
         raise LabNotFound(f"no lab named {name!r} is up")
     if rec is not None:
-        stop_pid(rec.manager_pid, b"server")
+        stop_managers(rec)
     for ns in namespaces:
         if ns in netns.namespaces():
             netns.kill_ns_processes(ns)
@@ -89,6 +101,10 @@ def lab_down(name: str = "qmlab") -> list[str]:
     if rec is not None:
         remove_cgroups(rec)
     if path.parent.exists():
+        # A PostgreSQL the lab started, even when its record is gone.
+        if (path.parent / LAB_POSTGRES / "data" / "postmaster.pid").exists():
+            postgres.stop(path.parent / LAB_POSTGRES)
+            removed.append("the lab's PostgreSQL")
         unmount_under(path.parent)
         shutil.rmtree(path.parent, ignore_errors=True)
         removed.append(f"directory {path.parent}")

@@ -1,4 +1,8 @@
-"""The manager's inventory and tasks in SQLAlchemy (SQLite by default; portable schema)."""
+"""The manager's inventory and tasks in SQLAlchemy: SQLite by default, PostgreSQL to scale.
+
+The schema is under Alembic (``server/schema``): a database is brought to the code's revision
+when the manager starts (``qmotion server db upgrade`` does it alone).
+"""
 
 from __future__ import annotations
 
@@ -23,12 +27,10 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
-    inspect,
     select,
     text,
 )
 from sqlalchemy.engine import Dialect, Engine
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -67,7 +69,8 @@ class Host(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     agent_url: Mapped[str] = mapped_column(String(256))
     token: Mapped[str] = mapped_column(String(256))
-    state: Mapped[str] = mapped_column(String(16), default="up")
+    # Up to "entering-maintenance" (20): SQLite never enforced the 16 it had.
+    state: Mapped[str] = mapped_column(String(32), default="up")
     facts: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     registered_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     last_seen: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
@@ -178,6 +181,10 @@ class Task(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The manager replica running it, and that replica's epoch when it took the task: a
+    # replica writes a step only while both still match (its fencing token, see replicas).
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    owner_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
@@ -264,10 +271,34 @@ class AuditRecord(Base):
     task_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
+class Replica(Base):
+    """A manager process serving the cluster's database: its lease on the tasks it owns.
+
+    ``epoch`` grows each time a process starts under the name: the previous process's tasks,
+    stamped with the older epoch, are then orphans a live replica takes over."""
+
+    __tablename__ = "replicas"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer)
+    address: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    renewed_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class Lease(Base):
+    """A named lease (the leader's): who holds it until when, and a fencing token that grows
+    with every change of holder."""
+
+    __tablename__ = "leases"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    holder_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    token: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
 ACTIVE_TASK_STATES = ("queued", "running")
-# Columns added to a table after it was first made (table, column): create_all adds no
-# column to a table that exists, so a database made before them gets each with ALTER TABLE.
-ADDED_COLUMNS = (("vms", "attention"), ("hosts", "approved"), ("join_tokens", "migration"))
 
 
 def _private_sqlite_file(url: str) -> None:
@@ -284,11 +315,35 @@ def _private_sqlite_file(url: str) -> None:
     os.chmod(path, 0o600)
 
 
+PG_POOL: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
+
+
+def is_postgresql(url: str) -> bool:
+    return url.startswith(("postgresql", "postgres"))
+
+
 class Database:
-    def __init__(self, url: str) -> None:
+    """``upgrade``: bring the schema to the code's revision first (the manager at start);
+    False: refuse a database that is behind (a tool that must not change it)."""
+
+    def __init__(self, url: str, upgrade: bool = True) -> None:
+        from qmotion.server import schema  # its migrations import this module's models
+
+        self.url = url
+        self.postgresql = is_postgresql(url)
         args = {"check_same_thread": False} if url.startswith("sqlite") else {}
         _private_sqlite_file(url)
-        self.engine: Engine = create_engine(url, connect_args=args)
+        self.engine: Engine = create_engine(
+            url,
+            connect_args=args,
+            # PostgreSQL: each replica holds few connections; a dead one is replaced, not
+            # handed to a task step (the server restarted or failed over under us).
+            **(
+                {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
+                if self.postgresql
+                else {}
+            ),
+        )
         if url.startswith("sqlite"):
 
             @event.listens_for(self.engine, "connect")
@@ -302,26 +357,10 @@ class Database:
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
 
-        Base.metadata.create_all(self.engine)
-        # create_all adds no index to a table that already exists (a database made before
-        # the index was introduced); the constraint must hold there too.
-        for index in Base.metadata.tables[Task.__tablename__].indexes:
-            index.create(self.engine, checkfirst=True)
-        self._add_missing_columns()
-
-    def _add_missing_columns(self) -> None:
-        for table, column in ADDED_COLUMNS:
-            if column in {c["name"] for c in inspect(self.engine).get_columns(table)}:
-                continue
-            col = Base.metadata.tables[table].c[column]
-            kind = col.type.compile(dialect=self.engine.dialect)
-            try:
-                with self.engine.begin() as conn:
-                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
-            except OperationalError:
-                # Another process starting on the same database added it first.
-                if column not in {c["name"] for c in inspect(self.engine).get_columns(table)}:
-                    raise
+        if upgrade:
+            schema.upgrade(self.engine, url)
+        else:
+            schema.check_current(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

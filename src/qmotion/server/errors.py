@@ -5,7 +5,9 @@ ManagerError
  ├── NotFound      404  no such host, VM or task
  ├── Conflict      409  the cluster's state forbids it now (refused; nothing changed)
  ├── Invalid       422  the request is wrong (refused; nothing changed; names the field)
- └── Upstream      502  an agent failed or could not be reached while acting
+ ├── Upstream      502  an agent failed or could not be reached while acting
+ └── LeaseLost     500  (internal) another replica owns the task now: this one stops its work
+                        on it at once, without touching the hosts again
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ class Invalid(ManagerError):
 class Upstream(ManagerError):
     status = 502
     code = "agent_error"
+
+
+class LeaseLost(ManagerError):
+    code = "lease_lost"
+
+    def __init__(self, task_id: int, owner: str | None) -> None:
+        super().__init__(f"task {task_id} is owned by replica {owner or 'none'} now")
+        self.task_id, self.owner = task_id, owner
 
 
 def raise_refusals(refusals: Sequence[Refusal], vm: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import secrets
@@ -11,6 +12,7 @@ from typing import Any, TypeVar
 
 import httpx
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from qmotion.api.host import HostFacts, HostMetrics, TlsInstall
@@ -39,7 +41,7 @@ from qmotion.server.db import (
     Vm,
     utcnow,
 )
-from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream
+from qmotion.server.errors import Conflict, Invalid, ManagerError, NotFound, Upstream
 from qmotion.server.images import image_disk
 from qmotion.server.vm_lifecycle import VmLifecycle
 
@@ -523,7 +525,19 @@ class Inventory(VmLifecycle):
                 memory_mib=spec.memory,
             )
             s.add(vm)
-            s.flush()
+            try:
+                s.flush()
+            except IntegrityError as exc:
+                # Another manager replica created a VM with this name or address meanwhile
+                # (both read it free): the definition made here goes, and nothing is kept.
+                with contextlib.suppress(ManagerError):
+                    self.call(host, lambda c: c.delete(req.name, with_disks=True), vm=req.name)
+                raise Conflict(
+                    f"VM {req.name}: its name or address {address} was taken meanwhile by "
+                    "another request; try again",
+                    field="name",
+                    vm=req.name,
+                ) from exc
             out = self.vm_out(s, vm)
         if req.start:
             return self.start_vm(req.name)

@@ -21,6 +21,8 @@ def run(
     ca_dir: Path | None,
     log_format: LogFormat = "text",
     access_log: bool = True,
+    replica: str = "local",
+    lease_s: float = 10.0,
 ) -> None:
     """``ca_dir``: where the cluster CA lives (made on first start); None: insecure."""
     logs.configure(log_format)
@@ -35,7 +37,16 @@ def run(
             "ssl_keyfile": str(served / "manager-key.pem"),
         }
     uvicorn.run(
-        create_app(db_url, token, ca=ca, manager_tls=manager_tls, manager_addresses=(host,)),
+        create_app(
+            db_url,
+            token,
+            ca=ca,
+            manager_tls=manager_tls,
+            manager_addresses=(host,),
+            replica=replica,
+            lease_s=lease_s,
+            address=f"{'https' if tls else 'http'}://{host}:{port}",
+        ),
         host=host,
         port=port,
         **tls,  # type: ignore[arg-type]

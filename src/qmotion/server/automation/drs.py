@@ -459,8 +459,13 @@ class ClusterDrs:
 
     def recover_after_restart(self) -> None:
         """Recommendations a previous manager was applying: their apply task ended with it
-        (the migrations it started went on by themselves)."""
+        (the migrations it started went on by themselves). Not while another replica's
+        apply runs: they may be its."""
         with self.db.session() as s:
+            if s.scalar(
+                select(Task.id).where(Task.kind == DRS_APPLY, Task.state.in_(ACTIVE_TASK_STATES))
+            ):
+                return
             s.execute(
                 update(Recommendation)
                 .where(Recommendation.state == RecommendationState.APPLYING)

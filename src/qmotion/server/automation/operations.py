@@ -11,6 +11,7 @@ operation stops it submitting; migrations already running finish or are cancelle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from qmotion.api.drs import MoveOutcome, OperationReport
 from qmotion.api.server import MigrateRequest, TaskOut, TaskState
 from qmotion.server.db import Database, Task, TaskEvent, utcnow
-from qmotion.server.errors import ManagerError
+from qmotion.server.errors import LeaseLost, ManagerError
 from qmotion.server.tasks.runner import TaskRunner
 from qmotion.server.tasks.task_view import task_out
 
@@ -59,6 +60,7 @@ class Operations:
         its report becomes the task's result, its error (if any) fails the task."""
         with self.db.session() as s:
             t = Task(kind=kind, state=TaskState.RUNNING, source=host, started_at=utcnow())
+            self.runner.membership.stamp(t)
             s.add(t)
             s.flush()
             s.add(TaskEvent(task=t, kind="started", message=message))
@@ -78,11 +80,14 @@ class Operations:
                     else TaskState.SUCCEEDED
                 )
                 await asyncio.to_thread(self._finish, out.id, state, error, report)
+            except LeaseLost as exc:  # another replica ended it (a takeover): nothing more
+                log.warning("operation %d: %s; stopped here", out.id, exc)
             except Exception as exc:  # a bug must still end the task, visibly
                 log.exception("operation %d crashed", out.id)
-                await asyncio.to_thread(
-                    self._finish, out.id, TaskState.FAILED, f"internal error: {exc}", None
-                )
+                with contextlib.suppress(LeaseLost):
+                    await asyncio.to_thread(
+                        self._finish, out.id, TaskState.FAILED, f"internal error: {exc}", None
+                    )
 
         self.runner.spawn(out.id, cancel, run())
         return out
@@ -91,8 +96,7 @@ class Operations:
         self, task_id: int, state: TaskState, error: str | None, report: OperationReport | None
     ) -> None:
         with self.db.session() as s:
-            t = s.get(Task, task_id)
-            assert t is not None
+            t = self.runner.owned_task(s, task_id)
             t.state, t.ended_at, t.error = state, utcnow(), error
             t.progress = 1.0 if state == TaskState.SUCCEEDED else t.progress
             t.result = report.model_dump(mode="json") if report else None
@@ -100,8 +104,7 @@ class Operations:
 
     def event(self, task_id: int, message: str, progress: float | None = None) -> None:
         with self.db.session() as s:
-            t = s.get(Task, task_id)
-            assert t is not None
+            t = self.runner.owned_task(s, task_id)
             if progress is not None:
                 t.progress = max(t.progress, min(progress, 0.99))
             s.add(TaskEvent(task=t, kind="note", message=message))

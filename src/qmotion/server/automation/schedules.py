@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal, NamedTuple, Protocol
 
 from cronsim import CronSim
-from sqlalchemy import ForeignKey, Integer, String, Text, delete, select
+from sqlalchemy import ForeignKey, Integer, String, Text, delete, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from qmotion.api.schedule import (
@@ -149,6 +149,25 @@ class _Claim(NamedTuple):
     host: str | None
 
 
+def _advance(
+    s: Session, row: Schedule, due: datetime, to: datetime | None, ran_at: datetime | None
+) -> bool:
+    """``row``'s next run moved from ``due`` to ``to`` if nobody moved it first."""
+    values: dict[str, datetime | None] = {"next_run_at": to}
+    if ran_at is not None:
+        values["last_run_at"] = ran_at
+    done = s.execute(
+        update(Schedule)
+        .where(Schedule.id == row.id, Schedule.next_run_at == due)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if not done.rowcount:  # type: ignore[attr-defined]
+        return False
+    s.refresh(row)
+    return True
+
+
 def _arg(value: str | None, field: str) -> str:
     if value is None:  # the request was validated: only a hand-edited row lacks it
         raise Invalid(f"the schedule has no {field}", field=field)
@@ -274,7 +293,12 @@ class Schedules:
                     await self._run(claim)
 
     def _claim(self, schedule_id: int, now: datetime) -> _Claim | None:
-        """The schedule's run due at ``now``, claimed; a missed run is recorded on the way."""
+        """The schedule's run due at ``now``, claimed; a missed run is recorded on the way.
+
+        Each step is a compare-and-set on ``next_run_at``: of two replicas (or processes)
+        reading the same due run, one advances it and the other finds it moved and stops.
+        SQLite's driver runs a read outside the write's transaction, and PostgreSQL's read
+        committed lets both read the old value, so a read-then-write would fire it twice."""
         with self.db.session() as s:
             row = s.get(Schedule, schedule_id)
             # Twice at most: skipping missed runs can land on a later one still within grace.
@@ -284,14 +308,15 @@ class Schedules:
                 if decision == "wait":
                     return None
                 if decision == "run":
-                    row.next_run_at = next_after(row.at, row.cron, now)
-                    row.last_run_at = now
+                    if not _advance(s, row, due, next_after(row.at, row.cron, now), now):
+                        return None
                     return _Claim(
                         row.id, due, now, ScheduleAction(row.action), row.vm, row.to, row.host
                     )
                 # One record for all the runs beyond grace: the next is the first within it.
                 cutoff = now - timedelta(seconds=row.grace_s, microseconds=1)
-                row.next_run_at = next_after(row.at, row.cron, cutoff)
+                if not _advance(s, row, due, next_after(row.at, row.cron, cutoff), None):
+                    return None
                 resume = (
                     f"; it runs next at {row.next_run_at.isoformat()}"
                     if row.next_run_at is not None

@@ -60,7 +60,9 @@ from qmotion.server.http.schedule_routes import install_routes as install_schedu
 from qmotion.server.images import ImageLibrary
 from qmotion.server.inventory import Inventory
 from qmotion.server.reconciler import Reconciler
+from qmotion.server.replicas import DEFAULT_LEASE_S, DEFAULT_NAME, Membership, while_leading
 from qmotion.server.tasks.runner import TaskRunner
+from qmotion.server.tasks.task_view import DRS_APPLY, MAINTENANCE
 
 log = logging.getLogger(__name__)
 REFRESH_INTERVAL_S = 15.0
@@ -77,13 +79,19 @@ def create_app(
     ca: ClusterCA | None = None,
     manager_tls: ManagerTls | None = None,
     manager_addresses: tuple[str, ...] = (),
+    replica: str = DEFAULT_NAME,
+    lease_s: float = DEFAULT_LEASE_S,
+    address: str | None = None,
 ) -> FastAPI:
     """The manager; ``agents`` is the seam to the host agents (tests pass in-process ones);
     ``ca``: the cluster CA that makes migrations TLS (None: the cluster is insecure);
-    ``manager_tls``: the client certificate joined hosts' agents are called with."""
+    ``manager_tls``: the client certificate joined hosts' agents are called with;
+    ``replica``: this process's name among the managers on the database (see replicas),
+    ``lease_s`` their lease, ``address`` where this one serves (shown to operators)."""
     db = Database(db_url)
     inventory = Inventory(db, agents or AgentConnector(tls=manager_tls), ca, manager_addresses)
-    runner = TaskRunner(db, inventory)
+    membership = Membership(db, replica, lease_s, address)
+    runner = TaskRunner(db, inventory, membership=membership)
     library = ImageLibrary(db, inventory)
     operations = Operations(db, runner)
     drs = ClusterDrs(db, inventory, operations)
@@ -92,22 +100,45 @@ def create_app(
     schedules = Schedules(db, actions)
     reconciler = Reconciler(inventory)
 
+    def after_takeover(ended: list[str]) -> None:
+        # An apply or evacuation whose replica died: its recommendations are released, and
+        # a host it left entering maintenance goes on being evacuated (by this replica).
+        if DRS_APPLY in ended:
+            drs.recover_after_restart()
+        if MAINTENANCE in ended:
+            maintenance.resume_after_restart()
+
+    runner.after_takeover.append(after_takeover)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runner.recover_after_restart()
         drs.recover_after_restart()
         maintenance.resume_after_restart()
         loops = [
-            asyncio.ensure_future(_refresh_forever(inventory, drs, reconciler)),
-            asyncio.ensure_future(drs.run_forever()),
-            asyncio.ensure_future(schedules.run_forever()),
+            asyncio.ensure_future(runner.keep_leases()),
+            # Cluster-wide rounds run on one replica: the leader's.
+            asyncio.ensure_future(
+                while_leading(
+                    membership,
+                    lambda: [
+                        _refresh_forever(inventory, drs, reconciler),
+                        drs.run_forever(),
+                        schedules.run_forever(),
+                    ],
+                )
+            ),
         ]
         try:
             yield
         finally:
             for loop in loops:
                 loop.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
             await runner.shutdown()
+            # Another replica takes this one's tasks over now, not a lease later.
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(membership.leave)
 
     app = FastAPI(
         title="qmotion manager", version=__version__, lifespan=lifespan, responses=COMMON_ERRORS

@@ -27,8 +27,9 @@ from qmotion.migration.prechecks import (
 from qmotion.migration.storage import StoragePortError
 from qmotion.migration.vocabulary import Phase
 from qmotion.server.db import Database, Host, Task, TaskEvent, Vm
-from qmotion.server.errors import Conflict, Invalid, raise_refusals
+from qmotion.server.errors import Conflict, Invalid, LeaseLost, raise_refusals
 from qmotion.server.inventory import Inventory
+from qmotion.server.replicas import Membership
 from qmotion.server.tasks.cold import AgentColdPort, cold_refusals
 from qmotion.server.tasks.ends import host_copy
 from qmotion.server.tasks.port import vm_view
@@ -66,7 +67,12 @@ class DiskTasks:
             held.callback(slots.release)
         return True
 
-    def _mark_running(self, task_id: int) -> None:
+    membership: Membership
+
+    async def _begin(self, task_id: int, hosts: Sequence[str], cancel: asyncio.Event) -> bool:
+        raise NotImplementedError
+
+    def owned_task(self, s: Session, task_id: int) -> Task:
         raise NotImplementedError
 
     def _finish(self, task_id: int, state: TaskState, error: str | None) -> None:
@@ -92,15 +98,18 @@ class DiskTasks:
         try:
             async with contextlib.AsyncExitStack() as slots:
                 taken = await self._take(slots, hosts, priority, None if resumed else cancel)
-                if not resumed:
-                    if not taken or cancel.is_set():
-                        await asyncio.to_thread(
-                            self._finish, task_id, TaskState.CANCELLED, "cancelled while queued"
-                        )
-                        return
-                    await asyncio.to_thread(self._mark_running, task_id)
+                started = resumed or (
+                    taken and not cancel.is_set() and await self._begin(task_id, hosts, cancel)
+                )
+                if not started:
+                    await asyncio.to_thread(
+                        self._finish, task_id, TaskState.CANCELLED, "cancelled while queued"
+                    )
+                    return
                 state, error = await body(cancel)
                 await asyncio.to_thread(self._finish, task_id, state, error)
+        except LeaseLost as exc:  # another replica goes on with it: nothing more here
+            log.warning("task %d: %s; stopped here", task_id, exc)
         except Exception as exc:
             log.exception("task %d crashed", task_id)
             if on_crash is not None:
@@ -108,9 +117,10 @@ class DiskTasks:
                     await on_crash()
                 except Exception:
                     log.exception("task %d: cleanup after the crash failed", task_id)
-            await asyncio.to_thread(
-                self._finish, task_id, TaskState.FAILED, f"internal error: {exc}"
-            )
+            with contextlib.suppress(LeaseLost):
+                await asyncio.to_thread(
+                    self._finish, task_id, TaskState.FAILED, f"internal error: {exc}"
+                )
         finally:
             self._cancel.pop(task_id, None)
             self._running.pop(task_id, None)
@@ -155,6 +165,7 @@ class DiskTasks:
                     params=params,
                     phase=Phase.QUEUED,
                 )
+                self.membership.stamp(t)
                 s.add(t)
                 s.flush()
                 s.add(TaskEvent(task=t, kind="queued", message=message))
@@ -402,8 +413,7 @@ class DiskTasks:
 
     def _persist_cold(self, task_id: int, st: cold.CStep) -> None:
         with self.db.session() as s:
-            t = s.get(Task, task_id)
-            assert t is not None
+            t = self.owned_task(s, task_id)
             order = list(cold.CPhase)
             if st.state.phase in order[:4]:
                 t.progress = max(t.progress, order.index(st.state.phase) / 4)
@@ -484,8 +494,7 @@ class DiskTasks:
 
     def _persist_storage(self, task_id: int, st: storage.Step, status: MirrorStatus | None) -> None:
         with self.db.session() as s:
-            t = s.get(Task, task_id)
-            assert t is not None
+            t = self.owned_task(s, task_id)
             if status is not None:
                 t.stats = status.model_dump(mode="json")
                 if status.total_bytes:

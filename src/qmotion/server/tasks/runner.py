@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
 from uuid import uuid4
 
-from sqlalchemy import select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from qmotion.api.migration import (
     IncomingRequest,
@@ -36,8 +37,16 @@ from qmotion.migration.errors import Refused, StepError
 from qmotion.migration.prechecks import precheck
 from qmotion.migration.vocabulary import MigrationState, Phase, Step
 from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, Task, TaskEvent, utcnow
-from qmotion.server.errors import Conflict, Invalid, NotFound, Upstream, raise_refusals
+from qmotion.server.errors import (
+    Conflict,
+    Invalid,
+    LeaseLost,
+    NotFound,
+    Upstream,
+    raise_refusals,
+)
 from qmotion.server.inventory import Inventory
+from qmotion.server.replicas import Membership
 from qmotion.server.tasks.disk_tasks import DiskTasks
 from qmotion.server.tasks.ends import host_copy
 from qmotion.server.tasks.flight import report
@@ -49,6 +58,10 @@ from qmotion.server.tasks.task_view import OPERATION_KINDS, task_out
 
 log = logging.getLogger(__name__)
 DEFAULT_PER_HOST = 4
+# A claimed task: its id, whether its cancel was asked, and how it goes on.
+Resumption = tuple[int, bool, Callable[[], Coroutine[Any, Any, None]]]
+# How often a move waiting for a host slot held by another replica looks again.
+CLUSTER_SLOT_POLL_S = 0.5
 # How a live migration's end phase reads as a task: the VM runs on the destination in both
 # done and confirmation_pending (the latter with a warning and the VM marked for attention).
 SETTLED = {
@@ -69,67 +82,175 @@ class TaskRunner(DiskTasks):
         per_host: int = DEFAULT_PER_HOST,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        membership: Membership | None = None,
     ):
         self.db, self.inventory, self.per_host, self.clock = db, inventory, per_host, clock
         self.sleep = sleep
         self._slots: dict[str, Slots] = {}
         self._cancel: dict[int, asyncio.Event] = {}
         self._running: dict[int, asyncio.Task[None]] = {}
+        self.membership = membership or Membership(db)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Called after each takeover with the kinds of the tasks it ended (operations).
+        self.after_takeover: list[Callable[[list[str]], None]] = []
 
     def recover_after_restart(self) -> None:
-        """Tasks a previous manager process left behind: one that had not begun ends (nothing
-        changed); a migration under way resumes from its persisted state (vocabulary.Restarted).
-        Call from within the event loop."""
-        resume = []
-        others: list[tuple[int, bool, Callable[[], Coroutine[Any, Any, None]]]] = []
+        """Join as a new epoch of this replica, then take over every orphaned task (this
+        name's previous process's among them). Call from within the event loop."""
+        self._loop = asyncio.get_running_loop()
+        self.membership.join()
+        self._start(*self._claim_orphans())
+
+    async def keep_leases(self) -> None:
+        """Renew this replica's lease and take over orphaned tasks, every third of a lease,
+        until cancelled. A replica that lost its name or could not renew in time stops its
+        own work (another replica may be resuming it) and joins again as a new epoch."""
+        self._loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.membership.lease_s / 3)
+            try:
+                renewed = await asyncio.to_thread(self.membership.renew)
+            except Exception:
+                log.exception("replica %s: could not renew its lease", self.membership.name)
+                renewed = True  # the database may be back before the lease ends
+            if not renewed or self.membership.fenced():
+                log.error(
+                    "replica %s lost its lease: stopping its tasks and joining again",
+                    self.membership.name,
+                )
+                await self.abandon_all()
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.membership.join)
+                continue
+            try:
+                for task_id in await asyncio.to_thread(self._cancels_asked):
+                    if (event := self._cancel.get(task_id)) is not None:
+                        event.set()
+                self._start(*await asyncio.to_thread(self._claim_orphans))
+            except Exception:
+                log.exception("replica %s: taking over orphaned tasks failed", self.membership.name)
+
+    def _claim_orphans(self) -> tuple[list[Resumption], list[str]]:
+        """Orphaned tasks, claimed for this replica in one transaction: a migration or disk
+        task under way resumes from its persisted state (vocabulary.Restarted); one that had
+        not begun, or an operation, ends (what it started goes on by itself)."""
+        me = self.membership
+        work: list[Resumption] = []
+        failed_kinds: list[str] = []
         with self.db.session() as s:
-            for t in s.scalars(select(Task).where(Task.state.in_(ACTIVE_TASK_STATES))):
+            for t in me.orphans(s):
+                restarted = t.owner in (None, me.name)
+                before = t.owner
+                # Compare-and-set: on SQLite the read above ran outside this transaction,
+                # and another replica may have claimed the task since.
+                claimed = s.execute(
+                    update(Task)
+                    .where(
+                        Task.id == t.id,
+                        Task.owner.is_not_distinct_from(t.owner),
+                        Task.owner_epoch.is_not_distinct_from(t.owner_epoch),
+                    )
+                    .values(owner=me.name, owner_epoch=me.epoch)
+                    .execution_options(synchronize_session=False)
+                )
+                if not claimed.rowcount:  # type: ignore[attr-defined]
+                    continue
+                me.stamp(t)
+                how = (
+                    "manager restarted: resuming"
+                    if restarted
+                    else f"taken over by replica {me.name} from {before} (its lease expired): "
+                    "resuming"
+                )
                 if t.state == TaskState.RUNNING and t.machine:
                     go = self._disk_task_resumer(s, t)
+                    if go is None and t.kind == "migrate":
+                        go = self._migration_resumer(t)
                     if go is not None:
-                        others.append((t.id, t.cancel_requested, go))
-                        s.add(TaskEvent(task=t, kind="note", message="manager restarted: resuming"))
+                        work.append((t.id, t.cancel_requested, go))
+                        s.add(TaskEvent(task=t, kind="note", message=how))
                         continue
-                if t.kind == "migrate" and t.state == TaskState.RUNNING and t.machine is not None:
-                    resume.append(
-                        (
-                            t.id,
-                            t.vm or "",
-                            t.source or "",
-                            t.destination or "",
-                            MigrationParams.model_validate(t.params or {}),
-                            MigrationState.from_json(t.machine),
-                            t.cancel_requested,
-                        )
-                    )
-                    s.add(TaskEvent(task=t, kind="note", message="manager restarted: resuming"))
-                    continue
+                who = "the manager restarted" if restarted else f"its manager ({before}) stopped"
                 t.state, t.ended_at = TaskState.FAILED, utcnow()
                 t.error = (
-                    "the manager restarted during this operation: the migrations it had "
+                    f"{who} during this operation: the migrations it had "
                     "started go on by themselves; run it again for the rest"
                     if t.kind in OPERATION_KINDS
-                    else "the manager restarted before this task began; nothing was changed"
+                    else f"{who} before this task began; nothing was changed"
                 )
                 s.add(TaskEvent(task=t, kind="error", message=t.error))
-        for task_id, cancelled, go in others:
+                failed_kinds.append(t.kind)
+        return work, failed_kinds
+
+    def _cancels_asked(self) -> list[int]:
+        """This replica's tasks whose cancel was asked through another replica's API."""
+        mine = list(self._cancel)
+        if not mine:
+            return []
+        with self.db.session() as s:
+            return list(s.scalars(select(Task.id).where(Task.id.in_(mine), Task.cancel_requested)))
+
+    def _migration_resumer(self, t: Task) -> Callable[[], Coroutine[Any, Any, None]]:
+        persisted = MigrationState.from_json(t.machine or {})
+        # Persisted before migrations had ids: the agents know no migration by a new one,
+        # so it rolls back or goes forward on what they say.
+        state = replace(persisted, migration_id=persisted.migration_id or uuid4().hex)
+        task_id, vm, source, destination = t.id, t.vm or "", t.source or "", t.destination or ""
+        mparams = MigrationParams.model_validate(t.params or {})
+        return lambda: self._run_migration(
+            task_id, vm, source, destination, mparams, self.clock(), resume=state
+        )
+
+    def _start(self, work: list[Resumption], ended: list[str]) -> None:
+        """In the loop: the claimed tasks' work, then what the ended ones leave to do."""
+        if ended:
+            for hook in self.after_takeover:
+                hook(ended)
+        for task_id, cancelled, go in work:
             cancel = self._cancel[task_id] = asyncio.Event()
             if cancelled:
                 cancel.set()
             self._running[task_id] = asyncio.create_task(go(), name=f"task-{task_id}")
-        for task_id, vm, source, destination, mparams, persisted, cancelled in resume:
-            cancel = self._cancel[task_id] = asyncio.Event()
-            if cancelled:
-                cancel.set()
-            # Persisted before migrations had ids: the agents know no migration by a new one,
-            # so it rolls back or goes forward on what they say.
-            state = replace(persisted, migration_id=persisted.migration_id or uuid4().hex)
-            self._running[task_id] = asyncio.create_task(
-                self._run_migration(
-                    task_id, vm, source, destination, mparams, self.clock(), resume=state
-                ),
-                name=f"task-{task_id}",
-            )
+
+    def owned_task(self, s: Session, task_id: int) -> Task:
+        """The task's row, locked, while this replica still owns it. Otherwise another
+        replica took it over: this one's work on it is cancelled (as at a shutdown: nothing
+        more is done on the hosts) and the write is refused."""
+        me = self.membership
+        # A write first, not a read: it takes the row's lock (PostgreSQL) or the database's
+        # write lock (SQLite, whose driver would run a read outside the transaction), so no
+        # takeover slips in between this check and the step's write.
+        held = s.execute(
+            update(Task)
+            .where(Task.id == task_id, Task.owner == me.name, Task.owner_epoch == me.epoch)
+            .values(owner_epoch=me.epoch)
+            .execution_options(synchronize_session=False)
+        )
+        t = s.get(Task, task_id, populate_existing=True)
+        assert t is not None
+        if not held.rowcount:  # type: ignore[attr-defined]
+            self._abandon_soon(task_id)
+            raise LeaseLost(task_id, t.owner)
+        return t
+
+    def _abandon_soon(self, task_id: int) -> None:
+        """From a worker thread or the loop: the task's coroutine is cancelled."""
+        if self._loop is None or self._loop.is_closed():
+            return
+
+        def cancel() -> None:
+            running = self._running.get(task_id)
+            if running is not None and running is not asyncio.current_task():
+                running.cancel()
+
+        self._loop.call_soon_threadsafe(cancel)
+
+    async def abandon_all(self) -> None:
+        """Stop every task's work here without ending it (it is left as persisted)."""
+        running = list(self._running.values())
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
     def spawn(self, task_id: int, cancel: asyncio.Event, work: Coroutine[Any, Any, None]) -> None:
         """Run a task's work in the background, cancellable through ``cancel``."""
@@ -272,6 +393,7 @@ class TaskRunner(DiskTasks):
                     phase=Phase.QUEUED,
                     machine=MigrationState(migration_id=migration_id).to_json(),
                 )
+                self.membership.stamp(t)
                 s.add(t)
                 s.flush()
                 s.add(
@@ -324,18 +446,17 @@ class TaskRunner(DiskTasks):
                 taken = await self._take(
                     held, (first, second), priority, cancel if resume is None else None
                 )
+                started = resume is not None or (
+                    taken
+                    and not cancel.is_set()
+                    and await self._begin(task_id, (first, second), cancel)
+                )
+                if not started:
+                    await asyncio.to_thread(
+                        self._finish, task_id, TaskState.CANCELLED, "cancelled while queued", None
+                    )
+                    return
                 queued_s = self.clock() - accepted
-                if resume is None:
-                    if not taken or cancel.is_set():
-                        await asyncio.to_thread(
-                            self._finish,
-                            task_id,
-                            TaskState.CANCELLED,
-                            "cancelled while queued",
-                            None,
-                        )
-                        return
-                    await asyncio.to_thread(self._mark_running, task_id)
 
                 async def postcopy_requested() -> None:
                     await asyncio.to_thread(self._mark_postcopy_requested, task_id)
@@ -383,11 +504,14 @@ class TaskRunner(DiskTasks):
                 result = report(port.flight, final, accepted, queued_s, self.clock(), port.ladder)
                 state = SETTLED.get(final.phase, TaskState.FAILED)
                 await asyncio.to_thread(self._finish, task_id, state, final.error, result)
+        except LeaseLost as exc:  # another replica goes on with it: nothing more here
+            log.warning("task %d: %s; stopped here", task_id, exc)
         except Exception as exc:  # a bug must still end the task, visibly
             log.exception("task %d crashed", task_id)
-            await asyncio.to_thread(
-                self._finish, task_id, TaskState.FAILED, f"internal error: {exc}", None
-            )
+            with contextlib.suppress(LeaseLost):
+                await asyncio.to_thread(
+                    self._finish, task_id, TaskState.FAILED, f"internal error: {exc}", None
+                )
         finally:
             self._cancel.pop(task_id, None)
             self._running.pop(task_id, None)
@@ -405,16 +529,41 @@ class TaskRunner(DiskTasks):
         """Persisted before postcopy is asked for: a restarted manager must know the
         destination may run with pages still on the source."""
         with self.db.session() as s:
-            t = s.get(Task, task_id)
-            assert t is not None
+            t = self.owned_task(s, task_id)
             t.machine = {**(t.machine or {}), "postcopy_requested": True}
 
-    def _mark_running(self, task_id: int) -> None:
+    def _mark_running(self, task_id: int, hosts: Sequence[str]) -> bool:
+        """Running, if the hosts have a free slot cluster-wide: the slots held here count
+        this replica's moves only, and other replicas' run on the same hosts. In PostgreSQL
+        the hosts' rows are locked for the count, so two replicas never both take a host's
+        last slot. False: no room yet (nothing written)."""
         with self.db.session() as s:
-            t = s.get(Task, task_id)
-            assert t is not None
+            t = self.owned_task(s, task_id)
+            if self.db.postgresql:
+                s.execute(select(Host.id).where(Host.name.in_(hosts)).with_for_update())
+            for host in set(hosts):
+                busy = s.scalar(
+                    select(func.count(Task.id)).where(
+                        Task.state == TaskState.RUNNING,
+                        Task.kind.not_in(OPERATION_KINDS),
+                        Task.id != task_id,
+                        or_(Task.source == host, Task.destination == host),
+                    )
+                )
+                if (busy or 0) >= self.per_host:
+                    return False
             t.state, t.started_at = TaskState.RUNNING, utcnow()
             s.add(TaskEvent(task=t, kind="started", message="started"))
+            return True
+
+    async def _begin(self, task_id: int, hosts: Sequence[str], cancel: asyncio.Event) -> bool:
+        """Mark the task running once the cluster has room on its hosts; False: cancelled
+        while waiting for it."""
+        while not await asyncio.to_thread(self._mark_running, task_id, hosts):
+            if cancel.is_set():
+                return False
+            await asyncio.sleep(CLUSTER_SLOT_POLL_S)
+        return True
 
     def _persist(
         self,
@@ -425,8 +574,7 @@ class TaskRunner(DiskTasks):
         postcopy_requested: bool = False,
     ) -> None:
         with self.db.session() as s:
-            t = s.get(Task, task_id)
-            assert t is not None
+            t = self.owned_task(s, task_id)
             previous = t.phase
             # Never back to False: it was persisted before the asking, whatever the step says.
             asked = (
@@ -478,8 +626,7 @@ class TaskRunner(DiskTasks):
         result: MigrationReport | None = None,
     ) -> None:
         with self.db.session() as s:
-            t = s.get(Task, task_id)
-            assert t is not None
+            t = self.owned_task(s, task_id)
             t.state, t.ended_at, t.error = state, utcnow(), error
             t.result = result.model_dump(mode="json") if result else None
             if state == TaskState.SUCCEEDED:

@@ -1,0 +1,19 @@
+"""Alembic's entry point for the manager's schema: runs on the connection the caller gives."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from qmotion.server.db import Base
+
+# The caller (schema.upgrade) passes an open connection: no URL, no ini file, no logging setup.
+connection = context.config.attributes["connection"]
+context.configure(
+    connection=connection,
+    target_metadata=Base.metadata,
+    # SQLite alters a table by copying it; the batch mode does that for ALTERs it lacks.
+    render_as_batch=True,
+    compare_type=True,
+)
+with context.begin_transaction():
+    context.run_migrations()
