@@ -6,31 +6,36 @@
 Each row (backend, managers, hosts) runs in its own child process (killed at ``--row-timeout``;
 every phase inside it has its own timeout, and the row's figures are written after each
 phase, so a row cut short still reports what it measured). In it: ``create_app`` (one per
-manager, all on the row's fresh database, each its own replica name where create_app takes
-one) with ``AgentConnector(transport=SimCluster.transport)`` (bench/sim_agents.py: each agent
-request waits ``--agent-latency-ms``, and calls that block a real agent block as long). The
-lifespan is not started (``--lifespan`` starts it): its refresh and DRS loops would land in
-the measurements; each runner only joins as a replica (``recover_after_restart``) and keeps
-its lease. The phases, each manager on its own in turn:
+manager, all on the row's fresh database, each its own ``replica`` name) with
+``AgentConnector(transport=SimCluster.transport)`` (bench/sim_agents.py: each agent request
+waits ``--agent-latency-ms``, and calls that block a real agent block as long). The bench
+drives the app's own services (``app.state``: inventory, drs, reconciler, runner), so what
+it measures is what the manager runs. The lifespan is not started (``--lifespan`` starts
+it): its refresh and DRS loops would land in the measurements; each runner only joins as a
+replica (``recover_after_restart``) and keeps its lease. What the lifespan would set, the
+bench sets itself: the loop's default executor, ``WORKER_THREADS`` (64) threads as the
+manager's (``--executor-workers`` to try another size). The phases, each manager on its
+own in turn:
 
 - populate: hosts registered through the API (``POST /v1/hosts``, which asks each agent its
   facts); VMs inserted as rows (``qmotion.server.db.Vm``) in one bulk insert, and the same VMs
   given to the simulated agents so reconcile finds nothing to fix. Through the API a VM costs
   O(VMs) (``committed``, ``_allocate_mac`` read every VM): 20 000 of them would take hours.
-- refresh: ``inventory.refresh_hosts`` as ``_refresh_forever`` calls it (DRS's grace, metrics
-  into a ``ClusterDrs`` demand window), ``--rounds`` times; then one ``Reconciler.run`` round.
-  CPU is the manager's process time less what the simulated agents spent (sim_agents counts
-  it per thread); target: the round within the 15 s interval, under 1 core (cpu_s / 15).
-- DRS: ``ClusterDrs.snapshot(cooldown=True)`` alone, then ``ClusterDrs.run`` (snapshot, plan,
-  recommendations stored), on the measured demand; the ClusterDrs is built here from the app's
-  database, inventory and runner (the app keeps its own out of reach); target 10 s.
+- refresh: ``inventory.refresh_hosts`` as ``_refresh_forever`` calls it (hosts read by its
+  own pool of threads; DRS's grace, metrics into the app's ``ClusterDrs`` demand window),
+  ``--rounds`` times; then one ``reconciler.run`` round. CPU is the manager's process time
+  less what the simulated agents spent (sim_agents counts it per thread); target: the round
+  within the 15 s interval, under 1 core (cpu_s / 15).
+- DRS: the app's ``drs.snapshot(cooldown=True)`` alone, then ``drs.run`` (snapshot, plan,
+  recommendations stored), on the measured demand; target 10 s.
 - migrations: ``--migrations`` live migrations of distinct VMs, targets spread evenly,
   submitted at once through ``POST /v1/vms/{vm}/migrate`` (round robin over the managers) and
   waited for. Every 50 ms a sampler thread reads the running tasks per host (the tasks table:
-  the cluster's count, whatever replica runs them) and the slots each runner holds per host;
-  the agents count the migrations touching each host. Checked: every accepted task ended
-  (none lost), one task per VM (none doubled), at most 4 per host at once (all three counts),
-  the inventory names each moved VM's new host, one running copy of each VM at the end.
+  the cluster's count, whatever replica runs them); the agents count the migrations touching
+  each host (every one, from the destination's preparation to its end). Checked: every
+  accepted task ended (none lost), one task per VM (none doubled), at most 4 per host at
+  once (both counts), the inventory names each moved VM's new host, one running copy of each
+  VM at the end.
 - API: ``GET /v1/vms?limit=100`` (cursors spread over the list) and ``GET /v1/tasks?limit=100``,
   ~50 each, through ``httpx.ASGITransport`` (in-process: no socket, no uvicorn; the route's
   thread pool and middleware are the app's); target p95 100 ms. Also the VM list sampled
@@ -39,9 +44,10 @@ its lease. The phases, each manager on its own in turn:
   phase issued (``before_cursor_execute`` on each manager's engine), per second of the phase.
 
 Two managers share the CPU of one process here: their phases run one after the other (each
-as if it had the machine), except the migrations, split across both at once. PostgreSQL's
-server CPU is not in the manager's figures. ``--db-url`` names the database of its backend
-(by scheme) instead of a throwaway one: its qmotion tables are dropped at each row.
+as if it had the machine), except the migrations, split across both at once. PostgreSQL (a
+throwaway cluster, see ``database``; its server's CPU is not in the manager's figures) or
+``--db-url``: a database of its backend (by scheme), its qmotion tables dropped at each
+row. The report (targets, PASS/MISS, the table, the plot): bench/scale_report.py.
 """
 
 from __future__ import annotations
@@ -49,13 +55,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
-import inspect
 import itertools
 import json
 import math
 import os
-import platform
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -66,9 +71,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 if __package__ in (None, ""):  # run as a file (python bench/scale.py): the repository's root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -77,19 +81,21 @@ import httpx
 from fastapi import FastAPI
 from sqlalchemy import MetaData, create_engine, event, insert, select, text
 
+from bench import scale_report
 from bench.sim_agents import SimCluster, agent_url
+from qmotion.lab.errors import LabSetupError
+from qmotion.lab.postgres import throwaway_postgres
 from qmotion.server.agents import AgentConnector
 from qmotion.server.automation.drs import ClusterDrs
-from qmotion.server.automation.operations import Operations
 from qmotion.server.db import Base, Host, Task, Vm, utcnow
-from qmotion.server.http.app import REFRESH_INTERVAL_S, create_app
+from qmotion.server.http.app import REFRESH_INTERVAL_S, WORKER_THREADS, create_app
+from qmotion.server.inventory import Inventory
 from qmotion.server.reconciler import Reconciler
-from qmotion.server.tasks.runner import DEFAULT_PER_HOST, TaskRunner
+from qmotion.server.tasks.runner import TaskRunner
 
 T = TypeVar("T")
 TOKEN = "scale-bench-manager-token-0123"
 AGENT_TOKEN = "scale-bench-agent-token-0123"
-DRS_TARGET_S, P95_TARGET_MS = 10.0, 100.0
 FINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -104,7 +110,7 @@ class RowConfig:
     rounds: int
     requests: int
     latency_ms: float
-    executor_workers: int | None
+    executor_workers: int
     phase_timeout_s: float
     migration_timeout_s: float
     lifespan: bool
@@ -112,10 +118,11 @@ class RowConfig:
 
 @dataclass
 class Manager:
-    """One manager: its app and the parts of it the bench drives."""
+    """One manager: its app and the app's own services the bench drives."""
 
     app: FastAPI
     runner: TaskRunner
+    inventory: Inventory
     drs: ClusterDrs
     reconciler: Reconciler
     client: httpx.AsyncClient
@@ -123,16 +130,16 @@ class Manager:
 
 
 def build_manager(url: str, sim: SimCluster, index: int) -> Manager:
-    # Replicas on one database need names of their own (where create_app takes one).
-    named = "replica" in inspect.signature(create_app).parameters
-    extra: dict[str, Any] = {"replica": f"bench-{index}"} if named else {}
-    app = create_app(url, TOKEN, agents=AgentConnector(transport=sim.transport), **extra)
-    runner = cast(TaskRunner, app.state.runner)
+    # Replicas on one database need names of their own.
+    agents = AgentConnector(transport=sim.transport)
+    app = create_app(url, TOKEN, agents=agents, replica=f"bench-{index}")
+    state = app.state
     m = Manager(
         app,
-        runner,
-        ClusterDrs(runner.db, runner.inventory, Operations(runner.db, runner)),
-        Reconciler(runner.inventory),
+        cast(TaskRunner, state.runner),
+        cast(Inventory, state.inventory),
+        cast(ClusterDrs, state.drs),
+        cast(Reconciler, state.reconciler),
         httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app),
             base_url="http://manager",
@@ -144,7 +151,7 @@ def build_manager(url: str, sim: SimCluster, index: int) -> Manager:
     def count(*_: Any) -> None:
         m.queries[0] += 1
 
-    event.listen(runner.db.engine, "before_cursor_execute", count)
+    event.listen(m.inventory.db.engine, "before_cursor_execute", count)
     return m
 
 
@@ -152,18 +159,17 @@ def build_manager(url: str, sim: SimCluster, index: int) -> Manager:
 
 
 def measured(sim: SimCluster, m: Manager, fn: Callable[[], T]) -> tuple[T, dict[str, float]]:
-    """``fn`` in this thread: its wall time, the manager's CPU (process time less the
-    simulated agents' own), and its queries."""
-    me = threading.get_ident()
-    q0, sim0, own0 = m.queries[0], sim.sim_cpu(), sim.sim_cpu(me)
-    w0, p0, t0 = time.perf_counter(), time.process_time(), time.thread_time()
+    """``fn`` in this thread: its wall time, the manager's CPU (process time, in every
+    thread: a refresh reads its hosts in a pool of its own; less the simulated agents'
+    own), and its queries."""
+    q0, sim0 = m.queries[0], sim.sim_cpu()
+    w0, p0 = time.perf_counter(), time.process_time()
     out = fn()
     wall = time.perf_counter() - w0
-    sim_all, sim_me = sim.sim_cpu() - sim0, sim.sim_cpu(me) - own0
+    sim_all = sim.sim_cpu() - sim0
     return out, {
         "wall_s": round(wall, 4),
         "cpu_s": round(time.process_time() - p0 - sim_all, 4),
-        "thread_cpu_s": round(time.thread_time() - t0 - sim_me, 4),
         "sim_cpu_s": round(sim_all, 4),
         "queries": m.queries[0] - q0,
         "qps": round((m.queries[0] - q0) / wall, 1) if wall > 0 else 0.0,
@@ -208,7 +214,7 @@ async def populate(cfg: RowConfig, sim: SimCluster, m: Manager) -> dict[str, Any
     hosts_s = time.perf_counter() - t0
 
     def insert_vms() -> None:
-        with m.runner.db.session() as s:
+        with m.inventory.db.session() as s:
             ids = {h.name: h.id for h in s.scalars(select(Host))}
             rows = [
                 {"name": spec.name, "uuid": str(spec.uuid), "mac": spec.nics[0].mac}
@@ -226,14 +232,13 @@ async def populate(cfg: RowConfig, sim: SimCluster, m: Manager) -> dict[str, Any
 async def refresh(cfg: RowConfig, sim: SimCluster, m: Manager) -> dict[str, Any]:
     grace = (await asyncio.to_thread(m.drs.config.settings)).down_grace_s
     rounds = []
+
+    def one() -> None:  # as _refresh_forever calls it: metrics into the app's DRS window
+        m.inventory.refresh_hosts(grace, lambda _h, x: m.drs.sample(x))
+
     for _ in range(cfg.rounds):
         r0 = sum(sim.requests.values())
-        _, fig = await asyncio.to_thread(
-            measured,
-            sim,
-            m,
-            lambda: m.runner.inventory.refresh_hosts(grace, lambda _h, x: m.drs.sample(x)),
-        )
+        _, fig = await asyncio.to_thread(measured, sim, m, one)
         rounds.append(fig | {"agent_requests": sum(sim.requests.values()) - r0})
     actions, rec = await asyncio.to_thread(measured, sim, m, m.reconciler.run)
     walls, cpus = [r["wall_s"] for r in rounds], [r["cpu_s"] for r in rounds]
@@ -299,13 +304,14 @@ def plan_moves(cfg: RowConfig) -> list[tuple[str, str]]:
 
 class Sampler(threading.Thread):
     """Migration tasks still active, and the most running per host, read every 50 ms from
-    the tasks table (its own engine: not in the managers' query counts; off the loop), and
-    the most slots one runner held on one host."""
+    the tasks table (its own engine: not in the managers' query counts; off the loop). No
+    runner's own slots are read: the tasks table is the cluster's count, and the agents
+    count every migration touching their host exactly (SimCluster.max_concurrent)."""
 
-    def __init__(self, url: str, managers: list[Manager]) -> None:
+    def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
-        self.url, self.managers, self.stop = url, managers, threading.Event()
-        self.active, self.max_tasks, self.max_slots, self.samples = -1, 0, 0, 0
+        self.url, self.stop = url, threading.Event()
+        self.active, self.max_tasks, self.samples = -1, 0, 0
 
     def run(self) -> None:
         engine = create_engine(self.url)
@@ -316,12 +322,7 @@ class Sampler(threading.Thread):
             with engine.connect() as c:
                 rows = c.execute(live).all()
             per = Counter(h for r in rows if r.state == "running" for h in (r[1], r[2]) if h)
-            held = [0]
-            for m in self.managers:  # each runner's own limit (the cluster's: the tasks)
-                with contextlib.suppress(RuntimeError):  # the dict grew meanwhile
-                    held += [m.runner.per_host - s.free for s in list(m.runner._slots.values())]
             self.max_tasks = max(self.max_tasks, *per.values(), 0)
-            self.max_slots = max(self.max_slots, *held)
             self.active, self.samples = len(rows), self.samples + 1
         engine.dispose()
 
@@ -332,7 +333,7 @@ async def migrations(
     moves = plan_moves(cfg)
     out: dict[str, Any] = {"submitted": len(moves)}
     row["phases"]["migrations"] = out
-    sampler = Sampler(url, ms)
+    sampler = Sampler(url)
     sampler.start()
     q0, p0, sim0 = [m.queries[0] for m in ms], time.process_time(), sim.sim_cpu()
     statuses: Counter[int] = Counter()
@@ -380,7 +381,6 @@ async def migrations(
         "inventory_wrong": sum(1 for r in ok if where.get(r.vm) != r.destination),
         "copies_wrong": sum(1 for vm in names if len(copies.get(vm, [])) != 1),
         "max_per_host_tasks": sampler.max_tasks,
-        "max_per_host_slots": sampler.max_slots,
         "max_per_host_agents": sim.max_concurrent(),
         "samples": sampler.samples,
         "errors": sorted({str(r.error)[:160] for r in ours if r.error})[:5],
@@ -442,8 +442,7 @@ async def run_row(cfg: RowConfig, out_file: Path) -> None:
                 # Without the lifespan's cluster-wide loops (a refresh every 15 s would land
                 # in the measurements): the runner joins as a replica and keeps its lease.
                 m.runner.recover_after_restart()
-                if (keep := getattr(m.runner, "keep_leases", None)) is not None:
-                    stack.callback(asyncio.ensure_future(keep()).cancel)
+                stack.callback(asyncio.ensure_future(m.runner.keep_leases()).cancel)
             budget = cfg.phase_timeout_s
             got = await bounded(row, "populate", budget, populate(cfg, sim, ms[0]))
             row["phases"]["populate"] = got
@@ -458,12 +457,8 @@ async def run_row(cfg: RowConfig, out_file: Path) -> None:
                 save()
                 fig["drs"] = await bounded(row, f"drs[{i}]", budget, drs_round(sim, m))
                 save()
-            await bounded(
-                row,
-                "migrations",
-                cfg.migration_timeout_s + budget,
-                migrations(cfg, url, sim, ms, row),
-            )
+            moved = migrations(cfg, url, sim, ms, row)
+            await bounded(row, "migrations", cfg.migration_timeout_s + budget, moved)
             save()
             for i, m in enumerate(ms):
                 got = await bounded(row, f"api[{i}]", budget, api_latency(cfg, m, names))
@@ -475,48 +470,6 @@ async def run_row(cfg: RowConfig, out_file: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- the run
-
-
-def machine() -> dict[str, Any]:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    # What the simulation leaves out: an agent on plain http gets a new httpx.Client per
-    # call (AgentConnector.client), each building a TLS context for verify=True.
-    t0 = time.process_time()
-    for _ in range(10):
-        httpx.Client(base_url="http://agent.invalid:7100").close()
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "date": datetime.now(UTC).date().isoformat(),
-        "accelerator": "none (simulated agents)",
-        "default_executor_workers": min(32, (os.cpu_count() or 1) + 4),
-        "httpx_client_cpu_ms": round((time.process_time() - t0) / 10 * 1000, 2),
-    }
-
-
-def postgres_url(stack: contextlib.ExitStack, given: str | None) -> str:
-    """The given PostgreSQL database, or a throwaway cluster (qmotion.lab.postgres), fsync
-    on where it offers that (``durable``): a production server's commits cost that too."""
-    if given:
-        return given
-    try:
-        throwaway = importlib.import_module("qmotion.lab.postgres").throwaway_postgres
-    except (ImportError, AttributeError) as exc:
-        sys.exit(
-            "scale: --backend postgresql needs qmotion.lab.postgres.throwaway_postgres "
-            f"({exc}); or give one with --db-url postgresql+psycopg://USER@HOST/DB"
-        )
-    top = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qmscale-pg-")))
-    top.chmod(0o711)  # the server runs as its own user and reaches its directory through it
-    durable = "durable" in inspect.signature(throwaway).parameters
-    cluster = throwaway(top / "pg", durable=True) if durable else throwaway(top / "pg")
-    return str(stack.enter_context(cluster))
 
 
 def run_child(cfg: RowConfig, timeout: float) -> dict[str, Any]:
@@ -540,130 +493,6 @@ def run_child(cfg: RowConfig, timeout: float) -> dict[str, Any]:
         return row
 
 
-# (figure, where in a manager's figures, target: (comparison, limit) or None: shown only)
-Target = tuple[str, float] | None
-PER_MANAGER: list[tuple[str, tuple[str, ...], Target]] = [
-    ("refresh round s", ("refresh", "refresh_round_s"), ("<=", REFRESH_INTERVAL_S)),
-    ("refresh cpu s/round", ("refresh", "refresh_cpu_s"), None),
-    ("refresh cpu fraction (cpu s / 15 s)", ("refresh", "cpu_fraction"), ("<", 1.0)),
-    ("refresh queries/round", ("refresh", "refresh_queries"), None),
-    ("reconcile round s", ("refresh", "reconcile", "wall_s"), None),
-    ("reconcile cpu s", ("refresh", "reconcile", "cpu_s"), None),
-    ("refresh period s (sleep 15 + both rounds)", ("refresh", "period_s"), None),
-    ("DRS snapshot s", ("drs", "snapshot", "wall_s"), None),
-    ("DRS round s", ("drs", "drs_round_s"), ("<=", DRS_TARGET_S)),
-    ("DRS round queries", ("drs", "run", "queries"), None),
-    ("GET /v1/vms?limit=100 p50 ms", ("api", "vms_p50_ms"), None),
-    ("GET /v1/vms?limit=100 p95 ms", ("api", "vms_p95_ms"), ("<=", P95_TARGET_MS)),
-    ("GET /v1/vms?limit=100 queries", ("api", "vms_queries"), None),
-    ("GET /v1/tasks?limit=100 p95 ms", ("api", "tasks_p95_ms"), ("<=", P95_TARGET_MS)),
-]
-
-
-def dig(d: Any, path: tuple[str, ...]) -> float | None:
-    for p in path:
-        if not isinstance(d, dict) or d.get(p) is None:
-            return None
-        d = d[p]
-    return float(d) if isinstance(d, int | float) else None
-
-
-def checks(row: dict[str, Any]) -> Iterator[tuple[str, str, float | None, Target]]:
-    """(manager, figure, value, target) of one row."""
-    for fig in row.get("per_manager", []):
-        for name, path, target in PER_MANAGER:
-            yield str(fig["manager"]), name, dig(fig, path), target
-    mig = row.get("phases", {}).get("migrations") or {}
-    n = float(mig.get("submitted", 0))
-    wrong = ("lost", "doubled", "inventory_wrong", "copies_wrong")
-    limit: Target = ("<=", DEFAULT_PER_HOST)
-    for name, path, target in [
-        ("migrations accepted (202)", ("accepted",), ("=", n)),
-        ("migrations succeeded", ("states", "succeeded"), ("=", n)),
-        ("migration submits/s", ("submits_per_s",), None),
-        ("migrations wall s (first submit to last end)", ("wall_s",), None),
-        ("manager cpu s per migration", ("cpu_per_migration_s",), None),
-        *((f"migrations {k.replace('_', ' ')}", (k,), ("=", 0.0)) for k in wrong),
-        *(
-            (f"max migrations running on one host ({k})", (f"max_per_host_{v}",), limit)
-            for k, v in (("tasks table", "tasks"), ("agents", "agents"), ("a runner", "slots"))
-        ),
-        ("GET /v1/vms p95 ms while migrating", ("vms_p95_under_load_ms",), None),
-        ("queries/s while migrating", ("qps",), None),
-    ]:
-        yield "all", name, dig(mig, path), target
-    size = dig(row, ("db_bytes",))
-    yield "all", "database MB", None if size is None else size / 1e6, None
-    yield (
-        "all",
-        "hosts registered through the API s",
-        dig(row, ("phases", "populate", "hosts_s")),
-        None,
-    )
-
-
-def verdict(value: float | None, target: Target) -> str:
-    if target is None:
-        return "—"
-    op, limit = target
-    ok = value is not None and {"<=": value <= limit, "<": value < limit, "=": value == limit}[op]
-    return "PASS" if ok else "MISS"
-
-
-def table(report: dict[str, Any]) -> str:
-    lines = [
-        "| backend | mgrs | hosts | VMs | mgr | figure | value | target | result |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in report["rows"]:
-        head = f"| {row['backend']} | {row['managers']} | {row['hosts']} | {row['vms']} |"
-        if row.get("skipped"):
-            lines.append(f"{head} | {row['skipped']} | | | |")
-            continue
-        for mgr, name, value, target in checks(row):
-            shown = "n/a" if value is None else f"{value:.3g}" if value < 1000 else f"{value:.0f}"
-            aim = "" if target is None else f"{target[0]} {target[1]:g}"
-            lines.append(f"{head} {mgr} | {name} | {shown} | {aim} | {verdict(value, target)} |")
-        for e in row.get("errors", []):
-            lines.append(f"{head} | error | {e[:300]} | | MISS |".replace("\n", " "))
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: dict[str, Any], path: Path) -> None:
-    """Cost against hosts (top), and per 1000 hosts (bottom: flat is linear growth)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [("refresh cpu s/round", 1), ("DRS round s", 8), ("GET /v1/vms?limit=100 p95 ms", 11)]
-    fig, axes = plt.subplots(2, len(metrics), figsize=(14, 7), squeeze=False)
-    lines: dict[str, list[tuple[int, list[float | None]]]] = {}
-    for row in report["rows"]:
-        if row.get("per_manager"):
-            m0 = row["per_manager"][0]
-            vals = [dig(m0, PER_MANAGER[k][1]) for _, k in metrics]
-            label = f"{row['backend']}, {row['managers']} manager(s)"
-            lines.setdefault(label, []).append((row["hosts"], vals))
-    for label, pts in lines.items():
-        pts.sort(key=lambda p: p[0])
-        for k, (name, _) in enumerate(metrics):
-            xy = [(h, v[k]) for h, v in pts if v[k] is not None]
-            xs, ys = [x for x, _ in xy], [cast(float, y) for _, y in xy]
-            axes[0][k].plot(xs, ys, marker="o", label=label)
-            axes[1][k].plot(xs, [y / x * 1000 for x, y in xy if y], marker="o", label=label)
-            axes[0][k].set_title(name)
-            axes[1][k].set_title(f"{name}, per 1000 hosts")
-    for ax in axes.flat:
-        ax.set_xlabel("hosts")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"qmotion manager over simulated agents ({report['machine']['cpu']})")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     add = ap.add_argument
@@ -676,7 +505,7 @@ def main() -> None:
     add("--rounds", type=int, default=3, help="refresh rounds per manager")
     add("--requests", type=int, default=50, help="of each API list measured")
     add("--agent-latency-ms", dest="latency_ms", type=float, default=1.0, help="per request")
-    add("--executor-workers", type=int, help="the loop's default executor (default: asyncio's)")
+    add("--executor-workers", type=int, default=WORKER_THREADS, help="the loop's default pool")
     add("--phase-timeout", dest="phase_timeout_s", type=float, default=600.0)
     add("--migration-timeout", dest="migration_timeout_s", type=float, default=600.0)
     add("--row-timeout", type=float, default=3600.0)
@@ -690,8 +519,10 @@ def main() -> None:
     if a.row:
         loop = asyncio.new_event_loop()
         cfg = RowConfig(**json.loads(a.row))
-        if cfg.executor_workers:
-            loop.set_default_executor(ThreadPoolExecutor(cfg.executor_workers))
+        # What the lifespan sets (it sets its own again with --lifespan): agent and database
+        # calls, a migration's polls among them, run in these threads.
+        pool = ThreadPoolExecutor(cfg.executor_workers, thread_name_prefix="manager")
+        loop.set_default_executor(pool)
         loop.run_until_complete(run_row(cfg, a.row_out))
         sys.stderr.flush()
         os._exit(0)  # not waiting for the worker threads a timed-out phase left behind
@@ -707,12 +538,13 @@ def main() -> None:
         ap.error(f"unknown backend(s): {', '.join(sorted(unknown))}")
     fixed = ("backend", "managers", "hosts", "db_url")
     common = {f.name: getattr(a, f.name) for f in fields(RowConfig) if f.name not in fixed}
-    report: dict[str, Any] = {"machine": machine(), "args": dict(vars(a))}
+    report: dict[str, Any] = {"machine": scale_report.machine(), "args": dict(vars(a))}
     report["rows"] = []
-    with contextlib.ExitStack() as stack:
-        for backend in backends:
-            given = a.db_url if a.db_url and a.db_url.startswith(backend) else None
-            url = postgres_url(stack, given) if backend == "postgresql" else given
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # the finally blocks (PostgreSQL's) run
+        signal.signal(sig, stopped)
+    for backend in backends:
+        given = a.db_url if a.db_url and a.db_url.startswith(backend) else None
+        with database(backend, given) as url:
             for managers, hosts in itertools.product(ints(a.managers), ints(a.hosts)):
                 cfg = RowConfig(backend, managers, hosts, db_url=url, **common)
                 row = asdict(cfg) | {"vms": hosts * a.vms_per_host, "db_url": None}
@@ -721,12 +553,37 @@ def main() -> None:
                 else:
                     print(f"scale: {backend} {managers} {hosts}", file=sys.stderr, flush=True)
                     row |= run_child(cfg, a.row_timeout)
+                    row["score"] = scale_report.score(row)
                 report["rows"].append(row)
                 a.out.parent.mkdir(parents=True, exist_ok=True)
                 a.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    print(table(report))
+    print(scale_report.table(report))
     if a.plot:
-        plot(report, a.plot)
+        scale_report.plot(report, a.plot)
+
+
+@contextlib.contextmanager
+def database(backend: str, given: str | None) -> Iterator[str | None]:
+    """The backend's database for its rows: the given one; None for SQLite (each row makes
+    its own file); else a throwaway PostgreSQL, fsync on (``durable``: a production server's
+    commits cost that too), stopped and removed however the block ends. Its server runs as
+    its own user and reaches its directory through the one made here: hence 0o711."""
+    if given or backend != "postgresql":
+        yield given
+        return
+    base = Path(tempfile.mkdtemp(prefix="qmotion-bench-pg-"))
+    try:
+        base.chmod(0o711)
+        with throwaway_postgres(base / "pg", durable=True) as url:
+            yield url
+    except LabSetupError as exc:
+        sys.exit(f"scale: no PostgreSQL ({exc}); or give one: --db-url postgresql+psycopg://…")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def stopped(signum: int, _frame: object) -> NoReturn:
+    raise SystemExit(128 + signum)
 
 
 def ints(csv: str) -> list[int]:

@@ -1,6 +1,7 @@
 """Makes release-bd57676.db: a manager database written by the last release before Alembic.
 
-Run with that release's code checked out (``git checkout bd57676``): it fills every table
+Run with that release's code (``git worktree add /tmp/rel bd57676``, then
+``PYTHONPATH=/tmp/rel/src python tests/data/make_release_db.py FILE``): it fills every table
 through the models of that time, so the upgrade test reads rows only that code could write.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import sys
 from datetime import UTC, datetime, timedelta
 
+from qmotion.api.vm import Nic, VmSpec
 from qmotion.server.automation.schedules import Schedule, ScheduleRun
 from qmotion.server.db import (
     ApiToken,
@@ -56,7 +58,12 @@ def main(path: str) -> None:
                     address=f"198.18.7.{100 + i}",
                     host_id=hosts[i % 3].id,
                     state="running" if i % 2 else "stopped",
-                    spec={"memory_mib": 256, "cpus": 1},
+                    spec=VmSpec(
+                        name=f"vm{i}",
+                        uuid=f"00000000-0000-4000-8000-{i:012d}",
+                        memory="256M",
+                        nics=[Nic(mac=f"52:54:00:00:07:{i:02x}")],
+                    ).model_dump(mode="json"),
                     memory_mib=256,
                     created_at=T0,
                     attention="check me" if i == 5 else None,

@@ -368,7 +368,7 @@ def test_sessions_end_when_they_should_and_forms_need_our_origin(tmp_path: Path)
     run_manager(world, url, test)
 
 
-def test_idle_and_old_sessions_end() -> None:
+def test_idle_and_old_sessions_end(db_url: str) -> None:
     class Tokens:
         def identify(self, token: str) -> Identity | None:
             return Identity("u", Role.OPERATOR) if token == "good" else None
@@ -377,7 +377,7 @@ def test_idle_and_old_sessions_end() -> None:
             return Identity("u", Role.OPERATOR)
 
     now = [1000.0]
-    sessions = Sessions(Tokens(), clock=lambda: now[0])  # type: ignore[arg-type]
+    sessions = Sessions(Tokens(), Database(db_url), clock=lambda: now[0])  # type: ignore[arg-type]
     assert sessions.sign_in("bad") is None
     found = sessions.sign_in("good")
     assert found is not None

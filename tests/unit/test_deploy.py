@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import configparser
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -99,7 +100,9 @@ def test_flags_override_the_config_file(tmp_path: Path, monkeypatch: pytest.Monk
 
     seen: dict[str, object] = {}
     monkeypatch.setattr(
-        server_main, "run", lambda db, token, host, *rest: seen.update(db=db, host=host)
+        server_main,
+        "run",
+        lambda db, token, host, *rest, **kw: seen.update(db=db, host=host, replica=kw["replica"]),
     )
     conf = tmp_path / "manager.toml"
     db = f"sqlite:///{tmp_path / 'm.db'}"
@@ -108,6 +111,7 @@ def test_flags_override_the_config_file(tmp_path: Path, monkeypatch: pytest.Monk
     args = ["server", "--config", str(conf), "--token-file", str(tmp_path / "tok")]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    assert seen == {"db": db, "host": "198.18.0.1"}
+    # The replica's name defaults to where it serves: stable across restarts.
+    assert seen == {"db": db, "host": "198.18.0.1", "replica": f"{socket.gethostname()}:8000"}
     res = CliRunner().invoke(app, [*args, "--listen", "198.18.0.9:8000"])
     assert res.exit_code == 0 and seen["host"] == "198.18.0.9"

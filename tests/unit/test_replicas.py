@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
 from qmotion.api.schedule import ScheduleCreate
@@ -239,6 +240,10 @@ def _client(app: FastAPI) -> httpx.AsyncClient:
 
 
 def test_twenty_submits_through_two_replicas_make_one_task(db_url: str) -> None:
+    if db_url.startswith("sqlite"):
+        # Two managers on one SQLite file is not a deployment: a writer waits for the other's
+        # lock, so a submission can come after the first move ended (and rightly succeed).
+        pytest.skip("several replicas need PostgreSQL")
     db = Database(db_url)
     world = _world(db, polls=3)
     apps = [create_app(db_url, TOKEN, agents=world.connector(), replica=n) for n in ("a", "b")]

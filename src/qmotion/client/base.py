@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ssl
 from typing import Any, Self, TypeVar
 
@@ -18,11 +19,18 @@ def tls_verify(ca_file: str | None, cert: tuple[str, str] | None) -> ssl.SSLCont
     """httpx's ``verify``: the system's trust store, or ``ca_file`` (and a client
     certificate and key for mutual TLS)."""
     if not ca_file and not cert:
-        return True
+        return _system_context()
     ctx = ssl.create_default_context(cafile=ca_file)
     if cert:
         ctx.load_cert_chain(*cert)
     return ctx
+
+
+@functools.cache
+def _system_context() -> ssl.SSLContext:
+    """Made once: loading the system's trust store costs ~20 ms of CPU, and the manager
+    builds a client per agent call (a thousand hosts' refresh would spend seconds on it)."""
+    return ssl.create_default_context()
 
 
 def auth_headers(token: str) -> dict[str, str]:

@@ -230,6 +230,7 @@ async def run(
     cancel: asyncio.Event,
     start: CStep,
     retry_s: float = 2.0,
+    guard: Callable[[], Awaitable[None]] | None = None,
 ) -> ColdState:
     st = start
     cancel_seen = False
@@ -243,6 +244,8 @@ async def run(
             continue
         if st.state.failures:
             await asyncio.sleep(retry_s)
+        if guard is not None:
+            await guard()  # may the caller still act? (it stops the run here if not)
         try:
             event: Event
             if st.action == CAction.EXPORT:

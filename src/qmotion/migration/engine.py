@@ -82,6 +82,9 @@ class MigrationPort(Protocol):
 
 
 Persist = Callable[[Step, MigrationStats | None], Awaitable[None]]
+# Awaited before each action on the hosts: the caller may stop the run there (by
+# cancelling it), when it may no longer act (a manager replica that lost its lease).
+Guard = Callable[[], Awaitable[None]]
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -140,6 +143,7 @@ async def run(
     copy_disks: bool = False,
     migration_id: str | None = None,
     sleep: Sleep = asyncio.sleep,
+    guard: Guard | None = None,
 ) -> MigrationState:
     """Drive one migration to a terminal state. ``cancel`` asks for a rollback; asyncio
     cancellation (a shutting-down manager) is not caught. Given a ``state`` (persisted by a
@@ -161,6 +165,8 @@ async def run(
             continue
         if delay_of(current.action) > 0:
             await sleep(delay_of(current.action))
+        if guard is not None:
+            await guard()  # after the wait: the right to act is checked as it acts
         try:
             event, stats = await _perform_or_cancel(port, current.action, cancel)
         except Exception as exc:  # not qmotion's (those are events); never CancelledError

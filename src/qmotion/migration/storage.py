@@ -384,6 +384,7 @@ async def run(
     resume: StorageState | None = None,
     clock: Callable[[], float] = time.monotonic,
     poll_s: float = POLL_S,
+    guard: Callable[[], Awaitable[None]] | None = None,
 ) -> StorageState:
     """Drive the machine until it ends; every step is persisted before its action runs."""
     if resume is None:
@@ -406,6 +407,8 @@ async def run(
             if cancel.is_set() and not cancel_seen:
                 continue
         method, event_type = _CALLS[st.action]
+        if guard is not None:
+            await guard()  # may the caller still act? (it stops the run here if not)
         try:
             status = await getattr(port, method)()
         except StoragePortError as exc:

@@ -34,6 +34,8 @@ from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from qmotion.server import schema
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -298,6 +300,52 @@ class Lease(Base):
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
+class Schedule(Base):
+    """A one-off (at) or recurring (cron) action; next_run_at None: finished."""
+
+    __tablename__ = "schedules"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    cron: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    action: Mapped[str] = mapped_column(String(32))
+    vm: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # "to" is an SQL keyword; the column is named for what it holds.
+    to: Mapped[str | None] = mapped_column("to_host", String(64), nullable=True)
+    host: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    grace_s: Mapped[int] = mapped_column(Integer)
+    next_run_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_run_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+
+
+class ScheduleRun(Base):
+    """One run of a schedule: the task it started, why it failed, or that it was missed."""
+
+    __tablename__ = "schedule_runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    schedule_id: Mapped[int] = mapped_column(
+        ForeignKey("schedules.id", ondelete="CASCADE"), index=True
+    )
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    ran_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    outcome: Mapped[str] = mapped_column(String(16))
+    task_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    message: Mapped[str] = mapped_column(Text)
+
+
+class ConsoleSessionRow(Base):
+    """A web console session: the digest of its cookie's secret, of the API token it stands
+    for, its CSRF token; times in wall-clock seconds."""
+
+    __tablename__ = "console_sessions"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_digest: Mapped[str] = mapped_column(String(64))
+    csrf: Mapped[str] = mapped_column(String(64))
+    created: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float, index=True)
+
+
 ACTIVE_TASK_STATES = ("queued", "running")
 
 
@@ -315,11 +363,33 @@ def _private_sqlite_file(url: str) -> None:
     os.chmod(path, 0o600)
 
 
-PG_POOL: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
+# PostgreSQL: a call fails within seconds when the server or the network does (a replica
+# must notice before its lease ends), and a dead pooled connection is replaced, not handed
+# to a task step. Up to 40 connections per replica (its worker threads share them).
+PG_CONNECT: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 2,
+    "options": "-c statement_timeout=60000",
+}
 
 
 def is_postgresql(url: str) -> bool:
     return url.startswith(("postgresql", "postgres"))
+
+
+def engine_options(url: str, pool_size: int = 10, max_overflow: int = 30) -> dict[str, Any]:
+    if is_postgresql(url):
+        return {
+            "connect_args": PG_CONNECT,
+            "pool_pre_ping": True,
+            "pool_size": pool_size,
+            "max_overflow": max_overflow,
+            "pool_timeout": 10,
+        }
+    return {"connect_args": {"check_same_thread": False} if url.startswith("sqlite") else {}}
 
 
 class Database:
@@ -327,23 +397,10 @@ class Database:
     False: refuse a database that is behind (a tool that must not change it)."""
 
     def __init__(self, url: str, upgrade: bool = True) -> None:
-        from qmotion.server import schema  # its migrations import this module's models
-
         self.url = url
         self.postgresql = is_postgresql(url)
-        args = {"check_same_thread": False} if url.startswith("sqlite") else {}
         _private_sqlite_file(url)
-        self.engine: Engine = create_engine(
-            url,
-            connect_args=args,
-            # PostgreSQL: each replica holds few connections; a dead one is replaced, not
-            # handed to a task step (the server restarted or failed over under us).
-            **(
-                {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
-                if self.postgresql
-                else {}
-            ),
-        )
+        self.engine: Engine = create_engine(url, **engine_options(url))
         if url.startswith("sqlite"):
 
             @event.listens_for(self.engine, "connect")
@@ -358,7 +415,7 @@ class Database:
                 cur.close()
 
         if upgrade:
-            schema.upgrade(self.engine, url)
+            schema.upgrade(self.engine, url, Base.metadata)
         else:
             schema.check_current(self.engine)
 

@@ -6,8 +6,9 @@ ManagerError
  ├── Conflict      409  the cluster's state forbids it now (refused; nothing changed)
  ├── Invalid       422  the request is wrong (refused; nothing changed; names the field)
  ├── Upstream      502  an agent failed or could not be reached while acting
- └── LeaseLost     500  (internal) another replica owns the task now: this one stops its work
-                        on it at once, without touching the hosts again
+ ├── LeaseLost     500  (internal) another replica owns the task now: this one stops its work
+ │                      on it at once, without touching the hosts again
+ └── NameTaken     500  (at start) another live manager process holds this replica's name
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ class LeaseLost(ManagerError):
     def __init__(self, task_id: int, owner: str | None) -> None:
         super().__init__(f"task {task_id} is owned by replica {owner or 'none'} now")
         self.task_id, self.owner = task_id, owner
+
+
+class NameTaken(ManagerError):
+    code = "replica_name_taken"
 
 
 def raise_refusals(refusals: Sequence[Refusal], vm: str) -> None:

@@ -45,6 +45,7 @@ def run(
             manager_addresses=(host,),
             replica=replica,
             lease_s=lease_s,
+            exclusive=True,
             address=f"{'https' if tls else 'http'}://{host}:{port}",
         ),
         host=host,

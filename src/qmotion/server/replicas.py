@@ -27,24 +27,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import and_, exists, select, update
+from sqlalchemy import and_, create_engine, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from qmotion.server.db import ACTIVE_TASK_STATES, Database, Lease, Replica, Task, utcnow
+from qmotion.server.db import (
+    ACTIVE_TASK_STATES,
+    Database,
+    Lease,
+    Replica,
+    Task,
+    engine_options,
+    utcnow,
+)
+from qmotion.server.errors import NameTaken
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 DEFAULT_LEASE_S = 10.0
 LEADER = "leader"
 # Past this part of the lease without a renewal, a replica stops its own work.
 SELF_FENCE = 0.8
 # The name of a replica when only one runs (the default): a restart is a new epoch of it.
 DEFAULT_NAME = "local"
+# Leases an exclusive replica waits for its name's live lease to end before it refuses.
+EXCLUSIVE_WAIT = 3
 
 
 @dataclass
@@ -58,24 +72,72 @@ class Membership:
     clock: Callable[[], datetime] = utcnow
     monotonic: Callable[[], float] = time.monotonic
     epoch: int = 0  # 0: not joined yet (tasks made then are taken over by the first join)
+    exclusive: bool = False  # a real server: never take a name whose lease is live
     leader_token: int | None = None
     renewed: float = field(default=0.0)
     led: float = field(default=0.0)
+
+    def __post_init__(self) -> None:
+        # PostgreSQL: leases on connections of their own, so a pool busy with task steps
+        # and agent calls does not delay a renewal past the lease.
+        self._engine = (
+            create_engine(self.db.url, **engine_options(self.db.url, pool_size=2, max_overflow=0))
+            if self.db.postgresql
+            else self.db.engine
+        )
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"lease-{self.name}")
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        with Session(self._engine, expire_on_commit=False) as s, s.begin():
+            yield s
 
     @property
     def lease(self) -> timedelta:
         return timedelta(seconds=self.lease_s)
 
     def join(self) -> int:
-        """A new epoch under this name: whatever a previous process of it owned is orphaned."""
+        """A new epoch under this name: whatever a previous process of it owned is orphaned.
+
+        With ``exclusive`` (a real server), a name whose lease is live may belong to a
+        running process (a second start by mistake) or to one killed a moment ago: a
+        running one renews within a third of a lease, so the name is taken once no renewal
+        came for that long (plus a second), and refused if one did, after EXCLUSIVE_WAIT
+        leases of waiting for it to end."""
+        deadline = self.monotonic() + self.lease_s * EXCLUSIVE_WAIT
+        quiet = self.lease_s / 3 + 1.0
+        seen: datetime | None = None
+        since = self.monotonic()
+        while True:
+            dead = seen is not None and self.monotonic() - since >= quiet
+            epoch, renewed_at = self._try_join(take_live=dead)
+            if epoch is not None:
+                self.renewed = self.monotonic()
+                log.info("replica %s joined (epoch %d)", self.name, epoch)
+                return epoch
+            if renewed_at != seen:  # a renewal: the holder lives (or this is the first look)
+                if seen is not None and self.monotonic() > deadline:
+                    raise NameTaken(
+                        f"replica name {self.name}: another manager process holds it (it "
+                        "renews its lease); give this one another --replica name"
+                    )
+                if seen is not None:
+                    log.warning("replica %s: another process renews this name", self.name)
+                seen, since = renewed_at, self.monotonic()
+            time.sleep(min(0.5, self.lease_s / 8))
+
+    def _try_join(self, take_live: bool) -> tuple[int | None, datetime | None]:
+        """(the new epoch, None), or (None, the live holder's last renewal)."""
         now = self.clock()
         for _ in range(3):
             try:
-                with self.db.session() as s:
+                with self._session() as s:
                     row = s.get(Replica, self.name, with_for_update=True)
                     if row is None:
                         row = Replica(name=self.name, epoch=1, started_at=now)
                         s.add(row)
+                    elif self.exclusive and row.expires_at > now and not take_live:
+                        return None, row.renewed_at
                     else:
                         row.epoch += 1
                         row.started_at = now
@@ -86,20 +148,37 @@ class Membership:
                     )
                     s.flush()
                     self.epoch = row.epoch
-                self.renewed = self.monotonic()
-                log.info("replica %s joined (epoch %d)", self.name, self.epoch)
-                return self.epoch
+                return self.epoch, None
             except IntegrityError:  # another process of the same name inserted it first
                 continue
         raise RuntimeError(f"replica {self.name}: could not join")
 
+    def rejoin(self) -> int:
+        """After this process lost its lease: a new epoch at once (the live lease, if any,
+        is this process's own older epoch)."""
+        exclusive, self.exclusive = self.exclusive, False
+        try:
+            return self.join()
+        finally:
+            self.exclusive = exclusive
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Lease work on a thread of its own: a worker pool busy with agent calls must not
+        hold a renewal past the lease."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
     def renew(self) -> bool:
-        """False: another process took this name (a newer epoch); this one must stop."""
+        """False: the lease ended (this process stalled past it) or another process took
+        the name (a newer epoch): this one must stop its work and join again."""
         now = self.clock()
-        with self.db.session() as s:
+        with self._session() as s:
             done = s.execute(
                 update(Replica)
-                .where(Replica.name == self.name, Replica.epoch == self.epoch)
+                .where(
+                    Replica.name == self.name,
+                    Replica.epoch == self.epoch,
+                    Replica.expires_at > now,
+                )
                 .values(renewed_at=now, expires_at=now + self.lease)
                 .execution_options(synchronize_session=False)
             )
@@ -115,7 +194,7 @@ class Membership:
     def leave(self) -> None:
         """A clean stop: the lease ends now, so another replica takes over at once."""
         now = self.clock()
-        with self.db.session() as s:
+        with self._session() as s:
             s.execute(
                 update(Replica)
                 .where(Replica.name == self.name, Replica.epoch == self.epoch)
@@ -136,7 +215,7 @@ class Membership:
         """Take or keep the leader lease; its fencing token, or None (another leads)."""
         now = self.clock()
         try:
-            with self.db.session() as s:
+            with self._session() as s:
                 row = s.get(Lease, LEADER, with_for_update=True)
                 if row is None:
                     row = Lease(name=LEADER, token=0, expires_at=now)
@@ -213,7 +292,7 @@ async def while_leading(
     try:
         while True:
             try:
-                await asyncio.to_thread(membership.lead)
+                await membership.call(membership.lead)
             except Exception:
                 log.exception("replica %s: could not renew the leader lease", membership.name)
             if membership.leading() and not running:

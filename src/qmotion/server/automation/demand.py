@@ -32,7 +32,10 @@ class DemandWindow:
                 q.append((metrics.sampled_at, v.cpu_percent / 100.0, v.rss_bytes / (1 << 20)))
                 if v.dirty_rate_mib_s is not None:
                     self.dirty[v.name] = (metrics.sampled_at, v.dirty_rate_mib_s)
-            self._prune(metrics.sampled_at)
+                # Only this host's VMs here: a refresh round adds every host's metrics, and
+                # pruning the whole cluster's on each would cost hosts x VMs per round.
+                while q and metrics.sampled_at - q[0][0] > self.window:
+                    q.popleft()
 
     def _prune(self, now: datetime) -> None:
         for vm, q in list(self.samples.items()):

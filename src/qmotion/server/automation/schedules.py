@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal, NamedTuple, Protocol
 
 from cronsim import CronSim
-from sqlalchemy import ForeignKey, Integer, String, Text, delete, select, update
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
 
 from qmotion.api.schedule import (
     RUNS_SHOWN,
@@ -20,47 +20,13 @@ from qmotion.api.schedule import (
     ScheduleOut,
     ScheduleRunOut,
 )
-from qmotion.server.db import Base, Database, UtcDateTime, utcnow
+from qmotion.server.db import Database, Schedule, ScheduleRun, utcnow
 from qmotion.server.errors import Invalid, ManagerError, NotFound
 
 log = logging.getLogger(__name__)
 # Runs kept per schedule: a cron firing every minute must not grow the database forever.
 RUNS_KEPT = 200
 Decision = Literal["wait", "run", "missed"]
-
-
-class Schedule(Base):
-    """A one-off (at) or recurring (cron) action; next_run_at None: finished."""
-
-    __tablename__ = "schedules"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
-    cron: Mapped[str | None] = mapped_column(String(256), nullable=True)
-    action: Mapped[str] = mapped_column(String(32))
-    vm: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    # "to" is an SQL keyword; the column is named for what it holds.
-    to: Mapped[str | None] = mapped_column("to_host", String(64), nullable=True)
-    host: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    grace_s: Mapped[int] = mapped_column(Integer)
-    next_run_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True, index=True)
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
-    last_run_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
-
-
-class ScheduleRun(Base):
-    """One run of a schedule: the task it started, why it failed, or that it was missed."""
-
-    __tablename__ = "schedule_runs"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    schedule_id: Mapped[int] = mapped_column(
-        ForeignKey("schedules.id", ondelete="CASCADE"), index=True
-    )
-    at: Mapped[datetime] = mapped_column(UtcDateTime())
-    ran_at: Mapped[datetime] = mapped_column(UtcDateTime())
-    outcome: Mapped[str] = mapped_column(String(16))
-    task_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    message: Mapped[str] = mapped_column(Text)
 
 
 def next_after(at: datetime | None, cron: str | None, after: datetime) -> datetime | None:

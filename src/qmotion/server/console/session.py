@@ -1,8 +1,9 @@
 """Console sign-in: a cookie session over an API token, CSRF checks, the caller of a page.
 
 The cookie holds only a random secret; the manager keeps its digest, the digest of the API
-token it stands for and the session's CSRF token, in memory: a manager restart signs every
-console user out (their tokens are unchanged). Each request names the caller through
+token it stands for and the session's CSRF token in the database (``console_sessions``), so
+a session outlives a manager restart and holds on every replica behind one address (a load
+balancer in front of them). Each request names the caller through
 ``Access.identify_digest``, so a token revoked or a user removed ends the session at once and
 a role changed applies at once. ``/v1`` never reads the cookie.
 """
@@ -11,24 +12,27 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
 from fastapi import Request
+from sqlalchemy import delete, func, select
 
 from qmotion.server.access import IDENTITY, Access, Identity, digest
+from qmotion.server.db import ConsoleSessionRow, Database
 
 MAX_AGE_S = 12 * 3600.0  # a session ends after this however busy it is
 IDLE_S = 3600.0  # ... or after this long unused
-MAX_SESSIONS = 10_000  # the oldest go first beyond this: memory stays bounded
+MAX_SESSIONS = 10_000  # the least recently used go first beyond this: the table stays bounded
+TOUCH_EVERY_S = 60.0
 FORM_LIMIT = 64 * 1024  # a console form is a few fields; more is refused unread
 
 
 @dataclass
 class ConsoleSession:
+    key: str
     token_digest: str
     csrf: str
     created: float
@@ -54,12 +58,13 @@ def cookie_name(secure: bool) -> str:
 
 
 class Sessions:
-    """The signed-in console users of this manager process."""
+    """The signed-in console users, kept in the manager's database. ``clock``: wall-clock
+    seconds (replicas compare each other's times)."""
 
-    def __init__(self, access: Access, clock: Callable[[], float] = time.monotonic) -> None:
-        self.access, self.clock = access, clock
-        self._lock = threading.Lock()
-        self._by_digest: dict[str, ConsoleSession] = {}
+    def __init__(
+        self, access: Access, db: Database, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.access, self.db, self.clock = access, db, clock
 
     def sign_in(self, token: str) -> tuple[str, Identity] | None:
         """A new session for a valid API token: (the cookie's secret, who), else None."""
@@ -68,36 +73,58 @@ class Sessions:
             return None
         secret = secrets.token_urlsafe(32)
         now = self.clock()
-        with self._lock:
-            if len(self._by_digest) >= MAX_SESSIONS:
-                oldest = min(self._by_digest, key=lambda k: self._by_digest[k].last_seen)
-                del self._by_digest[oldest]
-            self._by_digest[_key(secret)] = ConsoleSession(
-                digest(token), secrets.token_urlsafe(24), now, now
+        with self.db.session() as s:
+            # Ended sessions go, and beyond the bound the least recently used: bounded.
+            s.execute(
+                delete(ConsoleSessionRow).where(
+                    (ConsoleSessionRow.created < now - MAX_AGE_S)
+                    | (ConsoleSessionRow.last_seen < now - IDLE_S)
+                )
+            )
+            count = s.scalar(select(func.count()).select_from(ConsoleSessionRow)) or 0
+            if count >= MAX_SESSIONS:
+                oldest = select(ConsoleSessionRow.key).order_by(ConsoleSessionRow.last_seen)
+                s.execute(
+                    delete(ConsoleSessionRow).where(
+                        ConsoleSessionRow.key.in_(oldest.limit(count - MAX_SESSIONS + 1))
+                    )
+                )
+            s.add(
+                ConsoleSessionRow(
+                    key=_key(secret),
+                    token_digest=digest(token),
+                    csrf=secrets.token_urlsafe(24),
+                    created=now,
+                    last_seen=now,
+                )
             )
         return secret, who
 
     def sign_out(self, secret: str | None) -> None:
         if secret:
-            with self._lock:
-                self._by_digest.pop(_key(secret), None)
+            self._drop(_key(secret))
+
+    def _drop(self, key: str) -> None:
+        with self.db.session() as s:
+            s.execute(delete(ConsoleSessionRow).where(ConsoleSessionRow.key == key))
 
     def find(self, secret: str | None, touch: bool = True) -> ConsoleSession | None:
         """The live session a cookie names (its idle clock restarted unless ``touch`` is
         False: an open task page is not a person using the console), else None."""
         if not secret:
             return None
-        now = self.clock()
-        with self._lock:
-            s = self._by_digest.get(_key(secret))
-            if s is None:
+        now, key = self.clock(), _key(secret)
+        with self.db.session() as s:
+            row = s.get(ConsoleSessionRow, key)
+            if row is None:
                 return None
-            if now - s.created > MAX_AGE_S or now - s.last_seen > IDLE_S:
-                del self._by_digest[_key(secret)]
+            if now - row.created > MAX_AGE_S or now - row.last_seen > IDLE_S:
+                s.delete(row)
                 return None
-            if touch:
-                s.last_seen = now
-            return s
+            # Written at most once a minute: every page view would otherwise be a write.
+            if touch and now - row.last_seen > TOUCH_EVERY_S:
+                row.last_seen = now
+            return ConsoleSession(key, row.token_digest, row.csrf, row.created, row.last_seen)
 
     def caller(self, request: Request, touch: bool = True) -> tuple[Identity, ConsoleSession]:
         """Who sent this request, as the API would name them; the identity is left where
@@ -108,8 +135,7 @@ class Sessions:
             raise SignedOut()
         who = self.access.identify_digest(sess.token_digest)
         if who is None:  # the token was revoked or its user removed
-            with self._lock:
-                self._by_digest = {k: v for k, v in self._by_digest.items() if v is not sess}
+            self._drop(sess.key)
             raise SignedOut()
         request.scope[IDENTITY] = who
         return who, sess

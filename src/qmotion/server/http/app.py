@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
@@ -66,6 +67,7 @@ from qmotion.server.tasks.task_view import DRS_APPLY, MAINTENANCE
 
 log = logging.getLogger(__name__)
 REFRESH_INTERVAL_S = 15.0
+WORKER_THREADS = 64
 # Task ids are the database's 64-bit integer keys.
 TaskId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 # Routes that act through a host's agent.
@@ -82,15 +84,17 @@ def create_app(
     replica: str = DEFAULT_NAME,
     lease_s: float = DEFAULT_LEASE_S,
     address: str | None = None,
+    exclusive: bool = False,
 ) -> FastAPI:
     """The manager; ``agents`` is the seam to the host agents (tests pass in-process ones);
     ``ca``: the cluster CA that makes migrations TLS (None: the cluster is insecure);
     ``manager_tls``: the client certificate joined hosts' agents are called with;
     ``replica``: this process's name among the managers on the database (see replicas),
-    ``lease_s`` their lease, ``address`` where this one serves (shown to operators)."""
+    ``lease_s`` their lease, ``address`` where this one serves (shown to operators);
+    ``exclusive``: a real server, which never takes a name another live process holds."""
     db = Database(db_url)
     inventory = Inventory(db, agents or AgentConnector(tls=manager_tls), ca, manager_addresses)
-    membership = Membership(db, replica, lease_s, address)
+    membership = Membership(db, replica, lease_s, address, exclusive=exclusive)
     runner = TaskRunner(db, inventory, membership=membership)
     library = ImageLibrary(db, inventory)
     operations = Operations(db, runner)
@@ -112,6 +116,11 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Agent and database calls run in threads, each migration's polls in one: the
+        # default pool (cores + 4) would queue a host's four moves behind each other.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="manager")
+        )
         runner.recover_after_restart()
         drs.recover_after_restart()
         maintenance.resume_after_restart()
@@ -144,6 +153,9 @@ def create_app(
         title="qmotion manager", version=__version__, lifespan=lifespan, responses=COMMON_ERRORS
     )
     app.state.runner = runner
+    # The manager's own services, for in-process tools (the scale bench) and tests.
+    app.state.inventory, app.state.drs, app.state.reconciler = inventory, drs, reconciler
+    app.state.membership = membership
     install_error_handlers(app, ManagerError)
     access = Access(db, token)
     auth = [Depends(role_check(access))]
@@ -309,7 +321,7 @@ def create_app(
             schedules=schedules,
             actions=actions,
             access=access,
-            sessions=Sessions(access),
+            sessions=Sessions(access, db),
             render=Renderer(),
         ),
     )
@@ -324,8 +336,14 @@ def create_app(
 
 
 async def _refresh_forever(inventory: Inventory, drs: ClusterDrs, reconciler: Reconciler) -> None:
+    """A round every REFRESH_INTERVAL_S from the start of the last (not after its end): a
+    host is read again within the period however long a round over many hosts takes."""
+    loop = asyncio.get_running_loop()
+    due = loop.time()
     while True:
-        await asyncio.sleep(REFRESH_INTERVAL_S)
+        due += REFRESH_INTERVAL_S
+        await asyncio.sleep(max(0.0, due - loop.time()))
+        due = max(due, loop.time() - REFRESH_INTERVAL_S)  # a round longer than the period
         try:
             grace = (await asyncio.to_thread(drs.config.settings)).down_grace_s
             await asyncio.to_thread(inventory.refresh_hosts, grace, lambda _host, m: drs.sample(m))

@@ -1,5 +1,9 @@
 """The manager's schema under Alembic: brought to the code's revision, from empty or from a
-database made before Alembic (release bd57676 and earlier), one process at a time."""
+database made before Alembic (release bd57676 and earlier), one process at a time.
+
+It imports SQLAlchemy, Alembic and qmotion.locks only: the models' metadata comes from the
+caller (server/db), whose module imports this one. Its revisions are in ``versions/``.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,10 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, inspect, text
+from sqlalchemy import Connection, Engine, MetaData, inspect, text
 from sqlalchemy.exc import OperationalError
 
 from qmotion.locks import file_lock
-from qmotion.server.db import Base, Task
 
 BASELINE = "0001"
 # The tables the baseline revision makes: a database from before Alembic gets the missing
@@ -51,19 +54,18 @@ def current(conn: Connection) -> str | None:
     return MigrationContext.configure(conn).get_current_revision()
 
 
-def upgrade(engine: Engine, url: str) -> None:
-    """To the head revision; concurrent starts on one database take turns."""
-    import qmotion.server.automation.schedules  # noqa: F401  (its tables are in Base)
-
+def upgrade(engine: Engine, url: str, metadata: MetaData) -> None:
+    """To the head revision; concurrent starts on one database take turns. ``metadata``:
+    the models' tables (db.Base's), which a database from before Alembic is completed from."""
     with _exclusive(engine, url) as conn:
         if current(conn) == head():
             return
         tables = set(inspect(conn).get_table_names())
         if "alembic_version" not in tables and tables & set(BASELINE_TABLES):
-            _legacy_to_baseline(conn)
+            _legacy_to_baseline(conn, metadata)
             _stamp(conn, BASELINE)
         cfg = config()
-        cfg.attributes["connection"] = conn
+        cfg.attributes["connection"], cfg.attributes["metadata"] = conn, metadata
         command.upgrade(cfg, "head")
         conn.commit()
 
@@ -107,17 +109,17 @@ def _stamp(conn: Connection, rev: str) -> None:
     command.stamp(cfg, rev)
 
 
-def _legacy_to_baseline(conn: Connection) -> None:
+def _legacy_to_baseline(conn: Connection, metadata: MetaData) -> None:
     """What the manager did at start before Alembic: missing tables, the active-task index,
     and the columns added later; the database then matches the baseline revision."""
-    Base.metadata.create_all(conn, tables=[Base.metadata.tables[t] for t in BASELINE_TABLES])
-    for index in Base.metadata.tables[Task.__tablename__].indexes:
+    metadata.create_all(conn, tables=[metadata.tables[t] for t in BASELINE_TABLES])
+    for index in metadata.tables["tasks"].indexes:
         if index.name == "uq_tasks_active_vm":
             index.create(conn, checkfirst=True)
     for table, column in LEGACY_ADDED_COLUMNS:
         if column in {c["name"] for c in inspect(conn).get_columns(table)}:
             continue
-        kind = Base.metadata.tables[table].c[column].type.compile(dialect=conn.dialect)
+        kind = metadata.tables[table].c[column].type.compile(dialect=conn.dialect)
         try:
             conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
         except OperationalError:

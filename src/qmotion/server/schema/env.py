@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from alembic import context
 
-from qmotion.server.db import Base
-
-# The caller (schema.upgrade) passes an open connection: no URL, no ini file, no logging setup.
+# The caller (schema.upgrade) passes an open connection and the models' metadata (for
+# `alembic revision --autogenerate`): no URL, no ini file, no logging setup.
 connection = context.config.attributes["connection"]
 context.configure(
     connection=connection,
-    target_metadata=Base.metadata,
+    target_metadata=context.config.attributes.get("metadata"),
     # SQLite alters a table by copying it; the batch mode does that for ALTERs it lacks.
     render_as_batch=True,
     compare_type=True,

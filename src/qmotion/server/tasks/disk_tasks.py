@@ -75,6 +75,9 @@ class DiskTasks:
     def owned_task(self, s: Session, task_id: int) -> Task:
         raise NotImplementedError
 
+    async def guard(self) -> None:
+        raise NotImplementedError
+
     def _finish(self, task_id: int, state: TaskState, error: str | None) -> None:
         raise NotImplementedError
 
@@ -396,7 +399,7 @@ class DiskTasks:
                 last[0] = st.state.phase
                 await asyncio.to_thread(self._persist_cold, task_id, st)
 
-            final = await cold.run(port, persist, cancel, start)
+            final = await cold.run(port, persist, cancel, start, guard=self.guard)
             state = {
                 cold.CPhase.DONE: TaskState.SUCCEEDED,
                 cold.CPhase.CANCELLED: TaskState.CANCELLED,
@@ -477,7 +480,7 @@ class DiskTasks:
             async def persist(st: storage.Step, status: MirrorStatus | None) -> None:
                 await asyncio.to_thread(self._persist_storage, task_id, st, status)
 
-            final = await storage.run(port, persist, cancel, resume)
+            final = await storage.run(port, persist, cancel, resume, guard=self.guard)
             # Whatever the outcome, the inventory names what the agent's definition names
             # (what QEMU runs on): a later live migration opens those files.
             with contextlib.suppress(StoragePortError):

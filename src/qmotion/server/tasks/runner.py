@@ -12,14 +12,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 from uuid import uuid4
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from qmotion.api.migration import (
     IncomingRequest,
@@ -51,10 +50,11 @@ from qmotion.server.tasks.disk_tasks import DiskTasks
 from qmotion.server.tasks.ends import host_copy
 from qmotion.server.tasks.flight import report
 from qmotion.server.tasks.measure import measure
+from qmotion.server.tasks.ownership import Ownership
 from qmotion.server.tasks.port import AgentMigrationPort, limits_of
 from qmotion.server.tasks.shared_nothing import copy_plan
 from qmotion.server.tasks.slots import Priority, Slots
-from qmotion.server.tasks.task_view import OPERATION_KINDS, task_out
+from qmotion.server.tasks.task_view import task_out
 
 log = logging.getLogger(__name__)
 DEFAULT_PER_HOST = 4
@@ -71,7 +71,7 @@ SETTLED = {
 }
 
 
-class TaskRunner(DiskTasks):
+class TaskRunner(Ownership, DiskTasks):
     """``clock``: monotonic seconds, for a live migration's port and report; ``sleep``: the
     waits of its retries and polls."""
 
@@ -93,102 +93,7 @@ class TaskRunner(DiskTasks):
         self._loop: asyncio.AbstractEventLoop | None = None
         # Called after each takeover with the kinds of the tasks it ended (operations).
         self.after_takeover: list[Callable[[list[str]], None]] = []
-
-    def recover_after_restart(self) -> None:
-        """Join as a new epoch of this replica, then take over every orphaned task (this
-        name's previous process's among them). Call from within the event loop."""
-        self._loop = asyncio.get_running_loop()
-        self.membership.join()
-        self._start(*self._claim_orphans())
-
-    async def keep_leases(self) -> None:
-        """Renew this replica's lease and take over orphaned tasks, every third of a lease,
-        until cancelled. A replica that lost its name or could not renew in time stops its
-        own work (another replica may be resuming it) and joins again as a new epoch."""
-        self._loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.membership.lease_s / 3)
-            try:
-                renewed = await asyncio.to_thread(self.membership.renew)
-            except Exception:
-                log.exception("replica %s: could not renew its lease", self.membership.name)
-                renewed = True  # the database may be back before the lease ends
-            if not renewed or self.membership.fenced():
-                log.error(
-                    "replica %s lost its lease: stopping its tasks and joining again",
-                    self.membership.name,
-                )
-                await self.abandon_all()
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(self.membership.join)
-                continue
-            try:
-                for task_id in await asyncio.to_thread(self._cancels_asked):
-                    if (event := self._cancel.get(task_id)) is not None:
-                        event.set()
-                self._start(*await asyncio.to_thread(self._claim_orphans))
-            except Exception:
-                log.exception("replica %s: taking over orphaned tasks failed", self.membership.name)
-
-    def _claim_orphans(self) -> tuple[list[Resumption], list[str]]:
-        """Orphaned tasks, claimed for this replica in one transaction: a migration or disk
-        task under way resumes from its persisted state (vocabulary.Restarted); one that had
-        not begun, or an operation, ends (what it started goes on by itself)."""
-        me = self.membership
-        work: list[Resumption] = []
-        failed_kinds: list[str] = []
-        with self.db.session() as s:
-            for t in me.orphans(s):
-                restarted = t.owner in (None, me.name)
-                before = t.owner
-                # Compare-and-set: on SQLite the read above ran outside this transaction,
-                # and another replica may have claimed the task since.
-                claimed = s.execute(
-                    update(Task)
-                    .where(
-                        Task.id == t.id,
-                        Task.owner.is_not_distinct_from(t.owner),
-                        Task.owner_epoch.is_not_distinct_from(t.owner_epoch),
-                    )
-                    .values(owner=me.name, owner_epoch=me.epoch)
-                    .execution_options(synchronize_session=False)
-                )
-                if not claimed.rowcount:  # type: ignore[attr-defined]
-                    continue
-                me.stamp(t)
-                how = (
-                    "manager restarted: resuming"
-                    if restarted
-                    else f"taken over by replica {me.name} from {before} (its lease expired): "
-                    "resuming"
-                )
-                if t.state == TaskState.RUNNING and t.machine:
-                    go = self._disk_task_resumer(s, t)
-                    if go is None and t.kind == "migrate":
-                        go = self._migration_resumer(t)
-                    if go is not None:
-                        work.append((t.id, t.cancel_requested, go))
-                        s.add(TaskEvent(task=t, kind="note", message=how))
-                        continue
-                who = "the manager restarted" if restarted else f"its manager ({before}) stopped"
-                t.state, t.ended_at = TaskState.FAILED, utcnow()
-                t.error = (
-                    f"{who} during this operation: the migrations it had "
-                    "started go on by themselves; run it again for the rest"
-                    if t.kind in OPERATION_KINDS
-                    else f"{who} before this task began; nothing was changed"
-                )
-                s.add(TaskEvent(task=t, kind="error", message=t.error))
-                failed_kinds.append(t.kind)
-        return work, failed_kinds
-
-    def _cancels_asked(self) -> list[int]:
-        """This replica's tasks whose cancel was asked through another replica's API."""
-        mine = list(self._cancel)
-        if not mine:
-            return []
-        with self.db.session() as s:
-            return list(s.scalars(select(Task.id).where(Task.id.in_(mine), Task.cancel_requested)))
+        self._leasing = False  # keep_leases runs: the guard applies
 
     def _migration_resumer(self, t: Task) -> Callable[[], Coroutine[Any, Any, None]]:
         persisted = MigrationState.from_json(t.machine or {})
@@ -200,57 +105,6 @@ class TaskRunner(DiskTasks):
         return lambda: self._run_migration(
             task_id, vm, source, destination, mparams, self.clock(), resume=state
         )
-
-    def _start(self, work: list[Resumption], ended: list[str]) -> None:
-        """In the loop: the claimed tasks' work, then what the ended ones leave to do."""
-        if ended:
-            for hook in self.after_takeover:
-                hook(ended)
-        for task_id, cancelled, go in work:
-            cancel = self._cancel[task_id] = asyncio.Event()
-            if cancelled:
-                cancel.set()
-            self._running[task_id] = asyncio.create_task(go(), name=f"task-{task_id}")
-
-    def owned_task(self, s: Session, task_id: int) -> Task:
-        """The task's row, locked, while this replica still owns it. Otherwise another
-        replica took it over: this one's work on it is cancelled (as at a shutdown: nothing
-        more is done on the hosts) and the write is refused."""
-        me = self.membership
-        # A write first, not a read: it takes the row's lock (PostgreSQL) or the database's
-        # write lock (SQLite, whose driver would run a read outside the transaction), so no
-        # takeover slips in between this check and the step's write.
-        held = s.execute(
-            update(Task)
-            .where(Task.id == task_id, Task.owner == me.name, Task.owner_epoch == me.epoch)
-            .values(owner_epoch=me.epoch)
-            .execution_options(synchronize_session=False)
-        )
-        t = s.get(Task, task_id, populate_existing=True)
-        assert t is not None
-        if not held.rowcount:  # type: ignore[attr-defined]
-            self._abandon_soon(task_id)
-            raise LeaseLost(task_id, t.owner)
-        return t
-
-    def _abandon_soon(self, task_id: int) -> None:
-        """From a worker thread or the loop: the task's coroutine is cancelled."""
-        if self._loop is None or self._loop.is_closed():
-            return
-
-        def cancel() -> None:
-            running = self._running.get(task_id)
-            if running is not None and running is not asyncio.current_task():
-                running.cancel()
-
-        self._loop.call_soon_threadsafe(cancel)
-
-    async def abandon_all(self) -> None:
-        """Stop every task's work here without ending it (it is left as persisted)."""
-        running = list(self._running.values())
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
 
     def spawn(self, task_id: int, cancel: asyncio.Event, work: Coroutine[Any, Any, None]) -> None:
         """Run a task's work in the background, cancellable through ``cancel``."""
@@ -496,6 +350,7 @@ class TaskRunner(DiskTasks):
                         copy_disks=mparams.copy_datastore is not None,
                         migration_id=migration_id,
                         sleep=self.sleep,
+                        guard=self.guard,
                     )
                 finally:
                     port.close()
@@ -531,39 +386,6 @@ class TaskRunner(DiskTasks):
         with self.db.session() as s:
             t = self.owned_task(s, task_id)
             t.machine = {**(t.machine or {}), "postcopy_requested": True}
-
-    def _mark_running(self, task_id: int, hosts: Sequence[str]) -> bool:
-        """Running, if the hosts have a free slot cluster-wide: the slots held here count
-        this replica's moves only, and other replicas' run on the same hosts. In PostgreSQL
-        the hosts' rows are locked for the count, so two replicas never both take a host's
-        last slot. False: no room yet (nothing written)."""
-        with self.db.session() as s:
-            t = self.owned_task(s, task_id)
-            if self.db.postgresql:
-                s.execute(select(Host.id).where(Host.name.in_(hosts)).with_for_update())
-            for host in set(hosts):
-                busy = s.scalar(
-                    select(func.count(Task.id)).where(
-                        Task.state == TaskState.RUNNING,
-                        Task.kind.not_in(OPERATION_KINDS),
-                        Task.id != task_id,
-                        or_(Task.source == host, Task.destination == host),
-                    )
-                )
-                if (busy or 0) >= self.per_host:
-                    return False
-            t.state, t.started_at = TaskState.RUNNING, utcnow()
-            s.add(TaskEvent(task=t, kind="started", message="started"))
-            return True
-
-    async def _begin(self, task_id: int, hosts: Sequence[str], cancel: asyncio.Event) -> bool:
-        """Mark the task running once the cluster has room on its hosts; False: cancelled
-        while waiting for it."""
-        while not await asyncio.to_thread(self._mark_running, task_id, hosts):
-            if cancel.is_set():
-                return False
-            await asyncio.sleep(CLUSTER_SLOT_POLL_S)
-        return True
 
     def _persist(
         self,

@@ -1,4 +1,5 @@
-"""replicas: several managers on one database, each task owned by one of them
+"""replicas: several managers on one database, each task owned by one of them; the web
+console's sessions in the database (shared by the replicas, kept across restarts)
 
 Revision ID: 0002
 Revises: 0001
@@ -36,6 +37,16 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("name"),
     )
+    op.create_table(
+        "console_sessions",
+        sa.Column("key", sa.String(length=64), nullable=False),
+        sa.Column("token_digest", sa.String(length=64), nullable=False),
+        sa.Column("csrf", sa.String(length=64), nullable=False),
+        sa.Column("created", sa.Float(), nullable=False),
+        sa.Column("last_seen", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("key"),
+    )
+    op.create_index("ix_console_sessions_last_seen", "console_sessions", ["last_seen"])
     # Tasks from before: no owner, so the first replica to start takes them (as a restart).
     # A database from before Alembic that lacked the tasks table got it from the models,
     # with these columns already.
@@ -59,5 +70,6 @@ def downgrade() -> None:
         batch_op.drop_index("ix_tasks_owner")
         batch_op.drop_column("owner_epoch")
         batch_op.drop_column("owner")
+    op.drop_table("console_sessions")
     op.drop_table("leases")
     op.drop_table("replicas")

@@ -1,0 +1,270 @@
+"""Which manager replica runs each task: joining, renewing, taking over orphaned tasks,
+fencing every step's write, the guard before each action, and slots counted cluster-wide.
+
+Mixed into the TaskRunner (as DiskTasks is); the leases themselves are server/replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from qmotion.api.server import TaskState
+from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, Task, TaskEvent, utcnow
+from qmotion.server.errors import LeaseLost
+from qmotion.server.replicas import SELF_FENCE, Membership
+from qmotion.server.tasks.task_view import OPERATION_KINDS
+
+log = logging.getLogger(__name__)
+# A claimed task: its id, whether its cancel was asked, and how it goes on.
+Resumption = tuple[int, bool, Callable[[], Coroutine[Any, Any, None]]]
+# How often a move waiting for a host slot held by another replica looks again.
+CLUSTER_SLOT_POLL_S = 0.5
+
+
+class Ownership:
+    """Mixed into the TaskRunner: what it provides is declared here."""
+
+    db: Database
+    per_host: int
+    membership: Membership
+    after_takeover: list[Callable[[list[str]], None]]
+    _cancel: dict[int, asyncio.Event]
+    _running: dict[int, asyncio.Task[None]]
+    _loop: asyncio.AbstractEventLoop | None
+    _leasing: bool
+
+    if TYPE_CHECKING:  # provided by DiskTasks and the TaskRunner, later in the MRO
+
+        def _disk_task_resumer(
+            self, s: Session, t: Task
+        ) -> Callable[[], Coroutine[Any, Any, None]] | None: ...
+
+        def _migration_resumer(self, t: Task) -> Callable[[], Coroutine[Any, Any, None]]: ...
+
+    def recover_after_restart(self) -> None:
+        """Join as a new epoch of this replica, then take over every orphaned task (this
+        name's previous process's among them). Call from within the event loop."""
+        self._loop = asyncio.get_running_loop()
+        self.membership.join()
+        self._start(*self._claim_orphans())
+
+    async def keep_leases(self) -> None:
+        """Renew this replica's lease and take over orphaned tasks, every third of a lease,
+        until cancelled. A replica that lost its lease (it stalled past it, another process
+        took its name, or it could not renew by the self-fence point) stops its own work at
+        once (another replica may be resuming it), then joins again as a new epoch, which
+        orphans its old tasks: it may claim them back."""
+        self._loop = asyncio.get_running_loop()
+        me, lost = self.membership, False
+        self._leasing = True
+        try:
+            while True:
+                # Awake at the next renewal, or at the self-fence point if that comes first.
+                fence_in = me.renewed + me.lease_s * SELF_FENCE - me.monotonic()
+                await asyncio.sleep(max(0.05, min(me.lease_s / 3, fence_in)))
+                if not lost:
+                    try:
+                        lost = not await me.call(me.renew)
+                    except Exception:
+                        log.exception("replica %s: could not renew its lease", me.name)
+                    if lost or me.fenced():
+                        lost = True
+                        log.error("replica %s lost its lease: its tasks stop here", me.name)
+                        await self.abandon_all()
+                if lost:
+                    try:
+                        await me.call(me.rejoin)
+                    except Exception:
+                        log.exception("replica %s: could not join again", me.name)
+                        continue
+                    lost = False
+                try:
+                    for task_id in await asyncio.to_thread(self._cancels_asked):
+                        if (event := self._cancel.get(task_id)) is not None:
+                            event.set()
+                    self._start(*await asyncio.to_thread(self._claim_orphans))
+                except Exception:
+                    log.exception("replica %s: taking over orphaned tasks failed", me.name)
+        finally:
+            self._leasing = False
+
+    async def guard(self) -> None:
+        """Awaited before each action on the hosts: while this replica runs its leases, one
+        past its self-fence point acts no more: its own run is cancelled here, as at a
+        shutdown (the task is left as persisted, for whoever holds it next)."""
+        if self._leasing and self.membership.fenced():
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            await asyncio.sleep(0)
+
+    def _claim_orphans(self) -> tuple[list[Resumption], list[str]]:
+        """Orphaned tasks, claimed for this replica in one transaction: a migration or disk
+        task under way resumes from its persisted state (vocabulary.Restarted); one that had
+        not begun, or an operation, ends (what it started goes on by itself)."""
+        me = self.membership
+        work: list[Resumption] = []
+        failed_kinds: list[str] = []
+        with self.db.session() as s:
+            for t in me.orphans(s):
+                restarted = t.owner in (None, me.name)
+                before = t.owner
+                # Compare-and-set: on SQLite the read above ran outside this transaction,
+                # and another replica may have claimed (or its owner ended) the task since.
+                claimed = s.execute(
+                    update(Task)
+                    .where(
+                        Task.id == t.id,
+                        Task.state.in_(ACTIVE_TASK_STATES),
+                        Task.owner.is_not_distinct_from(t.owner),
+                        Task.owner_epoch.is_not_distinct_from(t.owner_epoch),
+                    )
+                    .values(owner=me.name, owner_epoch=me.epoch)
+                    .execution_options(synchronize_session=False)
+                )
+                if not claimed.rowcount:  # type: ignore[attr-defined]
+                    continue
+                s.refresh(t)
+                try:
+                    # One task that cannot be resumed (its host removed, its record from an
+                    # older release) must not stop the others' takeover.
+                    with s.begin_nested():
+                        kind = self._take_over_one(s, t, restarted, before, work)
+                except Exception as exc:
+                    log.exception("task %d could not be taken over", t.id)
+                    t.state, t.ended_at = TaskState.FAILED, utcnow()
+                    t.error = f"could not be resumed after its manager stopped: {exc}"
+                    s.add(TaskEvent(task=t, kind="error", message=t.error))
+                    kind = t.kind
+                if kind is not None:
+                    failed_kinds.append(kind)
+        return work, failed_kinds
+
+    def _take_over_one(
+        self, s: Session, t: Task, restarted: bool, before: str | None, work: list[Resumption]
+    ) -> str | None:
+        """One claimed task: its resumption added to ``work``, or it ends (its kind
+        returned: what the caller's hooks may have to finish)."""
+        me = self.membership
+        how = (
+            "manager restarted: resuming"
+            if restarted
+            else f"taken over by replica {me.name} from {before} (its lease expired): resuming"
+        )
+        if t.state == TaskState.RUNNING and t.machine:
+            go = self._disk_task_resumer(s, t)
+            if go is None and t.kind == "migrate":
+                go = self._migration_resumer(t)
+            if go is not None:
+                work.append((t.id, t.cancel_requested, go))
+                s.add(TaskEvent(task=t, kind="note", message=how))
+                return None
+        who = "the manager restarted" if restarted else f"its manager ({before}) stopped"
+        t.state, t.ended_at = TaskState.FAILED, utcnow()
+        t.error = (
+            f"{who} during this operation: the migrations it had "
+            "started go on by themselves; run it again for the rest"
+            if t.kind in OPERATION_KINDS
+            else f"{who} before this task began; nothing was changed"
+        )
+        s.add(TaskEvent(task=t, kind="error", message=t.error))
+        return t.kind
+
+    def _cancels_asked(self) -> list[int]:
+        """This replica's tasks whose cancel was asked through another replica's API."""
+        mine = list(self._cancel)
+        if not mine:
+            return []
+        with self.db.session() as s:
+            return list(s.scalars(select(Task.id).where(Task.id.in_(mine), Task.cancel_requested)))
+
+    def _start(self, work: list[Resumption], ended: list[str]) -> None:
+        """In the loop: the claimed tasks' work, then what the ended ones leave to do."""
+        if ended:
+            for hook in self.after_takeover:
+                hook(ended)
+        for task_id, cancelled, go in work:
+            cancel = self._cancel[task_id] = asyncio.Event()
+            if cancelled:
+                cancel.set()
+            self._running[task_id] = asyncio.create_task(go(), name=f"task-{task_id}")
+
+    def owned_task(self, s: Session, task_id: int) -> Task:
+        """The task's row, locked, while this replica still owns it. Otherwise another
+        replica took it over: this one's work on it is cancelled (as at a shutdown: nothing
+        more is done on the hosts) and the write is refused."""
+        me = self.membership
+        # A write first, not a read: it takes the row's lock (PostgreSQL) or the database's
+        # write lock (SQLite, whose driver would run a read outside the transaction), so no
+        # takeover slips in between this check and the step's write.
+        held = s.execute(
+            update(Task)
+            .where(Task.id == task_id, Task.owner == me.name, Task.owner_epoch == me.epoch)
+            .values(owner_epoch=me.epoch)
+            .execution_options(synchronize_session=False)
+        )
+        t = s.get(Task, task_id, populate_existing=True)
+        assert t is not None
+        if not held.rowcount:  # type: ignore[attr-defined]
+            self._abandon_soon(task_id)
+            raise LeaseLost(task_id, t.owner)
+        return t
+
+    def _abandon_soon(self, task_id: int) -> None:
+        """From a worker thread or the loop: the task's coroutine (the one running now, not
+        one started later for the same task after a claim back) is cancelled."""
+        if self._loop is None or self._loop.is_closed():
+            return
+        doomed = self._running.get(task_id)
+
+        def cancel() -> None:
+            if doomed is not None and self._running.get(task_id) is doomed:
+                doomed.cancel()
+
+        self._loop.call_soon_threadsafe(cancel)
+
+    async def abandon_all(self) -> None:
+        """Stop every task's work here without ending it (it is left as persisted)."""
+        running = list(self._running.values())
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+    def _mark_running(self, task_id: int, hosts: Sequence[str]) -> bool:
+        """Running, if the hosts have a free slot cluster-wide: the slots held here count
+        this replica's moves only, and other replicas' run on the same hosts. In PostgreSQL
+        the hosts' rows are locked for the count, so two replicas never both take a host's
+        last slot. False: no room yet (nothing written)."""
+        with self.db.session() as s:
+            t = self.owned_task(s, task_id)
+            if self.db.postgresql:
+                s.execute(select(Host.id).where(Host.name.in_(hosts)).with_for_update())
+            for host in set(hosts):
+                busy = s.scalar(
+                    select(func.count(Task.id)).where(
+                        Task.state == TaskState.RUNNING,
+                        Task.kind.not_in(OPERATION_KINDS),
+                        Task.id != task_id,
+                        or_(Task.source == host, Task.destination == host),
+                    )
+                )
+                if (busy or 0) >= self.per_host:
+                    return False
+            t.state, t.started_at = TaskState.RUNNING, utcnow()
+            s.add(TaskEvent(task=t, kind="started", message="started"))
+            return True
+
+    async def _begin(self, task_id: int, hosts: Sequence[str], cancel: asyncio.Event) -> bool:
+        """Mark the task running once the cluster has room on its hosts; False: cancelled
+        while waiting for it."""
+        while not await asyncio.to_thread(self._mark_running, task_id, hosts):
+            if cancel.is_set():
+                return False
+            await asyncio.sleep(CLUSTER_SLOT_POLL_S)
+        return True
