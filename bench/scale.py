@@ -87,7 +87,7 @@ from qmotion.lab.errors import LabSetupError
 from qmotion.lab.postgres import throwaway_postgres
 from qmotion.server.agents import AgentConnector
 from qmotion.server.automation.drs import ClusterDrs
-from qmotion.server.db import Base, Host, Task, Vm, utcnow
+from qmotion.server.db import Base, Host, Task, TaskEvent, Vm, utcnow
 from qmotion.server.http.app import REFRESH_INTERVAL_S, WORKER_THREADS, create_app
 from qmotion.server.inventory import Inventory
 from qmotion.server.reconciler import Reconciler
@@ -365,8 +365,24 @@ async def migrations(
         sampler.join(5)
     engine = create_engine(url)
     with engine.connect() as c:
-        rows = c.execute(select(Task.vm, Task.state, Task.destination, Task.error)).all()
+        rows = c.execute(
+            select(Task.id, Task.vm, Task.state, Task.destination, Task.error, Task.owner)
+        ).all()
         where = {vm: host for vm, host in c.execute(select(Vm.name, Host.name).join(Host))}
+        # What the tasks that did not end say last: why a move is still under way.
+        stuck = [r.id for r in rows if r.state not in FINAL][:3]
+        last_events = {
+            f"task {tid} ({next(r.owner for r in rows if r.id == tid)})": [
+                e
+                for (e,) in c.execute(
+                    select(TaskEvent.message)
+                    .where(TaskEvent.task_id == tid)
+                    .order_by(TaskEvent.id.desc())
+                    .limit(4)
+                )
+            ]
+            for tid in stuck
+        }
     engine.dispose()
     ours = [r for r in rows if r.vm in names]
     per_vm = Counter(r.vm for r in ours)
@@ -392,6 +408,7 @@ async def migrations(
         "queries": sum(m.queries[0] for m in ms) - sum(q0),
         "qps": round((sum(m.queries[0] for m in ms) - sum(q0)) / wall, 1),
         "unhandled_agent_routes": dict(sim.unhandled),
+        "unfinished_last_events": last_events,
     }
     return out
 

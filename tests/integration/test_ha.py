@@ -1,8 +1,12 @@
-"""Two manager replicas on one PostgreSQL: the one running a live migration is SIGKILLed in
-the middle of the copy, the other takes the task over within two leases and completes it."""
+"""Two manager replicas on one PostgreSQL: the one running a live migration is SIGKILLed (or
+frozen past its lease) in the middle of the copy; the other takes the task over within two
+leases and completes it, once."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -82,3 +86,55 @@ def test_the_surviving_replica_completes_a_migration_whose_manager_was_killed(
     assert ha_lab.agent("h2").vm(vm.name).state == VmState.RUNNING
     after = run_in(rec.client_namespace, lambda: mem_check(ip))
     assert after["consistent"] and after["boot_id"] == before["boot_id"]
+
+
+def test_a_replica_frozen_past_its_lease_gives_its_migration_up(ha_lab: Lab) -> None:
+    """m1 runs the migration and freezes (SIGSTOP) for two leases: m2 takes it over and
+    completes it. Thawed, m1 finds its lease ended and stops its work on the task before
+    acting again: the move ends once, with one copy, the guest intact; m1 then serves again
+    as a new epoch."""
+    rec = ha_lab.record
+    assert rec.manager_url is not None
+    ha_lab.restart_manager()  # m1 again (killed above, or not): its name after a SIGKILL
+    m1_pid = ha_lab.replica_pid("m1")
+    assert m1_pid is not None
+    urls = (rec.manager_url, rec.replicas[0].url)
+    with _client(ha_lab, *urls) as both:
+        vm = both.create_vm(
+            VmCreate.model_validate(
+                {
+                    "name": "ha2",
+                    "host": "h1",
+                    "memory": "512M",
+                    "start": True,
+                    "workload": Workload(fill_mib=300, dirty_mib_s=2),
+                }
+            )
+        )
+        ip = ip_of(vm)
+        run_in(rec.client_namespace, lambda: wait_echo(ip, 90))
+        before = run_in(rec.client_namespace, lambda: mem_status(ip))
+    with _client(ha_lab, rec.manager_url) as a:
+        task = a.migrate(vm.name, MigrateRequest(to="h2", bandwidth="30M/s"))
+        wait_phase(a, task, "monitor")
+    os.kill(m1_pid, signal.SIGSTOP)
+    try:
+        with _client(ha_lab, urls[1]) as b:
+            deadline = time.monotonic() + 4 * LEASE_S
+            while not any("taken over by replica m2" in e.message for e in b.task(task.id).events):
+                assert time.monotonic() < deadline, "m2 never took the task over"
+                time.sleep(0.2)
+    finally:
+        os.kill(m1_pid, signal.SIGCONT)
+    with _client(ha_lab, urls[1]) as b:
+        done = wait_task(b, b.task(task.id), timeout_s=240)
+        events = [e.message for e in b.task(task.id).events]
+        assert done.state == TaskState.SUCCEEDED, (done.error, events)
+        assert events.count("succeeded") == 1 and b.vm(vm.name).host == "h2"
+    assert vm.name not in [v.name for v in ha_lab.agent("h1").list_vms()]
+    assert ha_lab.agent("h2").vm(vm.name).state == VmState.RUNNING
+    after = run_in(rec.client_namespace, lambda: mem_check(ip))
+    assert after["consistent"] and after["boot_id"] == before["boot_id"]
+    # m1 is back in service (a new epoch), answering on its own address.
+    with _client(ha_lab, rec.manager_url) as a:
+        assert a.vm(vm.name).host == "h2"

@@ -8,6 +8,7 @@ import asyncio
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -24,6 +25,8 @@ from qmotion.server.tasks.runner import TaskRunner
 from tests.unit.agent_world import World
 from tests.unit.manager_app import TOKEN
 from tests.unit.test_schedules import FakeActions
+
+T = TypeVar("T")
 
 
 class Wall:
@@ -333,3 +336,81 @@ def test_a_schedule_fires_once_across_replicas(db_url: str) -> None:
     for r in replicas:  # the next round, as run_forever would have
         asyncio.run(r.tick())
     assert sorted(c[1] for c in actions.calls) == [f"vm{i}" for i in range(5)], errors
+
+
+def test_a_replica_cut_off_from_its_database_gets_its_task_back(db_url: str) -> None:
+    """The database is out of reach for two leases in the middle of a copy (every renewal
+    and join fails): the replica stops its work, joins again once the database is back, and
+    claims its task back from its old epoch; the move completes, never left unowned."""
+    db = Database(db_url)
+    world = _world(db, polls=200)
+    me = Membership(db, "a", lease_s=0.3)
+    down = [False]
+    renew, rejoin = me.renew, me.rejoin
+
+    def cut(real: Callable[[], T]) -> Callable[[], T]:
+        def call() -> T:
+            if down[0]:
+                raise ConnectionError("the database is out of reach")
+            return real()
+
+        return call
+
+    me.renew, me.rejoin = cut(renew), cut(rejoin)  # type: ignore[method-assign]
+
+    async def main() -> TaskOut:
+        a = world.runner(db, membership=me)
+        a.recover_after_restart()
+        keep = asyncio.ensure_future(a.keep_leases())
+        try:
+            task = await a.submit_migration("vm0", MigrateRequest(to="h2"))
+            await _until(lambda: _phase(db, task.id) == Phase.MONITOR, "copying")
+            first_epoch = me.epoch
+            down[0] = True
+            await _until(lambda: task.id not in a._running, "a stopped its work")
+            await asyncio.sleep(0.6)
+            down[0] = False
+            await _until(lambda: me.epoch > first_epoch and task.id in a._running, "taken back")
+            return await world.run_to_end(a, task)
+        finally:
+            keep.cancel()
+
+    task = asyncio.run(main())
+    assert task.state == TaskState.SUCCEEDED, task.error
+    assert world.running_copies("vm0") == ["h2"] and _host_of(db, "vm0") == "h2"
+    assert any("manager restarted: resuming" in e for e in _events(db, task.id))
+
+
+def test_a_replica_past_its_fence_point_stops_and_claims_its_task_back(db_url: str) -> None:
+    """The replica's clock says its last renewal is older than 80 % of the lease (its loop
+    stalled): its guard stops the task before the next action, and its lease keeper joins
+    again and takes the task back: it completes, never a running task with no coroutine."""
+    db = Database(db_url)
+    world = _world(db, polls=200)
+    me = Membership(db, "a", lease_s=0.3)
+    acted_while_fenced: list[str] = []
+
+    def note(w: World, k: int, host: str, path: str) -> None:
+        if me.fenced():
+            acted_while_fenced.append(path)
+
+    async def main() -> TaskOut:
+        a = world.runner(db, membership=me)
+        a.recover_after_restart()
+        keep = asyncio.ensure_future(a.keep_leases())
+        try:
+            task = await a.submit_migration("vm0", MigrateRequest(to="h2"))
+            await _until(lambda: _phase(db, task.id) == Phase.MONITOR, "copying")
+            first_epoch = me.epoch
+            world.before_request = note
+            me.renewed -= 10.0  # as if the loop had not run for 10 s
+            await _until(lambda: me.epoch > first_epoch, "joined again")
+            world.before_request = None
+            return await world.run_to_end(a, task)
+        finally:
+            keep.cancel()
+
+    task = asyncio.run(main())
+    assert task.state == TaskState.SUCCEEDED, task.error
+    assert world.running_copies("vm0") == ["h2"] and _host_of(db, "vm0") == "h2"
+    assert acted_while_fenced == [], acted_while_fenced

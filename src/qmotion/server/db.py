@@ -365,7 +365,7 @@ def _private_sqlite_file(url: str) -> None:
 
 # PostgreSQL: a call fails within seconds when the server or the network does (a replica
 # must notice before its lease ends), and a dead pooled connection is replaced, not handed
-# to a task step. Up to 40 connections per replica (its worker threads share them).
+# to a task step.
 PG_CONNECT: dict[str, Any] = {
     "connect_timeout": 5,
     "keepalives": 1,
@@ -380,14 +380,16 @@ def is_postgresql(url: str) -> bool:
     return url.startswith(("postgresql", "postgres"))
 
 
-def engine_options(url: str, pool_size: int = 10, max_overflow: int = 30) -> dict[str, Any]:
+def engine_options(url: str, pool_size: int = 10, max_overflow: int = 64) -> dict[str, Any]:
+    """PostgreSQL: as many connections as the manager's worker threads (64) and its event
+    loop may hold at once, so no step waits for one."""
     if is_postgresql(url):
         return {
             "connect_args": PG_CONNECT,
             "pool_pre_ping": True,
             "pool_size": pool_size,
             "max_overflow": max_overflow,
-            "pool_timeout": 10,
+            "pool_timeout": 30,
         }
     return {"connect_args": {"check_same_thread": False} if url.startswith("sqlite") else {}}
 

@@ -7,6 +7,7 @@ Mixed into the TaskRunner (as DiskTasks is); the leases themselves are server/re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ class Ownership:
     _running: dict[int, asyncio.Task[None]]
     _loop: asyncio.AbstractEventLoop | None
     _leasing: bool
+    _tripped: asyncio.Event
 
     if TYPE_CHECKING:  # provided by DiskTasks and the TaskRunner, later in the MRO
 
@@ -62,18 +64,25 @@ class Ownership:
         orphans its old tasks: it may claim them back."""
         self._loop = asyncio.get_running_loop()
         me, lost = self.membership, False
-        self._leasing = True
+        self._leasing, self._tripped = True, asyncio.Event()
         try:
             while True:
-                # Awake at the next renewal, or at the self-fence point if that comes first.
+                # Awake at the next renewal, or at the self-fence point if that comes first,
+                # or at once when a guard found the replica past that point.
                 fence_in = me.renewed + me.lease_s * SELF_FENCE - me.monotonic()
-                await asyncio.sleep(max(0.05, min(me.lease_s / 3, fence_in)))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._tripped.wait(), max(0.05, min(me.lease_s / 3, fence_in))
+                    )
                 if not lost:
                     try:
                         lost = not await me.call(me.renew)
                     except Exception:
                         log.exception("replica %s: could not renew its lease", me.name)
-                    if lost or me.fenced():
+                    # A guard stopped a task: the others stop too, and a new epoch makes
+                    # that one (and theirs) orphans to claim back, never left unowned.
+                    if lost or me.fenced() or self._tripped.is_set():
+                        self._tripped.clear()
                         lost = True
                         log.error("replica %s lost its lease: its tasks stop here", me.name)
                         await self.abandon_all()
@@ -99,6 +108,7 @@ class Ownership:
         past its self-fence point acts no more: its own run is cancelled here, as at a
         shutdown (the task is left as persisted, for whoever holds it next)."""
         if self._leasing and self.membership.fenced():
+            self._tripped.set()
             task = asyncio.current_task()
             assert task is not None
             task.cancel()
