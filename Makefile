@@ -20,7 +20,7 @@ BACKPORTS_LIST := /etc/apt/sources.list.d/qmotion-bookworm-backports.sources
 BENCH_PACKAGES := ganeti-htools
 STAMP := $(VENV)/.installed
 
-.PHONY: lock install setup debs qemu-user test test-unit check demo bench faults campaign drs-random screenshots clean
+.PHONY: lock install setup debs qemu-user test test-unit check demo bench scale faults campaign drs-random screenshots clean
 
 setup: debs qemu-user $(STAMP)
 
@@ -102,6 +102,13 @@ bench: setup
 	$(PY) -m bench.convergence
 	$(PY) -m bench.distance
 	$(PY) -m bench.storage
+	$(PY) -m bench.failover
+
+# Scale (issue 26): the real manager against 100, 300 and 1 000 simulated hosts (20 VMs
+# each), on SQLite and PostgreSQL, with one and two managers; the README's table and plot.
+scale: setup
+	$(PY) bench/scale.py --hosts 100,300,1000 --vms-per-host 20 --backend sqlite,postgresql \
+	  --managers 1,2 --out bench/results/scale.json --plot docs/scale.png
 
 # The lab fault matrix: each migration phase x each fault on real guests (make test runs only
 # its unmarked representative cases); writes its table to bench/results/faults.md.

@@ -57,6 +57,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -503,6 +504,8 @@ def run_child(cfg: RowConfig, timeout: float) -> dict[str, Any]:
                     error = f"row process exited {rc}"
             except subprocess.TimeoutExpired:
                 error = f"row process killed after {timeout:.0f} s"
+        if keep := os.environ.get("QMOTION_SCALE_LOGS"):  # a row's log kept, for a look
+            shutil.copy(log, Path(keep) / f"{cfg.backend}-{cfg.managers}-{cfg.hosts}.log")
         row: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
         if error:
             tail = log.read_text()[-1500:]
@@ -534,6 +537,8 @@ def main() -> None:
     add("--row-out", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.row:
+        # The manager's warnings and errors (a lease lost, a task taken over) in the row's log.
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
         loop = asyncio.new_event_loop()
         cfg = RowConfig(**json.loads(a.row))
         # What the lifespan sets (it sets its own again with --lifespan): agent and database
@@ -574,7 +579,9 @@ def main() -> None:
                 report["rows"].append(row)
                 a.out.parent.mkdir(parents=True, exist_ok=True)
                 a.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    print(scale_report.table(report))
+    md = scale_report.table(report)
+    a.out.with_suffix(".md").write_text(md + "\n")  # quoted in docs/benchmarks.md
+    print(md)
     if a.plot:
         scale_report.plot(report, a.plot)
 

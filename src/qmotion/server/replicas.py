@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +74,7 @@ class Membership:
     monotonic: Callable[[], float] = time.monotonic
     epoch: int = 0  # 0: not joined yet (tasks made then are taken over by the first join)
     exclusive: bool = False  # a real server: never take a name whose lease is live
+    lost: bool = False  # a renewal found the lease ended or the name taken
     leader_token: int | None = None
     renewed: float = field(default=0.0)
     led: float = field(default=0.0)
@@ -86,6 +88,7 @@ class Membership:
             else self.db.engine
         )
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"lease-{self.name}")
+        self._turn = threading.Lock()  # renewals and rejoins, one at a time
 
     @contextmanager
     def _session(self) -> Iterator[Session]:
@@ -156,11 +159,36 @@ class Membership:
     def rejoin(self) -> int:
         """After this process lost its lease: a new epoch at once (the live lease, if any,
         is this process's own older epoch)."""
-        exclusive, self.exclusive = self.exclusive, False
-        try:
-            return self.join()
-        finally:
-            self.exclusive = exclusive
+        with self._turn:
+            exclusive, self.exclusive = self.exclusive, False
+            try:
+                epoch = self.join()
+            finally:
+                self.exclusive = exclusive
+            self.lost = False
+        return epoch
+
+    def heartbeat(self, stop: threading.Event, tripped: Callable[[], None]) -> None:
+        """The renewals, every third of a lease, on the calling thread until ``stop``. Once
+        a renewal finds the lease ended or the name taken, ``lost`` is set, ``tripped`` is
+        called, and renewals pause until ``rejoin``."""
+        while not stop.wait(self.lease_s / 3):
+            with self._turn:  # not across a rejoin: a renewal of the old epoch would fail
+                if self.lost:
+                    continue
+                began = self.monotonic()
+                try:
+                    renewed = self.renew()
+                except Exception:
+                    log.exception("replica %s: could not renew its lease", self.name)
+                    continue  # the database may be back before the lease ends
+                took = self.monotonic() - began
+                if took > self.lease_s / 10:
+                    log.warning("replica %s: a renewal took %.1f s", self.name, took)
+                if not renewed:
+                    self.lost = True
+            if self.lost:
+                tripped()
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Lease work on a thread of its own: a worker pool busy with agent calls must not
@@ -261,9 +289,12 @@ class Membership:
                 Replica.expires_at > self.clock(),
             )
         )
+        # Never this process's own (its lease may read as ended to it after a stall: then
+        # it stops them and joins again, and they are orphans of its old epoch).
+        mine = and_(Task.owner == self.name, Task.owner_epoch == self.epoch)
         query = (
             select(Task)
-            .where(Task.state.in_(ACTIVE_TASK_STATES), ~live)
+            .where(Task.state.in_(ACTIVE_TASK_STATES), ~live, ~mine)
             .order_by(Task.id)
             .limit(limit)
             .with_for_update(skip_locked=True, of=Task)

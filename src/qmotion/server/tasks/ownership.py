@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -57,51 +58,70 @@ class Ownership:
         self._start(*self._claim_orphans())
 
     async def keep_leases(self) -> None:
-        """Renew this replica's lease and take over orphaned tasks, every third of a lease,
-        until cancelled. A replica that lost its lease (it stalled past it, another process
-        took its name, or it could not renew by the self-fence point) stops its own work at
-        once (another replica may be resuming it), then joins again as a new epoch, which
-        orphans its old tasks: it may claim them back."""
-        self._loop = asyncio.get_running_loop()
-        me, lost = self.membership, False
+        """Keep this replica's lease and take over orphaned tasks, until cancelled.
+
+        The renewals run on a thread of their own (Membership.heartbeat), not in the event
+        loop: a loop busy for seconds is not a dead replica, and a busy worker pool does not
+        hold a renewal back. A replica whose lease ended (it stalled past it: a frozen
+        process, or the database out of reach), whose name was taken, or which could not
+        renew by the self-fence point, stops its own work at once (another replica may be
+        resuming it), then joins again as a new epoch, which orphans its old tasks: it may
+        claim them back."""
+        self._loop = loop = asyncio.get_running_loop()
+        me = self.membership
         self._leasing, self._tripped = True, asyncio.Event()
+        stop = threading.Event()
+        beat = threading.Thread(
+            target=me.heartbeat,
+            args=(stop, lambda: loop.call_soon_threadsafe(self._tripped.set)),
+            name=f"lease-{me.name}",
+            daemon=True,
+        )
+        beat.start()
+        claims: asyncio.Future[None] | None = None
         try:
             while True:
-                # Awake at the next renewal, or at the self-fence point if that comes first,
-                # or at once when a guard found the replica past that point.
+                # The next claim round, or the self-fence point, or a trip (the heartbeat
+                # lost the lease, or a task's guard found the replica past its fence point).
                 fence_in = me.renewed + me.lease_s * SELF_FENCE - me.monotonic()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
                         self._tripped.wait(), max(0.05, min(me.lease_s / 3, fence_in))
                     )
-                if not lost:
-                    try:
-                        lost = not await me.call(me.renew)
-                    except Exception:
-                        log.exception("replica %s: could not renew its lease", me.name)
-                    # A guard stopped a task: the others stop too, and a new epoch makes
-                    # that one (and theirs) orphans to claim back, never left unowned.
-                    if lost or me.fenced() or self._tripped.is_set():
-                        self._tripped.clear()
-                        lost = True
-                        log.error("replica %s lost its lease: its tasks stop here", me.name)
-                        await self.abandon_all()
-                if lost:
+                if me.lost or me.fenced() or self._tripped.is_set():
+                    why = (
+                        "its lease ended or its name was taken"
+                        if me.lost
+                        else f"no renewal for {me.monotonic() - me.renewed:.1f} s"
+                    )
+                    log.error("replica %s lost its lease (%s): its tasks stop", me.name, why)
+                    me.lost = True  # the heartbeat pauses until the new epoch
+                    await self.abandon_all()
                     try:
                         await me.call(me.rejoin)
                     except Exception:
                         log.exception("replica %s: could not join again", me.name)
                         continue
-                    lost = False
-                try:
-                    for task_id in await asyncio.to_thread(self._cancels_asked):
-                        if (event := self._cancel.get(task_id)) is not None:
-                            event.set()
-                    self._start(*await asyncio.to_thread(self._claim_orphans))
-                except Exception:
-                    log.exception("replica %s: taking over orphaned tasks failed", me.name)
+                    self._tripped.clear()
+                # Claims on their own: they wait for the worker pool, which a busy replica
+                # fills with agent calls.
+                if claims is None or claims.done():
+                    claims = asyncio.ensure_future(self._claim_round())
         finally:
+            stop.set()
             self._leasing = False
+            if claims is not None:
+                claims.cancel()
+
+    async def _claim_round(self) -> None:
+        """Cancels asked through other replicas, then orphaned tasks taken over."""
+        try:
+            for task_id in await asyncio.to_thread(self._cancels_asked):
+                if (event := self._cancel.get(task_id)) is not None:
+                    event.set()
+            self._start(*await asyncio.to_thread(self._claim_orphans))
+        except Exception:
+            log.exception("replica %s: taking over orphaned tasks failed", self.membership.name)
 
     async def guard(self) -> None:
         """Awaited before each action on the hosts: while this replica runs its leases, one
