@@ -143,6 +143,9 @@ def _revision(db: str) -> str | None:
 
     from qmotion.server import schema
 
+    name = db.removeprefix("sqlite:///").split("?", 1)[0]
+    if db.startswith("sqlite:///") and not Path(name).exists():
+        return None  # not made here: the manager makes it private (0600)
     engine = create_engine(db)
     try:
         with engine.connect() as conn:
