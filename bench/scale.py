@@ -69,7 +69,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -80,15 +80,14 @@ if __package__ in (None, ""):  # run as a file (python bench/scale.py): the repo
 
 import httpx
 from fastapi import FastAPI
-from sqlalchemy import MetaData, create_engine, event, insert, select, text
+from sqlalchemy import create_engine, event, insert, select
 
 from bench import scale_report
+from bench.scale_db import database, db_bytes, reset
 from bench.sim_agents import SimCluster, agent_url
-from qmotion.lab.errors import LabSetupError
-from qmotion.lab.postgres import throwaway_postgres
 from qmotion.server.agents import AgentConnector
 from qmotion.server.automation.drs import ClusterDrs
-from qmotion.server.db import Base, Host, Task, TaskEvent, Vm, utcnow
+from qmotion.server.db import Host, Task, TaskEvent, Vm, utcnow
 from qmotion.server.http.app import REFRESH_INTERVAL_S, WORKER_THREADS, create_app
 from qmotion.server.inventory import Inventory
 from qmotion.server.reconciler import Reconciler
@@ -414,29 +413,6 @@ async def migrations(
     return out
 
 
-def db_bytes(url: str) -> int:
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
-        return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
-    engine = create_engine(url)
-    try:
-        with engine.connect() as c:
-            return int(c.execute(text("SELECT pg_database_size(current_database())")).scalar_one())
-    finally:
-        engine.dispose()
-
-
-def reset(url: str) -> None:
-    """A given database starts each row empty: the manager's tables (and the schema's
-    revision, or the next manager would take the empty database for an upgraded one) go."""
-    engine = create_engine(url)
-    found = MetaData()
-    found.reflect(engine)
-    ours = {*Base.metadata.tables, "alembic_version"}
-    found.drop_all(engine, tables=[t for t in found.sorted_tables if t.name in ours])
-    engine.dispose()
-
-
 async def run_row(cfg: RowConfig, out_file: Path) -> None:
     row: dict[str, Any] = {**asdict(cfg), "vms": cfg.hosts * cfg.vms_per_host}
     row |= {"errors": [], "phases": {}, "per_manager": []}
@@ -584,26 +560,6 @@ def main() -> None:
     print(md)
     if a.plot:
         scale_report.plot(report, a.plot)
-
-
-@contextlib.contextmanager
-def database(backend: str, given: str | None) -> Iterator[str | None]:
-    """The backend's database for its rows: the given one; None for SQLite (each row makes
-    its own file); else a throwaway PostgreSQL, fsync on (``durable``: a production server's
-    commits cost that too), stopped and removed however the block ends. Its server runs as
-    its own user and reaches its directory through the one made here: hence 0o711."""
-    if given or backend != "postgresql":
-        yield given
-        return
-    base = Path(tempfile.mkdtemp(prefix="qmotion-bench-pg-"))
-    try:
-        base.chmod(0o711)
-        with throwaway_postgres(base / "pg", durable=True) as url:
-            yield url
-    except LabSetupError as exc:
-        sys.exit(f"scale: no PostgreSQL ({exc}); or give one: --db-url postgresql+psycopg://…")
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def stopped(signum: int, _frame: object) -> NoReturn:

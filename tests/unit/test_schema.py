@@ -59,7 +59,7 @@ def test_the_release_database_upgrades_keeping_every_row(tmp_path: Path) -> None
     # machine state yet: it had not begun) ends as after a restart, nothing changed.
     assert sorted(v.name for v in Inventory(db).list_vms()) == [f"vm{i}" for i in range(6)]
     runner = TaskRunner(db, Inventory(db))
-    work, ended = runner._claim_orphans()
+    _, work, ended = runner._claim_orphans()
     assert work == [] and ended == ["migrate"]
     with db.session() as s:
         left = s.query(Task).filter_by(vm="vm3").one()

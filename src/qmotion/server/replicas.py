@@ -25,6 +25,7 @@ operator.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -113,9 +114,10 @@ class Membership:
         since = self.monotonic()
         while True:
             dead = seen is not None and self.monotonic() - since >= quiet
+            began = self.monotonic()
             epoch, renewed_at = self._try_join(take_live=dead)
             if epoch is not None:
-                self.renewed = self.monotonic()
+                self.renewed = began
                 log.info("replica %s joined (epoch %d)", self.name, epoch)
                 return epoch
             if renewed_at != seen:  # a renewal: the holder lives (or this is the first look)
@@ -160,6 +162,18 @@ class Membership:
         """After this process lost its lease: a new epoch at once (the live lease, if any,
         is this process's own older epoch)."""
         with self._turn:
+            with self._session() as s:
+                row = s.get(Replica, self.name)
+                newer = (
+                    row is not None and row.epoch != self.epoch and row.expires_at > self.clock()
+                )
+            if newer:
+                # Another process took the name (a replacement started while this one was
+                # frozen): taking it back would fence that one in turn, back and forth.
+                raise NameTaken(
+                    f"replica name {self.name}: another manager process holds it now; this "
+                    "one stays out of the cluster (restart it with another --replica name)"
+                )
             exclusive, self.exclusive = self.exclusive, False
             try:
                 epoch = self.join()
@@ -174,6 +188,8 @@ class Membership:
         called, and renewals pause until ``rejoin``."""
         while not stop.wait(self.lease_s / 3):
             with self._turn:  # not across a rejoin: a renewal of the old epoch would fail
+                if stop.is_set():
+                    return  # the replica leaves: no renewal after its lease was ended
                 if self.lost:
                     continue
                 began = self.monotonic()
@@ -187,8 +203,9 @@ class Membership:
                     log.warning("replica %s: a renewal took %.1f s", self.name, took)
                 if not renewed:
                     self.lost = True
-            if self.lost:
-                tripped()
+            if self.lost and not stop.is_set():
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    tripped()
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Lease work on a thread of its own: a worker pool busy with agent calls must not
@@ -198,6 +215,9 @@ class Membership:
     def renew(self) -> bool:
         """False: the lease ended (this process stalled past it) or another process took
         the name (a newer epoch): this one must stop its work and join again."""
+        # Taken before the clock the expiry is computed from: the self-fence point counts
+        # from no later than the lease's real start, however long the write then takes.
+        began = self.monotonic()
         now = self.clock()
         with self._session() as s:
             done = s.execute(
@@ -212,7 +232,7 @@ class Membership:
             )
             ok = bool(done.rowcount)  # type: ignore[attr-defined]
         if ok:
-            self.renewed = self.monotonic()
+            self.renewed = began
         return ok
 
     def fenced(self) -> bool:
@@ -221,6 +241,13 @@ class Membership:
 
     def leave(self) -> None:
         """A clean stop: the lease ends now, so another replica takes over at once."""
+        with self._turn:  # not while a renewal would push the expiry out again
+            self._leave()
+        if self._engine is not self.db.engine:
+            self._engine.dispose()
+        self._pool.shutdown(wait=False)
+
+    def _leave(self) -> None:
         now = self.clock()
         with self._session() as s:
             s.execute(
@@ -241,6 +268,7 @@ class Membership:
 
     def lead(self) -> int | None:
         """Take or keep the leader lease; its fencing token, or None (another leads)."""
+        began = self.monotonic()
         now = self.clock()
         try:
             with self._session() as s:
@@ -263,7 +291,7 @@ class Membership:
             log.info("replica %s leads (token %d)", self.name, token)
         self.leader_token = token
         if token is not None:
-            self.led = self.monotonic()
+            self.led = began
         return token
 
     def leading(self) -> bool:
@@ -291,7 +319,12 @@ class Membership:
         )
         # Never this process's own (its lease may read as ended to it after a stall: then
         # it stops them and joins again, and they are orphans of its old epoch).
-        mine = and_(Task.owner == self.name, Task.owner_epoch == self.epoch)
+        # NULL-safe: "owner = me" is NULL, not false, for a task with no owner, and the NOT
+        # of it would drop that task too (a database from before replicas has them).
+        mine = and_(
+            Task.owner.is_not_distinct_from(self.name),
+            Task.owner_epoch.is_not_distinct_from(self.epoch),
+        )
         query = (
             select(Task)
             .where(Task.state.in_(ACTIVE_TASK_STATES), ~live, ~mine)

@@ -79,13 +79,13 @@ class Operations:
                     if error
                     else TaskState.SUCCEEDED
                 )
-                await asyncio.to_thread(self._finish, out.id, state, error, report)
+                await self.runner.settle(self._finish, out.id, state, error, report)
             except LeaseLost as exc:  # another replica ended it (a takeover): nothing more
                 log.warning("operation %d: %s; stopped here", out.id, exc)
             except Exception as exc:  # a bug must still end the task, visibly
                 log.exception("operation %d crashed", out.id)
                 with contextlib.suppress(LeaseLost):
-                    await asyncio.to_thread(
+                    await self.runner.settle(
                         self._finish, out.id, TaskState.FAILED, f"internal error: {exc}", None
                     )
 

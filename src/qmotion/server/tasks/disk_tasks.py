@@ -75,6 +75,15 @@ class DiskTasks:
     def owned_task(self, s: Session, task_id: int) -> Task:
         raise NotImplementedError
 
+    def _launch(self, task_id: int, work: Coroutine[Any, Any, None]) -> None:
+        raise NotImplementedError
+
+    def _forget(self, task_id: int) -> None:
+        raise NotImplementedError
+
+    async def settle(self, finish: Callable[..., None], *args: Any) -> None:
+        raise NotImplementedError
+
     async def guard(self) -> None:
         raise NotImplementedError
 
@@ -105,12 +114,12 @@ class DiskTasks:
                     taken and not cancel.is_set() and await self._begin(task_id, hosts, cancel)
                 )
                 if not started:
-                    await asyncio.to_thread(
+                    await self.settle(
                         self._finish, task_id, TaskState.CANCELLED, "cancelled while queued"
                     )
                     return
                 state, error = await body(cancel)
-                await asyncio.to_thread(self._finish, task_id, state, error)
+                await self.settle(self._finish, task_id, state, error)
         except LeaseLost as exc:  # another replica goes on with it: nothing more here
             log.warning("task %d: %s; stopped here", task_id, exc)
         except Exception as exc:
@@ -121,12 +130,9 @@ class DiskTasks:
                 except Exception:
                     log.exception("task %d: cleanup after the crash failed", task_id)
             with contextlib.suppress(LeaseLost):
-                await asyncio.to_thread(
-                    self._finish, task_id, TaskState.FAILED, f"internal error: {exc}"
-                )
+                await self.settle(self._finish, task_id, TaskState.FAILED, f"internal error: {exc}")
         finally:
-            self._cancel.pop(task_id, None)
-            self._running.pop(task_id, None)
+            self._forget(task_id)
 
     @staticmethod
     def _record_step(
@@ -373,14 +379,14 @@ class DiskTasks:
             self.db, self.inventory, spec, src, dst, req.datastore, req.disk_format
         )
         self._cancel[out.id] = asyncio.Event()
-        self._running[out.id] = asyncio.create_task(
+        self._launch(
+            out.id,
             self._run_cold(
                 out.id,
                 port,
                 cold.first(req.datastore is not None),
                 priority=req.priority or "normal",
             ),
-            name=f"task-{out.id}",
         )
         return out
 
@@ -459,9 +465,9 @@ class DiskTasks:
             f"storage move of {vm} to datastore {mreq.datastore} (on {host.name})" + _noted(req),
         )
         self._cancel[out.id] = asyncio.Event()
-        self._running[out.id] = asyncio.create_task(
+        self._launch(
+            out.id,
             self._run_storage_move(out.id, vm, host, mreq, priority=req.priority or "normal"),
-            name=f"task-{out.id}",
         )
         return out
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import threading
 from collections.abc import Callable, Coroutine, Sequence
@@ -25,6 +26,10 @@ from qmotion.server.tasks.task_view import OPERATION_KINDS
 log = logging.getLogger(__name__)
 # A claimed task: its id, whether its cancel was asked, and how it goes on.
 Resumption = tuple[int, bool, Callable[[], Coroutine[Any, Any, None]]]
+# A claim round: the epoch it claimed under, the tasks it resumes, the kinds it ended.
+Claimed = tuple[int, list[Resumption], list[str]]
+# The epoch a task's run started under (its coroutine's context; threads inherit it).
+RUN_EPOCH: contextvars.ContextVar[int] = contextvars.ContextVar("qmotion_run_epoch")
 # How often a move waiting for a host slot held by another replica looks again.
 CLUSTER_SLOT_POLL_S = 0.5
 
@@ -55,7 +60,7 @@ class Ownership:
         name's previous process's among them). Call from within the event loop."""
         self._loop = asyncio.get_running_loop()
         self.membership.join()
-        self._start(*self._claim_orphans())
+        self._start(self._claim_orphans())
 
     async def keep_leases(self) -> None:
         """Keep this replica's lease and take over orphaned tasks, until cancelled.
@@ -79,6 +84,7 @@ class Ownership:
         )
         beat.start()
         claims: asyncio.Future[None] | None = None
+        failures = 0
         try:
             while True:
                 # The next claim round, or the self-fence point, or a trip (the heartbeat
@@ -96,12 +102,18 @@ class Ownership:
                     )
                     log.error("replica %s lost its lease (%s): its tasks stop", me.name, why)
                     me.lost = True  # the heartbeat pauses until the new epoch
+                    if claims is not None:  # a claim in flight would start tasks after this
+                        claims.cancel()
+                        await asyncio.gather(claims, return_exceptions=True)
                     await self.abandon_all()
                     try:
                         await me.call(me.rejoin)
                     except Exception:
+                        failures += 1
                         log.exception("replica %s: could not join again", me.name)
+                        await asyncio.sleep(min(me.lease_s, 0.25 * 2**failures))
                         continue
+                    failures = 0
                     self._tripped.clear()
                 # Claims on their own: they wait for the worker pool, which a busy replica
                 # fills with agent calls.
@@ -119,7 +131,7 @@ class Ownership:
             for task_id in await asyncio.to_thread(self._cancels_asked):
                 if (event := self._cancel.get(task_id)) is not None:
                     event.set()
-            self._start(*await asyncio.to_thread(self._claim_orphans))
+            self._start(await asyncio.to_thread(self._claim_orphans))
         except Exception:
             log.exception("replica %s: taking over orphaned tasks failed", self.membership.name)
 
@@ -127,14 +139,14 @@ class Ownership:
         """Awaited before each action on the hosts: while this replica runs its leases, one
         past its self-fence point acts no more: its own run is cancelled here, as at a
         shutdown (the task is left as persisted, for whoever holds it next)."""
-        if self._leasing and self.membership.fenced():
+        if self._leasing and (self.membership.lost or self.membership.fenced()):
             self._tripped.set()
             task = asyncio.current_task()
             assert task is not None
             task.cancel()
             await asyncio.sleep(0)
 
-    def _claim_orphans(self) -> tuple[list[Resumption], list[str]]:
+    def _claim_orphans(self) -> Claimed:
         """Orphaned tasks, claimed for this replica in one transaction: a migration or disk
         task under way resumes from its persisted state (vocabulary.Restarted); one that had
         not begun, or an operation, ends (what it started goes on by itself)."""
@@ -174,7 +186,7 @@ class Ownership:
                     kind = t.kind
                 if kind is not None:
                     failed_kinds.append(kind)
-        return work, failed_kinds
+        return me.epoch, work, failed_kinds
 
     def _take_over_one(
         self, s: Session, t: Task, restarted: bool, before: str | None, work: list[Resumption]
@@ -214,34 +226,76 @@ class Ownership:
         with self.db.session() as s:
             return list(s.scalars(select(Task.id).where(Task.id.in_(mine), Task.cancel_requested)))
 
-    def _start(self, work: list[Resumption], ended: list[str]) -> None:
-        """In the loop: the claimed tasks' work, then what the ended ones leave to do."""
-        if ended:
-            for hook in self.after_takeover:
-                hook(ended)
+    def _start(self, claimed: Claimed) -> None:
+        """In the loop: the claimed tasks' work, then what the ended ones leave to do. A
+        claim made under an epoch this replica has since left is dropped: those tasks are
+        orphans of that epoch now, for the next round."""
+        epoch, work, ended = claimed
+        if epoch != self.membership.epoch or self.membership.lost:
+            return
         for task_id, cancelled, go in work:
             cancel = self._cancel[task_id] = asyncio.Event()
             if cancelled:
                 cancel.set()
-            self._running[task_id] = asyncio.create_task(go(), name=f"task-{task_id}")
+            self._launch(task_id, go())
+        for hook in self.after_takeover if ended else ():
+            try:
+                hook(ended)
+            except Exception:  # the claimed tasks run whatever a hook does
+                log.exception("a takeover hook failed")
+
+    def _launch(self, task_id: int, work: Coroutine[Any, Any, None]) -> None:
+        """The task's coroutine, which carries the epoch it runs under: a write of it is
+        refused once the replica has joined again (its claim-back runs under the new one)."""
+        ctx = contextvars.copy_context()
+        ctx.run(RUN_EPOCH.set, self.membership.epoch)
+        self._running[task_id] = asyncio.create_task(work, name=f"task-{task_id}", context=ctx)
+
+    async def settle(self, finish: Callable[..., None], *args: Any) -> None:
+        """A task's end written, however long the database takes: an end not written would
+        leave the task running in the database with no run and no replica to claim it (its
+        owner lives). Raises LeaseLost (another replica owns it now)."""
+        errors = 0
+        while True:
+            try:
+                await asyncio.to_thread(finish, *args)
+                return
+            except LeaseLost:
+                raise
+            except Exception:
+                errors += 1
+                log.exception("a task's end could not be written (again in a moment)")
+                await asyncio.sleep(min(30.0, 0.5 * 2**errors))
+
+    def _forget(self, task_id: int) -> None:
+        """A run ended: its entries go, unless a later run of the same task replaced them."""
+        if self._running.get(task_id) is asyncio.current_task():
+            self._running.pop(task_id, None)
+            self._cancel.pop(task_id, None)
 
     def owned_task(self, s: Session, task_id: int) -> Task:
         """The task's row, locked, while this replica still owns it. Otherwise another
         replica took it over: this one's work on it is cancelled (as at a shutdown: nothing
         more is done on the hosts) and the write is refused."""
         me = self.membership
+        epoch = RUN_EPOCH.get(me.epoch)  # the run's own epoch (outside a run: the current)
         # A write first, not a read: it takes the row's lock (PostgreSQL) or the database's
         # write lock (SQLite, whose driver would run a read outside the transaction), so no
         # takeover slips in between this check and the step's write.
         held = s.execute(
             update(Task)
-            .where(Task.id == task_id, Task.owner == me.name, Task.owner_epoch == me.epoch)
-            .values(owner_epoch=me.epoch)
+            .where(
+                Task.id == task_id,
+                Task.owner == me.name,
+                Task.owner_epoch == epoch,
+                Task.state.in_(ACTIVE_TASK_STATES),
+            )
+            .values(owner_epoch=epoch)
             .execution_options(synchronize_session=False)
         )
         t = s.get(Task, task_id, populate_existing=True)
         assert t is not None
-        if not held.rowcount:  # type: ignore[attr-defined]
+        if not held.rowcount or epoch != me.epoch:  # type: ignore[attr-defined]
             self._abandon_soon(task_id)
             raise LeaseLost(task_id, t.owner)
         return t
@@ -274,7 +328,10 @@ class Ownership:
         with self.db.session() as s:
             t = self.owned_task(s, task_id)
             if self.db.postgresql:
-                s.execute(select(Host.id).where(Host.name.in_(hosts)).with_for_update())
+                # In one order (no two moves lock each other's hosts the other way round).
+                s.execute(
+                    select(Host.id).where(Host.name.in_(hosts)).order_by(Host.id).with_for_update()
+                )
             for host in set(hosts):
                 busy = s.scalar(
                     select(func.count(Task.id)).where(

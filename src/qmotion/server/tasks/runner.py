@@ -114,10 +114,9 @@ class TaskRunner(Ownership, DiskTasks):
             try:
                 await work
             finally:
-                self._cancel.pop(task_id, None)
-                self._running.pop(task_id, None)
+                self._forget(task_id)
 
-        self._running[task_id] = asyncio.create_task(run(), name=f"task-{task_id}")
+        self._launch(task_id, run())
 
     # ------------------------------------------------------------------ submit
 
@@ -262,7 +261,8 @@ class TaskRunner(Ownership, DiskTasks):
 
         out = await asyncio.to_thread(create)
         self._cancel[out.id] = asyncio.Event()
-        self._running[out.id] = asyncio.create_task(
+        self._launch(
+            out.id,
             self._run_migration(
                 out.id,
                 vm,
@@ -273,7 +273,6 @@ class TaskRunner(Ownership, DiskTasks):
                 migration_id,
                 priority=req.priority or "normal",
             ),
-            name=f"task-{out.id}",
         )
         return out
 
@@ -306,7 +305,7 @@ class TaskRunner(Ownership, DiskTasks):
                     and await self._begin(task_id, (first, second), cancel)
                 )
                 if not started:
-                    await asyncio.to_thread(
+                    await self.settle(
                         self._finish, task_id, TaskState.CANCELLED, "cancelled while queued", None
                     )
                     return
@@ -358,18 +357,17 @@ class TaskRunner(Ownership, DiskTasks):
                     await self._attention(vm, final.attention, port.flight.warnings)
                 result = report(port.flight, final, accepted, queued_s, self.clock(), port.ladder)
                 state = SETTLED.get(final.phase, TaskState.FAILED)
-                await asyncio.to_thread(self._finish, task_id, state, final.error, result)
+                await self.settle(self._finish, task_id, state, final.error, result)
         except LeaseLost as exc:  # another replica goes on with it: nothing more here
             log.warning("task %d: %s; stopped here", task_id, exc)
         except Exception as exc:  # a bug must still end the task, visibly
             log.exception("task %d crashed", task_id)
             with contextlib.suppress(LeaseLost):
-                await asyncio.to_thread(
+                await self.settle(
                     self._finish, task_id, TaskState.FAILED, f"internal error: {exc}", None
                 )
         finally:
-            self._cancel.pop(task_id, None)
-            self._running.pop(task_id, None)
+            self._forget(task_id)
 
     async def _attention(self, vm: str, reason: str, warnings: list[str]) -> None:
         """The VM is marked for attention (reconcile or an operator settles it); a failure
@@ -488,5 +486,6 @@ class TaskRunner(Ownership, DiskTasks):
         return self.get(task_id)
 
     async def shutdown(self) -> None:
-        for task in list(self._running.values()):
-            task.cancel()
+        """Every run stopped (as at a crash: left as persisted) before the caller ends the
+        lease: another replica must not resume a task this one still drives."""
+        await self.abandon_all()
