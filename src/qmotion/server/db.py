@@ -391,7 +391,21 @@ def engine_options(url: str, pool_size: int = 10, max_overflow: int = 64) -> dic
             "max_overflow": max_overflow,
             "pool_timeout": 30,
         }
-    return {"connect_args": {"check_same_thread": False} if url.startswith("sqlite") else {}}
+    if url.startswith("sqlite"):
+        # A file: one connection per worker thread as well (SQLite serialises the writes).
+        return {
+            "connect_args": {"check_same_thread": False},
+            **(
+                {}
+                if ":memory:" in url or url == "sqlite://"
+                else _file_pool(pool_size, max_overflow)
+            ),
+        }
+    return {}
+
+
+def _file_pool(pool_size: int, max_overflow: int) -> dict[str, Any]:
+    return {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": 30}
 
 
 class Database:

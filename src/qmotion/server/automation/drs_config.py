@@ -106,7 +106,7 @@ class DrsConfig:
 
     def _placement(self) -> dict[str, str]:
         with self.db.session() as s:
-            return {v.name: v.host.name for v in s.scalars(select(Vm))}
+            return {n: h for n, h in s.execute(select(Vm.name, Host.name).join(Vm.host))}
 
     def list_rules(self) -> list[RuleOut]:
         placement = self._placement()
@@ -148,7 +148,7 @@ class DrsConfig:
                     field="hosts",
                 )
             existing = [model_rule(r) for r in s.scalars(select(PlacementRule))]
-            vms = {v.name for v in s.scalars(select(Vm))}
+            vms = set(s.scalars(select(Vm.name)))
             # Contradictions are a property of the rules, whichever VMs exist: check them on
             # every VM any rule names.
             named = sorted(vms | {v for r in [*existing, new] for v in r.vms})
@@ -167,7 +167,7 @@ class DrsConfig:
             )
             s.add(row)
             s.flush()
-            placement = {v.name: v.host.name for v in s.scalars(select(Vm))}
+            placement = {n: h for n, h in s.execute(select(Vm.name, Host.name).join(Vm.host))}
             return self._rule_out(row, placement)
 
     def rules(self) -> list[Rule]:
@@ -180,7 +180,7 @@ class DrsConfig:
         """The inventory the checks decide on: placement, rules, migrations under way, and
         with ``hosts`` the hosts and ``drs.proactive``."""
         with self.db.session() as s:
-            placement = {v.name: v.host.name for v in s.scalars(select(Vm))}
+            placement = {n: h for n, h in s.execute(select(Vm.name, Host.name).join(Vm.host))}
             rules = [model_rule(r) for r in s.scalars(select(PlacementRule))]
             active = select(Task).where(
                 Task.state.in_(ACTIVE_TASK_STATES), Task.destination.is_not(None)

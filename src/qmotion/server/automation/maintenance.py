@@ -274,7 +274,7 @@ class Maintenance:
                 )
                 .order_by(Task.id)
             )
-            where = {v.name: v.host.name for v in s.scalars(select(Vm))}
+            where = {n: h for n, h in s.execute(select(Vm.name, Host.name).join(Vm.host))}
             found = dict(row.evacuated)
             for vm, dst in left:
                 if vm is not None and dst is not None and where.get(vm) == dst and vm not in found:
@@ -380,7 +380,7 @@ class Maintenance:
         with self.db.session() as s:
             row = s.get(HostMaintenance, name)
             evacuated = dict(row.evacuated) if row else {}
-            where = {v.name: v.host.name for v in s.scalars(select(Vm))}
+            where = {n: h for n, h in s.execute(select(Vm.name, Host.name).join(Vm.host))}
         back = [vm for vm in sorted(evacuated) if where.get(vm) == evacuated[vm]]
         return [
             PlannedMove(vm, evacuated[vm], name, i // self.runner.per_host, "return")
