@@ -393,8 +393,10 @@ def engine_options(url: str, pool_size: int = 10, max_overflow: int = 64) -> dic
         }
     if url.startswith("sqlite"):
         # A file: one connection per worker thread as well (SQLite serialises the writes).
+        # A writer waits its turn up to 30 s: the driver's 5 s failed a burst of submissions
+        # with "database is locked" (200 at once in the scale bench).
         return {
-            "connect_args": {"check_same_thread": False},
+            "connect_args": {"check_same_thread": False, "timeout": 30.0},
             **(
                 {}
                 if ":memory:" in url or url == "sqlite://"
