@@ -10,10 +10,11 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from qmotion.api.server import MigrateRequest, TaskState, VmCreate, Workload
+from qmotion.api.server import MigrateRequest, TaskState, VmCreate, VmOut, Workload
 from qmotion.api.vm import VmState
 from qmotion.client.server import ServerClient
 from qmotion.lab import Lab, lab_down, lab_up
@@ -44,6 +45,25 @@ def _client(lab: Lab, *urls: str) -> ServerClient:
     return ServerClient(",".join(urls), token, timeout_s=60, ca_file=rec.manager_ca_file)
 
 
+def _writing_guest(lab: Lab, c: ServerClient, name: str) -> tuple[VmOut, str, dict[str, Any]]:
+    """A 512 MiB guest on h1 with 300 MiB written, still writing 2 MiB/s: its address and
+    its memory checker's status before the move."""
+    vm = c.create_vm(
+        VmCreate.model_validate(
+            {
+                "name": name,
+                "host": "h1",
+                "memory": "512M",
+                "start": True,
+                "workload": Workload(fill_mib=300, dirty_mib_s=2),
+            }
+        )
+    )
+    ip = ip_of(vm)
+    run_in(lab.record.client_namespace, lambda: wait_echo(ip, 90))
+    return vm, ip, run_in(lab.record.client_namespace, lambda: mem_status(ip))
+
+
 def test_the_surviving_replica_completes_a_migration_whose_manager_was_killed(
     ha_lab: Lab,
 ) -> None:
@@ -51,20 +71,7 @@ def test_the_surviving_replica_completes_a_migration_whose_manager_was_killed(
     assert rec.manager_url is not None and [r.name for r in rec.replicas] == ["m2"]
     m2 = rec.replicas[0].url
     with _client(ha_lab, rec.manager_url) as a:
-        vm = a.create_vm(
-            VmCreate.model_validate(
-                {
-                    "name": "ha1",
-                    "host": "h1",
-                    "memory": "512M",
-                    "start": True,
-                    "workload": Workload(fill_mib=300, dirty_mib_s=2),
-                }
-            )
-        )
-        ip = ip_of(vm)
-        run_in(rec.client_namespace, lambda: wait_echo(ip, 90))
-        before = run_in(rec.client_namespace, lambda: mem_status(ip))
+        vm, ip, before = _writing_guest(ha_lab, a, "ha1")
         assert run_in(rec.client_namespace, lambda: mem_check(ip))["consistent"]
         # Through replica m1, throttled so the copy is still under way when m1 dies.
         task = a.migrate(vm.name, MigrateRequest(to="h2", bandwidth="30M/s"))
@@ -100,20 +107,7 @@ def test_a_replica_frozen_past_its_lease_gives_its_migration_up(ha_lab: Lab) -> 
     assert m1_pid is not None
     urls = (rec.manager_url, rec.replicas[0].url)
     with _client(ha_lab, *urls) as both:
-        vm = both.create_vm(
-            VmCreate.model_validate(
-                {
-                    "name": "ha2",
-                    "host": "h1",
-                    "memory": "512M",
-                    "start": True,
-                    "workload": Workload(fill_mib=300, dirty_mib_s=2),
-                }
-            )
-        )
-        ip = ip_of(vm)
-        run_in(rec.client_namespace, lambda: wait_echo(ip, 90))
-        before = run_in(rec.client_namespace, lambda: mem_status(ip))
+        vm, ip, before = _writing_guest(ha_lab, both, "ha2")
     with _client(ha_lab, rec.manager_url) as a:
         task = a.migrate(vm.name, MigrateRequest(to="h2", bandwidth="30M/s"))
         wait_phase(a, task, "monitor")
