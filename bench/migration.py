@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import platform
 import statistics
 import threading
@@ -40,7 +41,7 @@ from qmotion.client.errors import ClientError
 from qmotion.hypervisor.qemu import qemu_info
 from qmotion.lab import Lab, lab_down, lab_up
 from qmotion.lab.netns import namespaces, run_in
-from qmotion.migration.params import qemu_defaults
+from qmotion.migration.params import choose, qemu_defaults, streams_for
 from qmotion.probe.guest import StreamResult, echo_stream, mem_check, wait_echo
 
 LAB = "qmbench"
@@ -65,8 +66,6 @@ SCENARIOS = [
 
 def machine() -> dict[str, Any]:
     cpu, _ = cpu_info()
-    import os
-
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -141,6 +140,85 @@ def run_baseline(lab: Lab, name: str) -> dict[str, Any]:
     return out
 
 
+def run_stream(
+    lab: Lab, name: str, tls: bool, streams: int | None = None, compression: str = "none"
+) -> dict[str, Any]:
+    """The stream alone, as qmotion sets it up (no cap, 20 ms downtime limit, its stream
+    count for TLS on this LAN), driven through the agents: encrypted against plaintext with
+    nothing else different. ``streams``: multifd channels (None: qmotion's choice)."""
+    src, dst = lab.agent("h1"), lab.agent("h2")
+    spec = VmSpec.model_validate(src.vm(name).spec.model_dump())
+    cpus = min(a.host().cpus for a in (src, dst))
+    chosen = streams_for(0.0, None, tls=tls, cpus=cpus) if streams is None else streams
+    params = choose(None, None).model_copy(
+        update={
+            "destination_start": "auto",
+            "tls": tls,
+            "tls_hostname": "h2" if tls else None,
+            "multifd_channels": chosen,
+            "multifd_compression": compression if chosen else "none",
+        }
+    )
+    inc = dst.incoming(IncomingRequest(spec=spec, params=params, source_host="h1"))
+    busy0 = _busy_s()
+    stats = src.migrate(name, OutgoingRequest(uri=inc.uri, params=params))
+    while not stats.finished:
+        stats = src.migration(name, wait_ms=100, known_status=stats.status)
+    busy = _busy_s() - busy0  # both QEMUs, their agents, the kernel: the whole machine
+    while not stats.total_time_ms:
+        time.sleep(0.02)
+        stats = src.migration(name)
+    assert stats.status == "completed", stats
+    src.release(name)
+    return {
+        "total_ms": stats.total_time_ms,
+        "downtime_ms": stats.downtime_ms,
+        "streams": max(chosen, 1),
+        "bytes": stats.transferred,
+        "cpu_s": round(busy, 3),
+        # Busy share of all cores over QEMU's total time (1.0: every core busy throughout).
+        "cpu_share": round(busy / (os.cpu_count() or 1) / (stats.total_time_ms / 1000), 2),
+    }
+
+
+def aes_alone(nbytes: int) -> float:
+    """CPU seconds of AES-256-GCM (TLS 1.3's cipher here) sealing and opening ``nbytes`` in
+    16 KiB records (TLS's largest) on this machine: what encryption needs at the least."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aead, record, nonce = AESGCM(b"k" * 32), os.urandom(16 << 10), b"n" * 12
+    sealed = aead.encrypt(nonce, record, None)
+    count = max(nbytes // len(record), 1)
+    t0 = time.process_time()
+    for _ in range(count):
+        aead.encrypt(nonce, record, None)
+    for _ in range(count):
+        aead.decrypt(nonce, sealed, None)
+    return time.process_time() - t0
+
+
+def kernel_crypto() -> dict[str, bool]:
+    """Whether this kernel could carry the stream's encryption instead of QEMU: kernel TLS
+    (the tls ULP) and ESP's AES-GCM (gcm(aes) in its crypto API)."""
+    ulps = Path("/proc/sys/net/ipv4/tcp_available_ulp")
+    names = {
+        line.split(":", 1)[1].strip()
+        for line in Path("/proc/crypto").read_text().splitlines()
+        if line.startswith("name")
+    }
+    return {
+        "ktls": ulps.exists() and "tls" in ulps.read_text().split(),
+        "gcm_aes": any("gcm(aes)" in n for n in names),
+    }
+
+
+def _busy_s() -> float:
+    """CPU seconds the machine has spent busy since boot (all cores; /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def run_qmotion(lab: Lab, name: str, start: DestinationStart = "paused") -> dict[str, Any]:
     with lab.server() as server:
         task = server.migrate(name, MigrateRequest(to="h2", destination_start=start))
@@ -156,6 +234,7 @@ def run_qmotion(lab: Lab, name: str, start: DestinationStart = "paused") -> dict
         "guest_paused_ms": r.guest_paused_ms,
         "orchestration_ms": r.orchestration_ms,
         "finish_ms": r.finish_ms,
+        "start_timeline": [x.model_dump() for x in r.start_timeline],
     }
 
 
@@ -163,7 +242,14 @@ METHODS: list[tuple[str, Any]] = [
     ("plain QEMU", run_baseline),
     ("qmotion", run_qmotion),
     ("qmotion, destination auto", functools.partial(run_qmotion, start="auto")),
+    ("stream, plaintext", functools.partial(run_stream, tls=False)),
+    ("stream, TLS", functools.partial(run_stream, tls=True)),
+    # The options measured beside qmotion's choice (issue 27).
+    ("stream, TLS, 1 channel", functools.partial(run_stream, tls=True, streams=1)),
+    ("stream, TLS, 4 channels", functools.partial(run_stream, tls=True, streams=4)),
+    ("stream, TLS, zstd", functools.partial(run_stream, tls=True, compression="zstd")),
 ]
+TLS_VARIANTS = [m for m, _ in METHODS if m.startswith("stream, TLS")]
 
 
 def _cleanup(lab: Lab, name: str) -> None:
@@ -182,7 +268,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--scenario", action="append", help="only these scenarios (by name)")
+    ap.add_argument("--method", action="append", help="only these methods (by name)")
     args = ap.parse_args()
+    methods = [(m, fn) for m, fn in METHODS if not args.method or m in args.method]
     if any(n.startswith(f"{LAB}-") for n in namespaces()):
         lab_down(LAB)
     lab = lab_up(LAB, 2)
@@ -192,12 +281,14 @@ def main() -> None:
         accel = lab.agent("h1").host().accel
         pooled = lab.record.hugepages
         for sc in SCENARIOS:
+            if args.scenario and sc.name not in args.scenario:
+                continue
             if sc.hugepages != pooled:
                 for host in ("h1", "h2"):
                     lab.restart_agent(host, hugepages=sc.hugepages)
                 pooled = sc.hugepages
             for rep in range(args.reps):
-                for method, fn in METHODS:
+                for method, fn in methods:
                     n += 1
                     name, ip = _boot(lab, sc, n)
                     try:
@@ -217,9 +308,17 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
     finally:
         lab_down(LAB)
+    streamed = [r["bytes"] for r in rows if r["method"] == "stream, plaintext"]
     report = {
-        "machine": {**machine(), "accel": accel.name, "accel_reason": accel.reason},
+        "machine": {
+            **machine(),
+            "accel": accel.name,
+            "accel_reason": accel.reason,
+            "kernel_crypto": kernel_crypto(),
+        },
         "rows": rows,
+        # AES-GCM alone over what the plaintext stream carried (median), both ways.
+        "aes_cpu_s": round(aes_alone(int(statistics.median(streamed))), 3) if streamed else None,
     }
     write_report(args.out, "migration", report, table)
 
@@ -244,6 +343,8 @@ def _side_by_side(
 
     out = []
     for sc in SCENARIOS:
+        if not any(r["scenario"] == sc.name for r in rows):
+            continue
         for key, label in metrics:
             a, b = median(sc.name, base, key), median(sc.name, other, key)
             ratio = f"{b / a:.2f}" if a and b is not None else "-"
@@ -256,7 +357,7 @@ def table(report: dict[str, Any]) -> str:
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}, QEMU {m['qemu']}, "
         f"accelerator {m['accel']}, {m['date']}. "
-        f"Medians of {len(report['rows']) // (len(METHODS) * len(SCENARIOS))} runs. Guest RAM "
+        f"Medians of {1 + max(r['rep'] for r in report['rows'])} runs. Guest RAM "
         "from the "
         "hosts' huge-page pool unless the guest says ordinary memory.",
         "",
@@ -280,10 +381,98 @@ def table(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     lines += _side_by_side(report["rows"], metrics[1:4], "qmotion, destination auto", "qmotion")
+    lines += encryption(report["rows"], m["cores"], report.get("aes_cpu_s"))
+    kc = m.get("kernel_crypto")
+    if kc is not None:
+        lines += [
+            "",
+            f"This kernel: kernel TLS {'available' if kc['ktls'] else 'absent (no tls ULP)'}, "
+            f"AES-GCM for IPsec ESP {'available' if kc['gcm_aes'] else 'absent (no gcm(aes))'}.",
+        ]
+    lines += ["", *start_steps(report["rows"])]
     ok = all(r["session_survived"] and r["memory_intact"] for r in report["rows"])
     lines.append("")
     lines.append(f"Every run: TCP session survived and guest memory intact: {ok}.")
     return "\n".join(lines) + "\n"
+
+
+def encryption(rows: list[dict[str, Any]], cores: int, aes_cpu_s: float | None) -> list[str]:
+    """The stream alone, TLS variants against plaintext: time, and the CPU it took."""
+    base = "stream, plaintext"
+    out = [
+        "",
+        "Encryption: the stream alone as qmotion sets it up (no cap, 20 ms downtime limit), "
+        "TLS (mutual x509, QEMU's tls-creds) against plaintext, same run, medians. CPU: "
+        f"busy seconds of the whole machine ({cores} cores) during the stream; floor: that "
+        "work spread over every core, against plaintext's time.",
+        "",
+        "| guest | stream | total ms | ratio | CPU s | cores busy | CPU floor ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def med(sc: str, method: str, key: str) -> float | None:
+        xs = [
+            r[key]
+            for r in rows
+            if r["scenario"] == sc and r["method"] == method and r.get(key) is not None
+        ]
+        return statistics.median(xs) if xs else None
+
+    for sc in SCENARIOS:
+        plain = med(sc.name, base, "total_ms")
+        if plain is None:
+            continue
+        for method in [base, *TLS_VARIANTS]:
+            total, cpu = med(sc.name, method, "total_ms"), med(sc.name, method, "cpu_s")
+            if total is None:
+                continue
+            share = med(sc.name, method, "cpu_share")
+            floor = f"{cpu / cores * 1000 / plain:.2f}" if cpu is not None else "-"
+            streams = med(sc.name, method, "streams")
+            label = f"{method.removeprefix('stream, ')} ({streams:.0f} TCP)" if streams else method
+            out.append(
+                f"| {sc.name} | {label} | {total:.0f} | {total / plain:.2f} | "
+                f"{_fmt2(cpu)} | {_fmt2(share)} | {floor} |"
+            )
+        plain_cpu = med(sc.name, base, "cpu_s")
+        if aes_cpu_s is not None and plain_cpu is not None:
+            # A TLS with no cost but the cipher: plaintext's work plus AES-GCM both ways.
+            least = plain_cpu + aes_cpu_s
+            out.append(
+                f"| {sc.name} | plaintext + AES-256-GCM alone, 16 KiB records (no TLS "
+                f"overhead) | - | - | {least:.2f} | - | {least / cores * 1000 / plain:.2f} |"
+            )
+    return out
+
+
+def _fmt2(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def start_steps(rows: list[dict[str, Any]]) -> list[str]:
+    """Accepted -> stream started, step by step: the median of each step over qmotion's runs
+    (steps overlap: measuring runs beside preparing the destination)."""
+    runs = [r["start_timeline"] for r in rows if r.get("start_timeline")]
+    if not runs:
+        return []
+    steps: dict[str, list[tuple[float, float]]] = {}
+    for run in runs:
+        for x in run:
+            steps.setdefault(x["step"], []).append((x["start_ms"], x["ms"]))
+    out = [
+        f"Accepted -> stream started, step by step: medians over {len(runs)} qmotion runs "
+        "(ms since the request was accepted; the agents' own steps indented).",
+        "",
+        "| step | starts at ms | takes ms |",
+        "|---|---|---|",
+    ]
+    order = sorted(steps, key=lambda k: statistics.median(a for a, _ in steps[k]))
+    for k in order:
+        starts = statistics.median(a for a, _ in steps[k])
+        took = statistics.median(b for _, b in steps[k])
+        label = f"&nbsp;&nbsp;{k}" if ": " in k else k
+        out.append(f"| {label} | {starts:.0f} | {took:.0f} |")
+    return out
 
 
 if __name__ == "__main__":

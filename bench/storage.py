@@ -38,11 +38,11 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from bench import write_report
 from bench.migration import _with_stream, machine
-from qmotion.api.server import DiskCreate, MigrateRequest, TaskState, VmCreate, Workload
+from qmotion.api.server import DiskCreate, MigrateRequest, TaskOut, TaskState, VmCreate, Workload
 from qmotion.client.errors import ClientError
 from qmotion.lab import Lab, lab_down, lab_up
 from qmotion.lab.netns import namespaces, run_in
@@ -109,7 +109,9 @@ def _convert(lab: Lab, image: Path) -> dict[str, Any]:
     }
 
 
-def _move(lab: Lab, image: Path, n: int, disk_mib_s: float) -> dict[str, Any]:
+def _move(lab: Lab, image: Path, n: int, disk_mib_s: float, stream: bool = False) -> dict[str, Any]:
+    """One same-host move shared -> local-h1. ``stream``: a TCP echo session runs through
+    it, and first as long with nothing moving (the gap the guest shows anyway, under TCG)."""
     name = f"s{n}"
     with lab.server() as server:
         vm = server.create_vm(
@@ -132,12 +134,29 @@ def _move(lab: Lab, image: Path, n: int, disk_mib_s: float) -> dict[str, Any]:
         assert run_in(ns, lambda: mem_check(ip))["consistent"]
         time.sleep(3)  # the bulk writer under way
         _drop_caches()
+        gaps: dict[str, float] = {}
+        if stream:
+            gaps["quiet"] = _with_stream(lab, ip, lambda: time.sleep(3.0))[1].max_gap_ms
         before = run_in(ns, lambda: disk_status(ip))
         t0 = time.monotonic()
-        task = server.migrate(name, MigrateRequest(datastore="local-h1"))
-        while task.state.active:
-            time.sleep(0.2)
-            task = server.task(task.id)
+
+        def move() -> TaskOut:
+            task = server.migrate(name, MigrateRequest(datastore="local-h1"))
+            while task.state.active:
+                time.sleep(0.2)
+                task = server.task(task.id)
+            return task
+
+        if stream:
+            moved, during = _with_stream(lab, ip, move)
+            task = cast(TaskOut, moved)
+            gaps["move"] = during.max_gap_ms
+            # When it came, from the request (the copy's end and the switch are in the row).
+            worst = max(during.gaps, key=lambda x: x[1], default=None)
+            if worst is not None:
+                gaps["at_s"] = round(worst[0] - worst[1] / 1000 - t0, 3)
+        else:
+            task = move()
         assert task.started_at is not None and task.ended_at is not None
         seconds = (task.ended_at - task.started_at).total_seconds()
         # The copy: from the task's start to every disk in sync (then the pivot and the
@@ -152,7 +171,11 @@ def _move(lab: Lab, image: Path, n: int, disk_mib_s: float) -> dict[str, Any]:
         row = {
             "name": f"qmotion storage move, guest writing {disk_mib_s:g} MiB/s"
             if disk_mib_s
-            else "qmotion storage move, guest idle",
+            else "qmotion storage move, guest idle"
+            + (", TCP echo session running" if stream else ""),
+            "quiet_gap_ms": gaps.get("quiet"),
+            "service_gap_ms": gaps.get("move"),
+            "service_gap_at_s": gaps.get("at_s"),
             "seconds": round(seconds, 2),
             "copy_seconds": round(copy_s, 2),
             "throughput_mib_s": round(source_alloc / MiB / copy_s, 1),
@@ -166,6 +189,7 @@ def _move(lab: Lab, image: Path, n: int, disk_mib_s: float) -> dict[str, Any]:
             "ok": task.state == TaskState.SUCCEEDED and verdict.get("intact") is True,
             "error": task.error,
             "events": [e.message for e in task.events],
+            "event_at_s": [round((e.at - task.started_at).total_seconds(), 3) for e in task.events],
         }
         with contextlib.suppress(ClientError):
             server.delete_vm(name, force=True)
@@ -274,6 +298,21 @@ def _table(report: dict[str, Any]) -> str:
         "(target <= 1.5x).",
         "",
     ]
+    echo = [r for r in report["rows"] if r.get("service_gap_ms") is not None]
+    if echo:
+        lines += [
+            "The guest's service during a same-host move: the longest gap in a TCP echo "
+            "session (a request every 5 ms) through the move, against the same session for "
+            "3 s with nothing moving (same VM, same run; median run).",
+            "",
+            "| run | longest gap, nothing moving ms | longest gap during the move ms | ratio |",
+            "|---|---|---|---|",
+        ]
+        for r in echo:
+            q, g = r["quiet_gap_ms"], r["service_gap_ms"]
+            ratio = f"{g / q:.2f}" if q else "-"
+            lines.append(f"| {r['name']} | {q:.0f} | {g:.0f} | {ratio} |")
+        lines.append("")
     live = report.get("live") or []
     if live:
         lines += [
@@ -302,6 +341,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-live", action="store_true", help="only the same-host rows")
     args = ap.parse_args()
     if any(n.startswith(f"{LAB}-") for n in namespaces()):
         lab_down(LAB)
@@ -310,14 +350,19 @@ def main() -> None:
         accel = lab.agent("h1").host().accel.name
         image = Path(lab.record.dir) / "prepared.qcow2"
         _prepare(image)
-        runs: list[list[dict[str, Any]]] = [[], [], []]
+        runs: list[list[dict[str, Any]]] = [[], [], [], []]
         for rep in range(args.reps):
             runs[0].append(_convert(lab, image))
             runs[1].append(_move(lab, image, 10 * rep + 1, 0.0))
             runs[2].append(_move(lab, image, 10 * rep + 2, 20.0))
+            runs[3].append(_move(lab, image, 10 * rep + 3, 0.0, stream=True))
         # Each row is the run with the median copy time (absolute times vary run to run).
         rows = [sorted(r, key=lambda x: float(x["copy_seconds"]))[len(r) // 2] for r in runs]
-        live = [_live(lab, image, 100, copy=False), _live(lab, image, 101, copy=True)]
+        live = (
+            []
+            if args.no_live
+            else [_live(lab, image, 100, copy=False), _live(lab, image, 101, copy=True)]
+        )
         report = {
             "machine": machine(),
             "accel": accel,

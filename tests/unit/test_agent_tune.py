@@ -14,7 +14,7 @@ from qmotion.agent.migration.migrate import Migrations
 from qmotion.agent.migration.outgoing import Outgoing
 from qmotion.agent.vms.migration_record import MigrationRecords
 from qmotion.api.migration import MigrationTune
-from qmotion.migration.convergence import THROTTLE_INCREMENT
+from qmotion.migration.convergence import MAX_THROTTLE, THROTTLE_INCREMENT
 
 
 class ScriptedQemu:
@@ -70,12 +70,12 @@ def _wake(throttle_before: int, wanted: int) -> tuple[ScriptedQemu, list[int]]:
 
 def test_a_throttle_not_yet_running_starts_at_the_wanted_value() -> None:
     qemu, seen = _wake(0, 60)
-    assert seen == [60, 80, 99]
+    assert seen == [60, 80, MAX_THROTTLE]
     assert qemu.params["cpu-throttle-increment"] == THROTTLE_INCREMENT
 
 
 def test_a_dormant_throttle_that_fired_steps_straight_to_the_wanted_value() -> None:
     qemu, seen = _wake(1, 60)
     assert seen[0] == 60, seen  # not 1 + 20
-    assert seen[1:] == [80, 99]  # then QEMU's usual step again
+    assert seen[1:] == [80, MAX_THROTTLE]  # then QEMU's usual step again
     assert qemu.params["cpu-throttle-increment"] == THROTTLE_INCREMENT

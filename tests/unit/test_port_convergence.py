@@ -45,6 +45,7 @@ from qmotion.server.tasks.runner import TaskRunner
 from tests.unit.agent_world import (
     MIB,
     QEMU_CAPABILITIES,
+    QEMU_ENUM_PARAMETERS,
     QEMU_PARAMETERS,
     Guest,
     Link,
@@ -296,7 +297,7 @@ THROTTLE_KEYS = ("cpu-throttle-initial", "cpu-throttle-increment", "throttle-tri
 def _in_qemu_ranges(params: dict[str, Any]) -> None:
     """Names QEMU 10 knows, values in its documented ranges (qapi/migration.json), and its
     own check (migrate_params_check)."""
-    assert set(params) <= set(QEMU_PARAMETERS), params
+    assert set(params) <= set(QEMU_PARAMETERS) | set(QEMU_ENUM_PARAMETERS), params
     if any(k in params for k in THROTTLE_KEYS):
         assert set(THROTTLE_KEYS) <= set(params), params  # all three, or QEMU's defaults mix in
         assert 1 <= params["cpu-throttle-initial"] <= 99

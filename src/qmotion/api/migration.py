@@ -93,6 +93,11 @@ class MigrationParams(StrictModel):
     max_bandwidth: int = Field(default=UNLIMITED_BANDWIDTH, gt=0, description="bytes/s")
     downtime_limit_ms: int = Field(default=20, ge=1, le=60_000)
     multifd_channels: int = Field(default=0, ge=0, le=16, description="0: one classic stream")
+    multifd_compression: Literal["none", "zstd"] = Field(
+        default="none",
+        description="multifd only: zstd (level 1) packs each packet's pages into one buffer, "
+        "so a TLS stream writes records of 16 KiB instead of one per 4 KiB page",
+    )
     pause_before_switchover: bool = False
     steer: bool = True
     forward: bool = Field(default=True, description="replay frames that reach the source late")
@@ -225,6 +230,16 @@ class IncomingRequest(StrictModel):
     )
 
 
+class StepTime(BaseModel):
+    """One step of a migration's start, for its timeline: when it began (ms since the
+    request was accepted, or since the agent's call began for an agent's own step) and how
+    long it took. Steps may overlap (measuring runs beside preparing the destination)."""
+
+    step: str
+    start_ms: float
+    ms: float
+
+
 class IncomingResponse(BaseModel):
     uri: str = Field(description="on the preferred address")
     port: int | None = None
@@ -232,6 +247,9 @@ class IncomingResponse(BaseModel):
         default_factory=list, description="every address the stream may be sent to"
     )
     nbd: NbdTargets | None = Field(default=None, description="shared-nothing: the empty disks")
+    steps: list[StepTime] = Field(
+        default_factory=list, description="the destination agent's own steps in preparing"
+    )
 
 
 class OutgoingRequest(StrictModel):
@@ -281,6 +299,10 @@ class MigrationStats(BaseModel):
     )
     started_at_ms: float | None = Field(
         default=None, description="agent monotonic clock when migrate was issued"
+    )
+    steps: list[StepTime] = Field(
+        default_factory=list,
+        description="the source agent's own steps in starting the stream (migrate's answer only)",
     )
 
     @classmethod
@@ -416,6 +438,11 @@ class MigrationReport(BaseModel):
     )
     queued_ms: float | None = None
     wall_ms: float = Field(description="request accepted to task end")
+    start_timeline: list[StepTime] = Field(
+        default_factory=list,
+        description="accepted -> stream started, step by step (the agents' steps prefixed "
+        "'source: ' and 'destination: ')",
+    )
     warnings: list[str] = Field(default_factory=list)
     migration_address: str | None = Field(
         default=None, description="the destination address the stream was sent to"

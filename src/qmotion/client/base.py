@@ -53,16 +53,26 @@ class BaseClient:
         ca_file: str | None = None,
         cert: tuple[str, str] | None = None,
         tls: ssl.SSLContext | None = None,
+        http: httpx.Client | None = None,
     ) -> None:
         """``base_url``: one URL, or several separated by commas (replicas of the manager:
         a request that cannot connect to one goes to the next, see ``request``);
         ``ca_file``: the cluster CA an https:// service is checked against (None: the
         system's trust store); ``cert``: a client certificate and key for mutual TLS (an
-        agent's control API). An empty ``token`` sends no Authorization header."""
+        agent's control API). An empty ``token`` sends no Authorization header. ``http``: a
+        connection pool for ``base_url`` shared with other clients (kept open: its owner
+        closes it); each request then carries this client's timeout."""
         self.urls = [u.strip().rstrip("/") for u in base_url.split(",") if u.strip()]
         if not self.urls:
             raise ValueError("no URL given")
         self.base_url = self.urls[0]
+        self._shared = http is not None
+        self._timeout = timeout_s
+        if http is not None:
+            if len(self.urls) > 1:
+                raise ValueError("a shared connection pool serves one URL")
+            self._http = http
+            return
         self._http = httpx.Client(
             base_url=self.base_url,
             timeout=timeout_s,
@@ -72,7 +82,8 @@ class BaseClient:
         )
 
     def close(self) -> None:
-        self._http.close()
+        if not self._shared:
+            self._http.close()
 
     def __enter__(self) -> Self:
         return self
@@ -87,6 +98,8 @@ class BaseClient:
         tried: list[str] = []
         for _ in range(len(self.urls)):
             try:
+                if self._shared:
+                    kwargs.setdefault("timeout", self._timeout)
                 resp = self._http.request(method, path, **kwargs)
                 break
             except httpx.TransportError as exc:

@@ -54,6 +54,11 @@ HOT_SET_MIN_SHARE = 0.25
 # Dormant auto-converge: QEMU's smallest throttle, triggered only when dirtying outruns sending.
 DORMANT_THROTTLE = (1, 1, 100, 1)  # initial %, increment %, trigger threshold %, max %
 THROTTLE_INCREMENT = 20
+# The throttle's ceiling. At p % QEMU lets each vCPU run 10 ms, then sleep 10 ms x p/(100-p).
+# Measured here (bench/convergence.py, TCG, 2026-12-07): capped at 90 % a guest writing 1x or
+# 2x the link never converged in 120 s; at 97 % it did, but its TCP service stalled 5.9-7.5 s
+# (99 %: 5.4-8.5 s). No ceiling both converges and keeps the guest serving: that takes
+# postcopy, so the ceiling stays QEMU's own.
 MAX_THROTTLE = 99
 MAX_PASSES = 200
 # Escalate when a pass leaves more than this share of the previous one: it will not converge

@@ -30,6 +30,11 @@ QEMU_PARAMETERS: dict[str, int] = {
     "xbzrle-cache-size": 64 * MIB,
     "multifd-channels": 2,
     "max-postcopy-bandwidth": 0,
+    "multifd-zstd-level": 1,
+}
+# The enum parameters qmotion sets, with the values QEMU 10 accepts (qapi/migration.json).
+QEMU_ENUM_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "multifd-compression": ("none", "zlib", "zstd", "qpl", "uadk", "qatzip"),
 }
 QEMU_CAPABILITIES = (
     "events",
@@ -38,6 +43,7 @@ QEMU_CAPABILITIES = (
     "auto-converge",
     "xbzrle",
     "postcopy-ram",
+    "postcopy-preempt",
 )
 
 
@@ -47,13 +53,18 @@ class QmpError(Exception):
 
 def check_parameters(params: dict[str, Any]) -> None:
     """QEMU's migrate_params_check, for the parameters qmotion sets; raises QmpError."""
-    unknown = set(params) - set(QEMU_PARAMETERS)
+    unknown = set(params) - set(QEMU_PARAMETERS) - set(QEMU_ENUM_PARAMETERS)
     if unknown:
         raise QmpError(f"Parameter '{sorted(unknown)[0]}' is unexpected")
     for name, value in params.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if name in QEMU_ENUM_PARAMETERS:
+            if value not in QEMU_ENUM_PARAMETERS[name]:
+                raise QmpError(f"Parameter '{name}' does not accept value '{value}'")
+        elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise QmpError(f"Parameter '{name}' expects uint64")
-    p = QEMU_PARAMETERS | params
+    p = QEMU_PARAMETERS | {k: v for k, v in params.items() if k not in QEMU_ENUM_PARAMETERS}
+    if not 0 <= p["multifd-zstd-level"] <= 20:
+        raise QmpError("Option multifd_zstd_level expects an integer 0 to 20")
     if not 1 <= p["throttle-trigger-threshold"] <= 100:
         raise QmpError("Option throttle_trigger_threshold expects an integer 1 to 100")
     if not 1 <= p["cpu-throttle-initial"] <= 99:
@@ -84,6 +95,8 @@ def check_capabilities(caps: list[dict[str, Any]]) -> dict[str, bool]:
         raise QmpError("Multifd is not compatible with xbzrle")
     if out.get("multifd") and out.get("postcopy-ram"):
         raise QmpError("Postcopy is not yet compatible with multifd")  # QEMU 10.0.2, measured
+    if out.get("postcopy-preempt") and not out.get("postcopy-ram"):
+        raise QmpError("Postcopy preempt requires postcopy-ram")
     return out
 
 

@@ -34,6 +34,7 @@ from qmotion.api.vm import Disk, VmSpec
 from qmotion.hypervisor.errors import HypervisorError
 from qmotion.hypervisor.monitor import Monitor
 from qmotion.hypervisor.qemu import tap_name
+from qmotion.migration.timeline import Stopwatch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,6 +67,7 @@ class IncomingMigrations:
     async def incoming(self, req: IncomingRequest) -> IncomingResponse:
         """Define the VM here and start QEMU waiting for the stream; returns where to send it."""
         spec = req.spec
+        watch = Stopwatch()
         address = self.vms.config.address
         if not address:
             raise OperationFailed("this agent has no address to receive migrations on")
@@ -82,9 +84,11 @@ class IncomingMigrations:
         )
         made: list[Disk] = []
         if req.copy_disks is not None:
-            spec, made = await self.incoming_disks.create(spec, req.copy_disks)
+            with watch.step("create disks"):
+                spec, made = await self.incoming_disks.create(spec, req.copy_disks)
         try:
-            await self.vms.define(spec)
+            with watch.step("define"):
+                await self.vms.define(spec)
         except BaseException:
             self.incoming_disks.remove(made)
             raise
@@ -101,25 +105,27 @@ class IncomingMigrations:
                 "paused" if paused else "auto",
                 [str(a) for a in req.source],
             )
-            await self.vms.start(spec.name, incoming="defer", paused=paused)
+            with watch.step("start QEMU"):
+                await self.vms.start(spec.name, incoming="defer", paused=paused)
             mon = self.vms.monitor(spec.name)
-            await mon.execute(
-                "migrate-set-capabilities",
-                {"capabilities": stream_capabilities(req.params, source=False)},
-            )
-            await mon.execute(
-                "migrate-set-parameters",
-                stream_parameters(req.params)
-                | await tls_parameters(mon, self.tls, req.params, "server", req.source_host),
-            )
+            with watch.step("capabilities"):
+                await mon.execute(
+                    "migrate-set-capabilities",
+                    {"capabilities": stream_capabilities(req.params, source=False)},
+                )
+            with watch.step("TLS credentials" if req.params.tls else "parameters"):
+                tls = await tls_parameters(mon, self.tls, req.params, "server", req.source_host)
+            with watch.step("parameters"):
+                await mon.execute("migrate-set-parameters", stream_parameters(req.params) | tls)
             events = self._watch(spec.name, mon)
             # The address the manager chose (the first the source reaches); else the
             # preferred one. Never all interfaces: whoever connects first would be the stream.
             addresses = [*self.vms.config.migration_addresses, address]
             wanted = str(req.address) if req.address is not None else None
             listen = wanted if wanted in addresses else addresses[0]
-            await mon.execute("migrate-incoming", {"uri": f"tcp:{listen}:0"})
-            info = await mon.execute("query-migrate")
+            with watch.step("listen"):
+                await mon.execute("migrate-incoming", {"uri": f"tcp:{listen}:0"})
+                info = await mon.execute("query-migrate")
             port = int(info["socket-address"][0]["port"])
             if req.copy_disks is not None:
                 # On the stream's address, with the stream's credentials.
@@ -140,7 +146,8 @@ class IncomingMigrations:
                 vm=spec.name,
                 qmp_class=getattr(exc, "qmp_class", None),
             ) from exc
-        await self._watch_taps(spec, events)
+        with watch.step("watch taps"):
+            await self._watch_taps(spec, events)
         # Steering is needed only at switchover: get it ready after answering.
         await self._drop_steerer(spec.name)
         self._steerers[spec.name] = asyncio.ensure_future(
@@ -153,7 +160,9 @@ class IncomingMigrations:
             )
         )
         self._incoming_uri[spec.name] = f"tcp:{listen}:{port}"
-        return IncomingResponse(uri=f"tcp:{listen}:{port}", port=port, addresses=[listen], nbd=nbd)
+        return IncomingResponse(
+            uri=f"tcp:{listen}:{port}", port=port, addresses=[listen], nbd=nbd, steps=watch.steps
+        )
 
     async def check_incoming(self, req: IncomingRequest) -> None:
         """What ``incoming`` would refuse about the disks it is to create; changes nothing."""

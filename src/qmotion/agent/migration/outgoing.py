@@ -54,6 +54,7 @@ from qmotion.hypervisor.errors import HypervisorError, QmpError
 from qmotion.hypervisor.monitor import Monitor
 from qmotion.hypervisor.qemu import tap_name
 from qmotion.migration.convergence import THROTTLE_INCREMENT
+from qmotion.migration.timeline import Stopwatch
 
 log = logging.getLogger(__name__)
 FINISHED = ("completed", "failed", "cancelled")
@@ -118,6 +119,7 @@ class OutgoingMigrations:
 
     async def outgoing(self, name: str, req: OutgoingRequest) -> MigrationStats:
         """Start sending the VM to ``req.uri``; returns at once, a watcher follows QMP events."""
+        watch = Stopwatch()
         mon = self.vms.monitor(name)
         current = self._outgoing.get(name)
         if current is not None and current.status not in FINISHED:
@@ -150,15 +152,20 @@ class OutgoingMigrations:
             req = req.model_copy(
                 update={"params": req.params.model_copy(update={"pause_before_switchover": True})}
             )
-        await mon.execute(
-            "migrate-set-capabilities",
-            {"capabilities": stream_capabilities(req.params, source=True)},
-        )
+        watch.add("checks", watch.origin, watch.clock())
+        with watch.step("capabilities"):
+            await mon.execute(
+                "migrate-set-capabilities",
+                {"capabilities": stream_capabilities(req.params, source=True)},
+            )
         try:
-            tls = await tls_parameters(mon, self.tls, req.params, "client")
+            with watch.step("TLS credentials" if req.params.tls else "parameters"):
+                tls = await tls_parameters(mon, self.tls, req.params, "client")
         except HypervisorError as exc:
             raise OperationFailed.of(exc, vm=name, what=f"setting up TLS for {name}") from exc
-        await mon.execute("migrate-set-parameters", stream_parameters(req.params) | tls)
+        with watch.step("parameters"):
+            await mon.execute("migrate-set-parameters", stream_parameters(req.params) | tls)
+        began = watch.clock()
         # Before migrate: whatever QEMU reports from now on is this migration's (a restarted
         # agent reads it back); until then it may be an arrival's or an earlier stream's.
         self.vms.records.begin_outgoing(name, req.migration_id, req.uri)
@@ -174,7 +181,9 @@ class OutgoingMigrations:
             self._watch(name, mon, req, out, ready), name=f"migrate-{name}"
         )
         await ready  # the watcher has subscribed and issued migrate (or failed to)
-        return await self.stats(name, 0, None, req.migration_id)
+        watch.add("migrate issued", began, watch.clock())
+        stats = await self.stats(name, 0, None, req.migration_id)
+        return stats.model_copy(update={"steps": watch.steps})
 
     @staticmethod
     def _gives_word(req: OutgoingRequest) -> bool:

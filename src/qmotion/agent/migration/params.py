@@ -42,6 +42,10 @@ def stream_parameters(params: MigrationParams) -> dict[str, Any]:
     }
     if params.multifd_channels > 0:
         out["multifd-channels"] = params.multifd_channels
+        # Always set: a QEMU that arrived by a compressed stream keeps what it was told.
+        out["multifd-compression"] = params.multifd_compression
+        if params.multifd_compression == "zstd":
+            out["multifd-zstd-level"] = 1
     if params.postcopy:
         # QEMU's postcopy has its own cap, unlimited (0) by default: the operator's holds too.
         # Always set: a QEMU that arrived by a capped migration still has that one's.

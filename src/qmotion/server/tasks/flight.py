@@ -16,6 +16,7 @@ from qmotion.api.migration import (
     MigrationPrediction,
     MigrationReport,
     MigrationStats,
+    StepTime,
 )
 from qmotion.migration.convergence import Ladder
 from qmotion.migration.vocabulary import MigrationState
@@ -47,6 +48,7 @@ class FlightRecorder:
     leftovers: list[Leftover] = field(default_factory=list)
     disk_copy_ms: float | None = None  # shared-nothing: the disks' copy until in sync
     disk_bytes: int | None = None
+    timeline: list[StepTime] = field(default_factory=list)  # accepted -> stream started
 
     def mark_postcopy(self, now: float) -> None:
         """QEMU reports postcopy: the first time is when it switched."""
@@ -116,6 +118,7 @@ def report(
         disk_copy_ms=round(flight.disk_copy_ms, 1) if flight.disk_copy_ms is not None else None,
         disk_bytes=flight.disk_bytes,
         destination_start=flight.destination_start,
+        start_timeline=list(flight.timeline),
     )
     if flight.unreachable:
         r.warnings.append("fell back from " + "; ".join(flight.unreachable))

@@ -29,6 +29,7 @@ from qmotion.api.migration import (
     PeerRef,
     PostcopyRecovery,
     QemuMigrationStatus,
+    StepTime,
 )
 from qmotion.api.vm import VmSpec, VmState
 from qmotion.client.errors import ClientError
@@ -44,6 +45,7 @@ from qmotion.migration.convergence import (
 from qmotion.migration.errors import Refused, StepError
 from qmotion.migration.params import apply_plan
 from qmotion.migration.prechecks import PrecheckInput, VmView, precheck
+from qmotion.migration.timeline import Stopwatch
 from qmotion.migration.vocabulary import POSTCOPY
 from qmotion.server.db import Database
 from qmotion.server.inventory import Inventory
@@ -110,12 +112,17 @@ class AgentMigrationPort:
         migration_id: str | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_postcopy_requested: Callable[[], Awaitable[None]] = _nothing,
+        on_started: Callable[[list[StepTime]], Awaitable[None]] | None = None,
+        accepted: float | None = None,
     ) -> None:
         self.db, self.inventory = db, inventory
         self.vm, self.source, self.destination, self.params = vm, source, destination, params
         self.migration_id = migration_id
         self._clock, self._sleep = clock, sleep
         self._on_postcopy_requested = on_postcopy_requested
+        self._on_started = on_started
+        # Accepted -> stream started, step by step (the report's and the task's timeline).
+        self.watch = Stopwatch(origin=accepted, clock=clock)
         with db.session() as s:
             row = inventory.vm_by_name(s, vm)
             self.spec = VmSpec.model_validate(row.spec)
@@ -136,7 +143,7 @@ class AgentMigrationPort:
         self.commit = Commit(self.ends, self.flight, clock, sleep)
         self.watchdog = Watchdog(progress_at=clock())
         self.ladder: Ladder | None = None
-        self._planning: asyncio.Future[None] | None = None
+        self._planning: asyncio.Future[Plan] | None = None
         self.reach: PathProbe | None = None
         # From then on the destination may run the VM (persisted before the asking).
         self.postcopy_requested = False
@@ -171,22 +178,25 @@ class AgentMigrationPort:
             if refusals:
                 raise Refused(self.vm, refusals)
 
-        await asyncio.to_thread(check)
+        with self.watch.step("pre-checks"):
+            await asyncio.to_thread(check)
         if self.params.copy_datastore is not None:
             await self.disks.plan_copy(self.spec, self.params, not_shared)
         # Which of the destination's addresses the stream goes to, and the path's RTT: the
         # destination's stream count depends on it, so it is known before preparing it.
         try:
-            self.reach = await route(self.inventory, self.vm, self.ends.src, self.ends.dst)
+            with self.watch.step("route"):
+                self.reach = await route(self.inventory, self.vm, self.ends.src, self.ends.dst)
         except StepError as exc:
             # The source agent could not say (not "unreachable", which refuses): the stream
             # goes to the destination's preferred address, as one classic stream.
             self.flight.warnings.append(f"no route measured: {exc}")
         if self.reach is not None:
             self.flight.unreachable = list(self.reach.unreachable)
-            history = await asyncio.to_thread(
-                history_bandwidth, self.db, self.ends.src, self.ends.dst
-            )
+            with self.watch.step("path history"):
+                history = await asyncio.to_thread(
+                    history_bandwidth, self.db, self.ends.src, self.ends.dst
+                )
             streams = streams_of(
                 self.reach,
                 self.ends.src,
@@ -209,12 +219,21 @@ class AgentMigrationPort:
 
     async def _planned(self) -> None:
         if self._planning is not None:
-            await self._planning
+            p = await self._planning
             self._planning = None
+            self._adopt(p)
 
-    async def _measure_and_plan(self) -> None:
+    def _starts_before_plan(self) -> bool:
+        """The stream may start while the guest is still being measured: with multifd
+        streams nothing the plan decides is fixed at the start (QEMU refuses xbzrle with
+        multifd, auto-converge is armed regardless), so the plan follows as a tune. A
+        classic stream waits: the measurement decides xbzrle, a capability."""
+        return self.params.multifd_channels > 0 and not self.params.postcopy
+
+    async def _measure_and_plan(self) -> Plan:
         """The convergence plan: what QEMU is told at the start and the ladder it may climb."""
         limits = limits_of(self.params)
+        began = self._clock()
         try:
             p, self.flight.prediction = await measure(
                 self.db,
@@ -232,13 +251,21 @@ class AgentMigrationPort:
             # on, and the ladder works from QEMU's own figures. (CancelledError is not caught.)
             self.flight.warnings.append(f"no prediction: {exc}")
             p = self._unmeasured_plan()
+        self.watch.add("measure guest and path", began, self._clock())
+        return p
+
+    def _adopt(self, p: Plan) -> None:
+        """The plan, before the stream starts: QEMU is told it with the stream."""
         self.params = apply_plan(self.params, p)
         if p.xbzrle_cache_bytes and not self.params.xbzrle_cache_bytes:
-            self.flight.warnings.append(
-                "xbzrle left off: QEMU does not combine it with multifd streams "
-                f"({self.params.multifd_channels})"
-            )
+            self._xbzrle_left_off()
         self.ladder = Ladder.start(p, now=0.0)
+
+    def _xbzrle_left_off(self) -> None:
+        self.flight.warnings.append(
+            "xbzrle left off: QEMU does not combine it with multifd streams "
+            f"({self.params.multifd_channels})"
+        )
 
     def _unmeasured_plan(self, throughput_bps: float | None = None) -> Plan:
         """Without measurements: the operator's limits, and timeouts from what the stream
@@ -267,7 +294,10 @@ class AgentMigrationPort:
             source=self._source_addresses(),
             source_host=self.ends.src.name,
         )
-        resp = await self.ends.destination("prepare destination", lambda c: c.incoming(req))
+        began = self._clock()
+        with self.watch.step("prepare destination"):
+            resp = await self.ends.destination("prepare destination", lambda c: c.incoming(req))
+        self.watch.nest("destination", began, resp.steps)
         self.disks.targets = resp.nbd
         if self.disks.plan is not None and resp.nbd is None:
             raise StepError("prepare destination", "the destination exported no disks", vm=self.vm)
@@ -290,7 +320,13 @@ class AgentMigrationPort:
         return self.disks.synced(self._clock())
 
     async def start_migration(self, uri: str) -> None:
-        await self._planned()
+        if self._starts_before_plan():
+            # Auto-converge armed dormant, as every plan has it; the plan's own figures
+            # follow as a tune (``_plan_arrived``).
+            self.params = self.params.model_copy(update={"auto_converge": True})
+        else:
+            with self.watch.step("wait for the plan"):
+                await self._planned()
         self.stream_uri = uri
         req = OutgoingRequest(
             uri=uri,
@@ -298,10 +334,16 @@ class AgentMigrationPort:
             params=self.params,
             peer=self._switchover_peer(),
         )
-        self.flight.last_stats = await self.ends.source(
-            "start migration", lambda c: c.migrate(self.vm, req)
-        )
+        began = self._clock()
+        with self.watch.step("start on the source"):
+            self.flight.last_stats = await self.ends.source(
+                "start migration", lambda c: c.migrate(self.vm, req)
+            )
         self.flight.issued_at = self._clock()
+        self.watch.nest("source", began, self.flight.last_stats.steps)
+        self.flight.timeline = list(self.watch.steps)
+        if self._on_started is not None:
+            await self._on_started(self.flight.timeline)
 
     def _source_addresses(self) -> list[IPv4Address]:
         """Where the source agent may call the destination's peer port from: its addresses
@@ -368,6 +410,8 @@ class AgentMigrationPort:
             flight.issued_at = now - stats.total_time_ms / 1000
         if flight.issued_at is None:
             return
+        if self._planning is not None and self._planning.done():
+            await self._plan_arrived(self._planning.result())
         if self.ladder is None:
             self.ladder = Ladder.start(self._unmeasured_plan(stats.throughput_bps), now=0.0)
         at = now - flight.issued_at
@@ -411,6 +455,33 @@ class AgentMigrationPort:
             except Exception:
                 self._put_back(before)  # not asked (the record failed): the next pass asks
                 raise
+
+    async def _plan_arrived(self, p: Plan) -> None:
+        """The measured plan of a stream that started before it: its ladder from now on,
+        and what it sets at the start told to QEMU now (QEMU throttles no earlier than its
+        second sync, so a throttle from the start still applies in time)."""
+        self._planning = None
+        self.ladder = Ladder.start(p, now=0.0)
+        if p.xbzrle_cache_bytes:
+            self._xbzrle_left_off()
+        changed = p.initial_downtime_ms != self.params.downtime_limit_ms
+        tune = MigrationTune(
+            downtime_limit_ms=p.initial_downtime_ms if changed else None,
+            throttle_pct=p.throttle_from_start_pct or None,
+        )
+        self.params = self.params.model_copy(
+            update={
+                "downtime_limit_ms": p.initial_downtime_ms,
+                "throttle_initial_pct": p.throttle_from_start_pct,
+            }
+        )
+        if tune.downtime_limit_ms is None and tune.throttle_pct is None:
+            return
+        try:
+            await self.ends.source_raw(lambda c: c.tune_migration(self.vm, tune))
+        except ClientError as exc:
+            # The ladder asks again from its first judged pass if it must.
+            self.flight.warnings.append(f"could not apply the measured plan: {exc}")
 
     def _put_back(self, before: Ladder) -> None:
         """The ladder back where QEMU is, what it learnt of the passes kept."""

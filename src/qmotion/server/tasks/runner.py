@@ -26,6 +26,7 @@ from qmotion.api.migration import (
     MigrationPrediction,
     MigrationReport,
     MigrationStats,
+    StepTime,
 )
 from qmotion.api.server import MigrateRequest, TaskOut, TaskState
 from qmotion.api.sizes import parse_rate_bytes
@@ -34,6 +35,7 @@ from qmotion.api.vm import VmSpec
 from qmotion.migration import engine, params
 from qmotion.migration.errors import Refused, StepError
 from qmotion.migration.prechecks import precheck
+from qmotion.migration.timeline import summary
 from qmotion.migration.vocabulary import MigrationState, Phase, Step
 from qmotion.server.db import ACTIVE_TASK_STATES, Database, Host, Task, TaskEvent, utcnow
 from qmotion.server.errors import (
@@ -314,6 +316,9 @@ class TaskRunner(Ownership, DiskTasks):
                 async def postcopy_requested() -> None:
                     await asyncio.to_thread(self._mark_postcopy_requested, task_id)
 
+                async def stream_started(steps: list[StepTime]) -> None:
+                    await asyncio.to_thread(self._timeline_event, task_id, steps)
+
                 port = AgentMigrationPort(
                     self.db,
                     self.inventory,
@@ -325,7 +330,11 @@ class TaskRunner(Ownership, DiskTasks):
                     migration_id=migration_id,
                     sleep=self.sleep,
                     on_postcopy_requested=postcopy_requested,
+                    on_started=stream_started,
+                    accepted=accepted,
                 )
+                # Submission checks, the task's row and the wait for host slots.
+                port.watch.add("checks and queue", accepted, accepted + queued_s)
                 if resume is not None:
                     port.stream_uri = resume.uri  # where a broken postcopy stream reconnects
                     port.postcopy_requested = resume.postcopy_requested
@@ -377,6 +386,20 @@ class TaskRunner(Ownership, DiskTasks):
         except Exception as exc:
             log.exception("could not mark %s for attention", vm)
             warnings.append(f"the VM could not be marked for attention ({reason}): {exc}")
+
+    def _timeline_event(self, task_id: int, steps: list[StepTime]) -> None:
+        """The stream started: how long each step before it took, as an event."""
+        total = max((x.start_ms + x.ms for x in steps), default=0.0)
+        with self.db.session() as s:
+            t = self.owned_task(s, task_id)
+            s.add(
+                TaskEvent(
+                    task=t,
+                    kind="timeline",
+                    message=summary(steps, total),
+                    data={"steps": [x.model_dump() for x in steps]},
+                )
+            )
 
     def _mark_postcopy_requested(self, task_id: int) -> None:
         """Persisted before postcopy is asked for: a restarted manager must know the

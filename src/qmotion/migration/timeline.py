@@ -1,0 +1,55 @@
+"""Per-step timings of a migration's start, so the slow step shows in every report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from qmotion.api.migration import StepTime
+
+
+class Stopwatch:
+    """Times named steps from an origin on ``clock`` (monotonic seconds). A step that
+    raises is recorded too: where a start failed is as useful as where it was slow."""
+
+    def __init__(self, origin: float | None = None, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.origin = clock() if origin is None else origin
+        self.steps: list[StepTime] = []
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        began = self.clock()
+        try:
+            yield
+        finally:
+            self.add(name, began, self.clock())
+
+    def add(self, name: str, began: float, ended: float) -> None:
+        """A step timed elsewhere (``began``/``ended`` on the same clock)."""
+        self.steps.append(
+            StepTime(
+                step=name,
+                start_ms=round((began - self.origin) * 1000, 1),
+                ms=round((ended - began) * 1000, 1),
+            )
+        )
+
+    def nest(self, prefix: str, began: float, inner: list[StepTime]) -> None:
+        """An agent's own steps, timed on its clock from the start of its call, placed under
+        the call that began at ``began`` (the two clocks share only that origin)."""
+        offset = (began - self.origin) * 1000
+        for s in inner:
+            self.steps.append(
+                StepTime(
+                    step=f"{prefix}: {s.step}", start_ms=round(offset + s.start_ms, 1), ms=s.ms
+                )
+            )
+
+
+def summary(steps: list[StepTime], total_ms: float) -> str:
+    """One line for a task event: the total, then the manager's steps, slowest first."""
+    own = sorted((s for s in steps if ": " not in s.step), key=lambda s: -s.ms)
+    parts = ", ".join(f"{s.step} {s.ms:.0f}" for s in own)
+    return f"stream started {total_ms:.0f} ms after the request was accepted ({parts}; ms)"
