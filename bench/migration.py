@@ -235,6 +235,8 @@ def run_qmotion(lab: Lab, name: str, start: DestinationStart = "paused") -> dict
         "orchestration_ms": r.orchestration_ms,
         "finish_ms": r.finish_ms,
         "start_timeline": [x.model_dump() for x in r.start_timeline],
+        "predicted": r.prediction is not None,
+        "warnings": r.warnings,
     }
 
 
@@ -270,8 +272,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--scenario", action="append", help="only these scenarios (by name)")
     ap.add_argument("--method", action="append", help="only these methods (by name)")
+    ap.add_argument(
+        "--variants-in",
+        default="1 GiB, 600 MiB written",
+        help="the scenario the TLS options beside qmotion's choice run in (the rest skip them)",
+    )
     args = ap.parse_args()
     methods = [(m, fn) for m, fn in METHODS if not args.method or m in args.method]
+    extra = set(TLS_VARIANTS) - {"stream, TLS"}
     if any(n.startswith(f"{LAB}-") for n in namespaces()):
         lab_down(LAB)
     lab = lab_up(LAB, 2)
@@ -289,6 +297,8 @@ def main() -> None:
                 pooled = sc.hugepages
             for rep in range(args.reps):
                 for method, fn in methods:
+                    if method in extra and sc.name != args.variants_in:
+                        continue
                     n += 1
                     name, ip = _boot(lab, sc, n)
                     try:

@@ -155,6 +155,12 @@ def _move(lab: Lab, image: Path, n: int, disk_mib_s: float, stream: bool = False
             worst = max(during.gaps, key=lambda x: x[1], default=None)
             if worst is not None:
                 gaps["at_s"] = round(worst[0] - worst[1] / 1000 - t0, 3)
+            # The switch alone: from the mirror in sync (write-blocking) to the task's end.
+            synced_at = next((e.at for e in task.events if e.message.startswith("in sync")), None)
+            if synced_at is not None and task.started_at and task.ended_at:
+                start = t0 + (synced_at - task.started_at).total_seconds() - 0.1
+                end = t0 + (task.ended_at - task.started_at).total_seconds() + 0.3
+                gaps["switch"] = during.max_gap_between(start, end)
         else:
             task = move()
         assert task.started_at is not None and task.ended_at is not None
@@ -176,6 +182,7 @@ def _move(lab: Lab, image: Path, n: int, disk_mib_s: float, stream: bool = False
             "quiet_gap_ms": gaps.get("quiet"),
             "service_gap_ms": gaps.get("move"),
             "service_gap_at_s": gaps.get("at_s"),
+            "switch_gap_ms": gaps.get("switch"),
             "seconds": round(seconds, 2),
             "copy_seconds": round(copy_s, 2),
             "throughput_mib_s": round(source_alloc / MiB / copy_s, 1),
@@ -305,13 +312,17 @@ def _table(report: dict[str, Any]) -> str:
             "session (a request every 5 ms) through the move, against the same session for "
             "3 s with nothing moving (same VM, same run; median run).",
             "",
-            "| run | longest gap, nothing moving ms | longest gap during the move ms | ratio |",
-            "|---|---|---|---|",
+            "| run | longest gap, nothing moving ms | during the copy ms | at s | "
+            "at the switch (in sync to done) ms | switch / nothing moving |",
+            "|---|---|---|---|---|---|",
         ]
         for r in echo:
-            q, g = r["quiet_gap_ms"], r["service_gap_ms"]
-            ratio = f"{g / q:.2f}" if q else "-"
-            lines.append(f"| {r['name']} | {q:.0f} | {g:.0f} | {ratio} |")
+            q, g, sw = r["quiet_gap_ms"], r["service_gap_ms"], r.get("switch_gap_ms")
+            ratio = f"{sw / q:.2f}" if q and sw is not None else "-"
+            lines.append(
+                f"| {r['name']} | {q:.0f} | {g:.0f} | {r.get('service_gap_at_s')} | "
+                f"{'-' if sw is None else f'{sw:.0f}'} | {ratio} |"
+            )
         lines.append("")
     live = report.get("live") or []
     if live:
