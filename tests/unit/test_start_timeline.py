@@ -5,7 +5,11 @@ plan still reaches QEMU (a throttle from the start) through the scripted agents.
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Callable
 from pathlib import Path
+
+import httpx
 
 from qmotion.api.migration import StepTime
 from qmotion.api.server import MigrateRequest, TaskOut, TaskState
@@ -58,13 +62,43 @@ def test_the_summary_names_the_slowest_of_the_managers_own_steps_first() -> None
 
 
 def _migrate(
-    tmp_path: Path, link: Link, guest: Guest | None, tunes: list[int] | None = None
+    tmp_path: Path,
+    link: Link,
+    guest: Guest | None,
+    tunes: list[int] | None = None,
+    *,
+    path_known: bool = False,
+    failing_tunes: int = 0,
 ) -> tuple[World, Database, TaskOut]:
-    """vm1 h1 -> h2 to its end; ``tunes``: the source QEMU's sync count at each tune."""
+    """vm1 h1 -> h2 to its end; ``tunes``: the source QEMU's sync count at each tune;
+    ``path_known``: an idle vm0 went h1 -> h2 first (the path's rate is then known);
+    ``failing_tunes``: the source agent answers the first ones 500."""
     world = World(link=link)
     db = Database(f"sqlite:///{tmp_path / 'm.db'}")
     world.register_hosts(db)
     world.add_running_vm(db, "vm1", "h1", guest=guest)
+    if path_known:
+        world.add_running_vm(db, "vm0", "h1", guest=Guest())  # paced: its rate is measured
+
+    streaming = threading.Event()
+    handler = world._handler
+
+    def slow_measurement(url: str) -> Callable[[httpx.Request], httpx.Response]:
+        handle = handler(url)
+
+        def gated(request: httpx.Request) -> httpx.Response:
+            path = request.url.path
+            if path_known and path == "/v1/vms/vm1/dirty-rate":
+                # The guest's measurement answers only once the stream runs (as a slow
+                # one would): the plan then arrives during the stream.
+                streaming.wait(10)
+            if request.method == "GET" and path == "/v1/vms/vm1/migration":
+                streaming.set()
+            return handle(request)
+
+        return gated
+
+    world._handler = slow_measurement  # type: ignore[method-assign]
 
     def before(w: World, k: int, host: str, path: str) -> None:
         vm = w.vms["h1"].get("vm1")
@@ -76,6 +110,10 @@ def _migrate(
 
     async def main() -> TaskOut:
         runner = world.runner(db)
+        if path_known:
+            first = await runner.submit_migration("vm0", MigrateRequest(to="h2"))
+            assert (await world.run_to_end(runner, first)).state == TaskState.SUCCEEDED
+        world.fail_next[("PATCH", "/v1/vms/vm1/migration")] = [500] * failing_tunes
         task = await runner.submit_migration("vm1", MigrateRequest(to="h2"))
         return await world.run_to_end(runner, task)
 
@@ -114,7 +152,7 @@ def test_a_stream_of_several_channels_starts_before_the_plan_which_then_reaches_
     # whose plan throttles from the start.
     link = Link(bandwidth_bps=50e6, rtt_ms=20.0)
     tunes: list[int] = []
-    world, _, task = _migrate(tmp_path, link, Guest(sweep_bps=100e6), tunes)
+    world, _, task = _migrate(tmp_path, link, Guest(sweep_bps=100e6), tunes, path_known=True)
     assert task.state == TaskState.SUCCEEDED, task.error
     assert world.running_copies("vm1") == ["h2"]
     r = task.result
@@ -126,3 +164,53 @@ def test_a_stream_of_several_channels_starts_before_the_plan_which_then_reaches_
     # climb by itself would judge the first pass first: two syncs at least).
     assert tunes and tunes[0] == 1, tunes
     assert r.rungs[0] == "throttle" and r.max_throttle_pct > 0, r.warnings
+
+
+def test_the_first_migration_over_a_path_waits_for_its_measurement(tmp_path: Path) -> None:
+    # Its probe would measure the link while the stream fills it.
+    link = Link(bandwidth_bps=50e6, rtt_ms=20.0)
+    world, _, task = _migrate(tmp_path, link, Guest(sweep_bps=100e6))
+    assert task.state == TaskState.SUCCEEDED, task.error
+    assert world.running_copies("vm1") == ["h2"]
+    assert task.result is not None and task.result.streams and task.result.streams > 1
+    assert "wait for the plan" in [s.step for s in task.result.start_timeline]
+
+
+def test_a_plan_qemu_refused_leaves_the_ladder_to_wake_the_throttle_itself(
+    tmp_path: Path,
+) -> None:
+    link = Link(bandwidth_bps=50e6, rtt_ms=20.0)
+    tunes: list[int] = []
+    world, _, task = _migrate(
+        tmp_path, link, Guest(sweep_bps=100e6), tunes, path_known=True, failing_tunes=1
+    )
+    assert task.state == TaskState.SUCCEEDED, task.error
+    assert world.running_copies("vm1") == ["h2"]
+    r = task.result
+    assert r is not None
+    assert any("could not apply the measured plan" in w for w in r.warnings), r.warnings
+    # The refused tune came during the first pass; the ladder asked for the throttle again
+    # once a pass showed it was needed, and QEMU throttled.
+    assert tunes[0] == 1 and len(tunes) >= 2 and tunes[1] > 1, tunes
+    assert r.max_throttle_pct > 0
+
+
+def test_the_cli_report_names_the_slowest_step_before_the_stream() -> None:
+    from qmotion.api.migration import MigrationReport
+    from qmotion.cli.vm import _slowest
+
+    r = MigrationReport(
+        outcome="done",
+        vm="vm1",
+        source="h1",
+        destination="h2",
+        wall_ms=900.0,
+        start_timeline=[
+            StepTime(step="route", start_ms=20, ms=30),
+            StepTime(step="prepare destination", start_ms=50, ms=200),
+            StepTime(step="destination: start QEMU", start_ms=55, ms=170),
+            StepTime(step="source: TLS credentials", start_ms=260, ms=12),
+        ],
+    )
+    assert _slowest(r) == "prepare destination 200; agents' slowest: destination: start QEMU 170"
+    assert _slowest(r.model_copy(update={"start_timeline": []})) is None

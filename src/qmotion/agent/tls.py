@@ -72,11 +72,7 @@ class TlsStore:
         before the agent knew that user)."""
         if not self.qemu_dir.is_dir():
             return
-        dh = self.qemu_dir / DH_PARAMS
-        if not dh.exists():  # joined before qmotion wrote it
-            tmp = self.qemu_dir / f".{DH_PARAMS}.new"
-            tmp.write_text(FFDHE2048_PEM)
-            tmp.replace(dh)
+        self._write_dh_params()
         if self.reader is None:
             return
         try:
@@ -89,6 +85,24 @@ class TlsStore:
                 f"QEMU's credentials cannot be given to {self.reader.name}: {exc}",
                 field="qemu_user",
             ) from exc
+
+    def _write_dh_params(self) -> None:
+        """The DH group QEMU's server credentials load, readable by QEMU before it is in
+        place. A failure leaves none: QEMU then makes its own (slow, but it works), where an
+        unreadable file would fail every incoming TLS migration."""
+        dh = self.qemu_dir / DH_PARAMS
+        if dh.exists():
+            return
+        tmp = self.qemu_dir / f".{DH_PARAMS}.new"
+        try:
+            tmp.write_text(FFDHE2048_PEM)
+            tmp.chmod(0o644)  # public: a standard group
+            if self.reader is not None:
+                self.reader.share(tmp)
+            tmp.replace(dh)
+        except (OSError, HypervisorError) as exc:
+            log.warning("no %s for QEMU (it makes its own at each migration): %s", dh, exc)
+            tmp.unlink(missing_ok=True)
 
     @property
     def ready(self) -> bool:

@@ -93,10 +93,11 @@ class MigrationParams(StrictModel):
     max_bandwidth: int = Field(default=UNLIMITED_BANDWIDTH, gt=0, description="bytes/s")
     downtime_limit_ms: int = Field(default=20, ge=1, le=60_000)
     multifd_channels: int = Field(default=0, ge=0, le=16, description="0: one classic stream")
-    multifd_compression: Literal["none", "zstd"] = Field(
-        default="none",
+    multifd_compression: Literal["zstd"] | None = Field(
+        default=None,
         description="multifd only: zstd (level 1) packs each packet's pages into one buffer, "
-        "so a TLS stream writes records of 16 KiB instead of one per 4 KiB page",
+        "so a TLS stream writes records of 16 KiB instead of one per 4 KiB page; none: off "
+        "(left out when off, so an agent from before it accepts the request)",
     )
     pause_before_switchover: bool = False
     steer: bool = True

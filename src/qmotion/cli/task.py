@@ -148,6 +148,10 @@ def report(
             )
         )
     console.print(table)
+    if r.start_timeline:
+        console.print(Text("request accepted -> stream started, step by step:"))
+        for st in r.start_timeline:
+            console.print(Text(f"  +{st.start_ms:8.1f} ms  {st.ms:8.1f} ms  {st.step}"))
     for event, ms in timeline(r):
         console.print(Text(f"  +{ms:8.1f} ms  {event}"))
     for w in r.warnings:

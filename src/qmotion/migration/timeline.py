@@ -19,12 +19,14 @@ class Stopwatch:
         self.steps: list[StepTime] = []
 
     @contextmanager
-    def step(self, name: str) -> Iterator[None]:
+    def step(self, name: str, timed: bool = True) -> Iterator[None]:
+        """``timed`` False: the work is done but is no step of its own (it is trivial)."""
         began = self.clock()
         try:
             yield
         finally:
-            self.add(name, began, self.clock())
+            if timed:
+                self.add(name, began, self.clock())
 
     def add(self, name: str, began: float, ended: float) -> None:
         """A step timed elsewhere (``began``/``ended`` on the same clock)."""

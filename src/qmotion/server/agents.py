@@ -63,6 +63,10 @@ class AgentConnector:
         with self._pools_lock:
             pool = self._pools.get((url, token))
             if pool is None:
+                # A new token for this agent: the old one's pool is dropped (not closed: a
+                # call may still be on it; its idle connections go with it).
+                for key in [k for k in self._pools if k[0] == url]:
+                    del self._pools[key]
                 pool = httpx.Client(
                     base_url=url,
                     verify=ctx,
@@ -71,14 +75,7 @@ class AgentConnector:
                     limits=httpx.Limits(max_keepalive_connections=8, keepalive_expiry=4.0),
                 )
                 self._pools[(url, token)] = pool
-            return pool
-
-    def close(self) -> None:
-        """The pooled connections closed (the manager is stopping)."""
-        with self._pools_lock:
-            pools, self._pools = list(self._pools.values()), {}
-        for pool in pools:
-            pool.close()
+        return pool
 
     def stream_put(
         self, url: str, token: str, path: str, params: dict[str, str]

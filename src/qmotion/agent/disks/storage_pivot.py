@@ -18,6 +18,7 @@ from qmotion.hypervisor.blockjobs import source_nodes
 from qmotion.hypervisor.errors import HypervisorError
 from qmotion.hypervisor.monitor import Monitor
 
+FLUSH_WAIT_S = 10.0  # the agent's own flush before QEMU's, at most
 PENDING_WAIT_S = 10.0  # a job's final sync after job-complete; the guest's I/O waits meanwhile
 
 
@@ -33,7 +34,7 @@ class Pivots:
         QEMU runs on (``pivoted``, or ``failed`` with nothing switched)."""
         # The targets' data on disk before QEMU's own flush, which it does with the guest's
         # disk I/O held (job-complete to finalize): that flush then has little left to write.
-        await asyncio.to_thread(self._sync, [d.target for d in rec.disks])
+        await self._flush([d.target for d in rec.disks])
         try:
             for d in rec.disks:
                 await mon.execute("job-complete", {"id": d.job})
@@ -107,13 +108,19 @@ class Pivots:
         # Closing a node flushes it in QEMU's main loop, which then serves neither the
         # guest's network nor its vCPUs' device accesses (the 144 ms gap of a same-host
         # move): flushed here first, from a thread, that flush finds nothing to write.
-        await asyncio.to_thread(self._sync, [d.source for d in switched])
+        await self._flush([d.source for d in switched])
         for d in switched:
             # The old nodes stay open (monitor-owned) until deleted; their files go later.
             for node in (d.source_node, d.source_file_node):
                 if node:
                     with contextlib.suppress(HypervisorError):
                         await mon.execute("blockdev-del", {"node-name": node})
+
+    async def _flush(self, disks: list[Disk]) -> None:
+        """``_sync`` in a thread, for at most FLUSH_WAIT_S: a store that hangs (NFS) must not
+        hold the switch; QEMU flushes anyway (the thread finishes in the background)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.to_thread(self._sync, disks), FLUSH_WAIT_S)
 
     def _sync(self, disks: list[Disk]) -> None:
         """fdatasync of each disk's file; one that cannot be opened is left to QEMU."""

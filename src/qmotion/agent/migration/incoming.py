@@ -113,7 +113,7 @@ class IncomingMigrations:
                     "migrate-set-capabilities",
                     {"capabilities": stream_capabilities(req.params, source=False)},
                 )
-            with watch.step("TLS credentials" if req.params.tls else "parameters"):
+            with watch.step("TLS credentials", timed=req.params.tls):
                 tls = await tls_parameters(mon, self.tls, req.params, "server", req.source_host)
             with watch.step("parameters"):
                 await mon.execute("migrate-set-parameters", stream_parameters(req.params) | tls)

@@ -159,7 +159,7 @@ class OutgoingMigrations:
                 {"capabilities": stream_capabilities(req.params, source=True)},
             )
         try:
-            with watch.step("TLS credentials" if req.params.tls else "parameters"):
+            with watch.step("TLS credentials", timed=req.params.tls):
                 tls = await tls_parameters(mon, self.tls, req.params, "client")
         except HypervisorError as exc:
             raise OperationFailed.of(exc, vm=name, what=f"setting up TLS for {name}") from exc

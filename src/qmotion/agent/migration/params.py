@@ -43,7 +43,7 @@ def stream_parameters(params: MigrationParams) -> dict[str, Any]:
     if params.multifd_channels > 0:
         out["multifd-channels"] = params.multifd_channels
         # Always set: a QEMU that arrived by a compressed stream keeps what it was told.
-        out["multifd-compression"] = params.multifd_compression
+        out["multifd-compression"] = params.multifd_compression or "none"
         if params.multifd_compression == "zstd":
             out["multifd-zstd-level"] = 1
     if params.postcopy:

@@ -49,9 +49,9 @@ def route_interface(address: str) -> tuple[str | None, int | None]:
     return dev, mtu if isinstance(mtu, int) else None
 
 
-def _connect_rtts(host: str, port: int, samples: int = RTT_SAMPLES) -> list[float]:
+def _connect_rtts(host: str, port: int) -> list[float]:
     out = []
-    for _ in range(samples):
+    for _ in range(RTT_SAMPLES):
         start = time.monotonic()
         with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
             out.append(time.monotonic() - start)
@@ -80,14 +80,8 @@ async def probe(req: PathProbeRequest, tls: ssl.SSLContext | None = None) -> Pat
             base_url=url, headers=headers, timeout=timeout, verify=verify
         ) as client:
             try:
-                if req.upload:
-                    await client.get("/healthz")  # the connection, set up before timing
-                else:
-                    # A route only: the kernel's handshake says the port answers there, and
-                    # a TLS session to prove more cost ~50 ms of every migration's start.
-                    target = httpx.URL(url)
-                    await asyncio.to_thread(_connect_rtts, target.host, target.port or 80, 1)
-            except (httpx.TransportError, httpx.InvalidURL, OSError) as exc:
+                await client.get("/healthz")  # the connection, set up before timing
+            except (httpx.TransportError, httpx.InvalidURL) as exc:
                 unreachable.append(f"{httpx.URL(url).host}: {str(exc) or type(exc).__name__}")
                 continue
             result = await _measure(client, req, url)

@@ -148,9 +148,6 @@ def create_app(
             # Another replica takes this one's tasks over now, not a lease later.
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(membership.leave)
-            close = getattr(inventory.agents, "close", None)
-            if close is not None:  # a test's connector may keep nothing open
-                close()
 
     app = FastAPI(
         title="qmotion manager", version=__version__, lifespan=lifespan, responses=COMMON_ERRORS

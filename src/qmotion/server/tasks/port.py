@@ -29,7 +29,6 @@ from qmotion.api.migration import (
     PeerRef,
     PostcopyRecovery,
     QemuMigrationStatus,
-    StepTime,
 )
 from qmotion.api.vm import VmSpec, VmState
 from qmotion.client.errors import ClientError
@@ -58,7 +57,8 @@ from qmotion.server.tasks.undo import Undo
 from qmotion.server.tasks.watchdog import Watchdog
 
 PROGRESS_WAIT_MS = 500
-POSTCOPY_RETRY_S = 2.0  # between attempts to resume a broken postcopy stream
+POSTCOPY_RETRY_S = 2.0
+MEASURE_STEP = "measure guest and path"  # between attempts to resume a broken postcopy stream
 
 
 async def _nothing() -> None:
@@ -112,7 +112,6 @@ class AgentMigrationPort:
         migration_id: str | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_postcopy_requested: Callable[[], Awaitable[None]] = _nothing,
-        on_started: Callable[[list[StepTime]], Awaitable[None]] | None = None,
         accepted: float | None = None,
     ) -> None:
         self.db, self.inventory = db, inventory
@@ -120,9 +119,9 @@ class AgentMigrationPort:
         self.migration_id = migration_id
         self._clock, self._sleep = clock, sleep
         self._on_postcopy_requested = on_postcopy_requested
-        self._on_started = on_started
         # Accepted -> stream started, step by step (the report's and the task's timeline).
         self.watch = Stopwatch(origin=accepted, clock=clock)
+        self.timeline_recorded = False  # the task has its "timeline" event
         with db.session() as s:
             row = inventory.vm_by_name(s, vm)
             self.spec = VmSpec.model_validate(row.spec)
@@ -143,8 +142,9 @@ class AgentMigrationPort:
         self.commit = Commit(self.ends, self.flight, clock, sleep)
         self.watchdog = Watchdog(progress_at=clock())
         self.ladder: Ladder | None = None
-        self._planning: asyncio.Future[Plan] | None = None
+        self._planning: asyncio.Future[Plan | None] | None = None
         self.reach: PathProbe | None = None
+        self._path_known = False  # an earlier migration on this path measured its rate
         # From then on the destination may run the VM (persisted before the asking).
         self.postcopy_requested = False
         self.stream_uri: str | None = None  # where the destination listens (persisted)
@@ -197,6 +197,7 @@ class AgentMigrationPort:
                 history = await asyncio.to_thread(
                     history_bandwidth, self.db, self.ends.src, self.ends.dst
                 )
+            self._path_known = history is not None
             streams = streams_of(
                 self.reach,
                 self.ends.src,
@@ -221,16 +222,31 @@ class AgentMigrationPort:
         if self._planning is not None:
             p = await self._planning
             self._planning = None
-            self._adopt(p)
+            self._adopt(p or self._unmeasured_plan())
+
+    async def settle_plan(self, timeout_s: float) -> None:
+        """Before the report: a measurement still under way (the stream started without it)
+        is given ``timeout_s`` to finish, so the report has its prediction."""
+        if self._planning is not None and not self._planning.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._planning), timeout_s)
+        if self._planning is not None and self._planning.done():
+            self._planning = None
+        # Measured beside the stream: its step is in the report, whenever it ended.
+        measured = [x for x in self.watch.steps if x.step == MEASURE_STEP]
+        if measured and not any(x.step == MEASURE_STEP for x in self.flight.timeline):
+            self.flight.timeline = [*self.flight.timeline, *measured]
 
     def _starts_before_plan(self) -> bool:
         """The stream may start while the guest is still being measured: with multifd
         streams nothing the plan decides is fixed at the start (QEMU refuses xbzrle with
-        multifd, auto-converge is armed regardless), so the plan follows as a tune. A
-        classic stream waits: the measurement decides xbzrle, a capability."""
-        return self.params.multifd_channels > 0 and not self.params.postcopy
+        multifd, auto-converge is armed regardless), so the plan follows as a tune. Only on
+        a path whose rate an earlier migration measured: the first one's probe would
+        measure the link while the stream fills it. A classic stream waits: the measurement
+        decides xbzrle, a capability."""
+        return self.params.multifd_channels > 0 and not self.params.postcopy and self._path_known
 
-    async def _measure_and_plan(self) -> Plan:
+    async def _measure_and_plan(self) -> Plan | None:
         """The convergence plan: what QEMU is told at the start and the ladder it may climb."""
         limits = limits_of(self.params)
         began = self._clock()
@@ -250,8 +266,9 @@ class AgentMigrationPort:
             # Measuring is advice: whatever fails in it (an agent, a bug), the migration goes
             # on, and the ladder works from QEMU's own figures. (CancelledError is not caught.)
             self.flight.warnings.append(f"no prediction: {exc}")
-            p = self._unmeasured_plan()
-        self.watch.add("measure guest and path", began, self._clock())
+            return None
+        finally:
+            self.watch.add(MEASURE_STEP, began, self._clock())
         return p
 
     def _adopt(self, p: Plan) -> None:
@@ -320,7 +337,7 @@ class AgentMigrationPort:
         return self.disks.synced(self._clock())
 
     async def start_migration(self, uri: str) -> None:
-        if self._starts_before_plan():
+        if self._starts_before_plan() and not (self._planning and self._planning.done()):
             # Auto-converge armed dormant, as every plan has it; the plan's own figures
             # follow as a tune (``_plan_arrived``).
             self.params = self.params.model_copy(update={"auto_converge": True})
@@ -342,8 +359,6 @@ class AgentMigrationPort:
         self.flight.issued_at = self._clock()
         self.watch.nest("source", began, self.flight.last_stats.steps)
         self.flight.timeline = list(self.watch.steps)
-        if self._on_started is not None:
-            await self._on_started(self.flight.timeline)
 
     def _source_addresses(self) -> list[IPv4Address]:
         """Where the source agent may call the destination's peer port from: its addresses
@@ -411,7 +426,9 @@ class AgentMigrationPort:
         if flight.issued_at is None:
             return
         if self._planning is not None and self._planning.done():
-            await self._plan_arrived(self._planning.result())
+            arrived, self._planning = self._planning.result(), None
+            if arrived is not None:  # a failed measurement: the interim ladder goes on
+                await self._plan_arrived(arrived)
         if self.ladder is None:
             self.ladder = Ladder.start(self._unmeasured_plan(stats.throughput_bps), now=0.0)
         at = now - flight.issued_at
@@ -459,29 +476,38 @@ class AgentMigrationPort:
     async def _plan_arrived(self, p: Plan) -> None:
         """The measured plan of a stream that started before it: its ladder from now on,
         and what it sets at the start told to QEMU now (QEMU throttles no earlier than its
-        second sync, so a throttle from the start still applies in time)."""
-        self._planning = None
-        self.ladder = Ladder.start(p, now=0.0)
+        second sync, so a throttle from the start still applies in time). A ladder that
+        already climbed (the interim one judged a pass first) keeps its rung and history
+        and takes the plan's limits only."""
         if p.xbzrle_cache_bytes:
             self._xbzrle_left_off()
-        changed = p.initial_downtime_ms != self.params.downtime_limit_ms
+        if self.ladder is not None and self.ladder.history:
+            self.ladder = replace(self.ladder, plan=p)
+            return
+        # What QEMU has now: the interim ladder's limit if one ran, else the start's.
+        current = self.ladder.downtime_ms if self.ladder else self.params.downtime_limit_ms
         tune = MigrationTune(
-            downtime_limit_ms=p.initial_downtime_ms if changed else None,
+            downtime_limit_ms=p.initial_downtime_ms if p.initial_downtime_ms != current else None,
             throttle_pct=p.throttle_from_start_pct or None,
         )
+        if tune.downtime_limit_ms is not None or tune.throttle_pct is not None:
+            try:
+                await self.ends.source_raw(lambda c: c.tune_migration(self.vm, tune))
+            except ClientError as exc:
+                # Not applied: the ladder starts where QEMU is (no throttle woken), so it
+                # asks for the throttle itself when a pass shows it is needed.
+                self.flight.warnings.append(f"could not apply the measured plan: {exc}")
+                self.ladder = Ladder.start(
+                    replace(p, throttle_from_start_pct=0, initial_downtime_ms=current), now=0.0
+                )
+                return
+        self.ladder = Ladder.start(p, now=0.0)
         self.params = self.params.model_copy(
             update={
                 "downtime_limit_ms": p.initial_downtime_ms,
                 "throttle_initial_pct": p.throttle_from_start_pct,
             }
         )
-        if tune.downtime_limit_ms is None and tune.throttle_pct is None:
-            return
-        try:
-            await self.ends.source_raw(lambda c: c.tune_migration(self.vm, tune))
-        except ClientError as exc:
-            # The ladder asks again from its first judged pass if it must.
-            self.flight.warnings.append(f"could not apply the measured plan: {exc}")
 
     def _put_back(self, before: Ladder) -> None:
         """The ladder back where QEMU is, what it learnt of the passes kept."""

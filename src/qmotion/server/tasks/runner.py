@@ -64,6 +64,9 @@ DEFAULT_PER_HOST = 4
 Resumption = tuple[int, bool, Callable[[], Coroutine[Any, Any, None]]]
 # How often a move waiting for a host slot held by another replica looks again.
 CLUSTER_SLOT_POLL_S = 0.5
+# A migration that ended before the guest's measurement did waits this long for it: the
+# report keeps its prediction (the VM already runs where it ends).
+PLAN_SETTLE_S = 1.0
 # How a live migration's end phase reads as a task: the VM runs on the destination in both
 # done and confirmation_pending (the latter with a warning and the VM marked for attention).
 SETTLED = {
@@ -316,9 +319,6 @@ class TaskRunner(Ownership, DiskTasks):
                 async def postcopy_requested() -> None:
                     await asyncio.to_thread(self._mark_postcopy_requested, task_id)
 
-                async def stream_started(steps: list[StepTime]) -> None:
-                    await asyncio.to_thread(self._timeline_event, task_id, steps)
-
                 port = AgentMigrationPort(
                     self.db,
                     self.inventory,
@@ -330,7 +330,6 @@ class TaskRunner(Ownership, DiskTasks):
                     migration_id=migration_id,
                     sleep=self.sleep,
                     on_postcopy_requested=postcopy_requested,
-                    on_started=stream_started,
                     accepted=accepted,
                 )
                 # Submission checks, the task's row and the wait for host slots.
@@ -340,6 +339,9 @@ class TaskRunner(Ownership, DiskTasks):
                     port.postcopy_requested = resume.postcopy_requested
 
                 async def persist(st: Step, stats: MigrationStats | None) -> None:
+                    # The start's timeline goes with the first step persisted after the
+                    # stream started: an event of its own, in that step's transaction.
+                    timeline = port.flight.timeline if not port.timeline_recorded else None
                     await asyncio.to_thread(
                         self._persist,
                         task_id,
@@ -347,7 +349,10 @@ class TaskRunner(Ownership, DiskTasks):
                         stats,
                         port.disks.status,
                         port.postcopy_requested,
+                        timeline or None,
                     )
+                    if timeline:
+                        port.timeline_recorded = True
 
                 try:
                     final = await engine.run(
@@ -360,6 +365,7 @@ class TaskRunner(Ownership, DiskTasks):
                         sleep=self.sleep,
                         guard=self.guard,
                     )
+                    await port.settle_plan(PLAN_SETTLE_S)
                 finally:
                     port.close()
                 if final.attention is not None:
@@ -387,20 +393,6 @@ class TaskRunner(Ownership, DiskTasks):
             log.exception("could not mark %s for attention", vm)
             warnings.append(f"the VM could not be marked for attention ({reason}): {exc}")
 
-    def _timeline_event(self, task_id: int, steps: list[StepTime]) -> None:
-        """The stream started: how long each step before it took, as an event."""
-        total = max((x.start_ms + x.ms for x in steps), default=0.0)
-        with self.db.session() as s:
-            t = self.owned_task(s, task_id)
-            s.add(
-                TaskEvent(
-                    task=t,
-                    kind="timeline",
-                    message=summary(steps, total),
-                    data={"steps": [x.model_dump() for x in steps]},
-                )
-            )
-
     def _mark_postcopy_requested(self, task_id: int) -> None:
         """Persisted before postcopy is asked for: a restarted manager must know the
         destination may run with pages still on the source."""
@@ -415,10 +407,21 @@ class TaskRunner(Ownership, DiskTasks):
         stats: MigrationStats | None,
         mirror: MirrorStatus | None = None,
         postcopy_requested: bool = False,
+        timeline: list[StepTime] | None = None,
     ) -> None:
         with self.db.session() as s:
             t = self.owned_task(s, task_id)
             previous = t.phase
+            if timeline:
+                total = max(x.start_ms + x.ms for x in timeline)
+                s.add(
+                    TaskEvent(
+                        task=t,
+                        kind="timeline",
+                        message=summary(timeline, total),
+                        data={"steps": [x.model_dump() for x in timeline]},
+                    )
+                )
             # Never back to False: it was persisted before the asking, whatever the step says.
             asked = (
                 postcopy_requested
