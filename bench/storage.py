@@ -1,6 +1,6 @@
 """Storage vMotion benchmark: a running guest's disk moved, against ``qemu-img convert``.
 
-    python -m bench.storage [--out bench/results]
+    python -m bench.storage [--reps N] [--no-live] [--out bench/results]
 
 One 2-host lab. The disk: 2 GiB qcow2 on the shared datastore with 1 GiB written (its second
 half, as the guest's bulk writer uses it; the checked records live in the first half). Each
@@ -10,7 +10,10 @@ row moves it to ``local-h1`` (the same file system, so the copy, not the medium,
   throughput (allocated bytes / seconds) and the allocation a plain copy gives;
 - ``vm migrate --datastore local-h1`` with the guest idle (its record writer only: 20
   O_DSYNC 4 KiB records/s);
-- the same with the guest also writing 20 MiB/s (1 MiB direct writes over the written half).
+- the same with the guest also writing 20 MiB/s (1 MiB direct writes over the written half);
+- the idle move again with a TCP echo session to the guest (a request every 5 ms) through it,
+  and first for 3 s with nothing moving: the guest's longest service gap during the copy and
+  at the switch (in sync -> done), against its gap with nothing moving (issue 27).
 
 Each row: total seconds (the task's wall time: copy, pivot, removal of the old file), copy
 seconds (until every disk is in sync; the convert's includes its sync to disk), throughput

@@ -13,7 +13,7 @@ import httpx
 
 from qmotion.api.migration import StepTime
 from qmotion.api.server import MigrateRequest, TaskOut, TaskState
-from qmotion.migration.timeline import Stopwatch, summary
+from qmotion.migration.timeline import Stopwatch, slowest, summary
 from qmotion.server.db import Database, TaskEvent
 from tests.unit.agent_world import Guest, Link, World
 
@@ -196,21 +196,11 @@ def test_a_plan_qemu_refused_leaves_the_ladder_to_wake_the_throttle_itself(
 
 
 def test_the_cli_report_names_the_slowest_step_before_the_stream() -> None:
-    from qmotion.api.migration import MigrationReport
-    from qmotion.cli.vm import _slowest
-
-    r = MigrationReport(
-        outcome="done",
-        vm="vm1",
-        source="h1",
-        destination="h2",
-        wall_ms=900.0,
-        start_timeline=[
-            StepTime(step="route", start_ms=20, ms=30),
-            StepTime(step="prepare destination", start_ms=50, ms=200),
-            StepTime(step="destination: start QEMU", start_ms=55, ms=170),
-            StepTime(step="source: TLS credentials", start_ms=260, ms=12),
-        ],
-    )
-    assert _slowest(r) == "prepare destination 200; agents' slowest: destination: start QEMU 170"
-    assert _slowest(r.model_copy(update={"start_timeline": []})) is None
+    steps = [
+        StepTime(step="route", start_ms=20, ms=30),
+        StepTime(step="prepare destination", start_ms=50, ms=200),
+        StepTime(step="destination: start QEMU", start_ms=55, ms=170),
+        StepTime(step="source: TLS credentials", start_ms=260, ms=12),
+    ]
+    assert slowest(steps) == "prepare destination 200; agents' slowest: destination: start QEMU 170"
+    assert slowest([]) is None

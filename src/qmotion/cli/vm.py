@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from qmotion.api.migration import MigrationPrediction, MigrationReport
+from qmotion.api.migration import MigrationPrediction
 from qmotion.api.server import (
     DiskCreate,
     MigrateRequest,
@@ -23,16 +23,9 @@ from qmotion.api.server import (
     Workload,
 )
 from qmotion.api.sizes import format_size, parse_rate_bytes, parse_size
-from qmotion.cli.common import (
-    cells,
-    console,
-    data_table,
-    errors_exit,
-    fail,
-    more_hint,
-    print_json,
-)
+from qmotion.cli.common import cells, console, data_table, errors_exit, fail, more_hint, print_json
 from qmotion.cli.connect import server_client
+from qmotion.migration.timeline import slowest
 
 app = typer.Typer(help="Virtual machines, through the manager.")
 LabOpt = typer.Option(None, "--lab", help="Which lab's manager, if several are up.")
@@ -487,20 +480,6 @@ def _cold_table(task: TaskOut) -> Table:
     return table
 
 
-def _slowest(r: MigrationReport) -> str | None:
-    """The manager's slowest step before the stream started, and the agents' slowest."""
-    own = [s for s in r.start_timeline if ": " not in s.step]
-    agents = [s for s in r.start_timeline if ": " in s.step]
-    if not own:
-        return None
-    worst = max(own, key=lambda s: s.ms)
-    out = f"{worst.step} {worst.ms:.0f}"
-    if agents:
-        inner = max(agents, key=lambda s: s.ms)
-        out += f"; agents' slowest: {inner.step} {inner.ms:.0f}"
-    return out
-
-
 def _report_table(task: TaskOut) -> Table:
     if task.kind == "storage-move":
         return _storage_table(task)
@@ -524,7 +503,7 @@ def _report_table(task: TaskOut) -> Table:
             ("downtime (QEMU: source stopped -> resumed) ms", r.downtime_ms),
             ("guest paused (source stop -> destination run) ms", r.guest_paused_ms),
             ("request accepted -> RAM stream started ms", r.orchestration_ms),
-            ("slowest step before the stream (task report: all) ms", _slowest(r)),
+            ("slowest step before the stream (task report: all) ms", slowest(r.start_timeline)),
             ("RAM bytes sent", r.bytes),
             ("RAM passes", r.passes),
             ("RAM throughput Mbit/s", r.throughput_mbps),

@@ -55,3 +55,17 @@ def summary(steps: list[StepTime], total_ms: float) -> str:
     own = sorted((s for s in steps if ": " not in s.step), key=lambda s: -s.ms)
     parts = ", ".join(f"{s.step} {s.ms:.0f}" for s in own)
     return f"stream started {total_ms:.0f} ms after the request was accepted ({parts}; ms)"
+
+
+def slowest(steps: list[StepTime]) -> str | None:
+    """The manager's slowest step before the stream started, and the agents' slowest."""
+    own = [s for s in steps if ": " not in s.step]
+    agents = [s for s in steps if ": " in s.step]
+    if not own:
+        return None
+    worst = max(own, key=lambda s: s.ms)
+    out = f"{worst.step} {worst.ms:.0f}"
+    if agents:
+        inner = max(agents, key=lambda s: s.ms)
+        out += f"; agents' slowest: {inner.step} {inner.ms:.0f}"
+    return out

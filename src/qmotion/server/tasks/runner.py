@@ -53,7 +53,8 @@ from qmotion.server.tasks.ends import host_copy
 from qmotion.server.tasks.flight import report
 from qmotion.server.tasks.measure import measure
 from qmotion.server.tasks.ownership import Ownership
-from qmotion.server.tasks.port import AgentMigrationPort, limits_of
+from qmotion.server.tasks.planning import limits_of
+from qmotion.server.tasks.port import AgentMigrationPort
 from qmotion.server.tasks.shared_nothing import copy_plan
 from qmotion.server.tasks.slots import Priority, Slots
 from qmotion.server.tasks.task_view import task_out
