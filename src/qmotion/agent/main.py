@@ -12,6 +12,8 @@ from qmotion.agent.config import AgentConfig
 from qmotion.agent.tls import TlsStore
 from qmotion.logs import LogFormat
 
+SHUTDOWN_GRACE_S = 2  # in-flight calls then end; a restarted agent settles what they did
+
 
 def _listen(address: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -39,6 +41,9 @@ def run(
     app = create_app(config)
     uv_config = uvicorn.Config(
         app,
+        # The manager keeps its mutual-TLS connections open between calls: an idle one
+        # never answers the TLS close at shutdown, and uvicorn would wait for it (~10 s).
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         **logs.uvicorn_options(access_log),
         **tls,  # type: ignore[arg-type]
     )
