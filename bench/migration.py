@@ -363,6 +363,16 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
+def _median(rows: list[dict[str, Any]], sc: str, method: str, key: str) -> float | None:
+    """The median of ``key`` over one scenario's runs of one method (None: none has it)."""
+    xs = [
+        r[key]
+        for r in rows
+        if r["scenario"] == sc and r["method"] == method and r.get(key) is not None
+    ]
+    return statistics.median(xs) if xs else None
+
+
 def _side_by_side(
     rows: list[dict[str, Any]], metrics: list[tuple[str, str]], base: str, other: str
 ) -> list[str]:
@@ -370,12 +380,7 @@ def _side_by_side(
     ratio (other / base)."""
 
     def median(sc: str, method: str, key: str) -> float | None:
-        xs = [
-            r[key]
-            for r in rows
-            if r["scenario"] == sc and r["method"] == method and r.get(key) is not None
-        ]
-        return statistics.median(xs) if xs else None
+        return _median(rows, sc, method, key)
 
     out = []
     for sc in SCENARIOS:
@@ -450,12 +455,7 @@ def encryption(rows: list[dict[str, Any]], cores: int, aes_s_per_byte: float | N
     ]
 
     def med(sc: str, method: str, key: str) -> float | None:
-        xs = [
-            r[key]
-            for r in rows
-            if r["scenario"] == sc and r["method"] == method and r.get(key) is not None
-        ]
-        return statistics.median(xs) if xs else None
+        return _median(rows, sc, method, key)
 
     for sc in SCENARIOS:
         plain = med(sc.name, base, "total_ms")
