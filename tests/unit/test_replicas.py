@@ -5,6 +5,7 @@ claims two replicas race for (one migration per VM, a recommendation, a schedule
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -13,6 +14,7 @@ from typing import TypeVar
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy.exc import DBAPIError
 
 from qmotion.api.schedule import ScheduleCreate
 from qmotion.api.server import MigrateRequest, TaskOut, TaskState
@@ -415,3 +417,42 @@ def test_a_replica_past_its_fence_point_stops_and_claims_its_task_back(db_url: s
     assert task.state == TaskState.SUCCEEDED, task.error
     assert world.running_copies("vm0") == ["h2"] and _host_of(db, "vm0") == "h2"
     assert acted_while_fenced == [], acted_while_fenced
+
+
+def test_a_replica_frozen_inside_a_step_lets_go_of_the_task_row(db_url: str) -> None:
+    """Replica a freezes (SIGSTOP) inside a step's transaction, holding the task row's lock:
+    b's claims skip a locked row, so the database ends a's transaction once it idles a lease
+    long; b then takes the task over and it completes once, with one copy."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("row locks that outlive a frozen process: PostgreSQL's (SQLite has one writer)")
+    db, wall = Database(db_url), Wall()
+    world = _world(db)
+
+    async def main() -> TaskOut:
+        a = world.runner(db, membership=_member(db, "a", wall, lease_s=2.0))
+        b = world.runner(db, membership=_member(db, "b", wall, lease_s=2.0))
+        a.recover_after_restart()
+        b.recover_after_restart()
+        task = await a.submit_migration("vm0", MigrateRequest(to="h2"))
+        await _until(lambda: _phase(db, task.id) == Phase.MONITOR, "copying")
+        await a.abandon_all()
+        with contextlib.ExitStack() as frozen:
+            # a's step took the row's lock, then a froze before it committed.
+            frozen.enter_context(contextlib.suppress(DBAPIError))  # its session ends under it
+            s = frozen.enter_context(db.session())
+            a.owned_task(s, task.id)
+            wall.advance(3)  # a's lease has ended
+            b._start(b._claim_orphans())
+            assert not b._running, "claimed a row another transaction holds"
+            for _ in range(100):  # real time: the database's own timer, ~2 s
+                await asyncio.sleep(0.1)
+                b._start(b._claim_orphans())
+                if b._running:
+                    break
+            assert b._running, "b never got the task: a's frozen transaction kept the row"
+        return await world.run_to_end(b, task)
+
+    task = asyncio.run(main())
+    assert task.state == TaskState.SUCCEEDED, task.error
+    assert world.running_copies("vm0") == ["h2"] and _host_of(db, "vm0") == "h2"
+    assert _events(db, task.id).count("succeeded") == 1

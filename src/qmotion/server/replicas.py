@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, create_engine, exists, select, update
+from sqlalchemy import and_, create_engine, exists, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -61,6 +61,8 @@ SELF_FENCE = 0.8
 DEFAULT_NAME = "local"
 # Leases an exclusive replica waits for its name's live lease to end before it refuses.
 EXCLUSIVE_WAIT = 3
+# The shortest idle time a lock-holding transaction is allowed (see Membership.bound_locks).
+IDLE_LOCK_FLOOR_S = 2.0
 
 
 @dataclass
@@ -94,7 +96,19 @@ class Membership:
     @contextmanager
     def _session(self) -> Iterator[Session]:
         with Session(self._engine, expire_on_commit=False) as s, s.begin():
+            self.bound_locks(s)
             yield s
+
+    def bound_locks(self, s: Session) -> None:
+        """PostgreSQL: this transaction ends if it idles longer than a lease. Its row locks
+        (a task's, a lease's) would otherwise outlive a replica frozen inside it (SIGSTOP, a
+        stalled VM): keepalives do not see a frozen process, whose kernel still answers, and
+        the others' claims skip a locked task row. SQL only runs inside these transactions,
+        so a live replica's idle gaps are far shorter; one idle past its lease is fenced
+        anyway."""
+        if s.get_bind().dialect.name == "postgresql":
+            ms = max(IDLE_LOCK_FLOOR_S, self.lease_s) * 1000
+            s.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = {int(ms)}"))
 
     @property
     def lease(self) -> timedelta:

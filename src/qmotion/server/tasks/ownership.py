@@ -154,6 +154,7 @@ class Ownership:
         work: list[Resumption] = []
         failed_kinds: list[str] = []
         with self.db.session() as s:
+            me.bound_locks(s)
             for t in me.orphans(s):
                 restarted = t.owner in (None, me.name)
                 before = t.owner
@@ -279,6 +280,7 @@ class Ownership:
         more is done on the hosts) and the write is refused."""
         me = self.membership
         epoch = RUN_EPOCH.get(me.epoch)  # the run's own epoch (outside a run: the current)
+        me.bound_locks(s)
         # A write first, not a read: it takes the row's lock (PostgreSQL) or the database's
         # write lock (SQLite, whose driver would run a read outside the transaction), so no
         # takeover slips in between this check and the step's write.
