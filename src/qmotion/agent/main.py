@@ -9,6 +9,7 @@ import uvicorn
 from qmotion import logs
 from qmotion.agent.app import create_app
 from qmotion.agent.config import AgentConfig
+from qmotion.agent.network.net import listening_socket
 from qmotion.agent.tls import TlsStore
 from qmotion.logs import LogFormat
 
@@ -16,9 +17,7 @@ SHUTDOWN_GRACE_S = 2  # in-flight calls then end; a restarted agent settles what
 
 
 def _listen(address: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((address, port))
+    sock = listening_socket(address, port)
     sock.set_inheritable(True)
     return sock
 

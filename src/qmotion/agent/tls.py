@@ -24,6 +24,7 @@ from fastapi import FastAPI
 
 from qmotion import logs
 from qmotion.agent.errors import Conflict, OperationFailed, SpecRejected
+from qmotion.agent.network.net import listening_socket
 from qmotion.hypervisor.errors import HypervisorError
 from qmotion.hypervisor.user import QemuUser
 from qmotion.pki import csr_for, new_key_pem, write_private
@@ -252,10 +253,7 @@ class PeerListener:
         socks: list[socket.socket] = []
         try:
             for address in self.addresses:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((address, self.port))
+                socks.append(listening_socket(address, self.port))
         except OSError:
             for sock in socks:
                 sock.close()
