@@ -47,6 +47,32 @@ def _as_user(user: QemuUser, *argv: str) -> int:
     return subprocess.run(list(argv), check=False, **user.popen_options()).returncode
 
 
+def _ids(status: str) -> dict[str, list[str]]:
+    fields = (line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return {k: v.split() for k, v in fields if k in ("Uid", "Gid", "Groups", "CapEff", "CapPrm")}
+
+
+def test_setpriv_drops_to_exactly_what_popen_would(user: QemuUser) -> None:
+    """QEMU starts through setpriv (a vfork, not a fork of the agent): the kernel must see
+    the same ids (real, effective, saved, file system), groups and no capabilities."""
+    argv = ["cat", "/proc/self/status"]
+    through_popen = subprocess.run(
+        argv, check=False, capture_output=True, text=True, **user.popen_options()
+    )
+    through_setpriv = subprocess.run(
+        [*user.exec_prefix(), *argv], check=False, capture_output=True, text=True
+    )
+    assert through_setpriv.returncode == 0, through_setpriv.stderr
+    want = _ids(through_popen.stdout)
+    assert _ids(through_setpriv.stdout) == want
+    assert want["Uid"] == [str(user.uid)] * 4 and want["CapEff"] == ["0000000000000000"]
+    no_groups = QemuUser(user.name, user.uid, user.gid, ())
+    alone = subprocess.run(
+        [*no_groups.exec_prefix(), *argv], capture_output=True, text=True, check=True
+    )
+    assert _ids(alone.stdout)["Groups"] == []
+
+
 def test_a_missing_user_is_named_with_how_to_create_it() -> None:
     with pytest.raises(HypervisorError, match="useradd --system"):
         QemuUser.lookup("qmotion-no-such-user")

@@ -50,13 +50,12 @@ def launch(
             user.own(own)
     with open(log, "ab") as err:
         proc = subprocess.Popen(
-            argv,
+            [*user.exec_prefix(), *argv] if user is not None else argv,
             stdin=subprocess.DEVNULL,
             stdout=err,
             stderr=err,
             start_new_session=True,
             pass_fds=pass_fds,
-            **(user.popen_options() if user is not None else {}),
         )
     if placed is not None:
         try:
@@ -77,13 +76,16 @@ def launch(
             raise QemuStartError(
                 f"QEMU did not answer on its monitor within {START_TIMEOUT_S:.0f} s", vm=vm
             )
-        time.sleep(0.02)
+        time.sleep(GREET_POLL_S)
     _STARTED.append(proc)
     _reap()
     return proc.pid
 
 
 START_TIMEOUT_S = 120.0
+# QEMU answers its monitor ~30 ms after it starts here: a coarser poll adds half of itself
+# to every start (a migration's destination waits for it).
+GREET_POLL_S = 0.005
 # QEMUs this agent started, kept to be reaped when they end (not to leave zombies while the
 # agent runs; an agent restart hands them to init).
 _STARTED: list[subprocess.Popen[bytes]] = []

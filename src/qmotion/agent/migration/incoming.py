@@ -106,7 +106,7 @@ class IncomingMigrations:
                 [str(a) for a in req.source],
             )
             with watch.step("start QEMU"):
-                await self.vms.start(spec.name, incoming="defer", paused=paused)
+                await self.vms.launch(spec.name, incoming="defer", paused=paused)
             mon = self.vms.monitor(spec.name)
             with watch.step("capabilities"):
                 await mon.execute(

@@ -335,6 +335,12 @@ class VmManager:
     ) -> VmInfo:
         """Start QEMU for a defined VM; with ``incoming``, wait for a migration stream;
         ``paused`` (-S): the guest runs only on ``cont`` (a stream loaded stays paused)."""
+        await self.launch(name, incoming=incoming, paused=paused)
+        return await self.info(name)
+
+    async def launch(self, name: str, *, incoming: str | None = None, paused: bool = False) -> None:
+        """``start`` without the answer (a migration's destination needs none: every ms of
+        its start delays the stream)."""
         async with self.locked(name) as spec:
             if await self._alive(name) is not None:
                 raise Conflict(f"VM {name} is already running", vm=name)
@@ -423,7 +429,6 @@ class VmManager:
                 # Resumed: the state is used up (the definition forgot it before the run).
                 saved.unlink(missing_ok=True)
                 log.info("VM %s resumed from %s", name, saved)
-        return await self.info(name)
 
     def _regroup(self, spec: VmSpec, rt: Runtime) -> None:
         """A QEMU found running at start-up in its cgroup, with its limits: one started by an
