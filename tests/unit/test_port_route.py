@@ -4,13 +4,16 @@ migration address that answers, the next when one does not, a refusal when none 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from qmotion.api.server import MigrateRequest, TaskOut, TaskState
+from qmotion.server.agents import AgentConnector
 from qmotion.server.db import Database, Vm
 from qmotion.server.inventory import Inventory
 from qmotion.server.tasks.runner import TaskRunner
@@ -117,3 +120,116 @@ def test_a_long_path_gets_streams_and_no_xbzrle(far: tuple[World, Database]) -> 
         # QEMU refuses xbzrle with multifd: never asked for together, on either side.
         assert params.multifd_channels == 8, (host, kind)
         assert params.xbzrle_cache_bytes == 0, (host, kind)
+
+
+class ProbeGate:
+    """Holds the route probe (outside the world's lock) until the destination is asked to
+    prepare, for up to 5 s: ``overlapped`` says whether it was asked meanwhile."""
+
+    def __init__(self, w: World) -> None:
+        self.w, self.armed = w, False
+        self.prepared = threading.Event()
+        self.overlapped: list[bool] = []
+
+    def connector(self) -> AgentConnector:
+        def handler(url: str) -> Callable[[httpx.Request], httpx.Response]:
+            inner = self.w._handler(url)
+
+            def handle(request: httpx.Request) -> httpx.Response:
+                if request.url.path == "/v1/migrations/incoming":
+                    self.prepared.set()
+                elif request.url.path == "/v1/net/probe" and self.armed:
+                    self.armed = False
+                    self.overlapped.append(self.prepared.wait(5.0))
+                return inner(request)
+
+            return handle
+
+        return AgentConnector(transport=lambda url: httpx.MockTransport(handler(url)))
+
+
+def _moves(
+    w: World, db: Database, *hops: tuple[str, set[str]], gate: ProbeGate | None = None
+) -> list[TaskOut]:
+    """vm1 migrated along ``hops`` (destination, the addresses dead from then on); each
+    task's own requests are counted from ``w.requests`` by the caller. ``gate``: the last
+    hop's route probe is held by it."""
+
+    async def main() -> list[TaskOut]:
+        connector = gate.connector() if gate is not None else w.connector()
+        runner = TaskRunner(db, Inventory(db, connector), clock=w.clock.monotonic, sleep=w.sleep)
+        done = []
+        for i, (to, dead) in enumerate(hops):
+            w.dead_addresses = dead
+            if gate is not None and i == len(hops) - 1:
+                gate.prepared.clear()
+                gate.armed = True
+            task = await runner.submit_migration("vm1", MigrateRequest(to=to))
+            done.append(await w.run_to_end(runner, task))
+        return done
+
+    return asyncio.run(main())
+
+
+def _prepared_on_h2(w: World, since: int) -> int:
+    return sum(
+        1
+        for host, method, path in w.requests[since:]
+        if host == "h2" and method == "POST" and path == "/v1/migrations/incoming"
+    )
+
+
+def test_a_known_path_is_prepared_with_its_last_route_and_checked_again(
+    lan: tuple[World, Database],
+) -> None:
+    """The third move goes h1 -> h2 again: the destination is prepared with the route the
+    first one took while the route is measured again (the probe is held until the
+    destination is asked: it is asked meanwhile, not after)."""
+    w, db = lan
+    first, back = _moves(w, db, ("h2", set()), ("h1", set()))
+    assert first.state == back.state == TaskState.SUCCEEDED
+    since = len(w.requests)
+    gate = ProbeGate(w)
+    (again,) = _moves(w, db, ("h2", set()), gate=gate)
+    assert again.state == TaskState.SUCCEEDED, again.error
+    assert gate.overlapped == [True]
+    assert again.result is not None and again.result.migration_address == "198.19.0.2"
+    assert _prepared_on_h2(w, since) == 1
+    assert ("h1", "POST", "/v1/net/probe") in w.requests[since:]
+    assert w.running_copies("vm1") == ["h2"] and _host_of_vm(db) == "h2"
+
+
+def test_a_path_that_changed_since_its_last_move_is_prepared_again(
+    lan: tuple[World, Database],
+) -> None:
+    """The migration network to h2 went down after the first move: the destination,
+    prepared on the old route, is removed and prepared again on the one that answers; the
+    stream goes there and one copy runs."""
+    w, db = lan
+    _moves(w, db, ("h2", set()), ("h1", set()))
+    since = len(w.requests)
+    (again,) = _moves(w, db, ("h2", {"198.19.0.2"}))
+    assert again.state == TaskState.SUCCEEDED, again.error
+    r = again.result
+    assert r is not None and r.migration_address == "198.18.0.2"
+    assert w.uris[-1] == ("h1", "tcp:198.18.0.2:4444")
+    assert any("changed since the last migration" in x for x in r.warnings), r.warnings
+    assert _prepared_on_h2(w, since) == 2
+    assert w.running_copies("vm1") == ["h2"] and _host_of_vm(db) == "h2"
+
+
+def test_a_known_path_that_no_longer_answers_fails_and_leaves_nothing_behind(
+    lan: tuple[World, Database],
+) -> None:
+    """No address of h2 answers any more: the destination prepared on the last route is
+    removed (it held nothing), no stream was sent, the VM runs on h1 and the inventory
+    says so."""
+    w, db = lan
+    _moves(w, db, ("h2", set()), ("h1", set()))
+    streams = len(w.uris)
+    (again,) = _moves(w, db, ("h2", {"198.19.0.2", "198.18.0.2"}))
+    assert again.state == TaskState.FAILED
+    assert again.error is not None and "reaches no migration address of h2" in again.error
+    assert "vm1" not in w.vms["h2"] and len(w.uris) == streams
+    assert again.result is not None and again.result.leftovers == []
+    assert w.running_copies("vm1") == ["h1"] and _host_of_vm(db) == "h1"

@@ -10,10 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 from qmotion.api.migration import StepTime
 from qmotion.api.server import MigrateRequest, TaskOut, TaskState
-from qmotion.migration.timeline import Stopwatch, slowest, summary
+from qmotion.migration.timeline import Stopwatch, ended_at, slowest, summary
 from qmotion.server.db import Database, TaskEvent
 from tests.unit.agent_world import Guest, Link, World
 
@@ -43,10 +44,28 @@ def test_each_step_is_timed_from_the_origin_even_one_that_fails() -> None:
     ]
 
 
-def test_an_agents_steps_are_placed_under_the_call_that_made_them() -> None:
+def test_an_agents_steps_are_placed_as_late_as_the_call_allows() -> None:
+    """The call ran 10.2 -> 10.3 s; the agent's own steps span 85 ms of it: they end when the
+    answer arrived (the 15 ms of travel counted before them), so none reads as earlier."""
     watch = Stopwatch(origin=10.0, clock=Clock())
-    watch.nest("destination", 10.2, [StepTime(step="start QEMU", start_ms=5.0, ms=80.0)])
-    assert watch.steps == [StepTime(step="destination: start QEMU", start_ms=205.0, ms=80.0)]
+    steps = [
+        StepTime(step="start QEMU", start_ms=5.0, ms=60.0),
+        StepTime(step="migrate issued", start_ms=65.0, ms=5.0),
+        StepTime(step="first figures", start_ms=70.0, ms=15.0),
+    ]
+    watch.nest("source", 10.2, steps, 10.3)
+    assert [(s.step, s.start_ms) for s in watch.steps] == [
+        ("source: start QEMU", 220.0),
+        ("source: migrate issued", 280.0),
+        ("source: first figures", 285.0),
+    ]
+    assert ended_at(10.2, 10.3, steps, "migrate issued") == pytest.approx(10.285)
+    assert ended_at(10.2, 10.3, steps, "no such step") is None
+    # An agent whose clock ran longer than the call (a clock step): never before the call.
+    watch = Stopwatch(origin=10.0, clock=Clock())
+    watch.nest("source", 10.2, [StepTime(step="slow", start_ms=0.0, ms=500.0)], 10.3)
+    assert watch.steps[0].start_ms == 200.0
+    assert ended_at(10.2, 10.3, [StepTime(step="slow", start_ms=0.0, ms=500.0)], "slow") == 10.3
 
 
 def test_the_summary_names_the_slowest_of_the_managers_own_steps_first() -> None:

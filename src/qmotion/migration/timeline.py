@@ -38,16 +38,33 @@ class Stopwatch:
             )
         )
 
-    def nest(self, prefix: str, began: float, inner: list[StepTime]) -> None:
+    def nest(self, prefix: str, began: float, inner: list[StepTime], ended: float) -> None:
         """An agent's own steps, timed on its clock from the start of its call, placed under
-        the call that began at ``began`` (the two clocks share only that origin)."""
-        offset = (began - self.origin) * 1000
+        the call that ran from ``began`` to ``ended`` (its answer arrived). The two clocks
+        share no origin: the steps are placed as late as the call allows, the answer's way
+        back counted as before them, so no step reads as earlier than it was."""
+        offset = (late_origin(began, ended, inner) - self.origin) * 1000
         for s in inner:
             self.steps.append(
                 StepTime(
                     step=f"{prefix}: {s.step}", start_ms=round(offset + s.start_ms, 1), ms=s.ms
                 )
             )
+
+
+def late_origin(began: float, ended: float, inner: list[StepTime]) -> float:
+    """Where an agent's call's own clock starts on the caller's: its last step ends when the
+    answer arrived (never before the call began)."""
+    span = max((s.start_ms + s.ms for s in inner), default=0.0) / 1000
+    return max(began, ended - span)
+
+
+def ended_at(began: float, ended: float, inner: list[StepTime], step: str) -> float | None:
+    """When the agent's ``step`` ended, on the caller's clock (placed as ``nest`` does)."""
+    mark = next((s for s in inner if s.step == step), None)
+    if mark is None:
+        return None
+    return min(ended, late_origin(began, ended, inner) + (mark.start_ms + mark.ms) / 1000)
 
 
 def summary(steps: list[StepTime], total_ms: float) -> str:

@@ -182,7 +182,8 @@ class OutgoingMigrations:
         )
         await ready  # the watcher has subscribed and issued migrate (or failed to)
         watch.add("migrate issued", began, watch.clock())
-        stats = await self.stats(name, 0, None, req.migration_id)
+        with watch.step("first figures"):  # its end is the answer's: the caller places on it
+            stats = await self.stats(name, 0, None, req.migration_id)
         return stats.model_copy(update={"steps": watch.steps})
 
     @staticmethod

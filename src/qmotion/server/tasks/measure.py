@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import TypeVar
 
@@ -39,8 +40,29 @@ SHORT_S, LONG_S = 0.25, 1.0
 PROBE_S = 0.25
 
 
-def _history_bandwidth(db: Database, source: str, destination: str) -> float | None:
-    """What the last completed migration on this path carried, in bytes/s."""
+@dataclass(frozen=True)
+class PathHistory:
+    """What the last completed migration on a path carried, and where it went."""
+
+    bandwidth_bps: float | None
+    address: str | None = None
+    rtt_ms: float | None = None
+
+    def route(self, dst: Host) -> PathProbe | None:
+        """The route it took, to prepare the next destination with while the route is
+        checked again: only if its address is still one of the destination's migration
+        addresses and its RTT is known."""
+        if self.address is None or self.rtt_ms is None:
+            return None
+        if self.address not in {n.address for n in _networks(dst)}:
+            return None
+        return PathProbe(
+            rtt_ms=self.rtt_ms, bandwidth_bps=0.0, bytes=0, seconds=0.0, address=self.address
+        )
+
+
+def path_history(db: Database, source: str, destination: str) -> PathHistory | None:
+    """The last completed migration on this path (None: none, or it reported no rate)."""
     with db.session() as s:
         rows = s.scalars(
             select(Task)
@@ -56,8 +78,15 @@ def _history_bandwidth(db: Database, source: str, destination: str) -> float | N
         for t in rows:
             r = MigrationReport.model_validate(t.result) if t.result else None
             if r is not None and r.throughput_mbps:
-                return r.throughput_mbps * 1e6 / 8
+                rtt = r.prediction.rtt_ms if r.prediction is not None else None
+                return PathHistory(r.throughput_mbps * 1e6 / 8, r.migration_address, rtt)
     return None
+
+
+def _history_bandwidth(db: Database, source: str, destination: str) -> float | None:
+    """What the last completed migration on this path carried, in bytes/s."""
+    got = path_history(db, source, destination)
+    return got.bandwidth_bps if got is not None else None
 
 
 def _networks(host: Host) -> list[MigrationNetwork]:
@@ -69,10 +98,6 @@ def _networks(host: Host) -> list[MigrationNetwork]:
 def _window(host: Host) -> int | None:
     got = (host.facts or {}).get("tcp_rmem_max")
     return int(got) if isinstance(got, int) else None
-
-
-def history_bandwidth(db: Database, src: Host, dst: Host) -> float | None:
-    return _history_bandwidth(db, src.name, dst.name)
 
 
 def peer_of(dst: Host, vm: str, tls: bool) -> PeerRef:

@@ -38,14 +38,14 @@ from qmotion.migration.convergence import (
 )
 from qmotion.migration.errors import Refused, StepError
 from qmotion.migration.prechecks import PrecheckInput, VmView, precheck
-from qmotion.migration.timeline import Stopwatch
+from qmotion.migration.timeline import Stopwatch, ended_at
 from qmotion.migration.vocabulary import POSTCOPY
 from qmotion.server.db import Database
 from qmotion.server.inventory import Inventory
-from qmotion.server.tasks.ends import Ends, host_copy
+from qmotion.server.tasks.ends import Ends, delete_vm, host_copy
 from qmotion.server.tasks.finish import Commit
 from qmotion.server.tasks.flight import FlightRecorder
-from qmotion.server.tasks.measure import history_bandwidth, route, streams_of
+from qmotion.server.tasks.measure import path_history, route, streams_of
 from qmotion.server.tasks.planning import Planning, limits_of
 from qmotion.server.tasks.shared_nothing import SharedNothing
 from qmotion.server.tasks.undo import Undo
@@ -126,6 +126,8 @@ class AgentMigrationPort(Planning):
         self.watchdog = Watchdog(progress_at=clock())
         self.ladder: Ladder | None = None
         self._planning: asyncio.Future[Plan | None] | None = None
+        self._routing: asyncio.Future[PathProbe | None] | None = None
+        self._history: float | None = None  # the path's rate on its last migration
         self.reach: PathProbe | None = None
         self._path_known = False  # an earlier migration on this path measured its rate
         # From then on the destination may run the VM (persisted before the asking).
@@ -165,43 +167,94 @@ class AgentMigrationPort(Planning):
             await asyncio.to_thread(check)
         if self.params.copy_datastore is not None:
             await self.disks.plan_copy(self.spec, self.params, not_shared)
+        with self.watch.step("path history"):
+            past = await asyncio.to_thread(path_history, self.db, self.source, self.destination)
+        self._history = past.bandwidth_bps if past is not None else None
+        self._path_known = self._history is not None
         # Which of the destination's addresses the stream goes to, and the path's RTT: the
         # destination's stream count depends on it, so it is known before preparing it.
-        try:
-            with self.watch.step("route"):
-                self.reach = await route(self.inventory, self.vm, self.ends.src, self.ends.dst)
-        except StepError as exc:
-            # The source agent could not say (not "unreachable", which refuses): the stream
-            # goes to the destination's preferred address, as one classic stream.
-            self.flight.warnings.append(f"no route measured: {exc}")
-        if self.reach is not None:
-            self.flight.unreachable = list(self.reach.unreachable)
-            with self.watch.step("path history"):
-                history = await asyncio.to_thread(
-                    history_bandwidth, self.db, self.ends.src, self.ends.dst
-                )
-            self._path_known = history is not None
-            streams = streams_of(
-                self.reach,
-                self.ends.src,
-                self.ends.dst,
-                limits_of(self.params),
-                history,
-                tls=self.params.tls,
-            )
-            self.params = self.params.model_copy(update={"multifd_channels": streams})
-            self.flight.streams = streams
+        known = past.route(self.ends.dst) if past is not None else None
+        if known is not None and self.params.copy_datastore is None:
+            # The route the last migration on this path took: the destination is prepared
+            # with it while the route is checked again (``_route_checked``).
+            self._routing = asyncio.ensure_future(self._route())
+            self._take_route(known)
+        else:
+            self._take_route(await self._route())
         # Measuring takes a few hundred ms: it overlaps with preparing the destination, which
         # needs none of it (the plan sets only source-side capabilities and parameters).
         self._planning = asyncio.ensure_future(self._measure_and_plan())
 
+    async def _route(self) -> PathProbe | None:
+        """The route measured now; None: the source agent could not say (not "unreachable",
+        which refuses): the stream then goes to the destination's preferred address, as one
+        classic stream."""
+        try:
+            with self.watch.step("route"):
+                return await route(self.inventory, self.vm, self.ends.src, self.ends.dst)
+        except StepError as exc:
+            self.flight.warnings.append(f"no route measured: {exc}")
+            return None
+
+    def _take_route(self, reach: PathProbe | None) -> None:
+        self.reach = reach
+        if reach is None:
+            return
+        self.flight.unreachable = list(reach.unreachable)
+        streams = self._streams(reach)
+        self.params = self.params.model_copy(update={"multifd_channels": streams})
+        self.flight.streams = streams
+
+    def _streams(self, reach: PathProbe) -> int:
+        src, dst = self.ends.src, self.ends.dst
+        limits = limits_of(self.params)
+        return streams_of(reach, src, dst, limits, self._history, tls=self.params.tls)
+
+    async def _route_checked(self) -> bool:
+        """The route checked again beside preparing the destination: False if the
+        destination must be prepared again (the path changed since the last migration).
+        Refused (no address answers now, an MTU mismatch) raises: the rollback removes the
+        destination, which holds nothing yet."""
+        if self._routing is None:
+            return True
+        routing, self._routing = self._routing, None
+        fresh = await routing
+        if fresh is None or self.reach is None:
+            return True  # not measured now: the last migration's route stands
+        changed = fresh.address != self.reach.address or self._streams(fresh) != (
+            self.params.multifd_channels
+        )
+        if changed:
+            self.flight.warnings.append(
+                f"the path to {self.destination} changed since the last migration on it "
+                f"(then {self.reach.address}, {self.params.multifd_channels} streams; now "
+                f"{fresh.address}, {self._streams(fresh)}): the destination was prepared again"
+            )
+        self._take_route(fresh)
+        return not changed
+
     def close(self) -> None:
-        """The task ended: measurements still under way are for nothing."""
-        if self._planning is not None:
-            self._planning.cancel()
-            self._planning = None
+        """The task ended: measurements still under way are for nothing (one that ended
+        in an error is read, so it is not reported as lost)."""
+        for running in (self._planning, self._routing):
+            if running is not None and running.done() and not running.cancelled():
+                running.exception()
+            elif running is not None:
+                running.cancel()
+        self._planning = self._routing = None
 
     async def prepare_destination(self) -> str:
+        uri = await self._prepare()
+        if not await self._route_checked():
+            # Prepared for the old route (its address, its stream count), and holding nothing
+            # (no stream was sent): removed, and prepared for the route measured now.
+            await self.ends.destination(
+                "prepare destination", lambda c: delete_vm(c, self.vm, self.migration_id)
+            )
+            uri = await self._prepare()
+        return uri
+
+    async def _prepare(self) -> str:
         chosen = self.reach.address if self.reach is not None else None
         listen: IPv4Address | None = None
         with contextlib.suppress(ValueError):  # a host name (agent URL): its default then
@@ -218,7 +271,7 @@ class AgentMigrationPort(Planning):
         began = self._clock()
         with self.watch.step("prepare destination"):
             resp = await self.ends.destination("prepare destination", lambda c: c.incoming(req))
-        self.watch.nest("destination", began, resp.steps)
+        self.watch.nest("destination", began, resp.steps, self._clock())
         self.disks.targets = resp.nbd
         if self.disks.plan is not None and resp.nbd is None:
             raise StepError("prepare destination", "the destination exported no disks", vm=self.vm)
@@ -260,8 +313,13 @@ class AgentMigrationPort(Planning):
             self.flight.last_stats = await self.ends.source(
                 "start migration", lambda c: c.migrate(self.vm, req)
             )
-        self.flight.issued_at = self._clock()
-        self.watch.nest("source", began, self.flight.last_stats.steps)
+        answered = self._clock()
+        steps = self.flight.last_stats.steps
+        # The stream started when QEMU took `migrate`, not when the agent's answer arrived
+        # (the stream's own first packets compete with that answer for the CPU).
+        issued = ended_at(began, answered, steps, "migrate issued")
+        self.flight.issued_at = answered if issued is None else issued
+        self.watch.nest("source", began, steps, answered)
         self.flight.timeline = list(self.watch.steps)
 
     def _source_addresses(self) -> list[IPv4Address]:
@@ -448,9 +506,7 @@ class AgentMigrationPort(Planning):
     ) -> None:
         """Before switchover: stop QEMU's migration, make sure the source runs, and only then
         remove the destination (``Undo.rollback``)."""
-        if self._planning is not None:
-            self._planning.cancel()  # measurements for a migration that will not start
-            self._planning = None
+        self.close()  # measurements for a migration that will not start
         await self.undo.rollback(
             cancel_migration,
             teardown_destination,
