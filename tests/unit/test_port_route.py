@@ -233,3 +233,18 @@ def test_a_known_path_that_no_longer_answers_fails_and_leaves_nothing_behind(
     assert "vm1" not in w.vms["h2"] and len(w.uris) == streams
     assert again.result is not None and again.result.leftovers == []
     assert w.running_copies("vm1") == ["h1"] and _host_of_vm(db) == "h1"
+
+
+def test_a_known_paths_report_carries_the_rtt_measured_now(lan: tuple[World, Database]) -> None:
+    """The path got slower (0.2 -> 0.6 ms) since its last move, on the same address: the
+    destination prepared with the last route is kept (a LAN either way), and the prediction
+    the next move reads its route from has the RTT measured now, not the first move's."""
+    w, db = lan
+    _moves(w, db, ("h2", set()), ("h1", set()))
+    since = len(w.requests)
+    w.link.rtt_ms = 0.6
+    (again,) = _moves(w, db, ("h2", set()))
+    assert again.state == TaskState.SUCCEEDED, again.error
+    r = again.result
+    assert r is not None and r.prediction is not None and r.prediction.rtt_ms == 0.6
+    assert r.migration_address == "198.19.0.2" and _prepared_on_h2(w, since) == 1

@@ -49,7 +49,12 @@ def _as_user(user: QemuUser, *argv: str) -> int:
 
 def _ids(status: str) -> dict[str, list[str]]:
     fields = (line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return {k: v.split() for k, v in fields if k in ("Uid", "Gid", "Groups", "CapEff", "CapPrm")}
+    return {
+        k: v.split()
+        for k, v in fields
+        if k
+        in ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs")
+    }
 
 
 def test_setpriv_drops_to_exactly_what_popen_would(user: QemuUser) -> None:

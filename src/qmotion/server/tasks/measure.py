@@ -116,9 +116,10 @@ def peer_of(dst: Host, vm: str, tls: bool) -> PeerRef:
 
 async def route(inventory: Inventory, vm: str, src: Host, dst: Host) -> PathProbe:
     """The destination address the stream will go to: the first of its migration addresses
-    the source reaches, with the path's RTT. Raises Refused (nothing is touched yet): no
-    address answers, or the two ends of the chosen path disagree on the MTU; StepError when
-    the source agent could not say."""
+    the source reaches, with the path's RTT. Raises Refused: no address answers, or the two
+    ends of the chosen path disagree on the MTU (the port refuses before anything is made,
+    or, checking a known path's route beside preparing the destination, fails that step);
+    StepError when the source agent could not say."""
     nets = _networks(dst)
     candidates = []
     for n in nets:

@@ -82,9 +82,18 @@ class Planning:
         decides xbzrle, a capability."""
         return self.params.multifd_channels > 0 and not self.params.postcopy and self._path_known
 
-    async def _measure_and_plan(self) -> Plan | None:
-        """The convergence plan: what QEMU is told at the start and the ladder it may climb."""
+    async def _measure_and_plan(
+        self, routing: asyncio.Future[PathProbe | None] | None = None
+    ) -> Plan | None:
+        """The convergence plan: what QEMU is told at the start and the ladder it may climb.
+        ``routing``: the route being checked again (the one at hand is the last migration's):
+        the plan and the report's prediction take the RTT measured now."""
         limits = limits_of(self.params)
+        reach = self.reach
+        if routing is not None:
+            # Its failures are the destination's step to report; here the known route stands.
+            with contextlib.suppress(Exception):
+                reach = await asyncio.shield(routing) or reach
         began = self._clock()
         try:
             p, self.flight.prediction = await measure(
@@ -95,7 +104,7 @@ class Planning:
                 self.ends.dst,
                 limits,
                 quick=True,
-                reach=self.reach,
+                reach=reach,
                 tls=self.params.tls,
             )
         except Exception as exc:

@@ -76,6 +76,11 @@ def vm_view(
     )
 
 
+def _close_enough(prepared: int, wanted: int) -> bool:
+    """Multifd streams either both or neither, and within one of each other."""
+    return (prepared > 0) == (wanted > 0) and abs(prepared - wanted) <= 1
+
+
 class AgentMigrationPort(Planning):
     """One migration of ``vm`` from ``source`` to ``destination``, by its id ``migration_id``.
     ``clock``: monotonic seconds, for its timeouts, stall timers and flight record; ``sleep``:
@@ -177,31 +182,33 @@ class AgentMigrationPort(Planning):
         if known is not None and self.params.copy_datastore is None:
             # The route the last migration on this path took: the destination is prepared
             # with it while the route is checked again (``_route_checked``).
-            self._routing = asyncio.ensure_future(self._route())
+            self._routing = asyncio.ensure_future(self._route("route (checked again, beside)"))
             self._take_route(known)
         else:
-            self._take_route(await self._route())
+            self._take_route(await self._route("route"))
         # Measuring takes a few hundred ms: it overlaps with preparing the destination, which
         # needs none of it (the plan sets only source-side capabilities and parameters).
-        self._planning = asyncio.ensure_future(self._measure_and_plan())
+        self._planning = asyncio.ensure_future(self._measure_and_plan(self._routing))
 
-    async def _route(self) -> PathProbe | None:
+    async def _route(self, step: str) -> PathProbe | None:
         """The route measured now; None: the source agent could not say (not "unreachable",
         which refuses): the stream then goes to the destination's preferred address, as one
         classic stream."""
         try:
-            with self.watch.step("route"):
+            with self.watch.step(step):
                 return await route(self.inventory, self.vm, self.ends.src, self.ends.dst)
         except StepError as exc:
             self.flight.warnings.append(f"no route measured: {exc}")
             return None
 
-    def _take_route(self, reach: PathProbe | None) -> None:
+    def _take_route(self, reach: PathProbe | None, streams: int | None = None) -> None:
+        """The stream goes this way; ``streams``: the count the destination was prepared
+        with (else the one this route calls for)."""
         self.reach = reach
         if reach is None:
             return
         self.flight.unreachable = list(reach.unreachable)
-        streams = self._streams(reach)
+        streams = self._streams(reach) if streams is None else streams
         self.params = self.params.model_copy(update={"multifd_channels": streams})
         self.flight.streams = streams
 
@@ -212,26 +219,36 @@ class AgentMigrationPort(Planning):
 
     async def _route_checked(self) -> bool:
         """The route checked again beside preparing the destination: False if the
-        destination must be prepared again (the path changed since the last migration).
-        Refused (no address answers now, an MTU mismatch) raises: the rollback removes the
-        destination, which holds nothing yet."""
+        destination must be prepared again (another address now, or a stream count far from
+        the one it was prepared with: one stream more or less only changes how fast the
+        copy may go, and both ends agree on it). No address answering now, or an MTU
+        mismatch, fails the step: the rollback removes the destination, which holds nothing
+        yet (on a path with no history the same findings refuse before anything is made)."""
         if self._routing is None:
             return True
         routing, self._routing = self._routing, None
-        fresh = await routing
+        try:
+            fresh = await routing
+        except Refused as exc:
+            raise StepError(
+                "route",
+                f"checked again beside preparing the destination: {exc}",
+                vm=self.vm,
+                retryable=False,
+            ) from exc
         if fresh is None or self.reach is None:
             return True  # not measured now: the last migration's route stands
-        changed = fresh.address != self.reach.address or self._streams(fresh) != (
-            self.params.multifd_channels
+        prepared, wanted = self.params.multifd_channels, self._streams(fresh)
+        if fresh.address == self.reach.address and _close_enough(prepared, wanted):
+            self._take_route(fresh, streams=prepared)
+            return True
+        self.flight.warnings.append(
+            f"the path to {self.destination} changed since the last migration on it (then "
+            f"{self.reach.address}, {prepared} streams; now {fresh.address}, {wanted}): the "
+            "destination was prepared again"
         )
-        if changed:
-            self.flight.warnings.append(
-                f"the path to {self.destination} changed since the last migration on it "
-                f"(then {self.reach.address}, {self.params.multifd_channels} streams; now "
-                f"{fresh.address}, {self._streams(fresh)}): the destination was prepared again"
-            )
         self._take_route(fresh)
-        return not changed
+        return False
 
     def close(self) -> None:
         """The task ended: measurements still under way are for nothing (one that ended
