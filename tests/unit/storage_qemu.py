@@ -71,6 +71,8 @@ class Node:
     drv: str
     filename: str
     file: str | None = None  # a format node's child
+    direct: bool = False  # a file node's cache.direct (O_DIRECT)
+    aio: str = "threads"
 
 
 @dataclass
@@ -252,7 +254,10 @@ class ScriptedQemu:
                     "GenericError",
                     f"Could not open '{filename}': No such file or directory",
                 )
-            self.nodes[name] = Node(name, "file", filename)
+            direct = bool(args.get("cache", {}).get("direct", False))
+            self.nodes[name] = Node(
+                name, "file", filename, direct=direct, aio=args.get("aio", "threads")
+            )
         elif driver in ("qcow2", "raw"):
             self._expect(command, args, FORMAT_ARGS)
             if not isinstance(args["file"], str):
@@ -273,6 +278,21 @@ class ScriptedQemu:
             self.nodes[name] = Node(name, driver, child.filename, file=child.name)
         else:
             raise AssertionError(f"blockdev-add driver {driver} is not modelled")
+        return {}
+
+    def _qmp_blockdev_reopen(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        """block.c's bdrv_reopen_parse_file_or_backing / file-posix: the same node, driver
+        and file; options left out take their defaults; the aio mode cannot change."""
+        for opts in args["options"]:
+            self._expect(command, opts, FILE_ARGS)
+            node = self._node(command, str(opts["node-name"]))
+            if opts.get("driver") != node.drv or node.drv != "file":
+                raise QmpError(command, "GenericError", "Cannot change the option 'driver'")
+            if str(opts.get("filename")) != node.filename:
+                raise QmpError(command, "GenericError", "Cannot change the option 'filename'")
+            if opts.get("aio", "threads") != node.aio:
+                raise QmpError(command, "GenericError", "Cannot change the option 'aio'")
+            node.direct = bool(opts.get("cache", {}).get("direct", False))
         return {}
 
     def _qmp_blockdev_del(self, command: str, args: dict[str, Any]) -> dict[str, Any]:

@@ -49,6 +49,9 @@ def test_two_disks_are_mirrored_activated_pivoted_together_and_the_old_files_rel
             ("qm-mirror-1", "disk1", "background"),
         ]
         assert qemu.device_nodes() == ["disk0", "disk1"]
+        # The copy is written past the page cache (its speed then steady).
+        target_files = [qemu.nodes[qemu.nodes[j.target].file or ""] for j in qemu.jobs.values()]
+        assert [f.direct for f in target_files] == [True, True]
 
         qemu.ticks(2)
         st = await w.moves.status(VM)
@@ -67,6 +70,8 @@ def test_two_disks_are_mirrored_activated_pivoted_together_and_the_old_files_rel
         st = await clocked(qemu, w.moves.pivot(VM))
         assert st.phase == "pivoted", st
         assert qemu.device_nodes() == target_nodes  # both devices switched
+        # ... and the VM runs on them as on the disks it starts with: through the page cache.
+        assert [f.direct for f in target_files] == [False, False]
         assert qemu.sent("job-finalize") == [{"id": "qm-mirror-0"}, {"id": "qm-mirror-1"}]
         assert qemu.jobs == {}  # dismissed
         for old in ("disk0", "file0", "disk1", "file1"):

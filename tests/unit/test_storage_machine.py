@@ -337,3 +337,26 @@ def test_an_agent_lost_for_good_after_the_pivot_leaves_the_vm_marked() -> None:
     assert final.phase == SPhase.FAILED and "pivot unknown" in (final.error or "")
     assert agent.phase == "pivoted"
     assert_one_good_copy(agent, final)  # among its checks: the VM is marked
+
+
+@given(
+    remaining=st.integers(min_value=0, max_value=1 << 40),
+    rate=st.floats(min_value=0.0, max_value=1e11, allow_nan=False),
+)
+def test_the_poll_comes_sooner_near_the_copys_end_and_never_later(
+    remaining: int, rate: float
+) -> None:
+    """The wait before the next status call: never longer than the poll interval, never a
+    busy loop, and once what remains at the last rate fits in it, about that long."""
+    status = MirrorStatus(
+        vm="vm1", datastore="b", phase="mirroring", remaining_bytes=remaining, rate_bps=rate
+    )
+    wait = storage.poll_wait(0.2, status)
+    assert storage.MIN_POLL_S <= wait <= 0.2
+    if remaining == 0:
+        assert wait == storage.MIN_POLL_S
+    elif rate > 0 and remaining / rate < 0.2:
+        assert wait == max(storage.MIN_POLL_S, remaining / rate)
+    elif rate == 0:
+        assert wait == 0.2
+    assert storage.poll_wait(0.2, None) == 0.2

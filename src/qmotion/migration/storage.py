@@ -37,6 +37,9 @@ MAX_ROLLBACK_TRIES = 8  # with the doubling wait: about 50 s
 MAX_PIVOT_CHECKS = 30
 MAX_POLL_FAILURES = 15  # consecutive status calls that failed before rolling back
 POLL_S = 0.2  # a status call is two QMP queries: cheap; a copy may take only seconds
+# Near the copy's end (or in sync, its switch awaited): polled this often, so a 1 s copy is
+# not reported up to two whole polls late.
+MIN_POLL_S = 0.02
 RETRY_MAX_S = 30.0
 # Starts the attention mark of a move that ended unsettled on its agent: reconcile does not
 # clear it (the VM runs fine; the agent's record, not the census, is what is unsettled).
@@ -402,7 +405,11 @@ async def run(
             st = step(st.state, CancelAsked(), clock())
             continue
         if st.action == Action.POLL or st.state.failures:
-            wait = _retry_wait(poll_s, st.state.failures) if st.state.failures else poll_s
+            wait = (
+                _retry_wait(poll_s, st.state.failures)
+                if st.state.failures
+                else poll_wait(poll_s, status)
+            )
             await _sleep_or_cancel(cancel if not cancel_seen else None, wait)
             if cancel.is_set() and not cancel_seen:
                 continue
@@ -432,6 +439,18 @@ def _with_files(s: StorageState, status: MirrorStatus) -> StorageState:
 
 def _file(d: Disk) -> str:
     return f"{d.datastore}:{d.path}"
+
+
+def poll_wait(poll_s: float, status: MirrorStatus | None) -> float:
+    """Up to ``poll_s``; sooner when the copy should end before then (what remains at the
+    last rate), or nothing remains (in sync: the switch is awaited)."""
+    if status is None:
+        return poll_s
+    if status.remaining_bytes <= 0:
+        return MIN_POLL_S
+    if status.rate_bps > 0:
+        return max(MIN_POLL_S, min(poll_s, status.remaining_bytes / status.rate_bps))
+    return poll_s
 
 
 def _retry_wait(poll_s: float, failures: int) -> float:

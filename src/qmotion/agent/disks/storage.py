@@ -221,15 +221,21 @@ class StorageMoves:
             raise OperationFailed(f"creating {path} failed: {proc.stderr.strip()}", vm=name)
         await asyncio.to_thread(self.vms.access.disk, path)
         mon = self.vms.monitor(name)
-        await mon.execute(
-            "blockdev-add",
-            {
-                "driver": "file",
-                "filename": str(path),
-                "node-name": moved.target_file_node,
-                "cache": {"direct": False},
-            },
-        )
+        file_node = {"driver": "file", "filename": str(path), "node-name": moved.target_file_node}
+        try:
+            # Written past the page cache: through it the copy ran at 0.55-0.85x qemu-img
+            # convert, varying with the host's write-back (1.0-1.9 s for 1 GiB); direct, a
+            # steady 1.06-1.17 s. The pivot reopens it as the VM's disks are (cached).
+            await mon.execute("blockdev-add", file_node | {"cache": {"direct": True}})
+        except HypervisorError as exc:
+            # A file system without O_DIRECT (tmpfs): through the page cache then.
+            log.info(
+                "%s: no direct I/O on %s (%s): the copy goes through the page cache",
+                name,
+                path,
+                exc,
+            )
+            await mon.execute("blockdev-add", file_node | {"cache": {"direct": False}})
         await mon.execute(
             "blockdev-add",
             {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 
@@ -17,6 +18,8 @@ from qmotion.api.vm import Disk
 from qmotion.hypervisor.blockjobs import source_nodes
 from qmotion.hypervisor.errors import HypervisorError
 from qmotion.hypervisor.monitor import Monitor
+
+log = logging.getLogger(__name__)
 
 FLUSH_WAIT_S = 10.0  # the agent's own flush before QEMU's, at most
 PENDING_WAIT_S = 10.0  # a job's final sync after job-complete; the guest's I/O waits meanwhile
@@ -32,6 +35,7 @@ class Pivots:
     async def switch(self, name: str, mon: Monitor, rec: MoveRecord) -> None:
         """Every job (all ready) to pending, then each finalized; the record then says what
         QEMU runs on (``pivoted``, or ``failed`` with nothing switched)."""
+        await self._cached(name, mon, rec)
         # The targets' data on disk before QEMU's own flush, which it does with the guest's
         # disk I/O held (job-complete to finalize): that flush then has little left to write.
         await self._flush([d.target for d in rec.disks])
@@ -57,6 +61,22 @@ class Pivots:
             except HypervisorError as exc:
                 errors.append(f"disk {d.index}: {exc}")
         await self.settle(name, rec, "; ".join(errors) or None)
+
+    async def _cached(self, name: str, mon: Monitor, rec: MoveRecord) -> None:
+        """The targets, copied to past the page cache (``Storage._create_target``), reopened
+        as every disk of a VM is opened (through it) before the VM runs on them."""
+        for d in rec.disks:
+            node = {
+                "driver": "file",
+                "node-name": d.target_file_node,
+                "filename": str(self.records.disk_path(d.target, name)),
+                "cache": {"direct": False},
+            }
+            try:
+                await mon.execute("blockdev-reopen", {"options": [node]})
+            except HypervisorError as exc:
+                # Still correct, only another cache mode until the VM's next start.
+                log.warning("%s: disk %d stays on direct I/O: %s", name, d.index, exc)
 
     async def settle(self, name: str, rec: MoveRecord, error: str | None = None) -> None:
         """A ``switching`` record made true: QEMU's answer of which disks run on their
