@@ -73,6 +73,7 @@ class Node:
     file: str | None = None  # a format node's child
     direct: bool = False  # a file node's cache.direct (O_DIRECT)
     aio: str = "threads"
+    given: frozenset[str] = frozenset()  # the options blockdev-add named
 
 
 @dataclass
@@ -105,6 +106,7 @@ class ScriptedQemu:
         self.stalled: set[str] = set()  # jobs whose copy makes no progress
         self.fail_before_pending: dict[str, str] = {}  # job -> the error it ends with
         self.agent_dies_at: tuple[str, int] | None = None  # (command, its n-th call)
+        self.no_direct_io = False  # the file system refuses O_DIRECT (file-posix: EINVAL)
 
     # ------------------------------------------------------------------ test controls
 
@@ -255,8 +257,13 @@ class ScriptedQemu:
                     f"Could not open '{filename}': No such file or directory",
                 )
             direct = bool(args.get("cache", {}).get("direct", False))
+            if direct and self.no_direct_io:
+                raise QmpError(
+                    command, "GenericError", f"Could not open '{filename}': Invalid argument"
+                )
+            aio = args.get("aio", "threads")
             self.nodes[name] = Node(
-                name, "file", filename, direct=direct, aio=args.get("aio", "threads")
+                name, "file", filename, direct=direct, aio=aio, given=frozenset(args)
             )
         elif driver in ("qcow2", "raw"):
             self._expect(command, args, FORMAT_ARGS)
@@ -281,11 +288,18 @@ class ScriptedQemu:
         return {}
 
     def _qmp_blockdev_reopen(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
-        """block.c's bdrv_reopen_parse_file_or_backing / file-posix: the same node, driver
-        and file; options left out take their defaults; the aio mode cannot change."""
+        """block.c's bdrv_reopen_prepare / file-posix: the same node, driver and file; an
+        option blockdev-add named cannot be left out (reset to its default); the aio mode
+        cannot change."""
         for opts in args["options"]:
             self._expect(command, opts, FILE_ARGS)
             node = self._node(command, str(opts["node-name"]))
+            for left_out in sorted(node.given - set(opts)):
+                raise QmpError(
+                    command,
+                    "GenericError",
+                    f"Option '{left_out}' cannot be reset to its default value",
+                )
             if opts.get("driver") != node.drv or node.drv != "file":
                 raise QmpError(command, "GenericError", "Cannot change the option 'driver'")
             if str(opts.get("filename")) != node.filename:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qmotion.agent.disks import storage
+from qmotion.agent.disks import storage, storage_pivot
 from qmotion.agent.errors import Conflict, SpecRejected
 from qmotion.api.storage import MirrorRequest
 from qmotion.api.vm import Disk
@@ -93,6 +93,60 @@ def test_two_disks_are_mirrored_activated_pivoted_together_and_the_old_files_rel
         assert before - after == set(w.sources)  # both old files, and nothing else
         assert w.bystander.is_file() and all(t.is_file() for t in targets)
         assert not w.record_file.exists()  # the move is over
+
+    asyncio.run(run())
+
+
+def test_a_file_system_without_direct_io_copies_through_the_page_cache(world: World) -> None:
+    """O_DIRECT refused (file-posix's EINVAL at open): the targets are opened cached, the
+    move completes the same, and the pivot has nothing to reopen."""
+    w, qemu = world, world.qemu
+    qemu.no_direct_io = True
+
+    async def run() -> None:
+        await started_and_ready(w)
+        files = [qemu.nodes[qemu.nodes[j.target].file or ""] for j in qemu.jobs.values()]
+        assert [f.direct for f in files] == [False, False]
+        assert [d["direct"] for d in w.record()["disks"]] == [False, False]
+        await w.moves.activate(VM)
+        qemu.tick()
+        st = await clocked(qemu, w.moves.pivot(VM))
+        assert st.phase == "pivoted", st
+        assert qemu.sent("blockdev-reopen") == []
+        assert [d.datastore for d in w.saved_spec().disks] == ["fast", "fast"]
+
+    asyncio.run(run())
+
+
+def test_the_direct_targets_are_reopened_cached_in_one_drain_after_the_agents_flush(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One blockdev-reopen for both disks, naming what blockdev-add named (QEMU refuses an
+    option left out), and only once the agent's own fdatasync of the targets is done (the
+    reopen flushes inside QEMU's main loop, the guest's devices waiting)."""
+    w, qemu = world, world.qemu
+    synced_at: list[tuple[int, list[str]]] = []  # (QMP commands sent by then, files)
+    real_sync = storage_pivot.Pivots._sync
+
+    def sync(self: storage_pivot.Pivots, disks: list[Disk]) -> None:
+        synced_at.append((len(qemu.commands), [d.datastore for d in disks]))
+        real_sync(self, disks)
+
+    monkeypatch.setattr(storage_pivot.Pivots, "_sync", sync)
+
+    async def run() -> None:
+        await started_and_ready(w)
+        await w.moves.activate(VM)
+        qemu.tick()
+        st = await clocked(qemu, w.moves.pivot(VM))
+        assert st.phase == "pivoted", st
+        sent = [c for c, _ in qemu.commands]
+        reopen_at = sent.index("blockdev-reopen")
+        assert sent.count("blockdev-reopen") == 1 and reopen_at < sent.index("job-complete")
+        targets_synced = next(n for n, where in synced_at if where == ["fast", "fast"])
+        assert targets_synced <= reopen_at
+        (reopen,) = qemu.sent("blockdev-reopen")
+        assert [o["cache"] for o in reopen["options"]] == [{"direct": False}] * 2
 
     asyncio.run(run())
 

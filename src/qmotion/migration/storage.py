@@ -38,8 +38,9 @@ MAX_PIVOT_CHECKS = 30
 MAX_POLL_FAILURES = 15  # consecutive status calls that failed before rolling back
 POLL_S = 0.2  # a status call is two QMP queries: cheap; a copy may take only seconds
 # Near the copy's end (or in sync, its switch awaited): polled this often, so a 1 s copy is
-# not reported up to two whole polls late.
-MIN_POLL_S = 0.02
+# not reported up to two whole polls late. Not less: each poll is an agent call and a
+# commit, and a guest may hold the remaining bytes near zero for seconds.
+MIN_POLL_S = 0.05
 RETRY_MAX_S = 30.0
 # Starts the attention mark of a move that ended unsettled on its agent: reconcile does not
 # clear it (the VM runs fine; the agent's record, not the census, is what is unsettled).

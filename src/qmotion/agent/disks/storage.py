@@ -202,6 +202,7 @@ class StorageMoves:
                     "the VM runs on its old disks and the new files were removed",
                     vm=name,
                 ) from exc
+            self.records.save(name, rec)  # which targets were opened direct
             self._last[name] = (time.monotonic(), 0)
             return await self._status(name, rec)
 
@@ -227,7 +228,8 @@ class StorageMoves:
             # convert, varying with the host's write-back (1.0-1.9 s for 1 GiB); direct, a
             # steady 1.06-1.17 s. The pivot reopens it as the VM's disks are (cached).
             await mon.execute("blockdev-add", file_node | {"cache": {"direct": True}})
-        except HypervisorError as exc:
+            moved.direct = True
+        except QmpError as exc:
             # A file system without O_DIRECT (tmpfs): through the page cache then.
             log.info(
                 "%s: no direct I/O on %s (%s): the copy goes through the page cache",

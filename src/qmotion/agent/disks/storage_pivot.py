@@ -35,10 +35,11 @@ class Pivots:
     async def switch(self, name: str, mon: Monitor, rec: MoveRecord) -> None:
         """Every job (all ready) to pending, then each finalized; the record then says what
         QEMU runs on (``pivoted``, or ``failed`` with nothing switched)."""
-        await self._cached(name, mon, rec)
-        # The targets' data on disk before QEMU's own flush, which it does with the guest's
-        # disk I/O held (job-complete to finalize): that flush then has little left to write.
+        # The targets' data on disk before QEMU's own flushes, which it does with the
+        # guest's disk I/O held (the reopen below; job-complete to finalize): they then have
+        # little left to write.
         await self._flush([d.target for d in rec.disks])
+        await self._cached(name, mon, rec)
         try:
             for d in rec.disks:
                 await mon.execute("job-complete", {"id": d.job})
@@ -63,20 +64,26 @@ class Pivots:
         await self.settle(name, rec, "; ".join(errors) or None)
 
     async def _cached(self, name: str, mon: Monitor, rec: MoveRecord) -> None:
-        """The targets, copied to past the page cache (``Storage._create_target``), reopened
-        as every disk of a VM is opened (through it) before the VM runs on them."""
-        for d in rec.disks:
-            node = {
+        """The targets copied to past the page cache (``Storage._create_target``), reopened
+        as every disk of a VM is opened (through it) before the VM runs on them: one reopen,
+        so QEMU drains the guest's disk I/O once."""
+        nodes = [
+            {
                 "driver": "file",
                 "node-name": d.target_file_node,
                 "filename": str(self.records.disk_path(d.target, name)),
                 "cache": {"direct": False},
             }
-            try:
-                await mon.execute("blockdev-reopen", {"options": [node]})
-            except HypervisorError as exc:
-                # Still correct, only another cache mode until the VM's next start.
-                log.warning("%s: disk %d stays on direct I/O: %s", name, d.index, exc)
+            for d in rec.disks
+            if d.direct
+        ]
+        if not nodes:
+            return
+        try:
+            await mon.execute("blockdev-reopen", {"options": nodes})
+        except HypervisorError as exc:
+            # Still correct, only another cache mode until the VM's next start.
+            log.warning("%s: the new disks stay on direct I/O: %s", name, exc)
 
     async def settle(self, name: str, rec: MoveRecord, error: str | None = None) -> None:
         """A ``switching`` record made true: QEMU's answer of which disks run on their

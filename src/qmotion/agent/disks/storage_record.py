@@ -30,6 +30,8 @@ class MovedDisk(BaseModel):
     target_node: str
     target_file_node: str
     switched: bool = False
+    # The target was opened past the page cache for the copy (reopened cached at the pivot).
+    direct: bool = False
 
 
 class MoveRecord(BaseModel):
