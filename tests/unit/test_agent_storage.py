@@ -129,8 +129,8 @@ def test_the_direct_targets_are_reopened_cached_in_one_drain_after_the_agents_fl
     real_sync = storage_pivot.Pivots._sync
 
     def sync(self: storage_pivot.Pivots, disks: list[Disk]) -> None:
-        synced_at.append((len(qemu.commands), [d.datastore for d in disks]))
         real_sync(self, disks)
+        synced_at.append((len(qemu.commands), [d.datastore for d in disks]))  # done by then
 
     monkeypatch.setattr(storage_pivot.Pivots, "_sync", sync)
 

@@ -26,8 +26,8 @@ def test_a_connection_the_agent_accepts_has_nagle_off() -> None:
 
 
 def test_a_plain_socket_would_not_have_it() -> None:
-    """What the helper is for: asyncio leaves Nagle on for connections of a socket made
-    with proto 0, and the kernel hands the listener's setting on."""
+    """The control: a listening socket made the default way (proto 0, which asyncio does
+    not treat as TCP) hands its connections Nagle on, so the first test can fail."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as plain:
         plain.bind(("127.0.0.1", 0))
         assert plain.proto == 0

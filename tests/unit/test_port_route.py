@@ -226,9 +226,10 @@ def test_a_known_path_that_no_longer_answers_fails_and_leaves_nothing_behind(
     says so."""
     w, db = lan
     _moves(w, db, ("h2", set()), ("h1", set()))
-    streams = len(w.uris)
+    streams, since = len(w.uris), len(w.requests)
     (again,) = _moves(w, db, ("h2", {"198.19.0.2", "198.18.0.2"}))
     assert again.state == TaskState.FAILED
+    assert _prepared_on_h2(w, since) == 1  # prepared on the last route, then removed
     assert again.error is not None and "reaches no migration address of h2" in again.error
     assert "vm1" not in w.vms["h2"] and len(w.uris) == streams
     assert again.result is not None and again.result.leftovers == []
@@ -248,3 +249,32 @@ def test_a_known_paths_report_carries_the_rtt_measured_now(lan: tuple[World, Dat
     r = again.result
     assert r is not None and r.prediction is not None and r.prediction.rtt_ms == 0.6
     assert r.migration_address == "198.19.0.2" and _prepared_on_h2(w, since) == 1
+
+
+def test_a_known_long_path_keeps_its_destination_for_one_stream_more_or_less(
+    far: tuple[World, Database],
+) -> None:
+    """150 ms, 8 streams on the first move. The path then measures 120 ms, where its rate
+    calls for 7: within one, the destination prepared with 8 is kept (both ends agree on
+    it); at 5 ms the count (2) is far from 8, and the destination is prepared again."""
+    w, db = far
+    first, _ = _moves(w, db, ("h2", set()), ("h1", set()))
+    assert first.result is not None and first.result.streams == 8
+    w.link.rtt_ms = 120.0
+    since = len(w.requests)
+    (near,) = _moves(w, db, ("h2", set()))
+    assert near.state == TaskState.SUCCEEDED, near.error
+    assert near.result is not None and near.result.streams == 8
+    assert near.result.prediction is not None and near.result.prediction.streams == 8
+    assert _prepared_on_h2(w, since) == 1
+    assert all(p.multifd_channels == 8 for _, _, p in w.params_received[-2:])
+    _moves(w, db, ("h1", set()))
+    w.link.rtt_ms = 5.0
+    since = len(w.requests)
+    (short,) = _moves(w, db, ("h2", set()))
+    assert short.state == TaskState.SUCCEEDED, short.error
+    r = short.result
+    assert r is not None and r.streams is not None and r.streams < 7
+    assert _prepared_on_h2(w, since) == 2
+    assert any("changed since the last migration" in x for x in r.warnings), r.warnings
+    assert w.running_copies("vm1") == ["h2"] and _host_of_vm(db) == "h2"

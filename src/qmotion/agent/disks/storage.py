@@ -178,6 +178,9 @@ class StorageMoves:
             try:
                 for moved, (size, _) in zip(rec.disks, sizes, strict=True):
                     await self._create_target(name, ds, moved, size)
+                    # The pivot reopens cached only the targets opened direct: known even to
+                    # an agent restarted from here on.
+                    self.records.save(name, rec)
                     await mon.execute(
                         "blockdev-mirror",
                         {
@@ -202,7 +205,6 @@ class StorageMoves:
                     "the VM runs on its old disks and the new files were removed",
                     vm=name,
                 ) from exc
-            self.records.save(name, rec)  # which targets were opened direct
             self._last[name] = (time.monotonic(), 0)
             return await self._status(name, rec)
 

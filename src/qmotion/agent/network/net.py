@@ -1,5 +1,4 @@
-"""The agent's view of its host network: bridges present, tap devices for VM NICs, the
-sockets its servers listen on."""
+"""The agent's host network: bridges, tap devices for VM NICs, its servers' sockets."""
 
 from __future__ import annotations
 

@@ -68,6 +68,10 @@ class Planning:
                 await asyncio.wait_for(asyncio.shield(self._planning), timeout_s)
         if self._planning is not None and self._planning.done():
             self._planning = None
+        if self.flight.prediction is not None:
+            # What both ends run with: a destination kept for a route one stream off keeps
+            # its count, whatever the route measured now calls for.
+            self.flight.prediction.streams = max(self.params.multifd_channels, 1)
         # Measured beside the stream: its step is in the report, whenever it ended.
         measured = [x for x in self.watch.steps if x.step == MEASURE_STEP]
         if measured and not any(x.step == MEASURE_STEP for x in self.flight.timeline):
@@ -91,9 +95,11 @@ class Planning:
         limits = limits_of(self.params)
         reach = self.reach
         if routing is not None:
-            # Its failures are the destination's step to report; here the known route stands.
-            with contextlib.suppress(Exception):
-                reach = await asyncio.shield(routing) or reach
+            # Waited for, never awaited: its failure (or its cancel) is the destination's step
+            # to report; here the known route then stands.
+            await asyncio.wait({routing})
+            if not routing.cancelled() and routing.exception() is None:
+                reach = routing.result() or reach
         began = self._clock()
         try:
             p, self.flight.prediction = await measure(

@@ -261,17 +261,17 @@ class AgentMigrationPort(Planning):
         self._planning = self._routing = None
 
     async def prepare_destination(self) -> str:
-        uri = await self._prepare()
+        uri = await self._prepare("prepare destination")
         if not await self._route_checked():
             # Prepared for the old route (its address, its stream count), and holding nothing
             # (no stream was sent): removed, and prepared for the route measured now.
             await self.ends.destination(
                 "prepare destination", lambda c: delete_vm(c, self.vm, self.migration_id)
             )
-            uri = await self._prepare()
+            uri = await self._prepare("prepare destination again")
         return uri
 
-    async def _prepare(self) -> str:
+    async def _prepare(self, step: str) -> str:
         chosen = self.reach.address if self.reach is not None else None
         listen: IPv4Address | None = None
         with contextlib.suppress(ValueError):  # a host name (agent URL): its default then
@@ -286,7 +286,7 @@ class AgentMigrationPort(Planning):
             source_host=self.ends.src.name,
         )
         began = self._clock()
-        with self.watch.step("prepare destination"):
+        with self.watch.step(step):
             resp = await self.ends.destination("prepare destination", lambda c: c.incoming(req))
         self.watch.nest("destination", began, resp.steps, self._clock())
         self.disks.targets = resp.nbd
