@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from qmotion.agent.network.net import listening_socket
+from qmotion.agent.tls import listening_socket
 
 
 def _accepted_nodelay(listener: socket.socket) -> int:

@@ -9,8 +9,7 @@ import uvicorn
 from qmotion import logs
 from qmotion.agent.app import create_app
 from qmotion.agent.config import AgentConfig
-from qmotion.agent.network.net import listening_socket
-from qmotion.agent.tls import TlsStore
+from qmotion.agent.tls import TlsStore, listening_socket
 from qmotion.logs import LogFormat
 
 SHUTDOWN_GRACE_S = 2  # in-flight calls then end; a restarted agent settles what they did

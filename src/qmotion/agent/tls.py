@@ -24,7 +24,6 @@ from fastapi import FastAPI
 
 from qmotion import logs
 from qmotion.agent.errors import Conflict, OperationFailed, SpecRejected
-from qmotion.agent.network.net import listening_socket
 from qmotion.hypervisor.errors import HypervisorError
 from qmotion.hypervisor.user import QemuUser
 from qmotion.pki import csr_for, new_key_pem, write_private
@@ -220,6 +219,25 @@ class TlsStore:
         ctx = ssl.create_default_context(cafile=self.qemu_dir / "ca-cert.pem")
         ctx.load_cert_chain(self.qemu_dir / "client-cert.pem", self.qemu_dir / "client-key.pem")
         return ctx
+
+
+def listening_socket(address: str, port: int) -> socket.socket:
+    """A TCP socket bound for uvicorn's ``sockets=``, whose connections send at once.
+
+    asyncio turns Nagle off only on sockets whose ``proto`` says TCP, and a socket made with
+    proto 0 (the default) accepts connections that keep Nagle on: a response written in two
+    pieces (uvicorn writes headers, then the body) then waits for the client's delayed ACK,
+    ~40 ms on every call (measured: 44 ms per /healthz on the peer port, 1.3 ms without).
+    Linux hands TCP_NODELAY on from the listening socket to the accepted ones."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((address, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class _QuietServer(uvicorn.Server):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -406,6 +408,23 @@ def engine_options(url: str, pool_size: int = 10, max_overflow: int = 64) -> dic
     return {}
 
 
+def _wal(cur: Any, wait_s: float = 30.0) -> None:
+    """WAL mode, which the file keeps once set. Switching needs the file to itself, and SQLite
+    answers "database is locked" at once (no busy wait) while another connection has it open,
+    as when replicas start together on a new file: asked again until one switch took."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+                return
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _file_pool(pool_size: int, max_overflow: int) -> dict[str, Any]:
     return {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": 30}
 
@@ -425,7 +444,7 @@ class Database:
             def _pragmas(conn: Any, _record: Any) -> None:
                 cur = conn.cursor()
                 # WAL: readers (API) do not block the writer (task runner).
-                cur.execute("PRAGMA journal_mode=WAL")
+                _wal(cur)
                 # With WAL, NORMAL stays consistent after a crash and saves an fsync per
                 # commit: every task step is a commit, and they sit on the migration's path.
                 cur.execute("PRAGMA synchronous=NORMAL")

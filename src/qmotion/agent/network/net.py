@@ -1,10 +1,9 @@
-"""The agent's host network: bridges, tap devices for VM NICs, its servers' sockets."""
+"""The agent's view of its host network: bridges present, and tap devices for VM NICs."""
 
 from __future__ import annotations
 
 import fcntl
 import os
-import socket
 import struct
 
 from pyroute2 import IPRoute
@@ -78,22 +77,3 @@ def delete_tap_with(ip: IPRoute, name: str) -> None:
 def delete_tap(name: str) -> None:
     with IPRoute() as ip:
         delete_tap_with(ip, name)
-
-
-def listening_socket(address: str, port: int) -> socket.socket:
-    """A TCP socket bound for uvicorn's ``sockets=``, whose connections send at once.
-
-    asyncio turns Nagle off only on sockets whose ``proto`` says TCP, and a socket made with
-    proto 0 (the default) accepts connections that keep Nagle on: a response written in two
-    pieces (uvicorn writes headers, then the body) then waits for the client's delayed ACK,
-    ~40 ms on every call (measured: 44 ms per /healthz on the peer port, 1.3 ms without).
-    Linux hands TCP_NODELAY on from the listening socket to the accepted ones."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((address, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
